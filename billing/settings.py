@@ -1,0 +1,189 @@
+"""Every configuration value of BillingProxy, read once from the environment and checked.
+
+Why one frozen object: the sidecar, the rendered Envoy config, the operator and the local stack all
+read the same values, so there is one place that names a setting, gives its default and rejects a
+bad value at start-up with a message that says which variable is wrong and what it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from billing import money
+
+ENV_PREFIX = "BILLINGPROXY_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # --- storage -------------------------------------------------------------------------------
+    # -- PostgreSQL URL (postgresql://user:pass@host:port/db). Empty: `billingproxy up` embeds one.
+    database_url: str = ""
+    # -- where `billingproxy up` keeps the embedded database and run files.
+    data_dir: Path = Path(".data")
+
+    # --- money ---------------------------------------------------------------------------------
+    # -- credit given to every new self-service wallet, in nano-USD ($0.50).
+    free_grant_nano: int = 500_000_000
+    # -- "overdraft": admit while available > 0 (overdraw by at most one request);
+    #    "strict": admit only when available >= the request's hold (never below zero).
+    admission: str = "overdraft"
+    # -- a hold not settled after this long is expired (its reservation released).
+    hold_ttl_s: int = 600
+    # -- output tokens a hold assumes when the request sets no max_tokens (capped by the model's limit).
+    hold_default_max_tokens: int = 4096
+    # -- YAML file of price overrides and aliases (see docs/pricing.md). Empty: none.
+    price_overrides_path: Path | None = None
+    # -- percentage added to every provider price, e.g. "20" or "12.5".
+    markup_percent: Decimal = Decimal(0)
+
+    # --- LLM backend ---------------------------------------------------------------------------
+    # -- OpenAI-compatible base URL without /v1 (LiteLLM proxy, OpenAI, Gemini). Empty: `up` starts a demo.
+    backend_url: str = ""
+    # -- credential Envoy sends to the backend in place of the client's key. Empty: none.
+    backend_api_key: str = ""
+
+    # --- network -------------------------------------------------------------------------------
+    # -- address every listener binds to.
+    bind_host: str = "127.0.0.1"
+    # -- Envoy's public port (the gateway).
+    gateway_port: int = 8080
+    # -- the sidecar's public HTTP API (signup, billing), reached through Envoy.
+    http_port: int = 8081
+    # -- the sidecar's gRPC port (ext_authz Check, access log service, grpc.health.v1).
+    grpc_port: int = 9001
+    # -- the sidecar's admin port (/healthz, /readyz, /metrics). Never routed through Envoy.
+    admin_port: int = 9090
+    # -- Envoy's own admin port (loopback only).
+    envoy_admin_port: int = 9901
+    # -- the URL clients use to reach the gateway; links in answers (top_up_url) start with it.
+    public_url: str = "http://127.0.0.1:8080"
+
+    # --- limits --------------------------------------------------------------------------------
+    # -- largest request body Envoy buffers for the Check (it needs the model); larger → 413.
+    request_body_max_bytes: int = 4 * 1024 * 1024
+    # -- how long a key look-up is cached in the sidecar; bounds how late a revocation is seen.
+    key_cache_ttl_ms: int = 500
+    # -- signups accepted per client address per minute.
+    signup_rate_per_minute: int = 5
+    # -- largest page of /billing/usage.
+    usage_page_size_max: int = 100
+    # -- how long Envoy waits for the backend; kept below hold_ttl_s so a hold outlives its request.
+    upstream_timeout_s: int = 300
+
+    @property
+    def strict(self) -> bool:
+        return self.admission == "strict"
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("overdraft", "strict"):
+            raise SettingsError(
+                f"{ENV_PREFIX}ADMISSION must be 'overdraft' or 'strict', not {self.admission!r}"
+            )
+        if self.upstream_timeout_s >= self.hold_ttl_s:
+            raise SettingsError(
+                f"{ENV_PREFIX}UPSTREAM_TIMEOUT_S ({self.upstream_timeout_s}) must be below "
+                f"{ENV_PREFIX}HOLD_TTL_S ({self.hold_ttl_s}): a hold must outlive its request"
+            )
+        if self.free_grant_nano < 0:
+            raise SettingsError(f"{ENV_PREFIX}FREE_GRANT_USD must not be negative")
+        if self.markup_percent < 0:
+            raise SettingsError(f"{ENV_PREFIX}MARKUP_PERCENT must not be negative")
+        if self.backend_url and not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.backend_url):
+            raise SettingsError(
+                f"{ENV_PREFIX}BACKEND_URL must be an http(s) URL such as http://127.0.0.1:4000, "
+                f"not {self.backend_url!r}"
+            )
+        if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.public_url):
+            raise SettingsError(f"{ENV_PREFIX}PUBLIC_URL must be an http(s) URL, not {self.public_url!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_PREFIX}{name} must be a whole number, not {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{ENV_PREFIX}{name} must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    return _int(env, name, default, 1, 65535)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from environment variables (``BILLINGPROXY_*`` and ``DATABASE_URL``)."""
+    env = os.environ if env is None else env
+    defaults = Settings()
+
+    grant_raw = env.get(ENV_PREFIX + "FREE_GRANT_USD")
+    try:
+        free_grant = money.parse_usd(grant_raw) if grant_raw else defaults.free_grant_nano
+    except money.MoneyError as exc:
+        raise SettingsError(f"{ENV_PREFIX}FREE_GRANT_USD: {exc}") from None
+
+    markup_raw = env.get(ENV_PREFIX + "MARKUP_PERCENT", "")
+    try:
+        markup = Decimal(markup_raw) if markup_raw else defaults.markup_percent
+        if not markup.is_finite():
+            raise InvalidOperation
+    except InvalidOperation:
+        raise SettingsError(
+            f"{ENV_PREFIX}MARKUP_PERCENT must be a decimal number such as 20 or 12.5, not {markup_raw!r}"
+        ) from None
+
+    overrides_raw = env.get(ENV_PREFIX + "PRICE_OVERRIDES", "")
+    overrides = Path(overrides_raw) if overrides_raw else None
+    if overrides is not None and not overrides.is_file():
+        raise SettingsError(f"{ENV_PREFIX}PRICE_OVERRIDES names {overrides_raw!r}, which is not a file")
+
+    gateway_port = _port(env, "GATEWAY_PORT", defaults.gateway_port)
+    bind_host = env.get(ENV_PREFIX + "BIND_HOST") or defaults.bind_host
+    public_default = f"http://{'127.0.0.1' if bind_host in ('0.0.0.0', '::') else bind_host}:{gateway_port}"
+
+    return Settings(
+        database_url=env.get("DATABASE_URL", ""),
+        data_dir=Path(env.get(ENV_PREFIX + "DATA_DIR") or defaults.data_dir),
+        free_grant_nano=free_grant,
+        admission=(env.get(ENV_PREFIX + "ADMISSION") or defaults.admission).strip().lower(),
+        hold_ttl_s=_int(env, "HOLD_TTL_S", defaults.hold_ttl_s, 10, 86_400),
+        hold_default_max_tokens=_int(
+            env, "HOLD_DEFAULT_MAX_TOKENS", defaults.hold_default_max_tokens, 1, 10_000_000
+        ),
+        price_overrides_path=overrides,
+        markup_percent=markup,
+        backend_url=(env.get(ENV_PREFIX + "BACKEND_URL") or "").rstrip("/"),
+        backend_api_key=env.get(ENV_PREFIX + "BACKEND_API_KEY", ""),
+        bind_host=bind_host,
+        gateway_port=gateway_port,
+        http_port=_port(env, "HTTP_PORT", defaults.http_port),
+        grpc_port=_port(env, "GRPC_PORT", defaults.grpc_port),
+        admin_port=_port(env, "ADMIN_PORT", defaults.admin_port),
+        envoy_admin_port=_port(env, "ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
+        public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),
+        request_body_max_bytes=_int(
+            env, "REQUEST_BODY_MAX_BYTES", defaults.request_body_max_bytes, 1024, 64 * 1024 * 1024
+        ),
+        key_cache_ttl_ms=_int(env, "KEY_CACHE_TTL_MS", defaults.key_cache_ttl_ms, 0, 1000),
+        signup_rate_per_minute=_int(
+            env, "SIGNUP_RATE_PER_MINUTE", defaults.signup_rate_per_minute, 1, 1_000_000
+        ),
+        usage_page_size_max=_int(env, "USAGE_PAGE_SIZE_MAX", defaults.usage_page_size_max, 1, 1000),
+        upstream_timeout_s=_int(env, "UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s, 1, 86_400),
+    )

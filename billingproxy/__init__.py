@@ -1,0 +1,1 @@
+"""The `billingproxy` command: local stack (`up`), the sidecar, the operator, admin commands."""

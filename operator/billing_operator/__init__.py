@@ -1,0 +1,1 @@
+"""The kopf operator: Wallet and ApiKey resources reconciled into PostgreSQL and key Secrets."""
