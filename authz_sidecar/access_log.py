@@ -1,0 +1,145 @@
+"""Envoy's gRPC access log: each finished request's usage, priced and settled against its hold.
+
+Envoy streams ``StreamAccessLogsMessage``s; each HTTP entry carries the ext_authz metadata (hold,
+wallet, key, model) and the Lua filter's ``billingproxy.usage`` (tokens read from the response
+as it streamed). Entries go through a bounded queue to a few workers, so a slow database applies
+back-pressure to Envoy instead of growing memory. Settlement is idempotent on the request id, so
+an entry delivered twice charges once.
+
+Policy (docs/architecture.md): a 2xx with usage is charged its exact price; a 2xx without usage
+(the client hung up before the final usage chunk, or the backend sent none) is charged the hold
+— the worst-case estimate — and says so in the entry's details; any other status is voided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from authz_sidecar import metrics
+from authz_sidecar.check import METADATA_NAMESPACE
+from billing import holds, pricing
+
+logger = logging.getLogger(__name__)
+
+USAGE_NAMESPACE = "billingproxy.usage"
+QUEUE_MAX = 10_000
+WORKERS = 8
+RETRIES_MAX = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRequest:
+    """What settlement needs from one access-log entry."""
+
+    request_id: str
+    status: int
+    model: str
+    usage: pricing.Usage | None
+
+
+def finished_request(entry) -> FinishedRequest | None:
+    """The billable facts of one ``HTTPAccessLogEntry``, or None when it has no hold."""
+    filter_metadata = entry.common_properties.metadata.filter_metadata
+    authz = filter_metadata.get(METADATA_NAMESPACE)
+    if authz is None or "hold_id" not in authz.fields:
+        return None
+    usage = None
+    usage_fields = filter_metadata.get(USAGE_NAMESPACE)
+    if usage_fields is not None and usage_fields.fields.get("usage_seen") and usage_fields["usage_seen"]:
+        try:
+            prompt = int(usage_fields["prompt_tokens"])
+            usage = pricing.Usage(
+                prompt_tokens=prompt,
+                completion_tokens=int(usage_fields["completion_tokens"]) if "completion_tokens" in usage_fields.fields else 0,
+                cached_tokens=min(prompt, int(usage_fields["cached_tokens"])) if "cached_tokens" in usage_fields.fields else 0,
+            )
+        except (ValueError, KeyError):
+            logger.warning("unreadable usage for request %s", authz["hold_id"])
+    return FinishedRequest(
+        request_id=authz["hold_id"],
+        status=entry.response.response_code.value,
+        model=authz["model"],
+        usage=usage,
+    )
+
+
+class Settler:
+    """Prices a finished request and settles its hold, retrying transient database errors."""
+
+    def __init__(self, engine: AsyncEngine, prices: pricing.PriceBook) -> None:
+        self._engine = engine
+        self._prices = prices
+
+    async def settle(self, done: FinishedRequest) -> holds.Settlement:
+        cost, details = self._cost(done)
+        for attempt in range(RETRIES_MAX):
+            try:
+                async with self._engine.begin() as conn:
+                    outcome = await holds.settle(
+                        conn, request_id=done.request_id, cost_nano=cost, details=details
+                    )
+                break
+            except (OperationalError, DBAPIError, OSError) as exc:
+                if attempt == RETRIES_MAX - 1:
+                    raise
+                logger.warning("settling %s failed (%s); retrying", done.request_id, exc.__class__.__name__)
+                await asyncio.sleep(0.05 * 2**attempt)
+        metrics.settlements.labels(outcome.value).inc()
+        return outcome
+
+    def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict]:
+        if not 200 <= done.status < 300:
+            return None, {"status": done.status}
+        price = self._prices.price(done.model)
+        if done.usage is None or price is None:
+            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate"}
+        usage = done.usage
+        return self._prices.cost_nano(price, usage), {
+            "status": done.status,
+            "usage_source": "response",
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+        }
+
+
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, settler: Settler) -> None:
+        self._settler = settler
+        self._queue: asyncio.Queue[FinishedRequest] = asyncio.Queue(QUEUE_MAX)
+        self._workers: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(), name=f"settle-{i}") for i in range(WORKERS)]
+
+    async def drain(self) -> None:
+        """Settle everything already received (on shutdown), then stop the workers."""
+        await self._queue.join()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                done = finished_request(entry)
+                if done is not None:
+                    await self._queue.put(done)
+        return als_pb2.StreamAccessLogsResponse()
+
+    async def _work(self) -> None:
+        while True:
+            done = await self._queue.get()
+            try:
+                await self._settler.settle(done)
+            except Exception:
+                metrics.settle_failures.inc()
+                logger.exception("could not settle request %s; its hold will expire", done.request_id)
+            finally:
+                self._queue.task_done()

@@ -1,0 +1,74 @@
+"""Every error a client can see, in OpenAI's shape: ``{"error": {"message", "type", "code"}}``.
+
+One class for the Check's denials and the HTTP API's 4xx, so the same problem reads the same
+through both, and clients can branch on ``code`` rather than on the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiError(Exception):
+    status: int
+    code: str
+    message: str
+    type: str = "invalid_request_error"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def body(self) -> bytes:
+        error = {"message": self.message, "type": self.type, "code": self.code, **self.extra}
+        return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def missing_key() -> ApiError:
+    return ApiError(
+        401,
+        "missing_api_key",
+        "No API key: send it as 'Authorization: Bearer sk-litellm-…'.",
+        "authentication_error",
+    )
+
+
+def invalid_key() -> ApiError:
+    return ApiError(401, "invalid_api_key", "Incorrect API key provided.", "authentication_error")
+
+
+def key_refused(reason: str) -> ApiError:
+    return ApiError(401, f"{reason}_api_key", f"This API key is {reason}.", "authentication_error")
+
+
+def insufficient_funds(top_up_url: str, balance_usd: str) -> ApiError:
+    return ApiError(
+        403,
+        "insufficient_funds",
+        "Insufficient funds. Please top up.",
+        "insufficient_funds",
+        {"top_up_url": top_up_url, "balance_usd": balance_usd},
+    )
+
+
+def wallet_suspended() -> ApiError:
+    return ApiError(
+        403,
+        "wallet_suspended",
+        "This wallet is suspended. Contact the operator of this gateway.",
+        "permission_error",
+    )
+
+
+def funds_reserved(retry_after_s: int) -> ApiError:
+    return ApiError(
+        429,
+        "funds_reserved",
+        "All remaining credit is reserved by requests in flight; retry shortly.",
+        "rate_limit_error",
+        headers={"retry-after": str(retry_after_s)},
+    )

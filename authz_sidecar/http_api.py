@@ -1,0 +1,225 @@
+"""The public HTTP API (reached through Envoy): signup, balance, usage, and its OpenAPI document.
+
+Every answer is JSON; every error is OpenAI-shaped (:mod:`authz_sidecar.api_errors`) with a
+specific status and code, from a single middleware, so no handler can leak a traceback. Money is
+shown as USD decimal strings, never numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from authz_sidecar import api_errors
+from authz_sidecar.key_lookup import KeyLookup
+from billing import ledger, money, wallets
+from billing.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+BODY_MAX_BYTES = 64 * 1024
+_RATE_WINDOW_S = 60.0
+_RATE_CLIENTS_MAX = 100_000
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", AsyncEngine)
+KEYS = web.AppKey("keys", KeyLookup)
+SIGNUP_LIMITER = web.AppKey("signup_limiter", object)
+OPENAPI = web.AppKey("openapi", dict)
+
+
+class SignupLimiter:
+    """A sliding one-minute window per client address, bounded in memory."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._seen: dict[str, collections.deque[float]] = {}
+
+    def admit(self, client: str) -> int | None:
+        """None if admitted, else seconds to wait."""
+        now = time.monotonic()
+        times = self._seen.get(client)
+        if times is None:
+            if len(self._seen) >= _RATE_CLIENTS_MAX:
+                self._seen.clear()
+            times = self._seen[client] = collections.deque()
+        while times and times[0] <= now - _RATE_WINDOW_S:
+            times.popleft()
+        if len(times) >= self._per_minute:
+            return max(1, int(times[0] + _RATE_WINDOW_S - now) + 1)
+        times.append(now)
+        return None
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address. Envoy (use_remote_address) appends it last to X-Forwarded-For."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded:
+        return forwarded.split(",")[-1].strip()
+    return request.remote or "unknown"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, separators=(",", ":")))
+
+
+def _error(error: api_errors.ApiError) -> web.Response:
+    return web.Response(
+        status=error.status, body=error.body(), content_type="application/json", headers=error.headers
+    )
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except api_errors.ApiError as error:
+        return _error(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+        return _error(api_errors.ApiError(exc.status, code, exc.reason))
+    except (OperationalError, DBAPIError, OSError):
+        logger.exception("database unavailable during %s %s", request.method, request.path)
+        return _error(api_errors.ApiError(503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"))
+    except Exception:
+        logger.exception("unexpected error during %s %s", request.method, request.path)
+        return _error(api_errors.ApiError(500, "internal_error", "Internal error.", "api_error"))
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > BODY_MAX_BYTES:
+        raise api_errors.ApiError(413, "body_too_large", f"The body must be at most {BODY_MAX_BYTES} bytes.")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise api_errors.ApiError(400, "invalid_json", "The body must be a JSON object.")
+    return body
+
+
+async def signup(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    try:
+        email = wallets.normalize_email(body.get("email"))
+    except wallets.EmailInvalid as exc:
+        raise api_errors.ApiError(400, "invalid_email", str(exc), extra={"param": "email"}) from None
+    wait_s = request.app[SIGNUP_LIMITER].admit(client_address(request))
+    if wait_s is not None:
+        raise api_errors.ApiError(
+            429, "rate_limited", "Too many signups from this address; try again later.",
+            "rate_limit_error", headers={"retry-after": str(wait_s)},
+        )
+    settings = request.app[SETTINGS]
+    try:
+        async with request.app[ENGINE].begin() as conn:
+            created = await wallets.signup(conn, email=email, grant_nano=settings.free_grant_nano)
+    except wallets.EmailTaken:
+        raise api_errors.ApiError(
+            409, "email_taken", "This email address already has a wallet.", extra={"param": "email"}
+        ) from None
+    logger.info("signup: wallet %s, key %s", created.wallet.id, created.key.key_id)
+    return _json(
+        {
+            "api_key": created.key.plaintext,
+            "key_id": created.key.key_id,
+            "wallet_id": created.wallet.id,
+            "balance_usd": money.format_usd(created.wallet.balance_nano),
+        },
+        status=201,
+    )
+
+
+async def _wallet_of(request: web.Request) -> wallets.Wallet:
+    key = await request.app[KEYS].authenticate(request.headers.get("authorization"))
+    async with request.app[ENGINE].connect() as conn:
+        wallet = await wallets.get_wallet(conn, key.wallet_id)
+    assert wallet is not None, "a key always belongs to a wallet (foreign key)"
+    return wallet
+
+
+async def balance(request: web.Request) -> web.Response:
+    wallet = await _wallet_of(request)
+    return _json(
+        {
+            "wallet_id": wallet.id,
+            "balance_usd": money.format_usd(wallet.balance_nano),
+            "reserved_usd": money.format_usd(wallet.reserved_nano),
+            "available_usd": money.format_usd(wallet.available_nano),
+            "state": wallet.state,
+        }
+    )
+
+
+def _query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise api_errors.ApiError(
+            400, "invalid_parameter", f"{name} must be a whole number from {lo} to {hi}.", extra={"param": name}
+        )
+    return int(raw)
+
+
+async def usage(request: web.Request) -> web.Response:
+    page_max = request.app[SETTINGS].usage_page_size_max
+    limit = _query_int(request, "limit", min(20, page_max), 1, page_max)
+    before = _query_int(request, "before", None, 1, 2**63 - 1)
+    wallet = await _wallet_of(request)
+    async with request.app[ENGINE].connect() as conn:
+        page = await ledger.entries(conn, wallet.id, limit=limit + 1, before_id=before)
+    has_more = len(page) > limit
+    page = page[:limit]
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": entry.id,
+                    "kind": entry.kind,
+                    "amount_usd": money.format_usd(entry.amount_nano),
+                    "balance_after_usd": money.format_usd(entry.balance_after_nano),
+                    "created_at": entry.created_at.isoformat(),
+                    "details": entry.details,
+                }
+                for entry in page
+            ],
+            "has_more": has_more,
+            "next_before": page[-1].id if has_more else None,
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(request.app[OPENAPI])
+
+
+def load_openapi() -> dict[str, Any]:
+    return yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+
+
+def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=BODY_MAX_BYTES)
+    app[SETTINGS] = settings
+    app[ENGINE] = engine
+    app[KEYS] = key_lookup
+    app[SIGNUP_LIMITER] = SignupLimiter(settings.signup_rate_per_minute)
+    app[OPENAPI] = load_openapi()
+    app.router.add_post("/user/signup", signup)
+    app.router.add_get("/billing/balance", balance)
+    app.router.add_get("/billing/usage", usage)
+    app.router.add_get("/openapi.json", openapi)
+    return app

@@ -1,0 +1,122 @@
+"""The sidecar process: one event loop serving gRPC (Check, access log, health), the public HTTP
+API and the admin port, plus a sweeper that expires holds nobody settled.
+
+``Sidecar`` is what tests and ``billingproxy up`` start in-process or as a child;
+``main(argv)`` is the thin entry point behind ``billingproxy sidecar``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from authz_sidecar import access_log, admin, check, http_api, metrics
+from authz_sidecar.key_lookup import KeyLookup
+from billing import database, holds, pricing
+from billing.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXPIRY_SWEEP_S = 5.0
+
+
+class Sidecar:
+    def __init__(self, settings: Settings, prices: pricing.PriceBook) -> None:
+        self.settings = settings
+        self.prices = prices
+        self.engine = database.create_engine(settings.database_url, pool_size=20)
+        self._grpc: grpc.aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self._sweeper: asyncio.Task | None = None
+        self._access_log: access_log.AccessLogService | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        s = self.settings
+        key_lookup = KeyLookup(self.engine, s.key_cache_ttl_ms)
+        decider = check.Decider(s, self.prices, self.engine, key_lookup)
+        self._access_log = access_log.AccessLogService(access_log.Settler(self.engine, self.prices))
+        self._access_log.start()
+
+        self._grpc = grpc.aio.server()
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            check.AuthorizationService(decider, s.backend_api_key), self._grpc
+        )
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_log, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        address = f"{s.bind_host}:{s.grpc_port}"
+        if self._grpc.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen for gRPC on {address}: the port is taken")
+        await self._grpc.start()
+
+        for app, port in (
+            (http_api.make_app(s, self.engine, key_lookup), s.http_port),
+            (admin.make_app(self.engine), s.admin_port),
+        ):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, s.bind_host, port).start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise OSError(f"cannot listen on {s.bind_host}:{port}: {exc.strerror}") from None
+            self._runners.append(runner)
+
+        self._sweeper = asyncio.create_task(self._sweep_expired_holds(), name="hold-sweeper")
+        await self._set_serving(True)
+        logger.info(
+            "sidecar ready: gRPC %s:%d, HTTP %s:%d, admin %s:%d",
+            s.bind_host, s.grpc_port, s.bind_host, s.http_port, s.bind_host, s.admin_port,
+        )
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService"):
+            await self.health.set(service, status)
+
+    async def _sweep_expired_holds(self) -> None:
+        while True:
+            try:
+                async with self.engine.begin() as conn:
+                    await holds.expire_due(conn)
+                    metrics.outstanding_holds.set(await holds.outstanding(conn))
+            except Exception as exc:
+                logger.warning("hold sweep failed: %s", exc)
+            await asyncio.sleep(EXPIRY_SWEEP_S)
+
+    async def stop(self) -> None:
+        """Stop taking work, settle what was received, then close everything."""
+        if self._grpc is not None:
+            await self._set_serving(False)
+            await self._grpc.stop(grace=2)
+        if self._access_log is not None:
+            await self._access_log.drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.engine.dispose()
+
+
+async def run(settings: Settings, prices: pricing.PriceBook) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    sidecar = Sidecar(settings, prices)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.stop()

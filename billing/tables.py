@@ -1,0 +1,96 @@
+"""The PostgreSQL schema, as SQLAlchemy Core tables (Alembic migrations create it; see migrations/).
+
+Four tables: ``wallets`` (balance and reservations of record), ``api_keys`` (hashes only),
+``ledger_entries`` (immutable, one per balance change, unique idempotency key) and ``holds``
+(two-phase reservations: pending → posted | voided | expired, exactly once).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+metadata = sa.MetaData()
+
+_now = sa.text("now()")
+
+wallets = sa.Table(
+    "wallets",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("email", sa.Text, nullable=True),
+    # Who owns the row: "signup" (self-service), "kubernetes" (a Wallet resource), "admin".
+    sa.Column("source", sa.Text, nullable=False),
+    # The owning object's identity outside the database (a Wallet resource's UID), if any.
+    sa.Column("external_id", sa.Text, nullable=True, unique=True),
+    sa.Column("balance_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reserved_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("suspended", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint("reserved_nano >= 0", name="wallets_reserved_not_negative"),
+    sa.CheckConstraint("source IN ('signup', 'kubernetes', 'admin')", name="wallets_source_known"),
+)
+# One self-service wallet per email; Kubernetes-declared wallets may share an owner.
+sa.Index(
+    "wallets_signup_email_unique",
+    sa.func.lower(wallets.c.email),
+    unique=True,
+    postgresql_where=wallets.c.source == "signup",
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False, index=True),
+    sa.Column("key_hash", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("display_prefix", sa.Text, nullable=False),
+    sa.Column("allowed_models", pg.ARRAY(sa.Text), nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("suspended", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("external_id", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=False, unique=True),
+    # grant | usage | credit | topup | refund | dispute | dispute_reversal | adjustment
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    sa.Column("balance_after_nano", sa.BigInteger, nullable=False),
+    sa.Column("details", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+sa.Index("ledger_entries_wallet_newest", ledger_entries.c.wallet_id, ledger_entries.c.id.desc())
+
+holds = sa.Table(
+    "holds",
+    metadata,
+    # Envoy's x-request-id: the Check and the access-log entry of one request share it.
+    sa.Column("request_id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("key_id", sa.Text, sa.ForeignKey("api_keys.id"), nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("posted_nano", sa.BigInteger, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("amount_nano >= 0", name="holds_amount_not_negative"),
+    sa.CheckConstraint(
+        "state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"
+    ),
+)
+sa.Index(
+    "holds_pending_by_expiry",
+    holds.c.expires_at,
+    postgresql_where=holds.c.state == "pending",
+)
