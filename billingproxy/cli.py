@@ -1,7 +1,168 @@
-"""Placeholder; the real command line lands with the sidecar."""
+"""The ``billingproxy`` command. ``main(argv)`` parses and dispatches; the work lives elsewhere.
+
+Every failure a person can cause or fix (bad setting, database down, port taken, unknown wallet)
+ends as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
 import sys
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import database, pricing, settings as settings_mod
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """Ends the command with this message and exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="billingproxy",
+        description="Prepaid-credit billing gateway for OpenAI-compatible LLM APIs.",
+        epilog="Configuration comes from BILLINGPROXY_* environment variables and DATABASE_URL "
+        "(see docs/configuration.md).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("up", help="run the whole stack locally: PostgreSQL, sidecar, Envoy, demo backend")
+    sub.add_parser("sidecar", help="run the ext_authz sidecar (needs DATABASE_URL)")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    envoy = sub.add_parser("envoy-config", help="print the Envoy configuration rendered from the settings")
+    envoy.add_argument("--backend-url", help="override BILLINGPROXY_BACKEND_URL")
+    sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+
+    wallet = sub.add_parser("wallet", help="show or credit a wallet").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    show = wallet.add_parser("show", help="balance, state and keys of a wallet")
+    show.add_argument("wallet", help="wallet id (wal_…) or owner email")
+    credit = wallet.add_parser("credit", help="credit a wallet by hand (idempotent on --reference)")
+    credit.add_argument("wallet", help="wallet id (wal_…) or owner email")
+    credit.add_argument("amount_usd", help='amount in USD, e.g. "10.00"')
+    credit.add_argument("--reference", required=True,
+                        help="a unique reference (ticket id…): the same reference never credits twice")
+
+    key = sub.add_parser("key", help="create or revoke API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = key.add_parser("create", help="issue a new key for a wallet (shown once)")
+    create.add_argument("wallet", help="wallet id (wal_…) or owner email")
+    create.add_argument("--model", action="append", dest="models",
+                        help="allow only this model (repeat for several); default: any priced model")
+    revoke = key.add_parser("revoke", help="revoke a key; refused by the gateway within a second")
+    revoke.add_argument("key_id", help="key id (key_…)")
+
+    usage = sub.add_parser("usage", help="ledger entries of a wallet, newest first")
+    usage.add_argument("wallet", help="wallet id (wal_…) or owner email")
+    usage.add_argument("--limit", type=int, default=20, help="entries to show (default 20)")
+    return parser
+
+
+def _database_url(settings: settings_mod.Settings) -> str:
+    """DATABASE_URL, or the URL of the database a running `billingproxy up` started."""
+    if settings.database_url:
+        return settings.database_url
+    from billingproxy import local_stack  # noqa: PLC0415 (only needed without DATABASE_URL)
+
+    url = local_stack.running_database_url(settings)
+    if url is None:
+        raise CommandError(
+            "no database: set DATABASE_URL, or start the local stack with `billingproxy up` (or `make up`)"
+        )
+    return url
+
+
+def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[settings_mod.Settings], int]:
+    def run(settings: settings_mod.Settings) -> int:
+        url = _database_url(settings)
+
+        async def go() -> str:
+            engine = database.create_engine(url, pool_size=1)
+            try:
+                async with engine.begin() as conn:
+                    return await command(conn, *args)
+            finally:
+                await engine.dispose()
+
+        print(asyncio.run(go()))
+        return 0
+
+    return run
+
+
+def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
+    from billingproxy import admin  # noqa: PLC0415
+
+    if args.command == "up":
+        from billingproxy import local_stack  # noqa: PLC0415
+
+        return local_stack.main(settings)
+    if args.command == "sidecar":
+        from authz_sidecar import server  # noqa: PLC0415
+
+        settings = settings.replace(database_url=_database_url(settings))
+        prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
+        asyncio.run(server.run(settings, prices))
+        return 0
+    if args.command == "migrate":
+        database.migrate(_database_url(settings))
+        print("database schema is up to date")
+        return 0
+    if args.command == "envoy-config":
+        from authz_sidecar import envoy_config  # noqa: PLC0415
+
+        backend = args.backend_url or settings.backend_url
+        if not backend:
+            raise CommandError("no backend: set BILLINGPROXY_BACKEND_URL or pass --backend-url")
+        sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
+        return 0
+    if args.command == "operator":
+        raise CommandError("the Kubernetes operator is not part of this build yet (issue: operator)")
+    if args.command == "wallet" and args.action == "show":
+        return _admin(admin.wallet_show, args.wallet)(settings)
+    if args.command == "wallet" and args.action == "credit":
+        return _admin(admin.wallet_credit, args.wallet, args.amount_usd, args.reference)(settings)
+    if args.command == "key" and args.action == "create":
+        return _admin(admin.key_create, args.wallet, args.models)(settings)
+    if args.command == "key" and args.action == "revoke":
+        return _admin(admin.key_revoke, args.key_id)(settings)
+    if args.command == "usage":
+        if not 1 <= args.limit <= 1000:
+            raise CommandError("--limit must be between 1 and 1000")
+        return _admin(admin.usage, args.wallet, args.limit)(settings)
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("billingproxy: not yet", file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from billingproxy import admin  # noqa: PLC0415
+    from billingproxy import startup_errors  # noqa: PLC0415
+
+    try:
+        settings = settings_mod.from_env()
+        return _dispatch(args, settings)
+    except (CommandError, admin.AdminError, settings_mod.SettingsError, pricing.PricingError,
+            database.DatabaseUrlError) as exc:
+        print(f"billingproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        explained = startup_errors.explain(exc)
+        if explained is None:
+            raise
+        print(f"billingproxy: {explained}", file=sys.stderr)
+        return EXIT_USAGE

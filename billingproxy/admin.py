@@ -1,0 +1,104 @@
+"""Admin commands over the database: show and credit wallets, issue and revoke keys, list usage.
+
+Each command is an async function that takes a connection and returns the text to print, so the
+CLI stays a thin parser and tests call these directly. Errors are :class:`AdminError` with a
+message meant for the person at the terminal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import ledger, money, wallets
+
+
+class AdminError(Exception):
+    """A command that cannot be done as asked; the message says why and what to do."""
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+async def _wallet(conn: AsyncConnection, ref: str) -> wallets.Wallet:
+    wallet = await wallets.find_wallet(conn, ref)
+    if wallet is None:
+        raise AdminError(f"no wallet matches {ref!r} (give a wallet id wal_… or an owner email)")
+    return wallet
+
+
+async def wallet_show(conn: AsyncConnection, ref: str) -> str:
+    wallet = await _wallet(conn, ref)
+    keys = await wallets.keys_of(conn, wallet.id)
+    now = dt.datetime.now(dt.timezone.utc)
+    head = table(
+        ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "STATE"],
+        [[wallet.id, wallet.email or "-", wallet.source, money.format_usd(wallet.balance_nano),
+          money.format_usd(wallet.reserved_nano), wallet.state]],
+    )
+    key_rows = [
+        [k.id, k.display_prefix + "…", k.refusal(now) or "active",
+         ",".join(k.allowed_models) if k.allowed_models is not None else "*"]
+        for k in keys
+    ]
+    return head + "\n\n" + (table(["KEY", "PREFIX", "STATE", "MODELS"], key_rows) if key_rows else "(no keys)")
+
+
+async def wallet_credit(conn: AsyncConnection, ref: str, amount_usd: str, reference: str) -> str:
+    """A manual grant, idempotent on ``reference``: running it twice credits once."""
+    try:
+        amount = money.parse_usd(amount_usd)
+    except money.MoneyError as exc:
+        raise AdminError(str(exc)) from None
+    if amount == 0:
+        raise AdminError("the amount must be more than zero")
+    if not reference.strip():
+        raise AdminError("--reference must not be empty: it makes the credit idempotent")
+    wallet = await _wallet(conn, ref)
+    try:
+        entry = await ledger.post_entry(
+            conn,
+            wallet_id=wallet.id,
+            kind="credit",
+            amount_nano=amount,
+            idempotency_key=f"credit:{reference.strip()}",
+            details={"reason": "manual credit", "reference": reference.strip()},
+        )
+    except ledger.IdempotencyConflict as exc:
+        raise AdminError(
+            f"reference {reference!r} was already used for a different credit "
+            f"({money.format_usd(exc.first.amount_nano)} USD to {exc.first.wallet_id}); choose a new reference"
+        ) from None
+    verb = "credited" if entry.created else "already credited (nothing changed)"
+    return f"{wallet.id}: {verb} {money.format_usd(entry.amount_nano)} USD; balance {money.format_usd(entry.balance_after_nano)} USD"
+
+
+async def key_create(conn: AsyncConnection, ref: str, models: list[str] | None) -> str:
+    wallet = await _wallet(conn, ref)
+    issued = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin", allowed_models=models)
+    return f"key {issued.key_id} for {wallet.id} (shown once, store it now):\n{issued.plaintext}"
+
+
+async def key_revoke(conn: AsyncConnection, key_id: str) -> str:
+    try:
+        record = await wallets.revoke_key(conn, key_id)
+    except wallets.KeyNotFound:
+        raise AdminError(f"no key {key_id!r} (key ids look like key_…; see `billingproxy wallet show`)") from None
+    return f"{record.id} revoked at {record.revoked_at.isoformat()}"
+
+
+async def usage(conn: AsyncConnection, ref: str, limit: int) -> str:
+    wallet = await _wallet(conn, ref)
+    entries = await ledger.entries(conn, wallet.id, limit=limit)
+    rows = [
+        [str(e.id), e.created_at.strftime("%Y-%m-%d %H:%M:%S"), e.kind, money.format_usd(e.amount_nano),
+         money.format_usd(e.balance_after_nano), str(e.details.get("model", e.details.get("reason", "")))]
+        for e in entries
+    ]
+    if not rows:
+        return f"{wallet.id}: no ledger entries"
+    return table(["ID", "TIME (UTC)", "KIND", "AMOUNT_USD", "BALANCE_USD", "WHAT"], rows)
