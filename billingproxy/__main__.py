@@ -1,0 +1,5 @@
+import sys
+
+from billingproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""`billingproxy up`: the whole gateway on one machine, from embedded defaults.
+
+Starts, in order, each waiting until the previous one is ready: PostgreSQL (embedded, data kept
+in ``<data_dir>/postgres``, unless DATABASE_URL is set) → migrations → the demo LLM backend
+(unless BILLINGPROXY_BACKEND_URL names a real one) → the sidecar → Envoy. The children share one
+environment, so the sidecar and the Envoy config read the same settings. Ctrl-C (or any child
+dying) stops everything in reverse order.
+
+The integration tests start the same :class:`Stack` with free ports, so what the README's
+walk-through runs is what the tests run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+from authz_sidecar import envoy_config
+from billing import database, settings as settings_mod
+from billingproxy import envoy_process
+from billingproxy.postgres_server import EmbeddedPostgres
+
+READY_TIMEOUT_S = 30.0
+
+
+class StackError(RuntimeError):
+    """A part of the stack failed to start; the message names the part, the cause and the fix."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _run_dir(settings: settings_mod.Settings) -> Path:
+    return settings.data_dir / "run"
+
+
+def running_database_url(settings: settings_mod.Settings) -> str | None:
+    """The URL of the database a running `billingproxy up` uses (for the admin commands)."""
+    path = _run_dir(settings) / "database_url"
+    return path.read_text().strip() if path.is_file() else None
+
+
+class Stack:
+    """The processes of one gateway. ``env`` holds the settings (BILLINGPROXY_*, DATABASE_URL)."""
+
+    def __init__(self, env: Mapping[str, str], *, say=print, durable: bool = True) -> None:
+        self.env = dict(env)
+        self.settings = settings_mod.from_env(self.env)
+        self._say = say
+        self._durable = durable
+        self._postgres: EmbeddedPostgres | None = None
+        self._children: list[tuple[str, subprocess.Popen]] = []
+        self._envoy: envoy_process.EnvoyProcess | None = None
+        self.database_url = ""
+        self.backend_url = ""
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.gateway_port}"
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        logs = _run_dir(s)
+        logs.mkdir(parents=True, exist_ok=True)
+
+        if s.database_url:
+            self.database_url = s.database_url
+            self._say(f"using the database at DATABASE_URL")
+        else:
+            self._say(f"starting PostgreSQL (data in {s.data_dir / 'postgres'})…")
+            self._postgres = EmbeddedPostgres(s.data_dir / "postgres", durable=self._durable)
+            self.database_url = await asyncio.to_thread(self._postgres.start)
+            (logs / "database_url").write_text(self.database_url + "\n")
+        self.env["DATABASE_URL"] = self.database_url
+
+        self._say("applying database migrations…")
+        await asyncio.to_thread(database.migrate, self.database_url)
+
+        if s.backend_url:
+            self.backend_url = s.backend_url
+            self._say(f"LLM backend: {self.backend_url}")
+        else:
+            port = free_port()
+            self._say(f"starting the demo LLM backend (OpenAI-compatible, exact usage) on 127.0.0.1:{port}…")
+            self._spawn("demo backend", [sys.executable, "-m", "billingproxy.demo_backend",
+                                         "--host", "127.0.0.1", "--port", str(port)], logs / "demo_backend.log")
+            self.backend_url = f"http://127.0.0.1:{port}"
+            await self._wait_http("demo backend", f"{self.backend_url}/v1/models")
+
+        self._say(f"starting the sidecar (gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin :{s.admin_port})…")
+        self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")
+        await self._wait_http("sidecar", f"http://127.0.0.1:{s.admin_port}/readyz")
+
+        self._say(f"starting Envoy on {s.bind_host}:{s.gateway_port}…")
+        config = envoy_config.render_yaml(s, backend_url=self.backend_url)
+        (logs / "envoy.yaml").write_text(config)
+        self._envoy = envoy_process.EnvoyProcess(
+            config, base_id=s.envoy_admin_port, log_path=logs / "envoy.log"
+        )
+        await asyncio.to_thread(self._envoy.start)
+        self._say(f"Envoy ready at {self.gateway_url}")
+
+    def _spawn(self, name: str, argv: list[str], log_path: Path) -> None:
+        log = open(log_path, "ab")  # noqa: SIM115 (the child owns it; closed in stop())
+        child = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self._children.append((name, child))
+
+    async def _wait_http(self, name: str, url: str) -> None:
+        child = dict(self._children).get(name)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if child is not None and child.poll() is not None:
+                    raise StackError(f"the {name} exited with status {child.returncode} while starting; "
+                                     f"see {_run_dir(self.settings)}/{name.replace(' ', '_')}.log")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise StackError(f"the {name} was not ready at {url} within {READY_TIMEOUT_S:.0f} s")
+
+    def dead_child(self) -> str | None:
+        """The name of a child that exited on its own, if any."""
+        for name, child in self._children:
+            if child.poll() is not None:
+                return name
+        if self._envoy is not None and not self._envoy.running:
+            return "Envoy"
+        return None
+
+    async def stop(self) -> None:
+        if self._envoy is not None:
+            await asyncio.to_thread(self._envoy.stop)
+            self._envoy = None
+        for _name, child in reversed(self._children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for _name, child in reversed(self._children):
+            try:
+                await asyncio.to_thread(child.wait, 10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                await asyncio.to_thread(child.wait)
+        self._children.clear()
+        if self._postgres is not None:
+            await asyncio.to_thread(self._postgres.stop)
+            (_run_dir(self.settings) / "database_url").unlink(missing_ok=True)
+            self._postgres = None
+
+
+def _greeting(stack: Stack) -> str:
+    url = stack.gateway_url
+    return f"""
+BillingProxy is up: {url}
+
+Try it:
+  curl -s {url}/user/signup -H 'content-type: application/json' -d '{{"email": "you@example.com"}}'
+  export KEY=sk-litellm-…   # the api_key from the answer
+  curl -s {url}/v1/chat/completions -H "authorization: Bearer $KEY" \\
+       -H 'content-type: application/json' \\
+       -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  curl -s {url}/billing/balance -H "authorization: Bearer $KEY"
+
+Logs: {_run_dir(stack.settings)}/   Stop: Ctrl-C
+"""
+
+
+async def _serve(stack: Stack) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stack.start()
+    print(_greeting(stack), flush=True)
+    status = 0
+    try:
+        while not stop.is_set():
+            dead = stack.dead_child()
+            if dead is not None:
+                print(f"billingproxy: the {dead} stopped unexpectedly; see {_run_dir(stack.settings)}/", file=sys.stderr)
+                status = 1
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+    finally:
+        print("stopping…", flush=True)
+        await stack.stop()
+    return status
+
+
+def main(settings: settings_mod.Settings) -> int:
+    """Run until Ctrl-C. ``settings`` was already checked; the children read the same environment."""
+    del settings  # the Stack re-reads the environment it hands to its children
+    try:
+        return asyncio.run(_serve(Stack(os.environ, say=lambda m: print(m, flush=True))))
+    except (StackError, envoy_process.EnvoyError) as exc:
+        print(f"billingproxy: {exc}", file=sys.stderr)
+        return 2
