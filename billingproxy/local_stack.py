@@ -28,7 +28,7 @@ import aiohttp
 from authz_sidecar import envoy_config
 from billing import database, settings as settings_mod
 from billingproxy import envoy_process
-from billingproxy.postgres_server import EmbeddedPostgres
+from billingproxy.postgres_server import EmbeddedPostgres, PostgresStartError
 
 READY_TIMEOUT_S = 30.0
 
@@ -85,7 +85,7 @@ class Stack:
 
         if s.database_url:
             self.database_url = s.database_url
-            self._say(f"using the database at DATABASE_URL")
+            self._say("using the database at DATABASE_URL")
         else:
             self._say(f"starting PostgreSQL (data in {s.data_dir / 'postgres'})…")
             self._postgres = EmbeddedPostgres(s.data_dir / "postgres", durable=self._durable)
@@ -113,11 +113,9 @@ class Stack:
 
         self._say(f"starting Envoy on {s.bind_host}:{s.gateway_port}…")
         config = envoy_config.render_yaml(s, backend_url=self.backend_url)
-        (logs / "envoy.yaml").write_text(config)
-        self._envoy = envoy_process.EnvoyProcess(
-            config, base_id=s.envoy_admin_port, log_path=logs / "envoy.log"
-        )
-        await asyncio.to_thread(self._envoy.start)
+        # A dynamic base id lets several stacks (tests, benchmarks) run side by side.
+        self._envoy = envoy_process.EnvoyProcess(config, base_id=None, log_path=logs / "envoy.log")
+        await self._envoy.start()
         self._say(f"Envoy ready at {self.gateway_url}")
 
     def _spawn(self, name: str, argv: list[str], log_path: Path) -> None:
@@ -152,7 +150,7 @@ class Stack:
 
     async def stop(self) -> None:
         if self._envoy is not None:
-            await asyncio.to_thread(self._envoy.stop)
+            await self._envoy.stop()
             self._envoy = None
         for _name, child in reversed(self._children):
             if child.poll() is None:
@@ -215,6 +213,6 @@ def main(settings: settings_mod.Settings) -> int:
     del settings  # the Stack re-reads the environment it hands to its children
     try:
         return asyncio.run(_serve(Stack(os.environ, say=lambda m: print(m, flush=True))))
-    except (StackError, envoy_process.EnvoyError) as exc:
+    except (StackError, envoy_process.EnvoyError, PostgresStartError) as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return 2
