@@ -1,0 +1,517 @@
+"""The Envoy bootstrap of the gateway, rendered from Settings (the one source of ports and limits).
+
+Why rendered in code: the local stack, the tests and the Helm chart must run the very same Envoy
+configuration; a second hand-kept YAML would drift from Settings. ``render()`` returns the v3
+bootstrap as a dict (static resources only, no xDS), ``render_yaml()`` the text Envoy reads.
+
+Shape::
+
+    listener bind_host:gateway_port ── HCM ── ext_authz ── Lua (usage_filter.lua) ── router
+      /v1/*                      → llm_backend           (ext_authz + Lua on)
+      /user/ /billing/ /stripe/  → billing_sidecar_http  (ext_authz + Lua off: the sidecar
+      /openapi.json                                       authenticates these itself)
+      anything else              → 404, OpenAI error JSON (no Check)
+    access logs: gRPC ALS → billing_sidecar_grpc (settlement), JSON lines on stdout (operators)
+    admin 127.0.0.1:envoy_admin_port
+
+Settings that are not obvious, and why:
+
+- ``generate_request_id`` + ``preserve_external_request_id: false`` and NO
+  ``internal_address_config``: the x-request-id is the idempotency key of a request's
+  settlement (``usage:<x-request-id>``). Envoy must mint it for every request; a client that
+  could choose it could replay one settlement for many requests. Envoy keeps a client's id only
+  from an "internal" address; since 1.33 no address is internal unless configured, but an
+  explicit empty ``internal_address_config: {}`` falls back to trusting RFC 1918 and loopback.
+  The same rule makes Envoy drop client-sent ``x-envoy-*`` headers.
+- ``normalize_path`` + ``merge_slashes`` + rejecting escaped slashes: routing is by path
+  prefix, and the backend receives our credential, so ``/v1/../key/generate`` must not reach a
+  LiteLLM admin endpoint: after normalization it is an unknown path and answers 404.
+- ext_authz ``failure_mode_allow: false``: when the sidecar is down, requests fail (503)
+  instead of being served unbilled. ``with_request_body`` buffers the body (the Check needs
+  the model and max_tokens) up to ``request_body_max_bytes``; the listener's buffer limit is
+  raised to match, or Envoy's 1 MiB default would cap it first.
+- ``accept-encoding: identity`` towards the backend: the Lua filter reads usage from the plain
+  body; a gzip answer would be unreadable and unbillable.
+- route ``timeout`` = ``upstream_timeout_s`` (also the idle timeout): a request never outlives
+  its hold, whose TTL Settings keeps longer.
+- gRPC ALS ``buffer_size_bytes: 0``: each entry is sent as its request ends (no batching), so a
+  wallet is charged right after its request; ``buffer_flush_interval`` only backs that up.
+- Both sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
+  with ``HttpProtocolOptions.explicit_http_config``.
+- Dynamic metadata reaches the sidecar without extra settings: the ALS entry's
+  ``common_properties.metadata`` holds all of the stream's dynamic metadata, i.e. namespace
+  ``envoy.filters.http.ext_authz`` (what the Check returned) and ``billingproxy.usage`` (the
+  Lua filter; Lua numbers arrive as protobuf doubles).
+- Local replies Envoy makes itself (upstream down or timed out, body too large, sidecar
+  unreachable) are rewritten to OpenAI's error shape; ext_authz denials are left as the sidecar
+  wrote them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from billing.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BACKEND_CLUSTER = "llm_backend"
+SIDECAR_GRPC_CLUSTER = "billing_sidecar_grpc"
+SIDECAR_HTTP_CLUSTER = "billing_sidecar_http"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+LUA_FILTER = "envoy.filters.http.lua"
+#: Dynamic metadata namespaces the access log carries to the sidecar.
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+USAGE_NAMESPACE = "billingproxy.usage"
+ACCESS_LOG_NAME = "billingproxy"
+SIDECAR_PREFIXES = ("/user/", "/billing/", "/stripe/")
+SIDECAR_PATHS = ("/openapi.json",)
+LUA_SOURCE = Path(__file__).with_name("usage_filter.lua")
+
+EXT_AUTHZ_TIMEOUT_S = 1
+ACCESS_LOG_FLUSH_INTERVAL_MS = 100
+SIDECAR_ROUTE_TIMEOUT_S = 30
+CONNECT_TIMEOUT_S = 5
+DOWNSTREAM_CONNECTIONS_MAX = 10_000
+
+_TYPE = "type.googleapis.com/"
+_HCM = _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_EXT_AUTHZ = _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_EXT_AUTHZ_PER_ROUTE = _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+_LUA = _TYPE + "envoy.extensions.filters.http.lua.v3.Lua"
+_LUA_PER_ROUTE = _TYPE + "envoy.extensions.filters.http.lua.v3.LuaPerRoute"
+_ROUTER = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_GRPC_ALS = _TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+_STDOUT_LOG = _TYPE + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_DOWNSTREAM_CONNECTIONS = (
+    _TYPE + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
+
+# Envoy's own failures; ext_authz denials (flag UAEX) keep the sidecar's body untouched.
+_ENVOY_FAILURE_FLAGS = ("UH", "UF", "UO", "NR", "URX", "NC", "UC", "UT", "UPE", "UMSDR", "DPE", "OM")
+
+
+class EnvoyConfigError(ValueError):
+    """The configuration cannot be rendered (bad backend URL, no CA bundle for https)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """Where /v1/* goes, parsed from an OpenAI-compatible base URL.
+
+    The URL's path is where the API's ``/v1`` lives: ``http://litellm:4000`` keeps ``/v1/…``,
+    ``https://generativelanguage.googleapis.com/v1beta/openai`` turns ``/v1/chat/completions``
+    into ``/v1beta/openai/chat/completions``.
+    """
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def from_url(cls, url: str) -> Backend:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EnvoyConfigError(f"backend URL must be http(s)://host[:port][/path], not {url!r}")
+        if parts.query or parts.fragment or parts.username:
+            raise EnvoyConfigError(f"backend URL must not carry a query, fragment or user: {url!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise EnvoyConfigError(f"backend URL has a bad port: {url!r}") from None
+        return cls(scheme=parts.scheme, host=parts.hostname, port=port, path=parts.path.rstrip("/"))
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def authority(self) -> str:
+        default_port = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default_port else f"{host}:{self.port}"
+
+
+def render(settings: Settings, *, backend_url: str, ca_bundle: Path | None = None) -> dict[str, Any]:
+    """The Envoy v3 bootstrap for these settings, sending /v1/* to ``backend_url``.
+
+    ``ca_bundle`` verifies an https backend; by default the system's bundle (``SSL_CERT_FILE``,
+    then OpenSSL's default file, then certifi's).
+    """
+    backend = Backend.from_url(backend_url)
+    trusted_ca = _ca_bundle(ca_bundle) if backend.tls else None
+    return {
+        "admin": {"address": _socket_address("127.0.0.1", settings.envoy_admin_port)},
+        "static_resources": {
+            "listeners": [_listener(settings, backend)],
+            "clusters": [
+                _backend_cluster(backend, trusted_ca),
+                _loopback_cluster(SIDECAR_GRPC_CLUSTER, settings.grpc_port, http2=True),
+                _loopback_cluster(SIDECAR_HTTP_CLUSTER, settings.http_port, http2=False),
+            ],
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _DOWNSTREAM_CONNECTIONS,
+                        "max_active_downstream_connections": DOWNSTREAM_CONNECTIONS_MAX,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def render_yaml(settings: Settings, *, backend_url: str, ca_bundle: Path | None = None) -> str:
+    """``render()`` as YAML, the form ``envoy -c`` reads."""
+    config = render(settings, backend_url=backend_url, ca_bundle=ca_bundle)
+    return yaml.safe_dump(config, sort_keys=False, width=100)
+
+
+# --- listener ------------------------------------------------------------------------------------
+
+
+def _listener(settings: Settings, backend: Backend) -> dict[str, Any]:
+    return {
+        "name": "gateway",
+        "address": _socket_address(settings.bind_host, settings.gateway_port),
+        "per_connection_buffer_limit_bytes": settings.request_body_max_bytes,
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": _connection_manager(settings, backend),
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
+    return {
+        "@type": _HCM,
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "generate_request_id": True,
+        "preserve_external_request_id": False,
+        "always_set_request_id_in_response": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "route_config": _route_config(settings, backend),
+        "http_filters": [_ext_authz_filter(settings), _lua_filter(), _router_filter()],
+        "access_log": [_grpc_access_log(), _stdout_access_log()],
+        "local_reply_config": _local_reply_config(),
+    }
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+def _route_config(settings: Settings, backend: Backend) -> dict[str, Any]:
+    sidecar_routes = [
+        _sidecar_route({"prefix": prefix}) for prefix in SIDECAR_PREFIXES
+    ] + [_sidecar_route({"path": path}) for path in SIDECAR_PATHS]
+    return {
+        "name": "gateway",
+        "virtual_hosts": [
+            {
+                "name": "gateway",
+                "domains": ["*"],
+                "routes": [_backend_route(settings, backend), *sidecar_routes, _not_found_route()],
+            }
+        ],
+    }
+
+
+def _backend_route(settings: Settings, backend: Backend) -> dict[str, Any]:
+    route: dict[str, Any] = {
+        "cluster": BACKEND_CLUSTER,
+        "host_rewrite_literal": backend.authority,
+        "timeout": f"{settings.upstream_timeout_s}s",
+        "idle_timeout": f"{settings.upstream_timeout_s}s",
+    }
+    if backend.path and backend.path != "/v1":
+        route["prefix_rewrite"] = backend.path + "/"
+    return {
+        "name": "llm",
+        "match": {"prefix": "/v1/"},
+        "route": route,
+        "request_headers_to_add": [
+            {
+                "header": {"key": "accept-encoding", "value": "identity"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def _sidecar_route(match: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": "sidecar " + next(iter(match.values())),
+        "match": match,
+        "route": {"cluster": SIDECAR_HTTP_CLUSTER, "timeout": f"{SIDECAR_ROUTE_TIMEOUT_S}s"},
+        "typed_per_filter_config": _filters_disabled(),
+    }
+
+
+def _not_found_route() -> dict[str, Any]:
+    return {
+        "name": "not found",
+        "match": {"prefix": "/"},
+        "direct_response": {
+            "status": 404,
+            "body": {"inline_string": _openai_error_json("Unknown path.", "not_found")},
+        },
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": _filters_disabled(),
+    }
+
+
+def _filters_disabled() -> dict[str, Any]:
+    return {
+        EXT_AUTHZ_FILTER: {"@type": _EXT_AUTHZ_PER_ROUTE, "disabled": True},
+        LUA_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
+    }
+
+
+def _openai_error_json(message: str, code: str) -> str:
+    error = {"message": message, "type": "invalid_request_error", "code": code}
+    return json.dumps({"error": error}, separators=(",", ":"))
+
+
+# --- HTTP filters --------------------------------------------------------------------------------
+
+
+def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": EXT_AUTHZ_FILTER,
+        "typed_config": {
+            "@type": _EXT_AUTHZ,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
+                "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+            },
+            "transport_api_version": "V3",
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            "include_peer_certificate": False,
+            "with_request_body": {
+                "max_request_bytes": settings.request_body_max_bytes,
+                "allow_partial_message": False,
+                "pack_as_bytes": True,
+            },
+        },
+    }
+
+
+def _lua_filter() -> dict[str, Any]:
+    return {
+        "name": LUA_FILTER,
+        "typed_config": {
+            "@type": _LUA,
+            "default_source_code": {"inline_string": LUA_SOURCE.read_text(encoding="utf-8")},
+        },
+    }
+
+
+def _router_filter() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+
+
+# --- access logs and local replies ---------------------------------------------------------------
+
+
+def _grpc_access_log() -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": _GRPC_ALS,
+            "common_config": {
+                "log_name": ACCESS_LOG_NAME,
+                "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_size_bytes": 0,
+                "buffer_flush_interval": f"{ACCESS_LOG_FLUSH_INTERVAL_MS / 1000}s",
+            },
+        },
+    }
+
+
+def _stdout_access_log() -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": _STDOUT_LOG,
+            "log_format": {
+                "json_format": {
+                    "time": "%START_TIME%",
+                    "request_id": "%REQ(X-REQUEST-ID)%",
+                    "method": "%REQ(:METHOD)%",
+                    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                    "status": "%RESPONSE_CODE%",
+                    "flags": "%RESPONSE_FLAGS%",
+                    "details": "%RESPONSE_CODE_DETAILS%",
+                    "duration_ms": "%DURATION%",
+                    "bytes_received": "%BYTES_RECEIVED%",
+                    "bytes_sent": "%BYTES_SENT%",
+                    "upstream": "%UPSTREAM_HOST%",
+                    "authz": f"%DYNAMIC_METADATA({AUTHZ_NAMESPACE})%",
+                    "usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE})%",
+                }
+            },
+        },
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    def json_body(message: str, error_type: str, code: str) -> dict[str, Any]:
+        error = {"message": message, "type": error_type, "code": code}
+        return {"json_format": {"error": error}, "content_type": "application/json"}
+
+    def status_is(code: int) -> dict[str, Any]:
+        # runtime_key is required by the schema; nothing sets it.
+        value = {"default_value": code, "runtime_key": "billingproxy.local_reply_status"}
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+
+    uaex = {"response_flag_filter": {"flags": ["UAEX"]}}
+    return {
+        "mappers": [
+            {
+                "filter": {"response_flag_filter": {"flags": list(_ENVOY_FAILURE_FLAGS)}},
+                "body_format_override": json_body(
+                    "%LOCAL_REPLY_BODY%", "server_error", "%RESPONSE_CODE_DETAILS%"
+                ),
+            },
+            {
+                # ext_authz flags denials and an unreachable sidecar alike (UAEX); only the
+                # latter answers status_on_error (503) with an empty body.
+                "filter": {"and_filter": {"filters": [uaex, status_is(503)]}},
+                "body_format_override": json_body(
+                    "Billing is unavailable; try again shortly.", "server_error", "billing_unavailable"
+                ),
+            },
+            {
+                "filter": status_is(413),
+                "body_format_override": json_body(
+                    "Request body too large.", "invalid_request_error", "request_too_large"
+                ),
+            },
+        ],
+    }
+
+
+# --- clusters ------------------------------------------------------------------------------------
+
+
+def _backend_cluster(backend: Backend, trusted_ca: Path | None) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": BACKEND_CLUSTER,
+        "type": "STATIC" if backend.is_ip else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": f"{CONNECT_TIMEOUT_S}s",
+        "load_assignment": _endpoints(BACKEND_CLUSTER, backend.host, backend.port),
+    }
+    if backend.tls:
+        assert trusted_ca is not None
+        san_type = "IP_ADDRESS" if backend.is_ip else "DNS"
+        tls: dict[str, Any] = {
+            "@type": _UPSTREAM_TLS,
+            "common_tls_context": {
+                "validation_context": {
+                    "trusted_ca": {"filename": str(trusted_ca)},
+                    # Envoy checks the chain only; the name must be matched explicitly.
+                    "match_typed_subject_alt_names": [
+                        {"san_type": san_type, "matcher": {"exact": backend.host}}
+                    ],
+                }
+            },
+        }
+        if not backend.is_ip:
+            tls["sni"] = backend.host
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    return cluster
+
+
+def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
+    protocol = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": _endpoints(name, "127.0.0.1", port),
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": protocol,
+            }
+        },
+    }
+
+
+def _endpoints(cluster: str, host: str, port: int) -> dict[str, Any]:
+    return {
+        "cluster_name": cluster,
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+        ],
+    }
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _ca_bundle(explicit: Path | None) -> Path:
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(explicit)
+    else:
+        paths = ssl.get_default_verify_paths()
+        for raw in (os.environ.get(paths.openssl_cafile_env), paths.cafile, paths.openssl_cafile):
+            if raw:
+                candidates.append(Path(raw))
+        try:
+            import certifi
+        except ImportError:
+            pass
+        else:
+            candidates.append(Path(certifi.where()))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise EnvoyConfigError(
+        "an https backend needs a CA bundle to verify it: set SSL_CERT_FILE to a PEM file "
+        f"(looked at: {', '.join(map(str, candidates)) or 'nothing'})"
+    )

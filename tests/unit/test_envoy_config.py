@@ -1,0 +1,219 @@
+"""The rendered Envoy bootstrap: Envoy itself accepts it (`envoy --mode validate`), and the facts
+that keep money right hold (fail-closed authz, Envoy-minted request ids, sidecar routes unguarded
+by the Check, HTTP/2 to the gRPC sidecar)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from authz_sidecar import envoy_config
+from billing.settings import Settings
+from billingproxy import envoy_process
+
+DEMO_BACKEND = "http://127.0.0.1:4000"
+GEMINI = "https://generativelanguage.googleapis.com/v1beta/openai"
+
+
+def hcm(config: dict[str, Any]) -> dict[str, Any]:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def route_for(config: dict[str, Any], path: str) -> dict[str, Any]:
+    """The first route whose match takes ``path`` (prefix or exact path), as Envoy picks."""
+    for route in routes(config):
+        match = route["match"]
+        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
+            return route
+    raise AssertionError(f"no route for {path}")
+
+
+def cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    return found
+
+
+def endpoint(cluster_config: dict[str, Any]) -> dict[str, Any]:
+    lb = cluster_config["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    return lb["endpoint"]["address"]["socket_address"]
+
+
+VARIANTS = {
+    "default": (Settings(), DEMO_BACKEND),
+    "gemini": (Settings(), GEMINI),
+    "other ports": (
+        Settings(
+            bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001,
+            envoy_admin_port=19901, request_body_max_bytes=65536, upstream_timeout_s=60,
+        ),
+        "https://api.openai.com",
+    ),
+    "litellm by name": (Settings(), "http://litellm.billing.svc:4000"),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_envoy_accepts_the_rendered_config(name: str) -> None:
+    settings, backend_url = VARIANTS[name]
+    envoy_process.validate(envoy_config.render_yaml(settings, backend_url=backend_url))
+
+
+def test_validate_reports_envoys_reason() -> None:
+    config = envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+    cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)["connect_timeout"] = "soon"
+    with pytest.raises(envoy_process.EnvoyConfigError, match="connect_timeout|Duration|soon"):
+        envoy_process.validate(yaml.safe_dump(config))
+
+
+def test_render_yaml_is_render() -> None:
+    settings = Settings()
+    assert yaml.safe_load(envoy_config.render_yaml(settings, backend_url=GEMINI)) == envoy_config.render(
+        settings, backend_url=GEMINI
+    )
+
+
+def test_ports_and_limits_come_from_settings() -> None:
+    settings = Settings(
+        bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001,
+        envoy_admin_port=19901, request_body_max_bytes=65536, upstream_timeout_s=60,
+    )
+    config = envoy_config.render(settings, backend_url=DEMO_BACKEND)
+    listener = config["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18080}
+    assert listener["per_connection_buffer_limit_bytes"] == 65536
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
+    assert endpoint(cluster(config, envoy_config.SIDECAR_HTTP_CLUSTER)) == {"address": "127.0.0.1", "port_value": 18081}
+    assert endpoint(cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)) == {"address": "127.0.0.1", "port_value": 19001}
+    llm = route_for(config, "/v1/chat/completions")["route"]
+    assert llm["timeout"] == "60s"
+    (authz,) = [f for f in hcm(config)["http_filters"] if f["name"] == envoy_config.EXT_AUTHZ_FILTER]
+    assert authz["typed_config"]["with_request_body"]["max_request_bytes"] == 65536
+
+
+def test_ext_authz_fails_closed_and_sees_the_body() -> None:
+    config = envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+    filters = hcm(config)["http_filters"]
+    assert [f["name"] for f in filters] == [
+        envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, "envoy.filters.http.router"
+    ]
+    authz = filters[0]["typed_config"]
+    assert authz["failure_mode_allow"] is False
+    assert authz["transport_api_version"] == "V3"
+    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == envoy_config.SIDECAR_GRPC_CLUSTER
+    assert authz["with_request_body"]["allow_partial_message"] is False
+    assert authz["with_request_body"]["pack_as_bytes"] is True
+    lua = filters[1]["typed_config"]["default_source_code"]["inline_string"]
+    assert "bodyChunks()" in lua and "billingproxy.usage" in lua
+
+
+def test_request_ids_are_minted_by_envoy() -> None:
+    manager = hcm(envoy_config.render(Settings(), backend_url=DEMO_BACKEND))
+    assert manager["use_remote_address"] is True
+    assert manager["generate_request_id"] is True
+    assert manager["preserve_external_request_id"] is False
+    # An explicit internal_address_config, even empty, trusts RFC 1918 and loopback clients'
+    # x-request-id; without one, no client is trusted.
+    assert "internal_address_config" not in manager
+
+
+@pytest.mark.parametrize("path", ["/user/signup", "/billing/balance", "/stripe/webhook", "/openapi.json"])
+def test_sidecar_routes_skip_the_check_and_the_lua_filter(path: str) -> None:
+    route = route_for(envoy_config.render(Settings(), backend_url=DEMO_BACKEND), path)
+    assert route["route"]["cluster"] == envoy_config.SIDECAR_HTTP_CLUSTER
+    per_filter = route["typed_per_filter_config"]
+    assert per_filter[envoy_config.EXT_AUTHZ_FILTER]["disabled"] is True
+    assert per_filter[envoy_config.LUA_FILTER]["disabled"] is True
+
+
+def test_v1_goes_to_the_backend_through_the_check() -> None:
+    route = route_for(envoy_config.render(Settings(), backend_url=DEMO_BACKEND), "/v1/chat/completions")
+    assert route["route"]["cluster"] == envoy_config.BACKEND_CLUSTER
+    assert "typed_per_filter_config" not in route
+    assert "prefix_rewrite" not in route["route"]
+
+
+def test_unknown_paths_get_an_openai_404_without_a_check() -> None:
+    route = route_for(envoy_config.render(Settings(), backend_url=DEMO_BACKEND), "/admin")
+    assert route["direct_response"]["status"] == 404
+    body = yaml.safe_load(route["direct_response"]["body"]["inline_string"])
+    assert body["error"]["code"] == "not_found"
+    assert route["typed_per_filter_config"][envoy_config.EXT_AUTHZ_FILTER]["disabled"] is True
+
+
+def test_grpc_sidecar_cluster_speaks_http2_and_http_one_does_not() -> None:
+    config = envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+    options_key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    grpc = cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)["typed_extension_protocol_options"][options_key]
+    assert grpc["explicit_http_config"] == {"http2_protocol_options": {}}
+    http = cluster(config, envoy_config.SIDECAR_HTTP_CLUSTER)["typed_extension_protocol_options"][options_key]
+    assert "http2_protocol_options" not in http["explicit_http_config"]
+
+
+def test_grpc_access_log_goes_to_the_sidecar_unbatched() -> None:
+    logs = hcm(envoy_config.render(Settings(), backend_url=DEMO_BACKEND))["access_log"]
+    (grpc,) = [log for log in logs if log["name"] == "envoy.access_loggers.http_grpc"]
+    common = grpc["typed_config"]["common_config"]
+    assert common["log_name"] == envoy_config.ACCESS_LOG_NAME
+    assert common["grpc_service"]["envoy_grpc"]["cluster_name"] == envoy_config.SIDECAR_GRPC_CLUSTER
+    assert common["transport_api_version"] == "V3"
+    assert common["buffer_size_bytes"] == 0
+    (stdout,) = [log for log in logs if log["name"] == "envoy.access_loggers.stdout"]
+    fields = stdout["typed_config"]["log_format"]["json_format"]
+    assert f"%DYNAMIC_METADATA({envoy_config.USAGE_NAMESPACE})%" in fields.values()
+    assert f"%DYNAMIC_METADATA({envoy_config.AUTHZ_NAMESPACE})%" in fields.values()
+
+
+def test_https_backend_with_a_path_is_rewritten_and_verified() -> None:
+    config = envoy_config.render(Settings(), backend_url=GEMINI)
+    route = route_for(config, "/v1/chat/completions")["route"]
+    assert route["prefix_rewrite"] == "/v1beta/openai/"
+    assert route["host_rewrite_literal"] == "generativelanguage.googleapis.com"
+    backend = cluster(config, envoy_config.BACKEND_CLUSTER)
+    assert backend["type"] == "LOGICAL_DNS"
+    assert endpoint(backend) == {"address": "generativelanguage.googleapis.com", "port_value": 443}
+    tls = backend["transport_socket"]["typed_config"]
+    assert tls["sni"] == "generativelanguage.googleapis.com"
+    validation = tls["common_tls_context"]["validation_context"]
+    assert Path(validation["trusted_ca"]["filename"]).is_file()
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "generativelanguage.googleapis.com"}}
+    ]
+
+
+def test_plain_http_backend_keeps_its_port_in_the_host_header() -> None:
+    config = envoy_config.render(Settings(), backend_url="http://litellm:4000/")
+    assert route_for(config, "/v1/models")["route"]["host_rewrite_literal"] == "litellm:4000"
+    assert "transport_socket" not in cluster(config, envoy_config.BACKEND_CLUSTER)
+
+
+def test_backend_url_v1_suffix_changes_nothing() -> None:
+    config = envoy_config.render(Settings(), backend_url="https://api.openai.com/v1")
+    assert "prefix_rewrite" not in route_for(config, "/v1/models")["route"]
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "http://", "https://host/path?x=1", "http://host:port"])
+def test_bad_backend_urls_are_refused(url: str) -> None:
+    with pytest.raises(envoy_config.EnvoyConfigError):
+        envoy_config.render(Settings(), backend_url=url)
+
+
+def test_missing_ca_bundle_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(envoy_config.EnvoyConfigError, match="nope.pem"):
+        envoy_config.render(Settings(), backend_url=GEMINI, ca_bundle=missing)
+
+
+def test_envoy_binary_is_found_without_importing_envoy() -> None:
+    binary = envoy_process.envoy_binary()
+    assert binary.is_file()
+    spec = importlib.util.find_spec("envoy")
+    assert spec is not None and spec.submodule_search_locations
+    assert binary.parent.parent in [Path(p) for p in spec.submodule_search_locations]
