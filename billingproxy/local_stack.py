@@ -47,6 +47,13 @@ def _run_dir(settings: settings_mod.Settings) -> Path:
     return settings.data_dir / "run"
 
 
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def running_database_url(settings: settings_mod.Settings) -> str | None:
     """The URL of the database a running `billingproxy up` uses (for the admin commands)."""
     path = _run_dir(settings) / "database_url"
@@ -78,8 +85,31 @@ class Stack:
             await self.stop()
             raise
 
+    def _check_ports_free(self) -> None:
+        """Fail before starting anything if a port we need is taken, naming its setting."""
+        s = self.settings
+        for setting, port in (
+            ("GATEWAY_PORT", s.gateway_port),
+            ("HTTP_PORT", s.http_port),
+            ("GRPC_PORT", s.grpc_port),
+            ("ADMIN_PORT", s.admin_port),
+            ("ENVOY_ADMIN_PORT", s.envoy_admin_port),
+        ):
+            host = s.bind_host if setting != "ENVOY_ADMIN_PORT" else "127.0.0.1"
+            with socket.socket() as sock:
+                # As the servers themselves do, so a port in TIME_WAIT does not count as taken.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    raise StackError(
+                        f"port {port} on {host} is taken by another process (BILLINGPROXY_{setting}); "
+                        f"stop that process or set BILLINGPROXY_{setting} to a free port"
+                    ) from None
+
     async def _start(self) -> None:
         s = self.settings
+        self._check_ports_free()
         logs = _run_dir(s)
         logs.mkdir(parents=True, exist_ok=True)
 
@@ -130,8 +160,11 @@ class Stack:
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if child is not None and child.poll() is not None:
-                    raise StackError(f"the {name} exited with status {child.returncode} while starting; "
-                                     f"see {_run_dir(self.settings)}/{name.replace(' ', '_')}.log")
+                    log = _run_dir(self.settings) / f"{name.replace(' ', '_')}.log"
+                    raise StackError(
+                        f"the {name} exited with status {child.returncode} while starting; "
+                        f"last lines of {log}:\n{_tail(log)}"
+                    )
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as response:
                         if response.status == 200:
