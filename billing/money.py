@@ -8,14 +8,17 @@ a cost is rounded up once, to a whole nano-USD, by :func:`nano_from_usd_ceil`.
 
 from __future__ import annotations
 
+import math
 import re
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
+from fractions import Fraction
 
 NANO_PER_USD = 10**9
 # BIGINT's range, so a value that parses always fits the database.
 NANO_MAX = 2**63 - 1
 
-_USD_PATTERN = re.compile(r"(?P<sign>-?)(?P<whole>\d{1,10})(?:\.(?P<frac>\d{1,9}))?")
+# ASCII only: \d alone would also accept "１０" or "٣", which int() then reads as digits.
+_USD_PATTERN = re.compile(r"(?P<sign>-?)(?P<whole>\d{1,10})(?:\.(?P<frac>\d{1,9}))?", re.ASCII)
 
 
 class MoneyError(ValueError):
@@ -63,4 +66,6 @@ def nano_from_usd_ceil(usd: Decimal) -> int:
     """An exact USD ``Decimal`` rounded up to a whole nano-USD: the one rounding of a request."""
     if not usd.is_finite():
         raise MoneyError(f"cost {usd} is not finite")
-    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+    # In Fraction, not Decimal: a Decimal product is rounded to the caller's context precision
+    # (28 digits by default) before the ceiling, a second rounding that can go down.
+    return math.ceil(Fraction(usd) * NANO_PER_USD)

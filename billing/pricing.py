@@ -144,9 +144,19 @@ class _ExactLoader(yaml.SafeLoader):
     """YAML that reads 0.15 as Decimal("0.15"), not the float 0.1499999…"""
 
 
-_ExactLoader.add_constructor(
-    "tag:yaml.org,2002:float", lambda loader, node: Decimal(loader.construct_scalar(node))
-)
+def _exact_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
+    text = loader.construct_scalar(node)
+    try:
+        return Decimal(text)
+    except decimal.InvalidOperation:
+        # YAML floats include .inf, .nan and 1:30.5, which Decimal() refuses; as a YAMLError
+        # this becomes load()'s PricingError, naming the file and line, not a bare InvalidOperation.
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not a decimal number", node.start_mark
+        ) from None
+
+
+_ExactLoader.add_constructor("tag:yaml.org,2002:float", _exact_float)
 
 _OVERRIDE_FIELDS = {
     "input_per_million_usd",

@@ -1,0 +1,424 @@
+"""billing.holds against a real PostgreSQL: each way a hold ends, reservation accounting,
+duplicate Checks, and admission under 200 concurrent Checks on one wallet."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing import database, holds, ledger, tables, wallets
+
+pytestmark = pytest.mark.integration
+
+ADMITTED = holds.Admission.ADMITTED
+S = holds.Settlement
+
+
+@dataclasses.dataclass
+class Account:
+    engine: AsyncEngine
+    wallet_id: str
+    key_id: str
+
+    async def place(
+        self, request_id: str, amount_nano: int, *, strict: bool = False, ttl_s: float = 600
+    ) -> holds.Admission | holds.Refusal:
+        async with database.autocommit(self.engine).connect() as conn:
+            return await holds.place(
+                conn, request_id=request_id, wallet_id=self.wallet_id, key_id=self.key_id,
+                model="gpt-4o-mini", amount_nano=amount_nano, ttl_s=ttl_s, strict=strict,  # type: ignore[arg-type]
+            )
+
+    async def settle(self, request_id: str, cost_nano: int | holds.ChargeHold | None) -> holds.Settlement:
+        async with self.engine.begin() as conn:
+            return await holds.settle(conn, request_id=request_id, cost_nano=cost_nano)
+
+    async def wallet(self) -> wallets.Wallet:
+        async with self.engine.connect() as conn:
+            wallet = await wallets.get_wallet(conn, self.wallet_id)
+        assert wallet is not None
+        return wallet
+
+    async def money(self) -> tuple[int, int]:
+        """(balance, reserved) of record."""
+        wallet = await self.wallet()
+        return wallet.balance_nano, wallet.reserved_nano
+
+    async def pending_sum(self) -> int:
+        h = tables.holds
+        async with self.engine.connect() as conn:
+            return (
+                await conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.sum(h.c.amount_nano), 0)).where(
+                        h.c.wallet_id == self.wallet_id, h.c.state == "pending"
+                    )
+                )
+            ).scalar_one()
+
+    async def hold(self, request_id: str) -> sa.Row:
+        h = tables.holds
+        async with self.engine.connect() as conn:
+            return (await conn.execute(sa.select(h).where(h.c.request_id == request_id))).one()
+
+    async def usage_entries(self) -> list[ledger.Entry]:
+        async with self.engine.connect() as conn:
+            return [e for e in await ledger.entries(conn, self.wallet_id, limit=1000) if e.kind == "usage"]
+
+
+async def open_account(engine: AsyncEngine, balance_nano: int) -> Account:
+    async with engine.begin() as conn:
+        wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano)
+        key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+    return Account(engine, wallet.id, key.key_id)
+
+
+async def books_balance(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        assert await ledger.check_invariants(conn) == []
+
+
+async def expire(engine: AsyncEngine) -> int:
+    async with engine.begin() as conn:
+        return await holds.expire_due(conn)
+
+
+# --- how a hold ends ----------------------------------------------------------------------------
+
+
+async def test_post_charges_the_actual_cost_and_releases_the_hold(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r1", 300_000) is ADMITTED
+    assert await acct.money() == (1_000_000, 300_000)
+    assert (await acct.hold("r1")).state == "pending"
+
+    async with migrated_engine.begin() as conn:
+        outcome = await holds.settle(conn, request_id="r1", cost_nano=123_456, details={"prompt_tokens": 7})
+    assert outcome is S.POSTED
+    assert await acct.money() == (1_000_000 - 123_456, 0)
+    hold = await acct.hold("r1")
+    assert (hold.state, hold.posted_nano, hold.amount_nano) == ("posted", 123_456, 300_000)
+    assert hold.resolved_at is not None
+    (entry,) = await acct.usage_entries()
+    assert entry.idempotency_key == "usage:r1"
+    assert entry.amount_nano == -123_456
+    assert entry.balance_after_nano == 1_000_000 - 123_456
+    assert entry.details == {"model": "gpt-4o-mini", "key_id": acct.key_id, "request_id": "r1", "prompt_tokens": 7}
+
+    # A second settlement of any kind changes nothing.
+    for again in (123_456, 999, None, holds.CHARGE_HOLD):
+        assert await acct.settle("r1", again) is S.ALREADY_POSTED
+    assert await acct.money() == (1_000_000 - 123_456, 0)
+    assert len(await acct.usage_entries()) == 1
+    await books_balance(migrated_engine)
+
+
+async def test_void_charges_nothing(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r1", 300_000) is ADMITTED
+    assert await acct.settle("r1", None) is S.VOIDED
+    assert await acct.money() == (1_000_000, 0)
+    hold = await acct.hold("r1")
+    assert (hold.state, hold.posted_nano) == ("voided", None)
+    for again in (None, 5, holds.CHARGE_HOLD):
+        assert await acct.settle("r1", again) is S.ALREADY_VOIDED
+    assert await acct.money() == (1_000_000, 0)
+    assert await acct.usage_entries() == []
+    await books_balance(migrated_engine)
+
+
+async def test_charge_hold_posts_the_holds_own_amount(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r1", 300_000) is ADMITTED
+    assert await acct.settle("r1", holds.CHARGE_HOLD) is S.POSTED
+    assert await acct.money() == (700_000, 0)
+    assert (await acct.hold("r1")).posted_nano == 300_000
+    assert [e.amount_nano for e in await acct.usage_entries()] == [-300_000]
+    # An actual cost above the estimate is charged in full, not capped at the hold.
+    assert await acct.place("r2", 1_000) is ADMITTED
+    assert await acct.settle("r2", 5_000) is S.POSTED
+    assert await acct.money() == (695_000, 0)
+    await books_balance(migrated_engine)
+
+
+async def test_unknown_hold_and_unknown_wallet(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000)
+    assert await acct.settle("never-placed", 5) is S.UNKNOWN_HOLD
+    assert await acct.settle("never-placed", None) is S.UNKNOWN_HOLD
+    assert await acct.money() == (1_000, 0)
+    ghost = dataclasses.replace(acct, wallet_id="wal_ghost")
+    refusal = await ghost.place("r1", 1)
+    assert isinstance(refusal, holds.Refusal) and refusal.admission is holds.Admission.WALLET_NOT_FOUND
+
+
+async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
+    migrated_engine: AsyncEngine,
+) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("due", 300_000, ttl_s=0) is ADMITTED
+    assert await acct.place("later", 200_000, ttl_s=600) is ADMITTED
+    assert await acct.money() == (1_000_000, 500_000)
+
+    assert await expire(migrated_engine) == 1  # one wallet touched
+    assert (await acct.hold("due")).state == "expired"
+    assert (await acct.hold("later")).state == "pending"
+    assert await acct.money() == (1_000_000, 200_000)
+    assert await expire(migrated_engine) == 0  # nothing left due
+    await books_balance(migrated_engine)
+
+    # The access log arrives late: the cost is posted, no reservation is released twice.
+    assert await acct.settle("due", 70_000) is S.POSTED_AFTER_EXPIRY
+    assert await acct.money() == (930_000, 200_000)
+    hold = await acct.hold("due")
+    assert (hold.state, hold.posted_nano) == ("posted", 70_000)
+    assert await acct.settle("due", 70_000) is S.ALREADY_POSTED
+    assert await acct.money() == (930_000, 200_000)
+    await books_balance(migrated_engine)
+
+
+async def test_expired_hold_voided_late_or_charged_its_amount(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("void-me", 100_000, ttl_s=0) is ADMITTED
+    assert await acct.place("charge-me", 250_000, ttl_s=0) is ADMITTED
+    assert await expire(migrated_engine) == 1
+    assert await acct.money() == (1_000_000, 0)
+    assert await acct.settle("void-me", None) is S.VOIDED_AFTER_EXPIRY
+    assert await acct.settle("void-me", 5) is S.ALREADY_VOIDED
+    assert await acct.settle("charge-me", holds.CHARGE_HOLD) is S.POSTED_AFTER_EXPIRY
+    assert await acct.money() == (750_000, 0)
+    await books_balance(migrated_engine)
+
+
+async def test_expire_due_counts_wallets_and_leaves_other_wallets_alone(migrated_engine: AsyncEngine) -> None:
+    a = await open_account(migrated_engine, 1_000_000)
+    b = await open_account(migrated_engine, 1_000_000)
+    c = await open_account(migrated_engine, 1_000_000)
+    assert await a.place("a1", 10, ttl_s=0) is ADMITTED
+    assert await a.place("a2", 20, ttl_s=0) is ADMITTED
+    assert await b.place("b1", 40, ttl_s=0) is ADMITTED
+    assert await c.place("c1", 80, ttl_s=600) is ADMITTED
+    assert await expire(migrated_engine) == 2
+    assert [await x.money() for x in (a, b, c)] == [(1_000_000, 0), (1_000_000, 0), (1_000_000, 80)]
+    async with migrated_engine.connect() as conn:
+        assert await holds.outstanding(conn) == 1
+    await books_balance(migrated_engine)
+
+
+# --- reservations -------------------------------------------------------------------------------
+
+
+async def test_reserved_is_the_sum_of_pending_holds_at_every_step(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 10_000_000)
+
+    async def expect(balance: int, reserved: int) -> None:
+        assert await acct.money() == (balance, reserved)
+        assert await acct.pending_sum() == reserved
+
+    await expect(10_000_000, 0)
+    assert await acct.place("a", 100_000) is ADMITTED
+    await expect(10_000_000, 100_000)
+    assert await acct.place("b", 200_000) is ADMITTED
+    await expect(10_000_000, 300_000)
+    assert await acct.place("c", 400_000, ttl_s=0) is ADMITTED
+    await expect(10_000_000, 700_000)
+    assert await acct.settle("a", 50_000) is S.POSTED
+    await expect(9_950_000, 600_000)
+    assert await acct.settle("b", None) is S.VOIDED
+    await expect(9_950_000, 400_000)
+    assert await expire(migrated_engine) == 1
+    await expect(9_950_000, 0)
+    assert await acct.place("d", 1_000) is ADMITTED
+    await expect(9_950_000, 1_000)
+    assert await acct.settle("c", 30_000) is S.POSTED_AFTER_EXPIRY
+    await expect(9_920_000, 1_000)
+    assert await acct.settle("d", 1_000) is S.POSTED
+    await expect(9_919_000, 0)
+    await books_balance(migrated_engine)
+
+
+async def test_a_repeated_check_reserves_once(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    for _ in range(3):
+        assert await acct.place("same", 300_000) is ADMITTED
+    assert await acct.money() == (1_000_000, 300_000)
+    assert await acct.pending_sum() == 300_000
+    assert await acct.settle("same", 300_000) is S.POSTED
+    assert await acct.money() == (700_000, 0)
+    await books_balance(migrated_engine)
+
+
+async def test_a_repeated_check_is_admitted_when_its_own_hold_took_all_the_money(
+    migrated_engine: AsyncEngine,
+) -> None:
+    # The first Check reserved every nano. Its retry is the same request, already paid for:
+    # refusing it (funds_reserved) would block a request over its own reservation.
+    for strict in (False, True):
+        acct = await open_account(migrated_engine, 1_000_000)
+        assert await acct.place(f"same-{strict}", 1_000_000, strict=strict) is ADMITTED
+        assert await acct.place(f"same-{strict}", 1_000_000, strict=strict) is ADMITTED
+        assert await acct.money() == (1_000_000, 1_000_000)
+        # A different request is still refused.
+        refusal = await acct.place(f"other-{strict}", 1, strict=strict)
+        assert refusal == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000_000, 1_000_000)
+    await books_balance(migrated_engine)
+
+
+async def test_concurrent_repeats_of_one_check_reserve_once(migrated_url: str) -> None:
+    engine = database.create_engine(migrated_url, pool_size=10)
+    try:
+        acct = await open_account(engine, 1_000_000)
+        results = await asyncio.gather(*(acct.place("same", 250_000) for _ in range(20)))
+        assert results == [ADMITTED] * 20
+        assert await acct.money() == (1_000_000, 250_000)
+        await books_balance(engine)
+    finally:
+        await engine.dispose()
+
+
+# --- admission ----------------------------------------------------------------------------------
+
+
+async def test_empty_or_negative_wallet_is_insufficient_funds(migrated_engine: AsyncEngine) -> None:
+    empty = await open_account(migrated_engine, 0)
+    for strict in (False, True):
+        refusal = await empty.place(f"r-{strict}", 1, strict=strict)
+        assert refusal == holds.Refusal(holds.Admission.INSUFFICIENT_FUNDS, 0, 0)
+
+    overdrawn = await open_account(migrated_engine, 100)
+    assert await overdrawn.place("big", 500) is ADMITTED  # overdraft: available 100 > 0
+    assert await overdrawn.settle("big", 500) is S.POSTED
+    assert await overdrawn.money() == (-400, 0)
+    refusal = await overdrawn.place("next", 1)
+    assert refusal == holds.Refusal(holds.Admission.INSUFFICIENT_FUNDS, -400, 0)
+    # A refusal reserves nothing and leaves no hold behind.
+    assert await overdrawn.money() == (-400, 0)
+    async with migrated_engine.connect() as conn:
+        assert await holds.outstanding(conn) == 0
+    await books_balance(migrated_engine)
+
+
+async def test_fully_reserved_wallet_is_funds_reserved_not_insufficient(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000)
+    assert await acct.place("a", 600) is ADMITTED
+    assert await acct.place("b", 600) is ADMITTED  # available 400 > 0: overdraft admits
+    assert await acct.money() == (1_000, 1_200)
+    refusal = await acct.place("c", 1)
+    assert refusal == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 1_200)
+    assert await acct.money() == (1_000, 1_200)
+    # Money comes back when a hold is settled: admitted again.
+    assert await acct.settle("a", None) is S.VOIDED
+    assert await acct.place("c", 1) is ADMITTED
+
+    exact = await open_account(migrated_engine, 1_000)
+    assert await exact.place("x", 1_000) is ADMITTED
+    assert await exact.place("y", 1) == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 1_000)
+
+
+async def test_strict_admission(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000)
+    # More than the whole balance: no amount of waiting helps.
+    assert await acct.place("huge", 1_001, strict=True) == holds.Refusal(
+        holds.Admission.INSUFFICIENT_FUNDS, 1_000, 0
+    )
+    assert await acct.place("a", 600, strict=True) is ADMITTED
+    # Covered by the balance but not by what is left: wait for the other request.
+    assert await acct.place("b", 600, strict=True) == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 600)
+    assert await acct.place("c", 400, strict=True) is ADMITTED  # exactly what is left
+    assert await acct.money() == (1_000, 1_000)
+    assert await acct.place("d", 1, strict=True) == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 1_000)
+
+
+async def test_suspended_wallet_is_refused_whatever_its_balance(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    async with migrated_engine.begin() as conn:
+        w = tables.wallets
+        await conn.execute(sa.update(w).where(w.c.id == acct.wallet_id).values(suspended=True))
+    for strict in (False, True):
+        refusal = await acct.place(f"r-{strict}", 1, strict=strict)
+        assert refusal == holds.Refusal(holds.Admission.WALLET_SUSPENDED, 1_000_000, 0)
+    assert await acct.money() == (1_000_000, 0)
+
+
+# --- admission under concurrency ----------------------------------------------------------------
+
+CHECKS = 200
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
+async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: bool) -> None:
+    """Place, then settle at cost, 200 requests at once against a wallet that covers ~a tenth.
+
+    Overdraft mode may overdraw by at most one request's cost; strict mode never goes below zero.
+    Each request is charged exactly its cost, once.
+    """
+    rng = random.Random(7)
+    costs = {f"req-{i:03d}": rng.randint(10_000, 90_000) for i in range(CHECKS)}
+    start_balance = 1_000_000  # ~20 of the 200 requests' worth
+    engine = database.create_engine(migrated_url, pool_size=20)  # up to 40 connections
+    try:
+        acct = await open_account(engine, start_balance)
+
+        async def request(request_id: str) -> holds.Admission | holds.Refusal:
+            admission = await acct.place(request_id, costs[request_id], strict=strict)
+            if admission is ADMITTED:
+                assert await acct.settle(request_id, costs[request_id]) is S.POSTED
+            return admission
+
+        outcomes = dict(zip(costs, await asyncio.gather(*(request(r) for r in costs))))
+        admitted = [r for r, o in outcomes.items() if o is ADMITTED]
+        refused = [o for o in outcomes.values() if o is not ADMITTED]
+        assert admitted and refused, "the wallet must cover some requests and refuse others"
+        assert {o.admission for o in refused} <= {holds.Admission.INSUFFICIENT_FUNDS, holds.Admission.FUNDS_RESERVED}
+
+        balance, reserved = await acct.money()
+        charged = sum(costs[r] for r in admitted)
+        assert reserved == 0
+        assert start_balance - balance == charged
+        usage = await acct.usage_entries()
+        assert sorted(e.idempotency_key for e in usage) == sorted(f"usage:{r}" for r in admitted)
+        assert -sum(e.amount_nano for e in usage) == charged
+        if strict:
+            assert balance >= 0
+        else:
+            assert balance >= -max(costs[r] for r in admitted)
+        await books_balance(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
+async def test_200_concurrent_checks_before_any_settles(migrated_url: str, strict: bool) -> None:
+    """All 200 holds are placed while none has settled: what is reserved bounds the overdraft."""
+    rng = random.Random(11)
+    amounts = {f"req-{i:03d}": rng.randint(10_000, 90_000) for i in range(CHECKS)}
+    start_balance = 1_000_000
+    engine = database.create_engine(migrated_url, pool_size=20)
+    try:
+        acct = await open_account(engine, start_balance)
+        outcomes = await asyncio.gather(*(acct.place(r, a, strict=strict) for r, a in amounts.items()))
+        admitted = [r for r, o in zip(amounts, outcomes) if o is ADMITTED]
+        refusals = [o for o in outcomes if o is not ADMITTED]
+        total = sum(amounts[r] for r in admitted)
+        balance, reserved = await acct.money()
+        assert (balance, reserved) == (start_balance, total)
+        assert refusals and all(o.admission is holds.Admission.FUNDS_RESERVED for o in refusals)
+        if strict:
+            assert total <= start_balance
+            # No false block: whatever was left could not cover any refused request.
+            refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes) if o is not ADMITTED]
+            assert start_balance - total < min(refused_amounts)
+        else:
+            # Each admission saw available > 0, so without the last one admitted the holds fit.
+            assert total - max(amounts[r] for r in admitted) < start_balance
+            assert total >= start_balance  # and it does not stop early: the wallet is used up
+        # Settle every one at its full amount, all at once.
+        settled = await asyncio.gather(*(acct.settle(r, holds.CHARGE_HOLD) for r in admitted))
+        assert settled == [S.POSTED] * len(admitted)
+        assert await acct.money() == (start_balance - total, 0)
+        await books_balance(engine)
+    finally:
+        await engine.dispose()
