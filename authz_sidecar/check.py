@@ -105,8 +105,9 @@ class Decider:
             raise api_errors.funds_reserved(retry_after_s=1)
         if outcome.admission is holds.Admission.WALLET_SUSPENDED:
             raise api_errors.wallet_suspended()
-        return_balance = money.format_usd(outcome.balance_nano)
-        raise api_errors.insufficient_funds(self._top_up_url, return_balance)
+        if outcome.admission is holds.Admission.DUPLICATE_REQUEST:
+            raise api_errors.ApiError(409, "duplicate_request", "This request id was already used.")
+        raise api_errors.insufficient_funds(self._top_up_url, money.format_usd(outcome.balance_nano))
 
     def _max_output_tokens(self, path: str, request: dict[str, Any], price: pricing.ModelPrice) -> int:
         if path.split("?", 1)[0].endswith("/embeddings"):

@@ -33,6 +33,9 @@ class Admission(enum.Enum):
     FUNDS_RESERVED = "funds_reserved"
     WALLET_SUSPENDED = "wallet_suspended"
     WALLET_NOT_FOUND = "wallet_not_found"
+    # The request id already names a hold of another wallet, or one already settled: a replayed
+    # or forged id. Envoy mints ids itself, so this is never a legitimate retry.
+    DUPLICATE_REQUEST = "duplicate_request"
 
 
 class ChargeHold(enum.Enum):
@@ -120,8 +123,11 @@ async def place(
         except IntegrityError as exc:
             if "holds_pkey" not in str(exc.orig):
                 raise
-            # The statement rolled back, reservation included: the first Check's hold stands.
-            return Admission.ADMITTED
+            # The statement rolled back, reservation included. The first Check's hold stands,
+            # but only a retry of that same request (same wallet, still pending) may ride on it.
+            if await _holds_pending(conn, request_id, wallet_id):
+                return Admission.ADMITTED
+            return Refusal(Admission.DUPLICATE_REQUEST)
         if placed is not None:
             return Admission.ADMITTED
         # A repeated Check finds no money left when its own first hold took it; the statement
@@ -199,6 +205,8 @@ async def settle(
     pending = hold.state == "pending"
     if cost_nano is CHARGE_HOLD:
         cost_nano = hold.amount_nano
+    if cost_nano is not None and cost_nano < 0:
+        raise ValueError(f"a request's cost cannot be negative ({cost_nano}); credits are ledger entries")
     release = hold.amount_nano if pending else 0
     if cost_nano is None:
         new_state, outcome = "voided", Settlement.VOIDED if pending else Settlement.VOIDED_AFTER_EXPIRY

@@ -251,6 +251,31 @@ async def test_a_repeated_check_reserves_once(migrated_engine: AsyncEngine) -> N
     await books_balance(migrated_engine)
 
 
+async def test_a_request_id_of_another_wallet_or_a_settled_hold_is_refused(
+    migrated_engine: AsyncEngine,
+) -> None:
+    alice = await open_account(migrated_engine, 1_000_000)
+    bob = await open_account(migrated_engine, 1_000_000)
+    assert await alice.place("shared", 300_000) is ADMITTED
+    refusal = await bob.place("shared", 300_000)
+    assert isinstance(refusal, holds.Refusal) and refusal.admission is holds.Admission.DUPLICATE_REQUEST
+    assert await bob.money() == (1_000_000, 0)
+    assert await alice.settle("shared", 100_000) is S.POSTED
+    replay = await alice.place("shared", 300_000)
+    assert isinstance(replay, holds.Refusal) and replay.admission is holds.Admission.DUPLICATE_REQUEST
+    assert await alice.money() == (900_000, 0)
+    await books_balance(migrated_engine)
+
+
+async def test_a_negative_cost_is_refused_and_changes_nothing(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r", 300_000) is ADMITTED
+    with pytest.raises(ValueError, match="negative"):
+        await acct.settle("r", -5)
+    assert await acct.money() == (1_000_000, 300_000)
+    assert (await acct.hold("r")).state == "pending"
+
+
 async def test_a_repeated_check_is_admitted_when_its_own_hold_took_all_the_money(
     migrated_engine: AsyncEngine,
 ) -> None:

@@ -81,6 +81,10 @@ def upgrade() -> None:
         "CREATE TRIGGER ledger_entries_immutable BEFORE UPDATE OR DELETE ON ledger_entries "
         "FOR EACH ROW EXECUTE FUNCTION ledger_entries_immutable()"
     )
+    op.execute(
+        "CREATE TRIGGER ledger_entries_not_truncated BEFORE TRUNCATE ON ledger_entries "
+        "FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_immutable()"
+    )
     op.create_table(
         "holds",
         sa.Column("request_id", sa.Text, primary_key=True),
@@ -108,6 +112,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("holds")
+    op.execute("DROP TRIGGER ledger_entries_not_truncated ON ledger_entries")
     op.execute("DROP TRIGGER ledger_entries_immutable ON ledger_entries")
     op.execute("DROP FUNCTION ledger_entries_immutable()")
     op.drop_table("ledger_entries")
