@@ -1,0 +1,290 @@
+"""End-to-end fixtures: the real gateway (`billingproxy.local_stack.Stack`: migrations, demo
+backend, sidecar subprocess, Envoy) on a fresh database of the session's PostgreSQL, with free
+ports everywhere, one stack per test module.
+
+The fixtures hand out objects rather than importable helpers (conftest modules are not meant to
+be imported): ``launch_stack`` / ``launch_database`` start things, ``wait_until`` polls, and
+:class:`Database` reads balances, ledgers, holds and row counts straight from PostgreSQL.
+
+After every test, each live database must have no pending hold left (every admitted request
+ends in exactly one settlement) and ``ledger.check_invariants`` must be empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+import openai
+import pytest
+import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing import database, ledger, tables
+from billingproxy.local_stack import Stack, free_port
+
+SETTLE_TIMEOUT_S = 15.0
+BACKEND_API_KEY = "sk-backend-credential-e2e"
+
+Predicate = Callable[[], Awaitable[Any]]
+
+
+async def _wait_until(predicate: Predicate, timeout: float, what: str = "the condition") -> Any:
+    """Poll ``predicate`` (an async callable) until it returns something truthy; return that.
+
+    Raises AssertionError naming ``what`` (and the last value seen) after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s (last value: {last!r})")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def wait_until() -> Callable[..., Awaitable[Any]]:
+    return _wait_until
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without any BillingProxy setting (they come from the test)."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith("BILLINGPROXY_") and k != "DATABASE_URL"
+    }
+
+
+class Database:
+    """One test database, read directly (never through the code under test's own queries)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: AsyncEngine = database.create_engine(url, pool_size=2)
+
+    async def scalar(self, sql: str, **params: Any) -> Any:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(sa.text(sql), params)).scalar_one()
+
+    async def rows(self, sql: str, **params: Any) -> list[sa.Row]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(sa.text(sql), params)).all())
+
+    async def wallet(self, wallet_id: str) -> sa.Row:
+        """``balance_nano``, ``reserved_nano``, ``suspended`` of one wallet."""
+        rows = await self.rows(
+            "SELECT balance_nano, reserved_nano, suspended FROM wallets WHERE id = :id", id=wallet_id
+        )
+        assert len(rows) == 1, f"no wallet {wallet_id}"
+        return rows[0]
+
+    async def balance(self, wallet_id: str) -> int:
+        return (await self.wallet(wallet_id)).balance_nano
+
+    async def ledger(self, wallet_id: str) -> list[sa.Row]:
+        """The wallet's entries, oldest first."""
+        return await self.rows(
+            "SELECT id, idempotency_key, kind, amount_nano, balance_after_nano, details "
+            "FROM ledger_entries WHERE wallet_id = :id ORDER BY id",
+            id=wallet_id,
+        )
+
+    async def holds(self, wallet_id: str) -> list[sa.Row]:
+        return await self.rows(
+            "SELECT request_id, amount_nano, state, posted_nano FROM holds WHERE wallet_id = :id "
+            "ORDER BY created_at",
+            id=wallet_id,
+        )
+
+    async def hold(self, request_id: str) -> sa.Row | None:
+        rows = await self.rows(
+            "SELECT request_id, wallet_id, amount_nano, state, posted_nano FROM holds "
+            "WHERE request_id = :id",
+            id=request_id,
+        )
+        return rows[0] if rows else None
+
+    async def pending_holds(self, wallet_id: str | None = None) -> int:
+        if wallet_id is None:
+            return await self.scalar("SELECT count(*) FROM holds WHERE state = 'pending'")
+        return await self.scalar(
+            "SELECT count(*) FROM holds WHERE state = 'pending' AND wallet_id = :id", id=wallet_id
+        )
+
+    async def row_counts(self) -> dict[str, int]:
+        async with self.engine.connect() as conn:
+            return {
+                t.name: (await conn.execute(sa.select(sa.func.count()).select_from(t))).scalar_one()
+                for t in (tables.wallets, tables.api_keys, tables.ledger_entries, tables.holds)
+            }
+
+    async def settled(self, wallet_id: str | None = None, timeout: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait until no hold (of this wallet, or at all) is pending."""
+
+        async def none_pending() -> bool:
+            return await self.pending_holds(wallet_id) == 0
+
+        await _wait_until(none_pending, timeout, f"settlement of every hold of {wallet_id or 'any wallet'}")
+
+    async def invariants(self) -> list[ledger.InvariantViolation]:
+        async with self.engine.connect() as conn:
+            return await ledger.check_invariants(conn)
+
+    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """``python -m billingproxy ARGS`` as a real subprocess against this database."""
+        full_env = {**_clean_env(), "DATABASE_URL": self.url, **env}
+        return subprocess.run(
+            [sys.executable, "-m", "billingproxy", *args],
+            env=full_env, capture_output=True, text=True, timeout=60,
+        )
+
+    async def acli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(self.cli, *args, **env)
+
+
+class RunningStack:
+    """A started :class:`Stack` plus what the tests need to drive and inspect it."""
+
+    def __init__(self, stack: Stack, db: Database, http: aiohttp.ClientSession) -> None:
+        self.stack = stack
+        self.settings = stack.settings
+        self.db = db
+        self.http = http
+        self.gateway = stack.gateway_url
+        self.backend = stack.backend_url
+        self.grpc_target = f"127.0.0.1:{stack.settings.grpc_port}"
+        self.admin = f"http://127.0.0.1:{stack.settings.admin_port}"
+
+    def openai(self, api_key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.gateway + "/v1", api_key=api_key, max_retries=0, timeout=30)
+
+    async def signup(self, email: str | None = None) -> dict[str, Any]:
+        """A new self-service wallet through the public API (counts against the signup limit)."""
+        email = email or f"user-{uuid.uuid4().hex[:12]}@example.com"
+        async with self.http.post(self.gateway + "/user/signup", json={"email": email}) as response:
+            body = await response.json()
+            assert response.status == 201, body
+        return {**body, "email": email}
+
+    async def backend_last_request(self) -> dict[str, Any]:
+        async with self.http.get(self.backend + "/_demo/last_request") as response:
+            assert response.status == 200
+            return await response.json()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the sidecar's Prometheus samples ``name`` with these labels (0 if none yet)."""
+        async with self.http.get(self.admin + "/metrics") as response:
+            text = await response.text()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+
+_LIVE: list[Database] = []
+
+
+@contextlib.asynccontextmanager
+async def _database(postgres_url: str, *, migrate: bool) -> AsyncIterator[Database]:
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
+    db = Database(url)
+    try:
+        if migrate:
+            await asyncio.to_thread(database.migrate, url)
+        yield db
+    finally:
+        await db.engine.dispose()
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+def launch_database(postgres_url: str) -> Callable[[], contextlib.AbstractAsyncContextManager[Database]]:
+    """``async with launch_database() as db``: a fresh migrated database (no stack)."""
+
+    @contextlib.asynccontextmanager
+    async def launch() -> AsyncIterator[Database]:
+        async with _database(postgres_url, migrate=True) as db:
+            _LIVE.append(db)
+            try:
+                yield db
+            finally:
+                _LIVE.remove(db)
+
+    return launch
+
+
+@pytest.fixture(scope="session")
+def launch_stack(
+    postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningStack]]:
+    """``async with launch_stack(BILLINGPROXY_X="…") as stack``: the whole gateway on free ports.
+
+    Defaults: a fresh database (the Stack migrates it), the demo backend, a backend credential
+    (``BACKEND_API_KEY``), and a signup limit high enough for the tests' own signups.
+    """
+
+    @contextlib.asynccontextmanager
+    async def launch(**settings: str) -> AsyncIterator[RunningStack]:
+        data_dir: Path = tmp_path_factory.mktemp("stack")
+        async with _database(postgres_url, migrate=False) as db:
+            env = {
+                **_clean_env(),
+                "DATABASE_URL": db.url,
+                "BILLINGPROXY_DATA_DIR": str(data_dir),
+                "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
+                "BILLINGPROXY_HTTP_PORT": str(free_port()),
+                "BILLINGPROXY_GRPC_PORT": str(free_port()),
+                "BILLINGPROXY_ADMIN_PORT": str(free_port()),
+                "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
+                "BILLINGPROXY_BACKEND_API_KEY": BACKEND_API_KEY,
+                "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
+                **settings,
+            }
+            stack = Stack(env, say=lambda message: None, durable=False)
+            try:
+                await stack.start()
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                    _LIVE.append(db)
+                    try:
+                        yield RunningStack(stack, db, http)
+                    finally:
+                        _LIVE.remove(db)
+            finally:
+                await stack.stop()
+
+    return launch
+
+
+@pytest.fixture(autouse=True)
+async def books_balance() -> AsyncIterator[None]:
+    """After each test: nothing left pending, and every wallet's books balance."""
+    yield
+    for db in list(_LIVE):
+        await db.settled()
+        assert await db.invariants() == []

@@ -1,0 +1,139 @@
+"""The `billingproxy` admin commands, run as real subprocesses against a real database: clear
+tables, idempotent credits, and one-line errors with exit status 2 (never a traceback)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from billing import holds, wallets
+from billingproxy.local_stack import free_port
+
+pytestmark = pytest.mark.integration
+
+EMAIL = "cli-owner@example.com"
+GRANT_NANO = 500_000_000
+
+
+@pytest.fixture(scope="module")
+async def db(launch_database) -> AsyncIterator[Any]:
+    async with launch_database() as database:
+        yield database
+
+
+@pytest.fixture(scope="module")
+async def wallet(db) -> wallets.Signup:
+    """A wallet with its grant and one settled request (a usage entry)."""
+    async with db.engine.begin() as conn:
+        created = await wallets.signup(conn, email=EMAIL, grant_nano=GRANT_NANO)
+    async with db.engine.begin() as conn:
+        admitted = await holds.place(
+            conn, request_id="req-cli-1", wallet_id=created.wallet.id, key_id=created.key.key_id,
+            model="gpt-4o-mini", amount_nano=1_000_000, ttl_s=600, strict=False,
+        )
+        assert admitted is holds.Admission.ADMITTED
+        await holds.settle(conn, request_id="req-cli-1", cost_nano=10_950, details={"status": 200})
+    return created
+
+
+def usd(nano: int) -> str:
+    """USD as the CLI shows it: at least six decimals, more only when needed to be exact."""
+    whole, _, frac = format((Decimal(nano) / 10**9).normalize(), "f").partition(".")
+    return f"{whole}.{frac.ljust(6, '0')}"
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("billingproxy: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+async def test_wallet_show_prints_the_wallet_and_its_keys(db, wallet) -> None:
+    for ref in (EMAIL.upper(), wallet.wallet.id):
+        result = await db.acli("wallet", "show", ref)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0].split() == ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "STATE"]
+        balance = usd(await db.balance(wallet.wallet.id))
+        assert lines[1].split() == [wallet.wallet.id, EMAIL, "signup", balance, "0.000000", "active"]
+        assert any(line.split()[:1] == [wallet.key.key_id] and "active" in line.split() for line in lines)
+        assert wallet.key.plaintext not in result.stdout, "a key is shown only once, at issue"
+
+
+async def test_credit_is_idempotent_on_its_reference(db, wallet) -> None:
+    wallet_id = wallet.wallet.id
+    before = await db.balance(wallet_id)
+    first = await db.acli("wallet", "credit", EMAIL, "2.50", "--reference", "ticket-7")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == (
+        f"{wallet_id}: credited 2.500000 USD; balance {usd(before + 2_500_000_000)} USD"
+    )
+    assert await db.balance(wallet_id) == before + 2_500_000_000
+
+    again = await db.acli("wallet", "credit", wallet_id, "2.50", "--reference", "ticket-7")
+    assert again.returncode == 0, again.stderr
+    assert "already credited" in again.stdout
+    assert await db.balance(wallet_id) == before + 2_500_000_000
+
+    counts = await db.row_counts()
+    conflict = await db.acli("wallet", "credit", EMAIL, "3.00", "--reference", "ticket-7")
+    assert_one_line_error(conflict, "ticket-7", "already used", "2.500000")
+    assert await db.row_counts() == counts
+    credits = [e for e in await db.ledger(wallet_id) if e.kind == "credit"]
+    assert [(e.amount_nano, e.idempotency_key) for e in credits] == [(2_500_000_000, "credit:ticket-7")]
+
+
+async def test_bad_credits_are_refused_clearly(db, wallet) -> None:
+    counts = await db.row_counts()
+    assert_one_line_error(await db.acli("wallet", "credit", EMAIL, "ten", "--reference", "x"), "'ten'")
+    assert_one_line_error(await db.acli("wallet", "credit", EMAIL, "0", "--reference", "x"), "more than zero")
+    assert_one_line_error(await db.acli("wallet", "credit", "nobody@example.com", "1", "--reference", "x"),
+                          "no wallet", "nobody@example.com")
+    assert await db.row_counts() == counts
+
+
+async def test_key_revoke(db, wallet) -> None:
+    unknown = await db.acli("key", "revoke", "key_doesnotexist")
+    assert_one_line_error(unknown, "no key", "key_doesnotexist")
+
+    async with db.engine.begin() as conn:
+        spare = await wallets.issue_key(conn, wallet_id=wallet.wallet.id, source="admin")
+    revoked = await db.acli("key", "revoke", spare.key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.startswith(f"{spare.key_id} revoked at ")
+    revoked_at = await db.scalar("SELECT revoked_at FROM api_keys WHERE id = :id", id=spare.key_id)
+    assert revoked_at is not None
+    shown = await db.acli("wallet", "show", EMAIL)
+    (row,) = [line.split() for line in shown.stdout.splitlines() if line.startswith(spare.key_id)]
+    assert "revoked" in row
+
+
+async def test_usage_prints_a_table(db, wallet) -> None:
+    result = await db.acli("usage", EMAIL, "--limit", "10")
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split() == ["ID", "TIME", "(UTC)", "KIND", "AMOUNT_USD", "BALANCE_USD", "WHAT"]
+    kinds = [row.split()[3] for row in rows]
+    entries = await db.ledger(wallet.wallet.id)
+    assert kinds == [e.kind for e in reversed(entries)]  # newest first
+    usage_row = rows[kinds.index("usage")].split()
+    assert usage_row[4:7] == [usd(-10_950), usd(GRANT_NANO - 10_950), "gpt-4o-mini"]
+    assert usage_row[4:6] == ["-0.00001095", "0.49998905"]
+
+
+async def test_bad_settings_and_unreachable_database_are_one_line(db) -> None:
+    bogus = await db.acli("wallet", "show", EMAIL, BILLINGPROXY_ADMISSION="bogus")
+    assert_one_line_error(bogus, "BILLINGPROXY_ADMISSION", "'bogus'")
+    port = await db.acli("wallet", "show", EMAIL, BILLINGPROXY_GATEWAY_PORT="70000")
+    assert_one_line_error(port, "BILLINGPROXY_GATEWAY_PORT")
+    not_postgres = await db.acli("wallet", "show", EMAIL, DATABASE_URL="mysql://root@127.0.0.1/x")
+    assert_one_line_error(not_postgres, "DATABASE_URL", "postgresql://")
+    down = await db.acli("wallet", "show", EMAIL, DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x")
+    assert_one_line_error(down, "cannot reach the database")
