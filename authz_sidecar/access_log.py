@@ -43,11 +43,20 @@ class FinishedRequest:
     usage: pricing.Usage | None
 
 
+# What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
+CHECK_FAILED_STATUS = 503
+
+
 def finished_request(entry) -> FinishedRequest | None:
-    """The billable facts of one ``HTTPAccessLogEntry``, or None when it has no hold."""
+    """The billable facts of one ``HTTPAccessLogEntry``, or None when there is nothing to settle."""
     filter_metadata = entry.common_properties.metadata.filter_metadata
     authz = filter_metadata.get(METADATA_NAMESPACE)
+    status = entry.response.response_code.value
     if authz is None or "hold_id" not in authz.fields:
+        # A Check that timed out at Envoy may still have placed its hold after Envoy gave up;
+        # no metadata came back, so void by request id rather than reserve money until expiry.
+        if status == CHECK_FAILED_STATUS and entry.request.request_id:
+            return FinishedRequest(entry.request.request_id, status, model="", usage=None)
         return None
     usage = None
     usage_fields = filter_metadata.get(USAGE_NAMESPACE)
@@ -63,7 +72,7 @@ def finished_request(entry) -> FinishedRequest | None:
             logger.warning("unreadable usage for request %s", authz["hold_id"])
     return FinishedRequest(
         request_id=authz["hold_id"],
-        status=entry.response.response_code.value,
+        status=status,
         model=authz["model"],
         usage=usage,
     )

@@ -84,7 +84,7 @@ class Decider:
             raise api_errors.ApiError(503, "no_request_id", "The gateway is misconfigured.", "api_error")
         amount = self._prices.hold_nano(
             price,
-            prompt_tokens=pricing.estimate_prompt_tokens(len(body)),
+            prompt_tokens=pricing.prompt_tokens_bound(len(body)),
             max_output_tokens=self._max_output_tokens(path, request, price),
         )
         async with self._autocommit.connect() as conn:

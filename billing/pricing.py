@@ -239,10 +239,13 @@ def load(overrides_path: Path | None = None, markup_percent: Decimal = Decimal(0
     return PriceBook(prices, markup_percent)
 
 
-def estimate_prompt_tokens(body_bytes: int) -> int:
-    """An upper-leaning estimate of prompt tokens from the request body's size.
+def prompt_tokens_bound(body_bytes: int) -> int:
+    """An upper bound on a request's prompt tokens: one per byte of its body.
 
-    Tokenizers average about four bytes of English per token; JSON framing inflates the body, so
-    a third of the bytes errs high. It only sizes the hold; the charge uses the real count.
+    Byte-level BPE (OpenAI, most open models) and SentencePiece with byte fallback (Gemini) never
+    make a token of less than one byte, and the body's JSON framing more than covers the few
+    tokens a chat template adds per message. A tighter guess (bytes ÷ 3 or ÷ 4 fits English) is
+    beaten by text like "a a a …", and a hold below the real cost would let strict mode go
+    below zero. The bound only sizes the hold; the charge uses the backend's real count.
     """
-    return math.ceil(body_bytes / 3)
+    return body_bytes

@@ -193,3 +193,32 @@ async def test_a_revoked_key_is_refused_within_one_second(stack, wait_until) -> 
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert denied.value.code == "revoked_api_key"
     assert await stack.db.row_counts() == counts
+
+
+async def test_a_check_that_failed_at_envoy_voids_its_late_hold(stack, wait_until) -> None:
+    """Envoy gave up on the Check (503, no ext_authz metadata) after the sidecar had already
+    placed the hold: the log entry voids it by request id instead of reserving until expiry."""
+    user = await stack.signup()
+    wallet_id = user["wallet_id"]
+    request_id = f"e2e-{uuid.uuid4()}"
+    async with stack.db.engine.begin() as conn:
+        placed = await holds.place(
+            conn, request_id=request_id, wallet_id=wallet_id, key_id=user["key_id"], model=MODEL,
+            amount_nano=400_000, ttl_s=600, strict=False,
+        )
+    assert placed is holds.Admission.ADMITTED
+    grant = await stack.db.balance(wallet_id)
+
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.request_id = request_id
+    entry.request.path = "/v1/chat/completions"
+    entry.response.response_code.value = 503
+    await deliver(stack, entry)
+
+    async def voided() -> bool:
+        return (await stack.db.hold(request_id)).state == "voided"
+
+    await wait_until(voided, 10.0, "the orphaned hold to be voided")
+    assert (await stack.db.wallet(wallet_id)).reserved_nano == 0
+    assert await stack.db.balance(wallet_id) == grant
+    assert await usage_entries(stack, wallet_id, request_id) == []

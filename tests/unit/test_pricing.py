@@ -218,11 +218,12 @@ def test_usage_refuses_impossible_counts(kwargs: dict[str, object]) -> None:
         pricing.Usage(**kwargs)  # type: ignore[arg-type]
 
 
-def test_estimate_prompt_tokens_errs_high() -> None:
-    assert pricing.estimate_prompt_tokens(0) == 0
-    assert pricing.estimate_prompt_tokens(1) == 1
-    assert pricing.estimate_prompt_tokens(300) == 100
-    assert pricing.estimate_prompt_tokens(301) == 101
+def test_prompt_tokens_bound_is_one_token_per_byte() -> None:
+    # "a a a …": every " a" is its own token for byte-level BPE, two bytes each; a bound of
+    # bytes ÷ 3 would undercount it and let strict mode go below zero.
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a " * 3000}]})
+    assert pricing.prompt_tokens_bound(len(body.encode())) >= 3000 + 3
+    assert pricing.prompt_tokens_bound(0) == 0
 
 
 # --- overrides ----------------------------------------------------------------------------------
