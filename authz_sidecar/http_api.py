@@ -19,7 +19,7 @@ from aiohttp import web
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors
+from authz_sidecar import api_errors, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import ledger, money, wallets
 from billing.settings import Settings
@@ -222,4 +222,5 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_get("/billing/balance", balance)
     app.router.add_get("/billing/usage", usage)
     app.router.add_get("/openapi.json", openapi)
+    stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     return app

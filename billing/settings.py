@@ -17,6 +17,7 @@ from pathlib import Path
 from billing import money
 
 ENV_PREFIX = "BILLINGPROXY_"
+_NANO_PER_CENT = money.NANO_PER_USD // 100
 
 
 class SettingsError(ValueError):
@@ -80,9 +81,26 @@ class Settings:
     # -- how long Envoy waits for the backend; kept below hold_ttl_s so a hold outlives its request.
     upstream_timeout_s: int = 300
 
+    # --- payments (Stripe; see docs/stripe.md) --------------------------------------------------
+    # -- STRIPE_SECRET_KEY (sk_test_…, sk_live_…, rk_…). Empty: top-ups answer 503, and
+    #    `billingproxy up` starts its local test double instead.
+    stripe_secret_key: str = dataclasses.field(default="", repr=False)
+    # -- STRIPE_WEBHOOK_SECRET, the webhook endpoint's signing secret (whsec_…); set with the key.
+    stripe_webhook_secret: str = dataclasses.field(default="", repr=False)
+    # -- STRIPE_API_BASE: where the Stripe SDK sends API calls. Empty: Stripe itself; set only to
+    #    point at a test double (never with a live key).
+    stripe_api_base: str = ""
+    # -- smallest and largest top-up, in nano-USD, whole cents ($5 and $500).
+    topup_min_nano: int = 5 * money.NANO_PER_USD
+    topup_max_nano: int = 500 * money.NANO_PER_USD
+
     @property
     def strict(self) -> bool:
         return self.admission == "strict"
+
+    @property
+    def stripe_configured(self) -> bool:
+        return bool(self.stripe_secret_key)
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -108,6 +126,38 @@ class Settings:
             )
         if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.public_url):
             raise SettingsError(f"{ENV_PREFIX}PUBLIC_URL must be an http(s) URL, not {self.public_url!r}")
+        self._check_stripe()
+
+    def _check_stripe(self) -> None:
+        # Both or neither: with only the key, Checkout would take money whose webhook we could
+        # never verify, so it would never be credited.
+        if bool(self.stripe_secret_key) != bool(self.stripe_webhook_secret):
+            raise SettingsError(
+                "STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET must be set together (or both left "
+                "empty to turn top-ups off): without the webhook secret, payments could never be credited"
+            )
+        if self.stripe_api_base:
+            if not re.fullmatch(r"https?://[^/\s]+", self.stripe_api_base):
+                raise SettingsError(
+                    "STRIPE_API_BASE must be a base URL such as http://127.0.0.1:12111 (no path), "
+                    f"not {self.stripe_api_base!r}"
+                )
+            if self.stripe_secret_key.startswith(("sk_live_", "rk_live_")):
+                raise SettingsError(
+                    "STRIPE_API_BASE points the SDK at a test double; it must not be used with a live key"
+                )
+        for name, nano in (("TOPUP_MIN_USD", self.topup_min_nano), ("TOPUP_MAX_USD", self.topup_max_nano)):
+            # Stripe charges USD in whole cents, from $0.50 to $999,999.99.
+            if nano % _NANO_PER_CENT or not 50 <= nano // _NANO_PER_CENT <= 99_999_999:
+                raise SettingsError(
+                    f"{ENV_PREFIX}{name} must be whole cents from 0.50 to 999999.99 (Stripe's limits), "
+                    f"not {money.format_usd(nano)}"
+                )
+        if self.topup_min_nano > self.topup_max_nano:
+            raise SettingsError(
+                f"{ENV_PREFIX}TOPUP_MIN_USD ({money.format_usd(self.topup_min_nano)}) must not be above "
+                f"{ENV_PREFIX}TOPUP_MAX_USD ({money.format_usd(self.topup_max_nano)})"
+            )
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -125,6 +175,16 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return _int(env, name, default, 1, 65535)
+
+
+def _usd(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(ENV_PREFIX + name)
+    if not raw:
+        return default
+    try:
+        return money.parse_usd(raw.strip())
+    except money.MoneyError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{name}: {exc}") from None
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -186,4 +246,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         usage_page_size_max=_int(env, "USAGE_PAGE_SIZE_MAX", defaults.usage_page_size_max, 1, 1000),
         upstream_timeout_s=_int(env, "UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s, 1, 86_400),
+        stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip(),
+        stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip(),
+        stripe_api_base=env.get("STRIPE_API_BASE", "").strip().rstrip("/"),
+        topup_min_nano=_usd(env, "TOPUP_MIN_USD", defaults.topup_min_nano),
+        topup_max_nano=_usd(env, "TOPUP_MAX_USD", defaults.topup_max_nano),
     )

@@ -28,6 +28,8 @@ wallets = sa.Table(
     sa.Column("suspended", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    # The Stripe customer a Wallet resource declares (migration 0002); informational so far.
+    sa.Column("stripe_customer_id", sa.Text, nullable=True),
     sa.CheckConstraint("reserved_nano >= 0", name="wallets_reserved_not_negative"),
     sa.CheckConstraint("source IN ('signup', 'kubernetes', 'admin')", name="wallets_source_known"),
 )
@@ -53,7 +55,10 @@ api_keys = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("external_id", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    # A rotated key works until then and is refused as revoked after (migration 0002).
+    sa.Column("revoke_after", sa.DateTime(timezone=True), nullable=True),
 )
+sa.Index("api_keys_by_owner", api_keys.c.source, api_keys.c.external_id)
 
 ledger_entries = sa.Table(
     "ledger_entries",

@@ -13,6 +13,7 @@ import datetime as dt
 import re
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -56,6 +57,7 @@ class Wallet:
     reserved_nano: int
     suspended: bool
     created_at: dt.datetime
+    stripe_customer_id: str | None = None
 
     @property
     def available_nano(self) -> int:
@@ -77,10 +79,14 @@ class KeyRecord:
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
     suspended: bool
+    # A rotated key's end of grace: from then on it is refused exactly as a revoked one.
+    revoke_after: dt.datetime | None = None
 
     def refusal(self, now: dt.datetime) -> str | None:
         """Why this key may not be used now, or None when it may."""
         if self.revoked_at is not None:
+            return "revoked"
+        if self.revoke_after is not None and self.revoke_after <= now:
             return "revoked"
         if self.suspended:
             return "suspended"
@@ -105,6 +111,7 @@ def _wallet(row: sa.Row) -> Wallet:
         reserved_nano=row.reserved_nano,
         suspended=row.suspended,
         created_at=row.created_at,
+        stripe_customer_id=row.stripe_customer_id,
     )
 
 
@@ -118,6 +125,7 @@ def _key(row: sa.Row) -> KeyRecord:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         suspended=row.suspended,
+        revoke_after=row.revoke_after,
     )
 
 
@@ -249,3 +257,232 @@ async def keys_of(conn: AsyncConnection, wallet_id: str) -> list[KeyRecord]:
     k = tables.api_keys
     rows = await conn.execute(sa.select(k).where(k.c.wallet_id == wallet_id).order_by(k.c.created_at))
     return [_key(row) for row in rows]
+
+
+# --- Rows owned by an outside resource (the Kubernetes operator) ---------------------------------
+# Every function below selects by (source, external_id), never by id alone: a caller acting for
+# one owner (a Wallet or ApiKey resource's UID) can never change a wallet or key that belongs to
+# someone else (a self-service signup, an admin), even when handed a wrong id.
+
+
+class NotOwned(Exception):
+    """A row with this external id exists but belongs to another source: leave it alone."""
+
+
+class KeyConflict(Exception):
+    """A key id is already stored with another hash, wallet or owner."""
+
+
+_OWNED_WALLET_FIELDS = frozenset({"email", "suspended", "stripe_customer_id"})
+_OWNED_KEY_FIELDS = frozenset({"allowed_models", "expires_at", "suspended"})
+
+
+async def find_owned_wallet(conn: AsyncConnection, *, source: str, external_id: str) -> Wallet | None:
+    w = tables.wallets
+    row = (
+        await conn.execute(sa.select(w).where(w.c.source == source, w.c.external_id == external_id))
+    ).first()
+    return None if row is None else _wallet(row)
+
+
+async def ensure_owned_wallet(
+    conn: AsyncConnection,
+    *,
+    source: str,
+    external_id: str,
+    grant_nano: int,
+    email: str | None,
+    stripe_customer_id: str | None = None,
+) -> tuple[Wallet, bool]:
+    """The owner's wallet, created with its grant on the first call: ``(wallet, created)``.
+
+    Safe to run twice, concurrently or after a crash: the UNIQUE external id makes a second
+    insert wait for the first and fail, and the grant's idempotency key
+    (``grant:<source>:<external_id>``) could not post twice anyway.
+    """
+    existing = await find_owned_wallet(conn, source=source, external_id=external_id)
+    if existing is not None:
+        return existing, False
+    try:
+        async with conn.begin_nested():
+            wallet = await create_wallet(
+                conn, source=source, grant_nano=grant_nano, email=email, external_id=external_id
+            )
+            if stripe_customer_id is not None:
+                wallet = await update_owned_wallet(
+                    conn, source=source, external_id=external_id, stripe_customer_id=stripe_customer_id
+                ) or wallet
+        return wallet, True
+    except IntegrityError:
+        existing = await find_owned_wallet(conn, source=source, external_id=external_id)
+        if existing is None:
+            raise NotOwned(external_id) from None
+        return existing, False
+
+
+async def update_owned_wallet(
+    conn: AsyncConnection, *, source: str, external_id: str, **changes: object
+) -> Wallet | None:
+    """Set ``email``, ``suspended`` or ``stripe_customer_id`` of the owner's wallet (None: no wallet)."""
+    unknown = set(changes) - _OWNED_WALLET_FIELDS
+    if unknown:
+        raise ValueError(f"cannot change {sorted(unknown)} of a wallet this way")
+    w = tables.wallets
+    row = (
+        await conn.execute(
+            sa.update(w)
+            .where(w.c.source == source, w.c.external_id == external_id)
+            .values(**changes, updated_at=sa.func.now())
+            .returning(w)
+        )
+    ).first()
+    return None if row is None else _wallet(row)
+
+
+async def suspend_keys_of_wallet(conn: AsyncConnection, wallet_id: str) -> int:
+    """Suspend every live key of the wallet; returns how many changed. Reversible, unlike revoking."""
+    k = tables.api_keys
+    result = await conn.execute(
+        sa.update(k)
+        .where(k.c.wallet_id == wallet_id, k.c.revoked_at.is_(None), k.c.suspended.is_(False))
+        .values(suspended=True)
+    )
+    return result.rowcount
+
+
+async def keys_owned_by(conn: AsyncConnection, *, source: str, external_id: str) -> list[KeyRecord]:
+    k = tables.api_keys
+    rows = await conn.execute(
+        sa.select(k)
+        .where(k.c.source == source, k.c.external_id == external_id)
+        .order_by(k.c.created_at, k.c.id)
+    )
+    return [_key(row) for row in rows]
+
+
+async def record_key(
+    conn: AsyncConnection,
+    *,
+    issued: keys.IssuedKey,
+    wallet_id: str,
+    source: str,
+    external_id: str,
+    allowed_models: list[str] | None = None,
+    expires_at: dt.datetime | None = None,
+    suspended: bool = False,
+) -> tuple[KeyRecord, bool]:
+    """Store a key generated elsewhere (the plaintext already sits in a Kubernetes Secret).
+
+    Idempotent on the key id: recording the same key again answers ``(record, False)``; the same
+    id with another hash, wallet or owner raises :class:`KeyConflict`.
+    """
+    k = tables.api_keys
+    row = (
+        await conn.execute(
+            pg_insert(k)
+            .values(
+                id=issued.key_id,
+                wallet_id=wallet_id,
+                key_hash=issued.key_hash,
+                display_prefix=issued.display_prefix,
+                allowed_models=allowed_models,
+                expires_at=expires_at,
+                suspended=suspended,
+                source=source,
+                external_id=external_id,
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(k)
+        )
+    ).first()
+    if row is not None:
+        return _key(row), True
+    row = (await conn.execute(sa.select(k).where(k.c.id == issued.key_id))).first()
+    assert row is not None, "conflicting key vanished: keys are never deleted"
+    same = (
+        keys.hashes_match(bytes(row.key_hash), issued.key_hash)
+        and (row.wallet_id, row.source, row.external_id) == (wallet_id, source, external_id)
+    )
+    if not same:
+        raise KeyConflict(f"key {issued.key_id} is already stored for another key, wallet or owner")
+    return _key(row), False
+
+
+async def update_owned_keys(
+    conn: AsyncConnection, *, source: str, external_id: str, **changes: object
+) -> int:
+    """Set ``allowed_models``, ``expires_at`` or ``suspended`` on the owner's unrevoked keys."""
+    unknown = set(changes) - _OWNED_KEY_FIELDS
+    if unknown:
+        raise ValueError(f"cannot change {sorted(unknown)} of a key this way")
+    k = tables.api_keys
+    result = await conn.execute(
+        sa.update(k)
+        .where(k.c.source == source, k.c.external_id == external_id, k.c.revoked_at.is_(None))
+        .values(**changes)
+    )
+    return result.rowcount
+
+
+async def schedule_revocation(
+    conn: AsyncConnection, *, source: str, external_id: str, keep_key_id: str, after: dt.timedelta
+) -> list[KeyRecord]:
+    """Set every unrevoked key of the owner except ``keep_key_id`` to be revoked ``after`` from now
+    (by the database's clock).
+
+    The earliest schedule wins: running this again later (a retried rotation) never extends a
+    grace period, and ``after=0`` ends one at once. Returns the keys so scheduled.
+    """
+    k = tables.api_keys
+    at = sa.func.now() + sa.literal(after, sa.Interval())
+    rows = await conn.execute(
+        sa.update(k)
+        .where(
+            k.c.source == source,
+            k.c.external_id == external_id,
+            k.c.id != keep_key_id,
+            k.c.revoked_at.is_(None),
+        )
+        .values(revoke_after=sa.func.least(sa.func.coalesce(k.c.revoke_after, at), at))
+        .returning(k)
+    )
+    return [_key(row) for row in rows]
+
+
+async def revoke_owned_keys(conn: AsyncConnection, *, source: str, external_id: str) -> list[KeyRecord]:
+    """Revoke every key of the owner now (idempotent: a revoked key keeps its first time)."""
+    k = tables.api_keys
+    rows = await conn.execute(
+        sa.update(k)
+        .where(k.c.source == source, k.c.external_id == external_id, k.c.revoked_at.is_(None))
+        .values(revoked_at=sa.func.now())
+        .returning(k)
+    )
+    return [_key(row) for row in rows]
+
+
+async def entries_after(
+    conn: AsyncConnection, wallet_id: str, *, after_entry_id: int, kinds: frozenset[str], limit: int
+) -> list[ledger.Entry]:
+    """The wallet's entries of ``kinds`` newer than ``after_entry_id``, oldest first (a cursor)."""
+    le = tables.ledger_entries
+    rows = await conn.execute(
+        sa.select(le)
+        .where(le.c.wallet_id == wallet_id, le.c.id > after_entry_id, le.c.kind.in_(sorted(kinds)))
+        .order_by(le.c.id)
+        .limit(limit)
+    )
+    return [
+        ledger.Entry(
+            id=row.id,
+            wallet_id=row.wallet_id,
+            idempotency_key=row.idempotency_key,
+            kind=row.kind,
+            amount_nano=row.amount_nano,
+            balance_after_nano=row.balance_after_nano,
+            details=row.details,
+            created_at=row.created_at,
+            created=False,
+        )
+        for row in rows
+    ]

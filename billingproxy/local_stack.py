@@ -2,7 +2,8 @@
 
 Starts, in order, each waiting until the previous one is ready: PostgreSQL (embedded, data kept
 in ``<data_dir>/postgres``, unless DATABASE_URL is set) → migrations → the demo LLM backend
-(unless BILLINGPROXY_BACKEND_URL names a real one) → the sidecar → Envoy. The children share one
+(unless BILLINGPROXY_BACKEND_URL names a real one) → the local Stripe test double (unless
+STRIPE_SECRET_KEY is set; see docs/stripe.md) → the sidecar → Envoy. The children share one
 environment, so the sidecar and the Envoy config read the same settings. Ctrl-C (or any child
 dying) stops everything in reverse order.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -73,6 +75,8 @@ class Stack:
         self._envoy: envoy_process.EnvoyProcess | None = None
         self.database_url = ""
         self.backend_url = ""
+        # Set when no Stripe key is configured and the local test double was started instead.
+        self.stripe_double_url = ""
 
     @property
     def gateway_url(self) -> str:
@@ -137,6 +141,11 @@ class Stack:
             self.backend_url = f"http://127.0.0.1:{port}"
             await self._wait_http("demo backend", f"{self.backend_url}/v1/models")
 
+        if s.stripe_configured:
+            self._say(f"Stripe: top-ups through {s.stripe_api_base or 'api.stripe.com'}")
+        else:
+            await self._start_stripe_double(logs)
+
         self._say(f"starting the sidecar (gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin :{s.admin_port})…")
         self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")
         await self._wait_http("sidecar", f"http://127.0.0.1:{s.admin_port}/readyz")
@@ -147,6 +156,28 @@ class Stack:
         self._envoy = envoy_process.EnvoyProcess(config, base_id=None, log_path=logs / "envoy.log")
         await self._envoy.start()
         self._say(f"Envoy ready at {self.gateway_url}")
+
+    async def _start_stripe_double(self, logs: Path) -> None:
+        """No Stripe key: a local test double (TEST MODE, loopback) so phase 4 works offline.
+
+        Fresh random test credentials each run go to the sidecar's environment, the same as
+        real test keys would; a real key in the environment means this never runs.
+        """
+        port = free_port()
+        self.stripe_double_url = f"http://127.0.0.1:{port}"
+        self.env.update(
+            STRIPE_SECRET_KEY="sk_test_double_" + secrets.token_hex(16),
+            STRIPE_WEBHOOK_SECRET="whsec_double_" + secrets.token_hex(24),
+            STRIPE_API_BASE=self.stripe_double_url,
+        )
+        self.settings = settings_mod.from_env(self.env)
+        host = self.settings.bind_host
+        webhook_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        webhook_url = f"http://{webhook_host}:{self.settings.gateway_port}/stripe/webhook"
+        self._say(f"starting the local Stripe test double (TEST MODE, no real money) on 127.0.0.1:{port}…")
+        self._spawn("stripe double", [sys.executable, "-m", "billingproxy.stripe_double", "--host", "127.0.0.1",
+                                      "--port", str(port), "--webhook-url", webhook_url], logs / "stripe_double.log")
+        await self._wait_http("stripe double", f"{self.stripe_double_url}/healthz")
 
     def _spawn(self, name: str, argv: list[str], log_path: Path) -> None:
         log = open(log_path, "ab")  # noqa: SIM115 (the child owns it; closed in stop())
@@ -214,7 +245,28 @@ Try it:
        -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
   curl -s {url}/billing/balance -H "authorization: Bearer $KEY"
 
+{_stripe_greeting(stack)}
 Logs: {_run_dir(stack.settings)}/   Stop: Ctrl-C
+"""
+
+
+def _stripe_greeting(stack: Stack) -> str:
+    url = stack.gateway_url
+    topup = f"""Top up (when the wallet is empty, requests get 403 with this link):
+  curl -s {url}/billing/topup -H "authorization: Bearer $KEY" \\
+       -H 'content-type: application/json' -d '{{"amount_usd": "10.00"}}'
+  … then open the checkout_url it answers — or open {url}/billing/topup in a browser.
+"""
+    listen = f"stripe listen --forward-to {url}/stripe/webhook"
+    if stack.stripe_double_url:
+        return topup + f"""Payments: local Stripe TEST MODE double at {stack.stripe_double_url} (no account, no real money):
+  its checkout page has a "Pay (test)" button that sends a signed webhook to the gateway.
+  To use your own Stripe test account instead, set STRIPE_SECRET_KEY=sk_test_… and forward
+  webhooks with `{listen}`, setting STRIPE_WEBHOOK_SECRET to the whsec_… it prints.
+"""
+    return topup + f"""Payments: Stripe ({stack.settings.stripe_api_base or 'api.stripe.com'}). Forward test webhooks to this gateway with:
+  {listen}
+  (STRIPE_WEBHOOK_SECRET must be the whsec_… that `stripe listen` prints.)
 """
 
 

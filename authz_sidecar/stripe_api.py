@@ -1,0 +1,377 @@
+"""Stripe top-ups on the public HTTP API: Checkout links, the top-up page, verified webhooks.
+
+Routes (all through Envoy, ext_authz off for them; see docs/stripe.md):
+
+- ``POST /billing/topup`` — JSON ``{"amount_usd": "10.00"}`` with ``Authorization: Bearer sk-litellm-…``
+  creates a Stripe Checkout Session and answers ``{"checkout_url", "session_id", …}``. The same
+  route takes the top-up page's HTML form (``api_key``, ``amount_usd``) and answers it with a
+  303 to Checkout.
+- ``GET /billing/topup`` — the page behind the 403's ``top_up_url``. A browser following a link
+  cannot send a Bearer key, so the link leads to a small form (key + amount) instead of a 401.
+- ``GET /billing/topup/success`` and ``/billing/topup/cancelled`` — where Checkout sends the
+  customer back; the first says whether the wallet is credited yet.
+- ``POST /stripe/webhook`` — verifies ``Stripe-Signature`` on the raw body
+  (``stripe.Webhook.construct_event``, 300 s tolerance), then hands the event, as plain JSON, to
+  :mod:`billing.payments`, which owns every rule about money. 400 on a bad signature with nothing
+  written; 2xx for every verified event, duplicates and events about unknown wallets included,
+  so Stripe stops retrying.
+
+With no Stripe keys configured every route here answers 503 with a message that says so, and the
+rest of the gateway works as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import html
+import json
+import logging
+import uuid
+from typing import Any
+
+import aiohttp
+import stripe
+from aiohttp import web
+from prometheus_client import Counter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from authz_sidecar import api_errors, metrics
+from authz_sidecar.key_lookup import KeyLookup
+from billing import money, payments, wallets
+from billing.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Below Envoy's 30 s route timeout for the sidecar, so the client hears our answer, not Envoy's.
+STRIPE_TIMEOUT_S = 20
+# Stripe's own limit for an Idempotency-Key; a client's key is hashed into ours anyway.
+CLIENT_IDEMPOTENCY_KEY_MAX = 255
+WEBHOOK_TOLERANCE_S = 300
+PRODUCT_NAME = "BillingProxy prepaid credit"
+
+webhook_events = Counter(
+    "billingproxy_stripe_webhook_events",
+    "Verified Stripe webhook events, by outcome (credited, already_credited, unknown_wallet, …, duplicate).",
+    ["outcome"],
+    registry=metrics.registry,
+)
+webhook_rejections = Counter(
+    "billingproxy_stripe_webhook_rejections",
+    "Webhook calls refused before anything was written, by reason.",
+    ["reason"],
+    registry=metrics.registry,
+)
+checkout_sessions = Counter(
+    "billingproxy_stripe_checkout_sessions",
+    "Top-up Checkout Sessions requested, by result (created, or the error code).",
+    ["result"],
+    registry=metrics.registry,
+)
+
+
+class CheckoutClient:
+    """The one Stripe API call the gateway makes: create a Checkout Session."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self._settings = settings
+        self._client = stripe.StripeClient(
+            settings.stripe_secret_key,
+            base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
+            # Retries reuse the Idempotency-Key, so they are safe; a local double needs none.
+            max_network_retries=0 if settings.stripe_api_base else 2,
+            http_client=stripe.AIOHTTPClient(
+                session=session, timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_S)
+            ),
+        )
+
+    async def create_session(
+        self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str
+    ) -> Any:
+        s = self._settings
+        amount_usd = money.format_usd(amount_nano)[:-4]  # "10.000000" → "10.00"
+        params: dict[str, Any] = {
+            "mode": "payment",
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": payments.CURRENCY,
+                        "unit_amount": payments.cents_from_nano(amount_nano),
+                        "product_data": {"name": PRODUCT_NAME, "description": f"{amount_usd} USD of API credit"},
+                    },
+                }
+            ],
+            "client_reference_id": wallet.id,
+            "metadata": {"wallet_id": wallet.id, "amount_usd": amount_usd, "purpose": "billingproxy_topup"},
+            "payment_intent_data": {"metadata": {"wallet_id": wallet.id, "purpose": "billingproxy_topup"}},
+            "success_url": f"{s.public_url}/billing/topup/success?session_id={{CHECKOUT_SESSION_ID}}",
+            "cancel_url": f"{s.public_url}/billing/topup/cancelled",
+        }
+        if wallet.email:
+            params["customer_email"] = wallet.email
+        return await self._client.v1.checkout.sessions.create_async(
+            params, {"idempotency_key": idempotency_key}  # type: ignore[arg-type]
+        )
+
+
+@dataclasses.dataclass
+class StripeRoutes:
+    settings: Settings
+    engine: AsyncEngine
+    key_lookup: KeyLookup
+    checkout: CheckoutClient | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def lifespan(self, _app: web.Application):
+        if not self.settings.stripe_configured:
+            logger.info("Stripe is not configured (STRIPE_SECRET_KEY): top-ups answer 503")
+            yield
+            return
+        async with aiohttp.ClientSession() as session:
+            self.checkout = CheckoutClient(self.settings, session)
+            target = self.settings.stripe_api_base or "api.stripe.com"
+            logger.info("Stripe top-ups on (API: %s)", target)
+            yield
+            self.checkout = None
+
+    def _require_stripe(self) -> CheckoutClient:
+        if self.checkout is None:
+            raise api_errors.ApiError(
+                503,
+                "payments_unconfigured",
+                "Top-ups are not available on this gateway: Stripe is not configured "
+                "(STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET).",
+                "api_error",
+            )
+        return self.checkout
+
+    # --- POST /billing/topup -----------------------------------------------------------------
+
+    async def topup(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            return await self._topup_form(request)
+        checkout = self._require_stripe()
+        key = await self.key_lookup.authenticate(request.headers.get("authorization"))
+        body = await _json_body(request)
+        amount_nano = self._amount(body.get("amount_usd"))
+        session = await self._create(checkout, key.wallet_id, amount_nano, request.headers.get("idempotency-key"))
+        return web.json_response(
+            {
+                "checkout_url": session.url,
+                "session_id": session.id,
+                "amount_usd": money.format_usd(amount_nano),
+                "expires_at": session.expires_at,
+            },
+            dumps=_dumps,
+        )
+
+    async def _topup_form(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        amount = form.get("amount_usd")
+        api_key = form.get("api_key")
+        try:
+            checkout = self._require_stripe()
+            amount_nano = self._amount(amount if isinstance(amount, str) else None)
+            key = await self.key_lookup.authenticate(f"Bearer {api_key}" if isinstance(api_key, str) else None)
+            session = await self._create(checkout, key.wallet_id, amount_nano, None)
+        except api_errors.ApiError as error:
+            return self._page(request, error=error.message, amount=amount if isinstance(amount, str) else "", status=error.status)
+        raise web.HTTPSeeOther(session.url)
+
+    def _amount(self, value: object) -> int:
+        s = self.settings
+        try:
+            return payments.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
+        except payments.TopupAmountError as exc:
+            checkout_sessions.labels("invalid_amount").inc()
+            raise api_errors.ApiError(400, "invalid_amount", str(exc), extra={"param": "amount_usd"}) from None
+
+    async def _create(
+        self, checkout: CheckoutClient, wallet_id: str, amount_nano: int, client_key: str | None
+    ) -> Any:
+        if client_key is not None and not 0 < len(client_key) <= CLIENT_IDEMPOTENCY_KEY_MAX:
+            raise api_errors.ApiError(
+                400, "invalid_idempotency_key", f"Idempotency-Key must be 1 to {CLIENT_IDEMPOTENCY_KEY_MAX} characters."
+            )
+        # A client's retry (same Idempotency-Key) gets the same session; without one, every call
+        # is a new session, and the SDK's own retries still reuse this key.
+        idempotency_key = (
+            "billingproxy-topup-" + hashlib.sha256(f"{wallet_id}\0{client_key}".encode()).hexdigest()
+            if client_key
+            else f"billingproxy-topup-{uuid.uuid4()}"
+        )
+        async with self.engine.connect() as conn:
+            wallet = await wallets.get_wallet(conn, wallet_id)
+        assert wallet is not None, "a key always belongs to a wallet (foreign key)"
+        try:
+            session = await checkout.create_session(wallet=wallet, amount_nano=amount_nano, idempotency_key=idempotency_key)
+        except stripe.IdempotencyError:
+            checkout_sessions.labels("idempotency_conflict").inc()
+            raise api_errors.ApiError(
+                409, "idempotency_conflict", "This Idempotency-Key was used for a different top-up."
+            ) from None
+        except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+            logger.warning("Stripe unreachable while creating a Checkout Session: %s", exc)
+            checkout_sessions.labels("payments_unavailable").inc()
+            raise api_errors.ApiError(
+                503, "payments_unavailable", "The payment provider cannot be reached; retry shortly.", "api_error"
+            ) from None
+        except stripe.StripeError as exc:
+            logger.error("Stripe refused to create a Checkout Session: %s", exc)
+            checkout_sessions.labels("payments_error").inc()
+            raise api_errors.ApiError(
+                502, "payments_error", "The payment provider refused the top-up; try again later.", "api_error"
+            ) from None
+        expires_at = None
+        if isinstance(session.expires_at, int):
+            expires_at = dt.datetime.fromtimestamp(session.expires_at, dt.timezone.utc)
+        async with self.engine.begin() as conn:
+            await payments.record_checkout_session(
+                conn, session_id=session.id, wallet_id=wallet.id, amount_nano=amount_nano, expires_at=expires_at
+            )
+        checkout_sessions.labels("created").inc()
+        logger.info("top-up: Checkout Session %s for %s USD, wallet %s", session.id, money.format_usd(amount_nano), wallet.id)
+        return session
+
+    # --- POST /stripe/webhook ----------------------------------------------------------------
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        self._require_stripe()
+        payload = await request.read()
+        try:
+            stripe.Webhook.construct_event(
+                payload,
+                request.headers.get("stripe-signature"),
+                self.settings.stripe_webhook_secret,
+                tolerance=WEBHOOK_TOLERANCE_S,
+                api_key=self.settings.stripe_secret_key,
+            )
+        except stripe.SignatureVerificationError as exc:
+            webhook_rejections.labels("invalid_signature").inc()
+            logger.warning("webhook refused: %s", exc.user_message or exc)
+            raise api_errors.ApiError(
+                400, "invalid_signature", f"Stripe-Signature does not verify: {exc.user_message or exc}"
+            ) from None
+        except (ValueError, AttributeError, TypeError):
+            # Raised after the signature verified: not UTF-8, not JSON, or JSON but not an object
+            # (the SDK's parser then fails with AttributeError).
+            webhook_rejections.labels("invalid_payload").inc()
+            raise api_errors.ApiError(400, "invalid_payload", "The body is not a Stripe event (JSON).") from None
+        event = json.loads(payload)
+        try:
+            async with self.engine.begin() as conn:
+                result = await payments.process_event(conn, event)
+        except payments.InvalidEvent as exc:
+            webhook_rejections.labels("invalid_payload").inc()
+            raise api_errors.ApiError(400, "invalid_payload", str(exc)) from None
+        webhook_events.labels("duplicate" if result.duplicate else result.outcome).inc()
+        logger.info(
+            "webhook %s %s: %s%s %s",
+            event.get("type"), event.get("id"), result.outcome, " (duplicate)" if result.duplicate else "", result.detail,
+        )
+        return web.json_response(
+            {"received": True, "event_id": event["id"], "outcome": result.outcome, "duplicate": result.duplicate},
+            dumps=_dumps,
+        )
+
+    # --- pages for people --------------------------------------------------------------------
+
+    async def topup_page(self, request: web.Request) -> web.Response:
+        return self._page(request, amount="10.00", status=200 if self.checkout else 503)
+
+    def _page(self, request: web.Request, *, amount: str, status: int, error: str = "") -> web.Response:
+        s = self.settings
+        lo, hi = money.format_usd(s.topup_min_nano)[:-4], money.format_usd(s.topup_max_nano)[:-4]
+        if self.checkout is None:
+            body = "<p class=error>Top-ups are not available on this gateway: Stripe is not configured.</p>"
+            return _html("Top up", body, status=503)
+        notice = f"<p class=error role=alert>{html.escape(error)}</p>" if error else ""
+        api = html.escape(
+            f"curl -s {s.public_url}/billing/topup -H \"authorization: Bearer $KEY\" "
+            f"-H 'content-type: application/json' -d '{{\"amount_usd\": \"10.00\"}}'"
+        )
+        body = f"""{notice}
+<form method=post action="/billing/topup">
+  <label>API key <input name=api_key type=password autocomplete=off required placeholder="sk-litellm-…"></label>
+  <label>Amount (USD, {lo}–{hi}) <input name=amount_usd inputmode=decimal required value="{html.escape(amount)}"></label>
+  <button id=continue type=submit>Continue to payment</button>
+</form>
+<p>You will pay on Stripe Checkout; your wallet is credited as soon as Stripe confirms the payment.</p>
+<p>From a program: <code>{api}</code> answers with a <code>checkout_url</code>.</p>"""
+        return _html("Top up your wallet", body, status=status)
+
+    async def success_page(self, request: web.Request) -> web.Response:
+        session_id = request.query.get("session_id", "")
+        status = None
+        if session_id:
+            async with self.engine.connect() as conn:
+                status = await payments.checkout_session_status(conn, session_id)
+        if status is None:
+            return _html("Top-up", "<p>We do not know this checkout session.</p>", status=404)
+        amount = html.escape(money.format_usd(status.amount_nano)[:-4])
+        if status.credited:
+            body = f"<p id=status data-state=credited>Payment received: {amount} USD credited to your wallet.</p>"
+        else:
+            body = (
+                f"<p id=status data-state=pending>Thank you. {amount} USD will be credited as soon as "
+                "Stripe confirms the payment (usually within seconds). Reload this page to check.</p>"
+            )
+        return _html("Top-up", body)
+
+    async def cancelled_page(self, request: web.Request) -> web.Response:
+        return _html("Top-up cancelled", '<p>Nothing was charged. <a href="/billing/topup">Try again</a>.</p>')
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise api_errors.ApiError(400, "invalid_json", 'The body must be a JSON object such as {"amount_usd": "10.00"}.')
+    return body
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
+label{display:block;margin:.8rem 0}input{display:block;width:100%;padding:.4rem;font-size:1rem}
+button{margin-top:1rem;padding:.6rem 1.2rem;font-size:1rem}.error{color:#b00020}code{word-break:break-all}"""
+
+
+def _html(title: str, body: str, *, status: int = 200) -> web.Response:
+    page = f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><meta name=viewport content="width=device-width,initial-scale=1">
+<title>{html.escape(title)} · BillingProxy</title><style>{_CSS}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+"""
+    return web.Response(
+        status=status,
+        text=page,
+        content_type="text/html",
+        headers={
+            "cache-control": "no-store",
+            "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'",
+            "referrer-policy": "no-referrer",
+            "x-content-type-options": "nosniff",
+        },
+    )
+
+
+def add_routes(app: web.Application, *, settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> StripeRoutes:
+    """Register the top-up and webhook routes on the public app (and the Stripe client's lifetime)."""
+    routes = StripeRoutes(settings, engine, key_lookup)
+    app.cleanup_ctx.append(routes.lifespan)
+    app.router.add_get("/billing/topup", routes.topup_page)
+    app.router.add_post("/billing/topup", routes.topup)
+    app.router.add_get("/billing/topup/success", routes.success_page)
+    app.router.add_get("/billing/topup/cancelled", routes.cancelled_page)
+    app.router.add_post("/stripe/webhook", routes.webhook)
+    return routes

@@ -1,0 +1,661 @@
+"""Stripe top-ups as ledger entries: what each Stripe fact means for a wallet, applied once.
+
+Why apart from the webhook handler: the webhook (``authz_sidecar/stripe_api.py``) verifies the
+signature and hands over the event as plain JSON; a reconciliation (the operator, or a person with
+``stripe events resend``) may hand over the same facts again, in any order, any number of times.
+The books must end the same in every case, so the rules live here, on plain dicts, with no Stripe
+SDK and no web framework (import-linter enforces both).
+
+How it stays right whatever Stripe delivers (duplicates, retries, concurrency, any order):
+
+1. Each event id is recorded once, with its outcome (``stripe_events``). A replay answers the
+   first outcome and changes nothing; a concurrent replay waits on the unique index and then sees
+   the first one.
+2. An event only *merges facts* into rows keyed by Stripe's own ids, monotonically: a payment
+   becomes paid and stays paid; ``amount_refunded`` (cumulative in Stripe) only grows; a dispute's
+   status follows its newest event.
+3. The payment's money effects are then *derived* from its facts and posted with idempotency
+   keys: the credit ``stripe:<payment_intent>``, a refund ``refund:<charge>/<cumulative refunded>``
+   for the part not yet debited, ``dispute:<id>``, and ``dispute_won:<id>`` when it comes back.
+   The payment row is locked meanwhile, so two events of one payment apply one after the other.
+
+Effects wait for the credit: a refund or a dispute seen before its payment's checkout event is
+kept as a fact and applied when the credit lands, so we never debit a payment we never credited,
+and the end state is the same in every order.
+
+Sharp edges:
+
+- Only ``mode=payment`` sessions in USD that name one of our wallets (``client_reference_id``)
+  are credited. Anything else is recorded with a named outcome and must still be answered 2xx,
+  or Stripe retries it for days.
+- A dispute shares ``wallets.suspended`` with the operator's switch. It suspends only a wallet that
+  was not suspended, and ``stripe_dispute_suspensions`` remembers that the suspension is ours, so
+  the last open dispute's closing lifts our suspension and never one an operator set before. An
+  operator who lifts ours by hand is not overruled by later events of the same disputes; one who
+  suspends on top of ours is (the closing lifts it): one flag cannot tell two owners apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import ledger, money, tables, wallets
+
+NANO_PER_CENT = money.NANO_PER_USD // 100
+CURRENCY = "usd"
+# Dispute statuses after which the dispute no longer suspends its wallet.
+DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented"})
+# ...and those in which the disputed money came back (an inquiry closed, a dispute won or prevented).
+DISPUTE_REVERSED = frozenset({"won", "warning_closed", "prevented"})
+
+# --- tables (created by migration 0003) ----------------------------------------------------------
+_now = sa.text("now()")
+
+stripe_events = sa.Table(
+    "stripe_events",
+    tables.metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("object_id", sa.Text, nullable=True),
+    sa.Column("livemode", sa.Boolean, nullable=False),
+    # The event's own `created` (Unix seconds): orders a dispute's status changes.
+    sa.Column("stripe_created", sa.BigInteger, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("outcome", sa.Text, nullable=False),
+    # The wallet the event named, even one that does not exist (so no foreign key).
+    sa.Column("wallet_id", sa.Text, nullable=True),
+    sa.Column("detail", sa.Text, nullable=False, server_default=""),
+)
+
+stripe_checkout_sessions = sa.Table(
+    "stripe_checkout_sessions",
+    tables.metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="open"),
+    sa.Column("payment_intent", sa.Text, nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+stripe_payments = sa.Table(
+    "stripe_payments",
+    tables.metadata,
+    sa.Column("payment_intent", sa.Text, primary_key=True),
+    # NULL until a paid checkout session names the wallet (a refund or dispute may come first).
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=True),
+    sa.Column("checkout_session", sa.Text, nullable=True),
+    sa.Column("charge", sa.Text, nullable=True),
+    sa.Column("amount_nano", sa.BigInteger, nullable=True),
+    sa.Column("paid", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Stripe's cumulative charge.amount_refunded (the largest seen) and how much of it is debited.
+    sa.Column("refunded_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("refund_applied_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+stripe_disputes = sa.Table(
+    "stripe_disputes",
+    tables.metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("payment_intent", sa.Text, sa.ForeignKey("stripe_payments.payment_intent"), nullable=False),
+    sa.Column("charge", sa.Text, nullable=True),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("status_event_created", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+stripe_dispute_suspensions = sa.Table(
+    "stripe_dispute_suspensions",
+    tables.metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    sa.Column("dispute_id", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+
+# --- amounts -------------------------------------------------------------------------------------
+
+
+class TopupAmountError(ValueError):
+    """A requested top-up amount that is malformed or outside the configured bounds."""
+
+
+def parse_topup_amount(value: object, *, min_nano: int, max_nano: int) -> int:
+    """``"10.00"`` (or a whole number) → nano-USD, in whole cents within ``[min_nano, max_nano]``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    bounds = f"from {money.format_usd(min_nano)[:-4]} to {money.format_usd(max_nano)[:-4]} USD"
+    if not isinstance(value, str):
+        raise TopupAmountError(f'amount_usd must be a decimal string such as "10.00", {bounds}')
+    try:
+        nano = money.parse_usd(value.strip())
+    except money.MoneyError as exc:
+        raise TopupAmountError(f"amount_usd: {exc}") from None
+    if nano % NANO_PER_CENT:
+        raise TopupAmountError(f"amount_usd {value!r} has fractions of a cent; card payments are in whole cents")
+    if not min_nano <= nano <= max_nano:
+        raise TopupAmountError(f"amount_usd must be {bounds}, not {value.strip()}")
+    return nano
+
+
+def cents_from_nano(nano: int) -> int:
+    if nano % NANO_PER_CENT:
+        raise ValueError(f"{nano} nano-USD is not a whole number of cents")
+    return nano // NANO_PER_CENT
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+class InvalidEvent(ValueError):
+    """The (verified) body is not a Stripe event: no id, type or data.object."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What one event (or one reconciled session) did. ``outcome`` is recorded and counted."""
+
+    outcome: str
+    wallet_id: str | None = None
+    detail: str = ""
+    entries: tuple[ledger.Entry, ...] = ()
+    duplicate: bool = False
+
+
+@dataclasses.dataclass
+class _Applied:
+    pending: bool = False
+    credit: ledger.Entry | None = None
+    refund: ledger.Entry | None = None
+    dispute_debits: list[ledger.Entry] = dataclasses.field(default_factory=list)
+    dispute_reversals: list[ledger.Entry] = dataclasses.field(default_factory=list)
+
+    @property
+    def created(self) -> tuple[ledger.Entry, ...]:
+        every = [self.credit, self.refund, *self.dispute_debits, *self.dispute_reversals]
+        return tuple(e for e in every if e is not None and e.created)
+
+
+# --- reading Stripe's JSON -----------------------------------------------------------------------
+
+
+def _id(value: object) -> str | None:
+    """An expandable field: an id string, or the expanded object's id."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
+        return value["id"]
+    return None
+
+
+def _int(obj: Mapping[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    value = obj.get("metadata")
+    return value if isinstance(value, Mapping) else {}
+
+
+class _Skip(Exception):
+    def __init__(self, outcome: str, detail: str = "", wallet_id: str | None = None) -> None:
+        super().__init__(outcome)
+        self.result = Result(outcome, wallet_id, detail)
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Result:
+    """Record a verified Stripe event and apply it, inside the caller's transaction.
+
+    Call with the event exactly as Stripe sent it (the parsed JSON body). Raises
+    :class:`InvalidEvent` for a body that is not an event; every event is otherwise recorded and
+    answered, whatever it is about.
+    """
+    event_id, event_type = event.get("id"), event.get("type")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
+    if not (isinstance(event_id, str) and event_id and isinstance(event_type, str) and isinstance(obj, Mapping)):
+        raise InvalidEvent("not a Stripe event: it needs an id, a type and data.object")
+    created = event.get("created")
+    created = created if isinstance(created, int) and not isinstance(created, bool) else 0
+
+    # First, so a concurrent delivery of the same event waits here and then finds it done.
+    inserted = (
+        await conn.execute(
+            pg_insert(stripe_events)
+            .values(
+                id=event_id,
+                type=event_type,
+                object_id=_id(obj.get("id")),
+                livemode=bool(event.get("livemode")),
+                stripe_created=created,
+                outcome="processing",
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(stripe_events.c.id)
+        )
+    ).first()
+    if inserted is None:
+        first = (
+            await conn.execute(
+                sa.select(stripe_events.c.outcome, stripe_events.c.wallet_id, stripe_events.c.detail).where(
+                    stripe_events.c.id == event_id
+                )
+            )
+        ).one()
+        return Result(first.outcome, first.wallet_id, first.detail, duplicate=True)
+
+    handler = _HANDLERS.get(event_type)
+    try:
+        result = await handler(conn, obj, event_type, created) if handler else Result("ignored_type")
+    except _Skip as skip:
+        result = skip.result
+    await conn.execute(
+        sa.update(stripe_events)
+        .where(stripe_events.c.id == event_id)
+        .values(outcome=result.outcome, wallet_id=result.wallet_id, detail=result.detail[:500])
+    )
+    return result
+
+
+async def apply_checkout_session(conn: AsyncConnection, session: Mapping[str, Any]) -> Result:
+    """Apply a Checkout Session retrieved from the API (reconciliation after a missed webhook).
+
+    Credits exactly as ``checkout.session.completed`` would, with the same idempotency key, so a
+    webhook arriving later (or earlier) changes nothing more. Records no event.
+    """
+    try:
+        return await _checkout(conn, session, "checkout.session.retrieved", 0)
+    except _Skip as skip:
+        return skip.result
+
+
+async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_type: str, _created: int) -> Result:
+    session_id = _id(session.get("id"))
+    if session.get("object") != "checkout.session" or session_id is None:
+        raise _Skip("invalid_object", "data.object is not a checkout.session")
+    reference = session.get("client_reference_id")
+    from_metadata = _metadata(session).get("wallet_id")
+    wallet_id = reference if isinstance(reference, str) and reference else from_metadata
+    if session.get("mode") != "payment" or not isinstance(wallet_id, str) or not wallet_id:
+        raise _Skip("not_ours", "not a top-up session: no client_reference_id naming a wallet")
+    if isinstance(from_metadata, str) and from_metadata and from_metadata != wallet_id:
+        raise _Skip("invalid_object", "client_reference_id and metadata.wallet_id disagree", wallet_id)
+    if session.get("currency") != CURRENCY:
+        raise _Skip("unsupported_currency", f"currency {session.get('currency')!r}", wallet_id)
+    if await wallets.get_wallet(conn, wallet_id) is None:
+        raise _Skip("unknown_wallet", f"no wallet {wallet_id!r}; nothing credited", wallet_id)
+
+    payment_intent = _id(session.get("payment_intent"))
+    await _record_session_status(conn, session_id, session.get("status"), payment_intent)
+    if event_type == "checkout.session.async_payment_failed":
+        return Result("payment_failed", wallet_id, f"session {session_id}")
+    if event_type == "checkout.session.expired" or session.get("status") == "expired":
+        return Result("session_expired", wallet_id, f"session {session_id}")
+    if session.get("payment_status") != "paid":
+        return Result("awaiting_payment", wallet_id, f"session {session_id}: payment_status {session.get('payment_status')!r}")
+    amount_cents = _int(session, "amount_total")
+    if payment_intent is None or not amount_cents:
+        raise _Skip("invalid_object", "a paid session without payment_intent or amount_total", wallet_id)
+
+    payments = stripe_payments
+    insert = pg_insert(payments).values(
+        payment_intent=payment_intent,
+        wallet_id=wallet_id,
+        checkout_session=session_id,
+        amount_nano=amount_cents * NANO_PER_CENT,
+        paid=True,
+    )
+    # The first wallet and amount seen stay: the credit's idempotency key is fixed to them.
+    await conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["payment_intent"],
+            set_={
+                "wallet_id": sa.func.coalesce(payments.c.wallet_id, insert.excluded.wallet_id),
+                "checkout_session": sa.func.coalesce(payments.c.checkout_session, insert.excluded.checkout_session),
+                "amount_nano": sa.func.coalesce(payments.c.amount_nano, insert.excluded.amount_nano),
+                "paid": True,
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
+    applied = await _apply(conn, payment_intent)
+    credit = applied.credit
+    assert credit is not None, "a paid payment with a wallet is always credited"
+    if credit.wallet_id != wallet_id:
+        return Result("invalid_object", wallet_id, f"{payment_intent} was already credited to {credit.wallet_id}")
+    outcome = "credited" if credit.created else "already_credited"
+    return Result(outcome, wallet_id, f"{payment_intent}: {money.format_usd(credit.amount_nano)} USD", applied.created)
+
+
+async def _record_session_status(
+    conn: AsyncConnection, session_id: str, status: object, payment_intent: str | None
+) -> None:
+    if status not in ("open", "complete", "expired"):
+        return
+    s = stripe_checkout_sessions
+    # complete and expired are final: a late "open" (an old retrieval) never reopens a session.
+    await conn.execute(
+        sa.update(s)
+        .where(s.c.id == session_id, s.c.status == "open")
+        .values(status=status, payment_intent=payment_intent, updated_at=sa.func.now())
+    )
+
+
+async def _charge_refunded(conn: AsyncConnection, charge: Mapping[str, Any], _type: str, _created: int) -> Result:
+    charge_id = _id(charge.get("id"))
+    payment_intent = _id(charge.get("payment_intent"))
+    refunded_cents = _int(charge, "amount_refunded")
+    if charge.get("object") != "charge" or charge_id is None or refunded_cents is None:
+        raise _Skip("invalid_object", "data.object is not a charge with amount_refunded")
+    if payment_intent is None:
+        raise _Skip("not_ours", f"charge {charge_id} has no payment_intent (not from Checkout)")
+    if charge.get("currency") != CURRENCY:
+        raise _Skip("unsupported_currency", f"currency {charge.get('currency')!r}")
+
+    payments = stripe_payments
+    insert = pg_insert(payments).values(
+        payment_intent=payment_intent, charge=charge_id, refunded_nano=refunded_cents * NANO_PER_CENT
+    )
+    # amount_refunded is cumulative and only grows: an older event never lowers it.
+    await conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["payment_intent"],
+            set_={
+                "charge": sa.func.coalesce(payments.c.charge, insert.excluded.charge),
+                "refunded_nano": sa.func.greatest(payments.c.refunded_nano, insert.excluded.refunded_nano),
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
+    applied = await _apply(conn, payment_intent)
+    wallet_id = applied.credit.wallet_id if applied.credit else None
+    if applied.pending:
+        return Result("pending_payment", None, f"{payment_intent} not credited yet; refund kept for when it is")
+    if applied.refund is not None and applied.refund.created:
+        refund = applied.refund
+        return Result("refund_debited", wallet_id, f"{charge_id}: {money.format_usd(-refund.amount_nano)} USD", applied.created)
+    return Result("refund_already_applied", wallet_id, f"{charge_id}: refunded {refunded_cents} cents in all")
+
+
+def _status_rank(status: str) -> int:
+    """Breaks ties between events of the same second: a closing status is the later one."""
+    if status in DISPUTE_CLOSED:
+        return 2
+    return 1 if status.startswith("appeal_") else 0
+
+
+async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str, created: int) -> Result:
+    dispute_id = _id(dispute.get("id"))
+    amount_cents = _int(dispute, "amount")
+    status = dispute.get("status")
+    if dispute.get("object") != "dispute" or dispute_id is None or amount_cents is None or not isinstance(status, str):
+        raise _Skip("invalid_object", "data.object is not a dispute with an amount and a status")
+    payment_intent = _id(dispute.get("payment_intent"))
+    if payment_intent is None:
+        raise _Skip("not_ours", f"dispute {dispute_id} has no payment_intent (not from Checkout)")
+    if dispute.get("currency") != CURRENCY:
+        raise _Skip("unsupported_currency", f"currency {dispute.get('currency')!r}")
+
+    # The payment row first (created empty if this is the first we hear of it): it is the lock
+    # that serializes everything about one payment.
+    await conn.execute(
+        pg_insert(stripe_payments)
+        .values(payment_intent=payment_intent)
+        .on_conflict_do_nothing(index_elements=["payment_intent"])
+    )
+    await conn.execute(
+        sa.select(stripe_payments.c.payment_intent)
+        .where(stripe_payments.c.payment_intent == payment_intent)
+        .with_for_update()
+    )
+    d = stripe_disputes
+    known = (await conn.execute(sa.select(d).where(d.c.id == dispute_id))).first()
+    if known is None:
+        await conn.execute(
+            sa.insert(d).values(
+                id=dispute_id,
+                payment_intent=payment_intent,
+                charge=_id(dispute.get("charge")),
+                amount_nano=amount_cents * NANO_PER_CENT,
+                status=status,
+                status_event_created=created,
+            )
+        )
+    elif (created, _status_rank(status)) > (known.status_event_created, _status_rank(known.status)):
+        await conn.execute(
+            sa.update(d)
+            .where(d.c.id == dispute_id)
+            .values(status=status, status_event_created=created, updated_at=sa.func.now())
+        )
+    applied = await _apply(conn, payment_intent)
+    if applied.pending:
+        return Result("pending_payment", None, f"{payment_intent} not credited yet; dispute kept for when it is")
+    wallet_id = applied.credit.wallet_id if applied.credit else None
+    mine = [e for e in applied.created if e.idempotency_key in (f"dispute:{dispute_id}", f"dispute_won:{dispute_id}")]
+    if any(e.kind == "dispute_reversal" for e in mine):
+        outcome = "dispute_reversed"
+    elif mine:
+        outcome = "dispute_debited"
+    else:
+        outcome = "dispute_recorded"
+    return Result(outcome, wallet_id, f"{dispute_id}: {status}", applied.created)
+
+
+_HANDLERS = {
+    "checkout.session.completed": _checkout,
+    "checkout.session.async_payment_succeeded": _checkout,
+    "checkout.session.async_payment_failed": _checkout,
+    "checkout.session.expired": _checkout,
+    "charge.refunded": _charge_refunded,
+    "charge.dispute.created": _dispute,
+    "charge.dispute.updated": _dispute,
+    "charge.dispute.closed": _dispute,
+    "charge.dispute.funds_withdrawn": _dispute,
+    "charge.dispute.funds_reinstated": _dispute,
+}
+HANDLED_EVENT_TYPES = tuple(_HANDLERS)
+
+
+# --- effects -------------------------------------------------------------------------------------
+
+
+async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
+    """Post whatever the payment's facts call for and is not posted yet; lock the payment first."""
+    p = (
+        await conn.execute(
+            sa.select(stripe_payments).where(stripe_payments.c.payment_intent == payment_intent).with_for_update()
+        )
+    ).one()
+    if not p.paid or p.wallet_id is None or p.amount_nano is None:
+        return _Applied(pending=True)
+    applied = _Applied()
+    applied.credit = await ledger.post_entry(
+        conn,
+        wallet_id=p.wallet_id,
+        kind="topup",
+        amount_nano=p.amount_nano,
+        idempotency_key=f"stripe:{payment_intent}",
+        details={"payment_intent": payment_intent, "checkout_session": p.checkout_session},
+    )
+    unapplied = p.refunded_nano - p.refund_applied_nano
+    if unapplied > 0:
+        applied.refund = await ledger.post_entry(
+            conn,
+            wallet_id=p.wallet_id,
+            kind="refund",
+            amount_nano=-unapplied,
+            # Stripe's own number (cumulative amount_refunded, in cents) names the refund.
+            idempotency_key=f"refund:{p.charge}/{p.refunded_nano // NANO_PER_CENT}",
+            details={
+                "payment_intent": payment_intent,
+                "charge": p.charge,
+                "amount_refunded_usd": money.format_usd(p.refunded_nano),
+            },
+        )
+        await conn.execute(
+            sa.update(stripe_payments)
+            .where(stripe_payments.c.payment_intent == payment_intent)
+            .values(refund_applied_nano=p.refunded_nano, updated_at=sa.func.now())
+        )
+    d = stripe_disputes
+    for dispute in (await conn.execute(sa.select(d).where(d.c.payment_intent == payment_intent).order_by(d.c.id))).all():
+        details = {"payment_intent": payment_intent, "charge": dispute.charge, "dispute": dispute.id}
+        applied.dispute_debits.append(
+            await ledger.post_entry(
+                conn,
+                wallet_id=p.wallet_id,
+                kind="dispute",
+                amount_nano=-dispute.amount_nano,
+                idempotency_key=f"dispute:{dispute.id}",
+                details=details,
+            )
+        )
+        if dispute.status in DISPUTE_REVERSED:
+            applied.dispute_reversals.append(
+                await ledger.post_entry(
+                    conn,
+                    wallet_id=p.wallet_id,
+                    kind="dispute_reversal",
+                    amount_nano=dispute.amount_nano,
+                    idempotency_key=f"dispute_won:{dispute.id}",
+                    details={**details, "status": dispute.status},
+                )
+            )
+    await _sync_suspension(conn, p.wallet_id)
+    return applied
+
+
+async def _open_disputes(conn: AsyncConnection, wallet_id: str) -> list[str]:
+    d, p = stripe_disputes, stripe_payments
+    rows = await conn.execute(
+        sa.select(d.c.id)
+        .join(p, p.c.payment_intent == d.c.payment_intent)
+        .where(p.c.wallet_id == wallet_id, p.c.paid, d.c.status.not_in(sorted(DISPUTE_CLOSED)))
+        .order_by(d.c.id)
+    )
+    return list(rows.scalars())
+
+
+async def _sync_suspension(conn: AsyncConnection, wallet_id: str) -> None:
+    """Suspend the wallet while it has an open dispute; lift only a suspension we set."""
+    w, s = tables.wallets, stripe_dispute_suspensions
+    open_disputes = await _open_disputes(conn, wallet_id)
+    ours = (await conn.execute(sa.select(s.c.dispute_id).where(s.c.wallet_id == wallet_id))).first()
+    if open_disputes and ours is None:
+        suspended = (
+            await conn.execute(
+                sa.update(w)
+                .where(w.c.id == wallet_id, sa.not_(w.c.suspended))
+                .values(suspended=True, updated_at=sa.func.now())
+                .returning(w.c.id)
+            )
+        ).first()
+        if suspended is not None:  # else an operator suspended it: theirs to lift, not ours
+            await conn.execute(sa.insert(s).values(wallet_id=wallet_id, dispute_id=open_disputes[0]))
+    elif not open_disputes and ours is not None:
+        await conn.execute(sa.update(w).where(w.c.id == wallet_id).values(suspended=False, updated_at=sa.func.now()))
+        await conn.execute(sa.delete(s).where(s.c.wallet_id == wallet_id))
+
+
+# --- checkout sessions we created ----------------------------------------------------------------
+
+
+async def record_checkout_session(
+    conn: AsyncConnection, *, session_id: str, wallet_id: str, amount_nano: int, expires_at: dt.datetime | None
+) -> None:
+    """Remember a session we created (a replayed creation keeps the first row)."""
+    await conn.execute(
+        pg_insert(stripe_checkout_sessions)
+        .values(id=session_id, wallet_id=wallet_id, amount_nano=amount_nano, expires_at=expires_at)
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionStatus:
+    session_id: str
+    amount_nano: int
+    status: str
+    credited: bool
+
+
+async def checkout_session_status(conn: AsyncConnection, session_id: str) -> SessionStatus | None:
+    s = stripe_checkout_sessions
+    row = (await conn.execute(sa.select(s).where(s.c.id == session_id))).first()
+    if row is None:
+        return None
+    credited = row.payment_intent is not None and await ledger.find_entry(conn, f"stripe:{row.payment_intent}") is not None
+    return SessionStatus(row.id, row.amount_nano, row.status, credited)
+
+
+async def open_checkout_sessions(conn: AsyncConnection, *, limit: int) -> list[str]:
+    """Sessions we created and never saw complete or expire, oldest first: what a reconciliation
+    retrieves from Stripe and passes to :func:`apply_checkout_session`."""
+    s = stripe_checkout_sessions
+    rows = await conn.execute(
+        sa.select(s.c.id).where(s.c.status == "open").order_by(s.c.created_at).limit(limit)
+    )
+    return list(rows.scalars())
+
+
+# --- invariants ----------------------------------------------------------------------------------
+
+
+async def check_invariants(conn: AsyncConnection) -> list[str]:
+    """Disagreements between Stripe's facts and the ledger. Empty when the books agree."""
+    problems: list[str] = []
+    le = tables.ledger_entries
+    payments = (await conn.execute(sa.select(stripe_payments))).all()
+    for p in payments:
+        keyed = {
+            e.idempotency_key: e
+            for e in (
+                await conn.execute(
+                    sa.select(le).where(le.c.details["payment_intent"].astext == p.payment_intent)
+                )
+            ).all()
+        }
+        credit = keyed.get(f"stripe:{p.payment_intent}")
+        credited = p.paid and p.wallet_id is not None
+        if credited != (credit is not None):
+            problems.append(f"{p.payment_intent}: paid={p.paid} wallet={p.wallet_id} but credit entry {credit!r}")
+            continue
+        if not credited:
+            continue
+        if credit.amount_nano != p.amount_nano:
+            problems.append(f"{p.payment_intent}: credited {credit.amount_nano}, paid {p.amount_nano}")
+        refunds = -sum(e.amount_nano for e in keyed.values() if e.kind == "refund")
+        if not refunds == p.refund_applied_nano == p.refunded_nano:
+            problems.append(f"{p.payment_intent}: refunded {p.refunded_nano}, debited {refunds}")
+        disputes = (
+            await conn.execute(sa.select(stripe_disputes).where(stripe_disputes.c.payment_intent == p.payment_intent))
+        ).all()
+        for d in disputes:
+            debit, reversal = keyed.get(f"dispute:{d.id}"), keyed.get(f"dispute_won:{d.id}")
+            if debit is None or debit.amount_nano != -d.amount_nano:
+                problems.append(f"{d.id}: disputed {d.amount_nano}, debit {debit!r}")
+            if (d.status in DISPUTE_REVERSED) != (reversal is not None):
+                problems.append(f"{d.id}: status {d.status}, reversal {reversal!r}")
+    w, s = tables.wallets, stripe_dispute_suspensions
+    # (A recorded suspension on an active wallet is fine: an operator lifted it by hand.)
+    for row in (await conn.execute(sa.select(s.c.wallet_id, w.c.suspended).join(w, w.c.id == s.c.wallet_id))).all():
+        if not await _open_disputes(conn, row.wallet_id):
+            problems.append(f"{row.wallet_id}: suspended for disputes, but none is open")
+    return problems

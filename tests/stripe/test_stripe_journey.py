@@ -1,0 +1,109 @@
+"""The journey's phases 3 → 4 → 2 through Envoy, on the whole gateway (`billingproxy.local_stack.Stack`):
+an empty wallet gets 403 with a top-up link, the user pays, Stripe's signed webhook credits
++$10.00, and the next request is served within a second, with nobody in between."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from billingproxy import local_stack
+
+from stripe_testkit import TEN_USD_NANO, Gateway, wait_until
+
+
+async def test_empty_wallet_pays_through_the_local_double_and_is_served_again(default_stack) -> None:
+    stack, db = default_stack
+    assert stack.stripe_double_url.startswith("http://127.0.0.1:")  # no keys → the double runs
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        gateway = Gateway(stack.gateway_url, http)
+        user = await gateway.signup()
+        refusal = await gateway.exhaust(user["api_key"])
+        assert refusal["error"]["code"] == "insufficient_funds"
+        assert refusal["error"]["message"] == "Insufficient funds. Please top up."
+        top_up_url = refusal["error"]["top_up_url"]
+        assert top_up_url == f"{stack.gateway_url}/billing/topup"
+
+        # The link itself is a page a person can use (a browser cannot send a Bearer key).
+        async with http.get(top_up_url) as r:
+            assert r.status == 200 and "Continue to payment" in await r.text()
+        # A program posts to it.
+        topup = await gateway.topup(user["api_key"], "10.00")
+        assert topup["checkout_url"].startswith(f"{stack.stripe_double_url}/c/pay/cs_test_")
+
+        async with http.get(topup["checkout_url"]) as r:
+            page = await r.text()
+        assert "TEST MODE" in page and "$10.00" in page
+        before = await db.balance(user["wallet_id"])
+        async with http.post(topup["checkout_url"], allow_redirects=False) as r:
+            # The double has delivered checkout.session.completed, signed, through Envoy.
+            assert r.status == 303, await r.text()
+            success = r.headers["location"]
+        paid_at = time.monotonic()
+        assert success == f"{stack.gateway_url}/billing/topup/success?session_id={topup['session_id']}"
+
+        async def served() -> bool:
+            status, body = await gateway.chat(user["api_key"])
+            assert status in (200, 403), body
+            return status == 200
+
+        await wait_until(served, 1.0, "the first request after the credit being served")
+        assert time.monotonic() - paid_at < 1.0
+        async with http.get(success) as r:
+            assert "data-state=credited" in await r.text()
+        entries = await db.entries(user["wallet_id"])
+        topups = [e for e in entries if e.kind == "topup"]
+        assert [(e.amount_nano, e.balance_after_nano) for e in topups] == [(TEN_USD_NANO, before + TEN_USD_NANO)]
+        balance = await gateway.balance(user["api_key"])
+        assert balance["state"] == "active"
+
+
+async def test_webhooks_through_envoy_verified_once_and_unblocking(keyed_stack) -> None:
+    stack, db, double = keyed_stack
+    assert stack.stripe_double_url == ""  # keys configured → no double of the stack's own
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        gateway = Gateway(stack.gateway_url, http)
+        user = await gateway.signup()
+        await gateway.exhaust(user["api_key"])
+        topup = await gateway.topup(user["api_key"], "10.00")
+        event = double.complete(topup["session_id"])
+        payload = double.payload(event)
+        url = stack.gateway_url + "/stripe/webhook"
+
+        async def deliver(signature: str) -> tuple[int, dict]:
+            async with http.post(url, data=payload.encode(),
+                                 headers={"content-type": "application/json", "stripe-signature": signature}) as r:
+                return r.status, await r.json()
+
+        status, body = await deliver(double.sign(payload, secret="whsec_forged"))
+        assert (status, body["error"]["code"]) == (400, "invalid_signature")
+        status, body = await deliver(double.sign(payload, timestamp=int(time.time()) - 400))
+        assert (status, body["error"]["code"]) == (400, "invalid_signature")
+        assert (await gateway.chat(user["api_key"]))[0] == 403
+
+        answers = await asyncio.gather(*(deliver(double.sign(payload)) for _ in range(8)))
+        assert [status for status, _ in answers] == [200] * 8
+        assert sorted(body["duplicate"] for _, body in answers) == [False] + [True] * 7
+        assert (await gateway.chat(user["api_key"]))[0] == 200
+        topups = [e for e in await db.entries(user["wallet_id"]) if e.kind == "topup"]
+        assert [e.amount_nano for e in topups] == [TEN_USD_NANO]
+
+        # A payload about a wallet this gateway does not have: recorded, answered 2xx.
+        stranger = double.create_session({**double.sessions[topup["session_id"]], "client_reference_id": None,
+                                          "metadata": {"wallet_id": "wal_elsewhere"},
+                                          "line_items": [{"quantity": "1", "price_data": {
+                                              "currency": "usd", "unit_amount": "1000", "product_data": {"name": "x"}}}]})
+        assert await double.deliver(double.complete(stranger["id"])) == 200
+        [recorded] = [e for e in await db.events() if e.wallet_id == "wal_elsewhere"]
+        assert recorded.outcome == "unknown_wallet"
+
+
+async def test_billingproxy_up_says_how_to_pay_and_forward_webhooks(default_stack, keyed_stack) -> None:
+    for stack in (default_stack[0], keyed_stack[0]):
+        text = local_stack._greeting(stack)
+        assert f"stripe listen --forward-to {stack.gateway_url}/stripe/webhook" in text
+        assert f"{stack.gateway_url}/billing/topup" in text
+    assert "TEST MODE" in local_stack._greeting(default_stack[0])
+    assert "TEST MODE" not in local_stack._greeting(keyed_stack[0])

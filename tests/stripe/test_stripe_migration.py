@@ -1,0 +1,47 @@
+"""Migration 0003 (the Stripe tables) goes down and up again cleanly, and matches the tables that
+billing.payments declares."""
+
+from __future__ import annotations
+
+import asyncio
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from billing import database, payments
+
+from stripe_testkit import Db
+
+STRIPE_TABLES = {"stripe_events", "stripe_checkout_sessions", "stripe_payments", "stripe_disputes",
+                 "stripe_dispute_suspensions"}
+
+
+def _alembic(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(database._MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+async def table_columns(db: Db) -> dict[str, set[str]]:
+    async with db.engine.connect() as conn:
+        rows = await conn.execute(sa.text(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_name LIKE 'stripe_%'"))
+        found: dict[str, set[str]] = {}
+        for table, column in rows:
+            found.setdefault(table, set()).add(column)
+        return found
+
+
+async def test_0003_downgrades_and_upgrades_and_matches_the_declared_tables(db: Db) -> None:
+    declared = {t.name: {c.name for c in t.columns} for t in (
+        payments.stripe_events, payments.stripe_checkout_sessions, payments.stripe_payments,
+        payments.stripe_disputes, payments.stripe_dispute_suspensions)}
+    assert set(declared) == STRIPE_TABLES
+    assert await table_columns(db) == declared
+
+    await asyncio.to_thread(command.downgrade, _alembic(db.url), "0003-1")
+    assert await table_columns(db) == {}
+    await asyncio.to_thread(command.upgrade, _alembic(db.url), "head")
+    assert await table_columns(db) == declared

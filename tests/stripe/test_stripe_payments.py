@@ -1,0 +1,365 @@
+"""billing.payments on a real PostgreSQL, fed the events the Stripe test double makes: credits,
+duplicates (sequential and concurrent), every order of a payment's events, unpaid and async
+payments, refunds, disputes, unknown wallets. No HTTP here; the webhook tests add it."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+
+import pytest
+import sqlalchemy as sa
+
+from billing import ledger, payments, tables
+from billingproxy.stripe_double import StripeDouble
+
+from stripe_testkit import TEN_USD_NANO, Db
+
+CENT = 10**7
+
+
+async def kinds(db: Db, wallet_id: str) -> dict[str, int]:
+    """Σ amount per entry kind: a payment's end state, whatever the entries' order and count."""
+    sums: dict[str, int] = {}
+    for entry in await db.entries(wallet_id):
+        sums[entry.kind] = sums.get(entry.kind, 0) + entry.amount_nano
+    return sums
+
+
+# --- credits -------------------------------------------------------------------------------------
+
+
+async def test_a_paid_checkout_credits_the_wallet_once(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet(grant_nano=500_000_000)
+    event = double.complete(new_session(wallet_id))
+
+    first = await db.process(event)
+    assert (first.outcome, first.wallet_id, first.duplicate) == ("credited", wallet_id, False)
+    assert await db.balance(wallet_id) == 500_000_000 + TEN_USD_NANO
+    [grant, credit] = await db.entries(wallet_id)
+    pi = event["data"]["object"]["payment_intent"]
+    assert (credit.kind, credit.amount_nano, credit.idempotency_key) == ("topup", TEN_USD_NANO, f"stripe:{pi}")
+    assert credit.details["checkout_session"] == event["data"]["object"]["id"]
+
+    counts = await db.row_counts()
+    again = await db.process(copy.deepcopy(event))
+    assert (again.outcome, again.duplicate) == ("credited", True)
+    assert await db.row_counts() == counts
+    assert await db.balance(wallet_id) == 500_000_000 + TEN_USD_NANO
+    [recorded] = await db.events()
+    assert (recorded.id, recorded.type, recorded.outcome, recorded.wallet_id) == (
+        event["id"], "checkout.session.completed", "credited", wallet_id)
+
+
+async def test_the_same_payment_through_two_events_credits_once(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    session_id = new_session(wallet_id)
+    completed = double.complete(session_id, async_payment=True)
+    assert completed["data"]["object"]["payment_status"] == "unpaid"
+    assert (await db.process(completed)).outcome == "awaiting_payment"
+    assert await db.balance(wallet_id) == 0
+
+    succeeded = double.async_result(session_id, succeeded=True)
+    assert (await db.process(succeeded)).outcome == "credited"
+    # Another event about the same (now paid) session: a different event id, the same payment.
+    resent = double.event("checkout.session.completed", double.sessions[session_id])
+    assert resent["id"] != succeeded["id"]
+    assert (await db.process(resent)).outcome == "already_credited"
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO}
+
+
+async def test_a_failed_async_payment_never_credits(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    session_id = new_session(wallet_id)
+    assert (await db.process(double.complete(session_id, async_payment=True))).outcome == "awaiting_payment"
+    failed = double.async_result(session_id, succeeded=False)
+    # Even a (malformed) failure event claiming "paid" must not credit.
+    failed["data"]["object"]["payment_status"] = "paid"
+    assert (await db.process(failed)).outcome == "payment_failed"
+    assert await db.entries(wallet_id) == []
+    assert await db.count(payments.stripe_payments) == 0
+
+
+async def test_unpaid_and_expired_sessions_credit_nothing(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    unpaid = double.complete(new_session(wallet_id), async_payment=True)
+    expired = double.expire(new_session(wallet_id))
+    no_payment = double.complete(new_session(wallet_id))
+    no_payment["data"]["object"]["payment_status"] = "no_payment_required"
+    assert [(await db.process(e)).outcome for e in (unpaid, expired, no_payment)] == [
+        "awaiting_payment", "session_expired", "awaiting_payment"]
+    assert await db.entries(wallet_id) == []
+
+
+async def test_an_unknown_wallet_is_recorded_not_credited(db: Db, double: StripeDouble, new_session) -> None:
+    before = await db.row_counts()
+    event = double.complete(new_session("wal_doesnotexist"))
+    result = await db.process(event)
+    assert (result.outcome, result.wallet_id) == ("unknown_wallet", "wal_doesnotexist")
+    after = await db.row_counts()
+    assert after == {**before, "stripe_events": 1}
+    # ...and its refund later stays a fact about a payment nobody was credited for.
+    refund = await db.process(double.refund(event["data"]["object"]["payment_intent"], 500))
+    assert refund.outcome == "pending_payment"
+    assert await db.count(tables.ledger_entries) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "outcome"),
+    [
+        ({"client_reference_id": None, "metadata": {}}, "not_ours"),
+        ({"mode": "subscription"}, "not_ours"),
+        ({"currency": "eur"}, "unsupported_currency"),
+        ({"payment_intent": None}, "invalid_object"),
+        ({"metadata": {"wallet_id": "wal_someoneelse"}}, "invalid_object"),
+        ({"object": "payment_intent"}, "invalid_object"),
+    ],
+)
+async def test_sessions_that_are_not_top_ups_are_recorded_and_ignored(
+    db: Db, double: StripeDouble, new_session, change: dict, outcome: str
+) -> None:
+    wallet_id, _ = await db.new_wallet()
+    event = double.complete(new_session(wallet_id))
+    event["data"]["object"].update(change)
+    assert (await db.process(event)).outcome == outcome
+    assert await db.entries(wallet_id) == []
+
+
+async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_events_refused(db: Db, double: StripeDouble) -> None:
+    event = double.event("customer.created", {"id": "cus_1", "object": "customer"})
+    assert (await db.process(event)).outcome == "ignored_type"
+    for broken in ({}, {"id": "evt_1", "type": "x"}, {"id": "evt_1", "type": "x", "data": {"object": []}}):
+        with pytest.raises(payments.InvalidEvent):
+            await db.process(broken)
+    assert await db.count(payments.stripe_events) == 1
+
+
+async def test_a_retrieved_session_credits_like_its_webhook(db: Db, double: StripeDouble, new_session) -> None:
+    """Reconciliation after a missed webhook, then the webhook after all: one credit."""
+    wallet_id, _ = await db.new_wallet()
+    session_id = new_session(wallet_id)
+    async with db.engine.begin() as conn:
+        await payments.record_checkout_session(conn, session_id=session_id, wallet_id=wallet_id,
+                                               amount_nano=TEN_USD_NANO, expires_at=None)
+        assert await payments.open_checkout_sessions(conn, limit=10) == [session_id]
+    event = double.complete(session_id)
+    async with db.engine.begin() as conn:
+        assert (await payments.apply_checkout_session(conn, double.sessions[session_id])).outcome == "credited"
+        assert await payments.open_checkout_sessions(conn, limit=10) == []
+        status = await payments.checkout_session_status(conn, session_id)
+    assert status == payments.SessionStatus(session_id, TEN_USD_NANO, "complete", credited=True)
+    assert (await db.process(event)).outcome == "already_credited"
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO}
+
+
+# --- refunds -------------------------------------------------------------------------------------
+
+
+async def test_partial_then_full_refunds_debit_only_the_new_part(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    pi = paid["data"]["object"]["payment_intent"]
+    await db.process(paid)
+
+    partial = double.refund(pi, 300)
+    assert partial["data"]["object"]["amount_refunded"] == 300 and not partial["data"]["object"]["refunded"]
+    result = await db.process(partial)
+    assert result.outcome == "refund_debited"
+    assert await db.balance(wallet_id) == 700 * CENT
+
+    rest = double.refund(pi)
+    assert rest["data"]["object"]["amount_refunded"] == 1000 and rest["data"]["object"]["refunded"]
+    assert (await db.process(rest)).outcome == "refund_debited"
+    assert await db.balance(wallet_id) == 0
+    charge = rest["data"]["object"]["id"]
+    assert [(e.kind, e.amount_nano, e.idempotency_key) for e in (await db.entries(wallet_id))[1:]] == [
+        ("refund", -300 * CENT, f"refund:{charge}/300"),
+        ("refund", -700 * CENT, f"refund:{charge}/1000"),
+    ]
+    # The same refund again, as a new event (Stripe resends a snapshot): nothing more.
+    resent = double.event("charge.refunded", double.charges[charge])
+    assert (await db.process(resent)).outcome == "refund_already_applied"
+    assert await db.balance(wallet_id) == 0
+
+
+async def test_refund_events_out_of_order_end_the_same(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    pi = paid["data"]["object"]["payment_intent"]
+    first, second = double.refund(pi, 300), double.refund(pi, 200)
+    # The later snapshot (500 in all) first, then the older one (300): the older changes nothing.
+    assert (await db.process(second)).outcome == "pending_payment"
+    assert (await db.process(paid)).outcome == "credited"
+    assert (await db.process(first)).outcome == "refund_already_applied"
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "refund": -500 * CENT}
+
+
+# --- disputes ------------------------------------------------------------------------------------
+
+
+async def test_a_dispute_debits_and_suspends_until_won(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    pi = paid["data"]["object"]["payment_intent"]
+    await db.process(paid)
+    # Spend most of it, so the dispute takes the balance below zero.
+    async with db.engine.begin() as conn:
+        await ledger.post_entry(conn, wallet_id=wallet_id, kind="usage", amount_nano=-9 * 10**9,
+                                idempotency_key="usage:r1")
+
+    created = double.dispute(pi)
+    assert (await db.process(created)).outcome == "dispute_debited"
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.balance_nano, wallet.suspended, wallet.state) == (-9 * 10**9, True, "suspended")
+
+    dispute_id = created["data"]["object"]["id"]
+    assert (await db.process(double.update_dispute(dispute_id, "under_review"))).outcome == "dispute_recorded"
+    assert (await db.wallet(wallet_id)).suspended
+
+    won = double.update_dispute(dispute_id, "won")
+    assert won["type"] == "charge.dispute.closed"
+    assert (await db.process(won)).outcome == "dispute_reversed"
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.balance_nano, wallet.suspended) == (10**9, False)
+    assert [(e.kind, e.idempotency_key) for e in (await db.entries(wallet_id))[-2:]] == [
+        ("dispute", f"dispute:{dispute_id}"), ("dispute_reversal", f"dispute_won:{dispute_id}")]
+
+
+async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_suspension(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    await db.process(paid)
+    created = double.dispute(paid["data"]["object"]["payment_intent"])
+    await db.process(created)
+    assert (await db.process(double.update_dispute(created["data"]["object"]["id"], "lost"))).outcome == "dispute_recorded"
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.balance_nano, wallet.suspended) == (0, False)
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "dispute": -TEN_USD_NANO}
+
+
+async def test_a_dispute_closing_never_lifts_an_operators_suspension(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    await db.process(paid)
+    async with db.engine.begin() as conn:
+        await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=True))
+    created = double.dispute(paid["data"]["object"]["payment_intent"])
+    await db.process(created)
+    await db.process(double.update_dispute(created["data"]["object"]["id"], "won"))
+    assert (await db.wallet(wallet_id)).suspended
+    assert await db.count(payments.stripe_dispute_suspensions) == 0
+
+
+async def test_two_disputes_keep_the_wallet_suspended_until_the_last_closes(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    a, b = double.complete(new_session(wallet_id)), double.complete(new_session(wallet_id))
+    await db.process(a)
+    await db.process(b)
+    da = double.dispute(a["data"]["object"]["payment_intent"])
+    db_ = double.dispute(b["data"]["object"]["payment_intent"])
+    await db.process(da)
+    await db.process(db_)
+    await db.process(double.update_dispute(da["data"]["object"]["id"], "won"))
+    assert (await db.wallet(wallet_id)).suspended
+    await db.process(double.update_dispute(db_["data"]["object"]["id"], "warning_closed"))
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.balance_nano, wallet.suspended) == (2 * TEN_USD_NANO, False)
+
+
+async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    created = double.dispute(paid["data"]["object"]["payment_intent"])
+    dispute_id = created["data"]["object"]["id"]
+    review = double.update_dispute(dispute_id, "under_review")
+    won = double.update_dispute(dispute_id, "won")
+    review["created"] = won["created"]  # the same second: the closing status still wins
+    created["created"] = won["created"] - 5  # older
+    for event in (won, paid, review, created):
+        await db.process(event)
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.balance_nano, wallet.suspended) == (TEN_USD_NANO, False)
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "dispute": -TEN_USD_NANO, "dispute_reversal": TEN_USD_NANO}
+
+
+# --- every order ---------------------------------------------------------------------------------
+
+
+async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, double: StripeDouble, new_session) -> None:
+    """completed, two partial refunds, a dispute opened and won (plus a duplicate), in all 120
+    orders: the same balance, the same sums per kind, not suspended, books in agreement."""
+    names = ("completed", "refund_300", "refund_200", "dispute", "won")
+    states = set()
+    for order in itertools.permutations(range(len(names))):
+        wallet_id, _ = await db.new_wallet()
+        paid = double.complete(new_session(wallet_id))
+        pi = paid["data"]["object"]["payment_intent"]
+        r1, r2 = double.refund(pi, 300), double.refund(pi, 200)
+        dispute = double.dispute(pi)
+        won = double.update_dispute(dispute["data"]["object"]["id"], "won")
+        events = [paid, r1, r2, dispute, won]
+        seen_suspended = False
+        for i in order:
+            await db.process(events[i])
+            seen_suspended |= (await db.wallet(wallet_id)).suspended
+        await db.process(copy.deepcopy(events[order[0]]))  # a duplicate at the end
+        wallet = await db.wallet(wallet_id)
+        states.add((wallet.balance_nano, wallet.suspended, tuple(sorted((await kinds(db, wallet_id)).items()))))
+    assert states == {
+        (500 * CENT, False, (("dispute", -500 * CENT), ("dispute_reversal", 500 * CENT), ("refund", -500 * CENT), ("topup", TEN_USD_NANO)))
+    }
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_deliveries_credit_once(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    session_id = new_session(wallet_id)
+    completed = double.complete(session_id, async_payment=True)
+    succeeded = double.async_result(session_id, succeeded=True)
+    paid_again = double.event("checkout.session.completed", double.sessions[session_id])
+    # Ten copies of one event, and two other events about the same payment, all at once.
+    results = await asyncio.gather(
+        *(db.process(copy.deepcopy(succeeded)) for _ in range(10)),
+        db.process(completed),
+        db.process(paid_again),
+    )
+    outcomes = sorted(r.outcome for r in results if not r.duplicate)
+    assert sorted(outcomes) == sorted(["awaiting_payment", "credited", "already_credited"])
+    assert sum(r.duplicate for r in results) == 9
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO}
+
+
+async def test_concurrent_refunds_and_disputes_apply_once_each(db: Db, double: StripeDouble, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    paid = double.complete(new_session(wallet_id))
+    pi = paid["data"]["object"]["payment_intent"]
+    refunds = [double.refund(pi, 100) for _ in range(5)]  # cumulative 100, 200, … 500
+    dispute = double.dispute(pi)
+    await asyncio.gather(db.process(paid), *(db.process(r) for r in refunds), db.process(dispute),
+                         *(db.process(copy.deepcopy(r)) for r in refunds))
+    wallet = await db.wallet(wallet_id)
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "refund": -500 * CENT, "dispute": -500 * CENT}
+    assert (wallet.balance_nano, wallet.suspended) == (0, True)
+
+
+# --- amounts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "nano"), [("10.00", TEN_USD_NANO), ("10", TEN_USD_NANO), (10, TEN_USD_NANO),
+                                             ("5.00", 5 * 10**9), ("500", 500 * 10**9), (" 12.34 ", 1234 * CENT),
+                                             ("10.000", TEN_USD_NANO)])
+def test_topup_amounts_in_bounds_are_read_exactly(value: object, nano: int) -> None:
+    assert payments.parse_topup_amount(value, min_nano=5 * 10**9, max_nano=500 * 10**9) == nano
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("4.99", "from 5.00 to 500.00"), ("500.01", "from 5.00 to 500.00"), ("0", "from 5.00"),
+    ("10.001", "fractions of a cent"), ("-10", "negative"), ("1e3", "not a USD amount"), ("abc", "not a USD amount"),
+    (10.5, "decimal string"), (None, "decimal string"), (True, "decimal string"), ("", "not a USD amount"),
+])
+def test_bad_topup_amounts_say_what_is_wrong(value: object, message: str) -> None:
+    with pytest.raises(payments.TopupAmountError, match=message):
+        payments.parse_topup_amount(value, min_nano=5 * 10**9, max_nano=500 * 10**9)
