@@ -55,77 +55,6 @@ DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented"})
 # ...and those in which the disputed money came back (an inquiry closed, a dispute won or prevented).
 DISPUTE_REVERSED = frozenset({"won", "warning_closed", "prevented"})
 
-# --- tables (created by migration 0003) ----------------------------------------------------------
-_now = sa.text("now()")
-
-stripe_events = sa.Table(
-    "stripe_events",
-    tables.metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("type", sa.Text, nullable=False),
-    sa.Column("object_id", sa.Text, nullable=True),
-    sa.Column("livemode", sa.Boolean, nullable=False),
-    # The event's own `created` (Unix seconds): orders a dispute's status changes.
-    sa.Column("stripe_created", sa.BigInteger, nullable=False),
-    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-    sa.Column("outcome", sa.Text, nullable=False),
-    # The wallet the event named, even one that does not exist (so no foreign key).
-    sa.Column("wallet_id", sa.Text, nullable=True),
-    sa.Column("detail", sa.Text, nullable=False, server_default=""),
-)
-
-stripe_checkout_sessions = sa.Table(
-    "stripe_checkout_sessions",
-    tables.metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
-    sa.Column("amount_nano", sa.BigInteger, nullable=False),
-    sa.Column("status", sa.Text, nullable=False, server_default="open"),
-    sa.Column("payment_intent", sa.Text, nullable=True),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-)
-
-stripe_payments = sa.Table(
-    "stripe_payments",
-    tables.metadata,
-    sa.Column("payment_intent", sa.Text, primary_key=True),
-    # NULL until a paid checkout session names the wallet (a refund or dispute may come first).
-    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=True),
-    sa.Column("checkout_session", sa.Text, nullable=True),
-    sa.Column("charge", sa.Text, nullable=True),
-    sa.Column("amount_nano", sa.BigInteger, nullable=True),
-    sa.Column("paid", sa.Boolean, nullable=False, server_default=sa.false()),
-    # Stripe's cumulative charge.amount_refunded (the largest seen) and how much of it is debited.
-    sa.Column("refunded_nano", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("refund_applied_nano", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-)
-
-stripe_disputes = sa.Table(
-    "stripe_disputes",
-    tables.metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("payment_intent", sa.Text, sa.ForeignKey("stripe_payments.payment_intent"), nullable=False),
-    sa.Column("charge", sa.Text, nullable=True),
-    sa.Column("amount_nano", sa.BigInteger, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("status_event_created", sa.BigInteger, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-)
-
-stripe_dispute_suspensions = sa.Table(
-    "stripe_dispute_suspensions",
-    tables.metadata,
-    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
-    sa.Column("dispute_id", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-)
-
-
 # --- amounts -------------------------------------------------------------------------------------
 
 
@@ -238,7 +167,7 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
     # First, so a concurrent delivery of the same event waits here and then finds it done.
     inserted = (
         await conn.execute(
-            pg_insert(stripe_events)
+            pg_insert(tables.stripe_events)
             .values(
                 id=event_id,
                 type=event_type,
@@ -248,14 +177,14 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
                 outcome="processing",
             )
             .on_conflict_do_nothing(index_elements=["id"])
-            .returning(stripe_events.c.id)
+            .returning(tables.stripe_events.c.id)
         )
     ).first()
     if inserted is None:
         first = (
             await conn.execute(
-                sa.select(stripe_events.c.outcome, stripe_events.c.wallet_id, stripe_events.c.detail).where(
-                    stripe_events.c.id == event_id
+                sa.select(tables.stripe_events.c.outcome, tables.stripe_events.c.wallet_id, tables.stripe_events.c.detail).where(
+                    tables.stripe_events.c.id == event_id
                 )
             )
         ).one()
@@ -267,8 +196,8 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
     except _Skip as skip:
         result = skip.result
     await conn.execute(
-        sa.update(stripe_events)
-        .where(stripe_events.c.id == event_id)
+        sa.update(tables.stripe_events)
+        .where(tables.stripe_events.c.id == event_id)
         .values(outcome=result.outcome, wallet_id=result.wallet_id, detail=result.detail[:500])
     )
     return result
@@ -314,7 +243,7 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
     if payment_intent is None or not amount_cents:
         raise _Skip("invalid_object", "a paid session without payment_intent or amount_total", wallet_id)
 
-    payments = stripe_payments
+    payments = tables.stripe_payments
     insert = pg_insert(payments).values(
         payment_intent=payment_intent,
         wallet_id=wallet_id,
@@ -349,7 +278,7 @@ async def _record_session_status(
 ) -> None:
     if status not in ("open", "complete", "expired"):
         return
-    s = stripe_checkout_sessions
+    s = tables.stripe_checkout_sessions
     # complete and expired are final: a late "open" (an old retrieval) never reopens a session.
     await conn.execute(
         sa.update(s)
@@ -369,7 +298,7 @@ async def _charge_refunded(conn: AsyncConnection, charge: Mapping[str, Any], _ty
     if charge.get("currency") != CURRENCY:
         raise _Skip("unsupported_currency", f"currency {charge.get('currency')!r}")
 
-    payments = stripe_payments
+    payments = tables.stripe_payments
     insert = pg_insert(payments).values(
         payment_intent=payment_intent, charge=charge_id, refunded_nano=refunded_cents * NANO_PER_CENT
     )
@@ -416,16 +345,16 @@ async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str
     # The payment row first (created empty if this is the first we hear of it): it is the lock
     # that serializes everything about one payment.
     await conn.execute(
-        pg_insert(stripe_payments)
+        pg_insert(tables.stripe_payments)
         .values(payment_intent=payment_intent)
         .on_conflict_do_nothing(index_elements=["payment_intent"])
     )
     await conn.execute(
-        sa.select(stripe_payments.c.payment_intent)
-        .where(stripe_payments.c.payment_intent == payment_intent)
+        sa.select(tables.stripe_payments.c.payment_intent)
+        .where(tables.stripe_payments.c.payment_intent == payment_intent)
         .with_for_update()
     )
-    d = stripe_disputes
+    d = tables.stripe_disputes
     known = (await conn.execute(sa.select(d).where(d.c.id == dispute_id))).first()
     if known is None:
         await conn.execute(
@@ -480,7 +409,7 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
     """Post whatever the payment's facts call for and is not posted yet; lock the payment first."""
     p = (
         await conn.execute(
-            sa.select(stripe_payments).where(stripe_payments.c.payment_intent == payment_intent).with_for_update()
+            sa.select(tables.stripe_payments).where(tables.stripe_payments.c.payment_intent == payment_intent).with_for_update()
         )
     ).one()
     if not p.paid or p.wallet_id is None or p.amount_nano is None:
@@ -510,11 +439,11 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
             },
         )
         await conn.execute(
-            sa.update(stripe_payments)
-            .where(stripe_payments.c.payment_intent == payment_intent)
+            sa.update(tables.stripe_payments)
+            .where(tables.stripe_payments.c.payment_intent == payment_intent)
             .values(refund_applied_nano=p.refunded_nano, updated_at=sa.func.now())
         )
-    d = stripe_disputes
+    d = tables.stripe_disputes
     for dispute in (await conn.execute(sa.select(d).where(d.c.payment_intent == payment_intent).order_by(d.c.id))).all():
         details = {"payment_intent": payment_intent, "charge": dispute.charge, "dispute": dispute.id}
         applied.dispute_debits.append(
@@ -543,7 +472,7 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
 
 
 async def _open_disputes(conn: AsyncConnection, wallet_id: str) -> list[str]:
-    d, p = stripe_disputes, stripe_payments
+    d, p = tables.stripe_disputes, tables.stripe_payments
     rows = await conn.execute(
         sa.select(d.c.id)
         .join(p, p.c.payment_intent == d.c.payment_intent)
@@ -555,7 +484,7 @@ async def _open_disputes(conn: AsyncConnection, wallet_id: str) -> list[str]:
 
 async def _sync_suspension(conn: AsyncConnection, wallet_id: str) -> None:
     """Suspend the wallet while it has an open dispute; lift only a suspension we set."""
-    w, s = tables.wallets, stripe_dispute_suspensions
+    w, s = tables.wallets, tables.stripe_dispute_suspensions
     open_disputes = await _open_disputes(conn, wallet_id)
     ours = (await conn.execute(sa.select(s.c.dispute_id).where(s.c.wallet_id == wallet_id))).first()
     if open_disputes and ours is None:
@@ -582,7 +511,7 @@ async def record_checkout_session(
 ) -> None:
     """Remember a session we created (a replayed creation keeps the first row)."""
     await conn.execute(
-        pg_insert(stripe_checkout_sessions)
+        pg_insert(tables.stripe_checkout_sessions)
         .values(id=session_id, wallet_id=wallet_id, amount_nano=amount_nano, expires_at=expires_at)
         .on_conflict_do_nothing(index_elements=["id"])
     )
@@ -597,7 +526,7 @@ class SessionStatus:
 
 
 async def checkout_session_status(conn: AsyncConnection, session_id: str) -> SessionStatus | None:
-    s = stripe_checkout_sessions
+    s = tables.stripe_checkout_sessions
     row = (await conn.execute(sa.select(s).where(s.c.id == session_id))).first()
     if row is None:
         return None
@@ -608,7 +537,7 @@ async def checkout_session_status(conn: AsyncConnection, session_id: str) -> Ses
 async def open_checkout_sessions(conn: AsyncConnection, *, limit: int) -> list[str]:
     """Sessions we created and never saw complete or expire, oldest first: what a reconciliation
     retrieves from Stripe and passes to :func:`apply_checkout_session`."""
-    s = stripe_checkout_sessions
+    s = tables.stripe_checkout_sessions
     rows = await conn.execute(
         sa.select(s.c.id).where(s.c.status == "open").order_by(s.c.created_at).limit(limit)
     )
@@ -622,7 +551,7 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
     """Disagreements between Stripe's facts and the ledger. Empty when the books agree."""
     problems: list[str] = []
     le = tables.ledger_entries
-    payments = (await conn.execute(sa.select(stripe_payments))).all()
+    payments = (await conn.execute(sa.select(tables.stripe_payments))).all()
     for p in payments:
         keyed = {
             e.idempotency_key: e
@@ -645,7 +574,7 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
         if not refunds == p.refund_applied_nano == p.refunded_nano:
             problems.append(f"{p.payment_intent}: refunded {p.refunded_nano}, debited {refunds}")
         disputes = (
-            await conn.execute(sa.select(stripe_disputes).where(stripe_disputes.c.payment_intent == p.payment_intent))
+            await conn.execute(sa.select(tables.stripe_disputes).where(tables.stripe_disputes.c.payment_intent == p.payment_intent))
         ).all()
         for d in disputes:
             debit, reversal = keyed.get(f"dispute:{d.id}"), keyed.get(f"dispute_won:{d.id}")
@@ -653,7 +582,7 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
                 problems.append(f"{d.id}: disputed {d.amount_nano}, debit {debit!r}")
             if (d.status in DISPUTE_REVERSED) != (reversal is not None):
                 problems.append(f"{d.id}: status {d.status}, reversal {reversal!r}")
-    w, s = tables.wallets, stripe_dispute_suspensions
+    w, s = tables.wallets, tables.stripe_dispute_suspensions
     # (A recorded suspension on an active wallet is fine: an operator lifted it by hand.)
     for row in (await conn.execute(sa.select(s.c.wallet_id, w.c.suspended).join(w, w.c.id == s.c.wallet_id))).all():
         if not await _open_disputes(conn, row.wallet_id):

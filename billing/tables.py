@@ -99,3 +99,72 @@ sa.Index(
     holds.c.expires_at,
     postgresql_where=holds.c.state == "pending",
 )
+
+# --- Stripe (migration 0003; the rules live in billing/payments.py) -------------------------------
+
+stripe_events = sa.Table(
+    "stripe_events",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("object_id", sa.Text, nullable=True),
+    sa.Column("livemode", sa.Boolean, nullable=False),
+    # The event's own `created` (Unix seconds): orders a dispute's status changes.
+    sa.Column("stripe_created", sa.BigInteger, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("outcome", sa.Text, nullable=False),
+    # The wallet the event named, even one that does not exist (so no foreign key).
+    sa.Column("wallet_id", sa.Text, nullable=True),
+    sa.Column("detail", sa.Text, nullable=False, server_default=""),
+)
+
+stripe_checkout_sessions = sa.Table(
+    "stripe_checkout_sessions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="open"),
+    sa.Column("payment_intent", sa.Text, nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+stripe_payments = sa.Table(
+    "stripe_payments",
+    metadata,
+    sa.Column("payment_intent", sa.Text, primary_key=True),
+    # NULL until a paid checkout session names the wallet (a refund or dispute may come first).
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=True),
+    sa.Column("checkout_session", sa.Text, nullable=True),
+    sa.Column("charge", sa.Text, nullable=True),
+    sa.Column("amount_nano", sa.BigInteger, nullable=True),
+    sa.Column("paid", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Stripe's cumulative charge.amount_refunded (the largest seen) and how much of it is debited.
+    sa.Column("refunded_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("refund_applied_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+stripe_disputes = sa.Table(
+    "stripe_disputes",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("payment_intent", sa.Text, sa.ForeignKey("stripe_payments.payment_intent"), nullable=False),
+    sa.Column("charge", sa.Text, nullable=True),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("status_event_created", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+stripe_dispute_suspensions = sa.Table(
+    "stripe_dispute_suspensions",
+    metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    sa.Column("dispute_id", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)

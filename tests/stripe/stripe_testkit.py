@@ -59,15 +59,15 @@ class Db:
 
     async def events(self) -> list[sa.Row]:
         async with self.engine.connect() as conn:
-            return list((await conn.execute(sa.select(payments.stripe_events).order_by(payments.stripe_events.c.received_at))).all())
+            return list((await conn.execute(sa.select(tables.stripe_events).order_by(tables.stripe_events.c.received_at))).all())
 
     async def count(self, table: sa.Table) -> int:
         async with self.engine.connect() as conn:
             return (await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one()
 
     async def row_counts(self) -> dict[str, int]:
-        every = (tables.wallets, tables.ledger_entries, payments.stripe_events, payments.stripe_payments,
-                 payments.stripe_disputes, payments.stripe_checkout_sessions, payments.stripe_dispute_suspensions)
+        every = (tables.wallets, tables.ledger_entries, tables.stripe_events, tables.stripe_payments,
+                 tables.stripe_disputes, tables.stripe_checkout_sessions, tables.stripe_dispute_suspensions)
         return {t.name: await self.count(t) for t in every}
 
     async def process(self, event: dict[str, Any]) -> payments.Result:

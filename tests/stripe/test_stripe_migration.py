@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from billing import database, payments
+from billing import database, payments, tables
 
 from stripe_testkit import Db
 
@@ -36,8 +36,8 @@ async def table_columns(db: Db) -> dict[str, set[str]]:
 
 async def test_0003_downgrades_and_upgrades_and_matches_the_declared_tables(db: Db) -> None:
     declared = {t.name: {c.name for c in t.columns} for t in (
-        payments.stripe_events, payments.stripe_checkout_sessions, payments.stripe_payments,
-        payments.stripe_disputes, payments.stripe_dispute_suspensions)}
+        tables.stripe_events, tables.stripe_checkout_sessions, tables.stripe_payments,
+        tables.stripe_disputes, tables.stripe_dispute_suspensions)}
     assert set(declared) == STRIPE_TABLES
     assert await table_columns(db) == declared
 

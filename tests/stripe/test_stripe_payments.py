@@ -78,7 +78,7 @@ async def test_a_failed_async_payment_never_credits(db: Db, double: StripeDouble
     failed["data"]["object"]["payment_status"] = "paid"
     assert (await db.process(failed)).outcome == "payment_failed"
     assert await db.entries(wallet_id) == []
-    assert await db.count(payments.stripe_payments) == 0
+    assert await db.count(tables.stripe_payments) == 0
 
 
 async def test_unpaid_and_expired_sessions_credit_nothing(db: Db, double: StripeDouble, new_session) -> None:
@@ -132,7 +132,7 @@ async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_even
     for broken in ({}, {"id": "evt_1", "type": "x"}, {"id": "evt_1", "type": "x", "data": {"object": []}}):
         with pytest.raises(payments.InvalidEvent):
             await db.process(broken)
-    assert await db.count(payments.stripe_events) == 1
+    assert await db.count(tables.stripe_events) == 1
 
 
 async def test_a_retrieved_session_credits_like_its_webhook(db: Db, double: StripeDouble, new_session) -> None:
@@ -248,7 +248,7 @@ async def test_a_dispute_closing_never_lifts_an_operators_suspension(db: Db, dou
     await db.process(created)
     await db.process(double.update_dispute(created["data"]["object"]["id"], "won"))
     assert (await db.wallet(wallet_id)).suspended
-    assert await db.count(payments.stripe_dispute_suspensions) == 0
+    assert await db.count(tables.stripe_dispute_suspensions) == 0
 
 
 async def test_two_disputes_keep_the_wallet_suspended_until_the_last_closes(db: Db, double: StripeDouble, new_session) -> None:

@@ -123,7 +123,7 @@ async def test_topup_with_an_idempotency_key_answers_the_same_session(db: Db, do
     without = [await sidecar.topup(api_key, {"amount_usd": "25"}) for _ in range(2)]
     assert without[0][1]["session_id"] != without[1][1]["session_id"]
     assert len(double.sessions) == 3
-    assert await db.count(payments.stripe_checkout_sessions) == 3
+    assert await db.count(tables.stripe_checkout_sessions) == 3
 
 
 async def test_topup_refuses_bad_amounts_and_keys(db: Db, double: StripeDouble, sidecar) -> None:
@@ -163,7 +163,7 @@ async def test_when_stripe_cannot_be_reached_topup_answers_503(db: Db, start_sid
     async with start_sidecar(settings) as running:
         status, body = await running.topup(api_key, {"amount_usd": "10.00"})
     assert (status, body["error"]["code"]) == (503, "payments_unavailable")
-    assert await db.count(payments.stripe_checkout_sessions) == 0
+    assert await db.count(tables.stripe_checkout_sessions) == 0
 
 
 async def test_when_stripe_refuses_the_key_topup_answers_502(db: Db, double: StripeDouble, start_sidecar) -> None:
@@ -188,7 +188,7 @@ async def test_without_stripe_keys_topups_answer_503_and_the_rest_works(db: Db, 
         assert (status, body["error"]["code"]) == (503, "payments_unconfigured")
         async with running.http.get(running.url + "/billing/topup") as r:
             assert r.status == 503 and "Stripe is not configured" in await r.text()
-    assert await db.count(payments.stripe_events) == 0
+    assert await db.count(tables.stripe_events) == 0
 
 
 # --- the pages -----------------------------------------------------------------------------------
