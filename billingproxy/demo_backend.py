@@ -34,6 +34,7 @@ import base64
 import itertools
 import json
 import logging
+import os
 import ssl
 import struct
 import time
@@ -343,7 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="billingproxy-demo-backend", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4000)
-    parser.add_argument("--api-key", default="", help="credential the backend requires (Bearer)")
+    # From the environment, not argv, so the credential never shows in `ps`.
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("BILLINGPROXY_BACKEND_API_KEY", ""),
+        help="credential the backend requires (Bearer); default: $BILLINGPROXY_BACKEND_API_KEY",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     web.run_app(make_app(api_key=args.api_key), host=args.host, port=args.port, access_log=None, print=None)

@@ -139,7 +139,9 @@ class Stack:
             self._spawn("demo backend", [sys.executable, "-m", "billingproxy.demo_backend",
                                          "--host", "127.0.0.1", "--port", str(port)], logs / "demo_backend.log")
             self.backend_url = f"http://127.0.0.1:{port}"
-            await self._wait_http("demo backend", f"{self.backend_url}/v1/models")
+            # The demo requires BILLINGPROXY_BACKEND_API_KEY when set, as a real backend would.
+            auth = {"authorization": f"Bearer {s.backend_api_key}"} if s.backend_api_key else {}
+            await self._wait_http("demo backend", f"{self.backend_url}/v1/models", headers=auth)
 
         if s.stripe_configured:
             self._say(f"Stripe: top-ups through {s.stripe_api_base or 'api.stripe.com'}")
@@ -185,7 +187,7 @@ class Stack:
         log.close()
         self._children.append((name, child))
 
-    async def _wait_http(self, name: str, url: str) -> None:
+    async def _wait_http(self, name: str, url: str, headers: Mapping[str, str] | None = None) -> None:
         child = dict(self._children).get(name)
         deadline = time.monotonic() + READY_TIMEOUT_S
         async with aiohttp.ClientSession() as session:
@@ -197,7 +199,7 @@ class Stack:
                         f"last lines of {log}:\n{_tail(log)}"
                     )
                 with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as response:
+                    async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=1)) as response:
                         if response.status == 200:
                             return
                 await asyncio.sleep(0.05)
