@@ -64,6 +64,16 @@ def wallet_suspended() -> ApiError:
     )
 
 
+def payment_disputed() -> ApiError:
+    # No top_up_url: paying in does not lift the hold; the dispute closing does.
+    return ApiError(
+        403,
+        "payment_disputed",
+        "This wallet is on hold while a payment dispute is open.",
+        "permission_error",
+    )
+
+
 def funds_reserved(retry_after_s: int) -> ApiError:
     return ApiError(
         429,

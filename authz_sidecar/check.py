@@ -105,6 +105,8 @@ class Decider:
             raise api_errors.funds_reserved(retry_after_s=1)
         if outcome.admission is holds.Admission.WALLET_SUSPENDED:
             raise api_errors.wallet_suspended()
+        if outcome.admission is holds.Admission.WALLET_DISPUTED:
+            raise api_errors.payment_disputed()
         if outcome.admission is holds.Admission.DUPLICATE_REQUEST:
             raise api_errors.ApiError(409, "duplicate_request", "This request id was already used.")
         raise api_errors.insufficient_funds(self._top_up_url, money.format_usd(outcome.balance_nano))

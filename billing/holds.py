@@ -8,8 +8,9 @@ request's access-log entry still arrive later, the actual cost is posted as usua
 admitted request ends in exactly one charge or none, never two.
 
 Admission (DESIGN.md): admit while ``available = balance - reserved > 0``; in strict mode only
-when ``available >= hold``. The test and the reservation are one UPDATE, so concurrent Checks on
-one wallet cannot both see the same money.
+when ``available >= hold``; never while the wallet is ``suspended`` (the operator's and admins'
+switch) or ``disputed`` (an open Stripe dispute, billing/payments.py). The test and the
+reservation are one UPDATE, so concurrent Checks on one wallet cannot both see the same money.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ class Admission(enum.Enum):
     INSUFFICIENT_FUNDS = "insufficient_funds"
     # There is money, but requests in flight have reserved all of it: retry shortly.
     FUNDS_RESERVED = "funds_reserved"
+    # Switched off by its operator or an admin (``wallets.suspended``).
     WALLET_SUSPENDED = "wallet_suspended"
+    # On hold while a Stripe payment into it is disputed (``wallets.disputed``, billing/payments.py);
+    # topping up does not lift it, the dispute closing does.
+    WALLET_DISPUTED = "wallet_disputed"
     WALLET_NOT_FOUND = "wallet_not_found"
     # The request id already names a hold of another wallet, or one already settled: a replayed
     # or forged id. Envoy mints ids itself, so this is never a legitimate retry.
@@ -65,6 +70,7 @@ _PLACE = sa.text(
            SET reserved_nano = reserved_nano + :amount
          WHERE id = :wallet_id
            AND NOT suspended
+           AND NOT disputed
            AND balance_nano - reserved_nano > 0
            AND (NOT :strict OR balance_nano - reserved_nano >= :amount)
      RETURNING id
@@ -160,7 +166,9 @@ async def _why_refused(
     w = tables.wallets
     row = (
         await conn.execute(
-            sa.select(w.c.balance_nano, w.c.reserved_nano, w.c.suspended).where(w.c.id == wallet_id)
+            sa.select(w.c.balance_nano, w.c.reserved_nano, w.c.suspended, w.c.disputed).where(
+                w.c.id == wallet_id
+            )
         )
     ).first()
     if row is None:
@@ -168,6 +176,8 @@ async def _why_refused(
     balance, reserved = row.balance_nano, row.reserved_nano
     if row.suspended:
         return Refusal(Admission.WALLET_SUSPENDED, balance, reserved)
+    if row.disputed:
+        return Refusal(Admission.WALLET_DISPUTED, balance, reserved)
     if balance <= 0 or (strict and balance < amount_nano):
         return Refusal(Admission.INSUFFICIENT_FUNDS, balance, reserved)
     available = balance - reserved

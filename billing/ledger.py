@@ -106,9 +106,12 @@ async def post_entry(
     if not isinstance(amount_nano, int) or isinstance(amount_nano, bool):
         raise TypeError("amount_nano must be an int")
     wallets = tables.wallets
+    # FOR NO KEY UPDATE: it serializes balance writers, yet does not conflict with the KEY SHARE
+    # lock that inserting a row referencing the wallet (a payment, a hold) takes — FOR UPDATE
+    # would, and deadlock against such an insert in another transaction.
     balance = (
         await conn.execute(
-            sa.select(wallets.c.balance_nano).where(wallets.c.id == wallet_id).with_for_update()
+            sa.select(wallets.c.balance_nano).where(wallets.c.id == wallet_id).with_for_update(key_share=True)
         )
     ).scalar_one_or_none()
     if balance is None:

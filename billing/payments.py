@@ -28,11 +28,13 @@ Sharp edges:
 - Only ``mode=payment`` sessions in USD that name one of our wallets (``client_reference_id``)
   are credited. Anything else is recorded with a named outcome and must still be answered 2xx,
   or Stripe retries it for days.
-- A dispute shares ``wallets.suspended`` with the operator's switch. It suspends only a wallet that
-  was not suspended, and ``stripe_dispute_suspensions`` remembers that the suspension is ours, so
-  the last open dispute's closing lifts our suspension and never one an operator set before. An
-  operator who lifts ours by hand is not overruled by later events of the same disputes; one who
-  suspends on top of ours is (the closing lifts it): one flag cannot tell two owners apart.
+- A dispute puts the wallet on hold through its own flag, ``wallets.disputed``: true exactly while
+  the wallet has an open dispute, recomputed from the dispute facts after every event that touches
+  them, and written by nothing else. It never touches ``wallets.suspended``, the operator's and
+  admins' switch (a Wallet resource's ``spec.suspended``, rewritten on every reconcile), so
+  neither owner can lift the other's hold: a dispute closing leaves an operator's suspension in
+  place, and an operator lifting ``suspended`` leaves the dispute's hold in place. The Check
+  admits only ``NOT suspended AND NOT disputed`` (``billing/holds.py``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from billing import ledger, money, tables, wallets
 
 NANO_PER_CENT = money.NANO_PER_USD // 100
 CURRENCY = "usd"
-# Dispute statuses after which the dispute no longer suspends its wallet.
+# Dispute statuses after which the dispute is closed: it no longer holds its wallet (``disputed``).
 DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented"})
 # ...and those in which the disputed money came back (an inquiry closed, a dispute won or prevented).
 DISPUTE_REVERSED = frozenset({"won", "warning_closed", "prevented"})
@@ -467,40 +469,39 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
                     details={**details, "status": dispute.status},
                 )
             )
-    await _sync_suspension(conn, p.wallet_id)
+    await _sync_disputed(conn, p.wallet_id)
     return applied
 
 
-async def _open_disputes(conn: AsyncConnection, wallet_id: str) -> list[str]:
+def _has_open_dispute(wallet_id: sa.ColumnElement[str] | str) -> sa.Exists:
+    """EXISTS an open dispute on a credited payment of the wallet (a dispute on a payment we never
+    credited waits, like its debit)."""
     d, p = tables.stripe_disputes, tables.stripe_payments
-    rows = await conn.execute(
+    return (
         sa.select(d.c.id)
         .join(p, p.c.payment_intent == d.c.payment_intent)
         .where(p.c.wallet_id == wallet_id, p.c.paid, d.c.status.not_in(sorted(DISPUTE_CLOSED)))
-        .order_by(d.c.id)
+        .exists()
     )
-    return list(rows.scalars())
 
 
-async def _sync_suspension(conn: AsyncConnection, wallet_id: str) -> None:
-    """Suspend the wallet while it has an open dispute; lift only a suspension we set."""
-    w, s = tables.wallets, tables.stripe_dispute_suspensions
-    open_disputes = await _open_disputes(conn, wallet_id)
-    ours = (await conn.execute(sa.select(s.c.dispute_id).where(s.c.wallet_id == wallet_id))).first()
-    if open_disputes and ours is None:
-        suspended = (
-            await conn.execute(
-                sa.update(w)
-                .where(w.c.id == wallet_id, sa.not_(w.c.suspended))
-                .values(suspended=True, updated_at=sa.func.now())
-                .returning(w.c.id)
-            )
-        ).first()
-        if suspended is not None:  # else an operator suspended it: theirs to lift, not ours
-            await conn.execute(sa.insert(s).values(wallet_id=wallet_id, dispute_id=open_disputes[0]))
-    elif not open_disputes and ours is not None:
-        await conn.execute(sa.update(w).where(w.c.id == wallet_id).values(suspended=False, updated_at=sa.func.now()))
-        await conn.execute(sa.delete(s).where(s.c.wallet_id == wallet_id))
+async def _sync_disputed(conn: AsyncConnection, wallet_id: str) -> None:
+    """``wallets.disputed`` = the wallet has an open dispute (written only when it differs).
+
+    Never touches ``suspended``: that switch belongs to the operator and admins.
+    """
+    w = tables.wallets
+    # The wallet lock first, in its own statement (``ledger.post_entry`` has usually taken it
+    # already): under READ COMMITTED the UPDATE below then sees every dispute change committed by
+    # an earlier holder, and a later holder recomputes after us, so disputes of two payments of
+    # one wallet changing at once cannot leave the flag stale.
+    await conn.execute(sa.select(w.c.id).where(w.c.id == wallet_id).with_for_update(key_share=True))
+    has_open = _has_open_dispute(wallet_id)
+    await conn.execute(
+        sa.update(w)
+        .where(w.c.id == wallet_id, w.c.disputed != has_open)
+        .values(disputed=has_open, updated_at=sa.func.now())
+    )
 
 
 # --- checkout sessions we created ----------------------------------------------------------------
@@ -582,9 +583,12 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
                 problems.append(f"{d.id}: disputed {d.amount_nano}, debit {debit!r}")
             if (d.status in DISPUTE_REVERSED) != (reversal is not None):
                 problems.append(f"{d.id}: status {d.status}, reversal {reversal!r}")
-    w, s = tables.wallets, tables.stripe_dispute_suspensions
-    # (A recorded suspension on an active wallet is fine: an operator lifted it by hand.)
-    for row in (await conn.execute(sa.select(s.c.wallet_id, w.c.suspended).join(w, w.c.id == s.c.wallet_id))).all():
-        if not await _open_disputes(conn, row.wallet_id):
-            problems.append(f"{row.wallet_id}: suspended for disputes, but none is open")
+    # wallets.disputed is exactly "has an open dispute", on every wallet (``suspended`` is not ours).
+    w = tables.wallets
+    has_open = _has_open_dispute(w.c.id)
+    rows = await conn.execute(
+        sa.select(w.c.id, w.c.disputed, has_open.label("has_open")).where(w.c.disputed != has_open).order_by(w.c.id)
+    )
+    for row in rows.all():
+        problems.append(f"{row.id}: disputed={row.disputed}, but {'a' if row.has_open else 'no'} dispute is open")
     return problems

@@ -30,6 +30,8 @@ wallets = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     # The Stripe customer a Wallet resource declares (migration 0002); informational so far.
     sa.Column("stripe_customer_id", sa.Text, nullable=True),
+    # Set by billing/payments.py while the wallet has an open dispute (migration 0003).
+    sa.Column("disputed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("reserved_nano >= 0", name="wallets_reserved_not_negative"),
     sa.CheckConstraint("source IN ('signup', 'kubernetes', 'admin')", name="wallets_source_known"),
 )
@@ -159,12 +161,4 @@ stripe_disputes = sa.Table(
     sa.Column("status_event_created", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-)
-
-stripe_dispute_suspensions = sa.Table(
-    "stripe_dispute_suspensions",
-    metadata,
-    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
-    sa.Column("dispute_id", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )

@@ -56,6 +56,8 @@ class Wallet:
     balance_nano: int
     reserved_nano: int
     suspended: bool
+    # On hold while a Stripe payment into it is disputed (billing/payments.py owns it).
+    disputed: bool = dataclasses.field(default=False, kw_only=True)
     created_at: dt.datetime
     stripe_customer_id: str | None = None
 
@@ -65,8 +67,9 @@ class Wallet:
 
     @property
     def state(self) -> str:
-        """``active`` while requests can be admitted, ``suspended`` otherwise (switch or empty)."""
-        return "suspended" if self.suspended or self.balance_nano <= 0 else "active"
+        """``active`` while requests can be admitted, ``suspended`` otherwise: switched off
+        (``suspended``), held by an open dispute (``disputed``), or empty."""
+        return "suspended" if self.suspended or self.disputed or self.balance_nano <= 0 else "active"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,7 @@ def _wallet(row: sa.Row) -> Wallet:
         balance_nano=row.balance_nano,
         reserved_nano=row.reserved_nano,
         suspended=row.suspended,
+        disputed=row.disputed,
         created_at=row.created_at,
         stripe_customer_id=row.stripe_customer_id,
     )

@@ -368,6 +368,43 @@ async def test_suspended_wallet_is_refused_whatever_its_balance(migrated_engine:
     assert await acct.money() == (1_000_000, 0)
 
 
+async def set_wallet_flags(engine: AsyncEngine, wallet_id: str, **flags: bool) -> None:
+    async with engine.begin() as conn:
+        w = tables.wallets
+        await conn.execute(sa.update(w).where(w.c.id == wallet_id).values(**flags))
+
+
+@pytest.mark.parametrize("balance_nano", [1_000_000, 0, -5_000], ids=["funded", "empty", "overdrawn"])
+async def test_disputed_wallet_is_refused_whatever_its_balance_until_disputed_is_cleared(
+    migrated_engine: AsyncEngine, balance_nano: int
+) -> None:
+    acct = await open_account(migrated_engine, max(balance_nano, 0))
+    if balance_nano < 0:
+        async with migrated_engine.begin() as conn:
+            await ledger.post_entry(conn, wallet_id=acct.wallet_id, kind="adjustment",
+                                    amount_nano=balance_nano, idempotency_key=f"adjustment:{acct.wallet_id}")
+    await set_wallet_flags(migrated_engine, acct.wallet_id, disputed=True)
+    for strict in (False, True):
+        refusal = await acct.place(f"r-{strict}", 1, strict=strict)
+        assert refusal == holds.Refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0)
+    # Both flags: the operator's suspension is the one reported.
+    await set_wallet_flags(migrated_engine, acct.wallet_id, suspended=True)
+    assert await acct.place("both", 1) == holds.Refusal(holds.Admission.WALLET_SUSPENDED, balance_nano, 0)
+    # Lifting the operator's switch does not lift the dispute's hold.
+    await set_wallet_flags(migrated_engine, acct.wallet_id, suspended=False)
+    assert await acct.place("held", 1) == holds.Refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0)
+    assert await acct.money() == (balance_nano, 0)
+    assert await acct.pending_sum() == 0
+
+    await set_wallet_flags(migrated_engine, acct.wallet_id, disputed=False)
+    if balance_nano > 0:
+        assert await acct.place("after", 1_000) is ADMITTED
+        assert await acct.money() == (balance_nano, 1_000)
+    else:
+        assert await acct.place("after", 1_000) == holds.Refusal(holds.Admission.INSUFFICIENT_FUNDS, balance_nano, 0)
+    await books_balance(migrated_engine)
+
+
 # --- admission under concurrency ----------------------------------------------------------------
 
 CHECKS = 200

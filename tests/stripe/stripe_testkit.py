@@ -67,7 +67,7 @@ class Db:
 
     async def row_counts(self) -> dict[str, int]:
         every = (tables.wallets, tables.ledger_entries, tables.stripe_events, tables.stripe_payments,
-                 tables.stripe_disputes, tables.stripe_checkout_sessions, tables.stripe_dispute_suspensions)
+                 tables.stripe_disputes, tables.stripe_checkout_sessions)
         return {t.name: await self.count(t) for t in every}
 
     async def process(self, event: dict[str, Any]) -> payments.Result:

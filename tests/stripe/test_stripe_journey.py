@@ -8,7 +8,9 @@ import asyncio
 import time
 
 import aiohttp
+import sqlalchemy as sa
 
+from billing import tables
 from billingproxy import local_stack
 
 from stripe_testkit import TEN_USD_NANO, Gateway, wait_until
@@ -98,6 +100,50 @@ async def test_webhooks_through_envoy_verified_once_and_unblocking(keyed_stack) 
         assert await double.deliver(double.complete(stranger["id"])) == 200
         [recorded] = [e for e in await db.events() if e.wallet_id == "wal_elsewhere"]
         assert recorded.outcome == "unknown_wallet"
+
+
+async def test_a_dispute_through_envoy_holds_the_wallet_until_it_closes(keyed_stack) -> None:
+    """A dispute delivered through Envoy puts the wallet on hold (403 payment_disputed, no top-up
+    link: paying in does not resolve it), independently of the operator's switch; its closing
+    serves the wallet again."""
+    stack, db, double = keyed_stack
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        gateway = Gateway(stack.gateway_url, http)
+        user = await gateway.signup()
+        api_key, wallet_id = user["api_key"], user["wallet_id"]
+        paid = double.complete((await gateway.topup(api_key, "10.00"))["session_id"])
+        assert await double.deliver(paid) == 200
+        assert (await gateway.chat(api_key))[0] == 200
+
+        dispute = double.dispute(paid["data"]["object"]["payment_intent"])
+        assert await double.deliver(dispute) == 200
+        disputed = {"message": "This wallet is on hold while a payment dispute is open.",
+                    "type": "permission_error", "code": "payment_disputed"}
+        assert await gateway.chat(api_key) == (403, {"error": disputed})
+        wallet = await db.wallet(wallet_id)
+        assert (wallet.disputed, wallet.suspended) == (True, False)
+        assert (await gateway.balance(api_key))["state"] == "suspended"
+
+        # Topping up does not lift the hold: the money is credited, the wallet stays held.
+        again = double.complete((await gateway.topup(api_key, "10.00"))["session_id"])
+        assert await double.deliver(again) == 200
+        assert await db.balance(wallet_id) > 0
+        assert await gateway.chat(api_key) == (403, {"error": disputed})
+        assert (await gateway.balance(api_key))["state"] == "suspended"  # held, not empty
+
+        # The operator's switch on top of it is reported first, and lifting it leaves the dispute's hold.
+        async with db.engine.begin() as conn:
+            await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=True))
+        status, body = await gateway.chat(api_key)
+        assert (status, body["error"]["code"]) == (403, "wallet_suspended")
+        async with db.engine.begin() as conn:
+            await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=False))
+        assert await gateway.chat(api_key) == (403, {"error": disputed})
+
+        won = double.update_dispute(dispute["data"]["object"]["id"], "won")
+        assert await double.deliver(won) == 200
+        assert (await gateway.chat(api_key))[0] == 200
+        assert (await gateway.balance(api_key))["state"] == "active"
 
 
 async def test_billingproxy_up_says_how_to_pay_and_forward_webhooks(default_stack, keyed_stack) -> None:

@@ -198,7 +198,7 @@ async def test_refund_events_out_of_order_end_the_same(db: Db, double: StripeDou
 # --- disputes ------------------------------------------------------------------------------------
 
 
-async def test_a_dispute_debits_and_suspends_until_won(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_dispute_debits_and_holds_the_wallet_until_won(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
@@ -211,47 +211,81 @@ async def test_a_dispute_debits_and_suspends_until_won(db: Db, double: StripeDou
     created = double.dispute(pi)
     assert (await db.process(created)).outcome == "dispute_debited"
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.suspended, wallet.state) == (-9 * 10**9, True, "suspended")
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended, wallet.state) == (-9 * 10**9, True, False, "suspended")
 
     dispute_id = created["data"]["object"]["id"]
     assert (await db.process(double.update_dispute(dispute_id, "under_review"))).outcome == "dispute_recorded"
-    assert (await db.wallet(wallet_id)).suspended
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.disputed, wallet.suspended) == (True, False)
 
     won = double.update_dispute(dispute_id, "won")
     assert won["type"] == "charge.dispute.closed"
     assert (await db.process(won)).outcome == "dispute_reversed"
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.suspended) == (10**9, False)
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended, wallet.state) == (10**9, False, False, "active")
     assert [(e.kind, e.idempotency_key) for e in (await db.entries(wallet_id))[-2:]] == [
         ("dispute", f"dispute:{dispute_id}"), ("dispute_reversal", f"dispute_won:{dispute_id}")]
 
 
-async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_suspension(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_hold(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(new_session(wallet_id))
     await db.process(paid)
     created = double.dispute(paid["data"]["object"]["payment_intent"])
     await db.process(created)
+    assert (await db.wallet(wallet_id)).disputed
     assert (await db.process(double.update_dispute(created["data"]["object"]["id"], "lost"))).outcome == "dispute_recorded"
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.suspended) == (0, False)
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (0, False, False)
     assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "dispute": -TEN_USD_NANO}
 
 
-async def test_a_dispute_closing_never_lifts_an_operators_suspension(db: Db, double: StripeDouble, new_session) -> None:
-    wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
-    await db.process(paid)
+async def set_suspended(db: Db, wallet_id: str, suspended: bool) -> None:
+    """What the operator (a Wallet resource's spec.suspended) or an admin writes."""
     async with db.engine.begin() as conn:
-        await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=True))
-    created = double.dispute(paid["data"]["object"]["payment_intent"])
-    await db.process(created)
-    await db.process(double.update_dispute(created["data"]["object"]["id"], "won"))
-    assert (await db.wallet(wallet_id)).suspended
-    assert await db.count(tables.stripe_dispute_suspensions) == 0
+        await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=suspended))
 
 
-async def test_two_disputes_keep_the_wallet_suspended_until_the_last_closes(db: Db, double: StripeDouble, new_session) -> None:
+async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other(
+    db: Db, double: StripeDouble, new_session
+) -> None:
+    wallet_id, _ = await db.new_wallet()
+    a, b = double.complete(new_session(wallet_id)), double.complete(new_session(wallet_id))
+    await db.process(a)
+    await db.process(b)
+
+    # The operator suspends first; a dispute opens and closes: the suspension is still there.
+    await set_suspended(db, wallet_id, True)
+    first = double.dispute(a["data"]["object"]["payment_intent"])
+    await db.process(first)
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.suspended, wallet.disputed) == (True, True)
+    await db.process(double.update_dispute(first["data"]["object"]["id"], "won"))
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (True, False, "suspended")
+
+    # A dispute opens; the operator lifts `suspended` (a reconcile of spec.suspended: false), and
+    # later events of the dispute do not change that: the dispute's hold stays until it closes.
+    second = double.dispute(b["data"]["object"]["payment_intent"])
+    await db.process(second)
+    await set_suspended(db, wallet_id, False)
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, True, "suspended")
+    await db.process(double.update_dispute(second["data"]["object"]["id"], "under_review"))
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, True, "suspended")
+
+    # The operator suspends on top of the open dispute; the dispute closing leaves it suspended.
+    await set_suspended(db, wallet_id, True)
+    await db.process(double.update_dispute(second["data"]["object"]["id"], "lost"))
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (True, False, "suspended")
+    await set_suspended(db, wallet_id, False)
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, False, "active")
+
+
+async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
     a, b = double.complete(new_session(wallet_id)), double.complete(new_session(wallet_id))
     await db.process(a)
@@ -261,10 +295,11 @@ async def test_two_disputes_keep_the_wallet_suspended_until_the_last_closes(db: 
     await db.process(da)
     await db.process(db_)
     await db.process(double.update_dispute(da["data"]["object"]["id"], "won"))
-    assert (await db.wallet(wallet_id)).suspended
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.disputed, wallet.suspended) == (True, False)
     await db.process(double.update_dispute(db_["data"]["object"]["id"], "warning_closed"))
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.suspended) == (2 * TEN_USD_NANO, False)
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (2 * TEN_USD_NANO, False, False)
 
 
 async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: Db, double: StripeDouble, new_session) -> None:
@@ -279,7 +314,7 @@ async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: 
     for event in (won, paid, review, created):
         await db.process(event)
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.suspended) == (TEN_USD_NANO, False)
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (TEN_USD_NANO, False, False)
     assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "dispute": -TEN_USD_NANO, "dispute_reversal": TEN_USD_NANO}
 
 
@@ -288,7 +323,9 @@ async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: 
 
 async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, double: StripeDouble, new_session) -> None:
     """completed, two partial refunds, a dispute opened and won (plus a duplicate), in all 120
-    orders: the same balance, the same sums per kind, not suspended, books in agreement."""
+    orders: the same balance, the same sums per kind, not on hold, books in agreement; the wallet
+    is held (``disputed``) at some point exactly when the dispute lands after the credit and before
+    its closing, and ``suspended`` (the operator's switch) is never touched."""
     names = ("completed", "refund_300", "refund_200", "dispute", "won")
     states = set()
     for order in itertools.permutations(range(len(names))):
@@ -299,15 +336,19 @@ async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, d
         dispute = double.dispute(pi)
         won = double.update_dispute(dispute["data"]["object"]["id"], "won")
         events = [paid, r1, r2, dispute, won]
-        seen_suspended = False
+        seen_disputed = False
         for i in order:
             await db.process(events[i])
-            seen_suspended |= (await db.wallet(wallet_id)).suspended
+            wallet = await db.wallet(wallet_id)
+            assert not wallet.suspended
+            seen_disputed |= wallet.disputed
+        # Held in between only if the credit and the dispute both came before the closing.
+        assert seen_disputed == (order.index(0) < order.index(4) and order.index(3) < order.index(4)), order
         await db.process(copy.deepcopy(events[order[0]]))  # a duplicate at the end
         wallet = await db.wallet(wallet_id)
-        states.add((wallet.balance_nano, wallet.suspended, tuple(sorted((await kinds(db, wallet_id)).items()))))
+        states.add((wallet.balance_nano, wallet.disputed, wallet.suspended, tuple(sorted((await kinds(db, wallet_id)).items()))))
     assert states == {
-        (500 * CENT, False, (("dispute", -500 * CENT), ("dispute_reversal", 500 * CENT), ("refund", -500 * CENT), ("topup", TEN_USD_NANO)))
+        (500 * CENT, False, False, (("dispute", -500 * CENT), ("dispute_reversal", 500 * CENT), ("refund", -500 * CENT), ("topup", TEN_USD_NANO)))
     }
 
 
@@ -342,7 +383,34 @@ async def test_concurrent_refunds_and_disputes_apply_once_each(db: Db, double: S
                          *(db.process(copy.deepcopy(r)) for r in refunds))
     wallet = await db.wallet(wallet_id)
     assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "refund": -500 * CENT, "dispute": -500 * CENT}
-    assert (wallet.balance_nano, wallet.suspended) == (0, True)
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (0, True, False)
+
+
+async def test_disputes_of_several_payments_changing_at_once_leave_disputed_exact(
+    db: Db, double: StripeDouble, new_session
+) -> None:
+    """One wallet, six payments credited at once, then their disputes open and close concurrently,
+    round after round: ``disputed`` always ends equal to "some dispute is open" (the books check
+    it after the test). Concurrent credits once deadlocked (FOR UPDATE against the payment row's
+    foreign-key share lock); the ledger now locks FOR NO KEY UPDATE."""
+    wallet_id, _ = await db.new_wallet()
+    paid = [double.complete(new_session(wallet_id)) for _ in range(6)]
+    await asyncio.gather(*(db.process(event) for event in paid))
+    assert (await db.wallet(wallet_id)).balance_nano == 6 * TEN_USD_NANO
+    disputes = [double.dispute(e["data"]["object"]["payment_intent"]) for e in paid]
+    ids = [d["data"]["object"]["id"] for d in disputes]
+    # Round 1: all open at once. Round 2: all but the last close at once, the last goes to review.
+    await asyncio.gather(*(db.process(d) for d in disputes))
+    assert (await db.wallet(wallet_id)).disputed
+    closing = [double.update_dispute(i, "won") for i in ids[:-1]]
+    await asyncio.gather(*(db.process(e) for e in closing), db.process(double.update_dispute(ids[-1], "under_review")))
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.disputed, wallet.suspended) == (True, False)
+    assert await db.problems() == []
+    # Round 3: the last closes, concurrently with replays of the earlier closings.
+    await asyncio.gather(db.process(double.update_dispute(ids[-1], "lost")), *(db.process(copy.deepcopy(e)) for e in closing))
+    wallet = await db.wallet(wallet_id)
+    assert (wallet.disputed, wallet.suspended) == (False, False)
 
 
 # --- amounts -------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Stripe top-ups: processed events, checkout sessions, payments, disputes, dispute suspensions.
+"""Stripe top-ups: processed events, checkout sessions, payments, disputes; ``wallets.disputed``.
 
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-25
 
 These tables hold the *facts* Stripe told us (see billing/payments.py); balances still move only
-through ledger entries.
+through ledger entries. ``wallets.disputed`` is the Check's second switch, set only by
+billing/payments.py while the wallet has an open dispute, so it never shares an owner with
+``wallets.suspended`` (the operator's and admins' switch).
 """
 
 import sqlalchemy as sa
@@ -84,16 +86,11 @@ def upgrade() -> None:
         sa.CheckConstraint("amount_nano >= 0", name="stripe_disputes_amount_not_negative"),
     )
     op.create_index("stripe_disputes_payment_intent", "stripe_disputes", ["payment_intent"])
-    op.create_table(
-        "stripe_dispute_suspensions",
-        sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
-        sa.Column("dispute_id", sa.Text, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-    )
+    op.add_column("wallets", sa.Column("disputed", sa.Boolean, nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
-    op.drop_table("stripe_dispute_suspensions")
+    op.drop_column("wallets", "disputed")
     op.drop_table("stripe_disputes")
     op.drop_table("stripe_payments")
     op.drop_table("stripe_checkout_sessions")
