@@ -1,0 +1,94 @@
+"""The Kubernetes Events the operator posts, all in one place.
+
+Why one module: Event reasons are an interface (people alert on them and `kubectl get events
+--field-selector reason=WalletEmpty` must keep working), and Events are readable by anyone who
+can read the namespace — so every message here is built from ids, key prefixes and amounts only,
+never from a key's plaintext. The parameters make that hard to get wrong: no function takes
+an :class:`~billing.keys.IssuedKey`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kopf
+
+from billing import ledger, money, wallets
+
+# Wallet
+WALLET_CREATED = "WalletCreated"
+WALLET_SUSPENDED = "WalletSuspended"
+WALLET_RESUMED = "WalletResumed"
+WALLET_RELEASED = "WalletReleased"
+TOP_UP = "TopUp"
+LOW_BALANCE = "LowBalance"
+WALLET_EMPTY = "WalletEmpty"
+# ApiKey
+KEY_ISSUED = "KeyIssued"
+KEY_ROTATED = "KeyRotated"
+KEY_REVOKED = "KeyRevoked"
+
+Body = Mapping[str, Any]
+
+
+def _usd(nano: int) -> str:
+    return f"${money.format_usd(nano)}"
+
+
+def _key(record: wallets.KeyRecord) -> str:
+    return f"{record.id} ({record.display_prefix}…)"
+
+
+def wallet_created(body: Body, wallet: wallets.Wallet, grant_nano: int) -> None:
+    kopf.info(body, reason=WALLET_CREATED,
+              message=f"wallet {wallet.id} created with an initial grant of {_usd(grant_nano)}")
+
+
+def wallet_switched(body: Body, wallet: wallets.Wallet) -> None:
+    if wallet.suspended:
+        kopf.warn(body, reason=WALLET_SUSPENDED, message=f"wallet {wallet.id} suspended: its keys are refused")
+    else:
+        kopf.info(body, reason=WALLET_RESUMED, message=f"wallet {wallet.id} resumed")
+
+
+def wallet_released(body: Body, wallet_id: str, keys_suspended: int) -> None:
+    kopf.info(body, reason=WALLET_RELEASED,
+              message=f"wallet {wallet_id} suspended with {keys_suspended} key(s); its ledger is kept")
+
+
+def top_up(body: Body, entry: ledger.Entry) -> None:
+    kopf.info(body, reason=TOP_UP,
+              message=f"credited {_usd(entry.amount_nano)} ({entry.kind}); balance {_usd(entry.balance_after_nano)}")
+
+
+def low_balance(body: Body, balance_nano: int, threshold_nano: int) -> None:
+    kopf.warn(body, reason=LOW_BALANCE,
+              message=f"balance {_usd(balance_nano)} is below the threshold of {_usd(threshold_nano)}")
+
+
+def wallet_empty(body: Body, balance_nano: int) -> None:
+    kopf.warn(body, reason=WALLET_EMPTY,
+              message=f"balance {_usd(balance_nano)}: requests are refused until the wallet is topped up")
+
+
+def key_issued(body: Body, record: wallets.KeyRecord, secret_name: str) -> None:
+    kopf.info(body, reason=KEY_ISSUED, message=f"key {_key(record)} written to Secret {secret_name}")
+
+
+def key_rotated(
+    body: Body, record: wallets.KeyRecord, secret_name: str, superseded: Iterable[wallets.KeyRecord]
+) -> None:
+    old = ", ".join(
+        f"{k.id} until {k.revoke_after.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+        for k in superseded if k.revoke_after is not None
+    )
+    kopf.info(body, reason=KEY_ROTATED,
+              message=f"key {_key(record)} written to Secret {secret_name}"
+                      + (f"; the previous key stays valid: {old}" if old else ""))
+
+
+def key_revoked(body: Body, records: Iterable[wallets.KeyRecord]) -> None:
+    ids = ", ".join(k.id for k in records) or "none left"
+    kopf.info(body, reason=KEY_REVOKED, message=f"revoked: {ids}")

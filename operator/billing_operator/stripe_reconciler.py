@@ -1,0 +1,91 @@
+"""Stripe reconciliation: credit every paid Checkout Session whose webhook never arrived.
+
+Every few minutes: the Checkout Sessions we created and never saw complete or expire
+(:func:`billing.payments.open_checkout_sessions`) are retrieved from Stripe and applied with
+:func:`billing.payments.apply_checkout_session` — the very rules and idempotency keys
+(``stripe:<payment_intent>``) of the webhook, so a payment is credited once whether the webhook
+comes first, later, twice, or never.
+
+Why a background task and not a kopf timer: kopf's timers belong to one object each, and this
+job belongs to the operator. Why a PostgreSQL advisory lock: with several replicas every one
+runs this loop (kopf peering pauses handlers, not background tasks); the lock makes one of them
+do the work at a time, peering or not.
+
+Stripe unreachable, or PostgreSQL: a warning, and the next round tries again. Nothing is lost
+while it waits: the sessions stay open in PostgreSQL until applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import sqlalchemy as sa
+import stripe
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing import payments
+from billing_operator import config, db, errors
+
+logger = logging.getLogger(__package__)
+
+# pg_advisory_lock key: "bpSR" (BillingProxy Stripe Reconciliation).
+LOCK_KEY = 0x62705352
+STRIPE_TIMEOUT_S = 20.0
+
+
+def client(cfg: config.OperatorConfig, session: aiohttp.ClientSession) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        cfg.stripe_secret_key,
+        base_addresses={"api": cfg.stripe_api_base} if cfg.stripe_api_base else None,
+        max_network_retries=0 if cfg.stripe_api_base else 2,
+        http_client=stripe.AIOHTTPClient(session=session, timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_S)),
+    )
+
+
+async def reconcile_once(engine: AsyncEngine, stripe_client: stripe.StripeClient, *, limit: int) -> Counter[str]:
+    """One round, under the advisory lock; returns how many sessions had each outcome
+    (empty when another replica holds the lock)."""
+    outcomes: Counter[str] = Counter()
+    async with engine.connect() as lock_conn:
+        locked = (await lock_conn.execute(sa.select(sa.func.pg_try_advisory_lock(LOCK_KEY)))).scalar_one()
+        if not locked:
+            return outcomes
+        try:
+            async with db.transaction(engine) as conn:
+                open_ids = await payments.open_checkout_sessions(conn, limit=limit)
+            for session_id in open_ids:
+                session: Any = await stripe_client.v1.checkout.sessions.retrieve_async(session_id)
+                async with db.transaction(engine) as conn:
+                    result = await payments.apply_checkout_session(conn, session.to_dict())
+                outcomes[result.outcome] += 1
+        finally:
+            await lock_conn.execute(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))
+            await lock_conn.commit()
+    return outcomes
+
+
+async def run(engine: AsyncEngine, cfg: config.OperatorConfig) -> None:
+    """Reconcile every ``cfg.stripe_interval_s`` until cancelled."""
+    async with aiohttp.ClientSession() as session:
+        stripe_client = client(cfg, session)
+        while True:
+            try:
+                outcomes = await reconcile_once(engine, stripe_client, limit=cfg.stripe_sessions_max)
+            except stripe.StripeError as exc:
+                logger.warning(f"Stripe reconciliation: Stripe answered {type(exc).__name__}; retrying later")
+            except errors.DatabaseUnavailable as exc:
+                logger.warning(f"Stripe reconciliation: {exc}")
+            except Exception as exc:  # the loop must outlive any one bad round
+                if db.is_unreachable(exc):
+                    logger.warning(f"Stripe reconciliation: PostgreSQL is unreachable ({type(exc).__name__})")
+                else:
+                    logger.exception("Stripe reconciliation failed; retrying later")
+            else:
+                if outcomes:
+                    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+                    logger.info(f"Stripe reconciliation: {summary}")
+            await asyncio.sleep(cfg.stripe_interval_s)

@@ -1,0 +1,195 @@
+"""Wallet resources → wallet rows in PostgreSQL (source ``kubernetes``, external id = the UID).
+
+Why the UID and not the name: a Wallet deleted and created again under the same name is a new
+wallet with its own grant; the old one's ledger stays, as money records always do. And the UID is
+what makes creation idempotent: however often the create handler runs (retries, two runs after
+a restart midway), the UNIQUE external id and the grant's idempotency key
+(``grant:kubernetes:<uid>``) leave one row and one grant.
+
+Sharp edges:
+- ``spec.suspended`` is applied when the wallet is created and when the field itself changes,
+  never on resume: the column can be changed outside Kubernetes too (by hand, during an
+  incident), and an operator restart must not quietly undo that. (A Stripe dispute holds a
+  wallet with its own flag, ``disputed``, shown here as state ``Suspended``.)
+- ``initialGrant`` is granted once, when the row is created; the CRD forbids changing it (CEL),
+  and a change that got through anyway (an older CRD, kubectl --validate=false) is never granted.
+- Deleting a Wallet suspends it and all its keys (reversible, unlike revoking) and keeps every
+  row: PostgreSQL is the record of money.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing import money, wallets
+from billing_operator import config, db, errors, events, status
+
+GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "wallets"
+SOURCE = "kubernetes"
+
+
+@dataclasses.dataclass(frozen=True)
+class WalletSpec:
+    email: str
+    grant_nano: int
+    stripe_customer_id: str | None
+    low_balance_nano: int | None
+    suspended: bool
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> WalletSpec:
+        """The spec as the operator needs it, or :class:`errors.InvalidSpec` naming the field."""
+        try:
+            email = wallets.normalize_email(spec.get("ownerEmail"))
+        except wallets.EmailInvalid as exc:
+            raise errors.InvalidSpec(f"spec.ownerEmail: {exc}") from None
+        grant = _usd(spec, "initialGrant", config.INITIAL_GRANT_USD_DEFAULT)
+        threshold = _usd(spec, "lowBalanceThreshold", None)
+        customer = spec.get("stripeCustomerId")
+        if customer is not None and (not isinstance(customer, str) or not customer.startswith("cus_")):
+            raise errors.InvalidSpec(f"spec.stripeCustomerId: {customer!r} is not a Stripe customer id (cus_…)")
+        suspended = spec.get("suspended", False)
+        if not isinstance(suspended, bool):
+            raise errors.InvalidSpec(f"spec.suspended must be true or false, not {suspended!r}")
+        assert grant is not None
+        return cls(email, grant, customer, threshold, suspended)
+
+
+def _usd(spec: Mapping[str, Any], field: str, default: str | None) -> int | None:
+    raw = spec.get(field, default)
+    if raw is None:
+        return None
+    try:
+        return money.parse_usd(raw)
+    except money.MoneyError as exc:
+        raise errors.InvalidSpec(f"spec.{field}: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    wallet: wallets.Wallet
+    created: bool
+    switched: bool
+
+
+async def ensure(engine: AsyncEngine, *, uid: str, spec: WalletSpec, apply_switch: bool) -> Outcome:
+    """Make the wallet row match the spec. The work only: no status, no Events."""
+    async with db.transaction(engine) as conn:
+        try:
+            wallet, created = await wallets.ensure_owned_wallet(
+                conn, source=SOURCE, external_id=uid, grant_nano=spec.grant_nano,
+                email=spec.email, stripe_customer_id=spec.stripe_customer_id,
+            )
+        except wallets.NotOwned:
+            raise errors.NotOwned(
+                f"a wallet with external id {uid} exists and is not managed by Kubernetes; left alone"
+            ) from None
+        changes: dict[str, object] = {}
+        if wallet.email != spec.email:
+            changes["email"] = spec.email
+        if wallet.stripe_customer_id != spec.stripe_customer_id:
+            changes["stripe_customer_id"] = spec.stripe_customer_id
+        switched = (apply_switch or created) and wallet.suspended != spec.suspended
+        if switched:
+            changes["suspended"] = spec.suspended
+        if changes:
+            updated = await wallets.update_owned_wallet(conn, source=SOURCE, external_id=uid, **changes)
+            assert updated is not None, "the wallet was found in this very transaction"
+            wallet = updated
+    return Outcome(wallet=wallet, created=created, switched=switched)
+
+
+async def release(engine: AsyncEngine, *, uid: str) -> tuple[str, int] | None:
+    """On deletion: suspend the wallet and its keys; returns (wallet id, keys suspended)."""
+    async with db.transaction(engine) as conn:
+        wallet = await wallets.update_owned_wallet(conn, source=SOURCE, external_id=uid, suspended=True)
+        if wallet is None:
+            return None
+        return wallet.id, await wallets.suspend_keys_of_wallet(conn, wallet.id)
+
+
+def state_of(wallet: wallets.Wallet) -> str:
+    if wallet.suspended or wallet.disputed:  # switched off, or held by an open Stripe dispute
+        return "Suspended"
+    return "Empty" if wallet.balance_nano <= 0 else "Active"
+
+
+def write_status(patch: kopf.Patch, body: Mapping[str, Any], wallet: wallets.Wallet) -> None:
+    """Status fields mirrored from the row (also used by the status timer)."""
+    fields = {
+        "walletId": wallet.id,
+        "balance": money.format_usd(wallet.balance_nano),
+        "reserved": money.format_usd(wallet.reserved_nano),
+        "state": state_of(wallet),
+    }
+    current = body.get("status") or {}
+    for key, value in fields.items():
+        if current.get(key) != value:
+            patch.status[key] = value
+
+
+# --- kopf handlers ------------------------------------------------------------------------------
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def wallet_uids(namespace: str, name: str, uid: str, meta: Mapping[str, Any], **_: Any) -> Any:
+    """(namespace, name) → UID, for ApiKeys to find their Wallet. Wallets being deleted are left
+    out: a new key for a wallet on its way out would be suspended at once."""
+    if meta.get("deletionTimestamp"):
+        return None
+    return {(namespace, name): uid}
+
+
+async def _reconcile(
+    *, body: kopf.Body, spec: Mapping[str, Any], patch: kopf.Patch, memo: kopf.Memo,
+    logger: logging.Logger, apply_switch: bool,
+) -> None:
+    cfg: config.OperatorConfig = memo.operator_config
+    async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
+        desired = WalletSpec.parse(spec)
+        outcome = await ensure(memo.engine, uid=body.metadata.uid, spec=desired, apply_switch=apply_switch)
+    wallet = outcome.wallet
+    write_status(patch, body, wallet)
+    if body.metadata.get("generation") is not None:
+        patch.status["observedGeneration"] = body.metadata["generation"]
+    if outcome.created:
+        events.wallet_created(body, wallet, desired.grant_nano)
+    if outcome.switched and not outcome.created:
+        events.wallet_switched(body, wallet)
+    status.set_condition(patch, body, type=status.READY, ok=True, reason="Reconciled",
+                         message=f"wallet {wallet.id} matches the spec")
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, id="wallet.create")
+async def on_create(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
+                    logger: logging.Logger, **_: Any) -> None:
+    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=True)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, id="wallet.update")
+async def on_update(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
+                    logger: logging.Logger, diff: kopf.Diff, **_: Any) -> None:
+    switch_changed = any(tuple(field[:2]) == ("spec", "suspended") for _op, field, _old, _new in diff)
+    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=switch_changed)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="wallet.resume")
+async def on_resume(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
+                    logger: logging.Logger, **_: Any) -> None:
+    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=False)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="wallet.delete")
+async def on_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
+                    **_: Any) -> None:
+    cfg: config.OperatorConfig = memo.operator_config
+    async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
+        released = await release(memo.engine, uid=body.metadata.uid)
+    if released is not None:
+        events.wallet_released(body, *released)
