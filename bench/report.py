@@ -1,0 +1,167 @@
+"""The printed table, the comparisons and the targets, from the results dict of :mod:`bench.runner`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Targets of issue 3. A miss is reported, never an error: benchmarks are not tests.
+ADDED_P99_MAX_MS = 1.0
+THROUGHPUT_RATIO_MIN = 0.40
+DISTURBED_CORES = 0.1
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Derived numbers and the PASS/MISS verdicts; stored in the JSON as ``summary``."""
+    runs = results["runs"]
+    base, billed, hot = runs["baseline_max"], runs["billed_max"], runs["billed_max_one_wallet"]
+    base_fixed, billed_fixed = runs["baseline_fixed"], runs["billed_fixed"]
+    base_low, billed_low = runs["baseline_low"], runs["billed_low"]
+    ratio = billed["rps"] / base["rps"] if base["rps"] else None
+    hot_ratio = hot["rps"] / base["rps"] if base["rps"] else None
+    added_p99_fixed = _diff(billed_fixed["p99_ms"], base_fixed["p99_ms"])
+    summary = {
+        "throughput_ratio": round(ratio, 3) if ratio is not None else None,
+        "throughput_ratio_one_wallet": round(hot_ratio, 3) if hot_ratio is not None else None,
+        "added_p50_ms_at_max": _diff(billed["p50_ms"], base["p50_ms"]),
+        "added_p99_ms_at_max": _diff(billed["p99_ms"], base["p99_ms"]),
+        "added_p50_ms_at_rate": _diff(billed_fixed["p50_ms"], base_fixed["p50_ms"]),
+        "added_p99_ms_at_rate": added_p99_fixed,
+        "rate": billed_fixed["target_rate"],
+        "added_p50_ms_at_low_rate": _diff(billed_low["p50_ms"], base_low["p50_ms"]),
+        "added_p99_ms_at_low_rate": _diff(billed_low["p99_ms"], base_low["p99_ms"]),
+        "low_rate": billed_low["target_rate"],
+        "billed_sustains_rate": billed_fixed["rps"] >= 0.97 * billed_fixed["target_rate"]
+        and billed_fixed["ok"] == billed_fixed["requests"],
+        "sidecar_cpu_us_per_request_at_max": billed["cpu_us_per_request"]["sidecar"],
+        "sidecar_cpu_us_per_request_at_rate": billed_fixed["cpu_us_per_request"]["sidecar"],
+        "sidecar_cpu_us_per_request_at_low_rate": billed_low["cpu_us_per_request"]["sidecar"],
+        "sidecar_peak_rss_mib": round(results["sidecar_peak_rss_kib"] / 1024, 1)
+        if results.get("sidecar_peak_rss_kib") else None,
+    }
+    summary["targets"] = {
+        f"added p99 <= {ADDED_P99_MAX_MS:g} ms at {summary['rate']:.0f} req/s": (
+            added_p99_fixed is not None and added_p99_fixed <= ADDED_P99_MAX_MS
+        ),
+        f"billed throughput >= {THROUGHPUT_RATIO_MIN:.0%} of unbilled": (
+            ratio is not None and ratio >= THROUGHPUT_RATIO_MIN
+        ),
+        "every request charged exactly once, no hold left pending": bool(results["exactly_once"]["ok"]),
+    }
+    return summary
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec)
+
+
+def render(results: dict[str, Any]) -> str:
+    summary = results["summary"]
+    runs = results["runs"]
+    lines: list[str] = []
+    env = results["environment"]
+    lines.append("")
+    lines.append(f"BillingProxy benchmark — {env['date']} — {env['cpus']} CPUs, Python {env['python']}, "
+                 f"{results['options']['concurrency']} connections (closed loop), "
+                 f"{results['options']['duration_s']:g} s per run")
+    lines.append("")
+    header = (f"{'run':<26}{'req/s':>7}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'cores':>6}"
+              f" | CPU µs per 2xx: {'sidecar':>7}{'envoy':>6}{'pg':>6}{'backend':>8}{'loadgen':>8}"
+              f" | {'foreign':>7}")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for key, run in runs.items():
+        billed = key.startswith("billed")
+        cpu = run["cpu_us_per_request"]
+        envoy = cpu["envoy"] if billed else cpu["envoy_baseline"]
+        foreign = run["machine_cores"]["other_processes"]
+        non_ok = sum(v for s, v in run["statuses"].items() if not s.startswith("2")) + sum(run["errors"].values())
+        lines.append(
+            f"{run['name']:<26}{run['rps']:>7.0f}{_fmt(run['p50_ms'], '.2f'):>9}{_fmt(run['p99_ms'], '.2f'):>9}"
+            f"{non_ok:>8}{_fmt(run['machine_cores_busy'], '.2f'):>6} | {'':15}"
+            f"{_fmt(cpu['sidecar'], '.0f') if billed else '-':>7}{envoy:>6.0f}"
+            f"{cpu['postgres']:>6.0f}{cpu['backend']:>8.0f}{cpu['generator']:>8.0f}"
+            f" | {foreign:>7.2f}" + (" !" if foreign > DISTURBED_CORES else "")
+        )
+    lines.append("")
+    lines.append("cores: machine CPU busy / wall time (2 cores). CPU µs per 2xx: each process's CPU time / 2xx answers;")
+    lines.append("billed runs include settling the access log after the load stops. foreign: cores used meanwhile by")
+    lines.append(f"processes that are not the benchmark's; '!' marks a run disturbed by more than {DISTURBED_CORES} cores of them.")
+    lines.append("")
+    lines.append("Billing overhead")
+    lines.append(f"  throughput ratio billed/unbilled      {_fmt(summary['throughput_ratio'], '.2f')}  "
+                 f"(one hot wallet: {_fmt(summary['throughput_ratio_one_wallet'], '.2f')})")
+    lines.append(f"  added latency at max load            p50 {_fmt(summary['added_p50_ms_at_max'], '+.2f')} ms, "
+                 f"p99 {_fmt(summary['added_p99_ms_at_max'], '+.2f')} ms")
+    lines.append(f"  added latency at {summary['rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_rate'], '+.2f')} ms, "
+                 f"p99 {_fmt(summary['added_p99_ms_at_rate'], '+.2f')} ms"
+                 + ("" if summary["billed_sustains_rate"] else "  (the billed gateway does not sustain this rate here: overload)"))
+    lines.append(f"  added latency at {summary['low_rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_low_rate'], '+.2f')} ms, "
+                 f"p99 {_fmt(summary['added_p99_ms_at_low_rate'], '+.2f')} ms")
+    split = runs["billed_max"]["cpu_us_per_request"]
+    lines.append(f"  sidecar CPU per request              {_fmt(summary['sidecar_cpu_us_per_request_at_max'], '.0f')} µs at max "
+                 f"(user {split['sidecar_user']:.0f} + system {split['sidecar_system']:.0f}), "
+                 f"{_fmt(summary['sidecar_cpu_us_per_request_at_low_rate'], '.0f')} µs at {summary['low_rate']:.0f} req/s")
+    check_means = [runs[k].get("sidecar_check_mean_ms") for k in ("billed_max", "billed_fixed", "billed_low")]
+    lines.append(f"  Check time inside the sidecar (mean)  {_fmt(check_means[0], '.2f')} ms at max, "
+                 f"{_fmt(check_means[1], '.2f')} ms at {summary['rate']:.0f} req/s, "
+                 f"{_fmt(check_means[2], '.2f')} ms at {summary['low_rate']:.0f} req/s")
+    lines.append(f"  sidecar peak memory (VmHWM)          {_fmt(summary['sidecar_peak_rss_mib'], '.1f')} MiB")
+    lag = [runs[k].get("settle_lag_s") for k in ("billed_max", "billed_max_one_wallet", "billed_fixed", "billed_low")]
+    lines.append(f"  settlement backlog after load        {' / '.join(_fmt(x, '.2f') for x in lag)} s "
+                 f"(max / one wallet / {summary['rate']:.0f} / {summary['low_rate']:.0f} req/s)")
+    steps = results.get("sidecar_steps")
+    if steps:
+        lines.append("")
+        lines.append(f"Sidecar CPU by step ({steps['calls_per_step']} sequential calls each, µs per call; wall µs in brackets)")
+        lines.append(f"  real sidecar over gRPC:  Check GET, cached key {steps['check_get_cached_key']['sidecar_cpu_us']:.0f} "
+                     f"[{steps['check_get_cached_key']['wall_us']:.0f}]  (gRPC plumbing, no database)")
+        lines.append(f"                           Check POST, cached key {steps['check_post_cached_key']['sidecar_cpu_us']:.0f} "
+                     f"[{steps['check_post_cached_key']['wall_us']:.0f}]  (+ body JSON + hold)")
+        lines.append(f"                           Check POST, new key {steps['check_post_new_key']['sidecar_cpu_us']:.0f} "
+                     f"[{steps['check_post_new_key']['wall_us']:.0f}]  (+ key look-up)")
+        lines.append(f"                           access-log entry settled {steps['access_log_settle']['sidecar_cpu_us']:.0f}")
+        lines.append(f"  same SQL in-process:     hold: SQLAlchemy {steps['place_sqlalchemy']['bench_cpu_us']:.0f} "
+                     f"[{steps['place_sqlalchemy']['wall_us']:.0f}], asyncpg {steps['place_asyncpg']['bench_cpu_us']:.0f} "
+                     f"[{steps['place_asyncpg']['wall_us']:.0f}]")
+        lines.append(f"                           settle: SQLAlchemy (7 round trips) {steps['settle_sqlalchemy']['bench_cpu_us']:.0f} "
+                     f"[{steps['settle_sqlalchemy']['wall_us']:.0f}], asyncpg 7 round trips "
+                     f"{steps['settle_asyncpg_seven_round_trips']['bench_cpu_us']:.0f} "
+                     f"[{steps['settle_asyncpg_seven_round_trips']['wall_us']:.0f}], asyncpg one statement "
+                     f"{steps['settle_asyncpg_one_statement']['bench_cpu_us']:.0f} "
+                     f"[{steps['settle_asyncpg_one_statement']['wall_us']:.0f}]")
+    decode = results["body_decode"]
+    lines.append("")
+    lines.append(f"Getting the model from the body ({decode['check_request_bytes']} B CheckRequest, "
+                 f"{decode['body_bytes']} B body, protobuf {decode['protobuf_backend']})")
+    lines.append(f"  decode CheckRequest {decode['decode_us']:.1f} µs, headers → dict {decode['headers_dict_us']:.1f} µs, "
+                 f"json.loads(body) {decode['json_loads_us']:.1f} µs; all of it {decode['check_input_total_us']:.1f} µs; "
+                 f"encode the allow response {decode['allow_response_encode_us']:.1f} µs")
+    books = results["exactly_once"]
+    lines.append("")
+    lines.append(f"Every request charged exactly once: {'yes' if books['charged_exactly_once'] else 'NO'}")
+    lines.append(f"  billed 2xx answers {books['billed_2xx_answers']}, usage entries {books['usage_entries']} "
+                 f"(2xx not charged {books['answered_2xx_not_charged']}, charged without a 2xx "
+                 f"{books['charged_without_2xx_answer']}), holds {books['holds_by_state']}")
+    lines.append(f"  charged amounts (nano-USD: count) {books['charged_amounts_nano']}, expected "
+                 f"{books['expected_cost_nano']} each; invariant violations: {len(books['invariant_violations'])}")
+    if books["billed_non_2xx_answers"]:
+        lines.append(f"  non-2xx answers {books['billed_non_2xx_answers']}")
+    lines.append(f"  holds left pending: {books['pending_holds']}"
+                 + (f" ({books['pending_holds_of_refused_requests']} of requests Envoy refused with 503 after its 1 s "
+                    "ext_authz timeout, most likely placed after their void; reserved until the TTL sweep)"
+                    if books["pending_holds"] else ""))
+    counters = results.get("sidecar_counters")
+    if counters:
+        outcomes = ", ".join(f"{k} {v:.0f}" for k, v in sorted(counters["settlements"].items()))
+        lines.append(f"  sidecar settlement outcomes (all runs, /metrics): {outcomes}")
+    lines.append("")
+    lines.append("Targets")
+    for name, passed in summary["targets"].items():
+        lines.append(f"  {'PASS' if passed else 'MISS'}  {name}")
+    return "\n".join(lines)
