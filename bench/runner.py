@@ -202,15 +202,14 @@ class Bench:
         await self.baseline.start()
         self.baseline_url = f"http://127.0.0.1:{baseline_settings.gateway_port}"
         self.engine = database.create_engine(self.stack.database_url, pool_size=2)
-        children = dict(getattr(self.stack, "_children", []))
-        postgres = getattr(self.stack, "_postgres", None)
+        pids = self.stack.process_ids()
         self.pids = Pids(
-            sidecar=children["sidecar"].pid if "sidecar" in children else None,
-            envoy=getattr(getattr(self.stack, "_envoy", None), "pid", None),
+            sidecar=pids.pop("sidecar", None),
+            envoy=pids.pop("envoy", None),
             envoy_baseline=self.baseline.pid,
-            backend=children["demo backend"].pid if "demo backend" in children else None,
-            postgres=getattr(postgres, "_postmaster_pid", None) if postgres else None,
-            others=tuple(child.pid for name, child in children.items() if name not in ("sidecar", "demo backend")),
+            backend=pids.pop("demo backend", None),
+            postgres=pids.pop("postgres", None),
+            others=tuple(pids.values()),
         )
 
     async def stop(self) -> None:
@@ -218,7 +217,7 @@ class Bench:
             await self.engine.dispose()
         if self.baseline is not None:
             await self.baseline.stop()
-        postgres = getattr(self.stack, "_postgres", None)
+        postgres = self.stack.embedded_postgres if self.stack is not None else None
         if self.stack is not None:
             await self.stack.stop()
         if self.options.keep:

@@ -205,6 +205,20 @@ class Stack:
                 await asyncio.sleep(0.05)
         raise StackError(f"the {name} was not ready at {url} within {READY_TIMEOUT_S:.0f} s")
 
+    def process_ids(self) -> dict[str, int]:
+        """The running processes by part ("sidecar", "demo backend", "stripe double", "envoy",
+        "postgres"), for tools that measure them (``make bench``)."""
+        pids = {name: child.pid for name, child in self._children if child.poll() is None}
+        if self._envoy is not None and self._envoy.pid is not None:
+            pids["envoy"] = self._envoy.pid
+        if self._postgres is not None and self._postgres.postmaster_pid is not None:
+            pids["postgres"] = self._postgres.postmaster_pid
+        return pids
+
+    @property
+    def embedded_postgres(self) -> EmbeddedPostgres | None:
+        return self._postgres
+
     def dead_child(self) -> str | None:
         """The name of a child that exited on its own, if any."""
         for name, child in self._children:

@@ -154,6 +154,11 @@ class EmbeddedPostgres:
         self._install: _Install | None = None
 
     @property
+    def postmaster_pid(self) -> int | None:
+        """The server's process id while started by this object."""
+        return self._postmaster_pid
+
+    @property
     def url(self) -> str:
         if self._url is None:
             raise RuntimeError("the server is not started; call start() first")
