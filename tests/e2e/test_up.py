@@ -1,0 +1,199 @@
+"""`billingproxy up` as a person runs it: a real process tree on embedded PostgreSQL, the first
+command it prints works, Ctrl-C stops every child, a second `up` keeps the data, and a port that
+is taken is refused up front with the setting to change."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from billingproxy.local_stack import free_port
+
+pytestmark = pytest.mark.integration
+
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+PORTS = ("GATEWAY", "HTTP", "GRPC", "ADMIN", "ENVOY_ADMIN")
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"}
+    env["BILLINGPROXY_DATA_DIR"] = str(data_dir)
+    env.update({f"BILLINGPROXY_{name}_PORT": str(free_port()) for name in PORTS})
+    return env
+
+
+class Up:
+    """One `python -m billingproxy up` child, its output collected line by line."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.lines: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.env['BILLINGPROXY_GATEWAY_PORT']}"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "billingproxy", "up", env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        async for raw in self.process.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    async def wait_for_line(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            assert self.process is not None
+            if self.process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"`up` never printed {text!r}; output:\n" + "\n".join(self.lines))
+
+    async def interrupt(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
+        assert self._reader is not None
+        await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+def _children_of(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc), so we can prove none outlives `up`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    """The embedded PostgreSQL's pid: pg_ctl detaches it, so it is no descendant of `up`. As
+    root the cluster may live elsewhere, named by the pointer file (billingproxy/postgres_server.py)."""
+    cluster = data_dir / "postgres"
+    pointer = cluster / "pgdata-location"
+    if pointer.is_file():
+        cluster = Path(pointer.read_text().strip())
+    return int((cluster / "postmaster.pid").read_text().splitlines()[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+async def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data")
+    up = Up(env)
+    await up.start()
+    try:
+        await up.wait_for_line("BillingProxy is up", START_TIMEOUT_S)
+        assert any("stripe listen --forward-to" in line for line in up.lines)
+        assert up.process is not None
+        children = _children_of(up.process.pid)
+        assert len(children) >= 4, f"expected sidecar, Envoy, demo backend, Stripe double: {children}"
+        postmaster = _postmaster_pid(tmp_path / "data")
+        assert _alive(postmaster) and postmaster not in children
+        children.add(postmaster)
+
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{up.gateway}/user/signup", json={"email": "up@example.com"}) as r:
+                assert r.status == 201, await r.text()
+                key = (await r.json())["api_key"]
+            headers = {"authorization": f"Bearer {key}"}
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+            async with http.post(f"{up.gateway}/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+
+        assert await up.interrupt() == 0
+        assert any("stopping" in line for line in up.lines)
+        # Every child is gone — including PostgreSQL, which pg_ctl detached from the tree.
+        left = {pid for pid in children if _alive(pid)}
+        assert not left, f"processes outlived `up`: {left}"
+        assert not (tmp_path / "data" / "run" / "database_url").exists()
+    finally:
+        await up.kill()
+
+    again = Up(env)
+    await again.start()
+    try:
+        await again.wait_for_line("BillingProxy is up", START_TIMEOUT_S)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{again.gateway}/billing/balance", headers={"authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200, await r.text()
+                balance = await r.json()
+        # The first run's signup and charge survived: the grant minus one request.
+        assert balance["balance_usd"] != "0.500000" and balance["balance_usd"].startswith("0.49")
+        assert await again.interrupt() == 0
+    finally:
+        await again.kill()
+
+
+async def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["BILLINGPROXY_GRPC_PORT"])))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "billingproxy", "up", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT_S)
+    message = err.decode()
+    assert process.returncode == 2
+    assert f"port {env['BILLINGPROXY_GRPC_PORT']}" in message and "BILLINGPROXY_GRPC_PORT" in message
+    assert "Traceback" not in message + out.decode()
+    assert not (tmp_path / "data" / "postgres").exists(), "nothing may start when a port is taken"
+
+
+async def test_a_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data") | {"BILLINGPROXY_FREE_GRANT_USD": "lots"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "billingproxy", "up", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT_S)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == 2
+    assert len(lines) == 1 and "BILLINGPROXY_FREE_GRANT_USD" in lines[0], lines
+    assert json.dumps(out.decode())  # nothing else to say; stdout may be empty
