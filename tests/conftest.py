@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
+from billing import database
 from billingproxy import postgres_server
 
 
@@ -27,18 +30,39 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.destroy()
 
 
+NewDatabase = Callable[..., contextlib.AbstractAsyncContextManager[str]]
+
+
+@pytest.fixture(scope="session")
+def new_database(postgres_url: str) -> NewDatabase:
+    """``async with new_database(prefix, migrate=…) as url``: a new database on the session's
+    server (migrated by the real Alembic migrations when asked), dropped afterwards."""
+
+    @contextlib.asynccontextmanager
+    async def create(prefix: str = "test", *, migrate: bool = False) -> AsyncIterator[str]:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(postgres_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
+        try:
+            if migrate:
+                await asyncio.to_thread(database.migrate, url)
+            yield url
+        finally:
+            admin = await asyncpg.connect(postgres_url)
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
+
+    return create
+
+
 @pytest.fixture
-async def fresh_database_url(postgres_url: str) -> AsyncIterator[str]:
+async def fresh_database_url(new_database: NewDatabase) -> AsyncIterator[str]:
     """A new, empty database on the session's server, dropped after the test."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with new_database() as url:
+        yield url

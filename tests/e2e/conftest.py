@@ -22,10 +22,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
-import asyncpg
 import openai
 import pytest
 import sqlalchemy as sa
@@ -201,35 +199,22 @@ _LIVE: list[Database] = []
 
 
 @contextlib.asynccontextmanager
-async def _database(postgres_url: str, *, migrate: bool) -> AsyncIterator[Database]:
-    name = f"e2e_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-    db = Database(url)
-    try:
-        if migrate:
-            await asyncio.to_thread(database.migrate, url)
-        yield db
-    finally:
-        await db.engine.dispose()
-        admin = await asyncpg.connect(postgres_url)
+async def _database(new_database, *, migrate: bool) -> AsyncIterator[Database]:
+    async with new_database("e2e", migrate=migrate) as url:
+        db = Database(url)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            yield db
         finally:
-            await admin.close()
+            await db.engine.dispose()
 
 
 @pytest.fixture(scope="session")
-def launch_database(postgres_url: str) -> Callable[[], contextlib.AbstractAsyncContextManager[Database]]:
+def launch_database(new_database) -> Callable[[], contextlib.AbstractAsyncContextManager[Database]]:
     """``async with launch_database() as db``: a fresh migrated database (no stack)."""
 
     @contextlib.asynccontextmanager
     async def launch() -> AsyncIterator[Database]:
-        async with _database(postgres_url, migrate=True) as db:
+        async with _database(new_database, migrate=True) as db:
             _LIVE.append(db)
             try:
                 yield db
@@ -241,7 +226,7 @@ def launch_database(postgres_url: str) -> Callable[[], contextlib.AbstractAsyncC
 
 @pytest.fixture(scope="session")
 def launch_stack(
-    postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+    new_database, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningStack]]:
     """``async with launch_stack(BILLINGPROXY_X="…") as stack``: the whole gateway on free ports.
 
@@ -252,7 +237,7 @@ def launch_stack(
     @contextlib.asynccontextmanager
     async def launch(**settings: str) -> AsyncIterator[RunningStack]:
         data_dir: Path = tmp_path_factory.mktemp("stack")
-        async with _database(postgres_url, migrate=False) as db:
+        async with _database(new_database, migrate=False) as db:
             env = {
                 **_clean_env(),
                 "DATABASE_URL": db.url,

@@ -8,51 +8,26 @@ with what Stripe told us (``payments.check_invariants``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp import web
 
 from authz_sidecar import http_api
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, settings as settings_mod
+from billing import settings as settings_mod
 from billingproxy.local_stack import Stack, free_port
 from billingproxy.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, Db, session_params, stripe_settings
 
 _LIVE: list[Db] = []
-
-
-@contextlib.asynccontextmanager
-async def _new_database(postgres_url: str, *, migrate: bool) -> AsyncIterator[str]:
-    name = f"stripe_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlsplit(postgres_url)._replace(path=f"/{name}").geturl()
-    try:
-        if migrate:
-            await asyncio.to_thread(database.migrate, url)
-        yield url
-    finally:
-        admin = await asyncpg.connect(postgres_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @contextlib.asynccontextmanager
@@ -67,9 +42,9 @@ async def _tracked(url: str) -> AsyncIterator[Db]:
 
 
 @pytest.fixture
-async def db(postgres_url: str) -> AsyncIterator[Db]:
+async def db(new_database) -> AsyncIterator[Db]:
     """A fresh database migrated by the real Alembic migrations (0003 included)."""
-    async with _new_database(postgres_url, migrate=True) as url, _tracked(url) as live:
+    async with new_database("stripe", migrate=True) as url, _tracked(url) as live:
         yield live
         # Here, not in the autouse fixture below: that one is torn down after this one.
         assert await live.problems() == []
@@ -167,8 +142,8 @@ def stack_env(database_url: str, data_dir: Path, **settings: str) -> dict[str, s
 
 
 @contextlib.asynccontextmanager
-async def _launch_stack(postgres_url: str, data_dir: Path, **settings: str) -> AsyncIterator[tuple[Stack, Db]]:
-    async with _new_database(postgres_url, migrate=False) as url:
+async def _launch_stack(new_database, data_dir: Path, **settings: str) -> AsyncIterator[tuple[Stack, Db]]:
+    async with new_database("stripe", migrate=False) as url:
         stack = Stack(stack_env(url, data_dir, **settings), say=lambda _m: None, durable=False)
         try:
             await stack.start()
@@ -179,15 +154,15 @@ async def _launch_stack(postgres_url: str, data_dir: Path, **settings: str) -> A
 
 
 @pytest.fixture(scope="session")
-async def default_stack(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Stack, Db]]:
+async def default_stack(new_database, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Stack, Db]]:
     """`billingproxy up` with no Stripe keys: the Stack starts its own test double (a child)."""
-    async with _launch_stack(postgres_url, tmp_path_factory.mktemp("default_stack")) as running:
+    async with _launch_stack(new_database, tmp_path_factory.mktemp("default_stack")) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
 async def keyed_stack(
-    postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+    new_database, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[Stack, Db, StripeDouble]]:
     """The gateway with Stripe keys configured (so no double of its own), its SDK pointed at a
     double in this process, whose objects and events the tests can then drive directly."""
@@ -195,7 +170,7 @@ async def keyed_stack(
     await fake.start()
     try:
         keys = {"STRIPE_SECRET_KEY": SECRET_KEY, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "STRIPE_API_BASE": fake.url}
-        async with _launch_stack(postgres_url, tmp_path_factory.mktemp("keyed_stack"), **keys) as (stack, live):
+        async with _launch_stack(new_database, tmp_path_factory.mktemp("keyed_stack"), **keys) as (stack, live):
             fake.webhook_url = stack.gateway_url + "/stripe/webhook"
             yield stack, live, fake
     finally:
