@@ -17,13 +17,12 @@ import asyncio
 import dataclasses
 import logging
 
+import asyncpg
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import metrics
 from authz_sidecar.check import METADATA_NAMESPACE
-from billing import holds, pricing
+from billing import database, holds, pricing
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +80,20 @@ def finished_request(entry) -> FinishedRequest | None:
 class Settler:
     """Prices a finished request and settles its hold, retrying transient database errors."""
 
-    def __init__(self, engine: AsyncEngine, prices: pricing.PriceBook) -> None:
-        self._engine = engine
+    def __init__(self, db: database.Database, prices: pricing.PriceBook) -> None:
+        self._db = db  # the sidecar's asyncpg pool: a settlement is one statement, autocommitted
         self._prices = prices
 
     async def settle(self, done: FinishedRequest) -> holds.Settlement:
         cost, details = self._cost(done)
         for attempt in range(RETRIES_MAX):
             try:
-                async with self._engine.begin() as conn:
+                async with database.acquire(self._db) as conn:
                     outcome = await holds.settle(
                         conn, request_id=done.request_id, cost_nano=cost, details=details
                     )
                 break
-            except (OperationalError, DBAPIError, OSError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 if attempt == RETRIES_MAX - 1:
                     raise
                 logger.warning("settling %s failed (%s); retrying", done.request_id, exc.__class__.__name__)

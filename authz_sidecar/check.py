@@ -18,11 +18,10 @@ from google.rpc import code_pb2, status_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import api_errors, metrics
 from authz_sidecar.key_lookup import KeyLookup
-from billing import holds, money, pricing
+from billing import database, holds, money, pricing
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,11 +38,11 @@ class Decider:
     """The decision, separate from the protobuf plumbing so it reads as the billing rule it is."""
 
     def __init__(
-        self, settings: Settings, prices: pricing.PriceBook, engine: AsyncEngine, key_lookup: KeyLookup
+        self, settings: Settings, prices: pricing.PriceBook, db: database.Database, key_lookup: KeyLookup
     ) -> None:
         self._settings = settings
         self._prices = prices
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._db = db  # the sidecar's asyncpg pool: the hold is one prepared statement
         self._keys = key_lookup
         self._top_up_url = f"{settings.public_url}/billing/topup"
 
@@ -87,7 +86,7 @@ class Decider:
             prompt_tokens=pricing.prompt_tokens_bound(len(body)),
             max_output_tokens=self._max_output_tokens(path, request, price),
         )
-        async with self._autocommit.connect() as conn:
+        async with database.acquire(self._db) as conn:
             outcome = await holds.place(
                 conn,
                 request_id=request_id,

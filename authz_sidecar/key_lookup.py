@@ -1,29 +1,75 @@
-"""From a presented ``Authorization`` header to a usable key record, with a short cache.
+"""From a presented ``Authorization`` header to a usable key record, with a cache kept fresh.
 
-Why a cache: every Check needs the key, and the key table changes rarely. Why a short one: a
-revocation must bite within a second, so entries live ``key_cache_ttl_ms`` (500 ms by default)
-and never longer. Unknown keys are cached too (bounded), so a flood of well-formed garbage
-reaches the database once per TTL per key. Malformed keys and bad checksums never reach it.
+Why a cache: every Check needs the key, and the key table changes rarely. The rule it keeps: an
+answer is used only while it is younger than ``key_cache_ttl_ms`` (500 ms by default, at most
+1000), counted from the *start* of the query that read it. A revocation committed at time R is
+therefore refused by every Check after R + TTL, whatever else happens (docs/architecture.md,
+Keys).
+
+Why it does not stall the Check: once :meth:`KeyLookup.start` has been called (the sidecar does),
+a refresher re-reads, every third of the TTL, every key a Check used in the last
+``RECENT_S`` seconds, in one batched statement (``billing.wallets.find_keys``) of at most
+``REFRESH_MAX`` keys. A key in use is therefore always fresh and its Checks never wait for the
+database; a Check only looks its key up itself the first time, after a quiet spell, or when the
+refresher is late (slow database, overload): correct in every case, just slower.
+
+Unknown keys are cached too (bounded, never refreshed: they age out), so a flood of well-formed
+garbage reaches the database once per TTL per key. Malformed keys and bad checksums never reach it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
+import logging
 import time
-
-from sqlalchemy.ext.asyncio import AsyncEngine
+from collections.abc import Callable
 
 from authz_sidecar import api_errors
-from billing import keys, wallets
+from billing import database, keys, wallets
+
+logger = logging.getLogger(__name__)
 
 _ENTRIES_MAX = 100_000
+# A key unused for this long is no longer refreshed (and is forgotten once its answer is stale).
+RECENT_S = 5.0
+# At most this many keys are re-read per refresh; the least recently used beyond it age out.
+REFRESH_MAX = 2_000
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    record: wallets.KeyRecord | None
+    read_at: float  # when the query that read ``record`` started (monotonic clock)
+    used_at: float  # when a Check last used it
 
 
 class KeyLookup:
-    def __init__(self, engine: AsyncEngine, ttl_ms: int) -> None:
-        self._engine = engine
+    def __init__(
+        self, db: database.Database, ttl_ms: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._db = db
         self._ttl_s = ttl_ms / 1000
-        self._cache: dict[bytes, tuple[float, wallets.KeyRecord | None]] = {}
+        self._clock = clock
+        self._cache: dict[bytes, _Entry] = {}
+        self._refresher: asyncio.Task | None = None
+        # Look-ups made on a Check's path (cache misses) and batched refreshes, for tests and tuning.
+        self.lookups = 0
+        self.refreshes = 0
+
+    def start(self) -> None:
+        """Keep the keys in use fresh in the background (needs a running event loop)."""
+        if self._ttl_s > 0 and self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_forever(), name="key-cache-refresher")
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
 
     @staticmethod
     def bearer(authorization: str | None) -> str:
@@ -48,24 +94,64 @@ class KeyLookup:
         return record
 
     async def _find(self, key_hash: bytes) -> wallets.KeyRecord | None:
-        now = time.monotonic()
-        cached = self._cache.get(key_hash)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        async with self._engine.connect() as conn:
+        now = self._clock()
+        entry = self._cache.get(key_hash)
+        if entry is not None and now - entry.read_at < self._ttl_s:
+            entry.used_at = now
+            return entry.record
+        self.lookups += 1
+        async with database.acquire(self._db) as conn:
             record = await wallets.find_key(conn, key_hash)
         if self._ttl_s > 0:
-            if len(self._cache) >= _ENTRIES_MAX:
+            if entry is None and len(self._cache) >= _ENTRIES_MAX:
                 self._evict(now)
-            self._cache[key_hash] = (now + self._ttl_s, record)
+            self._cache[key_hash] = _Entry(record, read_at=now, used_at=now)
         return record
 
     def _evict(self, now: float) -> None:
-        expired = [h for h, (until, _) in self._cache.items() if until <= now]
-        for key_hash in expired:
+        stale = [h for h, e in self._cache.items() if now - e.read_at >= self._ttl_s]
+        for key_hash in stale:
             del self._cache[key_hash]
         if len(self._cache) >= _ENTRIES_MAX:
             self._cache.clear()
+
+    async def refresh(self) -> None:
+        """Re-read the keys used lately; forget the stale answers nobody uses."""
+        started = self._clock()
+        recent: list[tuple[float, bytes]] = []
+        for key_hash, entry in list(self._cache.items()):
+            if entry.record is not None and started - entry.used_at < RECENT_S:
+                recent.append((entry.used_at, key_hash))
+            elif started - entry.read_at >= self._ttl_s:
+                del self._cache[key_hash]
+        if not recent:
+            return
+        recent.sort(reverse=True)
+        wanted = [key_hash for _, key_hash in recent[:REFRESH_MAX]]
+        async with database.acquire(self._db) as conn:
+            found = await wallets.find_keys(conn, wanted)
+        self.refreshes += 1
+        for key_hash in wanted:
+            entry = self._cache.get(key_hash)
+            # A Check may have read the key itself meanwhile, after this query began: keep that.
+            if entry is not None and entry.read_at < started:
+                entry.record = found.get(key_hash)
+                entry.read_at = started
+
+    async def _refresh_forever(self) -> None:
+        period = self._ttl_s / 3
+        failing = False
+        while True:
+            started = self._clock()
+            try:
+                await self.refresh()
+            except Exception as exc:  # the Checks fall back to their own look-ups meanwhile
+                if not failing:
+                    logger.warning("key cache refresh failed (%s); Checks look keys up themselves", exc)
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(max(0.0, started + period - self._clock()))
 
     def forget(self) -> None:
         self._cache.clear()

@@ -1,6 +1,10 @@
 """The sidecar process: one event loop serving gRPC (Check, access log, health), the public HTTP
 API and the admin port, plus a sweeper that expires holds nobody settled.
 
+Two ways into PostgreSQL (billing/database.py): an asyncpg pool for the hot path (the Check's key
+look-up and hold, the access log's settlements, the key cache's refresher, the sweeper) and a
+SQLAlchemy engine for the HTTP API.
+
 ``Sidecar`` is what tests and ``billingproxy up`` start in-process or as a child;
 ``main(argv)`` is the thin entry point behind ``billingproxy sidecar``.
 """
@@ -12,6 +16,7 @@ import contextlib
 import logging
 import signal
 
+import asyncpg
 import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -26,13 +31,18 @@ from billing.settings import Settings
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 5.0
+# The hot path's connections: the Checks and the settlement workers share them. On 2 cores more
+# would only queue inside PostgreSQL.
+POOL_SIZE = 10
 
 
 class Sidecar:
     def __init__(self, settings: Settings, prices: pricing.PriceBook) -> None:
         self.settings = settings
         self.prices = prices
-        self.engine = database.create_engine(settings.database_url, pool_size=20)
+        self.engine = database.create_engine(settings.database_url, pool_size=5)
+        self.pool: asyncpg.Pool | None = None
+        self._key_lookup: KeyLookup | None = None
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self._sweeper: asyncio.Task | None = None
@@ -41,9 +51,11 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
-        key_lookup = KeyLookup(self.engine, s.key_cache_ttl_ms)
-        decider = check.Decider(s, self.prices, self.engine, key_lookup)
-        self._access_log = access_log.AccessLogService(access_log.Settler(self.engine, self.prices))
+        self.pool = pool = await database.create_pool(s.database_url, size=POOL_SIZE)
+        self._key_lookup = key_lookup = KeyLookup(pool, s.key_cache_ttl_ms)
+        key_lookup.start()
+        decider = check.Decider(s, self.prices, pool, key_lookup)
+        self._access_log = access_log.AccessLogService(access_log.Settler(pool, self.prices))
         self._access_log.start()
 
         self._grpc = grpc.aio.server()
@@ -85,7 +97,7 @@ class Sidecar:
     async def _sweep_expired_holds(self) -> None:
         while True:
             try:
-                async with self.engine.begin() as conn:
+                async with database.acquire(self.pool) as conn:
                     await holds.expire_due(conn)
                     metrics.outstanding_holds.set(await holds.outstanding(conn))
             except Exception as exc:
@@ -105,6 +117,10 @@ class Sidecar:
                 await self._sweeper
         for runner in self._runners:
             await runner.cleanup()
+        if self._key_lookup is not None:
+            await self._key_lookup.close()
+        if self.pool is not None:
+            await self.pool.close()
         await self.engine.dispose()
 
 

@@ -11,16 +11,17 @@ Two kinds of measurement, both sequential (one call at a time, so nothing is bat
    - ``check_post_new_key``: the same with a key not yet cached: adds the key look-up;
    - ``access_log_settle``: one access-log entry on an open ALS stream, settled (the hold posted,
      the usage entry written): what every billed request costs after it ends.
-2. **The same database work in this process**, timed with this thread's CPU clock, through the
-   sidecar's code (SQLAlchemy) and as prototypes with plain asyncpg, to size what a change
-   would save: ``place_sqlalchemy`` vs ``place_asyncpg`` (the same statement), and
-   ``settle_sqlalchemy`` (``billing.holds.settle`` in a transaction: 7 round trips) vs
-   ``settle_asyncpg_seven_round_trips`` (the same statements with plain asyncpg) vs
-   ``settle_asyncpg_one_statement`` (a single CTE statement doing the same writes). The asyncpg
-   variants are prototypes to size a change, not product code.
+2. **The same database work in this process**, timed with this thread's CPU clock: the sidecar's
+   own code (``billing.holds`` on an asyncpg connection, as the sidecar runs it) against the
+   way it was done before, to show what the change saved:
+   ``place_asyncpg`` (``holds.place``) vs ``place_sqlalchemy`` (the same statement, the same SQL
+   text, executed through SQLAlchemy on an AUTOCOMMIT connection); ``settle_asyncpg_one_statement``
+   (``holds.settle``: one statement) vs ``settle_sqlalchemy`` (the previous settlement, kept here
+   as a reference: lock the hold, ``ledger.post_entry``, mark the hold — 7 round trips through
+   SQLAlchemy) vs ``settle_asyncpg_seven_round_trips`` (those statements with plain asyncpg).
 
 All on a wallet of its own, so the benchmark's books (``bench.runner.Bench.check_books``) are
-untouched; the prototypes keep the invariants (balance = Σ entries, reserved = Σ pending holds).
+untouched; the references keep the invariants (balance = Σ entries, reserved = Σ pending holds).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any
 
 import asyncpg
 import grpc
+import sqlalchemy as sa
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from billing import holds, pricing, wallets
+from billing import holds, ledger, pricing, tables, wallets
 from authz_sidecar import access_log as access_log_mod
 
 from bench import procstat, workload
@@ -47,51 +49,32 @@ from bench import procstat, workload
 CALLS = 400
 GRANT_NANO = 1_000 * 10**9
 
-# The sidecar's hold statement (billing/holds.py), in asyncpg's $n form.
-_PLACE_ASYNCPG = """
-WITH admitted AS (
-    UPDATE wallets SET reserved_nano = reserved_nano + $5
-     WHERE id = $2 AND NOT suspended AND balance_nano - reserved_nano > 0
-       AND (NOT $7::boolean OR balance_nano - reserved_nano >= $5)
- RETURNING id
-)
-INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
-SELECT $1, id, $3, $4, $5, 'pending', now() + make_interval(secs => $6::float8)
-  FROM admitted
-RETURNING request_id
-"""
-
-# Prototype: post a pending hold in ONE statement (hold → posted, wallet balance and reservation
-# moved, usage entry written). Not idempotency-complete like billing.holds.settle (no replay
-# answer, no expired-hold path); it sizes the cost of the round trips, nothing more.
-_SETTLE_ONE_STATEMENT = """
-WITH h AS (
-    UPDATE holds SET state = 'posted', posted_nano = $2, resolved_at = now()
-     WHERE request_id = $1 AND state = 'pending'
- RETURNING wallet_id, amount_nano, model, key_id
-), w AS (
-    UPDATE wallets SET balance_nano = wallets.balance_nano - $2,
-                       reserved_nano = wallets.reserved_nano - h.amount_nano, updated_at = now()
-      FROM h WHERE wallets.id = h.wallet_id
- RETURNING wallets.id, wallets.balance_nano
-)
-INSERT INTO ledger_entries (wallet_id, idempotency_key, kind, amount_nano, balance_after_nano, details)
-SELECT w.id, 'usage:' || $1, 'usage', -$2, w.balance_nano, $3::jsonb FROM w
-RETURNING id
-"""
-
-
-# The same seven round trips billing.holds.settle makes (BEGIN, lock the hold, lock the wallet,
-# insert the entry, move the balance, mark the hold, COMMIT), with plain asyncpg.
+# The seven round trips the settlement made before it was one statement (BEGIN, lock the hold,
+# lock the wallet, insert the entry, move the balance, mark the hold, COMMIT), with plain asyncpg.
 _SETTLE_STEPS = (
     "SELECT wallet_id, amount_nano, model, key_id, state FROM holds WHERE request_id = $1 FOR UPDATE",
-    "SELECT balance_nano FROM wallets WHERE id = $1 FOR UPDATE",
+    "SELECT balance_nano FROM wallets WHERE id = $1 FOR NO KEY UPDATE",
     """INSERT INTO ledger_entries (wallet_id, idempotency_key, kind, amount_nano, balance_after_nano, details)
        VALUES ($1, $2, 'usage', $3, $4, $5::jsonb) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
     """UPDATE wallets SET balance_nano = balance_nano + $2, reserved_nano = reserved_nano - $3,
        updated_at = now() WHERE id = $1""",
     "UPDATE holds SET state = 'posted', posted_nano = $2, resolved_at = now() WHERE request_id = $1",
 )
+
+
+async def _settle_seven_round_trips_sqlalchemy(conn, *, request_id: str, cost_nano: int, details: dict) -> None:
+    """Reference only: how ``billing.holds.settle`` posted a hold before it was one statement."""
+    h = tables.holds
+    hold = (await conn.execute(sa.select(h).where(h.c.request_id == request_id).with_for_update())).first()
+    assert hold is not None and hold.state == "pending"
+    await ledger.post_entry(
+        conn, wallet_id=hold.wallet_id, kind="usage", amount_nano=-cost_nano,
+        idempotency_key=f"usage:{request_id}",
+        details={"model": hold.model, "key_id": hold.key_id, "request_id": request_id, **details},
+        release_reserved_nano=hold.amount_nano,
+    )
+    await conn.execute(sa.update(h).where(h.c.request_id == request_id)
+                       .values(state="posted", posted_nano=cost_nano, resolved_at=sa.func.now()))
 
 
 def _check_request(method: str, authorization: str, request_id: str, body: bytes) -> external_auth_pb2.CheckRequest:
@@ -165,8 +148,6 @@ class Steps:
                               "wall_us": round(wall / self.calls * 1e6, 1)}
 
     async def _pending(self) -> int:
-        import sqlalchemy as sa  # noqa: PLC0415
-
         async with self.engine.connect() as conn:
             return (await conn.execute(sa.text(
                 "SELECT count(*) FROM holds WHERE wallet_id = :w AND state = 'pending'"), {"w": self.wallet_id})).scalar_one()
@@ -190,7 +171,7 @@ class Steps:
                     response = await check(_check_request("POST", hot_key, request_id, workload.BODY))
                     if response.status.code == 0:
                         posted.append(request_id)
-                    # Keep the key warm: the sidecar caches it for 500 ms.
+                    # One key throughout: cached, and kept fresh by the sidecar's refresher.
 
             async def posts_new_key() -> None:
                 for n in range(self.calls):
@@ -240,7 +221,7 @@ class Steps:
         return self.results
 
     async def _in_process(self, pending: list[str]) -> None:
-        """Place and settle through the sidecar's own code (SQLAlchemy) and through asyncpg."""
+        """Place and settle through the sidecar's code (asyncpg) and the ways it was done before."""
         autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         amount = 50_000
         sa_ids = [f"steps-sa-{uuid.uuid4()}" for _ in range(self.calls)]
@@ -250,17 +231,18 @@ class Steps:
 
         async def place_sqlalchemy(n: int) -> None:
             async with autocommit.connect() as conn:
-                await holds.place(conn, request_id=sa_ids[n], wallet_id=self.wallet_id, key_id=key_id,
-                                  model=workload.MODEL, amount_nano=amount, ttl_s=600, strict=False)
+                placed = (await conn.exec_driver_sql(holds.PLACE_SQL, (
+                    sa_ids[n], self.wallet_id, key_id, workload.MODEL, amount, 600.0, False))).first()
+                assert placed is not None
 
         connection = await asyncpg.connect(self.database_url)
         try:
-            place = await connection.prepare(_PLACE_ASYNCPG)
-            settle = await connection.prepare(_SETTLE_ONE_STATEMENT)
-
             async def place_asyncpg(n: int) -> None:
-                await place.fetchrow(pg_ids[n], self.wallet_id, key_id, workload.MODEL, amount, 600.0, False)
-                await place.fetchrow(pg7_ids[n], self.wallet_id, key_id, workload.MODEL, amount, 600.0, False)
+                for request_id in (pg_ids[n], pg7_ids[n]):
+                    admitted = await holds.place(
+                        connection, request_id=request_id, wallet_id=self.wallet_id, key_id=key_id,
+                        model=workload.MODEL, amount_nano=amount, ttl_s=600, strict=False)
+                    assert admitted is holds.Admission.ADMITTED
 
             steps = [await connection.prepare(sql) for sql in _SETTLE_STEPS]
 
@@ -269,12 +251,12 @@ class Steps:
 
             async def settle_sqlalchemy(n: int) -> None:
                 async with self.engine.begin() as conn:
-                    await holds.settle(conn, request_id=sa_ids[n], cost_nano=self.cost, details=details)
+                    await _settle_seven_round_trips_sqlalchemy(
+                        conn, request_id=sa_ids[n], cost_nano=self.cost, details=details)
 
             async def settle_asyncpg(n: int) -> None:
-                request_id = pg_ids[n]
-                await settle.fetchrow(request_id, self.cost, json.dumps(
-                    {"model": workload.MODEL, "key_id": key_id, "request_id": request_id, **details}))
+                outcome = await holds.settle(connection, request_id=pg_ids[n], cost_nano=self.cost, details=details)
+                assert outcome is holds.Settlement.POSTED
 
             async def settle_asyncpg_seven(n: int) -> None:
                 request_id = pg7_ids[n]

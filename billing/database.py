@@ -1,33 +1,64 @@
 """Connecting to PostgreSQL and bringing its schema up to date.
 
-Two engines over one URL: a transactional one for multi-statement work (settlements, signups)
-and an AUTOCOMMIT one for the Check's single-statement hold, which then costs one round trip.
+Two ways in over one URL:
+
+- **SQLAlchemy engines** for the HTTP API, the CLI, the operator and the tests: a transactional
+  one for multi-statement work (signups, top-ups) and its AUTOCOMMIT variant.
+- **An asyncpg pool** for the sidecar's hot path: the Check's key look-up and hold, the access
+  log's settlement (and the key cache's refresher and the expiry sweep). Each is one statement,
+  which asyncpg prepares once per connection (its statement cache) and then runs in one round
+  trip without SQLAlchemy's per-call machinery.
+
+The hot path's SQL lives beside its rule (``billing.holds``, ``billing.wallets.find_keys``) and
+takes an asyncpg connection. SQLAlchemy callers hand theirs over with :func:`driver_connection`
+(same connection, same transaction), so tests and the CLI run exactly the sidecar's statements.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypeAlias
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from asyncpg.pool import PoolConnectionProxy
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+
+# An asyncpg connection: a plain one, or one borrowed from a pool.
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+# Where the hot path gets connections: the sidecar's asyncpg pool, or (tests, tools) an engine.
+Database: TypeAlias = asyncpg.Pool | AsyncEngine
+
+_SCHEMES = ("postgresql+asyncpg://", "postgresql://", "postgres://")
 
 
 class DatabaseUrlError(ValueError):
     """DATABASE_URL is not a PostgreSQL URL."""
 
 
-def async_url(url: str) -> str:
-    """``postgresql://…`` (what people write) → ``postgresql+asyncpg://…`` (what SQLAlchemy needs)."""
-    for scheme in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+def _rest(url: str) -> str:
+    for scheme in _SCHEMES:
         if url.startswith(scheme):
-            return "postgresql+asyncpg://" + url[len(scheme):]
+            return url[len(scheme):]
     raise DatabaseUrlError(
         "DATABASE_URL must start with postgresql:// (for example "
         "postgresql://user:password@127.0.0.1:5432/billingproxy)"
     )
+
+
+def async_url(url: str) -> str:
+    """``postgresql://…`` (what people write) → ``postgresql+asyncpg://…`` (what SQLAlchemy needs)."""
+    return "postgresql+asyncpg://" + _rest(url)
+
+
+def driver_url(url: str) -> str:
+    """The same URL as asyncpg takes it (``postgresql://…``)."""
+    return "postgresql://" + _rest(url)
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -38,6 +69,50 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 def autocommit(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+async def create_pool(url: str, *, size: int = 10) -> asyncpg.Pool:
+    """The hot path's pool: ``size`` connections, opened now and kept (their prepared statements
+    with them). Connections are in autocommit: each hot-path call is one statement."""
+    return await asyncpg.create_pool(
+        driver_url(url), min_size=size, max_size=size, reset=_keep_session,
+        max_inactive_connection_lifetime=0
+    )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (a round trip per use: ``RESET ALL``, ``UNLISTEN``…).
+
+    The hot path leaves no session state behind: no SET, LISTEN, advisory lock or cursor. An open
+    transaction is still rolled back on release; asyncpg does that before calling this.
+    """
+
+
+async def driver_connection(conn: AsyncConnection | Connection) -> Connection:
+    """The asyncpg connection under ``conn``, inside ``conn``'s transaction if it has one.
+
+    An asyncpg connection is returned as it is. SQLAlchemy sends BEGIN lazily, with its first
+    statement; a connection that has not sent one yet is made to, so that what the caller runs
+    on the returned connection belongs to the transaction SQLAlchemy commits or rolls back.
+    """
+    if not isinstance(conn, AsyncConnection):
+        return conn
+    fairy = await conn.get_raw_connection()
+    driver = fairy.driver_connection
+    if not fairy.dbapi_connection.autocommit and not driver.is_in_transaction():
+        await conn.exec_driver_sql("SELECT 1")
+    return driver
+
+
+@contextlib.asynccontextmanager
+async def acquire(db: Database) -> AsyncIterator[Connection]:
+    """An autocommit asyncpg connection for one hot-path call, from a pool or an engine."""
+    if isinstance(db, AsyncEngine):
+        async with autocommit(db).connect() as conn:
+            yield await driver_connection(conn)
+    else:
+        async with db.acquire() as conn:
+            yield conn
 
 
 def migrate(url: str, revision: str = "head") -> None:

@@ -11,19 +11,26 @@ Admission (DESIGN.md): admit while ``available = balance - reserved > 0``; in st
 when ``available >= hold``; never while the wallet is ``suspended`` (the operator's and admins'
 switch) or ``disputed`` (an open Stripe dispute, billing/payments.py). The test and the
 reservation are one UPDATE, so concurrent Checks on one wallet cannot both see the same money.
+
+Every function here is the SQL the sidecar runs, on an asyncpg connection (``billing.database``):
+each hot-path call is one prepared statement in one round trip. A SQLAlchemy ``AsyncConnection``
+is accepted too (tests, the CLI, the sweeps) and its asyncpg connection used, in its transaction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import ledger, tables
+from billing import database
+
+# An asyncpg connection, or a SQLAlchemy one whose asyncpg connection (and transaction) is used.
+Conn = AsyncConnection | database.Connection
 
 
 class Admission(enum.Enum):
@@ -63,29 +70,33 @@ class Settlement(enum.Enum):
     UNKNOWN_HOLD = "unknown_hold"
 
 
-_PLACE = sa.text(
-    """
-    WITH admitted AS (
-        UPDATE wallets
-           SET reserved_nano = reserved_nano + :amount
-         WHERE id = :wallet_id
-           AND NOT suspended
-           AND NOT disputed
-           AND balance_nano - reserved_nano > 0
-           AND (NOT :strict OR balance_nano - reserved_nano >= :amount)
-     RETURNING id
-    )
-    INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
-    SELECT :request_id, id, :key_id, :model, :amount, 'pending',
-           now() + make_interval(secs => :ttl_s)
-      FROM admitted
-    RETURNING request_id
-    """
-).bindparams(
-    sa.bindparam("amount", type_=sa.BigInteger),
-    sa.bindparam("strict", type_=sa.Boolean),
-    sa.bindparam("ttl_s", type_=sa.Float),
+# Admission and reservation in one statement: the wallet row is updated only if it admits the
+# request, and the hold inserted only if it was. Concurrent Checks on one wallet queue on that
+# row's lock, and each is tested against the reservations of those before it.
+# $1 request id, $2 wallet, $3 key, $4 model, $5 amount, $6 TTL in seconds, $7 strict.
+PLACE_SQL = """
+WITH admitted AS (
+    UPDATE wallets
+       SET reserved_nano = reserved_nano + $5::bigint
+     WHERE id = $2::text
+       AND NOT suspended
+       AND NOT disputed
+       AND balance_nano - reserved_nano > 0
+       AND (NOT $7::boolean OR balance_nano - reserved_nano >= $5::bigint)
+ RETURNING id
 )
+INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
+SELECT $1::text, id, $3::text, $4::text, $5::bigint, 'pending',
+       now() + make_interval(secs => $6::float8)
+  FROM admitted
+RETURNING request_id
+"""
+
+_HOLDS_PENDING = """
+SELECT 1 FROM holds WHERE request_id = $1::text AND wallet_id = $2::text AND state = 'pending'
+"""
+
+_WALLET_STATE = "SELECT balance_nano, reserved_nano, suspended, disputed FROM wallets WHERE id = $1::text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,87 +107,67 @@ class Refusal:
 
 
 async def place(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     request_id: str,
     wallet_id: str,
     key_id: str,
     model: str,
     amount_nano: int,
-    ttl_s: int,
+    ttl_s: float,
     strict: bool,
 ) -> Admission | Refusal:
-    """Reserve ``amount_nano`` for one request in a single statement (use an AUTOCOMMIT connection).
+    """Reserve ``amount_nano`` for one request in a single statement (:data:`PLACE_SQL`).
 
+    Use an autocommit connection: one round trip, and the wallet row is locked only for it.
     A Check repeated for the same ``request_id`` (Envoy retrying the Check) is admitted again
     without a second reservation.
     """
-    params = {
-        "request_id": request_id,
-        "wallet_id": wallet_id,
-        "key_id": key_id,
-        "model": model,
-        "amount": amount_nano,
-        "ttl_s": ttl_s,
-        "strict": strict,
-    }
+    pg = await database.driver_connection(conn)
     # Twice at most: a refusal is explained by a second read, and if money came back in between
     # (a hold was settled), refusing would be a false block.
     refusal: Refusal | None = None
     for _ in range(2):
         try:
-            placed = (await conn.execute(_PLACE, params)).first()
-        except IntegrityError as exc:
-            if "holds_pkey" not in str(exc.orig):
+            placed = await pg.fetchval(
+                PLACE_SQL, request_id, wallet_id, key_id, model, amount_nano, float(ttl_s), strict
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "holds_pkey":
                 raise
             # The statement rolled back, reservation included. The first Check's hold stands,
             # but only a retry of that same request (same wallet, still pending) may ride on it.
-            if await _holds_pending(conn, request_id, wallet_id):
+            if await _holds_pending(pg, request_id, wallet_id):
                 return Admission.ADMITTED
             return Refusal(Admission.DUPLICATE_REQUEST)
         if placed is not None:
             return Admission.ADMITTED
         # A repeated Check finds no money left when its own first hold took it; the statement
         # then inserts nothing, so the duplicate key never fires. Refusing it would be a false block.
-        if await _holds_pending(conn, request_id, wallet_id):
+        if await _holds_pending(pg, request_id, wallet_id):
             return Admission.ADMITTED
-        refusal = await _why_refused(conn, wallet_id, amount_nano, strict)
+        refusal = await _why_refused(pg, wallet_id, amount_nano, strict)
         if refusal is not None:
             return refusal
     assert refusal is None
     return Refusal(Admission.FUNDS_RESERVED)
 
 
-async def _holds_pending(conn: AsyncConnection, request_id: str, wallet_id: str) -> bool:
-    h = tables.holds
-    row = (
-        await conn.execute(
-            sa.select(h.c.request_id).where(
-                h.c.request_id == request_id, h.c.wallet_id == wallet_id, h.c.state == "pending"
-            )
-        )
-    ).first()
-    return row is not None
+async def _holds_pending(pg: database.Connection, request_id: str, wallet_id: str) -> bool:
+    return await pg.fetchval(_HOLDS_PENDING, request_id, wallet_id) is not None
 
 
 async def _why_refused(
-    conn: AsyncConnection, wallet_id: str, amount_nano: int, strict: bool
+    pg: database.Connection, wallet_id: str, amount_nano: int, strict: bool
 ) -> Refusal | None:
     """Why the wallet refused a hold, or None if, read again now, it would accept it."""
-    w = tables.wallets
-    row = (
-        await conn.execute(
-            sa.select(w.c.balance_nano, w.c.reserved_nano, w.c.suspended, w.c.disputed).where(
-                w.c.id == wallet_id
-            )
-        )
-    ).first()
+    row = await pg.fetchrow(_WALLET_STATE, wallet_id)
     if row is None:
         return Refusal(Admission.WALLET_NOT_FOUND)
-    balance, reserved = row.balance_nano, row.reserved_nano
-    if row.suspended:
+    balance, reserved = row["balance_nano"], row["reserved_nano"]
+    if row["suspended"]:
         return Refusal(Admission.WALLET_SUSPENDED, balance, reserved)
-    if row.disputed:
+    if row["disputed"]:
         return Refusal(Admission.WALLET_DISPUTED, balance, reserved)
     if balance <= 0 or (strict and balance < amount_nano):
         return Refusal(Admission.INSUFFICIENT_FUNDS, balance, reserved)
@@ -188,8 +179,70 @@ async def _why_refused(
     return Refusal(Admission.INSUFFICIENT_FUNDS, balance, reserved)
 
 
+# Settlement in one statement, so the wallet row is locked for one statement, not a transaction.
+# The hold is locked first: a concurrent settlement of the same request, or the expiry sweep, is
+# waited for, and the row read is the one they left (READ COMMITTED re-reads a row it had to wait
+# for). Only a pending or expired hold is resolved; the wallet's balance moves by the posted cost,
+# its reservation is released only if the hold was still pending (expiry released it already),
+# and the usage entry records the balance the wallet UPDATE returned. There is deliberately no
+# ON CONFLICT on the entry: if ``usage:<request id>`` exists already, the unique violation aborts
+# the whole statement, so money never moves without its entry.
+# $1 request id, $2 cost (NULL: void, unless $3), $3 charge the hold's own amount, $4 details.
+SETTLE_SQL = """
+WITH hold AS (
+    SELECT request_id, amount_nano, state
+      FROM holds
+     WHERE request_id = $1::text
+       FOR NO KEY UPDATE
+), resolved AS (
+    UPDATE holds
+       SET state = CASE WHEN $3::boolean OR $2::bigint IS NOT NULL THEN 'posted' ELSE 'voided' END,
+           posted_nano = CASE WHEN $3::boolean THEN hold.amount_nano ELSE $2::bigint END,
+           resolved_at = now()
+      FROM hold
+     WHERE holds.request_id = hold.request_id
+       AND hold.state IN ('pending', 'expired')
+ RETURNING holds.wallet_id, holds.key_id, holds.model, holds.posted_nano,
+           CASE WHEN hold.state = 'pending' THEN hold.amount_nano ELSE 0 END AS released
+), moved AS (
+    UPDATE wallets
+       SET balance_nano = wallets.balance_nano - coalesce(resolved.posted_nano, 0),
+           reserved_nano = wallets.reserved_nano - resolved.released,
+           updated_at = now()
+      FROM resolved
+     WHERE wallets.id = resolved.wallet_id
+       AND (resolved.posted_nano IS NOT NULL OR resolved.released > 0)
+ RETURNING wallets.balance_nano
+), charged AS (
+    INSERT INTO ledger_entries (wallet_id, idempotency_key, kind, amount_nano, balance_after_nano, details)
+    SELECT resolved.wallet_id, 'usage:' || $1::text, 'usage', -resolved.posted_nano, moved.balance_nano,
+           jsonb_build_object('model', resolved.model, 'key_id', resolved.key_id, 'request_id', $1::text)
+           || $4::jsonb
+      FROM resolved CROSS JOIN moved
+     WHERE resolved.posted_nano IS NOT NULL
+ RETURNING id
+)
+SELECT hold.state AS was,
+       (SELECT count(*) FROM resolved) AS resolved,
+       (SELECT count(*) FROM charged) AS charged
+  FROM hold
+"""
+
+# (the hold's state before, whether this settlement posts) -> what happened.
+_OUTCOMES = {
+    ("pending", True): Settlement.POSTED,
+    ("pending", False): Settlement.VOIDED,
+    ("expired", True): Settlement.POSTED_AFTER_EXPIRY,
+    ("expired", False): Settlement.VOIDED_AFTER_EXPIRY,
+    ("posted", True): Settlement.ALREADY_POSTED,
+    ("posted", False): Settlement.ALREADY_POSTED,
+    ("voided", True): Settlement.ALREADY_VOIDED,
+    ("voided", False): Settlement.ALREADY_VOIDED,
+}
+
+
 async def settle(
-    conn: AsyncConnection,
+    conn: Conn,
     *,
     request_id: str,
     cost_nano: int | ChargeHold | None,
@@ -199,80 +252,58 @@ async def settle(
 
     ``CHARGE_HOLD`` posts the hold's estimate, for a success whose usage never arrived.
 
-    Runs inside the caller's transaction; the charge's idempotency key is ``usage:<request_id>``.
+    One statement (:data:`SETTLE_SQL`); the charge's idempotency key is ``usage:<request_id>``.
     """
-    h = tables.holds
-    hold = (
-        await conn.execute(sa.select(h).where(h.c.request_id == request_id).with_for_update())
-    ).first()
-    if hold is None:
-        return Settlement.UNKNOWN_HOLD
-    if hold.state == "posted":
-        return Settlement.ALREADY_POSTED
-    if hold.state == "voided":
-        return Settlement.ALREADY_VOIDED
-
-    pending = hold.state == "pending"
-    if cost_nano is CHARGE_HOLD:
-        cost_nano = hold.amount_nano
-    if cost_nano is not None and cost_nano < 0:
+    charge_hold = cost_nano is CHARGE_HOLD
+    if isinstance(cost_nano, int) and cost_nano < 0:
         raise ValueError(f"a request's cost cannot be negative ({cost_nano}); credits are ledger entries")
-    release = hold.amount_nano if pending else 0
-    if cost_nano is None:
-        new_state, outcome = "voided", Settlement.VOIDED if pending else Settlement.VOIDED_AFTER_EXPIRY
-        if release:
-            w = tables.wallets
-            await conn.execute(
-                sa.update(w)
-                .where(w.c.id == hold.wallet_id)
-                .values(reserved_nano=w.c.reserved_nano - release, updated_at=sa.func.now())
-            )
-    else:
-        new_state = "posted"
-        outcome = Settlement.POSTED if pending else Settlement.POSTED_AFTER_EXPIRY
-        await ledger.post_entry(
-            conn,
-            wallet_id=hold.wallet_id,
-            kind="usage",
-            amount_nano=-cost_nano,
-            idempotency_key=f"usage:{request_id}",
-            details={"model": hold.model, "key_id": hold.key_id, "request_id": request_id,
-                     **(details or {})},
-            release_reserved_nano=release,
+    posts = cost_nano is not None
+    pg = await database.driver_connection(conn)
+    try:
+        row = await pg.fetchrow(
+            SETTLE_SQL,
+            request_id,
+            None if charge_hold else cost_nano,
+            charge_hold,
+            json.dumps(details or {}),
         )
-    await conn.execute(
-        sa.update(h)
-        .where(h.c.request_id == request_id)
-        .values(state=new_state, posted_nano=cost_nano, resolved_at=sa.func.now())
-    )
-    return outcome
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "ledger_entries_idempotency_key_key":
+            raise
+        # ``usage:<request id>`` exists already, so this request was charged: the statement,
+        # aborted whole, changed nothing.
+        return Settlement.ALREADY_POSTED
+    if row is None:
+        return Settlement.UNKNOWN_HOLD
+    if row["was"] in ("pending", "expired"):
+        assert (row["resolved"], row["charged"]) == (1, int(posts)), f"settling {request_id}: {row!r}"
+    return _OUTCOMES[(row["was"], posts)]
 
 
-_EXPIRE = sa.text(
-    """
-    WITH expired AS (
-        UPDATE holds SET state = 'expired', resolved_at = now()
-         WHERE state = 'pending' AND expires_at <= now()
-     RETURNING wallet_id, amount_nano
-    ), per_wallet AS (
-        SELECT wallet_id, sum(amount_nano) AS amount FROM expired GROUP BY wallet_id
-    )
-    UPDATE wallets w
-       SET reserved_nano = w.reserved_nano - per_wallet.amount, updated_at = now()
-      FROM per_wallet
-     WHERE w.id = per_wallet.wallet_id
-    RETURNING w.id
-    """
+# Expiry, for the sweep: every pending hold past its time is expired and its reservation released,
+# per wallet, in one statement. Nothing is charged.
+_EXPIRE = """
+WITH expired AS (
+    UPDATE holds SET state = 'expired', resolved_at = now()
+     WHERE state = 'pending' AND expires_at <= now()
+ RETURNING wallet_id, amount_nano
+), per_wallet AS (
+    SELECT wallet_id, sum(amount_nano) AS amount FROM expired GROUP BY wallet_id
 )
+UPDATE wallets w
+   SET reserved_nano = w.reserved_nano - per_wallet.amount, updated_at = now()
+  FROM per_wallet
+ WHERE w.id = per_wallet.wallet_id
+RETURNING w.id
+"""
 
 
-async def expire_due(conn: AsyncConnection) -> int:
+async def expire_due(conn: Conn) -> int:
     """Expire every pending hold past its expiry; returns how many wallets were touched."""
-    return len((await conn.execute(_EXPIRE)).all())
+    pg = await database.driver_connection(conn)
+    return len(await pg.fetch(_EXPIRE))
 
 
-async def outstanding(conn: AsyncConnection) -> int:
-    h = tables.holds
-    return (
-        await conn.execute(sa.select(sa.func.count()).select_from(h).where(h.c.state == "pending"))
-    ).scalar_one()
+async def outstanding(conn: Conn) -> int:
+    pg = await database.driver_connection(conn)
+    return await pg.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")

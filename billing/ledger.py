@@ -163,6 +163,20 @@ async def entries(
     return [_entry(row, created=False) for row in (await conn.execute(query)).all()]
 
 
+async def entries_after(
+    conn: AsyncConnection, wallet_id: str, *, after_entry_id: int, kinds: frozenset[str], limit: int
+) -> list[Entry]:
+    """The wallet's entries of ``kinds`` newer than ``after_entry_id``, oldest first (a cursor)."""
+    le = tables.ledger_entries
+    query = (
+        sa.select(le)
+        .where(le.c.wallet_id == wallet_id, le.c.id > after_entry_id, le.c.kind.in_(sorted(kinds)))
+        .order_by(le.c.id)
+        .limit(limit)
+    )
+    return [_entry(row, created=False) for row in (await conn.execute(query)).all()]
+
+
 @dataclasses.dataclass(frozen=True)
 class InvariantViolation:
     wallet_id: str

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import keys, ledger, tables
+from billing import database, keys, ledger, tables
 
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
@@ -229,13 +230,44 @@ async def find_wallet(conn: AsyncConnection, ref: str) -> Wallet | None:
     return None if row is None else _wallet(row)
 
 
-async def find_key(conn: AsyncConnection, key_hash: bytes) -> KeyRecord | None:
-    row = (
-        await conn.execute(sa.select(tables.api_keys).where(tables.api_keys.c.key_hash == key_hash))
-    ).first()
-    if row is None or not keys.hashes_match(bytes(row.key_hash), key_hash):
+# Keys by their SHA-256, one or many: the sidecar's look-up and its cache's batched re-reads
+# (authz_sidecar/key_lookup.py) run this statement, on asyncpg, as every other caller does.
+_FIND_KEYS = """
+SELECT id, wallet_id, key_hash, display_prefix, allowed_models, expires_at, revoked_at,
+       suspended, revoke_after
+  FROM api_keys
+ WHERE key_hash = ANY($1::bytea[])
+"""
+
+
+async def find_keys(
+    conn: AsyncConnection | database.Connection, key_hashes: Sequence[bytes]
+) -> dict[bytes, KeyRecord]:
+    """The stored keys among ``key_hashes``, by hash, in one indexed statement."""
+    pg = await database.driver_connection(conn)
+    found = {}
+    for row in await pg.fetch(_FIND_KEYS, list(key_hashes)):
+        models = row["allowed_models"]
+        record = KeyRecord(
+            id=row["id"],
+            wallet_id=row["wallet_id"],
+            key_hash=bytes(row["key_hash"]),
+            display_prefix=row["display_prefix"],
+            allowed_models=tuple(models) if models is not None else None,
+            expires_at=row["expires_at"],
+            revoked_at=row["revoked_at"],
+            suspended=row["suspended"],
+            revoke_after=row["revoke_after"],
+        )
+        found[record.key_hash] = record
+    return found
+
+
+async def find_key(conn: AsyncConnection | database.Connection, key_hash: bytes) -> KeyRecord | None:
+    record = (await find_keys(conn, [key_hash])).get(key_hash)
+    if record is None or not keys.hashes_match(record.key_hash, key_hash):
         return None
-    return _key(row)
+    return record
 
 
 async def get_key(conn: AsyncConnection, key_id: str) -> KeyRecord | None:
@@ -463,30 +495,3 @@ async def revoke_owned_keys(conn: AsyncConnection, *, source: str, external_id: 
         .returning(k)
     )
     return [_key(row) for row in rows]
-
-
-async def entries_after(
-    conn: AsyncConnection, wallet_id: str, *, after_entry_id: int, kinds: frozenset[str], limit: int
-) -> list[ledger.Entry]:
-    """The wallet's entries of ``kinds`` newer than ``after_entry_id``, oldest first (a cursor)."""
-    le = tables.ledger_entries
-    rows = await conn.execute(
-        sa.select(le)
-        .where(le.c.wallet_id == wallet_id, le.c.id > after_entry_id, le.c.kind.in_(sorted(kinds)))
-        .order_by(le.c.id)
-        .limit(limit)
-    )
-    return [
-        ledger.Entry(
-            id=row.id,
-            wallet_id=row.wallet_id,
-            idempotency_key=row.idempotency_key,
-            kind=row.kind,
-            amount_nano=row.amount_nano,
-            balance_after_nano=row.balance_after_nano,
-            details=row.details,
-            created_at=row.created_at,
-            created=False,
-        )
-        for row in rows
-    ]

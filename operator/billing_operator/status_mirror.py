@@ -24,7 +24,7 @@ from typing import Any
 
 import kopf
 
-from billing import money, wallets
+from billing import ledger, money, wallets
 from billing_operator import apikey_reconciler, config, db, errors, events, status, wallet_reconciler
 
 TOP_UP_KINDS = frozenset({"topup", "credit"})
@@ -56,7 +56,7 @@ async def mirror_wallet(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, mem
     try:
         async with db.transaction(memo.engine) as conn:
             wallet = await wallets.find_owned_wallet(conn, source=wallet_reconciler.SOURCE, external_id=body.metadata.uid)
-            top_ups = [] if wallet is None else await wallets.entries_after(
+            top_ups = [] if wallet is None else await ledger.entries_after(
                 conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=cfg.top_up_events_max)
     except errors.DatabaseUnavailable as exc:
         _synced(patch, body, exc)

@@ -1,5 +1,11 @@
 """billing.holds against a real PostgreSQL: each way a hold ends, reservation accounting,
-duplicate Checks, and admission under 200 concurrent Checks on one wallet."""
+duplicate Checks, settlements racing each other and the expiry sweep, and admission under 200
+concurrent Checks on one wallet.
+
+The functions take an asyncpg connection, as the sidecar runs them. ``Account`` gets one the way
+the sidecar's key cache does without a pool (an AUTOCOMMIT SQLAlchemy connection's own); the
+concurrency tests use an asyncpg pool made exactly like the sidecar's (``database.create_pool``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ import asyncio
 import dataclasses
 import random
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing import database, holds, ledger, tables, wallets
 
@@ -24,18 +31,24 @@ class Account:
     engine: AsyncEngine
     wallet_id: str
     key_id: str
+    # Where place and settle get their connection: the sidecar's kind of pool, or the engine.
+    pool: asyncpg.Pool | None = None
+
+    @property
+    def db(self) -> database.Database:
+        return self.engine if self.pool is None else self.pool
 
     async def place(
         self, request_id: str, amount_nano: int, *, strict: bool = False, ttl_s: float = 600
     ) -> holds.Admission | holds.Refusal:
-        async with database.autocommit(self.engine).connect() as conn:
+        async with database.acquire(self.db) as conn:
             return await holds.place(
                 conn, request_id=request_id, wallet_id=self.wallet_id, key_id=self.key_id,
-                model="gpt-4o-mini", amount_nano=amount_nano, ttl_s=ttl_s, strict=strict,  # type: ignore[arg-type]
+                model="gpt-4o-mini", amount_nano=amount_nano, ttl_s=ttl_s, strict=strict,
             )
 
     async def settle(self, request_id: str, cost_nano: int | holds.ChargeHold | None) -> holds.Settlement:
-        async with self.engine.begin() as conn:
+        async with database.acquire(self.db) as conn:
             return await holds.settle(conn, request_id=request_id, cost_nano=cost_nano)
 
     async def wallet(self) -> wallets.Wallet:
@@ -70,11 +83,11 @@ class Account:
             return [e for e in await ledger.entries(conn, self.wallet_id, limit=1000) if e.kind == "usage"]
 
 
-async def open_account(engine: AsyncEngine, balance_nano: int) -> Account:
+async def open_account(engine: AsyncEngine, balance_nano: int, pool: asyncpg.Pool | None = None) -> Account:
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano)
         key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
-    return Account(engine, wallet.id, key.key_id)
+    return Account(engine, wallet.id, key.key_id, pool)
 
 
 async def books_balance(engine: AsyncEngine) -> None:
@@ -294,14 +307,120 @@ async def test_a_repeated_check_is_admitted_when_its_own_hold_took_all_the_money
 
 async def test_concurrent_repeats_of_one_check_reserve_once(migrated_url: str) -> None:
     engine = database.create_engine(migrated_url, pool_size=10)
+    pool = await database.create_pool(migrated_url, size=10)
     try:
-        acct = await open_account(engine, 1_000_000)
+        acct = await open_account(engine, 1_000_000, pool)
         results = await asyncio.gather(*(acct.place("same", 250_000) for _ in range(20)))
         assert results == [ADMITTED] * 20
         assert await acct.money() == (1_000_000, 250_000)
         await books_balance(engine)
     finally:
+        await pool.close()
         await engine.dispose()
+
+
+# --- settlement is one statement -----------------------------------------------------------------
+
+
+async def blocked_on_a_row_lock(engine: AsyncEngine, timeout: float = 10.0) -> None:
+    """Wait until some session of this database waits for a row lock (no fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with engine.connect() as conn:
+            waiting = (await conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"))).scalar_one()
+        if waiting:
+            return
+        assert asyncio.get_running_loop().time() < deadline, "no session waited for the lock"
+        await asyncio.sleep(0.005)
+
+
+async def in_open_transaction(engine: AsyncEngine, work, then_racing):
+    """Run ``work(conn)`` in a transaction left open while ``then_racing()`` starts and blocks on
+    its locks; commit; return (work's result, the racer's result)."""
+    async with engine.connect() as conn:
+        async with conn.begin():
+            first = await work(conn)
+            racer = asyncio.create_task(then_racing())
+            await blocked_on_a_row_lock(engine)
+            assert not racer.done()
+        return first, await racer
+
+
+async def test_a_settlement_racing_another_waits_for_it_and_changes_nothing(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    for request_id, second_cost in (("post-then-void", None), ("post-then-post", 999)):
+        assert await acct.place(request_id, 300_000) is ADMITTED
+
+        async def post_first(conn: AsyncConnection, request_id: str = request_id) -> holds.Settlement:
+            return await holds.settle(conn, request_id=request_id, cost_nano=100_000)
+
+        async def then_second(request_id: str = request_id, cost: int | None = second_cost) -> holds.Settlement:
+            return await acct.settle(request_id, cost)
+
+        assert await in_open_transaction(migrated_engine, post_first, then_second) == (S.POSTED, S.ALREADY_POSTED)
+    assert await acct.money() == (800_000, 0)
+    assert [e.amount_nano for e in await acct.usage_entries()] == [-100_000, -100_000]
+    await books_balance(migrated_engine)
+
+
+async def test_a_settlement_racing_the_expiry_sweep_releases_the_reservation_once(
+    migrated_engine: AsyncEngine,
+) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    # The sweep goes first: the settlement waits, then finds the hold expired and posts after expiry.
+    assert await acct.place("swept-first", 300_000, ttl_s=0) is ADMITTED
+
+    async def settle_swept() -> holds.Settlement:
+        return await acct.settle("swept-first", 70_000)
+
+    assert await in_open_transaction(migrated_engine, holds.expire_due, settle_swept) == (1, S.POSTED_AFTER_EXPIRY)
+    assert await acct.money() == (930_000, 0)
+
+    # The settlement goes first: the sweep waits, then finds nothing pending to expire.
+    assert await acct.place("settled-first", 200_000, ttl_s=0) is ADMITTED
+
+    async def settle_first(conn: AsyncConnection) -> holds.Settlement:
+        return await holds.settle(conn, request_id="settled-first", cost_nano=50_000)
+
+    async def sweep() -> int:
+        return await expire(migrated_engine)
+
+    assert await in_open_transaction(migrated_engine, settle_first, sweep) == (S.POSTED, 0)
+    assert await acct.money() == (880_000, 0)
+    assert (await acct.hold("settled-first")).state == "posted"
+    await books_balance(migrated_engine)
+
+
+async def test_an_existing_usage_entry_aborts_the_whole_settlement(migrated_engine: AsyncEngine) -> None:
+    """``usage:<request id>`` written some other way: the settlement's insert violates the unique
+    key, so its hold and wallet updates are undone with it (no money moves without an entry)."""
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r", 300_000) is ADMITTED
+    async with migrated_engine.begin() as conn:
+        await ledger.post_entry(conn, wallet_id=acct.wallet_id, kind="usage", amount_nano=-5,
+                                idempotency_key="usage:r")
+    assert await acct.settle("r", 100_000) is S.ALREADY_POSTED
+    assert await acct.money() == (999_995, 300_000)
+    hold = await acct.hold("r")
+    assert (hold.state, hold.posted_nano, hold.resolved_at) == ("pending", None, None)
+    assert [e.amount_nano for e in await acct.usage_entries()] == [-5]
+    await books_balance(migrated_engine)
+
+
+async def test_settling_inside_a_callers_transaction_is_undone_with_it(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r", 300_000) is ADMITTED
+    async with migrated_engine.connect() as conn:
+        transaction = await conn.begin()
+        assert await holds.settle(conn, request_id="r", cost_nano=100_000) is S.POSTED
+        await transaction.rollback()
+    assert await acct.money() == (1_000_000, 300_000)
+    assert (await acct.hold("r")).state == "pending"
+    assert await acct.usage_entries() == []
+    assert await acct.settle("r", 100_000) is S.POSTED
+    await books_balance(migrated_engine)
 
 
 # --- admission ----------------------------------------------------------------------------------
@@ -420,9 +539,10 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
     rng = random.Random(7)
     costs = {f"req-{i:03d}": rng.randint(10_000, 90_000) for i in range(CHECKS)}
     start_balance = 1_000_000  # ~20 of the 200 requests' worth
-    engine = database.create_engine(migrated_url, pool_size=20)  # up to 40 connections
+    engine = database.create_engine(migrated_url, pool_size=2)
+    pool = await database.create_pool(migrated_url, size=20)
     try:
-        acct = await open_account(engine, start_balance)
+        acct = await open_account(engine, start_balance, pool)
 
         async def request(request_id: str) -> holds.Admission | holds.Refusal:
             admission = await acct.place(request_id, costs[request_id], strict=strict)
@@ -449,6 +569,7 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
             assert balance >= -max(costs[r] for r in admitted)
         await books_balance(engine)
     finally:
+        await pool.close()
         await engine.dispose()
 
 
@@ -458,9 +579,10 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
     rng = random.Random(11)
     amounts = {f"req-{i:03d}": rng.randint(10_000, 90_000) for i in range(CHECKS)}
     start_balance = 1_000_000
-    engine = database.create_engine(migrated_url, pool_size=20)
+    engine = database.create_engine(migrated_url, pool_size=2)
+    pool = await database.create_pool(migrated_url, size=20)
     try:
-        acct = await open_account(engine, start_balance)
+        acct = await open_account(engine, start_balance, pool)
         outcomes = await asyncio.gather(*(acct.place(r, a, strict=strict) for r, a in amounts.items()))
         admitted = [r for r, o in zip(amounts, outcomes) if o is ADMITTED]
         refusals = [o for o in outcomes if o is not ADMITTED]
@@ -483,4 +605,5 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
         assert await acct.money() == (start_balance - total, 0)
         await books_balance(engine)
     finally:
+        await pool.close()
         await engine.dispose()
