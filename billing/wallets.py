@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -120,17 +121,20 @@ def _wallet(row: sa.Row) -> Wallet:
     )
 
 
-def _key(row: sa.Row) -> KeyRecord:
+def _key(row: sa.Row | Mapping[str, Any]) -> KeyRecord:
+    """A key from a SQLAlchemy row or an asyncpg record (the Check's look-up)."""
+    fields = row._mapping if isinstance(row, sa.Row) else row
+    models = fields["allowed_models"]
     return KeyRecord(
-        id=row.id,
-        wallet_id=row.wallet_id,
-        key_hash=bytes(row.key_hash),
-        display_prefix=row.display_prefix,
-        allowed_models=tuple(row.allowed_models) if row.allowed_models is not None else None,
-        expires_at=row.expires_at,
-        revoked_at=row.revoked_at,
-        suspended=row.suspended,
-        revoke_after=row.revoke_after,
+        id=fields["id"],
+        wallet_id=fields["wallet_id"],
+        key_hash=bytes(fields["key_hash"]),
+        display_prefix=fields["display_prefix"],
+        allowed_models=tuple(models) if models is not None else None,
+        expires_at=fields["expires_at"],
+        revoked_at=fields["revoked_at"],
+        suspended=fields["suspended"],
+        revoke_after=fields["revoke_after"],
     )
 
 
@@ -245,22 +249,8 @@ async def find_keys(
 ) -> dict[bytes, KeyRecord]:
     """The stored keys among ``key_hashes``, by hash, in one indexed statement."""
     pg = await database.driver_connection(conn)
-    found = {}
-    for row in await pg.fetch(_FIND_KEYS, list(key_hashes)):
-        models = row["allowed_models"]
-        record = KeyRecord(
-            id=row["id"],
-            wallet_id=row["wallet_id"],
-            key_hash=bytes(row["key_hash"]),
-            display_prefix=row["display_prefix"],
-            allowed_models=tuple(models) if models is not None else None,
-            expires_at=row["expires_at"],
-            revoked_at=row["revoked_at"],
-            suspended=row["suspended"],
-            revoke_after=row["revoke_after"],
-        )
-        found[record.key_hash] = record
-    return found
+    records = [_key(row) for row in await pg.fetch(_FIND_KEYS, list(key_hashes))]
+    return {record.key_hash: record for record in records}
 
 
 async def find_key(conn: AsyncConnection | database.Connection, key_hash: bytes) -> KeyRecord | None:
