@@ -87,7 +87,7 @@ WITH admitted AS (
 )
 INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
 SELECT $1::text, id, $3::text, $4::text, $5::bigint, 'pending',
-       now() + make_interval(secs => $6::float8)
+       now() + make_interval(secs => $6::int)
   FROM admitted
 RETURNING request_id
 """
@@ -114,7 +114,7 @@ async def place(
     key_id: str,
     model: str,
     amount_nano: int,
-    ttl_s: float,
+    ttl_s: int,
     strict: bool,
 ) -> Admission | Refusal:
     """Reserve ``amount_nano`` for one request in a single statement (:data:`PLACE_SQL`).
@@ -130,7 +130,7 @@ async def place(
     for _ in range(2):
         try:
             placed = await pg.fetchval(
-                PLACE_SQL, request_id, wallet_id, key_id, model, amount_nano, float(ttl_s), strict
+                PLACE_SQL, request_id, wallet_id, key_id, model, amount_nano, int(ttl_s), strict
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != "holds_pkey":

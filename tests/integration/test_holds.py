@@ -39,7 +39,7 @@ class Account:
         return self.engine if self.pool is None else self.pool
 
     async def place(
-        self, request_id: str, amount_nano: int, *, strict: bool = False, ttl_s: float = 600
+        self, request_id: str, amount_nano: int, *, strict: bool = False, ttl_s: int = 600
     ) -> holds.Admission | holds.Refusal:
         async with database.acquire(self.db) as conn:
             return await holds.place(
