@@ -192,10 +192,15 @@ def in_grace(records: list[wallets.KeyRecord], current_id: str, now: dt.datetime
 
 
 async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body) -> list[wallets.KeyRecord]:
-    """On deletion: revoke every key of the ApiKey, then delete its Secret (if it is ours)."""
+    """On deletion: revoke every key of the ApiKey, then delete its Secret (if it is ours).
+
+    Returns every key of the ApiKey, all revoked now: also those an earlier attempt revoked
+    (before its Secret call failed, or before kopf ran the handler again), so the Event names them.
+    """
     uid, namespace = owner.metadata.uid, owner.metadata.namespace
     async with db.transaction(engine) as conn:
-        revoked = await wallets.revoke_owned_keys(conn, source=SOURCE, external_id=uid)
+        await wallets.revoke_owned_keys(conn, source=SOURCE, external_id=uid)
+        revoked = await wallets.keys_owned_by(conn, source=SOURCE, external_id=uid)
     secret_name = owner.spec.get("secretName")
     if isinstance(secret_name, str) and _NAME.fullmatch(secret_name):
         secret = await secrets.read(namespace, secret_name)
@@ -274,10 +279,18 @@ async def on_resume(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: k
                      wallet_uids=wallet_uids, apply_switch=False)
 
 
+# In the per-object memo: the revocation of this object's keys was announced.
+REVOCATION_ANNOUNCED = "apikey.revoked"
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="apikey.delete")
 async def on_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
                     **_: Any) -> None:
+    """Revoke the keys and delete the Secret; announce it once (kopf may run this again after
+    it succeeded, see ``wallet_reconciler.on_delete``)."""
     cfg: config.OperatorConfig = memo.operator_config
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         revoked = await revoke(memo.engine, memo.secrets, owner=body)
-    events.key_revoked(body, revoked)
+    if not memo.get(REVOCATION_ANNOUNCED):
+        events.key_revoked(body, revoked)
+        memo[REVOCATION_ANNOUNCED] = True

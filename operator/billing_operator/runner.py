@@ -7,12 +7,14 @@ the operator whichever way it is started.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 
 import kopf
 
 import billing_operator  # noqa: F401  (registers the handlers with kopf)
-from billing_operator import config
+from billing_operator import config, startup
 
 
 async def run(
@@ -21,14 +23,40 @@ async def run(
     stop_flag: threading.Event | None = None,
     ready_flag: threading.Event | None = None,
 ) -> None:
-    """Run until ``stop_flag`` is set (or SIGINT/SIGTERM when on the main thread)."""
-    await kopf.operator(
-        clusterwide=not cfg.namespaces,
-        namespaces=list(cfg.namespaces),
-        standalone=not cfg.peering,
-        peering_name=cfg.peering or None,
-        liveness_endpoint=cfg.liveness_url or None,
-        memo=kopf.Memo(operator_config=cfg),
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-    )
+    """Run until ``stop_flag`` is set (or SIGINT/SIGTERM when on the main thread).
+
+    A stop asked for with ``stop_flag`` marks the operator as stopping (``startup.Lifecycle``)
+    first and only then is passed on to kopf, so that no status timer is spawned again while
+    kopf winds down (see ``startup``).
+    """
+    lifecycle = startup.Lifecycle()
+    kopf_stop: asyncio.Event | None = None
+    relay: asyncio.Task[None] | None = None
+    if stop_flag is not None:
+        kopf_stop = asyncio.Event()
+        relay = asyncio.create_task(_relay_stop(stop_flag, lifecycle, kopf_stop), name="stop-flag relay")
+    try:
+        await kopf.operator(
+            clusterwide=not cfg.namespaces,
+            namespaces=list(cfg.namespaces),
+            standalone=not cfg.peering,
+            peering_name=cfg.peering or None,
+            liveness_endpoint=cfg.liveness_url or None,
+            memo=kopf.Memo(operator_config=cfg, lifecycle=lifecycle),
+            stop_flag=kopf_stop,
+            ready_flag=ready_flag,
+        )
+    finally:
+        if relay is not None:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+
+
+async def _relay_stop(stop_flag: threading.Event, lifecycle: startup.Lifecycle, kopf_stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    # In short waits: a worker thread blocked for good on the flag would keep the loop from closing.
+    while not await loop.run_in_executor(None, stop_flag.wait, 0.1):
+        pass
+    lifecycle.stopping = True
+    kopf_stop.set()

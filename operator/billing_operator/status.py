@@ -12,7 +12,9 @@ the status does not flip) and ``observedGeneration``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -43,28 +45,54 @@ def generation(body: Mapping[str, Any]) -> int | None:
 def set_condition(
     patch: kopf.Patch, body: Mapping[str, Any], *, type: str, ok: bool, reason: str, message: str
 ) -> None:
-    """Add or replace one condition, keeping the others (from this patch or the object)."""
-    pending = patch.get("status", {}).get("conditions")
-    current = list(pending if pending is not None else (body.get("status") or {}).get("conditions") or [])
-    before = next((c for c in current if c.get("type") == type), None)
+    """Add or replace one condition, keeping the others.
+
+    Written as a transformation of the object (kopf's ``patch.fns``), never as a merge patch of
+    the ``conditions`` list. The handlers (Ready) and the status timers (Synced) write that one
+    list concurrently, each from the body it saw, which may be a moment old; a merge patch
+    replaces the whole list, so the later writer put the other's condition back as it had seen
+    it. A timer that decided its write before a handler's retry succeeded set Ready back to
+    False after the handler had set it True, and no one wrote it again: the object stayed not
+    Ready for good. kopf applies a transformation to the freshest body it knows and sends the
+    result as a JSON patch guarded by ``metadata.resourceVersion``; on a conflict (HTTP 422) it
+    applies it again to the newer body, on the next handling cycle or the timer's next tick.
+    """
+    put = functools.partial(_put_condition, type=type, ok=ok, reason=reason,
+                            message=message[:MESSAGE_LENGTH_MAX], observed=generation(body))
+    # Nothing to send if the object, with what this patch already does, has it so.
+    preview = {"status": copy.deepcopy(dict(body.get("status") or {}))}
+    for fn in patch.fns:
+        fn(preview)
+    before = copy.deepcopy(preview)
+    put(preview)
+    if preview != before:
+        patch.fns.append(put)
+
+
+def _put_condition(body: dict[str, Any], /, *, type: str, ok: bool, reason: str, message: str,
+                   observed: int | None) -> None:
+    conditions = body.setdefault("status", {}).setdefault("conditions", [])
+    index, before = next(((i, c) for i, c in enumerate(conditions) if c.get("type") == type), (None, None))
     status_text = "True" if ok else "False"
     condition = {
         "type": type,
         "status": status_text,
         "reason": reason,
-        "message": message[:MESSAGE_LENGTH_MAX],
+        "message": message,
         "lastTransitionTime": (
             before["lastTransitionTime"]
             if before is not None and before.get("status") == status_text and before.get("lastTransitionTime")
             else now_rfc3339()
         ),
     }
-    observed = generation(body)
     if observed is not None:
         condition["observedGeneration"] = observed
     if before is not None and all(before.get(k) == v for k, v in condition.items()):
         return
-    patch.status["conditions"] = [c for c in current if c.get("type") != type] + [condition]
+    if index is None:
+        conditions.append(condition)
+    else:
+        conditions[index] = condition
 
 
 def condition(body: Mapping[str, Any], type: str) -> Mapping[str, Any] | None:

@@ -5,7 +5,8 @@ and with top-ups (the Stripe webhook), neither of which knows about Kubernetes. 
 at most ``BILLINGPROXY_OPERATOR_STATUS_INTERVAL_S`` old is what ``kubectl get`` needs, and it
 costs one indexed read per object per tick. The status is never the record: PostgreSQL is.
 
-Events come from comparing the new reading with the last one written to the status:
+Events come from comparing the new reading with the previous one (this operator's last reading,
+or after a restart the one last written to the status):
 - ``TopUp`` for every ``topup`` or ``credit`` ledger entry newer than ``status.lastTopUp.entryId``
   (a cursor, so each top-up is announced once even across restarts);
 - ``WalletEmpty`` when the state becomes ``Empty``; ``LowBalance`` when the balance first drops
@@ -13,65 +14,146 @@ Events come from comparing the new reading with the last one written to the stat
 
 A failed reading (PostgreSQL away) flips the ``Synced`` condition to False once, rather than
 posting an error every tick; the next good reading flips it back.
+
+A tick runs beside the handlers of its object, and kopf may ask it to stop at any moment:
+
+- **One view per tick.** kopf's ``body`` is live: it is replaced in place whenever the object's
+  next watch event is processed, also in the middle of a tick. A tick that chose the current
+  key from the status it saw first and compared its reading with the status it saw later wrote
+  the old key back over a rotation the handler had just written. Each tick takes one snapshot
+  when it starts and decides everything from it.
+- **What was announced is remembered here.** The tick's own status write reaches kopf's body
+  only with the watch event it causes, which may come after the next tick on a busy machine; a
+  tick deciding "first time Empty" or "new top-ups since the cursor" from the status alone
+  could announce the same fact twice. The per-object memo keeps what this operator last read
+  and announced; the status (the cursor survives restarts) is the fallback.
+- **No timer while the operator stops** (``startup.Lifecycle``): the timers' ``when`` filter keeps
+  kopf from spawning them again while it winds down, and a tick that starts then does nothing.
+  (The objects keep their finalizer meanwhile: the deletion handlers require it on their own.)
+- **A tick stops when asked** (:func:`until_stopped`). When the object is deleted or the
+  operator stops, kopf sets ``stopped`` and waits for the timer (``startup.TIMER_EXIT_TIMEOUT_S``).
+  A tick waiting for PostgreSQL gives up its query and writes nothing; the status of an object
+  being deleted, or of an operator stopping, can wait for the next reading.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import datetime as dt
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
 
 import kopf
 
 from billing import ledger, money, wallets
 from billing_operator import apikey_reconciler, config, db, errors, events, status, wallet_reconciler
 
+T = TypeVar("T")
 TOP_UP_KINDS = frozenset({"topup", "credit"})
+# This operator's last reading of a wallet, in its per-object memo (see the module docstring).
+_LAST_READING = "status_mirror.wallet"
 
 
-def _previous_balance(body: Mapping[str, Any]) -> int | None:
-    raw = (body.get("status") or {}).get("balance")
+class Stopped(Exception):
+    """The timer was asked to stop while its tick was waiting."""
+
+
+async def until_stopped(stopped: kopf.DaemonStopped, work: Coroutine[Any, Any, T]) -> T:
+    """``await work``, unless the timer is asked to stop first: then cancel it and raise Stopped.
+
+    Cancelling rolls the tick's transaction back and returns its connection to the pool before
+    this returns, so nothing of the tick outlives the timer.
+    """
+    if stopped:
+        work.close()
+        raise Stopped
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise Stopped
+    error = task.exception()
+    if error is not None:
+        if stopped:
+            raise Stopped from error
+        raise error
+    return task.result()
+
+
+def _operator_running(memo: kopf.Memo, **_: Any) -> bool:
+    lifecycle = memo.get("lifecycle")
+    return lifecycle is None or not lifecycle.stopping
+
+
+def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
+
+
+def _previous_balance(seen: Mapping[str, Any]) -> int | None:
+    raw = (seen.get("status") or {}).get("balance")
     try:
         return money.parse_usd(raw, allow_negative=True) if isinstance(raw, str) else None
     except money.MoneyError:
         return None
 
 
-def _synced(patch: kopf.Patch, body: Mapping[str, Any], error: errors.ReconcileError | None) -> None:
+def _synced(patch: kopf.Patch, seen: Mapping[str, Any], error: errors.ReconcileError | None) -> None:
     if error is None:
-        status.set_condition(patch, body, type=status.SYNCED, ok=True, reason="Mirrored",
+        status.set_condition(patch, seen, type=status.SYNCED, ok=True, reason="Mirrored",
                              message="balance and state are mirrored from PostgreSQL")
     else:
-        status.set_condition(patch, body, type=status.SYNCED, ok=False, reason=error.reason, message=error.message)
+        status.set_condition(patch, seen, type=status.SYNCED, ok=False, reason=error.reason, message=error.message)
+
+
+async def _read_wallet(engine: Any, uid: str, cursor: int, limit: int) -> tuple[Any, list[Any]]:
+    async with db.transaction(engine) as conn:
+        wallet = await wallets.find_owned_wallet(conn, source=wallet_reconciler.SOURCE, external_id=uid)
+        top_ups = [] if wallet is None else await ledger.entries_after(
+            conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=limit)
+    return wallet, top_ups
 
 
 @kopf.timer(wallet_reconciler.GROUP, wallet_reconciler.VERSION, wallet_reconciler.PLURAL,
-            id="wallet.status", interval=config.STATUS_INTERVAL_S, initial_delay=config.STATUS_INTERVAL_S)
-async def mirror_wallet(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
+            id="wallet.status", interval=config.STATUS_INTERVAL_S, initial_delay=config.STATUS_INTERVAL_S,
+            when=_operator_running)
+async def mirror_wallet(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                         logger: logging.Logger, **_: Any) -> None:
+    if not _operator_running(memo):
+        return
     cfg: config.OperatorConfig = memo.operator_config
-    last = (body.get("status") or {}).get("lastTopUp") or {}
-    cursor = last.get("entryId") if isinstance(last.get("entryId"), int) else 0
+    seen = _snapshot(body)
+    last_status = seen.get("status") or {}
+    last_read: dict[str, Any] = memo.setdefault(_LAST_READING, {})
+    last = last_status.get("lastTopUp") or {}
+    cursor = max(last.get("entryId") if isinstance(last.get("entryId"), int) else 0, last_read.get("entry_id", 0))
     try:
-        async with db.transaction(memo.engine) as conn:
-            wallet = await wallets.find_owned_wallet(conn, source=wallet_reconciler.SOURCE, external_id=body.metadata.uid)
-            top_ups = [] if wallet is None else await ledger.entries_after(
-                conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=cfg.top_up_events_max)
+        wallet, top_ups = await until_stopped(stopped, _read_wallet(
+            memo.engine, seen["metadata"]["uid"], cursor, cfg.top_up_events_max))
+    except Stopped:
+        return
     except errors.DatabaseUnavailable as exc:
-        _synced(patch, body, exc)
+        _synced(patch, seen, exc)
         return
     if wallet is None:
         return  # not created yet (or its create failed): the reconciler's condition says why
-    _synced(patch, body, None)
+    _synced(patch, seen, None)
 
-    previous_state = (body.get("status") or {}).get("state")
-    previous_balance = _previous_balance(body)
-    wallet_reconciler.write_status(patch, body, wallet)
+    previous_state = last_read.get("state", last_status.get("state"))
+    previous_balance = last_read.get("balance_nano", _previous_balance(seen))
+    wallet_reconciler.write_status(patch, seen, wallet)
     for entry in top_ups:
-        events.top_up(body, entry)
+        events.top_up(seen, entry)
     if top_ups:
         newest = top_ups[-1]
+        last_read["entry_id"] = newest.id
         patch.status["lastTopUp"] = {
             "amount": money.format_usd(newest.amount_nano),
             "time": status.rfc3339(newest.created_at),
@@ -80,34 +162,45 @@ async def mirror_wallet(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, mem
 
     state = wallet_reconciler.state_of(wallet)
     if state == "Empty" and previous_state != "Empty":
-        events.wallet_empty(body, wallet.balance_nano)
+        events.wallet_empty(seen, wallet.balance_nano)
     try:
-        threshold = wallet_reconciler.WalletSpec.parse(spec).low_balance_nano
+        threshold = wallet_reconciler.WalletSpec.parse(seen.get("spec") or {}).low_balance_nano
     except errors.InvalidSpec:
         threshold = None
     if (threshold is not None and 0 < wallet.balance_nano < threshold
             and (previous_balance is None or previous_balance >= threshold)):
-        events.low_balance(body, wallet.balance_nano, threshold)
+        events.low_balance(seen, wallet.balance_nano, threshold)
+    last_read.update(state=state, balance_nano=wallet.balance_nano)
+
+
+async def _read_keys(engine: Any, uid: str) -> list[wallets.KeyRecord]:
+    async with db.transaction(engine) as conn:
+        return await wallets.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
 
 
 @kopf.timer(apikey_reconciler.GROUP, apikey_reconciler.VERSION, apikey_reconciler.PLURAL,
-            id="apikey.status", interval=config.STATUS_INTERVAL_S, initial_delay=config.STATUS_INTERVAL_S)
-async def mirror_apikey(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
-                        **_: Any) -> None:
+            id="apikey.status", interval=config.STATUS_INTERVAL_S, initial_delay=config.STATUS_INTERVAL_S,
+            when=_operator_running)
+async def mirror_apikey(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                        logger: logging.Logger, **_: Any) -> None:
     """Expiry, suspension (e.g. by a Wallet's deletion) and the end of a grace period happen in
     PostgreSQL or by the clock; this shows them."""
-    key_id = (body.get("status") or {}).get("keyId")
+    if not _operator_running(memo):
+        return
+    seen = _snapshot(body)
+    key_id = (seen.get("status") or {}).get("keyId")
     if not key_id:
         return  # no key yet: the reconciler's condition says why
     try:
-        async with db.transaction(memo.engine) as conn:
-            owned = await wallets.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=body.metadata.uid)
-    except errors.DatabaseUnavailable as exc:
-        _synced(patch, body, exc)
+        owned = await until_stopped(stopped, _read_keys(memo.engine, seen["metadata"]["uid"]))
+    except Stopped:
         return
-    _synced(patch, body, None)
+    except errors.DatabaseUnavailable as exc:
+        _synced(patch, seen, exc)
+        return
+    _synced(patch, seen, None)
     current = next((k for k in owned if k.id == key_id), None)
     if current is None:
         return
     now = dt.datetime.now(dt.timezone.utc)
-    apikey_reconciler.write_status(patch, body, current, apikey_reconciler.in_grace(owned, current.id, now), now)
+    apikey_reconciler.write_status(patch, seen, current, apikey_reconciler.in_grace(owned, current.id, now), now)

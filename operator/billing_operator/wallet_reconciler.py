@@ -185,11 +185,24 @@ async def on_resume(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: k
     await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=False)
 
 
+# In the per-object memo: the release of this object was announced.
+RELEASE_ANNOUNCED = "wallet.released"
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="wallet.delete")
 async def on_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
                     **_: Any) -> None:
+    """Suspend the wallet and its keys; announce it once.
+
+    kopf may run this again after it succeeded: while a timer of the object is still exiting it
+    keeps the finalizer, forgets the handler's success, and runs it again on the next event
+    (kopf issue #882). The work is idempotent; the Event is not, and the second run, finding the
+    keys already suspended, would announce "0 key(s)". The per-object memo (one per object, kept
+    until the object is gone) remembers that the release was announced.
+    """
     cfg: config.OperatorConfig = memo.operator_config
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         released = await release(memo.engine, uid=body.metadata.uid)
-    if released is not None:
+    if released is not None and not memo.get(RELEASE_ANNOUNCED):
         events.wallet_released(body, *released)
+        memo[RELEASE_ANNOUNCED] = True

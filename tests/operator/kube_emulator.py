@@ -8,7 +8,8 @@ addition names the real API behaviour it stands in for:
    ``generation: 1``, the namespace from the URL, and ``generateName`` (kopf posts Events with
    ``generateName: kopf-event-``; without it every Event after the first would collide).
    The operator keys its idempotency on the UID, so this one is essential.
-2. ``resourceVersion`` bumped on every write, ``generation`` bumped when ``spec`` changes.
+2. ``resourceVersion`` bumped on every write (also the DELETE that only marks an object with
+   finalizers), ``generation`` bumped when ``spec`` changes and when the object is marked.
 3. JSON patches applied here, with a failing ``test`` op answered 422 as the API server does
    (kopf guards finalizer removal with ``test /metadata/resourceVersion``).
 4. The status subresource: a PATCH to ``…/status`` changes only ``status``; a PATCH to the object
@@ -23,7 +24,9 @@ addition names the real API behaviour it stands in for:
    the same lock as the snapshot, as the API server's watch cache guarantees.
 7. Fault injection for the tests: :meth:`fail` makes matching requests fail before any state
    changes, like an API server that is away (kmock's reactions cannot do this: the emulator
-   applies writes even when a reaction intercepts them).
+   applies writes even when a reaction intercepts them); :meth:`hold` keeps matching requests
+   in flight until the test lets them through, like a slow API server, so a test can order
+   two writers deterministically instead of hoping a race goes one way.
 
 Not emulated (the operator does not rely on it): owner-reference garbage collection (the
 operator deletes its Secrets itself), CRD defaulting and validation (the operator applies the
@@ -32,6 +35,8 @@ same defaults; schemas are checked by tests/operator/test_crds.py), label/field 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import datetime as dt
 import random
@@ -75,11 +80,50 @@ def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
     return diff
 
 
+@attrs.define
+class Hold:
+    """Requests matching ``predicate`` wait, before anything is served, until :meth:`release`."""
+
+    predicate: Predicate
+    caught: list[kmock.Request] = attrs.field(factory=list)
+    _answered: int = 0
+    _arrived: asyncio.Event = attrs.field(factory=asyncio.Event)
+    _released: asyncio.Event = attrs.field(factory=asyncio.Event)
+    _served: asyncio.Event = attrs.field(factory=asyncio.Event)
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def arrived(self) -> kmock.Request:
+        """Wait until a matching request is held; returns the first one."""
+        await self._arrived.wait()
+        return self.caught[0]
+
+    async def served(self) -> None:
+        """Wait until every held request has been answered (after :meth:`release`)."""
+        await self._served.wait()
+
+    async def _admit(self, request: kmock.Request) -> bool:
+        """Called with every request: hold it if it matches (True), else let it pass (False)."""
+        if self._released.is_set() or not self.predicate(request):
+            return False
+        self.caught.append(request)
+        self._arrived.set()
+        await self._released.wait()
+        return True
+
+    def _answer(self) -> None:
+        self._answered += 1
+        if self._answered == len(self.caught):
+            self._served.set()
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     _version: int = attrs.field(default=1000, init=False)
     _faults: list[tuple[Predicate, int]] = attrs.field(factory=list, init=False)
     _observers: list[Callable[[kmock.Request], None]] = attrs.field(factory=list, init=False)
+    _holds: list[Hold] = attrs.field(factory=list, init=False)
 
     def observe(self, callback: Callable[[kmock.Request], None]) -> None:
         """Call ``callback`` with every request before it is served (to act at a precise moment)."""
@@ -90,6 +134,23 @@ class Emulator(kmock.KubernetesEmulator):
         fault = (predicate, status)
         self._faults.append(fault)
         return lambda: self._faults.remove(fault)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, predicate: Predicate) -> AsyncIterator[Hold]:
+        """Hold matching requests in flight (see :class:`Hold`); all are let through on exit."""
+        hold = Hold(predicate)
+        self._holds.append(hold)
+        try:
+            yield hold
+        finally:
+            hold.release()
+            self._holds.remove(hold)
+
+    async def _held(self, request: kmock.Request) -> Hold | None:
+        for hold in list(self._holds):
+            if await hold._admit(request):
+                return hold
+        return None
 
     def _has_status_subresource(self, resource: kmock.resource) -> bool:
         for known in self.resources:
@@ -106,6 +167,14 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request):  # type: ignore[override]
         for observer in list(self._observers):
             observer(request)
+        hold = await self._held(request)
+        try:
+            return await self._serve(request)
+        finally:
+            if hold is not None:
+                hold._answer()
+
+    async def _serve(self, request: kmock.Request):  # type: ignore[no-untyped-def]
         for predicate, status in list(self._faults):
             if predicate(request):
                 raise kmock.KubernetesError(status=status, reason="Injected", message="injected by the test")
@@ -116,6 +185,7 @@ class Emulator(kmock.KubernetesEmulator):
                 self._rewrite(request, self._updated(request))
             elif request.action == kmock.action.DELETE and request.name is not None:
                 self._check_preconditions(request)
+                await self._mark_deleting(request)
         return await super()._handle(request)
 
     @staticmethod
@@ -203,6 +273,29 @@ class Emulator(kmock.KubernetesEmulator):
         if new != old:
             meta["resourceVersion"] = self._next_version()
         return merge_diff(old, new)
+
+    async def _mark_deleting(self, request: kmock.Request) -> None:
+        """A DELETE of an object with finalizers only marks it: ``deletionTimestamp``, and, as the
+        API server's registry does it (``markAsDeleting``), a new ``resourceVersion`` and
+        ``generation``. kmock sets the timestamp but keeps the version, so a watch started from a
+        list taken before the DELETE never streamed the deletion (its version was not newer).
+        Done here, under kmock's lock; kmock then finds the object marked and leaves it so."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                return  # kmock answers 404
+            obj = self.objects[key]
+            meta = obj.raw.get("metadata", {})
+            if meta.get("deletionTimestamp") or not meta.get("finalizers"):
+                return  # already marked, or deleted at once by kmock
+            marked: dict[str, Any] = {
+                "deletionTimestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "resourceVersion": self._next_version(),
+            }
+            if "generation" in meta:
+                marked["generation"] = int(meta["generation"]) + 1
+            obj.patch({"metadata": marked})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
 
     def _check_preconditions(self, request: kmock.Request) -> None:
         wanted = ((request.data or {}).get("preconditions") or {}).get("uid") if isinstance(request.data, Mapping) else None

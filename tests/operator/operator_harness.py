@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
+import random
+import socket
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -38,6 +42,33 @@ async def eventually(probe: Callable[[], Awaitable[T]], *, timeout_s: float = PO
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s} s (last: {last!r})")
         await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def server_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports, free now, for servers a test starts (Envoy, the sidecar).
+
+    Not from the kernel's ephemeral range, which is what binding port 0 (``free_port()``) hands
+    out: until the server binds such a port, the kernel may give it to any outgoing connection
+    (to PostgreSQL, to the API emulator, between the gateway's own processes), and Envoy failed
+    with "Address already in use". The kernel picks ports below that range only when asked for
+    them by number.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere, the same range is as good as any
+    candidates = random.sample(range(10_000, max(low, 10_000 + 10 * count)), 10 * count)
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports below {low}")
 
 
 class ApiError(Exception):
@@ -207,8 +238,34 @@ class TcpProxy:
         return parts._replace(netloc=f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}").geturl()
 
 
+class _ThreadLog(logging.Handler):
+    """kopf's log records from one thread: what that operator said (INFO and up, and the
+    watch-streams starting, which kopf logs at DEBUG)."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = thread
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread.ident:
+            self.records.append(record)
+
+
 class OperatorThread:
-    """``runner.run`` in a thread of its own with its own loop; start() waits until it is up."""
+    """``runner.run`` in a thread of its own with its own loop.
+
+    start() returns once kopf watches both kinds, not merely once its startup handlers ran: an
+    operator stopped while kopf was still discovering the API (a test whose awaited state was
+    already true) left discovery requests waiting for credentials kopf had just dropped, and
+    every such stop took kopf's 5 s grace for hung tasks.
+
+    stop() fails the test if kopf had to leave a timer running (``did not exit in time``): an
+    orphaned timer outlives the cleanup that closes the database pool and kopf's API session,
+    and whatever it opens then is never closed (it surfaced as ResourceWarnings in later tests).
+    """
+
+    WATCHED = ("wallets.v1alpha1.billingproxy.io", "apikeys.v1alpha1.billingproxy.io")
 
     def __init__(self, cfg: config.OperatorConfig) -> None:
         self.cfg = cfg
@@ -216,6 +273,11 @@ class OperatorThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
+        self._log = _ThreadLog(self._thread)
+        self._kopf_logger = logging.getLogger("kopf")
+        self._kopf_level = self._kopf_logger.level
+        self._watching_logger = logging.getLogger("kopf._cogs.clients.watching")
+        self._watching_level = self._watching_logger.level
 
     def _main(self) -> None:
         try:
@@ -223,19 +285,39 @@ class OperatorThread:
         except BaseException as exc:  # reported by stop()
             self._error = exc
 
+    def logged(self, text: str) -> bool:
+        return any(text in record.getMessage() for record in self._log.records)
+
     async def start(self) -> None:
+        self._kopf_logger.addHandler(self._log)
+        if not self._kopf_logger.isEnabledFor(logging.INFO):
+            self._kopf_logger.setLevel(logging.INFO)
+        self._watching_logger.setLevel(logging.DEBUG)
         self._thread.start()
         started = await asyncio.to_thread(self._ready.wait, 30)
-        if not started:
+
+        async def watching() -> bool:
+            return self._error is not None or all(
+                self.logged(f"Starting the watch-stream for {resource}") for resource in self.WATCHED)
+        try:
+            if not started:
+                raise AssertionError("the operator did not start within 30 s")
+            await eventually(watching, what="kopf watching Wallets and ApiKeys")
+        except BaseException:
             await self.stop()
-            raise AssertionError("the operator did not start within 30 s")
+            raise
 
     async def stop(self) -> None:
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 30)
         assert not self._thread.is_alive(), "the operator did not stop within 30 s"
+        self._kopf_logger.removeHandler(self._log)
+        self._kopf_logger.setLevel(self._kopf_level)
+        self._watching_logger.setLevel(self._watching_level)
         if self._error is not None:
             raise self._error
+        orphaned = [r.getMessage() for r in self._log.records if "did not exit in time" in r.getMessage()]
+        assert not orphaned, f"kopf left timers running after the operator stopped: {orphaned}"
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 import operator_harness as h
-from billingproxy.local_stack import Stack, free_port
+from billingproxy.local_stack import Stack
 
 REVOCATION_BUDGET_S = 1.0
 
@@ -21,11 +21,11 @@ REVOCATION_BUDGET_S = 1.0
 async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"}
+    names = ("GATEWAY", "HTTP", "GRPC", "ADMIN", "ENVOY_ADMIN")
     env.update({
         "DATABASE_URL": database_url,
         "BILLINGPROXY_DATA_DIR": str(tmp_path / "stack"),
-        **{f"BILLINGPROXY_{name}_PORT": str(free_port())
-           for name in ("GATEWAY", "HTTP", "GRPC", "ADMIN", "ENVOY_ADMIN")},
+        **{f"BILLINGPROXY_{name}_PORT": str(port) for name, port in zip(names, h.server_ports(len(names)))},
     })
     stack = Stack(env, say=lambda _message: None, durable=False)
     await stack.start()
