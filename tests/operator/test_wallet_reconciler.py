@@ -141,7 +141,6 @@ async def test_a_restart_midway_grants_once(operator_config, kubeconfig, kube, e
     heal()
     async with h.running(operator_config):
         wallet = await kube.wait_for(WALLETS, "team-a", h.is_ready)
-        await asyncio.sleep(0)
     (row,) = await h.wallet_rows(engine, uid)
     assert row.balance_nano == 500_000_000 and len(await h.ledger_rows(engine, row.id)) == 1
     assert wallet["status"]["walletId"] == row.id
