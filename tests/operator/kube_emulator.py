@@ -8,10 +8,12 @@ addition names the real API behaviour it stands in for:
    ``generation: 1``, the namespace from the URL, and ``generateName`` (kopf posts Events with
    ``generateName: kopf-event-``; without it every Event after the first would collide).
    The operator keys its idempotency on the UID, so this one is essential.
-2. ``resourceVersion`` bumped on every write (also the DELETE that only marks an object with
-   finalizers), ``generation`` bumped when ``spec`` changes and when the object is marked.
+2. ``resourceVersion`` bumped on every write (also through ``/status``, and the DELETE that only
+   marks an object with finalizers), ``generation`` bumped when ``spec`` changes and when the
+   object is marked.
 3. JSON patches applied here, with a failing ``test`` op answered 422 as the API server does
-   (kopf guards finalizer removal with ``test /metadata/resourceVersion``).
+   (kopf guards finalizer removal and the operator's conditions with
+   ``test /metadata/resourceVersion``); a write is checked and applied in one step.
 4. The status subresource: a PATCH to ``…/status`` changes only ``status``; a PATCH to the object
    never changes ``status`` (for the resources declared with ``subresources={'status'}``).
 5. Delete preconditions (``preconditions.uid``) answered 409 on mismatch.
@@ -124,6 +126,13 @@ class Emulator(kmock.KubernetesEmulator):
     _faults: list[tuple[Predicate, int]] = attrs.field(factory=list, init=False)
     _observers: list[Callable[[kmock.Request], None]] = attrs.field(factory=list, init=False)
     _holds: list[Hold] = attrs.field(factory=list, init=False)
+    # Writes are checked (preconditions, a JSON patch's ``test``), computed against the stored
+    # object and applied by kmock as one step, as the API server does (compare-and-swap in etcd).
+    # kmock applies under its own lock, which it also holds while it publishes to watchers; a
+    # write computed before taking it could be checked against a state that another write,
+    # queued on the same lock, was about to replace: both passed ``test``, and the later one put
+    # back what the earlier one had changed. Not kmock's lock: kmock takes that one itself.
+    _write_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
 
     def observe(self, callback: Callable[[kmock.Request], None]) -> None:
         """Call ``callback`` with every request before it is served (to act at a precise moment)."""
@@ -178,7 +187,10 @@ class Emulator(kmock.KubernetesEmulator):
         for predicate, status in list(self._faults):
             if predicate(request):
                 raise kmock.KubernetesError(status=status, reason="Injected", message="injected by the test")
-        if request.resource is not None:
+        if request.resource is None or request.action not in (
+                kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            return await super()._handle(request)  # reads, and watches (which last): no lock
+        async with self._write_lock:
             if request.action == kmock.action.CREATE and isinstance(request.data, Mapping):
                 self._rewrite(request, self._created(request))
             elif request.action == kmock.action.UPDATE and request.name is not None:
@@ -186,7 +198,7 @@ class Emulator(kmock.KubernetesEmulator):
             elif request.action == kmock.action.DELETE and request.name is not None:
                 self._check_preconditions(request)
                 await self._mark_deleting(request)
-        return await super()._handle(request)
+            return await super()._handle(request)
 
     @staticmethod
     def _rewrite(request: kmock.Request, data: Any) -> None:
@@ -257,13 +269,16 @@ class Emulator(kmock.KubernetesEmulator):
                 raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
         else:
             new = merge_patch(old, request.data or {})
-        new = copy.deepcopy(new)  # nothing shared with ``old``: the two are compared below
         if self._has_status_subresource(request.resource):
             # Through /status only the status changes; through the object never the status.
             source, kept = (new, old) if request.subresource == "status" else (old, new)
             new = {k: v for k, v in kept.items() if k != "status"}
             if "status" in source:
                 new["status"] = source["status"]
+        # Nothing shared with ``old``: the two are compared below, and the new resourceVersion
+        # goes into ``new`` only. (Built from ``old``'s metadata, a write through /status once
+        # set the new version in both, so it never changed, and every ``test`` of it passed.)
+        new = copy.deepcopy(new)
         meta = new.setdefault("metadata", {})
         for immutable in ("uid", "creationTimestamp", "name", "namespace"):
             if immutable in old.get("metadata", {}):
