@@ -3,7 +3,8 @@
 Envoy streams ``StreamAccessLogsMessage``s; each HTTP entry carries the ext_authz metadata (hold,
 wallet, key, model) and the Lua filter's ``billingproxy.usage`` (tokens read from the response
 as it streamed). Entries go through a bounded queue to a few workers, so a slow database applies
-back-pressure to Envoy instead of growing memory. Settlement is idempotent on the request id, so
+back-pressure to Envoy instead of growing memory; each worker settles what has arrived as one
+batch, in one transaction. Settlement is idempotent on the request id, so
 an entry delivered twice charges once.
 
 Policy (docs/architecture.md): a 2xx with usage is charged its exact price; a 2xx without usage
@@ -28,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 USAGE_NAMESPACE = "billingproxy.usage"
 QUEUE_MAX = 10_000
-WORKERS = 8
+# Workers settle in parallel, each a batch of what has arrived at once (one transaction).
+WORKERS = 4
+SETTLE_BATCH_MAX = 64
 RETRIES_MAX = 5
 
 
@@ -40,6 +43,7 @@ class FinishedRequest:
     status: int
     model: str
     usage: pricing.Usage | None
+    wallet_id: str = ""  # known when the Check admitted it: a settlement batch's lock order
 
 
 # What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
@@ -74,6 +78,7 @@ def finished_request(entry) -> FinishedRequest | None:
         status=status,
         model=authz["model"],
         usage=usage,
+        wallet_id=authz["wallet_id"] if "wallet_id" in authz.fields else "",
     )
 
 
@@ -84,22 +89,24 @@ class Settler:
         self._db = db  # the sidecar's asyncpg pool: a settlement is one statement, autocommitted
         self._prices = prices
 
-    async def settle(self, done: FinishedRequest) -> holds.Settlement:
-        cost, details = self._cost(done)
+    async def settle(self, batch: list[FinishedRequest]) -> list[holds.Settlement]:
+        """Settle a batch in one transaction (``billing.holds.settle_many``); results in order."""
+        requests = [holds.SettleRequest(done.request_id, *self._cost(done), wallet_id=done.wallet_id)
+                    for done in batch]
         for attempt in range(RETRIES_MAX):
             try:
                 async with database.acquire(self._db) as conn:
-                    outcome = await holds.settle(
-                        conn, request_id=done.request_id, cost_nano=cost, details=details
-                    )
+                    outcomes = await holds.settle_many(conn, requests)
                 break
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 if attempt == RETRIES_MAX - 1:
                     raise
-                logger.warning("settling %s failed (%s); retrying", done.request_id, exc.__class__.__name__)
+                # Rolled back whole (one transaction), so the whole batch is simply tried again.
+                logger.warning("settling %d requests failed (%s); retrying", len(batch), exc.__class__.__name__)
                 await asyncio.sleep(0.05 * 2**attempt)
-        metrics.settlements.labels(outcome.value).inc()
-        return outcome
+        for outcome in outcomes:
+            metrics.settlements.labels(outcome.value).inc()
+        return outcomes
 
     def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict]:
         if not 200 <= done.status < 300:
@@ -143,11 +150,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
 
     async def _work(self) -> None:
         while True:
-            done = await self._queue.get()
+            batch = [await self._queue.get()]
+            # Whatever else has arrived goes in the same transaction (group commit).
+            while len(batch) < SETTLE_BATCH_MAX and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             try:
-                await self._settler.settle(done)
+                await self._settler.settle(batch)
             except Exception:
-                metrics.settle_failures.inc()
-                logger.exception("could not settle request %s; its hold will expire", done.request_id)
+                metrics.settle_failures.inc(len(batch))
+                logger.exception("could not settle requests %s; their holds will expire",
+                                 ", ".join(done.request_id for done in batch))
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()

@@ -20,6 +20,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 
 from authz_sidecar import api_errors, metrics
+from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, holds, money, pricing
 from billing.settings import Settings
@@ -31,6 +32,10 @@ METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 # Output-token fields a client may set, newest name first (OpenAI renamed max_tokens).
 _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Holds are placed by at most HOLD_LANES transactions at once (pool connections they may take);
+# Checks arriving meanwhile go together in the next one.
+HOLD_LANES = 4
+HOLD_BATCH_MAX = 64
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
 
@@ -45,6 +50,19 @@ class Decider:
         self._db = db  # the sidecar's asyncpg pool: the hold is one prepared statement
         self._keys = key_lookup
         self._top_up_url = f"{settings.public_url}/billing/topup"
+        # Checks in flight together share one transaction (billing.holds.place_many).
+        self._holds: GroupCommit[holds.HoldRequest, holds.Admission | holds.Refusal] = GroupCommit(
+            self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX
+        )
+
+    async def _place_holds(self, batch: list[holds.HoldRequest]) -> list[holds.Admission | holds.Refusal]:
+        async with database.acquire(self._db) as conn:
+            return await holds.place_many(
+                conn, batch, ttl_s=self._settings.hold_ttl_s, strict=self._settings.strict
+            )
+
+    async def close(self) -> None:
+        await self._holds.close()
 
     async def decide(
         self, *, method: str, path: str, headers: dict[str, str], body: bytes
@@ -86,17 +104,9 @@ class Decider:
             prompt_tokens=pricing.prompt_tokens_bound(len(body)),
             max_output_tokens=self._max_output_tokens(path, request, price),
         )
-        async with database.acquire(self._db) as conn:
-            outcome = await holds.place(
-                conn,
-                request_id=request_id,
-                wallet_id=key.wallet_id,
-                key_id=key.id,
-                model=model,
-                amount_nano=amount,
-                ttl_s=self._settings.hold_ttl_s,
-                strict=self._settings.strict,
-            )
+        outcome = await self._holds.submit(
+            holds.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
+        )
         if outcome is holds.Admission.ADMITTED:
             return {**base, "hold_id": request_id, "model": model}
         assert isinstance(outcome, holds.Refusal)

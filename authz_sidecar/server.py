@@ -47,6 +47,7 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._sweeper: asyncio.Task | None = None
         self._access_log: access_log.AccessLogService | None = None
+        self._decider: check.Decider | None = None
         self.health = health.aio.HealthServicer()
 
     async def start(self) -> None:
@@ -54,7 +55,7 @@ class Sidecar:
         self.pool = pool = await database.create_pool(s.database_url, size=POOL_SIZE)
         self._key_lookup = key_lookup = KeyLookup(pool, s.key_cache_ttl_ms)
         key_lookup.start()
-        decider = check.Decider(s, self.prices, pool, key_lookup)
+        self._decider = decider = check.Decider(s, self.prices, pool, key_lookup)
         self._access_log = access_log.AccessLogService(access_log.Settler(pool, self.prices))
         self._access_log.start()
 
@@ -109,6 +110,8 @@ class Sidecar:
         if self._grpc is not None:
             await self._set_serving(False)
             await self._grpc.stop(grace=2)
+        if self._decider is not None:
+            await self._decider.close()
         if self._access_log is not None:
             await self._access_log.drain()
         if self._sweeper is not None:

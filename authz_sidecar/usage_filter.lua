@@ -314,7 +314,13 @@ function envoy_on_request(request_handle)
   if body == nil or body:length() == 0 then
     return
   end
-  local rewritten = with_usage_requested(body:getBytes(0, body:length()))
+  local bytes = body:getBytes(0, body:length())
+  -- Most requests are not streamed. Without the word "stream" anywhere, nor a \u escape that
+  -- could spell it in a key, the body has no "stream" member: skip the walk.
+  if not string.find(bytes, "stream", 1, true) and not string.find(bytes, "\\u", 1, true) then
+    return
+  end
+  local rewritten = with_usage_requested(bytes)
   if rewritten ~= nil then
     body:setBytes(rewritten)
   end

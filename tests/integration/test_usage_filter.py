@@ -222,6 +222,19 @@ async def test_chunked_request_is_rewritten(gateway: Gateway) -> None:
     assert await gateway.usage(request_id) == usage(5, 2)
 
 
+async def test_stream_key_spelled_with_an_escape_is_still_asked_for_usage(gateway: Gateway) -> None:
+    # "str\u0065am" is "stream" to the backend's JSON parser; the filter's quick pre-check for
+    # the word must not skip it.
+    raw = '{"model": "gpt-4o-mini", "max_tokens": 2, "str\\u0065am": true, ' \
+          '"messages": [{"role": "user", "content": "one two"}]}'
+    headers = {"content-type": "application/json"}
+    async with gateway.session.post(f"{gateway.url}/v1/chat/completions", data=raw.encode(), headers=headers) as response:
+        assert response.status == 200, await response.text()
+        request_id = response.headers["x-request-id"]
+    assert (await gateway.backend_saw())["body"]["stream_options"] == {"include_usage": True}
+    assert await gateway.usage(request_id) == usage(5, 2)
+
+
 async def test_request_not_streamed_is_left_alone(gateway: Gateway) -> None:
     # "stream": true below the top level must not make the filter add stream_options (OpenAI
     # answers 400 to stream_options without streaming).

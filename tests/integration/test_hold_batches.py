@@ -1,0 +1,220 @@
+"""billing.holds.place_many / settle_many against a real PostgreSQL: a batch ends exactly as the
+same calls one by one would, in one transaction; duplicates fall back to one-by-one without a
+double reservation or charge; concurrent batches in opposite wallet orders do not deadlock.
+
+Each test runs the same requests twice, on twin wallets: one by one (``place``/``settle``) and as
+a batch, and compares the outcomes, balances, reservations and ledger entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing import database, holds, ledger, tables, wallets
+
+pytestmark = pytest.mark.integration
+
+ADMITTED = holds.Admission.ADMITTED
+S = holds.Settlement
+TTL_S = 600
+
+
+async def new_wallet(engine: AsyncEngine, balance_nano: int) -> tuple[str, str]:
+    async with engine.begin() as conn:
+        wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano)
+        key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+    return wallet.id, key.key_id
+
+
+async def money(engine: AsyncEngine, wallet_id: str) -> tuple[int, int]:
+    async with engine.connect() as conn:
+        wallet = await wallets.get_wallet(conn, wallet_id)
+    assert wallet is not None
+    return wallet.balance_nano, wallet.reserved_nano
+
+
+async def usage(engine: AsyncEngine, wallet_id: str) -> list[tuple[str, int, int]]:
+    """(idempotency key, amount, balance after) of the wallet's usage entries, oldest first."""
+    async with engine.connect() as conn:
+        entries = await ledger.entries(conn, wallet_id, limit=1000)
+    return sorted(((e.idempotency_key, e.amount_nano, e.balance_after_nano) for e in entries if e.kind == "usage"),
+                  key=lambda e: e[0])
+
+
+async def invariants(engine: AsyncEngine) -> list:
+    async with engine.connect() as conn:
+        return await ledger.check_invariants(conn)
+
+
+@pytest.fixture
+async def pool(migrated_url: str):
+    pool = await database.create_pool(migrated_url, size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def requests_for(wallet_id: str, key_id: str, amounts: list[int], prefix: str) -> list[holds.HoldRequest]:
+    return [holds.HoldRequest(f"{prefix}-{i}", wallet_id, key_id, "gpt-4o-mini", a) for i, a in enumerate(amounts)]
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
+async def test_a_batch_of_holds_admits_exactly_what_one_by_one_admits(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool, strict: bool
+) -> None:
+    """Two wallets interleaved in one batch; each covers only some of its requests, so later
+    requests in the batch must see the reservations of earlier ones in the same transaction."""
+    rng = random.Random(3)
+    amounts = [rng.randint(50_000, 400_000) for _ in range(12)]
+    twins = {}
+    for mode in ("one_by_one", "batch"):
+        rich, rich_key = await new_wallet(migrated_engine, 10_000_000)
+        poor, poor_key = await new_wallet(migrated_engine, 700_000)
+        reqs = [r for pair in zip(requests_for(poor, poor_key, amounts, f"{mode}-p"),
+                                  requests_for(rich, rich_key, amounts, f"{mode}-r")) for r in pair]
+        async with pool.acquire() as conn:
+            if mode == "batch":
+                outcomes = await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
+            else:
+                outcomes = [await holds.place(conn, request_id=r.request_id, wallet_id=r.wallet_id, key_id=r.key_id,
+                                              model=r.model, amount_nano=r.amount_nano, ttl_s=TTL_S, strict=strict)
+                            for r in reqs]
+        twins[mode] = ([o if o is ADMITTED else o.admission for o in outcomes],
+                       await money(migrated_engine, poor), await money(migrated_engine, rich))
+    assert twins["batch"] == twins["one_by_one"]
+    admitted, poor_money, rich_money = twins["batch"]
+    assert ADMITTED in admitted[0::2] and any(o is not ADMITTED for o in admitted[0::2]), \
+        "the poor wallet must admit some and refuse others"
+    assert all(o is ADMITTED for o in admitted[1::2])
+    assert rich_money == (10_000_000, sum(amounts))
+    assert await invariants(migrated_engine) == []
+
+
+async def test_a_retried_check_in_a_batch_reserves_once(migrated_engine: AsyncEngine, pool: asyncpg.Pool) -> None:
+    wallet, key = await new_wallet(migrated_engine, 1_000_000)
+    first, second = requests_for(wallet, key, [100_000, 200_000], "r")
+    async with pool.acquire() as conn:
+        assert await holds.place_many(conn, [first], ttl_s=TTL_S, strict=False) == [ADMITTED]
+        # The batch's duplicate key rolls it back whole; one by one, the retry rides on its hold.
+        assert await holds.place_many(conn, [second, first], ttl_s=TTL_S, strict=False) == [ADMITTED, ADMITTED]
+    assert await money(migrated_engine, wallet) == (1_000_000, 300_000)
+    async with pool.acquire() as conn:
+        # The same id twice in one batch: one reservation.
+        third, = requests_for(wallet, key, [50_000], "again")
+        assert await holds.place_many(conn, [third, third], ttl_s=TTL_S, strict=False) == [ADMITTED, ADMITTED]
+    assert await money(migrated_engine, wallet) == (1_000_000, 350_000)
+
+
+async def test_a_batch_of_settlements_ends_as_one_by_one(migrated_engine: AsyncEngine, pool: asyncpg.Pool) -> None:
+    """Posted, voided, charged the hold, unknown, already posted — in one batch over two wallets."""
+    results = {}
+    for mode in ("one_by_one", "batch"):
+        a, a_key = await new_wallet(migrated_engine, 1_000_000)
+        b, b_key = await new_wallet(migrated_engine, 1_000_000)
+        reqs = requests_for(a, a_key, [100_000, 100_000, 100_000], f"{mode}-a") + \
+            requests_for(b, b_key, [100_000, 100_000], f"{mode}-b")
+        async with pool.acquire() as conn:
+            assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 5
+            assert await holds.settle(conn, request_id=f"{mode}-b-1", cost_nano=5) is S.POSTED
+        settlements = [
+            holds.SettleRequest(f"{mode}-b-0", 11_111, {"prompt_tokens": 3}, wallet_id=b),
+            holds.SettleRequest(f"{mode}-a-0", 22_222, wallet_id=a),
+            holds.SettleRequest(f"{mode}-a-1", None, wallet_id=a),
+            holds.SettleRequest(f"{mode}-a-2", holds.CHARGE_HOLD, wallet_id=a),
+            holds.SettleRequest(f"{mode}-nobody", 1),
+            holds.SettleRequest(f"{mode}-b-1", 7, wallet_id=b),  # its usage entry exists already
+        ]
+        async with pool.acquire() as conn:
+            if mode == "batch":
+                outcomes = await holds.settle_many(conn, settlements)
+            else:
+                outcomes = [await holds.settle(conn, request_id=s.request_id, cost_nano=s.cost_nano,
+                                               details=s.details) for s in settlements]
+        results[mode] = (outcomes, await money(migrated_engine, a), await money(migrated_engine, b),
+                         [(k.split("-", 2)[-1], amount, after)
+                          for k, amount, after in await usage(migrated_engine, a) + await usage(migrated_engine, b)])
+    assert results["batch"] == results["one_by_one"]
+    outcomes, a_money, b_money, _ = results["batch"]
+    assert outcomes == [S.POSTED, S.POSTED, S.VOIDED, S.POSTED, S.UNKNOWN_HOLD, S.ALREADY_POSTED]
+    assert a_money == (1_000_000 - 22_222 - 100_000, 0)
+    assert b_money == (1_000_000 - 5 - 11_111, 0)
+    assert await invariants(migrated_engine) == []
+
+
+async def test_settlements_of_one_wallet_in_a_batch_chain_their_balances(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
+    wallet, key = await new_wallet(migrated_engine, 1_000_000)
+    reqs = requests_for(wallet, key, [50_000] * 6, "r")
+    async with pool.acquire() as conn:
+        await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
+        outcomes = await holds.settle_many(
+            conn, [holds.SettleRequest(r.request_id, 1_000 * (i + 1), wallet_id=wallet) for i, r in enumerate(reqs)])
+    assert outcomes == [S.POSTED] * 6
+    async with migrated_engine.connect() as conn:
+        entries = [e for e in await ledger.entries(conn, wallet, limit=100) if e.kind == "usage"]
+    entries.sort(key=lambda e: e.id)
+    balance = 1_000_000
+    for entry in entries:  # each entry's balance_after follows from the one before
+        balance += entry.amount_nano
+        assert entry.balance_after_nano == balance
+    assert await money(migrated_engine, wallet) == (1_000_000 - 21_000, 0)
+
+
+async def test_a_batch_inside_a_callers_transaction_is_undone_with_it(migrated_engine: AsyncEngine) -> None:
+    wallet, key = await new_wallet(migrated_engine, 1_000_000)
+    reqs = requests_for(wallet, key, [100_000, 100_000], "r")
+    async with migrated_engine.connect() as conn:
+        transaction = await conn.begin()
+        assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
+        assert await money_in(conn, wallet) == (1_000_000, 200_000)
+        await transaction.rollback()
+    assert await money(migrated_engine, wallet) == (1_000_000, 0)
+    async with migrated_engine.connect() as conn:
+        held = (await conn.execute(sa.select(sa.func.count()).select_from(tables.holds)
+                                   .where(tables.holds.c.wallet_id == wallet))).scalar_one()
+    assert held == 0
+
+
+async def money_in(conn, wallet_id: str) -> tuple[int, int]:
+    wallet = await wallets.get_wallet(conn, wallet_id)
+    assert wallet is not None
+    return wallet.balance_nano, wallet.reserved_nano
+
+
+async def test_concurrent_batches_in_opposite_wallet_orders_do_not_deadlock(
+    migrated_engine: AsyncEngine, migrated_url: str
+) -> None:
+    """Batch i lists wallet A's requests before B's, batch i+1 the reverse; every batch locks
+    wallet rows in id order, so none waits for another in a cycle (PostgreSQL would abort it)."""
+    a, a_key = await new_wallet(migrated_engine, 10**12)
+    b, b_key = await new_wallet(migrated_engine, 10**12)
+    pool = await database.create_pool(migrated_url, size=8)
+    try:
+        batches = []
+        for i in range(16):
+            ra = requests_for(a, a_key, [1_000] * 4, f"{i}-a")
+            rb = requests_for(b, b_key, [1_000] * 4, f"{i}-b")
+            batches.append([x for pair in (zip(ra, rb) if i % 2 else zip(rb, ra)) for x in pair])
+
+        async def run(batch: list[holds.HoldRequest]) -> list:
+            async with pool.acquire() as conn:
+                placed = await holds.place_many(conn, batch, ttl_s=TTL_S, strict=False)
+            settle = [holds.SettleRequest(r.request_id, 10, wallet_id=r.wallet_id) for r in reversed(batch)]
+            async with pool.acquire() as conn:
+                return placed + await holds.settle_many(conn, settle)
+
+        outcomes = await asyncio.wait_for(asyncio.gather(*(run(batch) for batch in batches)), timeout=60)
+    finally:
+        await pool.close()
+    assert all(o == [ADMITTED] * 8 + [S.POSTED] * 8 for o in outcomes)
+    assert await money(migrated_engine, a) == (10**12 - 16 * 4 * 10, 0)
+    assert await money(migrated_engine, b) == (10**12 - 16 * 4 * 10, 0)
+    assert await invariants(migrated_engine) == []
