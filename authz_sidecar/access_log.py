@@ -22,7 +22,7 @@ import asyncpg
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_sidecar import metrics
-from authz_sidecar.check import METADATA_NAMESPACE
+from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
 from billing import database, holds, pricing
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ class FinishedRequest:
     wallet_id: str = ""  # known when the Check admitted it: a settlement batch's lock order
 
 
+# The Check's facts, as ext_authz files them (the answer's header names).
+_HOLD_ID, _MODEL, _WALLET_ID = metadata_header("hold_id"), metadata_header("model"), metadata_header("wallet_id")
+
 # What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
 CHECK_FAILED_STATUS = 503
 
@@ -55,7 +58,7 @@ def finished_request(entry) -> FinishedRequest | None:
     filter_metadata = entry.common_properties.metadata.filter_metadata
     authz = filter_metadata.get(METADATA_NAMESPACE)
     status = entry.response.response_code.value
-    if authz is None or "hold_id" not in authz.fields:
+    if authz is None or _HOLD_ID not in authz.fields:
         # A Check that timed out at Envoy may still have placed its hold after Envoy gave up;
         # no metadata came back, so void by request id rather than reserve money until expiry.
         if status == CHECK_FAILED_STATUS and entry.request.request_id:
@@ -72,13 +75,13 @@ def finished_request(entry) -> FinishedRequest | None:
                 cached_tokens=min(prompt, int(usage_fields["cached_tokens"])) if "cached_tokens" in usage_fields.fields else 0,
             )
         except (ValueError, KeyError):
-            logger.warning("unreadable usage for request %s", authz["hold_id"])
+            logger.warning("unreadable usage for request %s", entry.request.request_id)
     return FinishedRequest(
-        request_id=authz["hold_id"],
+        request_id=metadata_read(authz[_HOLD_ID]),
         status=status,
-        model=authz["model"],
+        model=metadata_read(authz[_MODEL]) if _MODEL in authz.fields else "",
         usage=usage,
-        wallet_id=authz["wallet_id"] if "wallet_id" in authz.fields else "",
+        wallet_id=metadata_read(authz[_WALLET_ID]) if _WALLET_ID in authz.fields else "",
     )
 
 

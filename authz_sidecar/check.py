@@ -1,25 +1,20 @@
-"""Envoy's ext_authz ``Check``: key → model price → hold → allow, or an OpenAI-shaped denial.
+"""Envoy's ext_authz Check, as a billing rule: key → model price → hold → admit, or a denial.
 
-A denial is a normal ``CheckResponse`` carrying the HTTP status and JSON body the client sees,
-never a gRPC error (Envoy runs this filter fail-closed, so an error would read as a 403 with no
-explanation). On allow, the client's key is removed and the backend's credential set, and the
-wallet, key and hold ids travel to the access log as dynamic metadata.
+``Decider`` is the rule, free of any wire format; ``authz_sidecar/check_http.py`` is how Envoy
+reaches it (ext_authz over HTTP). A denial is an :class:`ApiError` the client sees as an
+OpenAI-shaped error. An admitted request's wallet, key and hold ids travel to the access log as
+dynamic metadata: ext_authz files the Check answer's ``x-billingproxy-*`` headers under their
+names in :data:`METADATA_NAMESPACE`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
+from urllib.parse import quote, unquote
 
-from google.protobuf import struct_pb2
-from google.rpc import code_pb2, status_pb2
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.type.v3 import http_status_pb2
-
-from authz_sidecar import api_errors, metrics
+from authz_sidecar import api_errors, envoy_config
 from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, holds, money, pricing
@@ -27,8 +22,25 @@ from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The namespace Envoy files ext_authz dynamic metadata under; the access log reads it there.
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+# The namespace Envoy files ext_authz dynamic metadata under (the access log reads it there),
+# and the prefix of the answer headers it files (Envoy's dynamic_metadata_from_headers).
+METADATA_NAMESPACE = envoy_config.AUTHZ_NAMESPACE
+METADATA_HEADER_PREFIX = envoy_config.METADATA_HEADER_PREFIX
+
+
+def metadata_header(field: str) -> str:
+    """The header (and metadata key) that carries one of the Check's facts: hold_id → x-billingproxy-hold-id."""
+    return METADATA_HEADER_PREFIX + field.replace("_", "-")
+
+
+def metadata_value(value: str) -> str:
+    """A header-safe form of a value (a model name comes from the client's body): %-escaped."""
+    return quote(value, safe="")
+
+
+def metadata_read(encoded: str) -> str:
+    return unquote(encoded)
+
 # Output-token fields a client may set, newest name first (OpenAI renamed max_tokens).
 _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -36,7 +48,6 @@ _FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Checks arriving meanwhile go together in the next one.
 HOLD_LANES = 4
 HOLD_BATCH_MAX = 64
-_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 class Decider:
@@ -141,73 +152,3 @@ def _json_object(body: bytes) -> dict[str, Any]:
             400, "invalid_json", "The request body must be a JSON object with a \"model\"."
         )
     return request
-
-
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
-    """The gRPC face of :class:`Decider`."""
-
-    def __init__(self, decider: Decider, backend_api_key: str) -> None:
-        self._decider = decider
-        if backend_api_key:
-            swap = [
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="authorization", value=f"Bearer {backend_api_key}"),
-                    append_action=_OVERWRITE,
-                )
-            ]
-            self._ok_headers, self._headers_to_remove = swap, []
-        else:
-            self._ok_headers, self._headers_to_remove = [], ["authorization"]
-
-    async def Check(self, request, context):  # noqa: N802 (gRPC method name)
-        started = time.perf_counter()
-        http = request.attributes.request.http
-        try:
-            metadata = await self._decider.decide(
-                method=http.method,
-                path=http.path,
-                headers=dict(http.headers),
-                body=http.raw_body or http.body.encode(),
-            )
-        except api_errors.ApiError as error:
-            metrics.check_decisions.labels(error.code).inc()
-            response = _denied(error)
-        except Exception:
-            # Fail closed with a clear answer; the traceback goes to our log, not to the client.
-            logger.exception("Check failed")
-            metrics.check_decisions.labels("internal_error").inc()
-            response = _denied(
-                api_errors.ApiError(503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error")
-            )
-        else:
-            metrics.check_decisions.labels("allowed").inc()
-            response = self._allowed(metadata)
-        metrics.check_seconds.observe(time.perf_counter() - started)
-        return response
-
-    def _allowed(self, metadata: dict[str, Any]) -> external_auth_pb2.CheckResponse:
-        struct = struct_pb2.Struct()
-        struct.update(metadata)
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=self._ok_headers, headers_to_remove=self._headers_to_remove
-            ),
-            dynamic_metadata=struct,
-        )
-
-
-def _denied(error: api_errors.ApiError) -> external_auth_pb2.CheckResponse:
-    headers = [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", value="application/json"))]
-    headers += [
-        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in error.headers.items()
-    ]
-    grpc_code = code_pb2.UNAUTHENTICATED if error.status == 401 else code_pb2.PERMISSION_DENIED
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=grpc_code, message=error.code),
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=error.status),
-            headers=headers,
-            body=error.body().decode(),
-        ),
-    )

@@ -7,6 +7,7 @@ bootstrap as a dict (static resources only, no xDS), ``render_yaml()`` the text 
 Shape::
 
     listener bind_host:gateway_port ── HCM ── ext_authz ── Lua (usage_filter.lua) ── router
+      ext_authz: HTTP Check → billing_sidecar_check (check_port, /check + the client's path)
       /v1/*                      → llm_backend           (ext_authz + Lua on)
       /user/ /billing/ /stripe/  → billing_sidecar_http  (ext_authz + Lua off: the sidecar
       /openapi.json                                       authenticates these itself)
@@ -36,8 +37,12 @@ Settings that are not obvious, and why:
   its hold, whose TTL Settings keeps longer.
 - gRPC ALS ``buffer_size_bytes: 0``: each entry is sent as its request ends (no batching), so a
   wallet is charged right after its request; ``buffer_flush_interval`` only backs that up.
-- Both sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
-  with ``HttpProtocolOptions.explicit_http_config``.
+- ext_authz is the HTTP flavour (``http_service``; why: docs/architecture.md, "The Check"). It
+  passes only a few headers unless told: ``x-request-id`` (the settlement's key) and
+  ``content-type`` are added. Of the Check's answer only ``authorization`` may go upstream; its
+  ``x-billingproxy-*`` headers become dynamic metadata, never request headers.
+- The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
+  with ``HttpProtocolOptions.explicit_http_config``; the Check's is HTTP/1.1.
 - Dynamic metadata reaches the sidecar without extra settings: the ALS entry's
   ``common_properties.metadata`` holds all of the stream's dynamic metadata, i.e. namespace
   ``envoy.filters.http.ext_authz`` (what the Check returned) and ``billingproxy.usage`` (the
@@ -66,6 +71,7 @@ from billing.settings import Settings
 logger = logging.getLogger(__name__)
 
 BACKEND_CLUSTER = "llm_backend"
+SIDECAR_CHECK_CLUSTER = "billing_sidecar_check"
 SIDECAR_GRPC_CLUSTER = "billing_sidecar_grpc"
 SIDECAR_HTTP_CLUSTER = "billing_sidecar_http"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
@@ -79,6 +85,10 @@ SIDECAR_PATHS = ("/openapi.json",)
 LUA_SOURCE = Path(__file__).with_name("usage_filter.lua")
 
 EXT_AUTHZ_TIMEOUT_S = 1
+# The Check server (authz_sidecar/check_http.py) sees this prefix + the client's path.
+CHECK_PATH_PREFIX = "/check"
+# Check answer headers that become dynamic metadata (authz_sidecar/check.py).
+METADATA_HEADER_PREFIX = "x-billingproxy-"
 ACCESS_LOG_FLUSH_INTERVAL_MS = 100
 SIDECAR_ROUTE_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 5
@@ -167,6 +177,7 @@ def render(settings: Settings, *, backend_url: str, ca_bundle: Path | None = Non
             "listeners": [_listener(settings, backend)],
             "clusters": [
                 _backend_cluster(backend, trusted_ca),
+                _loopback_cluster(SIDECAR_CHECK_CLUSTER, settings.check_port, http2=False),
                 _loopback_cluster(SIDECAR_GRPC_CLUSTER, settings.grpc_port, http2=True),
                 _loopback_cluster(SIDECAR_HTTP_CLUSTER, settings.http_port, http2=False),
             ],
@@ -319,9 +330,26 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
         "name": EXT_AUTHZ_FILTER,
         "typed_config": {
             "@type": _EXT_AUTHZ,
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
-                "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+            "http_service": {
+                "server_uri": {
+                    "uri": f"http://127.0.0.1:{settings.check_port}",
+                    "cluster": SIDECAR_CHECK_CLUSTER,
+                    "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+                },
+                "path_prefix": CHECK_PATH_PREFIX,
+                "authorization_request": {
+                    # On top of Envoy's defaults (method, path, host, content-length,
+                    # authorization): the settlement's key and the body's type.
+                    "allowed_headers": {"patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}]},
+                },
+                "authorization_response": {
+                    # Admitted: only the backend credential goes upstream; the Check's facts
+                    # become dynamic metadata, never request headers.
+                    "allowed_upstream_headers": {"patterns": [{"exact": "authorization"}]},
+                    "dynamic_metadata_from_headers": {"patterns": [{"prefix": METADATA_HEADER_PREFIX}]},
+                    # Denied: what the client sees besides the status and body.
+                    "allowed_client_headers": {"patterns": [{"exact": "content-type"}, {"exact": "retry-after"}]},
+                },
             },
             "transport_api_version": "V3",
             "failure_mode_allow": False,
@@ -330,7 +358,6 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
             "with_request_body": {
                 "max_request_bytes": settings.request_body_max_bytes,
                 "allow_partial_message": False,
-                "pack_as_bytes": True,
             },
         },
     }

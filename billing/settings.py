@@ -60,8 +60,10 @@ class Settings:
     gateway_port: int = 8080
     # -- the sidecar's public HTTP API (signup, billing), reached through Envoy.
     http_port: int = 8081
-    # -- the sidecar's gRPC port (ext_authz Check, access log service, grpc.health.v1).
+    # -- the sidecar's gRPC port (access log service, grpc.health.v1).
     grpc_port: int = 9001
+    # -- the sidecar's ext_authz Check port (HTTP; Envoy calls it for every /v1/ request).
+    check_port: int = 9002
     # -- the sidecar's admin port (/healthz, /readyz, /metrics). Never routed through Envoy.
     admin_port: int = 9090
     # -- Envoy's own admin port (loopback only).
@@ -123,6 +125,12 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}BACKEND_URL must be an http(s) URL such as http://127.0.0.1:4000, "
                 f"not {self.backend_url!r}"
+            )
+        if not re.fullmatch(r"[\x21-\x7e]*", self.backend_api_key):
+            # It is sent as a header value: spaces, line breaks or non-ASCII would break the request.
+            raise SettingsError(
+                f"{ENV_PREFIX}BACKEND_API_KEY may contain only visible ASCII characters "
+                "(no spaces, line breaks or accents)"
             )
         if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.public_url):
             raise SettingsError(f"{ENV_PREFIX}PUBLIC_URL must be an http(s) URL, not {self.public_url!r}")
@@ -234,6 +242,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         gateway_port=gateway_port,
         http_port=_port(env, "HTTP_PORT", defaults.http_port),
         grpc_port=_port(env, "GRPC_PORT", defaults.grpc_port),
+        check_port=_port(env, "CHECK_PORT", defaults.check_port),
         admin_port=_port(env, "ADMIN_PORT", defaults.admin_port),
         envoy_admin_port=_port(env, "ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
         public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),

@@ -111,7 +111,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
 
         settings = settings.replace(database_url=_database_url(settings))
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
-        asyncio.run(server.run(settings, prices))
+        server.serve(settings, prices)
         return 0
     if args.command == "migrate":
         database.migrate(_database_url(settings))

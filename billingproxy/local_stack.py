@@ -96,6 +96,7 @@ class Stack:
             ("GATEWAY_PORT", s.gateway_port),
             ("HTTP_PORT", s.http_port),
             ("GRPC_PORT", s.grpc_port),
+            ("CHECK_PORT", s.check_port),
             ("ADMIN_PORT", s.admin_port),
             ("ENVOY_ADMIN_PORT", s.envoy_admin_port),
         ):
@@ -148,7 +149,7 @@ class Stack:
         else:
             await self._start_stripe_double(logs)
 
-        self._say(f"starting the sidecar (gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin :{s.admin_port})…")
+        self._say(f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin :{s.admin_port})…")
         self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")
         await self._wait_http("sidecar", f"http://127.0.0.1:{s.admin_port}/readyz")
 

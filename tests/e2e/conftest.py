@@ -245,6 +245,7 @@ def launch_stack(
                 "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
                 "BILLINGPROXY_HTTP_PORT": str(free_port()),
                 "BILLINGPROXY_GRPC_PORT": str(free_port()),
+                "BILLINGPROXY_CHECK_PORT": str(free_port()),
                 "BILLINGPROXY_ADMIN_PORT": str(free_port()),
                 "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
                 "BILLINGPROXY_BACKEND_API_KEY": BACKEND_API_KEY,

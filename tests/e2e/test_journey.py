@@ -85,6 +85,8 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
         seen = await stack.backend_last_request()
         assert seen["headers"]["authorization"] == f"Bearer {stack.settings.backend_api_key}"
         assert key not in repr(seen)
+        # The Check's answer headers became metadata for the access log, not request headers.
+        assert not [h for h in seen["headers"] if h.startswith(("x-billingproxy-", "x-envoy-auth"))], seen["headers"]
 
         # 2. A streamed completion; the client does not ask for usage, the gateway does.
         raw = client.chat.completions.with_raw_response.create(
@@ -160,3 +162,17 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
     kinds = [e.kind for e in await stack.db.ledger(wallet_id)]
     assert kinds == ["grant", "usage", "usage"] + ["usage"] * served + ["credit", "usage"]
     assert sum(e.amount_nano for e in await stack.db.ledger(wallet_id)) == expected
+
+
+async def test_without_a_backend_credential_the_clients_key_never_reaches_the_backend(launch_stack) -> None:
+    """No BILLINGPROXY_BACKEND_API_KEY: the Check tells Envoy to remove the client's key."""
+    async with launch_stack(BILLINGPROXY_BACKEND_API_KEY="") as bare:
+        user = await bare.signup()
+        client = openai.AsyncOpenAI(api_key=user["api_key"], base_url=bare.gateway + "/v1", max_retries=0)
+        completion = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+        await client.close()
+        assert completion.usage.completion_tokens == 2
+        seen = await bare.backend_last_request()
+        assert "authorization" not in seen["headers"]
+        assert user["api_key"] not in repr(seen)
+        await bare.db.settled(user["wallet_id"])

@@ -45,8 +45,10 @@ def log_entry(
     (Lua numbers arrive as protobuf doubles)."""
     entry = accesslog_pb2.HTTPAccessLogEntry()
     metadata = entry.common_properties.metadata.filter_metadata
+    # ext_authz files the Check answer's x-billingproxy-* headers under their names, as strings.
     metadata["envoy.filters.http.ext_authz"].update(
-        {"wallet_id": user["wallet_id"], "key_id": user["key_id"], "hold_id": request_id, "model": MODEL}
+        {"x-billingproxy-wallet-id": user["wallet_id"], "x-billingproxy-key-id": user["key_id"],
+         "x-billingproxy-hold-id": request_id, "x-billingproxy-model": MODEL}
     )
     metadata["billingproxy.usage"].update(
         {"prompt_tokens": float(prompt), "completion_tokens": float(completion), "cached_tokens": 0.0,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
-PORTS = ("GATEWAY", "HTTP", "GRPC", "ADMIN", "ENVOY_ADMIN")
+PORTS = ("GATEWAY", "HTTP", "GRPC", "CHECK", "ADMIN", "ENVOY_ADMIN")
 
 
 def _env(data_dir: Path) -> dict[str, str]:

@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def loopback_settings(**changes: Any) -> Settings:
-    ports = {name: free_port() for name in ("gateway_port", "envoy_admin_port", "grpc_port", "http_port")}
+    ports = {name: free_port() for name in ("gateway_port", "envoy_admin_port", "grpc_port", "check_port", "http_port")}
     return Settings(**{**ports, **changes})
 
 

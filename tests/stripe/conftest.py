@@ -132,6 +132,7 @@ def stack_env(database_url: str, data_dir: Path, **settings: str) -> dict[str, s
         "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
         "BILLINGPROXY_HTTP_PORT": str(free_port()),
         "BILLINGPROXY_GRPC_PORT": str(free_port()),
+        "BILLINGPROXY_CHECK_PORT": str(free_port()),
         "BILLINGPROXY_ADMIN_PORT": str(free_port()),
         "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
         "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",

@@ -107,9 +107,21 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     authz = filters[0]["typed_config"]
     assert authz["failure_mode_allow"] is False
     assert authz["transport_api_version"] == "V3"
-    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == envoy_config.SIDECAR_GRPC_CLUSTER
+    service = authz["http_service"]
+    assert service["server_uri"]["cluster"] == envoy_config.SIDECAR_CHECK_CLUSTER
+    assert service["path_prefix"] == envoy_config.CHECK_PATH_PREFIX
+    # The settlement's key must reach the Check: Envoy passes only a few headers by default.
+    passed = {p["exact"] for p in service["authorization_request"]["allowed_headers"]["patterns"]}
+    assert {"x-request-id", "content-type"} <= passed
+    answer = service["authorization_response"]
+    # Only the backend credential goes upstream; the Check's facts become metadata only.
+    assert answer["allowed_upstream_headers"]["patterns"] == [{"exact": "authorization"}]
+    assert answer["dynamic_metadata_from_headers"]["patterns"] == [{"prefix": "x-billingproxy-"}]
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    check_cluster = clusters[envoy_config.SIDECAR_CHECK_CLUSTER]
+    assert check_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"]["port_value"] == Settings().check_port
     assert authz["with_request_body"]["allow_partial_message"] is False
-    assert authz["with_request_body"]["pack_as_bytes"] is True
     lua = filters[1]["typed_config"]["default_source_code"]["inline_string"]
     assert "bodyChunks()" in lua and "billingproxy.usage" in lua
 

@@ -1,0 +1,218 @@
+"""Envoy's ext_authz over HTTP: how each /v1/ request reaches :class:`check.Decider`.
+
+Why HTTP and not ext_authz's gRPC Check: the Check runs once per request, and in Python its
+transport dominated it. Measured under Envoy at full load (docs/benchmarks.md), a grpc.aio
+server that allows everything costs ~300 µs of CPU per call; this server, an ``asyncio``
+protocol around ``httptools`` (the parser uvicorn uses) on uvloop, ~15 µs. Envoy's own cost is
+the same for both.
+
+What Envoy sends (envoy_config.py, ``http_service``): the client's method, ``/check`` + the
+client's path, the headers it is told to pass (authorization, x-request-id, content-type) and
+the buffered body. What it reads back:
+
+- **200** admits the request. ``x-billingproxy-*`` headers become dynamic metadata for the
+  access log (``dynamic_metadata_from_headers``); ``authorization`` (the backend's credential)
+  replaces the client's key upstream, or ``x-envoy-auth-headers-to-remove: authorization``
+  removes the client's key when no backend credential is configured.
+- **Any other status** is the denial the client sees: that status, this body, and the headers
+  Envoy is told to pass (content-type, retry-after).
+
+The server is HTTP/1.1 with keep-alive, for Envoy's connection pool only (it listens where the
+gRPC port does: loopback, or the pod's network). Requests on one connection are answered in
+order. Anything malformed is answered 400 and the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from http import HTTPStatus
+
+import httptools
+
+from authz_sidecar import api_errors, check, envoy_config, metrics
+
+logger = logging.getLogger(__name__)
+
+PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
+# Envoy sends at most Settings.request_body_max_bytes; anything beyond that is not Envoy.
+BODY_SLACK_BYTES = 64 * 1024
+
+_BILLING_UNAVAILABLE = api_errors.ApiError(
+    503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
+)
+
+
+class CheckServer:
+    """The listening socket; one :class:`CheckConnection` per connection from Envoy."""
+
+    def __init__(self, decider: check.Decider, *, backend_api_key: str, body_max_bytes: int) -> None:
+        self._decider = decider
+        self._body_max = body_max_bytes + BODY_SLACK_BYTES
+        if backend_api_key:
+            self._admit_headers = f"authorization: Bearer {backend_api_key}\r\n".encode()
+        else:
+            self._admit_headers = b"x-envoy-auth-headers-to-remove: authorization\r\n"
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[CheckConnection] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: CheckConnection(self), host, port)
+
+    async def stop(self) -> None:
+        """Stop accepting, let the Checks in progress answer, then close every connection."""
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self._connections):
+            await connection.finish()
+        await self._server.wait_closed()
+
+    async def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        """The whole HTTP response to one Check."""
+        started = time.perf_counter()
+        try:
+            metadata = await self._decider.decide(method=method, path=path, headers=headers, body=body)
+        except api_errors.ApiError as error:
+            metrics.check_decisions.labels(error.code).inc()
+            response = _denial(error)
+        except Exception:
+            # Fail closed with a clear answer; the traceback goes to our log, not to the client.
+            logger.exception("Check failed")
+            metrics.check_decisions.labels("internal_error").inc()
+            response = _denial(_BILLING_UNAVAILABLE)
+        else:
+            metrics.check_decisions.labels("allowed").inc()
+            response = self._admission(metadata)
+        metrics.check_seconds.observe(time.perf_counter() - started)
+        return response
+
+    def _admission(self, metadata: dict[str, str]) -> bytes:
+        lines = "".join(
+            f"{check.metadata_header(field)}: {check.metadata_value(value)}\r\n" for field, value in metadata.items()
+        )
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + self._admit_headers + lines.encode() + b"\r\n"
+
+
+def _denial(error: api_errors.ApiError) -> bytes:
+    body = error.body()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in error.headers.items())
+    head = (
+        f"HTTP/1.1 {error.status} {_reason(error.status)}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class CheckConnection(asyncio.Protocol):
+    """One connection from Envoy: httptools parses, each complete request is answered in turn."""
+
+    def __init__(self, server: CheckServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = bytearray()
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        # Complete requests (method, path, headers, body, keep-alive), or a refusal's bytes.
+        self._queue: collections.deque[tuple[str, str, dict[str, str], bytes, bool] | bytes] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  (uvloop's is not an asyncio.Transport subclass)
+        self._server._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "upgrade_refused", "This endpoint does not upgrade connections.")
+        except httptools.HttpParserError:
+            if self._body_size > self._server._body_max:  # on_body stopped the parser
+                self._refuse(413, "request_too_large", "Request body too large.")
+            else:
+                self._refuse(400, "malformed_request", "The request is not valid HTTP/1.1.")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._connections.discard(self)
+        # Envoy hung up (its Check timed out): stop the decision. A hold whose batch has not
+        # begun is then never placed (group_commit.py).
+        if self._worker is not None:
+            self._worker.cancel()
+
+    # -- httptools callbacks --
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Envoy sends each header once; a repeated one keeps its last value.
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self._server._body_max:
+            raise OverflowError("body too large")  # httptools stops and raises HttpParserCallbackError
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        method = self._parser.get_method().decode("ascii")
+        path = self._url.decode("latin-1")
+        path = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX + "/") else path
+        self._queue.append((method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive()))
+        self._url, self._headers, self._body, self._body_size = bytearray(), {}, [], 0
+        self._answer_soon()
+
+    # -- answering --
+
+    async def _answer_in_order(self) -> None:
+        assert self._transport is not None
+        try:
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, bytes):  # a refusal: the last answer on this connection
+                    self._transport.write(item)
+                    self._transport.close()
+                    return
+                method, path, headers, body, keep_alive = item
+                response = await self._server.answer(method, path, headers, body)
+                if self._transport.is_closing():
+                    return
+                self._transport.write(response)
+                if not keep_alive:
+                    self._transport.close()
+                    return
+        finally:
+            self._worker = None
+
+    def _answer_soon(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._answer_in_order(), name="check")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer the unreadable request after those before it, then close the connection."""
+        assert self._transport is not None
+        self._transport.pause_reading()
+        self._queue.append(_denial(api_errors.ApiError(status, code, message)))
+        self._answer_soon()
+
+    async def finish(self) -> None:
+        """Answer what was received, then close (shutdown)."""
+        worker = self._worker
+        if worker is not None:
+            await asyncio.gather(worker, return_exceptions=True)
+        if self._transport is not None:
+            self._transport.close()
