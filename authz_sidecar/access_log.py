@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 USAGE_NAMESPACE = "billingproxy.usage"
 QUEUE_MAX = 10_000
 # Workers settle in parallel, each a batch of what has arrived at once (one transaction).
-WORKERS = 4
+WORKERS = 2
 SETTLE_BATCH_MAX = 64
 RETRIES_MAX = 5
 

@@ -46,7 +46,7 @@ _MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens"
 _FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Holds are placed by at most HOLD_LANES transactions at once (pool connections they may take);
 # Checks arriving meanwhile go together in the next one.
-HOLD_LANES = 4
+HOLD_LANES = 2
 HOLD_BATCH_MAX = 64
 
 

@@ -35,8 +35,11 @@ Settings that are not obvious, and why:
   body; a gzip answer would be unreadable and unbillable.
 - route ``timeout`` = ``upstream_timeout_s`` (also the idle timeout): a request never outlives
   its hold, whose TTL Settings keeps longer.
-- gRPC ALS ``buffer_size_bytes: 0``: each entry is sent as its request ends (no batching), so a
-  wallet is charged right after its request; ``buffer_flush_interval`` only backs that up.
+- gRPC ALS batching, ``buffer_size_bytes`` 16 KiB and ``buffer_flush_interval`` 10 ms: each of
+  Envoy's workers sends what ended in the last 10 ms as one message (or sooner, at 16 KiB), so a
+  wallet is charged within ~10 ms of its request, and under load one gRPC message and one
+  settlement transaction carry many requests (measured: ~100 µs less sidecar CPU and ~70 µs less
+  PostgreSQL CPU per request than one message per entry; docs/benchmarks.md).
 - ext_authz is the HTTP flavour (``http_service``; why: docs/architecture.md, "The Check"). It
   passes only a few headers unless told: ``x-request-id`` (the settlement's key) and
   ``content-type`` are added. Of the Check's answer only ``authorization`` may go upstream; its
@@ -89,7 +92,8 @@ EXT_AUTHZ_TIMEOUT_S = 1
 CHECK_PATH_PREFIX = "/check"
 # Check answer headers that become dynamic metadata (authz_sidecar/check.py).
 METADATA_HEADER_PREFIX = "x-billingproxy-"
-ACCESS_LOG_FLUSH_INTERVAL_MS = 100
+ACCESS_LOG_BUFFER_BYTES = 16 * 1024
+ACCESS_LOG_FLUSH_INTERVAL_MS = 10
 SIDECAR_ROUTE_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 5
 DOWNSTREAM_CONNECTIONS_MAX = 10_000
@@ -389,7 +393,7 @@ def _grpc_access_log() -> dict[str, Any]:
                 "log_name": ACCESS_LOG_NAME,
                 "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER}},
                 "transport_api_version": "V3",
-                "buffer_size_bytes": 0,
+                "buffer_size_bytes": ACCESS_LOG_BUFFER_BYTES,
                 "buffer_flush_interval": f"{ACCESS_LOG_FLUSH_INTERVAL_MS / 1000}s",
             },
         },

@@ -19,7 +19,6 @@ is accepted too (tests, the CLI, the sweeps) and its asyncpg connection used, in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import json
@@ -291,8 +290,10 @@ def _outcome(row: asyncpg.Record | None, request_id: str, posts: bool) -> Settle
 #
 # Under load many Checks and settlements are in flight at once. Each alone is one statement and
 # one commit; ``place_many`` and ``settle_many`` run a batch of them as the very same statements,
-# sent together (asyncpg pipelines ``fetchmany``) in ONE transaction: one round trip and one WAL
-# flush instead of one per request. Results and guarantees are those of calling ``place`` or
+# sent together in ONE transaction: asyncpg's ``fetchmany`` pipelines them behind one Sync,
+# which PostgreSQL runs as one implicit transaction (inside a caller's transaction, as part of
+# it) — one round trip and one WAL flush instead of one per request; all or nothing (a test
+# fails a batch midway and checks that). Results and guarantees are those of calling ``place`` or
 # ``settle`` for each in order. Wallet rows are locked in wallet-id order, so two batches cannot
 # deadlock on each other. A batch that hits a duplicate key is rolled back whole and redone one
 # by one, where ``place`` and ``settle`` sort out retried Checks and replayed entries as usual.
@@ -338,8 +339,7 @@ async def place_many(
     ordered = sorted(requests, key=lambda r: r.wallet_id)
     args = [(r.request_id, r.wallet_id, r.key_id, r.model, r.amount_nano, int(ttl_s), strict) for r in ordered]
     try:
-        async with _transaction(pg):
-            rows = await pg.fetchmany(PLACE_SQL, args)
+        rows = await pg.fetchmany(PLACE_SQL, args)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != "holds_pkey":
             raise
@@ -363,8 +363,7 @@ async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlem
     pg = await database.driver_connection(conn)
     ordered = sorted(requests, key=lambda r: (r.wallet_id, r.request_id))
     try:
-        async with _transaction(pg):
-            rows = await pg.fetchmany(SETTLE_SQL, [args[r.request_id] for r in ordered])
+        rows = await pg.fetchmany(SETTLE_SQL, [args[r.request_id] for r in ordered])
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != "ledger_entries_idempotency_key_key":
             raise
@@ -372,10 +371,6 @@ async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlem
     by_id = {row["request_id"]: row for row in rows}
     return [_outcome(by_id.get(r.request_id), r.request_id, r.cost_nano is not None) for r in requests]
 
-
-def _transaction(pg: database.Connection) -> contextlib.AbstractAsyncContextManager[Any]:
-    # Inside a caller's transaction (a SQLAlchemy connection's), the batch is part of it.
-    return contextlib.nullcontext() if pg.is_in_transaction() else pg.transaction()
 
 
 # Expiry, for the sweep: every pending hold past its time is expired and its reservation released,

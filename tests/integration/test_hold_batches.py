@@ -218,3 +218,25 @@ async def test_concurrent_batches_in_opposite_wallet_orders_do_not_deadlock(
     assert await money(migrated_engine, a) == (10**12 - 16 * 4 * 10, 0)
     assert await money(migrated_engine, b) == (10**12 - 16 * 4 * 10, 0)
     assert await invariants(migrated_engine) == []
+
+
+async def test_a_batch_that_fails_midway_changes_nothing_and_is_redone_one_by_one(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
+    """The second settlement of the batch hits an existing usage entry (a pending hold whose
+    ``usage:`` key is taken — as a lost race would leave it). The batch must roll back whole, so
+    the first settlement, redone alone, is posted exactly once."""
+    wallet, key = await new_wallet(migrated_engine, 1_000_000)
+    first, clash = requests_for(wallet, key, [100_000, 100_000], "r")
+    async with pool.acquire() as conn:
+        assert await holds.place_many(conn, [first, clash], ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
+    async with migrated_engine.begin() as conn:
+        await ledger.post_entry(conn, wallet_id=wallet, kind="usage", amount_nano=-1,
+                                idempotency_key=f"usage:{clash.request_id}")
+    async with pool.acquire() as conn:
+        outcomes = await holds.settle_many(conn, [holds.SettleRequest(first.request_id, 30_000, wallet_id=wallet),
+                                                  holds.SettleRequest(clash.request_id, 30_000, wallet_id=wallet)])
+    assert outcomes == [S.POSTED, S.ALREADY_POSTED]
+    assert await usage(migrated_engine, wallet) == [("usage:r-0", -30_000, 1_000_000 - 1 - 30_000),
+                                                    ("usage:r-1", -1, 1_000_000 - 1)]
+    assert await money(migrated_engine, wallet) == (1_000_000 - 1 - 30_000, 100_000)
