@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
+FLUSH_TIMEOUT_S = 2.0
 VALIDATE_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 20
 _POLL_INTERVAL_S = 0.05
@@ -197,10 +198,12 @@ class EnvoyProcess:
                 await asyncio.sleep(_POLL_INTERVAL_S)
 
     async def stop(self) -> None:
-        """SIGTERM, then SIGKILL if Envoy has not exited within STOP_TIMEOUT_S. Idempotent."""
+        """Let Envoy send its buffered access-log entries, then SIGTERM, then SIGKILL if Envoy
+        has not exited within STOP_TIMEOUT_S. Idempotent."""
         process = self._process
         if process is None or process.poll() is not None:
             return
+        await self._flush_access_logs()
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while process.poll() is None and time.monotonic() < deadline:
@@ -209,6 +212,30 @@ class EnvoyProcess:
             logger.warning("envoy (pid %d) ignored SIGTERM; killing it", process.pid)
             process.kill()
             await asyncio.to_thread(process.wait)
+
+    async def _flush_access_logs(self) -> None:
+        """Wait (at most FLUSH_TIMEOUT_S) until every gRPC access-log entry Envoy buffered was sent.
+
+        Envoy batches the entries (envoy_config.py: up to 10 ms) and SIGTERM drops the buffer:
+        requests served in the last milliseconds would never be charged. Its counters tell when
+        the buffer is empty: every entry written was flushed, failed or dropped.
+        """
+        url = f"http://127.0.0.1:{self.admin_port}/stats"
+        query = {"format": "json", "filter": r"^access_logs\.grpc_access_log\."}
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(url, params=query) as response:
+                        stats = {s["name"].rsplit(".", 1)[-1]: s.get("value", 0)
+                                 for s in (await response.json())["stats"] if "name" in s}
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+                    return  # no admin to ask: nothing more we can do before stopping
+                sent = sum(stats.get(k, 0) for k in ("grpc_entries_flushed", "grpc_entries_flush_failed", "logs_dropped"))
+                if sent >= stats.get("logs_written", 0):
+                    return
+                await asyncio.sleep(_POLL_INTERVAL_S)
+        logger.warning("Envoy still had unsent access-log entries after %.0f s; stopping it anyway", FLUSH_TIMEOUT_S)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
