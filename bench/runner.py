@@ -4,17 +4,20 @@ What runs (all on loopback, on this machine):
 
 - the local stack exactly as ``billingproxy up`` starts it (:class:`billingproxy.local_stack.Stack`):
   embedded PostgreSQL in a throw-away data dir (or ``DATABASE_URL``), migrations, the demo
-  backend, the sidecar, and Envoy with billing (ext_authz + Lua usage filter + gRPC access log);
+  backend, the sidecar, and Envoy with billing (ext_authz over HTTP to the sidecar's Check port +
+  Lua usage filter + gRPC access log);
 - a second Envoy, the **baseline**: the same rendered configuration with the ext_authz filter,
   the Lua filter and the gRPC access log removed, in front of the same demo backend. Both Envoys
   use the default worker count (one per core); only one of them is loaded at a time.
 
-Then, in order: the body-decode micro-benchmark (on the idle machine), the sidecar's CPU by step
-(:mod:`bench.sidecar_steps`), warm-ups, closed-loop maximum-throughput runs (baseline, billed
-over many wallets, billed on one hot wallet), open-loop runs at ``rate`` and at ``low_rate``
-req/s (baseline, billed), and the exactly-once check of every billed request against the ledger.
-Each run waits for the machine to be quiet first, and reports the CPU of every part, including
-anything else that ran on the machine meanwhile.
+Then, in order: the Check-input micro-benchmark (:mod:`bench.body_decode`: parsing Envoy's HTTP
+Check request and its JSON body, on the idle machine), the sidecar's CPU by step
+(:mod:`bench.sidecar_steps`: the real sidecar's HTTP Check and gRPC access log, driven as Envoy
+drives them), warm-ups, closed-loop maximum-throughput runs (baseline, billed over many wallets,
+billed on one hot wallet), open-loop runs at ``rate`` and at ``low_rate`` req/s (baseline,
+billed), and the exactly-once check of every billed request against the ledger. Each run waits
+for the machine to be quiet first, and reports the CPU of every part, including anything else
+that ran on the machine meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httptools
 import sqlalchemy as sa
 import yaml
 
@@ -183,6 +187,7 @@ class Bench:
             "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
             "BILLINGPROXY_HTTP_PORT": str(free_port()),
             "BILLINGPROXY_GRPC_PORT": str(free_port()),
+            "BILLINGPROXY_CHECK_PORT": str(free_port()),
             "BILLINGPROXY_ADMIN_PORT": str(free_port()),
             "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
         })
@@ -329,7 +334,7 @@ class Bench:
 
     async def run_all(self) -> dict[str, Any]:
         o = self.options
-        self.say(f"body handling micro-benchmark (xds-protos, {body_decode.api_implementation.Type()})…")
+        self.say(f"Check-input micro-benchmark (HTTP request parsed with httptools {httptools.__version__}, JSON body)…")
         self.results["body_decode"] = await asyncio.to_thread(body_decode.run)
 
         self.say("starting the stack…")
@@ -343,7 +348,7 @@ class Bench:
         settings = self.stack.settings
         self.results["sidecar_steps"] = await sidecar_steps.Steps(
             engine=self.engine, database_url=self.stack.database_url, grpc_port=settings.grpc_port,
-            sidecar_pid=self.pids.sidecar,
+            check_port=settings.check_port, sidecar_pid=self.pids.sidecar,
             prices=pricing.load(settings.price_overrides_path, settings.markup_percent),
         ).run()
 
@@ -454,6 +459,7 @@ class Bench:
 def environment() -> dict[str, Any]:
     import aiohttp as _aiohttp
     import grpc
+    import uvloop
 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -462,6 +468,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "aiohttp": _aiohttp.__version__,
-        "grpcio": grpc.__version__,
+        "grpcio": grpc.__version__,  # the access log (ALS)
+        "httptools": httptools.__version__,  # the Check
+        "uvloop": uvloop.__version__,
         "envoy_binary": str(envoy_process.envoy_binary()),
     }

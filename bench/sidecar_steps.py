@@ -2,15 +2,22 @@
 
 Two kinds of measurement, both sequential (one call at a time, so nothing is batched or queued):
 
-1. **The real sidecar process**, driven over gRPC from here like Envoy drives it; its CPU time
-   (``/proc/<pid>/stat``) per call:
-   - ``check_get_cached_key``: a Check for ``GET /v1/models`` with a cached key: gRPC + protobuf
-     plumbing and the key cache, no database;
+1. **The real sidecar process**, driven from here as Envoy drives it; its CPU time
+   (``/proc/<pid>/stat``) per call. The Check is ext_authz over HTTP (``authz_sidecar/check_http.py``):
+   each call is the HTTP/1.1 request Envoy's ``http_service`` sends — the client's method,
+   ``/check`` + the client's path, the headers Envoy passes (host, content-length, authorization,
+   x-request-id, content-type, and the ``x-envoy-*`` ones it adds itself) and the buffered body —
+   on one keep-alive connection; a 200 admits. The access log is Envoy's gRPC stream (ALS):
+   - ``check_get_cached_key``: a Check for ``GET /v1/models`` with a cached key: HTTP parsing
+     and answering plus the key cache, no database;
    - ``check_post_cached_key``: a Check for the benchmark's chat request, key cached: adds the
      body's JSON and the hold (one SQL statement);
    - ``check_post_new_key``: the same with a key not yet cached: adds the key look-up;
    - ``access_log_settle``: one access-log entry on an open ALS stream, settled (the hold posted,
      the usage entry written): what every billed request costs after it ends.
+
+   ``wall_us`` is one round trip seen from here, so it includes this process's aiohttp client
+   (``client_cpu_us``, far more than Envoy's client costs) and PostgreSQL.
 2. **The same database work in this process**, timed with this thread's CPU clock: the sidecar's
    own code (``billing.holds`` on an asyncpg connection, as the sidecar runs it) against the
    way it was done before, to show what the change saved:
@@ -19,6 +26,10 @@ Two kinds of measurement, both sequential (one call at a time, so nothing is bat
    (``holds.settle``: one statement) vs ``settle_sqlalchemy`` (the previous settlement, kept here
    as a reference: lock the hold, ``ledger.post_entry``, mark the hold — 7 round trips through
    SQLAlchemy) vs ``settle_asyncpg_seven_round_trips`` (those statements with plain asyncpg).
+   And the group commit the sidecar uses under load (``authz_sidecar/group_commit.py``):
+   ``place_many`` / ``settle_many`` (``holds.place_many`` / ``holds.settle_many``: a batch of
+   ``GROUP_COMMIT_BATCH`` as one transaction), per request, against ``place_asyncpg`` /
+   ``settle_asyncpg_one_statement`` (the same statements one by one, as at low load).
 
 All on a wallet of its own, so the benchmark's books (``bench.runner.Bench.check_books``) are
 untouched; the references keep the invariants (balance = Σ entries, reserved = Σ pending holds).
@@ -33,21 +44,28 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 import sqlalchemy as sa
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from billing import holds, ledger, pricing, tables, wallets
 from authz_sidecar import access_log as access_log_mod
+from authz_sidecar import check as check_mod
+from authz_sidecar import envoy_config
 
 from bench import procstat, workload
 
 CALLS = 400
 GRANT_NANO = 1_000 * 10**9
+# Requests per transaction in the group-commit step (the sidecar's batches grow with the load,
+# up to authz_sidecar.check.HOLD_BATCH_MAX / access_log.SETTLE_BATCH_MAX).
+GROUP_COMMIT_BATCH = 16
+# The client's Host, which Envoy passes on to the Check.
+GATEWAY_AUTHORITY = "127.0.0.1:8080"
 
 # The seven round trips the settlement made before it was one statement (BEGIN, lock the hold,
 # lock the wallet, insert the entry, move the balance, mark the hold, COMMIT), with plain asyncpg.
@@ -77,26 +95,25 @@ async def _settle_seven_round_trips_sqlalchemy(conn, *, request_id: str, cost_na
                        .values(state="posted", posted_nano=cost_nano, resolved_at=sa.func.now()))
 
 
-def _check_request(method: str, authorization: str, request_id: str, body: bytes) -> external_auth_pb2.CheckRequest:
-    headers = {
-        ":authority": "127.0.0.1", ":method": method, ":path": workload.PATH if method == "POST" else "/v1/models",
-        ":scheme": "http", "authorization": authorization, "content-type": "application/json",
-        "x-request-id": request_id, "user-agent": "bench",
-    }
-    http = attribute_context_pb2.AttributeContext.HttpRequest(
-        method=method, headers=headers, path=headers[":path"], host="127.0.0.1", scheme="http",
-        protocol="HTTP/1.1", size=len(body), raw_body=body,
-    )
-    return external_auth_pb2.CheckRequest(
-        attributes=attribute_context_pb2.AttributeContext(
-            request=attribute_context_pb2.AttributeContext.Request(http=http)
-        )
-    )
+def check_headers(method: str, authorization: str, request_id: str) -> dict[str, str]:
+    """The headers Envoy's ext_authz ``http_service`` sends to the Check for a client request
+    (as captured from Envoy with this repository's ``_ext_authz_filter``); content-length is
+    added by the client for a body."""
+    headers = {"host": GATEWAY_AUTHORITY, "authorization": authorization, "x-request-id": request_id}
+    if method == "POST":
+        headers.update({"content-type": "application/json", "x-envoy-auth-partial-body": "false"})
+    else:
+        headers["content-length"] = "0"
+    headers.update({"x-envoy-internal": "true",
+                    "x-envoy-expected-rq-timeout-ms": str(envoy_config.EXT_AUTHZ_TIMEOUT_S * 1000)})
+    return headers
 
 
 def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
+    # As ext_authz files a 200 Check answer's x-billingproxy-* headers (dynamic_metadata_from_headers).
+    facts = {"wallet_id": wallet_id, "key_id": key_id, "hold_id": request_id, "model": workload.MODEL}
     authz = struct_pb2.Struct()
-    authz.update({"wallet_id": wallet_id, "key_id": key_id, "hold_id": request_id, "model": workload.MODEL})
+    authz.update({check_mod.metadata_header(field): check_mod.metadata_value(value) for field, value in facts.items()})
     usage = struct_pb2.Struct()
     usage.update({"usage_seen": True, "prompt_tokens": workload.PROMPT_TOKENS,
                   "completion_tokens": workload.COMPLETION_TOKENS, "cached_tokens": 0})
@@ -109,11 +126,12 @@ def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HT
 
 
 class Steps:
-    def __init__(self, *, engine, database_url: str, grpc_port: int, sidecar_pid: int | None,
+    def __init__(self, *, engine, database_url: str, grpc_port: int, check_port: int, sidecar_pid: int | None,
                  prices: pricing.PriceBook, calls: int = CALLS) -> None:
         self.engine = engine
         self.database_url = database_url
-        self.grpc_port = grpc_port
+        self.grpc_port = grpc_port  # the access log (ALS)
+        self.check_port = check_port  # the Check (HTTP)
         self.sidecar_pid = sidecar_pid
         self.prices = prices
         self.calls = calls
@@ -132,20 +150,25 @@ class Steps:
             prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS))
 
     async def _sidecar_cpu_per_call(self, name: str, calls: Callable[[], Awaitable[None]]) -> None:
-        before, started = procstat.cpu_seconds(self.sidecar_pid), time.perf_counter()
+        before, started, client = procstat.cpu_seconds(self.sidecar_pid), time.perf_counter(), time.thread_time()
         await calls()
-        wall = time.perf_counter() - started
+        wall, client = time.perf_counter() - started, time.thread_time() - client
         cpu = procstat.cpu_seconds(self.sidecar_pid) - before
         self.results[name] = {"sidecar_cpu_us": round(cpu / self.calls * 1e6, 1),
-                              "wall_us": round(wall / self.calls * 1e6, 1)}
+                              "wall_us": round(wall / self.calls * 1e6, 1),
+                              "client_cpu_us": round(client / self.calls * 1e6, 1)}
 
-    async def _local_cpu_per_call(self, name: str, call: Callable[[int], Awaitable[None]]) -> None:
+    async def _local_cpu_per_request(self, name: str, call: Callable[[int], Awaitable[None]], *,
+                                     rounds: int | None = None, per_round: int = 1) -> None:
+        """``call(n)`` for n in range(rounds), each doing ``per_round`` requests; per request."""
+        rounds = self.calls if rounds is None else rounds
         before, started = time.thread_time(), time.perf_counter()
-        for n in range(self.calls):
+        for n in range(rounds):
             await call(n)
         wall, cpu = time.perf_counter() - started, time.thread_time() - before
-        self.results[name] = {"bench_cpu_us": round(cpu / self.calls * 1e6, 1),
-                              "wall_us": round(wall / self.calls * 1e6, 1)}
+        requests = rounds * per_round
+        self.results[name] = {"bench_cpu_us": round(cpu / requests * 1e6, 1),
+                              "wall_us": round(wall / requests * 1e6, 1)}
 
     async def _pending(self) -> int:
         async with self.engine.connect() as conn:
@@ -155,30 +178,48 @@ class Steps:
     async def run(self) -> dict[str, Any]:
         await self._setup()
         hot_key = f"Bearer {self.keys[0].plaintext}"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
-            check = external_auth_pb2_grpc.AuthorizationStub(channel).Check
-            await check(_check_request("GET", hot_key, "warm", b""))  # connect, cache the key
+        base_url = f"http://127.0.0.1:{self.check_port}{envoy_config.CHECK_PATH_PREFIX}"
+        hold_header = check_mod.metadata_header("hold_id")
+        # Like Envoy's connection pool to the Check cluster: HTTP/1.1, one keep-alive connection
+        # (the calls are sequential), and only the headers Envoy sends.
+        connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=60)
+        async with aiohttp.ClientSession(
+            connector=connector, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        ) as session:
+
+            async def check(method: str, authorization: str, request_id: str) -> bool:
+                """One Check; True if admitted (200)."""
+                path = workload.PATH if method == "POST" else "/v1/models"
+                async with session.request(
+                    method, base_url + path, headers=check_headers(method, authorization, request_id),
+                    data=workload.BODY if method == "POST" else None,
+                ) as response:
+                    await response.read()
+                    admitted = response.status == 200
+                    if admitted and method == "POST":
+                        assert response.headers.get(hold_header) == check_mod.metadata_value(request_id), (
+                            response.headers)
+                    return admitted
+
+            assert await check("GET", hot_key, "warm"), "the sidecar did not admit the warm-up Check"  # connect, cache the key
 
             async def gets() -> None:
                 for n in range(self.calls):
-                    await check(_check_request("GET", hot_key, f"get-{n}", b""))
+                    assert await check("GET", hot_key, f"get-{n}")
 
             posted: list[str] = []
 
             async def posts_cached() -> None:
                 for _ in range(self.calls):
                     request_id = f"steps-{uuid.uuid4()}"
-                    response = await check(_check_request("POST", hot_key, request_id, workload.BODY))
-                    if response.status.code == 0:
+                    if await check("POST", hot_key, request_id):
                         posted.append(request_id)
                     # One key throughout: cached, and kept fresh by the sidecar's refresher.
 
             async def posts_new_key() -> None:
                 for n in range(self.calls):
                     request_id = f"steps-{uuid.uuid4()}"
-                    response = await check(_check_request(
-                        "POST", f"Bearer {self.keys[n + 1].plaintext}", request_id, workload.BODY))
-                    if response.status.code == 0:
+                    if await check("POST", f"Bearer {self.keys[n + 1].plaintext}", request_id):
                         posted.append(request_id)
 
             await self._sidecar_cpu_per_call("check_get_cached_key", gets)
@@ -186,12 +227,13 @@ class Steps:
             await self._sidecar_cpu_per_call("check_post_new_key", posts_new_key)
             self.results["holds_placed"] = len(posted)
 
-            # Settle the first `calls` of them through a real ALS stream, one entry per message.
-            to_settle = posted[: self.calls]
+        # Settle the first `calls` of them through a real ALS stream, one entry per message.
+        to_settle = posted[: self.calls]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
             queue: asyncio.Queue = asyncio.Queue()
 
             async def messages():
-                identifier = als_pb2.StreamAccessLogsMessage.Identifier(log_name="billingproxy")
+                identifier = als_pb2.StreamAccessLogsMessage.Identifier(log_name=envoy_config.ACCESS_LOG_NAME)
                 first = True
                 while (item := await queue.get()) is not None:
                     message = als_pb2.StreamAccessLogsMessage(
@@ -215,8 +257,9 @@ class Steps:
             await self._sidecar_cpu_per_call("access_log_settle", settle_all)
             await queue.put(None)
             await stream
-        # The sleeps between entries are not the sidecar's; report only CPU for this step.
+        # The sleeps between entries are not the sidecar's, nor this process's: report only its CPU.
         self.results["access_log_settle"].pop("wall_us")
+        self.results["access_log_settle"].pop("client_cpu_us")
         await self._in_process(posted[self.calls:])
         return self.results
 
@@ -228,6 +271,16 @@ class Steps:
         pg_ids = [f"steps-pg-{uuid.uuid4()}" for _ in range(self.calls)]
         pg7_ids = [f"steps-pg7-{uuid.uuid4()}" for _ in range(self.calls)]
         key_id = self.keys[0].key_id
+        details = {"status": 200, "usage_source": "response", "prompt_tokens": workload.PROMPT_TOKENS,
+                   "completion_tokens": workload.COMPLETION_TOKENS, "cached_tokens": 0}
+        # The group commit: batches of GROUP_COMMIT_BATCH, built beforehand (the sidecar builds
+        # them as Checks and log entries arrive).
+        rounds = self.calls // GROUP_COMMIT_BATCH
+        batches = [[f"steps-gc-{uuid.uuid4()}" for _ in range(GROUP_COMMIT_BATCH)] for _ in range(rounds)]
+        hold_batches = [[holds.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
+                         for request_id in batch] for batch in batches]
+        settle_batches = [[holds.SettleRequest(request_id, self.cost, details, wallet_id=self.wallet_id)
+                           for request_id in batch] for batch in batches]
 
         async def place_sqlalchemy(n: int) -> None:
             async with autocommit.connect() as conn:
@@ -245,9 +298,6 @@ class Steps:
                     assert admitted is holds.Admission.ADMITTED
 
             steps = [await connection.prepare(sql) for sql in _SETTLE_STEPS]
-
-            details = {"status": 200, "usage_source": "response", "prompt_tokens": workload.PROMPT_TOKENS,
-                       "completion_tokens": workload.COMPLETION_TOKENS, "cached_tokens": 0}
 
             async def settle_sqlalchemy(n: int) -> None:
                 async with self.engine.begin() as conn:
@@ -269,13 +319,23 @@ class Steps:
                     await steps[3].fetch(hold["wallet_id"], -self.cost, hold["amount_nano"])
                     await steps[4].fetch(request_id, self.cost)
 
-            await self._local_cpu_per_call("place_sqlalchemy", place_sqlalchemy)
-            # Two holds per call (one for each asyncpg settle variant): halve the figures.
-            await self._local_cpu_per_call("place_asyncpg", place_asyncpg)
-            self.results["place_asyncpg"] = {k: round(v / 2, 1) for k, v in self.results["place_asyncpg"].items()}
-            await self._local_cpu_per_call("settle_sqlalchemy", settle_sqlalchemy)
-            await self._local_cpu_per_call("settle_asyncpg_seven_round_trips", settle_asyncpg_seven)
-            await self._local_cpu_per_call("settle_asyncpg_one_statement", settle_asyncpg)
+            async def place_many(n: int) -> None:
+                admitted = await holds.place_many(connection, hold_batches[n], ttl_s=600, strict=False)
+                assert admitted == [holds.Admission.ADMITTED] * GROUP_COMMIT_BATCH, admitted
+
+            async def settle_many(n: int) -> None:
+                outcomes = await holds.settle_many(connection, settle_batches[n])
+                assert outcomes == [holds.Settlement.POSTED] * GROUP_COMMIT_BATCH, outcomes
+
+            await self._local_cpu_per_request("place_sqlalchemy", place_sqlalchemy)
+            # Two holds per call (one for each asyncpg settle variant).
+            await self._local_cpu_per_request("place_asyncpg", place_asyncpg, per_round=2)
+            await self._local_cpu_per_request("settle_sqlalchemy", settle_sqlalchemy)
+            await self._local_cpu_per_request("settle_asyncpg_seven_round_trips", settle_asyncpg_seven)
+            await self._local_cpu_per_request("settle_asyncpg_one_statement", settle_asyncpg)
+            self.results["group_commit_batch"] = GROUP_COMMIT_BATCH
+            await self._local_cpu_per_request("place_many", place_many, rounds=rounds, per_round=GROUP_COMMIT_BATCH)
+            await self._local_cpu_per_request("settle_many", settle_many, rounds=rounds, per_round=GROUP_COMMIT_BATCH)
         finally:
             await connection.close()
         # Leave nothing pending: void the holds the Check steps placed beyond those settled.

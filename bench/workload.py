@@ -1,8 +1,8 @@
 """The request every benchmark sends: a realistic, small chat completion (non-streaming).
 
 A system prompt and a user question (~0.9 kB of JSON) to ``gpt-4o-mini`` with ``max_tokens``
-16, so the demo backend answers 16 tokens at once. With Envoy's headers the ext_authz
-``CheckRequest`` for it is ~1.4 kB, the size DESIGN.md's decode figure was measured at.
+16, so the demo backend answers 16 tokens at once. With Envoy's headers the HTTP request the
+ext_authz filter sends the sidecar's Check for it is ~1.2 kB (:mod:`bench.body_decode`).
 """
 
 from __future__ import annotations

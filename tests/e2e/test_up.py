@@ -78,9 +78,15 @@ class Up:
         return code
 
     async def kill(self) -> None:
+        """Clean-up after a failed test: Ctrl-C first, so `up` stops its children (SIGKILL would
+        leave PostgreSQL, the sidecar and the rest running); SIGKILL only if that hangs."""
         if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
+            self.process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
         if self._reader is not None:
             await self._reader
 
