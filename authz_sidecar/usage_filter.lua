@@ -7,8 +7,9 @@
 -- sidecar, which settles the request's hold.
 --
 -- Response side: for 2xx JSON or SSE answers, keep the last TAIL_BYTES of the stream and scan
--- tail .. chunk for "prompt_tokens", "completion_tokens" and "cached_tokens"; the last value seen
--- wins (a streamed answer's final chunk carries the totals). The pattern ends with the key's
+-- tail .. chunk for "prompt_tokens" (or the Responses API's "input_tokens"), "completion_tokens"
+-- (or "output_tokens") and "cached_tokens"; the last value seen wins (a streamed answer's final
+-- chunk or response.completed event carries the totals). The pattern ends with the key's
 -- closing quote, so "completion_tokens_details" never counts as completion_tokens. An unescaped
 -- quoted key cannot occur inside a JSON string, so text the model writes cannot forge a count.
 -- Result, namespace "billingproxy.usage":
@@ -26,10 +27,15 @@
 local NAMESPACE = "billingproxy.usage"
 local TAIL_BYTES = 256
 
+-- {the count it fills, the pattern}. Chat completions and embeddings say prompt_tokens /
+-- completion_tokens; the Responses API (/v1/responses) says input_tokens / output_tokens for the
+-- same two counts. Both put cached_tokens in a details object.
 local USAGE_PATTERNS = {
-  prompt_tokens = '"prompt_tokens"%s*:%s*(%d+)',
-  completion_tokens = '"completion_tokens"%s*:%s*(%d+)',
-  cached_tokens = '"cached_tokens"%s*:%s*(%d+)',
+  {"prompt_tokens", '"prompt_tokens"%s*:%s*(%d+)'},
+  {"prompt_tokens", '"input_tokens"%s*:%s*(%d+)'},
+  {"completion_tokens", '"completion_tokens"%s*:%s*(%d+)'},
+  {"completion_tokens", '"output_tokens"%s*:%s*(%d+)'},
+  {"cached_tokens", '"cached_tokens"%s*:%s*(%d+)'},
 }
 
 -- Only these endpoints accept stream_options; /v1/responses, for one, rejects it.
@@ -57,7 +63,8 @@ local function scan(window, usage, seen)
     return false, seen
   end
   local found = false
-  for key, pattern in pairs(USAGE_PATTERNS) do
+  for _, rule in ipairs(USAGE_PATTERNS) do
+    local key, pattern = rule[1], rule[2]
     local last = nil
     for digits in string.gmatch(window, pattern) do
       last = digits

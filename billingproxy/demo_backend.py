@@ -14,6 +14,10 @@ Token counts (what tests can rely on):
   REPLY_WORDS_MAX (256)); the reply is that many words "token", so finish_reason is "length"
   when the request set a limit below REPLY_WORDS_MAX, else "stop".
 - embeddings prompt_tokens = words across all inputs.
+- responses (`POST /v1/responses`, OpenAI's Responses API, JSON or SSE events ending in
+  `response.completed`): input_tokens = chat prompt_tokens of `instructions` (as a system
+  message) and `input` (a string is one user message); output_tokens = min(max_output_tokens or
+  16, 256). Usage is named `input_tokens` / `output_tokens` there.
 - cached_tokens = 0, or min(x-demo-cached-tokens, prompt_tokens).
 
 Test controls (request headers):
@@ -275,6 +279,90 @@ async def _stream_chat(
     return response
 
 
+def response_input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Responses API's ``instructions`` and ``input`` as chat messages, to count them alike."""
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        raise DemoError(400, "'input' must be a string or a non-empty array of input items.")
+    return messages + items
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses`` (OpenAI's Responses API): usage is ``input_tokens`` /
+    ``output_tokens``, and a stream always ends with ``response.completed`` carrying it."""
+    body: dict[str, Any] = await _body(request)
+    prompt = prompt_tokens(response_input_messages(body))
+    limit = body.get("max_output_tokens") or DEFAULT_MAX_TOKENS
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise DemoError(400, "max_output_tokens must be a positive integer.")
+    output = min(limit, REPLY_WORDS_MAX)
+    cached = min(_header_int(request, "x-demo-cached-tokens", 0, 1 << 31), prompt)
+    number = next(request.app[_IDS])
+    text = " ".join([REPLY_WORD] * output)
+    message_id = f"msg_demo{number}"
+    answer: dict[str, Any] = {
+        "id": f"resp_demo{number}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": str(body.get("model") or MODELS[0]),
+        "output": [{
+            "type": "message", "id": message_id, "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }],
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "text": {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "metadata": {},
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + output,
+        },
+    }
+    chunk_delay_s = _header_int(request, "x-demo-chunk-delay-ms", 0, CHUNK_DELAY_MS_MAX) / 1000
+    if body.get("stream") is not True:
+        return await _send_json(request, answer, chunk_delay_s)
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    sequence = itertools.count()
+
+    async def event(kind: str, **fields: Any) -> None:
+        data = {"type": kind, "sequence_number": next(sequence), **fields}
+        await response.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+        if chunk_delay_s:
+            await asyncio.sleep(chunk_delay_s)
+
+    in_progress = {**answer, "status": "in_progress", "output": [], "usage": None}
+    await event("response.created", response=in_progress)
+    await event("response.in_progress", response=in_progress)
+    for n in range(output):
+        await event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
+                    delta=REPLY_WORD if n == 0 else " " + REPLY_WORD)
+    await event("response.output_text.done", item_id=message_id, output_index=0, content_index=0, text=text)
+    await event("response.completed", response=answer)
+    await response.write_eof()
+    return response
+
+
 async def embeddings(request: web.Request) -> web.Response:
     body: dict[str, Any] = await _body(request)
     inputs = body.get("input")
@@ -320,6 +408,7 @@ def make_app(*, api_key: str = "") -> web.Application:
     app[_API_KEY] = api_key
     app[_IDS] = itertools.count(1)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/_demo/last_request", last_request)

@@ -176,3 +176,27 @@ async def test_without_a_backend_credential_the_clients_key_never_reaches_the_ba
         assert "authorization" not in seen["headers"]
         assert user["api_key"] not in repr(seen)
         await bare.db.settled(user["wallet_id"])
+
+
+async def test_the_responses_api_is_charged_its_exact_cost_streamed_or_not(stack) -> None:
+    """OpenAI's Responses API names usage input_tokens / output_tokens; both shapes are billed
+    from the backend's own count, never the hold's estimate."""
+    user = await stack.signup()
+    client = openai.AsyncOpenAI(api_key=user["api_key"], base_url=stack.gateway + "/v1", max_retries=0)
+    try:
+        raw = await client.responses.with_raw_response.create(
+            model=MODEL, input="Say hello to the billing proxy", max_output_tokens=5)
+        reply = raw.parse()
+        assert (reply.usage.input_tokens, reply.usage.output_tokens) == (PROMPT_TOKENS, 5)
+        assert await charged(stack, user["wallet_id"], raw.headers["x-request-id"]) == cost_nano(PROMPT_TOKENS, 5)
+
+        raw = await client.responses.with_raw_response.create(
+            model=MODEL, input="Say hello to the billing proxy", max_output_tokens=3, stream=True)
+        events = [event async for event in raw.parse()]
+        completed = [e for e in events if e.type == "response.completed"]
+        assert len(completed) == 1 and completed[0].response.usage.output_tokens == 3
+        assert await charged(stack, user["wallet_id"], raw.headers["x-request-id"]) == cost_nano(PROMPT_TOKENS, 3)
+    finally:
+        await client.close()
+    entries = [e for e in await stack.db.ledger(user["wallet_id"]) if e.kind == "usage"]
+    assert {e.details["usage_source"] for e in entries} == {"response"}

@@ -90,6 +90,12 @@ class Gateway:
         async with self.session.post(f"{self.url}/v1/chat/completions", data=data, headers=headers) as response:
             return response, await response.text()
 
+    async def post(self, path: str, body: dict[str, Any], **headers: str) -> tuple[aiohttp.ClientResponse, str]:
+        data = io.BytesIO(json.dumps(body).encode())
+        headers = {"content-type": "application/json", **headers}
+        async with self.session.post(f"{self.url}{path}", data=data, headers=headers) as response:
+            return response, await response.text()
+
     async def backend_saw(self) -> dict[str, Any]:
         async with self.session.get(f"{self.backend_url}/_demo/last_request", ssl=False) as response:
             return await response.json()
@@ -159,6 +165,24 @@ async def test_json_answer_usage_is_exact(gateway: Gateway) -> None:
     assert response.status == 200, text
     assert json.loads(text)["usage"]["prompt_tokens"] == 7
     assert await gateway.usage(response.headers["x-request-id"]) == usage(7, 5, cached=2)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_responses_api_usage_is_read_under_its_own_names(gateway: Gateway, stream: bool) -> None:
+    # /v1/responses reports input_tokens / output_tokens (and input_tokens_details.cached_tokens);
+    # a stream carries them only in its final response.completed event. 2 words + 3, and the
+    # instructions' 3 words + 3.
+    body = {"model": "gpt-4o-mini", "instructions": "be very brief", "input": "hello there",
+            "max_output_tokens": 7, "stream": stream}
+    response, text = await gateway.post("/v1/responses", body, **{"x-demo-cached-tokens": "3"})
+    assert response.status == 200, text
+    if stream:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert '"usage": null' in text and text.count('"input_tokens"') == 1
+        assert (await gateway.backend_saw())["body"] == body  # no stream_options: this API rejects it
+    else:
+        assert json.loads(text)["usage"]["input_tokens"] == 11
+    assert await gateway.usage(response.headers["x-request-id"]) == usage(11, 7, cached=3)
 
 
 async def test_json_answer_in_many_small_chunks(gateway: Gateway) -> None:
