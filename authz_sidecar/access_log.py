@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import asyncpg
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -57,31 +59,58 @@ def finished_request(entry) -> FinishedRequest | None:
     """The billable facts of one ``HTTPAccessLogEntry``, or None when there is nothing to settle."""
     filter_metadata = entry.common_properties.metadata.filter_metadata
     authz = filter_metadata.get(METADATA_NAMESPACE)
-    status = entry.response.response_code.value
-    if authz is None or _HOLD_ID not in authz.fields:
+    usage = filter_metadata.get(USAGE_NAMESPACE)
+    return _finished(
+        entry.request.request_id,
+        entry.response.response_code.value,
+        authz=None if authz is None else (lambda name: authz[name] if name in authz.fields else None),
+        usage=None if usage is None else (lambda name: usage[name] if name in usage.fields else None),
+    )
+
+
+def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | None:
+    """The same facts from one line of Envoy's JSON access log (``envoy_config._stdout_access_log``:
+    ``request_id``, ``status``, and the two metadata namespaces as ``authz`` and ``usage``) —
+    what ``billingproxy reconcile`` settles when the gRPC access log never delivered an entry."""
+    authz, usage, status = line.get("authz"), line.get("usage"), line.get("status")
+    if not isinstance(status, int) or isinstance(status, bool):
+        return None
+    return _finished(
+        line.get("request_id") if isinstance(line.get("request_id"), str) else "",
+        status,
+        authz=authz.get if isinstance(authz, dict) else None,
+        usage=usage.get if isinstance(usage, dict) else None,
+    )
+
+
+def _finished(
+    request_id: str, status: int, *, authz: Callable[[str], Any] | None, usage: Callable[[str], Any] | None
+) -> FinishedRequest | None:
+    """``authz`` / ``usage``: a metadata namespace's values by name (None when absent)."""
+    if authz is None or authz(_HOLD_ID) is None:
         # A Check that timed out at Envoy may still have placed its hold after Envoy gave up;
         # no metadata came back, so void by request id rather than reserve money until expiry.
-        if status == CHECK_FAILED_STATUS and entry.request.request_id:
-            return FinishedRequest(entry.request.request_id, status, model="", usage=None)
+        if status == CHECK_FAILED_STATUS and request_id:
+            return FinishedRequest(request_id, status, model="", usage=None)
         return None
-    usage = None
-    usage_fields = filter_metadata.get(USAGE_NAMESPACE)
-    if usage_fields is not None and usage_fields.fields.get("usage_seen") and usage_fields["usage_seen"]:
+    counted = None
+    if usage is not None and usage("usage_seen") is True:
         try:
-            prompt = int(usage_fields["prompt_tokens"])
-            usage = pricing.Usage(
+            prompt = int(usage("prompt_tokens"))
+            counted = pricing.Usage(
                 prompt_tokens=prompt,
-                completion_tokens=int(usage_fields["completion_tokens"]) if "completion_tokens" in usage_fields.fields else 0,
-                cached_tokens=min(prompt, int(usage_fields["cached_tokens"])) if "cached_tokens" in usage_fields.fields else 0,
+                completion_tokens=int(usage("completion_tokens") or 0),
+                cached_tokens=min(prompt, int(usage("cached_tokens") or 0)),
             )
-        except (ValueError, KeyError):
-            logger.warning("unreadable usage for request %s", entry.request.request_id)
+        except (ValueError, TypeError):
+            logger.warning("unreadable usage for request %s", request_id)
+    model, wallet_id = authz(_MODEL), authz(_WALLET_ID)
     return FinishedRequest(
-        request_id=metadata_read(authz[_HOLD_ID]),
+        request_id=metadata_read(str(authz(_HOLD_ID))),
         status=status,
-        model=metadata_read(authz[_MODEL]) if _MODEL in authz.fields else "",
-        usage=usage,
-        wallet_id=metadata_read(authz[_WALLET_ID]) if _WALLET_ID in authz.fields else "",
+        model=metadata_read(model) if isinstance(model, str) else "",
+        usage=counted,
+        wallet_id=metadata_read(wallet_id) if isinstance(wallet_id, str) else "",
     )
 
 

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key.add_parser("revoke", help="revoke a key; refused by the gateway within a second")
     revoke.add_argument("key_id", help="key id (key_…)")
 
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="settle requests from Envoy's JSON access log (those the gRPC access log never delivered); idempotent",
+    )
+    reconcile.add_argument("log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin")
+
     usage = sub.add_parser("usage", help="ledger entries of a wallet, newest first")
     usage.add_argument("wallet", help="wallet id (wal_…) or owner email")
     usage.add_argument("--limit", type=int, default=20, help="entries to show (default 20)")
@@ -138,11 +144,28 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return _admin(admin.key_create, args.wallet, args.models)(settings)
     if args.command == "key" and args.action == "revoke":
         return _admin(admin.key_revoke, args.key_id)(settings)
+    if args.command == "reconcile":
+        from billingproxy import reconcile  # noqa: PLC0415
+
+        lines = _read_lines(args.log)
+        prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
+        print(asyncio.run(reconcile.reconcile(_database_url(settings), prices, lines)))
+        return 0
     if args.command == "usage":
         if not 1 <= args.limit <= 1000:
             raise CommandError("--limit must be between 1 and 1000")
         return _admin(admin.usage, args.wallet, args.limit)(settings)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as log:
+            return log.read().splitlines()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

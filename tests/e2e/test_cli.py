@@ -3,13 +3,14 @@ tables, idempotent credits, and one-line errors with exit status 2 (never a trac
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from billing import holds, wallets
+from billing import holds, pricing, wallets
 from billingproxy.local_stack import free_port
 
 pytestmark = pytest.mark.integration
@@ -137,3 +138,90 @@ async def test_bad_settings_and_unreachable_database_are_one_line(db) -> None:
     assert_one_line_error(not_postgres, "DATABASE_URL", "postgresql://")
     down = await db.acli("wallet", "show", EMAIL, DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x")
     assert_one_line_error(down, "cannot reach the database")
+
+
+def envoy_log_line(request_id: str, status: int, *, hold: dict[str, str] | None,
+                   prompt: int = 0, completion: int = 0) -> str:
+    """A line of Envoy's JSON access log, as the rendered config writes it (envoy_config
+    ``_stdout_access_log``; this shape was copied from a real `billingproxy up` log)."""
+    authz = None
+    if hold is not None:
+        authz = {"ext_authz_duration": 1, **{f"x-billingproxy-{k}": v for k, v in hold.items()}}
+    return json.dumps({
+        "authz": authz, "bytes_received": 84, "bytes_sent": 512, "details": "via_upstream",
+        "duration_ms": 4, "flags": "-", "method": "POST", "path": "/v1/chat/completions",
+        "request_id": request_id, "status": status, "time": "2026-11-25T11:41:10.282Z",
+        "upstream": "127.0.0.1:46179",
+        "usage": {"cached_tokens": 0, "completion_tokens": completion, "prompt_tokens": prompt,
+                  "usage_seen": hold is not None and status == 200},
+    })
+
+
+async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tmp_path) -> None:
+    """Holds whose access-log entries Envoy dropped (the sidecar was away) are settled from
+    Envoy's JSON log: exact cost, voids, late posts after expiry; a second run changes nothing."""
+    async with db.engine.begin() as conn:
+        owner = await wallets.signup(conn, email="reconcile@example.com", grant_nano=GRANT_NANO)
+    wallet_id, key_id = owner.wallet.id, owner.key.key_id
+
+    async def place(request_id: str, ttl_s: int = 600) -> None:
+        async with db.engine.begin() as conn:
+            assert await holds.place(conn, request_id=request_id, wallet_id=wallet_id, key_id=key_id,
+                                     model="gpt-4o-mini", amount_nano=1_000_000, ttl_s=ttl_s,
+                                     strict=False) is holds.Admission.ADMITTED
+
+    for request_id in ("rec-ok", "rec-failed", "rec-timeout"):
+        await place(request_id)
+    await place("rec-late", ttl_s=0)
+    async with db.engine.begin() as conn:
+        assert await holds.expire_due(conn) == 1  # rec-late's hold ran out: reservation released
+
+    hold = {"wallet-id": wallet_id, "key-id": key_id, "model": "gpt-4o-mini"}
+    log = tmp_path / "envoy.log"
+    log.write_text("\n".join([
+        "[2026-11-25 11:41:09.001][1][info][main] starting main dispatch loop",
+        envoy_log_line("rec-ok", 200, hold={**hold, "hold-id": "rec-ok"}, prompt=9, completion=16),
+        envoy_log_line("rec-late", 200, hold={**hold, "hold-id": "rec-late"}, prompt=100, completion=10),
+        envoy_log_line("rec-failed", 500, hold={**hold, "hold-id": "rec-failed"}),
+        envoy_log_line("rec-timeout", 503, hold=None),  # Envoy gave up on the Check: void by id
+        envoy_log_line("rec-nobody", 200, hold={**hold, "hold-id": "rec-nobody"}, prompt=1, completion=1),
+        envoy_log_line("signup-1", 201, hold=None),  # a sidecar route: nothing to settle
+        "{not json",
+        "",
+    ]) + "\n")
+
+    prices = pricing.load(None, Decimal(0))
+    price = prices.price("gpt-4o-mini")
+    ok_cost = prices.cost_nano(price, pricing.Usage(prompt_tokens=9, completion_tokens=16))
+    late_cost = prices.cost_nano(price, pricing.Usage(prompt_tokens=100, completion_tokens=10))
+
+    first = await db.acli("reconcile", str(log))
+    assert first.returncode == 0, first.stderr
+    assert table_of(first.stdout) == {
+        "posted": "1", "posted_after_expiry": "1", "voided": "2", "unknown_hold": "1",
+        "skipped: not an access-log line": "2", "skipped: nothing to settle (no hold)": "1",
+    }
+    assert await db.balance(wallet_id) == GRANT_NANO - ok_cost - late_cost
+    states = {h.request_id: (h.state, h.posted_nano) for h in await db.holds(wallet_id)}
+    assert states == {"rec-ok": ("posted", ok_cost), "rec-late": ("posted", late_cost),
+                      "rec-failed": ("voided", None), "rec-timeout": ("voided", None)}
+    assert await db.pending_holds(wallet_id) == 0
+
+    again = await db.acli("reconcile", str(log))
+    assert again.returncode == 0, again.stderr
+    assert table_of(again.stdout) == {
+        "already_posted": "2", "already_voided": "2", "unknown_hold": "1",
+        "skipped: not an access-log line": "2", "skipped: nothing to settle (no hold)": "1",
+    }
+    assert await db.balance(wallet_id) == GRANT_NANO - ok_cost - late_cost
+    assert await db.invariants() == []
+
+
+async def test_reconcile_names_an_unreadable_log(db, tmp_path) -> None:
+    assert_one_line_error(await db.acli("reconcile", str(tmp_path / "missing.log")), "cannot read", "missing.log")
+
+
+def table_of(stdout: str) -> dict[str, str]:
+    lines = stdout.strip().splitlines()
+    assert lines[0].split() == ["OUTCOME", "REQUESTS"]
+    return {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1] for line in lines[1:]}
