@@ -26,23 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
-import time
 from http import HTTPStatus
 
 import httptools
 
-from authz_sidecar import api_errors, check, envoy_config, metrics
+from authz_sidecar import api_errors, check, envoy_config
 
-logger = logging.getLogger(__name__)
 
 PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
 # Envoy sends at most Settings.request_body_max_bytes; anything beyond that is not Envoy.
 BODY_SLACK_BYTES = 64 * 1024
-
-_BILLING_UNAVAILABLE = api_errors.ApiError(
-    503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
-)
 
 
 class CheckServer:
@@ -73,27 +66,12 @@ class CheckServer:
 
     async def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
         """The whole HTTP response to one Check."""
-        started = time.perf_counter()
-        try:
-            metadata = await self._decider.decide(method=method, path=path, headers=headers, body=body)
-        except api_errors.ApiError as error:
-            metrics.check_decisions.labels(error.code).inc()
-            response = _denial(error)
-        except Exception:
-            # Fail closed with a clear answer; the traceback goes to our log, not to the client.
-            logger.exception("Check failed")
-            metrics.check_decisions.labels("internal_error").inc()
-            response = _denial(_BILLING_UNAVAILABLE)
-        else:
-            metrics.check_decisions.labels("allowed").inc()
-            response = self._admission(metadata)
-        metrics.check_seconds.observe(time.perf_counter() - started)
-        return response
+        outcome = await self._decider.judge(method=method, path=path, headers=headers, body=body)
+        return _denial(outcome) if isinstance(outcome, api_errors.ApiError) else self._admission(outcome)
 
     def _admission(self, metadata: dict[str, str]) -> bytes:
-        lines = "".join(
-            f"{check.metadata_header(field)}: {check.metadata_value(value)}\r\n" for field, value in metadata.items()
-        )
+        """200 with the backend credential (or the client's key removed) and the metadata headers."""
+        lines = "".join(f"{name}: {value}\r\n" for name, value in metadata.items())
         return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + self._admit_headers + lines.encode() + b"\r\n"
 
 

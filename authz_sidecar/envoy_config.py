@@ -7,7 +7,8 @@ bootstrap as a dict (static resources only, no xDS), ``render_yaml()`` the text 
 Shape::
 
     listener bind_host:gateway_port ── HCM ── ext_authz ── Lua (usage_filter.lua) ── router
-      ext_authz: HTTP Check → billing_sidecar_check (check_port, /check + the client's path)
+      ext_authz: HTTP Check → billing_sidecar_check (check_port, /check + the client's path),
+                 or (check_transport grpc) the gRPC Check → billing_sidecar_grpc
       /v1/*                      → llm_backend           (ext_authz + Lua on)
       /user/ /billing/ /stripe/  → billing_sidecar_http  (ext_authz + Lua off: the sidecar
       /openapi.json                                       authenticates these itself)
@@ -40,10 +41,12 @@ Settings that are not obvious, and why:
   wallet is charged within ~10 ms of its request, and under load one gRPC message and one
   settlement transaction carry many requests (measured: ~100 µs less sidecar CPU and ~70 µs less
   PostgreSQL CPU per request than one message per entry; docs/benchmarks.md).
-- ext_authz is the HTTP flavour (``http_service``; why: docs/architecture.md, "The Check"). It
-  passes only a few headers unless told: ``x-request-id`` (the settlement's key) and
-  ``content-type`` are added. Of the Check's answer only ``authorization`` may go upstream; its
-  ``x-billingproxy-*`` headers become dynamic metadata, never request headers.
+- ext_authz is the HTTP flavour (``http_service``) unless ``check_transport`` is "grpc" (why:
+  docs/architecture.md, "The Check"). HTTP passes only a few headers unless told:
+  ``x-request-id`` (the settlement's key) and ``content-type`` are added. Of the Check's answer
+  only ``authorization`` may go upstream; its ``x-billingproxy-*`` headers become dynamic
+  metadata, never request headers. The gRPC flavour needs ``pack_as_bytes`` (a body that is not
+  UTF-8 would otherwise be mangled).
 - The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
   with ``HttpProtocolOptions.explicit_http_config``; the Check's is HTTP/1.1.
 - Dynamic metadata reaches the sidecar without extra settings: the ALS entry's
@@ -330,41 +333,46 @@ def _openai_error_json(message: str, code: str) -> str:
 
 
 def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
-    return {
-        "name": EXT_AUTHZ_FILTER,
-        "typed_config": {
-            "@type": _EXT_AUTHZ,
-            "http_service": {
-                "server_uri": {
-                    "uri": f"http://127.0.0.1:{settings.check_port}",
-                    "cluster": SIDECAR_CHECK_CLUSTER,
-                    "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
-                },
-                "path_prefix": CHECK_PATH_PREFIX,
-                "authorization_request": {
-                    # On top of Envoy's defaults (method, path, host, content-length,
-                    # authorization): the settlement's key and the body's type.
-                    "allowed_headers": {"patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}]},
-                },
-                "authorization_response": {
-                    # Admitted: only the backend credential goes upstream; the Check's facts
-                    # become dynamic metadata, never request headers.
-                    "allowed_upstream_headers": {"patterns": [{"exact": "authorization"}]},
-                    "dynamic_metadata_from_headers": {"patterns": [{"prefix": METADATA_HEADER_PREFIX}]},
-                    # Denied: what the client sees besides the status and body.
-                    "allowed_client_headers": {"patterns": [{"exact": "content-type"}, {"exact": "retry-after"}]},
-                },
-            },
-            "transport_api_version": "V3",
-            "failure_mode_allow": False,
-            "status_on_error": {"code": 503},
-            "include_peer_certificate": False,
-            "with_request_body": {
-                "max_request_bytes": settings.request_body_max_bytes,
-                "allow_partial_message": False,
-            },
+    config: dict[str, Any] = {
+        "@type": _EXT_AUTHZ,
+        "transport_api_version": "V3",
+        "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
+        "include_peer_certificate": False,
+        "with_request_body": {
+            "max_request_bytes": settings.request_body_max_bytes,
+            "allow_partial_message": False,
         },
     }
+    if settings.check_transport == "grpc":
+        config["grpc_service"] = {
+            "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
+            "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+        }
+        config["with_request_body"]["pack_as_bytes"] = True  # the body as bytes, not a UTF-8 string
+    else:
+        config["http_service"] = {
+            "server_uri": {
+                "uri": f"http://127.0.0.1:{settings.check_port}",
+                "cluster": SIDECAR_CHECK_CLUSTER,
+                "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+            },
+            "path_prefix": CHECK_PATH_PREFIX,
+            "authorization_request": {
+                # On top of Envoy's defaults (method, path, host, content-length, authorization):
+                # the settlement's key and the body's type.
+                "allowed_headers": {"patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}]},
+            },
+            "authorization_response": {
+                # Admitted: only the backend credential goes upstream; the Check's facts become
+                # dynamic metadata, never request headers.
+                "allowed_upstream_headers": {"patterns": [{"exact": "authorization"}]},
+                "dynamic_metadata_from_headers": {"patterns": [{"prefix": METADATA_HEADER_PREFIX}]},
+                # Denied: what the client sees besides the status and body.
+                "allowed_client_headers": {"patterns": [{"exact": "content-type"}, {"exact": "retry-after"}]},
+            },
+        }
+    return {"name": EXT_AUTHZ_FILTER, "typed_config": config}
 
 
 def _lua_filter() -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""The sidecar process: one event loop serving Envoy's Check (ext_authz over HTTP), gRPC (access
-log, health), the public HTTP API and the admin port, plus a sweeper that expires holds nobody
-settled.
+"""The sidecar process: one event loop serving Envoy's Check (ext_authz over HTTP on its own
+port, and over gRPC), gRPC (the access log, health), the public HTTP API and the admin port,
+plus a sweeper that expires holds nobody settled.
 
 Two ways into PostgreSQL (billing/database.py): an asyncpg pool for the hot path (the Check's key
 look-up and hold, the access log's settlements, the key cache's refresher, the sweeper) and a
@@ -22,9 +22,10 @@ import grpc
 import uvloop
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz_sidecar import access_log, admin, check, http_api, metrics
+from authz_sidecar import access_log, admin, check, check_grpc, http_api, metrics
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, holds, pricing
@@ -69,6 +70,9 @@ class Sidecar:
             raise OSError(f"cannot listen for the Check on {s.bind_host}:{s.check_port}: {exc.strerror}") from None
 
         self._grpc = grpc.aio.server()
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            check_grpc.AuthorizationService(decider, backend_api_key=s.backend_api_key), self._grpc
+        )
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_log, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         address = f"{s.bind_host}:{s.grpc_port}"
@@ -98,7 +102,7 @@ class Sidecar:
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", "envoy.service.accesslog.v3.AccessLogService"):
+        for service in ("", "envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService"):
             await self.health.set(service, status)
 
     async def _sweep_expired_holds(self) -> None:

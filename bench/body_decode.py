@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import httptools
 
-from authz_sidecar import check_http, envoy_config
+from authz_sidecar import check, check_http, envoy_config
 from billing import keys, wallets
 from billing.settings import Settings
 
@@ -89,7 +89,8 @@ def run() -> dict:
                 "hold_id": REQUEST_ID, "model": workload.MODEL}
 
     def admit_response() -> bytes:
-        return server._admission(metadata)
+        # As check.Decider.judge hands the facts over, then the 200 with its headers.
+        return server._admission({check.metadata_header(k): check.metadata_value(v) for k, v in metadata.items()})
 
     return {
         "parser": f"httptools {httptools.__version__}",

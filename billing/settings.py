@@ -64,6 +64,9 @@ class Settings:
     grpc_port: int = 9001
     # -- the sidecar's ext_authz Check port (HTTP; Envoy calls it for every /v1/ request).
     check_port: int = 9002
+    # -- which ext_authz flavour Envoy uses: "http" (check_port) or "grpc" (grpc_port). The
+    #    sidecar serves both.
+    check_transport: str = "http"
     # -- the sidecar's admin port (/healthz, /readyz, /metrics). Never routed through Envoy.
     admin_port: int = 9090
     # -- Envoy's own admin port (loopback only).
@@ -111,6 +114,10 @@ class Settings:
         if self.admission not in ("overdraft", "strict"):
             raise SettingsError(
                 f"{ENV_PREFIX}ADMISSION must be 'overdraft' or 'strict', not {self.admission!r}"
+            )
+        if self.check_transport not in ("http", "grpc"):
+            raise SettingsError(
+                f"{ENV_PREFIX}CHECK_TRANSPORT must be 'http' or 'grpc', not {self.check_transport!r}"
             )
         if self.upstream_timeout_s >= self.hold_ttl_s:
             raise SettingsError(
@@ -243,6 +250,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         http_port=_port(env, "HTTP_PORT", defaults.http_port),
         grpc_port=_port(env, "GRPC_PORT", defaults.grpc_port),
         check_port=_port(env, "CHECK_PORT", defaults.check_port),
+        check_transport=(env.get(ENV_PREFIX + "CHECK_TRANSPORT") or defaults.check_transport).strip().lower(),
         admin_port=_port(env, "ADMIN_PORT", defaults.admin_port),
         envoy_admin_port=_port(env, "ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
         public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),

@@ -22,9 +22,11 @@ CHAT = "/v1/chat/completions"
 GOOD_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.fixture(scope="module")
-async def stack(launch_stack) -> AsyncIterator[Any]:
-    async with launch_stack(BILLINGPROXY_SIGNUP_RATE_PER_MINUTE=str(SIGNUP_LIMIT)) as running:
+@pytest.fixture(scope="module", params=["http", "grpc"], ids=["http-check", "grpc-check"])
+async def stack(launch_stack, request) -> AsyncIterator[Any]:
+    """Every refusal through both of ext_authz's flavours (BILLINGPROXY_CHECK_TRANSPORT)."""
+    async with launch_stack(BILLINGPROXY_SIGNUP_RATE_PER_MINUTE=str(SIGNUP_LIMIT),
+                            BILLINGPROXY_CHECK_TRANSPORT=request.param) as running:
         yield running
 
 

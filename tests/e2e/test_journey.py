@@ -35,9 +35,10 @@ def usd_to_nano(text: str) -> int:
     return int(value)
 
 
-@pytest.fixture(scope="module")
-async def stack(launch_stack) -> AsyncIterator[Any]:
-    async with launch_stack(BILLINGPROXY_FREE_GRANT_USD=GRANT_USD) as running:
+@pytest.fixture(scope="module", params=["http", "grpc"], ids=["http-check", "grpc-check"])
+async def stack(launch_stack, request) -> AsyncIterator[Any]:
+    """The journey through both of ext_authz's flavours (BILLINGPROXY_CHECK_TRANSPORT)."""
+    async with launch_stack(BILLINGPROXY_FREE_GRANT_USD=GRANT_USD, BILLINGPROXY_CHECK_TRANSPORT=request.param) as running:
         yield running
 
 
@@ -162,6 +163,17 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
     kinds = [e.kind for e in await stack.db.ledger(wallet_id)]
     assert kinds == ["grant", "usage", "usage"] + ["usage"] * served + ["credit", "usage"]
     assert sum(e.amount_nano for e in await stack.db.ledger(wallet_id)) == expected
+
+    # And it was the flavour this run asked for that Envoy called (its cluster counters).
+    checks = await envoy_counter(stack, "cluster.billing_sidecar_check.upstream_rq_total")
+    assert (checks > 0) == (stack.settings.check_transport == "http"), (stack.settings.check_transport, checks)
+
+
+async def envoy_counter(stack, name: str) -> int:
+    url = f"http://127.0.0.1:{stack.settings.envoy_admin_port}/stats"
+    async with stack.http.get(url, params={"filter": f"^{name}$"}) as response:
+        (line,) = (await response.text()).strip().splitlines()
+    return int(line.split(": ")[1])
 
 
 async def test_without_a_backend_credential_the_clients_key_never_reaches_the_backend(launch_stack) -> None:

@@ -1,6 +1,6 @@
 """authz_sidecar.check_http: the Check's HTTP face, over a real socket, with a stand-in rule.
 
-The billing rule itself (``check.Decider``) is exercised through Envoy in tests/e2e; here a
+The billing rule itself (``check.Decider.decide``) is exercised through Envoy in tests/e2e; here a
 small stand-in decides, so each test controls exactly what the rule answers and when.
 """
 
@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
-from authz_sidecar import api_errors
+from authz_sidecar import api_errors, check
 from authz_sidecar.check_http import CheckServer
 
 
-class Rule:
-    """Answers by path: /v1/ok admits, /v1/deny denies, /v1/boom fails, /v1/slow waits."""
+class Rule(check.Decider):
+    """The real Decider's answering (``judge``: metrics, fail-closed) around a stand-in decision
+    by path: /v1/ok admits, /v1/deny denies, /v1/boom fails, /v1/slow waits."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # no database, no prices: ``decide`` below is all it needs
         self.seen: list[dict[str, Any]] = []
         self.release = asyncio.Event()
         self.slow_started = asyncio.Event()

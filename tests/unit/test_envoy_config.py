@@ -57,6 +57,7 @@ VARIANTS = {
         "https://api.openai.com",
     ),
     "litellm by name": (Settings(), "http://litellm.billing.svc:4000"),
+    "gRPC Check": (Settings(check_transport="grpc"), DEMO_BACKEND),
 }
 
 
@@ -231,3 +232,12 @@ def test_envoy_binary_is_found_without_importing_envoy() -> None:
     spec = importlib.util.find_spec("envoy")
     assert spec is not None and spec.submodule_search_locations
     assert binary.parent.parent in [Path(p) for p in spec.submodule_search_locations]
+
+
+def test_the_grpc_check_flavour_sends_the_body_as_bytes_to_the_grpc_port() -> None:
+    config = envoy_config.render(Settings(check_transport="grpc"), backend_url=DEMO_BACKEND)
+    authz = hcm(config)["http_filters"][0]["typed_config"]
+    assert "http_service" not in authz
+    assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == envoy_config.SIDECAR_GRPC_CLUSTER
+    assert authz["with_request_body"]["pack_as_bytes"] is True
+    assert authz["failure_mode_allow"] is False

@@ -124,6 +124,10 @@ BAD_VALUES = [
     ("ADMIN_PORT", "9e3"),
     ("ENVOY_ADMIN_PORT", "70000"),
     ("ADMISSION", "lenient"),
+    ("CHECK_TRANSPORT", "grpc-web"),
+    ("CHECK_PORT", "0"),
+    ("BACKEND_API_KEY", "sk live"),
+    ("BACKEND_API_KEY", "sk-\nx-injected: 1"),
     ("ADMISSION", "strict-ish"),
     ("FREE_GRANT_USD", "-1"),
     ("FREE_GRANT_USD", "abc"),
@@ -182,6 +186,8 @@ def test_hold_ttl_below_the_upstream_timeout_names_both() -> None:
         ({"markup_percent": Decimal("-0.5")}, "MARKUP_PERCENT"),
         ({"backend_url": "gopher://x"}, "BACKEND_URL"),
         ({"public_url": "/relative"}, "PUBLIC_URL"),
+        ({"check_transport": "tcp"}, "CHECK_TRANSPORT"),
+        ({"backend_api_key": "ключ"}, "BACKEND_API_KEY"),
     ],
 )
 def test_settings_objects_check_themselves(changes: dict[str, object], name: str) -> None:
@@ -193,3 +199,8 @@ def test_settings_objects_check_themselves(changes: dict[str, object], name: str
 
 def test_settings_error_is_a_value_error() -> None:
     assert issubclass(settings.SettingsError, ValueError)
+
+
+def test_the_check_transport_is_http_unless_grpc_is_asked_for() -> None:
+    assert settings.from_env({}).check_transport == "http"
+    assert settings.from_env({P + "CHECK_TRANSPORT": " GRPC "}).check_transport == "grpc"
