@@ -20,6 +20,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     base, billed, hot = runs["baseline_max"], runs["billed_max"], runs["billed_max_one_wallet"]
     base_fixed, billed_fixed = runs["baseline_fixed"], runs["billed_fixed"]
     base_low, billed_low = runs["baseline_low"], runs["billed_low"]
+    grpc_check = runs.get("billed_max_grpc_check")
     ratio = billed["rps"] / base["rps"] if base["rps"] else None
     hot_ratio = hot["rps"] / base["rps"] if base["rps"] else None
     added_p99_fixed = _diff(billed_fixed["p99_ms"], base_fixed["p99_ms"])
@@ -39,6 +40,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "sidecar_cpu_us_per_request_at_max": billed["cpu_us_per_request"]["sidecar"],
         "sidecar_cpu_us_per_request_at_rate": billed_fixed["cpu_us_per_request"]["sidecar"],
         "sidecar_cpu_us_per_request_at_low_rate": billed_low["cpu_us_per_request"]["sidecar"],
+        "throughput_ratio_grpc_check": round(grpc_check["rps"] / base["rps"], 3)
+        if grpc_check and base["rps"] else None,
+        "sidecar_cpu_us_per_request_grpc_check": grpc_check["cpu_us_per_request"]["sidecar"] if grpc_check else None,
         "sidecar_peak_rss_mib": round(results["sidecar_peak_rss_kib"] / 1024, 1)
         if results.get("sidecar_peak_rss_kib") else None,
     }
@@ -78,7 +82,7 @@ def render(results: dict[str, Any]) -> str:
     for key, run in runs.items():
         billed = key.startswith("billed")
         cpu = run["cpu_us_per_request"]
-        envoy = cpu["envoy"] if billed else cpu["envoy_baseline"]
+        envoy = cpu[run.get("envoy_process") or ("envoy" if billed else "envoy_baseline")]
         foreign = run["machine_cores"]["other_processes"]
         non_ok = sum(v for s, v in run["statuses"].items() if not s.startswith("2")) + sum(run["errors"].values())
         lines.append(
@@ -96,6 +100,10 @@ def render(results: dict[str, Any]) -> str:
     lines.append("Billing overhead")
     lines.append(f"  throughput ratio billed/unbilled      {_fmt(summary['throughput_ratio'], '.2f')}  "
                  f"(one hot wallet: {_fmt(summary['throughput_ratio_one_wallet'], '.2f')})")
+    if summary.get("throughput_ratio_grpc_check") is not None:
+        lines.append(f"  with the gRPC Check instead of HTTP  ratio {summary['throughput_ratio_grpc_check']:.2f}, "
+                     f"sidecar {summary['sidecar_cpu_us_per_request_grpc_check']:.0f} µs per request "
+                     f"(BILLINGPROXY_CHECK_TRANSPORT=grpc)")
     lines.append(f"  added latency at max load            p50 {_fmt(summary['added_p50_ms_at_max'], '+.2f')} ms, "
                  f"p99 {_fmt(summary['added_p99_ms_at_max'], '+.2f')} ms")
     lines.append(f"  added latency at {summary['rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_rate'], '+.2f')} ms, "

@@ -100,12 +100,13 @@ class Pids:
     sidecar: int | None
     envoy: int | None
     envoy_baseline: int | None
+    envoy_grpc_check: int | None  # the billed gateway with ext_authz's gRPC flavour
     backend: int | None
     postgres: int | None  # the postmaster; its backends are its children
     others: tuple[int, ...] = ()  # the stack's other children (the Stripe test double…), idle here
 
     def all(self) -> set[int]:
-        named = (self.sidecar, self.envoy, self.envoy_baseline, self.backend, self.postgres)
+        named = (self.sidecar, self.envoy, self.envoy_baseline, self.envoy_grpc_check, self.backend, self.postgres)
         return {pid for pid in named if pid is not None} | set(self.others)
 
 
@@ -117,6 +118,7 @@ def _cpu_snapshot(pids: Pids) -> dict[str, float]:
         "sidecar_system": sidecar_system,
         "envoy": procstat.cpu_seconds(pids.envoy),
         "envoy_baseline": procstat.cpu_seconds(pids.envoy_baseline),
+        "envoy_grpc_check": procstat.cpu_seconds(pids.envoy_grpc_check),
         "backend": procstat.cpu_seconds(pids.backend),
         "postgres": procstat.tree_cpu_seconds(pids.postgres),
     }
@@ -167,6 +169,7 @@ class Bench:
         self.data_dir = Path(tempfile.mkdtemp(prefix="billingproxy-bench-"))
         self.stack: Stack | None = None
         self.baseline: envoy_process.EnvoyProcess | None = None
+        self.grpc_check: envoy_process.EnvoyProcess | None = None
         self.engine = None
         self.pids: Pids | None = None
         self.wallet_ids: list[str] = []
@@ -206,12 +209,23 @@ class Bench:
         )
         await self.baseline.start()
         self.baseline_url = f"http://127.0.0.1:{baseline_settings.gateway_port}"
+        # The same billed gateway with ext_authz's other flavour (the gRPC Check, same sidecar):
+        # BILLINGPROXY_CHECK_TRANSPORT measured against the default in the same run.
+        grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port(), envoy_admin_port=free_port())
+        self.say(f"  starting a billed Envoy with the gRPC Check on :{grpc_settings.gateway_port}…")
+        self.grpc_check = envoy_process.EnvoyProcess(
+            envoy_config.render_yaml(grpc_settings, backend_url=self.stack.backend_url), base_id=None,
+            log_path=settings.data_dir / "run" / "envoy-grpc-check.log",
+        )
+        await self.grpc_check.start()
+        self.grpc_check_url = f"http://127.0.0.1:{grpc_settings.gateway_port}"
         self.engine = database.create_engine(self.stack.database_url, pool_size=2)
         pids = self.stack.process_ids()
         self.pids = Pids(
             sidecar=pids.pop("sidecar", None),
             envoy=pids.pop("envoy", None),
             envoy_baseline=self.baseline.pid,
+            envoy_grpc_check=self.grpc_check.pid,
             backend=pids.pop("demo backend", None),
             postgres=pids.pop("postgres", None),
             others=tuple(pids.values()),
@@ -222,6 +236,8 @@ class Bench:
             await self.engine.dispose()
         if self.baseline is not None:
             await self.baseline.stop()
+        if self.grpc_check is not None:
+            await self.grpc_check.stop()
         postgres = self.stack.embedded_postgres if self.stack is not None else None
         if self.stack is not None:
             await self.stack.stop()
@@ -249,9 +265,10 @@ class Bench:
 
     # -- runs --
 
-    def billed_target(self, *, single_wallet: bool = False) -> loadgen.Target:
+    def billed_target(self, *, single_wallet: bool = False, grpc_check: bool = False) -> loadgen.Target:
         keys = self.authorizations[:1] if single_wallet else self.authorizations
-        return loadgen.Target(self.stack.gateway_url + workload.PATH, workload.BODY, keys)
+        gateway = self.grpc_check_url if grpc_check else self.stack.gateway_url
+        return loadgen.Target(gateway + workload.PATH, workload.BODY, keys)
 
     def baseline_target(self) -> loadgen.Target:
         # The baseline has no ext_authz: the client's key would reach the backend, so send none.
@@ -294,7 +311,7 @@ class Bench:
                     self.say(f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring anyway")
                 return waited, cores
 
-    async def measured(self, run_coro, *, billed: bool) -> dict[str, Any]:
+    async def measured(self, run_coro, *, billed: bool, envoy: str | None = None) -> dict[str, Any]:
         """Run a load, then (billed) wait for its settlements; CPU counted over both."""
         waited, background = await self.wait_quiet()
         admin_port = self.stack.settings.admin_port
@@ -313,9 +330,10 @@ class Bench:
         foreign = cpu.pop("foreign")
         machine = {k.removeprefix("machine_"): cpu.pop(k) for k in list(cpu) if k.startswith("machine_")}
         cpu["generator"] = run.generator_cpu_s
-        envoy = cpu["envoy"] if billed else cpu["envoy_baseline"]
-        measured = cpu["sidecar"] + envoy + cpu["backend"] + cpu["postgres"] + cpu["generator"]
+        envoy = envoy or ("envoy" if billed else "envoy_baseline")
+        measured = cpu["sidecar"] + cpu[envoy] + cpu["backend"] + cpu["postgres"] + cpu["generator"]
         result = run.summary()
+        result["envoy_process"] = envoy  # which Envoy served this run (its CPU is the row's)
         result["wall_s"] = round(wall, 3)
         result["background_cores_before"] = round(background, 3)
         result["waited_for_quiet_s"] = round(waited, 1)
@@ -356,6 +374,9 @@ class Bench:
         await loadgen.closed_loop("warmup-baseline", self.baseline_target(), concurrency=o.concurrency, duration_s=o.warmup_s)
         warm = await loadgen.closed_loop("warmup-billed", self.billed_target(), concurrency=o.concurrency, duration_s=o.warmup_s)
         self._count_billed(warm)
+        warm = await loadgen.closed_loop("warmup-grpc-check", self.billed_target(grpc_check=True),
+                                         concurrency=o.concurrency, duration_s=o.warmup_s / 2)
+        self._count_billed(warm)
         await self.wait_settled(warm.request_ids_ok)
 
         runs: dict[str, Any] = {}
@@ -366,6 +387,8 @@ class Bench:
                 f"billed, max, {o.wallets} wallets", self.billed_target(), concurrency=o.concurrency, duration_s=o.duration_s)),
             ("billed_max_one_wallet", True, lambda: loadgen.closed_loop(
                 "billed, max, 1 wallet", self.billed_target(single_wallet=True), concurrency=o.concurrency, duration_s=o.duration_s)),
+            ("billed_max_grpc_check", True, lambda: loadgen.closed_loop(
+                "billed, max, gRPC Check", self.billed_target(grpc_check=True), concurrency=o.concurrency, duration_s=o.duration_s)),
             ("baseline_fixed", False, lambda: loadgen.open_loop(
                 f"baseline, {o.rate:.0f}/s", self.baseline_target(), rate=o.rate, duration_s=o.duration_s)),
             ("billed_fixed", True, lambda: loadgen.open_loop(
@@ -377,7 +400,8 @@ class Bench:
         ]
         for key, billed, make in plan:
             self.say(f"run: {key} ({o.duration_s:g} s)…")
-            runs[key] = await self.measured(make(), billed=billed)
+            envoy = "envoy_grpc_check" if key.endswith("grpc_check") else None
+            runs[key] = await self.measured(make(), billed=billed, envoy=envoy)
             r = runs[key]
             self.say(f"  {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
                      f"non-2xx {sum(v for s, v in r['statuses'].items() if not s.startswith('2'))}, "
