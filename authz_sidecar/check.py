@@ -70,7 +70,7 @@ class Decider:
         self._top_up_url = f"{settings.public_url}/billing/topup"
         # Checks in flight together share one transaction (billing.holds.place_many).
         self._holds: GroupCommit[holds.HoldRequest, holds.Admission | holds.Refusal] = GroupCommit(
-            self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX
+            self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX, abandoned=self._void_abandoned
         )
 
     async def _place_holds(self, batch: list[holds.HoldRequest]) -> list[holds.Admission | holds.Refusal]:
@@ -78,6 +78,22 @@ class Decider:
             return await holds.place_many(
                 conn, batch, ttl_s=self._settings.hold_ttl_s, strict=self._settings.strict
             )
+
+    async def _void_abandoned(self, results: list[tuple[holds.HoldRequest, holds.Admission | holds.Refusal]]) -> None:
+        """Holds placed for Checks that Envoy gave up on while their batch ran (it answered the
+        client 503 and never forwards the request): void them now, not at the TTL sweep."""
+        placed = [
+            holds.SettleRequest(request.request_id, None, {"status": 503, "reason": "check_abandoned"},
+                                wallet_id=request.wallet_id)
+            for request, outcome in results if outcome is holds.Admission.ADMITTED
+        ]
+        if not placed:
+            return
+        async with database.acquire(self._db) as conn:
+            outcomes = await holds.settle_many(conn, placed)
+        for outcome in outcomes:
+            metrics.settlements.labels(outcome.value).inc()
+        logger.warning("voided %d holds of Checks Envoy gave up on", len(placed))
 
     async def judge(
         self, *, method: str, path: str, headers: dict[str, str], body: bytes

@@ -11,9 +11,12 @@ the batches, so the database work per request falls as the load rises, instead o
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -21,11 +24,19 @@ Result = TypeVar("Result")
 
 class GroupCommit(Generic[Item, Result]):
     def __init__(
-        self, run_batch: Callable[[list[Item]], Awaitable[list[Result]]], *, lanes: int, batch_max: int
+        self,
+        run_batch: Callable[[list[Item]], Awaitable[list[Result]]],
+        *,
+        lanes: int,
+        batch_max: int,
+        abandoned: Callable[[list[tuple[Item, Result]]], Awaitable[None]] | None = None,
     ) -> None:
+        """``abandoned``: told (after the batch, in the same lane) of the results nobody waited
+        for — the work was done for a caller that had given up while its batch ran."""
         if lanes < 1 or batch_max < 1:
             raise ValueError("a group commit needs at least one lane and one item per batch")
         self._run_batch = run_batch
+        self._abandoned = abandoned
         self._lanes = lanes
         self._batch_max = batch_max
         self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
@@ -36,7 +47,7 @@ class GroupCommit(Generic[Item, Result]):
 
         A caller that stops waiting (cancelled: Envoy gave up on the Check) before its batch
         begins is left out of it, so its hold is never placed; once its batch is running the work
-        is done and the result dropped, as with a single statement.
+        is done, and its result goes to ``abandoned`` instead (the Check voids such a hold).
         """
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
@@ -74,9 +85,17 @@ class GroupCommit(Generic[Item, Result]):
             for _, future in batch:
                 future.cancel()
             raise
-        for (_, future), result in zip(batch, results):
-            if not future.done():
+        left: list[tuple[Item, Result]] = []
+        for (item, future), result in zip(batch, results):
+            if future.done():
+                left.append((item, result))
+            else:
                 future.set_result(result)
+        if left and self._abandoned is not None:
+            try:
+                await self._abandoned(left)
+            except Exception:  # noqa: BLE001 — nobody is waiting to be told; say it in the log
+                logger.exception("handling %d abandoned results failed", len(left))
 
     async def close(self) -> None:
         """Wait for the batches already running (on shutdown)."""

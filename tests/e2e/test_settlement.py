@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+import sqlalchemy as sa
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -221,6 +222,43 @@ async def test_a_check_that_failed_at_envoy_voids_its_late_hold(stack, wait_unti
         return (await stack.db.hold(request_id)).state == "voided"
 
     await wait_until(voided, 10.0, "the orphaned hold to be voided")
+    assert (await stack.db.wallet(wallet_id)).reserved_nano == 0
+    assert await stack.db.balance(wallet_id) == grant
+    assert await usage_entries(stack, wallet_id, request_id) == []
+
+
+async def test_a_hold_placed_after_envoy_gave_up_on_its_check_is_voided_at_once(stack, wait_until) -> None:
+    """The late-hold race, put exactly there: the wallet row is locked, so the Check's hold
+    statement waits; Envoy gives up after its 1 s ext_authz timeout and answers 503 (its access-log
+    entry voids an unknown hold: nothing yet); then the lock goes and the hold lands. The sidecar
+    knows its Check was abandoned and voids that hold itself, instead of reserving the money until
+    the TTL sweep (10 minutes)."""
+    user = await stack.signup()
+    wallet_id = user["wallet_id"]
+    grant = await stack.db.balance(wallet_id)
+    headers = {"authorization": f"Bearer {user['api_key']}", "content-type": "application/json"}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
+    unknown_before = await stack.metric("billingproxy_settlements_total", outcome="unknown_hold")
+    async with stack.db.engine.connect() as locker:
+        transaction = await locker.begin()
+        await locker.execute(sa.text("SELECT 1 FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
+        async with stack.http.post(stack.gateway + "/v1/chat/completions", json=body, headers=headers) as response:
+            assert response.status == 503, await response.text()
+            assert (await response.json())["error"]["code"] == "billing_unavailable"
+            request_id = response.headers["x-request-id"]
+
+        async def void_came_first() -> bool:  # the 503's log entry found no hold to void
+            return await stack.metric("billingproxy_settlements_total", outcome="unknown_hold") > unknown_before
+
+        await wait_until(void_came_first, 10.0, "the 503's access-log entry to be settled")
+        assert await stack.db.hold(request_id) is None
+        await transaction.rollback()  # now the hold lands, after its void
+
+    async def settled_by_the_sidecar() -> bool:
+        hold = await stack.db.hold(request_id)
+        return hold is not None and hold.state == "voided"
+
+    await wait_until(settled_by_the_sidecar, 10.0, "the abandoned Check's hold to be voided")
     assert (await stack.db.wallet(wallet_id)).reserved_nano == 0
     assert await stack.db.balance(wallet_id) == grant
     assert await usage_entries(stack, wallet_id, request_id) == []

@@ -106,7 +106,12 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still
 
 async def test_a_caller_that_stops_waiting_leaves_the_others_their_results() -> None:
     recorder = Recorder()
-    group = GroupCommit(recorder.run, lanes=1, batch_max=5)
+    abandoned: list[list[tuple[int, int]]] = []
+
+    async def tell(results: list[tuple[int, int]]) -> None:
+        abandoned.append(results)
+
+    group = GroupCommit(recorder.run, lanes=1, batch_max=5, abandoned=tell)
     first = asyncio.ensure_future(group.submit(1))
     await recorder.wait_batches(1)
     quitter, stayer = asyncio.ensure_future(group.submit(2)), asyncio.ensure_future(group.submit(3))
@@ -116,9 +121,11 @@ async def test_a_caller_that_stops_waiting_leaves_the_others_their_results() -> 
     quitter.cancel()
     recorder.release[1].set()
     assert await stayer == 30
-    assert recorder.batches[1] == [2, 3]  # the work was done, the result dropped
+    assert recorder.batches[1] == [2, 3]  # the work was done…
     with pytest.raises(asyncio.CancelledError):
         await quitter
+    await group.close()
+    assert abandoned == [[(2, 20)]]  # …and its result handed to `abandoned`, the stayer's not
 
 
 async def test_a_caller_that_gave_up_before_its_batch_began_is_left_out() -> None:
