@@ -34,8 +34,12 @@ from authz_sidecar import api_errors, check, envoy_config
 
 
 PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
-# Envoy sends at most Settings.request_body_max_bytes; anything beyond that is not Envoy.
+# Envoy sends at most Settings.request_body_max_bytes, and at most 60 KiB of headers (its
+# default max_request_headers_kb); anything beyond that is not Envoy.
 BODY_SLACK_BYTES = 64 * 1024
+HEAD_MAX_BYTES = 96 * 1024
+# Envoy never pipelines; a client that does is read no further while this many wait.
+PIPELINE_MAX = 8
 
 
 class CheckServer:
@@ -103,6 +107,8 @@ class CheckConnection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
+        self._head_size = 0
+        self._refused = False
         # Complete requests (method, path, headers, body, keep-alive), or a refusal's bytes.
         self._queue: collections.deque[tuple[str, str, dict[str, str], bytes, bool] | bytes] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -119,8 +125,11 @@ class CheckConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(400, "upgrade_refused", "This endpoint does not upgrade connections.")
         except httptools.HttpParserError:
-            if self._body_size > self._server._body_max:  # on_body stopped the parser
+            # A callback below stopped the parser, or the bytes are not HTTP.
+            if self._body_size > self._server._body_max:
                 self._refuse(413, "request_too_large", "Request body too large.")
+            elif self._head_size > HEAD_MAX_BYTES:
+                self._refuse(431, "headers_too_large", "Request headers too large.")
             else:
                 self._refuse(400, "malformed_request", "The request is not valid HTTP/1.1.")
 
@@ -134,11 +143,18 @@ class CheckConnection(asyncio.Protocol):
     # -- httptools callbacks --
 
     def on_url(self, url: bytes) -> None:
+        self._count_head(url)
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(name, value)
         # Envoy sends each header once; a repeated one keeps its last value.
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def _count_head(self, *parts: bytes) -> None:
+        self._head_size += sum(len(part) for part in parts)
+        if self._head_size > HEAD_MAX_BYTES:
+            raise OverflowError("head too large")  # httptools stops and raises HttpParserCallbackError
 
     def on_body(self, chunk: bytes) -> None:
         self._body_size += len(chunk)
@@ -151,7 +167,9 @@ class CheckConnection(asyncio.Protocol):
         path = self._url.decode("latin-1")
         path = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX + "/") else path
         self._queue.append((method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive()))
-        self._url, self._headers, self._body, self._body_size = bytearray(), {}, [], 0
+        self._url, self._headers, self._body, self._body_size, self._head_size = bytearray(), {}, [], 0, 0
+        if len(self._queue) >= PIPELINE_MAX and self._transport is not None:
+            self._transport.pause_reading()
         self._answer_soon()
 
     # -- answering --
@@ -166,6 +184,8 @@ class CheckConnection(asyncio.Protocol):
                     self._transport.close()
                     return
                 method, path, headers, body, keep_alive = item
+                if len(self._queue) < PIPELINE_MAX and not self._refused and not self._transport.is_closing():
+                    self._transport.resume_reading()  # a no-op unless reading was paused
                 response = await self._server.answer(method, path, headers, body)
                 if self._transport.is_closing():
                     return
@@ -183,6 +203,7 @@ class CheckConnection(asyncio.Protocol):
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer the unreadable request after those before it, then close the connection."""
         assert self._transport is not None
+        self._refused = True
         self._transport.pause_reading()
         self._queue.append(_denial(api_errors.ApiError(status, code, message)))
         self._answer_soon()

@@ -169,6 +169,22 @@ async def test_a_body_beyond_the_limit_is_refused_413(served) -> None:
     assert rule.seen == []
 
 
+async def test_headers_beyond_what_envoy_sends_are_refused_431(served) -> None:
+    rule, port = await served()
+    answers = await exchange(port, post("/v1/ok", x_padding="p" * (100 * 1024)))
+    assert [status for status, _, _ in answers] == [431]
+    assert rule.seen == []
+
+
+async def test_a_client_that_pipelines_far_ahead_is_still_answered_in_order(served) -> None:
+    # More requests at once than PIPELINE_MAX: reading pauses and resumes; none is lost.
+    rule, port = await served()
+    requests = [post("/v1/ok", f'{{"model":"m{n}"}}'.encode()) for n in range(30)]
+    answers = await exchange(port, b"".join(requests), answers=30)
+    assert [status for status, _, _ in answers] == [200] * 30
+    assert [seen["body"] for seen in rule.seen] == [f'{{"model":"m{n}"}}'.encode() for n in range(30)]
+
+
 async def test_envoy_hanging_up_stops_the_decision(served) -> None:
     rule, port = await served()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
