@@ -44,6 +44,7 @@ def metadata_value(value: str) -> str:
 def metadata_read(encoded: str) -> str:
     return unquote(encoded)
 
+
 BILLING_UNAVAILABLE = api_errors.ApiError(
     503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
 )

@@ -1,7 +1,7 @@
 """Envoy's ext_authz over HTTP: how each /v1/ request reaches :class:`check.Decider`.
 
-Why HTTP and not ext_authz's gRPC Check: the Check runs once per request, and in Python its
-transport dominated it. Measured under Envoy at full load (docs/benchmarks.md), a grpc.aio
+The default flavour (``BILLINGPROXY_CHECK_TRANSPORT=http``; the gRPC one is check_grpc.py). Why
+HTTP: the Check runs once per request, and in Python its transport dominated it. Measured under Envoy at full load (docs/benchmarks.md), a grpc.aio
 server that allows everything costs ~300 µs of CPU per call; this server, an ``asyncio``
 protocol around ``httptools`` (the parser uvicorn uses) on uvloop, ~15 µs. Envoy's own cost is
 the same for both.
@@ -19,7 +19,7 @@ the buffered body. What it reads back:
 
 The server is HTTP/1.1 with keep-alive, for Envoy's connection pool only (it listens where the
 gRPC port does: loopback, or the pod's network). Requests on one connection are answered in
-order. Anything malformed is answered 400 and the connection closed.
+order. Anything malformed is answered 400 (413, 431 when too large) and the connection closed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from http import HTTPStatus
 import httptools
 
 from authz_sidecar import api_errors, check, envoy_config
-
 
 PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
 # Envoy sends at most Settings.request_body_max_bytes, and at most 60 KiB of headers (its
