@@ -43,7 +43,7 @@ import yaml
 from authz_sidecar import envoy_config
 from billing import database, ledger, pricing, wallets
 from billingproxy import envoy_process
-from billingproxy.local_stack import Stack, free_port
+from billingproxy.local_stack import Stack, free_port, free_ports_env
 from billingproxy.postgres_server import EmbeddedPostgres
 
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
@@ -187,12 +187,7 @@ class Bench:
                if not k.startswith("BILLINGPROXY_")}  # never a real backend, never the user's ports
         env.update({
             "BILLINGPROXY_DATA_DIR": str(self.data_dir),
-            "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
-            "BILLINGPROXY_HTTP_PORT": str(free_port()),
-            "BILLINGPROXY_GRPC_PORT": str(free_port()),
-            "BILLINGPROXY_CHECK_PORT": str(free_port()),
-            "BILLINGPROXY_ADMIN_PORT": str(free_port()),
-            "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
+            **free_ports_env(),
         })
         return env
 

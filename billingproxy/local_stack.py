@@ -45,6 +45,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# Every port the stack listens on: its setting (BILLINGPROXY_<name>) and its Settings field.
+PORTS = (
+    ("GATEWAY_PORT", "gateway_port"),
+    ("HTTP_PORT", "http_port"),
+    ("GRPC_PORT", "grpc_port"),
+    ("CHECK_PORT", "check_port"),
+    ("ADMIN_PORT", "admin_port"),
+    ("ENVOY_ADMIN_PORT", "envoy_admin_port"),
+)
+
+
+def free_ports_env() -> dict[str, str]:
+    """Every port setting set to a port free now: a stack that collides with nothing (tests, bench)."""
+    return {f"{settings_mod.ENV_PREFIX}{name}": str(free_port()) for name, _ in PORTS}
+
+
 def _run_dir(settings: settings_mod.Settings) -> Path:
     return settings.data_dir / "run"
 
@@ -92,14 +108,8 @@ class Stack:
     def _check_ports_free(self) -> None:
         """Fail before starting anything if a port we need is taken, naming its setting."""
         s = self.settings
-        for setting, port in (
-            ("GATEWAY_PORT", s.gateway_port),
-            ("HTTP_PORT", s.http_port),
-            ("GRPC_PORT", s.grpc_port),
-            ("CHECK_PORT", s.check_port),
-            ("ADMIN_PORT", s.admin_port),
-            ("ENVOY_ADMIN_PORT", s.envoy_admin_port),
-        ):
+        for setting, field in PORTS:
+            port = getattr(s, field)
             host = s.bind_host if setting != "ENVOY_ADMIN_PORT" else "127.0.0.1"
             with socket.socket() as sock:
                 # As the servers themselves do, so a port in TIME_WAIT does not count as taken.

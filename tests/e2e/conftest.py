@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import database, ledger, tables
-from billingproxy.local_stack import Stack, free_port
+from billingproxy.local_stack import Stack, free_ports_env
 
 SETTLE_TIMEOUT_S = 15.0
 BACKEND_API_KEY = "sk-backend-credential-e2e"
@@ -242,12 +242,7 @@ def launch_stack(
                 **_clean_env(),
                 "DATABASE_URL": db.url,
                 "BILLINGPROXY_DATA_DIR": str(data_dir),
-                "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
-                "BILLINGPROXY_HTTP_PORT": str(free_port()),
-                "BILLINGPROXY_GRPC_PORT": str(free_port()),
-                "BILLINGPROXY_CHECK_PORT": str(free_port()),
-                "BILLINGPROXY_ADMIN_PORT": str(free_port()),
-                "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
+                **free_ports_env(),
                 "BILLINGPROXY_BACKEND_API_KEY": BACKEND_API_KEY,
                 "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
                 **settings,

@@ -16,19 +16,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from billingproxy.local_stack import free_port
+from billingproxy.local_stack import free_ports_env
 
 pytestmark = pytest.mark.integration
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
-PORTS = ("GATEWAY", "HTTP", "GRPC", "CHECK", "ADMIN", "ENVOY_ADMIN")
 
 
 def _env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"}
     env["BILLINGPROXY_DATA_DIR"] = str(data_dir)
-    env.update({f"BILLINGPROXY_{name}_PORT": str(free_port()) for name in PORTS})
+    env.update(free_ports_env())
     return env
 
 

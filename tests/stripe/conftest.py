@@ -23,7 +23,7 @@ from aiohttp import web
 from authz_sidecar import http_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import settings as settings_mod
-from billingproxy.local_stack import Stack, free_port
+from billingproxy.local_stack import Stack, free_ports_env
 from billingproxy.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, Db, session_params, stripe_settings
 
@@ -129,12 +129,7 @@ def stack_env(database_url: str, data_dir: Path, **settings: str) -> dict[str, s
         **clean,
         "DATABASE_URL": database_url,
         "BILLINGPROXY_DATA_DIR": str(data_dir),
-        "BILLINGPROXY_GATEWAY_PORT": str(free_port()),
-        "BILLINGPROXY_HTTP_PORT": str(free_port()),
-        "BILLINGPROXY_GRPC_PORT": str(free_port()),
-        "BILLINGPROXY_CHECK_PORT": str(free_port()),
-        "BILLINGPROXY_ADMIN_PORT": str(free_port()),
-        "BILLINGPROXY_ENVOY_ADMIN_PORT": str(free_port()),
+        **free_ports_env(),
         "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
         # A millionth of a dollar: the first request empties the wallet.
         "BILLINGPROXY_FREE_GRANT_USD": "0.000001",
