@@ -23,13 +23,13 @@ from typing import Any
 import asyncpg
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from authz_sidecar import metrics
+from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
 from billing import database, holds, pricing
 
 logger = logging.getLogger(__name__)
 
-USAGE_NAMESPACE = "billingproxy.usage"
+USAGE_NAMESPACE = envoy_config.USAGE_NAMESPACE
 QUEUE_MAX = 10_000
 # Workers settle in parallel, each a batch of what has arrived at once (one transaction).
 WORKERS = 2

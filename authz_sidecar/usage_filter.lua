@@ -15,8 +15,9 @@
 -- Result, namespace "billingproxy.usage":
 --   prompt_tokens, completion_tokens, cached_tokens  numbers (0 when absent)
 --   usage_seen                                       true only when prompt_tokens was found
--- The values are set when the answer starts and whenever a count is found, so a stream the client
--- abandons still logs what was seen.
+-- The values are set whenever a count is found, so a stream the client abandons still logs what
+-- was seen. An answer with no count leaves the namespace empty, which the access log reads as
+-- "no usage seen" (setting zeros up front cost four metadata writes per request for nothing).
 --
 -- Request side: OpenAI-compatible backends report usage in a stream only when asked with
 -- "stream_options": {"include_usage": true}. For POST /v1/chat/completions and /v1/completions
@@ -95,8 +96,6 @@ end
 
 function envoy_on_response(response_handle)
   local headers = response_handle:headers()
-  local usage = {prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0}
-  publish(response_handle, usage, false)
   if not is_usage_bearing(headers) then
     return
   end
@@ -107,6 +106,7 @@ function envoy_on_response(response_handle)
     return
   end
 
+  local usage = {prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0}
   local seen = false
   local tail = ""
   for chunk in response_handle:bodyChunks() do

@@ -36,6 +36,7 @@ class Target:
     url: str
     body: bytes
     authorizations: Sequence[str] = ()  # "Bearer sk-…" values; empty = no header
+    method: str = "POST"
 
     def headers(self) -> itertools.cycle | None:
         if not self.authorizations:
@@ -134,7 +135,7 @@ async def closed_loop(name: str, target: Target, *, concurrency: int, duration_s
             perf = time.perf_counter
             while (start := perf()) < deadline:
                 try:
-                    async with session.post(target.url, data=target.body,
+                    async with session.request(target.method, target.url, data=target.body or None,
                                             headers=next(headers) if headers else None) as response:
                         await response.read()
                         status = response.status
@@ -177,7 +178,7 @@ async def open_loop(name: str, target: Target, *, rate: float, duration_s: float
             start = time.perf_counter()
             lags.append(start - scheduled)
             try:
-                async with session.post(target.url, data=target.body,
+                async with session.request(target.method, target.url, data=target.body or None,
                                         headers=next(headers) if headers else None) as response:
                     await response.read()
                     status = response.status

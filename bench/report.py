@@ -32,6 +32,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "added_p50_ms_at_rate": _diff(billed_fixed["p50_ms"], base_fixed["p50_ms"]),
         "added_p99_ms_at_rate": added_p99_fixed,
         "rate": billed_fixed["target_rate"],
+        # Billing without PostgreSQL on the request's path (a free GET): the floor of added latency.
+        "added_p50_ms_at_rate_no_database": _diff(runs["billed_fixed_free"]["p50_ms"], runs["baseline_fixed_free"]["p50_ms"])
+        if "billed_fixed_free" in runs else None,
+        "added_p99_ms_at_rate_no_database": _diff(runs["billed_fixed_free"]["p99_ms"], runs["baseline_fixed_free"]["p99_ms"])
+        if "billed_fixed_free" in runs else None,
         "added_p50_ms_at_low_rate": _diff(billed_low["p50_ms"], base_low["p50_ms"]),
         "added_p99_ms_at_low_rate": _diff(billed_low["p99_ms"], base_low["p99_ms"]),
         "low_rate": billed_low["target_rate"],
@@ -109,6 +114,10 @@ def render(results: dict[str, Any]) -> str:
     lines.append(f"  added latency at {summary['rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_rate'], '+.2f')} ms, "
                  f"p99 {_fmt(summary['added_p99_ms_at_rate'], '+.2f')} ms"
                  + ("" if summary["billed_sustains_rate"] else "  (the billed gateway does not sustain this rate here: overload)"))
+    if summary.get("added_p99_ms_at_rate_no_database") is not None:
+        lines.append(f"    … with no database on the path      p50 {_fmt(summary['added_p50_ms_at_rate_no_database'], '+.2f')} ms, "
+                     f"p99 {_fmt(summary['added_p99_ms_at_rate_no_database'], '+.2f')} ms  "
+                     f"(GET /v1/models: a Check with no hold, same filters and access log)")
     lines.append(f"  added latency at {summary['low_rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_low_rate'], '+.2f')} ms, "
                  f"p99 {_fmt(summary['added_p99_ms_at_low_rate'], '+.2f')} ms")
     split = runs["billed_max"]["cpu_us_per_request"]

@@ -265,9 +265,16 @@ class Bench:
         gateway = self.grpc_check_url if grpc_check else self.stack.gateway_url
         return loadgen.Target(gateway + workload.PATH, workload.BODY, keys)
 
-    def baseline_target(self) -> loadgen.Target:
+    def baseline_target(self, *, free: bool = False) -> loadgen.Target:
         # The baseline has no ext_authz: the client's key would reach the backend, so send none.
+        if free:
+            return loadgen.Target(self.baseline_url + workload.FREE_PATH, b"", (), workload.FREE_METHOD)
         return loadgen.Target(self.baseline_url + workload.PATH, workload.BODY, ())
+
+    def free_target(self) -> loadgen.Target:
+        """The billed gateway, with requests whose Check needs no database (workload.FREE_PATH)."""
+        return loadgen.Target(self.stack.gateway_url + workload.FREE_PATH, b"", self.authorizations,
+                              workload.FREE_METHOD)
 
     def _count_billed(self, run: loadgen.Run) -> None:
         self.billed_ids_ok.extend(run.request_ids_ok)
@@ -388,6 +395,12 @@ class Bench:
                 f"baseline, {o.rate:.0f}/s", self.baseline_target(), rate=o.rate, duration_s=o.duration_s)),
             ("billed_fixed", True, lambda: loadgen.open_loop(
                 f"billed, {o.rate:.0f}/s", self.billed_target(), rate=o.rate, duration_s=o.duration_s)),
+            ("baseline_fixed_free", False, lambda: loadgen.open_loop(
+                f"baseline, {o.rate:.0f}/s, GET {workload.FREE_PATH}", self.baseline_target(free=True),
+                rate=o.rate, duration_s=o.duration_s)),
+            ("billed_fixed_free", False, lambda: loadgen.open_loop(
+                f"billed, {o.rate:.0f}/s, GET {workload.FREE_PATH}", self.free_target(),
+                rate=o.rate, duration_s=o.duration_s)),
             ("baseline_low", False, lambda: loadgen.open_loop(
                 f"baseline, {o.low_rate:.0f}/s", self.baseline_target(), rate=o.low_rate, duration_s=o.duration_s)),
             ("billed_low", True, lambda: loadgen.open_loop(
@@ -395,7 +408,8 @@ class Bench:
         ]
         for key, billed, make in plan:
             self.say(f"run: {key} ({o.duration_s:g} s)…")
-            envoy = "envoy_grpc_check" if key.endswith("grpc_check") else None
+            # The free runs go through the billed Envoy but charge nothing (billed=False: no books).
+            envoy = {"billed_max_grpc_check": "envoy_grpc_check", "billed_fixed_free": "envoy"}.get(key)
             runs[key] = await self.measured(make(), billed=billed, envoy=envoy)
             r = runs[key]
             self.say(f"  {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "

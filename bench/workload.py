@@ -43,3 +43,9 @@ BODY = json.dumps(REQUEST).encode()
 # What the demo backend will report, hence what each request must be charged.
 PROMPT_TOKENS = demo_backend.prompt_tokens(REQUEST["messages"])
 COMPLETION_TOKENS = demo_backend.completion_tokens(REQUEST)
+
+# The floor: a request whose Check needs no database (listing models is free: no hold, nothing to
+# settle), through the same filters. What billing adds to it is the cost of the ext_authz hop,
+# the Lua filter and the access log alone, without PostgreSQL on the request's path.
+FREE_PATH = "/v1/models"
+FREE_METHOD = "GET"

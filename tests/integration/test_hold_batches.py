@@ -3,7 +3,9 @@ same calls one by one would, in one transaction; duplicates fall back to one-by-
 double reservation or charge; concurrent batches in opposite wallet orders do not deadlock.
 
 Each test runs the same requests twice, on twin wallets: one by one (``place``/``settle``) and as
-a batch, and compares the outcomes, balances, reservations and ledger entries.
+a batch, and compares the outcomes, balances, reservations and ledger entries. Every test runs
+twice more, once per way a batch is sent (``holds.SET_BATCH_MIN``): each request's own statement,
+pipelined, and the set-based statement over arrays.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import database, holds, ledger, tables, wallets
+from tests.integration.row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +53,13 @@ async def usage(engine: AsyncEngine, wallet_id: str) -> list[tuple[str, int, int
 async def invariants(engine: AsyncEngine) -> list:
     async with engine.connect() as conn:
         return await ledger.check_invariants(conn)
+
+
+@pytest.fixture(autouse=True, params=["pipelined", "set_based"])
+def batch_statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every batch of two or more as the set-based statement, or none of them."""
+    monkeypatch.setattr(holds, "SET_BATCH_MIN", 2 if request.param == "set_based" else 10**9)
+    return request.param
 
 
 @pytest.fixture
@@ -240,3 +250,37 @@ async def test_a_batch_that_fails_midway_changes_nothing_and_is_redone_one_by_on
     assert await usage(migrated_engine, wallet) == [("usage:r-0", -30_000, 1_000_000 - 1 - 30_000),
                                                     ("usage:r-1", -1, 1_000_000 - 1)]
     assert await money(migrated_engine, wallet) == (1_000_000 - 1 - 30_000, 100_000)
+
+
+@pytest.mark.parametrize("step", ["place", "settle"])
+async def test_a_batch_locks_its_wallets_in_id_order_whatever_its_own_order(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool, step: str
+) -> None:
+    """The rule that keeps two batches from deadlocking, checked directly (the test above can
+    only catch a break by chance): a batch that lists the higher wallet id first, blocked on the
+    lower one, holds no lock on the higher one yet."""
+    low, high = sorted([await new_wallet(migrated_engine, 1_000_000) for _ in range(2)])
+    reqs = requests_for(high[0], high[1], [1_000] * 2, "h") + requests_for(low[0], low[1], [1_000] * 2, "l")
+    if step == "settle":
+        async with pool.acquire() as conn:
+            assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 4
+
+    async def batch() -> list:
+        async with pool.acquire() as conn:
+            if step == "place":
+                return await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
+            return await holds.settle_many(
+                conn, [holds.SettleRequest(r.request_id, 10, wallet_id=r.wallet_id) for r in reqs])
+
+    async with pool.acquire() as blocker, pool.acquire() as probe:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", low[0])
+            running = asyncio.create_task(batch())
+            await blocked_on_a_row_lock(migrated_engine)
+            async with probe.transaction():
+                # Raises LockNotAvailableError if the batch had locked the higher wallet first.
+                await probe.execute("SELECT 1 FROM wallets WHERE id = $1 FOR NO KEY UPDATE NOWAIT", high[0])
+            assert not running.done()
+        outcomes = await asyncio.wait_for(running, timeout=10)
+    assert outcomes == ([ADMITTED] * 4 if step == "place" else [S.POSTED] * 4)
+    assert await invariants(migrated_engine) == []

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing import database, holds, ledger, tables, wallets
+from tests.integration.row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
 
@@ -320,20 +321,6 @@ async def test_concurrent_repeats_of_one_check_reserve_once(migrated_url: str) -
 
 
 # --- settlement is one statement -----------------------------------------------------------------
-
-
-async def blocked_on_a_row_lock(engine: AsyncEngine, timeout: float = 10.0) -> None:
-    """Wait until some session of this database waits for a row lock (no fixed sleep)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        async with engine.connect() as conn:
-            waiting = (await conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"))).scalar_one()
-        if waiting:
-            return
-        assert asyncio.get_running_loop().time() < deadline, "no session waited for the lock"
-        await asyncio.sleep(0.005)
 
 
 async def in_open_transaction(engine: AsyncEngine, work, then_racing):
