@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=defaults.rate, help="req/s of the fixed-rate runs (default %(default)s)")
     parser.add_argument("--low-rate", type=float, default=defaults.low_rate, help="req/s of the second, sustainable fixed-rate pair (default %(default)s)")
     parser.add_argument("--wallets", type=int, default=defaults.wallets, help="wallets (one key each) of the many-wallet runs (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats,
+                        help="times the max and fixed-rate pairs run, interleaved; verdicts take the median (default %(default)s)")
     parser.add_argument("--no-durable", dest="durable", action="store_false",
                         help="embedded PostgreSQL without fsync/synchronous_commit (as the tests run it); default: durable, as `billingproxy up`")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up: a smoke test of the benchmark itself")
@@ -49,10 +51,12 @@ async def _main(options: runner.Options) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
-        args.duration, args.warmup = 3.0, 1.0
+        args.duration, args.warmup, args.repeats = 3.0, 1.0, 1
+    if args.repeats < 1:
+        _parser().error("--repeats must be at least 1")
     options = runner.Options(
         duration_s=args.duration, warmup_s=args.warmup, concurrency=args.concurrency, rate=args.rate, low_rate=args.low_rate,
-        wallets=args.wallets, durable=args.durable, keep=args.keep,
+        wallets=args.wallets, durable=args.durable, keep=args.keep, repeats=args.repeats,
     )
     started = time.perf_counter()
     try:

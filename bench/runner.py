@@ -67,6 +67,13 @@ class Options:
     wallets: int = 100
     durable: bool = True
     keep: bool = False
+    # The pairs the verdicts rest on (max: baseline and billed; the fixed rate: the same), run this
+    # many times in all, interleaved; the verdicts take the median pair. One pair swings ±10 % here.
+    repeats: int = 3
+
+
+# The runs the targets are judged on, repeated (Options.repeats) and interleaved.
+REPEATED_RUNS = ("baseline_max", "billed_max", "baseline_fixed", "billed_fixed")
 
 
 # --- the baseline Envoy ----------------------------------------------------------------------------
@@ -416,6 +423,17 @@ class Bench:
                      f"non-2xx {sum(v for s, v in r['statuses'].items() if not s.startswith('2'))}, "
                      f"errors {sum(r['errors'].values())}")
         self.results["runs"] = runs
+        by_key = {key: (billed, make) for key, billed, make in plan}
+        repeated: list[dict[str, Any]] = []
+        for n in range(2, o.repeats + 1):
+            pair: dict[str, Any] = {}
+            for key in REPEATED_RUNS:
+                billed, make = by_key[key]
+                self.say(f"run: {key}, again ({n} of {o.repeats})…")
+                pair[key] = await self.measured(make(), billed=billed)
+                self.say(f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 {pair[key]['p99_ms']} ms")
+            repeated.append(pair)
+        self.results["repeats"] = repeated
         self.results["sidecar_peak_rss_kib"] = procstat.memory_kib(self.pids.sidecar, "VmHWM")
         self.results["sidecar_rss_kib_at_end"] = procstat.memory_kib(self.pids.sidecar, "VmRSS")
 

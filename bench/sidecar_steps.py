@@ -29,7 +29,10 @@ Two kinds of measurement, both sequential (one call at a time, so nothing is bat
    And the group commit the sidecar uses under load (``authz_sidecar/group_commit.py``):
    ``place_many`` / ``settle_many`` (``holds.place_many`` / ``holds.settle_many``: a batch of
    ``GROUP_COMMIT_BATCH`` as one transaction), per request, against ``place_asyncpg`` /
-   ``settle_asyncpg_one_statement`` (the same statements one by one, as at low load).
+   ``settle_asyncpg_one_statement`` (the same statements one by one, as at low load), each sent
+   both ways (``holds.SET_BATCH_MIN``): as the set-based statement (what the sidecar sends for
+   such a batch) and pipelined (each request's own statement), with PostgreSQL's CPU too — the
+   CPU of the database backend serving this connection (``pg_cpu_us``).
 
 All on a wallet of its own, so the benchmark's books (``bench.runner.Bench.check_books``) are
 untouched; the references keep the invariants (balance = Σ entries, reserved = Σ pending holds).
@@ -64,6 +67,8 @@ GRANT_NANO = 1_000 * 10**9
 # Requests per transaction in the group-commit step (the sidecar's batches grow with the load,
 # up to authz_sidecar.check.HOLD_BATCH_MAX / access_log.SETTLE_BATCH_MAX).
 GROUP_COMMIT_BATCH = 16
+GROUP_COMMIT_ROUNDS = 100
+BATCH_WAYS = ("set_based", "pipelined")
 # The client's Host, which Envoy passes on to the Check.
 GATEWAY_AUTHORITY = "127.0.0.1:8080"
 
@@ -159,9 +164,12 @@ class Steps:
                               "client_cpu_us": round(client / self.calls * 1e6, 1)}
 
     async def _local_cpu_per_request(self, name: str, call: Callable[[int], Awaitable[None]], *,
-                                     rounds: int | None = None, per_round: int = 1) -> None:
-        """``call(n)`` for n in range(rounds), each doing ``per_round`` requests; per request."""
+                                     rounds: int | None = None, per_round: int = 1,
+                                     pg_pid: int | None = None) -> None:
+        """``call(n)`` for n in range(rounds), each doing ``per_round`` requests; per request.
+        ``pg_pid``: the PostgreSQL backend the calls use, whose CPU is counted too."""
         rounds = self.calls if rounds is None else rounds
+        pg_before = procstat.cpu_seconds(pg_pid) if pg_pid else None
         before, started = time.thread_time(), time.perf_counter()
         for n in range(rounds):
             await call(n)
@@ -169,6 +177,8 @@ class Steps:
         requests = rounds * per_round
         self.results[name] = {"bench_cpu_us": round(cpu / requests * 1e6, 1),
                               "wall_us": round(wall / requests * 1e6, 1)}
+        if pg_before is not None:
+            self.results[name]["pg_cpu_us"] = round((procstat.cpu_seconds(pg_pid) - pg_before) / requests * 1e6, 1)
 
     async def _pending(self) -> int:
         async with self.engine.connect() as conn:
@@ -275,12 +285,15 @@ class Steps:
                    "completion_tokens": workload.COMPLETION_TOKENS, "cached_tokens": 0}
         # The group commit: batches of GROUP_COMMIT_BATCH, built beforehand (the sidecar builds
         # them as Checks and log entries arrive).
-        rounds = self.calls // GROUP_COMMIT_BATCH
-        batches = [[f"steps-gc-{uuid.uuid4()}" for _ in range(GROUP_COMMIT_BATCH)] for _ in range(rounds)]
-        hold_batches = [[holds.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
-                         for request_id in batch] for batch in batches]
-        settle_batches = [[holds.SettleRequest(request_id, self.cost, details, wallet_id=self.wallet_id)
-                           for request_id in batch] for batch in batches]
+        # GROUP_COMMIT_ROUNDS batches, so that PostgreSQL's CPU (counted in 10 ms clock ticks)
+        # is read to a few µs per request; once for each way of sending a batch.
+        rounds = GROUP_COMMIT_ROUNDS
+        batches = {way: [[f"steps-gc-{uuid.uuid4()}" for _ in range(GROUP_COMMIT_BATCH)] for _ in range(rounds)]
+                   for way in BATCH_WAYS}
+        hold_batches = {way: [[holds.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
+                               for request_id in batch] for batch in batches[way]] for way in BATCH_WAYS}
+        settle_batches = {way: [[holds.SettleRequest(request_id, self.cost, details, wallet_id=self.wallet_id)
+                                 for request_id in batch] for batch in batches[way]] for way in BATCH_WAYS}
 
         async def place_sqlalchemy(n: int) -> None:
             async with autocommit.connect() as conn:
@@ -319,12 +332,14 @@ class Steps:
                     await steps[3].fetch(hold["wallet_id"], -self.cost, hold["amount_nano"])
                     await steps[4].fetch(request_id, self.cost)
 
+            way = "set_based"
+
             async def place_many(n: int) -> None:
-                admitted = await holds.place_many(connection, hold_batches[n], ttl_s=600, strict=False)
+                admitted = await holds.place_many(connection, hold_batches[way][n], ttl_s=600, strict=False)
                 assert admitted == [holds.Admission.ADMITTED] * GROUP_COMMIT_BATCH, admitted
 
             async def settle_many(n: int) -> None:
-                outcomes = await holds.settle_many(connection, settle_batches[n])
+                outcomes = await holds.settle_many(connection, settle_batches[way][n])
                 assert outcomes == [holds.Settlement.POSTED] * GROUP_COMMIT_BATCH, outcomes
 
             await self._local_cpu_per_request("place_sqlalchemy", place_sqlalchemy)
@@ -334,8 +349,19 @@ class Steps:
             await self._local_cpu_per_request("settle_asyncpg_seven_round_trips", settle_asyncpg_seven)
             await self._local_cpu_per_request("settle_asyncpg_one_statement", settle_asyncpg)
             self.results["group_commit_batch"] = GROUP_COMMIT_BATCH
-            await self._local_cpu_per_request("place_many", place_many, rounds=rounds, per_round=GROUP_COMMIT_BATCH)
-            await self._local_cpu_per_request("settle_many", settle_many, rounds=rounds, per_round=GROUP_COMMIT_BATCH)
+            pg_pid = await connection.fetchval("SELECT pg_backend_pid()")
+            set_batch_min = holds.SET_BATCH_MIN
+            try:
+                for way in BATCH_WAYS:
+                    # The threshold decides how place_many / settle_many send a batch of this size.
+                    holds.SET_BATCH_MIN = set_batch_min if way == "set_based" else GROUP_COMMIT_BATCH + 1
+                    suffix = "" if way == "set_based" else "_pipelined"
+                    await self._local_cpu_per_request(f"place_many{suffix}", place_many, rounds=rounds,
+                                                      per_round=GROUP_COMMIT_BATCH, pg_pid=pg_pid)
+                    await self._local_cpu_per_request(f"settle_many{suffix}", settle_many, rounds=rounds,
+                                                      per_round=GROUP_COMMIT_BATCH, pg_pid=pg_pid)
+            finally:
+                holds.SET_BATCH_MIN = set_batch_min
         finally:
             await connection.close()
         # Leave nothing pending: void the holds the Check steps placed beyond those settled.
