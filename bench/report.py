@@ -115,6 +115,10 @@ def render(results: dict[str, Any]) -> str:
     lines.append("cores: machine CPU busy / wall time (2 cores). CPU µs per 2xx: each process's CPU time / 2xx answers;")
     lines.append("billed runs include settling the access log after the load stops. foreign: cores used meanwhile by")
     lines.append(f"processes that are not the benchmark's; '!' marks a run disturbed by more than {DISTURBED_CORES} cores of them.")
+    speed = results.get("host_speed_ms")
+    if speed:
+        lines.append(f"host speed: the fixed calibration work took {speed['start']:.0f} ms of CPU at the start, "
+                     f"{_fmt(speed.get('end'), '.0f')} ms at the end (lower is faster; compare runs by it).")
     lines.append("")
     lines.append("Billing overhead")
     lines.append(f"  throughput ratio billed/unbilled      {_fmt(summary['throughput_ratio'], '.3f')}  "

@@ -30,6 +30,7 @@ import datetime as dt
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -364,6 +365,7 @@ class Bench:
         self.say(f"Check-input micro-benchmark (HTTP request parsed with httptools {httptools.__version__}, JSON body)…")
         self.results["body_decode"] = await asyncio.to_thread(body_decode.run)
 
+        self.results["host_speed_ms"] = {"start": await asyncio.to_thread(host_speed_ms)}
         self.say("starting the stack…")
         await self.start()
         await self.create_wallets()
@@ -434,6 +436,7 @@ class Bench:
                 self.say(f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 {pair[key]['p99_ms']} ms")
             repeated.append(pair)
         self.results["repeats"] = repeated
+        self.results["host_speed_ms"]["end"] = await asyncio.to_thread(host_speed_ms)
         self.results["sidecar_peak_rss_kib"] = procstat.memory_kib(self.pids.sidecar, "VmHWM")
         self.results["sidecar_rss_kib_at_end"] = procstat.memory_kib(self.pids.sidecar, "VmRSS")
 
@@ -514,7 +517,6 @@ def environment() -> dict[str, Any]:
 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
@@ -522,5 +524,31 @@ def environment() -> dict[str, Any]:
         "grpcio": grpc.__version__,  # the access log (ALS)
         "httptools": httptools.__version__,  # the Check
         "uvloop": uvloop.__version__,
-        "envoy_binary": str(envoy_process.envoy_binary()),
+        "envoy": _envoy_version(),
     }
+
+
+def _envoy_version() -> str:
+    """What ``envoy --version`` says (not the binary's path: results are committed)."""
+    done = subprocess.run([str(envoy_process.envoy_binary()), "--version"], capture_output=True, text=True, timeout=30)
+    words = done.stdout.split()  # "envoy  version: <commit>/<version>/Clean/RELEASE/BoringSSL"
+    parts = words[-1].split("/") if words else []
+    return parts[1] if len(parts) > 1 else "unknown"
+
+
+# A fixed piece of pure-Python work, timed on the process's CPU clock at the start and at the end
+# of the run: on a shared host the same work takes more CPU when the machine under the virtual
+# one is busy (shared caches and cores), which no process list shows. Compare runs by it.
+_CALIBRATION_N = 2_000_000
+
+
+def host_speed_ms() -> float:
+    """CPU milliseconds for the fixed calibration work (lower is a faster host right now)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        total = 0
+        for i in range(_CALIBRATION_N):
+            total += i & 7
+        best = min(best, time.process_time() - started)
+    return round(best * 1000, 1)
