@@ -148,6 +148,8 @@ async def run(settings: Settings, prices: pricing.PriceBook) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await sidecar.start()
+    metrics.freeze_startup_heap()
+    metrics.watch_gc_pauses()
     try:
         await stop.wait()
     finally:

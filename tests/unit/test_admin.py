@@ -1,0 +1,47 @@
+"""The admin port's readiness says "unavailable" (503, with the reason) when the database cannot
+be reached — a real aiohttp app and a real, refused connection."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from authz_sidecar import admin, metrics
+from billingproxy.local_stack import free_port
+
+
+async def test_readiness_fails_while_the_database_is_unreachable() -> None:
+    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/billingproxy")
+    runner = web.AppRunner(admin.make_app(engine))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                body = await response.json()
+                assert response.status == 503
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200  # alive, just not ready
+    finally:
+        await runner.cleanup()
+        await engine.dispose()
+    assert body["status"] == "unavailable"
+    assert body["database"]  # the exception's class name, never its message (no URL, no password)
+
+
+def test_gc_pauses_are_timed_by_generation() -> None:
+    import gc
+
+    metrics.watch_gc_pauses()
+    metrics.watch_gc_pauses()  # idempotent: one hook
+    assert gc.callbacks.count(metrics._on_gc) == 1
+    full = metrics.gc_pause_seconds.labels("2")
+    before = _count(full)
+    gc.collect(2)
+    assert _count(full) == before + 1
+
+
+def _count(histogram) -> float:
+    return next(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))
