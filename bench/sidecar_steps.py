@@ -332,15 +332,17 @@ class Steps:
                     await steps[3].fetch(hold["wallet_id"], -self.cost, hold["amount_nano"])
                     await steps[4].fetch(request_id, self.cost)
 
-            way = "set_based"
+            def place_many(way: str) -> Callable[[int], Awaitable[None]]:
+                async def call(n: int) -> None:
+                    admitted = await holds.place_many(connection, hold_batches[way][n], ttl_s=600, strict=False)
+                    assert admitted == [holds.Admission.ADMITTED] * GROUP_COMMIT_BATCH, admitted
+                return call
 
-            async def place_many(n: int) -> None:
-                admitted = await holds.place_many(connection, hold_batches[way][n], ttl_s=600, strict=False)
-                assert admitted == [holds.Admission.ADMITTED] * GROUP_COMMIT_BATCH, admitted
-
-            async def settle_many(n: int) -> None:
-                outcomes = await holds.settle_many(connection, settle_batches[way][n])
-                assert outcomes == [holds.Settlement.POSTED] * GROUP_COMMIT_BATCH, outcomes
+            def settle_many(way: str) -> Callable[[int], Awaitable[None]]:
+                async def call(n: int) -> None:
+                    outcomes = await holds.settle_many(connection, settle_batches[way][n])
+                    assert outcomes == [holds.Settlement.POSTED] * GROUP_COMMIT_BATCH, outcomes
+                return call
 
             await self._local_cpu_per_request("place_sqlalchemy", place_sqlalchemy)
             # Two holds per call (one for each asyncpg settle variant).
@@ -356,9 +358,9 @@ class Steps:
                     # The threshold decides how place_many / settle_many send a batch of this size.
                     holds.SET_BATCH_MIN = set_batch_min if way == "set_based" else GROUP_COMMIT_BATCH + 1
                     suffix = "" if way == "set_based" else "_pipelined"
-                    await self._local_cpu_per_request(f"place_many{suffix}", place_many, rounds=rounds,
+                    await self._local_cpu_per_request(f"place_many{suffix}", place_many(way), rounds=rounds,
                                                       per_round=GROUP_COMMIT_BATCH, pg_pid=pg_pid)
-                    await self._local_cpu_per_request(f"settle_many{suffix}", settle_many, rounds=rounds,
+                    await self._local_cpu_per_request(f"settle_many{suffix}", settle_many(way), rounds=rounds,
                                                       per_round=GROUP_COMMIT_BATCH, pg_pid=pg_pid)
             finally:
                 holds.SET_BATCH_MIN = set_batch_min
