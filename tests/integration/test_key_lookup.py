@@ -19,6 +19,8 @@ from billing import database, keys, wallets
 pytestmark = pytest.mark.integration
 
 TTL_MS = 250  # a binary fraction of a second: the hand-moved clock stays exact
+# A refresher that has not run this long after start is broken (it runs every TTL/3).
+REFRESH_WAIT_S = 10.0
 
 
 class Clock:
@@ -74,6 +76,7 @@ async def test_a_key_in_use_is_answered_from_memory_across_many_ttls(
         started = time.monotonic()
         # Keep using the key until the refresher has re-read it five times (well over a TTL).
         while lookup.refreshes < 5:
+            assert time.monotonic() - started < REFRESH_WAIT_S, "the refresher did not run"
             assert await refused(lookup, authorization) is None
             await asyncio.sleep(0.005)
         assert time.monotonic() - started > TTL_MS / 1000
@@ -89,7 +92,9 @@ async def test_a_revoked_key_in_use_is_refused_within_the_ttl(
     lookup = KeyLookup(pool, TTL_MS)
     lookup.start()
     try:
+        started = time.monotonic()
         while lookup.refreshes < 2:  # the key is cached and being refreshed
+            assert time.monotonic() - started < REFRESH_WAIT_S, "the refresher did not run"
             assert await refused(lookup, authorization) is None
             await asyncio.sleep(0.005)
         await revoke(migrated_engine, key_id)
