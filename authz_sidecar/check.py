@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 from authz_sidecar import api_errors, envoy_config, metrics
 from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, holds, money, pricing
+from billing import database, holds, money, pricing, usage
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class Decider:
             holds.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
         )
         if outcome is holds.Admission.ADMITTED:
-            return {**base, "hold_id": request_id, "model": model}
+            return {**base, "hold_id": request_id, "model": model, **_usage_facts(path, request)}
         assert isinstance(outcome, holds.Refusal)
         if outcome.admission is holds.Admission.FUNDS_RESERVED:
             raise api_errors.funds_reserved(retry_after_s=1)
@@ -190,6 +190,30 @@ class Decider:
         )
         limit = price.max_output_tokens
         return min(requested, limit) if limit else requested
+
+
+# Where each endpoint's answer carries its usage (billing/usage.py), told to the Lua filter so it
+# never guesses from the path itself. Interim: the endpoint table (billing/endpoints.py) replaces it.
+_USAGE_FORMATS = {
+    "/v1/chat/completions": usage.Format.OPENAI_CHAT,
+    "/v1/completions": usage.Format.OPENAI_CHAT,
+    "/v1/responses": usage.Format.OPENAI_RESPONSES,
+    "/v1/embeddings": usage.Format.OPENAI_EMBEDDINGS,
+    "/v1/messages": usage.Format.ANTHROPIC_MESSAGES,
+}
+
+
+def _usage_facts(path: str, request: dict[str, Any]) -> dict[str, str]:
+    """``format``: the answer's usage format; ``stream_usage``: "1" when the Lua filter must turn
+    on ``stream_options.include_usage`` (an OpenAI chat/completions stream)."""
+    endpoint = path.split("?", 1)[0]
+    usage_format = _USAGE_FORMATS.get(endpoint)
+    if usage_format is None:
+        return {}
+    facts = {"format": usage_format.value}
+    if usage_format is usage.Format.OPENAI_CHAT and request.get("stream") is True:
+        facts["stream_usage"] = "1"
+    return facts
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
