@@ -26,6 +26,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
 from billing import database, holds, pricing
+from billing.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class FinishedRequest:
     request_id: str
     status: int
     model: str
-    usage: pricing.Usage | None
+    usage: Usage | None
     wallet_id: str = ""  # known when the Check admitted it: a settlement batch's lock order
 
 
@@ -97,7 +98,7 @@ def _finished(
     if usage is not None and usage("usage_seen") is True:
         try:
             prompt = int(usage("prompt_tokens"))
-            counted = pricing.Usage(
+            counted = Usage.tokens(
                 prompt_tokens=prompt,
                 completion_tokens=int(usage("completion_tokens") or 0),
                 cached_tokens=min(prompt, int(usage("cached_tokens") or 0)),
@@ -147,12 +148,21 @@ class Settler:
         if done.usage is None or price is None:
             return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate"}
         usage = done.usage
-        return self._prices.cost_nano(price, usage), {
+        try:
+            cost = self._prices.cost_nano(price, usage)
+        except pricing.UnpricedUsage as unpriced:
+            # The Check refuses requests that could incur an unpriced dimension; a backend that
+            # reports one anyway is charged the worst case, never $0 for it.
+            logger.warning("request %s: %s; charging its hold", done.request_id, unpriced)
+            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate",
+                                       "unpriced_usage": usage.details()}
+        return cost, {
             "status": done.status,
             "usage_source": "response",
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cached_tokens": usage.cached_tokens,
+            "prompt_tokens": usage.input_total,
+            "completion_tokens": usage.output_total,
+            "cached_tokens": usage.input_cached,
+            **({"usage": usage.details()} if usage.details().keys() - {"input_text", "input_cached", "output_text"} else {}),
         }
 
 

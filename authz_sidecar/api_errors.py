@@ -45,13 +45,16 @@ def key_refused(reason: str) -> ApiError:
     return ApiError(401, f"{reason}_api_key", f"This API key is {reason}.", "authentication_error")
 
 
-def insufficient_funds(top_up_url: str, balance_usd: str) -> ApiError:
+def insufficient_funds(top_up_url: str, balance_usd: str, **details: Any) -> ApiError:
+    """The journey's 403. ``details`` make it actionable (check.py): ``reason`` ("wallet_empty" or
+    "request_too_large"), the request's ``worst_case_usd``, ``available_usd``,
+    ``overdraft_limit_usd`` and ``max_tokens_that_fit``."""
     return ApiError(
         403,
         "insufficient_funds",
         "Insufficient funds. Please top up.",
         "insufficient_funds",
-        {"top_up_url": top_up_url, "balance_usd": balance_usd},
+        {"top_up_url": top_up_url, "balance_usd": balance_usd, **details},
     )
 
 

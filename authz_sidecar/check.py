@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 from authz_sidecar import api_errors, envoy_config, metrics
 from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, holds, money, pricing, usage
+from billing import database, endpoints, holds, money, pricing
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,13 +48,11 @@ def metadata_read(encoded: str) -> str:
 BILLING_UNAVAILABLE = api_errors.ApiError(
     503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
 )
-# Output-token fields a client may set, newest name first (OpenAI renamed max_tokens).
-_MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-_FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Holds are placed by at most HOLD_LANES transactions at once (pool connections they may take);
 # Checks arriving meanwhile go together in the next one.
 HOLD_LANES = 2
 HOLD_BATCH_MAX = 64
+EMPTY_WALLETS_MAX = 10_000
 
 
 class Decider:
@@ -68,6 +66,9 @@ class Decider:
         self._prices = prices
         self._db = db  # the sidecar's asyncpg pool: the hold is one prepared statement
         self._keys = key_lookup
+        self._endpoints = endpoints.EndpointTable(settings.endpoints)
+        # Wallets refused as empty: wallet id → (refuse unparsed until, balance then).
+        self._empty_wallets: dict[str, tuple[float, int]] = {}
         self._top_up_url = f"{settings.public_url}/billing/topup"
         # Checks in flight together share one transaction (billing.holds.place_many).
         self._holds: GroupCommit[holds.HoldRequest, holds.Admission | holds.Refusal] = GroupCommit(
@@ -128,13 +129,28 @@ class Decider:
     async def decide(
         self, *, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> dict[str, Any]:
-        """Dynamic metadata for an admitted request; raises :class:`ApiError` to deny it."""
-        key = await self._keys.authenticate(headers.get("authorization"))
-        base = {"wallet_id": key.wallet_id, "key_id": key.id}
-        if method in _FREE_METHODS:
-            return base  # listing models costs nothing: no hold, nothing to settle
+        """Dynamic metadata for an admitted request; raises :class:`ApiError` to deny it.
 
-        request = _json_object(body)
+        The cheap refusals come first: an endpoint outside the table and a bad key cost nothing
+        to refuse, before the body (up to 4 MiB) is parsed.
+        """
+        endpoint = self._endpoints.find(method, path)
+        if endpoint is None:
+            raise api_errors.ApiError(
+                404, "endpoint_not_supported",
+                f"{method} {path.split('?', 1)[0]} is not an endpoint this gateway meters.",
+            )
+        key = await self._keys.authenticate(_client_key(headers))
+        base = {"wallet_id": key.wallet_id, "key_id": key.id}
+        if endpoint.usage_format is None or endpoint.read is None:
+            return base  # listing models costs nothing: no hold, nothing to settle
+        empty = self._empty_wallets.get(key.wallet_id)
+        if empty is not None and time.monotonic() < empty[0]:
+            # Refused as empty a moment ago: refuse again before parsing (a 4 MiB body costs
+            # tens of milliseconds of the event loop every other wallet shares).
+            raise api_errors.insufficient_funds(self._top_up_url, money.format_usd(empty[1]), reason="wallet_empty")
+
+        request = request_body(headers.get("content-type"), body)
         model = request.get("model")
         if not isinstance(model, str) or not model:
             raise api_errors.ApiError(
@@ -155,21 +171,38 @@ class Decider:
                 f"This API key may not use the model {model!r}.",
                 extra={"param": "model"},
             )
+        try:
+            worst = endpoint.read(request, price.max_output_tokens or self._settings.hold_default_max_tokens)
+        except endpoints.RequestRefused as refused:
+            raise api_errors.ApiError(
+                400, refused.code, refused.message, extra={"param": refused.param} if refused.param else {}
+            ) from None
+        unpriced = price.unpriced_for(worst.dimensions)
+        if unpriced is not None:
+            raise api_errors.ApiError(
+                400,
+                "model_not_priced",
+                f"The model {model!r} has a cost this gateway does not price ({unpriced}), so this "
+                "request cannot be billed exactly.",
+                extra={"param": "model", "dimension": unpriced},
+            )
+        prompt_tokens = self._prompt_bound(worst, len(body), price)
 
         request_id = headers.get("x-request-id")
         if not request_id:
             # Envoy always sets it with the rendered config; without it nothing could be settled.
             raise api_errors.ApiError(503, "no_request_id", "The gateway is misconfigured.", "api_error")
         amount = self._prices.hold_nano(
-            price,
-            prompt_tokens=pricing.prompt_tokens_bound(len(body)),
-            max_output_tokens=self._max_output_tokens(path, request, price),
+            price, prompt_tokens=prompt_tokens, max_output_tokens=worst.output_tokens, dimensions=worst.dimensions
         )
         outcome = await self._holds.submit(
             holds.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
         )
         if outcome is holds.Admission.ADMITTED:
-            return {**base, "hold_id": request_id, "model": model, **_usage_facts(path, request)}
+            facts = {**base, "hold_id": request_id, "model": model, "format": endpoint.usage_format.value}
+            if worst.stream_usage:
+                facts["stream_usage"] = "1"
+            return facts
         assert isinstance(outcome, holds.Refusal)
         if outcome.admission is holds.Admission.FUNDS_RESERVED:
             raise api_errors.funds_reserved(retry_after_s=1)
@@ -179,50 +212,130 @@ class Decider:
             raise api_errors.payment_disputed()
         if outcome.admission is holds.Admission.DUPLICATE_REQUEST:
             raise api_errors.ApiError(409, "duplicate_request", "This request id was already used.")
-        raise api_errors.insufficient_funds(self._top_up_url, money.format_usd(outcome.balance_nano))
+        error = self._insufficient_funds(outcome, amount, price, prompt_tokens, worst)
+        if error.extra.get("reason") == "wallet_empty":
+            self._remember_empty(key.wallet_id, outcome.balance_nano)
+        raise error
 
-    def _max_output_tokens(self, path: str, request: dict[str, Any], price: pricing.ModelPrice) -> int:
-        if path.split("?", 1)[0].endswith("/embeddings"):
-            return 0
-        requested = next(
-            (request[f] for f in _MAX_OUTPUT_FIELDS if isinstance(request.get(f), int) and request[f] > 0),
-            self._settings.hold_default_max_tokens,
+    def _remember_empty(self, wallet_id: str, balance_nano: int) -> None:
+        """Refuse this wallet's next requests unparsed for one key-cache period (a top-up is seen
+        as late as a key change is)."""
+        if len(self._empty_wallets) >= EMPTY_WALLETS_MAX:
+            now = time.monotonic()
+            self._empty_wallets = {w: e for w, e in self._empty_wallets.items() if e[0] > now}
+            if len(self._empty_wallets) >= EMPTY_WALLETS_MAX:
+                self._empty_wallets.clear()
+        self._empty_wallets[wallet_id] = (time.monotonic() + self._settings.key_cache_ttl_ms / 1000, balance_nano)
+
+    def _prompt_bound(self, worst: endpoints.WorstCase, body_bytes: int, price: pricing.ModelPrice) -> int:
+        """One token per body byte, never more than the model's context window; the whole window
+        when the prompt references content whose tokens are not its bytes (images, files)."""
+        window = price.max_input_tokens
+        if worst.prompt_in_body:
+            bound = pricing.prompt_tokens_bound(body_bytes)
+            return bound if window is None else min(bound, window)
+        if window is None:
+            raise api_errors.ApiError(
+                400,
+                "model_not_priced",
+                f"The model {price.model!r} has no known context window, so a request with images or "
+                "files cannot be bounded before it is served; send text only.",
+                extra={"param": "model", "dimension": "max_input_tokens"},
+            )
+        return window
+
+    def _insufficient_funds(
+        self, refusal: holds.Refusal, amount: int, price: pricing.ModelPrice, prompt_tokens: int,
+        worst: endpoints.WorstCase,
+    ) -> api_errors.ApiError:
+        """The journey's 403, made actionable: is the wallet empty or this request too large, what
+        it may cost at worst, and the largest max_tokens that would fit what is left."""
+        limit = getattr(refusal, "overdraft_limit_nano", 0)
+        room = refusal.balance_nano - refusal.reserved_nano + limit
+        fits = self._prices.output_within(
+            price, room, prompt_tokens=prompt_tokens, choices=worst.choices, dimensions=worst.dimensions
         )
-        limit = price.max_output_tokens
-        return min(requested, limit) if limit else requested
+        reason = "wallet_empty" if refusal.balance_nano + limit <= 0 else "request_too_large"
+        return api_errors.insufficient_funds(
+            self._top_up_url,
+            money.format_usd(refusal.balance_nano),
+            reason=reason,
+            worst_case_usd=money.format_usd(amount),
+            available_usd=money.format_usd(refusal.balance_nano - refusal.reserved_nano),
+            overdraft_limit_usd=money.format_usd(limit),
+            max_tokens_that_fit=fits if reason == "request_too_large" else 0,
+        )
 
 
-# Where each endpoint's answer carries its usage (billing/usage.py), told to the Lua filter so it
-# never guesses from the path itself. Interim: the endpoint table (billing/endpoints.py) replaces it.
-_USAGE_FORMATS = {
-    "/v1/chat/completions": usage.Format.OPENAI_CHAT,
-    "/v1/completions": usage.Format.OPENAI_CHAT,
-    "/v1/responses": usage.Format.OPENAI_RESPONSES,
-    "/v1/embeddings": usage.Format.OPENAI_EMBEDDINGS,
-    "/v1/messages": usage.Format.ANTHROPIC_MESSAGES,
-}
+def _client_key(headers: dict[str, str]) -> str | None:
+    """The client's key: ``Authorization: Bearer …`` (OpenAI SDKs) or ``x-api-key`` (Anthropic's)."""
+    authorization = headers.get("authorization")
+    if authorization:
+        return authorization
+    api_key = headers.get("x-api-key")
+    return f"Bearer {api_key}" if api_key else None
 
 
-def _usage_facts(path: str, request: dict[str, Any]) -> dict[str, str]:
-    """``format``: the answer's usage format; ``stream_usage``: "1" when the Lua filter must turn
-    on ``stream_options.include_usage`` (an OpenAI chat/completions stream)."""
-    endpoint = path.split("?", 1)[0]
-    usage_format = _USAGE_FORMATS.get(endpoint)
-    if usage_format is None:
-        return {}
-    facts = {"format": usage_format.value}
-    if usage_format is usage.Format.OPENAI_CHAT and request.get("stream") is True:
-        facts["stream_usage"] = "1"
-    return facts
+# Nesting deeper than this is no LLM request; the Lua filter walks the same body.
+JSON_DEPTH_MAX = 64
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        request = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        request = None
-    if not isinstance(request, dict):
+def request_body(content_type: str | None, body: bytes) -> dict[str, Any]:
+    """The body as the backend will read it, decided once (docs/decisions/0001): JSON, UTF-8
+    without a byte-order mark, an object, no duplicate keys (a backend keeping the first of two
+    "model" keys would serve a model other than the one billed), no NaN, at most
+    :data:`JSON_DEPTH_MAX` deep. Anything else is refused before any hold, so the Check, the
+    Lua filter and the backend never read one body three ways."""
+    media_type, _, parameters = (content_type or "").partition(";")
+    charset = parameters.strip().lower().replace(" ", "")
+    if media_type.strip().lower() != "application/json" or charset not in ("", "charset=utf-8"):
         raise api_errors.ApiError(
-            400, "invalid_json", "The request body must be a JSON object with a \"model\"."
+            415, "unsupported_media_type",
+            "Send the request body as JSON with 'Content-Type: application/json' (UTF-8).",
+        )
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise api_errors.ApiError(400, "invalid_json", "The request body must be UTF-8 JSON without a byte-order mark.")
+    try:
+        request = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _DuplicateKey as duplicate:
+        raise api_errors.ApiError(
+            400, "duplicate_key", f"The key {duplicate.args[0]!r} appears twice in one object."
+        ) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        request = None
+    if not isinstance(request, dict) or not _shallow(request):
+        raise api_errors.ApiError(
+            400, "invalid_json",
+            f"The request body must be a UTF-8 JSON object with a \"model\", nested at most {JSON_DEPTH_MAX} deep.",
         )
     return request
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateKey(name)
+            seen.add(name)
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _shallow(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > JSON_DEPTH_MAX:
+            return False
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return True

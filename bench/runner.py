@@ -43,6 +43,7 @@ import yaml
 
 from authz_sidecar import envoy_config
 from billing import database, ledger, pricing, wallets
+from billing.usage import Usage
 from billingproxy import envoy_process
 from billingproxy.local_stack import Stack, free_port, free_ports_env
 from billingproxy.postgres_server import EmbeddedPostgres
@@ -460,7 +461,7 @@ class Bench:
         settings = self.stack.settings
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
         price = prices.price(workload.MODEL)
-        expected_cost = prices.cost_nano(price, pricing.Usage(
+        expected_cost = prices.cost_nano(price, Usage.tokens(
             prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS))
         async with self.engine.connect() as conn:
             ids = {"ids": self.wallet_ids}

@@ -56,6 +56,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from billing import holds, ledger, pricing, tables, wallets
+from billing.usage import Usage
 from authz_sidecar import access_log as access_log_mod
 from authz_sidecar import check as check_mod
 from authz_sidecar import envoy_config
@@ -151,7 +152,7 @@ class Steps:
             self.keys = [await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
                          for _ in range(self.calls + 1)]
         price = self.prices.price(workload.MODEL)
-        self.cost = self.prices.cost_nano(price, pricing.Usage(
+        self.cost = self.prices.cost_nano(price, Usage.tokens(
             prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS))
 
     async def _sidecar_cpu_per_call(self, name: str, calls: Callable[[], Awaitable[None]]) -> None:

@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from billing import money
+from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
 _NANO_PER_CENT = money.NANO_PER_USD // 100
@@ -52,6 +53,10 @@ class Settings:
     backend_url: str = ""
     # -- credential Envoy sends to the backend in place of the client's key. Empty: none.
     backend_api_key: str = ""
+    # -- the endpoints the gateway meters and forwards, comma-separated names from
+    #    billing/endpoints.py (chat_completions, completions, embeddings, responses, messages,
+    #    models); every other path answers 404 endpoint_not_supported without reaching the backend.
+    endpoints: tuple[str, ...] = ENDPOINT_NAMES
 
     # --- network -------------------------------------------------------------------------------
     # -- address every listener binds to.
@@ -118,6 +123,12 @@ class Settings:
         if self.check_transport not in ("http", "grpc"):
             raise SettingsError(
                 f"{ENV_PREFIX}CHECK_TRANSPORT must be 'http' or 'grpc', not {self.check_transport!r}"
+            )
+        unknown = [name for name in self.endpoints if name not in ENDPOINT_NAMES]
+        if unknown or not self.endpoints:
+            raise SettingsError(
+                f"{ENV_PREFIX}ENDPOINTS must name one or more of {', '.join(ENDPOINT_NAMES)}, "
+                f"not {','.join(self.endpoints)!r}"
             )
         if self.upstream_timeout_s >= self.hold_ttl_s:
             raise SettingsError(
@@ -245,6 +256,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         markup_percent=markup,
         backend_url=(env.get(ENV_PREFIX + "BACKEND_URL") or "").rstrip("/"),
         backend_api_key=env.get(ENV_PREFIX + "BACKEND_API_KEY", ""),
+        endpoints=tuple(
+            name.strip() for name in (env.get(ENV_PREFIX + "ENDPOINTS") or ",".join(defaults.endpoints)).split(",")
+            if name.strip()
+        ),
         bind_host=bind_host,
         gateway_port=gateway_port,
         http_port=_port(env, "HTTP_PORT", defaults.http_port),

@@ -54,6 +54,10 @@ class Usage:
     @classmethod
     def tokens(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         """The plain text case: prompt (of which ``cached_tokens`` from cache) and completion."""
+        for name, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens),
+                            ("cached_tokens", cached_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
         if cached_tokens > prompt_tokens:
             raise ValueError("cached_tokens cannot exceed prompt_tokens")
         return cls(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from billing import holds, pricing, wallets
+from billing.usage import Usage
 from billingproxy.local_stack import free_port
 
 pytestmark = pytest.mark.integration
@@ -192,8 +193,8 @@ async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tm
 
     prices = pricing.load(None, Decimal(0))
     price = prices.price("gpt-4o-mini")
-    ok_cost = prices.cost_nano(price, pricing.Usage(prompt_tokens=9, completion_tokens=16))
-    late_cost = prices.cost_nano(price, pricing.Usage(prompt_tokens=100, completion_tokens=10))
+    ok_cost = prices.cost_nano(price, Usage.tokens(prompt_tokens=9, completion_tokens=16))
+    late_cost = prices.cost_nano(price, Usage.tokens(prompt_tokens=100, completion_tokens=10))
 
     first = await db.acli("reconcile", str(log))
     assert first.returncode == 0, first.stderr

@@ -7,6 +7,7 @@ import pytest
 
 from authz_sidecar.access_log import FinishedRequest, finished_request_from_json
 from billing import pricing
+from billing.usage import Usage
 
 HOLD = {"x-billingproxy-hold-id": "r1", "x-billingproxy-wallet-id": "wal_1",
         "x-billingproxy-key-id": "key_1", "x-billingproxy-model": "gemini%2Fgemini-2.5-flash"}
@@ -21,7 +22,7 @@ def line(**changes):
 def test_a_billed_request_with_its_usage() -> None:
     assert finished_request_from_json(line()) == FinishedRequest(
         request_id="r1", status=200, model="gemini/gemini-2.5-flash",
-        usage=pricing.Usage(prompt_tokens=7, completion_tokens=5, cached_tokens=7),  # cached ≤ prompt
+        usage=Usage.tokens(prompt_tokens=7, completion_tokens=5, cached_tokens=7),  # cached ≤ prompt
         wallet_id="wal_1",
     )
 

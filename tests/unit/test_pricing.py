@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from billing import pricing
+from billing.usage import Usage
 
 MILLION = Decimal(1_000_000)
 
@@ -25,12 +26,8 @@ def litellm_prices() -> dict[str, pricing.ModelPrice]:
 def price(
     input_usd: str, output_usd: str, cached_usd: str | None = None, model: str = "m"
 ) -> pricing.ModelPrice:
-    return pricing.ModelPrice(
-        model=model,
-        input_usd_per_token=Decimal(input_usd),
-        output_usd_per_token=Decimal(output_usd),
-        cached_input_usd_per_token=Decimal(cached_usd if cached_usd is not None else input_usd),
-        max_output_tokens=None,
+    return pricing.ModelPrice.tokens(
+        model, Decimal(input_usd), Decimal(output_usd), None if cached_usd is None else Decimal(cached_usd),
         source="test",
     )
 
@@ -118,7 +115,7 @@ def test_unknown_model_is_unpriced() -> None:
 
 def test_cost_of_gpt_4o_mini_with_cached_tokens(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
     book = pricing.PriceBook(litellm_prices)
-    usage = pricing.Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=200)
+    usage = Usage.tokens(prompt_tokens=1000, completion_tokens=500, cached_tokens=200)
     # 800 × 1.5e-7 + 200 × 7.5e-8 + 500 × 6e-7 = 0.00012 + 0.000015 + 0.0003 = 0.000435 USD
     expected_usd = 800 * Decimal("1.5e-7") + 200 * Decimal("7.5e-8") + 500 * Decimal("6e-7")
     assert expected_usd == Decimal("0.000435")
@@ -128,8 +125,8 @@ def test_cost_of_gpt_4o_mini_with_cached_tokens(litellm_prices: dict[str, pricin
 def test_cost_without_cache(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
     book = pricing.PriceBook(litellm_prices)
     mini = litellm_prices["gpt-4o-mini"]
-    assert book.cost_nano(mini, pricing.Usage(prompt_tokens=10, completion_tokens=20)) == 1_500 + 12_000
-    assert book.cost_nano(mini, pricing.Usage(prompt_tokens=0, completion_tokens=0)) == 0
+    assert book.cost_nano(mini, Usage.tokens(prompt_tokens=10, completion_tokens=20)) == 1_500 + 12_000
+    assert book.cost_nano(mini, Usage.tokens(prompt_tokens=0, completion_tokens=0)) == 0
 
 
 @pytest.mark.parametrize(
@@ -146,7 +143,7 @@ def test_markup_is_applied_before_the_one_rounding(
     litellm_prices: dict[str, pricing.ModelPrice], markup: str, expected_nano: int
 ) -> None:
     book = pricing.PriceBook(litellm_prices, Decimal(markup))
-    usage = pricing.Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=200)
+    usage = Usage.tokens(prompt_tokens=1000, completion_tokens=500, cached_tokens=200)
     assert book.cost_nano(litellm_prices["gpt-4o-mini"], usage) == expected_nano
     assert book.markup_percent == Decimal(markup)
 
@@ -155,20 +152,20 @@ def test_markup_is_applied_before_the_one_rounding(
     ("model_price", "usage", "expected_nano"),
     [
         # 0.15 nano per input token
-        (price("1.5e-10", "0"), pricing.Usage(1, 0), 1),
-        (price("1.5e-10", "0"), pricing.Usage(3, 0), 1),  # 0.45 → 1
-        (price("1.5e-10", "0"), pricing.Usage(10, 0), 2),  # 1.5 → 2
-        (price("1.5e-10", "0"), pricing.Usage(20, 0), 3),  # exactly 3: no rounding
+        (price("1.5e-10", "0"), Usage.tokens(1, 0), 1),
+        (price("1.5e-10", "0"), Usage.tokens(3, 0), 1),  # 0.45 → 1
+        (price("1.5e-10", "0"), Usage.tokens(10, 0), 2),  # 1.5 → 2
+        (price("1.5e-10", "0"), Usage.tokens(20, 0), 3),  # exactly 3: no rounding
         # 0.4 + 0.4 = 0.8 nano → 1. Rounding each part up first would give 2.
-        (price("4e-10", "4e-10"), pricing.Usage(1, 1), 1),
+        (price("4e-10", "4e-10"), Usage.tokens(1, 1), 1),
         # 0.4 uncached + 0.1 cached + 0.4 output = 0.9 → 1 (per part: 3)
-        (price("4e-10", "4e-10", "1e-10"), pricing.Usage(2, 1, cached_tokens=1), 1),
+        (price("4e-10", "4e-10", "1e-10"), Usage.tokens(2, 1, cached_tokens=1), 1),
         # A nano-fraction far below the ninth decimal still costs a whole nano.
-        (price("1e-30", "0"), pricing.Usage(1, 0), 1),
+        (price("1e-30", "0"), Usage.tokens(1, 0), 1),
     ],
 )
 def test_cost_is_rounded_up_once(
-    model_price: pricing.ModelPrice, usage: pricing.Usage, expected_nano: int
+    model_price: pricing.ModelPrice, usage: Usage, expected_nano: int
 ) -> None:
     assert pricing.PriceBook({}).cost_nano(model_price, usage) == expected_nano
 
@@ -176,15 +173,15 @@ def test_cost_is_rounded_up_once(
 def test_markup_on_a_fraction_is_rounded_once() -> None:
     half_nano = price("5e-10", "0")
     # 0.5 nano × 2 = exactly 1 nano. Rounding before the markup would give 1 × 2 = 2.
-    assert pricing.PriceBook({}, Decimal(100)).cost_nano(half_nano, pricing.Usage(1, 0)) == 1
+    assert pricing.PriceBook({}, Decimal(100)).cost_nano(half_nano, Usage.tokens(1, 0)) == 1
     # 10 nano × 1.0001 = 10.001 → 11.
     ten_nano = price("1e-8", "0")
-    assert pricing.PriceBook({}, Decimal("0.01")).cost_nano(ten_nano, pricing.Usage(1, 0)) == 11
+    assert pricing.PriceBook({}, Decimal("0.01")).cost_nano(ten_nano, Usage.tokens(1, 0)) == 11
 
 
 def test_large_usage_stays_exact() -> None:
     model_price = price("0.000000123456789", "0.000000987654321")
-    usage = pricing.Usage(prompt_tokens=10**12 + 7, completion_tokens=3 * 10**11 + 1)
+    usage = Usage.tokens(prompt_tokens=10**12 + 7, completion_tokens=3 * 10**11 + 1)
     expected = (10**12 + 7) * 123 + (10**12 + 7) * Decimal("0.456789") + (3 * 10**11 + 1) * Decimal(
         "987.654321"
     )  # in nano-USD
@@ -215,7 +212,7 @@ def test_hold_assumes_no_cache_and_the_full_output_budget(
 )
 def test_usage_refuses_impossible_counts(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        pricing.Usage(**kwargs)  # type: ignore[arg-type]
+        Usage.tokens(**kwargs)  # type: ignore[arg-type]
 
 
 def test_prompt_tokens_bound_is_one_token_per_byte() -> None:
@@ -280,7 +277,7 @@ def test_overrides_are_read_exactly(tmp_path: Path) -> None:
     assert quoted.max_output_tokens is None
 
     # One million input tokens of my-model cost exactly 0.15 USD.
-    assert book.cost_nano(mine, pricing.Usage(prompt_tokens=1_000_000, completion_tokens=0)) == 150_000_000
+    assert book.cost_nano(mine, Usage.tokens(prompt_tokens=1_000_000, completion_tokens=0)) == 150_000_000
 
 
 def test_override_replaces_a_litellm_price_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -322,7 +319,7 @@ def test_markup_passed_to_load(tmp_path: Path) -> None:
     mine = book.price("my-model")
     assert mine is not None
     # 1e6 × 1.5e-7 × 1.2 = 0.18 USD
-    assert book.cost_nano(mine, pricing.Usage(prompt_tokens=1_000_000, completion_tokens=0)) == 180_000_000
+    assert book.cost_nano(mine, Usage.tokens(prompt_tokens=1_000_000, completion_tokens=0)) == 180_000_000
 
 
 @pytest.mark.parametrize("text", ["", "# nothing\n", "models:\n", "models: {}\n"])
@@ -380,3 +377,81 @@ def test_bad_overrides_are_refused_with_a_message_saying_where(
 def test_missing_override_file(tmp_path: Path) -> None:
     with pytest.raises(pricing.PricingError, match="cannot read"):
         pricing.load(tmp_path / "absent.yaml")
+
+
+# --- every dimension (issue 10, finding 3) --------------------------------------------------------
+
+
+def test_every_cost_key_of_the_map_is_priced_refused_or_named(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
+    image = litellm_prices["gpt-image-1"]
+    # Image tokens cost $40/M output: never billed $0 — the model is refused, naming the key.
+    assert image.unpriced_for({"input_text", "output_text"}) == "cache_read_input_image_token_cost"
+    assert litellm_prices["gpt-4o-mini"].unpriced_for({"input_text", "input_cached", "output_text"}) is None
+
+
+def test_anthropic_cache_writes_and_reads_are_priced(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
+    sonnet = litellm_prices["claude-sonnet-4-5"]
+    book = pricing.PriceBook(litellm_prices)
+    usage = Usage(input_text=1000, input_cached=20_000, input_cache_write_5m=30_000, input_cache_write_1h=4000,
+                  output_text=500)
+    # 1000 × 3e-6 + 20000 × 3e-7 + 30000 × 3.75e-6 + 4000 × 6e-6 + 500 × 1.5e-5
+    expected = Decimal("0.003") + Decimal("0.006") + Decimal("0.1125") + Decimal("0.024") + Decimal("0.0075")
+    assert book.cost_nano(sonnet, usage) == int(expected * 10**9) == 153_000_000
+
+
+def test_audio_is_priced_at_its_own_rate_or_refused(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
+    flash = litellm_prices["gemini/gemini-2.5-flash"]
+    book = pricing.PriceBook(litellm_prices)
+    assert book.cost_nano(flash, Usage(input_audio=1_000_000)) == 1_000_000_000  # $1/M audio, not $0.30/M
+    # Its cached audio has a price of its own the gateway does not bill: audio input is refused.
+    assert flash.unpriced_for({"input_text", "input_audio"}) == "cache_read_input_audio_token_cost"
+    mini = litellm_prices["gpt-4o-mini"]
+    assert mini.unpriced_for({"input_text", "output_audio"}) == "output_cost_per_audio_token"
+    with pytest.raises(pricing.UnpricedUsage):
+        book.cost_nano(mini, Usage(output_audio=1))
+
+
+def test_reasoning_has_its_own_rate_when_the_map_gives_one(tmp_path: Path) -> None:
+    path = tmp_path / "map.json"
+    path.write_text('{"r": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,'
+                    ' "output_cost_per_reasoning_token": 5e-06}}', encoding="utf-8")
+    r = pricing.load_litellm_prices(path)["r"]
+    assert pricing.PriceBook({}).cost_nano(r, Usage(output_text=1, output_reasoning=1)) == 7_000
+
+
+def test_long_context_tiers_price_the_whole_request(tmp_path: Path) -> None:
+    path = tmp_path / "map.json"
+    path.write_text(
+        '{"t": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,'
+        ' "input_cost_per_token_above_200k_tokens": 3e-06, "output_cost_per_token_above_200k_tokens": 4e-06,'
+        ' "input_cost_per_token_above_200k_tokens_priority": 9e-06, "unknown_cost_per_widget": 1}}',
+        encoding="utf-8",
+    )
+    t = pricing.load_litellm_prices(path)["t"]
+    book = pricing.PriceBook({})
+    assert book.cost_nano(t, Usage(input_text=200_000, output_text=1)) == 200_000 * 1_000 + 2_000
+    assert book.cost_nano(t, Usage(input_text=200_001, output_text=1)) == 200_001 * 3_000 + 4_000
+    # The hold takes the higher tier whatever the prompt: the bound holds either side of it.
+    assert book.hold_nano(t, prompt_tokens=1, max_output_tokens=1) == 3_000 + 4_000
+    assert t.unpriced == ("unknown_cost_per_widget",)  # never billed $0: the model is refused
+
+
+def test_hold_is_the_highest_rate_of_the_dimensions_the_endpoint_can_carry(
+    litellm_prices: dict[str, pricing.ModelPrice],
+) -> None:
+    sonnet = litellm_prices["claude-sonnet-4-5"]
+    book = pricing.PriceBook(litellm_prices)
+    anthropic = {"input_text", "input_cached", "input_cache_write_5m", "input_cache_write_1h", "output_text"}
+    # Every prompt token may be a 1-hour cache write (6e-6), not plain input (3e-6).
+    assert book.hold_nano(sonnet, prompt_tokens=1000, max_output_tokens=0, dimensions=anthropic) == 6_000_000
+
+
+def test_largest_output_that_fits_a_budget(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
+    mini = litellm_prices["gpt-4o-mini"]
+    book = pricing.PriceBook(litellm_prices)
+    dims = {"input_text", "output_text"}
+    budget = 10_000_000  # $0.01
+    fit = book.output_within(mini, budget, prompt_tokens=1000, choices=2, dimensions=dims)
+    assert book.hold_nano(mini, prompt_tokens=1000, max_output_tokens=2 * fit, dimensions=dims) <= budget
+    assert book.hold_nano(mini, prompt_tokens=1000, max_output_tokens=2 * (fit + 1), dimensions=dims) > budget
+    assert book.output_within(mini, 0, prompt_tokens=1000, choices=1, dimensions=dims) == 0
