@@ -152,13 +152,16 @@ async def _wallet_of(request: web.Request) -> wallets.Wallet:
 
 async def balance(request: web.Request) -> web.Response:
     wallet = await _wallet_of(request)
+    strict = request.app[SETTINGS].strict
     return _json(
         {
             "wallet_id": wallet.id,
             "balance_usd": money.format_usd(wallet.balance_nano),
             "reserved_usd": money.format_usd(wallet.reserved_nano),
             "available_usd": money.format_usd(wallet.available_nano),
-            "state": wallet.state,
+            # The limit admission applies (0 in strict mode): the balance never goes below minus it.
+            "overdraft_limit_usd": money.format_usd(wallet.overdraft_limit_in(strict=strict)),
+            "state": wallet.state_in(strict=strict),
         }
     )
 

@@ -7,10 +7,12 @@ expired by ``expire_due``: its reservation is released and nothing is charged th
 request's access-log entry still arrive later, the actual cost is posted as usual. So every
 admitted request ends in exactly one charge or none, never two.
 
-Admission (DESIGN.md): admit while ``available = balance - reserved > 0``; in strict mode only
-when ``available >= hold``; never while the wallet is ``suspended`` (the operator's and admins'
-switch) or ``disputed`` (an open Stripe dispute, billing/payments.py). The test and the
-reservation are one UPDATE, so concurrent Checks on one wallet cannot both see the same money.
+Admission (DESIGN.md): admit only while ``balance - reserved - hold >= -overdraft_limit``, the
+wallet's own limit (``wallets.overdraft_limit_nano``; 0 for every wallet in strict mode), so no
+wallet ever goes below −(its limit), however large one request or however many run at once;
+never while the wallet is ``suspended`` (the operator's and admins' switch) or ``disputed`` (an
+open Stripe dispute, billing/payments.py). The test and the reservation are one UPDATE, so
+concurrent Checks on one wallet cannot both see the same money.
 
 Every function here is the SQL the sidecar runs, on an asyncpg connection (``billing.database``):
 each hot-path call is one prepared statement in one round trip. A SQLAlchemy ``AsyncConnection``
@@ -35,9 +37,10 @@ Conn = AsyncConnection | database.Connection
 
 class Admission(enum.Enum):
     ADMITTED = "admitted"
-    # The money is gone (balance <= 0), or in strict mode this request could never be covered.
+    # The hold does not fit even with every reservation released: the wallet is empty, or this
+    # request is too large for what is left (:class:`Shortfall` says which).
     INSUFFICIENT_FUNDS = "insufficient_funds"
-    # There is money, but requests in flight have reserved all of it: retry shortly.
+    # The hold would fit if the requests in flight released their reservations: retry shortly.
     FUNDS_RESERVED = "funds_reserved"
     # Switched off by its operator or an admin (``wallets.suspended``).
     WALLET_SUSPENDED = "wallet_suspended"
@@ -48,6 +51,16 @@ class Admission(enum.Enum):
     # The request id already names a hold of another wallet, or one already settled: a replayed
     # or forged id. Envoy mints ids itself, so this is never a legitimate retry.
     DUPLICATE_REQUEST = "duplicate_request"
+
+
+class Shortfall(enum.Enum):
+    """Why an ``INSUFFICIENT_FUNDS`` refusal: what the client can do about it differs."""
+
+    # Nothing can be spent: ``balance + limit <= 0``. Only a top-up helps.
+    WALLET_EMPTY = "wallet_empty"
+    # ``balance + limit > 0``, but this hold is larger than that: a smaller request (a lower
+    # ``max_tokens``) may fit; a top-up helps too.
+    REQUEST_TOO_LARGE = "request_too_large"
 
 
 class ChargeHold(enum.Enum):
@@ -72,7 +85,10 @@ class Settlement(enum.Enum):
 
 # Admission and reservation in one statement: the wallet row is updated only if it admits the
 # request, and the hold inserted only if it was. Concurrent Checks on one wallet queue on that
-# row's lock, and each is tested against the reservations of those before it.
+# row's lock, and each is tested against the reservations of those before it. The rule,
+# ``balance - reserved - hold >= -limit``, is written ``balance - reserved + limit >= hold``
+# (strict mode: limit 0); since every admission keeps it, ``balance - reserved >= -limit`` holds
+# between settlements, and a settlement at most the hold keeps it too.
 # $1 request id, $2 wallet, $3 key, $4 model, $5 amount, $6 TTL in seconds, $7 strict.
 PLACE_SQL = """
 WITH admitted AS (
@@ -81,8 +97,8 @@ WITH admitted AS (
      WHERE id = $2::text
        AND NOT suspended
        AND NOT disputed
-       AND balance_nano - reserved_nano > 0
-       AND (NOT $7::boolean OR balance_nano - reserved_nano >= $5::bigint)
+       AND balance_nano - reserved_nano
+           + CASE WHEN $7::boolean THEN 0 ELSE overdraft_limit_nano END >= $5::bigint
  RETURNING id
 )
 INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
@@ -96,14 +112,33 @@ _HOLDS_PENDING = """
 SELECT 1 FROM holds WHERE request_id = $1::text AND wallet_id = $2::text AND state = 'pending'
 """
 
-_WALLET_STATE = "SELECT balance_nano, reserved_nano, suspended, disputed FROM wallets WHERE id = $1::text"
+_WALLET_STATE = """
+SELECT balance_nano, reserved_nano, overdraft_limit_nano, suspended, disputed FROM wallets WHERE id = $1::text
+"""
 
 
 @dataclasses.dataclass(frozen=True)
 class Refusal:
+    """A hold not placed, with what the Check needs to tell the client why and what would fit.
+
+    The money fields are the wallet as read right after the refusal; ``overdraft_limit_nano``
+    is the limit the rule applied (0 in strict mode, whatever the wallet's own). Unknown wallets
+    and duplicate request ids carry zeros.
+    """
+
     admission: Admission
     balance_nano: int = 0
     reserved_nano: int = 0
+    overdraft_limit_nano: int = 0
+    # The hold that did not fit: the request's worst-case cost.
+    amount_nano: int = 0
+    # Set exactly when ``admission`` is INSUFFICIENT_FUNDS.
+    shortfall: Shortfall | None = None
+
+    @property
+    def headroom_nano(self) -> int:
+        """The largest hold the wallet would admit now (``balance - reserved + limit``, at least 0)."""
+        return max(0, self.balance_nano - self.reserved_nano + self.overdraft_limit_nano)
 
 
 async def place(
@@ -139,7 +174,7 @@ async def place(
             # but only a retry of that same request (same wallet, still pending) may ride on it.
             if await _holds_pending(pg, request_id, wallet_id):
                 return Admission.ADMITTED
-            return Refusal(Admission.DUPLICATE_REQUEST)
+            return Refusal(Admission.DUPLICATE_REQUEST, amount_nano=amount_nano)
         if placed is not None:
             return Admission.ADMITTED
         # A repeated Check finds no money left when its own first hold took it; the statement
@@ -149,8 +184,10 @@ async def place(
         refusal = await _why_refused(pg, wallet_id, amount_nano, strict)
         if refusal is not None:
             return refusal
+    # Refused twice, and twice the wallet read right after would have admitted it: money is
+    # moving under us (holds placed and settled between the reads). Retrying is right.
     assert refusal is None
-    return Refusal(Admission.FUNDS_RESERVED)
+    return Refusal(Admission.FUNDS_RESERVED, amount_nano=amount_nano)
 
 
 async def _holds_pending(pg: database.Connection, request_id: str, wallet_id: str) -> bool:
@@ -163,20 +200,42 @@ async def _why_refused(
     """Why the wallet refused a hold, or None if, read again now, it would accept it."""
     row = await pg.fetchrow(_WALLET_STATE, wallet_id)
     if row is None:
-        return Refusal(Admission.WALLET_NOT_FOUND)
-    balance, reserved = row["balance_nano"], row["reserved_nano"]
-    if row["suspended"]:
-        return Refusal(Admission.WALLET_SUSPENDED, balance, reserved)
-    if row["disputed"]:
-        return Refusal(Admission.WALLET_DISPUTED, balance, reserved)
-    if balance <= 0 or (strict and balance < amount_nano):
-        return Refusal(Admission.INSUFFICIENT_FUNDS, balance, reserved)
-    available = balance - reserved
-    if (available >= amount_nano) if strict else (available > 0):
+        return Refusal(Admission.WALLET_NOT_FOUND, amount_nano=amount_nano)
+    return refusal_of(
+        balance_nano=row["balance_nano"], reserved_nano=row["reserved_nano"],
+        overdraft_limit_nano=0 if strict else row["overdraft_limit_nano"], amount_nano=amount_nano,
+        suspended=row["suspended"], disputed=row["disputed"],
+    )
+
+
+def refusal_of(
+    *, balance_nano: int, reserved_nano: int, overdraft_limit_nano: int, amount_nano: int,
+    suspended: bool = False, disputed: bool = False,
+) -> Refusal | None:
+    """The admission rule of :data:`PLACE_SQL`, in Python, naming the refusal (None: admitted).
+
+    With ``spendable = balance + limit`` (what the wallet may spend once nothing is reserved):
+    the hold fits now when ``spendable - reserved >= hold``; if not, FUNDS_RESERVED when it
+    would fit with every reservation released (``spendable >= hold``: waiting helps), else
+    INSUFFICIENT_FUNDS — ``wallet_empty`` when ``spendable <= 0`` (no request of any cost fits),
+    ``request_too_large`` when ``0 < spendable < hold`` (a smaller one would).
+    """
+
+    def refused(admission: Admission, shortfall: Shortfall | None = None) -> Refusal:
+        return Refusal(admission, balance_nano, reserved_nano, overdraft_limit_nano, amount_nano, shortfall)
+
+    if suspended:
+        return refused(Admission.WALLET_SUSPENDED)
+    if disputed:
+        return refused(Admission.WALLET_DISPUTED)
+    spendable = balance_nano + overdraft_limit_nano
+    if spendable - reserved_nano >= amount_nano:
         return None
-    if reserved > 0:
-        return Refusal(Admission.FUNDS_RESERVED, balance, reserved)
-    return Refusal(Admission.INSUFFICIENT_FUNDS, balance, reserved)
+    if spendable >= amount_nano:
+        return refused(Admission.FUNDS_RESERVED)
+    if spendable <= 0:
+        return refused(Admission.INSUFFICIENT_FUNDS, Shortfall.WALLET_EMPTY)
+    return refused(Admission.INSUFFICIENT_FUNDS, Shortfall.REQUEST_TOO_LARGE)
 
 
 # Settlement in one statement, so the wallet row is locked for one statement, not a transaction.
@@ -307,13 +366,15 @@ def _outcome(row: asyncpg.Record | None, request_id: str, posts: bool) -> Settle
 SET_BATCH_MIN = 4
 
 # PLACE_SQL for a batch. Each wallet's requests are admitted in the batch's order against what
-# the wallet had before the batch, less the amounts of its earlier requests in the batch
-# ("before"). Both rules only ever admit a prefix of a wallet's requests: once one is refused,
-# "before" counts its amount and every later one is refused too. The requests after that prefix
-# are then retried one by one with ``place``, exactly as the sequence would have met them (a
-# smaller request may still fit in strict mode; money may have come back). Wallets are locked in
-# id order before anything reads their balance; FOR NO KEY UPDATE returns each row as it is once
-# locked (READ COMMITTED), so "available" is never a stale snapshot.
+# the wallet could spend before the batch ("room" = balance - reserved + limit, the limit 0 in
+# strict mode), less the amounts of its earlier requests in the batch ("before"): admitted while
+# room - before >= amount. The rule only ever admits a prefix of a wallet's requests:
+# before + amount is the running sum up to and including the request, which never decreases
+# (amounts are >= 0), so once one is refused every later one is refused too. The requests after
+# that prefix are then retried one by one with ``place``, exactly as the sequence would have met
+# them (a smaller request may still fit; money may have come back). Wallets are locked in id
+# order before anything reads their balance; FOR NO KEY UPDATE returns each row as it is once
+# locked (READ COMMITTED), so "room" is never a stale snapshot.
 # $1 request ids, $2 wallets, $3 keys, $4 models, $5 amounts (arrays, in the batch's order),
 # $6 TTL in seconds, $7 strict.
 PLACE_BATCH_SQL = """
@@ -321,20 +382,20 @@ WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
            WITH ORDINALITY AS r(request_id, wallet_id, key_id, model, amount_nano, position)
 ), locked AS MATERIALIZED (
-    SELECT id, balance_nano - reserved_nano AS available
+    SELECT id, balance_nano - reserved_nano
+               + CASE WHEN $7::boolean THEN 0 ELSE overdraft_limit_nano END AS room
       FROM wallets
      WHERE id = ANY($2::text[]) AND NOT suspended AND NOT disputed
      ORDER BY id
        FOR NO KEY UPDATE
 ), ranked AS (
-    SELECT batch.*, locked.available,
+    SELECT batch.*, locked.room,
            coalesce(sum(batch.amount_nano) OVER (PARTITION BY batch.wallet_id ORDER BY batch.position
                                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
       FROM batch JOIN locked ON locked.id = batch.wallet_id
 ), admitted AS (
     SELECT * FROM ranked
-     WHERE available - before > 0
-       AND (NOT $7::boolean OR available - before >= amount_nano)
+     WHERE room - before >= amount_nano
 ), reserved AS (
     UPDATE wallets
        SET reserved_nano = wallets.reserved_nano + per_wallet.amount

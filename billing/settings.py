@@ -18,6 +18,8 @@ from billing import money
 from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
+# The largest overdraft limit a wallet may have: what the CRD's USD pattern allows (under $10M).
+OVERDRAFT_LIMIT_MAX_NANO = 10_000_000 * money.NANO_PER_USD - 1
 _NANO_PER_CENT = money.NANO_PER_USD // 100
 
 
@@ -36,9 +38,12 @@ class Settings:
     # --- money ---------------------------------------------------------------------------------
     # -- credit given to every new self-service wallet, in nano-USD ($0.50).
     free_grant_nano: int = 500_000_000
-    # -- "overdraft": admit while available > 0 (overdraw by at most one request);
-    #    "strict": admit only when available >= the request's hold (never below zero).
+    # -- "overdraft": admit while balance - reserved - hold >= -(the wallet's overdraft limit);
+    #    "strict": the same with every limit taken as 0 (never below zero).
     admission: str = "overdraft"
+    # -- overdraft limit of every new wallet that is not a self-service signup (a Wallet resource
+    #    that sets no overdraftLimitUsd), in nano-USD ($1.00). Self-service wallets always get 0.
+    overdraft_limit_nano: int = 1_000_000_000
     # -- a hold not settled after this long is expired (its reservation released).
     hold_ttl_s: int = 600
     # -- output tokens a hold assumes when the request sets no max_tokens (capped by the model's limit).
@@ -137,6 +142,10 @@ class Settings:
             )
         if self.free_grant_nano < 0:
             raise SettingsError(f"{ENV_PREFIX}FREE_GRANT_USD must not be negative")
+        if not 0 <= self.overdraft_limit_nano <= OVERDRAFT_LIMIT_MAX_NANO:
+            raise SettingsError(
+                f"{ENV_PREFIX}OVERDRAFT_LIMIT_USD must be from 0 to {money.format_usd(OVERDRAFT_LIMIT_MAX_NANO)}"
+            )
         if self.markup_percent < 0:
             raise SettingsError(f"{ENV_PREFIX}MARKUP_PERCENT must not be negative")
         if self.backend_url and not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.backend_url):
@@ -248,6 +257,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         data_dir=Path(env.get(ENV_PREFIX + "DATA_DIR") or defaults.data_dir),
         free_grant_nano=free_grant,
         admission=(env.get(ENV_PREFIX + "ADMISSION") or defaults.admission).strip().lower(),
+        overdraft_limit_nano=_usd(env, "OVERDRAFT_LIMIT_USD", defaults.overdraft_limit_nano),
         hold_ttl_s=_int(env, "HOLD_TTL_S", defaults.hold_ttl_s, 10, 86_400),
         hold_default_max_tokens=_int(
             env, "HOLD_DEFAULT_MAX_TOKENS", defaults.hold_default_max_tokens, 1, 10_000_000

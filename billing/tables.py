@@ -32,7 +32,11 @@ wallets = sa.Table(
     sa.Column("stripe_customer_id", sa.Text, nullable=True),
     # Set by billing/payments.py while the wallet has an open dispute (migration 0003).
     sa.Column("disputed", sa.Boolean, nullable=False, server_default=sa.false()),
+    # How far below zero admission may take the balance (migration 0004; billing/holds.py).
+    # 0 for self-service wallets and for every wallet that existed before the column.
+    sa.Column("overdraft_limit_nano", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("reserved_nano >= 0", name="wallets_reserved_not_negative"),
+    sa.CheckConstraint("overdraft_limit_nano >= 0", name="wallets_overdraft_limit_not_negative"),
     sa.CheckConstraint("source IN ('signup', 'kubernetes', 'admin')", name="wallets_source_known"),
 )
 # One self-service wallet per email; Kubernetes-declared wallets may share an owner.

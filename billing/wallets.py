@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database, keys, ledger, tables
+from billing import database, keys, ledger, money, settings, tables
 
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
@@ -62,16 +62,30 @@ class Wallet:
     disputed: bool = dataclasses.field(default=False, kw_only=True)
     created_at: dt.datetime
     stripe_customer_id: str | None = None
+    # How far below zero admission may take the balance (billing/holds.py); 0 in strict mode.
+    overdraft_limit_nano: int = dataclasses.field(default=0, kw_only=True)
 
     @property
     def available_nano(self) -> int:
         return self.balance_nano - self.reserved_nano
 
+    def overdraft_limit_in(self, *, strict: bool) -> int:
+        """The limit admission applies: the wallet's own, or 0 in strict mode."""
+        return 0 if strict else self.overdraft_limit_nano
+
+    def is_empty(self, *, strict: bool = False) -> bool:
+        """Nothing can be spent until a top-up: ``balance + limit <= 0`` (holds.Shortfall.WALLET_EMPTY)."""
+        return self.balance_nano + self.overdraft_limit_in(strict=strict) <= 0
+
+    def state_in(self, *, strict: bool) -> str:
+        """``active`` while requests can be admitted, ``suspended`` otherwise: switched off
+        (``suspended``), held by an open dispute (``disputed``), or empty (:meth:`is_empty`)."""
+        return "suspended" if self.suspended or self.disputed or self.is_empty(strict=strict) else "active"
+
     @property
     def state(self) -> str:
-        """``active`` while requests can be admitted, ``suspended`` otherwise: switched off
-        (``suspended``), held by an open dispute (``disputed``), or empty."""
-        return "suspended" if self.suspended or self.disputed or self.balance_nano <= 0 else "active"
+        """:meth:`state_in` with the wallet's own overdraft limit (overdraft mode, the default)."""
+        return self.state_in(strict=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +132,7 @@ def _wallet(row: sa.Row) -> Wallet:
         disputed=row.disputed,
         created_at=row.created_at,
         stripe_customer_id=row.stripe_customer_id,
+        overdraft_limit_nano=row.overdraft_limit_nano,
     )
 
 
@@ -146,12 +161,19 @@ async def create_wallet(
     email: str | None = None,
     external_id: str | None = None,
     wallet_id: str | None = None,
+    overdraft_limit_nano: int = 0,
 ) -> Wallet:
-    """Insert a wallet and post its grant, inside the caller's transaction."""
+    """Insert a wallet and post its grant, inside the caller's transaction.
+
+    The overdraft limit defaults to none (0): self-service signups never get one; callers that
+    create other wallets pass ``Settings.overdraft_limit_nano`` or the limit their owner declared.
+    """
+    check_overdraft_limit(overdraft_limit_nano)
     wallet_id = wallet_id or keys.random_id(WALLET_ID_PREFIX)
     await conn.execute(
         sa.insert(tables.wallets).values(
-            id=wallet_id, email=email, source=source, external_id=external_id
+            id=wallet_id, email=email, source=source, external_id=external_id,
+            overdraft_limit_nano=overdraft_limit_nano,
         )
     )
     if grant_nano:
@@ -167,6 +189,41 @@ async def create_wallet(
     wallet = await get_wallet(conn, wallet_id)
     assert wallet is not None
     return wallet
+
+
+class OverdraftLimitInvalid(ValueError):
+    pass
+
+
+def check_overdraft_limit(nano: object) -> int:
+    """``nano`` if it is a valid overdraft limit, else :class:`OverdraftLimitInvalid` saying why."""
+    if isinstance(nano, bool) or not isinstance(nano, int):
+        raise OverdraftLimitInvalid(f"an overdraft limit is a whole number of nano-USD, not {nano!r}")
+    if not 0 <= nano <= settings.OVERDRAFT_LIMIT_MAX_NANO:
+        raise OverdraftLimitInvalid(
+            f"an overdraft limit must be from 0 to {money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
+            f"not {money.format_usd(nano)}"
+        )
+    return nano
+
+
+async def set_overdraft_limit(conn: AsyncConnection, wallet_id: str, overdraft_limit_nano: int) -> Wallet | None:
+    """Set a wallet's overdraft limit (None: no such wallet). Takes effect at the next Check.
+
+    Lowering it below what is already spent or reserved refuses new requests until the balance
+    recovers; it never touches requests in flight or money already charged.
+    """
+    check_overdraft_limit(overdraft_limit_nano)
+    w = tables.wallets
+    row = (
+        await conn.execute(
+            sa.update(w)
+            .where(w.c.id == wallet_id)
+            .values(overdraft_limit_nano=overdraft_limit_nano, updated_at=sa.func.now())
+            .returning(w)
+        )
+    ).first()
+    return None if row is None else _wallet(row)
 
 
 async def issue_key(
@@ -299,7 +356,7 @@ class KeyConflict(Exception):
     """A key id is already stored with another hash, wallet or owner."""
 
 
-_OWNED_WALLET_FIELDS = frozenset({"email", "suspended", "stripe_customer_id"})
+_OWNED_WALLET_FIELDS = frozenset({"email", "suspended", "stripe_customer_id", "overdraft_limit_nano"})
 _OWNED_KEY_FIELDS = frozenset({"allowed_models", "expires_at", "suspended"})
 
 
@@ -319,6 +376,7 @@ async def ensure_owned_wallet(
     grant_nano: int,
     email: str | None,
     stripe_customer_id: str | None = None,
+    overdraft_limit_nano: int = 0,
 ) -> tuple[Wallet, bool]:
     """The owner's wallet, created with its grant on the first call: ``(wallet, created)``.
 
@@ -332,7 +390,8 @@ async def ensure_owned_wallet(
     try:
         async with conn.begin_nested():
             wallet = await create_wallet(
-                conn, source=source, grant_nano=grant_nano, email=email, external_id=external_id
+                conn, source=source, grant_nano=grant_nano, email=email, external_id=external_id,
+                overdraft_limit_nano=overdraft_limit_nano,
             )
             if stripe_customer_id is not None:
                 wallet = await update_owned_wallet(
@@ -349,10 +408,13 @@ async def ensure_owned_wallet(
 async def update_owned_wallet(
     conn: AsyncConnection, *, source: str, external_id: str, **changes: object
 ) -> Wallet | None:
-    """Set ``email``, ``suspended`` or ``stripe_customer_id`` of the owner's wallet (None: no wallet)."""
+    """Set ``email``, ``suspended``, ``stripe_customer_id`` or ``overdraft_limit_nano`` of the
+    owner's wallet (None: no wallet)."""
     unknown = set(changes) - _OWNED_WALLET_FIELDS
     if unknown:
         raise ValueError(f"cannot change {sorted(unknown)} of a wallet this way")
+    if "overdraft_limit_nano" in changes:
+        check_overdraft_limit(changes["overdraft_limit_nano"])
     w = tables.wallets
     row = (
         await conn.execute(

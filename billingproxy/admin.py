@@ -36,9 +36,9 @@ async def wallet_show(conn: AsyncConnection, ref: str) -> str:
     keys = await wallets.keys_of(conn, wallet.id)
     now = dt.datetime.now(dt.timezone.utc)
     head = table(
-        ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "STATE"],
+        ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "OVERDRAFT_LIMIT_USD", "STATE"],
         [[wallet.id, wallet.email or "-", wallet.source, money.format_usd(wallet.balance_nano),
-          money.format_usd(wallet.reserved_nano), wallet.state]],
+          money.format_usd(wallet.reserved_nano), money.format_usd(wallet.overdraft_limit_nano), wallet.state]],
     )
     key_rows = [
         [k.id, k.display_prefix + "…", k.refusal(now) or "active",
@@ -75,6 +75,22 @@ async def wallet_credit(conn: AsyncConnection, ref: str, amount_usd: str, refere
         ) from None
     verb = "credited" if entry.created else "already credited (nothing changed)"
     return f"{wallet.id}: {verb} {money.format_usd(entry.amount_nano)} USD; balance {money.format_usd(entry.balance_after_nano)} USD"
+
+
+async def wallet_set_overdraft(conn: AsyncConnection, ref: str, limit_usd: str) -> str:
+    """Set how far below zero the wallet's balance may go (``0`` for none); the next Check uses it."""
+    try:
+        limit = wallets.check_overdraft_limit(money.parse_usd(limit_usd))
+    except (money.MoneyError, wallets.OverdraftLimitInvalid) as exc:
+        raise AdminError(str(exc)) from None
+    wallet = await _wallet(conn, ref)
+    updated = await wallets.set_overdraft_limit(conn, wallet.id, limit)
+    assert updated is not None, "the wallet was found in this very transaction"
+    return (
+        f"{wallet.id}: overdraft limit {money.format_usd(limit)} USD "
+        f"(was {money.format_usd(wallet.overdraft_limit_nano)}); requests are admitted while the balance "
+        f"less reservations and the request's worst case stays at or above {money.format_usd(-limit)} USD"
+    )
 
 
 async def key_create(conn: AsyncConnection, ref: str, models: list[str] | None) -> str:

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--backend-url", help="override BILLINGPROXY_BACKEND_URL")
     sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
 
-    wallet = sub.add_parser("wallet", help="show or credit a wallet").add_subparsers(
+    wallet = sub.add_parser("wallet", help="show, credit or set the overdraft limit of a wallet").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
     show = wallet.add_parser("show", help="balance, state and keys of a wallet")
@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     credit.add_argument("amount_usd", help='amount in USD, e.g. "10.00"')
     credit.add_argument("--reference", required=True,
                         help="a unique reference (ticket id…): the same reference never credits twice")
+    overdraft = wallet.add_parser(
+        "set-overdraft", help="how far below zero the balance may go (0: never below zero)"
+    )
+    overdraft.add_argument("wallet", help="wallet id (wal_…) or owner email")
+    overdraft.add_argument("limit_usd", help='limit in USD, e.g. "1.00"; "0" for none')
 
     key = sub.add_parser("key", help="create or revoke API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -140,6 +145,8 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return _admin(admin.wallet_show, args.wallet)(settings)
     if args.command == "wallet" and args.action == "credit":
         return _admin(admin.wallet_credit, args.wallet, args.amount_usd, args.reference)(settings)
+    if args.command == "wallet" and args.action == "set-overdraft":
+        return _admin(admin.wallet_set_overdraft, args.wallet, args.limit_usd)(settings)
     if args.command == "key" and args.action == "create":
         return _admin(admin.key_create, args.wallet, args.models)(settings)
     if args.command == "key" and args.action == "revoke":

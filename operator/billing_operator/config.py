@@ -79,6 +79,9 @@ class OperatorConfig:
     stripe_interval_s: float = 300.0
     # -- open Checkout Sessions looked up in Stripe per round at most.
     stripe_sessions_max: int = 100
+    # -- overdraft limit of a Wallet that sets no overdraftLimitUsd, in nano-USD; from
+    #    BILLINGPROXY_OVERDRAFT_LIMIT_USD (the core setting, shared with every non-signup wallet).
+    overdraft_limit_nano: int = core_settings.Settings.overdraft_limit_nano
 
 
 def from_env(
@@ -113,4 +116,5 @@ def from_env(
         stripe_secret_key=settings.stripe_secret_key,
         stripe_api_base=settings.stripe_api_base,
         stripe_interval_s=_float(env, "STRIPE_INTERVAL_S", 300.0, 0.1, 86_400),
+        overdraft_limit_nano=settings.overdraft_limit_nano,
     )

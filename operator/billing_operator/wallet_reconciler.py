@@ -13,6 +13,10 @@ Sharp edges:
   wallet with its own flag, ``disputed``, shown here as state ``Suspended``.)
 - ``initialGrant`` is granted once, when the row is created; the CRD forbids changing it (CEL),
   and a change that got through anyway (an older CRD, kubectl --validate=false) is never granted.
+- ``overdraftLimitUsd`` (how far below zero the balance may go) is applied like ``suspended``:
+  when the wallet is created and when the field itself changes, never on resume — an admin may
+  change the limit with ``billingproxy wallet set-overdraft``. Unset, it is the operator's
+  default (``BILLINGPROXY_OVERDRAFT_LIMIT_USD``); removing it from the spec restores that default.
 - Deleting a Wallet suspends it and all its keys (reversible, unlike revoking) and keeps every
   row: PostgreSQL is the record of money.
 """
@@ -41,6 +45,8 @@ class WalletSpec:
     stripe_customer_id: str | None
     low_balance_nano: int | None
     suspended: bool
+    # None: not declared (the operator's default applies).
+    overdraft_limit_nano: int | None = None
 
     @classmethod
     def parse(cls, spec: Mapping[str, Any]) -> WalletSpec:
@@ -57,8 +63,17 @@ class WalletSpec:
         suspended = spec.get("suspended", False)
         if not isinstance(suspended, bool):
             raise errors.InvalidSpec(f"spec.suspended must be true or false, not {suspended!r}")
+        overdraft = _usd(spec, "overdraftLimitUsd", None)
+        if overdraft is not None:
+            try:
+                wallets.check_overdraft_limit(overdraft)
+            except wallets.OverdraftLimitInvalid as exc:
+                raise errors.InvalidSpec(f"spec.overdraftLimitUsd: {exc}") from None
         assert grant is not None
-        return cls(email, grant, customer, threshold, suspended)
+        return cls(email, grant, customer, threshold, suspended, overdraft)
+
+    def overdraft_limit_or(self, default_nano: int) -> int:
+        return default_nano if self.overdraft_limit_nano is None else self.overdraft_limit_nano
 
 
 def _usd(spec: Mapping[str, Any], field: str, default: str | None) -> int | None:
@@ -78,13 +93,22 @@ class Outcome:
     switched: bool
 
 
-async def ensure(engine: AsyncEngine, *, uid: str, spec: WalletSpec, apply_switch: bool) -> Outcome:
-    """Make the wallet row match the spec. The work only: no status, no Events."""
+async def ensure(
+    engine: AsyncEngine, *, uid: str, spec: WalletSpec, apply_switch: bool,
+    apply_overdraft: bool = False, overdraft_default_nano: int = 0,
+) -> Outcome:
+    """Make the wallet row match the spec. The work only: no status, no Events.
+
+    ``apply_switch`` / ``apply_overdraft``: ``spec.suspended`` / ``spec.overdraftLimitUsd``
+    changed, so the row follows it (a new row always does).
+    """
+    overdraft = spec.overdraft_limit_or(overdraft_default_nano)
     async with db.transaction(engine) as conn:
         try:
             wallet, created = await wallets.ensure_owned_wallet(
                 conn, source=SOURCE, external_id=uid, grant_nano=spec.grant_nano,
                 email=spec.email, stripe_customer_id=spec.stripe_customer_id,
+                overdraft_limit_nano=overdraft,
             )
         except wallets.NotOwned:
             raise errors.NotOwned(
@@ -98,6 +122,8 @@ async def ensure(engine: AsyncEngine, *, uid: str, spec: WalletSpec, apply_switc
         switched = (apply_switch or created) and wallet.suspended != spec.suspended
         if switched:
             changes["suspended"] = spec.suspended
+        if apply_overdraft and wallet.overdraft_limit_nano != overdraft:
+            changes["overdraft_limit_nano"] = overdraft
         if changes:
             updated = await wallets.update_owned_wallet(conn, source=SOURCE, external_id=uid, **changes)
             assert updated is not None, "the wallet was found in this very transaction"
@@ -117,7 +143,8 @@ async def release(engine: AsyncEngine, *, uid: str) -> tuple[str, int] | None:
 def state_of(wallet: wallets.Wallet) -> str:
     if wallet.suspended or wallet.disputed:  # switched off, or held by an open Stripe dispute
         return "Suspended"
-    return "Empty" if wallet.balance_nano <= 0 else "Active"
+    # Empty: balance + overdraft limit <= 0, nothing can be admitted until a top-up.
+    return "Empty" if wallet.is_empty() else "Active"
 
 
 def write_status(patch: kopf.Patch, body: Mapping[str, Any], wallet: wallets.Wallet) -> None:
@@ -126,6 +153,7 @@ def write_status(patch: kopf.Patch, body: Mapping[str, Any], wallet: wallets.Wal
         "walletId": wallet.id,
         "balance": money.format_usd(wallet.balance_nano),
         "reserved": money.format_usd(wallet.reserved_nano),
+        "overdraftLimit": money.format_usd(wallet.overdraft_limit_nano),
         "state": state_of(wallet),
     }
     current = body.get("status") or {}
@@ -148,12 +176,13 @@ def wallet_uids(namespace: str, name: str, uid: str, meta: Mapping[str, Any], **
 
 async def _reconcile(
     *, body: kopf.Body, spec: Mapping[str, Any], patch: kopf.Patch, memo: kopf.Memo,
-    logger: logging.Logger, apply_switch: bool,
+    logger: logging.Logger, apply_switch: bool, apply_overdraft: bool = False,
 ) -> None:
     cfg: config.OperatorConfig = memo.operator_config
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = WalletSpec.parse(spec)
-        outcome = await ensure(memo.engine, uid=body.metadata.uid, spec=desired, apply_switch=apply_switch)
+        outcome = await ensure(memo.engine, uid=body.metadata.uid, spec=desired, apply_switch=apply_switch,
+                               apply_overdraft=apply_overdraft, overdraft_default_nano=cfg.overdraft_limit_nano)
     wallet = outcome.wallet
     write_status(patch, body, wallet)
     if body.metadata.get("generation") is not None:
@@ -175,8 +204,10 @@ async def on_create(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: k
 @kopf.on.update(GROUP, VERSION, PLURAL, id="wallet.update")
 async def on_update(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
                     logger: logging.Logger, diff: kopf.Diff, **_: Any) -> None:
-    switch_changed = any(tuple(field[:2]) == ("spec", "suspended") for _op, field, _old, _new in diff)
-    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=switch_changed)
+    changed = {tuple(field[:2]) for _op, field, _old, _new in diff}
+    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger,
+                     apply_switch=("spec", "suspended") in changed,
+                     apply_overdraft=("spec", "overdraftLimitUsd") in changed)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="wallet.resume")

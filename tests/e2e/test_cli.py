@@ -62,9 +62,11 @@ async def test_wallet_show_prints_the_wallet_and_its_keys(db, wallet) -> None:
         result = await db.acli("wallet", "show", ref)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[0].split() == ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "STATE"]
+        assert lines[0].split() == ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD",
+                                    "OVERDRAFT_LIMIT_USD", "STATE"]
         balance = usd(await db.balance(wallet.wallet.id))
-        assert lines[1].split() == [wallet.wallet.id, EMAIL, "signup", balance, "0.000000", "active"]
+        # A self-service wallet has no overdraft.
+        assert lines[1].split() == [wallet.wallet.id, EMAIL, "signup", balance, "0.000000", "0.000000", "active"]
         assert any(line.split()[:1] == [wallet.key.key_id] and "active" in line.split() for line in lines)
         assert wallet.key.plaintext not in result.stdout, "a key is shown only once, at issue"
 
@@ -98,6 +100,46 @@ async def test_bad_credits_are_refused_clearly(db, wallet) -> None:
     assert_one_line_error(await db.acli("wallet", "credit", EMAIL, "0", "--reference", "x"), "more than zero")
     assert_one_line_error(await db.acli("wallet", "credit", "nobody@example.com", "1", "--reference", "x"),
                           "no wallet", "nobody@example.com")
+    assert await db.row_counts() == counts
+
+
+async def test_set_overdraft_sets_the_limit_the_next_check_uses(db) -> None:
+    async with db.engine.begin() as conn:
+        created = await wallets.signup(conn, email="overdraft@example.com", grant_nano=100)
+    wallet_id = created.wallet.id
+
+    async def place(request_id: str, amount_nano: int) -> holds.Admission | holds.Refusal:
+        async with db.engine.begin() as conn:
+            return await holds.place(conn, request_id=request_id, wallet_id=wallet_id, key_id=created.key.key_id,
+                                     model="gpt-4o-mini", amount_nano=amount_nano, ttl_s=600, strict=False)
+
+    refused = await place("before", 1_000)
+    assert (refused.admission, refused.shortfall) == (holds.Admission.INSUFFICIENT_FUNDS,
+                                                      holds.Shortfall.REQUEST_TOO_LARGE)
+    done = await db.acli("wallet", "set-overdraft", "OVERDRAFT@example.com", "0.000001")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{wallet_id}: overdraft limit 0.000001 USD (was 0.000000)")
+    assert "-0.000001 USD" in done.stdout
+    assert await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet_id) == 1_000
+    shown = (await db.acli("wallet", "show", wallet_id)).stdout.splitlines()[1].split()
+    assert shown[3:6] == ["0.0000001", "0.000000", "0.000001"]
+    assert await place("after", 1_000) is holds.Admission.ADMITTED  # 100 − 1 000 ≥ −1 000
+    async with db.engine.begin() as conn:
+        await holds.settle(conn, request_id="after", cost_nano=None)
+
+    # Setting it again is idempotent; 0 takes the overdraft away.
+    assert (await db.acli("wallet", "set-overdraft", wallet_id, "0")).returncode == 0
+    assert await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet_id) == 0
+
+
+async def test_bad_overdraft_limits_are_refused_clearly(db, wallet) -> None:
+    counts = await db.row_counts()
+    before = await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet.wallet.id)
+    assert_one_line_error(await db.acli("wallet", "set-overdraft", EMAIL, "-1"), "negative")
+    assert_one_line_error(await db.acli("wallet", "set-overdraft", EMAIL, "lots"), "'lots'")
+    assert_one_line_error(await db.acli("wallet", "set-overdraft", EMAIL, "10000000"), "overdraft limit", "9999999")
+    assert_one_line_error(await db.acli("wallet", "set-overdraft", "nobody@example.com", "1"), "no wallet")
+    assert await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet.wallet.id) == before
     assert await db.row_counts() == counts
 
 

@@ -1,5 +1,5 @@
-"""200 requests at once on one wallet, through real Envoy: holds keep the overdraft within one
-request's cost (and at zero in strict mode), and every charge is accounted for."""
+"""200 requests at once on one wallet, through real Envoy: holds keep the balance at or above
+−(the wallet's overdraft limit) (and at zero in strict mode), and every charge is accounted for."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ BODY = json.dumps(
 ).encode()
 COST_NANO = math.ceil(((WORDS + 3) * INPUT_USD_PER_TOKEN + MAX_TOKENS * OUTPUT_USD_PER_TOKEN) * 10**9)
 HOLDS_CREDITED = 4
+HOLDS_OVERDRAFT = 2  # the wallet's overdraft limit, in holds
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,19 @@ async def measured_hold(stack) -> int:
     return hold.amount_nano
 
 
-async def run_storm(stack) -> tuple[Counter, int, int, list[Any], str]:
-    """A wallet holding four holds' worth and a nano-USD, then REQUESTS at once on it."""
+async def run_storm(stack) -> tuple[Counter, int, int, list[Any], str, int, int]:
+    """A wallet holding four holds' worth and a nano-USD, with an overdraft limit of two holds
+    (set with the real command), then REQUESTS at once on it."""
     hold = await measured_hold(stack)
     user = await stack.signup()
     wallet_id = user["wallet_id"]
     start = HOLDS_CREDITED * hold + 1
     await credit(stack, wallet_id, start, "storm")
     assert await stack.db.balance(wallet_id) == start
+    limit = HOLDS_OVERDRAFT * hold
+    done = await stack.db.acli("wallet", "set-overdraft", wallet_id, format(Decimal(limit) / 10**9, "f"))
+    assert done.returncode == 0, done.stderr
+    assert (await stack.db.wallet(wallet_id)).reserved_nano == 0
 
     answers = await storm(stack, user["api_key"])
     await stack.db.settled(wallet_id)
@@ -124,7 +130,7 @@ async def run_storm(stack) -> tuple[Counter, int, int, list[Any], str]:
     assert len(holds) == answers[(200, "")], "a refused request left a hold"
     assert all(h.state == "posted" and h.posted_nano == COST_NANO for h in holds)
     assert (await stack.db.wallet(wallet_id)).reserved_nano == 0
-    return answers, start, final, usage, user["api_key"]
+    return answers, start, final, usage, user["api_key"], limit, hold
 
 
 def assert_mostly_refused(answers: Counter) -> None:
@@ -133,22 +139,25 @@ def assert_mostly_refused(answers: Counter) -> None:
     assert answers[(429, "funds_reserved")] + answers[(403, "insufficient_funds")] >= REQUESTS // 2
 
 
-async def test_overdraft_is_bounded_by_one_request(overdraft_stack) -> None:
-    answers, start, final, _, api_key = await run_storm(overdraft_stack)
-    assert final >= -COST_NANO, f"overdrawn by {-final} nano-USD, more than one request ({COST_NANO})"
-    # Overdraft admission takes a fifth request while any credit is unreserved, and settling
-    # never lowers what is available (a hold >= its cost), so at least five are charged: when
-    # five cost more than the credit, the wallet must have gone below zero, testing the bound.
+async def test_overdraft_is_bounded_by_the_wallets_limit(overdraft_stack) -> None:
+    answers, start, final, usage, api_key, limit, hold = await run_storm(overdraft_stack)
+    assert final >= -limit, f"overdrawn by {-final} nano-USD, more than the wallet's limit ({limit})"
+    assert all(e.balance_after_nano >= -limit for e in usage), [e.balance_after_nano for e in usage]
+    # Admission takes holds while balance − reserved − hold ≥ −limit: six at least (four
+    # credited, two of overdraft), and settling never lowers what is left (a hold ≥ its cost).
     assert_mostly_refused(answers)
-    assert answers[(200, "")] >= HOLDS_CREDITED + 1
-    if (HOLDS_CREDITED + 1) * COST_NANO > start:
-        assert final < 0
-        # Once the money is gone, the answer is the 403, not a 429.
+    assert answers[(200, "")] >= HOLDS_CREDITED + HOLDS_OVERDRAFT
+    if (HOLDS_CREDITED + HOLDS_OVERDRAFT) * COST_NANO > start:
+        assert final < 0  # the limit was used, so the bound was tested
+    if final + limit < hold:
+        # What is left fits no such request, and nothing is in flight: the 403, not a 429.
         assert await storm(overdraft_stack, api_key, count=1) == {(403, "insufficient_funds"): 1}
 
 
 async def test_strict_mode_never_goes_below_zero(strict_stack) -> None:
-    answers, _, final, usage, _ = await run_storm(strict_stack)
+    """The same wallet, its overdraft limit included: strict mode takes every limit as 0."""
+    answers, _, final, usage, _, _, _ = await run_storm(strict_stack)
     assert final >= 0
     assert all(e.balance_after_nano >= 0 for e in usage), [e.balance_after_nano for e in usage]
     assert_mostly_refused(answers)
+    assert answers[(200, "")] >= HOLDS_CREDITED

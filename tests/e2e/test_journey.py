@@ -70,8 +70,10 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
     assert await stack.db.balance(wallet_id) == grant_nano
 
     with stack.openai(key) as client:
-        # 1. A plain completion, charged exactly what the usage costs at the price table.
-        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+        # 1. A plain completion, charged exactly what the usage costs at the price table. (Its
+        # max_tokens keeps its worst case within the small grant: a self-service wallet has no
+        # overdraft, and without one the hold assumes thousands of output tokens.)
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=16)
         completion = raw.parse()
         request_id = raw.headers["x-request-id"]
         assert completion.choices[0].message.content.startswith("token")
@@ -110,11 +112,12 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
         expected -= stream_cost
         assert await stack.db.balance(wallet_id) == expected
 
-        # 3. Spend until the money is gone: served while the balance is positive, then 403.
+        # 3. Spend until the money is gone: served while the request's worst case (its hold) fits
+        # in the balance, then 403 — a self-service wallet never goes below zero.
         big_cost = cost_nano(PROMPT_TOKENS, 256)
-        served_expected = math.ceil(expected / big_cost)
+        big_hold = None
         served = 0
-        for _ in range(served_expected + 3):
+        for _ in range(math.ceil(expected / big_cost) + 3):
             try:
                 raw = client.chat.completions.with_raw_response.create(
                     model=MODEL, messages=MESSAGES, max_tokens=256
@@ -124,12 +127,15 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
                 break
             served += 1
             assert await charged(stack, wallet_id, raw.headers["x-request-id"]) == big_cost
+            big_hold = (await stack.db.hold(raw.headers["x-request-id"])).amount_nano
+            assert big_hold >= big_cost
+            assert expected >= big_hold, "admitted with less than its worst case left"
             expected -= big_cost
             assert await stack.db.balance(wallet_id) == expected
         else:
             pytest.fail("the wallet was never refused")
-        assert served == served_expected
-        assert -big_cost < expected <= 0
+        assert served >= 1 and big_hold is not None
+        assert 0 <= expected < big_hold
 
         assert denial.status_code == 403
         error = denial.response.json()["error"]
@@ -138,7 +144,9 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
         assert error["top_up_url"].startswith(stack.gateway + "/")
         shown = await balance(stack, key)
         assert usd_to_nano(shown["balance_usd"]) == expected
-        assert shown["state"] == "suspended"
+        assert shown["overdraft_limit_usd"] == "0.000000"
+        # Money is left, only not enough for this request's worst case: still active.
+        assert shown["state"] == ("active" if expected > 0 else "suspended")
         counts = await stack.db.row_counts()
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model=MODEL, messages=MESSAGES)

@@ -84,9 +84,12 @@ class Account:
             return [e for e in await ledger.entries(conn, self.wallet_id, limit=1000) if e.kind == "usage"]
 
 
-async def open_account(engine: AsyncEngine, balance_nano: int, pool: asyncpg.Pool | None = None) -> Account:
+async def open_account(
+    engine: AsyncEngine, balance_nano: int, pool: asyncpg.Pool | None = None, *, limit_nano: int = 0
+) -> Account:
     async with engine.begin() as conn:
-        wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano)
+        wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano,
+                                             overdraft_limit_nano=limit_nano)
         key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
     return Account(engine, wallet.id, key.key_id, pool)
 
@@ -302,7 +305,7 @@ async def test_a_repeated_check_is_admitted_when_its_own_hold_took_all_the_money
         assert await acct.money() == (1_000_000, 1_000_000)
         # A different request is still refused.
         refusal = await acct.place(f"other-{strict}", 1, strict=strict)
-        assert refusal == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000_000, 1_000_000)
+        assert refusal == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000_000, 1_000_000, amount_nano=1)
     await books_balance(migrated_engine)
 
 
@@ -411,66 +414,154 @@ async def test_settling_inside_a_callers_transaction_is_undone_with_it(migrated_
 
 
 # --- admission ----------------------------------------------------------------------------------
+#
+# The rule: admit only while balance − reserved − hold ≥ −limit (the wallet's overdraft limit;
+# 0 for every wallet in strict mode). Refused: FUNDS_RESERVED when the hold would fit with every
+# reservation released, else INSUFFICIENT_FUNDS — wallet_empty when balance + limit ≤ 0,
+# request_too_large otherwise.
+
+INSUFFICIENT, RESERVED = holds.Admission.INSUFFICIENT_FUNDS, holds.Admission.FUNDS_RESERVED
+EMPTY, TOO_LARGE = holds.Shortfall.WALLET_EMPTY, holds.Shortfall.REQUEST_TOO_LARGE
 
 
-async def test_empty_or_negative_wallet_is_insufficient_funds(migrated_engine: AsyncEngine) -> None:
-    empty = await open_account(migrated_engine, 0)
-    for strict in (False, True):
-        refusal = await empty.place(f"r-{strict}", 1, strict=strict)
-        assert refusal == holds.Refusal(holds.Admission.INSUFFICIENT_FUNDS, 0, 0)
+def refusal(admission: holds.Admission, balance: int, reserved: int, limit: int, amount: int,
+            shortfall: holds.Shortfall | None = None) -> holds.Refusal:
+    return holds.Refusal(admission, balance, reserved, limit, amount, shortfall)
 
-    overdrawn = await open_account(migrated_engine, 100)
-    assert await overdrawn.place("big", 500) is ADMITTED  # overdraft: available 100 > 0
-    assert await overdrawn.settle("big", 500) is S.POSTED
-    assert await overdrawn.money() == (-400, 0)
-    refusal = await overdrawn.place("next", 1)
-    assert refusal == holds.Refusal(holds.Admission.INSUFFICIENT_FUNDS, -400, 0)
-    # A refusal reserves nothing and leaves no hold behind.
-    assert await overdrawn.money() == (-400, 0)
-    async with migrated_engine.connect() as conn:
-        assert await holds.outstanding(conn) == 0
+
+async def no_hold_left_by_refusals(engine: AsyncEngine, admitted: int) -> None:
+    async with engine.connect() as conn:
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(tables.holds))).scalar_one()
+    assert count == admitted, "a refusal left a hold behind"
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
+async def test_a_wallet_without_overdraft_admits_only_what_its_balance_covers(
+    migrated_engine: AsyncEngine, strict: bool
+) -> None:
+    acct = await open_account(migrated_engine, 1_000)
+    # More than the whole balance: no amount of waiting helps; a smaller request would fit.
+    assert await acct.place("huge", 1_001, strict=strict) == refusal(INSUFFICIENT, 1_000, 0, 0, 1_001, TOO_LARGE)
+    assert await acct.place("all", 1_000, strict=strict) is ADMITTED  # exactly the balance
+    assert await acct.place("more", 1, strict=strict) == refusal(RESERVED, 1_000, 1_000, 0, 1)
+    assert await acct.settle("all", 1_000) is S.POSTED
+    assert await acct.money() == (0, 0)
+    assert await acct.place("after", 1, strict=strict) == refusal(INSUFFICIENT, 0, 0, 0, 1, EMPTY)
+    assert await acct.money() == (0, 0)
+    await no_hold_left_by_refusals(migrated_engine, 1)
     await books_balance(migrated_engine)
 
 
-async def test_fully_reserved_wallet_is_funds_reserved_not_insufficient(migrated_engine: AsyncEngine) -> None:
+async def test_the_overdraft_limit_bounds_how_far_below_zero_the_balance_goes(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 100, limit_nano=400)
+    assert await acct.place("big", 500) is ADMITTED  # 100 − 500 = −400 ≥ −400
+    assert await acct.place("next", 1) == refusal(RESERVED, 100, 500, 400, 1)
+    assert await acct.settle("big", 500) is S.POSTED
+    assert await acct.money() == (-400, 0)
+    # Exactly at −limit: nothing more fits, whatever its size.
+    assert await acct.place("next", 1) == refusal(INSUFFICIENT, -400, 0, 400, 1, EMPTY)
+    # Strict mode takes every limit as 0.
+    assert await acct.place("strict", 1, strict=True) == refusal(INSUFFICIENT, -400, 0, 0, 1, EMPTY)
+
+    # The limit is raised by an operator: the next Check uses it.
+    async with migrated_engine.begin() as conn:
+        wallet = await wallets.set_overdraft_limit(conn, acct.wallet_id, 500)
+    assert wallet is not None and wallet.overdraft_limit_nano == 500
+    assert await acct.place("too-big", 101) == refusal(INSUFFICIENT, -400, 0, 500, 101, TOO_LARGE)
+    assert await acct.place("fits", 100) is ADMITTED
+    assert await acct.settle("fits", 100) is S.POSTED
+    assert await acct.money() == (-500, 0)
+    assert await acct.place("last", 1) == refusal(INSUFFICIENT, -500, 0, 500, 1, EMPTY)
+    await no_hold_left_by_refusals(migrated_engine, 2)
+    await books_balance(migrated_engine)
+
+
+async def test_an_overdraft_limit_is_never_negative(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 100)
+    async with migrated_engine.begin() as conn:
+        with pytest.raises(wallets.OverdraftLimitInvalid):
+            await wallets.set_overdraft_limit(conn, acct.wallet_id, -1)
+        with pytest.raises(wallets.OverdraftLimitInvalid):
+            await wallets.create_wallet(conn, source="admin", grant_nano=0, overdraft_limit_nano=-1)
+    # And the database refuses it whoever writes it (CHECK constraint).
+    with pytest.raises(sa.exc.IntegrityError, match="wallets_overdraft_limit_not_negative"):
+        async with migrated_engine.begin() as conn:
+            w = tables.wallets
+            await conn.execute(sa.update(w).where(w.c.id == acct.wallet_id).values(overdraft_limit_nano=-1))
+    assert (await acct.wallet()).overdraft_limit_nano == 0
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
+async def test_fully_reserved_wallet_is_funds_reserved_not_insufficient(
+    migrated_engine: AsyncEngine, strict: bool
+) -> None:
     acct = await open_account(migrated_engine, 1_000)
-    assert await acct.place("a", 600) is ADMITTED
-    assert await acct.place("b", 600) is ADMITTED  # available 400 > 0: overdraft admits
-    assert await acct.money() == (1_000, 1_200)
-    refusal = await acct.place("c", 1)
-    assert refusal == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 1_200)
-    assert await acct.money() == (1_000, 1_200)
+    assert await acct.place("a", 600, strict=strict) is ADMITTED
+    # Covered by the balance but not by what is left: wait for the other request.
+    assert await acct.place("b", 600, strict=strict) == refusal(RESERVED, 1_000, 600, 0, 600)
+    assert await acct.place("c", 400, strict=strict) is ADMITTED  # exactly what is left
+    assert await acct.money() == (1_000, 1_000)
+    assert await acct.place("d", 1, strict=strict) == refusal(RESERVED, 1_000, 1_000, 0, 1)
+    # Larger than the balance: waiting would not help, so it is not a 429.
+    assert await acct.place("e", 1_001, strict=strict) == refusal(INSUFFICIENT, 1_000, 1_000, 0, 1_001, TOO_LARGE)
     # Money comes back when a hold is settled: admitted again.
     assert await acct.settle("a", None) is S.VOIDED
-    assert await acct.place("c", 1) is ADMITTED
+    assert await acct.place("d", 1, strict=strict) is ADMITTED
+    for request_id in ("c", "d"):
+        assert await acct.settle(request_id, None) is S.VOIDED
+    await books_balance(migrated_engine)
 
-    exact = await open_account(migrated_engine, 1_000)
-    assert await exact.place("x", 1_000) is ADMITTED
-    assert await exact.place("y", 1) == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 1_000)
+
+async def test_strict_mode_ignores_the_wallets_limit(migrated_engine: AsyncEngine) -> None:
+    acct = await open_account(migrated_engine, 1_000, limit_nano=5_000)
+    assert await acct.place("strict", 1_001, strict=True) == refusal(INSUFFICIENT, 1_000, 0, 0, 1_001, TOO_LARGE)
+    assert await acct.place("overdraft", 1_001) is ADMITTED
+    # The balance covers it once the other request's hold is released: wait.
+    assert await acct.place("strict-2", 1, strict=True) == refusal(RESERVED, 1_000, 1_001, 0, 1)
+    assert await acct.settle("overdraft", 1_001) is S.POSTED
+    assert await acct.place("strict-3", 1, strict=True) == refusal(INSUFFICIENT, -1, 0, 0, 1, EMPTY)
+    assert await acct.place("overdraft-2", 4_999) is ADMITTED
+    assert await acct.settle("overdraft-2", None) is S.VOIDED
+    await books_balance(migrated_engine)
 
 
-async def test_strict_admission(migrated_engine: AsyncEngine) -> None:
-    acct = await open_account(migrated_engine, 1_000)
-    # More than the whole balance: no amount of waiting helps.
-    assert await acct.place("huge", 1_001, strict=True) == holds.Refusal(
-        holds.Admission.INSUFFICIENT_FUNDS, 1_000, 0
-    )
-    assert await acct.place("a", 600, strict=True) is ADMITTED
-    # Covered by the balance but not by what is left: wait for the other request.
-    assert await acct.place("b", 600, strict=True) == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 600)
-    assert await acct.place("c", 400, strict=True) is ADMITTED  # exactly what is left
-    assert await acct.money() == (1_000, 1_000)
-    assert await acct.place("d", 1, strict=True) == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000, 1_000)
+async def test_the_statement_and_the_named_refusal_agree_everywhere(migrated_engine: AsyncEngine) -> None:
+    """Every combination of balance, reservations, limit, hold and mode around the edges: the
+    statement admits exactly when ``holds.refusal_of`` says so, and a refusal is the one it names."""
+    acct = await open_account(migrated_engine, 0)
+    w = tables.wallets
+    n = 0
+    for balance in (-300, 0, 300):
+        for reserved in (0, 200):
+            for limit in (0, 250):
+                for amount in (0, 1, 49, 50, 51, 99, 100, 101, 299, 300, 301, 550, 551):
+                    for strict in (False, True):
+                        n += 1
+                        async with migrated_engine.begin() as conn:
+                            await conn.execute(sa.update(w).where(w.c.id == acct.wallet_id).values(
+                                balance_nano=balance, reserved_nano=reserved, overdraft_limit_nano=limit))
+                        expected = holds.refusal_of(
+                            balance_nano=balance, reserved_nano=reserved,
+                            overdraft_limit_nano=0 if strict else limit, amount_nano=amount)
+                        outcome = await acct.place(f"r{n}", amount, strict=strict)
+                        case = (balance, reserved, limit, amount, strict)
+                        assert outcome == (ADMITTED if expected is None else expected), case
+                        admits = balance - reserved - amount >= -(0 if strict else limit)
+                        assert (outcome is ADMITTED) is admits, case
+                        if outcome is not ADMITTED:
+                            assert outcome.headroom_nano == max(0, balance - reserved + (0 if strict else limit))
+                            assert (outcome.shortfall is EMPTY) is (outcome.admission is INSUFFICIENT
+                                                                    and balance + outcome.overdraft_limit_nano <= 0)
 
 
 async def test_suspended_wallet_is_refused_whatever_its_balance(migrated_engine: AsyncEngine) -> None:
-    acct = await open_account(migrated_engine, 1_000_000)
+    acct = await open_account(migrated_engine, 1_000_000, limit_nano=7)
     async with migrated_engine.begin() as conn:
         w = tables.wallets
         await conn.execute(sa.update(w).where(w.c.id == acct.wallet_id).values(suspended=True))
     for strict in (False, True):
-        refusal = await acct.place(f"r-{strict}", 1, strict=strict)
-        assert refusal == holds.Refusal(holds.Admission.WALLET_SUSPENDED, 1_000_000, 0)
+        refused = await acct.place(f"r-{strict}", 1, strict=strict)
+        assert refused == refusal(holds.Admission.WALLET_SUSPENDED, 1_000_000, 0, 0 if strict else 7, 1)
     assert await acct.money() == (1_000_000, 0)
 
 
@@ -490,15 +581,15 @@ async def test_disputed_wallet_is_refused_whatever_its_balance_until_disputed_is
             await ledger.post_entry(conn, wallet_id=acct.wallet_id, kind="adjustment",
                                     amount_nano=balance_nano, idempotency_key=f"adjustment:{acct.wallet_id}")
     await set_wallet_flags(migrated_engine, acct.wallet_id, disputed=True)
+    disputed = refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0, 0, 1)
     for strict in (False, True):
-        refusal = await acct.place(f"r-{strict}", 1, strict=strict)
-        assert refusal == holds.Refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0)
+        assert await acct.place(f"r-{strict}", 1, strict=strict) == disputed
     # Both flags: the operator's suspension is the one reported.
     await set_wallet_flags(migrated_engine, acct.wallet_id, suspended=True)
-    assert await acct.place("both", 1) == holds.Refusal(holds.Admission.WALLET_SUSPENDED, balance_nano, 0)
+    assert await acct.place("both", 1) == refusal(holds.Admission.WALLET_SUSPENDED, balance_nano, 0, 0, 1)
     # Lifting the operator's switch does not lift the dispute's hold.
     await set_wallet_flags(migrated_engine, acct.wallet_id, suspended=False)
-    assert await acct.place("held", 1) == holds.Refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0)
+    assert await acct.place("held", 1) == disputed
     assert await acct.money() == (balance_nano, 0)
     assert await acct.pending_sum() == 0
 
@@ -507,20 +598,21 @@ async def test_disputed_wallet_is_refused_whatever_its_balance_until_disputed_is
         assert await acct.place("after", 1_000) is ADMITTED
         assert await acct.money() == (balance_nano, 1_000)
     else:
-        assert await acct.place("after", 1_000) == holds.Refusal(holds.Admission.INSUFFICIENT_FUNDS, balance_nano, 0)
+        assert await acct.place("after", 1_000) == refusal(INSUFFICIENT, balance_nano, 0, 0, 1_000, EMPTY)
     await books_balance(migrated_engine)
 
 
 # --- admission under concurrency ----------------------------------------------------------------
 
 CHECKS = 200
+LIMIT_NANO = 300_000
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
 async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: bool) -> None:
     """Place, then settle at cost, 200 requests at once against a wallet that covers ~a tenth.
 
-    Overdraft mode may overdraw by at most one request's cost; strict mode never goes below zero.
+    The balance never goes below −limit (overdraft mode) or 0 (strict mode), at any point.
     Each request is charged exactly its cost, once.
     """
     rng = random.Random(7)
@@ -529,7 +621,7 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
     engine = database.create_engine(migrated_url, pool_size=2)
     pool = await database.create_pool(migrated_url, size=20)
     try:
-        acct = await open_account(engine, start_balance, pool)
+        acct = await open_account(engine, start_balance, pool, limit_nano=LIMIT_NANO)
 
         async def request(request_id: str) -> holds.Admission | holds.Refusal:
             admission = await acct.place(request_id, costs[request_id], strict=strict)
@@ -541,7 +633,7 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
         admitted = [r for r, o in outcomes.items() if o is ADMITTED]
         refused = [o for o in outcomes.values() if o is not ADMITTED]
         assert admitted and refused, "the wallet must cover some requests and refuse others"
-        assert {o.admission for o in refused} <= {holds.Admission.INSUFFICIENT_FUNDS, holds.Admission.FUNDS_RESERVED}
+        assert {o.admission for o in refused} <= {INSUFFICIENT, RESERVED}
 
         balance, reserved = await acct.money()
         charged = sum(costs[r] for r in admitted)
@@ -550,10 +642,11 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
         usage = await acct.usage_entries()
         assert sorted(e.idempotency_key for e in usage) == sorted(f"usage:{r}" for r in admitted)
         assert -sum(e.amount_nano for e in usage) == charged
-        if strict:
-            assert balance >= 0
-        else:
-            assert balance >= -max(costs[r] for r in admitted)
+        floor = 0 if strict else -LIMIT_NANO
+        assert balance >= floor
+        assert all(e.balance_after_nano >= floor for e in usage)
+        if not strict:
+            assert charged > start_balance, "the limit was never used: the test proves nothing"
         await books_balance(engine)
     finally:
         await pool.close()
@@ -562,34 +655,107 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
 async def test_200_concurrent_checks_before_any_settles(migrated_url: str, strict: bool) -> None:
-    """All 200 holds are placed while none has settled: what is reserved bounds the overdraft."""
+    """All 200 holds are placed while none has settled: they fit within balance + limit (strict:
+    the balance), and the wallet is used up — what is left fits none of the refused requests."""
     rng = random.Random(11)
     amounts = {f"req-{i:03d}": rng.randint(10_000, 90_000) for i in range(CHECKS)}
     start_balance = 1_000_000
     engine = database.create_engine(migrated_url, pool_size=2)
     pool = await database.create_pool(migrated_url, size=20)
     try:
-        acct = await open_account(engine, start_balance, pool)
+        acct = await open_account(engine, start_balance, pool, limit_nano=LIMIT_NANO)
         outcomes = await asyncio.gather(*(acct.place(r, a, strict=strict) for r, a in amounts.items()))
         admitted = [r for r, o in zip(amounts, outcomes) if o is ADMITTED]
         refusals = [o for o in outcomes if o is not ADMITTED]
         total = sum(amounts[r] for r in admitted)
         balance, reserved = await acct.money()
         assert (balance, reserved) == (start_balance, total)
-        assert refusals and all(o.admission is holds.Admission.FUNDS_RESERVED for o in refusals)
-        if strict:
-            assert total <= start_balance
-            # No false block: whatever was left could not cover any refused request.
-            refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes) if o is not ADMITTED]
-            assert start_balance - total < min(refused_amounts)
-        else:
-            # Each admission saw available > 0, so without the last one admitted the holds fit.
-            assert total - max(amounts[r] for r in admitted) < start_balance
-            assert total >= start_balance  # and it does not stop early: the wallet is used up
+        # Every refused hold would fit once the others are settled: a 429, never a 403.
+        assert refusals and all(o.admission is RESERVED for o in refusals)
+        spendable = start_balance + (0 if strict else LIMIT_NANO)
+        assert total <= spendable
+        # No false block: whatever was left could not cover any refused request.
+        refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes) if o is not ADMITTED]
+        assert spendable - total < min(refused_amounts)
         # Settle every one at its full amount, all at once.
         settled = await asyncio.gather(*(acct.settle(r, holds.CHARGE_HOLD) for r in admitted))
         assert settled == [S.POSTED] * len(admitted)
         assert await acct.money() == (start_balance - total, 0)
+        assert start_balance - total >= (0 if strict else -LIMIT_NANO)
+        await books_balance(engine)
+    finally:
+        await pool.close()
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
+async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_the_limit(
+    migrated_url: str, strict: bool
+) -> None:
+    """The adversary's version: 200 requests at once, from a few nano-USD to three times what the
+    wallet may spend, half placed alone (``place``) and half in batches (``place_many``, as the
+    sidecar does), each settled right after at a random cost up to its hold while the others are
+    still being placed. The balance is never below −limit (strict: 0) at any point."""
+    rng = random.Random(13)
+    start_balance, limit = 500_000, 200_000
+    spendable = start_balance + (0 if strict else limit)
+    amounts = {f"req-{i:03d}": rng.choice([rng.randint(1, 5_000), rng.randint(5_000, 100_000),
+                                           rng.randint(spendable, 3 * spendable)]) for i in range(CHECKS)}
+    engine = database.create_engine(migrated_url, pool_size=2)
+    pool = await database.create_pool(migrated_url, size=20)
+    try:
+        acct = await open_account(engine, start_balance, pool, limit_nano=limit)
+        ids = list(amounts)
+        singles, batched = ids[0::2], ids[1::2]
+        batches: list[list[str]] = []
+        while batched:  # batches of 1, 2, 3, 5 and 8 requests: pipelined and set-based statements
+            size = [1, 2, 3, 5, 8][len(batches) % 5]
+            batches.append(batched[:size])
+            batched = batched[size:]
+        costs: dict[str, int] = {}
+
+        async def settle(request_id: str) -> None:
+            costs[request_id] = rng.randint(0, amounts[request_id])
+            assert await acct.settle(request_id, costs[request_id]) is S.POSTED
+
+        async def single(request_id: str) -> tuple[str, holds.Admission | holds.Refusal]:
+            outcome = await acct.place(request_id, amounts[request_id], strict=strict)
+            if outcome is ADMITTED:
+                await settle(request_id)
+            return request_id, outcome
+
+        async def batch(request_ids: list[str]) -> list[tuple[str, holds.Admission | holds.Refusal]]:
+            requests = [holds.HoldRequest(r, acct.wallet_id, acct.key_id, "gpt-4o-mini", amounts[r])
+                        for r in request_ids]
+            async with pool.acquire() as conn:
+                outcomes = await holds.place_many(conn, requests, ttl_s=600, strict=strict)
+            for request_id, outcome in zip(request_ids, outcomes):
+                if outcome is ADMITTED:
+                    await settle(request_id)
+            return list(zip(request_ids, outcomes))
+
+        results = await asyncio.gather(*(single(r) for r in singles), *(batch(b) for b in batches))
+        outcomes = dict(pair for result in results for pair in (result if isinstance(result, list) else [result]))
+        assert sorted(outcomes) == sorted(ids)
+        admitted = [r for r, o in outcomes.items() if o is ADMITTED]
+        refused = {r: o for r, o in outcomes.items() if o is not ADMITTED}
+        assert admitted and refused
+        # A hold larger than everything the wallet may spend is always refused as too large.
+        for r, o in refused.items():
+            if amounts[r] > spendable:
+                assert (o.admission, o.shortfall) == (INSUFFICIENT, TOO_LARGE), (r, o)
+            else:
+                assert o.admission in (INSUFFICIENT, RESERVED), (r, o)
+        assert all(amounts[r] <= spendable for r in admitted)
+
+        balance, reserved = await acct.money()
+        floor = 0 if strict else -limit
+        assert reserved == 0
+        assert balance == start_balance - sum(costs[r] for r in admitted) >= floor
+        usage = await acct.usage_entries()
+        assert len(usage) == len(admitted)
+        assert all(e.balance_after_nano >= floor for e in usage), sorted(e.balance_after_nano for e in usage)[:3]
+        await no_hold_left_by_refusals(engine, len(admitted))
         await books_balance(engine)
     finally:
         await pool.close()

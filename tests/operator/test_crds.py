@@ -3,13 +3,14 @@ agree with the operator (defaults, limits, the email rule) so the two can never 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 import crd_schema
-from billing import wallets
+from billing import money, settings, wallets
 from billing_operator import apikey_reconciler, config, errors, wallet_reconciler
 
 EXAMPLES = sorted((crd_schema.ROOT / "crds" / "examples").glob("*.yaml"))
@@ -102,6 +103,12 @@ def test_defaults_and_limits_agree_with_the_operator() -> None:
     assert apikey["allowedModels"]["maxItems"] == apikey_reconciler.MODELS_MAX
     assert apikey["allowedModels"]["items"]["maxLength"] == apikey_reconciler.MODEL_LENGTH_MAX
     assert apikey["secretName"]["pattern"] == "^" + apikey_reconciler._NAME.pattern + "$"
+    # The largest overdraft limit the CRD's USD pattern allows is the core's largest.
+    overdraft = wallet["overdraftLimitUsd"]
+    assert "default" not in overdraft, "unset means the operator's BILLINGPROXY_OVERDRAFT_LIMIT_USD"
+    largest = "9" * 7 + "." + "9" * 9
+    assert re.fullmatch(overdraft["pattern"], largest) and not re.fullmatch(overdraft["pattern"], "1" + "0" * 7)
+    assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_MAX_NANO
 
 
 def test_immutable_and_monotonic_fields_have_cel_rules() -> None:
@@ -125,6 +132,8 @@ def test_immutable_and_monotonic_fields_have_cel_rules() -> None:
     ({"ownerEmail": "a@example.com", "initialGrant": "ten"}, "spec.initialGrant"),
     ({"ownerEmail": "a@example.com", "lowBalanceThreshold": 5}, "spec.lowBalanceThreshold"),
     ({"ownerEmail": "a@example.com", "stripeCustomerId": "acct_1"}, "spec.stripeCustomerId"),
+    ({"ownerEmail": "a@example.com", "overdraftLimitUsd": "-1"}, "spec.overdraftLimitUsd"),
+    ({"ownerEmail": "a@example.com", "overdraftLimitUsd": "10000000"}, "spec.overdraftLimitUsd"),
 ])
 def test_operator_names_the_bad_wallet_field(spec: dict, field: str) -> None:
     with pytest.raises(errors.InvalidSpec, match=field):

@@ -21,8 +21,9 @@ async def _post(engine: AsyncEngine, wallet_id: str, kind: str, amount_nano: int
 
 
 async def test_top_ups_low_balance_and_empty_wallets_show_in_status_and_events(operator, kube, engine: AsyncEngine) -> None:
+    # Empty is balance + overdraft limit <= 0: here below -$0.05.
     await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com", "initialGrant": "1.00",
-                                            "lowBalanceThreshold": "0.50"})
+                                            "lowBalanceThreshold": "0.50", "overdraftLimitUsd": "0.05"})
     wallet_id = (await kube.wait_for(WALLETS, "team-a", h.is_ready))["status"]["walletId"]
 
     topup = await _post(engine, wallet_id, "topup", 10_000_000_000, "stripe:pi_test_1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import pytest
 import sqlalchemy as sa
@@ -10,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crd_schema
 import operator_harness as h
-from billing import tables, wallets
-from billing_operator import errors, wallet_reconciler
+from billing import settings, tables, wallets
+from billing_operator import config, errors, wallet_reconciler
 
 WALLETS = "wallets"
 
@@ -169,3 +170,60 @@ async def test_wallet_rows_are_only_ever_kubernetes_rows(engine: AsyncEngine) ->
     async with engine.connect() as conn:
         sources = set((await conn.execute(sa.select(tables.wallets.c.source))).scalars())
     assert sources == {"kubernetes"}
+
+
+async def test_overdraft_limit_defaults_then_follows_its_field_only(
+        operator, operator_config, kube, engine: AsyncEngine) -> None:
+    """spec.overdraftLimitUsd is applied on create and when it changes; unset, the operator's
+    default (BILLINGPROXY_OVERDRAFT_LIMIT_USD); a limit set by an admin outlives other changes."""
+    uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
+    wallet = await kube.wait_for(WALLETS, "team-a", h.is_ready)
+    (row,) = await h.wallet_rows(engine, uid)
+    assert row.overdraft_limit_nano == operator_config.overdraft_limit_nano == 1_000_000_000
+    assert wallet["status"]["overdraftLimit"] == "1.000000"
+    crd_schema.assert_valid(wallet)
+
+    await kube.patch_spec(WALLETS, "team-a", {"overdraftLimitUsd": "2.50"})
+    await kube.wait_for(WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"].get("overdraftLimit") == "2.500000")
+    (row,) = await h.wallet_rows(engine, uid)
+    assert row.overdraft_limit_nano == 2_500_000_000
+
+    # An admin lowers it by hand (`billingproxy wallet set-overdraft`); an unrelated change keeps it.
+    async with engine.begin() as conn:
+        await wallets.set_overdraft_limit(conn, row.id, 0)
+    await kube.patch_spec(WALLETS, "team-a", {"ownerEmail": "carol@example.com"})
+    await kube.wait_for(WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"]["observedGeneration"] == 3)
+    (row,) = await h.wallet_rows(engine, uid)
+    assert (row.email, row.overdraft_limit_nano) == ("carol@example.com", 0)
+
+    # Removing the field is a change too: back to the default.
+    await kube.patch_spec(WALLETS, "team-a", {"overdraftLimitUsd": None})
+    await kube.wait_for(WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"]["observedGeneration"] == 4)
+    (row,) = await h.wallet_rows(engine, uid)
+    assert row.overdraft_limit_nano == 1_000_000_000
+
+
+async def test_a_wallet_declared_without_overdraft_gets_none(operator, kube, engine: AsyncEngine) -> None:
+    uid = (await kube.create("Wallet", "strict-team", {"ownerEmail": "bob@example.com", "overdraftLimitUsd": "0"})
+           )["metadata"]["uid"]
+    wallet = await kube.wait_for(WALLETS, "strict-team", h.is_ready)
+    (row,) = await h.wallet_rows(engine, uid)
+    assert row.overdraft_limit_nano == 0 and wallet["status"]["overdraftLimit"] == "0.000000"
+
+
+def test_the_default_overdraft_limit_is_the_core_setting() -> None:
+    cfg = config.from_env({"DATABASE_URL": "postgresql://u:p@db/b", "BILLINGPROXY_OVERDRAFT_LIMIT_USD": "0.25"})
+    assert cfg.overdraft_limit_nano == 250_000_000
+    assert config.OperatorConfig(database_url="x").overdraft_limit_nano == settings.Settings().overdraft_limit_nano
+
+
+@pytest.mark.parametrize("balance, limit, state", [
+    (1, 0, "Active"), (0, 0, "Empty"), (-5, 0, "Empty"),
+    (-5, 6, "Active"), (-6, 6, "Empty"), (0, 1, "Active"),
+])
+def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(balance: int, limit: int, state: str) -> None:
+    wallet = wallets.Wallet(id="wal_x", email=None, source="kubernetes", external_id="u", balance_nano=balance,
+                            reserved_nano=0, suspended=False, created_at=dt.datetime.now(dt.timezone.utc),
+                            overdraft_limit_nano=limit)
+    assert wallet_reconciler.state_of(wallet) == state
+    assert wallet.state == ("active" if state == "Active" else "suspended")

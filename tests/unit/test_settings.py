@@ -19,6 +19,7 @@ def test_defaults() -> None:
     assert s.data_dir == Path(".data")
     assert s.free_grant_nano == 500_000_000  # $0.50
     assert s.admission == "overdraft" and not s.strict
+    assert s.overdraft_limit_nano == 1_000_000_000  # $1.00, for wallets other than self-service ones
     assert s.hold_ttl_s == 600
     assert s.upstream_timeout_s == 300
     assert s.hold_default_max_tokens == 4096
@@ -42,7 +43,7 @@ def test_defaults() -> None:
 
 def test_empty_values_mean_defaults() -> None:
     names = ["FREE_GRANT_USD", "MARKUP_PERCENT", "PRICE_OVERRIDES", "GATEWAY_PORT", "ADMISSION",
-             "HOLD_TTL_S", "BACKEND_URL", "PUBLIC_URL", "BIND_HOST"]
+             "HOLD_TTL_S", "BACKEND_URL", "PUBLIC_URL", "BIND_HOST", "OVERDRAFT_LIMIT_USD"]
     assert settings.from_env({P + name: "" for name in names}) == settings.Settings()
 
 
@@ -55,6 +56,7 @@ def test_values_are_read(tmp_path: Path) -> None:
             P + "DATA_DIR": str(tmp_path),
             P + "FREE_GRANT_USD": "1.25",
             P + "ADMISSION": " Strict ",
+            P + "OVERDRAFT_LIMIT_USD": "2.5",
             P + "HOLD_TTL_S": "120",
             P + "UPSTREAM_TIMEOUT_S": "119",
             P + "HOLD_DEFAULT_MAX_TOKENS": "1000",
@@ -78,6 +80,7 @@ def test_values_are_read(tmp_path: Path) -> None:
     assert s.data_dir == tmp_path
     assert s.free_grant_nano == 1_250_000_000
     assert s.admission == "strict" and s.strict
+    assert s.overdraft_limit_nano == 2_500_000_000
     assert (s.hold_ttl_s, s.upstream_timeout_s, s.hold_default_max_tokens) == (120, 119, 1000)
     assert s.price_overrides_path == overrides
     assert s.markup_percent == Decimal("12.5") and type(s.markup_percent) is Decimal
@@ -107,6 +110,12 @@ def test_free_grant_can_be_zero() -> None:
     assert settings.from_env({P + "FREE_GRANT_USD": "0"}).free_grant_nano == 0
 
 
+def test_overdraft_limit_can_be_zero_and_at_most_the_crds_largest() -> None:
+    assert settings.from_env({P + "OVERDRAFT_LIMIT_USD": "0"}).overdraft_limit_nano == 0
+    largest = settings.from_env({P + "OVERDRAFT_LIMIT_USD": "9999999.999999999"})
+    assert largest.overdraft_limit_nano == settings.OVERDRAFT_LIMIT_MAX_NANO
+
+
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(P + "GATEWAY_PORT", "18443")
     monkeypatch.setenv(P + "FREE_GRANT_USD", "2")
@@ -134,6 +143,10 @@ BAD_VALUES = [
     ("FREE_GRANT_USD", "1e3"),
     ("FREE_GRANT_USD", "0.0000000001"),
     ("FREE_GRANT_USD", "0.5 USD"),
+    ("OVERDRAFT_LIMIT_USD", "-1"),
+    ("OVERDRAFT_LIMIT_USD", "1e3"),
+    ("OVERDRAFT_LIMIT_USD", "0.0000000001"),
+    ("OVERDRAFT_LIMIT_USD", "10000000"),
     ("MARKUP_PERCENT", "-5"),
     ("MARKUP_PERCENT", "abc"),
     ("MARKUP_PERCENT", "NaN"),
@@ -183,6 +196,7 @@ def test_hold_ttl_below_the_upstream_timeout_names_both() -> None:
         ({"admission": "bogus"}, "ADMISSION"),
         ({"upstream_timeout_s": 600}, "UPSTREAM_TIMEOUT_S"),
         ({"free_grant_nano": -1}, "FREE_GRANT_USD"),
+        ({"overdraft_limit_nano": -1}, "OVERDRAFT_LIMIT_USD"),
         ({"markup_percent": Decimal("-0.5")}, "MARKUP_PERCENT"),
         ({"backend_url": "gopher://x"}, "BACKEND_URL"),
         ({"public_url": "/relative"}, "PUBLIC_URL"),
