@@ -250,20 +250,20 @@ class Decider:
     ) -> api_errors.ApiError:
         """The journey's 403, made actionable: is the wallet empty or this request too large, what
         it may cost at worst, and the largest max_tokens that would fit what is left."""
-        limit = getattr(refusal, "overdraft_limit_nano", 0)
+        limit = refusal.overdraft_limit_nano
         room = refusal.balance_nano - refusal.reserved_nano + limit
-        fits = self._prices.output_within(
+        empty = refusal.shortfall is not holds.Shortfall.REQUEST_TOO_LARGE
+        fits = 0 if empty else self._prices.output_within(
             price, room, prompt_tokens=prompt_tokens, choices=worst.choices, dimensions=worst.dimensions
         )
-        reason = "wallet_empty" if refusal.balance_nano + limit <= 0 else "request_too_large"
         return api_errors.insufficient_funds(
             self._top_up_url,
             money.format_usd(refusal.balance_nano),
-            reason=reason,
+            reason=(holds.Shortfall.WALLET_EMPTY if empty else holds.Shortfall.REQUEST_TOO_LARGE).value,
             worst_case_usd=money.format_usd(amount),
             available_usd=money.format_usd(refusal.balance_nano - refusal.reserved_nano),
             overdraft_limit_usd=money.format_usd(limit),
-            max_tokens_that_fit=fits if reason == "request_too_large" else 0,
+            max_tokens_that_fit=fits,
         )
 
 

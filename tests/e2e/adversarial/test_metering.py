@@ -193,6 +193,7 @@ async def test_n_multiplies_the_hold(stack, prices) -> None:
     one = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 1000}
     status, answer = await post(stack, key, CHAT, one)
     assert status == 200, answer
+    await stack.db.settled()
     error = await refused_untouched(stack, key, CHAT, {**one, "n": 20}, 403, "insufficient_funds")
     mini = prices.price("gpt-4o-mini")
     assert mini is not None
