@@ -25,6 +25,10 @@ Settings that are not obvious, and why:
   from an "internal" address; since 1.33 no address is internal unless configured, but an
   explicit empty ``internal_address_config: {}`` falls back to trusting RFC 1918 and loopback.
   The same rule makes Envoy drop client-sent ``x-envoy-*`` headers.
+- ``use_remote_address`` + ``xff_num_trusted_hops`` = ``trusted_proxy_hops``: Envoy's trusted
+  client address is its peer (0), or the Nth address from the right of the X-Forwarded-For it
+  received (N proxies, e.g. a load balancer, in front). Envoy sets ``x-envoy-external-address``
+  to it, replacing any the client sent; the sidecar's signup limit counts per that header.
 - ``normalize_path`` + ``merge_slashes`` + rejecting escaped slashes: routing is by path
   prefix, and the backend receives our credential, so ``/v1/../key/generate`` must not reach a
   LiteLLM admin endpoint: after normalization it is an unknown path and answers 404.
@@ -236,6 +240,7 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
         "stat_prefix": "gateway",
         "codec_type": "AUTO",
         "use_remote_address": True,
+        "xff_num_trusted_hops": settings.trusted_proxy_hops,
         "generate_request_id": True,
         "preserve_external_request_id": False,
         "always_set_request_id_in_response": True,

@@ -8,18 +8,22 @@ shown as USD decimal strings, never numbers.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import ipaddress
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
+from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors, stripe_api
+from authz_sidecar import api_errors, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import ledger, money, wallets
 from billing.settings import Settings
@@ -29,7 +33,6 @@ logger = logging.getLogger(__name__)
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 BODY_MAX_BYTES = 64 * 1024
 _RATE_WINDOW_S = 60.0
-_RATE_CLIENTS_MAX = 100_000
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
@@ -37,36 +40,92 @@ KEYS = web.AppKey("keys", KeyLookup)
 SIGNUP_LIMITER = web.AppKey("signup_limiter", object)
 OPENAPI = web.AppKey("openapi", dict)
 
+signup_refusals = Counter(
+    "billingproxy_signup_refusals",
+    "Signups refused by a rate limit, by scope (client: one address; gateway: the sidecar's total).",
+    ["scope"],
+    registry=metrics.registry,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignupRefusal:
+    """Why a signup must wait: ``scope`` is "client" (this address) or "gateway" (everyone)."""
+
+    scope: str
+    retry_after_s: int
+
 
 class SignupLimiter:
-    """A sliding one-minute window per client address, bounded in memory."""
+    """Two sliding one-minute windows: one per client address, and one for the whole sidecar.
 
-    def __init__(self, per_minute: int) -> None:
-        self._per_minute = per_minute
-        self._seen: dict[str, collections.deque[float]] = {}
+    Why both: the per-client window stops one address from collecting free grants; the gateway
+    window bounds the grants given per minute when many addresses each stay within theirs (a
+    botnet, an IPv6 block, or a caller at the sidecar's own port claiming any address). A refused
+    attempt counts in neither window, so a flood from one address cannot spend everyone's budget.
+    Only admitted signups are remembered, so memory stays bounded by the gateway window: stale
+    clients are swept once the table holds twice that many.
+    """
 
-    def admit(self, client: str) -> int | None:
-        """None if admitted, else seconds to wait."""
-        now = time.monotonic()
-        times = self._seen.get(client)
+    def __init__(self, per_client: int, per_gateway: int) -> None:
+        self._per_client = per_client
+        self._per_gateway = per_gateway
+        self._clients: dict[str, collections.deque[float]] = {}
+        self._gateway: collections.deque[float] = collections.deque()
+
+    def admit(self, client: str, now: float | None = None) -> SignupRefusal | None:
+        """None if admitted (and counted), else which limit refused and for how long."""
+        now = time.monotonic() if now is None else now
+        horizon = now - _RATE_WINDOW_S
+        times = self._clients.get(client)
+        if times is not None:
+            _expire(times, horizon)
+            if len(times) >= self._per_client:
+                return SignupRefusal("client", _retry_after(times[0], now))
+        _expire(self._gateway, horizon)
+        if len(self._gateway) >= self._per_gateway:
+            return SignupRefusal("gateway", _retry_after(self._gateway[0], now))
         if times is None:
-            if len(self._seen) >= _RATE_CLIENTS_MAX:
-                self._seen.clear()
-            times = self._seen[client] = collections.deque()
-        while times and times[0] <= now - _RATE_WINDOW_S:
-            times.popleft()
-        if len(times) >= self._per_minute:
-            return max(1, int(times[0] + _RATE_WINDOW_S - now) + 1)
+            if len(self._clients) >= 2 * self._per_gateway + 16:
+                self._sweep(horizon)
+            times = self._clients[client] = collections.deque()
         times.append(now)
+        self._gateway.append(now)
         return None
+
+    def _sweep(self, horizon: float) -> None:
+        for client in [c for c, times in self._clients.items() if times[-1] <= horizon]:
+            del self._clients[client]
+
+
+def _expire(times: collections.deque[float], horizon: float) -> None:
+    while times and times[0] <= horizon:
+        times.popleft()
+
+
+def _retry_after(oldest: float, now: float) -> int:
+    return max(1, math.ceil(oldest + _RATE_WINDOW_S - now))
 
 
 def client_address(request: web.Request) -> str:
-    """The caller's address. Envoy (use_remote_address) appends it last to X-Forwarded-For."""
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if forwarded:
-        return forwarded.split(",")[-1].strip()
-    return request.remote or "unknown"
+    """The address the per-client signup limit counts against.
+
+    Envoy computes the trusted client address (its peer, or with ``xff_num_trusted_hops`` = N
+    the Nth address from the right of X-Forwarded-For) and, because it uses the remote address
+    and no address is internal, sets ``x-envoy-external-address`` to it on every request,
+    replacing any the client sent. Without that header (a caller at the sidecar's own port), the
+    peer counts. An IPv6 client is its /64, the block one subscriber usually holds.
+    """
+    raw = request.headers.get("x-envoy-external-address", "").strip() or request.remote or ""
+    try:
+        address = ipaddress.ip_address(raw)
+    except ValueError:
+        return raw[:64] or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -116,19 +175,24 @@ async def signup(request: web.Request) -> web.Response:
         email = wallets.normalize_email(body.get("email"))
     except wallets.EmailInvalid as exc:
         raise api_errors.ApiError(400, "invalid_email", str(exc), extra={"param": "email"}) from None
-    wait_s = request.app[SIGNUP_LIMITER].admit(client_address(request))
-    if wait_s is not None:
+    refusal = request.app[SIGNUP_LIMITER].admit(client_address(request))
+    if refusal is not None:
+        signup_refusals.labels(refusal.scope).inc()
+        who = "from this address" if refusal.scope == "client" else "on this gateway right now"
         raise api_errors.ApiError(
-            429, "rate_limited", "Too many signups from this address; try again later.",
-            "rate_limit_error", headers={"retry-after": str(wait_s)},
+            429, "rate_limited", f"Too many signups {who}; try again later.",
+            "rate_limit_error", headers={"retry-after": str(refusal.retry_after_s)},
         )
     settings = request.app[SETTINGS]
     try:
         async with request.app[ENGINE].begin() as conn:
-            created = await wallets.signup(conn, email=email, grant_nano=settings.free_grant_nano)
+            created = await wallets.signup(
+                conn, email=email, grant_nano=settings.free_grant_nano, email_policy=settings.signup_email_policy
+            )
     except wallets.EmailTaken:
         raise api_errors.ApiError(
-            409, "email_taken", "This email address already has a wallet.", extra={"param": "email"}
+            409, "email_taken", "This email address, or another address of the same mailbox, already has a wallet.",
+            extra={"param": "email"},
         ) from None
     logger.info("signup: wallet %s, key %s", created.wallet.id, created.key.key_id)
     return _json(
@@ -219,7 +283,7 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[KEYS] = key_lookup
-    app[SIGNUP_LIMITER] = SignupLimiter(settings.signup_rate_per_minute)
+    app[SIGNUP_LIMITER] = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
     app[OPENAPI] = load_openapi()
     app.router.add_post("/user/signup", signup)
     app.router.add_get("/billing/balance", balance)

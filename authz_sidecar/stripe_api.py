@@ -11,7 +11,8 @@ Routes (all through Envoy, ext_authz off for them; see docs/stripe.md):
 - ``GET /billing/topup/success`` and ``/billing/topup/cancelled`` — where Checkout sends the
   customer back; the first says whether the wallet is credited yet.
 - ``POST /stripe/webhook`` — verifies ``Stripe-Signature`` on the raw body
-  (``stripe.Webhook.construct_event``, 300 s tolerance), then hands the event, as plain JSON, to
+  (``stripe.Webhook.construct_event``, signed no more than 300 s ago, and no more than 300 s in
+  the future, which the SDK does not check), then hands the event, as plain JSON, to
   :mod:`billing.payments`, which owns every rule about money. 400 on a bad signature with nothing
   written; 2xx for every verified event, duplicates and events about unknown wallets included,
   so Stripe stops retrying.
@@ -28,6 +29,7 @@ import hashlib
 import html
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -53,7 +55,7 @@ PRODUCT_NAME = "BillingProxy prepaid credit"
 
 webhook_events = Counter(
     "billingproxy_stripe_webhook_events",
-    "Verified Stripe webhook events, by outcome (credited, already_credited, unknown_wallet, …, duplicate).",
+    "Verified Stripe webhook events, by outcome (credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
     ["outcome"],
     registry=metrics.registry,
 )
@@ -249,6 +251,7 @@ class StripeRoutes:
                 tolerance=WEBHOOK_TOLERANCE_S,
                 api_key=self.settings.stripe_secret_key,
             )
+            _refuse_future(request.headers["stripe-signature"], now=time.time())
         except stripe.SignatureVerificationError as exc:
             webhook_rejections.labels("invalid_signature").inc()
             logger.warning("webhook refused: %s", exc.user_message or exc)
@@ -323,6 +326,21 @@ class StripeRoutes:
 
     async def cancelled_page(self, request: web.Request) -> web.Response:
         return _html("Top-up cancelled", '<p>Nothing was charged. <a href="/billing/topup">Try again</a>.</p>')
+
+
+def _refuse_future(header: str, *, now: float) -> None:
+    """Refuse a verified signature dated more than the tolerance ahead of our clock.
+
+    The SDK refuses only stale timestamps; a signature dated ahead would stay replayable until
+    that date plus the tolerance. Its timestamp is the header's first ``t=``, as the SDK reads it
+    (so this is the very value the signature covers).
+    """
+    items = [item.split("=", 2) for item in header.split(",")]
+    timestamp = int([item[1] for item in items if item[0] == "t"][0])  # verified, so it parses
+    if timestamp > now + WEBHOOK_TOLERANCE_S:
+        raise stripe.SignatureVerificationError(
+            f"Timestamp {timestamp} is more than {WEBHOOK_TOLERANCE_S} s in the future", header
+        )
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -25,9 +25,14 @@ and the end state is the same in every order.
 
 Sharp edges:
 
-- Only ``mode=payment`` sessions in USD that name one of our wallets (``client_reference_id``)
-  are credited. Anything else is recorded with a named outcome and must still be answered 2xx,
-  or Stripe retries it for days.
+- Only Checkout Sessions the gateway created are credited (``POST /billing/topup`` records each
+  in ``stripe_checkout_sessions``), to the wallet and for the amount it recorded then. The
+  Stripe account may serve other products whose events carry the same valid signature, and a
+  session's ``client_reference_id`` and metadata are whatever its creator wrote: a session we
+  did not record is ``not_ours``; ours paid for another amount or currency is
+  ``amount_mismatch``, credited with neither number and left to a person. Every such event is
+  recorded with its outcome and must still be answered 2xx, or Stripe retries it for days.
+  Payment Intents are never credited on their own (no handler): every top-up is a session.
 - A dispute puts the wallet on hold through its own flag, ``wallets.disputed``: true exactly while
   the wallet has an open dispute, recomputed from the dispute facts after every event that touches
   them, and written by nothing else. It never touches ``wallets.suspended``, the operator's and
@@ -48,7 +53,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import ledger, money, tables, wallets
+from billing import ledger, money, tables
 
 NANO_PER_CENT = money.NANO_PER_USD // 100
 CURRENCY = "usd"
@@ -221,17 +226,16 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
     session_id = _id(session.get("id"))
     if session.get("object") != "checkout.session" or session_id is None:
         raise _Skip("invalid_object", "data.object is not a checkout.session")
-    reference = session.get("client_reference_id")
-    from_metadata = _metadata(session).get("wallet_id")
-    wallet_id = reference if isinstance(reference, str) and reference else from_metadata
-    if session.get("mode") != "payment" or not isinstance(wallet_id, str) or not wallet_id:
-        raise _Skip("not_ours", "not a top-up session: no client_reference_id naming a wallet")
-    if isinstance(from_metadata, str) and from_metadata and from_metadata != wallet_id:
-        raise _Skip("invalid_object", "client_reference_id and metadata.wallet_id disagree", wallet_id)
-    if session.get("currency") != CURRENCY:
-        raise _Skip("unsupported_currency", f"currency {session.get('currency')!r}", wallet_id)
-    if await wallets.get_wallet(conn, wallet_id) is None:
-        raise _Skip("unknown_wallet", f"no wallet {wallet_id!r}; nothing credited", wallet_id)
+    recorded = await _recorded_session(conn, session_id)
+    if recorded is None:
+        # Whatever wallet its client_reference_id or metadata name: those are its creator's words.
+        raise _Skip("not_ours", f"session {session_id} was not created by this gateway's /billing/topup")
+    # The wallet we recorded when we created the session; the event's copy names nothing for us.
+    wallet_id = recorded.wallet_id
+    named = {_id(session.get("client_reference_id")), _id(_metadata(session).get("wallet_id"))} - {None}
+    disagreement = f"; the session names {sorted(named)}, credited to the recorded wallet" if named - {wallet_id} else ""
+    if session.get("mode") != "payment":
+        raise _Skip("invalid_object", f"session {session_id}: mode {session.get('mode')!r}", wallet_id)
 
     payment_intent = _id(session.get("payment_intent"))
     await _record_session_status(conn, session_id, session.get("status"), payment_intent)
@@ -242,15 +246,22 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
     if session.get("payment_status") != "paid":
         return Result("awaiting_payment", wallet_id, f"session {session_id}: payment_status {session.get('payment_status')!r}")
     amount_cents = _int(session, "amount_total")
-    if payment_intent is None or not amount_cents:
-        raise _Skip("invalid_object", "a paid session without payment_intent or amount_total", wallet_id)
+    if session.get("currency") != CURRENCY or amount_cents is None or amount_cents * NANO_PER_CENT != recorded.amount_nano:
+        raise _Skip(
+            "amount_mismatch",
+            f"session {session_id} paid {amount_cents!r} {session.get('currency')!r} cents, "
+            f"created for {money.format_usd(recorded.amount_nano)} USD; nothing credited",
+            wallet_id,
+        )
+    if payment_intent is None:
+        raise _Skip("invalid_object", "a paid session without payment_intent", wallet_id)
 
     payments = tables.stripe_payments
     insert = pg_insert(payments).values(
         payment_intent=payment_intent,
         wallet_id=wallet_id,
         checkout_session=session_id,
-        amount_nano=amount_cents * NANO_PER_CENT,
+        amount_nano=recorded.amount_nano,
         paid=True,
     )
     # The first wallet and amount seen stay: the credit's idempotency key is fixed to them.
@@ -272,7 +283,21 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
     if credit.wallet_id != wallet_id:
         return Result("invalid_object", wallet_id, f"{payment_intent} was already credited to {credit.wallet_id}")
     outcome = "credited" if credit.created else "already_credited"
-    return Result(outcome, wallet_id, f"{payment_intent}: {money.format_usd(credit.amount_nano)} USD", applied.created)
+    detail = f"{payment_intent}: {money.format_usd(credit.amount_nano)} USD{disagreement}"
+    return Result(outcome, wallet_id, detail, applied.created)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordedSession:
+    wallet_id: str
+    amount_nano: int
+
+
+async def _recorded_session(conn: AsyncConnection, session_id: str) -> _RecordedSession | None:
+    """The wallet and amount we recorded when ``POST /billing/topup`` created the session."""
+    s = tables.stripe_checkout_sessions
+    row = (await conn.execute(sa.select(s.c.wallet_id, s.c.amount_nano).where(s.c.id == session_id))).first()
+    return None if row is None else _RecordedSession(row.wallet_id, row.amount_nano)
 
 
 async def _record_session_status(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from billing import money
+from billing import emails, money
 from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
@@ -89,8 +89,18 @@ class Settings:
     request_body_max_bytes: int = 4 * 1024 * 1024
     # -- how long a key look-up is cached in the sidecar; bounds how late a revocation is seen.
     key_cache_ttl_ms: int = 500
-    # -- signups accepted per client address per minute.
+    # -- signups accepted per client address per minute (an IPv6 client is its /64).
     signup_rate_per_minute: int = 5
+    # -- signups accepted per minute by one sidecar, whatever the addresses: bounds the free
+    #    grants given per minute (per replica) when many addresses each stay within their limit.
+    signup_rate_global_per_minute: int = 60
+    # -- proxies in front of Envoy that append to X-Forwarded-For (a load balancer: 1). 0: the
+    #    client is Envoy's peer. N: the Nth address from the right of X-Forwarded-For, as Envoy
+    #    received it (Envoy's xff_num_trusted_hops); the signup limit counts per that address.
+    trusted_proxy_hops: int = 0
+    # -- which addresses share a free grant: "mailbox" (addresses that reach one inbox: +tags,
+    #    Gmail's dots and googlemail.com; see billing/emails.py) or "exact" (only letter case).
+    signup_email_policy: str = "mailbox"
     # -- largest page of /billing/usage.
     usage_page_size_max: int = 100
     # -- how long Envoy waits for the backend; kept below hold_ttl_s so a hold outlives its request.
@@ -134,6 +144,11 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}ENDPOINTS must name one or more of {', '.join(ENDPOINT_NAMES)}, "
                 f"not {','.join(self.endpoints)!r}"
+            )
+        if self.signup_email_policy not in emails.POLICIES:
+            raise SettingsError(
+                f"{ENV_PREFIX}SIGNUP_EMAIL_POLICY must be one of {', '.join(emails.POLICIES)}, "
+                f"not {self.signup_email_policy!r}"
             )
         if self.upstream_timeout_s >= self.hold_ttl_s:
             raise SettingsError(
@@ -286,6 +301,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         signup_rate_per_minute=_int(
             env, "SIGNUP_RATE_PER_MINUTE", defaults.signup_rate_per_minute, 1, 1_000_000
         ),
+        signup_rate_global_per_minute=_int(
+            env, "SIGNUP_RATE_GLOBAL_PER_MINUTE", defaults.signup_rate_global_per_minute, 1, 1_000_000
+        ),
+        trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", defaults.trusted_proxy_hops, 0, 10),
+        signup_email_policy=(env.get(ENV_PREFIX + "SIGNUP_EMAIL_POLICY") or defaults.signup_email_policy).strip().lower(),
         usage_page_size_max=_int(env, "USAGE_PAGE_SIZE_MAX", defaults.usage_page_size_max, 1, 1000),
         upstream_timeout_s=_int(env, "UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s, 1, 86_400),
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip(),

@@ -3,13 +3,16 @@
 A wallet's money lives in the ledger (:mod:`billing.ledger`); this module owns who has a wallet
 and which keys may spend from it. Creating a wallet posts its grant through the ledger, with the
 idempotency key ``grant:<source>:<identity>``, so a retried signup or a re-run operator handler
-never grants twice.
+never grants twice. A self-service signup's identity is its mailbox (:mod:`billing.emails`), so
+the ledger's unique key also makes addresses of one inbox share one free grant, concurrent
+signups included.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database, keys, ledger, money, settings, tables
+from billing import database, emails, keys, ledger, money, settings, tables
 
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
@@ -32,7 +35,7 @@ class EmailInvalid(ValueError):
 
 
 class EmailTaken(Exception):
-    pass
+    """The address, or another address of the same mailbox, already has a self-service wallet."""
 
 
 class KeyNotFound(LookupError):
@@ -162,11 +165,14 @@ async def create_wallet(
     external_id: str | None = None,
     wallet_id: str | None = None,
     overdraft_limit_nano: int = 0,
+    grant_identity: str | None = None,
 ) -> Wallet:
     """Insert a wallet and post its grant, inside the caller's transaction.
 
     The overdraft limit defaults to none (0): self-service signups never get one; callers that
     create other wallets pass ``Settings.overdraft_limit_nano`` or the limit their owner declared.
+    The grant's key is ``grant:<source>:<grant_identity or external_id or wallet id>``: a second
+    wallet of the same identity raises :class:`ledger.IdempotencyConflict` (the caller rolls back).
     """
     check_overdraft_limit(overdraft_limit_nano)
     wallet_id = wallet_id or keys.random_id(WALLET_ID_PREFIX)
@@ -177,7 +183,7 @@ async def create_wallet(
         )
     )
     if grant_nano:
-        identity = external_id or wallet_id
+        identity = grant_identity or external_id or wallet_id
         await ledger.post_entry(
             conn,
             wallet_id=wallet_id,
@@ -251,19 +257,39 @@ async def issue_key(
     return issued
 
 
-async def signup(conn: AsyncConnection, *, email: str, grant_nano: int) -> Signup:
+def signup_grant_identity(email: str, policy: str = "mailbox") -> str:
+    """The free grant's identity for an address: its mailbox under ``policy``, hashed.
+
+    Hashed because ledger entries are immutable and kept for ever, while an address is personal
+    data its owner may ask to erase from the wallet. For an address with no tag and no folded dots
+    both policies give the same identity, so changing the policy keeps those apart or together
+    exactly as before.
+    """
+    digest = hashlib.sha256(emails.mailbox(normalize_email(email), policy).encode()).hexdigest()
+    return f"mailbox:{digest}"
+
+
+async def signup(conn: AsyncConnection, *, email: str, grant_nano: int, email_policy: str = "mailbox") -> Signup:
     """A self-service wallet with its free grant and a first key, all or nothing.
 
-    Raises :class:`EmailTaken` if the address already has a self-service wallet; the caller's
-    transaction must then be rolled back (nothing of the attempt stays).
+    Raises :class:`EmailTaken` if the address already has a self-service wallet, or (with a grant)
+    another address of the same mailbox already received one (``email_policy``, see
+    :mod:`billing.emails`); the caller's transaction must then be rolled back (nothing of the
+    attempt stays). Two such signups at once: the ledger's unique key makes the second wait for
+    the first and then fail.
     """
     email = normalize_email(email)
+    identity = signup_grant_identity(email, email_policy)
     try:
-        wallet = await create_wallet(conn, source="signup", grant_nano=grant_nano, email=email)
+        wallet = await create_wallet(
+            conn, source="signup", grant_nano=grant_nano, email=email, grant_identity=identity
+        )
     except IntegrityError as exc:
         if "wallets_signup_email_unique" in str(exc.orig):
             raise EmailTaken(email) from None
         raise
+    except ledger.IdempotencyConflict:
+        raise EmailTaken(email) from None
     key = await issue_key(conn, wallet_id=wallet.id, source="signup")
     return Signup(wallet=wallet, key=key)
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from aiohttp import web
 
 from authz_sidecar import http_api
 from authz_sidecar.key_lookup import KeyLookup
-from billing import settings as settings_mod
+from billing import payments, settings as settings_mod
 from billingproxy.local_stack import Stack, free_ports_env
 from billingproxy.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, Db, session_params, stripe_settings
@@ -205,11 +205,19 @@ def chromium_path() -> str:
 
 
 @pytest.fixture
-def new_session(double: StripeDouble) -> Callable[..., str]:
-    """``new_session(wallet_id, cents=1000)``: an open Checkout Session in the double, as if the
-    gateway had created it."""
+def new_session(double: StripeDouble, db: Db) -> Callable[..., Awaitable[str]]:
+    """``await new_session(wallet_id, cents=1000)``: an open Checkout Session in the double,
+    recorded as the gateway's ``POST /billing/topup`` records it (only such sessions are
+    credited). ``recorded=False``: a session someone else created on the same Stripe account."""
 
-    def create(wallet_ref: str | None, cents: int = 1000, **extra: Any) -> str:
-        return double.create_session(session_params(wallet_ref, cents, **extra))["id"]
+    async def create(wallet_ref: str | None, cents: int = 1000, *, recorded: bool = True, **extra: Any) -> str:
+        session = double.create_session(session_params(wallet_ref, cents, **extra))
+        if recorded:
+            assert wallet_ref is not None, "the gateway records every session it creates for a wallet"
+            async with db.engine.begin() as conn:
+                await payments.record_checkout_session(
+                    conn, session_id=session["id"], wallet_id=wallet_ref, amount_nano=cents * 10**7, expires_at=None
+                )
+        return session["id"]
 
     return create

@@ -104,7 +104,7 @@ async def test_a_wrong_key_and_a_missing_session_raise_what_stripe_raises(client
 
 
 async def test_events_verify_with_the_sdk_and_parse_as_its_objects(double: StripeDouble, new_session) -> None:
-    session_id = new_session("wal_x")
+    session_id = await new_session("wal_x", recorded=False)
     completed = double.complete(session_id)
     pi = completed["data"]["object"]["payment_intent"]
     refunded = double.refund(pi, 100)

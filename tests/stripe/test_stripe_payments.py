@@ -32,7 +32,7 @@ async def kinds(db: Db, wallet_id: str) -> dict[str, int]:
 
 async def test_a_paid_checkout_credits_the_wallet_once(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet(grant_nano=500_000_000)
-    event = double.complete(new_session(wallet_id))
+    event = double.complete(await new_session(wallet_id))
 
     first = await db.process(event)
     assert (first.outcome, first.wallet_id, first.duplicate) == ("credited", wallet_id, False)
@@ -54,7 +54,7 @@ async def test_a_paid_checkout_credits_the_wallet_once(db: Db, double: StripeDou
 
 async def test_the_same_payment_through_two_events_credits_once(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    session_id = new_session(wallet_id)
+    session_id = await new_session(wallet_id)
     completed = double.complete(session_id, async_payment=True)
     assert completed["data"]["object"]["payment_status"] == "unpaid"
     assert (await db.process(completed)).outcome == "awaiting_payment"
@@ -71,7 +71,7 @@ async def test_the_same_payment_through_two_events_credits_once(db: Db, double: 
 
 async def test_a_failed_async_payment_never_credits(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    session_id = new_session(wallet_id)
+    session_id = await new_session(wallet_id)
     assert (await db.process(double.complete(session_id, async_payment=True))).outcome == "awaiting_payment"
     failed = double.async_result(session_id, succeeded=False)
     # Even a (malformed) failure event claiming "paid" must not credit.
@@ -83,47 +83,72 @@ async def test_a_failed_async_payment_never_credits(db: Db, double: StripeDouble
 
 async def test_unpaid_and_expired_sessions_credit_nothing(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    unpaid = double.complete(new_session(wallet_id), async_payment=True)
-    expired = double.expire(new_session(wallet_id))
-    no_payment = double.complete(new_session(wallet_id))
+    unpaid = double.complete(await new_session(wallet_id), async_payment=True)
+    expired = double.expire(await new_session(wallet_id))
+    no_payment = double.complete(await new_session(wallet_id))
     no_payment["data"]["object"]["payment_status"] = "no_payment_required"
     assert [(await db.process(e)).outcome for e in (unpaid, expired, no_payment)] == [
         "awaiting_payment", "session_expired", "awaiting_payment"]
     assert await db.entries(wallet_id) == []
 
 
-async def test_an_unknown_wallet_is_recorded_not_credited(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_session_we_did_not_create_is_recorded_not_credited(db: Db, double: StripeDouble, new_session) -> None:
+    """Another product on the same Stripe account: its session may name one of our wallets."""
+    wallet_id, _ = await db.new_wallet()
     before = await db.row_counts()
-    event = double.complete(new_session("wal_doesnotexist"))
+    session_id = await new_session(wallet_id, recorded=False)
+    event = double.complete(session_id)
     result = await db.process(event)
-    assert (result.outcome, result.wallet_id) == ("unknown_wallet", "wal_doesnotexist")
+    assert (result.outcome, result.wallet_id) == ("not_ours", None)
     after = await db.row_counts()
     assert after == {**before, "stripe_events": 1}
+    # The reconciliation path (a session retrieved from Stripe) follows the same rule.
+    async with db.engine.begin() as conn:
+        assert (await payments.apply_checkout_session(conn, double.sessions[session_id])).outcome == "not_ours"
     # ...and its refund later stays a fact about a payment nobody was credited for.
     refund = await db.process(double.refund(event["data"]["object"]["payment_intent"], 500))
     assert refund.outcome == "pending_payment"
     assert await db.count(tables.ledger_entries) == 0
 
 
+@pytest.mark.parametrize("names", [{"client_reference_id": None, "metadata": {}}, "another wallet"])
+async def test_our_session_credits_the_recorded_wallet_whatever_the_event_names(
+    db: Db, double: StripeDouble, new_session, names: dict | str
+) -> None:
+    wallet_id, _ = await db.new_wallet()
+    other_id, _ = await db.new_wallet()
+    event = double.complete(await new_session(wallet_id))
+    if names == "another wallet":
+        names = {"client_reference_id": other_id, "metadata": {"wallet_id": other_id}}
+    event["data"]["object"].update(names)
+    result = await db.process(event)
+    assert (result.outcome, result.wallet_id) == ("credited", wallet_id)
+    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO}
+    assert await db.entries(other_id) == []
+
+
 @pytest.mark.parametrize(
     ("change", "outcome"),
     [
-        ({"client_reference_id": None, "metadata": {}}, "not_ours"),
-        ({"mode": "subscription"}, "not_ours"),
-        ({"currency": "eur"}, "unsupported_currency"),
+        ({"id": "cs_test_not_created_here"}, "not_ours"),
+        ({"mode": "subscription"}, "invalid_object"),
+        ({"currency": "eur"}, "amount_mismatch"),
+        ({"amount_total": 999}, "amount_mismatch"),
+        ({"amount_total": 100_000}, "amount_mismatch"),
+        ({"amount_total": None}, "amount_mismatch"),
         ({"payment_intent": None}, "invalid_object"),
-        ({"metadata": {"wallet_id": "wal_someoneelse"}}, "invalid_object"),
         ({"object": "payment_intent"}, "invalid_object"),
     ],
 )
-async def test_sessions_that_are_not_top_ups_are_recorded_and_ignored(
+async def test_sessions_that_are_not_our_top_ups_as_recorded_credit_nothing(
     db: Db, double: StripeDouble, new_session, change: dict, outcome: str
 ) -> None:
     wallet_id, _ = await db.new_wallet()
-    event = double.complete(new_session(wallet_id))
+    event = double.complete(await new_session(wallet_id))
     event["data"]["object"].update(change)
     assert (await db.process(event)).outcome == outcome
     assert await db.entries(wallet_id) == []
+    assert await db.count(tables.stripe_payments) == 0
 
 
 async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_events_refused(db: Db, double: StripeDouble) -> None:
@@ -138,7 +163,7 @@ async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_even
 async def test_a_retrieved_session_credits_like_its_webhook(db: Db, double: StripeDouble, new_session) -> None:
     """Reconciliation after a missed webhook, then the webhook after all: one credit."""
     wallet_id, _ = await db.new_wallet()
-    session_id = new_session(wallet_id)
+    session_id = await new_session(wallet_id)
     async with db.engine.begin() as conn:
         await payments.record_checkout_session(conn, session_id=session_id, wallet_id=wallet_id,
                                                amount_nano=TEN_USD_NANO, expires_at=None)
@@ -158,7 +183,7 @@ async def test_a_retrieved_session_credits_like_its_webhook(db: Db, double: Stri
 
 async def test_partial_then_full_refunds_debit_only_the_new_part(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
+    paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     await db.process(paid)
 
@@ -185,7 +210,7 @@ async def test_partial_then_full_refunds_debit_only_the_new_part(db: Db, double:
 
 async def test_refund_events_out_of_order_end_the_same(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
+    paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     first, second = double.refund(pi, 300), double.refund(pi, 200)
     # The later snapshot (500 in all) first, then the older one (300): the older changes nothing.
@@ -200,7 +225,7 @@ async def test_refund_events_out_of_order_end_the_same(db: Db, double: StripeDou
 
 async def test_a_dispute_debits_and_holds_the_wallet_until_won(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
+    paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     await db.process(paid)
     # Spend most of it, so the dispute takes the balance below zero.
@@ -229,7 +254,7 @@ async def test_a_dispute_debits_and_holds_the_wallet_until_won(db: Db, double: S
 
 async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_hold(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
+    paid = double.complete(await new_session(wallet_id))
     await db.process(paid)
     created = double.dispute(paid["data"]["object"]["payment_intent"])
     await db.process(created)
@@ -250,7 +275,7 @@ async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other
     db: Db, double: StripeDouble, new_session
 ) -> None:
     wallet_id, _ = await db.new_wallet()
-    a, b = double.complete(new_session(wallet_id)), double.complete(new_session(wallet_id))
+    a, b = double.complete(await new_session(wallet_id)), double.complete(await new_session(wallet_id))
     await db.process(a)
     await db.process(b)
 
@@ -287,7 +312,7 @@ async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other
 
 async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    a, b = double.complete(new_session(wallet_id)), double.complete(new_session(wallet_id))
+    a, b = double.complete(await new_session(wallet_id)), double.complete(await new_session(wallet_id))
     await db.process(a)
     await db.process(b)
     da = double.dispute(a["data"]["object"]["payment_intent"])
@@ -304,7 +329,7 @@ async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(db: Db
 
 async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
+    paid = double.complete(await new_session(wallet_id))
     created = double.dispute(paid["data"]["object"]["payment_intent"])
     dispute_id = created["data"]["object"]["id"]
     review = double.update_dispute(dispute_id, "under_review")
@@ -330,7 +355,7 @@ async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, d
     states = set()
     for order in itertools.permutations(range(len(names))):
         wallet_id, _ = await db.new_wallet()
-        paid = double.complete(new_session(wallet_id))
+        paid = double.complete(await new_session(wallet_id))
         pi = paid["data"]["object"]["payment_intent"]
         r1, r2 = double.refund(pi, 300), double.refund(pi, 200)
         dispute = double.dispute(pi)
@@ -357,7 +382,7 @@ async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, d
 
 async def test_concurrent_deliveries_credit_once(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    session_id = new_session(wallet_id)
+    session_id = await new_session(wallet_id)
     completed = double.complete(session_id, async_payment=True)
     succeeded = double.async_result(session_id, succeeded=True)
     paid_again = double.event("checkout.session.completed", double.sessions[session_id])
@@ -375,7 +400,7 @@ async def test_concurrent_deliveries_credit_once(db: Db, double: StripeDouble, n
 
 async def test_concurrent_refunds_and_disputes_apply_once_each(db: Db, double: StripeDouble, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    paid = double.complete(new_session(wallet_id))
+    paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     refunds = [double.refund(pi, 100) for _ in range(5)]  # cumulative 100, 200, … 500
     dispute = double.dispute(pi)
@@ -394,7 +419,7 @@ async def test_disputes_of_several_payments_changing_at_once_leave_disputed_exac
     it after the test). Concurrent credits once deadlocked (FOR UPDATE against the payment row's
     foreign-key share lock); the ledger now locks FOR NO KEY UPDATE."""
     wallet_id, _ = await db.new_wallet()
-    paid = [double.complete(new_session(wallet_id)) for _ in range(6)]
+    paid = [double.complete(await new_session(wallet_id)) for _ in range(6)]
     await asyncio.gather(*(db.process(event) for event in paid))
     assert (await db.wallet(wallet_id)).balance_nano == 6 * TEN_USD_NANO
     disputes = [double.dispute(e["data"]["object"]["payment_intent"]) for e in paid]

@@ -23,7 +23,7 @@ from stripe_testkit import SECRET_KEY, TEN_USD_NANO, WEBHOOK_SECRET, Db, stripe_
 
 async def test_a_signed_event_is_verified_recorded_and_credited(db: Db, double: StripeDouble, sidecar, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    event = double.complete(new_session(wallet_id))
+    event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
     status, body = await sidecar.post_event(payload, double.sign(payload))
     assert (status, body) == (200, {"received": True, "event_id": event["id"], "outcome": "credited", "duplicate": False})
@@ -32,7 +32,7 @@ async def test_a_signed_event_is_verified_recorded_and_credited(db: Db, double: 
 
 async def test_bad_signatures_are_refused_and_nothing_is_written(db: Db, double: StripeDouble, sidecar, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    event = double.complete(new_session(wallet_id))
+    event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
     other = double.payload({**event, "id": "evt_other"})
     before = await db.row_counts()
@@ -66,7 +66,7 @@ async def test_a_verified_body_that_is_not_an_event_is_refused(db: Db, double: S
 
 async def test_duplicates_sequential_and_concurrent_credit_once(db: Db, double: StripeDouble, sidecar, new_session) -> None:
     wallet_id, _ = await db.new_wallet()
-    event = double.complete(new_session(wallet_id))
+    event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
     answers = await asyncio.gather(*(sidecar.post_event(payload, double.sign(payload)) for _ in range(20)))
     assert {status for status, _ in answers} == {200}
@@ -78,14 +78,31 @@ async def test_duplicates_sequential_and_concurrent_credit_once(db: Db, double: 
     assert len(await db.events()) == 1
 
 
-async def test_an_event_for_an_unknown_wallet_is_answered_2xx_and_recorded(db: Db, double: StripeDouble, sidecar, new_session) -> None:
-    event = double.complete(new_session("wal_nobody"))
+async def test_an_event_for_a_session_we_did_not_create_is_answered_2xx_and_recorded(
+    db: Db, double: StripeDouble, sidecar, new_session
+) -> None:
+    event = double.complete(await new_session("wal_nobody", recorded=False))
     payload = double.payload(event)
     status, body = await sidecar.post_event(payload, double.sign(payload))
-    assert (status, body["outcome"]) == (200, "unknown_wallet")
+    assert (status, body["outcome"]) == (200, "not_ours")
     [recorded] = await db.events()
-    assert (recorded.id, recorded.outcome, recorded.wallet_id) == (event["id"], "unknown_wallet", "wal_nobody")
+    assert (recorded.id, recorded.outcome, recorded.wallet_id) == (event["id"], "not_ours", None)
     assert await db.count(tables.ledger_entries) == 0
+
+
+async def test_signatures_dated_ahead_beyond_the_tolerance_are_refused(db: Db, double: StripeDouble, sidecar, new_session) -> None:
+    wallet_id, _ = await db.new_wallet()
+    event = double.complete(await new_session(wallet_id))
+    payload = double.payload(event)
+    before = await db.row_counts()
+    now = int(time.time())
+    for ahead in (310, 86_400):
+        status, body = await sidecar.post_event(payload, double.sign(payload, timestamp=now + ahead))
+        assert (status, body["error"]["code"]) == (400, "invalid_signature"), ahead
+        assert "future" in body["error"]["message"]
+    assert await db.row_counts() == before
+    status, body = await sidecar.post_event(payload, double.sign(payload, timestamp=now + 250))
+    assert (status, body["outcome"]) == (200, "credited")
 
 
 # --- POST /billing/topup -------------------------------------------------------------------------
