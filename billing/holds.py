@@ -9,7 +9,8 @@ admitted request ends in exactly one charge or none, never two.
 
 Admission (DESIGN.md): admit only while ``balance - reserved - hold >= -overdraft_limit``, the
 wallet's own limit (``wallets.overdraft_limit_nano``; 0 for every wallet in strict mode), so no
-wallet ever goes below −(its limit), however large one request or however many run at once;
+request takes a wallet below −(its limit), however large it is or however many run at once
+(docs/decisions/0004-overdraft-limit.md);
 never while the wallet is ``suspended`` (the operator's and admins' switch) or ``disputed`` (an
 open Stripe dispute, billing/payments.py). The test and the reservation are one UPDATE, so
 concurrent Checks on one wallet cannot both see the same money.
@@ -123,7 +124,7 @@ class Refusal:
 
     The money fields are the wallet as read right after the refusal; ``overdraft_limit_nano``
     is the limit the rule applied (0 in strict mode, whatever the wallet's own). Unknown wallets
-    and duplicate request ids carry zeros.
+    and duplicate request ids carry only the hold.
     """
 
     admission: Admission

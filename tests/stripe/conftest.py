@@ -131,7 +131,7 @@ def stack_env(database_url: str, data_dir: Path, **settings: str) -> dict[str, s
         "BILLINGPROXY_DATA_DIR": str(data_dir),
         **free_ports_env(),
         "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
-        # A millionth of a dollar: the first request empties the wallet.
+        # A millionth of a dollar: less than any request's worst case, so the first is refused.
         "BILLINGPROXY_FREE_GRANT_USD": "0.000001",
         **settings,
     }
