@@ -42,7 +42,10 @@ def tcp_listeners() -> list[tuple[str, int, str]]:
             raw = bytes.fromhex(address)
             # The kernel prints each 32-bit word in host (little-endian) order.
             packed = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
-            found.append((str(ipaddress.ip_address(packed)), int(port_hex, 16), fields[9]))
+            ip = ipaddress.ip_address(packed)
+            # An IPv6 socket bound to 127.0.0.1 (gRPC's) lists it as ::ffff:127.0.0.1.
+            mapped = getattr(ip, "ipv4_mapped", None)
+            found.append((str(mapped or ip), int(port_hex, 16), fields[9]))
     return found
 
 

@@ -31,8 +31,7 @@ ALLOWED_FROM_CLIENT = {
     "anthropic-beta": "prompt-caching-2024-07-31",
 }
 # Headers Envoy itself sets on the way out (the request id is Envoy's own, never the client's).
-SET_BY_ENVOY = {"host", "content-length", "content-type", "x-request-id", "accept-encoding",
-                "x-envoy-expected-rq-timeout-ms"}
+SET_BY_ENVOY = {"host", "content-length", "content-type", "x-request-id", "accept-encoding"}
 
 
 def refused_from_client(api_key: str) -> dict[str, str]:
