@@ -80,13 +80,15 @@ async def test_only_allow_listed_headers_reach_the_backend(stack) -> None:
     await stack.db.settled(user["wallet_id"])
 
 
-async def test_the_credential_goes_in_the_header_the_backend_expects(launch_stack) -> None:
-    """An Anthropic-style backend (``x-api-key``): the gateway's credential is sent there, and the
-    client's ``authorization`` — its own key — is not forwarded."""
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+async def test_the_credential_goes_in_the_header_the_backend_expects(launch_stack, transport) -> None:
+    """An Anthropic-style backend (``x-api-key``), through either Check flavour: the gateway's
+    credential is sent there, and the client's ``authorization`` — its own key — is not forwarded."""
     runner, port = await demo_backend.serve("127.0.0.1", 0)  # checks no credential: we look ourselves
     try:
         async with launch_stack(BILLINGPROXY_BACKEND_URL=f"http://127.0.0.1:{port}",
-                                BILLINGPROXY_BACKEND_AUTH_HEADER="x-api-key") as anthropic_style:
+                                BILLINGPROXY_BACKEND_AUTH_HEADER="x-api-key",
+                                BILLINGPROXY_CHECK_TRANSPORT=transport) as anthropic_style:
             user = await anthropic_style.signup()
             await post_chat(anthropic_style, user["api_key"], {"x-api-key": user["api_key"]})
             async with anthropic_style.http.get(f"http://127.0.0.1:{port}/_demo/last_request") as response:
