@@ -201,3 +201,17 @@ async def test_reconcile_refuses_a_line_that_disagrees_with_its_hold(launch_data
             await conn.exec_driver_sql("UPDATE holds SET expires_at = now() WHERE state = 'pending'")
             await holds.expire_due(conn)
         assert (await db.wallet(user["wallet_id"])).reserved_nano == 0
+
+
+async def test_neither_the_sidecar_nor_envoys_config_goes_without_the_secret(launch_database) -> None:
+    """Without BILLINGPROXY_ACCESS_LOG_SECRET the sidecar would have nothing to check streams
+    against: it refuses to start, and the Envoy config it would pair with is not rendered."""
+    async with launch_database() as db:
+        for command in (("sidecar",), ("envoy-config", "--backend-url", "http://127.0.0.1:9")):
+            result = await db.acli(*command)
+            assert result.returncode == 2, (command, result.stdout, result.stderr)
+            assert "Traceback" not in result.stderr
+            assert "BILLINGPROXY_ACCESS_LOG_SECRET" in result.stderr, result.stderr
+        short = await db.acli("sidecar", BILLINGPROXY_ACCESS_LOG_SECRET="short")
+        assert short.returncode == 2 and "at least 32" in short.stderr, short.stderr
+        assert "short" not in short.stderr.replace("BILLINGPROXY", "")  # the value is never echoed
