@@ -188,11 +188,11 @@ async def _why_refused(
 # for). The hold must agree with what the caller says it is for ($5 wallet, $6 model; NULL: no
 # claim): wallet, key and model always come from the hold's row, never from the report, and a
 # report that names another wallet or model resolves nothing ("agrees" is false; the outcome is
-# REFUSED_MISMATCH). Only a pending or expired hold is resolved; the wallet's balance moves by the posted cost,
-# its reservation is released only if the hold was still pending (expiry released it already),
-# and the usage entry records the balance the wallet UPDATE returned. There is deliberately no
-# ON CONFLICT on the entry: if ``usage:<request id>`` exists already, the unique violation aborts
-# the whole statement, so money never moves without its entry.
+# REFUSED_MISMATCH). Only a pending or expired hold is resolved; the wallet's balance moves by
+# the posted cost, its reservation is released only if the hold was still pending (expiry
+# released it already), and the usage entry records the balance the wallet UPDATE returned.
+# There is deliberately no ON CONFLICT on the entry: if ``usage:<request id>`` exists already,
+# the unique violation aborts the whole statement, so money never moves without its entry.
 # $1 request id, $2 cost (NULL: void, unless $3), $3 charge the hold's own amount, $4 details,
 # $5 the hold's wallet and $6 its model as the caller knows them (NULL: not checked).
 SETTLE_SQL = """
