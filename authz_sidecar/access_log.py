@@ -10,17 +10,25 @@ an entry delivered twice charges once.
 Policy (docs/architecture.md): a 2xx with usage is charged its exact price; a 2xx without usage
 (the client hung up before the final usage chunk, or the backend sent none) is charged the hold
 — the worst-case estimate — and says so in the entry's details; any other status is voided.
+
+Trust (docs/decisions/0002-only-envoy-reports-usage.md): only Envoy reports usage. A stream is
+read only if its gRPC initial metadata carries the access-log secret Envoy was configured with
+(checked in constant time; refused UNAUTHENTICATED otherwise, nothing read from it), and an entry
+is settled only if the wallet and model it names are those of the hold the Check recorded (the
+settlement statement checks it; refused and counted otherwise, the hold left as it was).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
+import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_sidecar import envoy_config, metrics
@@ -116,7 +124,15 @@ def _finished(
 
 
 class Settler:
-    """Prices a finished request and settles its hold, retrying transient database errors."""
+    """Prices a finished request and settles its hold, retrying transient database errors.
+
+    Each settlement names the wallet and model the entry reports; ``billing.holds`` resolves the
+    hold only when they are the hold's own (``Settlement.REFUSED_MISMATCH`` otherwise, counted in
+    ``billingproxy_access_log_refusals_total{reason="hold_mismatch"}`` and logged). An entry that
+    would move money but names no wallet or model is refused the same way, without asking the
+    database. ``billingproxy reconcile`` settles through this class too, so its JSON lines meet
+    the same check.
+    """
 
     def __init__(self, db: database.Database, prices: pricing.PriceBook) -> None:
         self._db = db  # the sidecar's asyncpg pool: a settlement is one statement, autocommitted
@@ -124,24 +140,55 @@ class Settler:
 
     async def settle(self, batch: list[FinishedRequest]) -> list[holds.Settlement]:
         """Settle a batch in one transaction (``billing.holds.settle_many``); results in order."""
-        requests = [holds.SettleRequest(done.request_id, *self._cost(done), wallet_id=done.wallet_id)
-                    for done in batch]
+        outcomes: list[holds.Settlement | None] = [None] * len(batch)
+        requests: list[holds.SettleRequest] = []
+        positions: list[int] = []
+        for position, done in enumerate(batch):
+            cost, details = self._cost(done)
+            if cost is not None and not (done.wallet_id and done.model):
+                outcomes[position] = holds.Settlement.REFUSED_MISMATCH  # money, but for whom?
+                continue
+            requests.append(holds.SettleRequest(done.request_id, cost, details,
+                                                wallet_id=done.wallet_id, model=done.model))
+            positions.append(position)
+        for position, outcome in zip(positions, await self._settle_many(requests)):
+            outcomes[position] = outcome
+        settled = [outcome for outcome in outcomes if outcome is not None]
+        assert len(settled) == len(batch)
+        for done, outcome in zip(batch, settled):
+            metrics.settlements.labels(outcome.value).inc()
+            if outcome is holds.Settlement.REFUSED_MISMATCH:
+                metrics.access_log_refusals.labels("hold_mismatch").inc()
+                logger.warning(
+                    "refused the access-log entry of request %s: it names wallet %r and model %r, "
+                    "which is not the hold the Check recorded; the hold is left as it was",
+                    done.request_id, done.wallet_id, done.model,
+                )
+        return settled
+
+    async def _settle_many(self, requests: list[holds.SettleRequest]) -> list[holds.Settlement]:
+        if not requests:
+            return []
         for attempt in range(RETRIES_MAX):
             try:
                 async with database.acquire(self._db) as conn:
-                    outcomes = await holds.settle_many(conn, requests)
-                break
+                    return await holds.settle_many(conn, requests)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 if attempt == RETRIES_MAX - 1:
                     raise
                 # Rolled back whole (one transaction), so the whole batch is simply tried again.
-                logger.warning("settling %d requests failed (%s); retrying", len(batch), exc.__class__.__name__)
+                logger.warning("settling %d requests failed (%s); retrying", len(requests), exc.__class__.__name__)
                 await asyncio.sleep(0.05 * 2**attempt)
-        for outcome in outcomes:
-            metrics.settlements.labels(outcome.value).inc()
-        return outcomes
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict]:
+        """What to post for ``done`` and the details of its ledger entry.
+
+        The price is that of ``done.model``, the model the entry names. The settlement statement
+        resolves the hold only when that is the hold's own model (the Check's, from the client's
+        request), so what is charged is always the hold's model priced — never a model the entry
+        alone chose.
+        """
         if not 200 <= done.status < 300:
             return None, {"status": done.status}
         price = self._prices.price(done.model)
@@ -167,8 +214,16 @@ class Settler:
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, settler: Settler) -> None:
+    """Envoy's gRPC access-log stream (``StreamAccessLogs``), for Envoy only.
+
+    ``secret`` is Settings.access_log_secret; Envoy sends it as ``x-billingproxy-access-log-secret``
+    in the stream's initial metadata (envoy_config ``_grpc_access_log``). A stream without it —
+    anything else that reached the gRPC port — is refused before one message is read.
+    """
+
+    def __init__(self, settler: Settler, *, secret: str) -> None:
         self._settler = settler
+        self._secret = secret.encode()
         self._queue: asyncio.Queue[FinishedRequest] = asyncio.Queue(QUEUE_MAX)
         self._workers: list[asyncio.Task] = []
 
@@ -182,7 +237,19 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
+    def _authentic(self, metadata) -> bool:
+        """Exactly one secret, equal to ours, compared in constant time."""
+        sent = [value for key, value in (metadata or ()) if key == envoy_config.ACCESS_LOG_SECRET_HEADER]
+        if len(sent) != 1 or not self._secret or not isinstance(sent[0], str):
+            return False
+        return hmac.compare_digest(sent[0].encode(), self._secret)
+
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        if not self._authentic(context.invocation_metadata()):
+            metrics.access_log_refusals.labels("unauthenticated").inc()
+            logger.warning("refused an access-log stream from %s: the access-log secret is missing or wrong",
+                           context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "access-log secret missing or wrong")
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
                 done = finished_request(entry)

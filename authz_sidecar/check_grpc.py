@@ -6,8 +6,8 @@ more CPU per Check in Python (grpc.aio's own work; docs/benchmarks.md), which is
 default. Same rule (``check.Decider.judge``), same answers: a denial is a normal
 ``CheckResponse`` carrying the HTTP status and JSON body the client sees, never a gRPC error
 (Envoy runs the filter fail-closed, so an error would read as a 403 with no explanation); an
-admission removes the client's key or sets the backend credential, and hands the access log the
-same ``x-billingproxy-*`` metadata the HTTP flavour does.
+admission removes the client's key or sets the backend credential (in the header the backend
+expects), and hands the access log the same ``x-billingproxy-*`` metadata the HTTP flavour does.
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz_sidecar import api_errors, check
+from authz_sidecar import api_errors, check, envoy_config
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, decider: check.Decider, *, backend_api_key: str) -> None:
+    def __init__(
+        self, decider: check.Decider, *, backend_api_key: str, backend_auth_header: str = "authorization"
+    ) -> None:
         self._decider = decider
-        if backend_api_key:
-            credential = base_pb2.HeaderValue(key="authorization", value=f"Bearer {backend_api_key}")
+        header = envoy_config.backend_credential(backend_auth_header, backend_api_key)
+        if header is not None:
+            credential = base_pb2.HeaderValue(key=header[0], value=header[1])
             self._ok_headers = [base_pb2.HeaderValueOption(header=credential, append_action=_OVERWRITE)]
             self._headers_to_remove: list[str] = []
         else:

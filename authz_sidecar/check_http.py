@@ -11,9 +11,11 @@ client's path, the headers it is told to pass (authorization, x-request-id, cont
 the buffered body. What it reads back:
 
 - **200** admits the request. ``x-billingproxy-*`` headers become dynamic metadata for the
-  access log (``dynamic_metadata_from_headers``); ``authorization`` (the backend's credential)
-  replaces the client's key upstream, or ``x-envoy-auth-headers-to-remove: authorization``
-  removes the client's key when no backend credential is configured.
+  access log (``dynamic_metadata_from_headers``); the backend's credential, in the header the
+  backend expects (``authorization: Bearer …`` or ``x-api-key``, Settings.backend_auth_header),
+  replaces what the client sent there, or ``x-envoy-auth-headers-to-remove: authorization``
+  removes the client's key when no backend credential is configured. Any other header carrying
+  the client's key is removed by Envoy's upstream allow-list (upstream_headers.lua).
 - **Any other status** is the denial the client sees: that status, this body, and the headers
   Envoy is told to pass (content-type, retry-after).
 
@@ -44,11 +46,15 @@ PIPELINE_MAX = 8
 class CheckServer:
     """The listening socket; one :class:`CheckConnection` per connection from Envoy."""
 
-    def __init__(self, decider: check.Decider, *, backend_api_key: str, body_max_bytes: int) -> None:
+    def __init__(
+        self, decider: check.Decider, *, backend_api_key: str, body_max_bytes: int,
+        backend_auth_header: str = "authorization",
+    ) -> None:
         self._decider = decider
         self._body_max = body_max_bytes + BODY_SLACK_BYTES
-        if backend_api_key:
-            self._admit_headers = f"authorization: Bearer {backend_api_key}\r\n".encode()
+        credential = envoy_config.backend_credential(backend_auth_header, backend_api_key)
+        if credential is not None:
+            self._admit_headers = f"{credential[0]}: {credential[1]}\r\n".encode()
         else:
             self._admit_headers = b"x-envoy-auth-headers-to-remove: authorization\r\n"
         self._server: asyncio.AbstractServer | None = None

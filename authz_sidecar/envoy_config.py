@@ -6,15 +6,18 @@ bootstrap as a dict (static resources only, no xDS), ``render_yaml()`` the text 
 
 Shape::
 
-    listener bind_host:gateway_port ── HCM ── ext_authz ── Lua (usage_filter.lua) ── router
+    listener bind_host:gateway_port ── HCM ── ext_authz ── Lua (usage_filter.lua)
+                                              ── Lua (upstream_headers.lua) ── router
       ext_authz: HTTP Check → billing_sidecar_check (check_port, /check + the client's path),
                  or (check_transport grpc) the gRPC Check → billing_sidecar_grpc
-      /v1/*                      → llm_backend           (ext_authz + Lua on)
-      /user/ /billing/ /stripe/  → billing_sidecar_http  (ext_authz + Lua off: the sidecar
+      /v1/*                      → llm_backend           (ext_authz + both Lua filters on)
+      /user/ /billing/ /stripe/  → billing_sidecar_http  (all three off: the sidecar
       /openapi.json                                       authenticates these itself)
       anything else              → 404, OpenAI error JSON (no Check)
-    access logs: gRPC ALS → billing_sidecar_grpc (settlement), JSON lines on stdout (operators)
-    admin 127.0.0.1:envoy_admin_port
+    access logs: gRPC ALS → billing_sidecar_grpc (settlement; carries the access-log secret),
+                 JSON lines on stdout (operators)
+    clusters to the sidecar: INTERNAL_HOST (loopback) only
+    admin: a Unix socket (mode 0600) in the run dir, never a TCP port
 
 Settings that are not obvious, and why:
 
@@ -47,12 +50,25 @@ Settings that are not obvious, and why:
   PostgreSQL CPU per request than one message per entry; docs/benchmarks.md).
 - ext_authz is the HTTP flavour (``http_service``) unless ``check_transport`` is "grpc" (why:
   docs/architecture.md, "The Check"). HTTP passes only a few headers unless told:
-  ``x-request-id`` (the settlement's key) and ``content-type`` are added. Of the Check's answer
-  only ``authorization`` may go upstream; its ``x-billingproxy-*`` headers become dynamic
-  metadata, never request headers. The gRPC flavour needs ``pack_as_bytes`` (a body that is not
-  UTF-8 would otherwise be mangled).
+  ``x-request-id`` (the settlement's key), ``content-type`` and ``x-api-key`` (where Anthropic
+  clients put their key) are added. Of the Check's answer only the backend credential's header
+  (``backend_auth_header``) may go upstream, replacing what the client sent there; its
+  ``x-billingproxy-*`` headers become dynamic metadata, never request headers. The gRPC flavour
+  needs ``pack_as_bytes`` (a body that is not UTF-8 would otherwise be mangled).
+- Only allow-listed headers reach the backend (docs/decisions/0003-upstream-headers.md): Envoy
+  has no "keep only these" option, so a second, small Lua filter (upstream_headers.lua), last
+  before the router, removes every request header not in :data:`UPSTREAM_HEADERS`,
+  ``upstream_headers`` or the credential header the Check set. After it the router sets only
+  ``host`` and ``accept-encoding: identity``: ``suppress_envoy_headers`` keeps its x-envoy-*
+  headers (the original host, the timeout hint) from the backend, and the client's
+  x-envoy-upstream-service-time from the client.
 - The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
   with ``HttpProtocolOptions.explicit_http_config``; the Check's is HTTP/1.1.
+- The gRPC access log sends ``access_log_secret`` in its stream's initial metadata
+  (:data:`ACCESS_LOG_SECRET_HEADER`); the sidecar settles nothing from a stream without it. The
+  rendered file therefore holds a secret: EnvoyProcess writes it mode 0600.
+- The admin interface is a Unix socket (``admin_socket``, mode 0600), not a TCP port: on a TCP
+  port any local user could read stats or, worse, POST /quitquitquit or change log levels.
 - Dynamic metadata reaches the sidecar without extra settings: the ALS entry's
   ``common_properties.metadata`` holds all of the stream's dynamic metadata, i.e. namespace
   ``envoy.filters.http.ext_authz`` (what the Check returned) and ``billingproxy.usage`` (the
@@ -76,7 +92,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from billing.settings import Settings
+from billing.settings import INTERNAL_HOST, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +102,8 @@ SIDECAR_GRPC_CLUSTER = "billing_sidecar_grpc"
 SIDECAR_HTTP_CLUSTER = "billing_sidecar_http"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 LUA_FILTER = "envoy.filters.http.lua"
+# The second Lua filter (a filter's name keys its per-route config, so it needs its own).
+UPSTREAM_HEADERS_FILTER = "billingproxy.upstream_headers"
 #: Dynamic metadata namespaces the access log carries to the sidecar.
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "billingproxy.usage"
@@ -93,6 +111,27 @@ ACCESS_LOG_NAME = "billingproxy"
 SIDECAR_PREFIXES = ("/user/", "/billing/", "/stripe/")
 SIDECAR_PATHS = ("/openapi.json",)
 LUA_SOURCE = Path(__file__).with_name("usage_filter.lua")
+UPSTREAM_HEADERS_SOURCE = Path(__file__).with_name("upstream_headers.lua")
+# The gRPC metadata key of the access-log secret (authz_sidecar/access_log.py checks it).
+ACCESS_LOG_SECRET_HEADER = "x-billingproxy-access-log-secret"
+# Request headers a client may send to the backend (docs/decisions/0003-upstream-headers.md):
+# the body's type and size, what the client accepts, who it is, and the provider API versions
+# and beta features it opts into. Not forwarded, among others: every credential (authorization,
+# x-api-key, api-key, x-goog-api-key, proxy-authorization), cookies, openai-organization and
+# openai-project (they choose which of the gateway's accounts pays), x-forwarded-for (the
+# client's address is not the backend's business) and our own x-billingproxy-*.
+UPSTREAM_HEADERS = (
+    "content-type",
+    "content-length",
+    "accept",
+    "user-agent",
+    "openai-beta",
+    "anthropic-version",
+    "anthropic-beta",
+    "x-request-id",  # Envoy's own (a client's is replaced), for correlating with the backend's logs
+)
+# The longest Unix socket path (sockaddr_un.sun_path is 108 bytes with the NUL).
+UNIX_SOCKET_PATH_MAX = 107
 
 EXT_AUTHZ_TIMEOUT_S = 1
 # The Check server (authz_sidecar/check_http.py) sees this prefix + the client's path.
@@ -174,16 +213,36 @@ class Backend:
         return host if self.port == default_port else f"{host}:{self.port}"
 
 
-def render(settings: Settings, *, backend_url: str, ca_bundle: Path | None = None) -> dict[str, Any]:
+def default_admin_socket(settings: Settings) -> Path:
+    """Where Envoy's admin socket is unless told otherwise: ``<data_dir>/run/envoy-admin.sock``."""
+    return settings.data_dir.absolute() / "run" / "envoy-admin.sock"
+
+
+def render(
+    settings: Settings, *, backend_url: str, ca_bundle: Path | None = None, admin_socket: Path | None = None
+) -> dict[str, Any]:
     """The Envoy v3 bootstrap for these settings, sending /v1/* to ``backend_url``.
 
     ``ca_bundle`` verifies an https backend; by default the system's bundle (``SSL_CERT_FILE``,
-    then OpenSSL's default file, then certifi's).
+    then OpenSSL's default file, then certifi's). ``admin_socket``: where Envoy's admin listens
+    (:func:`default_admin_socket` by default); each Envoy on a machine needs its own.
     """
+    if not settings.access_log_secret:
+        raise EnvoyConfigError(
+            "BILLINGPROXY_ACCESS_LOG_SECRET is not set: Envoy must send it with the access log, or "
+            "the sidecar settles nothing (`billingproxy up` makes one; see docs/configuration.md)"
+        )
     backend = Backend.from_url(backend_url)
     trusted_ca = _ca_bundle(ca_bundle) if backend.tls else None
+    admin_path = Path(admin_socket) if admin_socket is not None else default_admin_socket(settings)
+    if not admin_path.is_absolute() or len(os.fsencode(admin_path)) > UNIX_SOCKET_PATH_MAX:
+        raise EnvoyConfigError(
+            f"Envoy's admin socket must be an absolute path of at most {UNIX_SOCKET_PATH_MAX} bytes, "
+            f"not {str(admin_path)!r}: choose a shorter BILLINGPROXY_DATA_DIR"
+        )
     return {
-        "admin": {"address": _socket_address("127.0.0.1", settings.envoy_admin_port)},
+        # Owner only (0600): the admin can stop Envoy and read every counter.
+        "admin": {"address": {"pipe": {"path": str(admin_path), "mode": 0o600}}},
         "static_resources": {
             "listeners": [_listener(settings, backend)],
             "clusters": [
@@ -207,9 +266,11 @@ def render(settings: Settings, *, backend_url: str, ca_bundle: Path | None = Non
     }
 
 
-def render_yaml(settings: Settings, *, backend_url: str, ca_bundle: Path | None = None) -> str:
-    """``render()`` as YAML, the form ``envoy -c`` reads."""
-    config = render(settings, backend_url=backend_url, ca_bundle=ca_bundle)
+def render_yaml(
+    settings: Settings, *, backend_url: str, ca_bundle: Path | None = None, admin_socket: Path | None = None
+) -> str:
+    """``render()`` as YAML, the form ``envoy -c`` reads. It holds the access-log secret."""
+    config = render(settings, backend_url=backend_url, ca_bundle=ca_bundle, admin_socket=admin_socket)
     return yaml.safe_dump(config, sort_keys=False, width=100)
 
 
@@ -248,8 +309,10 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "route_config": _route_config(settings, backend),
-        "http_filters": [_ext_authz_filter(settings), _lua_filter(), _router_filter()],
-        "access_log": [_grpc_access_log(), _stdout_access_log()],
+        "http_filters": [
+            _ext_authz_filter(settings), _lua_filter(), _upstream_headers_filter(settings), _router_filter()
+        ],
+        "access_log": [_grpc_access_log(settings), _stdout_access_log()],
         "local_reply_config": _local_reply_config(),
     }
 
@@ -326,6 +389,7 @@ def _filters_disabled() -> dict[str, Any]:
     return {
         EXT_AUTHZ_FILTER: {"@type": _EXT_AUTHZ_PER_ROUTE, "disabled": True},
         LUA_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
+        UPSTREAM_HEADERS_FILTER: {"@type": _LUA_PER_ROUTE, "disabled": True},
     }
 
 
@@ -358,20 +422,23 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
     else:
         config["http_service"] = {
             "server_uri": {
-                "uri": f"http://127.0.0.1:{settings.check_port}",
+                "uri": f"http://{INTERNAL_HOST}:{settings.check_port}",
                 "cluster": SIDECAR_CHECK_CLUSTER,
                 "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
             },
             "path_prefix": CHECK_PATH_PREFIX,
             "authorization_request": {
                 # On top of Envoy's defaults (method, path, host, content-length, authorization):
-                # the settlement's key and the body's type.
-                "allowed_headers": {"patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}]},
+                # the settlement's key, the body's type, and where Anthropic clients send their key.
+                "allowed_headers": {
+                    "patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}, {"exact": "x-api-key"}]
+                },
             },
             "authorization_response": {
-                # Admitted: only the backend credential goes upstream; the Check's facts become
-                # dynamic metadata, never request headers.
-                "allowed_upstream_headers": {"patterns": [{"exact": "authorization"}]},
+                # Admitted: only the backend credential goes upstream (replacing whatever the
+                # client sent under that name); the Check's facts become dynamic metadata, never
+                # request headers.
+                "allowed_upstream_headers": {"patterns": [{"exact": settings.backend_auth_header}]},
                 "dynamic_metadata_from_headers": {"patterns": [{"prefix": METADATA_HEADER_PREFIX}]},
                 # Denied: what the client sees besides the status and body.
                 "allowed_client_headers": {"patterns": [{"exact": "content-type"}, {"exact": "retry-after"}]},
@@ -390,21 +457,69 @@ def _lua_filter() -> dict[str, Any]:
     }
 
 
+def _upstream_headers_filter(settings: Settings) -> dict[str, Any]:
+    """The allow-list of request headers (upstream_headers.lua), with the names rendered in."""
+    allowed = [*UPSTREAM_HEADERS, *(name for name in settings.upstream_headers if not name.endswith("*"))]
+    if settings.backend_api_key:
+        allowed.append(settings.backend_auth_header)  # as the Check set it, never as the client sent it
+    prefixes = [name[:-1] for name in settings.upstream_headers if name.endswith("*")]
+    return {
+        "name": UPSTREAM_HEADERS_FILTER,
+        "typed_config": {
+            "@type": _LUA,
+            "default_source_code": {"inline_string": upstream_headers_lua(allowed, prefixes)},
+            # The route was chosen on the client's request; removing headers must not re-choose it
+            # (and re-matching without x-forwarded-proto finds no route at all).
+            "clear_route_cache": False,
+        },
+    }
+
+
+def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
+    """upstream_headers.lua with its two tables filled in (its lines marked ``-- rendered``)."""
+    def table(items: list[str]) -> str:
+        return "{" + ", ".join(f'["{item}"] = true' for item in sorted(set(items))) + "}"
+
+    def prefix_list(items: list[str]) -> str:
+        return "{" + ", ".join(f'"{item}"' for item in sorted(set(items))) + "}"
+
+    for item in (*names, *prefixes):
+        # Settings checks the names; this only keeps the Lua well-formed whatever it is given.
+        if not item or not all(c.isalnum() or c == "-" for c in item) or item != item.lower():
+            raise EnvoyConfigError(f"not a lower-case header name: {item!r}")
+    source = UPSTREAM_HEADERS_SOURCE.read_text(encoding="utf-8")
+    rendered = {
+        "local ALLOWED = {}  -- rendered: exact names": f"local ALLOWED = {table(names)}",
+        "local ALLOWED_PREFIXES = {}  -- rendered: prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
+    }
+    for marker, line in rendered.items():
+        if source.count(marker) != 1:
+            raise EnvoyConfigError(f"{UPSTREAM_HEADERS_SOURCE.name} must contain the line {marker!r} once")
+        source = source.replace(marker, line)
+    return source
+
+
 def _router_filter() -> dict[str, Any]:
-    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+    # No x-envoy-* headers of the router's own (x-envoy-original-host, the timeout hint) go to
+    # the backend, so that what reaches it is the allow-list, the host and accept-encoding only.
+    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}
 
 
 # --- access logs and local replies ---------------------------------------------------------------
 
 
-def _grpc_access_log() -> dict[str, Any]:
+def _grpc_access_log(settings: Settings) -> dict[str, Any]:
     return {
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {
             "@type": _GRPC_ALS,
             "common_config": {
                 "log_name": ACCESS_LOG_NAME,
-                "grpc_service": {"envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER}},
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
+                    # Sent once per stream; the sidecar refuses a stream without it.
+                    "initial_metadata": [{"key": ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}],
+                },
                 "transport_api_version": "V3",
                 "buffer_size_bytes": ACCESS_LOG_BUFFER_BYTES,
                 "buffer_flush_interval": f"{ACCESS_LOG_FLUSH_INTERVAL_MS / 1000}s",
@@ -514,7 +629,7 @@ def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": _endpoints(name, "127.0.0.1", port),
+        "load_assignment": _endpoints(name, INTERNAL_HOST, port),
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
@@ -559,3 +674,11 @@ def _ca_bundle(explicit: Path | None) -> Path:
         "an https backend needs a CA bundle to verify it: set SSL_CERT_FILE to a PEM file "
         f"(looked at: {', '.join(map(str, candidates)) or 'nothing'})"
     )
+
+
+def backend_credential(header: str, api_key: str) -> tuple[str, str] | None:
+    """The header the Check sets upstream for an admitted request, or None with no credential:
+    ``authorization: Bearer <key>`` (OpenAI, Gemini, LiteLLM) or ``x-api-key: <key>`` (Anthropic)."""
+    if not api_key:
+        return None
+    return header, f"Bearer {api_key}" if header == "authorization" else api_key

@@ -33,6 +33,15 @@ outstanding_holds = Gauge(
     "Holds placed and not yet settled (read at each expiry sweep).",
     registry=registry,
 )
+access_log_refusals = Counter(
+    "billingproxy_access_log_refusals",
+    "Access-log reports refused, by reason: a stream without the access-log secret "
+    "(unauthenticated), or an entry naming another wallet or model than its hold (hold_mismatch).",
+    ["reason"],
+    registry=registry,
+)
+for _reason in ("unauthenticated", "hold_mismatch"):
+    access_log_refusals.labels(_reason)  # shown at 0 from the start, for alerts on any increase
 settle_failures = Counter(
     "billingproxy_settle_failures",
     "Access-log entries that could not be settled after retries (the hold will expire).",

@@ -8,6 +8,11 @@ SQLAlchemy engine for the HTTP API.
 
 ``Sidecar`` is what tests and ``billingproxy up`` start in-process or as a child;
 ``serve()`` is the thin entry point behind ``billingproxy sidecar`` (on uvloop).
+
+Every listener here binds to ``INTERNAL_HOST`` (loopback: in Kubernetes the pod's own network
+namespace), whatever ``bind_host`` says — that is Envoy's public listener only. Envoy is the one
+client of all four; clients reach the HTTP API through Envoy's routes, and a probe or scraper of
+the admin port runs in the pod (docs/architecture.md, "Listeners").
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from authz_sidecar import access_log, admin, check, check_grpc, http_api, metric
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, holds, pricing
-from billing.settings import Settings
+from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -56,26 +61,39 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
+        if not s.access_log_secret:
+            raise SettingsError(
+                "BILLINGPROXY_ACCESS_LOG_SECRET must be set to serve: Envoy sends it with every access-log "
+                "stream, and without it anyone who reaches the gRPC port could report usage "
+                "(`billingproxy up` makes one; see docs/configuration.md)"
+            )
+        host = INTERNAL_HOST
         self.pool = pool = await database.create_pool(s.database_url, size=POOL_SIZE)
         self._key_lookup = key_lookup = KeyLookup(pool, s.key_cache_ttl_ms)
         key_lookup.start()
         self._decider = decider = check.Decider(s, self.prices, pool, key_lookup)
-        self._access_log = access_log.AccessLogService(access_log.Settler(pool, self.prices))
+        self._access_log = access_log.AccessLogService(
+            access_log.Settler(pool, self.prices), secret=s.access_log_secret
+        )
         self._access_log.start()
 
-        self._check = CheckServer(decider, backend_api_key=s.backend_api_key, body_max_bytes=s.request_body_max_bytes)
+        self._check = CheckServer(decider, backend_api_key=s.backend_api_key, body_max_bytes=s.request_body_max_bytes,
+                                  backend_auth_header=s.backend_auth_header)
         try:
-            await self._check.start(s.bind_host, s.check_port)
+            await self._check.start(host, s.check_port)
         except OSError as exc:
-            raise OSError(f"cannot listen for the Check on {s.bind_host}:{s.check_port}: {exc.strerror}") from None
+            raise OSError(f"cannot listen for the Check on {host}:{s.check_port}: {exc.strerror}") from None
 
         self._grpc = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            check_grpc.AuthorizationService(decider, backend_api_key=s.backend_api_key), self._grpc
+            check_grpc.AuthorizationService(
+                decider, backend_api_key=s.backend_api_key, backend_auth_header=s.backend_auth_header
+            ),
+            self._grpc,
         )
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_log, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        address = f"{s.bind_host}:{s.grpc_port}"
+        address = f"{host}:{s.grpc_port}"
         if self._grpc.add_insecure_port(address) == 0:
             raise OSError(f"cannot listen for gRPC on {address}: the port is taken")
         await self._grpc.start()
@@ -87,17 +105,17 @@ class Sidecar:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             try:
-                await web.TCPSite(runner, s.bind_host, port).start()
+                await web.TCPSite(runner, host, port).start()
             except OSError as exc:
                 await runner.cleanup()
-                raise OSError(f"cannot listen on {s.bind_host}:{port}: {exc.strerror}") from None
+                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             self._runners.append(runner)
 
         self._sweeper = asyncio.create_task(self._sweep_expired_holds(), name="hold-sweeper")
         await self._set_serving(True)
         logger.info(
             "sidecar ready: Check %s:%d, gRPC %s:%d, HTTP %s:%d, admin %s:%d",
-            s.bind_host, s.check_port, s.bind_host, s.grpc_port, s.bind_host, s.http_port, s.bind_host, s.admin_port,
+            host, s.check_port, host, s.grpc_port, host, s.http_port, host, s.admin_port,
         )
 
     async def _set_serving(self, serving: bool) -> None:

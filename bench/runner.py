@@ -81,10 +81,10 @@ REPEATED_RUNS = ("baseline_max", "billed_max", "baseline_fixed", "billed_fixed")
 # --- the baseline Envoy ----------------------------------------------------------------------------
 
 
-def baseline_config(settings, *, backend_url: str) -> dict[str, Any]:
-    """The billed gateway's Envoy config without ext_authz, the Lua filter and the gRPC access log."""
-    config = copy.deepcopy(envoy_config.render(settings, backend_url=backend_url))
-    removed = {envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER}
+def baseline_config(settings, *, backend_url: str, admin_socket: Path) -> dict[str, Any]:
+    """The billed gateway's Envoy config without ext_authz, the Lua filters and the gRPC access log."""
+    config = copy.deepcopy(envoy_config.render(settings, backend_url=backend_url, admin_socket=admin_socket))
+    removed = {envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, envoy_config.UPSTREAM_HEADERS_FILTER}
     for listener in config["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
@@ -204,8 +204,10 @@ class Bench:
         self.stack = Stack(self._env(), say=lambda m: self.say(f"  {m}"), durable=self.options.durable)
         await self.stack.start()
         settings = self.stack.settings
-        baseline_settings = settings.replace(gateway_port=free_port(), envoy_admin_port=free_port())
-        config = baseline_config(baseline_settings, backend_url=self.stack.backend_url)
+        run_dir = settings.data_dir.absolute() / "run"
+        baseline_settings = settings.replace(gateway_port=free_port())
+        config = baseline_config(baseline_settings, backend_url=self.stack.backend_url,
+                                 admin_socket=run_dir / "envoy-baseline-admin.sock")
         self.say(f"  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on :{baseline_settings.gateway_port}…")
         self.baseline = envoy_process.EnvoyProcess(
             yaml.safe_dump(config, sort_keys=False), base_id=None,
@@ -215,10 +217,11 @@ class Bench:
         self.baseline_url = f"http://127.0.0.1:{baseline_settings.gateway_port}"
         # The same billed gateway with ext_authz's other flavour (the gRPC Check, same sidecar):
         # BILLINGPROXY_CHECK_TRANSPORT measured against the default in the same run.
-        grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port(), envoy_admin_port=free_port())
+        grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port())
         self.say(f"  starting a billed Envoy with the gRPC Check on :{grpc_settings.gateway_port}…")
         self.grpc_check = envoy_process.EnvoyProcess(
-            envoy_config.render_yaml(grpc_settings, backend_url=self.stack.backend_url), base_id=None,
+            envoy_config.render_yaml(grpc_settings, backend_url=self.stack.backend_url,
+                                     admin_socket=run_dir / "envoy-grpc-check-admin.sock"), base_id=None,
             log_path=settings.data_dir / "run" / "envoy-grpc-check.log",
         )
         await self.grpc_check.start()

@@ -82,6 +82,9 @@ class Settlement(enum.Enum):
     ALREADY_VOIDED = "already_voided"
     VOIDED_AFTER_EXPIRY = "voided_after_expiry"
     UNKNOWN_HOLD = "unknown_hold"
+    # The settlement named another wallet or model than the hold the Check recorded: a forged or
+    # confused report. Nothing changed; the hold stays as it was, for its true report or expiry.
+    REFUSED_MISMATCH = "refused_mismatch"
 
 
 # Admission and reservation in one statement: the wallet row is updated only if it admits the
@@ -242,15 +245,20 @@ def refusal_of(
 # Settlement in one statement, so the wallet row is locked for one statement, not a transaction.
 # The hold is locked first: a concurrent settlement of the same request, or the expiry sweep, is
 # waited for, and the row read is the one they left (READ COMMITTED re-reads a row it had to wait
-# for). Only a pending or expired hold is resolved; the wallet's balance moves by the posted cost,
-# its reservation is released only if the hold was still pending (expiry released it already),
-# and the usage entry records the balance the wallet UPDATE returned. There is deliberately no
-# ON CONFLICT on the entry: if ``usage:<request id>`` exists already, the unique violation aborts
-# the whole statement, so money never moves without its entry.
-# $1 request id, $2 cost (NULL: void, unless $3), $3 charge the hold's own amount, $4 details.
+# for). The hold must agree with what the caller says it is for ($5 wallet, $6 model; NULL: no
+# claim): wallet, key and model always come from the hold's row, never from the report, and a
+# report that names another wallet or model resolves nothing ("agrees" is false; the outcome is
+# REFUSED_MISMATCH). Only a pending or expired hold is resolved; the wallet's balance moves by
+# the posted cost, its reservation is released only if the hold was still pending (expiry
+# released it already), and the usage entry records the balance the wallet UPDATE returned.
+# There is deliberately no ON CONFLICT on the entry: if ``usage:<request id>`` exists already,
+# the unique violation aborts the whole statement, so money never moves without its entry.
+# $1 request id, $2 cost (NULL: void, unless $3), $3 charge the hold's own amount, $4 details,
+# $5 the hold's wallet and $6 its model as the caller knows them (NULL: not checked).
 SETTLE_SQL = """
 WITH hold AS (
-    SELECT request_id, amount_nano, state
+    SELECT request_id, amount_nano, state,
+           ($5::text IS NULL OR wallet_id = $5::text) AND ($6::text IS NULL OR model = $6::text) AS agrees
       FROM holds
      WHERE request_id = $1::text
        FOR NO KEY UPDATE
@@ -262,6 +270,7 @@ WITH hold AS (
       FROM hold
      WHERE holds.request_id = hold.request_id
        AND hold.state IN ('pending', 'expired')
+       AND hold.agrees
  RETURNING holds.wallet_id, holds.key_id, holds.model, holds.posted_nano,
            CASE WHEN hold.state = 'pending' THEN hold.amount_nano ELSE 0 END AS released
 ), moved AS (
@@ -284,6 +293,7 @@ WITH hold AS (
 )
 SELECT $1::text AS request_id,
        hold.state AS was,
+       hold.agrees,
        (SELECT count(*) FROM resolved) AS resolved,
        (SELECT count(*) FROM charged) AS charged
   FROM hold
@@ -308,14 +318,21 @@ async def settle(
     request_id: str,
     cost_nano: int | ChargeHold | None,
     details: dict[str, Any] | None = None,
+    wallet_id: str = "",
+    model: str = "",
 ) -> Settlement:
     """Post the actual cost of a request (``cost_nano``), or void it (``None``). Idempotent.
 
     ``CHARGE_HOLD`` posts the hold's estimate, for a success whose usage never arrived.
 
+    ``wallet_id`` / ``model``: what the caller says the hold is for (empty: not checked). A report
+    (the access log, ``billingproxy reconcile``) names both, and a hold that disagrees is left
+    untouched: :attr:`Settlement.REFUSED_MISMATCH`. The charge always goes to the hold's own wallet
+    and key and names the hold's own model, whatever the caller says.
+
     One statement (:data:`SETTLE_SQL`); the charge's idempotency key is ``usage:<request_id>``.
     """
-    args = _settle_args(request_id, cost_nano, details)
+    args = _settle_args(request_id, cost_nano, details, wallet_id, model)
     posts = cost_nano is not None
     pg = await database.driver_connection(conn)
     try:
@@ -330,17 +347,22 @@ async def settle(
 
 
 def _settle_args(
-    request_id: str, cost_nano: int | ChargeHold | None, details: dict[str, Any] | None
+    request_id: str, cost_nano: int | ChargeHold | None, details: dict[str, Any] | None,
+    wallet_id: str, model: str,
 ) -> tuple[Any, ...]:
     if isinstance(cost_nano, int) and cost_nano < 0:
         raise ValueError(f"a request's cost cannot be negative ({cost_nano}); credits are ledger entries")
     charge_hold = cost_nano is CHARGE_HOLD
-    return request_id, None if charge_hold else cost_nano, charge_hold, json.dumps(details or {})
+    return (request_id, None if charge_hold else cost_nano, charge_hold, json.dumps(details or {}),
+            wallet_id or None, model or None)
 
 
 def _outcome(row: asyncpg.Record | None, request_id: str, posts: bool) -> Settlement:
     if row is None:
         return Settlement.UNKNOWN_HOLD
+    if not row["agrees"]:
+        assert (row["resolved"], row["charged"]) == (0, 0), f"settling {request_id}: {row!r}"
+        return Settlement.REFUSED_MISMATCH
     if row["was"] in ("pending", "expired"):
         assert (row["resolved"], row["charged"]) == (1, int(posts)), f"settling {request_id}: {row!r}"
     return _OUTCOMES[(row["was"], posts)]
@@ -414,28 +436,37 @@ RETURNING request_id
 # entries inserted in (wallet, request id) order, each with the balance after it (the balance
 # before the batch less the running sum of the wallet's postings) — exactly the entries and
 # balances the single statements, run in that order, write. A ``usage:`` key that exists already
-# aborts the whole statement, as in SETTLE_SQL. One row per hold found, as SETTLE_SQL's.
-# $1 request ids, $2 costs, $3 charge-the-hold flags, $4 details (arrays, one per request).
+# aborts the whole statement, as in SETTLE_SQL. Each hold must agree with its request's wallet and
+# model, as in SETTLE_SQL; one that does not is left alone, the others settle. One row per hold
+# found, as SETTLE_SQL's.
+# $1 request ids, $2 costs, $3 charge-the-hold flags, $4 details, $5 expected wallets, $6 expected
+# models (arrays, one per request; a NULL expectation is not checked).
 SETTLE_BATCH_SQL = """
 WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::jsonb[])
-           AS r(request_id, cost_nano, charge_hold, details)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::jsonb[], $5::text[], $6::text[])
+           AS r(request_id, cost_nano, charge_hold, details, expected_wallet, expected_model)
 ), hold AS MATERIALIZED (
-    SELECT request_id, amount_nano, state
+    SELECT request_id, amount_nano, state, wallet_id, model
       FROM holds
      WHERE request_id = ANY($1::text[])
      ORDER BY request_id
        FOR NO KEY UPDATE
+), judged AS (
+    SELECT hold.request_id, hold.amount_nano, hold.state,
+           (batch.expected_wallet IS NULL OR hold.wallet_id = batch.expected_wallet)
+           AND (batch.expected_model IS NULL OR hold.model = batch.expected_model) AS agrees
+      FROM hold JOIN batch USING (request_id)
 ), resolved AS (
     UPDATE holds
        SET state = CASE WHEN batch.charge_hold OR batch.cost_nano IS NOT NULL THEN 'posted' ELSE 'voided' END,
-           posted_nano = CASE WHEN batch.charge_hold THEN hold.amount_nano ELSE batch.cost_nano END,
+           posted_nano = CASE WHEN batch.charge_hold THEN judged.amount_nano ELSE batch.cost_nano END,
            resolved_at = now()
-      FROM hold JOIN batch USING (request_id)
-     WHERE holds.request_id = hold.request_id
-       AND hold.state IN ('pending', 'expired')
+      FROM judged JOIN batch USING (request_id)
+     WHERE holds.request_id = judged.request_id
+       AND judged.state IN ('pending', 'expired')
+       AND judged.agrees
  RETURNING holds.request_id, holds.wallet_id, holds.key_id, holds.model, holds.posted_nano,
-           CASE WHEN hold.state = 'pending' THEN hold.amount_nano ELSE 0 END AS released
+           CASE WHEN judged.state = 'pending' THEN judged.amount_nano ELSE 0 END AS released
 ), per_wallet AS (
     SELECT wallet_id, coalesce(sum(posted_nano), 0) AS posted, sum(released) AS released
       FROM resolved
@@ -466,11 +497,12 @@ WITH batch AS (
      ORDER BY resolved.wallet_id, resolved.request_id
  RETURNING idempotency_key
 )
-SELECT hold.request_id,
-       hold.state AS was,
-       (hold.request_id IN (SELECT request_id FROM resolved))::int AS resolved,
-       ('usage:' || hold.request_id IN (SELECT idempotency_key FROM charged))::int AS charged
-  FROM hold
+SELECT judged.request_id,
+       judged.state AS was,
+       judged.agrees,
+       (judged.request_id IN (SELECT request_id FROM resolved))::int AS resolved,
+       ('usage:' || judged.request_id IN (SELECT idempotency_key FROM charged))::int AS charged
+  FROM judged
 """
 
 
@@ -492,8 +524,10 @@ class SettleRequest:
     request_id: str
     cost_nano: int | ChargeHold | None
     details: dict[str, Any] | None = None
-    # The hold's wallet, when the caller knows it (the access log does): the batch's lock order.
+    # The hold's wallet and model as the caller knows them (the access log does): checked against
+    # the hold (empty: not checked); the wallet also orders a small batch's locks.
     wallet_id: str = ""
+    model: str = ""
 
 
 async def place_many(
@@ -536,10 +570,12 @@ async def place_many(
 
 async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlement]:
     """:func:`settle` for each request, as one transaction; results in the requests' order."""
-    args = {r.request_id: _settle_args(r.request_id, r.cost_nano, r.details) for r in requests}
+    args = {r.request_id: _settle_args(r.request_id, r.cost_nano, r.details, r.wallet_id, r.model)
+            for r in requests}
 
     async def one_by_one(items: list[SettleRequest]) -> list[Settlement]:
-        return [await settle(conn, request_id=r.request_id, cost_nano=r.cost_nano, details=r.details)
+        return [await settle(conn, request_id=r.request_id, cost_nano=r.cost_nano, details=r.details,
+                             wallet_id=r.wallet_id, model=r.model)
                 for r in items]
 
     if len(requests) < 2 or len(args) < len(requests):

@@ -22,6 +22,19 @@ ENV_PREFIX = "BILLINGPROXY_"
 OVERDRAFT_LIMIT_MAX_NANO = 10_000_000 * money.NANO_PER_USD - 1
 _NANO_PER_CENT = money.NANO_PER_USD // 100
 
+# Where the sidecar listens and Envoy reaches it: loopback, i.e. in Kubernetes the pod's own
+# network namespace. Nothing outside the pod (or the machine) may report usage or call the Check;
+# only Envoy's public listener follows ``bind_host`` (docs/architecture.md, "Listeners").
+INTERNAL_HOST = "127.0.0.1"
+BACKEND_AUTH_HEADERS = ("authorization", "x-api-key")
+ACCESS_LOG_SECRET_MIN_CHARS = 32
+# Headers no setting may forward upstream: credentials (the client's own, or ones the backend
+# would honour), cookies, and names the gateway itself uses.
+UPSTREAM_HEADERS_NEVER = (
+    "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie",
+)
+UPSTREAM_PREFIXES_NEVER = ("x-billingproxy-", "x-envoy-", ":")
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable and the fix."""
@@ -64,11 +77,12 @@ class Settings:
     endpoints: tuple[str, ...] = ENDPOINT_NAMES
 
     # --- network -------------------------------------------------------------------------------
-    # -- address every listener binds to.
+    # -- address Envoy's public listener (the gateway) binds to. The sidecar's listeners and
+    #    Envoy's clusters to them are on INTERNAL_HOST whatever this says.
     bind_host: str = "127.0.0.1"
     # -- Envoy's public port (the gateway).
     gateway_port: int = 8080
-    # -- the sidecar's public HTTP API (signup, billing), reached through Envoy.
+    # -- the sidecar's public HTTP API (signup, billing), reached through Envoy only.
     http_port: int = 8081
     # -- the sidecar's gRPC port (access log service, grpc.health.v1).
     grpc_port: int = 9001
@@ -79,10 +93,18 @@ class Settings:
     check_transport: str = "http"
     # -- the sidecar's admin port (/healthz, /readyz, /metrics). Never routed through Envoy.
     admin_port: int = 9090
-    # -- Envoy's own admin port (loopback only).
-    envoy_admin_port: int = 9901
     # -- the URL clients use to reach the gateway; links in answers (top_up_url) start with it.
     public_url: str = "http://127.0.0.1:8080"
+    # -- the shared secret Envoy sends in the access-log stream's gRPC metadata; the sidecar
+    #    settles nothing from a stream without it. Required to serve; `billingproxy up` makes a
+    #    new one each run.
+    access_log_secret: str = dataclasses.field(default="", repr=False)
+    # -- the request header the backend credential goes in: "authorization" (Bearer <key>;
+    #    OpenAI, Gemini, LiteLLM) or "x-api-key" (the key itself; Anthropic).
+    backend_auth_header: str = "authorization"
+    # -- request headers forwarded to the backend besides the built-in allow-list
+    #    (authz_sidecar/envoy_config.py, UPSTREAM_HEADERS); "name-*" allows a prefix.
+    upstream_headers: tuple[str, ...] = ()
 
     # --- limits --------------------------------------------------------------------------------
     # -- largest request body Envoy buffers for the Check (it needs the model); larger → 413.
@@ -176,7 +198,37 @@ class Settings:
             )
         if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.public_url):
             raise SettingsError(f"{ENV_PREFIX}PUBLIC_URL must be an http(s) URL, not {self.public_url!r}")
+        self._check_network()
         self._check_stripe()
+
+    def _check_network(self) -> None:
+        if self.backend_auth_header not in BACKEND_AUTH_HEADERS:
+            raise SettingsError(
+                f"{ENV_PREFIX}BACKEND_AUTH_HEADER must be 'authorization' (sends Bearer <key>) or "
+                f"'x-api-key' (sends the key itself), not {self.backend_auth_header!r}"
+            )
+        secret = self.access_log_secret
+        if secret and not (len(secret) >= ACCESS_LOG_SECRET_MIN_CHARS and re.fullmatch(r"[\x21-\x7e]+", secret)):
+            # Never echo it: the message names the rule only.
+            raise SettingsError(
+                f"{ENV_PREFIX}ACCESS_LOG_SECRET must be at least {ACCESS_LOG_SECRET_MIN_CHARS} visible "
+                "ASCII characters (no spaces); e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        for name in self.upstream_headers:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*\*?", name):
+                raise SettingsError(
+                    f"{ENV_PREFIX}UPSTREAM_HEADERS lists header names (letters, digits, '-'; a trailing "
+                    f"'*' for a prefix), not {name!r}"
+                )
+            prefix = name.endswith("*")
+            stem = name.rstrip("*")
+            never = [n for n in UPSTREAM_HEADERS_NEVER if (n.startswith(stem) if prefix else n == stem)]
+            never += [p for p in UPSTREAM_PREFIXES_NEVER if stem.startswith(p) or (prefix and p.startswith(stem))]
+            if never:
+                raise SettingsError(
+                    f"{ENV_PREFIX}UPSTREAM_HEADERS must not forward {name!r}: it would let {never[0]!r} "
+                    "reach the backend (a credential, a cookie, or the gateway's own header)"
+                )
 
     def _check_stripe(self) -> None:
         # Both or neither: with only the key, Checkout would take money whose webhook we could
@@ -292,8 +344,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         check_port=_port(env, "CHECK_PORT", defaults.check_port),
         check_transport=(env.get(ENV_PREFIX + "CHECK_TRANSPORT") or defaults.check_transport).strip().lower(),
         admin_port=_port(env, "ADMIN_PORT", defaults.admin_port),
-        envoy_admin_port=_port(env, "ENVOY_ADMIN_PORT", defaults.envoy_admin_port),
         public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),
+        access_log_secret=env.get(ENV_PREFIX + "ACCESS_LOG_SECRET", "").strip(),
+        backend_auth_header=(env.get(ENV_PREFIX + "BACKEND_AUTH_HEADER") or defaults.backend_auth_header)
+        .strip().lower(),
+        upstream_headers=tuple(
+            name.strip().lower() for name in env.get(ENV_PREFIX + "UPSTREAM_HEADERS", "").split(",") if name.strip()
+        ),
         request_body_max_bytes=_int(
             env, "REQUEST_BODY_MAX_BYTES", defaults.request_body_max_bytes, 1024, 64 * 1024 * 1024
         ),

@@ -134,7 +134,10 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         backend = args.backend_url or settings.backend_url
         if not backend:
             raise CommandError("no backend: set BILLINGPROXY_BACKEND_URL or pass --backend-url")
-        sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
+        try:
+            sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
+        except envoy_config.EnvoyConfigError as exc:
+            raise CommandError(str(exc)) from None
         return 0
     if args.command == "operator":
         # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.

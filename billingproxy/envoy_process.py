@@ -12,16 +12,24 @@ Sharp edges:
   or leave it out and Envoy picks a free one (`--use-dynamic-base-id`).
 - File and stdout access logs are flushed on a timer (10 s by default); tests that read them pass
   `file_flush_interval_ms`.
+- The admin interface is a Unix socket (envoy_config.render: mode 0600, owner only), not a TCP
+  port any local user could reach; everything here that asks the admin (readiness, the access-log
+  flush, :meth:`EnvoyProcess.admin_get`) goes through it. Envoy replaces a socket file left at its
+  path, so a live one there (another Envoy) is refused before starting, and a stale one removed.
+- The configuration file holds the access-log secret: it is written mode 0600.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,6 +47,8 @@ FLUSH_TIMEOUT_S = 2.0
 VALIDATE_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 20
 _POLL_INTERVAL_S = 0.05
+# The admin is a Unix socket; the host in its URLs is a placeholder.
+_ADMIN_URL = "http://envoy-admin"
 _MESSAGE_LINE_MAX = 1000
 
 
@@ -97,20 +107,32 @@ def validate(config_yaml: str) -> None:
         raise EnvoyConfigError(f"Envoy rejected the configuration:\n{message}")
 
 
-def admin_port(config_yaml: str) -> int:
-    """The admin port a configuration declares (readiness is asked there)."""
+def admin_socket(config_yaml: str) -> Path:
+    """The Unix socket a configuration's admin listens on (readiness is asked there)."""
     config = yaml.safe_load(config_yaml)
     try:
-        return int(config["admin"]["address"]["socket_address"]["port_value"])
+        return Path(config["admin"]["address"]["pipe"]["path"])
     except (KeyError, TypeError) as exc:
-        raise EnvoyError(f"the Envoy configuration has no admin socket address ({exc})") from None
+        raise EnvoyError(f"the Envoy configuration has no admin Unix socket (admin.address.pipe: {exc})") from None
+
+
+def _socket_answers(path: Path) -> bool:
+    """Whether something listens on the Unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class EnvoyProcess:
     """One Envoy subprocess: `await start()` returns once admin `/ready` answers LIVE.
 
     Envoy's stdout (the JSON access log) and stderr (its own log) both go to ``log_path``; the
-    configuration is written beside it as ``<log stem>.yaml`` so an operator can read what ran.
+    configuration is written beside it as ``<log stem>.yaml`` (mode 0600: it holds the
+    access-log secret) so an operator can read what ran.
     """
 
     def __init__(
@@ -127,7 +149,7 @@ class EnvoyProcess:
         self.base_id = base_id
         self.log_path = Path(log_path)
         self.config_path = self.log_path.with_suffix(".yaml")
-        self.admin_port = admin_port(config_yaml)
+        self.admin_socket = admin_socket(config_yaml)
         self.concurrency = concurrency
         self.file_flush_interval_ms = file_flush_interval_ms
         self.ready_timeout_s = ready_timeout_s
@@ -158,7 +180,8 @@ class EnvoyProcess:
         if self.running:
             raise EnvoyError("this Envoy is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_yaml, encoding="utf-8")
+        self._write_config()
+        self._claim_admin_socket()
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             self._process = subprocess.Popen(
@@ -171,12 +194,49 @@ class EnvoyProcess:
             await self.stop()
             raise
 
+    def _write_config(self) -> None:
+        """Write the configuration readable by its owner only: it holds the access-log secret."""
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as config:
+            os.fchmod(config.fileno(), 0o600)  # a file left by an older run kept its old mode
+            config.write(self.config_yaml)
+
+    def _claim_admin_socket(self) -> None:
+        """Make room for the admin socket: refuse a live one (another Envoy), remove a stale one."""
+        path = self.admin_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise EnvoyError(f"{path} is meant for Envoy's admin socket, but something else is there; move it away")
+        if _socket_answers(path):
+            raise EnvoyError(
+                f"another Envoy is running with its admin socket at {path}; stop it, or use another data dir"
+            )
+        path.unlink()
+
+    def _admin_session(self, timeout_s: float = 1) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(self.admin_socket)),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        )
+
+    async def admin_get(self, path: str, params: dict[str, str] | None = None) -> str:
+        """GET ``path`` from Envoy's admin (over its Unix socket): ``/stats``, ``/ready``, …"""
+        async with self._admin_session(timeout_s=10) as session:
+            async with session.get(_ADMIN_URL + path, params=params) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise EnvoyError(f"Envoy's admin answered {response.status} to {path}: {text[:200]}")
+                return text
+
     async def _wait_ready(self) -> None:
         assert self._process is not None
-        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        url = _ADMIN_URL + "/ready"
         deadline = time.monotonic() + self.ready_timeout_s
-        timeout = aiohttp.ClientTimeout(total=1)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with self._admin_session() as session:
             while True:
                 code = self._process.poll()
                 if code is not None:
@@ -193,7 +253,7 @@ class EnvoyProcess:
                 if time.monotonic() > deadline:
                     raise EnvoyError(
                         f"Envoy was not ready within {self.ready_timeout_s:.0f} s "
-                        f"(admin {url}); last lines of {self.log_path}:\n{self.log_tail()}"
+                        f"(admin {self.admin_socket}); last lines of {self.log_path}:\n{self.log_tail()}"
                     )
                 await asyncio.sleep(_POLL_INTERVAL_S)
 
@@ -212,6 +272,9 @@ class EnvoyProcess:
             logger.warning("envoy (pid %d) ignored SIGTERM; killing it", process.pid)
             process.kill()
             await asyncio.to_thread(process.wait)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(self.admin_socket.lstat().st_mode) and not _socket_answers(self.admin_socket):
+                self.admin_socket.unlink()
 
     async def _flush_access_logs(self) -> None:
         """Wait (at most FLUSH_TIMEOUT_S) until every gRPC access-log entry Envoy buffered was sent.
@@ -220,10 +283,10 @@ class EnvoyProcess:
         requests served in the last milliseconds would never be charged. Its counters tell when
         the buffer is empty: every entry written was flushed, failed or dropped.
         """
-        url = f"http://127.0.0.1:{self.admin_port}/stats"
+        url = _ADMIN_URL + "/stats"
         query = {"format": "json", "filter": r"^access_logs\.grpc_access_log\."}
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+        async with self._admin_session() as session:
             while time.monotonic() < deadline:
                 try:
                     async with session.get(url, params=query) as response:

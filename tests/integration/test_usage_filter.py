@@ -46,12 +46,15 @@ def free_port() -> int:
 
 
 def loopback_settings(**changes: Any) -> Settings:
-    ports = {name: free_port() for name in ("gateway_port", "envoy_admin_port", "grpc_port", "check_port", "http_port")}
-    return Settings(**{**ports, **changes})
+    ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "http_port")}
+    # The demo backend's test controls (x-demo-*) must pass the upstream header allow-list.
+    fixed = {"access_log_secret": "access-log-secret-of-the-usage-filter-tests", "upstream_headers": ("x-demo-*",)}
+    return Settings(**{**ports, **fixed, **changes})
 
 
 def lua_only_config(settings: Settings, backend_url: str, access_log: Path, ca_bundle: Path | None = None) -> str:
-    config = envoy_config.render(settings, backend_url=backend_url, ca_bundle=ca_bundle)
+    config = envoy_config.render(settings, backend_url=backend_url, ca_bundle=ca_bundle,
+                                 admin_socket=access_log.with_name("envoy-admin.sock"))
     listener = config["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != envoy_config.EXT_AUTHZ_FILTER]
@@ -386,9 +389,8 @@ async def test_https_backend_is_verified(tmp_path: Path, host: str, trusted: boo
             else:
                 assert response.status == 503, text
                 stat = f"cluster.{envoy_config.BACKEND_CLUSTER}.ssl.{refusal}"
-                admin = f"http://127.0.0.1:{gw.envoy.admin_port}/stats?filter=^{stat}$"
-                async with gw.session.get(admin) as stats:
-                    assert (await stats.text()).strip() == f"{stat}: 1"
+                stats = await gw.envoy.admin_get("/stats", {"filter": f"^{stat}$"})
+                assert stats.strip() == f"{stat}: 1"
     finally:
         await runner.cleanup()
 
@@ -401,7 +403,8 @@ async def test_port_in_use_is_named(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = envoy_config.render_yaml(loopback_settings(gateway_port=port), backend_url="http://127.0.0.1:9")
+        config = envoy_config.render_yaml(loopback_settings(gateway_port=port), backend_url="http://127.0.0.1:9",
+                                          admin_socket=tmp_path / "envoy-admin.sock")
         envoy = envoy_process.EnvoyProcess(config, free_port(), tmp_path / "envoy.log")
         with pytest.raises(envoy_process.EnvoyError) as failure:
             await envoy.start()
@@ -410,7 +413,8 @@ async def test_port_in_use_is_named(tmp_path: Path) -> None:
 
 
 async def test_readiness_timeout_stops_envoy(tmp_path: Path) -> None:
-    config = envoy_config.render_yaml(loopback_settings(), backend_url="http://127.0.0.1:9")
+    config = envoy_config.render_yaml(loopback_settings(), backend_url="http://127.0.0.1:9",
+                                      admin_socket=tmp_path / "envoy-admin.sock")
     envoy = envoy_process.EnvoyProcess(config, free_port(), tmp_path / "envoy.log", ready_timeout_s=0)
     with pytest.raises(envoy_process.EnvoyError, match="not ready within"):
         await envoy.start()

@@ -1,6 +1,7 @@
 """The rendered Envoy bootstrap: Envoy itself accepts it (`envoy --mode validate`), and the facts
 that keep money right hold (fail-closed authz, Envoy-minted request ids, sidecar routes unguarded
-by the Check, HTTP/2 to the gRPC sidecar)."""
+by the Check, HTTP/2 to the gRPC sidecar, the access-log secret, only allow-listed headers
+upstream, the sidecar on loopback whatever the bind host, the admin on a private Unix socket)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from billing.settings import Settings
 from billingproxy import envoy_process
 
 DEMO_BACKEND = "http://127.0.0.1:4000"
+SECRET = "s3cret-for-the-access-log-0123456789abcdef"
 GEMINI = "https://generativelanguage.googleapis.com/v1beta/openai"
+
+
+def settings(**changes: Any) -> Settings:
+    """Settings as the sidecar and Envoy are started with: an access-log secret is required."""
+    return Settings(**{"access_log_secret": SECRET, **changes})
 
 
 def hcm(config: dict[str, Any]) -> dict[str, Any]:
@@ -47,17 +54,19 @@ def endpoint(cluster_config: dict[str, Any]) -> dict[str, Any]:
 
 
 VARIANTS = {
-    "default": (Settings(), DEMO_BACKEND),
-    "gemini": (Settings(), GEMINI),
+    "default": (settings(), DEMO_BACKEND),
+    "gemini": (settings(), GEMINI),
     "other ports": (
-        Settings(
+        settings(
             bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001,
-            envoy_admin_port=19901, request_body_max_bytes=65536, upstream_timeout_s=60,
+            request_body_max_bytes=65536, upstream_timeout_s=60,
+            backend_api_key="sk-backend", upstream_headers=("traceparent", "x-demo-*"),
         ),
         "https://api.openai.com",
     ),
-    "litellm by name": (Settings(), "http://litellm.billing.svc:4000"),
-    "gRPC Check": (Settings(check_transport="grpc"), DEMO_BACKEND),
+    "anthropic credential": (settings(backend_api_key="sk-ant", backend_auth_header="x-api-key"), DEMO_BACKEND),
+    "litellm by name": (settings(), "http://litellm.billing.svc:4000"),
+    "gRPC Check": (settings(check_transport="grpc"), DEMO_BACKEND),
 }
 
 
@@ -68,31 +77,32 @@ def test_envoy_accepts_the_rendered_config(name: str) -> None:
 
 
 def test_validate_reports_envoys_reason() -> None:
-    config = envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+    config = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
     cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)["connect_timeout"] = "soon"
     with pytest.raises(envoy_process.EnvoyConfigError, match="connect_timeout|Duration|soon"):
         envoy_process.validate(yaml.safe_dump(config))
 
 
 def test_render_yaml_is_render() -> None:
-    settings = Settings()
-    assert yaml.safe_load(envoy_config.render_yaml(settings, backend_url=GEMINI)) == envoy_config.render(
-        settings, backend_url=GEMINI
+    configured = settings()
+    assert yaml.safe_load(envoy_config.render_yaml(configured, backend_url=GEMINI)) == envoy_config.render(
+        configured, backend_url=GEMINI
     )
 
 
 def test_ports_and_limits_come_from_settings() -> None:
-    settings = Settings(
-        bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001,
-        envoy_admin_port=19901, request_body_max_bytes=65536, upstream_timeout_s=60,
+    configured = settings(
+        bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001, check_port=19002,
+        request_body_max_bytes=65536, upstream_timeout_s=60,
     )
-    config = envoy_config.render(settings, backend_url=DEMO_BACKEND)
+    config = envoy_config.render(configured, backend_url=DEMO_BACKEND)
     listener = config["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18080}
     assert listener["per_connection_buffer_limit_bytes"] == 65536
-    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
+    # Only the public listener follows bind_host: the sidecar is reached on loopback.
     assert endpoint(cluster(config, envoy_config.SIDECAR_HTTP_CLUSTER)) == {"address": "127.0.0.1", "port_value": 18081}
     assert endpoint(cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)) == {"address": "127.0.0.1", "port_value": 19001}
+    assert endpoint(cluster(config, envoy_config.SIDECAR_CHECK_CLUSTER)) == {"address": "127.0.0.1", "port_value": 19002}
     llm = route_for(config, "/v1/chat/completions")["route"]
     assert llm["timeout"] == "60s"
     (authz,) = [f for f in hcm(config)["http_filters"] if f["name"] == envoy_config.EXT_AUTHZ_FILTER]
@@ -100,10 +110,11 @@ def test_ports_and_limits_come_from_settings() -> None:
 
 
 def test_ext_authz_fails_closed_and_sees_the_body() -> None:
-    config = envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+    config = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
     filters = hcm(config)["http_filters"]
     assert [f["name"] for f in filters] == [
-        envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, "envoy.filters.http.router"
+        envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, envoy_config.UPSTREAM_HEADERS_FILTER,
+        "envoy.filters.http.router",
     ]
     authz = filters[0]["typed_config"]
     assert authz["failure_mode_allow"] is False
@@ -113,7 +124,7 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     assert service["path_prefix"] == envoy_config.CHECK_PATH_PREFIX
     # The settlement's key must reach the Check: Envoy passes only a few headers by default.
     passed = {p["exact"] for p in service["authorization_request"]["allowed_headers"]["patterns"]}
-    assert {"x-request-id", "content-type"} <= passed
+    assert {"x-request-id", "content-type", "x-api-key"} <= passed
     answer = service["authorization_response"]
     # Only the backend credential goes upstream; the Check's facts become metadata only.
     assert answer["allowed_upstream_headers"]["patterns"] == [{"exact": "authorization"}]
@@ -121,14 +132,14 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     check_cluster = clusters[envoy_config.SIDECAR_CHECK_CLUSTER]
     assert check_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-        "socket_address"]["port_value"] == Settings().check_port
+        "socket_address"]["port_value"] == settings().check_port
     assert authz["with_request_body"]["allow_partial_message"] is False
     lua = filters[1]["typed_config"]["default_source_code"]["inline_string"]
     assert "bodyChunks()" in lua and "billingproxy.usage" in lua
 
 
 def test_request_ids_are_minted_by_envoy() -> None:
-    manager = hcm(envoy_config.render(Settings(), backend_url=DEMO_BACKEND))
+    manager = hcm(envoy_config.render(settings(), backend_url=DEMO_BACKEND))
     assert manager["use_remote_address"] is True
     assert manager["generate_request_id"] is True
     assert manager["preserve_external_request_id"] is False
@@ -138,23 +149,25 @@ def test_request_ids_are_minted_by_envoy() -> None:
 
 
 @pytest.mark.parametrize("path", ["/user/signup", "/billing/balance", "/stripe/webhook", "/openapi.json"])
-def test_sidecar_routes_skip_the_check_and_the_lua_filter(path: str) -> None:
-    route = route_for(envoy_config.render(Settings(), backend_url=DEMO_BACKEND), path)
+def test_sidecar_routes_skip_the_check_and_the_lua_filters(path: str) -> None:
+    route = route_for(envoy_config.render(settings(), backend_url=DEMO_BACKEND), path)
     assert route["route"]["cluster"] == envoy_config.SIDECAR_HTTP_CLUSTER
     per_filter = route["typed_per_filter_config"]
     assert per_filter[envoy_config.EXT_AUTHZ_FILTER]["disabled"] is True
     assert per_filter[envoy_config.LUA_FILTER]["disabled"] is True
+    # The HTTP API reads the client's own authorization header: the allow-list is /v1/'s only.
+    assert per_filter[envoy_config.UPSTREAM_HEADERS_FILTER]["disabled"] is True
 
 
 def test_v1_goes_to_the_backend_through_the_check() -> None:
-    route = route_for(envoy_config.render(Settings(), backend_url=DEMO_BACKEND), "/v1/chat/completions")
+    route = route_for(envoy_config.render(settings(), backend_url=DEMO_BACKEND), "/v1/chat/completions")
     assert route["route"]["cluster"] == envoy_config.BACKEND_CLUSTER
     assert "typed_per_filter_config" not in route
     assert "prefix_rewrite" not in route["route"]
 
 
 def test_unknown_paths_get_an_openai_404_without_a_check() -> None:
-    route = route_for(envoy_config.render(Settings(), backend_url=DEMO_BACKEND), "/admin")
+    route = route_for(envoy_config.render(settings(), backend_url=DEMO_BACKEND), "/admin")
     assert route["direct_response"]["status"] == 404
     body = yaml.safe_load(route["direct_response"]["body"]["inline_string"])
     assert body["error"]["code"] == "not_found"
@@ -162,7 +175,7 @@ def test_unknown_paths_get_an_openai_404_without_a_check() -> None:
 
 
 def test_grpc_sidecar_cluster_speaks_http2_and_http_one_does_not() -> None:
-    config = envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+    config = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
     options_key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     grpc = cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)["typed_extension_protocol_options"][options_key]
     assert grpc["explicit_http_config"] == {"http2_protocol_options": {}}
@@ -171,7 +184,7 @@ def test_grpc_sidecar_cluster_speaks_http2_and_http_one_does_not() -> None:
 
 
 def test_grpc_access_log_goes_to_the_sidecar_in_small_batches() -> None:
-    logs = hcm(envoy_config.render(Settings(), backend_url=DEMO_BACKEND))["access_log"]
+    logs = hcm(envoy_config.render(settings(), backend_url=DEMO_BACKEND))["access_log"]
     (grpc,) = [log for log in logs if log["name"] == "envoy.access_loggers.http_grpc"]
     common = grpc["typed_config"]["common_config"]
     assert common["log_name"] == envoy_config.ACCESS_LOG_NAME
@@ -187,7 +200,7 @@ def test_grpc_access_log_goes_to_the_sidecar_in_small_batches() -> None:
 
 
 def test_https_backend_with_a_path_is_rewritten_and_verified() -> None:
-    config = envoy_config.render(Settings(), backend_url=GEMINI)
+    config = envoy_config.render(settings(), backend_url=GEMINI)
     route = route_for(config, "/v1/chat/completions")["route"]
     assert route["prefix_rewrite"] == "/v1beta/openai/"
     assert route["host_rewrite_literal"] == "generativelanguage.googleapis.com"
@@ -204,26 +217,26 @@ def test_https_backend_with_a_path_is_rewritten_and_verified() -> None:
 
 
 def test_plain_http_backend_keeps_its_port_in_the_host_header() -> None:
-    config = envoy_config.render(Settings(), backend_url="http://litellm:4000/")
+    config = envoy_config.render(settings(), backend_url="http://litellm:4000/")
     assert route_for(config, "/v1/models")["route"]["host_rewrite_literal"] == "litellm:4000"
     assert "transport_socket" not in cluster(config, envoy_config.BACKEND_CLUSTER)
 
 
 def test_backend_url_v1_suffix_changes_nothing() -> None:
-    config = envoy_config.render(Settings(), backend_url="https://api.openai.com/v1")
+    config = envoy_config.render(settings(), backend_url="https://api.openai.com/v1")
     assert "prefix_rewrite" not in route_for(config, "/v1/models")["route"]
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "http://", "https://host/path?x=1", "http://host:port"])
 def test_bad_backend_urls_are_refused(url: str) -> None:
     with pytest.raises(envoy_config.EnvoyConfigError):
-        envoy_config.render(Settings(), backend_url=url)
+        envoy_config.render(settings(), backend_url=url)
 
 
 def test_missing_ca_bundle_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
     with pytest.raises(envoy_config.EnvoyConfigError, match="nope.pem"):
-        envoy_config.render(Settings(), backend_url=GEMINI, ca_bundle=missing)
+        envoy_config.render(settings(), backend_url=GEMINI, ca_bundle=missing)
 
 
 def test_envoy_binary_is_found_without_importing_envoy() -> None:
@@ -235,9 +248,79 @@ def test_envoy_binary_is_found_without_importing_envoy() -> None:
 
 
 def test_the_grpc_check_flavour_sends_the_body_as_bytes_to_the_grpc_port() -> None:
-    config = envoy_config.render(Settings(check_transport="grpc"), backend_url=DEMO_BACKEND)
+    config = envoy_config.render(settings(check_transport="grpc"), backend_url=DEMO_BACKEND)
     authz = hcm(config)["http_filters"][0]["typed_config"]
     assert "http_service" not in authz
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == envoy_config.SIDECAR_GRPC_CLUSTER
     assert authz["with_request_body"]["pack_as_bytes"] is True
     assert authz["failure_mode_allow"] is False
+
+
+# --- trust (issue 10): the access-log secret, loopback, the admin socket, the header allow-list ---
+
+
+def test_the_access_log_carries_the_secret_and_rendering_needs_one() -> None:
+    logs = hcm(envoy_config.render(settings(), backend_url=DEMO_BACKEND))["access_log"]
+    (grpc,) = [log for log in logs if log["name"] == "envoy.access_loggers.http_grpc"]
+    service = grpc["typed_config"]["common_config"]["grpc_service"]
+    assert service["initial_metadata"] == [{"key": envoy_config.ACCESS_LOG_SECRET_HEADER, "value": SECRET}]
+    assert envoy_config.ACCESS_LOG_SECRET_HEADER == "x-billingproxy-access-log-secret"
+    with pytest.raises(envoy_config.EnvoyConfigError, match="BILLINGPROXY_ACCESS_LOG_SECRET"):
+        envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
+
+
+def test_the_admin_is_a_unix_socket_its_owner_alone_may_open(tmp_path: Path) -> None:
+    config = envoy_config.render(settings(data_dir=Path("relative-data")), backend_url=DEMO_BACKEND)
+    pipe = config["admin"]["address"]["pipe"]
+    assert pipe == {"path": str(Path("relative-data").absolute() / "run" / "envoy-admin.sock"), "mode": 0o600}
+    assert "socket_address" not in config["admin"]["address"]
+    chosen = tmp_path / "admin.sock"
+    config = envoy_config.render(settings(), backend_url=DEMO_BACKEND, admin_socket=chosen)
+    assert config["admin"]["address"]["pipe"]["path"] == str(chosen)
+    assert envoy_process.admin_socket(yaml.safe_dump(config)) == chosen
+    for bad in (Path("relative.sock"), Path("/" + "x" * 120 + ".sock")):
+        with pytest.raises(envoy_config.EnvoyConfigError, match="admin socket"):
+            envoy_config.render(settings(), backend_url=DEMO_BACKEND, admin_socket=bad)
+
+
+def upstream_lua(config: dict[str, Any]) -> str:
+    (headers,) = [f for f in hcm(config)["http_filters"] if f["name"] == envoy_config.UPSTREAM_HEADERS_FILTER]
+    return headers["typed_config"]["default_source_code"]["inline_string"]
+
+
+def test_the_upstream_allow_list_is_rendered_into_its_lua_filter() -> None:
+    lua = upstream_lua(envoy_config.render(settings(backend_api_key="sk-b"), backend_url=DEMO_BACKEND))
+    assert 'local ALLOWED = {["accept"] = true, ["anthropic-beta"] = true, ["anthropic-version"] = true, ' \
+           '["authorization"] = true, ["content-length"] = true, ["content-type"] = true, ' \
+           '["openai-beta"] = true, ["user-agent"] = true, ["x-request-id"] = true}' in lua
+    assert "local ALLOWED_PREFIXES = {}" in lua
+    assert "envoy_on_request" in lua and "rendered:" not in lua
+
+    # The credential's header is kept only when the gateway sets it, and only that one.
+    bare = upstream_lua(envoy_config.render(settings(), backend_url=DEMO_BACKEND))
+    assert '["authorization"]' not in bare and '["x-api-key"]' not in bare
+    anthropic = settings(backend_api_key="sk-b", backend_auth_header="x-api-key", upstream_headers=("x-demo-*", "traceparent"))
+    config = envoy_config.render(anthropic, backend_url=DEMO_BACKEND)
+    lua = upstream_lua(config)
+    assert '["x-api-key"] = true' in lua and '["authorization"]' not in lua and '["traceparent"] = true' in lua
+    assert 'local ALLOWED_PREFIXES = {"x-demo-"}' in lua
+    answer = hcm(config)["http_filters"][0]["typed_config"]["http_service"]["authorization_response"]
+    assert answer["allowed_upstream_headers"]["patterns"] == [{"exact": "x-api-key"}]
+
+
+def test_every_name_the_allow_list_can_never_forward_is_absent() -> None:
+    for never in ("x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie",
+                  "openai-organization", "openai-project", "x-forwarded-for"):
+        assert never not in envoy_config.UPSTREAM_HEADERS
+    assert not [name for name in envoy_config.UPSTREAM_HEADERS if name.startswith("x-billingproxy-")]
+
+
+def test_the_lua_tables_take_only_header_names() -> None:
+    with pytest.raises(envoy_config.EnvoyConfigError, match="header name"):
+        envoy_config.upstream_headers_lua(['x"] = true, ["cookie'], [])
+
+
+def test_the_backend_credential_goes_in_the_header_the_backend_expects() -> None:
+    assert envoy_config.backend_credential("authorization", "sk-b") == ("authorization", "Bearer sk-b")
+    assert envoy_config.backend_credential("x-api-key", "sk-ant") == ("x-api-key", "sk-ant")
+    assert envoy_config.backend_credential("authorization", "") is None

@@ -7,7 +7,8 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -170,5 +171,78 @@ async def test_fresh_database_url_is_empty_and_private(
         # Both runs create the same table: the second sees none of the first's.
         assert await connection.fetchval("select to_regclass('public.left_behind')") is None
         await connection.execute("create table left_behind (run int)")
+    finally:
+        await connection.close()
+
+
+# --- authentication (issue 10, finding 11) ---------------------------------------------------------
+
+
+def without_password(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}").geturl()
+
+
+async def assert_password_required(url: str) -> None:
+    """Every local user could connect as the superuser when the cluster trusted loopback."""
+    with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        await asyncpg.connect(without_password(url))
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(urlsplit(url)._replace(
+            netloc=f"postgres:wrong@{urlsplit(url).hostname}:{urlsplit(url).port}").geturl())
+    assert await fetchval(url, "select 1") == 1
+
+
+async def test_a_new_cluster_asks_every_connection_for_its_password(
+    make_server: Callable[..., EmbeddedPostgres],
+) -> None:
+    server = make_server()
+    url = server.start()
+    password = urlsplit(url).password
+    assert password and len(password) >= 32
+    await assert_password_required(url)
+    assert server.password_path is not None
+    assert server.password_path.read_text().strip() == password
+    assert server.password_path.stat().st_mode & 0o777 == 0o600
+    assert server.pgdata is not None
+    assert postgres_server._trust_lines((server.pgdata / "pg_hba.conf").read_text()) == []
+    # The unix socket asks too.
+    socket_dir = server._socket_dir
+    with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        await asyncpg.connect(host=str(socket_dir), port=server.port, user="postgres", database="postgres")
+    # The same password on the next start.
+    server.stop()
+    assert server.start() == url.replace(f":{urlsplit(url).port}/", f":{server.port}/")
+
+
+async def test_a_cluster_from_before_passwords_is_moved_over_and_keeps_its_data(
+    make_server: Callable[..., EmbeddedPostgres],
+) -> None:
+    """A data dir `billingproxy up` made with `trust` authentication keeps working: its next start
+    sets a password, turns pg_hba.conf to scram-sha-256 and reloads, with the data intact."""
+    server = make_server()
+    url = server.start()
+    async with _connected(url) as connection:
+        await connection.execute("create table kept (n int); insert into kept values (42)")
+    server.stop()
+    # Back to how the cluster looked before: trust everywhere, no password file.
+    assert server.pgdata is not None and server.password_path is not None
+    hba = server.pgdata / "pg_hba.conf"
+    hba.write_text(hba.read_text().replace("scram-sha-256", "trust"))
+    server.password_path.unlink()
+
+    migrated = server.start()
+    assert urlsplit(migrated).password != urlsplit(url).password
+    await assert_password_required(migrated)
+    assert await fetchval(migrated, "select n from kept") == 42
+    assert postgres_server._trust_lines(hba.read_text()) == []
+    assert server.password_path.stat().st_mode & 0o777 == 0o600
+
+
+@contextlib.asynccontextmanager
+async def _connected(url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(url)
+    try:
+        yield connection
     finally:
         await connection.close()
