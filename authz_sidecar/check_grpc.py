@@ -6,8 +6,8 @@ more CPU per Check in Python (grpc.aio's own work; docs/benchmarks.md), which is
 default. Same rule (``check.Decider.judge``), same answers: a denial is a normal
 ``CheckResponse`` carrying the HTTP status and JSON body the client sees, never a gRPC error
 (Envoy runs the filter fail-closed, so an error would read as a 403 with no explanation); an
-admission removes the client's key or sets the backend credential (in the header the backend
-expects), and hands the access log the same ``x-billingproxy-*`` metadata the HTTP flavour does.
+admission hands the access log the same ``x-billingproxy-*`` metadata the HTTP flavour does
+(the backend credential is set by Envoy's route, never by the Check: envoy_config.py).
 """
 
 from __future__ import annotations
@@ -18,23 +18,12 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz_sidecar import api_errors, check, envoy_config
-
-_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+from authz_sidecar import api_errors, check
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(
-        self, decider: check.Decider, *, backend_api_key: str, backend_auth_header: str = "authorization"
-    ) -> None:
+    def __init__(self, decider: check.Decider) -> None:
         self._decider = decider
-        header = envoy_config.backend_credential(backend_auth_header, backend_api_key)
-        if header is not None:
-            credential = base_pb2.HeaderValue(key=header[0], value=header[1])
-            self._ok_headers = [base_pb2.HeaderValueOption(header=credential, append_action=_OVERWRITE)]
-            self._headers_to_remove: list[str] = []
-        else:
-            self._ok_headers, self._headers_to_remove = [], ["authorization"]
 
     async def Check(self, request, context):  # noqa: N802 (gRPC method name)
         http = request.attributes.request.http
@@ -50,9 +39,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         metadata.update(outcome)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=self._ok_headers, headers_to_remove=self._headers_to_remove
-            ),
+            ok_response=external_auth_pb2.OkHttpResponse(),
             dynamic_metadata=metadata,
         )
 

@@ -11,11 +11,9 @@ client's path, the headers it is told to pass (authorization, x-request-id, cont
 the buffered body. What it reads back:
 
 - **200** admits the request. ``x-billingproxy-*`` headers become dynamic metadata for the
-  access log (``dynamic_metadata_from_headers``); the backend's credential, in the header the
-  backend expects (``authorization: Bearer …`` or ``x-api-key``, Settings.backend_auth_header),
-  replaces what the client sent there, or ``x-envoy-auth-headers-to-remove: authorization``
-  removes the client's key when no backend credential is configured. Any other header carrying
-  the client's key is removed by Envoy's upstream allow-list (upstream_headers.lua).
+  access log (``dynamic_metadata_from_headers``). It carries no credential: Envoy's upstream
+  allow-list (upstream_headers.lua) removes the client's key under any name, and the backend
+  route sets the backend's (envoy_config.py), so the secret never crosses this port.
 - **Any other status** is the denial the client sees: that status, this body, and the headers
   Envoy is told to pass (content-type, retry-after).
 
@@ -46,17 +44,9 @@ PIPELINE_MAX = 8
 class CheckServer:
     """The listening socket; one :class:`CheckConnection` per connection from Envoy."""
 
-    def __init__(
-        self, decider: check.Decider, *, backend_api_key: str, body_max_bytes: int,
-        backend_auth_header: str = "authorization",
-    ) -> None:
+    def __init__(self, decider: check.Decider, *, body_max_bytes: int) -> None:
         self._decider = decider
         self._body_max = body_max_bytes + BODY_SLACK_BYTES
-        credential = envoy_config.backend_credential(backend_auth_header, backend_api_key)
-        if credential is not None:
-            self._admit_headers = f"{credential[0]}: {credential[1]}\r\n".encode()
-        else:
-            self._admit_headers = b"x-envoy-auth-headers-to-remove: authorization\r\n"
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[CheckConnection] = set()
 
@@ -79,9 +69,9 @@ class CheckServer:
         return _denial(outcome) if isinstance(outcome, api_errors.ApiError) else self._admission(outcome)
 
     def _admission(self, metadata: dict[str, str]) -> bytes:
-        """200 with the backend credential (or the client's key removed) and the metadata headers."""
+        """200 with the metadata headers. No credential: the backend route sets it (envoy_config.py)."""
         lines = "".join(f"{name}: {value}\r\n" for name, value in metadata.items())
-        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + self._admit_headers + lines.encode() + b"\r\n"
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + lines.encode() + b"\r\n"
 
 
 def _denial(error: api_errors.ApiError) -> bytes:

@@ -51,15 +51,17 @@ Settings that are not obvious, and why:
 - ext_authz is the HTTP flavour (``http_service``) unless ``check_transport`` is "grpc" (why:
   docs/architecture.md, "The Check"). HTTP passes only a few headers unless told:
   ``x-request-id`` (the settlement's key), ``content-type`` and ``x-api-key`` (where Anthropic
-  clients put their key) are added. Of the Check's answer only the backend credential's header
-  (``backend_auth_header``) may go upstream, replacing what the client sent there; its
-  ``x-billingproxy-*`` headers become dynamic metadata, never request headers. The gRPC flavour
+  clients put their key) are added. No header of the Check's answer goes upstream; its
+  ``x-billingproxy-*`` headers become dynamic metadata, never request headers. The backend
+  credential is not the Check's to give: the backend route sets it (``backend_auth_header``),
+  so it never crosses the loopback Check port, where any local process holding a client key
+  could read it. The gRPC flavour
   needs ``pack_as_bytes`` (a body that is not UTF-8 would otherwise be mangled).
 - Only allow-listed headers reach the backend (docs/decisions/0003-upstream-headers.md): Envoy
   has no "keep only these" option, so a second, small Lua filter (upstream_headers.lua), last
   before the router, removes every request header not in :data:`UPSTREAM_HEADERS`,
-  ``upstream_headers`` or the credential header the Check set. After it the router sets only
-  ``host`` and ``accept-encoding: identity``: ``suppress_envoy_headers`` keeps its x-envoy-*
+  ``upstream_headers`` — credentials included, whatever their name. After it the router sets only
+  ``host``, ``accept-encoding: identity`` and the backend credential: ``suppress_envoy_headers`` keeps its x-envoy-*
   headers (the original host, the timeout hint) from the backend, and the client's
   x-envoy-upstream-service-time from the client.
 - The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
@@ -353,9 +355,20 @@ def _backend_route(settings: Settings, backend: Backend) -> dict[str, Any]:
             {
                 "header": {"key": "accept-encoding", "value": "identity"},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
+            },
+            *_credential_header(settings),
         ],
     }
+
+
+def _credential_header(settings: Settings) -> list[dict[str, Any]]:
+    """The backend credential, set by the route (after every filter, the client's key already
+    removed by the allow-list): it lives in this config (mode 0600) and never travels in the
+    Check's answer, which any local process holding a client key could read."""
+    credential = backend_credential(settings.backend_auth_header, settings.backend_api_key)
+    if credential is None:
+        return []
+    return [{"header": {"key": credential[0], "value": credential[1]}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
 
 
 def _sidecar_route(match: dict[str, str]) -> dict[str, Any]:
@@ -435,10 +448,8 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
                 },
             },
             "authorization_response": {
-                # Admitted: only the backend credential goes upstream (replacing whatever the
-                # client sent under that name); the Check's facts become dynamic metadata, never
-                # request headers.
-                "allowed_upstream_headers": {"patterns": [{"exact": settings.backend_auth_header}]},
+                # Admitted: nothing goes upstream (the route sets the backend credential); the
+                # Check's facts become dynamic metadata, never request headers.
                 "dynamic_metadata_from_headers": {"patterns": [{"prefix": METADATA_HEADER_PREFIX}]},
                 # Denied: what the client sees besides the status and body.
                 "allowed_client_headers": {"patterns": [{"exact": "content-type"}, {"exact": "retry-after"}]},
@@ -459,9 +470,8 @@ def _lua_filter() -> dict[str, Any]:
 
 def _upstream_headers_filter(settings: Settings) -> dict[str, Any]:
     """The allow-list of request headers (upstream_headers.lua), with the names rendered in."""
+    # No credential header is allowed: the client's key goes here, and the route adds the backend's.
     allowed = [*UPSTREAM_HEADERS, *(name for name in settings.upstream_headers if not name.endswith("*"))]
-    if settings.backend_api_key:
-        allowed.append(settings.backend_auth_header)  # as the Check set it, never as the client sent it
     prefixes = [name[:-1] for name in settings.upstream_headers if name.endswith("*")]
     return {
         "name": UPSTREAM_HEADERS_FILTER,
@@ -677,7 +687,7 @@ def _ca_bundle(explicit: Path | None) -> Path:
 
 
 def backend_credential(header: str, api_key: str) -> tuple[str, str] | None:
-    """The header the Check sets upstream for an admitted request, or None with no credential:
+    """The header the backend route sets on every request, or None with no credential:
     ``authorization: Bearer <key>`` (OpenAI, Gemini, LiteLLM) or ``x-api-key: <key>`` (Anthropic)."""
     if not api_key:
         return None

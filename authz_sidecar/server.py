@@ -77,8 +77,7 @@ class Sidecar:
         )
         self._access_log.start()
 
-        self._check = CheckServer(decider, backend_api_key=s.backend_api_key, body_max_bytes=s.request_body_max_bytes,
-                                  backend_auth_header=s.backend_auth_header)
+        self._check = CheckServer(decider, body_max_bytes=s.request_body_max_bytes)
         try:
             await self._check.start(host, s.check_port)
         except OSError as exc:
@@ -86,9 +85,7 @@ class Sidecar:
 
         self._grpc = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            check_grpc.AuthorizationService(
-                decider, backend_api_key=s.backend_api_key, backend_auth_header=s.backend_auth_header
-            ),
+            check_grpc.AuthorizationService(decider),
             self._grpc,
         )
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self._access_log, self._grpc)

@@ -126,8 +126,8 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     passed = {p["exact"] for p in service["authorization_request"]["allowed_headers"]["patterns"]}
     assert {"x-request-id", "content-type", "x-api-key"} <= passed
     answer = service["authorization_response"]
-    # Only the backend credential goes upstream; the Check's facts become metadata only.
-    assert answer["allowed_upstream_headers"]["patterns"] == [{"exact": "authorization"}]
+    # Nothing of the Check's answer goes upstream; its facts become metadata only.
+    assert "allowed_upstream_headers" not in answer
     assert answer["dynamic_metadata_from_headers"]["patterns"] == [{"prefix": "x-billingproxy-"}]
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     check_cluster = clusters[envoy_config.SIDECAR_CHECK_CLUSTER]
@@ -291,21 +291,26 @@ def upstream_lua(config: dict[str, Any]) -> str:
 def test_the_upstream_allow_list_is_rendered_into_its_lua_filter() -> None:
     lua = upstream_lua(envoy_config.render(settings(backend_api_key="sk-b"), backend_url=DEMO_BACKEND))
     assert 'local ALLOWED = {["accept"] = true, ["anthropic-beta"] = true, ["anthropic-version"] = true, ' \
-           '["authorization"] = true, ["content-length"] = true, ["content-type"] = true, ' \
+           '["content-length"] = true, ["content-type"] = true, ' \
            '["openai-beta"] = true, ["user-agent"] = true, ["x-request-id"] = true}' in lua
     assert "local ALLOWED_PREFIXES = {}" in lua
     assert "envoy_on_request" in lua and "rendered:" not in lua
 
-    # The credential's header is kept only when the gateway sets it, and only that one.
-    bare = upstream_lua(envoy_config.render(settings(), backend_url=DEMO_BACKEND))
-    assert '["authorization"]' not in bare and '["x-api-key"]' not in bare
+    # No credential header passes the filter, whatever the backend expects: the client's key goes,
+    # and the backend route sets the backend's after every filter.
     anthropic = settings(backend_api_key="sk-b", backend_auth_header="x-api-key", upstream_headers=("x-demo-*", "traceparent"))
     config = envoy_config.render(anthropic, backend_url=DEMO_BACKEND)
     lua = upstream_lua(config)
-    assert '["x-api-key"] = true' in lua and '["authorization"]' not in lua and '["traceparent"] = true' in lua
+    assert '["x-api-key"]' not in lua and '["authorization"]' not in lua and '["traceparent"] = true' in lua
     assert 'local ALLOWED_PREFIXES = {"x-demo-"}' in lua
-    answer = hcm(config)["http_filters"][0]["typed_config"]["http_service"]["authorization_response"]
-    assert answer["allowed_upstream_headers"]["patterns"] == [{"exact": "x-api-key"}]
+    (llm,) = [r for r in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+              ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "llm"]
+    added = {h["header"]["key"]: h["header"]["value"] for h in llm["request_headers_to_add"]}
+    assert added["x-api-key"] == "sk-b"
+    bare = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
+    (llm,) = [r for r in bare["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+              ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "llm"]
+    assert {h["header"]["key"] for h in llm["request_headers_to_add"]} == {"accept-encoding"}
 
 
 def test_every_name_the_allow_list_can_never_forward_is_absent() -> None:
