@@ -93,11 +93,11 @@ CASES = [
     ("messages-json", "/v1/messages",
      {"model": "claude-sonnet-4-5", "max_tokens": LONG, "system": FAKE_TEXT, "metadata": {"user_id": FAKE_TEXT},
       "messages": [{"role": "user", "content": FAKE_TEXT}]},
-     ("claude-sonnet-4-5", WORDS + WORDS + 3, LONG)),
+     ("claude-sonnet-4-5", (WORDS + 3) * 2, LONG)),
     ("messages-stream", "/v1/messages",
      {"model": "claude-sonnet-4-5", "max_tokens": LONG, "stream": True, "system": FAKE_TEXT,
       "messages": [{"role": "user", "content": FAKE_TEXT}]},
-     ("claude-sonnet-4-5", WORDS + WORDS + 3, LONG)),
+     ("claude-sonnet-4-5", (WORDS + 3) * 2, LONG)),
 ]
 # Where the client hangs up: just before the answer's terminal part. For JSON answers, after the
 # whole usage object has gone by but before the answer closed.
@@ -105,7 +105,7 @@ CUTS = {
     "chat-json": ['"system_fingerprint"', '"prompt_tokens_details"'],
     "chat-stream": ["data: [DONE]", '"choices": [], "usage": {'],
     "completions-stream": ["data: [DONE]", '"choices": [], "usage": {'],
-    "responses-json": ['"user": null}'],
+    "responses-json": ['"user": null'],
     "responses-stream": ["event: response.completed", "event: response.in_progress"],
     "embeddings": ['"usage"', '"model"'],
     "messages-json": ['"stop_reason"', '"usage"'],
