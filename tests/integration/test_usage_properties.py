@@ -6,8 +6,9 @@ ended normally and nothing otherwise (the hold: never less than what was streame
 Each example is an answer in one of the formats the gateway admits (OpenAI chat/completions,
 Responses and embeddings, Anthropic messages; JSON and SSE), built from the documented shapes
 with generated usage numbers, the client's text and JSON echoed in strings and nested objects
-(model output, the Responses API's instructions/tools/metadata, extra members, SSE comments),
-a random JSON style (spacing, escaping, indentation: multi-line data), a random line ending
+(model output, the Responses API's instructions/tools/metadata, extra members — some long
+enough that an event outgrows what the filter holds before scanning — SSE comments), now and then
+no usage at all, a random JSON style (spacing, escaping, indentation: multi-line data), a random line ending
 (\\n, \\r\\n, \\r), random chunk boundaries and an optional cut (the backend ends the body early,
 or aborts the connection). A scripted backend sends exactly those bytes through Envoy; the
 oracle is computed from where the terminal event ends.
@@ -182,8 +183,14 @@ def styles(draw: st.DrawFn) -> Style:
 
 
 def echoes(draw: st.DrawFn) -> list[tuple[str, Any]]:
-    return draw(st.lists(st.tuples(st.sampled_from(["metadata", "echo", "instructions_echo", "x"]), client_json),
-                         max_size=2, unique_by=lambda member: member[0]))
+    """Extra members carrying the client's JSON; now and then a long one (an event larger than
+    the filter holds before scanning)."""
+    members = draw(st.lists(st.tuples(st.sampled_from(["metadata", "echo", "instructions_echo", "x"]), client_json),
+                            max_size=2, unique_by=lambda member: member[0]))
+    long = draw(st.sampled_from([0, 0, 0, 0, 0, 9000]))
+    if long:
+        members.append(("long_echo", {"usage": {"input_tokens": 0}, "text": draw(client_text) * 8 + "x" * long}))
+    return members
 
 
 def comment(draw: st.DrawFn) -> str | None:

@@ -167,7 +167,7 @@ usage_like = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(usage_format=st.sampled_from(list(Format)), usage=st.one_of(json_values, usage_like),
        start=st.none() | usage_like, finished=st.booleans())
 def test_read_never_raises_and_never_invents_tokens(usage_format: Format, usage: Any, start: Any, finished: bool) -> None:
@@ -193,7 +193,7 @@ def test_read_never_raises_and_never_invents_tokens(usage_format: Format, usage:
         assert result.output_total == merged["output_tokens"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(prompt=counts, completion=counts, cached=counts, audio_in=counts, reasoning=counts, audio_out=counts)
 def test_openai_chat_dimensions_are_disjoint(prompt, completion, cached, audio_in, reasoning, audio_out) -> None:
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
