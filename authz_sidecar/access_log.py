@@ -1,15 +1,17 @@
 """Envoy's gRPC access log: each finished request's usage, priced and settled against its hold.
 
 Envoy streams ``StreamAccessLogsMessage``s; each HTTP entry carries the ext_authz metadata (hold,
-wallet, key, model) and the Lua filter's ``billingproxy.usage`` (tokens read from the response
-as it streamed). Entries go through a bounded queue to a few workers, so a slow database applies
+wallet, key, model, the answer's usage format) and the Lua filter's ``billingproxy.usage`` (the
+raw JSON text of the provider's final usage object, and whether the answer finished), which
+``billing.usage.read`` parses. Entries go through a bounded queue to a few workers, so a slow database applies
 back-pressure to Envoy instead of growing memory; each worker settles what has arrived as one
 batch, in one transaction. Settlement is idempotent on the request id, so
 an entry delivered twice charges once.
 
-Policy (docs/architecture.md): a 2xx with usage is charged its exact price; a 2xx without usage
-(the client hung up before the final usage chunk, or the backend sent none) is charged the hold
-— the worst-case estimate — and says so in the entry's details; any other status is voided.
+Policy (docs/architecture.md): a 2xx whose answer finished with a valid usage object is charged
+its exact price; any other 2xx (the client hung up before the terminal event, the backend cut
+the stream or sent no usage, the usage object is invalid) is charged the hold — the worst-case
+estimate — and says so in the entry's details; any other status is voided.
 
 Trust (docs/decisions/0002-only-envoy-reports-usage.md): only Envoy reports usage. A stream is
 read only if its gRPC initial metadata carries the access-log secret Envoy was configured with
@@ -34,7 +36,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
 from billing import database, holds, pricing
-from billing.usage import Usage
+from billing import usage as usage_mod
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +55,13 @@ class FinishedRequest:
     request_id: str
     status: int
     model: str
-    usage: Usage | None
+    usage: usage_mod.Usage | None  # None: charge the hold (a 2xx) or void (any other status)
     wallet_id: str = ""  # known when the Check admitted it: a settlement batch's lock order
 
 
 # The Check's facts, as ext_authz files them (the answer's header names).
 _HOLD_ID, _MODEL, _WALLET_ID = metadata_header("hold_id"), metadata_header("model"), metadata_header("wallet_id")
+_FORMAT = metadata_header("format")
 
 # What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
 CHECK_FAILED_STATUS = 503
@@ -79,7 +82,8 @@ def finished_request(entry) -> FinishedRequest | None:
 
 def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | None:
     """The same facts from one line of Envoy's JSON access log (``envoy_config._stdout_access_log``:
-    ``request_id``, ``status``, and the two metadata namespaces as ``authz`` and ``usage``) —
+    ``request_id``, ``status``, and the two metadata namespaces as ``authz`` and ``usage`` — the
+    latter with the same ``usage``, ``usage_start`` and ``finished`` the gRPC entry carries) —
     what ``billingproxy reconcile`` settles when the gRPC access log never delivered an entry."""
     authz, usage, status = line.get("authz"), line.get("usage"), line.get("status")
     if not isinstance(status, int) or isinstance(status, bool):
@@ -102,17 +106,7 @@ def _finished(
         if status == CHECK_FAILED_STATUS and request_id:
             return FinishedRequest(request_id, status, model="", usage=None)
         return None
-    counted = None
-    if usage is not None and usage("usage_seen") is True:
-        try:
-            prompt = int(usage("prompt_tokens"))
-            counted = Usage.tokens(
-                prompt_tokens=prompt,
-                completion_tokens=int(usage("completion_tokens") or 0),
-                cached_tokens=min(prompt, int(usage("cached_tokens") or 0)),
-            )
-        except (ValueError, TypeError):
-            logger.warning("unreadable usage for request %s", request_id)
+    counted = _usage(request_id, status, authz(_FORMAT), usage)
     model, wallet_id = authz(_MODEL), authz(_WALLET_ID)
     return FinishedRequest(
         request_id=metadata_read(str(authz(_HOLD_ID))),
@@ -121,6 +115,29 @@ def _finished(
         usage=counted,
         wallet_id=metadata_read(wallet_id) if isinstance(wallet_id, str) else "",
     )
+
+
+def _usage(
+    request_id: str, status: int, usage_format: Any, usage: Callable[[str], Any] | None
+) -> usage_mod.Usage | None:
+    """The Lua filter's ``billingproxy.usage``, read by the answer's format (``billing.usage.read``):
+    the exact usage, or None — charge the hold. A finished 2xx answer whose usage is unreadable is
+    logged with the reason: a backend whose usage cannot be priced is an operator's problem."""
+    if usage is None or not isinstance(usage_format, str):
+        return None
+    try:
+        known_format = usage_mod.Format(metadata_read(usage_format))
+    except ValueError:
+        logger.warning("unknown usage format %r for request %s", usage_format, request_id)
+        return None
+    raw, raw_start, finished = usage("usage"), usage("usage_start"), usage("finished")
+    try:
+        return usage_mod.parse(known_format, raw if isinstance(raw, str) else None,
+                               raw_start if isinstance(raw_start, str) else None, finished is True)
+    except usage_mod.UnreadableUsage as why:
+        if finished is True and 200 <= status < 300:
+            logger.warning("request %s is charged its hold: %s", request_id, why)
+        return None
 
 
 class Settler:
@@ -206,10 +223,7 @@ class Settler:
         return cost, {
             "status": done.status,
             "usage_source": "response",
-            "prompt_tokens": usage.input_total,
-            "completion_tokens": usage.output_total,
-            "cached_tokens": usage.input_cached,
-            **({"usage": usage.details()} if usage.details().keys() - {"input_text", "input_cached", "output_text"} else {}),
+            **usage.details(),
         }
 
 

@@ -117,12 +117,13 @@ def check_headers(method: str, authorization: str, request_id: str) -> dict[str,
 
 def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
     # As ext_authz files a 200 Check answer's x-billingproxy-* headers (dynamic_metadata_from_headers).
-    facts = {"wallet_id": wallet_id, "key_id": key_id, "hold_id": request_id, "model": workload.MODEL}
+    facts = {"wallet_id": wallet_id, "key_id": key_id, "hold_id": request_id, "model": workload.MODEL,
+             "format": "openai_chat"}
     authz = struct_pb2.Struct()
     authz.update({check_mod.metadata_header(field): check_mod.metadata_value(value) for field, value in facts.items()})
     usage = struct_pb2.Struct()
-    usage.update({"usage_seen": True, "prompt_tokens": workload.PROMPT_TOKENS,
-                  "completion_tokens": workload.COMPLETION_TOKENS, "cached_tokens": 0})
+    usage.update({"usage": json.dumps({"prompt_tokens": workload.PROMPT_TOKENS,
+                                       "completion_tokens": workload.COMPLETION_TOKENS}), "finished": True})
     entry = accesslog_pb2.HTTPAccessLogEntry()
     entry.common_properties.metadata.filter_metadata[access_log_mod.METADATA_NAMESPACE].CopyFrom(authz)
     entry.common_properties.metadata.filter_metadata[access_log_mod.USAGE_NAMESPACE].CopyFrom(usage)

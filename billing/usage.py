@@ -6,7 +6,8 @@ Why a type of its own: a provider reports usage in its own shape (OpenAI's ``pro
 than input, audio tokens 16× text). :class:`Usage` splits an answer's tokens so that every token
 is in exactly one dimension, and :mod:`billing.pricing` prices each dimension on its own.
 
-The usage formats name where an answer carries its final usage (docs/security-model.md):
+The usage formats name where an answer carries its final usage (docs/architecture.md, "Usage
+metering in Envoy"; decision records 0001 and 0007):
 
 - ``openai_chat``: chat completions and legacy completions. JSON: the top-level ``usage``.
   Stream: the chunk whose top-level ``usage`` is an object, then ``data: [DONE]``.
@@ -21,6 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+from collections.abc import Mapping
+from typing import Any
+
+# No real answer comes near this many tokens; a count beyond it is a broken or hostile usage
+# object, charged the hold rather than priced (and it keeps every cost inside a BIGINT).
+TOKENS_MAX = 10**12
 
 
 class Format(enum.Enum):
@@ -79,3 +87,203 @@ class Usage:
     def details(self) -> dict[str, int]:
         """The non-zero dimensions, for the ledger entry's details."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if getattr(self, field.name)}
+
+
+class UnreadableUsage(ValueError):
+    """The answer's usage cannot be charged exactly; the message says why. Settlement then
+    charges the hold (decision record 0001, point 4)."""
+
+
+def read(
+    usage_format: Format, usage_json: str | None, usage_start_json: str | None, finished: bool
+) -> Usage | None:
+    """The answer's exact usage, or None when it must be charged its hold.
+
+    ``usage_json`` / ``usage_start_json`` / ``finished`` are what the Lua filter published in
+    ``billingproxy.usage``: the raw JSON text of the final usage object, Anthropic's
+    ``message_start`` usage, and whether the answer reached its terminal event. None when the
+    answer did not finish or the object is not a valid usage object of ``usage_format``.
+    """
+    try:
+        return parse(usage_format, usage_json, usage_start_json, finished)
+    except UnreadableUsage:
+        return None
+
+
+def parse(
+    usage_format: Format, usage_json: str | None, usage_start_json: str | None, finished: bool
+) -> Usage:
+    """:func:`read`, raising :class:`UnreadableUsage` with the reason instead of returning None."""
+    if finished is not True:
+        raise UnreadableUsage("the answer did not reach its terminal event")
+    if usage_json is None:
+        raise UnreadableUsage("the answer carried no usage object")
+    usage = _json_object(usage_json, "usage")
+    if usage_format is Format.ANTHROPIC_MESSAGES:
+        if usage_start_json is not None:
+            usage = _anthropic_stream_merge(_json_object(usage_start_json, "message_start usage"), usage)
+        return _anthropic(usage)
+    if usage_start_json is not None:
+        raise UnreadableUsage(f"a message_start usage in a {usage_format.value} answer")
+    if usage_format is Format.OPENAI_CHAT:
+        return _openai_chat(usage)
+    if usage_format is Format.OPENAI_RESPONSES:
+        return _openai_responses(usage)
+    if usage_format is Format.OPENAI_EMBEDDINGS:
+        return _openai_embeddings(usage)
+    raise UnreadableUsage(f"unknown usage format {usage_format!r}")
+
+
+# --- per format --------------------------------------------------------------------------------
+
+
+def _openai_chat(usage: Mapping[str, Any]) -> Usage:
+    """Chat and legacy completions: ``prompt_tokens`` / ``completion_tokens`` are totals; the
+    ``*_details`` split them (cached and audio prompt tokens; reasoning and audio completion
+    tokens). Accepted and rejected prediction tokens are output text, billed as such."""
+    prompt = _count(usage, "prompt_tokens", required=True)
+    completion = _count(usage, "completion_tokens", required=True)
+    _total(usage, prompt + completion)
+    prompt_details = _details(usage, "prompt_tokens_details")
+    completion_details = _details(usage, "completion_tokens_details")
+    cached = _count(prompt_details, "cached_tokens")
+    input_audio = _count(prompt_details, "audio_tokens")
+    reasoning = _count(completion_details, "reasoning_tokens")
+    output_audio = _count(completion_details, "audio_tokens")
+    return Usage(
+        input_text=_rest(prompt, cached + input_audio, "prompt_tokens", "cached and audio tokens"),
+        input_cached=cached,
+        input_audio=input_audio,
+        output_text=_rest(completion, reasoning + output_audio, "completion_tokens", "reasoning and audio tokens"),
+        output_reasoning=reasoning,
+        output_audio=output_audio,
+    )
+
+
+def _openai_responses(usage: Mapping[str, Any]) -> Usage:
+    """The Responses API: ``input_tokens`` (of which ``input_tokens_details.cached_tokens``) and
+    ``output_tokens`` (of which ``output_tokens_details.reasoning_tokens``)."""
+    prompt = _count(usage, "input_tokens", required=True)
+    output = _count(usage, "output_tokens", required=True)
+    _total(usage, prompt + output)
+    cached = _count(_details(usage, "input_tokens_details"), "cached_tokens")
+    reasoning = _count(_details(usage, "output_tokens_details"), "reasoning_tokens")
+    return Usage(
+        input_text=_rest(prompt, cached, "input_tokens", "cached tokens"),
+        input_cached=cached,
+        output_text=_rest(output, reasoning, "output_tokens", "reasoning tokens"),
+        output_reasoning=reasoning,
+    )
+
+
+def _openai_embeddings(usage: Mapping[str, Any]) -> Usage:
+    """Embeddings read only input: ``prompt_tokens`` (a ``completion_tokens`` other than 0 would
+    be a dimension embeddings have no price for)."""
+    prompt = _count(usage, "prompt_tokens", required=True)
+    if _count(usage, "completion_tokens"):
+        raise UnreadableUsage("an embeddings answer reported completion tokens")
+    _total(usage, prompt)
+    return Usage(input_text=prompt)
+
+
+def _anthropic(usage: Mapping[str, Any]) -> Usage:
+    """Anthropic: ``input_tokens`` are the uncached ones; cache reads and writes are counted
+    beside them, not inside. Writes split by TTL in ``cache_creation`` when given (else all are
+    5-minute writes, the API's default). Server tools (web search, web fetch) and service tiers
+    other than standard are priced per request or at other rates: no exact price here."""
+    input_text = _count(usage, "input_tokens", required=True)
+    output = _count(usage, "output_tokens", required=True)
+    cache_read = _count(usage, "cache_read_input_tokens")
+    cache_write = _count(usage, "cache_creation_input_tokens")
+    split = usage.get("cache_creation")
+    if split is None:
+        write_5m, write_1h = cache_write, 0
+    else:
+        split = _details(usage, "cache_creation")
+        write_5m = _count(split, "ephemeral_5m_input_tokens")
+        write_1h = _count(split, "ephemeral_1h_input_tokens")
+        if "cache_creation_input_tokens" in usage and usage["cache_creation_input_tokens"] is not None \
+                and write_5m + write_1h != cache_write:
+            raise UnreadableUsage("cache_creation does not add up to cache_creation_input_tokens")
+    tools = usage.get("server_tool_use")
+    if tools is not None:
+        tools = _details(usage, "server_tool_use")
+        used = {name: _count(tools, name) for name in tools}
+        if any(used.values()):
+            raise UnreadableUsage(f"server tool requests have no price here: {used}")
+    tier = usage.get("service_tier")
+    if tier not in (None, "standard"):
+        raise UnreadableUsage(f"service tier {tier!r} has no price here")
+    return Usage(
+        input_text=input_text,
+        input_cached=cache_read,
+        input_cache_write_5m=write_5m,
+        input_cache_write_1h=write_1h,
+        output_text=output,
+    )
+
+
+def _anthropic_stream_merge(start: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, Any]:
+    """A stream's usage: ``message_start``'s, overridden by ``message_delta``'s fields that are
+    not null (the delta's counts are cumulative, its ``output_tokens`` the total)."""
+    if "output_tokens" not in delta:
+        raise UnreadableUsage("message_delta usage without output_tokens")
+    merged = dict(start)
+    merged.update({name: value for name, value in delta.items() if value is not None})
+    return merged
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise UnreadableUsage(f"{what} is not JSON text")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as error:
+        raise UnreadableUsage(f"{what} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UnreadableUsage(f"{what} is not an object")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _count(obj: Mapping[str, Any], name: str, *, required: bool = False) -> int:
+    """A token count: a whole JSON number >= 0 (not a bool, not 5.0); absent or null is 0
+    unless ``required``."""
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise UnreadableUsage(f"{name} is missing")
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UnreadableUsage(f"{name} is not a whole number: {value!r}")
+    if not 0 <= value <= TOKENS_MAX:
+        raise UnreadableUsage(f"{name} is out of range: {value}")
+    return value
+
+
+def _details(obj: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnreadableUsage(f"{name} is not an object")
+    return value
+
+
+def _total(usage: Mapping[str, Any], expected: int) -> None:
+    """``total_tokens``, when given, must be the sum: a provider that counts tokens outside the
+    breakdown (thinking tokens missing from completion_tokens) cannot be priced exactly."""
+    if usage.get("total_tokens") is not None and _count(usage, "total_tokens") != expected:
+        raise UnreadableUsage(f"total_tokens {usage['total_tokens']} is not the sum of its parts ({expected})")
+
+
+def _rest(total: int, parts: int, name: str, what: str) -> int:
+    if parts > total:
+        raise UnreadableUsage(f"{what} ({parts}) exceed {name} ({total})")
+    return total - parts

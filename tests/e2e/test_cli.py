@@ -189,14 +189,15 @@ def envoy_log_line(request_id: str, status: int, *, hold: dict[str, str] | None,
     ``_stdout_access_log``; this shape was copied from a real `billingproxy up` log)."""
     authz = None
     if hold is not None:
-        authz = {"ext_authz_duration": 1, **{f"x-billingproxy-{k}": v for k, v in hold.items()}}
+        authz = {"ext_authz_duration": 1, "x-billingproxy-format": "openai_chat",
+                 **{f"x-billingproxy-{k}": v for k, v in hold.items()}}
     return json.dumps({
         "authz": authz, "bytes_received": 84, "bytes_sent": 512, "details": "via_upstream",
         "duration_ms": 4, "flags": "-", "method": "POST", "path": "/v1/chat/completions",
         "request_id": request_id, "status": status, "time": "2026-11-25T11:41:10.282Z",
         "upstream": "127.0.0.1:46179",
-        "usage": {"cached_tokens": 0, "completion_tokens": completion, "prompt_tokens": prompt,
-                  "usage_seen": hold is not None and status == 200},
+        "usage": {"usage": json.dumps({"prompt_tokens": prompt, "completion_tokens": completion}),
+                  "finished": hold is not None and status == 200},
     })
 
 

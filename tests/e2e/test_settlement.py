@@ -5,6 +5,7 @@ tests/e2e/adversarial/test_forged_access_log.py."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -44,18 +45,18 @@ async def stack(launch_stack) -> AsyncIterator[Any]:
 def log_entry(
     request_id: str, user: dict[str, Any], *, status: int, prompt: int, completion: int
 ) -> accesslog_pb2.HTTPAccessLogEntry:
-    """An entry shaped as Envoy sends it: ext_authz's metadata and the Lua filter's usage
-    (Lua numbers arrive as protobuf doubles)."""
+    """An entry shaped as Envoy sends it: ext_authz's metadata and the Lua filter's usage (the
+    provider's usage object as JSON text, and whether the answer finished)."""
     entry = accesslog_pb2.HTTPAccessLogEntry()
     metadata = entry.common_properties.metadata.filter_metadata
     # ext_authz files the Check answer's x-billingproxy-* headers under their names, as strings.
     metadata["envoy.filters.http.ext_authz"].update(
         {"x-billingproxy-wallet-id": user["wallet_id"], "x-billingproxy-key-id": user["key_id"],
-         "x-billingproxy-hold-id": request_id, "x-billingproxy-model": MODEL}
+         "x-billingproxy-hold-id": request_id, "x-billingproxy-model": MODEL,
+         "x-billingproxy-format": "openai_chat"}
     )
     metadata["billingproxy.usage"].update(
-        {"prompt_tokens": float(prompt), "completion_tokens": float(completion), "cached_tokens": 0.0,
-         "usage_seen": True}
+        {"usage": json.dumps({"prompt_tokens": prompt, "completion_tokens": completion}), "finished": True}
     )
     entry.request.request_id = request_id
     entry.request.path = "/v1/chat/completions"

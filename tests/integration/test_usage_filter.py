@@ -1,145 +1,49 @@
-"""The Lua usage filter, run for real: aiohttp client → real Envoy → demo backend.
+"""The Lua usage filter, run for real: aiohttp client → real Envoy (ext_authz + Lua) → demo backend.
 
-The Envoy configuration is the production one from ``envoy_config.render()`` minus ext_authz
-and the gRPC access log (no sidecar here), plus a JSON file access log that prints the
-``billingproxy.usage`` metadata: that log is what the tests read back. The same stack also checks
-the gateway behaviour billing relies on (Envoy-minted request ids, path normalization, a
-verified https backend) and EnvoyProcess's failure messages.
+Envoy runs the production filters in front of the demo backend (tests/integration/usage_gateway.py:
+a fake Check tells the filter each answer's usage format, as check.py does, and a JSON access log
+prints what the filter published). The demo answers in every format the gateway admits; each is
+read from its documented place only, across chunk boundaries, with the client's text echoed in it,
+and an answer cut before its terminal event is never read. The same stack also checks the
+gateway behaviour billing relies on (Envoy-minted request ids, path normalization, a verified
+https backend) and EnvoyProcess's failure messages.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import io
 import json
 import shutil
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
+from usage_gateway import Gateway, free_port, loopback_settings, read_entry, usage_gateway
 from yarl import URL
 
 from authz_sidecar import envoy_config
-from billing.settings import Settings
+from billing.usage import Usage
 from billingproxy import demo_backend, envoy_process
 
 pytestmark = pytest.mark.integration
 
-ACCESS_LOG_WAIT_S = 10.0
-# An answer with no counts leaves the usage namespace unset: the JSON log shows null.
+# An answer with nothing read leaves the usage namespace unset: the JSON log shows null.
 NO_USAGE = None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def loopback_settings(**changes: Any) -> Settings:
-    ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "http_port")}
-    # The demo backend's test controls (x-demo-*) must pass the upstream header allow-list.
-    fixed = {"access_log_secret": "access-log-secret-of-the-usage-filter-tests", "upstream_headers": ("x-demo-*",)}
-    return Settings(**{**ports, **fixed, **changes})
-
-
-def lua_only_config(settings: Settings, backend_url: str, access_log: Path, ca_bundle: Path | None = None) -> str:
-    config = envoy_config.render(settings, backend_url=backend_url, ca_bundle=ca_bundle,
-                                 admin_socket=access_log.with_name("envoy-admin.sock"))
-    listener = config["static_resources"]["listeners"][0]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != envoy_config.EXT_AUTHZ_FILTER]
-    usage_format = {
-        "request_id": "%REQ(X-REQUEST-ID)%",
-        "status": "%RESPONSE_CODE%",
-        "usage": f"%DYNAMIC_METADATA({envoy_config.USAGE_NAMESPACE})%",
-    }
-    hcm["access_log"] = [
-        {
-            "name": "envoy.access_loggers.file",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                "path": str(access_log),
-                "log_format": {"json_format": usage_format},
-            },
-        }
-    ]
-    return yaml.safe_dump(config)
-
-
-class Gateway:
-    """A running Envoy in front of a demo backend, and a client session for both."""
-
-    def __init__(self, envoy: envoy_process.EnvoyProcess, port: int, backend_url: str, access_log: Path,
-                 session: aiohttp.ClientSession) -> None:
-        self.envoy = envoy
-        self.url = f"http://127.0.0.1:{port}"
-        self.backend_url = backend_url
-        self.access_log = access_log
-        self.session = session
-
-    async def chat(self, body: dict[str, Any], **headers: str) -> tuple[aiohttp.ClientResponse, str]:
-        # BytesIO: aiohttp warns (an error here) about large bodies given as bytes.
-        data = io.BytesIO(json.dumps(body).encode())
-        headers = {"content-type": "application/json", **headers}
-        async with self.session.post(f"{self.url}/v1/chat/completions", data=data, headers=headers) as response:
-            return response, await response.text()
-
-    async def post(self, path: str, body: dict[str, Any], **headers: str) -> tuple[aiohttp.ClientResponse, str]:
-        data = io.BytesIO(json.dumps(body).encode())
-        headers = {"content-type": "application/json", **headers}
-        async with self.session.post(f"{self.url}{path}", data=data, headers=headers) as response:
-            return response, await response.text()
-
-    async def backend_saw(self) -> dict[str, Any]:
-        async with self.session.get(f"{self.backend_url}/_demo/last_request", ssl=False) as response:
-            return await response.json()
-
-    async def usage(self, request_id: str) -> dict[str, Any] | None:
-        """The usage metadata Envoy logged for this request (polled: file logs flush on a timer)."""
-        deadline = time.monotonic() + ACCESS_LOG_WAIT_S
-        while time.monotonic() < deadline:
-            lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
-            for line in lines:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a line Envoy is still writing
-                if entry["request_id"] == request_id:
-                    return entry["usage"]
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no access log entry for {request_id} within {ACCESS_LOG_WAIT_S:.0f} s")
-
-
-@contextlib.asynccontextmanager
-async def lua_gateway(folder: Path, backend_url: str, ca_bundle: Path | None = None) -> AsyncIterator[Gateway]:
-    settings = loopback_settings()
-    access_log = folder / "access.jsonl"
-    envoy = envoy_process.EnvoyProcess(
-        lua_only_config(settings, backend_url, access_log, ca_bundle),
-        base_id=settings.gateway_port,  # unique while the port is ours
-        log_path=folder / "envoy.log",
-        concurrency=1,
-        file_flush_interval_ms=20,
-    )
-    async with envoy, aiohttp.ClientSession() as session:
-        yield Gateway(envoy, settings.gateway_port, backend_url, access_log, session)
+ECHO = ('"usage": {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, "output_tokens": 0}'
+        '\n\ndata: [DONE]\n\nevent: message_stop\ndata: {"type":"message_stop"}\r\n\r\n\\')
+ECHO_WORDS = len(ECHO.split())
 
 
 @pytest.fixture(scope="module")
 async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
     runner, backend_port = await demo_backend.serve("127.0.0.1", 0)
     try:
-        async with lua_gateway(tmp_path_factory.mktemp("usage_filter"), f"http://127.0.0.1:{backend_port}") as gw:
+        async with usage_gateway(tmp_path_factory.mktemp("usage_filter"), f"http://127.0.0.1:{backend_port}") as gw:
             yield gw
     finally:
         await runner.cleanup()
@@ -149,53 +53,42 @@ def chat_body(text: str, **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
 
 
-def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": cached, "usage_seen": True}
-
-
 def sse_payloads(text: str) -> list[Any]:
     events = [line.removeprefix("data: ") for line in text.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
 
-# --- usage from answers ---------------------------------------------------------------------------
+async def read_back(gateway: Gateway, response: aiohttp.ClientResponse) -> tuple[dict[str, Any] | None, Usage | None]:
+    """(the usage metadata Envoy logged, what settlement reads from it)."""
+    entry = await gateway.log_entry(response.headers["x-request-id"])
+    return entry["usage"], read_entry(entry)
 
 
-async def test_json_answer_usage_is_exact(gateway: Gateway) -> None:
-    # 4 words + 3 for the message; max_tokens 5 → 5 completion tokens.
-    body = chat_body("one two three four", max_tokens=5)
-    response, text = await gateway.chat(body, **{"x-demo-cached-tokens": "2"})
+# --- every format, read from its documented place ---------------------------------------------------
+
+
+async def test_chat_json_with_cached_tokens_and_n_choices(gateway: Gateway) -> None:
+    # 4 words + 3 for the message; max_tokens 5 per choice, 3 choices.
+    response, text = await gateway.chat(chat_body("one two three four", max_tokens=5, n=3),
+                                        **{"x-demo-cached-tokens": "2"})
     assert response.status == 200, text
-    assert json.loads(text)["usage"]["prompt_tokens"] == 7
-    assert await gateway.usage(response.headers["x-request-id"]) == usage(7, 5, cached=2)
+    answer = json.loads(text)
+    assert len(answer["choices"]) == 3 and answer["usage"]["completion_tokens"] == 15
+    published, charged = await read_back(gateway, response)
+    assert published == {"usage": json.dumps(answer["usage"]), "finished": True}
+    assert charged == Usage(input_text=5, input_cached=2, output_text=15)
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-async def test_responses_api_usage_is_read_under_its_own_names(gateway: Gateway, stream: bool) -> None:
-    # /v1/responses reports input_tokens / output_tokens (and input_tokens_details.cached_tokens);
-    # a stream carries them only in its final response.completed event. 2 words + 3, and the
-    # instructions' 3 words + 3.
-    body = {"model": "gpt-4o-mini", "instructions": "be very brief", "input": "hello there",
-            "max_output_tokens": 7, "stream": stream}
-    response, text = await gateway.post("/v1/responses", body, **{"x-demo-cached-tokens": "3"})
+async def test_chat_json_with_audio_and_reasoning(gateway: Gateway) -> None:
+    body = {"model": "gpt-4o-mini", "max_tokens": 4, "modalities": ["text", "audio"],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "listen"},
+                                                      {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}
+    response, text = await gateway.chat(body, **{"x-demo-reasoning-tokens": "6"})
     assert response.status == 200, text
-    if stream:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        assert '"usage": null' in text and text.count('"input_tokens"') == 1
-        assert (await gateway.backend_saw())["body"] == body  # no stream_options: this API rejects it
-    else:
-        assert json.loads(text)["usage"]["input_tokens"] == 11
-    assert await gateway.usage(response.headers["x-request-id"]) == usage(11, 7, cached=3)
-
-
-async def test_json_answer_in_many_small_chunks(gateway: Gateway) -> None:
-    # 7-byte pieces cut keys and numbers in two; only the carried-over tail reads them whole.
-    body = chat_body("alpha beta gamma", max_tokens=123)
-    response, text = await gateway.chat(body, **{"x-demo-chunk-bytes": "7", "x-demo-cached-tokens": "4"})
-    assert response.status == 200, text
-    assert json.loads(text)["usage"]["completion_tokens"] == 123
-    assert await gateway.usage(response.headers["x-request-id"]) == usage(6, 123, cached=4)
+    _, charged = await read_back(gateway, response)
+    # 1 word + 3 + 10 audio; 4 text + 8 audio + 6 reasoning.
+    assert charged == Usage(input_text=4, input_audio=10, output_text=4, output_audio=8, output_reasoning=6)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +102,7 @@ async def test_json_answer_in_many_small_chunks(gateway: Gateway) -> None:
         pytest.param({"include_usage": True}, id="already-true"),
     ],
 )
-async def test_stream_is_asked_for_usage(gateway: Gateway, stream_options: Any) -> None:
+async def test_chat_stream_is_asked_for_usage_and_read_from_its_final_chunk(gateway: Gateway, stream_options: Any) -> None:
     body = chat_body("a b c d e f", max_tokens=3, stream=True)
     if stream_options != "absent":
         body["stream_options"] = stream_options
@@ -224,14 +117,175 @@ async def test_stream_is_asked_for_usage(gateway: Gateway, stream_options: Any) 
     payloads = sse_payloads(text)
     content = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"])
     assert content == "token token token"
-    assert payloads[-1]["usage"]["prompt_tokens"] == 9
-    assert await gateway.usage(response.headers["x-request-id"]) == usage(9, 3)
+    assert all(p["usage"] is None for p in payloads[:-1])
+    published, charged = await read_back(gateway, response)
+    assert published == {"usage": json.dumps(payloads[-1]["usage"]), "finished": True}
+    assert charged == Usage(input_text=9, output_text=3)
 
 
-async def test_stream_events_arriving_one_by_one(gateway: Gateway) -> None:
-    response, text = await gateway.chat(chat_body("x y", max_tokens=40, stream=True), **{"x-demo-chunk-delay-ms": "1"})
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_legacy_completions(gateway: Gateway, stream: bool) -> None:
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["one two", "three"], "max_tokens": 4, "n": 2,
+            "stream": stream}
+    response, text = await gateway.post("/v1/completions", body)
     assert response.status == 200, text
-    assert await gateway.usage(response.headers["x-request-id"]) == usage(5, 40)
+    # 3 words; 2 prompts × n 2 × 4 tokens.
+    assert (await read_back(gateway, response))[1] == Usage(input_text=3, output_text=16)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_responses_api_echoing_the_clients_instructions_tools_and_metadata(gateway: Gateway, stream: bool) -> None:
+    # The response object carries the request's instructions, tools and metadata as given, with
+    # numbers where a pattern would look; only response.usage of the final event counts.
+    fake = {"usage": {"input_tokens": 0, "output_tokens": 0}, "input_tokens": 0, "output_tokens": 0}
+    body = {"model": "gpt-4o-mini", "instructions": fake, "input": ECHO, "max_output_tokens": 7,
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", **fake}}],
+            "metadata": {"usage": ECHO}, "stream": stream}
+    response, text = await gateway.post("/v1/responses", body, **{"x-demo-cached-tokens": "3",
+                                                                   "x-demo-reply": "echo"})
+    assert response.status == 200, text
+    if stream:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert '"usage": null' in text and '"input_tokens": 0' in text
+        assert (await gateway.backend_saw())["body"] == body  # no stream_options: this API rejects it
+    published, charged = await read_back(gateway, response)
+    assert published["finished"] is True
+    # The instructions are an object here, so not counted: the input is ECHO_WORDS + 3, 3 of them cached.
+    assert charged == Usage(input_text=ECHO_WORDS, input_cached=3, output_text=7)
+
+
+async def test_embeddings(gateway: Gateway) -> None:
+    response, text = await gateway.post("/v1/embeddings", {"model": "demo-model", "input": ["one two", "three"]})
+    assert response.status == 200, text
+    assert (await read_back(gateway, response))[1] == Usage(input_text=3)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_anthropic_messages_with_cache_reads_and_writes(gateway: Gateway, stream: bool) -> None:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 9, "system": "be brief",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": ECHO}]}], "stream": stream}
+    headers = {"x-demo-cached-tokens": "4", "x-demo-cache-write-tokens": "5", "x-demo-cache-write-1h-tokens": "6",
+               "x-demo-reply": "echo"}
+    response, text = await gateway.post("/v1/messages", body, **headers)
+    assert response.status == 200, text
+    published, charged = await read_back(gateway, response)
+    if stream:
+        assert set(published) == {"usage", "usage_start", "finished"}
+        assert json.loads(published["usage"]) == {"output_tokens": 9}  # the classic delta: output only
+    prompt = ECHO_WORDS + 3 + 2 + 3
+    assert charged == Usage(input_text=prompt - 15, input_cached=4, input_cache_write_5m=5, input_cache_write_1h=6,
+                            output_text=9)
+
+
+async def test_a_request_without_a_usage_format_is_not_read(gateway: Gateway) -> None:
+    async with gateway.session.get(f"{gateway.url}/v1/models") as response:
+        assert response.status == 200
+    assert (await gateway.log_entry(response.headers["x-request-id"]))["usage"] == NO_USAGE
+
+
+# --- chunk boundaries, echoes, cuts ----------------------------------------------------------------
+
+ANSWERS = [
+    pytest.param("/v1/chat/completions", chat_body(ECHO, max_tokens=5, metadata={"usage": {"prompt_tokens": 0}}),
+                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="chat-json"),
+    pytest.param("/v1/chat/completions", chat_body(ECHO, max_tokens=5, stream=True, n=2),
+                 Usage(input_text=ECHO_WORDS + 3, output_text=10), id="chat-sse"),
+    pytest.param("/v1/responses", {"model": "gpt-4o-mini", "input": ECHO, "max_output_tokens": 5, "stream": True,
+                                   "instructions": {"usage": {"input_tokens": 0}}},
+                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="responses-sse"),
+    pytest.param("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+                                  "messages": [{"role": "user", "content": ECHO}]},
+                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="messages-sse"),
+    pytest.param("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": ECHO}]},
+                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="messages-json"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "expected"), ANSWERS)
+async def test_answers_in_small_pieces_with_the_clients_text_echoed(
+    gateway: Gateway, path: str, body: dict[str, Any], expected: Usage
+) -> None:
+    # 5-byte pieces cut keys, strings, escapes, numbers and line ends in two; the reply echoes
+    # text that spells usage, [DONE] and message_stop. (Arbitrary boundaries, echoes and cuts:
+    # tests/integration/test_usage_properties.py.)
+    response, text = await gateway.post(path, body, **{"x-demo-reply": "echo", "x-demo-chunk-bytes": "5"})
+    assert response.status == 200, text
+    assert json.dumps(ECHO)[1:-1] in text
+    assert (await read_back(gateway, response))[1] == expected
+
+
+CUT_ANSWERS = [
+    # (path, body, cut before, whether the usage object was complete before the cut)
+    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4), '"system_fingerprint"', id="chat-json-closing"),
+    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4), '"completion_tokens_details"',
+                 id="chat-json-usage"),
+    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4, stream=True), "data: [DONE]", id="chat-sse-done"),
+    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4, stream=True), '"choices": [], "usage"',
+                 id="chat-sse-usage"),
+    pytest.param("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True}, "data: [DONE]",
+                 id="completions-sse-done"),
+    pytest.param("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4, "stream": True},
+                 "event: response.completed", id="responses-sse-completed"),
+    pytest.param("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4, "stream": True},
+                 '"type": "response.completed"', id="responses-sse-inside-completed"),
+    pytest.param("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4}, '"user"', id="responses-json"),
+    pytest.param("/v1/embeddings", {"model": "m", "input": "hi"}, '"total_tokens"', id="embeddings"),
+    pytest.param("/v1/messages", {"model": "m", "max_tokens": 4, "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+                 "event: message_stop", id="messages-sse-stop"),
+    pytest.param("/v1/messages", {"model": "m", "max_tokens": 4, "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+                 "event: message_delta", id="messages-sse-delta"),
+    pytest.param("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+                 '"service_tier"', id="messages-json"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "cut"), CUT_ANSWERS)
+@pytest.mark.parametrize("mode", ["close", "reset"])
+async def test_an_answer_cut_before_its_terminal_event_is_never_read(
+    gateway: Gateway, path: str, body: dict[str, Any], cut: str, mode: str
+) -> None:
+    headers = {"content-type": "application/json", "x-demo-cut-before": cut, "x-demo-cut-mode": mode}
+    async with gateway.session.post(f"{gateway.url}{path}", data=json.dumps(body).encode(), headers=headers) as response:
+        assert response.status == 200
+        if mode == "reset":
+            # Envoy ends the request at the backend's abort, and closes the client's connection
+            # after its delayed-close timeout (1 s): the log entry is not waiting for that.
+            entry = await gateway.log_entry(response.headers["x-request-id"])
+            assert entry["flags"] == "UPE", entry  # upstream protocol error: the answer broke off
+        else:
+            await response.read()
+            entry = await gateway.log_entry(response.headers["x-request-id"])
+    assert (entry["usage"] or {}).get("finished") is not True, entry
+    assert read_entry(entry) is None
+
+
+async def test_a_usage_object_larger_than_the_filter_keeps_is_unreadable(gateway: Gateway) -> None:
+    huge = {"prompt_tokens": 1, "completion_tokens": 1, "padding": "x" * 20_000}
+    response, text = await gateway.chat(chat_body("hi"), **{"x-demo-usage": json.dumps(huge)})
+    assert response.status == 200, text
+    published, charged = await read_back(gateway, response)
+    assert published == {"usage": "", "finished": True}
+    assert charged is None
+
+
+@pytest.mark.parametrize("reported", [
+    {"prompt_tokens": 5, "completion_tokens": -1},
+    {"prompt_tokens": 5, "completion_tokens": 1.5},
+    {"prompt_tokens": 5},
+    None,
+], ids=["negative", "float", "missing", "null"])
+async def test_an_invalid_usage_object_is_published_as_given_and_charged_the_hold(gateway: Gateway, reported) -> None:
+    response, text = await gateway.chat(chat_body("hi"), **{"x-demo-usage": json.dumps(reported)})
+    assert response.status == 200, text
+    published, charged = await read_back(gateway, response)
+    assert published == {"usage": json.dumps(reported), "finished": True}
+    assert charged is None
+
+
+# --- the request side --------------------------------------------------------------------------------
 
 
 async def test_chunked_request_is_rewritten(gateway: Gateway) -> None:
@@ -245,31 +299,36 @@ async def test_chunked_request_is_rewritten(gateway: Gateway) -> None:
     headers = {"content-type": "application/json"}
     async with gateway.session.post(f"{gateway.url}/v1/chat/completions", data=pieces(), headers=headers) as response:
         assert response.status == 200, await response.text()
-        request_id = response.headers["x-request-id"]
     assert (await gateway.backend_saw())["body"]["stream_options"] == {"include_usage": True}
-    assert await gateway.usage(request_id) == usage(5, 2)
+    assert (await read_back(gateway, response))[1] == Usage(input_text=5, output_text=2)
 
 
 async def test_stream_key_spelled_with_an_escape_is_still_asked_for_usage(gateway: Gateway) -> None:
-    # "str\u0065am" is "stream" to the backend's JSON parser; the filter's quick pre-check for
-    # the word must not skip it.
+    # "str\u0065am" is "stream" to a JSON parser (the Check's too).
     raw = '{"model": "gpt-4o-mini", "max_tokens": 2, "str\\u0065am": true, ' \
           '"messages": [{"role": "user", "content": "one two"}]}'
-    headers = {"content-type": "application/json"}
-    async with gateway.session.post(f"{gateway.url}/v1/chat/completions", data=raw.encode(), headers=headers) as response:
-        assert response.status == 200, await response.text()
-        request_id = response.headers["x-request-id"]
+    response, text = await gateway.post("/v1/chat/completions", raw.encode())
+    assert response.status == 200, text
     assert (await gateway.backend_saw())["body"]["stream_options"] == {"include_usage": True}
-    assert await gateway.usage(request_id) == usage(5, 2)
+    assert (await read_back(gateway, response))[1] == Usage(input_text=5, output_text=2)
 
 
 async def test_request_not_streamed_is_left_alone(gateway: Gateway) -> None:
-    # "stream": true below the top level must not make the filter add stream_options (OpenAI
-    # answers 400 to stream_options without streaming).
+    # "stream": true below the top level is not a stream (OpenAI answers 400 to stream_options
+    # without streaming).
     body = chat_body("hello", stream=False, metadata={"stream": True}, tools=[{"stream": True}])
     response, text = await gateway.chat(body)
     assert response.status == 200, text
     assert (await gateway.backend_saw())["body"] == body
+
+
+@pytest.mark.parametrize("options", [5, "yes", [True], True])
+async def test_a_stream_that_cannot_be_asked_for_usage_is_refused_at_the_gateway(gateway: Gateway, options: Any) -> None:
+    before = await gateway.backend_saw()
+    response, text = await gateway.chat(chat_body("hello", stream=True, stream_options=options))
+    assert response.status == 400, text
+    assert json.loads(text)["error"]["code"] == "invalid_stream_options"
+    assert await gateway.backend_saw() == before, "the backend was called"
 
 
 async def test_large_streamed_request_is_rewritten(gateway: Gateway) -> None:
@@ -277,7 +336,7 @@ async def test_large_streamed_request_is_rewritten(gateway: Gateway) -> None:
     words = 700_000
     response, text = await gateway.chat(chat_body("w " * words, max_tokens=1, stream=True))
     assert response.status == 200, text[:300]
-    assert await gateway.usage(response.headers["x-request-id"]) == usage(words + 3, 1)
+    assert (await read_back(gateway, response))[1] == Usage(input_text=words + 3, output_text=1)
 
 
 @pytest.mark.parametrize("status", [400, 429, 500])
@@ -286,14 +345,6 @@ async def test_error_answer_has_no_usage(gateway: Gateway, status: int) -> None:
     assert response.status == status
     assert json.loads(text)["error"]["code"]
     assert await gateway.usage(response.headers["x-request-id"]) == NO_USAGE
-
-
-async def test_embeddings_usage(gateway: Gateway) -> None:
-    body = {"model": "demo-model", "input": ["one two", "three"]}
-    async with gateway.session.post(f"{gateway.url}/v1/embeddings", json=body) as response:
-        assert response.status == 200
-        request_id = response.headers["x-request-id"]
-    assert await gateway.usage(request_id) == usage(3, 0)
 
 
 # --- gateway behaviour billing relies on -----------------------------------------------------------
@@ -336,7 +387,7 @@ async def test_paths_outside_v1_never_reach_the_backend(gateway: Gateway, path: 
 
 
 async def test_unreachable_backend_answers_openai_error(tmp_path: Path) -> None:
-    async with lua_gateway(tmp_path, f"http://127.0.0.1:{free_port()}") as gw:
+    async with usage_gateway(tmp_path, f"http://127.0.0.1:{free_port()}") as gw:
         response, text = await gw.chat(chat_body("hi"))
     assert response.status == 503
     error = json.loads(text)["error"]
@@ -381,7 +432,7 @@ async def test_https_backend_is_verified(tmp_path: Path, host: str, trusted: boo
     runner, port = await demo_backend.serve("127.0.0.1", 0, ssl_context=context)
     backend_url = f"https://{host}:{port}"
     try:
-        async with lua_gateway(tmp_path, backend_url, ca_bundle=ca if trusted else other_ca) as gw:
+        async with usage_gateway(tmp_path, backend_url, ca_bundle=ca if trusted else other_ca) as gw:
             response, text = await gw.chat(chat_body("hi"))
             if refusal is None:
                 assert response.status == 200, text
