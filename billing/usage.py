@@ -140,21 +140,30 @@ def parse(
 def _openai_chat(usage: Mapping[str, Any]) -> Usage:
     """Chat and legacy completions: ``prompt_tokens`` / ``completion_tokens`` are totals; the
     ``*_details`` split them (cached and audio prompt tokens; reasoning and audio completion
-    tokens). Accepted and rejected prediction tokens are output text, billed as such."""
+    tokens). Accepted and rejected prediction tokens are output text, billed as such.
+
+    OpenAI counts reasoning inside ``completion_tokens``; Gemini's OpenAI-compatible endpoint
+    counts its thinking outside it, and says so in ``total_tokens`` (prompt + completion +
+    reasoning). Only that total tells the two apart, so reasoning is taken as extra exactly when
+    the total says so; a usage object with neither sum is unreadable (charged the hold)."""
     prompt = _count(usage, "prompt_tokens", required=True)
     completion = _count(usage, "completion_tokens", required=True)
-    _total(usage, prompt + completion)
     prompt_details = _details(usage, "prompt_tokens_details")
     completion_details = _details(usage, "completion_tokens_details")
     cached = _count(prompt_details, "cached_tokens")
     input_audio = _count(prompt_details, "audio_tokens")
     reasoning = _count(completion_details, "reasoning_tokens")
     output_audio = _count(completion_details, "audio_tokens")
+    total = _count(usage, "total_tokens") if usage.get("total_tokens") is not None else None
+    reasoning_outside = reasoning > 0 and total == prompt + completion + reasoning
+    if not reasoning_outside:
+        _total(usage, prompt + completion)
+    inside = output_audio if reasoning_outside else reasoning + output_audio
     return Usage(
         input_text=_rest(prompt, cached + input_audio, "prompt_tokens", "cached and audio tokens"),
         input_cached=cached,
         input_audio=input_audio,
-        output_text=_rest(completion, reasoning + output_audio, "completion_tokens", "reasoning and audio tokens"),
+        output_text=_rest(completion, inside, "completion_tokens", "reasoning and audio tokens"),
         output_reasoning=reasoning,
         output_audio=output_audio,
     )

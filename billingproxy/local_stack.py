@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -46,7 +47,36 @@ class StackError(RuntimeError):
     """A part of the stack failed to start; the message names the part, the cause and the fix."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_LISTEN_PORTS_FROM = 10_000
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, below the kernel's ephemeral range when there is room there.
+
+    Why not simply bind port 0: that hands out an ephemeral port, and between this pick and the
+    server's own bind any outgoing connection may take the same number (the storm tests open
+    hundreds at once), so the server would fail to start. Below the range no outgoing connection
+    ever lands."""
+    high = _ephemeral_low() - 1
+    for _ in range(200 if high > _LISTEN_PORTS_FROM else 0):
+        port = random.randint(_LISTEN_PORTS_FROM, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

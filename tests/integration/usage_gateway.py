@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import io
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from authz_sidecar import envoy_config
 from billing import usage as usage_mod
 from billing.settings import Settings
 from billingproxy import envoy_process
+from billingproxy.local_stack import free_port
 
 ACCESS_LOG_WAIT_S = 10.0
 # Where each endpoint's answer carries its usage (billing/usage.py), as the Check says it.
@@ -41,12 +41,6 @@ FORMATS = {
 }
 FORMAT_KEY = "x-billingproxy-format"
 STREAM_USAGE_KEY = "x-billingproxy-stream-usage"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def loopback_settings(**changes: Any) -> Settings:

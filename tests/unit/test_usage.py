@@ -24,6 +24,18 @@ def text(obj: Any) -> str:
 # --- the documented shapes --------------------------------------------------------------------
 
 
+def test_gemini_counts_thinking_outside_completion_tokens_and_says_so_in_the_total() -> None:
+    """Gemini's OpenAI-compatible usage: completion_tokens without the thoughts, total_tokens with
+    them. Every thought token is billed, as reasoning, on top of the answer."""
+    gemini = ('{"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 67, '
+              '"completion_tokens_details": {"reasoning_tokens": 60}}')
+    assert read(CHAT, gemini, None, True) == Usage(input_text=5, output_text=2, output_reasoning=60)
+    # OpenAI's: reasoning inside completion_tokens, the total without it.
+    openai = ('{"prompt_tokens": 5, "completion_tokens": 62, "total_tokens": 67, '
+              '"completion_tokens_details": {"reasoning_tokens": 60}}')
+    assert read(CHAT, openai, None, True) == Usage(input_text=5, output_text=2, output_reasoning=60)
+
+
 def test_openai_chat_every_dimension() -> None:
     # OpenAI's chat.completion usage, every detail present (audio model, reasoning model).
     usage = {
@@ -113,7 +125,9 @@ def test_an_unfinished_answer_is_never_read(usage_format: Format) -> None:
     (CHAT, '{"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 3, '
            '"audio_tokens": 3}}', "exceed prompt_tokens"),
     (CHAT, '{"prompt_tokens": 5, "completion_tokens": 0, "completion_tokens_details": {"reasoning_tokens": 60}}',
-     "exceed completion_tokens"),  # thinking tokens left out of completion_tokens
+     "exceed completion_tokens"),  # thinking left out of completion_tokens, and no total to say so
+    (CHAT, '{"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 90, '
+           '"completion_tokens_details": {"reasoning_tokens": 60}}', "not the sum"),  # neither sum
     (CHAT, '{"prompt_tokens": 21, "completion_tokens": 0, "total_tokens": 81}', "not the sum"),
     (CHAT, '{"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": 3}', "not an object"),
     (RESPONSES, '{"prompt_tokens": 5, "completion_tokens": 1}', "input_tokens is missing"),
