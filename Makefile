@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 LITELLM_VERSION := 1.110.2
 STAMP  := $(VENV)/.installed-$(LITELLM_VERSION)
 
-.PHONY: up test bench lint clean
+.PHONY: up test test-fast bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "==> preparing $(VENV) (Python virtual environment)"
@@ -23,6 +23,10 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
+
+# The tests that start no process (no PostgreSQL, Envoy, stack, operator or browser).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not (db or envoy or stack or kube or browser)"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -66,3 +66,36 @@ async def fresh_database_url(new_database: NewDatabase) -> AsyncIterator[str]:
     """A new, empty database on the session's server, dropped after the test."""
     async with new_database() as url:
         yield url
+
+
+# --- markers by what a test needs (pyproject's [tool.pytest.ini_options] registers them) ----------
+#
+# Applied here, by folder and by fixture, so no test file has to remember them: `make test-fast`
+# runs what needs none of them (no process started), `-m db` what needs PostgreSQL, and so on.
+
+_BY_FOLDER = {
+    "e2e": ("stack", "db", "envoy"),
+    "stripe": ("stack", "db", "envoy"),
+    "operator": ("kube",),
+}
+# Files outside those folders that start a process of their own.
+_BY_FILE = {
+    "test_postgres_server.py": ("db",),
+    "test_usage_filter.py": ("envoy",),
+    "test_usage_properties.py": ("envoy",),
+    "test_stripe_browser.py": ("browser",),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path
+        needs: set[str] = set()
+        for folder, markers in _BY_FOLDER.items():
+            if folder in path.parts:
+                needs.update(markers)
+        needs.update(_BY_FILE.get(path.name, ()))
+        if "postgres_url" in getattr(item, "fixturenames", ()):
+            needs.add("db")
+        for marker in sorted(needs):
+            item.add_marker(marker)
