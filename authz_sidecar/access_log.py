@@ -57,6 +57,10 @@ class FinishedRequest:
     model: str
     usage: usage_mod.Usage | None  # None: charge the hold (a 2xx) or void (any other status)
     wallet_id: str = ""  # known when the Check admitted it: a settlement batch's lock order
+    # The backend was asked but its answer never reached the client: the client left before the
+    # first byte (status 0), or Envoy gave up waiting (upstream timeout, 504). The provider bills
+    # the work all the same, so this is an unfinished answer (the hold), not a failure (void).
+    cut: bool = False
 
 
 # The Check's facts, as ext_authz files them (the answer's header names).
@@ -72,11 +76,15 @@ def finished_request(entry) -> FinishedRequest | None:
     filter_metadata = entry.common_properties.metadata.filter_metadata
     authz = filter_metadata.get(METADATA_NAMESPACE)
     usage = filter_metadata.get(USAGE_NAMESPACE)
+    status = entry.response.response_code.value
+    common = entry.common_properties
+    reached = common.HasField("upstream_remote_address")
     return _finished(
         entry.request.request_id,
-        entry.response.response_code.value,
+        status,
         authz=None if authz is None else (lambda name: authz[name] if name in authz.fields else None),
         usage=None if usage is None else (lambda name: usage[name] if name in usage.fields else None),
+        cut=(status == 0 and reached) or common.response_flags.upstream_request_timeout,
     )
 
 
@@ -88,16 +96,20 @@ def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | Non
     authz, usage, status = line.get("authz"), line.get("usage"), line.get("status")
     if not isinstance(status, int) or isinstance(status, bool):
         return None
+    flags = line.get("flags") if isinstance(line.get("flags"), str) else ""
+    reached = line.get("upstream") not in (None, "", "-")
     return _finished(
         line.get("request_id") if isinstance(line.get("request_id"), str) else "",
         status,
         authz=authz.get if isinstance(authz, dict) else None,
         usage=usage.get if isinstance(usage, dict) else None,
+        cut=(status == 0 and reached) or "UT" in flags.split(","),
     )
 
 
 def _finished(
-    request_id: str, status: int, *, authz: Callable[[str], Any] | None, usage: Callable[[str], Any] | None
+    request_id: str, status: int, *, authz: Callable[[str], Any] | None, usage: Callable[[str], Any] | None,
+    cut: bool = False,
 ) -> FinishedRequest | None:
     """``authz`` / ``usage``: a metadata namespace's values by name (None when absent)."""
     if authz is None or authz(_HOLD_ID) is None:
@@ -114,6 +126,7 @@ def _finished(
         model=metadata_read(model) if isinstance(model, str) else "",
         usage=counted,
         wallet_id=metadata_read(wallet_id) if isinstance(wallet_id, str) else "",
+        cut=cut,
     )
 
 
@@ -206,6 +219,9 @@ class Settler:
         request), so what is charged is always the hold's model priced — never a model the entry
         alone chose.
         """
+        if done.cut:
+            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate",
+                                       "unfinished": "no_answer_from_the_backend"}
         if not 200 <= done.status < 300:
             return None, {"status": done.status}
         price = self._prices.price(done.model)
@@ -220,9 +236,12 @@ class Settler:
             logger.warning("request %s: %s; charging its hold", done.request_id, unpriced)
             return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate",
                                        "unpriced_usage": usage.details()}
+        # The settlement posts at most the hold (billing/holds.py): priced_nano shows a cost
+        # the hold's estimate missed.
         return cost, {
             "status": done.status,
             "usage_source": "response",
+            "priced_nano": cost,
             **usage.details(),
         }
 

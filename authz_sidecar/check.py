@@ -53,6 +53,9 @@ BILLING_UNAVAILABLE = api_errors.ApiError(
 HOLD_LANES = 2
 HOLD_BATCH_MAX = 64
 EMPTY_WALLETS_MAX = 10_000
+# The most bytes a client adds to its body by sending the suggested output limit
+# (`, "max_completion_tokens": 1234567`).
+OUTPUT_FIELD_BYTES = 40
 
 
 class Decider:
@@ -228,11 +231,12 @@ class Decider:
         self._empty_wallets[wallet_id] = (time.monotonic() + self._settings.key_cache_ttl_ms / 1000, balance_nano)
 
     def _prompt_bound(self, worst: endpoints.WorstCase, body_bytes: int, price: pricing.ModelPrice) -> int:
-        """One token per body byte, never more than the model's context window; the whole window
-        when the prompt references content whose tokens are not its bytes (images, files)."""
+        """One token per body byte plus what the provider adds for tools, never more than the
+        model's context window; the whole window when the prompt references content whose tokens
+        are not its bytes (images, files)."""
         window = price.max_input_tokens
         if worst.prompt_in_body:
-            bound = pricing.prompt_tokens_bound(body_bytes)
+            bound = pricing.prompt_tokens_bound(body_bytes) + worst.prompt_overhead
             return bound if window is None else min(bound, window)
         if window is None:
             raise api_errors.ApiError(
@@ -253,8 +257,11 @@ class Decider:
         limit = refusal.overdraft_limit_nano
         room = refusal.balance_nano - refusal.reserved_nano + limit
         empty = refusal.shortfall is not holds.Shortfall.REQUEST_TOO_LARGE
+        # Sending the answer's max_tokens lengthens the body, and so the prompt's bound, by a few
+        # bytes: leave room for them, so a request that follows the advice is admitted.
         fits = 0 if empty else self._prices.output_within(
-            price, room, prompt_tokens=prompt_tokens, choices=worst.choices, dimensions=worst.dimensions
+            price, room, prompt_tokens=prompt_tokens + OUTPUT_FIELD_BYTES, choices=worst.choices,
+            dimensions=worst.dimensions,
         )
         return api_errors.insufficient_funds(
             self._top_up_url,

@@ -117,8 +117,10 @@ UPSTREAM_HEADERS_SOURCE = Path(__file__).with_name("upstream_headers.lua")
 # The gRPC metadata key of the access-log secret (authz_sidecar/access_log.py checks it).
 ACCESS_LOG_SECRET_HEADER = "x-billingproxy-access-log-secret"
 # Request headers a client may send to the backend (docs/decisions/0003-upstream-headers.md):
-# the body's type and size, what the client accepts, who it is, and the provider API versions
-# and beta features it opts into. Not forwarded, among others: every credential (authorization,
+# the body's type and size, what the client accepts, who it is, and the provider API version.
+# Not forwarded, among others: anthropic-beta (a beta may change what a request costs: the
+# 1M-token context window is priced nowhere in the map, the Files API reads stored objects;
+# an operator who wants one adds it with BILLINGPROXY_UPSTREAM_HEADERS), every credential (authorization,
 # x-api-key, api-key, x-goog-api-key, proxy-authorization), cookies, openai-organization and
 # openai-project (they choose which of the gateway's accounts pays), x-forwarded-for (the
 # client's address is not the backend's business) and our own x-billingproxy-*.
@@ -129,7 +131,6 @@ UPSTREAM_HEADERS = (
     "user-agent",
     "openai-beta",
     "anthropic-version",
-    "anthropic-beta",
     "x-request-id",  # Envoy's own (a client's is replaced), for correlating with the backend's logs
 )
 # The longest Unix socket path (sockaddr_un.sun_path is 108 bytes with the NUL).

@@ -38,6 +38,58 @@ _TEXT_PARTS = frozenset(
 # Anthropic tools executed by the client (billed as ordinary tokens); every other typed tool runs
 # at the provider and may carry fees (web search, code execution, web fetch).
 _CLIENT_TOOL_PREFIXES = ("bash_", "text_editor_", "computer_")
+# Prompt tokens a provider adds, beyond the body, when a request has tools: its own tool-use
+# system prompt (Anthropic documents 313-346 tokens; OpenAI formats function definitions), and
+# for each tool it defines itself (Anthropic's computer, bash, text editor: 245-735 tokens each,
+# plus a 466-499-token computer-use prompt). Rounded up: the hold must not be below the cost.
+TOOLS_PROMPT_TOKENS = 1_000
+PROVIDER_TOOL_PROMPT_TOKENS = 1_500
+
+
+# The top-level fields each endpoint accepts: its provider's documented request fields. Anything
+# else is refused, because a proxy behind the gateway may act on fields of its own (LiteLLM's
+# `fallbacks`, `api_base`, `mock_response` choose what is served and where: a client could be
+# served o1-pro priced as gpt-4o-mini), and a field the gateway does not know may change what a
+# request costs. Fields whose cost the readers below refuse are listed too, so the refusal names
+# the real reason.
+_CHAT_FIELDS = frozenset({
+    "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+    "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_retention",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store",
+    "stream", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options",
+})
+_COMPLETIONS_FIELDS = frozenset({
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
+})
+_EMBEDDINGS_FIELDS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
+_RESPONSES_FIELDS = frozenset({
+    "model", "input", "background", "conversation", "include", "instructions", "max_output_tokens",
+    "max_tool_calls", "metadata", "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key",
+    "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier", "store", "stream",
+    "stream_options", "temperature", "text", "tool_choice", "tools", "top_logprobs", "top_p", "truncation",
+    "user",
+})
+_MESSAGES_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "container", "context_management", "mcp_servers", "metadata",
+    "service_tier", "stop_sequences", "stream", "system", "temperature", "thinking", "tool_choice", "tools",
+    "top_k", "top_p",
+})
+# Keys that name an object stored at the provider (a file, a cached context): its tokens are not
+# in the body, and on a shared account it may be another tenant's.
+_STORED_OBJECT_KEYS = ("file_id", "cached_content")
+
+
+def _known_fields(request: Mapping[str, Any], fields: frozenset[str]) -> None:
+    unknown = sorted(set(request) - fields)
+    if unknown:
+        raise RequestRefused(
+            "parameter_not_supported",
+            f"{unknown[0]} is not a parameter this gateway forwards for this endpoint.",
+            unknown[0],
+        )
 
 
 class RequestRefused(ValueError):
@@ -59,6 +111,7 @@ class WorstCase:
     prompt_in_body: bool  # False: it references content not in the body (image URLs, files)
     dimensions: frozenset[str]  # the Usage dimensions its answer can carry
     stream_usage: bool = False  # an OpenAI stream that must be asked for usage (Lua filter)
+    prompt_overhead: int = 0  # prompt tokens the provider adds that are not in the body (tools)
 
     @property
     def output_tokens(self) -> int:
@@ -107,6 +160,8 @@ def _output_budget(request: Mapping[str, Any], fields: Iterable[str], limit: int
 
 def _service_tier(request: Mapping[str, Any]) -> None:
     tier = request.get("service_tier")
+    if tier is not None and not isinstance(tier, str):
+        raise RequestRefused("invalid_parameter", f"service_tier must be a string, not {tier!r}.", "service_tier")
     if tier is not None and tier not in _DEFAULT_SERVICE_TIERS:
         raise RequestRefused(
             "model_not_priced",
@@ -131,12 +186,15 @@ def _refuse_fields(request: Mapping[str, Any], fields: Mapping[str, str]) -> Non
             raise RequestRefused("parameter_not_supported", f"{field} is not supported by this gateway: {why}", field)
 
 
-def _tools(request: Mapping[str, Any], allowed: Callable[[Any], bool]) -> None:
+def _tools(request: Mapping[str, Any], allowed: Callable[[Any], bool]) -> int:
+    """Refuse tools that run at the provider; return the prompt tokens the tools add beyond the
+    body (:data:`TOOLS_PROMPT_TOKENS`, :data:`PROVIDER_TOOL_PROMPT_TOKENS`)."""
     tools = request.get("tools")
     if tools is None:
-        return
+        return TOOLS_PROMPT_TOKENS if request.get("functions") is not None else 0
     if not isinstance(tools, list):
         raise RequestRefused("invalid_parameter", "tools must be a list.", "tools")
+    overhead = TOOLS_PROMPT_TOKENS if tools else 0
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
         if not allowed(kind):
@@ -146,6 +204,9 @@ def _tools(request: Mapping[str, Any], allowed: Callable[[Any], bool]) -> None:
                 "only function tools are supported.",
                 "tools",
             )
+        if isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES):
+            overhead += PROVIDER_TOOL_PROMPT_TOKENS
+    return overhead
 
 
 def _parts_in_body(value: Any, dimensions: set[str]) -> bool:
@@ -163,6 +224,13 @@ def _parts_in_body(value: Any, dimensions: set[str]) -> bool:
         if not isinstance(node, dict):
             continue
         kind = node.get("type")
+        stored = next((key for key in _STORED_OBJECT_KEYS if node.get(key) is not None), None)
+        if stored is not None:
+            raise RequestRefused(
+                "parameter_not_supported",
+                f"{stored} names an object stored at the provider; send its content in the request.",
+                stored,
+            )
         if kind == "item_reference":
             raise RequestRefused(
                 "parameter_not_supported",
@@ -178,9 +246,10 @@ def _parts_in_body(value: Any, dimensions: set[str]) -> bool:
 
 
 def _chat_completions(request: Mapping[str, Any], limit: int) -> WorstCase:
+    _known_fields(request, _CHAT_FIELDS)
     _service_tier(request)
     _refuse_fields(request, {"web_search_options": "web search is billed per query, which this gateway does not price."})
-    _tools(request, lambda kind: kind in ("function", "custom"))
+    overhead = _tools(request, lambda kind: kind in ("function", "custom"))
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     modalities = request.get("modalities")
     if request.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
@@ -197,10 +266,12 @@ def _chat_completions(request: Mapping[str, Any], limit: int) -> WorstCase:
         prompt_in_body=prompt_in_body,
         dimensions=frozenset(dimensions),
         stream_usage=_stream(request),
+        prompt_overhead=overhead,
     )
 
 
 def _completions(request: Mapping[str, Any], limit: int) -> WorstCase:
+    _known_fields(request, _COMPLETIONS_FIELDS)
     prompt = request.get("prompt")
     # A list of strings (or of token lists) is one completion per prompt, each n times.
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
@@ -216,10 +287,12 @@ def _completions(request: Mapping[str, Any], limit: int) -> WorstCase:
 
 
 def _embeddings(request: Mapping[str, Any], limit: int) -> WorstCase:
+    _known_fields(request, _EMBEDDINGS_FIELDS)
     return WorstCase(output_per_choice=0, choices=1, prompt_in_body=True, dimensions=frozenset({"input_text"}))
 
 
 def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
+    _known_fields(request, _RESPONSES_FIELDS)
     _service_tier(request)
     _refuse_fields(request, {
         "background": "background work goes on after the answer, where no usage can be read.",
@@ -227,7 +300,7 @@ def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
         "conversation": "it reads a conversation stored at the provider; send the whole input.",
         "prompt": "it reads a prompt template stored at the provider; send the input itself.",
     })
-    _tools(request, lambda kind: kind in ("function", "custom"))
+    overhead = _tools(request, lambda kind: kind in ("function", "custom"))
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     prompt_in_body = _parts_in_body(request.get("input"), dimensions)
     _stream(request)
@@ -236,16 +309,20 @@ def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
         choices=1,
         prompt_in_body=prompt_in_body,
         dimensions=frozenset(dimensions),
+        prompt_overhead=overhead,
     )
 
 
 def _messages(request: Mapping[str, Any], limit: int) -> WorstCase:
+    _known_fields(request, _MESSAGES_FIELDS)
     _service_tier(request)
     _refuse_fields(request, {
         "mcp_servers": "MCP servers run at the provider.",
         "container": "containers run code at the provider.",
     })
-    _tools(request, lambda kind: kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES)))
+    overhead = _tools(
+        request, lambda kind: kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES))
+    )
     if whole_number(request, "max_tokens") is None:
         raise RequestRefused("invalid_parameter", "max_tokens is required.", "max_tokens")
     dimensions = {"input_text", "input_cached", "input_cache_write_5m", "input_cache_write_1h", "output_text"}
@@ -257,6 +334,7 @@ def _messages(request: Mapping[str, Any], limit: int) -> WorstCase:
         choices=1,
         prompt_in_body=prompt_in_body,
         dimensions=frozenset(dimensions),
+        prompt_overhead=overhead,
     )
 
 

@@ -251,7 +251,10 @@ def refusal_of(
 # REFUSED_MISMATCH). Only a pending or expired hold is resolved; the wallet's balance moves by
 # the posted cost, its reservation is released only if the hold was still pending (expiry
 # released it already), and the usage entry records the balance the wallet UPDATE returned.
-# There is deliberately no ON CONFLICT on the entry: if ``usage:<request id>`` exists already,
+# A charge never exceeds its hold (``least``): the hold is the request's worst case, and what
+# admitted the request against the wallet's overdraft limit; a cost above it means the estimate
+# missed something (the caller's details record the priced cost), and the wallet's bound holds
+# all the same. There is deliberately no ON CONFLICT on the entry: if ``usage:<request id>`` exists already,
 # the unique violation aborts the whole statement, so money never moves without its entry.
 # $1 request id, $2 cost (NULL: void, unless $3), $3 charge the hold's own amount, $4 details,
 # $5 the hold's wallet and $6 its model as the caller knows them (NULL: not checked).
@@ -265,7 +268,9 @@ WITH hold AS (
 ), resolved AS (
     UPDATE holds
        SET state = CASE WHEN $3::boolean OR $2::bigint IS NOT NULL THEN 'posted' ELSE 'voided' END,
-           posted_nano = CASE WHEN $3::boolean THEN hold.amount_nano ELSE $2::bigint END,
+           posted_nano = CASE WHEN $3::boolean THEN hold.amount_nano
+                              WHEN $2::bigint IS NULL THEN NULL  -- a void (least() skips NULLs)
+                              ELSE least($2::bigint, hold.amount_nano) END,
            resolved_at = now()
       FROM hold
      WHERE holds.request_id = hold.request_id
@@ -459,7 +464,9 @@ WITH batch AS (
 ), resolved AS (
     UPDATE holds
        SET state = CASE WHEN batch.charge_hold OR batch.cost_nano IS NOT NULL THEN 'posted' ELSE 'voided' END,
-           posted_nano = CASE WHEN batch.charge_hold THEN judged.amount_nano ELSE batch.cost_nano END,
+           posted_nano = CASE WHEN batch.charge_hold THEN judged.amount_nano
+                              WHEN batch.cost_nano IS NULL THEN NULL  -- a void (least() skips NULLs)
+                              ELSE least(batch.cost_nano, judged.amount_nano) END,
            resolved_at = now()
       FROM judged JOIN batch USING (request_id)
      WHERE holds.request_id = judged.request_id

@@ -78,6 +78,11 @@ _NOT_ADMITTED_SUFFIXES = ("_batches", "_priority", "_flex")
 _REFUSED_FEATURE_KEYS = frozenset(
     {"search_context_cost_per_query", "google_maps_grounding_cost_per_query", "code_interpreter_cost_per_session"}
 )
+# Models that search the web on every call, asked or not (OpenAI's *-search-preview and
+# *-search-api, deep-research models, Perplexity's Sonar): their per-query fee cannot be refused
+# away like a tool's, and no usage object reports the queries, so it is unpriced for them.
+_ALWAYS_SEARCHING_NAMES = ("search", "sonar", "deep-research")
+_ALWAYS_SEARCHING_PROVIDERS = frozenset({"perplexity"})
 # Keys whose price applies only with audio input; the gateway prices uncached audio only, so a
 # model carrying one of these is refused audio input.
 _AUDIO_INPUT_ONLY_KEYS = frozenset({"cache_read_input_audio_token_cost", "cache_creation_input_audio_token_cost"})
@@ -273,7 +278,13 @@ def _model_price(model: str, entry: Mapping[str, Any]) -> ModelPrice:
     tiers: dict[int, dict[str, Decimal]] = {}
     unpriced: list[str] = []
     audio_only: str | None = None
+    always_searches = any(word in model.lower() for word in _ALWAYS_SEARCHING_NAMES) or (
+        entry.get("litellm_provider") in _ALWAYS_SEARCHING_PROVIDERS
+    )
     for raw_key, value in entry.items():
+        if raw_key in _REFUSED_FEATURE_KEYS and always_searches:
+            unpriced.append(raw_key)
+            continue
         if "cost" not in raw_key or raw_key in _REFUSED_FEATURE_KEYS or raw_key.endswith(_NOT_ADMITTED_SUFFIXES):
             continue
         if raw_key in _AUDIO_INPUT_ONLY_KEYS:

@@ -155,10 +155,12 @@ async def test_charge_hold_posts_the_holds_own_amount(migrated_engine: AsyncEngi
     assert await acct.money() == (700_000, 0)
     assert (await acct.hold("r1")).posted_nano == 300_000
     assert [e.amount_nano for e in await acct.usage_entries()] == [-300_000]
-    # An actual cost above the estimate is charged in full, not capped at the hold.
+    # An actual cost above the estimate is capped at the hold: the hold is what admitted the
+    # request against the wallet's overdraft limit, so the bound holds whatever the estimate missed.
     assert await acct.place("r2", 1_000) is ADMITTED
     assert await acct.settle("r2", 5_000) is S.POSTED
-    assert await acct.money() == (695_000, 0)
+    assert await acct.money() == (699_000, 0)
+    assert (await acct.hold("r2")).posted_nano == 1_000
     await books_balance(migrated_engine)
 
 

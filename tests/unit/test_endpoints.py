@@ -89,8 +89,8 @@ def test_chat_reads_max_completion_tokens_and_max_tokens_whichever_is_larger() -
     assert worst("/v1/chat/completions", {"max_tokens": 10}).output_tokens == 10
     # A backend may honour either when both are sent: the hold takes the larger.
     assert worst("/v1/chat/completions", {"max_completion_tokens": 1, "max_tokens": 900}).output_tokens == 900
-    # A field another endpoint reads is not this one's: the hold is the model's limit.
-    assert worst("/v1/chat/completions", {"max_output_tokens": 1}).output_tokens == LIMIT
+    # A field another endpoint reads is not this one's: refused, never taken for a smaller hold.
+    assert refused("/v1/chat/completions", {"max_output_tokens": 1}).param == "max_output_tokens"
 
 
 def test_chat_multiplies_by_n() -> None:
@@ -107,7 +107,49 @@ def test_output_is_capped_by_the_model_limit_and_defaults_to_it() -> None:
 
 def test_responses_reads_max_output_tokens_only() -> None:
     assert worst("/v1/responses", {"max_output_tokens": 50}).output_tokens == 50
-    assert worst("/v1/responses", {"max_tokens": 1, "max_completion_tokens": 1}).output_tokens == LIMIT
+    assert refused("/v1/responses", {"max_tokens": 1}).param == "max_tokens"
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/chat/completions", "fallbacks"),  # LiteLLM would serve another model
+        ("/v1/chat/completions", "api_base"),
+        ("/v1/chat/completions", "mock_response"),
+        ("/v1/chat/completions", "extra_body"),
+        ("/v1/embeddings", "max_tokens"),
+        ("/v1/messages", "n"),
+        ("/v1/completions", "messages"),
+    ],
+)
+def test_fields_the_endpoint_does_not_document_are_refused(path: str, field: str) -> None:
+    request = {"max_tokens": 1, field: ["x"]} if path == "/v1/messages" else {field: ["x"]}
+    error = refused(path, request)
+    assert (error.code, error.param) == ("parameter_not_supported", field)
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]},
+         "file_id"),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "file_id"),
+        ("/v1/messages", {"max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "file", "file_id": "f"}}]}]}, "file_id"),
+    ],
+)
+def test_objects_stored_at_the_provider_are_refused(path: str, request_body: dict, param: str) -> None:
+    assert refused(path, request_body).param == param
+
+
+def test_tools_add_the_prompt_the_provider_writes_for_them() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert worst("/v1/chat/completions", {"tools": tools}).prompt_overhead == endpoints.TOOLS_PROMPT_TOKENS
+    assert worst("/v1/chat/completions", {}).prompt_overhead == 0
+    computer = [{"type": "computer_20250124", "name": "computer", "display_width_px": 1, "display_height_px": 1}]
+    assert worst("/v1/messages", {"max_tokens": 1, "tools": computer}).prompt_overhead == (
+        endpoints.TOOLS_PROMPT_TOKENS + endpoints.PROVIDER_TOOL_PROMPT_TOKENS
+    )
 
 
 def test_completions_multiply_by_prompts_and_best_of() -> None:
@@ -147,6 +189,8 @@ def test_predicted_output_is_added_to_the_output_bound() -> None:
 )
 def test_bad_values_are_refused_not_defaulted(path: str, field: str, bad: object) -> None:
     request = {"max_tokens": 10, field: bad} if path == "/v1/messages" else {field: bad}
+    if path == "/v1/completions" and field == "best_of":
+        request["prompt"] = "x"
     error = refused(path, request)
     assert error.code == "invalid_parameter" and error.param == field
 
@@ -214,7 +258,7 @@ def test_text_prompts_are_bounded_by_the_body() -> None:
     [
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "x"}}]}]}),
         ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]}),
         # An image nested in a tool result still costs its pixels, not its bytes.
         ("/v1/messages", {"max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "tool_result", "content": [

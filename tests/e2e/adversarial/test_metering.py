@@ -170,11 +170,18 @@ async def test_deeply_nested_json_is_a_400_not_a_traceback(stack) -> None:
     assert await stack.metric("billingproxy_check_decisions_total", decision="internal_error") == 0
 
 
-async def test_a_field_the_endpoint_does_not_read_buys_no_smaller_hold(stack, prices) -> None:
+async def test_a_field_the_endpoint_does_not_read_is_refused(stack) -> None:
     """Chat completions read max_completion_tokens/max_tokens, not the Responses API's
-    max_output_tokens: naming the wrong one leaves the hold at the model's output limit."""
-    key = await new_key(stack, "0.005")
+    max_output_tokens: naming the wrong one is refused, never taken for a smaller hold."""
+    key = await new_key(stack, "1.00")
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_output_tokens": 1}
+    error = await refused_untouched(stack, key, CHAT, body, 400, "parameter_not_supported")
+    assert error["param"] == "max_output_tokens"
+
+
+async def test_without_an_output_limit_the_hold_is_the_models_and_the_403_says_what_fits(stack, prices) -> None:
+    key = await new_key(stack, "0.005")
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
     error = await refused_untouched(stack, key, CHAT, body, 403, "insufficient_funds")
     mini = prices.price("gpt-4o-mini")
     assert mini is not None and mini.max_output_tokens == 16384

@@ -70,7 +70,9 @@ async def test_anthropic_cache_writes_and_reads_are_each_charged_their_price(sta
 
 async def test_reasoning_tokens_are_charged_as_output(stack) -> None:
     wallet_id, key = await funded(stack)
-    body = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "a b c"}]}
+    # No output limit: the demo's reasoning comes on top of its 16-word answer, where a real
+    # provider counts it inside max_completion_tokens; the hold is then the model's limit.
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a b c"}]}
     await post(stack, key, "/v1/chat/completions", body, **{"x-demo-reasoning-tokens": "30"})
     # 3 words + 3 = 6 prompt tokens at 1.5e-7; 16 text + 30 reasoning tokens at 6e-7.
     expected = 6 * Decimal("1.5e-7") + 46 * Decimal("6e-7")

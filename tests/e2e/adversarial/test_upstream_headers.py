@@ -28,7 +28,6 @@ ALLOWED_FROM_CLIENT = {
     "accept": "application/json",
     "openai-beta": "assistants=v2",
     "anthropic-version": "2023-06-01",
-    "anthropic-beta": "prompt-caching-2024-07-31",
 }
 # Headers Envoy itself sets on the way out (the request id is Envoy's own, never the client's).
 SET_BY_ENVOY = {"host", "content-length", "content-type", "x-request-id", "accept-encoding"}
@@ -48,6 +47,8 @@ def refused_from_client(api_key: str) -> dict[str, str]:
         "openai-project": "proj-of-the-gateway-owner",
         "x-forwarded-for": "203.0.113.9",
         "x-custom-anything": api_key,
+        # A beta may change the price: the 1M-token context window (priced nowhere in the map).
+        "anthropic-beta": "context-1m-2025-08-07",
     }
 
 
