@@ -74,7 +74,7 @@ Settings that are not obvious, and why:
 - Dynamic metadata reaches the sidecar without extra settings: the ALS entry's
   ``common_properties.metadata`` holds all of the stream's dynamic metadata, i.e. namespace
   ``envoy.filters.http.ext_authz`` (what the Check returned) and ``billingproxy.usage`` (the
-  Lua filter; Lua numbers arrive as protobuf doubles).
+  Lua filter: the raw text of the final usage object as strings, ``finished`` as a bool).
 - Local replies Envoy makes itself (upstream down or timed out, body too large, sidecar
   unreachable) are rewritten to OpenAI's error shape; ext_authz denials are left as the sidecar
   wrote them.
