@@ -136,6 +136,13 @@ stripe_checkout_sessions = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )
+sa.Index("stripe_checkout_sessions_wallet", stripe_checkout_sessions.c.wallet_id)
+# The operator's reconciler looks up sessions still open, oldest first.
+sa.Index(
+    "stripe_checkout_sessions_open",
+    stripe_checkout_sessions.c.created_at,
+    postgresql_where=sa.text("status = 'open'"),
+)
 
 stripe_payments = sa.Table(
     "stripe_payments",
@@ -153,6 +160,7 @@ stripe_payments = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )
+sa.Index("stripe_payments_wallet", stripe_payments.c.wallet_id)
 
 stripe_disputes = sa.Table(
     "stripe_disputes",
@@ -166,3 +174,4 @@ stripe_disputes = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )
+sa.Index("stripe_disputes_payment_intent", stripe_disputes.c.payment_intent)
