@@ -383,6 +383,7 @@ class Bench:
             engine=self.engine, database_url=self.stack.database_url, grpc_port=settings.grpc_port,
             check_port=settings.check_port, sidecar_pid=self.pids.sidecar,
             prices=pricing.load(settings.price_overrides_path, settings.markup_percent),
+            access_log_secret=settings.access_log_secret,
         ).run()
 
         self.say(f"warming up both gateways ({o.warmup_s:.0f} s each)…")

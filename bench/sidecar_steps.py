@@ -134,10 +134,11 @@ def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HT
 
 class Steps:
     def __init__(self, *, engine, database_url: str, grpc_port: int, check_port: int, sidecar_pid: int | None,
-                 prices: pricing.PriceBook, calls: int = CALLS) -> None:
+                 prices: pricing.PriceBook, access_log_secret: str, calls: int = CALLS) -> None:
         self.engine = engine
         self.database_url = database_url
         self.grpc_port = grpc_port  # the access log (ALS)
+        self.access_log_secret = access_log_secret  # what Envoy sends; the sidecar reads nothing without it
         self.check_port = check_port  # the Check (HTTP)
         self.sidecar_pid = sidecar_pid
         self.prices = prices
@@ -255,7 +256,9 @@ class Steps:
                         first = False
                     yield message
 
-            stream = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(messages())
+            stream = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(
+                messages(), metadata=((envoy_config.ACCESS_LOG_SECRET_HEADER, self.access_log_secret),)
+            )
             key_id = self.keys[0].key_id
 
             async def settle_all() -> None:
