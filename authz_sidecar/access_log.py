@@ -35,8 +35,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
-from billing import database, holds, pricing
-from billing import usage as usage_mod
+from billing import database, holds, pricing, usage as usage_mod
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,11 @@ class FinishedRequest:
 
 
 # The Check's facts, as ext_authz files them (the answer's header names).
-_HOLD_ID, _MODEL, _WALLET_ID = metadata_header("hold_id"), metadata_header("model"), metadata_header("wallet_id")
+_HOLD_ID, _MODEL, _WALLET_ID = (
+    metadata_header("hold_id"),
+    metadata_header("model"),
+    metadata_header("wallet_id"),
+)
 _FORMAT = metadata_header("format")
 
 # What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
@@ -132,8 +135,12 @@ def _usage(
         return None
     raw, raw_start, finished = usage("usage"), usage("usage_start"), usage("finished")
     try:
-        return usage_mod.parse(known_format, raw if isinstance(raw, str) else None,
-                               raw_start if isinstance(raw_start, str) else None, finished is True)
+        return usage_mod.parse(
+            known_format,
+            raw if isinstance(raw, str) else None,
+            raw_start if isinstance(raw_start, str) else None,
+            finished is True,
+        )
     except usage_mod.UnreadableUsage as why:
         if finished is True and 200 <= status < 300:
             logger.warning("request %s is charged its hold: %s", request_id, why)
@@ -165,8 +172,11 @@ class Settler:
             if cost is not None and not (done.wallet_id and done.model):
                 outcomes[position] = holds.Settlement.REFUSED_MISMATCH  # money, but for whom?
                 continue
-            requests.append(holds.SettleRequest(done.request_id, cost, details,
-                                                wallet_id=done.wallet_id, model=done.model))
+            requests.append(
+                holds.SettleRequest(
+                    done.request_id, cost, details, wallet_id=done.wallet_id, model=done.model
+                )
+            )
             positions.append(position)
         for position, outcome in zip(positions, await self._settle_many(requests)):
             outcomes[position] = outcome
@@ -179,7 +189,9 @@ class Settler:
                 logger.warning(
                     "refused the access-log entry of request %s: it names wallet %r and model %r, "
                     "which is not the hold the Check recorded; the hold is left as it was",
-                    done.request_id, done.wallet_id, done.model,
+                    done.request_id,
+                    done.wallet_id,
+                    done.model,
                 )
         return settled
 
@@ -194,7 +206,9 @@ class Settler:
                 if attempt == RETRIES_MAX - 1:
                     raise
                 # Rolled back whole (one transaction), so the whole batch is simply tried again.
-                logger.warning("settling %d requests failed (%s); retrying", len(requests), exc.__class__.__name__)
+                logger.warning(
+                    "settling %d requests failed (%s); retrying", len(requests), exc.__class__.__name__
+                )
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable: the loop returns or raises")
 
@@ -218,8 +232,11 @@ class Settler:
             # The Check refuses requests that could incur an unpriced dimension; a backend that
             # reports one anyway is charged the worst case, never $0 for it.
             logger.warning("request %s: %s; charging its hold", done.request_id, unpriced)
-            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate",
-                                       "unpriced_usage": usage.details()}
+            return holds.CHARGE_HOLD, {
+                "status": done.status,
+                "usage_source": "hold_estimate",
+                "unpriced_usage": usage.details(),
+            }
         return cost, {
             "status": done.status,
             "usage_source": "response",
@@ -261,8 +278,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC method name)
         if not self._authentic(context.invocation_metadata()):
             metrics.access_log_refusals.labels("unauthenticated").inc()
-            logger.warning("refused an access-log stream from %s: the access-log secret is missing or wrong",
-                           context.peer())
+            logger.warning(
+                "refused an access-log stream from %s: the access-log secret is missing or wrong",
+                context.peer(),
+            )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "access-log secret missing or wrong")
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
@@ -281,8 +300,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                 await self._settler.settle(batch)
             except Exception:
                 metrics.settle_failures.inc(len(batch))
-                logger.exception("could not settle requests %s; their holds will expire",
-                                 ", ".join(done.request_id for done in batch))
+                logger.exception(
+                    "could not settle requests %s; their holds will expire",
+                    ", ".join(done.request_id for done in batch),
+                )
             finally:
                 for _ in batch:
                     self._queue.task_done()

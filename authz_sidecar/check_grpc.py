@@ -53,7 +53,10 @@ def _denied(error: api_errors.ApiError) -> external_auth_pb2.CheckResponse:
         ),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=error.status),
-            headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in headers.items()],
+            headers=[
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+                for k, v in headers.items()
+            ],
             body=error.body().decode(),
         ),
     )

@@ -105,7 +105,9 @@ class CheckConnection(asyncio.Protocol):
         self._head_size = 0
         self._refused = False
         # Complete requests (method, path, headers, body, keep-alive), or a refusal's bytes.
-        self._queue: collections.deque[tuple[str, str, dict[str, str], bytes, bool] | bytes] = collections.deque()
+        self._queue: collections.deque[tuple[str, str, dict[str, str], bytes, bool] | bytes] = (
+            collections.deque()
+        )
         self._worker: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol --
@@ -160,8 +162,10 @@ class CheckConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("ascii")
         path = self._url.decode("latin-1")
-        path = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX + "/") else path
-        self._queue.append((method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive()))
+        path = path[len(PATH_PREFIX) :] if path.startswith(PATH_PREFIX + "/") else path
+        self._queue.append(
+            (method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive())
+        )
         self._url, self._headers, self._body, self._body_size, self._head_size = bytearray(), {}, [], 0, 0
         if len(self._queue) >= PIPELINE_MAX and self._transport is not None:
             self._transport.pause_reading()

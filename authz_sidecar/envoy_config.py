@@ -312,7 +312,10 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "route_config": _route_config(settings, backend),
         "http_filters": [
-            _ext_authz_filter(settings), _lua_filter(), _upstream_headers_filter(settings), _router_filter()
+            _ext_authz_filter(settings),
+            _lua_filter(),
+            _upstream_headers_filter(settings),
+            _router_filter(),
         ],
         "access_log": [_grpc_access_log(settings), _stdout_access_log()],
         "local_reply_config": _local_reply_config(),
@@ -323,9 +326,9 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
 
 
 def _route_config(settings: Settings, backend: Backend) -> dict[str, Any]:
-    sidecar_routes = [
-        _sidecar_route({"prefix": prefix}) for prefix in SIDECAR_PREFIXES
-    ] + [_sidecar_route({"path": path}) for path in SIDECAR_PATHS]
+    sidecar_routes = [_sidecar_route({"prefix": prefix}) for prefix in SIDECAR_PREFIXES] + [
+        _sidecar_route({"path": path}) for path in SIDECAR_PATHS
+    ]
     return {
         "name": "gateway",
         "virtual_hosts": [
@@ -368,7 +371,12 @@ def _credential_header(settings: Settings) -> list[dict[str, Any]]:
     credential = backend_credential(settings.backend_auth_header, settings.backend_api_key)
     if credential is None:
         return []
-    return [{"header": {"key": credential[0], "value": credential[1]}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    return [
+        {
+            "header": {"key": credential[0], "value": credential[1]},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
 
 
 def _sidecar_route(match: dict[str, str]) -> dict[str, Any]:
@@ -487,6 +495,7 @@ def _upstream_headers_filter(settings: Settings) -> dict[str, Any]:
 
 def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
     """upstream_headers.lua with its two tables filled in (its lines marked ``-- rendered``)."""
+
     def table(items: list[str]) -> str:
         return "{" + ", ".join(f'["{item}"] = true' for item in sorted(set(items))) + "}"
 
@@ -512,7 +521,10 @@ def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
 def _router_filter() -> dict[str, Any]:
     # No x-envoy-* headers of the router's own (x-envoy-original-host, the timeout hint) go to
     # the backend, so that what reaches it is the allow-list, the host and accept-encoding only.
-    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True},
+    }
 
 
 # --- access logs and local replies ---------------------------------------------------------------
@@ -528,7 +540,9 @@ def _grpc_access_log(settings: Settings) -> dict[str, Any]:
                 "grpc_service": {
                     "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
                     # Sent once per stream; the sidecar refuses a stream without it.
-                    "initial_metadata": [{"key": ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}],
+                    "initial_metadata": [
+                        {"key": ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}
+                    ],
                 },
                 "transport_api_version": "V3",
                 "buffer_size_bytes": ACCESS_LOG_BUFFER_BYTES,
@@ -652,9 +666,7 @@ def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
 def _endpoints(cluster: str, host: str, port: int) -> dict[str, Any]:
     return {
         "cluster_name": cluster,
-        "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
-        ],
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
     }
 
 

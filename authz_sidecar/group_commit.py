@@ -94,7 +94,7 @@ class GroupCommit(Generic[Item, Result]):
         if left and self._abandoned is not None:
             try:
                 await self._abandoned(left)
-            except Exception:  # noqa: BLE001 — nobody is waiting to be told; say it in the log
+            except Exception:
                 logger.exception("handling %d abandoned results failed", len(left))
 
     async def close(self) -> None:

@@ -147,11 +147,17 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status, "http_error"
+        )
         return _error(api_errors.ApiError(exc.status, code, exc.reason))
     except (OperationalError, DBAPIError, OSError):
         logger.exception("database unavailable during %s %s", request.method, request.path)
-        return _error(api_errors.ApiError(503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"))
+        return _error(
+            api_errors.ApiError(
+                503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
+            )
+        )
     except Exception:
         logger.exception("unexpected error during %s %s", request.method, request.path)
         return _error(api_errors.ApiError(500, "internal_error", "Internal error.", "api_error"))
@@ -180,18 +186,26 @@ async def signup(request: web.Request) -> web.Response:
         signup_refusals.labels(refusal.scope).inc()
         who = "from this address" if refusal.scope == "client" else "on this gateway right now"
         raise api_errors.ApiError(
-            429, "rate_limited", f"Too many signups {who}; try again later.",
-            "rate_limit_error", headers={"retry-after": str(refusal.retry_after_s)},
+            429,
+            "rate_limited",
+            f"Too many signups {who}; try again later.",
+            "rate_limit_error",
+            headers={"retry-after": str(refusal.retry_after_s)},
         )
     settings = request.app[SETTINGS]
     try:
         async with request.app[ENGINE].begin() as conn:
             created = await wallets.signup(
-                conn, email=email, grant_nano=settings.free_grant_nano, email_policy=settings.signup_email_policy
+                conn,
+                email=email,
+                grant_nano=settings.free_grant_nano,
+                email_policy=settings.signup_email_policy,
             )
     except wallets.EmailTaken:
         raise api_errors.ApiError(
-            409, "email_taken", "This email address, or another address of the same mailbox, already has a wallet.",
+            409,
+            "email_taken",
+            "This email address, or another address of the same mailbox, already has a wallet.",
             extra={"param": "email"},
         ) from None
     logger.info("signup: wallet %s, key %s", created.wallet.id, created.key.key_id)
@@ -236,7 +250,10 @@ def _query_int(request: web.Request, name: str, default: int | None, lo: int, hi
         return default
     if not raw.isdigit() or not lo <= int(raw) <= hi:
         raise api_errors.ApiError(
-            400, "invalid_parameter", f"{name} must be a whole number from {lo} to {hi}.", extra={"param": name}
+            400,
+            "invalid_parameter",
+            f"{name} must be a whole number from {lo} to {hi}.",
+            extra={"param": name},
         )
     return int(raw)
 
@@ -283,7 +300,9 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[KEYS] = key_lookup
-    app[SIGNUP_LIMITER] = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
+    app[SIGNUP_LIMITER] = SignupLimiter(
+        settings.signup_rate_per_minute, settings.signup_rate_global_per_minute
+    )
     app[OPENAPI] = load_openapi()
     app.router.add_post("/user/signup", signup)
     app.router.add_get("/billing/balance", balance)

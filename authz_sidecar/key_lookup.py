@@ -88,7 +88,7 @@ class KeyLookup:
         record = await self._find(keys.hash_key(plaintext))
         if record is None:
             raise api_errors.invalid_key()
-        refusal = record.refusal(dt.datetime.now(dt.timezone.utc))
+        refusal = record.refusal(dt.datetime.now(dt.UTC))
         if refusal is not None:
             raise api_errors.key_refused(refusal)
         return record

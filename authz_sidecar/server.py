@@ -112,12 +112,25 @@ class Sidecar:
         await self._set_serving(True)
         logger.info(
             "sidecar ready: Check %s:%d, gRPC %s:%d, HTTP %s:%d, admin %s:%d",
-            host, s.check_port, host, s.grpc_port, host, s.http_port, host, s.admin_port,
+            host,
+            s.check_port,
+            host,
+            s.grpc_port,
+            host,
+            s.http_port,
+            host,
+            s.admin_port,
         )
 
     async def _set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", "envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService"):
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in (
+            "",
+            "envoy.service.auth.v3.Authorization",
+            "envoy.service.accesslog.v3.AccessLogService",
+        ):
             await self.health.set(service, status)
 
     async def _sweep_expired_holds(self) -> None:

@@ -73,10 +73,12 @@ def all_processes() -> dict[int, tuple[int, float]]:
     return found
 
 
-def foreign_cpu_seconds(before: dict[int, tuple[int, float]], after: dict[int, tuple[int, float]],
-                        ours: set[int]) -> float:
+def foreign_cpu_seconds(
+    before: dict[int, tuple[int, float]], after: dict[int, tuple[int, float]], ours: set[int]
+) -> float:
     """CPU used between two ``all_processes()`` snapshots by processes that are not ``ours`` (nor
     children of ours). Processes that started and ended in between are missed."""
+
     def mine(pid: int, table: dict[int, tuple[int, float]]) -> bool:
         return pid in ours or table.get(pid, (0, 0.0))[0] in ours
 

@@ -31,9 +31,23 @@ CHOICES_MAX = 128
 _DEFAULT_SERVICE_TIERS = frozenset({"auto", "default", "standard_only"})
 # Content part types whose tokens are in the body itself (one token per byte bounds them).
 _TEXT_PARTS = frozenset(
-    {"text", "input_text", "output_text", "refusal", "summary_text", "reasoning_text", "tool_use",
-     "tool_result", "thinking", "redacted_thinking", "function_call", "function_call_output",
-     "function", "custom", "ephemeral"}
+    {
+        "text",
+        "input_text",
+        "output_text",
+        "refusal",
+        "summary_text",
+        "reasoning_text",
+        "tool_use",
+        "tool_result",
+        "thinking",
+        "redacted_thinking",
+        "function_call",
+        "function_call_output",
+        "function",
+        "custom",
+        "ephemeral",
+    }
 )
 # Anthropic tools executed by the client (billed as ordinary tokens); every other typed tool runs
 # at the provider and may carry fees (web search, code execution, web fetch).
@@ -86,15 +100,24 @@ class Endpoint:
 # --- reading a request's worst case --------------------------------------------------------------
 
 
-def whole_number(request: Mapping[str, Any], field: str, *, low: int = 1, high: int | None = None) -> int | None:
+def whole_number(
+    request: Mapping[str, Any], field: str, *, low: int = 1, high: int | None = None
+) -> int | None:
     """A whole-number field, None when absent or null; anything else (a bool, a float, a string,
     out of range) is refused, never taken as some default."""
     value = request.get(field)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or (high is not None and value > high)
+    ):
         bound = f"from {low}" + (f" to {high}" if high is not None else "")
-        raise RequestRefused("invalid_parameter", f"{field} must be a whole number {bound}, not {value!r}.", field)
+        raise RequestRefused(
+            "invalid_parameter", f"{field} must be a whole number {bound}, not {value!r}.", field
+        )
     return value
 
 
@@ -110,7 +133,7 @@ def _service_tier(request: Mapping[str, Any]) -> None:
     if tier is not None and tier not in _DEFAULT_SERVICE_TIERS:
         raise RequestRefused(
             "model_not_priced",
-            f"service_tier {tier!r} has prices this gateway does not bill; omit it or use \"auto\".",
+            f'service_tier {tier!r} has prices this gateway does not bill; omit it or use "auto".',
             "service_tier",
         )
 
@@ -128,7 +151,9 @@ def _refuse_fields(request: Mapping[str, Any], fields: Mapping[str, str]) -> Non
     for field, why in fields.items():
         value = request.get(field)
         if value is not None and value is not False:
-            raise RequestRefused("parameter_not_supported", f"{field} is not supported by this gateway: {why}", field)
+            raise RequestRefused(
+                "parameter_not_supported", f"{field} is not supported by this gateway: {why}", field
+            )
 
 
 def _tools(request: Mapping[str, Any], allowed: Callable[[Any], bool]) -> None:
@@ -179,7 +204,9 @@ def _parts_in_body(value: Any, dimensions: set[str]) -> bool:
 
 def _chat_completions(request: Mapping[str, Any], limit: int) -> WorstCase:
     _service_tier(request)
-    _refuse_fields(request, {"web_search_options": "web search is billed per query, which this gateway does not price."})
+    _refuse_fields(
+        request, {"web_search_options": "web search is billed per query, which this gateway does not price."}
+    )
     _tools(request, lambda kind: kind in ("function", "custom"))
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     modalities = request.get("modalities")
@@ -216,17 +243,22 @@ def _completions(request: Mapping[str, Any], limit: int) -> WorstCase:
 
 
 def _embeddings(request: Mapping[str, Any], limit: int) -> WorstCase:
-    return WorstCase(output_per_choice=0, choices=1, prompt_in_body=True, dimensions=frozenset({"input_text"}))
+    return WorstCase(
+        output_per_choice=0, choices=1, prompt_in_body=True, dimensions=frozenset({"input_text"})
+    )
 
 
 def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
     _service_tier(request)
-    _refuse_fields(request, {
-        "background": "background work goes on after the answer, where no usage can be read.",
-        "previous_response_id": "it reads a response stored at the provider; send the whole input.",
-        "conversation": "it reads a conversation stored at the provider; send the whole input.",
-        "prompt": "it reads a prompt template stored at the provider; send the input itself.",
-    })
+    _refuse_fields(
+        request,
+        {
+            "background": "background work goes on after the answer, where no usage can be read.",
+            "previous_response_id": "it reads a response stored at the provider; send the whole input.",
+            "conversation": "it reads a conversation stored at the provider; send the whole input.",
+            "prompt": "it reads a prompt template stored at the provider; send the input itself.",
+        },
+    )
     _tools(request, lambda kind: kind in ("function", "custom"))
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     prompt_in_body = _parts_in_body(request.get("input"), dimensions)
@@ -241,11 +273,19 @@ def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
 
 def _messages(request: Mapping[str, Any], limit: int) -> WorstCase:
     _service_tier(request)
-    _refuse_fields(request, {
-        "mcp_servers": "MCP servers run at the provider.",
-        "container": "containers run code at the provider.",
-    })
-    _tools(request, lambda kind: kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES)))
+    _refuse_fields(
+        request,
+        {
+            "mcp_servers": "MCP servers run at the provider.",
+            "container": "containers run code at the provider.",
+        },
+    )
+    _tools(
+        request,
+        lambda kind: (
+            kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES))
+        ),
+    )
     if whole_number(request, "max_tokens") is None:
         raise RequestRefused("invalid_parameter", "max_tokens is required.", "max_tokens")
     dimensions = {"input_text", "input_cached", "input_cache_write_5m", "input_cache_write_1h", "output_text"}

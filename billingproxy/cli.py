@@ -13,8 +13,6 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from billing import database, pricing, settings as settings_mod
 
 EXIT_USAGE = 2
@@ -40,16 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--backend-url", help="override BILLINGPROXY_BACKEND_URL")
     sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
 
-    wallet = sub.add_parser("wallet", help="show, credit or set the overdraft limit of a wallet").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
+    wallet = sub.add_parser(
+        "wallet", help="show, credit or set the overdraft limit of a wallet"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
     show = wallet.add_parser("show", help="balance, state and keys of a wallet")
     show.add_argument("wallet", help="wallet id (wal_…) or owner email")
     credit = wallet.add_parser("credit", help="credit a wallet by hand (idempotent on --reference)")
     credit.add_argument("wallet", help="wallet id (wal_…) or owner email")
     credit.add_argument("amount_usd", help='amount in USD, e.g. "10.00"')
-    credit.add_argument("--reference", required=True,
-                        help="a unique reference (ticket id…): the same reference never credits twice")
+    credit.add_argument(
+        "--reference",
+        required=True,
+        help="a unique reference (ticket id…): the same reference never credits twice",
+    )
     overdraft = wallet.add_parser(
         "set-overdraft", help="how far below zero the balance may go (0: never below zero)"
     )
@@ -61,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = key.add_parser("create", help="issue a new key for a wallet (shown once)")
     create.add_argument("wallet", help="wallet id (wal_…) or owner email")
-    create.add_argument("--model", action="append", dest="models",
-                        help="allow only this model (repeat for several); default: any priced model")
+    create.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        help="allow only this model (repeat for several); default: any priced model",
+    )
     revoke = key.add_parser("revoke", help="revoke a key; refused by the gateway within a second")
     revoke.add_argument("key_id", help="key id (key_…)")
 
@@ -70,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         "reconcile",
         help="settle requests from Envoy's JSON access log (those the gRPC access log never delivered); idempotent",
     )
-    reconcile.add_argument("log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin")
+    reconcile.add_argument(
+        "log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin"
+    )
 
     usage = sub.add_parser("usage", help="ledger entries of a wallet, newest first")
     usage.add_argument("wallet", help="wallet id (wal_…) or owner email")
@@ -184,14 +191,21 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from billingproxy import admin  # noqa: PLC0415
-    from billingproxy import startup_errors  # noqa: PLC0415
+    from billingproxy import (
+        admin,
+        startup_errors,
+    )
 
     try:
         settings = settings_mod.from_env()
         return _dispatch(args, settings)
-    except (CommandError, admin.AdminError, settings_mod.SettingsError, pricing.PricingError,
-            database.DatabaseUrlError) as exc:
+    except (
+        CommandError,
+        admin.AdminError,
+        settings_mod.SettingsError,
+        pricing.PricingError,
+        database.DatabaseUrlError,
+    ) as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -55,7 +55,7 @@ async def reconcile(database_url: str, prices: pricing.PriceBook, lines: Iterabl
     try:
         settler = Settler(pool, prices)
         for start in range(0, len(requests), BATCH):
-            outcomes.update(o.value for o in await settler.settle(requests[start:start + BATCH]))
+            outcomes.update(o.value for o in await settler.settle(requests[start : start + BATCH]))
     finally:
         await pool.close()
     rows = [(name, count) for name, count in sorted(outcomes.items())]

@@ -15,10 +15,10 @@ import random
 import socket
 import threading
 import time
-from pathlib import Path
-from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -30,8 +30,9 @@ POLL_TIMEOUT_S = 30.0  # generous for a loaded CI machine; a healthy run takes w
 POLL_INTERVAL_S = 0.05
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], *, timeout_s: float = POLL_TIMEOUT_S,
-                     what: str = "the condition") -> T:
+async def eventually(
+    probe: Callable[[], Awaitable[T]], *, timeout_s: float = POLL_TIMEOUT_S, what: str = "the condition"
+) -> T:
     """Poll ``probe`` until it returns a truthy value (returned) or fails the test."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -86,7 +87,7 @@ class Kube:
         self.namespace = namespace
 
     def _path(self, plural: str, name: str | None = None, *, subresource: str | None = None) -> str:
-        base = ("/api/v1" if plural in ("secrets", "events") else f"/apis/{GROUP_VERSION}")
+        base = "/api/v1" if plural in ("secrets", "events") else f"/apis/{GROUP_VERSION}"
         path = f"{base}/namespaces/{self.namespace}/{plural}"
         if name is not None:
             path += f"/{name}"
@@ -103,8 +104,12 @@ class Kube:
 
     async def create(self, kind: str, name: str, spec: dict[str, Any], **metadata: Any) -> dict[str, Any]:
         plural = {"Wallet": "wallets", "ApiKey": "apikeys"}[kind]
-        body = {"apiVersion": GROUP_VERSION, "kind": kind,
-                "metadata": {"name": name, "namespace": self.namespace, **metadata}, "spec": spec}
+        body = {
+            "apiVersion": GROUP_VERSION,
+            "kind": kind,
+            "metadata": {"name": name, "namespace": self.namespace, **metadata},
+            "spec": spec,
+        }
         return await self._call("POST", self._path(plural), json=body)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -121,42 +126,69 @@ class Kube:
             raise
 
     async def patch_spec(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("PATCH", self._path(plural, name), json={"spec": spec},
-                                headers={"Content-Type": "application/merge-patch+json"})
+        return await self._call(
+            "PATCH",
+            self._path(plural, name),
+            json={"spec": spec},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
 
     async def delete(self, plural: str, name: str) -> None:
         await self._call("DELETE", self._path(plural, name))
 
     async def create_secret(self, name: str, data: dict[str, str]) -> dict[str, Any]:
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": name},
-                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": name},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
         return await self._call("POST", self._path("secrets"), json=body)
 
     async def events(self) -> list[dict[str, Any]]:
         return (await self._call("GET", self._path("events")))["items"]
 
     async def events_for(self, name: str, reason: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in await self.events()
-                if e.get("involvedObject", {}).get("name") == name and (reason is None or e.get("reason") == reason)]
+        return [
+            e
+            for e in await self.events()
+            if e.get("involvedObject", {}).get("name") == name
+            and (reason is None or e.get("reason") == reason)
+        ]
 
     # -- polling helpers -------------------------------------------------------------------------
 
-    async def wait_for(self, plural: str, name: str, check: Callable[[dict[str, Any]], bool], *,
-                       timeout_s: float = POLL_TIMEOUT_S, what: str | None = None) -> dict[str, Any]:
+    async def wait_for(
+        self,
+        plural: str,
+        name: str,
+        check: Callable[[dict[str, Any]], bool],
+        *,
+        timeout_s: float = POLL_TIMEOUT_S,
+        what: str | None = None,
+    ) -> dict[str, Any]:
         async def probe() -> dict[str, Any] | None:
             obj = await self.get(plural, name)
             return obj if obj is not None and check(obj) else None
-        return await eventually(probe, timeout_s=timeout_s, what=what or f"{plural}/{name} reaching the state")
+
+        return await eventually(
+            probe, timeout_s=timeout_s, what=what or f"{plural}/{name} reaching the state"
+        )
 
     async def wait_gone(self, plural: str, name: str, *, timeout_s: float = POLL_TIMEOUT_S) -> None:
         async def probe() -> bool:
             return await self.get(plural, name) is None
+
         await eventually(probe, timeout_s=timeout_s, what=f"{plural}/{name} being deleted")
 
-    async def wait_event(self, name: str, reason: str, *, timeout_s: float = POLL_TIMEOUT_S) -> dict[str, Any]:
+    async def wait_event(
+        self, name: str, reason: str, *, timeout_s: float = POLL_TIMEOUT_S
+    ) -> dict[str, Any]:
         async def probe() -> dict[str, Any] | None:
             found = await self.events_for(name, reason)
             return found[-1] if found else None
+
         return await eventually(probe, timeout_s=timeout_s, what=f"an Event {reason} for {name}")
 
 
@@ -166,14 +198,18 @@ def condition(obj: dict[str, Any], type_: str = "Ready") -> dict[str, Any] | Non
 
 def is_ready(obj: dict[str, Any]) -> bool:
     cond = condition(obj)
-    return cond is not None and cond["status"] == "True" and \
-        (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
+    return (
+        cond is not None
+        and cond["status"] == "True"
+        and (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
+    )
 
 
 def reason_is(reason: str, status: str = "False", type_: str = "Ready") -> Callable[[dict[str, Any]], bool]:
     def check(obj: dict[str, Any]) -> bool:
         cond = condition(obj, type_)
         return cond is not None and cond["reason"] == reason and cond["status"] == status
+
     return check
 
 
@@ -235,7 +271,9 @@ class TcpProxy:
     def url(self, database_url: str) -> str:
         parts = urlsplit(database_url)
         userinfo = parts.netloc.rpartition("@")[0]
-        return parts._replace(netloc=f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}").geturl()
+        return parts._replace(
+            netloc=f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        ).geturl()
 
 
 class _ThreadLog(logging.Handler):
@@ -298,7 +336,9 @@ class OperatorThread:
 
         async def watching() -> bool:
             return self._error is not None or all(
-                self.logged(f"Starting the watch-stream for {resource}") for resource in self.WATCHED)
+                self.logged(f"Starting the watch-stream for {resource}") for resource in self.WATCHED
+            )
+
         try:
             if not started:
                 raise AssertionError("the operator did not start within 30 s")
@@ -331,6 +371,7 @@ async def running(cfg: config.OperatorConfig):
 
 
 # -- PostgreSQL, as the tests read it ---------------------------------------------------------------
+
 
 async def wallet_rows(engine: Any, external_id: str) -> list[Any]:
     import sqlalchemy as sa  # noqa: PLC0415

@@ -53,7 +53,7 @@ def test_round_trip_over_many_values() -> None:
     rng = random.Random(20261125)
     values = [0, 1, -1, 999_999_999, 1_000_000_000, 1_000_000_001, NANO_MAX, -NANO_MAX]
     values += [rng.randint(-NANO_MAX, NANO_MAX) for _ in range(2000)]
-    values += [rng.randint(-10**12, 10**12) for _ in range(2000)]
+    values += [rng.randint(-(10**12), 10**12) for _ in range(2000)]
     for nano in values:
         text = money.format_usd(nano)
         assert money.parse_usd(text, allow_negative=True) == nano, text

@@ -36,8 +36,18 @@ def test_defaults() -> None:
 
 
 def test_empty_values_mean_defaults() -> None:
-    names = ["FREE_GRANT_USD", "MARKUP_PERCENT", "PRICE_OVERRIDES", "GATEWAY_PORT", "ADMISSION",
-             "HOLD_TTL_S", "BACKEND_URL", "PUBLIC_URL", "BIND_HOST", "OVERDRAFT_LIMIT_USD"]
+    names = [
+        "FREE_GRANT_USD",
+        "MARKUP_PERCENT",
+        "PRICE_OVERRIDES",
+        "GATEWAY_PORT",
+        "ADMISSION",
+        "HOLD_TTL_S",
+        "BACKEND_URL",
+        "PUBLIC_URL",
+        "BIND_HOST",
+        "OVERDRAFT_LIMIT_USD",
+    ]
     assert settings.from_env({P + name: "" for name in names}) == settings.Settings()
 
 
