@@ -26,8 +26,8 @@ import asyncio
 import dataclasses
 import hmac
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -36,6 +36,9 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
 from billing import database, holds, pricing, usage as usage_mod
+
+if TYPE_CHECKING:
+    from envoy.data.accesslog.v3 import accesslog_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ _FORMAT = metadata_header("format")
 CHECK_FAILED_STATUS = 503
 
 
-def finished_request(entry) -> FinishedRequest | None:
+def finished_request(entry: accesslog_pb2.HTTPAccessLogEntry) -> FinishedRequest | None:
     """The billable facts of one ``HTTPAccessLogEntry``, or None when there is nothing to settle."""
     filter_metadata = entry.common_properties.metadata.filter_metadata
     authz = filter_metadata.get(METADATA_NAMESPACE)
@@ -91,8 +94,9 @@ def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | Non
     authz, usage, status = line.get("authz"), line.get("usage"), line.get("status")
     if not isinstance(status, int) or isinstance(status, bool):
         return None
+    request_id = line.get("request_id")
     return _finished(
-        line.get("request_id") if isinstance(line.get("request_id"), str) else "",
+        request_id if isinstance(request_id, str) else "",
         status,
         authz=authz.get if isinstance(authz, dict) else None,
         usage=usage.get if isinstance(usage, dict) else None,
@@ -178,11 +182,11 @@ class Settler:
                 )
             )
             positions.append(position)
-        for position, outcome in zip(positions, await self._settle_many(requests)):
+        for position, outcome in zip(positions, await self._settle_many(requests), strict=True):
             outcomes[position] = outcome
         settled = [outcome for outcome in outcomes if outcome is not None]
         assert len(settled) == len(batch)
-        for done, outcome in zip(batch, settled):
+        for done, outcome in zip(batch, settled, strict=True):
             metrics.settlements.labels(outcome.value).inc()
             if outcome is holds.Settlement.REFUSED_MISMATCH:
                 metrics.access_log_refusals.labels("hold_mismatch").inc()
@@ -212,7 +216,7 @@ class Settler:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict]:
+    def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict[str, Any]]:
         """What to post for ``done`` and the details of its ledger entry.
 
         The price is that of ``done.model``, the model the entry names. The settlement statement
@@ -244,7 +248,7 @@ class Settler:
         }
 
 
-class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # Envoy's generated servicer has no types
     """Envoy's gRPC access-log stream (``StreamAccessLogs``), for Envoy only.
 
     ``secret`` is Settings.access_log_secret; Envoy sends it as ``x-billingproxy-access-log-secret``
@@ -256,7 +260,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self._settler = settler
         self._secret = secret.encode()
         self._queue: asyncio.Queue[FinishedRequest] = asyncio.Queue(QUEUE_MAX)
-        self._workers: list[asyncio.Task] = []
+        self._workers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(), name=f"settle-{i}") for i in range(WORKERS)]
@@ -268,14 +272,18 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    def _authentic(self, metadata) -> bool:
+    def _authentic(self, metadata: grpc.aio.Metadata | None) -> bool:
         """Exactly one secret, equal to ours, compared in constant time."""
         sent = [value for key, value in (metadata or ()) if key == envoy_config.ACCESS_LOG_SECRET_HEADER]
         if len(sent) != 1 or not self._secret or not isinstance(sent[0], str):
             return False
         return hmac.compare_digest(sent[0].encode(), self._secret)
 
-    async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+    async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse],
+    ) -> als_pb2.StreamAccessLogsResponse:
         if not self._authentic(context.invocation_metadata()):
             metrics.access_log_refusals.labels("unauthenticated").inc()
             logger.warning(

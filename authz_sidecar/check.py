@@ -32,7 +32,10 @@ METADATA_HEADER_PREFIX = envoy_config.METADATA_HEADER_PREFIX
 
 
 def metadata_header(field: str) -> str:
-    """The header (and metadata key) that carries one of the Check's facts: hold_id → x-billingproxy-hold-id."""
+    """The header (and metadata key) that carries one of the Check's facts.
+
+    hold_id → x-billingproxy-hold-id.
+    """
     return METADATA_HEADER_PREFIX + field.replace("_", "-")
 
 
@@ -334,7 +337,8 @@ def request_body(content_type: str | None, body: bytes) -> dict[str, Any]:
         raise api_errors.ApiError(
             400,
             "invalid_json",
-            f'The request body must be a UTF-8 JSON object with a "model", nested at most {JSON_DEPTH_MAX} deep.',
+            'The request body must be a UTF-8 JSON object with a "model", '
+            f"nested at most {JSON_DEPTH_MAX} deep.",
         )
     return request
 

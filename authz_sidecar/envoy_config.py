@@ -61,9 +61,9 @@ Settings that are not obvious, and why:
   has no "keep only these" option, so a second, small Lua filter (upstream_headers.lua), last
   before the router, removes every request header not in :data:`UPSTREAM_HEADERS`,
   ``upstream_headers`` — credentials included, whatever their name. After it the router sets only
-  ``host``, ``accept-encoding: identity`` and the backend credential: ``suppress_envoy_headers`` keeps its x-envoy-*
-  headers (the original host, the timeout hint) from the backend, and the client's
-  x-envoy-upstream-service-time from the client.
+  ``host``, ``accept-encoding: identity`` and the backend credential: ``suppress_envoy_headers``
+  keeps its x-envoy-* headers (the original host, the timeout hint) from the backend, and the
+  client's x-envoy-upstream-service-time from the client.
 - The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
   with ``HttpProtocolOptions.explicit_http_config``; the Check's is HTTP/1.1.
 - The gRPC access log sends ``access_log_secret`` in its stream's initial metadata
@@ -85,7 +85,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import logging
 import os
 import ssl
 from pathlib import Path
@@ -95,8 +94,6 @@ from urllib.parse import urlsplit
 import yaml
 
 from billing.settings import INTERNAL_HOST, Settings
-
-logger = logging.getLogger(__name__)
 
 BACKEND_CLUSTER = "llm_backend"
 SIDECAR_CHECK_CLUSTER = "billing_sidecar_check"
@@ -509,7 +506,8 @@ def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
     source = UPSTREAM_HEADERS_SOURCE.read_text(encoding="utf-8")
     rendered = {
         "local ALLOWED = {}  -- rendered: exact names": f"local ALLOWED = {table(names)}",
-        "local ALLOWED_PREFIXES = {}  -- rendered: prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
+        "local ALLOWED_PREFIXES = {}  -- rendered: "
+        "prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
     }
     for marker, line in rendered.items():
         if source.count(marker) != 1:
@@ -648,7 +646,9 @@ def _backend_cluster(backend: Backend, trusted_ca: Path | None) -> dict[str, Any
 
 
 def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
-    protocol = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    protocol: dict[str, dict[str, Any]] = (
+        {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    )
     return {
         "name": name,
         "type": "STATIC",
@@ -684,7 +684,7 @@ def _ca_bundle(explicit: Path | None) -> Path:
             if raw:
                 candidates.append(Path(raw))
         try:
-            import certifi
+            import certifi  # noqa: PLC0415 (optional: used when installed)
         except ImportError:
             pass
         else:

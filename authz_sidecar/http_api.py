@@ -15,10 +15,11 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,7 +38,7 @@ _RATE_WINDOW_S = 60.0
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
 KEYS = web.AppKey("keys", KeyLookup)
-SIGNUP_LIMITER = web.AppKey("signup_limiter", object)
+SIGNUP_LIMITER: web.AppKey[SignupLimiter] = web.AppKey("signup_limiter")
 OPENAPI = web.AppKey("openapi", dict)
 
 signup_refusals = Counter(
@@ -139,7 +140,7 @@ def _error(error: api_errors.ApiError) -> web.Response:
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except api_errors.ApiError as error:
@@ -244,6 +245,10 @@ async def balance(request: web.Request) -> web.Response:
     )
 
 
+@overload
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int: ...
+@overload
+def _query_int(request: web.Request, name: str, default: None, lo: int, hi: int) -> int | None: ...
 def _query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -292,7 +297,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def load_openapi() -> dict[str, Any]:
-    return yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+    document: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+    return document
 
 
 def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> web.Application:

@@ -31,7 +31,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import stripe
@@ -44,6 +45,9 @@ from authz_sidecar.key_lookup import KeyLookup
 from billing import money, payments, wallets
 from billing.settings import Settings
 
+if TYPE_CHECKING:
+    from stripe.params.checkout import SessionCreateParams
+
 logger = logging.getLogger(__name__)
 
 # Below Envoy's 30 s route timeout for the sidecar, so the client hears our answer, not Envoy's.
@@ -55,7 +59,8 @@ PRODUCT_NAME = "BillingProxy prepaid credit"
 
 webhook_events = Counter(
     "billingproxy_stripe_webhook_events",
-    "Verified Stripe webhook events, by outcome (credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
+    "Verified Stripe webhook events, by outcome "
+    "(credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
     ["outcome"],
     registry=metrics.registry,
 )
@@ -88,10 +93,12 @@ class CheckoutClient:
             ),
         )
 
-    async def create_session(self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str) -> Any:
+    async def create_session(
+        self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str
+    ) -> stripe.checkout.Session:
         s = self._settings
         amount_usd = money.format_usd(amount_nano)[:-4]  # "10.000000" → "10.00"
-        params: dict[str, Any] = {
+        params: SessionCreateParams = {
             "mode": "payment",
             "line_items": [
                 {
@@ -115,8 +122,7 @@ class CheckoutClient:
         if wallet.email:
             params["customer_email"] = wallet.email
         return await self._client.v1.checkout.sessions.create_async(
-            params,
-            {"idempotency_key": idempotency_key},  # type: ignore[arg-type]
+            params, {"idempotency_key": idempotency_key}
         )
 
 
@@ -129,7 +135,7 @@ class StripeRoutes:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def lifespan(self, _app: web.Application):
+    async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
         if not self.settings.stripe_configured:
             logger.info("Stripe is not configured (STRIPE_SECRET_KEY): top-ups answer 503")
             yield
@@ -341,8 +347,10 @@ class StripeRoutes:
         )
         body = f"""{notice}
 <form method=post action="/billing/topup">
-  <label>API key <input name=api_key type=password autocomplete=off required placeholder="sk-litellm-…"></label>
-  <label>Amount (USD, {lo}–{hi}) <input name=amount_usd inputmode=decimal required value="{html.escape(amount)}"></label>
+  <label>API key <input name=api_key type=password autocomplete=off required \
+placeholder="sk-litellm-…"></label>
+  <label>Amount (USD, {lo}–{hi}) <input name=amount_usd inputmode=decimal required \
+value="{html.escape(amount)}"></label>
   <button id=continue type=submit>Continue to payment</button>
 </form>
 <p>You will pay on Stripe Checkout; your wallet is credited as soon as Stripe confirms the payment.</p>
@@ -359,7 +367,10 @@ class StripeRoutes:
             return _html("Top-up", "<p>We do not know this checkout session.</p>", status=404)
         amount = html.escape(money.format_usd(status.amount_nano)[:-4])
         if status.credited:
-            body = f"<p id=status data-state=credited>Payment received: {amount} USD credited to your wallet.</p>"
+            body = (
+                f"<p id=status data-state=credited>Payment received: {amount} USD "
+                "credited to your wallet.</p>"
+            )
         else:
             body = (
                 f"<p id=status data-state=pending>Thank you. {amount} USD will be credited as soon as "
@@ -383,7 +394,7 @@ def _refuse_future(header: str, *, now: float) -> None:
     items = [item.split("=", 2) for item in header.split(",")]
     timestamp = int([item[1] for item in items if item[0] == "t"][0])  # verified, so it parses
     if timestamp > now + WEBHOOK_TOLERANCE_S:
-        raise stripe.SignatureVerificationError(
+        raise stripe.SignatureVerificationError(  # type: ignore[no-untyped-call]  # stripe leaves it unannotated
             f"Timestamp {timestamp} is more than {WEBHOOK_TOLERANCE_S} s in the future", header
         )
 
@@ -404,7 +415,8 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
+_CSS = """\
+body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
 label{display:block;margin:.8rem 0}input{display:block;width:100%;padding:.4rem;font-size:1rem}
 button{margin-top:1rem;padding:.6rem 1.2rem;font-size:1rem}.error{color:#b00020}code{word-break:break-all}"""
 
@@ -423,7 +435,9 @@ def _html(title: str, body: str, *, status: int = 200) -> web.Response:
         content_type="text/html",
         headers={
             "cache-control": "no-store",
-            "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'",
+            "content-security-policy": (
+                "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'"
+            ),
             "referrer-policy": "no-referrer",
             "x-content-type-options": "nosniff",
         },

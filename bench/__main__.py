@@ -60,13 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=defaults.repeats,
-        help="times the max and fixed-rate pairs run, interleaved; verdicts take the median (default %(default)s)",
+        help="times the max and fixed-rate pairs run, interleaved; "
+        "verdicts take the median (default %(default)s)",
     )
     parser.add_argument(
         "--no-durable",
         dest="durable",
         action="store_false",
-        help="embedded PostgreSQL without fsync/synchronous_commit (as the tests run it); default: durable, as `billingproxy up`",
+        help="embedded PostgreSQL without fsync/synchronous_commit (as the tests run it); "
+        "default: durable, as `billingproxy up`",
     )
     parser.add_argument(
         "--quick", action="store_true", help="3 s runs, 1 s warm-up: a smoke test of the benchmark itself"
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         results = asyncio.run(_main(options))
-    except Exception as exc:  # the stack did not start: say why, as `billingproxy up` would
+    except Exception as exc:  # noqa: BLE001 (the stack did not start: say why, as `billingproxy up` would)
         print(f"bench: could not run: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     results["options"] = dataclasses.asdict(options)

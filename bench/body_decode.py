@@ -65,7 +65,7 @@ def run() -> dict:
     server = check_http.CheckServer(
         decider=None,
         backend_api_key="",
-        body_max_bytes=Settings().request_body_max_bytes,  # type: ignore[arg-type]
+        body_max_bytes=Settings().request_body_max_bytes,
     )
     connection = _Parsing(server)  # one connection, many requests: Envoy's keep-alive pool
 

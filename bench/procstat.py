@@ -110,6 +110,6 @@ def machine_seconds() -> dict[str, float]:
     """CPU seconds of the whole machine since boot, over all cores, by kind (/proc/stat);
     ``busy`` is everything but idle and iowait (steal included: those cycles were not ours)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    seconds = {name: value / _TICK for name, value in zip(_MACHINE_FIELDS, values)}
+    seconds = {name: value / _TICK for name, value in zip(_MACHINE_FIELDS, values, strict=True)}
     seconds["busy"] = sum(seconds.values()) - seconds["idle"] - seconds["iowait"]
     return seconds

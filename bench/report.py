@@ -24,7 +24,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Derived numbers and the PASS/MISS verdicts; stored in the JSON as ``summary``."""
     runs = results["runs"]
     base, billed, hot = runs["baseline_max"], runs["billed_max"], runs["billed_max_one_wallet"]
-    base_fixed, billed_fixed = runs["baseline_fixed"], runs["billed_fixed"]
+    billed_fixed = runs["billed_fixed"]
     base_low, billed_low = runs["baseline_low"], runs["billed_low"]
     grpc_check = runs.get("billed_max_grpc_check")
     # Every pair of the verdicts' runs: the first (in the table) and its repeats (bench.runner).
@@ -129,7 +129,8 @@ def render(results: dict[str, Any]) -> str:
             run["errors"].values()
         )
         lines.append(
-            f"{run['name']:<26}{run['rps']:>7.0f}{_fmt(run['p50_ms'], '.2f'):>9}{_fmt(run['p99_ms'], '.2f'):>9}"
+            f"{run['name']:<26}{run['rps']:>7.0f}"
+            f"{_fmt(run['p50_ms'], '.2f'):>9}{_fmt(run['p99_ms'], '.2f'):>9}"
             f"{non_ok:>8}{_fmt(run['machine_cores_busy'], '.2f'):>6} | {'':15}"
             f"{_fmt(cpu['sidecar'], '.0f') if billed else '-':>7}{envoy:>6.0f}"
             f"{cpu['postgres']:>6.0f}{cpu['backend']:>8.0f}{cpu['generator']:>8.0f}"
@@ -137,13 +138,15 @@ def render(results: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(
-        "cores: machine CPU busy / wall time (2 cores). CPU µs per 2xx: each process's CPU time / 2xx answers;"
+        "cores: machine CPU busy / wall time (2 cores). "
+        "CPU µs per 2xx: each process's CPU time / 2xx answers;"
     )
     lines.append(
         "billed runs include settling the access log after the load stops. foreign: cores used meanwhile by"
     )
     lines.append(
-        f"processes that are not the benchmark's; '!' marks a run disturbed by more than {DISTURBED_CORES} cores of them."
+        "processes that are not the benchmark's; "
+        f"'!' marks a run disturbed by more than {DISTURBED_CORES} cores of them."
     )
     speed = results.get("host_speed_ms")
     if speed:
@@ -169,7 +172,8 @@ def render(results: dict[str, Any]) -> str:
         f"p99 {_fmt(summary['added_p99_ms_at_max'], '+.2f')} ms"
     )
     lines.append(
-        f"  added latency at {summary['rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_rate'], '+.2f')} ms, "
+        f"  added latency at {summary['rate']:.0f} req/s           p50 "
+        f"{_fmt(summary['added_p50_ms_at_rate'], '+.2f')} ms, "
         f"p99 {_fmt(summary['added_p99_ms_at_rate'], '+.2f')} ms  "
         + _pairs(summary, [f"{d:+.2f}" for d in summary["added_p99_ms_at_rate_pairs"]])
         + (
@@ -181,19 +185,23 @@ def render(results: dict[str, Any]) -> str:
     lines[-1] = lines[-1].rstrip()
     if summary.get("added_p99_ms_at_rate_no_database") is not None:
         lines.append(
-            f"    … with no database on the path      p50 {_fmt(summary['added_p50_ms_at_rate_no_database'], '+.2f')} ms, "
+            "    … with no database on the path      p50 "
+            f"{_fmt(summary['added_p50_ms_at_rate_no_database'], '+.2f')} ms, "
             f"p99 {_fmt(summary['added_p99_ms_at_rate_no_database'], '+.2f')} ms  "
             f"(GET /v1/models: a Check with no hold, same filters and access log)"
         )
     lines.append(
-        f"  added latency at {summary['low_rate']:.0f} req/s           p50 {_fmt(summary['added_p50_ms_at_low_rate'], '+.2f')} ms, "
+        f"  added latency at {summary['low_rate']:.0f} req/s           p50 "
+        f"{_fmt(summary['added_p50_ms_at_low_rate'], '+.2f')} ms, "
         f"p99 {_fmt(summary['added_p99_ms_at_low_rate'], '+.2f')} ms"
     )
     split = runs["billed_max"]["cpu_us_per_request"]
     lines.append(
-        f"  sidecar CPU per request              {_fmt(summary['sidecar_cpu_us_per_request_at_max'], '.0f')} µs at max "
+        "  sidecar CPU per request              "
+        f"{_fmt(summary['sidecar_cpu_us_per_request_at_max'], '.0f')} µs at max "
         f"(user {split['sidecar_user']:.0f} + system {split['sidecar_system']:.0f}), "
-        f"{_fmt(summary['sidecar_cpu_us_per_request_at_low_rate'], '.0f')} µs at {summary['low_rate']:.0f} req/s"
+        f"{_fmt(summary['sidecar_cpu_us_per_request_at_low_rate'], '.0f')} µs "
+        f"at {summary['low_rate']:.0f} req/s"
     )
     check_means = [runs[k].get("sidecar_check_mean_ms") for k in ("billed_max", "billed_fixed", "billed_low")]
     lines.append(
@@ -214,35 +222,43 @@ def render(results: dict[str, Any]) -> str:
     if steps:
         lines.append("")
         lines.append(
-            f"Sidecar CPU by step ({steps['calls_per_step']} sequential calls each, µs per call; wall µs in brackets)"
+            f"Sidecar CPU by step ({steps['calls_per_step']} sequential calls each, "
+            "µs per call; wall µs in brackets)"
         )
         lines.append(
-            f"  real sidecar, HTTP Check: Check GET, cached key {steps['check_get_cached_key']['sidecar_cpu_us']:.0f} "
+            "  real sidecar, HTTP Check: Check GET, cached key "
+            f"{steps['check_get_cached_key']['sidecar_cpu_us']:.0f} "
             f"[{steps['check_get_cached_key']['wall_us']:.0f}]  (HTTP parse + answer, key cache, no database)"
         )
         lines.append(
-            f"                            Check POST, cached key {steps['check_post_cached_key']['sidecar_cpu_us']:.0f} "
+            "                            Check POST, cached key "
+            f"{steps['check_post_cached_key']['sidecar_cpu_us']:.0f} "
             f"[{steps['check_post_cached_key']['wall_us']:.0f}]  (+ body JSON + hold)"
         )
         lines.append(
-            f"                            Check POST, new key {steps['check_post_new_key']['sidecar_cpu_us']:.0f} "
+            "                            Check POST, new key "
+            f"{steps['check_post_new_key']['sidecar_cpu_us']:.0f} "
             f"[{steps['check_post_new_key']['wall_us']:.0f}]  (+ key look-up)"
         )
         client = steps["check_post_cached_key"].get("client_cpu_us")
         if client is not None:
             lines.append(
-                f"                            (wall includes this process's aiohttp client, ~{client:.0f} µs CPU per call)"
+                f"                            (wall includes this process's aiohttp client, ~{client:.0f} µs "
+                "CPU per call)"
             )
         lines.append(
-            f"  real sidecar, gRPC ALS:   access-log entry settled {steps['access_log_settle']['sidecar_cpu_us']:.0f}"
+            "  real sidecar, gRPC ALS:   access-log entry settled "
+            f"{steps['access_log_settle']['sidecar_cpu_us']:.0f}"
         )
         lines.append(
             f"  same SQL in-process:      hold: SQLAlchemy {steps['place_sqlalchemy']['bench_cpu_us']:.0f} "
-            f"[{steps['place_sqlalchemy']['wall_us']:.0f}], asyncpg {steps['place_asyncpg']['bench_cpu_us']:.0f} "
+            f"[{steps['place_sqlalchemy']['wall_us']:.0f}], asyncpg "
+            f"{steps['place_asyncpg']['bench_cpu_us']:.0f} "
             f"[{steps['place_asyncpg']['wall_us']:.0f}]"
         )
         lines.append(
-            f"                            settle: SQLAlchemy (7 round trips) {steps['settle_sqlalchemy']['bench_cpu_us']:.0f} "
+            "                            settle: SQLAlchemy (7 round trips) "
+            f"{steps['settle_sqlalchemy']['bench_cpu_us']:.0f} "
             f"[{steps['settle_sqlalchemy']['wall_us']:.0f}], asyncpg 7 round trips "
             f"{steps['settle_asyncpg_seven_round_trips']['bench_cpu_us']:.0f} "
             f"[{steps['settle_asyncpg_seven_round_trips']['wall_us']:.0f}], asyncpg one statement "
@@ -253,18 +269,22 @@ def render(results: dict[str, Any]) -> str:
             lines.append(
                 f"  group commit in-process:  {steps['group_commit_batch']} per transaction, per request: "
                 f"hold {steps['place_many']['bench_cpu_us']:.0f} [{steps['place_many']['wall_us']:.0f}] "
-                f"(one by one {steps['place_asyncpg']['bench_cpu_us']:.0f} [{steps['place_asyncpg']['wall_us']:.0f}]),"
+                f"(one by one {steps['place_asyncpg']['bench_cpu_us']:.0f} "
+                f"[{steps['place_asyncpg']['wall_us']:.0f}]),"
             )
             lines.append(
-                f"{'':28}settle {steps['settle_many']['bench_cpu_us']:.0f} [{steps['settle_many']['wall_us']:.0f}] "
+                f"{'':28}settle {steps['settle_many']['bench_cpu_us']:.0f} "
+                f"[{steps['settle_many']['wall_us']:.0f}] "
                 f"(one by one {steps['settle_asyncpg_one_statement']['bench_cpu_us']:.0f} "
                 f"[{steps['settle_asyncpg_one_statement']['wall_us']:.0f}])"
             )
         if "place_many_pipelined" in steps:
             lines.append(
                 f"{'':28}PostgreSQL's CPU per request, set-based statement vs pipelined: "
-                f"hold {steps['place_many']['pg_cpu_us']:.0f} vs {steps['place_many_pipelined']['pg_cpu_us']:.0f}, "
-                f"settle {steps['settle_many']['pg_cpu_us']:.0f} vs {steps['settle_many_pipelined']['pg_cpu_us']:.0f}"
+                f"hold {steps['place_many']['pg_cpu_us']:.0f} vs "
+                f"{steps['place_many_pipelined']['pg_cpu_us']:.0f}, "
+                f"settle {steps['settle_many']['pg_cpu_us']:.0f} vs "
+                f"{steps['settle_many_pipelined']['pg_cpu_us']:.0f}"
             )
     decode = results["body_decode"]
     lines.append("")
@@ -273,7 +293,8 @@ def render(results: dict[str, Any]) -> str:
         f"{decode['body_bytes']} B body, {decode['parser']})"
     )
     lines.append(
-        f"  parse the HTTP request {decode['parse_us']:.1f} µs, json.loads(body) {decode['json_loads_us']:.1f} µs; "
+        f"  parse the HTTP request {decode['parse_us']:.1f} µs, json.loads(body) "
+        f"{decode['json_loads_us']:.1f} µs; "
         f"all of it {decode['check_input_total_us']:.1f} µs; build the {decode['admit_response_bytes']} B "
         f"admit answer {decode['admit_response_us']:.1f} µs"
     )
@@ -294,7 +315,8 @@ def render(results: dict[str, Any]) -> str:
     lines.append(
         f"  holds left pending: {books['pending_holds']}"
         + (
-            f" ({books['pending_holds_of_refused_requests']} of requests Envoy refused with 503 after its 1 s "
+            f" ({books['pending_holds_of_refused_requests']} of requests "
+            "Envoy refused with 503 after its 1 s "
             "ext_authz timeout, most likely placed after their void; reserved until the TTL sweep)"
             if books["pending_holds"]
             else ""

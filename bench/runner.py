@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import httptools
 import sqlalchemy as sa
+import uvloop
 import yaml
 
 from authz_sidecar import envoy_config
@@ -159,11 +161,11 @@ async def _scrape_counters(session: aiohttp.ClientSession, admin_port: int) -> d
         text = await response.text()
     found: dict[str, dict[str, float]] = {"check_decisions": {}, "settlements": {}}
     for line in text.splitlines():
-        for name in found:
+        for name, by_label in found.items():
             prefix = f"billingproxy_{name}_total{{"
             if line.startswith(prefix):
                 label = line[len(prefix) : line.index("}")].split("=", 1)[1].strip('"')
-                found[name][label] = float(line.rsplit(" ", 1)[1])
+                by_label[label] = float(line.rsplit(" ", 1)[1])
     return found
 
 
@@ -225,7 +227,8 @@ class Bench:
             admin_socket=run_dir / "envoy-baseline-admin.sock",
         )
         self.say(
-            f"  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on :{baseline_settings.gateway_port}…"
+            "  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on "
+            f":{baseline_settings.gateway_port}…"
         )
         self.baseline = envoy_process.EnvoyProcess(
             yaml.safe_dump(config, sort_keys=False),
@@ -349,7 +352,8 @@ class Bench:
             if cores <= QUIET_CORES_MAX or waited >= QUIET_WAIT_MAX_S:
                 if cores > QUIET_CORES_MAX:
                     self.say(
-                        f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring anyway"
+                        f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring "
+                        "anyway"
                     )
                 return waited, cores
 
@@ -397,7 +401,8 @@ class Bench:
     async def run_all(self) -> dict[str, Any]:
         o = self.options
         self.say(
-            f"Check-input micro-benchmark (HTTP request parsed with httptools {httptools.__version__}, JSON body)…"
+            "Check-input micro-benchmark "
+            f"(HTTP request parsed with httptools {httptools.__version__}, JSON body)…"
         )
         self.results["body_decode"] = await asyncio.to_thread(body_decode.run)
 
@@ -555,7 +560,8 @@ class Bench:
                 self.say(f"run: {key}, again ({n} of {o.repeats})…")
                 pair[key] = await self.measured(make(), billed=billed)
                 self.say(
-                    f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 {pair[key]['p99_ms']} ms"
+                    f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 "
+                    f"{pair[key]['p99_ms']} ms"
                 )
             repeated.append(pair)
         self.results["repeats"] = repeated
@@ -647,16 +653,12 @@ class Bench:
 
 
 def environment() -> dict[str, Any]:
-    import aiohttp as _aiohttp
-    import grpc
-    import uvloop
-
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "aiohttp": _aiohttp.__version__,
+        "aiohttp": aiohttp.__version__,
         "grpcio": grpc.__version__,  # the access log (ALS)
         "httptools": httptools.__version__,  # the Check
         "uvloop": uvloop.__version__,
@@ -667,7 +669,11 @@ def environment() -> dict[str, Any]:
 def _envoy_version() -> str:
     """What ``envoy --version`` says (not the binary's path: results are committed)."""
     done = subprocess.run(
-        [str(envoy_process.envoy_binary()), "--version"], capture_output=True, text=True, timeout=30
+        [str(envoy_process.envoy_binary()), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     words = done.stdout.split()  # "envoy  version: <commit>/<version>/Clean/RELEASE/BoringSSL"
     parts = words[-1].split("/") if words else []

@@ -104,7 +104,8 @@ async def driver_connection(conn: AsyncConnection | Connection) -> Connection:
     if not isinstance(conn, AsyncConnection):
         return conn
     fairy = await conn.get_raw_connection()
-    driver = fairy.driver_connection
+    driver: Connection | None = fairy.driver_connection
+    assert fairy.dbapi_connection is not None and driver is not None  # a checked-out connection
     if not fairy.dbapi_connection.autocommit and not driver.is_in_transaction():
         await conn.exec_driver_sql("SELECT 1")
     return driver

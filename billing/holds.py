@@ -431,7 +431,8 @@ WITH batch AS (
 ), ranked AS (
     SELECT batch.*, locked.room,
            coalesce(sum(batch.amount_nano) OVER (PARTITION BY batch.wallet_id ORDER BY batch.position
-                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                    0) AS before
       FROM batch JOIN locked ON locked.id = batch.wallet_id
 ), admitted AS (
     SELECT * FROM ranked
@@ -626,7 +627,9 @@ async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlem
     pg = await database.driver_connection(conn)
     try:
         if len(requests) >= SET_BATCH_MIN:
-            rows = await pg.fetch(SETTLE_BATCH_SQL, *(list(column) for column in zip(*args.values())))
+            rows = await pg.fetch(
+                SETTLE_BATCH_SQL, *(list(column) for column in zip(*args.values(), strict=True))
+            )
         else:
             ordered = sorted(requests, key=lambda r: (r.wallet_id, r.request_id))
             rows = await pg.fetchmany(SETTLE_SQL, [args[r.request_id] for r in ordered])
@@ -664,4 +667,5 @@ async def expire_due(conn: Conn) -> int:
 
 async def outstanding(conn: Conn) -> int:
     pg = await database.driver_connection(conn)
-    return await pg.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
+    count: int = await pg.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
+    return count

@@ -60,7 +60,7 @@ class Entry:
     created: bool = True
 
 
-def _entry(row: sa.Row, *, created: bool) -> Entry:
+def _entry(row: sa.Row[Any], *, created: bool) -> Entry:
     return Entry(
         id=row.id,
         wallet_id=row.wallet_id,

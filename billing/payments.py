@@ -134,8 +134,10 @@ def _id(value: object) -> str | None:
     """An expandable field: an id string, or the expanded object's id."""
     if isinstance(value, str) and value:
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
-        return value["id"]
+    if isinstance(value, Mapping):
+        ident = value.get("id")
+        if isinstance(ident, str):
+            return ident
     return None
 
 
@@ -240,7 +242,11 @@ async def _checkout(
         raise _Skip("not_ours", f"session {session_id} was not created by this gateway's /billing/topup")
     # The wallet we recorded when we created the session; the event's copy names nothing for us.
     wallet_id = recorded.wallet_id
-    named = {_id(session.get("client_reference_id")), _id(_metadata(session).get("wallet_id"))} - {None}
+    named = {
+        name
+        for name in (_id(session.get("client_reference_id")), _id(_metadata(session).get("wallet_id")))
+        if name is not None
+    }
     disagreement = (
         f"; the session names {sorted(named)}, credited to the recorded wallet" if named - {wallet_id} else ""
     )
@@ -650,6 +656,7 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
             continue
         if not credited:
             continue
+        assert credit is not None  # credited, so it has its entry (checked above)
         if credit.amount_nano != p.amount_nano:
             problems.append(f"{p.payment_intent}: credited {credit.amount_nano}, paid {p.amount_nano}")
         refunds = -sum(e.amount_nano for e in keyed.values() if e.kind == "refund")

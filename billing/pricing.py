@@ -347,8 +347,8 @@ def load_litellm_prices(path: Path | None = None) -> dict[str, ModelPrice]:
         output_price = _decimal(entry.get("output_cost_per_token"))
         if not (input_price or output_price):
             continue  # absent, or priced 0: unpriced, never free
-        entry = {"input_cost_per_token": 0, "output_cost_per_token": 0, **entry}
-        prices[model] = _model_price(model, entry)
+        priced = {"input_cost_per_token": 0, "output_cost_per_token": 0, **entry}
+        prices[model] = _model_price(model, priced)
     return prices
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 from billing import emails, money
 from billing.endpoints import ENDPOINT_NAMES
@@ -154,7 +155,7 @@ class Settings:
     def stripe_configured(self) -> bool:
         return bool(self.stripe_secret_key)
 
-    def replace(self, **changes: object) -> Settings:
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
@@ -186,7 +187,8 @@ class Settings:
             raise SettingsError(f"{ENV_PREFIX}FREE_GRANT_USD must not be negative")
         if not 0 <= self.overdraft_limit_nano <= OVERDRAFT_LIMIT_MAX_NANO:
             raise SettingsError(
-                f"{ENV_PREFIX}OVERDRAFT_LIMIT_USD must be from 0 to {money.format_usd(OVERDRAFT_LIMIT_MAX_NANO)}"
+                f"{ENV_PREFIX}OVERDRAFT_LIMIT_USD must be from 0 to "
+                f"{money.format_usd(OVERDRAFT_LIMIT_MAX_NANO)}"
             )
         if self.markup_percent < 0:
             raise SettingsError(f"{ENV_PREFIX}MARKUP_PERCENT must not be negative")
@@ -219,7 +221,8 @@ class Settings:
             # Never echo it: the message names the rule only.
             raise SettingsError(
                 f"{ENV_PREFIX}ACCESS_LOG_SECRET must be at least {ACCESS_LOG_SECRET_MIN_CHARS} visible "
-                "ASCII characters (no spaces); e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                "ASCII characters (no spaces); e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
             )
         for name in self.upstream_headers:
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*\*?", name):

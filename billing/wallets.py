@@ -14,8 +14,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -23,6 +23,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import database, emails, keys, ledger, money, settings, tables
+
+if TYPE_CHECKING:
+    import asyncpg
 
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
@@ -125,7 +128,7 @@ class Signup:
     key: keys.IssuedKey
 
 
-def _wallet(row: sa.Row) -> Wallet:
+def _wallet(row: sa.Row[Any]) -> Wallet:
     return Wallet(
         id=row.id,
         email=row.email,
@@ -141,7 +144,7 @@ def _wallet(row: sa.Row) -> Wallet:
     )
 
 
-def _key(row: sa.Row | Mapping[str, Any]) -> KeyRecord:
+def _key(row: sa.Row[Any] | asyncpg.Record) -> KeyRecord:
     """A key from a SQLAlchemy row or an asyncpg record (the Check's look-up)."""
     fields = row._mapping if isinstance(row, sa.Row) else row
     models = fields["allowed_models"]
@@ -212,7 +215,8 @@ def check_overdraft_limit(nano: object) -> int:
         raise OverdraftLimitInvalid(f"an overdraft limit is a whole number of nano-USD, not {nano!r}")
     if not 0 <= nano <= settings.OVERDRAFT_LIMIT_MAX_NANO:
         raise OverdraftLimitInvalid(
-            f"an overdraft limit must be from 0 to {money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
+            "an overdraft limit must be from 0 to "
+            f"{money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
             f"not {money.format_usd(nano)}"
         )
     return nano

@@ -19,8 +19,11 @@ class AdminError(Exception):
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -86,10 +89,14 @@ async def wallet_credit(conn: AsyncConnection, ref: str, amount_usd: str, refere
     except ledger.IdempotencyConflict as exc:
         raise AdminError(
             f"reference {reference!r} was already used for a different credit "
-            f"({money.format_usd(exc.first.amount_nano)} USD to {exc.first.wallet_id}); choose a new reference"
+            f"({money.format_usd(exc.first.amount_nano)} USD to {exc.first.wallet_id}); "
+            "choose a new reference"
         ) from None
     verb = "credited" if entry.created else "already credited (nothing changed)"
-    return f"{wallet.id}: {verb} {money.format_usd(entry.amount_nano)} USD; balance {money.format_usd(entry.balance_after_nano)} USD"
+    return (
+        f"{wallet.id}: {verb} {money.format_usd(entry.amount_nano)} USD; "
+        f"balance {money.format_usd(entry.balance_after_nano)} USD"
+    )
 
 
 async def wallet_set_overdraft(conn: AsyncConnection, ref: str, limit_usd: str) -> str:

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
     reconcile = sub.add_parser(
         "reconcile",
-        help="settle requests from Envoy's JSON access log (those the gRPC access log never delivered); idempotent",
+        help="settle requests from Envoy's JSON access log "
+        "(those the gRPC access log never delivered); idempotent",
     )
     reconcile.add_argument(
         "log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin"
@@ -118,14 +119,14 @@ def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[s
 
 
 def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
-    from billingproxy import admin  # noqa: PLC0415
+    from billingproxy import admin  # noqa: PLC0415 (a command imports only what it runs)
 
     if args.command == "up":
-        from billingproxy import local_stack  # noqa: PLC0415
+        from billingproxy import local_stack  # noqa: PLC0415 (a command imports only what it runs)
 
         return local_stack.main(settings)
     if args.command == "sidecar":
-        from authz_sidecar import server  # noqa: PLC0415
+        from authz_sidecar import server  # noqa: PLC0415 (a command imports only what it runs)
 
         settings = settings.replace(database_url=_database_url(settings))
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
@@ -136,7 +137,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         print("database schema is up to date")
         return 0
     if args.command == "envoy-config":
-        from authz_sidecar import envoy_config  # noqa: PLC0415
+        from authz_sidecar import envoy_config  # noqa: PLC0415 (a command imports only what it runs)
 
         backend = args.backend_url or settings.backend_url
         if not backend:
@@ -148,7 +149,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return 0
     if args.command == "operator":
         # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
-        from billingproxy import operator_command  # noqa: PLC0415
+        from billingproxy import operator_command  # noqa: PLC0415 (see the line above)
 
         return operator_command.main(settings)
     if args.command == "wallet" and args.action == "show":
@@ -162,7 +163,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     if args.command == "key" and args.action == "revoke":
         return _admin(admin.key_revoke, args.key_id)(settings)
     if args.command == "reconcile":
-        from billingproxy import reconcile  # noqa: PLC0415
+        from billingproxy import reconcile  # noqa: PLC0415 (a command imports only what it runs)
 
         lines = _read_lines(args.log)
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
@@ -191,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from billingproxy import (
-        admin,
-        startup_errors,
-    )
+    from billingproxy import admin, startup_errors  # noqa: PLC0415 (after logging is configured)
 
     try:
         settings = settings_mod.from_env()

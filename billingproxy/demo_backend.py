@@ -260,8 +260,8 @@ async def send(
     if controls.chunk_bytes:
         pieces = [body[i : i + controls.chunk_bytes] for i in range(0, len(body), controls.chunk_bytes)]
     sent = 0
-    for piece in pieces:
-        piece = piece[: max(0, cut - sent)]
+    for whole in pieces:
+        piece = whole[: max(0, cut - sent)]
         if piece:
             await response.write(piece)
             sent += len(piece)
@@ -663,7 +663,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise DemoError(400, "max_tokens: Field required")
     system = body.get("system")
     prompt = prompt_tokens(turns)
-    if isinstance(system, str) or isinstance(system, list):
+    if isinstance(system, (str, list)):
         prompt += prompt_tokens([{"role": "system", "content": system}])
     output, limited = output_limit(body, "max_tokens")
     read = min(controls.cached, prompt)

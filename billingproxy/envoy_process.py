@@ -100,6 +100,7 @@ def validate(config_yaml: str) -> None:
                 capture_output=True,
                 text=True,
                 timeout=VALIDATE_TIMEOUT_S,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             raise EnvoyConfigError(f"envoy --mode validate took over {VALIDATE_TIMEOUT_S:.0f} s") from None
@@ -235,12 +236,14 @@ class EnvoyProcess:
 
     async def admin_get(self, path: str, params: dict[str, str] | None = None) -> str:
         """GET ``path`` from Envoy's admin (over its Unix socket): ``/stats``, ``/ready``, …"""
-        async with self._admin_session(timeout_s=10) as session:
-            async with session.get(_ADMIN_URL + path, params=params) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise EnvoyError(f"Envoy's admin answered {response.status} to {path}: {text[:200]}")
-                return text
+        async with (
+            self._admin_session(timeout_s=10) as session,
+            session.get(_ADMIN_URL + path, params=params) as response,
+        ):
+            text = await response.text()
+            if response.status != 200:
+                raise EnvoyError(f"Envoy's admin answered {response.status} to {path}: {text[:200]}")
+            return text
 
     async def _wait_ready(self) -> None:
         assert self._process is not None

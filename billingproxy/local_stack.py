@@ -228,7 +228,8 @@ class Stack:
             await self._start_stripe_double(logs)
 
         self._say(
-            f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin :{s.admin_port})…"
+            f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin "
+            f":{s.admin_port})…"
         )
         self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")
         await self._wait_http("sidecar", f"http://127.0.0.1:{s.admin_port}/readyz")
@@ -375,7 +376,8 @@ def _stripe_greeting(stack: Stack) -> str:
     if stack.stripe_double_url:
         return (
             topup
-            + f"""Payments: local Stripe TEST MODE double at {stack.stripe_double_url} (no account, no real money):
+            + f"""Payments: local Stripe TEST MODE double at {stack.stripe_double_url} \
+(no account, no real money):
   its checkout page has a "Pay (test)" button that sends a signed webhook to the gateway.
   To use your own Stripe test account instead, set STRIPE_SECRET_KEY=sk_test_… and forward
   webhooks with `{listen}`, setting STRIPE_WEBHOOK_SECRET to the whsec_… it prints.
@@ -383,7 +385,8 @@ def _stripe_greeting(stack: Stack) -> str:
         )
     return (
         topup
-        + f"""Payments: Stripe ({stack.settings.stripe_api_base or "api.stripe.com"}). Forward test webhooks to this gateway with:
+        + f"""Payments: Stripe ({stack.settings.stripe_api_base or "api.stripe.com"}). \
+Forward test webhooks to this gateway with:
   {listen}
   (STRIPE_WEBHOOK_SECRET must be the whsec_… that `stripe listen` prints.)
 """

@@ -490,26 +490,31 @@ class EmbeddedPostgres:
         pgdata, account, install = self.pgdata, self._account, self._install
         pid, self._postmaster_pid = self._postmaster_pid, None
         # Only the server we started: after a crash another process may run on this data dir.
-        if pgdata is not None and account is not None and install is not None and pid is not None:
-            if _read_pid_file(pgdata) == pid:
-                for mode in ("fast", "immediate"):
-                    returncode, output = _run(
-                        [
-                            install.exe("pg_ctl"),
-                            "stop",
-                            "--wait",
-                            f"--timeout={_STOP_TIMEOUT_S}",
-                            "-m",
-                            mode,
-                            "-D",
-                            str(pgdata),
-                        ],
-                        account,
-                        timeout_s=_STOP_TIMEOUT_S + 10,
-                    )
-                    if returncode == 0 or _read_pid_file(pgdata) != pid:
-                        break
-                    logger.warning("pg_ctl stop -m %s failed: %s", mode, output.strip())
+        if (
+            pgdata is not None
+            and account is not None
+            and install is not None
+            and pid is not None
+            and _read_pid_file(pgdata) == pid
+        ):
+            for mode in ("fast", "immediate"):
+                returncode, output = _run(
+                    [
+                        install.exe("pg_ctl"),
+                        "stop",
+                        "--wait",
+                        f"--timeout={_STOP_TIMEOUT_S}",
+                        "-m",
+                        mode,
+                        "-D",
+                        str(pgdata),
+                    ],
+                    account,
+                    timeout_s=_STOP_TIMEOUT_S + 10,
+                )
+                if returncode == 0 or _read_pid_file(pgdata) != pid:
+                    break
+                logger.warning("pg_ctl stop -m %s failed: %s", mode, output.strip())
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -774,7 +779,7 @@ def _run(
                 cwd="/",
                 timeout=timeout_s,
                 check=False,
-                **kwargs,  # type: ignore[arg-type]
+                **kwargs,
             )
         except subprocess.TimeoutExpired:
             raise PostgresStartError(f"{Path(command[0]).name} did not finish within {timeout_s} s") from None

@@ -27,8 +27,8 @@ def read_log(lines: Iterable[str]) -> tuple[list[FinishedRequest], Counter]:
     """The settleable requests in ``lines`` (the last line wins for a request id) and what was skipped."""
     found: dict[str, FinishedRequest] = {}
     skipped: Counter = Counter()
-    for line in lines:
-        line = line.strip()
+    for raw in lines:
+        line = raw.strip()
         if not line:
             continue
         if not line.startswith("{"):

@@ -277,7 +277,8 @@ class StripeDouble:
         if session["status"] != "open":
             raise DoubleError(
                 400,
-                f'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout Session has a status of "{session["status"]}".',
+                'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout Session has '
+                f'a status of "{session["status"]}".',
             )
         self.expire(session["id"])
         return web.json_response(session, headers={"request-id": _request_id()})
@@ -737,7 +738,8 @@ class StripeDouble:
   <button id=pay type=submit>Pay (test)</button>
 </form>
 <p><a id=cancel href="{cancel}">Cancel</a></p>
-<p class=note>No card is charged. Paying sends a signed <code>checkout.session.completed</code> to the gateway's webhook.</p>"""
+<p class=note>No card is charged. Paying sends a signed <code>checkout.session.completed</code> \
+to the gateway's webhook.</p>"""
         return _page("Checkout", body)
 
     async def _pay(self, request: web.Request) -> web.StreamResponse:
@@ -761,7 +763,8 @@ class StripeDouble:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:30rem;margin:0 auto;padding:0 1rem;line-height:1.5}
 .banner{background:#ffb300;color:#000;font-weight:700;text-align:center;padding:.5rem;margin:0 -1rem 1.5rem}
-.amount{font-size:2rem}button{padding:.7rem 1.6rem;font-size:1.1rem}.note{color:#555;font-size:.9rem}.error{color:#b00020}"""
+.amount{font-size:2rem}button{padding:.7rem 1.6rem;font-size:1.1rem}\
+.note{color:#555;font-size:.9rem}.error{color:#b00020}"""
 
 
 def _page(title: str, body: str, *, status: int = 200) -> web.Response:

@@ -70,7 +70,9 @@ def top_up(body: Body, entry: ledger.Entry) -> None:
     kopf.info(
         body,
         reason=TOP_UP,
-        message=f"credited {_usd(entry.amount_nano)} ({entry.kind}); balance {_usd(entry.balance_after_nano)}",
+        message=(
+            f"credited {_usd(entry.amount_nano)} ({entry.kind}); balance {_usd(entry.balance_after_nano)}"
+        ),
     )
 
 

@@ -148,6 +148,7 @@ class Database:
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
         )
 
     async def acli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -98,6 +98,7 @@ async def test_a_batch_of_holds_admits_exactly_what_one_by_one_admits(
             for pair in zip(
                 requests_for(poor, poor_key, amounts, f"{mode}-p"),
                 requests_for(rich, rich_key, amounts, f"{mode}-r"),
+                strict=True,
             )
             for r in pair
         ]
@@ -150,6 +151,7 @@ async def test_a_batch_within_an_overdraft_limit_admits_exactly_what_one_by_one_
             for pair in zip(
                 requests_for(wallet, key, amounts, f"{mode}-w"),
                 requests_for(other, other_key, amounts, f"{mode}-o"),
+                strict=True,
             )
             for r in pair
         ]
@@ -326,7 +328,13 @@ async def test_concurrent_batches_in_opposite_wallet_orders_do_not_deadlock(
         for i in range(16):
             ra = requests_for(a, a_key, [1_000] * 4, f"{i}-a")
             rb = requests_for(b, b_key, [1_000] * 4, f"{i}-b")
-            batches.append([x for pair in (zip(ra, rb) if i % 2 else zip(rb, ra)) for x in pair])
+            batches.append(
+                [
+                    x
+                    for pair in (zip(ra, rb, strict=True) if i % 2 else zip(rb, ra, strict=True))
+                    for x in pair
+                ]
+            )
 
         async def run(batch: list[holds.HoldRequest]) -> list:
             async with pool.acquire() as conn:

@@ -780,7 +780,7 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
                 assert await acct.settle(request_id, costs[request_id]) is S.POSTED
             return admission
 
-        outcomes = dict(zip(costs, await asyncio.gather(*(request(r) for r in costs))))
+        outcomes = dict(zip(costs, await asyncio.gather(*(request(r) for r in costs)), strict=True))
         admitted = [r for r, o in outcomes.items() if o is ADMITTED]
         refused = [o for o in outcomes.values() if o is not ADMITTED]
         assert admitted and refused, "the wallet must cover some requests and refuse others"
@@ -816,7 +816,7 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
     try:
         acct = await open_account(engine, start_balance, pool, limit_nano=LIMIT_NANO)
         outcomes = await asyncio.gather(*(acct.place(r, a, strict=strict) for r, a in amounts.items()))
-        admitted = [r for r, o in zip(amounts, outcomes) if o is ADMITTED]
+        admitted = [r for r, o in zip(amounts, outcomes, strict=True) if o is ADMITTED]
         refusals = [o for o in outcomes if o is not ADMITTED]
         total = sum(amounts[r] for r in admitted)
         balance, reserved = await acct.money()
@@ -826,7 +826,7 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
         spendable = start_balance + (0 if strict else LIMIT_NANO)
         assert total <= spendable
         # No false block: whatever was left could not cover any refused request.
-        refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes) if o is not ADMITTED]
+        refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes, strict=True) if o is not ADMITTED]
         assert spendable - total < min(refused_amounts)
         # Settle every one at its full amount, all at once.
         settled = await asyncio.gather(*(acct.settle(r, holds.CHARGE_HOLD) for r in admitted))
@@ -886,10 +886,10 @@ async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_
             ]
             async with pool.acquire() as conn:
                 outcomes = await holds.place_many(conn, requests, ttl_s=600, strict=strict)
-            for request_id, outcome in zip(request_ids, outcomes):
+            for request_id, outcome in zip(request_ids, outcomes, strict=True):
                 if outcome is ADMITTED:
                     await settle(request_id)
-            return list(zip(request_ids, outcomes))
+            return list(zip(request_ids, outcomes, strict=True))
 
         results = await asyncio.gather(*(single(r) for r in singles), *(batch(b) for b in batches))
         outcomes = dict(

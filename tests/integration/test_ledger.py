@@ -40,7 +40,7 @@ async def row_counts(engine: AsyncEngine) -> dict[str, int]:
 
 async def post(engine: AsyncEngine, **kwargs: object) -> ledger.Entry:
     async with engine.begin() as conn:
-        return await ledger.post_entry(conn, **kwargs)  # type: ignore[arg-type]
+        return await ledger.post_entry(conn, **kwargs)
 
 
 # --- idempotency --------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ async def test_bad_email_writes_nothing(migrated_engine: AsyncEngine) -> None:
     for email in ["", "   ", "no-at-sign", "a@b", "a@@b.com", "a b@c.com", "x" * 250 + "@e.com", None, 42]:
         with pytest.raises(wallets.EmailInvalid):
             async with migrated_engine.begin() as conn:
-                await wallets.signup(conn, email=email, grant_nano=500_000_000)  # type: ignore[arg-type]
+                await wallets.signup(conn, email=email, grant_nano=500_000_000)  # None and 42 on purpose
     assert await row_counts(migrated_engine) == {"wallets": 0, "api_keys": 0, "ledger_entries": 0, "holds": 0}
 
 

@@ -408,7 +408,7 @@ def deliveries(
     end = draw(st.sampled_from(["close", "reset"])) if cut else "close"
     sent = answer.body[: size if cut_at is None else cut_at]
     bounds = sorted(set(draw(st.lists(st.integers(1, max(1, len(sent) - 1)), max_size=10))))
-    pieces = [sent[a:b] for a, b in zip([0, *bounds], [*bounds, len(sent)]) if sent[a:b]]
+    pieces = [sent[a:b] for a, b in zip([0, *bounds], [*bounds, len(sent)], strict=True) if sent[a:b]]
     return answer, pieces, cut_at, end
 
 

@@ -173,7 +173,7 @@ class Emulator(kmock.KubernetesEmulator):
             return None
         return copy.deepcopy(self.objects[key].raw)
 
-    async def _handle(self, request: kmock.Request):  # type: ignore[override]
+    async def _handle(self, request: kmock.Request):
         for observer in list(self._observers):
             observer(request)
         hold = await self._held(request)
@@ -183,7 +183,7 @@ class Emulator(kmock.KubernetesEmulator):
             if hold is not None:
                 hold._answer()
 
-    async def _serve(self, request: kmock.Request):  # type: ignore[no-untyped-def]
+    async def _serve(self, request: kmock.Request):
         for predicate, status in list(self._faults):
             if predicate(request):
                 raise kmock.KubernetesError(status=status, reason="Injected", message="injected by the test")
@@ -209,7 +209,7 @@ class Emulator(kmock.KubernetesEmulator):
         # request is changed in place rather than replaced; Request is a frozen attrs class.
         object.__setattr__(request, "data", data)
 
-    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         yield b""  # send the headers now: the stream has started even if nothing happens
         bus = self._buses[request.resource]
         since = request.params.get("resourceVersion", "")
@@ -233,7 +233,7 @@ class Emulator(kmock.KubernetesEmulator):
         finally:
             await bus.unmark(marker)
 
-    async def _serve_list(self, request: kmock.Request) -> Any:  # type: ignore[override]
+    async def _serve_list(self, request: kmock.Request) -> Any:
         # The version before the snapshot: a watch from it may repeat a change, never miss one.
         version = str(self._version)
         payload = await super()._serve_list(request)

@@ -21,7 +21,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import sqlalchemy as sa
 
+from billing import ledger, tables
 from billing_operator import config, runner
 
 T = TypeVar("T")
@@ -320,7 +322,7 @@ class OperatorThread:
     def _main(self) -> None:
         try:
             asyncio.run(runner.run(self.cfg, stop_flag=self._stop, ready_flag=self._ready))
-        except BaseException as exc:  # reported by stop()
+        except BaseException as exc:  # noqa: BLE001 (any end of the operator thread is reported by stop())
             self._error = exc
 
     def logged(self, text: str) -> bool:
@@ -374,30 +376,18 @@ async def running(cfg: config.OperatorConfig):
 
 
 async def wallet_rows(engine: Any, external_id: str) -> list[Any]:
-    import sqlalchemy as sa  # noqa: PLC0415
-
-    from billing import tables  # noqa: PLC0415
-
     async with engine.connect() as conn:
         w = tables.wallets
         return (await conn.execute(sa.select(w).where(w.c.external_id == external_id))).all()
 
 
 async def ledger_rows(engine: Any, wallet_id: str) -> list[Any]:
-    import sqlalchemy as sa  # noqa: PLC0415
-
-    from billing import tables  # noqa: PLC0415
-
     async with engine.connect() as conn:
         le = tables.ledger_entries
         return (await conn.execute(sa.select(le).where(le.c.wallet_id == wallet_id).order_by(le.c.id))).all()
 
 
 async def key_rows(engine: Any, *, external_id: str | None = None, wallet_id: str | None = None) -> list[Any]:
-    import sqlalchemy as sa  # noqa: PLC0415
-
-    from billing import tables  # noqa: PLC0415
-
     k = tables.api_keys
     query = sa.select(k).order_by(k.c.created_at, k.c.id)
     if external_id is not None:
@@ -409,8 +399,6 @@ async def key_rows(engine: Any, *, external_id: str | None = None, wallet_id: st
 
 
 async def books_balance(engine: Any) -> None:
-    from billing import ledger  # noqa: PLC0415
-
     async with engine.connect() as conn:
         problems = await ledger.check_invariants(conn)
     assert not problems, problems

@@ -31,7 +31,7 @@ async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
             "BILLINGPROXY_DATA_DIR": str(tmp_path / "stack"),
             **{
                 f"BILLINGPROXY_{name}_PORT": str(port)
-                for name, port in zip(names, h.server_ports(len(names)))
+                for name, port in zip(names, h.server_ports(len(names)), strict=True)
             },
         }
     )

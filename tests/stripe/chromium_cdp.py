@@ -10,6 +10,7 @@ Chromium runs as root here, hence ``--no-sandbox``; every run gets a fresh profi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import subprocess
@@ -131,10 +132,8 @@ class Page:
     async def close(self) -> None:
         await self._ws.close()
         self._reader.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, CdpError):
             await self._reader
-        except (asyncio.CancelledError, CdpError):
-            pass
 
 
 class Chromium:

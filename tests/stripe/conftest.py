@@ -202,7 +202,7 @@ def _install_chromium() -> str:
         return "chromium is not installed, and this is not a root Debian machine that could install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", CHROMIUM_PACKAGE]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
         if done.returncode != 0:
             return f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-2000:]}"
     return ""

@@ -37,7 +37,8 @@ async def test_a_person_tops_up_in_chromium_and_is_served_again(
 
             checkout = f"{stack.stripe_double_url}/c/pay/"
             await page.wait_for(
-                f"location.href.startsWith({checkout!r}) && document.readyState === 'complete' && !!document.querySelector('#pay')",
+                f"location.href.startsWith({checkout!r}) && document.readyState === 'complete' && "
+                "!!document.querySelector('#pay')",
                 15,
                 "the checkout page",
             )

@@ -26,7 +26,8 @@ async def table_columns(db: Db) -> dict[str, set[str]]:
     async with db.engine.connect() as conn:
         rows = await conn.execute(
             sa.text(
-                "SELECT table_name, column_name FROM information_schema.columns WHERE table_name LIKE 'stripe_%'"
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_name LIKE "
+                "'stripe_%'"
             )
         )
         found: dict[str, set[str]] = {}

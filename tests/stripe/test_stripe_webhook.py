@@ -335,6 +335,8 @@ async def test_the_double_reports_a_webhook_it_could_not_deliver(
     _, api_key = await db.new_wallet()
     _, body = await sidecar.topup(api_key, {"amount_usd": "10.00"})
     double.webhook_url = f"http://127.0.0.1:{free_port()}/stripe/webhook"
-    async with aiohttp.ClientSession() as browser:
-        async with browser.post(body["checkout_url"], allow_redirects=False) as r:
-            assert r.status == 502 and "answered nothing" in await r.text()
+    async with (
+        aiohttp.ClientSession() as browser,
+        browser.post(body["checkout_url"], allow_redirects=False) as r,
+    ):
+        assert r.status == 502 and "answered nothing" in await r.text()

@@ -45,7 +45,7 @@ class Rule(check.Decider):
 async def served():
     async def start(body_max_bytes: int = 1024):
         rule = Rule()
-        server = CheckServer(rule, body_max_bytes=body_max_bytes)  # type: ignore[arg-type]
+        server = CheckServer(rule, body_max_bytes=body_max_bytes)  # Rule stands in for check.Decider
         await server.start("127.0.0.1", 0)
         port = server._server.sockets[0].getsockname()[1]
         started.append(server)
@@ -192,7 +192,7 @@ async def test_envoy_hanging_up_stops_the_decision(served) -> None:
 
 async def test_stop_lets_a_check_in_progress_answer_first() -> None:
     rule = Rule()
-    server = CheckServer(rule, body_max_bytes=1024)  # type: ignore[arg-type]
+    server = CheckServer(rule, body_max_bytes=1024)  # Rule stands in for check.Decider
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -30,7 +30,7 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., EmbeddedPostgres]]:
 
     def make(name: str = "pg", **kwargs: object) -> EmbeddedPostgres:
         kwargs.setdefault("durable", False)
-        server = EmbeddedPostgres(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        server = EmbeddedPostgres(tmp_path / name, **kwargs)
         servers.append(server)
         return server
 

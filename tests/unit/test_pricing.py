@@ -213,7 +213,7 @@ def test_hold_assumes_no_cache_and_the_full_output_budget(
 )
 def test_usage_refuses_impossible_counts(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        Usage.tokens(**kwargs)  # type: ignore[arg-type]
+        Usage.tokens(**kwargs)
 
 
 def test_prompt_tokens_bound_is_one_token_per_byte() -> None:
@@ -342,7 +342,8 @@ def test_empty_overrides_change_nothing(tmp_path: Path, text: str) -> None:
         ("models:\n  m: {input_per_million_usd: -0.1, output_per_million_usd: 1}\n", "input_per_million_usd"),
         ("models:\n  m: {input_per_million_usd: 1, output_per_million_usd: -3}\n", "output_per_million_usd"),
         (
-            "models:\n  m: {input_per_million_usd: 1, output_per_million_usd: 1, cached_input_per_million_usd: -1}\n",
+            "models:\n  m: {input_per_million_usd: 1, output_per_million_usd: 1, "
+            "cached_input_per_million_usd: -1}\n",
             "cached_input_per_million_usd",
         ),
         ("models:\n  m: {input_per_million_usd: abc, output_per_million_usd: 1}\n", "input_per_million_usd"),

@@ -205,7 +205,7 @@ def test_hold_ttl_below_the_upstream_timeout_names_both() -> None:
 )
 def test_settings_objects_check_themselves(changes: dict[str, object], name: str) -> None:
     with pytest.raises(settings.SettingsError, match=P + name):
-        settings.Settings(**changes)  # type: ignore[arg-type]
+        settings.Settings(**changes)
     with pytest.raises(settings.SettingsError, match=P + name):
         settings.Settings().replace(**changes)
 

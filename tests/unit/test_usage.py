@@ -191,7 +191,8 @@ def test_an_unfinished_answer_is_never_read(usage_format: Format) -> None:
         ),
         (
             CHAT,
-            '{"prompt_tokens": 5, "completion_tokens": 0, "completion_tokens_details": {"reasoning_tokens": 60}}',
+            '{"prompt_tokens": 5, "completion_tokens": 0, "completion_tokens_details": {"reasoning_tokens": '
+            "60}}",
             "exceed completion_tokens",
         ),  # thinking left out of completion_tokens, and no total to say so
         (

@@ -191,7 +191,8 @@ async def test_provider_injected_tool_prompts_cannot_take_a_wallet_below_its_lim
     await stack.db.settled(wallet_id)
     balance = await stack.db.balance(wallet_id)
     assert balance >= 0, (
-        f"admitted ({status}) on a $0.002 wallet and charged beyond its hold: balance {money.format_usd(balance)}"
+        f"admitted ({status}) on a $0.002 wallet and charged beyond its hold: balance "
+        f"{money.format_usd(balance)}"
     )
 
 
