@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 LITELLM_VERSION := 1.110.2
 STAMP  := $(VENV)/.installed-$(LITELLM_VERSION)
 
-.PHONY: up test test-fast bench lint clean
+.PHONY: venv up lint test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "==> preparing $(VENV) (Python virtual environment)"
@@ -20,8 +20,14 @@ venv: $(STAMP)
 up: $(STAMP)
 	$(BIN)/billingproxy up
 
-test: $(STAMP)
+# The checks the tests start with: lint, format, types, import contracts (pyproject.toml configures them).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # The tests that start no process (no PostgreSQL, Envoy, stack, operator or browser).

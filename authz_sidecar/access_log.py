@@ -26,8 +26,8 @@ import asyncio
 import dataclasses
 import hmac
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -35,8 +35,10 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
-from billing import database, holds, pricing
-from billing import usage as usage_mod
+from billing import database, holds, pricing, usage as usage_mod
+
+if TYPE_CHECKING:
+    from envoy.data.accesslog.v3 import accesslog_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +66,18 @@ class FinishedRequest:
 
 
 # The Check's facts, as ext_authz files them (the answer's header names).
-_HOLD_ID, _MODEL, _WALLET_ID = metadata_header("hold_id"), metadata_header("model"), metadata_header("wallet_id")
+_HOLD_ID, _MODEL, _WALLET_ID = (
+    metadata_header("hold_id"),
+    metadata_header("model"),
+    metadata_header("wallet_id"),
+)
 _FORMAT = metadata_header("format")
 
 # What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
 CHECK_FAILED_STATUS = 503
 
 
-def finished_request(entry) -> FinishedRequest | None:
+def finished_request(entry: accesslog_pb2.HTTPAccessLogEntry) -> FinishedRequest | None:
     """The billable facts of one ``HTTPAccessLogEntry``, or None when there is nothing to settle."""
     filter_metadata = entry.common_properties.metadata.filter_metadata
     authz = filter_metadata.get(METADATA_NAMESPACE)
@@ -99,7 +105,7 @@ def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | Non
     flags = line.get("flags") if isinstance(line.get("flags"), str) else ""
     reached = line.get("upstream") not in (None, "", "-")
     return _finished(
-        line.get("request_id") if isinstance(line.get("request_id"), str) else "",
+        request_id if isinstance(request_id, str) else "",
         status,
         authz=authz.get if isinstance(authz, dict) else None,
         usage=usage.get if isinstance(usage, dict) else None,
@@ -145,8 +151,12 @@ def _usage(
         return None
     raw, raw_start, finished = usage("usage"), usage("usage_start"), usage("finished")
     try:
-        return usage_mod.parse(known_format, raw if isinstance(raw, str) else None,
-                               raw_start if isinstance(raw_start, str) else None, finished is True)
+        return usage_mod.parse(
+            known_format,
+            raw if isinstance(raw, str) else None,
+            raw_start if isinstance(raw_start, str) else None,
+            finished is True,
+        )
     except usage_mod.UnreadableUsage as why:
         if finished is True and 200 <= status < 300:
             logger.warning("request %s is charged its hold: %s", request_id, why)
@@ -178,21 +188,26 @@ class Settler:
             if cost is not None and not (done.wallet_id and done.model):
                 outcomes[position] = holds.Settlement.REFUSED_MISMATCH  # money, but for whom?
                 continue
-            requests.append(holds.SettleRequest(done.request_id, cost, details,
-                                                wallet_id=done.wallet_id, model=done.model))
+            requests.append(
+                holds.SettleRequest(
+                    done.request_id, cost, details, wallet_id=done.wallet_id, model=done.model
+                )
+            )
             positions.append(position)
-        for position, outcome in zip(positions, await self._settle_many(requests)):
+        for position, outcome in zip(positions, await self._settle_many(requests), strict=True):
             outcomes[position] = outcome
         settled = [outcome for outcome in outcomes if outcome is not None]
         assert len(settled) == len(batch)
-        for done, outcome in zip(batch, settled):
+        for done, outcome in zip(batch, settled, strict=True):
             metrics.settlements.labels(outcome.value).inc()
             if outcome is holds.Settlement.REFUSED_MISMATCH:
                 metrics.access_log_refusals.labels("hold_mismatch").inc()
                 logger.warning(
                     "refused the access-log entry of request %s: it names wallet %r and model %r, "
                     "which is not the hold the Check recorded; the hold is left as it was",
-                    done.request_id, done.wallet_id, done.model,
+                    done.request_id,
+                    done.wallet_id,
+                    done.model,
                 )
         return settled
 
@@ -207,11 +222,13 @@ class Settler:
                 if attempt == RETRIES_MAX - 1:
                     raise
                 # Rolled back whole (one transaction), so the whole batch is simply tried again.
-                logger.warning("settling %d requests failed (%s); retrying", len(requests), exc.__class__.__name__)
+                logger.warning(
+                    "settling %d requests failed (%s); retrying", len(requests), exc.__class__.__name__
+                )
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict]:
+    def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict[str, Any]]:
         """What to post for ``done`` and the details of its ledger entry.
 
         The price is that of ``done.model``, the model the entry names. The settlement statement
@@ -246,7 +263,7 @@ class Settler:
         }
 
 
-class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # Envoy's generated servicer has no types
     """Envoy's gRPC access-log stream (``StreamAccessLogs``), for Envoy only.
 
     ``secret`` is Settings.access_log_secret; Envoy sends it as ``x-billingproxy-access-log-secret``
@@ -258,7 +275,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self._settler = settler
         self._secret = secret.encode()
         self._queue: asyncio.Queue[FinishedRequest] = asyncio.Queue(QUEUE_MAX)
-        self._workers: list[asyncio.Task] = []
+        self._workers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._workers = [asyncio.create_task(self._work(), name=f"settle-{i}") for i in range(WORKERS)]
@@ -270,18 +287,24 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    def _authentic(self, metadata) -> bool:
+    def _authentic(self, metadata: grpc.aio.Metadata | None) -> bool:
         """Exactly one secret, equal to ours, compared in constant time."""
         sent = [value for key, value in (metadata or ()) if key == envoy_config.ACCESS_LOG_SECRET_HEADER]
         if len(sent) != 1 or not self._secret or not isinstance(sent[0], str):
             return False
         return hmac.compare_digest(sent[0].encode(), self._secret)
 
-    async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+    async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse],
+    ) -> als_pb2.StreamAccessLogsResponse:
         if not self._authentic(context.invocation_metadata()):
             metrics.access_log_refusals.labels("unauthenticated").inc()
-            logger.warning("refused an access-log stream from %s: the access-log secret is missing or wrong",
-                           context.peer())
+            logger.warning(
+                "refused an access-log stream from %s: the access-log secret is missing or wrong",
+                context.peer(),
+            )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "access-log secret missing or wrong")
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
@@ -300,8 +323,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                 await self._settler.settle(batch)
             except Exception:
                 metrics.settle_failures.inc(len(batch))
-                logger.exception("could not settle requests %s; their holds will expire",
-                                 ", ".join(done.request_id for done in batch))
+                logger.exception(
+                    "could not settle requests %s; their holds will expire",
+                    ", ".join(done.request_id for done in batch),
+                )
             finally:
                 for _ in batch:
                     self._queue.task_done()

@@ -32,7 +32,10 @@ METADATA_HEADER_PREFIX = envoy_config.METADATA_HEADER_PREFIX
 
 
 def metadata_header(field: str) -> str:
-    """The header (and metadata key) that carries one of the Check's facts: hold_id → x-billingproxy-hold-id."""
+    """The header (and metadata key) that carries one of the Check's facts.
+
+    hold_id → x-billingproxy-hold-id.
+    """
     return METADATA_HEADER_PREFIX + field.replace("_", "-")
 
 
@@ -84,13 +87,20 @@ class Decider:
                 conn, batch, ttl_s=self._settings.hold_ttl_s, strict=self._settings.strict
             )
 
-    async def _void_abandoned(self, results: list[tuple[holds.HoldRequest, holds.Admission | holds.Refusal]]) -> None:
+    async def _void_abandoned(
+        self, results: list[tuple[holds.HoldRequest, holds.Admission | holds.Refusal]]
+    ) -> None:
         """Holds placed for Checks that Envoy gave up on while their batch ran (it answered the
         client 503 and never forwards the request): void them now, not at the TTL sweep."""
         placed = [
-            holds.SettleRequest(request.request_id, None, {"status": 503, "reason": "check_abandoned"},
-                                wallet_id=request.wallet_id)
-            for request, outcome in results if outcome is holds.Admission.ADMITTED
+            holds.SettleRequest(
+                request.request_id,
+                None,
+                {"status": 503, "reason": "check_abandoned"},
+                wallet_id=request.wallet_id,
+            )
+            for request, outcome in results
+            if outcome is holds.Admission.ADMITTED
         ]
         if not placed:
             return
@@ -129,9 +139,7 @@ class Decider:
     async def close(self) -> None:
         await self._holds.close()
 
-    async def decide(
-        self, *, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> dict[str, Any]:
+    async def decide(self, *, method: str, path: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
         """Dynamic metadata for an admitted request; raises :class:`ApiError` to deny it.
 
         The cheap refusals come first: an endpoint outside the table and a bad key cost nothing
@@ -140,7 +148,8 @@ class Decider:
         endpoint = self._endpoints.find(method, path)
         if endpoint is None:
             raise api_errors.ApiError(
-                404, "endpoint_not_supported",
+                404,
+                "endpoint_not_supported",
                 f"{method} {path.split('?', 1)[0]} is not an endpoint this gateway meters.",
             )
         key = await self._keys.authenticate(_client_key(headers))
@@ -151,13 +160,15 @@ class Decider:
         if empty is not None and time.monotonic() < empty[0]:
             # Refused as empty a moment ago: refuse again before parsing (a 4 MiB body costs
             # tens of milliseconds of the event loop every other wallet shares).
-            raise api_errors.insufficient_funds(self._top_up_url, money.format_usd(empty[1]), reason="wallet_empty")
+            raise api_errors.insufficient_funds(
+                self._top_up_url, money.format_usd(empty[1]), reason="wallet_empty"
+            )
 
         request = request_body(headers.get("content-type"), body)
         model = request.get("model")
         if not isinstance(model, str) or not model:
             raise api_errors.ApiError(
-                400, "model_required", "The request body must be JSON with a \"model\" string."
+                400, "model_required", 'The request body must be JSON with a "model" string.'
             )
         price = self._prices.price(model)
         if price is None:
@@ -196,7 +207,10 @@ class Decider:
             # Envoy always sets it with the rendered config; without it nothing could be settled.
             raise api_errors.ApiError(503, "no_request_id", "The gateway is misconfigured.", "api_error")
         amount = self._prices.hold_nano(
-            price, prompt_tokens=prompt_tokens, max_output_tokens=worst.output_tokens, dimensions=worst.dimensions
+            price,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=worst.output_tokens,
+            dimensions=worst.dimensions,
         )
         outcome = await self._holds.submit(
             holds.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
@@ -228,7 +242,10 @@ class Decider:
             self._empty_wallets = {w: e for w, e in self._empty_wallets.items() if e[0] > now}
             if len(self._empty_wallets) >= EMPTY_WALLETS_MAX:
                 self._empty_wallets.clear()
-        self._empty_wallets[wallet_id] = (time.monotonic() + self._settings.key_cache_ttl_ms / 1000, balance_nano)
+        self._empty_wallets[wallet_id] = (
+            time.monotonic() + self._settings.key_cache_ttl_ms / 1000,
+            balance_nano,
+        )
 
     def _prompt_bound(self, worst: endpoints.WorstCase, body_bytes: int, price: pricing.ModelPrice) -> int:
         """One token per body byte plus what the provider adds for tools, never more than the
@@ -249,7 +266,11 @@ class Decider:
         return window
 
     def _insufficient_funds(
-        self, refusal: holds.Refusal, amount: int, price: pricing.ModelPrice, prompt_tokens: int,
+        self,
+        refusal: holds.Refusal,
+        amount: int,
+        price: pricing.ModelPrice,
+        prompt_tokens: int,
         worst: endpoints.WorstCase,
     ) -> api_errors.ApiError:
         """The journey's 403, made actionable: is the wallet empty or this request too large, what
@@ -297,13 +318,18 @@ def request_body(content_type: str | None, body: bytes) -> dict[str, Any]:
     charset = parameters.strip().lower().replace(" ", "")
     if media_type.strip().lower() != "application/json" or charset not in ("", "charset=utf-8"):
         raise api_errors.ApiError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             "Send the request body as JSON with 'Content-Type: application/json' (UTF-8).",
         )
     if body.startswith(b"\xef\xbb\xbf"):
-        raise api_errors.ApiError(400, "invalid_json", "The request body must be UTF-8 JSON without a byte-order mark.")
+        raise api_errors.ApiError(
+            400, "invalid_json", "The request body must be UTF-8 JSON without a byte-order mark."
+        )
     try:
-        request = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        request = json.loads(
+            body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
     except _DuplicateKey as duplicate:
         raise api_errors.ApiError(
             400, "duplicate_key", f"The key {duplicate.args[0]!r} appears twice in one object."
@@ -312,8 +338,10 @@ def request_body(content_type: str | None, body: bytes) -> dict[str, Any]:
         request = None
     if not isinstance(request, dict) or not _shallow(request):
         raise api_errors.ApiError(
-            400, "invalid_json",
-            f"The request body must be a UTF-8 JSON object with a \"model\", nested at most {JSON_DEPTH_MAX} deep.",
+            400,
+            "invalid_json",
+            'The request body must be a UTF-8 JSON object with a "model", '
+            f"nested at most {JSON_DEPTH_MAX} deep.",
         )
     return request
 

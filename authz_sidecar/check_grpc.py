@@ -12,6 +12,8 @@ admission hands the access log the same ``x-billingproxy-*`` metadata the HTTP f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
@@ -20,12 +22,19 @@ from google.rpc import code_pb2, status_pb2
 
 from authz_sidecar import api_errors, check
 
+if TYPE_CHECKING:
+    import grpc
 
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]  # Envoy's generated servicer has no types
     def __init__(self, decider: check.Decider) -> None:
         self._decider = decider
 
-    async def Check(self, request, context):  # noqa: N802 (gRPC method name)
+    async def Check(  # noqa: N802 (gRPC method name)
+        self,
+        request: external_auth_pb2.CheckRequest,
+        context: grpc.aio.ServicerContext[external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse],
+    ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
         outcome = await self._decider.judge(
             method=http.method,
@@ -53,7 +62,10 @@ def _denied(error: api_errors.ApiError) -> external_auth_pb2.CheckResponse:
         ),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=error.status),
-            headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in headers.items()],
+            headers=[
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+                for k, v in headers.items()
+            ],
             body=error.body().decode(),
         ),
     )

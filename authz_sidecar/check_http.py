@@ -1,10 +1,10 @@
 """Envoy's ext_authz over HTTP: how each /v1/ request reaches :class:`check.Decider`.
 
 The default flavour (``BILLINGPROXY_CHECK_TRANSPORT=http``; the gRPC one is check_grpc.py). Why
-HTTP: the Check runs once per request, and in Python its transport dominated it. Measured under Envoy at full load (docs/benchmarks.md), a grpc.aio
-server that allows everything costs ~300 µs of CPU per call; this server, an ``asyncio``
-protocol around ``httptools`` (the parser uvicorn uses) on uvloop, ~15 µs. Envoy's own cost is
-the same for both.
+HTTP: the Check runs once per request, and in Python its transport dominated it. Measured under
+Envoy at full load (docs/benchmarks.md), a grpc.aio server that allows everything costs ~300 µs
+of CPU per call; this server, an ``asyncio`` protocol around ``httptools`` (the parser uvicorn
+uses) on uvloop, ~15 µs. Envoy's own cost is the same for both.
 
 What Envoy sends (envoy_config.py, ``http_service``): the client's method, ``/check`` + the
 client's path, the headers it is told to pass (authorization, x-request-id, content-type) and
@@ -105,13 +105,15 @@ class CheckConnection(asyncio.Protocol):
         self._head_size = 0
         self._refused = False
         # Complete requests (method, path, headers, body, keep-alive), or a refusal's bytes.
-        self._queue: collections.deque[tuple[str, str, dict[str, str], bytes, bool] | bytes] = collections.deque()
+        self._queue: collections.deque[tuple[str, str, dict[str, str], bytes, bool] | bytes] = (
+            collections.deque()
+        )
         self._worker: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  (uvloop's is not an asyncio.Transport subclass)
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
         self._server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -160,8 +162,10 @@ class CheckConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("ascii")
         path = self._url.decode("latin-1")
-        path = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX + "/") else path
-        self._queue.append((method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive()))
+        path = path[len(PATH_PREFIX) :] if path.startswith(PATH_PREFIX + "/") else path
+        self._queue.append(
+            (method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive())
+        )
         self._url, self._headers, self._body, self._body_size, self._head_size = bytearray(), {}, [], 0, 0
         if len(self._queue) >= PIPELINE_MAX and self._transport is not None:
             self._transport.pause_reading()

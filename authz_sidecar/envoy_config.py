@@ -61,9 +61,9 @@ Settings that are not obvious, and why:
   has no "keep only these" option, so a second, small Lua filter (upstream_headers.lua), last
   before the router, removes every request header not in :data:`UPSTREAM_HEADERS`,
   ``upstream_headers`` — credentials included, whatever their name. After it the router sets only
-  ``host``, ``accept-encoding: identity`` and the backend credential: ``suppress_envoy_headers`` keeps its x-envoy-*
-  headers (the original host, the timeout hint) from the backend, and the client's
-  x-envoy-upstream-service-time from the client.
+  ``host``, ``accept-encoding: identity`` and the backend credential: ``suppress_envoy_headers``
+  keeps its x-envoy-* headers (the original host, the timeout hint) from the backend, and the
+  client's x-envoy-upstream-service-time from the client.
 - The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
   with ``HttpProtocolOptions.explicit_http_config``; the Check's is HTTP/1.1.
 - The gRPC access log sends ``access_log_secret`` in its stream's initial metadata
@@ -85,7 +85,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import logging
 import os
 import ssl
 from pathlib import Path
@@ -95,8 +94,6 @@ from urllib.parse import urlsplit
 import yaml
 
 from billing.settings import INTERNAL_HOST, Settings
-
-logger = logging.getLogger(__name__)
 
 BACKEND_CLUSTER = "llm_backend"
 SIDECAR_CHECK_CLUSTER = "billing_sidecar_check"
@@ -313,7 +310,10 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
         "path_with_escaped_slashes_action": "REJECT_REQUEST",
         "route_config": _route_config(settings, backend),
         "http_filters": [
-            _ext_authz_filter(settings), _lua_filter(), _upstream_headers_filter(settings), _router_filter()
+            _ext_authz_filter(settings),
+            _lua_filter(),
+            _upstream_headers_filter(settings),
+            _router_filter(),
         ],
         "access_log": [_grpc_access_log(settings), _stdout_access_log()],
         "local_reply_config": _local_reply_config(),
@@ -324,9 +324,9 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
 
 
 def _route_config(settings: Settings, backend: Backend) -> dict[str, Any]:
-    sidecar_routes = [
-        _sidecar_route({"prefix": prefix}) for prefix in SIDECAR_PREFIXES
-    ] + [_sidecar_route({"path": path}) for path in SIDECAR_PATHS]
+    sidecar_routes = [_sidecar_route({"prefix": prefix}) for prefix in SIDECAR_PREFIXES] + [
+        _sidecar_route({"path": path}) for path in SIDECAR_PATHS
+    ]
     return {
         "name": "gateway",
         "virtual_hosts": [
@@ -369,7 +369,12 @@ def _credential_header(settings: Settings) -> list[dict[str, Any]]:
     credential = backend_credential(settings.backend_auth_header, settings.backend_api_key)
     if credential is None:
         return []
-    return [{"header": {"key": credential[0], "value": credential[1]}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    return [
+        {
+            "header": {"key": credential[0], "value": credential[1]},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    ]
 
 
 def _sidecar_route(match: dict[str, str]) -> dict[str, Any]:
@@ -488,6 +493,7 @@ def _upstream_headers_filter(settings: Settings) -> dict[str, Any]:
 
 def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
     """upstream_headers.lua with its two tables filled in (its lines marked ``-- rendered``)."""
+
     def table(items: list[str]) -> str:
         return "{" + ", ".join(f'["{item}"] = true' for item in sorted(set(items))) + "}"
 
@@ -501,7 +507,8 @@ def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
     source = UPSTREAM_HEADERS_SOURCE.read_text(encoding="utf-8")
     rendered = {
         "local ALLOWED = {}  -- rendered: exact names": f"local ALLOWED = {table(names)}",
-        "local ALLOWED_PREFIXES = {}  -- rendered: prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
+        "local ALLOWED_PREFIXES = {}  -- rendered: "
+        "prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
     }
     for marker, line in rendered.items():
         if source.count(marker) != 1:
@@ -513,7 +520,10 @@ def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
 def _router_filter() -> dict[str, Any]:
     # No x-envoy-* headers of the router's own (x-envoy-original-host, the timeout hint) go to
     # the backend, so that what reaches it is the allow-list, the host and accept-encoding only.
-    return {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True}}
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": _ROUTER, "suppress_envoy_headers": True},
+    }
 
 
 # --- access logs and local replies ---------------------------------------------------------------
@@ -529,7 +539,9 @@ def _grpc_access_log(settings: Settings) -> dict[str, Any]:
                 "grpc_service": {
                     "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
                     # Sent once per stream; the sidecar refuses a stream without it.
-                    "initial_metadata": [{"key": ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}],
+                    "initial_metadata": [
+                        {"key": ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}
+                    ],
                 },
                 "transport_api_version": "V3",
                 "buffer_size_bytes": ACCESS_LOG_BUFFER_BYTES,
@@ -635,7 +647,9 @@ def _backend_cluster(backend: Backend, trusted_ca: Path | None) -> dict[str, Any
 
 
 def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
-    protocol = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    protocol: dict[str, dict[str, Any]] = (
+        {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    )
     return {
         "name": name,
         "type": "STATIC",
@@ -653,9 +667,7 @@ def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
 def _endpoints(cluster: str, host: str, port: int) -> dict[str, Any]:
     return {
         "cluster_name": cluster,
-        "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
-        ],
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
     }
 
 
@@ -673,7 +685,7 @@ def _ca_bundle(explicit: Path | None) -> Path:
             if raw:
                 candidates.append(Path(raw))
         try:
-            import certifi
+            import certifi  # noqa: PLC0415 (optional: used when installed)
         except ImportError:
             pass
         else:

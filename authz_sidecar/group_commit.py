@@ -56,7 +56,7 @@ class GroupCommit(Generic[Item, Result]):
 
     def _start_batches(self) -> None:
         while self._waiting and len(self._running) < self._lanes:
-            batch = []
+            batch: list[tuple[Item, asyncio.Future[Result]]] = []
             while self._waiting and len(batch) < self._batch_max:
                 item, future = self._waiting.popleft()
                 if not future.done():  # a caller that gave up before its batch began: skip it
@@ -76,7 +76,7 @@ class GroupCommit(Generic[Item, Result]):
             results = await self._run_batch([item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} came back with {len(results)} results")
-        except Exception as exc:  # every caller of the batch gets it
+        except Exception as exc:  # noqa: BLE001 (every caller of the batch gets it, whatever it is)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -86,7 +86,7 @@ class GroupCommit(Generic[Item, Result]):
                 future.cancel()
             raise
         left: list[tuple[Item, Result]] = []
-        for (item, future), result in zip(batch, results):
+        for (item, future), result in zip(batch, results, strict=True):
             if future.done():
                 left.append((item, result))
             else:
@@ -94,7 +94,7 @@ class GroupCommit(Generic[Item, Result]):
         if left and self._abandoned is not None:
             try:
                 await self._abandoned(left)
-            except Exception:  # noqa: BLE001 — nobody is waiting to be told; say it in the log
+            except Exception:  # nobody is waiting to be told; say it in the log
                 logger.exception("handling %d abandoned results failed", len(left))
 
     async def close(self) -> None:

@@ -15,10 +15,11 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,7 +38,7 @@ _RATE_WINDOW_S = 60.0
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
 KEYS = web.AppKey("keys", KeyLookup)
-SIGNUP_LIMITER = web.AppKey("signup_limiter", object)
+SIGNUP_LIMITER: web.AppKey[SignupLimiter] = web.AppKey("signup_limiter")
 OPENAPI = web.AppKey("openapi", dict)
 
 signup_refusals = Counter(
@@ -139,7 +140,7 @@ def _error(error: api_errors.ApiError) -> web.Response:
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except api_errors.ApiError as error:
@@ -147,11 +148,17 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status, "http_error"
+        )
         return _error(api_errors.ApiError(exc.status, code, exc.reason))
     except (OperationalError, DBAPIError, OSError):
         logger.exception("database unavailable during %s %s", request.method, request.path)
-        return _error(api_errors.ApiError(503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"))
+        return _error(
+            api_errors.ApiError(
+                503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
+            )
+        )
     except Exception:
         logger.exception("unexpected error during %s %s", request.method, request.path)
         return _error(api_errors.ApiError(500, "internal_error", "Internal error.", "api_error"))
@@ -180,18 +187,26 @@ async def signup(request: web.Request) -> web.Response:
         signup_refusals.labels(refusal.scope).inc()
         who = "from this address" if refusal.scope == "client" else "on this gateway right now"
         raise api_errors.ApiError(
-            429, "rate_limited", f"Too many signups {who}; try again later.",
-            "rate_limit_error", headers={"retry-after": str(refusal.retry_after_s)},
+            429,
+            "rate_limited",
+            f"Too many signups {who}; try again later.",
+            "rate_limit_error",
+            headers={"retry-after": str(refusal.retry_after_s)},
         )
     settings = request.app[SETTINGS]
     try:
         async with request.app[ENGINE].begin() as conn:
             created = await wallets.signup(
-                conn, email=email, grant_nano=settings.free_grant_nano, email_policy=settings.signup_email_policy
+                conn,
+                email=email,
+                grant_nano=settings.free_grant_nano,
+                email_policy=settings.signup_email_policy,
             )
     except wallets.EmailTaken:
         raise api_errors.ApiError(
-            409, "email_taken", "This email address, or another address of the same mailbox, already has a wallet.",
+            409,
+            "email_taken",
+            "This email address, or another address of the same mailbox, already has a wallet.",
             extra={"param": "email"},
         ) from None
     logger.info("signup: wallet %s, key %s", created.wallet.id, created.key.key_id)
@@ -230,13 +245,20 @@ async def balance(request: web.Request) -> web.Response:
     )
 
 
+@overload
+def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int: ...
+@overload
+def _query_int(request: web.Request, name: str, default: None, lo: int, hi: int) -> int | None: ...
 def _query_int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
     if not raw.isdigit() or not lo <= int(raw) <= hi:
         raise api_errors.ApiError(
-            400, "invalid_parameter", f"{name} must be a whole number from {lo} to {hi}.", extra={"param": name}
+            400,
+            "invalid_parameter",
+            f"{name} must be a whole number from {lo} to {hi}.",
+            extra={"param": name},
         )
     return int(raw)
 
@@ -275,7 +297,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def load_openapi() -> dict[str, Any]:
-    return yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+    document: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+    return document
 
 
 def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> web.Application:
@@ -283,7 +306,9 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[KEYS] = key_lookup
-    app[SIGNUP_LIMITER] = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
+    app[SIGNUP_LIMITER] = SignupLimiter(
+        settings.signup_rate_per_minute, settings.signup_rate_global_per_minute
+    )
     app[OPENAPI] = load_openapi()
     app.router.add_post("/user/signup", signup)
     app.router.add_get("/billing/balance", balance)

@@ -54,7 +54,7 @@ class KeyLookup:
         self._ttl_s = ttl_ms / 1000
         self._clock = clock
         self._cache: dict[bytes, _Entry] = {}
-        self._refresher: asyncio.Task | None = None
+        self._refresher: asyncio.Task[None] | None = None
         # Look-ups made on a Check's path (cache misses) and batched refreshes, for tests and tuning.
         self.lookups = 0
         self.refreshes = 0
@@ -88,7 +88,7 @@ class KeyLookup:
         record = await self._find(keys.hash_key(plaintext))
         if record is None:
             raise api_errors.invalid_key()
-        refusal = record.refusal(dt.datetime.now(dt.timezone.utc))
+        refusal = record.refusal(dt.datetime.now(dt.UTC))
         if refusal is not None:
             raise api_errors.key_refused(refusal)
         return record
@@ -132,11 +132,11 @@ class KeyLookup:
             found = await wallets.find_keys(conn, wanted)
         self.refreshes += 1
         for key_hash in wanted:
-            entry = self._cache.get(key_hash)
+            cached = self._cache.get(key_hash)
             # A Check may have read the key itself meanwhile, after this query began: keep that.
-            if entry is not None and entry.read_at < started:
-                entry.record = found.get(key_hash)
-                entry.read_at = started
+            if cached is not None and cached.read_at < started:
+                cached.record = found.get(key_hash)
+                cached.read_at = started
 
     async def _refresh_forever(self) -> None:
         period = self._ttl_s / 3
@@ -145,7 +145,7 @@ class KeyLookup:
             started = self._clock()
             try:
                 await self.refresh()
-            except Exception as exc:  # the Checks fall back to their own look-ups meanwhile
+            except Exception as exc:  # noqa: BLE001 (the Checks look keys up themselves meanwhile)
                 if not failing:
                     logger.warning("key cache refresh failed (%s); Checks look keys up themselves", exc)
                 failing = True

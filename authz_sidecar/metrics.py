@@ -68,7 +68,7 @@ _gc_started = 0.0
 
 
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
-    global _gc_started
+    global _gc_started  # noqa: PLW0603 (gc.callbacks calls a plain function; start and stop share this)
     if phase == "start":
         _gc_started = time.perf_counter()
     else:

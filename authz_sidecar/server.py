@@ -53,7 +53,7 @@ class Sidecar:
         self._key_lookup: KeyLookup | None = None
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._access_log: access_log.AccessLogService | None = None
         self._decider: check.Decider | None = None
         self._check: CheckServer | None = None
@@ -108,25 +108,38 @@ class Sidecar:
                 raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
             self._runners.append(runner)
 
-        self._sweeper = asyncio.create_task(self._sweep_expired_holds(), name="hold-sweeper")
+        self._sweeper = asyncio.create_task(self._sweep_expired_holds(pool), name="hold-sweeper")
         await self._set_serving(True)
         logger.info(
             "sidecar ready: Check %s:%d, gRPC %s:%d, HTTP %s:%d, admin %s:%d",
-            host, s.check_port, host, s.grpc_port, host, s.http_port, host, s.admin_port,
+            host,
+            s.check_port,
+            host,
+            s.grpc_port,
+            host,
+            s.http_port,
+            host,
+            s.admin_port,
         )
 
     async def _set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", "envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService"):
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in (
+            "",
+            "envoy.service.auth.v3.Authorization",
+            "envoy.service.accesslog.v3.AccessLogService",
+        ):
             await self.health.set(service, status)
 
-    async def _sweep_expired_holds(self) -> None:
+    async def _sweep_expired_holds(self, pool: asyncpg.Pool) -> None:
         while True:
             try:
-                async with database.acquire(self.pool) as conn:
+                async with database.acquire(pool) as conn:
                     await holds.expire_due(conn)
                     metrics.outstanding_holds.set(await holds.outstanding(conn))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
             await asyncio.sleep(EXPIRY_SWEEP_S)
 

@@ -31,7 +31,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import stripe
@@ -44,6 +45,9 @@ from authz_sidecar.key_lookup import KeyLookup
 from billing import money, payments, wallets
 from billing.settings import Settings
 
+if TYPE_CHECKING:
+    from stripe.params.checkout import SessionCreateParams
+
 logger = logging.getLogger(__name__)
 
 # Below Envoy's 30 s route timeout for the sidecar, so the client hears our answer, not Envoy's.
@@ -55,7 +59,8 @@ PRODUCT_NAME = "BillingProxy prepaid credit"
 
 webhook_events = Counter(
     "billingproxy_stripe_webhook_events",
-    "Verified Stripe webhook events, by outcome (credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
+    "Verified Stripe webhook events, by outcome "
+    "(credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
     ["outcome"],
     registry=metrics.registry,
 )
@@ -90,10 +95,10 @@ class CheckoutClient:
 
     async def create_session(
         self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str
-    ) -> Any:
+    ) -> stripe.checkout.Session:
         s = self._settings
         amount_usd = money.format_usd(amount_nano)[:-4]  # "10.000000" → "10.00"
-        params: dict[str, Any] = {
+        params: SessionCreateParams = {
             "mode": "payment",
             "line_items": [
                 {
@@ -101,7 +106,10 @@ class CheckoutClient:
                     "price_data": {
                         "currency": payments.CURRENCY,
                         "unit_amount": payments.cents_from_nano(amount_nano),
-                        "product_data": {"name": PRODUCT_NAME, "description": f"{amount_usd} USD of API credit"},
+                        "product_data": {
+                            "name": PRODUCT_NAME,
+                            "description": f"{amount_usd} USD of API credit",
+                        },
                     },
                 }
             ],
@@ -114,7 +122,7 @@ class CheckoutClient:
         if wallet.email:
             params["customer_email"] = wallet.email
         return await self._client.v1.checkout.sessions.create_async(
-            params, {"idempotency_key": idempotency_key}  # type: ignore[arg-type]
+            params, {"idempotency_key": idempotency_key}
         )
 
 
@@ -127,7 +135,7 @@ class StripeRoutes:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def lifespan(self, _app: web.Application):
+    async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
         if not self.settings.stripe_configured:
             logger.info("Stripe is not configured (STRIPE_SECRET_KEY): top-ups answer 503")
             yield
@@ -159,7 +167,9 @@ class StripeRoutes:
         key = await self.key_lookup.authenticate(request.headers.get("authorization"))
         body = await _json_body(request)
         amount_nano = self._amount(body.get("amount_usd"))
-        session = await self._create(checkout, key.wallet_id, amount_nano, request.headers.get("idempotency-key"))
+        session = await self._create(
+            checkout, key.wallet_id, amount_nano, request.headers.get("idempotency-key")
+        )
         return web.json_response(
             {
                 "checkout_url": session.url,
@@ -177,10 +187,17 @@ class StripeRoutes:
         try:
             checkout = self._require_stripe()
             amount_nano = self._amount(amount if isinstance(amount, str) else None)
-            key = await self.key_lookup.authenticate(f"Bearer {api_key}" if isinstance(api_key, str) else None)
+            key = await self.key_lookup.authenticate(
+                f"Bearer {api_key}" if isinstance(api_key, str) else None
+            )
             session = await self._create(checkout, key.wallet_id, amount_nano, None)
         except api_errors.ApiError as error:
-            return self._page(request, error=error.message, amount=amount if isinstance(amount, str) else "", status=error.status)
+            return self._page(
+                request,
+                error=error.message,
+                amount=amount if isinstance(amount, str) else "",
+                status=error.status,
+            )
         raise web.HTTPSeeOther(session.url)
 
     def _amount(self, value: object) -> int:
@@ -189,14 +206,18 @@ class StripeRoutes:
             return payments.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
         except payments.TopupAmountError as exc:
             checkout_sessions.labels("invalid_amount").inc()
-            raise api_errors.ApiError(400, "invalid_amount", str(exc), extra={"param": "amount_usd"}) from None
+            raise api_errors.ApiError(
+                400, "invalid_amount", str(exc), extra={"param": "amount_usd"}
+            ) from None
 
     async def _create(
         self, checkout: CheckoutClient, wallet_id: str, amount_nano: int, client_key: str | None
     ) -> Any:
         if client_key is not None and not 0 < len(client_key) <= CLIENT_IDEMPOTENCY_KEY_MAX:
             raise api_errors.ApiError(
-                400, "invalid_idempotency_key", f"Idempotency-Key must be 1 to {CLIENT_IDEMPOTENCY_KEY_MAX} characters."
+                400,
+                "invalid_idempotency_key",
+                f"Idempotency-Key must be 1 to {CLIENT_IDEMPOTENCY_KEY_MAX} characters.",
             )
         # A client's retry (same Idempotency-Key) gets the same session; without one, every call
         # is a new session, and the SDK's own retries still reuse this key.
@@ -209,7 +230,9 @@ class StripeRoutes:
             wallet = await wallets.get_wallet(conn, wallet_id)
         assert wallet is not None, "a key always belongs to a wallet (foreign key)"
         try:
-            session = await checkout.create_session(wallet=wallet, amount_nano=amount_nano, idempotency_key=idempotency_key)
+            session = await checkout.create_session(
+                wallet=wallet, amount_nano=amount_nano, idempotency_key=idempotency_key
+            )
         except stripe.IdempotencyError:
             checkout_sessions.labels("idempotency_conflict").inc()
             raise api_errors.ApiError(
@@ -219,23 +242,38 @@ class StripeRoutes:
             logger.warning("Stripe unreachable while creating a Checkout Session: %s", exc)
             checkout_sessions.labels("payments_unavailable").inc()
             raise api_errors.ApiError(
-                503, "payments_unavailable", "The payment provider cannot be reached; retry shortly.", "api_error"
+                503,
+                "payments_unavailable",
+                "The payment provider cannot be reached; retry shortly.",
+                "api_error",
             ) from None
         except stripe.StripeError as exc:
             logger.error("Stripe refused to create a Checkout Session: %s", exc)
             checkout_sessions.labels("payments_error").inc()
             raise api_errors.ApiError(
-                502, "payments_error", "The payment provider refused the top-up; try again later.", "api_error"
+                502,
+                "payments_error",
+                "The payment provider refused the top-up; try again later.",
+                "api_error",
             ) from None
         expires_at = None
         if isinstance(session.expires_at, int):
-            expires_at = dt.datetime.fromtimestamp(session.expires_at, dt.timezone.utc)
+            expires_at = dt.datetime.fromtimestamp(session.expires_at, dt.UTC)
         async with self.engine.begin() as conn:
             await payments.record_checkout_session(
-                conn, session_id=session.id, wallet_id=wallet.id, amount_nano=amount_nano, expires_at=expires_at
+                conn,
+                session_id=session.id,
+                wallet_id=wallet.id,
+                amount_nano=amount_nano,
+                expires_at=expires_at,
             )
         checkout_sessions.labels("created").inc()
-        logger.info("top-up: Checkout Session %s for %s USD, wallet %s", session.id, money.format_usd(amount_nano), wallet.id)
+        logger.info(
+            "top-up: Checkout Session %s for %s USD, wallet %s",
+            session.id,
+            money.format_usd(amount_nano),
+            wallet.id,
+        )
         return session
 
     # --- POST /stripe/webhook ----------------------------------------------------------------
@@ -262,7 +300,9 @@ class StripeRoutes:
             # Raised after the signature verified: not UTF-8, not JSON, or JSON but not an object
             # (the SDK's parser then fails with AttributeError).
             webhook_rejections.labels("invalid_payload").inc()
-            raise api_errors.ApiError(400, "invalid_payload", "The body is not a Stripe event (JSON).") from None
+            raise api_errors.ApiError(
+                400, "invalid_payload", "The body is not a Stripe event (JSON)."
+            ) from None
         event = json.loads(payload)
         try:
             async with self.engine.begin() as conn:
@@ -273,10 +313,19 @@ class StripeRoutes:
         webhook_events.labels("duplicate" if result.duplicate else result.outcome).inc()
         logger.info(
             "webhook %s %s: %s%s %s",
-            event.get("type"), event.get("id"), result.outcome, " (duplicate)" if result.duplicate else "", result.detail,
+            event.get("type"),
+            event.get("id"),
+            result.outcome,
+            " (duplicate)" if result.duplicate else "",
+            result.detail,
         )
         return web.json_response(
-            {"received": True, "event_id": event["id"], "outcome": result.outcome, "duplicate": result.duplicate},
+            {
+                "received": True,
+                "event_id": event["id"],
+                "outcome": result.outcome,
+                "duplicate": result.duplicate,
+            },
             dumps=_dumps,
         )
 
@@ -293,13 +342,15 @@ class StripeRoutes:
             return _html("Top up", body, status=503)
         notice = f"<p class=error role=alert>{html.escape(error)}</p>" if error else ""
         api = html.escape(
-            f"curl -s {s.public_url}/billing/topup -H \"authorization: Bearer $KEY\" "
+            f'curl -s {s.public_url}/billing/topup -H "authorization: Bearer $KEY" '
             f"-H 'content-type: application/json' -d '{{\"amount_usd\": \"10.00\"}}'"
         )
         body = f"""{notice}
 <form method=post action="/billing/topup">
-  <label>API key <input name=api_key type=password autocomplete=off required placeholder="sk-litellm-…"></label>
-  <label>Amount (USD, {lo}–{hi}) <input name=amount_usd inputmode=decimal required value="{html.escape(amount)}"></label>
+  <label>API key <input name=api_key type=password autocomplete=off required \
+placeholder="sk-litellm-…"></label>
+  <label>Amount (USD, {lo}–{hi}) <input name=amount_usd inputmode=decimal required \
+value="{html.escape(amount)}"></label>
   <button id=continue type=submit>Continue to payment</button>
 </form>
 <p>You will pay on Stripe Checkout; your wallet is credited as soon as Stripe confirms the payment.</p>
@@ -316,7 +367,10 @@ class StripeRoutes:
             return _html("Top-up", "<p>We do not know this checkout session.</p>", status=404)
         amount = html.escape(money.format_usd(status.amount_nano)[:-4])
         if status.credited:
-            body = f"<p id=status data-state=credited>Payment received: {amount} USD credited to your wallet.</p>"
+            body = (
+                f"<p id=status data-state=credited>Payment received: {amount} USD "
+                "credited to your wallet.</p>"
+            )
         else:
             body = (
                 f"<p id=status data-state=pending>Thank you. {amount} USD will be credited as soon as "
@@ -325,7 +379,9 @@ class StripeRoutes:
         return _html("Top-up", body)
 
     async def cancelled_page(self, request: web.Request) -> web.Response:
-        return _html("Top-up cancelled", '<p>Nothing was charged. <a href="/billing/topup">Try again</a>.</p>')
+        return _html(
+            "Top-up cancelled", '<p>Nothing was charged. <a href="/billing/topup">Try again</a>.</p>'
+        )
 
 
 def _refuse_future(header: str, *, now: float) -> None:
@@ -338,7 +394,7 @@ def _refuse_future(header: str, *, now: float) -> None:
     items = [item.split("=", 2) for item in header.split(",")]
     timestamp = int([item[1] for item in items if item[0] == "t"][0])  # verified, so it parses
     if timestamp > now + WEBHOOK_TOLERANCE_S:
-        raise stripe.SignatureVerificationError(
+        raise stripe.SignatureVerificationError(  # type: ignore[no-untyped-call]  # stripe leaves it unannotated
             f"Timestamp {timestamp} is more than {WEBHOOK_TOLERANCE_S} s in the future", header
         )
 
@@ -349,7 +405,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict):
-        raise api_errors.ApiError(400, "invalid_json", 'The body must be a JSON object such as {"amount_usd": "10.00"}.')
+        raise api_errors.ApiError(
+            400, "invalid_json", 'The body must be a JSON object such as {"amount_usd": "10.00"}.'
+        )
     return body
 
 
@@ -357,7 +415,8 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
+_CSS = """\
+body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
 label{display:block;margin:.8rem 0}input{display:block;width:100%;padding:.4rem;font-size:1rem}
 button{margin-top:1rem;padding:.6rem 1.2rem;font-size:1rem}.error{color:#b00020}code{word-break:break-all}"""
 
@@ -376,14 +435,18 @@ def _html(title: str, body: str, *, status: int = 200) -> web.Response:
         content_type="text/html",
         headers={
             "cache-control": "no-store",
-            "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'",
+            "content-security-policy": (
+                "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'"
+            ),
             "referrer-policy": "no-referrer",
             "x-content-type-options": "nosniff",
         },
     )
 
 
-def add_routes(app: web.Application, *, settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> StripeRoutes:
+def add_routes(
+    app: web.Application, *, settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup
+) -> StripeRoutes:
     """Register the top-up and webhook routes on the public app (and the Stripe client's lifetime)."""
     routes = StripeRoutes(settings, engine, key_lookup)
     app.cleanup_ctx.append(routes.lifespan)

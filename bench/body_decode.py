@@ -19,10 +19,9 @@ from collections.abc import Callable
 import httptools
 
 from authz_sidecar import check, check_http, envoy_config
+from bench import workload
 from billing import keys, wallets
 from billing.settings import Settings
-
-from bench import workload
 
 REQUEST_ID = "7f1c2d3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f"
 
@@ -83,14 +82,25 @@ def run() -> dict:
         # What the Check does before it touches the database (check_http.py, check.Decider).
         _, _, headers, body, _ = parse()
         request = json.loads(body)
-        return headers.get("authorization"), headers.get("x-request-id"), request.get("model"), request.get("max_tokens")
+        return (
+            headers.get("authorization"),
+            headers.get("x-request-id"),
+            request.get("model"),
+            request.get("max_tokens"),
+        )
 
-    metadata = {"wallet_id": keys.random_id(wallets.WALLET_ID_PREFIX), "key_id": keys.random_id(keys.ID_PREFIX),
-                "hold_id": REQUEST_ID, "model": workload.MODEL}
+    metadata = {
+        "wallet_id": keys.random_id(wallets.WALLET_ID_PREFIX),
+        "key_id": keys.random_id(keys.ID_PREFIX),
+        "hold_id": REQUEST_ID,
+        "model": workload.MODEL,
+    }
 
     def admit_response() -> bytes:
         # As check.Decider.judge hands the facts over, then the 200 with its headers.
-        return server._admission({check.metadata_header(k): check.metadata_value(v) for k, v in metadata.items()})
+        return server._admission(
+            {check.metadata_header(k): check.metadata_value(v) for k, v in metadata.items()}
+        )
 
     return {
         "parser": f"httptools {httptools.__version__}",

@@ -95,9 +95,13 @@ class Run:
             "p99_ms": _round(self.percentile_ms(99)),
             "max_ms": _round(max(self.latencies_s) * 1000 if self.latencies_s else None),
             "generator_cpu_s": round(self.generator_cpu_s, 3),
-            "generator_cpu_us_per_request": round(self.generator_cpu_s / self.total * 1e6, 1) if self.total else None,
+            "generator_cpu_us_per_request": round(self.generator_cpu_s / self.total * 1e6, 1)
+            if self.total
+            else None,
             "late_starts": self.late_starts,
-            "start_lag_p99_ms": _round(percentile(self.start_lags_s, 99) * 1000 if self.start_lags_s else None),
+            "start_lag_p99_ms": _round(
+                percentile(self.start_lags_s, 99) * 1000 if self.start_lags_s else None
+            ),
         }
 
 
@@ -113,10 +117,16 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def _session(concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, keepalive_timeout=60,
-                                     enable_cleanup_closed=False, ttl_dns_cache=None)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30),
-                                 skip_auto_headers=("User-Agent",))
+    connector = aiohttp.TCPConnector(
+        limit=concurrency,
+        limit_per_host=concurrency,
+        keepalive_timeout=60,
+        enable_cleanup_closed=False,
+        ttl_dns_cache=None,
+    )
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30), skip_auto_headers=("User-Agent",)
+    )
 
 
 async def closed_loop(name: str, target: Target, *, concurrency: int, duration_s: float) -> Run:
@@ -135,12 +145,16 @@ async def closed_loop(name: str, target: Target, *, concurrency: int, duration_s
             perf = time.perf_counter
             while (start := perf()) < deadline:
                 try:
-                    async with session.request(target.method, target.url, data=target.body or None,
-                                            headers=next(headers) if headers else None) as response:
+                    async with session.request(
+                        target.method,
+                        target.url,
+                        data=target.body or None,
+                        headers=next(headers) if headers else None,
+                    ) as response:
                         await response.read()
                         status = response.status
                         request_id = response.headers.get("x-request-id", "")
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     errors[type(exc).__name__] += 1
                     continue
                 statuses[status] += 1
@@ -152,11 +166,24 @@ async def closed_loop(name: str, target: Target, *, concurrency: int, duration_s
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return Run(name, "closed", elapsed, concurrency, None, latencies, statuses, errors, cpu,
-               request_ids_ok=ids_ok, request_ids_other=ids_other)
+    return Run(
+        name,
+        "closed",
+        elapsed,
+        concurrency,
+        None,
+        latencies,
+        statuses,
+        errors,
+        cpu,
+        request_ids_ok=ids_ok,
+        request_ids_other=ids_other,
+    )
 
 
-async def open_loop(name: str, target: Target, *, rate: float, duration_s: float, concurrency_max: int = 256) -> Run:
+async def open_loop(
+    name: str, target: Target, *, rate: float, duration_s: float, concurrency_max: int = 256
+) -> Run:
     """Start ``rate`` requests per second on a fixed schedule for ``duration_s``.
 
     At most ``concurrency_max`` connections; if all are busy a request waits for one, and that
@@ -178,12 +205,16 @@ async def open_loop(name: str, target: Target, *, rate: float, duration_s: float
             start = time.perf_counter()
             lags.append(start - scheduled)
             try:
-                async with session.request(target.method, target.url, data=target.body or None,
-                                        headers=next(headers) if headers else None) as response:
+                async with session.request(
+                    target.method,
+                    target.url,
+                    data=target.body or None,
+                    headers=next(headers) if headers else None,
+                ) as response:
                     await response.read()
                     status = response.status
                     request_id = response.headers.get("x-request-id", "")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors[type(exc).__name__] += 1
                 return
             statuses[status] += 1
@@ -206,5 +237,18 @@ async def open_loop(name: str, target: Target, *, rate: float, duration_s: float
         await asyncio.gather(*tasks)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     # The run lasts until its last answer, at least the schedule's length (overload stretches it).
-    return Run(name, "open", max(elapsed, duration_s), concurrency_max, rate, latencies, statuses, errors, cpu, late, lags,
-               ids_ok, ids_other)
+    return Run(
+        name,
+        "open",
+        max(elapsed, duration_s),
+        concurrency_max,
+        rate,
+        latencies,
+        statuses,
+        errors,
+        cpu,
+        late,
+        lags,
+        ids_ok,
+        ids_other,
+    )

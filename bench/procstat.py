@@ -73,10 +73,12 @@ def all_processes() -> dict[int, tuple[int, float]]:
     return found
 
 
-def foreign_cpu_seconds(before: dict[int, tuple[int, float]], after: dict[int, tuple[int, float]],
-                        ours: set[int]) -> float:
+def foreign_cpu_seconds(
+    before: dict[int, tuple[int, float]], after: dict[int, tuple[int, float]], ours: set[int]
+) -> float:
     """CPU used between two ``all_processes()`` snapshots by processes that are not ``ours`` (nor
     children of ours). Processes that started and ended in between are missed."""
+
     def mine(pid: int, table: dict[int, tuple[int, float]]) -> bool:
         return pid in ours or table.get(pid, (0, 0.0))[0] in ours
 
@@ -108,6 +110,6 @@ def machine_seconds() -> dict[str, float]:
     """CPU seconds of the whole machine since boot, over all cores, by kind (/proc/stat);
     ``busy`` is everything but idle and iowait (steal included: those cycles were not ours)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    seconds = {name: value / _TICK for name, value in zip(_MACHINE_FIELDS, values)}
+    seconds = {name: value / _TICK for name, value in zip(_MACHINE_FIELDS, values, strict=True)}
     seconds["busy"] = sum(seconds.values()) - seconds["idle"] - seconds["iowait"]
     return seconds

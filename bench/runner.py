@@ -37,18 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import httptools
 import sqlalchemy as sa
+import uvloop
 import yaml
 
 from authz_sidecar import envoy_config
+from bench import body_decode, loadgen, procstat, sidecar_steps, workload
 from billing import database, ledger, pricing, wallets
 from billing.usage import Usage
 from billingproxy import envoy_process
 from billingproxy.local_stack import Stack, free_port, free_ports_env
 from billingproxy.postgres_server import EmbeddedPostgres
-
-from bench import body_decode, loadgen, procstat, sidecar_steps, workload
 
 GRANT_NANO = 1_000 * 10**9  # $1000 per wallet: far more than any run spends
 SETTLE_TIMEOUT_S = 30.0
@@ -90,7 +91,9 @@ def baseline_config(settings, *, backend_url: str, admin_socket: Path) -> dict[s
             for network_filter in chain["filters"]:
                 hcm = network_filter["typed_config"]
                 hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in removed]
-                hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.http_grpc"]
+                hcm["access_log"] = [
+                    a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.http_grpc"
+                ]
                 for vhost in hcm["route_config"]["virtual_hosts"]:
                     for route in vhost["routes"]:
                         per_filter = route.get("typed_per_filter_config", {})
@@ -115,7 +118,14 @@ class Pids:
     others: tuple[int, ...] = ()  # the stack's other children (the Stripe test double…), idle here
 
     def all(self) -> set[int]:
-        named = (self.sidecar, self.envoy, self.envoy_baseline, self.envoy_grpc_check, self.backend, self.postgres)
+        named = (
+            self.sidecar,
+            self.envoy,
+            self.envoy_baseline,
+            self.envoy_grpc_check,
+            self.backend,
+            self.postgres,
+        )
         return {pid for pid in named if pid is not None} | set(self.others)
 
 
@@ -151,11 +161,11 @@ async def _scrape_counters(session: aiohttp.ClientSession, admin_port: int) -> d
         text = await response.text()
     found: dict[str, dict[str, float]] = {"check_decisions": {}, "settlements": {}}
     for line in text.splitlines():
-        for name in found:
+        for name, by_label in found.items():
             prefix = f"billingproxy_{name}_total{{"
             if line.startswith(prefix):
-                label = line[len(prefix):line.index("}")].split("=", 1)[1].strip('"')
-                found[name][label] = float(line.rsplit(" ", 1)[1])
+                label = line[len(prefix) : line.index("}")].split("=", 1)[1].strip('"')
+                by_label[label] = float(line.rsplit(" ", 1)[1])
     return found
 
 
@@ -168,7 +178,9 @@ async def _scrape_check_seconds(session: aiohttp.ClientSession, admin_port: int)
         for name in ("billingproxy_check_seconds_sum", "billingproxy_check_seconds_count"):
             if line.startswith(name + " "):
                 values[name] = float(line.split()[1])
-    return values.get("billingproxy_check_seconds_sum", 0.0), values.get("billingproxy_check_seconds_count", 0.0)
+    return values.get("billingproxy_check_seconds_sum", 0.0), values.get(
+        "billingproxy_check_seconds_count", 0.0
+    )
 
 
 class Bench:
@@ -192,12 +204,15 @@ class Bench:
     # -- set-up and tear-down --
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("BILLINGPROXY_")}  # never a real backend, never the user's ports
-        env.update({
-            "BILLINGPROXY_DATA_DIR": str(self.data_dir),
-            **free_ports_env(),
-        })
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("BILLINGPROXY_")
+        }  # never a real backend, never the user's ports
+        env.update(
+            {
+                "BILLINGPROXY_DATA_DIR": str(self.data_dir),
+                **free_ports_env(),
+            }
+        )
         return env
 
     async def start(self) -> None:
@@ -206,11 +221,18 @@ class Bench:
         settings = self.stack.settings
         run_dir = settings.data_dir.absolute() / "run"
         baseline_settings = settings.replace(gateway_port=free_port())
-        config = baseline_config(baseline_settings, backend_url=self.stack.backend_url,
-                                 admin_socket=run_dir / "envoy-baseline-admin.sock")
-        self.say(f"  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on :{baseline_settings.gateway_port}…")
+        config = baseline_config(
+            baseline_settings,
+            backend_url=self.stack.backend_url,
+            admin_socket=run_dir / "envoy-baseline-admin.sock",
+        )
+        self.say(
+            "  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on "
+            f":{baseline_settings.gateway_port}…"
+        )
         self.baseline = envoy_process.EnvoyProcess(
-            yaml.safe_dump(config, sort_keys=False), base_id=None,
+            yaml.safe_dump(config, sort_keys=False),
+            base_id=None,
             log_path=settings.data_dir / "run" / "envoy-baseline.log",
         )
         await self.baseline.start()
@@ -220,8 +242,12 @@ class Bench:
         grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port())
         self.say(f"  starting a billed Envoy with the gRPC Check on :{grpc_settings.gateway_port}…")
         self.grpc_check = envoy_process.EnvoyProcess(
-            envoy_config.render_yaml(grpc_settings, backend_url=self.stack.backend_url,
-                                     admin_socket=run_dir / "envoy-grpc-check-admin.sock"), base_id=None,
+            envoy_config.render_yaml(
+                grpc_settings,
+                backend_url=self.stack.backend_url,
+                admin_socket=run_dir / "envoy-grpc-check-admin.sock",
+            ),
+            base_id=None,
             log_path=settings.data_dir / "run" / "envoy-grpc-check.log",
         )
         await self.grpc_check.start()
@@ -285,8 +311,9 @@ class Bench:
 
     def free_target(self) -> loadgen.Target:
         """The billed gateway, with requests whose Check needs no database (workload.FREE_PATH)."""
-        return loadgen.Target(self.stack.gateway_url + workload.FREE_PATH, b"", self.authorizations,
-                              workload.FREE_METHOD)
+        return loadgen.Target(
+            self.stack.gateway_url + workload.FREE_PATH, b"", self.authorizations, workload.FREE_METHOD
+        )
 
     def _count_billed(self, run: loadgen.Run) -> None:
         self.billed_ids_ok.extend(run.request_ids_ok)
@@ -297,10 +324,12 @@ class Bench:
 
     async def pending_holds(self, request_ids: list[str]) -> int:
         async with self.engine.connect() as conn:
-            return (await conn.execute(
-                sa.text("SELECT count(*) FROM holds WHERE state = 'pending' AND request_id = ANY(:ids)"),
-                {"ids": request_ids},
-            )).scalar_one()
+            return (
+                await conn.execute(
+                    sa.text("SELECT count(*) FROM holds WHERE state = 'pending' AND request_id = ANY(:ids)"),
+                    {"ids": request_ids},
+                )
+            ).scalar_one()
 
     async def wait_settled(self, request_ids: list[str]) -> float | None:
         """Seconds until the holds of these answered requests are settled (their access-log
@@ -322,7 +351,10 @@ class Bench:
             waited = time.perf_counter() - started
             if cores <= QUIET_CORES_MAX or waited >= QUIET_WAIT_MAX_S:
                 if cores > QUIET_CORES_MAX:
-                    self.say(f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring anyway")
+                    self.say(
+                        f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring "
+                        "anyway"
+                    )
                 return waited, cores
 
     async def measured(self, run_coro, *, billed: bool, envoy: str | None = None) -> dict[str, Any]:
@@ -361,12 +393,17 @@ class Bench:
         if billed:
             result["settle_lag_s"] = None if settle_s is None else round(settle_s, 3)
             checks = check1[1] - check0[1]
-            result["sidecar_check_mean_ms"] = round((check1[0] - check0[0]) / checks * 1000, 3) if checks else None
+            result["sidecar_check_mean_ms"] = (
+                round((check1[0] - check0[0]) / checks * 1000, 3) if checks else None
+            )
         return result
 
     async def run_all(self) -> dict[str, Any]:
         o = self.options
-        self.say(f"Check-input micro-benchmark (HTTP request parsed with httptools {httptools.__version__}, JSON body)…")
+        self.say(
+            "Check-input micro-benchmark "
+            f"(HTTP request parsed with httptools {httptools.__version__}, JSON body)…"
+        )
         self.results["body_decode"] = await asyncio.to_thread(body_decode.run)
 
         self.results["host_speed_ms"] = {"start": await asyncio.to_thread(host_speed_ms)}
@@ -380,45 +417,128 @@ class Bench:
         await self.wait_quiet()
         settings = self.stack.settings
         self.results["sidecar_steps"] = await sidecar_steps.Steps(
-            engine=self.engine, database_url=self.stack.database_url, grpc_port=settings.grpc_port,
-            check_port=settings.check_port, sidecar_pid=self.pids.sidecar,
+            engine=self.engine,
+            database_url=self.stack.database_url,
+            grpc_port=settings.grpc_port,
+            check_port=settings.check_port,
+            sidecar_pid=self.pids.sidecar,
             prices=pricing.load(settings.price_overrides_path, settings.markup_percent),
             access_log_secret=settings.access_log_secret,
         ).run()
 
         self.say(f"warming up both gateways ({o.warmup_s:.0f} s each)…")
-        await loadgen.closed_loop("warmup-baseline", self.baseline_target(), concurrency=o.concurrency, duration_s=o.warmup_s)
-        warm = await loadgen.closed_loop("warmup-billed", self.billed_target(), concurrency=o.concurrency, duration_s=o.warmup_s)
+        await loadgen.closed_loop(
+            "warmup-baseline", self.baseline_target(), concurrency=o.concurrency, duration_s=o.warmup_s
+        )
+        warm = await loadgen.closed_loop(
+            "warmup-billed", self.billed_target(), concurrency=o.concurrency, duration_s=o.warmup_s
+        )
         self._count_billed(warm)
-        warm = await loadgen.closed_loop("warmup-grpc-check", self.billed_target(grpc_check=True),
-                                         concurrency=o.concurrency, duration_s=o.warmup_s / 2)
+        warm = await loadgen.closed_loop(
+            "warmup-grpc-check",
+            self.billed_target(grpc_check=True),
+            concurrency=o.concurrency,
+            duration_s=o.warmup_s / 2,
+        )
         self._count_billed(warm)
         await self.wait_settled(warm.request_ids_ok)
 
         runs: dict[str, Any] = {}
         plan = [
-            ("baseline_max", False, lambda: loadgen.closed_loop(
-                "baseline, max", self.baseline_target(), concurrency=o.concurrency, duration_s=o.duration_s)),
-            ("billed_max", True, lambda: loadgen.closed_loop(
-                f"billed, max, {o.wallets} wallets", self.billed_target(), concurrency=o.concurrency, duration_s=o.duration_s)),
-            ("billed_max_one_wallet", True, lambda: loadgen.closed_loop(
-                "billed, max, 1 wallet", self.billed_target(single_wallet=True), concurrency=o.concurrency, duration_s=o.duration_s)),
-            ("billed_max_grpc_check", True, lambda: loadgen.closed_loop(
-                "billed, max, gRPC Check", self.billed_target(grpc_check=True), concurrency=o.concurrency, duration_s=o.duration_s)),
-            ("baseline_fixed", False, lambda: loadgen.open_loop(
-                f"baseline, {o.rate:.0f}/s", self.baseline_target(), rate=o.rate, duration_s=o.duration_s)),
-            ("billed_fixed", True, lambda: loadgen.open_loop(
-                f"billed, {o.rate:.0f}/s", self.billed_target(), rate=o.rate, duration_s=o.duration_s)),
-            ("baseline_fixed_free", False, lambda: loadgen.open_loop(
-                f"baseline, {o.rate:.0f}/s, GET {workload.FREE_PATH}", self.baseline_target(free=True),
-                rate=o.rate, duration_s=o.duration_s)),
-            ("billed_fixed_free", False, lambda: loadgen.open_loop(
-                f"billed, {o.rate:.0f}/s, GET {workload.FREE_PATH}", self.free_target(),
-                rate=o.rate, duration_s=o.duration_s)),
-            ("baseline_low", False, lambda: loadgen.open_loop(
-                f"baseline, {o.low_rate:.0f}/s", self.baseline_target(), rate=o.low_rate, duration_s=o.duration_s)),
-            ("billed_low", True, lambda: loadgen.open_loop(
-                f"billed, {o.low_rate:.0f}/s", self.billed_target(), rate=o.low_rate, duration_s=o.duration_s)),
+            (
+                "baseline_max",
+                False,
+                lambda: loadgen.closed_loop(
+                    "baseline, max",
+                    self.baseline_target(),
+                    concurrency=o.concurrency,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "billed_max",
+                True,
+                lambda: loadgen.closed_loop(
+                    f"billed, max, {o.wallets} wallets",
+                    self.billed_target(),
+                    concurrency=o.concurrency,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "billed_max_one_wallet",
+                True,
+                lambda: loadgen.closed_loop(
+                    "billed, max, 1 wallet",
+                    self.billed_target(single_wallet=True),
+                    concurrency=o.concurrency,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "billed_max_grpc_check",
+                True,
+                lambda: loadgen.closed_loop(
+                    "billed, max, gRPC Check",
+                    self.billed_target(grpc_check=True),
+                    concurrency=o.concurrency,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "baseline_fixed",
+                False,
+                lambda: loadgen.open_loop(
+                    f"baseline, {o.rate:.0f}/s", self.baseline_target(), rate=o.rate, duration_s=o.duration_s
+                ),
+            ),
+            (
+                "billed_fixed",
+                True,
+                lambda: loadgen.open_loop(
+                    f"billed, {o.rate:.0f}/s", self.billed_target(), rate=o.rate, duration_s=o.duration_s
+                ),
+            ),
+            (
+                "baseline_fixed_free",
+                False,
+                lambda: loadgen.open_loop(
+                    f"baseline, {o.rate:.0f}/s, GET {workload.FREE_PATH}",
+                    self.baseline_target(free=True),
+                    rate=o.rate,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "billed_fixed_free",
+                False,
+                lambda: loadgen.open_loop(
+                    f"billed, {o.rate:.0f}/s, GET {workload.FREE_PATH}",
+                    self.free_target(),
+                    rate=o.rate,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "baseline_low",
+                False,
+                lambda: loadgen.open_loop(
+                    f"baseline, {o.low_rate:.0f}/s",
+                    self.baseline_target(),
+                    rate=o.low_rate,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "billed_low",
+                True,
+                lambda: loadgen.open_loop(
+                    f"billed, {o.low_rate:.0f}/s",
+                    self.billed_target(),
+                    rate=o.low_rate,
+                    duration_s=o.duration_s,
+                ),
+            ),
         ]
         for key, billed, make in plan:
             self.say(f"run: {key} ({o.duration_s:g} s)…")
@@ -426,9 +546,11 @@ class Bench:
             envoy = {"billed_max_grpc_check": "envoy_grpc_check", "billed_fixed_free": "envoy"}.get(key)
             runs[key] = await self.measured(make(), billed=billed, envoy=envoy)
             r = runs[key]
-            self.say(f"  {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-                     f"non-2xx {sum(v for s, v in r['statuses'].items() if not s.startswith('2'))}, "
-                     f"errors {sum(r['errors'].values())}")
+            self.say(
+                f"  {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                f"non-2xx {sum(v for s, v in r['statuses'].items() if not s.startswith('2'))}, "
+                f"errors {sum(r['errors'].values())}"
+            )
         self.results["runs"] = runs
         by_key = {key: (billed, make) for key, billed, make in plan}
         repeated: list[dict[str, Any]] = []
@@ -438,7 +560,10 @@ class Bench:
                 billed, make = by_key[key]
                 self.say(f"run: {key}, again ({n} of {o.repeats})…")
                 pair[key] = await self.measured(make(), billed=billed)
-                self.say(f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 {pair[key]['p99_ms']} ms")
+                self.say(
+                    f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 "
+                    f"{pair[key]['p99_ms']} ms"
+                )
             repeated.append(pair)
         self.results["repeats"] = repeated
         self.results["host_speed_ms"]["end"] = await asyncio.to_thread(host_speed_ms)
@@ -465,15 +590,28 @@ class Bench:
         settings = self.stack.settings
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
         price = prices.price(workload.MODEL)
-        expected_cost = prices.cost_nano(price, Usage.tokens(
-            prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS))
+        expected_cost = prices.cost_nano(
+            price,
+            Usage.tokens(prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS),
+        )
         async with self.engine.connect() as conn:
             ids = {"ids": self.wallet_ids}
-            usage = (await conn.execute(sa.text(
-                "SELECT idempotency_key, amount_nano FROM ledger_entries "
-                "WHERE kind = 'usage' AND wallet_id = ANY(:ids)"), ids)).all()
-            holds = dict((await conn.execute(sa.text(
-                "SELECT request_id, state FROM holds WHERE wallet_id = ANY(:ids)"), ids)).all())
+            usage = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT idempotency_key, amount_nano FROM ledger_entries "
+                        "WHERE kind = 'usage' AND wallet_id = ANY(:ids)"
+                    ),
+                    ids,
+                )
+            ).all()
+            holds = dict(
+                (
+                    await conn.execute(
+                        sa.text("SELECT request_id, state FROM holds WHERE wallet_id = ANY(:ids)"), ids
+                    )
+                ).all()
+            )
             problems = await ledger.check_invariants(conn)
         ok_ids, other_ids = set(self.billed_ids_ok), set(self.billed_ids_other)
         charged = {key.removeprefix("usage:") for key, _ in usage}
@@ -516,16 +654,12 @@ class Bench:
 
 
 def environment() -> dict[str, Any]:
-    import aiohttp as _aiohttp
-    import grpc
-    import uvloop
-
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "aiohttp": _aiohttp.__version__,
+        "aiohttp": aiohttp.__version__,
         "grpcio": grpc.__version__,  # the access log (ALS)
         "httptools": httptools.__version__,  # the Check
         "uvloop": uvloop.__version__,
@@ -535,7 +669,13 @@ def environment() -> dict[str, Any]:
 
 def _envoy_version() -> str:
     """What ``envoy --version`` says (not the binary's path: results are committed)."""
-    done = subprocess.run([str(envoy_process.envoy_binary()), "--version"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [str(envoy_process.envoy_binary()), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     words = done.stdout.split()  # "envoy  version: <commit>/<version>/Clean/RELEASE/BoringSSL"
     parts = words[-1].split("/") if words else []
     return parts[1] if len(parts) > 1 else "unknown"

@@ -51,17 +51,14 @@ import aiohttp
 import asyncpg
 import grpc
 import sqlalchemy as sa
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2, wrappers_pb2
 
+from authz_sidecar import access_log as access_log_mod, check as check_mod, envoy_config
+from bench import procstat, workload
 from billing import holds, ledger, pricing, tables, wallets
 from billing.usage import Usage
-from authz_sidecar import access_log as access_log_mod
-from authz_sidecar import check as check_mod
-from authz_sidecar import envoy_config
-
-from bench import procstat, workload
 
 CALLS = 400
 GRANT_NANO = 1_000 * 10**9
@@ -86,19 +83,27 @@ _SETTLE_STEPS = (
 )
 
 
-async def _settle_seven_round_trips_sqlalchemy(conn, *, request_id: str, cost_nano: int, details: dict) -> None:
+async def _settle_seven_round_trips_sqlalchemy(
+    conn, *, request_id: str, cost_nano: int, details: dict
+) -> None:
     """Reference only: how ``billing.holds.settle`` posted a hold before it was one statement."""
     h = tables.holds
     hold = (await conn.execute(sa.select(h).where(h.c.request_id == request_id).with_for_update())).first()
     assert hold is not None and hold.state == "pending"
     await ledger.post_entry(
-        conn, wallet_id=hold.wallet_id, kind="usage", amount_nano=-cost_nano,
+        conn,
+        wallet_id=hold.wallet_id,
+        kind="usage",
+        amount_nano=-cost_nano,
         idempotency_key=f"usage:{request_id}",
         details={"model": hold.model, "key_id": hold.key_id, "request_id": request_id, **details},
         release_reserved_nano=hold.amount_nano,
     )
-    await conn.execute(sa.update(h).where(h.c.request_id == request_id)
-                       .values(state="posted", posted_nano=cost_nano, resolved_at=sa.func.now()))
+    await conn.execute(
+        sa.update(h)
+        .where(h.c.request_id == request_id)
+        .values(state="posted", posted_nano=cost_nano, resolved_at=sa.func.now())
+    )
 
 
 def check_headers(method: str, authorization: str, request_id: str) -> dict[str, str]:
@@ -110,20 +115,37 @@ def check_headers(method: str, authorization: str, request_id: str) -> dict[str,
         headers.update({"content-type": "application/json", "x-envoy-auth-partial-body": "false"})
     else:
         headers["content-length"] = "0"
-    headers.update({"x-envoy-internal": "true",
-                    "x-envoy-expected-rq-timeout-ms": str(envoy_config.EXT_AUTHZ_TIMEOUT_S * 1000)})
+    headers.update(
+        {
+            "x-envoy-internal": "true",
+            "x-envoy-expected-rq-timeout-ms": str(envoy_config.EXT_AUTHZ_TIMEOUT_S * 1000),
+        }
+    )
     return headers
 
 
 def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
     # As ext_authz files a 200 Check answer's x-billingproxy-* headers (dynamic_metadata_from_headers).
-    facts = {"wallet_id": wallet_id, "key_id": key_id, "hold_id": request_id, "model": workload.MODEL,
-             "format": "openai_chat"}
+    facts = {
+        "wallet_id": wallet_id,
+        "key_id": key_id,
+        "hold_id": request_id,
+        "model": workload.MODEL,
+        "format": "openai_chat",
+    }
     authz = struct_pb2.Struct()
-    authz.update({check_mod.metadata_header(field): check_mod.metadata_value(value) for field, value in facts.items()})
+    authz.update(
+        {check_mod.metadata_header(field): check_mod.metadata_value(value) for field, value in facts.items()}
+    )
     usage = struct_pb2.Struct()
-    usage.update({"usage": json.dumps({"prompt_tokens": workload.PROMPT_TOKENS,
-                                       "completion_tokens": workload.COMPLETION_TOKENS}), "finished": True})
+    usage.update(
+        {
+            "usage": json.dumps(
+                {"prompt_tokens": workload.PROMPT_TOKENS, "completion_tokens": workload.COMPLETION_TOKENS}
+            ),
+            "finished": True,
+        }
+    )
     entry = accesslog_pb2.HTTPAccessLogEntry()
     entry.common_properties.metadata.filter_metadata[access_log_mod.METADATA_NAMESPACE].CopyFrom(authz)
     entry.common_properties.metadata.filter_metadata[access_log_mod.USAGE_NAMESPACE].CopyFrom(usage)
@@ -151,24 +173,40 @@ class Steps:
                 conn, source="admin", grant_nano=GRANT_NANO, external_id=f"bench-steps-{uuid.uuid4().hex}"
             )
             self.wallet_id = wallet.id
-            self.keys = [await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
-                         for _ in range(self.calls + 1)]
+            self.keys = [
+                await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+                for _ in range(self.calls + 1)
+            ]
         price = self.prices.price(workload.MODEL)
-        self.cost = self.prices.cost_nano(price, Usage.tokens(
-            prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS))
+        self.cost = self.prices.cost_nano(
+            price,
+            Usage.tokens(prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS),
+        )
 
     async def _sidecar_cpu_per_call(self, name: str, calls: Callable[[], Awaitable[None]]) -> None:
-        before, started, client = procstat.cpu_seconds(self.sidecar_pid), time.perf_counter(), time.thread_time()
+        before, started, client = (
+            procstat.cpu_seconds(self.sidecar_pid),
+            time.perf_counter(),
+            time.thread_time(),
+        )
         await calls()
         wall, client = time.perf_counter() - started, time.thread_time() - client
         cpu = procstat.cpu_seconds(self.sidecar_pid) - before
-        self.results[name] = {"sidecar_cpu_us": round(cpu / self.calls * 1e6, 1),
-                              "wall_us": round(wall / self.calls * 1e6, 1),
-                              "client_cpu_us": round(client / self.calls * 1e6, 1)}
+        self.results[name] = {
+            "sidecar_cpu_us": round(cpu / self.calls * 1e6, 1),
+            "wall_us": round(wall / self.calls * 1e6, 1),
+            "client_cpu_us": round(client / self.calls * 1e6, 1),
+        }
 
-    async def _local_cpu_per_request(self, name: str, call: Callable[[int], Awaitable[None]], *,
-                                     rounds: int | None = None, per_round: int = 1,
-                                     pg_pid: int | None = None) -> None:
+    async def _local_cpu_per_request(
+        self,
+        name: str,
+        call: Callable[[int], Awaitable[None]],
+        *,
+        rounds: int | None = None,
+        per_round: int = 1,
+        pg_pid: int | None = None,
+    ) -> None:
         """``call(n)`` for n in range(rounds), each doing ``per_round`` requests; per request.
         ``pg_pid``: the PostgreSQL backend the calls use, whose CPU is counted too."""
         rounds = self.calls if rounds is None else rounds
@@ -178,15 +216,23 @@ class Steps:
             await call(n)
         wall, cpu = time.perf_counter() - started, time.thread_time() - before
         requests = rounds * per_round
-        self.results[name] = {"bench_cpu_us": round(cpu / requests * 1e6, 1),
-                              "wall_us": round(wall / requests * 1e6, 1)}
+        self.results[name] = {
+            "bench_cpu_us": round(cpu / requests * 1e6, 1),
+            "wall_us": round(wall / requests * 1e6, 1),
+        }
         if pg_before is not None:
-            self.results[name]["pg_cpu_us"] = round((procstat.cpu_seconds(pg_pid) - pg_before) / requests * 1e6, 1)
+            self.results[name]["pg_cpu_us"] = round(
+                (procstat.cpu_seconds(pg_pid) - pg_before) / requests * 1e6, 1
+            )
 
     async def _pending(self) -> int:
         async with self.engine.connect() as conn:
-            return (await conn.execute(sa.text(
-                "SELECT count(*) FROM holds WHERE wallet_id = :w AND state = 'pending'"), {"w": self.wallet_id})).scalar_one()
+            return (
+                await conn.execute(
+                    sa.text("SELECT count(*) FROM holds WHERE wallet_id = :w AND state = 'pending'"),
+                    {"w": self.wallet_id},
+                )
+            ).scalar_one()
 
     async def run(self) -> dict[str, Any]:
         await self._setup()
@@ -197,24 +243,30 @@ class Steps:
         # (the calls are sequential), and only the headers Envoy sends.
         connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=60)
         async with aiohttp.ClientSession(
-            connector=connector, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            connector=connector,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         ) as session:
 
             async def check(method: str, authorization: str, request_id: str) -> bool:
                 """One Check; True if admitted (200)."""
                 path = workload.PATH if method == "POST" else "/v1/models"
                 async with session.request(
-                    method, base_url + path, headers=check_headers(method, authorization, request_id),
+                    method,
+                    base_url + path,
+                    headers=check_headers(method, authorization, request_id),
                     data=workload.BODY if method == "POST" else None,
                 ) as response:
                     await response.read()
                     admitted = response.status == 200
                     if admitted and method == "POST":
                         assert response.headers.get(hold_header) == check_mod.metadata_value(request_id), (
-                            response.headers)
+                            response.headers
+                        )
                     return admitted
 
-            assert await check("GET", hot_key, "warm"), "the sidecar did not admit the warm-up Check"  # connect, cache the key
+            assert await check("GET", hot_key, "warm"), (
+                "the sidecar did not admit the warm-up Check"
+            )  # connect, cache the key
 
             async def gets() -> None:
                 for n in range(self.calls):
@@ -250,7 +302,8 @@ class Steps:
                 first = True
                 while (item := await queue.get()) is not None:
                     message = als_pb2.StreamAccessLogsMessage(
-                        http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[item]))
+                        http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[item])
+                    )
                     if first:
                         message.identifier.CopyFrom(identifier)
                         first = False
@@ -266,7 +319,9 @@ class Steps:
                     await queue.put(_log_entry(request_id, self.wallet_id, key_id))
                     await asyncio.sleep(0.002)  # one entry at a time, as requests finish
                 deadline = time.perf_counter() + 30
-                while await self._pending() > (len(posted) - len(to_settle)) and time.perf_counter() < deadline:
+                while (
+                    await self._pending() > (len(posted) - len(to_settle)) and time.perf_counter() < deadline
+                ):
                     await asyncio.sleep(0.01)
 
             await self._sidecar_cpu_per_call("access_log_settle", settle_all)
@@ -275,7 +330,7 @@ class Steps:
         # The sleeps between entries are not the sidecar's, nor this process's: report only its CPU.
         self.results["access_log_settle"].pop("wall_us")
         self.results["access_log_settle"].pop("client_cpu_us")
-        await self._in_process(posted[self.calls:])
+        await self._in_process(posted[self.calls :])
         return self.results
 
     async def _in_process(self, pending: list[str]) -> None:
@@ -286,33 +341,68 @@ class Steps:
         pg_ids = [f"steps-pg-{uuid.uuid4()}" for _ in range(self.calls)]
         pg7_ids = [f"steps-pg7-{uuid.uuid4()}" for _ in range(self.calls)]
         key_id = self.keys[0].key_id
-        details = {"status": 200, "usage_source": "response", "prompt_tokens": workload.PROMPT_TOKENS,
-                   "completion_tokens": workload.COMPLETION_TOKENS, "cached_tokens": 0}
+        details = {
+            "status": 200,
+            "usage_source": "response",
+            "prompt_tokens": workload.PROMPT_TOKENS,
+            "completion_tokens": workload.COMPLETION_TOKENS,
+            "cached_tokens": 0,
+        }
         # The group commit: batches of GROUP_COMMIT_BATCH, built beforehand (the sidecar builds
         # them as Checks and log entries arrive).
         # GROUP_COMMIT_ROUNDS batches, so that PostgreSQL's CPU (counted in 10 ms clock ticks)
         # is read to a few µs per request; once for each way of sending a batch.
         rounds = GROUP_COMMIT_ROUNDS
-        batches = {way: [[f"steps-gc-{uuid.uuid4()}" for _ in range(GROUP_COMMIT_BATCH)] for _ in range(rounds)]
-                   for way in BATCH_WAYS}
-        hold_batches = {way: [[holds.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
-                               for request_id in batch] for batch in batches[way]] for way in BATCH_WAYS}
-        settle_batches = {way: [[holds.SettleRequest(request_id, self.cost, details, wallet_id=self.wallet_id)
-                                 for request_id in batch] for batch in batches[way]] for way in BATCH_WAYS}
+        batches = {
+            way: [[f"steps-gc-{uuid.uuid4()}" for _ in range(GROUP_COMMIT_BATCH)] for _ in range(rounds)]
+            for way in BATCH_WAYS
+        }
+        hold_batches = {
+            way: [
+                [
+                    holds.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
+                    for request_id in batch
+                ]
+                for batch in batches[way]
+            ]
+            for way in BATCH_WAYS
+        }
+        settle_batches = {
+            way: [
+                [
+                    holds.SettleRequest(request_id, self.cost, details, wallet_id=self.wallet_id)
+                    for request_id in batch
+                ]
+                for batch in batches[way]
+            ]
+            for way in BATCH_WAYS
+        }
 
         async def place_sqlalchemy(n: int) -> None:
             async with autocommit.connect() as conn:
-                placed = (await conn.exec_driver_sql(holds.PLACE_SQL, (
-                    sa_ids[n], self.wallet_id, key_id, workload.MODEL, amount, 600.0, False))).first()
+                placed = (
+                    await conn.exec_driver_sql(
+                        holds.PLACE_SQL,
+                        (sa_ids[n], self.wallet_id, key_id, workload.MODEL, amount, 600.0, False),
+                    )
+                ).first()
                 assert placed is not None
 
         connection = await asyncpg.connect(self.database_url)
         try:
+
             async def place_asyncpg(n: int) -> None:
                 for request_id in (pg_ids[n], pg7_ids[n]):
                     admitted = await holds.place(
-                        connection, request_id=request_id, wallet_id=self.wallet_id, key_id=key_id,
-                        model=workload.MODEL, amount_nano=amount, ttl_s=600, strict=False)
+                        connection,
+                        request_id=request_id,
+                        wallet_id=self.wallet_id,
+                        key_id=key_id,
+                        model=workload.MODEL,
+                        amount_nano=amount,
+                        ttl_s=600,
+                        strict=False,
+                    )
                     assert admitted is holds.Admission.ADMITTED
 
             steps = [await connection.prepare(sql) for sql in _SETTLE_STEPS]
@@ -320,10 +410,13 @@ class Steps:
             async def settle_sqlalchemy(n: int) -> None:
                 async with self.engine.begin() as conn:
                     await _settle_seven_round_trips_sqlalchemy(
-                        conn, request_id=sa_ids[n], cost_nano=self.cost, details=details)
+                        conn, request_id=sa_ids[n], cost_nano=self.cost, details=details
+                    )
 
             async def settle_asyncpg(n: int) -> None:
-                outcome = await holds.settle(connection, request_id=pg_ids[n], cost_nano=self.cost, details=details)
+                outcome = await holds.settle(
+                    connection, request_id=pg_ids[n], cost_nano=self.cost, details=details
+                )
                 assert outcome is holds.Settlement.POSTED
 
             async def settle_asyncpg_seven(n: int) -> None:
@@ -331,22 +424,32 @@ class Steps:
                 async with connection.transaction():
                     hold = await steps[0].fetchrow(request_id)
                     balance = await steps[1].fetchval(hold["wallet_id"])
-                    await steps[2].fetchrow(hold["wallet_id"], f"usage:{request_id}", -self.cost,
-                                            balance - self.cost, json.dumps(
-                        {"model": workload.MODEL, "key_id": key_id, "request_id": request_id, **details}))
+                    await steps[2].fetchrow(
+                        hold["wallet_id"],
+                        f"usage:{request_id}",
+                        -self.cost,
+                        balance - self.cost,
+                        json.dumps(
+                            {"model": workload.MODEL, "key_id": key_id, "request_id": request_id, **details}
+                        ),
+                    )
                     await steps[3].fetch(hold["wallet_id"], -self.cost, hold["amount_nano"])
                     await steps[4].fetch(request_id, self.cost)
 
             def place_many(way: str) -> Callable[[int], Awaitable[None]]:
                 async def call(n: int) -> None:
-                    admitted = await holds.place_many(connection, hold_batches[way][n], ttl_s=600, strict=False)
+                    admitted = await holds.place_many(
+                        connection, hold_batches[way][n], ttl_s=600, strict=False
+                    )
                     assert admitted == [holds.Admission.ADMITTED] * GROUP_COMMIT_BATCH, admitted
+
                 return call
 
             def settle_many(way: str) -> Callable[[int], Awaitable[None]]:
                 async def call(n: int) -> None:
                     outcomes = await holds.settle_many(connection, settle_batches[way][n])
                     assert outcomes == [holds.Settlement.POSTED] * GROUP_COMMIT_BATCH, outcomes
+
                 return call
 
             await self._local_cpu_per_request("place_sqlalchemy", place_sqlalchemy)
@@ -363,10 +466,20 @@ class Steps:
                     # The threshold decides how place_many / settle_many send a batch of this size.
                     holds.SET_BATCH_MIN = set_batch_min if way == "set_based" else GROUP_COMMIT_BATCH + 1
                     suffix = "" if way == "set_based" else "_pipelined"
-                    await self._local_cpu_per_request(f"place_many{suffix}", place_many(way), rounds=rounds,
-                                                      per_round=GROUP_COMMIT_BATCH, pg_pid=pg_pid)
-                    await self._local_cpu_per_request(f"settle_many{suffix}", settle_many(way), rounds=rounds,
-                                                      per_round=GROUP_COMMIT_BATCH, pg_pid=pg_pid)
+                    await self._local_cpu_per_request(
+                        f"place_many{suffix}",
+                        place_many(way),
+                        rounds=rounds,
+                        per_round=GROUP_COMMIT_BATCH,
+                        pg_pid=pg_pid,
+                    )
+                    await self._local_cpu_per_request(
+                        f"settle_many{suffix}",
+                        settle_many(way),
+                        rounds=rounds,
+                        per_round=GROUP_COMMIT_BATCH,
+                        pg_pid=pg_pid,
+                    )
             finally:
                 holds.SET_BATCH_MIN = set_batch_min
         finally:

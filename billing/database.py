@@ -44,7 +44,7 @@ class DatabaseUrlError(ValueError):
 def _rest(url: str) -> str:
     for scheme in _SCHEMES:
         if url.startswith(scheme):
-            return url[len(scheme):]
+            return url[len(scheme) :]
     raise DatabaseUrlError(
         "DATABASE_URL must start with postgresql:// (for example "
         "postgresql://user:password@127.0.0.1:5432/billingproxy)"
@@ -82,8 +82,7 @@ async def create_pool(url: str, *, size: int = 10) -> asyncpg.Pool:
     """The hot path's pool: ``size`` connections, opened now and kept (their prepared statements
     with them). Connections are in autocommit: each hot-path call is one statement."""
     return await asyncpg.create_pool(
-        driver_url(url), min_size=size, max_size=size, reset=_keep_session,
-        max_inactive_connection_lifetime=0
+        driver_url(url), min_size=size, max_size=size, reset=_keep_session, max_inactive_connection_lifetime=0
     )
 
 
@@ -105,7 +104,8 @@ async def driver_connection(conn: AsyncConnection | Connection) -> Connection:
     if not isinstance(conn, AsyncConnection):
         return conn
     fairy = await conn.get_raw_connection()
-    driver = fairy.driver_connection
+    driver: Connection | None = fairy.driver_connection
+    assert fairy.dbapi_connection is not None and driver is not None  # a checked-out connection
     if not fairy.dbapi_connection.autocommit and not driver.is_in_transaction():
         await conn.exec_driver_sql("SELECT 1")
     return driver

@@ -31,9 +31,23 @@ CHOICES_MAX = 128
 _DEFAULT_SERVICE_TIERS = frozenset({"auto", "default", "standard_only"})
 # Content part types whose tokens are in the body itself (one token per byte bounds them).
 _TEXT_PARTS = frozenset(
-    {"text", "input_text", "output_text", "refusal", "summary_text", "reasoning_text", "tool_use",
-     "tool_result", "thinking", "redacted_thinking", "function_call", "function_call_output",
-     "function", "custom", "ephemeral"}
+    {
+        "text",
+        "input_text",
+        "output_text",
+        "refusal",
+        "summary_text",
+        "reasoning_text",
+        "tool_use",
+        "tool_result",
+        "thinking",
+        "redacted_thinking",
+        "function_call",
+        "function_call_output",
+        "function",
+        "custom",
+        "ephemeral",
+    }
 )
 # Anthropic tools executed by the client (billed as ordinary tokens); every other typed tool runs
 # at the provider and may carry fees (web search, code execution, web fetch).
@@ -139,15 +153,24 @@ class Endpoint:
 # --- reading a request's worst case --------------------------------------------------------------
 
 
-def whole_number(request: Mapping[str, Any], field: str, *, low: int = 1, high: int | None = None) -> int | None:
+def whole_number(
+    request: Mapping[str, Any], field: str, *, low: int = 1, high: int | None = None
+) -> int | None:
     """A whole-number field, None when absent or null; anything else (a bool, a float, a string,
     out of range) is refused, never taken as some default."""
     value = request.get(field)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or (high is not None and value > high)
+    ):
         bound = f"from {low}" + (f" to {high}" if high is not None else "")
-        raise RequestRefused("invalid_parameter", f"{field} must be a whole number {bound}, not {value!r}.", field)
+        raise RequestRefused(
+            "invalid_parameter", f"{field} must be a whole number {bound}, not {value!r}.", field
+        )
     return value
 
 
@@ -165,7 +188,7 @@ def _service_tier(request: Mapping[str, Any]) -> None:
     if tier is not None and tier not in _DEFAULT_SERVICE_TIERS:
         raise RequestRefused(
             "model_not_priced",
-            f"service_tier {tier!r} has prices this gateway does not bill; omit it or use \"auto\".",
+            f'service_tier {tier!r} has prices this gateway does not bill; omit it or use "auto".',
             "service_tier",
         )
 
@@ -183,7 +206,9 @@ def _refuse_fields(request: Mapping[str, Any], fields: Mapping[str, str]) -> Non
     for field, why in fields.items():
         value = request.get(field)
         if value is not None and value is not False:
-            raise RequestRefused("parameter_not_supported", f"{field} is not supported by this gateway: {why}", field)
+            raise RequestRefused(
+                "parameter_not_supported", f"{field} is not supported by this gateway: {why}", field
+            )
 
 
 def _tools(request: Mapping[str, Any], allowed: Callable[[Any], bool]) -> int:

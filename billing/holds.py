@@ -206,15 +206,23 @@ async def _why_refused(
     if row is None:
         return Refusal(Admission.WALLET_NOT_FOUND, amount_nano=amount_nano)
     return refusal_of(
-        balance_nano=row["balance_nano"], reserved_nano=row["reserved_nano"],
-        overdraft_limit_nano=0 if strict else row["overdraft_limit_nano"], amount_nano=amount_nano,
-        suspended=row["suspended"], disputed=row["disputed"],
+        balance_nano=row["balance_nano"],
+        reserved_nano=row["reserved_nano"],
+        overdraft_limit_nano=0 if strict else row["overdraft_limit_nano"],
+        amount_nano=amount_nano,
+        suspended=row["suspended"],
+        disputed=row["disputed"],
     )
 
 
 def refusal_of(
-    *, balance_nano: int, reserved_nano: int, overdraft_limit_nano: int, amount_nano: int,
-    suspended: bool = False, disputed: bool = False,
+    *,
+    balance_nano: int,
+    reserved_nano: int,
+    overdraft_limit_nano: int,
+    amount_nano: int,
+    suspended: bool = False,
+    disputed: bool = False,
 ) -> Refusal | None:
     """The admission rule of :data:`PLACE_SQL`, in Python, naming the refusal (None: admitted).
 
@@ -352,14 +360,23 @@ async def settle(
 
 
 def _settle_args(
-    request_id: str, cost_nano: int | ChargeHold | None, details: dict[str, Any] | None,
-    wallet_id: str, model: str,
+    request_id: str,
+    cost_nano: int | ChargeHold | None,
+    details: dict[str, Any] | None,
+    wallet_id: str,
+    model: str,
 ) -> tuple[Any, ...]:
     if isinstance(cost_nano, int) and cost_nano < 0:
         raise ValueError(f"a request's cost cannot be negative ({cost_nano}); credits are ledger entries")
     charge_hold = cost_nano is CHARGE_HOLD
-    return (request_id, None if charge_hold else cost_nano, charge_hold, json.dumps(details or {}),
-            wallet_id or None, model or None)
+    return (
+        request_id,
+        None if charge_hold else cost_nano,
+        charge_hold,
+        json.dumps(details or {}),
+        wallet_id or None,
+        model or None,
+    )
 
 
 def _outcome(row: asyncpg.Record | None, request_id: str, posts: bool) -> Settlement:
@@ -419,7 +436,8 @@ WITH batch AS (
 ), ranked AS (
     SELECT batch.*, locked.room,
            coalesce(sum(batch.amount_nano) OVER (PARTITION BY batch.wallet_id ORDER BY batch.position
-                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                    0) AS before
       FROM batch JOIN locked ON locked.id = batch.wallet_id
 ), admitted AS (
     SELECT * FROM ranked
@@ -544,8 +562,16 @@ async def place_many(
 
     async def one_by_one(items: list[HoldRequest]) -> list[Admission | Refusal]:
         return [
-            await place(conn, request_id=r.request_id, wallet_id=r.wallet_id, key_id=r.key_id,
-                        model=r.model, amount_nano=r.amount_nano, ttl_s=ttl_s, strict=strict)
+            await place(
+                conn,
+                request_id=r.request_id,
+                wallet_id=r.wallet_id,
+                key_id=r.key_id,
+                model=r.model,
+                amount_nano=r.amount_nano,
+                ttl_s=ttl_s,
+                strict=strict,
+            )
             for r in items
         ]
 
@@ -555,15 +581,23 @@ async def place_many(
     try:
         if len(requests) >= SET_BATCH_MIN:
             rows = await pg.fetch(
-                PLACE_BATCH_SQL, [r.request_id for r in requests], [r.wallet_id for r in requests],
-                [r.key_id for r in requests], [r.model for r in requests], [r.amount_nano for r in requests],
-                int(ttl_s), strict,
+                PLACE_BATCH_SQL,
+                [r.request_id for r in requests],
+                [r.wallet_id for r in requests],
+                [r.key_id for r in requests],
+                [r.model for r in requests],
+                [r.amount_nano for r in requests],
+                int(ttl_s),
+                strict,
             )
         else:
             ordered = sorted(requests, key=lambda r: r.wallet_id)
             rows = await pg.fetchmany(
-                PLACE_SQL, [(r.request_id, r.wallet_id, r.key_id, r.model, r.amount_nano, int(ttl_s), strict)
-                            for r in ordered]
+                PLACE_SQL,
+                [
+                    (r.request_id, r.wallet_id, r.key_id, r.model, r.amount_nano, int(ttl_s), strict)
+                    for r in ordered
+                ],
             )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != "holds_pkey":
@@ -577,20 +611,32 @@ async def place_many(
 
 async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlement]:
     """:func:`settle` for each request, as one transaction; results in the requests' order."""
-    args = {r.request_id: _settle_args(r.request_id, r.cost_nano, r.details, r.wallet_id, r.model)
-            for r in requests}
+    args = {
+        r.request_id: _settle_args(r.request_id, r.cost_nano, r.details, r.wallet_id, r.model)
+        for r in requests
+    }
 
     async def one_by_one(items: list[SettleRequest]) -> list[Settlement]:
-        return [await settle(conn, request_id=r.request_id, cost_nano=r.cost_nano, details=r.details,
-                             wallet_id=r.wallet_id, model=r.model)
-                for r in items]
+        return [
+            await settle(
+                conn,
+                request_id=r.request_id,
+                cost_nano=r.cost_nano,
+                details=r.details,
+                wallet_id=r.wallet_id,
+                model=r.model,
+            )
+            for r in items
+        ]
 
     if len(requests) < 2 or len(args) < len(requests):
         return await one_by_one(requests)
     pg = await database.driver_connection(conn)
     try:
         if len(requests) >= SET_BATCH_MIN:
-            rows = await pg.fetch(SETTLE_BATCH_SQL, *(list(column) for column in zip(*args.values())))
+            rows = await pg.fetch(
+                SETTLE_BATCH_SQL, *(list(column) for column in zip(*args.values(), strict=True))
+            )
         else:
             ordered = sorted(requests, key=lambda r: (r.wallet_id, r.request_id))
             rows = await pg.fetchmany(SETTLE_SQL, [args[r.request_id] for r in ordered])
@@ -600,7 +646,6 @@ async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlem
         return await one_by_one(requests)  # an entry delivered twice: the batch changed nothing
     by_id = {row["request_id"]: row for row in rows}
     return [_outcome(by_id.get(r.request_id), r.request_id, r.cost_nano is not None) for r in requests]
-
 
 
 # Expiry, for the sweep: every pending hold past its time is expired and its reservation released,
@@ -629,4 +674,5 @@ async def expire_due(conn: Conn) -> int:
 
 async def outstanding(conn: Conn) -> int:
     pg = await database.driver_connection(conn)
-    return await pg.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
+    count: int = await pg.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
+    return count

@@ -65,7 +65,7 @@ def is_well_formed(plaintext: str) -> bool:
     """Shape and checksum only: True does not mean the key exists."""
     if len(plaintext) != KEY_LENGTH or not plaintext.startswith(PREFIX):
         return False
-    rest = plaintext[len(PREFIX):]
+    rest = plaintext[len(PREFIX) :]
     if not _BASE62_SET.issuperset(rest):
         return False
     body, check = rest[:BODY_LENGTH], rest[BODY_LENGTH:]

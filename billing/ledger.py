@@ -60,7 +60,7 @@ class Entry:
     created: bool = True
 
 
-def _entry(row: sa.Row, *, created: bool) -> Entry:
+def _entry(row: sa.Row[Any], *, created: bool) -> Entry:
     return Entry(
         id=row.id,
         wallet_id=row.wallet_id,
@@ -77,9 +77,7 @@ def _entry(row: sa.Row, *, created: bool) -> Entry:
 async def find_entry(conn: AsyncConnection, idempotency_key: str) -> Entry | None:
     row = (
         await conn.execute(
-            sa.select(tables.ledger_entries).where(
-                tables.ledger_entries.c.idempotency_key == idempotency_key
-            )
+            sa.select(tables.ledger_entries).where(tables.ledger_entries.c.idempotency_key == idempotency_key)
         )
     ).first()
     return None if row is None else _entry(row, created=False)

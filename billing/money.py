@@ -32,11 +32,11 @@ def parse_usd(text: str, *, allow_negative: bool = False) -> int:
     forms like "1e3", "NaN", spaces, and negatives unless ``allow_negative``.
     """
     if not isinstance(text, str):
-        raise MoneyError(f"an amount in USD must be a decimal string such as \"10.00\", not {text!r}")
+        raise MoneyError(f'an amount in USD must be a decimal string such as "10.00", not {text!r}')
     match = _USD_PATTERN.fullmatch(text)
     if match is None:
         raise MoneyError(
-            f"{text!r} is not a USD amount: use a decimal string such as \"10.00\" "
+            f'{text!r} is not a USD amount: use a decimal string such as "10.00" '
             "(at most 9 decimals, no exponent)"
         )
     if match["sign"] and not allow_negative:

@@ -81,7 +81,9 @@ def parse_topup_amount(value: object, *, min_nano: int, max_nano: int) -> int:
     except money.MoneyError as exc:
         raise TopupAmountError(f"amount_usd: {exc}") from None
     if nano % NANO_PER_CENT:
-        raise TopupAmountError(f"amount_usd {value!r} has fractions of a cent; card payments are in whole cents")
+        raise TopupAmountError(
+            f"amount_usd {value!r} has fractions of a cent; card payments are in whole cents"
+        )
     if not min_nano <= nano <= max_nano:
         raise TopupAmountError(f"amount_usd must be {bounds}, not {value.strip()}")
     return nano
@@ -132,8 +134,10 @@ def _id(value: object) -> str | None:
     """An expandable field: an id string, or the expanded object's id."""
     if isinstance(value, str) and value:
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
-        return value["id"]
+    if isinstance(value, Mapping):
+        ident = value.get("id")
+        if isinstance(ident, str):
+            return ident
     return None
 
 
@@ -166,7 +170,9 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
     event_id, event_type = event.get("id"), event.get("type")
     data = event.get("data")
     obj = data.get("object") if isinstance(data, Mapping) else None
-    if not (isinstance(event_id, str) and event_id and isinstance(event_type, str) and isinstance(obj, Mapping)):
+    if not (
+        isinstance(event_id, str) and event_id and isinstance(event_type, str) and isinstance(obj, Mapping)
+    ):
         raise InvalidEvent("not a Stripe event: it needs an id, a type and data.object")
     created = event.get("created")
     created = created if isinstance(created, int) and not isinstance(created, bool) else 0
@@ -190,9 +196,11 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
     if inserted is None:
         first = (
             await conn.execute(
-                sa.select(tables.stripe_events.c.outcome, tables.stripe_events.c.wallet_id, tables.stripe_events.c.detail).where(
-                    tables.stripe_events.c.id == event_id
-                )
+                sa.select(
+                    tables.stripe_events.c.outcome,
+                    tables.stripe_events.c.wallet_id,
+                    tables.stripe_events.c.detail,
+                ).where(tables.stripe_events.c.id == event_id)
             )
         ).one()
         return Result(first.outcome, first.wallet_id, first.detail, duplicate=True)
@@ -222,7 +230,9 @@ async def apply_checkout_session(conn: AsyncConnection, session: Mapping[str, An
         return skip.result
 
 
-async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_type: str, _created: int) -> Result:
+async def _checkout(
+    conn: AsyncConnection, session: Mapping[str, Any], event_type: str, _created: int
+) -> Result:
     session_id = _id(session.get("id"))
     if session.get("object") != "checkout.session" or session_id is None:
         raise _Skip("invalid_object", "data.object is not a checkout.session")
@@ -232,8 +242,14 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
         raise _Skip("not_ours", f"session {session_id} was not created by this gateway's /billing/topup")
     # The wallet we recorded when we created the session; the event's copy names nothing for us.
     wallet_id = recorded.wallet_id
-    named = {_id(session.get("client_reference_id")), _id(_metadata(session).get("wallet_id"))} - {None}
-    disagreement = f"; the session names {sorted(named)}, credited to the recorded wallet" if named - {wallet_id} else ""
+    named = {
+        name
+        for name in (_id(session.get("client_reference_id")), _id(_metadata(session).get("wallet_id")))
+        if name is not None
+    }
+    disagreement = (
+        f"; the session names {sorted(named)}, credited to the recorded wallet" if named - {wallet_id} else ""
+    )
     if session.get("mode") != "payment":
         raise _Skip("invalid_object", f"session {session_id}: mode {session.get('mode')!r}", wallet_id)
 
@@ -244,9 +260,17 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
     if event_type == "checkout.session.expired" or session.get("status") == "expired":
         return Result("session_expired", wallet_id, f"session {session_id}")
     if session.get("payment_status") != "paid":
-        return Result("awaiting_payment", wallet_id, f"session {session_id}: payment_status {session.get('payment_status')!r}")
+        return Result(
+            "awaiting_payment",
+            wallet_id,
+            f"session {session_id}: payment_status {session.get('payment_status')!r}",
+        )
     amount_cents = _int(session, "amount_total")
-    if session.get("currency") != CURRENCY or amount_cents is None or amount_cents * NANO_PER_CENT != recorded.amount_nano:
+    if (
+        session.get("currency") != CURRENCY
+        or amount_cents is None
+        or amount_cents * NANO_PER_CENT != recorded.amount_nano
+    ):
         raise _Skip(
             "amount_mismatch",
             f"session {session_id} paid {amount_cents!r} {session.get('currency')!r} cents, "
@@ -270,7 +294,9 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
             index_elements=["payment_intent"],
             set_={
                 "wallet_id": sa.func.coalesce(payments.c.wallet_id, insert.excluded.wallet_id),
-                "checkout_session": sa.func.coalesce(payments.c.checkout_session, insert.excluded.checkout_session),
+                "checkout_session": sa.func.coalesce(
+                    payments.c.checkout_session, insert.excluded.checkout_session
+                ),
                 "amount_nano": sa.func.coalesce(payments.c.amount_nano, insert.excluded.amount_nano),
                 "paid": True,
                 "updated_at": sa.func.now(),
@@ -281,7 +307,9 @@ async def _checkout(conn: AsyncConnection, session: Mapping[str, Any], event_typ
     credit = applied.credit
     assert credit is not None, "a paid payment with a wallet is always credited"
     if credit.wallet_id != wallet_id:
-        return Result("invalid_object", wallet_id, f"{payment_intent} was already credited to {credit.wallet_id}")
+        return Result(
+            "invalid_object", wallet_id, f"{payment_intent} was already credited to {credit.wallet_id}"
+        )
     outcome = "credited" if credit.created else "already_credited"
     detail = f"{payment_intent}: {money.format_usd(credit.amount_nano)} USD{disagreement}"
     return Result(outcome, wallet_id, detail, applied.created)
@@ -314,7 +342,9 @@ async def _record_session_status(
     )
 
 
-async def _charge_refunded(conn: AsyncConnection, charge: Mapping[str, Any], _type: str, _created: int) -> Result:
+async def _charge_refunded(
+    conn: AsyncConnection, charge: Mapping[str, Any], _type: str, _created: int
+) -> Result:
     charge_id = _id(charge.get("id"))
     payment_intent = _id(charge.get("payment_intent"))
     refunded_cents = _int(charge, "amount_refunded")
@@ -343,10 +373,17 @@ async def _charge_refunded(conn: AsyncConnection, charge: Mapping[str, Any], _ty
     applied = await _apply(conn, payment_intent)
     wallet_id = applied.credit.wallet_id if applied.credit else None
     if applied.pending:
-        return Result("pending_payment", None, f"{payment_intent} not credited yet; refund kept for when it is")
+        return Result(
+            "pending_payment", None, f"{payment_intent} not credited yet; refund kept for when it is"
+        )
     if applied.refund is not None and applied.refund.created:
         refund = applied.refund
-        return Result("refund_debited", wallet_id, f"{charge_id}: {money.format_usd(-refund.amount_nano)} USD", applied.created)
+        return Result(
+            "refund_debited",
+            wallet_id,
+            f"{charge_id}: {money.format_usd(-refund.amount_nano)} USD",
+            applied.created,
+        )
     return Result("refund_already_applied", wallet_id, f"{charge_id}: refunded {refunded_cents} cents in all")
 
 
@@ -361,7 +398,12 @@ async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str
     dispute_id = _id(dispute.get("id"))
     amount_cents = _int(dispute, "amount")
     status = dispute.get("status")
-    if dispute.get("object") != "dispute" or dispute_id is None or amount_cents is None or not isinstance(status, str):
+    if (
+        dispute.get("object") != "dispute"
+        or dispute_id is None
+        or amount_cents is None
+        or not isinstance(status, str)
+    ):
         raise _Skip("invalid_object", "data.object is not a dispute with an amount and a status")
     payment_intent = _id(dispute.get("payment_intent"))
     if payment_intent is None:
@@ -402,9 +444,15 @@ async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str
         )
     applied = await _apply(conn, payment_intent)
     if applied.pending:
-        return Result("pending_payment", None, f"{payment_intent} not credited yet; dispute kept for when it is")
+        return Result(
+            "pending_payment", None, f"{payment_intent} not credited yet; dispute kept for when it is"
+        )
     wallet_id = applied.credit.wallet_id if applied.credit else None
-    mine = [e for e in applied.created if e.idempotency_key in (f"dispute:{dispute_id}", f"dispute_won:{dispute_id}")]
+    mine = [
+        e
+        for e in applied.created
+        if e.idempotency_key in (f"dispute:{dispute_id}", f"dispute_won:{dispute_id}")
+    ]
     if any(e.kind == "dispute_reversal" for e in mine):
         outcome = "dispute_reversed"
     elif mine:
@@ -436,7 +484,9 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
     """Post whatever the payment's facts call for and is not posted yet; lock the payment first."""
     p = (
         await conn.execute(
-            sa.select(tables.stripe_payments).where(tables.stripe_payments.c.payment_intent == payment_intent).with_for_update()
+            sa.select(tables.stripe_payments)
+            .where(tables.stripe_payments.c.payment_intent == payment_intent)
+            .with_for_update()
         )
     ).one()
     if not p.paid or p.wallet_id is None or p.amount_nano is None:
@@ -471,7 +521,9 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
             .values(refund_applied_nano=p.refunded_nano, updated_at=sa.func.now())
         )
     d = tables.stripe_disputes
-    for dispute in (await conn.execute(sa.select(d).where(d.c.payment_intent == payment_intent).order_by(d.c.id))).all():
+    for dispute in (
+        await conn.execute(sa.select(d).where(d.c.payment_intent == payment_intent).order_by(d.c.id))
+    ).all():
         details = {"payment_intent": payment_intent, "charge": dispute.charge, "dispute": dispute.id}
         applied.dispute_debits.append(
             await ledger.post_entry(
@@ -533,7 +585,12 @@ async def _sync_disputed(conn: AsyncConnection, wallet_id: str) -> None:
 
 
 async def record_checkout_session(
-    conn: AsyncConnection, *, session_id: str, wallet_id: str, amount_nano: int, expires_at: dt.datetime | None
+    conn: AsyncConnection,
+    *,
+    session_id: str,
+    wallet_id: str,
+    amount_nano: int,
+    expires_at: dt.datetime | None,
 ) -> None:
     """Remember a session we created (a replayed creation keeps the first row)."""
     await conn.execute(
@@ -556,7 +613,10 @@ async def checkout_session_status(conn: AsyncConnection, session_id: str) -> Ses
     row = (await conn.execute(sa.select(s).where(s.c.id == session_id))).first()
     if row is None:
         return None
-    credited = row.payment_intent is not None and await ledger.find_entry(conn, f"stripe:{row.payment_intent}") is not None
+    credited = (
+        row.payment_intent is not None
+        and await ledger.find_entry(conn, f"stripe:{row.payment_intent}") is not None
+    )
     return SessionStatus(row.id, row.amount_nano, row.status, credited)
 
 
@@ -590,17 +650,24 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
         credit = keyed.get(f"stripe:{p.payment_intent}")
         credited = p.paid and p.wallet_id is not None
         if credited != (credit is not None):
-            problems.append(f"{p.payment_intent}: paid={p.paid} wallet={p.wallet_id} but credit entry {credit!r}")
+            problems.append(
+                f"{p.payment_intent}: paid={p.paid} wallet={p.wallet_id} but credit entry {credit!r}"
+            )
             continue
         if not credited:
             continue
+        assert credit is not None  # credited, so it has its entry (checked above)
         if credit.amount_nano != p.amount_nano:
             problems.append(f"{p.payment_intent}: credited {credit.amount_nano}, paid {p.amount_nano}")
         refunds = -sum(e.amount_nano for e in keyed.values() if e.kind == "refund")
         if not refunds == p.refund_applied_nano == p.refunded_nano:
             problems.append(f"{p.payment_intent}: refunded {p.refunded_nano}, debited {refunds}")
         disputes = (
-            await conn.execute(sa.select(tables.stripe_disputes).where(tables.stripe_disputes.c.payment_intent == p.payment_intent))
+            await conn.execute(
+                sa.select(tables.stripe_disputes).where(
+                    tables.stripe_disputes.c.payment_intent == p.payment_intent
+                )
+            )
         ).all()
         for d in disputes:
             debit, reversal = keyed.get(f"dispute:{d.id}"), keyed.get(f"dispute_won:{d.id}")
@@ -612,8 +679,12 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
     w = tables.wallets
     has_open = _has_open_dispute(w.c.id)
     rows = await conn.execute(
-        sa.select(w.c.id, w.c.disputed, has_open.label("has_open")).where(w.c.disputed != has_open).order_by(w.c.id)
+        sa.select(w.c.id, w.c.disputed, has_open.label("has_open"))
+        .where(w.c.disputed != has_open)
+        .order_by(w.c.id)
     )
     for row in rows.all():
-        problems.append(f"{row.id}: disputed={row.disputed}, but {'a' if row.has_open else 'no'} dispute is open")
+        problems.append(
+            f"{row.id}: disputed={row.disputed}, but {'a' if row.has_open else 'no'} dispute is open"
+        )
     return problems

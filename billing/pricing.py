@@ -76,7 +76,11 @@ _KEY_SYNONYMS = {"input_cost_per_token_cache_hit": "cache_read_input_token_cost"
 _NOT_ADMITTED_SUFFIXES = ("_batches", "_priority", "_flex")
 # Fees of request features the Check refuses on every endpoint (web search, hosted tools).
 _REFUSED_FEATURE_KEYS = frozenset(
-    {"search_context_cost_per_query", "google_maps_grounding_cost_per_query", "code_interpreter_cost_per_session"}
+    {
+        "search_context_cost_per_query",
+        "google_maps_grounding_cost_per_query",
+        "code_interpreter_cost_per_session",
+    }
 )
 # Models that search the web on every call, asked or not (OpenAI's *-search-preview and
 # *-search-api, deep-research models, Perplexity's Sonar): their per-query fee cannot be refused
@@ -85,7 +89,9 @@ _ALWAYS_SEARCHING_NAMES = ("search", "sonar", "deep-research")
 _ALWAYS_SEARCHING_PROVIDERS = frozenset({"perplexity"})
 # Keys whose price applies only with audio input; the gateway prices uncached audio only, so a
 # model carrying one of these is refused audio input.
-_AUDIO_INPUT_ONLY_KEYS = frozenset({"cache_read_input_audio_token_cost", "cache_creation_input_audio_token_cost"})
+_AUDIO_INPUT_ONLY_KEYS = frozenset(
+    {"cache_read_input_audio_token_cost", "cache_creation_input_audio_token_cost"}
+)
 _TIER = re.compile(r"(?P<key>.+)_above_(?P<thousands>\d+)k_tokens")
 
 
@@ -118,8 +124,15 @@ class ModelPrice:
 
     @classmethod
     def tokens(
-        cls, model: str, input_usd: Decimal, output_usd: Decimal, cached_usd: Decimal | None = None, *,
-        max_output_tokens: int | None = None, max_input_tokens: int | None = None, source: str = "override",
+        cls,
+        model: str,
+        input_usd: Decimal,
+        output_usd: Decimal,
+        cached_usd: Decimal | None = None,
+        *,
+        max_output_tokens: int | None = None,
+        max_input_tokens: int | None = None,
+        source: str = "override",
     ) -> ModelPrice:
         """A model priced by text tokens alone (overrides, tests); other dimensions fall back."""
         explicit = {"input_text": input_usd, "output_text": output_usd}
@@ -196,7 +209,11 @@ class PriceBook:
             return money.nano_from_usd_ceil(usd * self._multiplier)
 
     def hold_nano(
-        self, price: ModelPrice, *, prompt_tokens: int, max_output_tokens: int,
+        self,
+        price: ModelPrice,
+        *,
+        prompt_tokens: int,
+        max_output_tokens: int,
         dimensions: frozenset[str] | set[str] = frozenset({"input_text", "output_text"}),
     ) -> int:
         """The worst case reserved at admission: every prompt token at the highest input-side
@@ -209,17 +226,25 @@ class PriceBook:
             ) * self._multiplier
             return money.nano_from_usd_ceil(usd)
 
-
     def output_within(
-        self, price: ModelPrice, budget_nano: int, *, prompt_tokens: int, choices: int,
+        self,
+        price: ModelPrice,
+        budget_nano: int,
+        *,
+        prompt_tokens: int,
+        choices: int,
         dimensions: frozenset[str] | set[str],
     ) -> int:
         """The largest output budget per choice (``max_tokens``) whose hold fits ``budget_nano``;
         0 when not even the prompt fits."""
 
         def fits(per_choice: int) -> bool:
-            hold = self.hold_nano(price, prompt_tokens=prompt_tokens, max_output_tokens=per_choice * choices,
-                                  dimensions=dimensions)
+            hold = self.hold_nano(
+                price,
+                prompt_tokens=prompt_tokens,
+                max_output_tokens=per_choice * choices,
+                dimensions=dimensions,
+            )
             return hold <= budget_nano
 
         if not fits(0):
@@ -304,9 +329,13 @@ def _model_price(model: str, entry: Mapping[str, Any]) -> ModelPrice:
     return ModelPrice(
         model=model,
         per_token=_with_fallbacks(explicit),
-        max_output_tokens=max_out if isinstance(max_out, int) and not isinstance(max_out, bool) and max_out > 0 else None,
+        max_output_tokens=max_out
+        if isinstance(max_out, int) and not isinstance(max_out, bool) and max_out > 0
+        else None,
         source="litellm",
-        max_input_tokens=max_in if isinstance(max_in, int) and not isinstance(max_in, bool) and max_in > 0 else None,
+        max_input_tokens=max_in
+        if isinstance(max_in, int) and not isinstance(max_in, bool) and max_in > 0
+        else None,
         tiers=tuple(Tier(above, per_token) for above, per_token in sorted(tiers.items())),
         unpriced=tuple(sorted(unpriced)),
         audio_input_unpriced=audio_only,
@@ -325,8 +354,8 @@ def load_litellm_prices(path: Path | None = None) -> dict[str, ModelPrice]:
         output_price = _decimal(entry.get("output_cost_per_token"))
         if not (input_price or output_price):
             continue  # absent, or priced 0: unpriced, never free
-        entry = {"input_cost_per_token": 0, "output_cost_per_token": 0, **entry}
-        prices[model] = _model_price(model, entry)
+        priced = {"input_cost_per_token": 0, "output_cost_per_token": 0, **entry}
+        prices[model] = _model_price(model, priced)
     return prices
 
 
@@ -366,7 +395,7 @@ def _per_million(where: str, value: Any) -> Decimal:
             raise PricingError(f"{where}: {value!r} is not a decimal number") from None
     parsed = _decimal(value)
     if parsed is None:
-        raise PricingError(f"{where}: a price must be a number >= 0, such as \"0.15\", not {value!r}")
+        raise PricingError(f'{where}: a price must be a number >= 0, such as "0.15", not {value!r}')
     return parsed / MILLION
 
 
@@ -387,7 +416,9 @@ def apply_overrides(prices: dict[str, ModelPrice], document: Any, *, where: str)
             raise PricingError(f"{here}: each model needs a mapping of prices")
         unknown = set(spec) - _OVERRIDE_FIELDS
         if unknown:
-            raise PricingError(f"{here}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_FIELDS)}")
+            raise PricingError(
+                f"{here}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_OVERRIDE_FIELDS)}"
+            )
         if "alias_of" in spec:
             if len(spec) != 1 or not isinstance(spec["alias_of"], str):
                 raise PricingError(f"{here}: alias_of stands alone and names another model")

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 from billing import emails, money
 from billing.endpoints import ENDPOINT_NAMES
@@ -31,7 +32,12 @@ ACCESS_LOG_SECRET_MIN_CHARS = 32
 # Headers no setting may forward upstream: credentials (the client's own, or ones the backend
 # would honour), cookies, and names the gateway itself uses.
 UPSTREAM_HEADERS_NEVER = (
-    "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie",
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "proxy-authorization",
+    "cookie",
 )
 UPSTREAM_PREFIXES_NEVER = ("x-billingproxy-", "x-envoy-", ":")
 
@@ -149,7 +155,7 @@ class Settings:
     def stripe_configured(self) -> bool:
         return bool(self.stripe_secret_key)
 
-    def replace(self, **changes: object) -> Settings:
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
@@ -181,7 +187,8 @@ class Settings:
             raise SettingsError(f"{ENV_PREFIX}FREE_GRANT_USD must not be negative")
         if not 0 <= self.overdraft_limit_nano <= OVERDRAFT_LIMIT_MAX_NANO:
             raise SettingsError(
-                f"{ENV_PREFIX}OVERDRAFT_LIMIT_USD must be from 0 to {money.format_usd(OVERDRAFT_LIMIT_MAX_NANO)}"
+                f"{ENV_PREFIX}OVERDRAFT_LIMIT_USD must be from 0 to "
+                f"{money.format_usd(OVERDRAFT_LIMIT_MAX_NANO)}"
             )
         if self.markup_percent < 0:
             raise SettingsError(f"{ENV_PREFIX}MARKUP_PERCENT must not be negative")
@@ -208,11 +215,14 @@ class Settings:
                 f"'x-api-key' (sends the key itself), not {self.backend_auth_header!r}"
             )
         secret = self.access_log_secret
-        if secret and not (len(secret) >= ACCESS_LOG_SECRET_MIN_CHARS and re.fullmatch(r"[\x21-\x7e]+", secret)):
+        if secret and not (
+            len(secret) >= ACCESS_LOG_SECRET_MIN_CHARS and re.fullmatch(r"[\x21-\x7e]+", secret)
+        ):
             # Never echo it: the message names the rule only.
             raise SettingsError(
                 f"{ENV_PREFIX}ACCESS_LOG_SECRET must be at least {ACCESS_LOG_SECRET_MIN_CHARS} visible "
-                "ASCII characters (no spaces); e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                "ASCII characters (no spaces); e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
             )
         for name in self.upstream_headers:
             if not re.fullmatch(r"[a-z0-9][a-z0-9-]*\*?", name):
@@ -223,7 +233,9 @@ class Settings:
             prefix = name.endswith("*")
             stem = name.rstrip("*")
             never = [n for n in UPSTREAM_HEADERS_NEVER if (n.startswith(stem) if prefix else n == stem)]
-            never += [p for p in UPSTREAM_PREFIXES_NEVER if stem.startswith(p) or (prefix and p.startswith(stem))]
+            never += [
+                p for p in UPSTREAM_PREFIXES_NEVER if stem.startswith(p) or (prefix and p.startswith(stem))
+            ]
             if never:
                 raise SettingsError(
                     f"{ENV_PREFIX}UPSTREAM_HEADERS must not forward {name!r}: it would let {never[0]!r} "
@@ -334,7 +346,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         backend_url=(env.get(ENV_PREFIX + "BACKEND_URL") or "").rstrip("/"),
         backend_api_key=env.get(ENV_PREFIX + "BACKEND_API_KEY", ""),
         endpoints=tuple(
-            name.strip() for name in (env.get(ENV_PREFIX + "ENDPOINTS") or ",".join(defaults.endpoints)).split(",")
+            name.strip()
+            for name in (env.get(ENV_PREFIX + "ENDPOINTS") or ",".join(defaults.endpoints)).split(",")
             if name.strip()
         ),
         bind_host=bind_host,
@@ -347,9 +360,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),
         access_log_secret=env.get(ENV_PREFIX + "ACCESS_LOG_SECRET", "").strip(),
         backend_auth_header=(env.get(ENV_PREFIX + "BACKEND_AUTH_HEADER") or defaults.backend_auth_header)
-        .strip().lower(),
+        .strip()
+        .lower(),
         upstream_headers=tuple(
-            name.strip().lower() for name in env.get(ENV_PREFIX + "UPSTREAM_HEADERS", "").split(",") if name.strip()
+            name.strip().lower()
+            for name in env.get(ENV_PREFIX + "UPSTREAM_HEADERS", "").split(",")
+            if name.strip()
         ),
         request_body_max_bytes=_int(
             env, "REQUEST_BODY_MAX_BYTES", defaults.request_body_max_bytes, 1024, 64 * 1024 * 1024
@@ -362,7 +378,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             env, "SIGNUP_RATE_GLOBAL_PER_MINUTE", defaults.signup_rate_global_per_minute, 1, 1_000_000
         ),
         trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", defaults.trusted_proxy_hops, 0, 10),
-        signup_email_policy=(env.get(ENV_PREFIX + "SIGNUP_EMAIL_POLICY") or defaults.signup_email_policy).strip().lower(),
+        signup_email_policy=(env.get(ENV_PREFIX + "SIGNUP_EMAIL_POLICY") or defaults.signup_email_policy)
+        .strip()
+        .lower(),
         usage_page_size_max=_int(env, "USAGE_PAGE_SIZE_MAX", defaults.usage_page_size_max, 1, 1000),
         upstream_timeout_s=_int(env, "UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s, 1, 86_400),
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip(),

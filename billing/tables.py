@@ -96,9 +96,7 @@ holds = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("amount_nano >= 0", name="holds_amount_not_negative"),
-    sa.CheckConstraint(
-        "state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"
-    ),
+    sa.CheckConstraint("state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"),
 )
 sa.Index(
     "holds_pending_by_expiry",

@@ -62,21 +62,29 @@ class Usage:
     @classmethod
     def tokens(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         """The plain text case: prompt (of which ``cached_tokens`` from cache) and completion."""
-        for name, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens),
-                            ("cached_tokens", cached_tokens)):
+        for name, value in (
+            ("prompt_tokens", prompt_tokens),
+            ("completion_tokens", completion_tokens),
+            ("cached_tokens", cached_tokens),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
         if cached_tokens > prompt_tokens:
             raise ValueError("cached_tokens cannot exceed prompt_tokens")
         return cls(
-            input_text=prompt_tokens - cached_tokens, input_cached=cached_tokens, output_text=completion_tokens
+            input_text=prompt_tokens - cached_tokens,
+            input_cached=cached_tokens,
+            output_text=completion_tokens,
         )
 
     @property
     def input_total(self) -> int:
         """Every prompt token, whatever its price (what a long-context price tier is chosen by)."""
         return (
-            self.input_text + self.input_cached + self.input_cache_write_5m + self.input_cache_write_1h
+            self.input_text
+            + self.input_cached
+            + self.input_cache_write_5m
+            + self.input_cache_write_1h
             + self.input_audio
         )
 
@@ -86,7 +94,11 @@ class Usage:
 
     def details(self) -> dict[str, int]:
         """The non-zero dimensions, for the ledger entry's details."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if getattr(self, field.name)}
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name)
+        }
 
 
 class UnreadableUsage(ValueError):
@@ -211,8 +223,11 @@ def _anthropic(usage: Mapping[str, Any]) -> Usage:
         split = _details(usage, "cache_creation")
         write_5m = _count(split, "ephemeral_5m_input_tokens")
         write_1h = _count(split, "ephemeral_1h_input_tokens")
-        if "cache_creation_input_tokens" in usage and usage["cache_creation_input_tokens"] is not None \
-                and write_5m + write_1h != cache_write:
+        if (
+            "cache_creation_input_tokens" in usage
+            and usage["cache_creation_input_tokens"] is not None
+            and write_5m + write_1h != cache_write
+        ):
             raise UnreadableUsage("cache_creation does not add up to cache_creation_input_tokens")
     tools = usage.get("server_tool_use")
     if tools is not None:
@@ -289,7 +304,9 @@ def _total(usage: Mapping[str, Any], expected: int) -> None:
     """``total_tokens``, when given, must be the sum: a provider that counts tokens outside the
     breakdown (thinking tokens missing from completion_tokens) cannot be priced exactly."""
     if usage.get("total_tokens") is not None and _count(usage, "total_tokens") != expected:
-        raise UnreadableUsage(f"total_tokens {usage['total_tokens']} is not the sum of its parts ({expected})")
+        raise UnreadableUsage(
+            f"total_tokens {usage['total_tokens']} is not the sum of its parts ({expected})"
+        )
 
 
 def _rest(total: int, parts: int, name: str, what: str) -> int:

@@ -14,8 +14,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -24,9 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import database, emails, keys, ledger, money, settings, tables
 
+if TYPE_CHECKING:
+    import asyncpg
+
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
-_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+_EMAIL = re.compile(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
+)
 EMAIL_LENGTH_MAX = 254
 
 
@@ -45,7 +50,7 @@ class KeyNotFound(LookupError):
 def normalize_email(email: object) -> str:
     """The canonical form we store (lower case), or :class:`EmailInvalid` saying what is wrong."""
     if not isinstance(email, str) or not email.strip():
-        raise EmailInvalid("email is required, as a string such as \"alice@example.com\"")
+        raise EmailInvalid('email is required, as a string such as "alice@example.com"')
     email = email.strip()
     if len(email) > EMAIL_LENGTH_MAX or not _EMAIL.fullmatch(email):
         raise EmailInvalid(f"{email[:80]!r} is not a valid email address")
@@ -123,7 +128,7 @@ class Signup:
     key: keys.IssuedKey
 
 
-def _wallet(row: sa.Row) -> Wallet:
+def _wallet(row: sa.Row[Any]) -> Wallet:
     return Wallet(
         id=row.id,
         email=row.email,
@@ -139,7 +144,7 @@ def _wallet(row: sa.Row) -> Wallet:
     )
 
 
-def _key(row: sa.Row | Mapping[str, Any]) -> KeyRecord:
+def _key(row: sa.Row[Any] | asyncpg.Record) -> KeyRecord:
     """A key from a SQLAlchemy row or an asyncpg record (the Check's look-up)."""
     fields = row._mapping if isinstance(row, sa.Row) else row
     models = fields["allowed_models"]
@@ -178,7 +183,10 @@ async def create_wallet(
     wallet_id = wallet_id or keys.random_id(WALLET_ID_PREFIX)
     await conn.execute(
         sa.insert(tables.wallets).values(
-            id=wallet_id, email=email, source=source, external_id=external_id,
+            id=wallet_id,
+            email=email,
+            source=source,
+            external_id=external_id,
             overdraft_limit_nano=overdraft_limit_nano,
         )
     )
@@ -207,13 +215,16 @@ def check_overdraft_limit(nano: object) -> int:
         raise OverdraftLimitInvalid(f"an overdraft limit is a whole number of nano-USD, not {nano!r}")
     if not 0 <= nano <= settings.OVERDRAFT_LIMIT_MAX_NANO:
         raise OverdraftLimitInvalid(
-            f"an overdraft limit must be from 0 to {money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
+            "an overdraft limit must be from 0 to "
+            f"{money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
             f"not {money.format_usd(nano)}"
         )
     return nano
 
 
-async def set_overdraft_limit(conn: AsyncConnection, wallet_id: str, overdraft_limit_nano: int) -> Wallet | None:
+async def set_overdraft_limit(
+    conn: AsyncConnection, wallet_id: str, overdraft_limit_nano: int
+) -> Wallet | None:
     """Set a wallet's overdraft limit (None: no such wallet). Takes effect at the next Check.
 
     Lowering it below what is already spent or reserved refuses new requests until the balance
@@ -269,7 +280,9 @@ def signup_grant_identity(email: str, policy: str = "mailbox") -> str:
     return f"mailbox:{digest}"
 
 
-async def signup(conn: AsyncConnection, *, email: str, grant_nano: int, email_policy: str = "mailbox") -> Signup:
+async def signup(
+    conn: AsyncConnection, *, email: str, grant_nano: int, email_policy: str = "mailbox"
+) -> Signup:
     """A self-service wallet with its free grant and a first key, all or nothing.
 
     Raises :class:`EmailTaken` if the address already has a self-service wallet, or (with a grant)
@@ -295,9 +308,7 @@ async def signup(conn: AsyncConnection, *, email: str, grant_nano: int, email_po
 
 
 async def get_wallet(conn: AsyncConnection, wallet_id: str) -> Wallet | None:
-    row = (
-        await conn.execute(sa.select(tables.wallets).where(tables.wallets.c.id == wallet_id))
-    ).first()
+    row = (await conn.execute(sa.select(tables.wallets).where(tables.wallets.c.id == wallet_id))).first()
     return None if row is None else _wallet(row)
 
 
@@ -344,9 +355,7 @@ async def find_key(conn: AsyncConnection | database.Connection, key_hash: bytes)
 
 
 async def get_key(conn: AsyncConnection, key_id: str) -> KeyRecord | None:
-    row = (
-        await conn.execute(sa.select(tables.api_keys).where(tables.api_keys.c.id == key_id))
-    ).first()
+    row = (await conn.execute(sa.select(tables.api_keys).where(tables.api_keys.c.id == key_id))).first()
     return None if row is None else _key(row)
 
 
@@ -416,13 +425,20 @@ async def ensure_owned_wallet(
     try:
         async with conn.begin_nested():
             wallet = await create_wallet(
-                conn, source=source, grant_nano=grant_nano, email=email, external_id=external_id,
+                conn,
+                source=source,
+                grant_nano=grant_nano,
+                email=email,
+                external_id=external_id,
                 overdraft_limit_nano=overdraft_limit_nano,
             )
             if stripe_customer_id is not None:
-                wallet = await update_owned_wallet(
-                    conn, source=source, external_id=external_id, stripe_customer_id=stripe_customer_id
-                ) or wallet
+                wallet = (
+                    await update_owned_wallet(
+                        conn, source=source, external_id=external_id, stripe_customer_id=stripe_customer_id
+                    )
+                    or wallet
+                )
         return wallet, True
     except IntegrityError:
         existing = await find_owned_wallet(conn, source=source, external_id=external_id)
@@ -513,10 +529,11 @@ async def record_key(
         return _key(row), True
     row = (await conn.execute(sa.select(k).where(k.c.id == issued.key_id))).first()
     assert row is not None, "conflicting key vanished: keys are never deleted"
-    same = (
-        keys.hashes_match(bytes(row.key_hash), issued.key_hash)
-        and (row.wallet_id, row.source, row.external_id) == (wallet_id, source, external_id)
-    )
+    same = keys.hashes_match(bytes(row.key_hash), issued.key_hash) and (
+        row.wallet_id,
+        row.source,
+        row.external_id,
+    ) == (wallet_id, source, external_id)
     if not same:
         raise KeyConflict(f"key {issued.key_id} is already stored for another key, wallet or owner")
     return _key(row), False

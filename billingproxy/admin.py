@@ -19,8 +19,11 @@ class AdminError(Exception):
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -34,18 +37,33 @@ async def _wallet(conn: AsyncConnection, ref: str) -> wallets.Wallet:
 async def wallet_show(conn: AsyncConnection, ref: str) -> str:
     wallet = await _wallet(conn, ref)
     keys = await wallets.keys_of(conn, wallet.id)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     head = table(
         ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "OVERDRAFT_LIMIT_USD", "STATE"],
-        [[wallet.id, wallet.email or "-", wallet.source, money.format_usd(wallet.balance_nano),
-          money.format_usd(wallet.reserved_nano), money.format_usd(wallet.overdraft_limit_nano), wallet.state]],
+        [
+            [
+                wallet.id,
+                wallet.email or "-",
+                wallet.source,
+                money.format_usd(wallet.balance_nano),
+                money.format_usd(wallet.reserved_nano),
+                money.format_usd(wallet.overdraft_limit_nano),
+                wallet.state,
+            ]
+        ],
     )
     key_rows = [
-        [k.id, k.display_prefix + "…", k.refusal(now) or "active",
-         ",".join(k.allowed_models) if k.allowed_models is not None else "*"]
+        [
+            k.id,
+            k.display_prefix + "…",
+            k.refusal(now) or "active",
+            ",".join(k.allowed_models) if k.allowed_models is not None else "*",
+        ]
         for k in keys
     ]
-    return head + "\n\n" + (table(["KEY", "PREFIX", "STATE", "MODELS"], key_rows) if key_rows else "(no keys)")
+    return (
+        head + "\n\n" + (table(["KEY", "PREFIX", "STATE", "MODELS"], key_rows) if key_rows else "(no keys)")
+    )
 
 
 async def wallet_credit(conn: AsyncConnection, ref: str, amount_usd: str, reference: str) -> str:
@@ -71,10 +89,14 @@ async def wallet_credit(conn: AsyncConnection, ref: str, amount_usd: str, refere
     except ledger.IdempotencyConflict as exc:
         raise AdminError(
             f"reference {reference!r} was already used for a different credit "
-            f"({money.format_usd(exc.first.amount_nano)} USD to {exc.first.wallet_id}); choose a new reference"
+            f"({money.format_usd(exc.first.amount_nano)} USD to {exc.first.wallet_id}); "
+            "choose a new reference"
         ) from None
     verb = "credited" if entry.created else "already credited (nothing changed)"
-    return f"{wallet.id}: {verb} {money.format_usd(entry.amount_nano)} USD; balance {money.format_usd(entry.balance_after_nano)} USD"
+    return (
+        f"{wallet.id}: {verb} {money.format_usd(entry.amount_nano)} USD; "
+        f"balance {money.format_usd(entry.balance_after_nano)} USD"
+    )
 
 
 async def wallet_set_overdraft(conn: AsyncConnection, ref: str, limit_usd: str) -> str:
@@ -103,7 +125,9 @@ async def key_revoke(conn: AsyncConnection, key_id: str) -> str:
     try:
         record = await wallets.revoke_key(conn, key_id)
     except wallets.KeyNotFound:
-        raise AdminError(f"no key {key_id!r} (key ids look like key_…; see `billingproxy wallet show`)") from None
+        raise AdminError(
+            f"no key {key_id!r} (key ids look like key_…; see `billingproxy wallet show`)"
+        ) from None
     return f"{record.id} revoked at {record.revoked_at.isoformat()}"
 
 
@@ -111,8 +135,14 @@ async def usage(conn: AsyncConnection, ref: str, limit: int) -> str:
     wallet = await _wallet(conn, ref)
     entries = await ledger.entries(conn, wallet.id, limit=limit)
     rows = [
-        [str(e.id), e.created_at.strftime("%Y-%m-%d %H:%M:%S"), e.kind, money.format_usd(e.amount_nano),
-         money.format_usd(e.balance_after_nano), str(e.details.get("model", e.details.get("reason", "")))]
+        [
+            str(e.id),
+            e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            e.kind,
+            money.format_usd(e.amount_nano),
+            money.format_usd(e.balance_after_nano),
+            str(e.details.get("model", e.details.get("reason", ""))),
+        ]
         for e in entries
     ]
     if not rows:

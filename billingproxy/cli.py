@@ -13,8 +13,6 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from billing import database, pricing, settings as settings_mod
 
 EXIT_USAGE = 2
@@ -40,16 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--backend-url", help="override BILLINGPROXY_BACKEND_URL")
     sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
 
-    wallet = sub.add_parser("wallet", help="show, credit or set the overdraft limit of a wallet").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
+    wallet = sub.add_parser(
+        "wallet", help="show, credit or set the overdraft limit of a wallet"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
     show = wallet.add_parser("show", help="balance, state and keys of a wallet")
     show.add_argument("wallet", help="wallet id (wal_…) or owner email")
     credit = wallet.add_parser("credit", help="credit a wallet by hand (idempotent on --reference)")
     credit.add_argument("wallet", help="wallet id (wal_…) or owner email")
     credit.add_argument("amount_usd", help='amount in USD, e.g. "10.00"')
-    credit.add_argument("--reference", required=True,
-                        help="a unique reference (ticket id…): the same reference never credits twice")
+    credit.add_argument(
+        "--reference",
+        required=True,
+        help="a unique reference (ticket id…): the same reference never credits twice",
+    )
     overdraft = wallet.add_parser(
         "set-overdraft", help="how far below zero the balance may go (0: never below zero)"
     )
@@ -61,16 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = key.add_parser("create", help="issue a new key for a wallet (shown once)")
     create.add_argument("wallet", help="wallet id (wal_…) or owner email")
-    create.add_argument("--model", action="append", dest="models",
-                        help="allow only this model (repeat for several); default: any priced model")
+    create.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        help="allow only this model (repeat for several); default: any priced model",
+    )
     revoke = key.add_parser("revoke", help="revoke a key; refused by the gateway within a second")
     revoke.add_argument("key_id", help="key id (key_…)")
 
     reconcile = sub.add_parser(
         "reconcile",
-        help="settle requests from Envoy's JSON access log (those the gRPC access log never delivered); idempotent",
+        help="settle requests from Envoy's JSON access log "
+        "(those the gRPC access log never delivered); idempotent",
     )
-    reconcile.add_argument("log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin")
+    reconcile.add_argument(
+        "log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin"
+    )
 
     usage = sub.add_parser("usage", help="ledger entries of a wallet, newest first")
     usage.add_argument("wallet", help="wallet id (wal_…) or owner email")
@@ -111,14 +119,14 @@ def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[s
 
 
 def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
-    from billingproxy import admin  # noqa: PLC0415
+    from billingproxy import admin  # noqa: PLC0415 (a command imports only what it runs)
 
     if args.command == "up":
-        from billingproxy import local_stack  # noqa: PLC0415
+        from billingproxy import local_stack  # noqa: PLC0415 (a command imports only what it runs)
 
         return local_stack.main(settings)
     if args.command == "sidecar":
-        from authz_sidecar import server  # noqa: PLC0415
+        from authz_sidecar import server  # noqa: PLC0415 (a command imports only what it runs)
 
         settings = settings.replace(database_url=_database_url(settings))
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
@@ -129,7 +137,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         print("database schema is up to date")
         return 0
     if args.command == "envoy-config":
-        from authz_sidecar import envoy_config  # noqa: PLC0415
+        from authz_sidecar import envoy_config  # noqa: PLC0415 (a command imports only what it runs)
 
         backend = args.backend_url or settings.backend_url
         if not backend:
@@ -141,7 +149,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return 0
     if args.command == "operator":
         # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
-        from billingproxy import operator_command  # noqa: PLC0415
+        from billingproxy import operator_command  # noqa: PLC0415 (see the line above)
 
         return operator_command.main(settings)
     if args.command == "wallet" and args.action == "show":
@@ -155,7 +163,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     if args.command == "key" and args.action == "revoke":
         return _admin(admin.key_revoke, args.key_id)(settings)
     if args.command == "reconcile":
-        from billingproxy import reconcile  # noqa: PLC0415
+        from billingproxy import reconcile  # noqa: PLC0415 (a command imports only what it runs)
 
         lines = _read_lines(args.log)
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
@@ -184,14 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from billingproxy import admin  # noqa: PLC0415
-    from billingproxy import startup_errors  # noqa: PLC0415
+    from billingproxy import admin, startup_errors  # noqa: PLC0415 (after logging is configured)
 
     try:
         settings = settings_mod.from_env()
         return _dispatch(args, settings)
-    except (CommandError, admin.AdminError, settings_mod.SettingsError, pricing.PricingError,
-            database.DatabaseUrlError) as exc:
+    except (
+        CommandError,
+        admin.AdminError,
+        settings_mod.SettingsError,
+        pricing.PricingError,
+        database.DatabaseUrlError,
+    ) as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

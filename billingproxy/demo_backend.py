@@ -99,8 +99,14 @@ _ERRORS = {
     404: ("invalid_request_error", "not_found"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
 }
-_ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                     404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
 
 _LAST_REQUEST = web.AppKey("last_request", dict)
 _API_KEY = web.AppKey("api_key", str)
@@ -117,8 +123,9 @@ class DemoError(Exception):
     def response(self, path: str = "") -> web.Response:
         if path == "/v1/messages":
             error_type = _ANTHROPIC_ERRORS.get(self.status, "api_error")
-            return web.json_response({"type": "error", "error": {"type": error_type, "message": str(self)}},
-                                     status=self.status)
+            return web.json_response(
+                {"type": "error", "error": {"type": error_type, "message": str(self)}}, status=self.status
+            )
         error_type, code = _ERRORS.get(self.status, ("server_error", "server_error"))
         body = {"error": {"message": str(self), "type": error_type, "param": None, "code": code}}
         return web.json_response(body, status=self.status)
@@ -146,7 +153,9 @@ def _audio_parts(message: dict[str, Any]) -> int:
 
 
 def prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
-    return sum(message_text_words(m) + PER_MESSAGE_TOKENS + AUDIO_PART_TOKENS * _audio_parts(m) for m in messages)
+    return sum(
+        message_text_words(m) + PER_MESSAGE_TOKENS + AUDIO_PART_TOKENS * _audio_parts(m) for m in messages
+    )
 
 
 def output_limit(request: dict[str, Any], *fields: str) -> tuple[int, bool]:
@@ -227,7 +236,9 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
-async def send(request: web.Request, controls: Controls, pieces: list[bytes], content_type: str) -> web.StreamResponse:
+async def send(
+    request: web.Request, controls: Controls, pieces: list[bytes], content_type: str
+) -> web.StreamResponse:
     """Send an answer made of ``pieces`` (SSE events, or one JSON document) as the controls say:
     split into x-demo-chunk-bytes pieces, paced, and cut where asked."""
     body = b"".join(pieces)
@@ -249,8 +260,8 @@ async def send(request: web.Request, controls: Controls, pieces: list[bytes], co
     if controls.chunk_bytes:
         pieces = [body[i : i + controls.chunk_bytes] for i in range(0, len(body), controls.chunk_bytes)]
     sent = 0
-    for piece in pieces:
-        piece = piece[: max(0, cut - sent)]
+    for whole in pieces:
+        piece = whole[: max(0, cut - sent)]
         if piece:
             await response.write(piece)
             sent += len(piece)
@@ -265,7 +276,9 @@ async def send(request: web.Request, controls: Controls, pieces: list[bytes], co
     return response
 
 
-async def _stop(request: web.Request, response: web.StreamResponse, mode: str, sent: int) -> web.StreamResponse:
+async def _stop(
+    request: web.Request, response: web.StreamResponse, mode: str, sent: int
+) -> web.StreamResponse:
     """End an answer cut short: cleanly, by aborting the connection, or by going silent."""
     transport = request.transport
     if mode == "reset":
@@ -335,16 +348,23 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _chat_usage(prompt: int, completion: int, controls: Controls, *, input_audio: int = 0,
-                output_audio: int = 0) -> dict[str, Any]:
+def _chat_usage(
+    prompt: int, completion: int, controls: Controls, *, input_audio: int = 0, output_audio: int = 0
+) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": min(controls.cached, prompt - input_audio),
-                                  "audio_tokens": input_audio},
-        "completion_tokens_details": {"reasoning_tokens": controls.reasoning, "audio_tokens": output_audio,
-                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": min(controls.cached, prompt - input_audio),
+            "audio_tokens": input_audio,
+        },
+        "completion_tokens_details": {
+            "reasoning_tokens": controls.reasoning,
+            "audio_tokens": output_audio,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
     }
 
 
@@ -363,13 +383,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     n = _choices(body)
     audio = isinstance(body.get("modalities"), list) and "audio" in body["modalities"]
     output_audio = AUDIO_TOKENS_PER_WORD * per_choice * n if audio else 0
-    usage = controls.final_usage(_chat_usage(
-        prompt, per_choice * n + output_audio + controls.reasoning, controls,
-        input_audio=input_audio, output_audio=output_audio))
+    usage = controls.final_usage(
+        _chat_usage(
+            prompt,
+            per_choice * n + output_audio + controls.reasoning,
+            controls,
+            input_audio=input_audio,
+            output_audio=output_audio,
+        )
+    )
     finish_reason = "length" if limited else "stop"
     text = controls.reply(per_choice, _last_user_text(messages))
-    head: dict[str, Any] = {"id": f"chatcmpl-demo{next(request.app[_IDS])}", "object": "chat.completion",
-                            "created": int(time.time()), "model": str(body.get("model") or MODELS[0])}
+    head: dict[str, Any] = {
+        "id": f"chatcmpl-demo{next(request.app[_IDS])}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": str(body.get("model") or MODELS[0]),
+    }
     if "metadata" in body:
         head["metadata"] = body["metadata"]  # echoed as given, before the usage
 
@@ -378,18 +408,39 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
         def chunk(choices: list[dict[str, Any]], chunk_usage: Any = None) -> bytes:
-            data = {**head, "object": "chat.completion.chunk", "system_fingerprint": "fp_demo", "choices": choices}
+            data = {
+                **head,
+                "object": "chat.completion.chunk",
+                "system_fingerprint": "fp_demo",
+                "choices": choices,
+            }
             if include_usage:  # OpenAI sends "usage": null on every chunk but the last
                 data["usage"] = chunk_usage
             return sse(data)
 
-        pieces = [chunk([{"index": i, "delta": {"role": "assistant", "content": "", "refusal": None},
-                          "logprobs": None, "finish_reason": None} for i in range(n)])]
+        pieces = [
+            chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": "", "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for i in range(n)
+                ]
+            )
+        ]
         for i in range(n):
             for delta in _deltas(text, controls.echo):
-                pieces.append(chunk([{"index": i, "delta": {"content": delta}, "logprobs": None,
-                                      "finish_reason": None}]))
-            pieces.append(chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]))
+                pieces.append(
+                    chunk(
+                        [{"index": i, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}]
+                    )
+                )
+            pieces.append(
+                chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
+            )
         if include_usage:
             pieces.append(chunk([], usage))
         pieces.append(b"data: [DONE]\n\n")
@@ -400,8 +451,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         message["audio"] = {"id": "audio_demo", "expires_at": 0, "data": "", "transcript": text}
     answer = {
         **head,
-        "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason}
-                    for i in range(n)],
+        "choices": [
+            {"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            for i in range(n)
+        ],
         "usage": usage,
         "service_tier": "default",
         "system_fingerprint": "fp_demo",
@@ -431,12 +484,21 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt = sum(_words(p) for p in prompts)
     per_choice, limited = output_limit(body, "max_tokens")
     n = _choices(body) * len(prompts)
-    usage = controls.final_usage({"prompt_tokens": prompt, "completion_tokens": per_choice * n,
-                                  "total_tokens": prompt + per_choice * n})
+    usage = controls.final_usage(
+        {
+            "prompt_tokens": prompt,
+            "completion_tokens": per_choice * n,
+            "total_tokens": prompt + per_choice * n,
+        }
+    )
     finish_reason = "length" if limited else "stop"
     text = controls.reply(per_choice, prompts[-1])
-    head = {"id": f"cmpl-demo{next(request.app[_IDS])}", "object": "text_completion", "created": int(time.time()),
-            "model": str(body.get("model") or MODELS[0])}
+    head = {
+        "id": f"cmpl-demo{next(request.app[_IDS])}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": str(body.get("model") or MODELS[0]),
+    }
     if body.get("stream") is True:
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -456,9 +518,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
             pieces.append(chunk([], usage))
         pieces.append(b"data: [DONE]\n\n")
         return await send(request, controls, pieces, "text/event-stream")
-    answer = {**head, "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": finish_reason}
-                                  for i in range(n)],
-              "usage": usage, "system_fingerprint": "fp_demo"}
+    answer = {
+        **head,
+        "choices": [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": finish_reason} for i in range(n)
+        ],
+        "usage": usage,
+        "system_fingerprint": "fp_demo",
+    }
     return await send(request, controls, [json.dumps(answer).encode()], "application/json")
 
 
@@ -486,27 +553,50 @@ async def responses(request: web.Request) -> web.StreamResponse:
     number = next(request.app[_IDS])
     text = controls.reply(output, _last_user_text(messages))
     message_id = f"msg_demo{number}"
-    usage = controls.final_usage({
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": min(controls.cached, prompt)},
-        "output_tokens": output + controls.reasoning,
-        "output_tokens_details": {"reasoning_tokens": controls.reasoning},
-        "total_tokens": prompt + output + controls.reasoning,
-    })
+    usage = controls.final_usage(
+        {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": min(controls.cached, prompt)},
+            "output_tokens": output + controls.reasoning,
+            "output_tokens_details": {"reasoning_tokens": controls.reasoning},
+            "total_tokens": prompt + output + controls.reasoning,
+        }
+    )
     part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    item = {"id": message_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    item = {
+        "id": message_id,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [part],
+    }
     # The response object, in OpenAI's member order: the request's own settings echoed as given.
     answer: dict[str, Any] = {
-        "id": f"resp_demo{number}", "object": "response", "created_at": int(time.time()), "status": "completed",
-        "background": False, "error": None, "incomplete_details": None,
-        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-        "max_tool_calls": body.get("max_tool_calls"), "model": str(body.get("model") or MODELS[0]),
-        "output": [item], "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
-        "service_tier": "default", "store": body.get("store", True), "temperature": body.get("temperature", 1.0),
-        "text": body.get("text", {"format": {"type": "text"}}), "tool_choice": body.get("tool_choice", "auto"),
-        "tools": body.get("tools", []), "top_p": body.get("top_p", 1.0),
-        "truncation": body.get("truncation", "disabled"), "usage": usage, "user": body.get("user"),
+        "id": f"resp_demo{number}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": body.get("max_tool_calls"),
+        "model": str(body.get("model") or MODELS[0]),
+        "output": [item],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": body.get("reasoning"),
+        "service_tier": "default",
+        "store": body.get("store", True),
+        "temperature": body.get("temperature", 1.0),
+        "text": body.get("text", {"format": {"type": "text"}}),
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools", []),
+        "top_p": body.get("top_p", 1.0),
+        "truncation": body.get("truncation", "disabled"),
+        "usage": usage,
+        "user": body.get("user"),
         "metadata": body.get("metadata", {}),
     }
     if body.get("stream") is not True:
@@ -518,18 +608,46 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return sse({"type": kind, "sequence_number": next(sequence), **fields}, event=kind)
 
     in_progress = {**answer, "status": "in_progress", "output": [], "usage": None}
-    pieces = [event("response.created", response=in_progress), event("response.in_progress", response=in_progress),
-              event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
-              event("response.content_part.added", item_id=message_id, output_index=0, content_index=0,
-                    part={**part, "text": ""})]
+    pieces = [
+        event("response.created", response=in_progress),
+        event("response.in_progress", response=in_progress),
+        event(
+            "response.output_item.added",
+            output_index=0,
+            item={**item, "status": "in_progress", "content": []},
+        ),
+        event(
+            "response.content_part.added",
+            item_id=message_id,
+            output_index=0,
+            content_index=0,
+            part={**part, "text": ""},
+        ),
+    ]
     for delta in _deltas(text, controls.echo):
-        pieces.append(event("response.output_text.delta", item_id=message_id, output_index=0, content_index=0,
-                            delta=delta, logprobs=[]))
-    pieces += [event("response.output_text.done", item_id=message_id, output_index=0, content_index=0, text=text,
-                     logprobs=[]),
-               event("response.content_part.done", item_id=message_id, output_index=0, content_index=0, part=part),
-               event("response.output_item.done", output_index=0, item=item),
-               event("response.completed", response=answer)]
+        pieces.append(
+            event(
+                "response.output_text.delta",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                delta=delta,
+                logprobs=[],
+            )
+        )
+    pieces += [
+        event(
+            "response.output_text.done",
+            item_id=message_id,
+            output_index=0,
+            content_index=0,
+            text=text,
+            logprobs=[],
+        ),
+        event("response.content_part.done", item_id=message_id, output_index=0, content_index=0, part=part),
+        event("response.output_item.done", output_index=0, item=item),
+        event("response.completed", response=answer),
+    ]
     return await send(request, controls, pieces, "text/event-stream")
 
 
@@ -545,7 +663,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         raise DemoError(400, "max_tokens: Field required")
     system = body.get("system")
     prompt = prompt_tokens(turns)
-    if isinstance(system, str) or isinstance(system, list):
+    if isinstance(system, (str, list)):
         prompt += prompt_tokens([{"role": "system", "content": system}])
     output, limited = output_limit(body, "max_tokens")
     read = min(controls.cached, prompt)
@@ -562,28 +680,63 @@ async def messages(request: web.Request) -> web.StreamResponse:
     usage = controls.final_usage(computed)
     text = controls.reply(output, _last_user_text(turns))
     stop_reason = "max_tokens" if limited else "end_turn"
-    message: dict[str, Any] = {"id": f"msg_demo{next(request.app[_IDS])}", "type": "message", "role": "assistant",
-                               "model": str(body.get("model") or MODELS[-1])}
+    message: dict[str, Any] = {
+        "id": f"msg_demo{next(request.app[_IDS])}",
+        "type": "message",
+        "role": "assistant",
+        "model": str(body.get("model") or MODELS[-1]),
+    }
     if body.get("stream") is not True:
-        answer = {**message, "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
-                  "stop_sequence": None, "usage": usage}
+        answer = {
+            **message,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": usage,
+        }
         return await send(request, controls, [json.dumps(answer).encode()], "application/json")
 
     start_usage = {k: v for k, v in computed.items() if k != "service_tier"} | {"output_tokens": 1}
-    pieces = [sse({"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
-                                                        "stop_sequence": None, "usage": start_usage}},
-                  event="message_start"),
-              sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                  event="content_block_start"),
-              sse({"type": "ping"}, event="ping")]
+    pieces = [
+        sse(
+            {
+                "type": "message_start",
+                "message": {
+                    **message,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": start_usage,
+                },
+            },
+            event="message_start",
+        ),
+        sse(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            event="content_block_start",
+        ),
+        sse({"type": "ping"}, event="ping"),
+    ]
     for delta in _deltas(text, controls.echo):
-        pieces.append(sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
-                          event="content_block_delta"))
+        pieces.append(
+            sse(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": delta}},
+                event="content_block_delta",
+            )
+        )
     final = usage if controls.usage_given else {"output_tokens": output}
-    pieces += [sse({"type": "content_block_stop", "index": 0}, event="content_block_stop"),
-               sse({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                    "usage": final}, event="message_delta"),
-               sse({"type": "message_stop"}, event="message_stop")]
+    pieces += [
+        sse({"type": "content_block_stop", "index": 0}, event="content_block_stop"),
+        sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": final,
+            },
+            event="message_delta",
+        ),
+        sse({"type": "message_stop"}, event="message_stop"),
+    ]
     return await send(request, controls, pieces, "text/event-stream")
 
 
@@ -604,8 +757,12 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             packed = struct.pack(f"<{len(vector)}f", *vector)
             embedding = base64.b64encode(packed).decode()
         data.append({"object": "embedding", "index": index, "embedding": embedding})
-    answer = {"object": "list", "data": data, "model": str(body.get("model") or MODELS[0]),
-              "usage": controls.final_usage({"prompt_tokens": tokens, "total_tokens": tokens})}
+    answer = {
+        "object": "list",
+        "data": data,
+        "model": str(body.get("model") or MODELS[0]),
+        "usage": controls.final_usage({"prompt_tokens": tokens, "total_tokens": tokens}),
+    }
     return await send(request, controls, [json.dumps(answer).encode()], "application/json")
 
 
@@ -643,7 +800,9 @@ async def serve(
     """Start the demo backend; returns the runner (``await runner.cleanup()`` stops it) and the
     port it listens on (useful with ``port=0``). ``ssl_context`` serves https."""
     # Long header lines: a test may send a whole usage object in x-demo-usage.
-    runner = web.AppRunner(make_app(api_key=api_key), access_log=None, max_line_size=65536, max_field_size=65536)
+    runner = web.AppRunner(
+        make_app(api_key=api_key), access_log=None, max_line_size=65536, max_field_size=65536
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()

@@ -88,12 +88,19 @@ def validate(config_yaml: str) -> None:
         try:
             result = subprocess.run(
                 [
-                    str(envoy_binary()), "--mode", "validate", "-c", str(config_path),
-                    "--disable-hot-restart", "--log-level", "error",
+                    str(envoy_binary()),
+                    "--mode",
+                    "validate",
+                    "-c",
+                    str(config_path),
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "error",
                 ],
                 capture_output=True,
                 text=True,
                 timeout=VALIDATE_TIMEOUT_S,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             raise EnvoyConfigError(f"envoy --mode validate took over {VALIDATE_TIMEOUT_S:.0f} s") from None
@@ -113,7 +120,9 @@ def admin_socket(config_yaml: str) -> Path:
     try:
         return Path(config["admin"]["address"]["pipe"]["path"])
     except (KeyError, TypeError) as exc:
-        raise EnvoyError(f"the Envoy configuration has no admin Unix socket (admin.address.pipe: {exc})") from None
+        raise EnvoyError(
+            f"the Envoy configuration has no admin Unix socket (admin.address.pipe: {exc})"
+        ) from None
 
 
 def _socket_answers(path: Path) -> bool:
@@ -210,7 +219,9 @@ class EnvoyProcess:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(mode):
-            raise EnvoyError(f"{path} is meant for Envoy's admin socket, but something else is there; move it away")
+            raise EnvoyError(
+                f"{path} is meant for Envoy's admin socket, but something else is there; move it away"
+            )
         if _socket_answers(path):
             raise EnvoyError(
                 f"another Envoy is running with its admin socket at {path}; stop it, or use another data dir"
@@ -225,12 +236,14 @@ class EnvoyProcess:
 
     async def admin_get(self, path: str, params: dict[str, str] | None = None) -> str:
         """GET ``path`` from Envoy's admin (over its Unix socket): ``/stats``, ``/ready``, …"""
-        async with self._admin_session(timeout_s=10) as session:
-            async with session.get(_ADMIN_URL + path, params=params) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise EnvoyError(f"Envoy's admin answered {response.status} to {path}: {text[:200]}")
-                return text
+        async with (
+            self._admin_session(timeout_s=10) as session,
+            session.get(_ADMIN_URL + path, params=params) as response,
+        ):
+            text = await response.text()
+            if response.status != 200:
+                raise EnvoyError(f"Envoy's admin answered {response.status} to {path}: {text[:200]}")
+            return text
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
@@ -248,7 +261,7 @@ class EnvoyProcess:
                     async with session.get(url) as response:
                         if response.status == 200 and (await response.text()).strip() == "LIVE":
                             return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 if time.monotonic() > deadline:
                     raise EnvoyError(
@@ -290,15 +303,23 @@ class EnvoyProcess:
             while time.monotonic() < deadline:
                 try:
                     async with session.get(url, params=query) as response:
-                        stats = {s["name"].rsplit(".", 1)[-1]: s.get("value", 0)
-                                 for s in (await response.json())["stats"] if "name" in s}
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+                        stats = {
+                            s["name"].rsplit(".", 1)[-1]: s.get("value", 0)
+                            for s in (await response.json())["stats"]
+                            if "name" in s
+                        }
+                except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
                     return  # no admin to ask: nothing more we can do before stopping
-                sent = sum(stats.get(k, 0) for k in ("grpc_entries_flushed", "grpc_entries_flush_failed", "logs_dropped"))
+                sent = sum(
+                    stats.get(k, 0)
+                    for k in ("grpc_entries_flushed", "grpc_entries_flush_failed", "logs_dropped")
+                )
                 if sent >= stats.get("logs_written", 0):
                     return
                 await asyncio.sleep(_POLL_INTERVAL_S)
-        logger.warning("Envoy still had unsent access-log entries after %.0f s; stopping it anyway", FLUSH_TIMEOUT_S)
+        logger.warning(
+            "Envoy still had unsent access-log entries after %.0f s; stopping it anyway", FLUSH_TIMEOUT_S
+        )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:

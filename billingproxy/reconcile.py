@@ -27,8 +27,8 @@ def read_log(lines: Iterable[str]) -> tuple[list[FinishedRequest], Counter]:
     """The settleable requests in ``lines`` (the last line wins for a request id) and what was skipped."""
     found: dict[str, FinishedRequest] = {}
     skipped: Counter = Counter()
-    for line in lines:
-        line = line.strip()
+    for raw in lines:
+        line = raw.strip()
         if not line:
             continue
         if not line.startswith("{"):
@@ -55,7 +55,7 @@ async def reconcile(database_url: str, prices: pricing.PriceBook, lines: Iterabl
     try:
         settler = Settler(pool, prices)
         for start in range(0, len(requests), BATCH):
-            outcomes.update(o.value for o in await settler.settle(requests[start:start + BATCH]))
+            outcomes.update(o.value for o in await settler.settle(requests[start : start + BATCH]))
     finally:
         await pool.close()
     rows = [(name, count) for name, count in sorted(outcomes.items())]

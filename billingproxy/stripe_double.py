@@ -64,8 +64,15 @@ _ALPHABET = string.ascii_letters + string.digits
 class DoubleError(Exception):
     """A Stripe API error, answered in Stripe's shape."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -212,7 +219,9 @@ class StripeDouble:
 
     def _authenticate(self, request: web.Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.secret_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), self.secret_key.encode()
+        ):
             shown = f"{token[:8]}****{token[-4:]}" if len(token) > 12 else "****"
             raise DoubleError(401, f"Invalid API Key provided: {shown}")
 
@@ -237,76 +246,116 @@ class StripeDouble:
                         f"'{key}' if you meant to execute a different request.",
                         type_="idempotency_error",
                     )
-                return web.json_response(first[1], headers={"idempotent-replayed": "true", "request-id": _request_id()})
+                return web.json_response(
+                    first[1], headers={"idempotent-replayed": "true", "request-id": _request_id()}
+                )
         session = self.create_session(params)
         if key is not None:
             self._idempotency[key] = (fingerprint, session)
         return web.json_response(session, headers={"request-id": _request_id()})
 
     async def _api_get_session(self, request: web.Request) -> web.Response:
-        return web.json_response(self._session(request.match_info["id"]), headers={"request-id": _request_id()})
+        return web.json_response(
+            self._session(request.match_info["id"]), headers={"request-id": _request_id()}
+        )
 
     async def _api_list_sessions(self, request: web.Request) -> web.Response:
         limit = _int_param(request.query.get("limit", "10"), "limit", lo=1)
         newest = sorted(self.sessions.values(), key=lambda s: s["created"], reverse=True)[: min(limit, 100)]
         return web.json_response(
-            {"object": "list", "data": newest, "has_more": len(self.sessions) > len(newest), "url": "/v1/checkout/sessions"},
+            {
+                "object": "list",
+                "data": newest,
+                "has_more": len(self.sessions) > len(newest),
+                "url": "/v1/checkout/sessions",
+            },
             headers={"request-id": _request_id()},
         )
 
     async def _api_expire_session(self, request: web.Request) -> web.Response:
         session = self._session(request.match_info["id"])
         if session["status"] != "open":
-            raise DoubleError(400, f"Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout Session has a status of \"{session['status']}\".")
+            raise DoubleError(
+                400,
+                'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout Session has '
+                f'a status of "{session["status"]}".',
+            )
         self.expire(session["id"])
         return web.json_response(session, headers={"request-id": _request_id()})
 
     def _session(self, session_id: str) -> dict[str, Any]:
         session = self.sessions.get(session_id)
         if session is None:
-            raise DoubleError(404, f"No such checkout.session: '{session_id}'", param="session", code="resource_missing")
+            raise DoubleError(
+                404, f"No such checkout.session: '{session_id}'", param="session", code="resource_missing"
+            )
         return session
 
     def create_session(self, params: dict[str, Any]) -> dict[str, Any]:
         """Validate like Stripe (for what the double supports) and store a new open session."""
         if len(self.sessions) >= OBJECTS_MAX:
-            raise DoubleError(429, "The test double holds too many sessions; restart it.", type_="rate_limit_error")
+            raise DoubleError(
+                429, "The test double holds too many sessions; restart it.", type_="rate_limit_error"
+            )
         if params.get("mode") != "payment":
             raise DoubleError(400, "The test double supports only mode=payment.", param="mode")
         for param in ("success_url", "cancel_url"):
             value = params.get(param)
             if param == "success_url" and not value:
-                raise DoubleError(400, "Missing required param: success_url.", param="success_url", code="parameter_missing")
+                raise DoubleError(
+                    400, "Missing required param: success_url.", param="success_url", code="parameter_missing"
+                )
             if value is not None and not (isinstance(value, str) and re.fullmatch(r"https?://\S+", value)):
                 raise DoubleError(400, f"Not a valid URL: {value}", param=param, code="url_invalid")
         items = params.get("line_items")
         if not isinstance(items, list) or not items:
-            raise DoubleError(400, "Missing required param: line_items.", param="line_items", code="parameter_missing")
+            raise DoubleError(
+                400, "Missing required param: line_items.", param="line_items", code="parameter_missing"
+            )
         currency, total = None, 0
         for i, item in enumerate(items):
             price = item.get("price_data") if isinstance(item, dict) else None
             if not isinstance(price, dict):
-                raise DoubleError(400, "The test double supports only line_items with price_data.", param=f"line_items[{i}][price_data]")
+                raise DoubleError(
+                    400,
+                    "The test double supports only line_items with price_data.",
+                    param=f"line_items[{i}][price_data]",
+                )
             quantity = _int_param(item.get("quantity"), f"line_items[{i}][quantity]", lo=1)
             unit = _int_param(price.get("unit_amount"), f"line_items[{i}][price_data][unit_amount]")
             if not isinstance(price.get("product_data"), dict) or not price["product_data"].get("name"):
-                raise DoubleError(400, "Missing required param: line_items[0][price_data][product_data][name].",
-                                  param=f"line_items[{i}][price_data][product_data][name]", code="parameter_missing")
+                raise DoubleError(
+                    400,
+                    "Missing required param: line_items[0][price_data][product_data][name].",
+                    param=f"line_items[{i}][price_data][product_data][name]",
+                    code="parameter_missing",
+                )
             if currency not in (None, price.get("currency")):
-                raise DoubleError(400, "All line items must use the same currency.", param=f"line_items[{i}][price_data][currency]")
+                raise DoubleError(
+                    400,
+                    "All line items must use the same currency.",
+                    param=f"line_items[{i}][price_data][currency]",
+                )
             currency = price.get("currency")
             total += unit * quantity
         if currency != "usd":
-            raise DoubleError(400, "The test double supports only usd.", param="line_items[0][price_data][currency]")
+            raise DoubleError(
+                400, "The test double supports only usd.", param="line_items[0][price_data][currency]"
+            )
         if not AMOUNT_MIN_CENTS <= total <= AMOUNT_MAX_CENTS:
             raise DoubleError(
-                400, "The Checkout Session's total amount due must add up to at least $0.50 usd"
-                if total < AMOUNT_MIN_CENTS else "Amount must be no more than $999,999.99",
-                param="line_items", code="amount_too_small" if total < AMOUNT_MIN_CENTS else "amount_too_large",
+                400,
+                "The Checkout Session's total amount due must add up to at least $0.50 usd"
+                if total < AMOUNT_MIN_CENTS
+                else "Amount must be no more than $999,999.99",
+                param="line_items",
+                code="amount_too_small" if total < AMOUNT_MIN_CENTS else "amount_too_large",
             )
         reference = params.get("client_reference_id")
         if reference is not None and (not isinstance(reference, str) or len(reference) > 200):
-            raise DoubleError(400, "client_reference_id must be at most 200 characters.", param="client_reference_id")
+            raise DoubleError(
+                400, "client_reference_id must be at most 200 characters.", param="client_reference_id"
+            )
         pi_data = params.get("payment_intent_data") or {}
         now = int(time.time())
         session_id = new_id("cs")
@@ -330,7 +379,12 @@ class StripeDouble:
             "currency": currency,
             "currency_conversion": None,
             "custom_fields": [],
-            "custom_text": {"after_submit": None, "shipping_address": None, "submit": None, "terms_of_service_acceptance": None},
+            "custom_text": {
+                "after_submit": None,
+                "shipping_address": None,
+                "submit": None,
+                "terms_of_service_acceptance": None,
+            },
             "customer": None,
             "customer_creation": "if_required",
             "customer_details": None,
@@ -338,7 +392,18 @@ class StripeDouble:
             "discounts": [],
             "expires_at": now + SESSION_TTL_S,
             "invoice": None,
-            "invoice_creation": {"enabled": False, "invoice_data": {"account_tax_ids": None, "custom_fields": None, "description": None, "footer": None, "issuer": None, "metadata": {}, "rendering_options": None}},
+            "invoice_creation": {
+                "enabled": False,
+                "invoice_data": {
+                    "account_tax_ids": None,
+                    "custom_fields": None,
+                    "description": None,
+                    "footer": None,
+                    "issuer": None,
+                    "metadata": {},
+                    "rendering_options": None,
+                },
+            },
             "livemode": False,
             "locale": None,
             "metadata": _metadata(params.get("metadata"), "metadata"),
@@ -366,7 +431,9 @@ class StripeDouble:
             "url": f"{self.url}/c/pay/{session_id}",
             "wallet_options": None,
         }
-        self._pi_metadata[session_id] = _metadata(pi_data.get("metadata") if isinstance(pi_data, dict) else None, "payment_intent_data[metadata]")
+        self._pi_metadata[session_id] = _metadata(
+            pi_data.get("metadata") if isinstance(pi_data, dict) else None, "payment_intent_data[metadata]"
+        )
         self.sessions[session_id] = session
         logger.info("test double: Checkout Session %s for %d cents", session_id, total)
         return session
@@ -434,7 +501,12 @@ class StripeDouble:
             "application_fee": None,
             "application_fee_amount": None,
             "balance_transaction": None if async_payment else new_id("txn"),
-            "billing_details": {"address": None, "email": session["customer_email"], "name": None, "phone": None},
+            "billing_details": {
+                "address": None,
+                "email": session["customer_email"],
+                "name": None,
+                "phone": None,
+            },
             "calculated_statement_descriptor": "BILLINGPROXY",
             "captured": not async_payment,
             "created": now,
@@ -449,8 +521,13 @@ class StripeDouble:
             "livemode": False,
             "metadata": {},
             "on_behalf_of": None,
-            "outcome": {"network_status": "approved_by_network", "reason": None, "risk_level": "normal",
-                        "seller_message": "Payment complete.", "type": "authorized"},
+            "outcome": {
+                "network_status": "approved_by_network",
+                "reason": None,
+                "risk_level": "normal",
+                "seller_message": "Payment complete.",
+                "type": "authorized",
+            },
             "paid": not async_payment,
             "payment_intent": pi_id,
             "payment_method": self.payment_intents[pi_id]["payment_method"],
@@ -473,8 +550,14 @@ class StripeDouble:
             status="complete",
             payment_status="unpaid" if async_payment else "paid",
             payment_intent=pi_id,
-            customer_details={"address": None, "email": session["customer_email"], "name": None,
-                              "phone": None, "tax_exempt": "none", "tax_ids": []},
+            customer_details={
+                "address": None,
+                "email": session["customer_email"],
+                "name": None,
+                "phone": None,
+                "tax_exempt": "none",
+                "tax_ids": [],
+            },
         )
         return self.event("checkout.session.completed", session)
 
@@ -486,13 +569,25 @@ class StripeDouble:
         if succeeded:
             session["payment_status"] = "paid"
             pi.update(status="succeeded", amount_received=pi["amount"])
-            charge.update(status="succeeded", paid=True, captured=True, amount_captured=charge["amount"],
-                          balance_transaction=new_id("txn"))
+            charge.update(
+                status="succeeded",
+                paid=True,
+                captured=True,
+                amount_captured=charge["amount"],
+                balance_transaction=new_id("txn"),
+            )
             return self.event("checkout.session.async_payment_succeeded", session)
-        pi.update(status="requires_payment_method",
-                  last_payment_error={"code": "payment_method_not_available", "message": "The payment failed.",
-                                      "type": "card_error"})
-        charge.update(status="failed", failure_code="insufficient_funds", failure_message="The payment failed.")
+        pi.update(
+            status="requires_payment_method",
+            last_payment_error={
+                "code": "payment_method_not_available",
+                "message": "The payment failed.",
+                "type": "card_error",
+            },
+        )
+        charge.update(
+            status="failed", failure_code="insufficient_funds", failure_message="The payment failed."
+        )
         return self.event("checkout.session.async_payment_failed", session)
 
     def expire(self, session_id: str) -> dict[str, Any]:
@@ -506,13 +601,19 @@ class StripeDouble:
         left = charge["amount_captured"] - charge["amount_refunded"]
         amount = left if amount is None else amount
         if not 0 < amount <= left:
-            raise DoubleError(400, f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
-                              param="amount", code="amount_too_large")
+            raise DoubleError(
+                400,
+                f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
+                param="amount",
+                code="amount_too_large",
+            )
         charge["amount_refunded"] += amount
         charge["refunded"] = charge["amount_refunded"] == charge["amount_captured"]
         return self.event("charge.refunded", charge)
 
-    def dispute(self, payment_intent: str, *, status: str = "needs_response", reason: str = "fraudulent") -> dict[str, Any]:
+    def dispute(
+        self, payment_intent: str, *, status: str = "needs_response", reason: str = "fraudulent"
+    ) -> dict[str, Any]:
         """The cardholder disputes the payment: ``charge.dispute.created``."""
         charge = self.charges[self.payment_intents[payment_intent]["latest_charge"]]
         dispute_id = new_id("dp")
@@ -527,15 +628,22 @@ class StripeDouble:
             "currency": charge["currency"],
             "enhanced_eligibility_types": [],
             "evidence": {"customer_email_address": charge["receipt_email"], "uncategorized_text": None},
-            "evidence_details": {"due_by": now + 7 * 86400, "enhanced_eligibility": {}, "has_evidence": False,
-                                 "past_due": False, "submission_count": 0},
+            "evidence_details": {
+                "due_by": now + 7 * 86400,
+                "enhanced_eligibility": {},
+                "has_evidence": False,
+                "past_due": False,
+                "submission_count": 0,
+            },
             "is_charge_refundable": False,
             "livemode": False,
             "metadata": {},
             "network_reason_code": None,
             "payment_intent": payment_intent,
-            "payment_method_details": {"card": {"brand": "visa", "case_type": "chargeback", "network_reason_code": "10.4"},
-                                       "type": "card"},
+            "payment_method_details": {
+                "card": {"brand": "visa", "case_type": "chargeback", "network_reason_code": "10.4"},
+                "type": "card",
+            },
             "reason": reason,
             "status": status,
         }
@@ -546,7 +654,9 @@ class StripeDouble:
         """A dispute moves on: ``charge.dispute.closed`` for won/lost/…, else ``…updated``."""
         dispute = self.disputes[dispute_id]
         dispute["status"] = status
-        return self.event("charge.dispute.closed" if status in DISPUTE_CLOSED else "charge.dispute.updated", dispute)
+        return self.event(
+            "charge.dispute.closed" if status in DISPUTE_CLOSED else "charge.dispute.updated", dispute
+        )
 
     def event(self, type_: str, obj: dict[str, Any]) -> dict[str, Any]:
         """An event as Stripe sends it: a snapshot of the object at this moment."""
@@ -574,7 +684,9 @@ class StripeDouble:
 
     def sign(self, payload: str, *, timestamp: int | None = None, secret: str | None = None) -> str:
         """The ``Stripe-Signature`` header, by the SDK's own implementation of the scheme."""
-        return stripe.WebhookSignature.generate_signature_header(payload, secret or self.webhook_secret, timestamp)
+        return stripe.WebhookSignature.generate_signature_header(
+            payload, secret or self.webhook_secret, timestamp
+        )
 
     async def deliver(self, event: dict[str, Any]) -> int:
         """POST the event to the webhook URL like Stripe (a few quick retries); the last status."""
@@ -589,10 +701,14 @@ class StripeDouble:
                     "user-agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks) test-double",
                 }
                 try:
-                    async with session.post(self.webhook_url, data=payload.encode(), headers=headers) as response:
+                    async with session.post(
+                        self.webhook_url, data=payload.encode(), headers=headers
+                    ) as response:
                         status = response.status
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    logger.warning("test double: webhook %s to %s failed: %s", event["id"], self.webhook_url, exc)
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    logger.warning(
+                        "test double: webhook %s to %s failed: %s", event["id"], self.webhook_url, exc
+                    )
                     status = 0
                 if 200 <= status < 300:
                     break
@@ -617,12 +733,13 @@ class StripeDouble:
             return _page("Checkout", body, status=410 if session["status"] == "expired" else 200)
         cancel = html.escape(session["cancel_url"] or "/")
         body = f"""<p class=amount>Pay <strong id=amount>{amount}</strong> <span class=cur>USD</span></p>
-<p>{html.escape(session['customer_email'] or '')}</p>
-<form method=post action="/c/pay/{html.escape(session['id'])}">
+<p>{html.escape(session["customer_email"] or "")}</p>
+<form method=post action="/c/pay/{html.escape(session["id"])}">
   <button id=pay type=submit>Pay (test)</button>
 </form>
 <p><a id=cancel href="{cancel}">Cancel</a></p>
-<p class=note>No card is charged. Paying sends a signed <code>checkout.session.completed</code> to the gateway's webhook.</p>"""
+<p class=note>No card is charged. Paying sends a signed <code>checkout.session.completed</code> \
+to the gateway's webhook.</p>"""
         return _page("Checkout", body)
 
     async def _pay(self, request: web.Request) -> web.StreamResponse:
@@ -630,19 +747,24 @@ class StripeDouble:
         if session is None:
             return _page("Unknown checkout session", "<p>This checkout link is not valid.</p>", status=404)
         if session["status"] != "open":
-            return _page("Checkout", f"<p>This checkout session is {html.escape(session['status'])}.</p>", status=409)
+            return _page(
+                "Checkout", f"<p>This checkout session is {html.escape(session['status'])}.</p>", status=409
+            )
         event = self.complete(session["id"])
         status = await self.deliver(event)
         if not 200 <= status < 300:
-            body = (f"<p class=error>The payment went through (test), but the webhook at "
-                    f"<code>{html.escape(self.webhook_url)}</code> answered {status or 'nothing'}.</p>")
+            body = (
+                f"<p class=error>The payment went through (test), but the webhook at "
+                f"<code>{html.escape(self.webhook_url)}</code> answered {status or 'nothing'}.</p>"
+            )
             return _page("Webhook delivery failed", body, status=502)
         raise web.HTTPSeeOther(session["success_url"].replace("{CHECKOUT_SESSION_ID}", session["id"]))
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:30rem;margin:0 auto;padding:0 1rem;line-height:1.5}
 .banner{background:#ffb300;color:#000;font-weight:700;text-align:center;padding:.5rem;margin:0 -1rem 1.5rem}
-.amount{font-size:2rem}button{padding:.7rem 1.6rem;font-size:1.1rem}.note{color:#555;font-size:.9rem}.error{color:#b00020}"""
+.amount{font-size:2rem}button{padding:.7rem 1.6rem;font-size:1.1rem}\
+.note{color:#555;font-size:.9rem}.error{color:#b00020}"""
 
 
 def _page(title: str, body: str, *, status: int = 200) -> web.Response:
@@ -654,7 +776,9 @@ def _page(title: str, body: str, *, status: int = 200) -> web.Response:
 {body}
 </body></html>
 """
-    return web.Response(status=status, text=page, content_type="text/html", headers={"cache-control": "no-store"})
+    return web.Response(
+        status=status, text=page, content_type="text/html", headers={"cache-control": "no-store"}
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -662,7 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="billingproxy-stripe-double", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     parser.add_argument("--port", type=int, default=12111)
-    parser.add_argument("--webhook-url", required=True, help="where to send events, e.g. http://127.0.0.1:8080/stripe/webhook")
+    parser.add_argument(
+        "--webhook-url", required=True, help="where to send events, e.g. http://127.0.0.1:8080/stripe/webhook"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_loopback(args.host):

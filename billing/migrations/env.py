@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from billing import database, tables
@@ -12,7 +13,7 @@ from billing import database, tables
 target_metadata = tables.metadata
 
 
-def _run(connection) -> None:
+def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
@@ -20,6 +21,7 @@ def _run(connection) -> None:
 
 async def _run_online() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
+    assert url is not None  # database.migrate sets it
     engine = create_async_engine(database.async_url(url))
     try:
         async with engine.connect() as connection:

@@ -67,22 +67,37 @@ class ApiKeySpec:
         _check_name("spec.secretName", secret_name)
         models = spec.get("allowedModels")
         if models is not None:
-            if (not isinstance(models, list) or not 1 <= len(models) <= MODELS_MAX
-                    or not all(isinstance(m, str) and 1 <= len(m) <= MODEL_LENGTH_MAX for m in models)):
+            if (
+                not isinstance(models, list)
+                or not 1 <= len(models) <= MODELS_MAX
+                or not all(isinstance(m, str) and 1 <= len(m) <= MODEL_LENGTH_MAX for m in models)
+            ):
                 raise errors.InvalidSpec(
-                    f"spec.allowedModels must list 1 to {MODELS_MAX} model names (omit it to allow any model)")
+                    f"spec.allowedModels must list 1 to {MODELS_MAX} model names (omit it to allow any model)"
+                )
             models = sorted(set(models))
         expires_at = _timestamp(spec.get("expiresAt"))
         suspended = spec.get("suspended", False)
         if not isinstance(suspended, bool):
             raise errors.InvalidSpec(f"spec.suspended must be true or false, not {suspended!r}")
         generation = spec.get("rotationGeneration", 0)
-        if not isinstance(generation, int) or isinstance(generation, bool) or not 0 <= generation <= ROTATION_GENERATION_MAX:
-            raise errors.InvalidSpec(f"spec.rotationGeneration must be a whole number ≥ 0, not {generation!r}")
-        grace = spec.get("rotationGracePeriodSeconds", default_grace_s)
-        if not isinstance(grace, int) or isinstance(grace, bool) or not 0 <= grace <= config.ROTATION_GRACE_S_MAX:
+        if (
+            not isinstance(generation, int)
+            or isinstance(generation, bool)
+            or not 0 <= generation <= ROTATION_GENERATION_MAX
+        ):
             raise errors.InvalidSpec(
-                f"spec.rotationGracePeriodSeconds must be 0 to {config.ROTATION_GRACE_S_MAX}, not {grace!r}")
+                f"spec.rotationGeneration must be a whole number ≥ 0, not {generation!r}"
+            )
+        grace = spec.get("rotationGracePeriodSeconds", default_grace_s)
+        if (
+            not isinstance(grace, int)
+            or isinstance(grace, bool)
+            or not 0 <= grace <= config.ROTATION_GRACE_S_MAX
+        ):
+            raise errors.InvalidSpec(
+                f"spec.rotationGracePeriodSeconds must be 0 to {config.ROTATION_GRACE_S_MAX}, not {grace!r}"
+            )
         return cls(wallet_name, secret_name, models, expires_at, suspended, generation, grace)
 
 
@@ -99,7 +114,9 @@ def _timestamp(value: object) -> dt.datetime | None:
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
-        raise errors.InvalidSpec(f"spec.expiresAt must be an RFC 3339 time such as 2027-01-31T00:00:00Z, not {value!r}")
+        raise errors.InvalidSpec(
+            f"spec.expiresAt must be an RFC 3339 time such as 2027-01-31T00:00:00Z, not {value!r}"
+        )
     return moment
 
 
@@ -122,7 +139,12 @@ def wallet_uid(index: kopf.Index, namespace: str, name: str) -> str:
 
 
 async def ensure(
-    engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body, wallet_uid: str, spec: ApiKeySpec,
+    engine: AsyncEngine,
+    secrets: kube.Secrets,
+    *,
+    owner: kopf.Body,
+    wallet_uid: str,
+    spec: ApiKeySpec,
     apply_switch: bool,
 ) -> Outcome:
     """Make the Secret and the key rows match the spec. The work only: no status, no Events."""
@@ -131,32 +153,56 @@ async def ensure(
         wallet = await wallets.find_owned_wallet(conn, source=SOURCE, external_id=wallet_uid)
         before = await wallets.keys_owned_by(conn, source=SOURCE, external_id=uid)
     if wallet is None:
-        raise errors.Waiting(f"Wallet {spec.wallet_name!r} has no wallet in PostgreSQL yet", reason="WalletNotReady")
+        raise errors.Waiting(
+            f"Wallet {spec.wallet_name!r} has no wallet in PostgreSQL yet", reason="WalletNotReady"
+        )
 
     secret = await secrets.read(namespace, spec.secret_name)
     if secret is not None and key_secrets.owner_uid(secret) != uid:
         whose = "another ApiKey's" if key_secrets.is_managed(secret) else "not managed by the operator"
         raise errors.Waiting(
             f"Secret {spec.secret_name!r} exists and is {whose}; it is left alone. Choose another "
-            "secretName or delete that Secret", reason="SecretConflict")
+            "secretName or delete that Secret",
+            reason="SecretConflict",
+        )
     stored = key_secrets.read(secret) if secret is not None else None
     stored_row = next((k for k in before if stored and stored.issued and k.id == stored.issued.key_id), None)
     wallet_replaced = stored_row is not None and stored_row.wallet_id != wallet.id
-    issue = (stored is None or stored.issued is None or stored.generation != spec.rotation_generation
-             or wallet_replaced)
+    issue = (
+        stored is None
+        or stored.issued is None
+        or stored.generation != spec.rotation_generation
+        or wallet_replaced
+    )
     if issue:
         issued = keys.generate()
         if secret is None:
-            body = key_secrets.build(owner=owner, secret_name=spec.secret_name, wallet_name=spec.wallet_name,
-                                     issued=issued, generation=spec.rotation_generation)
+            body = key_secrets.build(
+                owner=owner,
+                secret_name=spec.secret_name,
+                wallet_name=spec.wallet_name,
+                issued=issued,
+                generation=spec.rotation_generation,
+            )
             try:
                 await secrets.create(namespace, body)
             except kube.AlreadyExists:
-                raise errors.Waiting(f"Secret {spec.secret_name!r} appeared meanwhile; looking again",
-                                     reason="SecretConflict", delay_s=1.0) from None
+                raise errors.Waiting(
+                    f"Secret {spec.secret_name!r} appeared meanwhile; looking again",
+                    reason="SecretConflict",
+                    delay_s=1.0,
+                ) from None
         else:
-            await secrets.patch(namespace, spec.secret_name, key_secrets.rotation_patch(
-                owner=owner, wallet_name=spec.wallet_name, issued=issued, generation=spec.rotation_generation))
+            await secrets.patch(
+                namespace,
+                spec.secret_name,
+                key_secrets.rotation_patch(
+                    owner=owner,
+                    wallet_name=spec.wallet_name,
+                    issued=issued,
+                    generation=spec.rotation_generation,
+                ),
+            )
     else:
         assert stored is not None and stored.issued is not None
         issued = stored.issued
@@ -165,8 +211,14 @@ async def ensure(
     async with db.transaction(engine) as conn:
         try:
             record, recorded_now = await wallets.record_key(
-                conn, issued=issued, wallet_id=wallet.id, source=SOURCE, external_id=uid,
-                allowed_models=spec.allowed_models, expires_at=spec.expires_at, suspended=spec.suspended,
+                conn,
+                issued=issued,
+                wallet_id=wallet.id,
+                source=SOURCE,
+                external_id=uid,
+                allowed_models=spec.allowed_models,
+                expires_at=spec.expires_at,
+                suspended=spec.suspended,
             )
         except wallets.KeyConflict as exc:
             raise errors.ReconcileError(str(exc), reason="KeyConflict") from None
@@ -174,9 +226,11 @@ async def ensure(
         if apply_switch:
             changes["suspended"] = spec.suspended
         await wallets.update_owned_keys(conn, source=SOURCE, external_id=uid, **changes)
-        await wallets.schedule_revocation(conn, source=SOURCE, external_id=uid, keep_key_id=record.id, after=grace)
+        await wallets.schedule_revocation(
+            conn, source=SOURCE, external_id=uid, keep_key_id=record.id, after=grace
+        )
         after = await wallets.keys_owned_by(conn, source=SOURCE, external_id=uid)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     current = next(k for k in after if k.id == record.id)
     return Outcome(
         current=current,
@@ -187,8 +241,11 @@ async def ensure(
 
 
 def in_grace(records: list[wallets.KeyRecord], current_id: str, now: dt.datetime) -> list[wallets.KeyRecord]:
-    return [k for k in records if k.id != current_id and k.revoked_at is None
-            and k.revoke_after is not None and k.revoke_after > now]
+    return [
+        k
+        for k in records
+        if k.id != current_id and k.revoked_at is None and k.revoke_after is not None and k.revoke_after > now
+    ]
 
 
 async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body) -> list[wallets.KeyRecord]:
@@ -210,11 +267,18 @@ async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body
 
 
 def state_of(record: wallets.KeyRecord, now: dt.datetime) -> str:
-    return {None: "Active", "revoked": "Revoked", "suspended": "Suspended", "expired": "Expired"}[record.refusal(now)]
+    return {None: "Active", "revoked": "Revoked", "suspended": "Suspended", "expired": "Expired"}[
+        record.refusal(now)
+    ]
 
 
-def write_status(patch: kopf.Patch, body: Mapping[str, Any], current: wallets.KeyRecord,
-                 superseded: list[wallets.KeyRecord], now: dt.datetime) -> None:
+def write_status(
+    patch: kopf.Patch,
+    body: Mapping[str, Any],
+    current: wallets.KeyRecord,
+    superseded: list[wallets.KeyRecord],
+    now: dt.datetime,
+) -> None:
     """Status fields from the rows (also used by the status timer)."""
     previous = max(superseded, key=lambda k: k.revoke_after) if superseded else None
     fields: dict[str, object] = {
@@ -235,16 +299,28 @@ def write_status(patch: kopf.Patch, body: Mapping[str, Any], current: wallets.Ke
 
 
 async def _reconcile(
-    *, body: kopf.Body, spec: Mapping[str, Any], patch: kopf.Patch, memo: kopf.Memo,
-    logger: logging.Logger, wallet_uids: kopf.Index, apply_switch: bool,
+    *,
+    body: kopf.Body,
+    spec: Mapping[str, Any],
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    wallet_uids: kopf.Index,
+    apply_switch: bool,
 ) -> None:
     cfg: config.OperatorConfig = memo.operator_config
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = ApiKeySpec.parse(spec, default_grace_s=cfg.rotation_grace_s)
         owner_uid = wallet_uid(wallet_uids, body.metadata.namespace, desired.wallet_name)
-        outcome = await ensure(memo.engine, memo.secrets, owner=body, wallet_uid=owner_uid, spec=desired,
-                               apply_switch=apply_switch)
-    now = dt.datetime.now(dt.timezone.utc)
+        outcome = await ensure(
+            memo.engine,
+            memo.secrets,
+            owner=body,
+            wallet_uid=owner_uid,
+            spec=desired,
+            apply_switch=apply_switch,
+        )
+    now = dt.datetime.now(dt.UTC)
     write_status(patch, body, outcome.current, outcome.superseded, now)
     patch.status["rotationGeneration"] = desired.rotation_generation
     if body.metadata.get("generation") is not None:
@@ -253,30 +329,79 @@ async def _reconcile(
         events.key_issued(body, outcome.current, desired.secret_name)
     elif outcome.recorded_now:
         events.key_rotated(body, outcome.current, desired.secret_name, outcome.superseded)
-    status.set_condition(patch, body, type=status.READY, ok=True, reason="KeyIssued",
-                         message=f"key {outcome.current.id} is in Secret {desired.secret_name}")
+    status.set_condition(
+        patch,
+        body,
+        type=status.READY,
+        ok=True,
+        reason="KeyIssued",
+        message=f"key {outcome.current.id} is in Secret {desired.secret_name}",
+    )
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, id="apikey.create")
-async def on_create(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
-                    logger: logging.Logger, wallet_uids: kopf.Index, **_: Any) -> None:
-    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger,
-                     wallet_uids=wallet_uids, apply_switch=True)
+async def on_create(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    wallet_uids: kopf.Index,
+    **_: Any,
+) -> None:
+    await _reconcile(
+        body=body,
+        spec=spec,
+        patch=patch,
+        memo=memo,
+        logger=logger,
+        wallet_uids=wallet_uids,
+        apply_switch=True,
+    )
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, id="apikey.update")
-async def on_update(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
-                    logger: logging.Logger, wallet_uids: kopf.Index, diff: kopf.Diff, **_: Any) -> None:
+async def on_update(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    wallet_uids: kopf.Index,
+    diff: kopf.Diff,
+    **_: Any,
+) -> None:
     switch_changed = any(tuple(field[:2]) == ("spec", "suspended") for _op, field, _old, _new in diff)
-    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger,
-                     wallet_uids=wallet_uids, apply_switch=switch_changed)
+    await _reconcile(
+        body=body,
+        spec=spec,
+        patch=patch,
+        memo=memo,
+        logger=logger,
+        wallet_uids=wallet_uids,
+        apply_switch=switch_changed,
+    )
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="apikey.resume")
-async def on_resume(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
-                    logger: logging.Logger, wallet_uids: kopf.Index, **_: Any) -> None:
-    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger,
-                     wallet_uids=wallet_uids, apply_switch=False)
+async def on_resume(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    wallet_uids: kopf.Index,
+    **_: Any,
+) -> None:
+    await _reconcile(
+        body=body,
+        spec=spec,
+        patch=patch,
+        memo=memo,
+        logger=logger,
+        wallet_uids=wallet_uids,
+        apply_switch=False,
+    )
 
 
 # In the per-object memo: the revocation of this object's keys was announced.
@@ -284,8 +409,9 @@ REVOCATION_ANNOUNCED = "apikey.revoked"
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="apikey.delete")
-async def on_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
-                    **_: Any) -> None:
+async def on_delete(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
     """Revoke the keys and delete the Secret; announce it once (kopf may run this again after
     it succeeded, see ``wallet_reconciler.on_delete``)."""
     cfg: config.OperatorConfig = memo.operator_config

@@ -42,35 +42,54 @@ def _key(record: wallets.KeyRecord) -> str:
 
 
 def wallet_created(body: Body, wallet: wallets.Wallet, grant_nano: int) -> None:
-    kopf.info(body, reason=WALLET_CREATED,
-              message=f"wallet {wallet.id} created with an initial grant of {_usd(grant_nano)}")
+    kopf.info(
+        body,
+        reason=WALLET_CREATED,
+        message=f"wallet {wallet.id} created with an initial grant of {_usd(grant_nano)}",
+    )
 
 
 def wallet_switched(body: Body, wallet: wallets.Wallet) -> None:
     if wallet.suspended:
-        kopf.warn(body, reason=WALLET_SUSPENDED, message=f"wallet {wallet.id} suspended: its keys are refused")
+        kopf.warn(
+            body, reason=WALLET_SUSPENDED, message=f"wallet {wallet.id} suspended: its keys are refused"
+        )
     else:
         kopf.info(body, reason=WALLET_RESUMED, message=f"wallet {wallet.id} resumed")
 
 
 def wallet_released(body: Body, wallet_id: str, keys_suspended: int) -> None:
-    kopf.info(body, reason=WALLET_RELEASED,
-              message=f"wallet {wallet_id} suspended with {keys_suspended} key(s); its ledger is kept")
+    kopf.info(
+        body,
+        reason=WALLET_RELEASED,
+        message=f"wallet {wallet_id} suspended with {keys_suspended} key(s); its ledger is kept",
+    )
 
 
 def top_up(body: Body, entry: ledger.Entry) -> None:
-    kopf.info(body, reason=TOP_UP,
-              message=f"credited {_usd(entry.amount_nano)} ({entry.kind}); balance {_usd(entry.balance_after_nano)}")
+    kopf.info(
+        body,
+        reason=TOP_UP,
+        message=(
+            f"credited {_usd(entry.amount_nano)} ({entry.kind}); balance {_usd(entry.balance_after_nano)}"
+        ),
+    )
 
 
 def low_balance(body: Body, balance_nano: int, threshold_nano: int) -> None:
-    kopf.warn(body, reason=LOW_BALANCE,
-              message=f"balance {_usd(balance_nano)} is below the threshold of {_usd(threshold_nano)}")
+    kopf.warn(
+        body,
+        reason=LOW_BALANCE,
+        message=f"balance {_usd(balance_nano)} is below the threshold of {_usd(threshold_nano)}",
+    )
 
 
 def wallet_empty(body: Body, balance_nano: int) -> None:
-    kopf.warn(body, reason=WALLET_EMPTY,
-              message=f"balance {_usd(balance_nano)}: requests are refused until the wallet is topped up")
+    kopf.warn(
+        body,
+        reason=WALLET_EMPTY,
+        message=f"balance {_usd(balance_nano)}: requests are refused until the wallet is topped up",
+    )
 
 
 def key_issued(body: Body, record: wallets.KeyRecord, secret_name: str) -> None:
@@ -81,12 +100,16 @@ def key_rotated(
     body: Body, record: wallets.KeyRecord, secret_name: str, superseded: Iterable[wallets.KeyRecord]
 ) -> None:
     old = ", ".join(
-        f"{k.id} until {k.revoke_after.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
-        for k in superseded if k.revoke_after is not None
+        f"{k.id} until {k.revoke_after.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+        for k in superseded
+        if k.revoke_after is not None
     )
-    kopf.info(body, reason=KEY_ROTATED,
-              message=f"key {_key(record)} written to Secret {secret_name}"
-                      + (f"; the previous key stays valid: {old}" if old else ""))
+    kopf.info(
+        body,
+        reason=KEY_ROTATED,
+        message=f"key {_key(record)} written to Secret {secret_name}"
+        + (f"; the previous key stays valid: {old}" if old else ""),
+    )
 
 
 def key_revoked(body: Body, records: Iterable[wallets.KeyRecord]) -> None:

@@ -85,7 +85,9 @@ def data(issued: keys.IssuedKey) -> dict[str, str]:
     return {DATA_API_KEY: _b64(issued.plaintext), DATA_KEY_ID: _b64(issued.key_id)}
 
 
-def rotation_patch(*, owner: Mapping[str, Any], wallet_name: str, issued: keys.IssuedKey, generation: int) -> dict[str, Any]:
+def rotation_patch(
+    *, owner: Mapping[str, Any], wallet_name: str, issued: keys.IssuedKey, generation: int
+) -> dict[str, Any]:
     """A merge patch that puts a new key into an existing Secret of ours."""
     return {
         "metadata": {

@@ -53,7 +53,9 @@ def connection_info(config: kubernetes.client.Configuration) -> kopf.ConnectionI
     """The same credentials, in kopf's terms."""
     header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
     parts = header.split(" ", 1) if header else []
-    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    scheme, token = (
+        (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    )
     return kopf.ConnectionInfo(
         server=config.host,
         ca_path=config.ssl_ca_cert,
@@ -72,7 +74,9 @@ def _unavailable(what: str, exc: BaseException) -> errors.ReconcileError:
         if exc.status == 403:
             return errors.ReconcileError(
                 f"{what}: forbidden (HTTP 403); give the operator's service account the RBAC of "
-                "operator/deploy/rbac.yaml", reason="Forbidden")
+                "operator/deploy/rbac.yaml",
+                reason="Forbidden",
+            )
         return errors.KubernetesUnavailable(f"{what}: HTTP {exc.status} {exc.reason or ''}".rstrip())
     return errors.KubernetesUnavailable(f"{what}: {type(exc).__name__}")
 
@@ -91,8 +95,11 @@ class Secrets:
     async def read(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             response = await asyncio.to_thread(
-                self._api.read_namespaced_secret, name, namespace,
-                _preload_content=False, _request_timeout=self._timeout_s,
+                self._api.read_namespaced_secret,
+                name,
+                namespace,
+                _preload_content=False,
+                _request_timeout=self._timeout_s,
             )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
@@ -106,8 +113,11 @@ class Secrets:
         name = body["metadata"]["name"]
         try:
             response = await asyncio.to_thread(
-                self._api.create_namespaced_secret, namespace, body,
-                _preload_content=False, _request_timeout=self._timeout_s,
+                self._api.create_namespaced_secret,
+                namespace,
+                body,
+                _preload_content=False,
+                _request_timeout=self._timeout_s,
             )
         except kubernetes.client.ApiException as exc:
             if exc.status == 409:
@@ -120,8 +130,13 @@ class Secrets:
     async def patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             response = await asyncio.to_thread(
-                self._api.patch_namespaced_secret, name, namespace, body,
-                _content_type=MERGE_PATCH, _preload_content=False, _request_timeout=self._timeout_s,
+                self._api.patch_namespaced_secret,
+                name,
+                namespace,
+                body,
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=self._timeout_s,
             )
         except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise _unavailable(f"updating Secret {namespace}/{name}", exc) from None
@@ -131,9 +146,12 @@ class Secrets:
         """Delete this very Secret (``uid`` precondition: never a same-named successor)."""
         try:
             await asyncio.to_thread(
-                self._api.delete_namespaced_secret, name, namespace,
+                self._api.delete_namespaced_secret,
+                name,
+                namespace,
                 body={"preconditions": {"uid": uid}},
-                _preload_content=False, _request_timeout=self._timeout_s,
+                _preload_content=False,
+                _request_timeout=self._timeout_s,
             )
         except kubernetes.client.ApiException as exc:
             if exc.status in (404, 409):

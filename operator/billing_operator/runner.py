@@ -53,7 +53,9 @@ async def run(
                 await relay
 
 
-async def _relay_stop(stop_flag: threading.Event, lifecycle: startup.Lifecycle, kopf_stop: asyncio.Event) -> None:
+async def _relay_stop(
+    stop_flag: threading.Event, lifecycle: startup.Lifecycle, kopf_stop: asyncio.Event
+) -> None:
     loop = asyncio.get_running_loop()
     # In short waits: a worker thread blocked for good on the flag would keep the loop from closing.
     while not await loop.run_in_executor(None, stop_flag.wait, 0.1):

@@ -63,7 +63,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration")
+        prefix=PREFIX, key="last-handled-configuration"
+    )
     settings.posting.reporting_component = "billingproxy-operator"
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
@@ -82,12 +83,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     memo.lifecycle = memo.get("lifecycle") or Lifecycle()
     memo.engine = db.create_engine(cfg.database_url, pool_size=cfg.db_pool_size)
     if cfg.stripe_secret_key:
-        memo.stripe_task = asyncio.create_task(stripe_reconciler.run(memo.engine, cfg), name="stripe reconciliation")
+        memo.stripe_task = asyncio.create_task(
+            stripe_reconciler.run(memo.engine, cfg), name="stripe reconciliation"
+        )
     logger.info(
         f"billingproxy operator: status every {config.STATUS_INTERVAL_S:g} s, "
         f"retries after {cfg.retry_delay_s:g} s, default rotation grace {cfg.rotation_grace_s} s, "
-        + (f"Stripe reconciled every {cfg.stripe_interval_s:g} s" if cfg.stripe_secret_key
-           else "Stripe not configured (no reconciliation)")
+        + (
+            f"Stripe reconciled every {cfg.stripe_interval_s:g} s"
+            if cfg.stripe_secret_key
+            else "Stripe not configured (no reconciliation)"
+        )
     )
 
 

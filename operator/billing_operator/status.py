@@ -29,13 +29,13 @@ MESSAGE_LENGTH_MAX = 1024
 
 
 def now_rfc3339() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def rfc3339(moment: dt.datetime | None) -> str | None:
     if moment is None:
         return None
-    return moment.astimezone(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def generation(body: Mapping[str, Any]) -> int | None:
@@ -57,8 +57,14 @@ def set_condition(
     result as a JSON patch guarded by ``metadata.resourceVersion``; on a conflict (HTTP 422) it
     applies it again to the newer body, on the next handling cycle or the timer's next tick.
     """
-    put = functools.partial(_put_condition, type=type, ok=ok, reason=reason,
-                            message=message[:MESSAGE_LENGTH_MAX], observed=generation(body))
+    put = functools.partial(
+        _put_condition,
+        type=type,
+        ok=ok,
+        reason=reason,
+        message=message[:MESSAGE_LENGTH_MAX],
+        observed=generation(body),
+    )
     # Nothing to send if the object, with what this patch already does, has it so.
     preview = {"status": copy.deepcopy(dict(body.get("status") or {}))}
     for fn in patch.fns:
@@ -69,8 +75,9 @@ def set_condition(
         patch.fns.append(put)
 
 
-def _put_condition(body: dict[str, Any], /, *, type: str, ok: bool, reason: str, message: str,
-                   observed: int | None) -> None:
+def _put_condition(
+    body: dict[str, Any], /, *, type: str, ok: bool, reason: str, message: str, observed: int | None
+) -> None:
     conditions = body.setdefault("status", {}).setdefault("conditions", [])
     index, before = next(((i, c) for i, c in enumerate(conditions) if c.get("type") == type), (None, None))
     status_text = "True" if ok else "False"
@@ -110,7 +117,11 @@ def to_kopf(error: errors.ReconcileError, retry_delay_s: float) -> kopf.Permanen
 
 @contextlib.asynccontextmanager
 async def reconciling(
-    *, patch: kopf.Patch, body: Mapping[str, Any], retry_delay_s: float, logger: logging.Logger | logging.LoggerAdapter
+    *,
+    patch: kopf.Patch,
+    body: Mapping[str, Any],
+    retry_delay_s: float,
+    logger: logging.Logger | logging.LoggerAdapter,
 ) -> AsyncIterator[None]:
     """Around a handler's work: a failure becomes ``Ready=False`` with its reason, then kopf's error.
 
@@ -127,7 +138,11 @@ async def reconciling(
         raise
     except Exception as exc:
         set_condition(
-            patch, body, type=READY, ok=False, reason="Error",
+            patch,
+            body,
+            type=READY,
+            ok=False,
+            reason="Error",
             message=f"unexpected {type(exc).__name__}; see the operator's log",
         )
         logger.error(f"unexpected error while reconciling: {type(exc).__name__}")

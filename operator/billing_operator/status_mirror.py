@@ -107,25 +107,50 @@ def _previous_balance(seen: Mapping[str, Any]) -> int | None:
 
 def _synced(patch: kopf.Patch, seen: Mapping[str, Any], error: errors.ReconcileError | None) -> None:
     if error is None:
-        status.set_condition(patch, seen, type=status.SYNCED, ok=True, reason="Mirrored",
-                             message="balance and state are mirrored from PostgreSQL")
+        status.set_condition(
+            patch,
+            seen,
+            type=status.SYNCED,
+            ok=True,
+            reason="Mirrored",
+            message="balance and state are mirrored from PostgreSQL",
+        )
     else:
-        status.set_condition(patch, seen, type=status.SYNCED, ok=False, reason=error.reason, message=error.message)
+        status.set_condition(
+            patch, seen, type=status.SYNCED, ok=False, reason=error.reason, message=error.message
+        )
 
 
 async def _read_wallet(engine: Any, uid: str, cursor: int, limit: int) -> tuple[Any, list[Any]]:
     async with db.transaction(engine) as conn:
         wallet = await wallets.find_owned_wallet(conn, source=wallet_reconciler.SOURCE, external_id=uid)
-        top_ups = [] if wallet is None else await ledger.entries_after(
-            conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=limit)
+        top_ups = (
+            []
+            if wallet is None
+            else await ledger.entries_after(
+                conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=limit
+            )
+        )
     return wallet, top_ups
 
 
-@kopf.timer(wallet_reconciler.GROUP, wallet_reconciler.VERSION, wallet_reconciler.PLURAL,
-            id="wallet.status", interval=config.STATUS_INTERVAL_S, initial_delay=config.STATUS_INTERVAL_S,
-            when=_operator_running)
-async def mirror_wallet(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-                        logger: logging.Logger, **_: Any) -> None:
+@kopf.timer(
+    wallet_reconciler.GROUP,
+    wallet_reconciler.VERSION,
+    wallet_reconciler.PLURAL,
+    id="wallet.status",
+    interval=config.STATUS_INTERVAL_S,
+    initial_delay=config.STATUS_INTERVAL_S,
+    when=_operator_running,
+)
+async def mirror_wallet(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
     if not _operator_running(memo):
         return
     cfg: config.OperatorConfig = memo.operator_config
@@ -133,10 +158,13 @@ async def mirror_wallet(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, sto
     last_status = seen.get("status") or {}
     last_read: dict[str, Any] = memo.setdefault(_LAST_READING, {})
     last = last_status.get("lastTopUp") or {}
-    cursor = max(last.get("entryId") if isinstance(last.get("entryId"), int) else 0, last_read.get("entry_id", 0))
+    cursor = max(
+        last.get("entryId") if isinstance(last.get("entryId"), int) else 0, last_read.get("entry_id", 0)
+    )
     try:
-        wallet, top_ups = await until_stopped(stopped, _read_wallet(
-            memo.engine, seen["metadata"]["uid"], cursor, cfg.top_up_events_max))
+        wallet, top_ups = await until_stopped(
+            stopped, _read_wallet(memo.engine, seen["metadata"]["uid"], cursor, cfg.top_up_events_max)
+        )
     except Stopped:
         return
     except errors.DatabaseUnavailable as exc:
@@ -167,8 +195,11 @@ async def mirror_wallet(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, sto
         threshold = wallet_reconciler.WalletSpec.parse(seen.get("spec") or {}).low_balance_nano
     except errors.InvalidSpec:
         threshold = None
-    if (threshold is not None and 0 < wallet.balance_nano < threshold
-            and (previous_balance is None or previous_balance >= threshold)):
+    if (
+        threshold is not None
+        and 0 < wallet.balance_nano < threshold
+        and (previous_balance is None or previous_balance >= threshold)
+    ):
         events.low_balance(seen, wallet.balance_nano, threshold)
     last_read.update(state=state, balance_nano=wallet.balance_nano)
 
@@ -178,11 +209,23 @@ async def _read_keys(engine: Any, uid: str) -> list[wallets.KeyRecord]:
         return await wallets.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
 
 
-@kopf.timer(apikey_reconciler.GROUP, apikey_reconciler.VERSION, apikey_reconciler.PLURAL,
-            id="apikey.status", interval=config.STATUS_INTERVAL_S, initial_delay=config.STATUS_INTERVAL_S,
-            when=_operator_running)
-async def mirror_apikey(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-                        logger: logging.Logger, **_: Any) -> None:
+@kopf.timer(
+    apikey_reconciler.GROUP,
+    apikey_reconciler.VERSION,
+    apikey_reconciler.PLURAL,
+    id="apikey.status",
+    interval=config.STATUS_INTERVAL_S,
+    initial_delay=config.STATUS_INTERVAL_S,
+    when=_operator_running,
+)
+async def mirror_apikey(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
     """Expiry, suspension (e.g. by a Wallet's deletion) and the end of a grace period happen in
     PostgreSQL or by the clock; this shows them."""
     if not _operator_running(memo):
@@ -202,5 +245,7 @@ async def mirror_apikey(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, sto
     current = next((k for k in owned if k.id == key_id), None)
     if current is None:
         return
-    now = dt.datetime.now(dt.timezone.utc)
-    apikey_reconciler.write_status(patch, seen, current, apikey_reconciler.in_grace(owned, current.id, now), now)
+    now = dt.datetime.now(dt.UTC)
+    apikey_reconciler.write_status(
+        patch, seen, current, apikey_reconciler.in_grace(owned, current.id, now), now
+    )

@@ -42,11 +42,15 @@ def client(cfg: config.OperatorConfig, session: aiohttp.ClientSession) -> stripe
         cfg.stripe_secret_key,
         base_addresses={"api": cfg.stripe_api_base} if cfg.stripe_api_base else None,
         max_network_retries=0 if cfg.stripe_api_base else 2,
-        http_client=stripe.AIOHTTPClient(session=session, timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_S)),
+        http_client=stripe.AIOHTTPClient(
+            session=session, timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_S)
+        ),
     )
 
 
-async def reconcile_once(engine: AsyncEngine, stripe_client: stripe.StripeClient, *, limit: int) -> Counter[str]:
+async def reconcile_once(
+    engine: AsyncEngine, stripe_client: stripe.StripeClient, *, limit: int
+) -> Counter[str]:
     """One round, under the advisory lock; returns how many sessions had each outcome
     (empty when another replica holds the lock)."""
     outcomes: Counter[str] = Counter()

@@ -59,7 +59,9 @@ class WalletSpec:
         threshold = _usd(spec, "lowBalanceThreshold", None)
         customer = spec.get("stripeCustomerId")
         if customer is not None and (not isinstance(customer, str) or not customer.startswith("cus_")):
-            raise errors.InvalidSpec(f"spec.stripeCustomerId: {customer!r} is not a Stripe customer id (cus_…)")
+            raise errors.InvalidSpec(
+                f"spec.stripeCustomerId: {customer!r} is not a Stripe customer id (cus_…)"
+            )
         suspended = spec.get("suspended", False)
         if not isinstance(suspended, bool):
             raise errors.InvalidSpec(f"spec.suspended must be true or false, not {suspended!r}")
@@ -94,8 +96,13 @@ class Outcome:
 
 
 async def ensure(
-    engine: AsyncEngine, *, uid: str, spec: WalletSpec, apply_switch: bool,
-    apply_overdraft: bool = False, overdraft_default_nano: int = 0,
+    engine: AsyncEngine,
+    *,
+    uid: str,
+    spec: WalletSpec,
+    apply_switch: bool,
+    apply_overdraft: bool = False,
+    overdraft_default_nano: int = 0,
 ) -> Outcome:
     """Make the wallet row match the spec. The work only: no status, no Events.
 
@@ -106,8 +113,12 @@ async def ensure(
     async with db.transaction(engine) as conn:
         try:
             wallet, created = await wallets.ensure_owned_wallet(
-                conn, source=SOURCE, external_id=uid, grant_nano=spec.grant_nano,
-                email=spec.email, stripe_customer_id=spec.stripe_customer_id,
+                conn,
+                source=SOURCE,
+                external_id=uid,
+                grant_nano=spec.grant_nano,
+                email=spec.email,
+                stripe_customer_id=spec.stripe_customer_id,
                 overdraft_limit_nano=overdraft,
             )
         except wallets.NotOwned:
@@ -175,14 +186,26 @@ def wallet_uids(namespace: str, name: str, uid: str, meta: Mapping[str, Any], **
 
 
 async def _reconcile(
-    *, body: kopf.Body, spec: Mapping[str, Any], patch: kopf.Patch, memo: kopf.Memo,
-    logger: logging.Logger, apply_switch: bool, apply_overdraft: bool = False,
+    *,
+    body: kopf.Body,
+    spec: Mapping[str, Any],
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    apply_switch: bool,
+    apply_overdraft: bool = False,
 ) -> None:
     cfg: config.OperatorConfig = memo.operator_config
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = WalletSpec.parse(spec)
-        outcome = await ensure(memo.engine, uid=body.metadata.uid, spec=desired, apply_switch=apply_switch,
-                               apply_overdraft=apply_overdraft, overdraft_default_nano=cfg.overdraft_limit_nano)
+        outcome = await ensure(
+            memo.engine,
+            uid=body.metadata.uid,
+            spec=desired,
+            apply_switch=apply_switch,
+            apply_overdraft=apply_overdraft,
+            overdraft_default_nano=cfg.overdraft_limit_nano,
+        )
     wallet = outcome.wallet
     write_status(patch, body, wallet)
     if body.metadata.get("generation") is not None:
@@ -191,28 +214,49 @@ async def _reconcile(
         events.wallet_created(body, wallet, desired.grant_nano)
     if outcome.switched and not outcome.created:
         events.wallet_switched(body, wallet)
-    status.set_condition(patch, body, type=status.READY, ok=True, reason="Reconciled",
-                         message=f"wallet {wallet.id} matches the spec")
+    status.set_condition(
+        patch,
+        body,
+        type=status.READY,
+        ok=True,
+        reason="Reconciled",
+        message=f"wallet {wallet.id} matches the spec",
+    )
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL, id="wallet.create")
-async def on_create(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
-                    logger: logging.Logger, **_: Any) -> None:
+async def on_create(
+    body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
     await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=True)
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, id="wallet.update")
-async def on_update(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
-                    logger: logging.Logger, diff: kopf.Diff, **_: Any) -> None:
+async def on_update(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    diff: kopf.Diff,
+    **_: Any,
+) -> None:
     changed = {tuple(field[:2]) for _op, field, _old, _new in diff}
-    await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger,
-                     apply_switch=("spec", "suspended") in changed,
-                     apply_overdraft=("spec", "overdraftLimitUsd") in changed)
+    await _reconcile(
+        body=body,
+        spec=spec,
+        patch=patch,
+        memo=memo,
+        logger=logger,
+        apply_switch=("spec", "suspended") in changed,
+        apply_overdraft=("spec", "overdraftLimitUsd") in changed,
+    )
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="wallet.resume")
-async def on_resume(body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo,
-                    logger: logging.Logger, **_: Any) -> None:
+async def on_resume(
+    body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
     await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=False)
 
 
@@ -221,8 +265,9 @@ RELEASE_ANNOUNCED = "wallet.released"
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="wallet.delete")
-async def on_delete(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
-                    **_: Any) -> None:
+async def on_delete(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
     """Suspend the wallet and its keys; announce it once.
 
     kopf may run this again after it succeeded: while a timer of the object is still exiting it

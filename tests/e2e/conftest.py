@@ -62,9 +62,7 @@ def wait_until() -> Callable[..., Awaitable[Any]]:
 
 def _clean_env() -> dict[str, str]:
     """This process's environment without any BillingProxy setting (they come from the test)."""
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith("BILLINGPROXY_") and k != "DATABASE_URL"
-    }
+    return {k: v for k, v in os.environ.items() if not k.startswith("BILLINGPROXY_") and k != "DATABASE_URL"}
 
 
 class Database:
@@ -110,8 +108,7 @@ class Database:
 
     async def hold(self, request_id: str) -> sa.Row | None:
         rows = await self.rows(
-            "SELECT request_id, wallet_id, amount_nano, state, posted_nano FROM holds "
-            "WHERE request_id = :id",
+            "SELECT request_id, wallet_id, amount_nano, state, posted_nano FROM holds WHERE request_id = :id",
             id=request_id,
         )
         return rows[0] if rows else None
@@ -147,7 +144,11 @@ class Database:
         full_env = {**_clean_env(), "DATABASE_URL": self.url, **env}
         return subprocess.run(
             [sys.executable, "-m", "billingproxy", *args],
-            env=full_env, capture_output=True, text=True, timeout=60,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
 
     async def acli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -37,8 +37,11 @@ async def test_health_and_readiness(stack) -> None:
 
 async def test_metrics_count_checks_and_garbage_collection(stack) -> None:
     before = await stack.metric("billingproxy_check_decisions_total", result="invalid_api_key")
-    async with stack.http.post(stack.gateway + "/v1/chat/completions", json={"model": "gpt-4o-mini"},
-                               headers={"authorization": "Bearer sk-litellm-not-a-key"}) as response:
+    async with stack.http.post(
+        stack.gateway + "/v1/chat/completions",
+        json={"model": "gpt-4o-mini"},
+        headers={"authorization": "Bearer sk-litellm-not-a-key"},
+    ) as response:
         assert response.status == 401
     assert await stack.metric("billingproxy_check_decisions_total", result="invalid_api_key") == before + 1
 

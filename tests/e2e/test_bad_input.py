@@ -25,8 +25,9 @@ GOOD_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "h
 @pytest.fixture(scope="module", params=["http", "grpc"], ids=["http-check", "grpc-check"])
 async def stack(launch_stack, request) -> AsyncIterator[Any]:
     """Every refusal through both of ext_authz's flavours (BILLINGPROXY_CHECK_TRANSPORT)."""
-    async with launch_stack(BILLINGPROXY_SIGNUP_RATE_PER_MINUTE=str(SIGNUP_LIMIT),
-                            BILLINGPROXY_CHECK_TRANSPORT=request.param) as running:
+    async with launch_stack(
+        BILLINGPROXY_SIGNUP_RATE_PER_MINUTE=str(SIGNUP_LIMIT), BILLINGPROXY_CHECK_TRANSPORT=request.param
+    ) as running:
         yield running
 
 
@@ -36,7 +37,9 @@ async def keyring(stack) -> dict[str, str]:
     async with stack.db.engine.begin() as conn:
         owner = await wallets.signup(conn, email="owner@example.com", grant_nano=10**9)
         wallet_id = owner.wallet.id
-        limited = await wallets.issue_key(conn, wallet_id=wallet_id, source="admin", allowed_models=["gpt-4o"])
+        limited = await wallets.issue_key(
+            conn, wallet_id=wallet_id, source="admin", allowed_models=["gpt-4o"]
+        )
         revoked = await wallets.issue_key(conn, wallet_id=wallet_id, source="admin")
         await wallets.revoke_key(conn, revoked.key_id)
         await wallets.signup(conn, email=TAKEN_EMAIL, grant_nano=10**9)
@@ -79,13 +82,23 @@ CASES = [
     # ext_authz Check on /v1/*
     Case("missing key", "POST", CHAT, 401, "missing_api_key", body=chat()),
     Case("empty bearer", "POST", CHAT, 401, "missing_api_key", body=chat(), authorization="Bearer "),
-    Case("not a bearer", "POST", CHAT, 401, "missing_api_key", body=chat(), authorization="Basic dXNlcjpwdw=="),
+    Case(
+        "not a bearer", "POST", CHAT, 401, "missing_api_key", body=chat(), authorization="Basic dXNlcjpwdw=="
+    ),
     Case("malformed key", "POST", CHAT, 401, "invalid_api_key", key="malformed", body=chat()),
     Case("bad checksum", "POST", CHAT, 401, "invalid_api_key", key="bad_checksum", body=chat()),
     Case("unknown key", "POST", CHAT, 401, "invalid_api_key", key="unknown", body=chat()),
     Case("revoked key", "POST", CHAT, 401, "revoked_api_key", key="revoked", body=chat()),
     Case("unknown key on GET", "GET", "/v1/models", 401, "invalid_api_key", key="unknown"),
-    Case("unpriced model", "POST", CHAT, 400, "model_not_priced", key="good", body=chat(model="no-such-model-9")),
+    Case(
+        "unpriced model",
+        "POST",
+        CHAT,
+        400,
+        "model_not_priced",
+        key="good",
+        body=chat(model="no-such-model-9"),
+    ),
     Case("model not allowed", "POST", CHAT, 400, "model_not_allowed", key="limited", body=chat()),
     Case("non-JSON body", "POST", CHAT, 400, "invalid_json", key="good", body=b"model=gpt-4o-mini"),
     Case("JSON array body", "POST", CHAT, 400, "invalid_json", key="good", body=b"[1, 2]"),
@@ -96,8 +109,14 @@ CASES = [
     Case("bad email", "POST", "/user/signup", 400, "invalid_email", body=b'{"email": "not-an-email"}'),
     Case("no email", "POST", "/user/signup", 400, "invalid_email", body=b'{"mail": "a@example.com"}'),
     Case("email not a string", "POST", "/user/signup", 400, "invalid_email", body=b'{"email": 42}'),
-    Case("email taken", "POST", "/user/signup", 409, "email_taken",
-         body=json.dumps({"email": TAKEN_EMAIL.upper()}).encode()),
+    Case(
+        "email taken",
+        "POST",
+        "/user/signup",
+        409,
+        "email_taken",
+        body=json.dumps({"email": TAKEN_EMAIL.upper()}).encode(),
+    ),
     Case("signup invalid JSON", "POST", "/user/signup", 400, "invalid_json", body=b'{"email": '),
     Case("signup JSON not an object", "POST", "/user/signup", 400, "invalid_json", body=b'"a@example.com"'),
     Case("balance without key", "GET", "/billing/balance", 401, "missing_api_key"),
@@ -114,7 +133,9 @@ CASES = [
 ]
 
 
-async def send(session: aiohttp.ClientSession, url: str, case: Case, keyring: dict[str, str]) -> tuple[int, Any]:
+async def send(
+    session: aiohttp.ClientSession, url: str, case: Case, keyring: dict[str, str]
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if case.key is not None:
         headers["Authorization"] = f"Bearer {keyring[case.key]}"
@@ -174,7 +195,9 @@ async def test_signups_are_rate_limited_per_client_address(stack) -> None:
         assert_openai_error(body, "rate_limited")
         assert retry_after is not None and int(retry_after) >= 1
         assert await stack.db.row_counts() == counts
-        assert not await stack.db.rows("SELECT 1 FROM wallets WHERE email = :e", e=f"burst-{SIGNUP_LIMIT}@example.com")
+        assert not await stack.db.rows(
+            "SELECT 1 FROM wallets WHERE email = :e", e=f"burst-{SIGNUP_LIMIT}@example.com"
+        )
 
     # Another address still signs up.
     user = await stack.signup()

@@ -33,8 +33,14 @@ async def wallet(db) -> wallets.Signup:
         created = await wallets.signup(conn, email=EMAIL, grant_nano=GRANT_NANO)
     async with db.engine.begin() as conn:
         admitted = await holds.place(
-            conn, request_id="req-cli-1", wallet_id=created.wallet.id, key_id=created.key.key_id,
-            model="gpt-4o-mini", amount_nano=1_000_000, ttl_s=600, strict=False,
+            conn,
+            request_id="req-cli-1",
+            wallet_id=created.wallet.id,
+            key_id=created.key.key_id,
+            model="gpt-4o-mini",
+            amount_nano=1_000_000,
+            ttl_s=600,
+            strict=False,
         )
         assert admitted is holds.Admission.ADMITTED
         await holds.settle(conn, request_id="req-cli-1", cost_nano=10_950, details={"status": 200})
@@ -62,11 +68,26 @@ async def test_wallet_show_prints_the_wallet_and_its_keys(db, wallet) -> None:
         result = await db.acli("wallet", "show", ref)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[0].split() == ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD",
-                                    "OVERDRAFT_LIMIT_USD", "STATE"]
+        assert lines[0].split() == [
+            "WALLET",
+            "OWNER",
+            "SOURCE",
+            "BALANCE_USD",
+            "RESERVED_USD",
+            "OVERDRAFT_LIMIT_USD",
+            "STATE",
+        ]
         balance = usd(await db.balance(wallet.wallet.id))
         # A self-service wallet has no overdraft.
-        assert lines[1].split() == [wallet.wallet.id, EMAIL, "signup", balance, "0.000000", "0.000000", "active"]
+        assert lines[1].split() == [
+            wallet.wallet.id,
+            EMAIL,
+            "signup",
+            balance,
+            "0.000000",
+            "0.000000",
+            "active",
+        ]
         assert any(line.split()[:1] == [wallet.key.key_id] and "active" in line.split() for line in lines)
         assert wallet.key.plaintext not in result.stdout, "a key is shown only once, at issue"
 
@@ -98,8 +119,11 @@ async def test_bad_credits_are_refused_clearly(db, wallet) -> None:
     counts = await db.row_counts()
     assert_one_line_error(await db.acli("wallet", "credit", EMAIL, "ten", "--reference", "x"), "'ten'")
     assert_one_line_error(await db.acli("wallet", "credit", EMAIL, "0", "--reference", "x"), "more than zero")
-    assert_one_line_error(await db.acli("wallet", "credit", "nobody@example.com", "1", "--reference", "x"),
-                          "no wallet", "nobody@example.com")
+    assert_one_line_error(
+        await db.acli("wallet", "credit", "nobody@example.com", "1", "--reference", "x"),
+        "no wallet",
+        "nobody@example.com",
+    )
     assert await db.row_counts() == counts
 
 
@@ -110,12 +134,22 @@ async def test_set_overdraft_sets_the_limit_the_next_check_uses(db) -> None:
 
     async def place(request_id: str, amount_nano: int) -> holds.Admission | holds.Refusal:
         async with db.engine.begin() as conn:
-            return await holds.place(conn, request_id=request_id, wallet_id=wallet_id, key_id=created.key.key_id,
-                                     model="gpt-4o-mini", amount_nano=amount_nano, ttl_s=600, strict=False)
+            return await holds.place(
+                conn,
+                request_id=request_id,
+                wallet_id=wallet_id,
+                key_id=created.key.key_id,
+                model="gpt-4o-mini",
+                amount_nano=amount_nano,
+                ttl_s=600,
+                strict=False,
+            )
 
     refused = await place("before", 1_000)
-    assert (refused.admission, refused.shortfall) == (holds.Admission.INSUFFICIENT_FUNDS,
-                                                      holds.Shortfall.REQUEST_TOO_LARGE)
+    assert (refused.admission, refused.shortfall) == (
+        holds.Admission.INSUFFICIENT_FUNDS,
+        holds.Shortfall.REQUEST_TOO_LARGE,
+    )
     done = await db.acli("wallet", "set-overdraft", "OVERDRAFT@example.com", "0.000001")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{wallet_id}: overdraft limit 0.000001 USD (was 0.000000)")
@@ -137,9 +171,14 @@ async def test_bad_overdraft_limits_are_refused_clearly(db, wallet) -> None:
     before = await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet.wallet.id)
     assert_one_line_error(await db.acli("wallet", "set-overdraft", EMAIL, "-1"), "negative")
     assert_one_line_error(await db.acli("wallet", "set-overdraft", EMAIL, "lots"), "'lots'")
-    assert_one_line_error(await db.acli("wallet", "set-overdraft", EMAIL, "10000000"), "overdraft limit", "9999999")
+    assert_one_line_error(
+        await db.acli("wallet", "set-overdraft", EMAIL, "10000000"), "overdraft limit", "9999999"
+    )
     assert_one_line_error(await db.acli("wallet", "set-overdraft", "nobody@example.com", "1"), "no wallet")
-    assert await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet.wallet.id) == before
+    assert (
+        await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet.wallet.id)
+        == before
+    )
     assert await db.row_counts() == counts
 
 
@@ -183,22 +222,38 @@ async def test_bad_settings_and_unreachable_database_are_one_line(db) -> None:
     assert_one_line_error(down, "cannot reach the database")
 
 
-def envoy_log_line(request_id: str, status: int, *, hold: dict[str, str] | None,
-                   prompt: int = 0, completion: int = 0) -> str:
+def envoy_log_line(
+    request_id: str, status: int, *, hold: dict[str, str] | None, prompt: int = 0, completion: int = 0
+) -> str:
     """A line of Envoy's JSON access log, as the rendered config writes it (envoy_config
     ``_stdout_access_log``; this shape was copied from a real `billingproxy up` log)."""
     authz = None
     if hold is not None:
-        authz = {"ext_authz_duration": 1, "x-billingproxy-format": "openai_chat",
-                 **{f"x-billingproxy-{k}": v for k, v in hold.items()}}
-    return json.dumps({
-        "authz": authz, "bytes_received": 84, "bytes_sent": 512, "details": "via_upstream",
-        "duration_ms": 4, "flags": "-", "method": "POST", "path": "/v1/chat/completions",
-        "request_id": request_id, "status": status, "time": "2026-11-25T11:41:10.282Z",
-        "upstream": "127.0.0.1:46179",
-        "usage": {"usage": json.dumps({"prompt_tokens": prompt, "completion_tokens": completion}),
-                  "finished": hold is not None and status == 200},
-    })
+        authz = {
+            "ext_authz_duration": 1,
+            "x-billingproxy-format": "openai_chat",
+            **{f"x-billingproxy-{k}": v for k, v in hold.items()},
+        }
+    return json.dumps(
+        {
+            "authz": authz,
+            "bytes_received": 84,
+            "bytes_sent": 512,
+            "details": "via_upstream",
+            "duration_ms": 4,
+            "flags": "-",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "request_id": request_id,
+            "status": status,
+            "time": "2026-11-25T11:41:10.282Z",
+            "upstream": "127.0.0.1:46179",
+            "usage": {
+                "usage": json.dumps({"prompt_tokens": prompt, "completion_tokens": completion}),
+                "finished": hold is not None and status == 200,
+            },
+        }
+    )
 
 
 async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tmp_path) -> None:
@@ -210,9 +265,19 @@ async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tm
 
     async def place(request_id: str, ttl_s: int = 600) -> None:
         async with db.engine.begin() as conn:
-            assert await holds.place(conn, request_id=request_id, wallet_id=wallet_id, key_id=key_id,
-                                     model="gpt-4o-mini", amount_nano=1_000_000, ttl_s=ttl_s,
-                                     strict=False) is holds.Admission.ADMITTED
+            assert (
+                await holds.place(
+                    conn,
+                    request_id=request_id,
+                    wallet_id=wallet_id,
+                    key_id=key_id,
+                    model="gpt-4o-mini",
+                    amount_nano=1_000_000,
+                    ttl_s=ttl_s,
+                    strict=False,
+                )
+                is holds.Admission.ADMITTED
+            )
 
     for request_id in ("rec-ok", "rec-failed", "rec-timeout"):
         await place(request_id)
@@ -222,17 +287,26 @@ async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tm
 
     hold = {"wallet-id": wallet_id, "key-id": key_id, "model": "gpt-4o-mini"}
     log = tmp_path / "envoy.log"
-    log.write_text("\n".join([
-        "[2026-11-25 11:41:09.001][1][info][main] starting main dispatch loop",
-        envoy_log_line("rec-ok", 200, hold={**hold, "hold-id": "rec-ok"}, prompt=9, completion=16),
-        envoy_log_line("rec-late", 200, hold={**hold, "hold-id": "rec-late"}, prompt=100, completion=10),
-        envoy_log_line("rec-failed", 500, hold={**hold, "hold-id": "rec-failed"}),
-        envoy_log_line("rec-timeout", 503, hold=None),  # Envoy gave up on the Check: void by id
-        envoy_log_line("rec-nobody", 200, hold={**hold, "hold-id": "rec-nobody"}, prompt=1, completion=1),
-        envoy_log_line("signup-1", 201, hold=None),  # a sidecar route: nothing to settle
-        "{not json",
-        "",
-    ]) + "\n")
+    log.write_text(
+        "\n".join(
+            [
+                "[2026-11-25 11:41:09.001][1][info][main] starting main dispatch loop",
+                envoy_log_line("rec-ok", 200, hold={**hold, "hold-id": "rec-ok"}, prompt=9, completion=16),
+                envoy_log_line(
+                    "rec-late", 200, hold={**hold, "hold-id": "rec-late"}, prompt=100, completion=10
+                ),
+                envoy_log_line("rec-failed", 500, hold={**hold, "hold-id": "rec-failed"}),
+                envoy_log_line("rec-timeout", 503, hold=None),  # Envoy gave up on the Check: void by id
+                envoy_log_line(
+                    "rec-nobody", 200, hold={**hold, "hold-id": "rec-nobody"}, prompt=1, completion=1
+                ),
+                envoy_log_line("signup-1", 201, hold=None),  # a sidecar route: nothing to settle
+                "{not json",
+                "",
+            ]
+        )
+        + "\n"
+    )
 
     prices = pricing.load(None, Decimal(0))
     price = prices.price("gpt-4o-mini")
@@ -242,27 +316,40 @@ async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tm
     first = await db.acli("reconcile", str(log))
     assert first.returncode == 0, first.stderr
     assert table_of(first.stdout) == {
-        "posted": "1", "posted_after_expiry": "1", "voided": "2", "unknown_hold": "1",
-        "skipped: not an access-log line": "2", "skipped: nothing to settle (no hold)": "1",
+        "posted": "1",
+        "posted_after_expiry": "1",
+        "voided": "2",
+        "unknown_hold": "1",
+        "skipped: not an access-log line": "2",
+        "skipped: nothing to settle (no hold)": "1",
     }
     assert await db.balance(wallet_id) == GRANT_NANO - ok_cost - late_cost
     states = {h.request_id: (h.state, h.posted_nano) for h in await db.holds(wallet_id)}
-    assert states == {"rec-ok": ("posted", ok_cost), "rec-late": ("posted", late_cost),
-                      "rec-failed": ("voided", None), "rec-timeout": ("voided", None)}
+    assert states == {
+        "rec-ok": ("posted", ok_cost),
+        "rec-late": ("posted", late_cost),
+        "rec-failed": ("voided", None),
+        "rec-timeout": ("voided", None),
+    }
     assert await db.pending_holds(wallet_id) == 0
 
     again = await db.acli("reconcile", str(log))
     assert again.returncode == 0, again.stderr
     assert table_of(again.stdout) == {
-        "already_posted": "2", "already_voided": "2", "unknown_hold": "1",
-        "skipped: not an access-log line": "2", "skipped: nothing to settle (no hold)": "1",
+        "already_posted": "2",
+        "already_voided": "2",
+        "unknown_hold": "1",
+        "skipped: not an access-log line": "2",
+        "skipped: nothing to settle (no hold)": "1",
     }
     assert await db.balance(wallet_id) == GRANT_NANO - ok_cost - late_cost
     assert await db.invariants() == []
 
 
 async def test_reconcile_names_an_unreadable_log(db, tmp_path) -> None:
-    assert_one_line_error(await db.acli("reconcile", str(tmp_path / "missing.log")), "cannot read", "missing.log")
+    assert_one_line_error(
+        await db.acli("reconcile", str(tmp_path / "missing.log")), "cannot read", "missing.log"
+    )
 
 
 def table_of(stdout: str) -> dict[str, str]:

@@ -63,7 +63,9 @@ async def storm(stack, api_key: str, count: int = REQUESTS) -> Counter[tuple[int
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one() -> tuple[int, str]:
-            async with session.post(stack.gateway + "/v1/chat/completions", data=BODY, headers=headers) as response:
+            async with session.post(
+                stack.gateway + "/v1/chat/completions", data=BODY, headers=headers
+            ) as response:
                 body = await response.json(content_type=None)
                 if response.status == 200:
                     assert body["usage"]["prompt_tokens"] == WORDS + 3
@@ -79,7 +81,10 @@ async def storm(stack, api_key: str, count: int = REQUESTS) -> Counter[tuple[int
 async def credit(stack, wallet_id: str, amount_nano: int, reference: str) -> None:
     async with stack.db.engine.begin() as conn:
         await ledger.post_entry(
-            conn, wallet_id=wallet_id, kind="credit", amount_nano=amount_nano,
+            conn,
+            wallet_id=wallet_id,
+            kind="credit",
+            amount_nano=amount_nano,
             idempotency_key=f"credit:{reference}",
         )
 
@@ -147,7 +152,7 @@ async def test_overdraft_is_bounded_by_the_wallets_limit(overdraft_stack) -> Non
     # credited, two of overdraft), and settling never lowers what is left (a hold ≥ its cost).
     assert_mostly_refused(answers)
     assert answers[(200, "")] >= HOLDS_CREDITED + HOLDS_OVERDRAFT
-    if (HOLDS_CREDITED + HOLDS_OVERDRAFT) * COST_NANO > start:
+    if start < (HOLDS_CREDITED + HOLDS_OVERDRAFT) * COST_NANO:
         assert final < 0  # the limit was used, so the bound was tested
     if final + limit < hold:
         # What is left fits no such request, and nothing is in flight: the 403, not a 429.

@@ -38,7 +38,9 @@ def usd_to_nano(text: str) -> int:
 @pytest.fixture(scope="module", params=["http", "grpc"], ids=["http-check", "grpc-check"])
 async def stack(launch_stack, request) -> AsyncIterator[Any]:
     """The journey through both of ext_authz's flavours (BILLINGPROXY_CHECK_TRANSPORT)."""
-    async with launch_stack(BILLINGPROXY_FREE_GRANT_USD=GRANT_USD, BILLINGPROXY_CHECK_TRANSPORT=request.param) as running:
+    async with launch_stack(
+        BILLINGPROXY_FREE_GRANT_USD=GRANT_USD, BILLINGPROXY_CHECK_TRANSPORT=request.param
+    ) as running:
         yield running
 
 
@@ -89,7 +91,9 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
         assert seen["headers"]["authorization"] == f"Bearer {stack.settings.backend_api_key}"
         assert key not in repr(seen)
         # The Check's answer headers became metadata for the access log, not request headers.
-        assert not [h for h in seen["headers"] if h.startswith(("x-billingproxy-", "x-envoy-auth"))], seen["headers"]
+        assert not [h for h in seen["headers"] if h.startswith(("x-billingproxy-", "x-envoy-auth"))], seen[
+            "headers"
+        ]
 
         # 2. A streamed completion; the client does not ask for usage, the gateway does.
         raw = client.chat.completions.with_raw_response.create(
@@ -174,7 +178,10 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
 
     # And it was the flavour this run asked for that Envoy called (its cluster counters).
     checks = await envoy_counter(stack, "cluster.billing_sidecar_check.upstream_rq_total")
-    assert (checks > 0) == (stack.settings.check_transport == "http"), (stack.settings.check_transport, checks)
+    assert (checks > 0) == (stack.settings.check_transport == "http"), (
+        stack.settings.check_transport,
+        checks,
+    )
 
 
 async def envoy_counter(stack, name: str) -> int:
@@ -203,17 +210,23 @@ async def test_the_responses_api_is_charged_its_exact_cost_streamed_or_not(stack
     client = openai.AsyncOpenAI(api_key=user["api_key"], base_url=stack.gateway + "/v1", max_retries=0)
     try:
         raw = await client.responses.with_raw_response.create(
-            model=MODEL, input="Say hello to the billing proxy", max_output_tokens=5)
+            model=MODEL, input="Say hello to the billing proxy", max_output_tokens=5
+        )
         reply = raw.parse()
         assert (reply.usage.input_tokens, reply.usage.output_tokens) == (PROMPT_TOKENS, 5)
-        assert await charged(stack, user["wallet_id"], raw.headers["x-request-id"]) == cost_nano(PROMPT_TOKENS, 5)
+        assert await charged(stack, user["wallet_id"], raw.headers["x-request-id"]) == cost_nano(
+            PROMPT_TOKENS, 5
+        )
 
         raw = await client.responses.with_raw_response.create(
-            model=MODEL, input="Say hello to the billing proxy", max_output_tokens=3, stream=True)
+            model=MODEL, input="Say hello to the billing proxy", max_output_tokens=3, stream=True
+        )
         events = [event async for event in raw.parse()]
         completed = [e for e in events if e.type == "response.completed"]
         assert len(completed) == 1 and completed[0].response.usage.output_tokens == 3
-        assert await charged(stack, user["wallet_id"], raw.headers["x-request-id"]) == cost_nano(PROMPT_TOKENS, 3)
+        assert await charged(stack, user["wallet_id"], raw.headers["x-request-id"]) == cost_nano(
+            PROMPT_TOKENS, 3
+        )
     finally:
         await client.close()
     entries = [e for e in await stack.db.ledger(user["wallet_id"]) if e.kind == "usage"]

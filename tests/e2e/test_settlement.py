@@ -51,9 +51,13 @@ def log_entry(
     metadata = entry.common_properties.metadata.filter_metadata
     # ext_authz files the Check answer's x-billingproxy-* headers under their names, as strings.
     metadata["envoy.filters.http.ext_authz"].update(
-        {"x-billingproxy-wallet-id": user["wallet_id"], "x-billingproxy-key-id": user["key_id"],
-         "x-billingproxy-hold-id": request_id, "x-billingproxy-model": MODEL,
-         "x-billingproxy-format": "openai_chat"}
+        {
+            "x-billingproxy-wallet-id": user["wallet_id"],
+            "x-billingproxy-key-id": user["key_id"],
+            "x-billingproxy-hold-id": request_id,
+            "x-billingproxy-model": MODEL,
+            "x-billingproxy-format": "openai_chat",
+        }
     )
     metadata["billingproxy.usage"].update(
         {"usage": json.dumps({"prompt_tokens": prompt, "completion_tokens": completion}), "finished": True}
@@ -99,8 +103,14 @@ async def test_an_entry_delivered_twice_charges_once(stack, wait_until) -> None:
     request_id = f"e2e-{uuid.uuid4()}"
     async with stack.db.engine.begin() as conn:
         placed = await holds.place(
-            conn, request_id=request_id, wallet_id=wallet_id, key_id=user["key_id"], model=MODEL,
-            amount_nano=500_000, ttl_s=600, strict=False,
+            conn,
+            request_id=request_id,
+            wallet_id=wallet_id,
+            key_id=user["key_id"],
+            model=MODEL,
+            amount_nano=500_000,
+            ttl_s=600,
+            strict=False,
         )
     assert placed is holds.Admission.ADMITTED
     assert (await stack.db.wallet(wallet_id)).reserved_nano == 500_000
@@ -144,7 +154,9 @@ async def test_replaying_envoys_own_entry_changes_nothing(stack, wait_until) -> 
 
     name, labels = ALREADY_POSTED
     replays = await stack.metric(name, **labels)
-    entry = log_entry(request_id, user, status=200, prompt=usage.prompt_tokens, completion=usage.completion_tokens)
+    entry = log_entry(
+        request_id, user, status=200, prompt=usage.prompt_tokens, completion=usage.completion_tokens
+    )
     await deliver(stack, entry, entry)  # twice in one message
     await wait_replays(stack, wait_until, replays, 2)
     assert await stack.db.ledger(wallet_id) == ledger_before
@@ -156,9 +168,7 @@ async def test_a_backend_error_charges_nothing_and_releases_the_hold(stack, wait
     wallet_id = user["wallet_id"]
     grant = await stack.db.balance(wallet_id)
     with stack.openai(user["api_key"]) as client, pytest.raises(openai.InternalServerError) as failed:
-        client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, extra_headers={"x-demo-status": "500"}
-        )
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_headers={"x-demo-status": "500"})
     assert failed.value.status_code == 500
     request_id = failed.value.response.headers["x-request-id"]
 
@@ -211,8 +221,14 @@ async def test_a_check_that_failed_at_envoy_voids_its_late_hold(stack, wait_unti
     request_id = f"e2e-{uuid.uuid4()}"
     async with stack.db.engine.begin() as conn:
         placed = await holds.place(
-            conn, request_id=request_id, wallet_id=wallet_id, key_id=user["key_id"], model=MODEL,
-            amount_nano=400_000, ttl_s=600, strict=False,
+            conn,
+            request_id=request_id,
+            wallet_id=wallet_id,
+            key_id=user["key_id"],
+            model=MODEL,
+            amount_nano=400_000,
+            ttl_s=600,
+            strict=False,
         )
     assert placed is holds.Admission.ADMITTED
     grant = await stack.db.balance(wallet_id)
@@ -247,13 +263,17 @@ async def test_a_hold_placed_after_envoy_gave_up_on_its_check_is_voided_at_once(
     async with stack.db.engine.connect() as locker:
         transaction = await locker.begin()
         await locker.execute(sa.text("SELECT 1 FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
-        async with stack.http.post(stack.gateway + "/v1/chat/completions", json=body, headers=headers) as response:
+        async with stack.http.post(
+            stack.gateway + "/v1/chat/completions", json=body, headers=headers
+        ) as response:
             assert response.status == 503, await response.text()
             assert (await response.json())["error"]["code"] == "billing_unavailable"
             request_id = response.headers["x-request-id"]
 
         async def void_came_first() -> bool:  # the 503's log entry found no hold to void
-            return await stack.metric("billingproxy_settlements_total", outcome="unknown_hold") > unknown_before
+            return (
+                await stack.metric("billingproxy_settlements_total", outcome="unknown_hold") > unknown_before
+            )
 
         await wait_until(void_came_first, 10.0, "the 503's access-log entry to be settled")
         assert await stack.db.hold(request_id) is None

@@ -25,7 +25,11 @@ STOP_TIMEOUT_S = 30.0
 
 
 def _env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"
+    }
     env["BILLINGPROXY_DATA_DIR"] = str(data_dir)
     env.update(free_ports_env())
     return env
@@ -46,8 +50,14 @@ class Up:
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "billingproxy", "up", env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "billingproxy",
+            "up",
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         self._reader = asyncio.create_task(self._read())
 
@@ -83,7 +93,7 @@ class Up:
             self.process.send_signal(signal.SIGINT)
             try:
                 await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
         if self._reader is not None:
@@ -99,7 +109,7 @@ def _children_of(pid: int) -> set[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             if fields[0] != "Z":
                 parents[int(entry.name)] = int(fields[1])
     found, frontier = set(), {pid}
@@ -163,10 +173,12 @@ async def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> Non
     await again.start()
     try:
         await again.wait_for_line("BillingProxy is up", START_TIMEOUT_S)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{again.gateway}/billing/balance", headers={"authorization": f"Bearer {key}"}) as r:
-                assert r.status == 200, await r.text()
-                balance = await r.json()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{again.gateway}/billing/balance", headers={"authorization": f"Bearer {key}"}) as r,
+        ):
+            assert r.status == 200, await r.text()
+            balance = await r.json()
         # The first run's signup and charge survived: the grant minus one request. (Interrupted
         # right after the request: Envoy's batched access-log entry must still be sent and settled.)
         assert balance["balance_usd"] != "0.500000" and balance["balance_usd"].startswith("0.49")
@@ -181,8 +193,14 @@ async def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) ->
         taken.bind(("127.0.0.1", int(env["BILLINGPROXY_GRPC_PORT"])))
         taken.listen()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "billingproxy", "up", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-m",
+            "billingproxy",
+            "up",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         out, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT_S)
     message = err.decode()
@@ -195,8 +213,14 @@ async def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) ->
 async def test_a_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
     env = _env(tmp_path / "data") | {"BILLINGPROXY_FREE_GRANT_USD": "lots"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "billingproxy", "up", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "billingproxy",
+        "up",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
     )
     out, err = await asyncio.wait_for(process.communicate(), START_TIMEOUT_S)
     lines = err.decode().strip().splitlines()

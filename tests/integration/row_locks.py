@@ -13,9 +13,14 @@ async def blocked_on_a_row_lock(engine: AsyncEngine, timeout: float = 10.0) -> N
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         async with engine.connect() as conn:
-            waiting = (await conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"))).scalar_one()
+            waiting = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            ).scalar_one()
         if waiting:
             return
         assert asyncio.get_running_loop().time() < deadline, "no session waited for the lock"

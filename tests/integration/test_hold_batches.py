@@ -30,8 +30,9 @@ TTL_S = 600
 
 async def new_wallet(engine: AsyncEngine, balance_nano: int, limit_nano: int = 0) -> tuple[str, str]:
     async with engine.begin() as conn:
-        wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano,
-                                             overdraft_limit_nano=limit_nano)
+        wallet = await wallets.create_wallet(
+            conn, source="admin", grant_nano=balance_nano, overdraft_limit_nano=limit_nano
+        )
         key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
     return wallet.id, key.key_id
 
@@ -47,8 +48,10 @@ async def usage(engine: AsyncEngine, wallet_id: str) -> list[tuple[str, int, int
     """(idempotency key, amount, balance after) of the wallet's usage entries, oldest first."""
     async with engine.connect() as conn:
         entries = await ledger.entries(conn, wallet_id, limit=1000)
-    return sorted(((e.idempotency_key, e.amount_nano, e.balance_after_nano) for e in entries if e.kind == "usage"),
-                  key=lambda e: e[0])
+    return sorted(
+        ((e.idempotency_key, e.amount_nano, e.balance_after_nano) for e in entries if e.kind == "usage"),
+        key=lambda e: e[0],
+    )
 
 
 async def invariants(engine: AsyncEngine) -> list:
@@ -73,7 +76,9 @@ async def pool(migrated_url: str):
 
 
 def requests_for(wallet_id: str, key_id: str, amounts: list[int], prefix: str) -> list[holds.HoldRequest]:
-    return [holds.HoldRequest(f"{prefix}-{i}", wallet_id, key_id, "gpt-4o-mini", a) for i, a in enumerate(amounts)]
+    return [
+        holds.HoldRequest(f"{prefix}-{i}", wallet_id, key_id, "gpt-4o-mini", a) for i, a in enumerate(amounts)
+    ]
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["overdraft", "strict"])
@@ -88,21 +93,42 @@ async def test_a_batch_of_holds_admits_exactly_what_one_by_one_admits(
     for mode in ("one_by_one", "batch"):
         rich, rich_key = await new_wallet(migrated_engine, 10_000_000)
         poor, poor_key = await new_wallet(migrated_engine, 700_000)
-        reqs = [r for pair in zip(requests_for(poor, poor_key, amounts, f"{mode}-p"),
-                                  requests_for(rich, rich_key, amounts, f"{mode}-r")) for r in pair]
+        reqs = [
+            r
+            for pair in zip(
+                requests_for(poor, poor_key, amounts, f"{mode}-p"),
+                requests_for(rich, rich_key, amounts, f"{mode}-r"),
+                strict=True,
+            )
+            for r in pair
+        ]
         async with pool.acquire() as conn:
             if mode == "batch":
                 outcomes = await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
             else:
-                outcomes = [await holds.place(conn, request_id=r.request_id, wallet_id=r.wallet_id, key_id=r.key_id,
-                                              model=r.model, amount_nano=r.amount_nano, ttl_s=TTL_S, strict=strict)
-                            for r in reqs]
-        twins[mode] = ([o if o is ADMITTED else o.admission for o in outcomes],
-                       await money(migrated_engine, poor), await money(migrated_engine, rich))
+                outcomes = [
+                    await holds.place(
+                        conn,
+                        request_id=r.request_id,
+                        wallet_id=r.wallet_id,
+                        key_id=r.key_id,
+                        model=r.model,
+                        amount_nano=r.amount_nano,
+                        ttl_s=TTL_S,
+                        strict=strict,
+                    )
+                    for r in reqs
+                ]
+        twins[mode] = (
+            [o if o is ADMITTED else o.admission for o in outcomes],
+            await money(migrated_engine, poor),
+            await money(migrated_engine, rich),
+        )
     assert twins["batch"] == twins["one_by_one"]
     admitted, poor_money, rich_money = twins["batch"]
-    assert ADMITTED in admitted[0::2] and any(o is not ADMITTED for o in admitted[0::2]), \
+    assert ADMITTED in admitted[0::2] and any(o is not ADMITTED for o in admitted[0::2]), (
         "the poor wallet must admit some and refuse others"
+    )
     assert all(o is ADMITTED for o in admitted[1::2])
     assert rich_money == (10_000_000, sum(amounts))
     assert await invariants(migrated_engine) == []
@@ -120,23 +146,44 @@ async def test_a_batch_within_an_overdraft_limit_admits_exactly_what_one_by_one_
     for mode in ("one_by_one", "batch"):
         wallet, key = await new_wallet(migrated_engine, 300_000, limit_nano=400_000)
         other, other_key = await new_wallet(migrated_engine, 100_000, limit_nano=50_000)
-        reqs = [r for pair in zip(requests_for(wallet, key, amounts, f"{mode}-w"),
-                                  requests_for(other, other_key, amounts, f"{mode}-o")) for r in pair]
+        reqs = [
+            r
+            for pair in zip(
+                requests_for(wallet, key, amounts, f"{mode}-w"),
+                requests_for(other, other_key, amounts, f"{mode}-o"),
+                strict=True,
+            )
+            for r in pair
+        ]
         async with pool.acquire() as conn:
             if mode == "batch":
                 outcomes = await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
             else:
-                outcomes = [await holds.place(conn, request_id=r.request_id, wallet_id=r.wallet_id, key_id=r.key_id,
-                                              model=r.model, amount_nano=r.amount_nano, ttl_s=TTL_S, strict=strict)
-                            for r in reqs]
+                outcomes = [
+                    await holds.place(
+                        conn,
+                        request_id=r.request_id,
+                        wallet_id=r.wallet_id,
+                        key_id=r.key_id,
+                        model=r.model,
+                        amount_nano=r.amount_nano,
+                        ttl_s=TTL_S,
+                        strict=strict,
+                    )
+                    for r in reqs
+                ]
         # A refusal's balance and reservations are read when it is explained, which in a batch is
         # after the whole batch: compare what was decided, not that snapshot.
-        decided = [o if o is ADMITTED else (o.admission, o.shortfall, o.amount_nano, o.overdraft_limit_nano)
-                   for o in outcomes]
+        decided = [
+            o if o is ADMITTED else (o.admission, o.shortfall, o.amount_nano, o.overdraft_limit_nano)
+            for o in outcomes
+        ]
         twins[mode] = (decided, await money(migrated_engine, wallet), await money(migrated_engine, other))
     assert twins["batch"] == twins["one_by_one"]
-    outcomes = [o if o is ADMITTED else holds.Refusal(o[0], amount_nano=o[2], shortfall=o[1])
-                for o in twins["batch"][0]]
+    outcomes = [
+        o if o is ADMITTED else holds.Refusal(o[0], amount_nano=o[2], shortfall=o[1])
+        for o in twins["batch"][0]
+    ]
     (_, reserved), (_, other_reserved) = twins["batch"][1:]
     assert reserved <= 300_000 + (0 if strict else 400_000)
     assert other_reserved <= 100_000 + (0 if strict else 50_000)
@@ -150,29 +197,37 @@ async def test_a_batch_within_an_overdraft_limit_admits_exactly_what_one_by_one_
     assert await invariants(migrated_engine) == []
 
 
-async def test_a_retried_check_in_a_batch_reserves_once(migrated_engine: AsyncEngine, pool: asyncpg.Pool) -> None:
+async def test_a_retried_check_in_a_batch_reserves_once(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
     wallet, key = await new_wallet(migrated_engine, 1_000_000)
     first, second = requests_for(wallet, key, [100_000, 200_000], "r")
     async with pool.acquire() as conn:
         assert await holds.place_many(conn, [first], ttl_s=TTL_S, strict=False) == [ADMITTED]
         # The batch's duplicate key rolls it back whole; one by one, the retry rides on its hold.
-        assert await holds.place_many(conn, [second, first], ttl_s=TTL_S, strict=False) == [ADMITTED, ADMITTED]
+        assert await holds.place_many(conn, [second, first], ttl_s=TTL_S, strict=False) == [
+            ADMITTED,
+            ADMITTED,
+        ]
     assert await money(migrated_engine, wallet) == (1_000_000, 300_000)
     async with pool.acquire() as conn:
         # The same id twice in one batch: one reservation.
-        third, = requests_for(wallet, key, [50_000], "again")
+        (third,) = requests_for(wallet, key, [50_000], "again")
         assert await holds.place_many(conn, [third, third], ttl_s=TTL_S, strict=False) == [ADMITTED, ADMITTED]
     assert await money(migrated_engine, wallet) == (1_000_000, 350_000)
 
 
-async def test_a_batch_of_settlements_ends_as_one_by_one(migrated_engine: AsyncEngine, pool: asyncpg.Pool) -> None:
+async def test_a_batch_of_settlements_ends_as_one_by_one(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
     """Posted, voided, charged the hold, unknown, already posted — in one batch over two wallets."""
     results = {}
     for mode in ("one_by_one", "batch"):
         a, a_key = await new_wallet(migrated_engine, 1_000_000)
         b, b_key = await new_wallet(migrated_engine, 1_000_000)
-        reqs = requests_for(a, a_key, [100_000, 100_000, 100_000], f"{mode}-a") + \
-            requests_for(b, b_key, [100_000, 100_000], f"{mode}-b")
+        reqs = requests_for(a, a_key, [100_000, 100_000, 100_000], f"{mode}-a") + requests_for(
+            b, b_key, [100_000, 100_000], f"{mode}-b"
+        )
         async with pool.acquire() as conn:
             assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 5
             assert await holds.settle(conn, request_id=f"{mode}-b-1", cost_nano=5) is S.POSTED
@@ -188,11 +243,21 @@ async def test_a_batch_of_settlements_ends_as_one_by_one(migrated_engine: AsyncE
             if mode == "batch":
                 outcomes = await holds.settle_many(conn, settlements)
             else:
-                outcomes = [await holds.settle(conn, request_id=s.request_id, cost_nano=s.cost_nano,
-                                               details=s.details) for s in settlements]
-        results[mode] = (outcomes, await money(migrated_engine, a), await money(migrated_engine, b),
-                         [(k.split("-", 2)[-1], amount, after)
-                          for k, amount, after in await usage(migrated_engine, a) + await usage(migrated_engine, b)])
+                outcomes = [
+                    await holds.settle(
+                        conn, request_id=s.request_id, cost_nano=s.cost_nano, details=s.details
+                    )
+                    for s in settlements
+                ]
+        results[mode] = (
+            outcomes,
+            await money(migrated_engine, a),
+            await money(migrated_engine, b),
+            [
+                (k.split("-", 2)[-1], amount, after)
+                for k, amount, after in await usage(migrated_engine, a) + await usage(migrated_engine, b)
+            ],
+        )
     assert results["batch"] == results["one_by_one"]
     outcomes, a_money, b_money, _ = results["batch"]
     assert outcomes == [S.POSTED, S.POSTED, S.VOIDED, S.POSTED, S.UNKNOWN_HOLD, S.ALREADY_POSTED]
@@ -209,7 +274,12 @@ async def test_settlements_of_one_wallet_in_a_batch_chain_their_balances(
     async with pool.acquire() as conn:
         await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
         outcomes = await holds.settle_many(
-            conn, [holds.SettleRequest(r.request_id, 1_000 * (i + 1), wallet_id=wallet) for i, r in enumerate(reqs)])
+            conn,
+            [
+                holds.SettleRequest(r.request_id, 1_000 * (i + 1), wallet_id=wallet)
+                for i, r in enumerate(reqs)
+            ],
+        )
     assert outcomes == [S.POSTED] * 6
     async with migrated_engine.connect() as conn:
         entries = [e for e in await ledger.entries(conn, wallet, limit=100) if e.kind == "usage"]
@@ -231,8 +301,11 @@ async def test_a_batch_inside_a_callers_transaction_is_undone_with_it(migrated_e
         await transaction.rollback()
     assert await money(migrated_engine, wallet) == (1_000_000, 0)
     async with migrated_engine.connect() as conn:
-        held = (await conn.execute(sa.select(sa.func.count()).select_from(tables.holds)
-                                   .where(tables.holds.c.wallet_id == wallet))).scalar_one()
+        held = (
+            await conn.execute(
+                sa.select(sa.func.count()).select_from(tables.holds).where(tables.holds.c.wallet_id == wallet)
+            )
+        ).scalar_one()
     assert held == 0
 
 
@@ -255,7 +328,13 @@ async def test_concurrent_batches_in_opposite_wallet_orders_do_not_deadlock(
         for i in range(16):
             ra = requests_for(a, a_key, [1_000] * 4, f"{i}-a")
             rb = requests_for(b, b_key, [1_000] * 4, f"{i}-b")
-            batches.append([x for pair in (zip(ra, rb) if i % 2 else zip(rb, ra)) for x in pair])
+            batches.append(
+                [
+                    x
+                    for pair in (zip(ra, rb, strict=True) if i % 2 else zip(rb, ra, strict=True))
+                    for x in pair
+                ]
+            )
 
         async def run(batch: list[holds.HoldRequest]) -> list:
             async with pool.acquire() as conn:
@@ -284,14 +363,22 @@ async def test_a_batch_that_fails_midway_changes_nothing_and_is_redone_one_by_on
     async with pool.acquire() as conn:
         assert await holds.place_many(conn, [first, clash], ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
     async with migrated_engine.begin() as conn:
-        await ledger.post_entry(conn, wallet_id=wallet, kind="usage", amount_nano=-1,
-                                idempotency_key=f"usage:{clash.request_id}")
+        await ledger.post_entry(
+            conn, wallet_id=wallet, kind="usage", amount_nano=-1, idempotency_key=f"usage:{clash.request_id}"
+        )
     async with pool.acquire() as conn:
-        outcomes = await holds.settle_many(conn, [holds.SettleRequest(first.request_id, 30_000, wallet_id=wallet),
-                                                  holds.SettleRequest(clash.request_id, 30_000, wallet_id=wallet)])
+        outcomes = await holds.settle_many(
+            conn,
+            [
+                holds.SettleRequest(first.request_id, 30_000, wallet_id=wallet),
+                holds.SettleRequest(clash.request_id, 30_000, wallet_id=wallet),
+            ],
+        )
     assert outcomes == [S.POSTED, S.ALREADY_POSTED]
-    assert await usage(migrated_engine, wallet) == [("usage:r-0", -30_000, 1_000_000 - 1 - 30_000),
-                                                    ("usage:r-1", -1, 1_000_000 - 1)]
+    assert await usage(migrated_engine, wallet) == [
+        ("usage:r-0", -30_000, 1_000_000 - 1 - 30_000),
+        ("usage:r-1", -1, 1_000_000 - 1),
+    ]
     assert await money(migrated_engine, wallet) == (1_000_000 - 1 - 30_000, 100_000)
 
 
@@ -313,7 +400,8 @@ async def test_a_batch_locks_its_wallets_in_id_order_whatever_its_own_order(
             if step == "place":
                 return await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
             return await holds.settle_many(
-                conn, [holds.SettleRequest(r.request_id, 10, wallet_id=r.wallet_id) for r in reqs])
+                conn, [holds.SettleRequest(r.request_id, 10, wallet_id=r.wallet_id) for r in reqs]
+            )
 
     async with pool.acquire() as blocker, pool.acquire() as probe:
         async with blocker.transaction():

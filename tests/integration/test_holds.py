@@ -44,8 +44,14 @@ class Account:
     ) -> holds.Admission | holds.Refusal:
         async with database.acquire(self.db) as conn:
             return await holds.place(
-                conn, request_id=request_id, wallet_id=self.wallet_id, key_id=self.key_id,
-                model="gpt-4o-mini", amount_nano=amount_nano, ttl_s=ttl_s, strict=strict,
+                conn,
+                request_id=request_id,
+                wallet_id=self.wallet_id,
+                key_id=self.key_id,
+                model="gpt-4o-mini",
+                amount_nano=amount_nano,
+                ttl_s=ttl_s,
+                strict=strict,
             )
 
     async def settle(self, request_id: str, cost_nano: int | holds.ChargeHold | None) -> holds.Settlement:
@@ -88,8 +94,9 @@ async def open_account(
     engine: AsyncEngine, balance_nano: int, pool: asyncpg.Pool | None = None, *, limit_nano: int = 0
 ) -> Account:
     async with engine.begin() as conn:
-        wallet = await wallets.create_wallet(conn, source="admin", grant_nano=balance_nano,
-                                             overdraft_limit_nano=limit_nano)
+        wallet = await wallets.create_wallet(
+            conn, source="admin", grant_nano=balance_nano, overdraft_limit_nano=limit_nano
+        )
         key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
     return Account(engine, wallet.id, key.key_id, pool)
 
@@ -124,7 +131,12 @@ async def test_post_charges_the_actual_cost_and_releases_the_hold(migrated_engin
     assert entry.idempotency_key == "usage:r1"
     assert entry.amount_nano == -123_456
     assert entry.balance_after_nano == 1_000_000 - 123_456
-    assert entry.details == {"model": "gpt-4o-mini", "key_id": acct.key_id, "request_id": "r1", "prompt_tokens": 7}
+    assert entry.details == {
+        "model": "gpt-4o-mini",
+        "key_id": acct.key_id,
+        "request_id": "r1",
+        "prompt_tokens": 7,
+    }
 
     # A second settlement of any kind changes nothing.
     for again in (123_456, 999, None, holds.CHARGE_HOLD):
@@ -230,7 +242,9 @@ async def test_expire_due_counts_wallets_and_leaves_other_wallets_alone(migrated
 # --- agreement with the hold ---------------------------------------------------------------------
 
 
-async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(migrated_engine: AsyncEngine) -> None:
+async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
+    migrated_engine: AsyncEngine,
+) -> None:
     """Issue 10, finding 1: an access-log entry naming o1-pro and 10M + 10M tokens was priced as
     o1-pro and posted on whatever hold its request id named. A settlement that names another
     model or wallet than the hold's row now resolves nothing, in every state of the hold."""
@@ -239,7 +253,9 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(migrate
     assert await acct.place("r1", 300_000) is ADMITTED
     forged = 7_500 * 10**9  # what o1-pro would have cost
 
-    async def settle(cost: int | holds.ChargeHold | None, *, wallet_id: str = "", model: str = "") -> holds.Settlement:
+    async def settle(
+        cost: int | holds.ChargeHold | None, *, wallet_id: str = "", model: str = ""
+    ) -> holds.Settlement:
         async with database.acquire(migrated_engine) as conn:
             return await holds.settle(conn, request_id="r1", cost_nano=cost, wallet_id=wallet_id, model=model)
 
@@ -257,7 +273,11 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(migrate
     # The true report settles it, charging the hold's wallet and key under the hold's model.
     assert await settle(12_345, wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.POSTED
     (entry,) = await acct.usage_entries()
-    assert (entry.amount_nano, entry.details["model"], entry.details["key_id"]) == (-12_345, "gpt-4o-mini", acct.key_id)
+    assert (entry.amount_nano, entry.details["model"], entry.details["key_id"]) == (
+        -12_345,
+        "gpt-4o-mini",
+        acct.key_id,
+    )
     # Once settled, a disagreeing report is still refused as such, not taken for a replay.
     assert await settle(forged, wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
     assert await settle(12_345, wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.ALREADY_POSTED
@@ -267,11 +287,19 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(migrate
     assert await acct.place("late", 50_000, ttl_s=0) is ADMITTED
     assert await expire(migrated_engine) == 1
     async with database.acquire(migrated_engine) as conn:
-        assert await holds.settle(conn, request_id="late", cost_nano=forged, wallet_id=acct.wallet_id,
-                                  model="o1-pro") is S.REFUSED_MISMATCH
+        assert (
+            await holds.settle(
+                conn, request_id="late", cost_nano=forged, wallet_id=acct.wallet_id, model="o1-pro"
+            )
+            is S.REFUSED_MISMATCH
+        )
         assert (await acct.hold("late")).state == "expired"
-        assert await holds.settle(conn, request_id="late", cost_nano=None, wallet_id=acct.wallet_id,
-                                  model="gpt-4o-mini") is S.VOIDED_AFTER_EXPIRY
+        assert (
+            await holds.settle(
+                conn, request_id="late", cost_nano=None, wallet_id=acct.wallet_id, model="gpt-4o-mini"
+            )
+            is S.VOIDED_AFTER_EXPIRY
+        )
     assert await acct.money() == (1_000_000 - 12_345, 0)
     await books_balance(migrated_engine)
 
@@ -300,7 +328,10 @@ async def test_settle_many_refuses_only_the_requests_that_disagree(
     assert outcomes == [S.POSTED, S.REFUSED_MISMATCH, S.REFUSED_MISMATCH, S.VOIDED, S.POSTED]
     assert await a.money() == (1_000_000 - 1_000, 200_000)
     assert await b.money() == (1_000_000 - 100_000, 0)
-    assert {r: (await a.hold(r)).state for r in ("a-model", "a-wallet")} == {"a-model": "pending", "a-wallet": "pending"}
+    assert {r: (await a.hold(r)).state for r in ("a-model", "a-wallet")} == {
+        "a-model": "pending",
+        "a-wallet": "pending",
+    }
     assert [e.idempotency_key for e in await a.usage_entries()] == ["usage:a-ok"]
     await books_balance(migrated_engine)
 
@@ -418,7 +449,9 @@ async def in_open_transaction(engine: AsyncEngine, work, then_racing):
         return first, await racer
 
 
-async def test_a_settlement_racing_another_waits_for_it_and_changes_nothing(migrated_engine: AsyncEngine) -> None:
+async def test_a_settlement_racing_another_waits_for_it_and_changes_nothing(
+    migrated_engine: AsyncEngine,
+) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
     for request_id, second_cost in (("post-then-void", None), ("post-then-post", 999)):
         assert await acct.place(request_id, 300_000) is ADMITTED
@@ -426,10 +459,15 @@ async def test_a_settlement_racing_another_waits_for_it_and_changes_nothing(migr
         async def post_first(conn: AsyncConnection, request_id: str = request_id) -> holds.Settlement:
             return await holds.settle(conn, request_id=request_id, cost_nano=100_000)
 
-        async def then_second(request_id: str = request_id, cost: int | None = second_cost) -> holds.Settlement:
+        async def then_second(
+            request_id: str = request_id, cost: int | None = second_cost
+        ) -> holds.Settlement:
             return await acct.settle(request_id, cost)
 
-        assert await in_open_transaction(migrated_engine, post_first, then_second) == (S.POSTED, S.ALREADY_POSTED)
+        assert await in_open_transaction(migrated_engine, post_first, then_second) == (
+            S.POSTED,
+            S.ALREADY_POSTED,
+        )
     assert await acct.money() == (800_000, 0)
     assert [e.amount_nano for e in await acct.usage_entries()] == [-100_000, -100_000]
     await books_balance(migrated_engine)
@@ -445,7 +483,10 @@ async def test_a_settlement_racing_the_expiry_sweep_releases_the_reservation_onc
     async def settle_swept() -> holds.Settlement:
         return await acct.settle("swept-first", 70_000)
 
-    assert await in_open_transaction(migrated_engine, holds.expire_due, settle_swept) == (1, S.POSTED_AFTER_EXPIRY)
+    assert await in_open_transaction(migrated_engine, holds.expire_due, settle_swept) == (
+        1,
+        S.POSTED_AFTER_EXPIRY,
+    )
     assert await acct.money() == (930_000, 0)
 
     # The settlement goes first: the sweep waits, then finds nothing pending to expire.
@@ -469,8 +510,9 @@ async def test_an_existing_usage_entry_aborts_the_whole_settlement(migrated_engi
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("r", 300_000) is ADMITTED
     async with migrated_engine.begin() as conn:
-        await ledger.post_entry(conn, wallet_id=acct.wallet_id, kind="usage", amount_nano=-5,
-                                idempotency_key="usage:r")
+        await ledger.post_entry(
+            conn, wallet_id=acct.wallet_id, kind="usage", amount_nano=-5, idempotency_key="usage:r"
+        )
     assert await acct.settle("r", 100_000) is S.ALREADY_POSTED
     assert await acct.money() == (999_995, 300_000)
     hold = await acct.hold("r")
@@ -504,8 +546,14 @@ INSUFFICIENT, RESERVED = holds.Admission.INSUFFICIENT_FUNDS, holds.Admission.FUN
 EMPTY, TOO_LARGE = holds.Shortfall.WALLET_EMPTY, holds.Shortfall.REQUEST_TOO_LARGE
 
 
-def refusal(admission: holds.Admission, balance: int, reserved: int, limit: int, amount: int,
-            shortfall: holds.Shortfall | None = None) -> holds.Refusal:
+def refusal(
+    admission: holds.Admission,
+    balance: int,
+    reserved: int,
+    limit: int,
+    amount: int,
+    shortfall: holds.Shortfall | None = None,
+) -> holds.Refusal:
     return holds.Refusal(admission, balance, reserved, limit, amount, shortfall)
 
 
@@ -521,7 +569,9 @@ async def test_a_wallet_without_overdraft_admits_only_what_its_balance_covers(
 ) -> None:
     acct = await open_account(migrated_engine, 1_000)
     # More than the whole balance: no amount of waiting helps; a smaller request would fit.
-    assert await acct.place("huge", 1_001, strict=strict) == refusal(INSUFFICIENT, 1_000, 0, 0, 1_001, TOO_LARGE)
+    assert await acct.place("huge", 1_001, strict=strict) == refusal(
+        INSUFFICIENT, 1_000, 0, 0, 1_001, TOO_LARGE
+    )
     assert await acct.place("all", 1_000, strict=strict) is ADMITTED  # exactly the balance
     assert await acct.place("more", 1, strict=strict) == refusal(RESERVED, 1_000, 1_000, 0, 1)
     assert await acct.settle("all", 1_000) is S.POSTED
@@ -532,7 +582,9 @@ async def test_a_wallet_without_overdraft_admits_only_what_its_balance_covers(
     await books_balance(migrated_engine)
 
 
-async def test_the_overdraft_limit_bounds_how_far_below_zero_the_balance_goes(migrated_engine: AsyncEngine) -> None:
+async def test_the_overdraft_limit_bounds_how_far_below_zero_the_balance_goes(
+    migrated_engine: AsyncEngine,
+) -> None:
     acct = await open_account(migrated_engine, 100, limit_nano=400)
     assert await acct.place("big", 500) is ADMITTED  # 100 − 500 = −400 ≥ −400
     assert await acct.place("next", 1) == refusal(RESERVED, 100, 500, 400, 1)
@@ -583,7 +635,9 @@ async def test_fully_reserved_wallet_is_funds_reserved_not_insufficient(
     assert await acct.money() == (1_000, 1_000)
     assert await acct.place("d", 1, strict=strict) == refusal(RESERVED, 1_000, 1_000, 0, 1)
     # Larger than the balance: waiting would not help, so it is not a 429.
-    assert await acct.place("e", 1_001, strict=strict) == refusal(INSUFFICIENT, 1_000, 1_000, 0, 1_001, TOO_LARGE)
+    assert await acct.place("e", 1_001, strict=strict) == refusal(
+        INSUFFICIENT, 1_000, 1_000, 0, 1_001, TOO_LARGE
+    )
     # Money comes back when a hold is settled: admitted again.
     assert await acct.settle("a", None) is S.VOIDED
     assert await acct.place("d", 1, strict=strict) is ADMITTED
@@ -594,7 +648,9 @@ async def test_fully_reserved_wallet_is_funds_reserved_not_insufficient(
 
 async def test_strict_mode_ignores_the_wallets_limit(migrated_engine: AsyncEngine) -> None:
     acct = await open_account(migrated_engine, 1_000, limit_nano=5_000)
-    assert await acct.place("strict", 1_001, strict=True) == refusal(INSUFFICIENT, 1_000, 0, 0, 1_001, TOO_LARGE)
+    assert await acct.place("strict", 1_001, strict=True) == refusal(
+        INSUFFICIENT, 1_000, 0, 0, 1_001, TOO_LARGE
+    )
     assert await acct.place("overdraft", 1_001) is ADMITTED
     # The balance covers it once the other request's hold is released: wait.
     assert await acct.place("strict-2", 1, strict=True) == refusal(RESERVED, 1_000, 1_001, 0, 1)
@@ -618,20 +674,32 @@ async def test_the_statement_and_the_named_refusal_agree_everywhere(migrated_eng
                     for strict in (False, True):
                         n += 1
                         async with migrated_engine.begin() as conn:
-                            await conn.execute(sa.update(w).where(w.c.id == acct.wallet_id).values(
-                                balance_nano=balance, reserved_nano=reserved, overdraft_limit_nano=limit))
+                            await conn.execute(
+                                sa.update(w)
+                                .where(w.c.id == acct.wallet_id)
+                                .values(
+                                    balance_nano=balance, reserved_nano=reserved, overdraft_limit_nano=limit
+                                )
+                            )
                         expected = holds.refusal_of(
-                            balance_nano=balance, reserved_nano=reserved,
-                            overdraft_limit_nano=0 if strict else limit, amount_nano=amount)
+                            balance_nano=balance,
+                            reserved_nano=reserved,
+                            overdraft_limit_nano=0 if strict else limit,
+                            amount_nano=amount,
+                        )
                         outcome = await acct.place(f"r{n}", amount, strict=strict)
                         case = (balance, reserved, limit, amount, strict)
                         assert outcome == (ADMITTED if expected is None else expected), case
                         admits = balance - reserved - amount >= -(0 if strict else limit)
                         assert (outcome is ADMITTED) is admits, case
                         if outcome is not ADMITTED:
-                            assert outcome.headroom_nano == max(0, balance - reserved + (0 if strict else limit))
-                            assert (outcome.shortfall is EMPTY) is (outcome.admission is INSUFFICIENT
-                                                                    and balance + outcome.overdraft_limit_nano <= 0)
+                            assert outcome.headroom_nano == max(
+                                0, balance - reserved + (0 if strict else limit)
+                            )
+                            assert (outcome.shortfall is EMPTY) is (
+                                outcome.admission is INSUFFICIENT
+                                and balance + outcome.overdraft_limit_nano <= 0
+                            )
 
 
 async def test_suspended_wallet_is_refused_whatever_its_balance(migrated_engine: AsyncEngine) -> None:
@@ -658,8 +726,13 @@ async def test_disputed_wallet_is_refused_whatever_its_balance_until_disputed_is
     acct = await open_account(migrated_engine, max(balance_nano, 0))
     if balance_nano < 0:
         async with migrated_engine.begin() as conn:
-            await ledger.post_entry(conn, wallet_id=acct.wallet_id, kind="adjustment",
-                                    amount_nano=balance_nano, idempotency_key=f"adjustment:{acct.wallet_id}")
+            await ledger.post_entry(
+                conn,
+                wallet_id=acct.wallet_id,
+                kind="adjustment",
+                amount_nano=balance_nano,
+                idempotency_key=f"adjustment:{acct.wallet_id}",
+            )
     await set_wallet_flags(migrated_engine, acct.wallet_id, disputed=True)
     disputed = refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0, 0, 1)
     for strict in (False, True):
@@ -709,7 +782,7 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
                 assert await acct.settle(request_id, costs[request_id]) is S.POSTED
             return admission
 
-        outcomes = dict(zip(costs, await asyncio.gather(*(request(r) for r in costs))))
+        outcomes = dict(zip(costs, await asyncio.gather(*(request(r) for r in costs)), strict=True))
         admitted = [r for r, o in outcomes.items() if o is ADMITTED]
         refused = [o for o in outcomes.values() if o is not ADMITTED]
         assert admitted and refused, "the wallet must cover some requests and refuse others"
@@ -745,7 +818,7 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
     try:
         acct = await open_account(engine, start_balance, pool, limit_nano=LIMIT_NANO)
         outcomes = await asyncio.gather(*(acct.place(r, a, strict=strict) for r, a in amounts.items()))
-        admitted = [r for r, o in zip(amounts, outcomes) if o is ADMITTED]
+        admitted = [r for r, o in zip(amounts, outcomes, strict=True) if o is ADMITTED]
         refusals = [o for o in outcomes if o is not ADMITTED]
         total = sum(amounts[r] for r in admitted)
         balance, reserved = await acct.money()
@@ -755,7 +828,7 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
         spendable = start_balance + (0 if strict else LIMIT_NANO)
         assert total <= spendable
         # No false block: whatever was left could not cover any refused request.
-        refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes) if o is not ADMITTED]
+        refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes, strict=True) if o is not ADMITTED]
         assert spendable - total < min(refused_amounts)
         # Settle every one at its full amount, all at once.
         settled = await asyncio.gather(*(acct.settle(r, holds.CHARGE_HOLD) for r in admitted))
@@ -779,8 +852,12 @@ async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_
     rng = random.Random(13)
     start_balance, limit = 500_000, 200_000
     spendable = start_balance + (0 if strict else limit)
-    amounts = {f"req-{i:03d}": rng.choice([rng.randint(1, 5_000), rng.randint(5_000, 100_000),
-                                           rng.randint(spendable, 3 * spendable)]) for i in range(CHECKS)}
+    amounts = {
+        f"req-{i:03d}": rng.choice(
+            [rng.randint(1, 5_000), rng.randint(5_000, 100_000), rng.randint(spendable, 3 * spendable)]
+        )
+        for i in range(CHECKS)
+    }
     engine = database.create_engine(migrated_url, pool_size=2)
     pool = await database.create_pool(migrated_url, size=20)
     try:
@@ -805,17 +882,21 @@ async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_
             return request_id, outcome
 
         async def batch(request_ids: list[str]) -> list[tuple[str, holds.Admission | holds.Refusal]]:
-            requests = [holds.HoldRequest(r, acct.wallet_id, acct.key_id, "gpt-4o-mini", amounts[r])
-                        for r in request_ids]
+            requests = [
+                holds.HoldRequest(r, acct.wallet_id, acct.key_id, "gpt-4o-mini", amounts[r])
+                for r in request_ids
+            ]
             async with pool.acquire() as conn:
                 outcomes = await holds.place_many(conn, requests, ttl_s=600, strict=strict)
-            for request_id, outcome in zip(request_ids, outcomes):
+            for request_id, outcome in zip(request_ids, outcomes, strict=True):
                 if outcome is ADMITTED:
                     await settle(request_id)
-            return list(zip(request_ids, outcomes))
+            return list(zip(request_ids, outcomes, strict=True))
 
         results = await asyncio.gather(*(single(r) for r in singles), *(batch(b) for b in batches))
-        outcomes = dict(pair for result in results for pair in (result if isinstance(result, list) else [result]))
+        outcomes = dict(
+            pair for result in results for pair in (result if isinstance(result, list) else [result])
+        )
         assert sorted(outcomes) == sorted(ids)
         admitted = [r for r, o in outcomes.items() if o is ADMITTED]
         refused = {r: o for r, o in outcomes.items() if o is not ADMITTED}
@@ -834,7 +915,9 @@ async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_
         assert balance == start_balance - sum(costs[r] for r in admitted) >= floor
         usage = await acct.usage_entries()
         assert len(usage) == len(admitted)
-        assert all(e.balance_after_nano >= floor for e in usage), sorted(e.balance_after_nano for e in usage)[:3]
+        assert all(e.balance_after_nano >= floor for e in usage), sorted(e.balance_after_nano for e in usage)[
+            :3
+        ]
         await no_hold_left_by_refusals(engine, len(admitted))
         await books_balance(engine)
     finally:

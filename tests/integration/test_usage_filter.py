@@ -23,19 +23,21 @@ from typing import Any
 
 import aiohttp
 import pytest
-from usage_gateway import Gateway, free_port, loopback_settings, read_entry, usage_gateway
 from yarl import URL
 
 from authz_sidecar import envoy_config
 from billing.usage import Usage
 from billingproxy import demo_backend, envoy_process
+from usage_gateway import Gateway, free_port, loopback_settings, read_entry, usage_gateway
 
 pytestmark = pytest.mark.integration
 
 # An answer with nothing read leaves the usage namespace unset: the JSON log shows null.
 NO_USAGE = None
-ECHO = ('"usage": {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, "output_tokens": 0}'
-        '\n\ndata: [DONE]\n\nevent: message_stop\ndata: {"type":"message_stop"}\r\n\r\n\\')
+ECHO = (
+    '"usage": {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, "output_tokens": 0}'
+    '\n\ndata: [DONE]\n\nevent: message_stop\ndata: {"type":"message_stop"}\r\n\r\n\\'
+)
 ECHO_WORDS = len(ECHO.split())
 
 
@@ -43,7 +45,9 @@ ECHO_WORDS = len(ECHO.split())
 async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
     runner, backend_port = await demo_backend.serve("127.0.0.1", 0)
     try:
-        async with usage_gateway(tmp_path_factory.mktemp("usage_filter"), f"http://127.0.0.1:{backend_port}") as gw:
+        async with usage_gateway(
+            tmp_path_factory.mktemp("usage_filter"), f"http://127.0.0.1:{backend_port}"
+        ) as gw:
             yield gw
     finally:
         await runner.cleanup()
@@ -59,7 +63,9 @@ def sse_payloads(text: str) -> list[Any]:
     return [json.loads(e) for e in events[:-1]]
 
 
-async def read_back(gateway: Gateway, response: aiohttp.ClientResponse) -> tuple[dict[str, Any] | None, Usage | None]:
+async def read_back(
+    gateway: Gateway, response: aiohttp.ClientResponse
+) -> tuple[dict[str, Any] | None, Usage | None]:
     """(the usage metadata Envoy logged, what settlement reads from it)."""
     entry = await gateway.log_entry(response.headers["x-request-id"])
     return entry["usage"], read_entry(entry)
@@ -70,8 +76,9 @@ async def read_back(gateway: Gateway, response: aiohttp.ClientResponse) -> tuple
 
 async def test_chat_json_with_cached_tokens_and_n_choices(gateway: Gateway) -> None:
     # 4 words + 3 for the message; max_tokens 5 per choice, 3 choices.
-    response, text = await gateway.chat(chat_body("one two three four", max_tokens=5, n=3),
-                                        **{"x-demo-cached-tokens": "2"})
+    response, text = await gateway.chat(
+        chat_body("one two three four", max_tokens=5, n=3), **{"x-demo-cached-tokens": "2"}
+    )
     assert response.status == 200, text
     answer = json.loads(text)
     assert len(answer["choices"]) == 3 and answer["usage"]["completion_tokens"] == 15
@@ -81,9 +88,20 @@ async def test_chat_json_with_cached_tokens_and_n_choices(gateway: Gateway) -> N
 
 
 async def test_chat_json_with_audio_and_reasoning(gateway: Gateway) -> None:
-    body = {"model": "gpt-4o-mini", "max_tokens": 4, "modalities": ["text", "audio"],
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "listen"},
-                                                      {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}
+    body = {
+        "model": "gpt-4o-mini",
+        "max_tokens": 4,
+        "modalities": ["text", "audio"],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "listen"},
+                    {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                ],
+            }
+        ],
+    }
     response, text = await gateway.chat(body, **{"x-demo-reasoning-tokens": "6"})
     assert response.status == 200, text
     _, charged = await read_back(gateway, response)
@@ -102,7 +120,9 @@ async def test_chat_json_with_audio_and_reasoning(gateway: Gateway) -> None:
         pytest.param({"include_usage": True}, id="already-true"),
     ],
 )
-async def test_chat_stream_is_asked_for_usage_and_read_from_its_final_chunk(gateway: Gateway, stream_options: Any) -> None:
+async def test_chat_stream_is_asked_for_usage_and_read_from_its_final_chunk(
+    gateway: Gateway, stream_options: Any
+) -> None:
     body = chat_body("a b c d e f", max_tokens=3, stream=True)
     if stream_options != "absent":
         body["stream_options"] = stream_options
@@ -125,8 +145,13 @@ async def test_chat_stream_is_asked_for_usage_and_read_from_its_final_chunk(gate
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_legacy_completions(gateway: Gateway, stream: bool) -> None:
-    body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["one two", "three"], "max_tokens": 4, "n": 2,
-            "stream": stream}
+    body = {
+        "model": "gpt-3.5-turbo-instruct",
+        "prompt": ["one two", "three"],
+        "max_tokens": 4,
+        "n": 2,
+        "stream": stream,
+    }
     response, text = await gateway.post("/v1/completions", body)
     assert response.status == 200, text
     # 3 words; 2 prompts × n 2 × 4 tokens.
@@ -134,15 +159,24 @@ async def test_legacy_completions(gateway: Gateway, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-async def test_responses_api_echoing_the_clients_instructions_tools_and_metadata(gateway: Gateway, stream: bool) -> None:
+async def test_responses_api_echoing_the_clients_instructions_tools_and_metadata(
+    gateway: Gateway, stream: bool
+) -> None:
     # The response object carries the request's instructions, tools and metadata as given, with
     # numbers where a pattern would look; only response.usage of the final event counts.
     fake = {"usage": {"input_tokens": 0, "output_tokens": 0}, "input_tokens": 0, "output_tokens": 0}
-    body = {"model": "gpt-4o-mini", "instructions": fake, "input": ECHO, "max_output_tokens": 7,
-            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", **fake}}],
-            "metadata": {"usage": ECHO}, "stream": stream}
-    response, text = await gateway.post("/v1/responses", body, **{"x-demo-cached-tokens": "3",
-                                                                   "x-demo-reply": "echo"})
+    body = {
+        "model": "gpt-4o-mini",
+        "instructions": fake,
+        "input": ECHO,
+        "max_output_tokens": 7,
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", **fake}}],
+        "metadata": {"usage": ECHO},
+        "stream": stream,
+    }
+    response, text = await gateway.post(
+        "/v1/responses", body, **{"x-demo-cached-tokens": "3", "x-demo-reply": "echo"}
+    )
     assert response.status == 200, text
     if stream:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -155,17 +189,28 @@ async def test_responses_api_echoing_the_clients_instructions_tools_and_metadata
 
 
 async def test_embeddings(gateway: Gateway) -> None:
-    response, text = await gateway.post("/v1/embeddings", {"model": "demo-model", "input": ["one two", "three"]})
+    response, text = await gateway.post(
+        "/v1/embeddings", {"model": "demo-model", "input": ["one two", "three"]}
+    )
     assert response.status == 200, text
     assert (await read_back(gateway, response))[1] == Usage(input_text=3)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_anthropic_messages_with_cache_reads_and_writes(gateway: Gateway, stream: bool) -> None:
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 9, "system": "be brief",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": ECHO}]}], "stream": stream}
-    headers = {"x-demo-cached-tokens": "4", "x-demo-cache-write-tokens": "5", "x-demo-cache-write-1h-tokens": "6",
-               "x-demo-reply": "echo"}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 9,
+        "system": "be brief",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": ECHO}]}],
+        "stream": stream,
+    }
+    headers = {
+        "x-demo-cached-tokens": "4",
+        "x-demo-cache-write-tokens": "5",
+        "x-demo-cache-write-1h-tokens": "6",
+        "x-demo-reply": "echo",
+    }
     response, text = await gateway.post("/v1/messages", body, **headers)
     assert response.status == 200, text
     published, charged = await read_back(gateway, response)
@@ -173,8 +218,9 @@ async def test_anthropic_messages_with_cache_reads_and_writes(gateway: Gateway, 
         assert set(published) == {"usage", "usage_start", "finished"}
         assert json.loads(published["usage"]) == {"output_tokens": 9}  # the classic delta: output only
     prompt = ECHO_WORDS + 3 + 2 + 3
-    assert charged == Usage(input_text=prompt - 15, input_cached=4, input_cache_write_5m=5, input_cache_write_1h=6,
-                            output_text=9)
+    assert charged == Usage(
+        input_text=prompt - 15, input_cached=4, input_cache_write_5m=5, input_cache_write_1h=6, output_text=9
+    )
 
 
 async def test_a_request_without_a_usage_format_is_not_read(gateway: Gateway) -> None:
@@ -186,19 +232,47 @@ async def test_a_request_without_a_usage_format_is_not_read(gateway: Gateway) ->
 # --- chunk boundaries, echoes, cuts ----------------------------------------------------------------
 
 ANSWERS = [
-    pytest.param("/v1/chat/completions", chat_body(ECHO, max_tokens=5, metadata={"usage": {"prompt_tokens": 0}}),
-                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="chat-json"),
-    pytest.param("/v1/chat/completions", chat_body(ECHO, max_tokens=5, stream=True, n=2),
-                 Usage(input_text=ECHO_WORDS + 3, output_text=10), id="chat-sse"),
-    pytest.param("/v1/responses", {"model": "gpt-4o-mini", "input": ECHO, "max_output_tokens": 5, "stream": True,
-                                   "instructions": {"usage": {"input_tokens": 0}}},
-                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="responses-sse"),
-    pytest.param("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
-                                  "messages": [{"role": "user", "content": ECHO}]},
-                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="messages-sse"),
-    pytest.param("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
-                                  "messages": [{"role": "user", "content": ECHO}]},
-                 Usage(input_text=ECHO_WORDS + 3, output_text=5), id="messages-json"),
+    pytest.param(
+        "/v1/chat/completions",
+        chat_body(ECHO, max_tokens=5, metadata={"usage": {"prompt_tokens": 0}}),
+        Usage(input_text=ECHO_WORDS + 3, output_text=5),
+        id="chat-json",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat_body(ECHO, max_tokens=5, stream=True, n=2),
+        Usage(input_text=ECHO_WORDS + 3, output_text=10),
+        id="chat-sse",
+    ),
+    pytest.param(
+        "/v1/responses",
+        {
+            "model": "gpt-4o-mini",
+            "input": ECHO,
+            "max_output_tokens": 5,
+            "stream": True,
+            "instructions": {"usage": {"input_tokens": 0}},
+        },
+        Usage(input_text=ECHO_WORDS + 3, output_text=5),
+        id="responses-sse",
+    ),
+    pytest.param(
+        "/v1/messages",
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 5,
+            "stream": True,
+            "messages": [{"role": "user", "content": ECHO}],
+        },
+        Usage(input_text=ECHO_WORDS + 3, output_text=5),
+        id="messages-sse",
+    ),
+    pytest.param(
+        "/v1/messages",
+        {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": ECHO}]},
+        Usage(input_text=ECHO_WORDS + 3, output_text=5),
+        id="messages-json",
+    ),
 ]
 
 
@@ -217,28 +291,64 @@ async def test_answers_in_small_pieces_with_the_clients_text_echoed(
 
 CUT_ANSWERS = [
     # (path, body, cut before, whether the usage object was complete before the cut)
-    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4), '"system_fingerprint"', id="chat-json-closing"),
-    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4), '"completion_tokens_details"',
-                 id="chat-json-usage"),
-    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4, stream=True), "data: [DONE]", id="chat-sse-done"),
-    pytest.param("/v1/chat/completions", chat_body("hi", max_tokens=4, stream=True), '"choices": [], "usage"',
-                 id="chat-sse-usage"),
-    pytest.param("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True}, "data: [DONE]",
-                 id="completions-sse-done"),
-    pytest.param("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4, "stream": True},
-                 "event: response.completed", id="responses-sse-completed"),
-    pytest.param("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4, "stream": True},
-                 '"type": "response.completed"', id="responses-sse-inside-completed"),
-    pytest.param("/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4}, '"user"', id="responses-json"),
+    pytest.param(
+        "/v1/chat/completions", chat_body("hi", max_tokens=4), '"system_fingerprint"', id="chat-json-closing"
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat_body("hi", max_tokens=4),
+        '"completion_tokens_details"',
+        id="chat-json-usage",
+    ),
+    pytest.param(
+        "/v1/chat/completions", chat_body("hi", max_tokens=4, stream=True), "data: [DONE]", id="chat-sse-done"
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat_body("hi", max_tokens=4, stream=True),
+        '"choices": [], "usage"',
+        id="chat-sse-usage",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True},
+        "data: [DONE]",
+        id="completions-sse-done",
+    ),
+    pytest.param(
+        "/v1/responses",
+        {"model": "m", "input": "hi", "max_output_tokens": 4, "stream": True},
+        "event: response.completed",
+        id="responses-sse-completed",
+    ),
+    pytest.param(
+        "/v1/responses",
+        {"model": "m", "input": "hi", "max_output_tokens": 4, "stream": True},
+        '"type": "response.completed"',
+        id="responses-sse-inside-completed",
+    ),
+    pytest.param(
+        "/v1/responses", {"model": "m", "input": "hi", "max_output_tokens": 4}, '"user"', id="responses-json"
+    ),
     pytest.param("/v1/embeddings", {"model": "m", "input": "hi"}, '"total_tokens"', id="embeddings"),
-    pytest.param("/v1/messages", {"model": "m", "max_tokens": 4, "stream": True,
-                                  "messages": [{"role": "user", "content": "hi"}]},
-                 "event: message_stop", id="messages-sse-stop"),
-    pytest.param("/v1/messages", {"model": "m", "max_tokens": 4, "stream": True,
-                                  "messages": [{"role": "user", "content": "hi"}]},
-                 "event: message_delta", id="messages-sse-delta"),
-    pytest.param("/v1/messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
-                 '"service_tier"', id="messages-json"),
+    pytest.param(
+        "/v1/messages",
+        {"model": "m", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        "event: message_stop",
+        id="messages-sse-stop",
+    ),
+    pytest.param(
+        "/v1/messages",
+        {"model": "m", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        "event: message_delta",
+        id="messages-sse-delta",
+    ),
+    pytest.param(
+        "/v1/messages",
+        {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        '"service_tier"',
+        id="messages-json",
+    ),
 ]
 
 
@@ -248,7 +358,9 @@ async def test_an_answer_cut_before_its_terminal_event_is_never_read(
     gateway: Gateway, path: str, body: dict[str, Any], cut: str, mode: str
 ) -> None:
     headers = {"content-type": "application/json", "x-demo-cut-before": cut, "x-demo-cut-mode": mode}
-    async with gateway.session.post(f"{gateway.url}{path}", data=json.dumps(body).encode(), headers=headers) as response:
+    async with gateway.session.post(
+        f"{gateway.url}{path}", data=json.dumps(body).encode(), headers=headers
+    ) as response:
         assert response.status == 200
         if mode == "reset":
             # Envoy ends the request at the backend's abort, and closes the client's connection
@@ -271,13 +383,19 @@ async def test_a_usage_object_larger_than_the_filter_keeps_is_unreadable(gateway
     assert charged is None
 
 
-@pytest.mark.parametrize("reported", [
-    {"prompt_tokens": 5, "completion_tokens": -1},
-    {"prompt_tokens": 5, "completion_tokens": 1.5},
-    {"prompt_tokens": 5},
-    None,
-], ids=["negative", "float", "missing", "null"])
-async def test_an_invalid_usage_object_is_published_as_given_and_charged_the_hold(gateway: Gateway, reported) -> None:
+@pytest.mark.parametrize(
+    "reported",
+    [
+        {"prompt_tokens": 5, "completion_tokens": -1},
+        {"prompt_tokens": 5, "completion_tokens": 1.5},
+        {"prompt_tokens": 5},
+        None,
+    ],
+    ids=["negative", "float", "missing", "null"],
+)
+async def test_an_invalid_usage_object_is_published_as_given_and_charged_the_hold(
+    gateway: Gateway, reported
+) -> None:
     response, text = await gateway.chat(chat_body("hi"), **{"x-demo-usage": json.dumps(reported)})
     assert response.status == 200, text
     published, charged = await read_back(gateway, response)
@@ -297,7 +415,9 @@ async def test_chunked_request_is_rewritten(gateway: Gateway) -> None:
             yield payload[start : start + 10]
 
     headers = {"content-type": "application/json"}
-    async with gateway.session.post(f"{gateway.url}/v1/chat/completions", data=pieces(), headers=headers) as response:
+    async with gateway.session.post(
+        f"{gateway.url}/v1/chat/completions", data=pieces(), headers=headers
+    ) as response:
         assert response.status == 200, await response.text()
     assert (await gateway.backend_saw())["body"]["stream_options"] == {"include_usage": True}
     assert (await read_back(gateway, response))[1] == Usage(input_text=5, output_text=2)
@@ -305,8 +425,10 @@ async def test_chunked_request_is_rewritten(gateway: Gateway) -> None:
 
 async def test_stream_key_spelled_with_an_escape_is_still_asked_for_usage(gateway: Gateway) -> None:
     # "str\u0065am" is "stream" to a JSON parser (the Check's too).
-    raw = '{"model": "gpt-4o-mini", "max_tokens": 2, "str\\u0065am": true, ' \
-          '"messages": [{"role": "user", "content": "one two"}]}'
+    raw = (
+        '{"model": "gpt-4o-mini", "max_tokens": 2, "str\\u0065am": true, '
+        '"messages": [{"role": "user", "content": "one two"}]}'
+    )
     response, text = await gateway.post("/v1/chat/completions", raw.encode())
     assert response.status == 200, text
     assert (await gateway.backend_saw())["body"]["stream_options"] == {"include_usage": True}
@@ -323,7 +445,9 @@ async def test_request_not_streamed_is_left_alone(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("options", [5, "yes", [True], True])
-async def test_a_stream_that_cannot_be_asked_for_usage_is_refused_at_the_gateway(gateway: Gateway, options: Any) -> None:
+async def test_a_stream_that_cannot_be_asked_for_usage_is_refused_at_the_gateway(
+    gateway: Gateway, options: Any
+) -> None:
     before = await gateway.backend_saw()
     response, text = await gateway.chat(chat_body("hello", stream=True, stream_options=options))
     assert response.status == 400, text
@@ -403,16 +527,54 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     # A failure, not a skip: the https path must be tested wherever the suite runs.
     assert shutil.which("openssl"), "the openssl command is needed to make test certificates"
     folder.mkdir(exist_ok=True)
-    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ca_key, ca, key, csr, cert = (
+        folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
     extensions = folder / "server.ext"
     extensions.write_text("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
     new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     run = functools.partial(subprocess.run, check=True, capture_output=True)
-    run(["openssl", "req", "-x509", *new_key, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=test CA",
-         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"])
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            *new_key,
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ]
+    )
     run(["openssl", "req", *new_key, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"])
-    run(["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "2", "-extfile", extensions])
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            extensions,
+        ]
+    )
     return ca, cert, key
 
 
@@ -424,7 +586,9 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
         pytest.param("localhost", False, "fail_verify_error", id="unknown-ca"),
     ],
 )
-async def test_https_backend_is_verified(tmp_path: Path, host: str, trusted: bool, refusal: str | None) -> None:
+async def test_https_backend_is_verified(
+    tmp_path: Path, host: str, trusted: bool, refusal: str | None
+) -> None:
     ca, cert, key = make_certificates(tmp_path / "backend")
     other_ca, _, _ = make_certificates(tmp_path / "other")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -454,8 +618,11 @@ async def test_port_in_use_is_named(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = envoy_config.render_yaml(loopback_settings(gateway_port=port), backend_url="http://127.0.0.1:9",
-                                          admin_socket=tmp_path / "envoy-admin.sock")
+        config = envoy_config.render_yaml(
+            loopback_settings(gateway_port=port),
+            backend_url="http://127.0.0.1:9",
+            admin_socket=tmp_path / "envoy-admin.sock",
+        )
         envoy = envoy_process.EnvoyProcess(config, free_port(), tmp_path / "envoy.log")
         with pytest.raises(envoy_process.EnvoyError) as failure:
             await envoy.start()
@@ -464,8 +631,9 @@ async def test_port_in_use_is_named(tmp_path: Path) -> None:
 
 
 async def test_readiness_timeout_stops_envoy(tmp_path: Path) -> None:
-    config = envoy_config.render_yaml(loopback_settings(), backend_url="http://127.0.0.1:9",
-                                      admin_socket=tmp_path / "envoy-admin.sock")
+    config = envoy_config.render_yaml(
+        loopback_settings(), backend_url="http://127.0.0.1:9", admin_socket=tmp_path / "envoy-admin.sock"
+    )
     envoy = envoy_process.EnvoyProcess(config, free_port(), tmp_path / "envoy.log", ready_timeout_s=0)
     with pytest.raises(envoy_process.EnvoyError, match="not ready within"):
         await envoy.start()

@@ -45,7 +45,10 @@ STREAM_USAGE_KEY = "x-billingproxy-stream-usage"
 
 def loopback_settings(**changes: Any) -> Settings:
     ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "http_port")}
-    fixed = {"access_log_secret": "access-log-secret-of-the-usage-filter-tests", "upstream_headers": ("x-demo-*",)}
+    fixed = {
+        "access_log_secret": "access-log-secret-of-the-usage-filter-tests",
+        "upstream_headers": ("x-demo-*",),
+    }
     return Settings(**{**ports, **fixed, **changes})
 
 
@@ -59,7 +62,11 @@ def usage_facts(path: str, body: bytes) -> dict[str, str]:
         request = json.loads(body) if body else None
     except ValueError:
         request = None
-    if usage_format is usage_mod.Format.OPENAI_CHAT and isinstance(request, dict) and request.get("stream") is True:
+    if (
+        usage_format is usage_mod.Format.OPENAI_CHAT
+        and isinstance(request, dict)
+        and request.get("stream") is True
+    ):
         facts[STREAM_USAGE_KEY] = "1"
     return facts
 
@@ -69,10 +76,15 @@ async def _fake_check(request: web.Request) -> web.Response:
     return web.Response(status=200, headers=usage_facts(path, await request.read()))
 
 
-def billing_filters_config(settings: Settings, backend_url: str, access_log: Path,
-                           ca_bundle: Path | None = None) -> str:
-    config = envoy_config.render(settings, backend_url=backend_url, ca_bundle=ca_bundle,
-                                 admin_socket=access_log.with_name("envoy-admin.sock"))
+def billing_filters_config(
+    settings: Settings, backend_url: str, access_log: Path, ca_bundle: Path | None = None
+) -> str:
+    config = envoy_config.render(
+        settings,
+        backend_url=backend_url,
+        ca_bundle=ca_bundle,
+        admin_socket=access_log.with_name("envoy-admin.sock"),
+    )
     listener = config["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     keep = (envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, "envoy.filters.http.router")
@@ -100,8 +112,14 @@ def billing_filters_config(settings: Settings, backend_url: str, access_log: Pat
 class Gateway:
     """A running Envoy in front of a backend, and a client session for both."""
 
-    def __init__(self, envoy: envoy_process.EnvoyProcess, port: int, backend_url: str, access_log: Path,
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        envoy: envoy_process.EnvoyProcess,
+        port: int,
+        backend_url: str,
+        access_log: Path,
+        session: aiohttp.ClientSession,
+    ) -> None:
         self.envoy = envoy
         self.url = f"http://127.0.0.1:{port}"
         self.backend_url = backend_url
@@ -110,7 +128,9 @@ class Gateway:
         self._seen: dict[str, dict[str, Any]] = {}
         self._read_bytes = 0
 
-    async def post(self, path: str, body: dict[str, Any] | bytes, **headers: str) -> tuple[aiohttp.ClientResponse, str]:
+    async def post(
+        self, path: str, body: dict[str, Any] | bytes, **headers: str
+    ) -> tuple[aiohttp.ClientResponse, str]:
         # BytesIO: aiohttp warns (an error here) about large bodies given as bytes.
         data = io.BytesIO(body if isinstance(body, bytes) else json.dumps(body).encode())
         headers = {"content-type": "application/json", **headers}
@@ -159,12 +179,18 @@ def read_entry(entry: dict[str, Any]) -> usage_mod.Usage | None:
     usage = entry["usage"] or {}
     if not entry.get("format"):
         return None
-    return usage_mod.read(usage_mod.Format(entry["format"]), usage.get("usage"), usage.get("usage_start"),
-                          usage.get("finished") is True)
+    return usage_mod.read(
+        usage_mod.Format(entry["format"]),
+        usage.get("usage"),
+        usage.get("usage_start"),
+        usage.get("finished") is True,
+    )
 
 
 @contextlib.asynccontextmanager
-async def usage_gateway(folder: Path, backend_url: str, ca_bundle: Path | None = None) -> AsyncIterator[Gateway]:
+async def usage_gateway(
+    folder: Path, backend_url: str, ca_bundle: Path | None = None
+) -> AsyncIterator[Gateway]:
     """Envoy with the billing filters in front of ``backend_url``, its fake Check, a session."""
     check = web.AppRunner(web.Application(client_max_size=64 * 1024 * 1024), access_log=None)
     check.app.router.add_route("*", "/{tail:.*}", _fake_check)

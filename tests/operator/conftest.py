@@ -15,16 +15,16 @@ from urllib.parse import urlsplit
 
 os.environ["BILLINGPROXY_OPERATOR_STATUS_INTERVAL_S"] = "0.3"
 
-import aiohttp  # noqa: E402
-import kmock  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
+import aiohttp
+import kmock
+import pytest
+import yaml
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import database  # noqa: E402
-from billing_operator import config  # noqa: E402
-import kube_emulator  # noqa: E402
-import operator_harness as harness  # noqa: E402
+import kube_emulator
+import operator_harness as harness
+from billing import database
+from billing_operator import config
 
 if config.STATUS_INTERVAL_S != 0.3:
     raise RuntimeError(
@@ -57,8 +57,11 @@ async def emulator() -> AsyncIterator[kube_emulator.Emulator]:
     async with kube_emulator.Emulator() as emulator, kmock.Server(emulator):
         kube_emulator.declare(emulator)
         yield emulator
-        unexpected = [e for e in emulator.errors
-                      if not (isinstance(e, kmock.KubernetesError) and e.status in _EXPECTED_API_STATUSES)]
+        unexpected = [
+            e
+            for e in emulator.errors
+            if not (isinstance(e, kmock.KubernetesError) and e.status in _EXPECTED_API_STATUSES)
+        ]
         assert not unexpected, f"the Kubernetes emulator failed to serve requests: {unexpected!r}"
 
 
@@ -66,12 +69,18 @@ async def emulator() -> AsyncIterator[kube_emulator.Emulator]:
 def kubeconfig(emulator: kube_emulator.Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A kubeconfig naming the emulator: the operator logs in exactly as it would to a cluster."""
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
-        "users": [{"name": "tester", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
+                "users": [{"name": "tester", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(path))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     return path
@@ -85,12 +94,15 @@ async def kube(emulator: kube_emulator.Emulator) -> AsyncIterator[harness.Kube]:
 
 @pytest.fixture
 def operator_config(database_url: str) -> config.OperatorConfig:
-    return config.OperatorConfig(database_url=database_url, retry_delay_s=0.2, kube_timeout_s=5.0,
-                                 rotation_grace_s=3600)
+    return config.OperatorConfig(
+        database_url=database_url, retry_delay_s=0.2, kube_timeout_s=5.0, rotation_grace_s=3600
+    )
 
 
 @pytest.fixture
-async def operator(operator_config: config.OperatorConfig, kubeconfig: Path) -> AsyncIterator[harness.OperatorThread]:
+async def operator(
+    operator_config: config.OperatorConfig, kubeconfig: Path
+) -> AsyncIterator[harness.OperatorThread]:
     async with harness.running(operator_config) as running:
         yield running
 
@@ -108,7 +120,8 @@ async def db_proxy(database_url: str) -> AsyncIterator[harness.TcpProxy]:
 
 
 @pytest.fixture
-def proxied_config(operator_config: config.OperatorConfig, db_proxy: harness.TcpProxy,
-                   database_url: str) -> config.OperatorConfig:
+def proxied_config(
+    operator_config: config.OperatorConfig, db_proxy: harness.TcpProxy, database_url: str
+) -> config.OperatorConfig:
     """The operator's config with PostgreSQL reached through ``db_proxy``."""
     return dataclasses.replace(operator_config, database_url=db_proxy.url(database_url))

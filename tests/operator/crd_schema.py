@@ -51,8 +51,12 @@ def version(kind: str) -> dict[str, Any]:
 
 
 def _strict(schema: dict[str, Any]) -> dict[str, Any]:
-    if schema.get("type") == "object" and "properties" in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in schema:
+    if (
+        schema.get("type") == "object"
+        and "properties" in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+        and "additionalProperties" not in schema
+    ):
         schema["additionalProperties"] = False
     if schema.get("x-kubernetes-list-type") == "set":
         schema["uniqueItems"] = True
@@ -72,8 +76,10 @@ def validator(kind: str) -> jsonschema.protocols.Validator:
 
 
 def errors(obj: dict[str, Any]) -> list[str]:
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in validator(obj["kind"]).iter_errors(obj)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator(obj["kind"]).iter_errors(obj)
+    ]
 
 
 def assert_valid(obj: dict[str, Any]) -> None:

@@ -173,7 +173,7 @@ class Emulator(kmock.KubernetesEmulator):
             return None
         return copy.deepcopy(self.objects[key].raw)
 
-    async def _handle(self, request: kmock.Request):  # type: ignore[override]
+    async def _handle(self, request: kmock.Request):
         for observer in list(self._observers):
             observer(request)
         hold = await self._held(request)
@@ -183,12 +183,15 @@ class Emulator(kmock.KubernetesEmulator):
             if hold is not None:
                 hold._answer()
 
-    async def _serve(self, request: kmock.Request):  # type: ignore[no-untyped-def]
+    async def _serve(self, request: kmock.Request):
         for predicate, status in list(self._faults):
             if predicate(request):
                 raise kmock.KubernetesError(status=status, reason="Injected", message="injected by the test")
         if request.resource is None or request.action not in (
-                kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            kmock.action.CREATE,
+            kmock.action.UPDATE,
+            kmock.action.DELETE,
+        ):
             return await super()._handle(request)  # reads, and watches (which last): no lock
         async with self._write_lock:
             if request.action == kmock.action.CREATE and isinstance(request.data, Mapping):
@@ -206,16 +209,20 @@ class Emulator(kmock.KubernetesEmulator):
         # request is changed in place rather than replaced; Request is a frozen attrs class.
         object.__setattr__(request, "data", data)
 
-    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         yield b""  # send the headers now: the stream has started even if nothing happens
         bus = self._buses[request.resource]
         since = request.params.get("resourceVersion", "")
         since_version = int(since) if since.isdigit() else 0
         async with self._lock:  # writers publish under this lock: nothing falls in between
             marker = await bus.mark()
-            existing = [obj.raw for (resource, namespace, name), obj in self.objects.items()
-                        if not obj.deleted and self._watched(request, resource, namespace, name)
-                        and int(obj.raw.get("metadata", {}).get("resourceVersion") or 0) > since_version]
+            existing = [
+                obj.raw
+                for (resource, namespace, name), obj in self.objects.items()
+                if not obj.deleted
+                and self._watched(request, resource, namespace, name)
+                and int(obj.raw.get("metadata", {}).get("resourceVersion") or 0) > since_version
+            ]
         try:
             for raw in existing:
                 yield {"type": "ADDED", "object": raw}
@@ -226,7 +233,7 @@ class Emulator(kmock.KubernetesEmulator):
         finally:
             await bus.unmark(marker)
 
-    async def _serve_list(self, request: kmock.Request) -> Any:  # type: ignore[override]
+    async def _serve_list(self, request: kmock.Request) -> Any:
         # The version before the snapshot: a watch from it may repeat a change, never miss one.
         version = str(self._version)
         payload = await super()._serve_list(request)
@@ -239,9 +246,11 @@ class Emulator(kmock.KubernetesEmulator):
 
     @staticmethod
     def _watched(request: kmock.Request, resource: Any, namespace: str | None, name: str | None) -> bool:
-        return (resource == request.resource
-                and (request.namespace is None or namespace == request.namespace)
-                and (request.name is None or name == request.name))
+        return (
+            resource == request.resource
+            and (request.namespace is None or namespace == request.namespace)
+            and (request.name is None or name == request.name)
+        )
 
     def _created(self, request: kmock.Request) -> dict[str, Any]:
         obj = copy.deepcopy(dict(request.data))
@@ -252,7 +261,7 @@ class Emulator(kmock.KubernetesEmulator):
         if request.namespace is not None:
             meta["namespace"] = request.namespace
         meta["uid"] = str(uuid.uuid4())
-        meta["creationTimestamp"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["creationTimestamp"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         meta["resourceVersion"] = self._next_version()
         if self._has_status_subresource(request.resource):
             meta["generation"] = 1
@@ -304,7 +313,7 @@ class Emulator(kmock.KubernetesEmulator):
             if meta.get("deletionTimestamp") or not meta.get("finalizers"):
                 return  # already marked, or deleted at once by kmock
             marked: dict[str, Any] = {
-                "deletionTimestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "deletionTimestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "resourceVersion": self._next_version(),
             }
             if "generation" in meta:
@@ -313,10 +322,16 @@ class Emulator(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
 
     def _check_preconditions(self, request: kmock.Request) -> None:
-        wanted = ((request.data or {}).get("preconditions") or {}).get("uid") if isinstance(request.data, Mapping) else None
+        wanted = (
+            ((request.data or {}).get("preconditions") or {}).get("uid")
+            if isinstance(request.data, Mapping)
+            else None
+        )
         stored = self._stored(request)
         if wanted and stored is not None and stored.get("metadata", {}).get("uid") != wanted:
-            raise kmock.KubernetesError(status=409, reason="Conflict", message="precondition failed: UID mismatch")
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", message="precondition failed: UID mismatch"
+            )
 
 
 def declare(emulator: Emulator) -> None:
@@ -324,13 +339,28 @@ def declare(emulator: Emulator) -> None:
     info = kmock.ResourceInfo
     crud = {"get", "list", "watch", "create", "update", "patch", "delete"}
     emulator.resources["billingproxy.io/v1alpha1/wallets"] = info(
-        kind="Wallet", singular="wallet", namespaced=True, verbs=crud, subresources={"status"},
-        shortnames={"wal"}, categories={"billingproxy"})
+        kind="Wallet",
+        singular="wallet",
+        namespaced=True,
+        verbs=crud,
+        subresources={"status"},
+        shortnames={"wal"},
+        categories={"billingproxy"},
+    )
     emulator.resources["billingproxy.io/v1alpha1/apikeys"] = info(
-        kind="ApiKey", singular="apikey", namespaced=True, verbs=crud, subresources={"status"},
-        shortnames={"ak"}, categories={"billingproxy"})
+        kind="ApiKey",
+        singular="apikey",
+        namespaced=True,
+        verbs=crud,
+        subresources={"status"},
+        shortnames={"ak"},
+        categories={"billingproxy"},
+    )
     emulator.resources["v1/secrets"] = info(kind="Secret", singular="secret", namespaced=True, verbs=crud)
     emulator.resources["v1/events"] = info(kind="Event", singular="event", namespaced=True, verbs=crud)
-    emulator.resources["v1/namespaces"] = info(kind="Namespace", singular="namespace", namespaced=False, verbs=crud)
+    emulator.resources["v1/namespaces"] = info(
+        kind="Namespace", singular="namespace", namespaced=False, verbs=crud
+    )
     emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
-        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False, verbs=crud)
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False, verbs=crud
+    )

@@ -15,13 +15,15 @@ import random
 import socket
 import threading
 import time
-from pathlib import Path
-from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
+import sqlalchemy as sa
 
+from billing import ledger, tables
 from billing_operator import config, runner
 
 T = TypeVar("T")
@@ -30,8 +32,9 @@ POLL_TIMEOUT_S = 30.0  # generous for a loaded CI machine; a healthy run takes w
 POLL_INTERVAL_S = 0.05
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], *, timeout_s: float = POLL_TIMEOUT_S,
-                     what: str = "the condition") -> T:
+async def eventually(
+    probe: Callable[[], Awaitable[T]], *, timeout_s: float = POLL_TIMEOUT_S, what: str = "the condition"
+) -> T:
     """Poll ``probe`` until it returns a truthy value (returned) or fails the test."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -86,7 +89,7 @@ class Kube:
         self.namespace = namespace
 
     def _path(self, plural: str, name: str | None = None, *, subresource: str | None = None) -> str:
-        base = ("/api/v1" if plural in ("secrets", "events") else f"/apis/{GROUP_VERSION}")
+        base = "/api/v1" if plural in ("secrets", "events") else f"/apis/{GROUP_VERSION}"
         path = f"{base}/namespaces/{self.namespace}/{plural}"
         if name is not None:
             path += f"/{name}"
@@ -103,8 +106,12 @@ class Kube:
 
     async def create(self, kind: str, name: str, spec: dict[str, Any], **metadata: Any) -> dict[str, Any]:
         plural = {"Wallet": "wallets", "ApiKey": "apikeys"}[kind]
-        body = {"apiVersion": GROUP_VERSION, "kind": kind,
-                "metadata": {"name": name, "namespace": self.namespace, **metadata}, "spec": spec}
+        body = {
+            "apiVersion": GROUP_VERSION,
+            "kind": kind,
+            "metadata": {"name": name, "namespace": self.namespace, **metadata},
+            "spec": spec,
+        }
         return await self._call("POST", self._path(plural), json=body)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -121,42 +128,69 @@ class Kube:
             raise
 
     async def patch_spec(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("PATCH", self._path(plural, name), json={"spec": spec},
-                                headers={"Content-Type": "application/merge-patch+json"})
+        return await self._call(
+            "PATCH",
+            self._path(plural, name),
+            json={"spec": spec},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
 
     async def delete(self, plural: str, name: str) -> None:
         await self._call("DELETE", self._path(plural, name))
 
     async def create_secret(self, name: str, data: dict[str, str]) -> dict[str, Any]:
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": name},
-                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": name},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
         return await self._call("POST", self._path("secrets"), json=body)
 
     async def events(self) -> list[dict[str, Any]]:
         return (await self._call("GET", self._path("events")))["items"]
 
     async def events_for(self, name: str, reason: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in await self.events()
-                if e.get("involvedObject", {}).get("name") == name and (reason is None or e.get("reason") == reason)]
+        return [
+            e
+            for e in await self.events()
+            if e.get("involvedObject", {}).get("name") == name
+            and (reason is None or e.get("reason") == reason)
+        ]
 
     # -- polling helpers -------------------------------------------------------------------------
 
-    async def wait_for(self, plural: str, name: str, check: Callable[[dict[str, Any]], bool], *,
-                       timeout_s: float = POLL_TIMEOUT_S, what: str | None = None) -> dict[str, Any]:
+    async def wait_for(
+        self,
+        plural: str,
+        name: str,
+        check: Callable[[dict[str, Any]], bool],
+        *,
+        timeout_s: float = POLL_TIMEOUT_S,
+        what: str | None = None,
+    ) -> dict[str, Any]:
         async def probe() -> dict[str, Any] | None:
             obj = await self.get(plural, name)
             return obj if obj is not None and check(obj) else None
-        return await eventually(probe, timeout_s=timeout_s, what=what or f"{plural}/{name} reaching the state")
+
+        return await eventually(
+            probe, timeout_s=timeout_s, what=what or f"{plural}/{name} reaching the state"
+        )
 
     async def wait_gone(self, plural: str, name: str, *, timeout_s: float = POLL_TIMEOUT_S) -> None:
         async def probe() -> bool:
             return await self.get(plural, name) is None
+
         await eventually(probe, timeout_s=timeout_s, what=f"{plural}/{name} being deleted")
 
-    async def wait_event(self, name: str, reason: str, *, timeout_s: float = POLL_TIMEOUT_S) -> dict[str, Any]:
+    async def wait_event(
+        self, name: str, reason: str, *, timeout_s: float = POLL_TIMEOUT_S
+    ) -> dict[str, Any]:
         async def probe() -> dict[str, Any] | None:
             found = await self.events_for(name, reason)
             return found[-1] if found else None
+
         return await eventually(probe, timeout_s=timeout_s, what=f"an Event {reason} for {name}")
 
 
@@ -166,14 +200,18 @@ def condition(obj: dict[str, Any], type_: str = "Ready") -> dict[str, Any] | Non
 
 def is_ready(obj: dict[str, Any]) -> bool:
     cond = condition(obj)
-    return cond is not None and cond["status"] == "True" and \
-        (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
+    return (
+        cond is not None
+        and cond["status"] == "True"
+        and (obj.get("status") or {}).get("observedGeneration") == obj["metadata"].get("generation")
+    )
 
 
 def reason_is(reason: str, status: str = "False", type_: str = "Ready") -> Callable[[dict[str, Any]], bool]:
     def check(obj: dict[str, Any]) -> bool:
         cond = condition(obj, type_)
         return cond is not None and cond["reason"] == reason and cond["status"] == status
+
     return check
 
 
@@ -235,7 +273,9 @@ class TcpProxy:
     def url(self, database_url: str) -> str:
         parts = urlsplit(database_url)
         userinfo = parts.netloc.rpartition("@")[0]
-        return parts._replace(netloc=f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}").geturl()
+        return parts._replace(
+            netloc=f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        ).geturl()
 
 
 class _ThreadLog(logging.Handler):
@@ -282,7 +322,7 @@ class OperatorThread:
     def _main(self) -> None:
         try:
             asyncio.run(runner.run(self.cfg, stop_flag=self._stop, ready_flag=self._ready))
-        except BaseException as exc:  # reported by stop()
+        except BaseException as exc:  # noqa: BLE001 (any end of the operator thread is reported by stop())
             self._error = exc
 
     def logged(self, text: str) -> bool:
@@ -298,7 +338,9 @@ class OperatorThread:
 
         async def watching() -> bool:
             return self._error is not None or all(
-                self.logged(f"Starting the watch-stream for {resource}") for resource in self.WATCHED)
+                self.logged(f"Starting the watch-stream for {resource}") for resource in self.WATCHED
+            )
+
         try:
             if not started:
                 raise AssertionError("the operator did not start within 30 s")
@@ -332,31 +374,20 @@ async def running(cfg: config.OperatorConfig):
 
 # -- PostgreSQL, as the tests read it ---------------------------------------------------------------
 
+
 async def wallet_rows(engine: Any, external_id: str) -> list[Any]:
-    import sqlalchemy as sa  # noqa: PLC0415
-
-    from billing import tables  # noqa: PLC0415
-
     async with engine.connect() as conn:
         w = tables.wallets
         return (await conn.execute(sa.select(w).where(w.c.external_id == external_id))).all()
 
 
 async def ledger_rows(engine: Any, wallet_id: str) -> list[Any]:
-    import sqlalchemy as sa  # noqa: PLC0415
-
-    from billing import tables  # noqa: PLC0415
-
     async with engine.connect() as conn:
         le = tables.ledger_entries
         return (await conn.execute(sa.select(le).where(le.c.wallet_id == wallet_id).order_by(le.c.id))).all()
 
 
 async def key_rows(engine: Any, *, external_id: str | None = None, wallet_id: str | None = None) -> list[Any]:
-    import sqlalchemy as sa  # noqa: PLC0415
-
-    from billing import tables  # noqa: PLC0415
-
     k = tables.api_keys
     query = sa.select(k).order_by(k.c.created_at, k.c.id)
     if external_id is not None:
@@ -368,8 +399,6 @@ async def key_rows(engine: Any, *, external_id: str | None = None, wallet_id: st
 
 
 async def books_balance(engine: Any) -> None:
-    from billing import ledger  # noqa: PLC0415
-
     async with engine.connect() as conn:
         problems = await ledger.check_invariants(conn)
     assert not problems, problems

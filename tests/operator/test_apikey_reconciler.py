@@ -15,7 +15,7 @@ import operator_harness as h
 from billing import keys, wallets
 
 APIKEYS = "apikeys"
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 async def _wallet(kube, name: str = "team-a") -> str:
@@ -33,14 +33,21 @@ async def _record(engine: AsyncEngine, plaintext: str) -> wallets.KeyRecord | No
 
 
 async def test_apikey_puts_the_key_in_a_secret_and_only_its_hash_in_postgres(
-        operator, kube, emulator, engine: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
+    operator, kube, emulator, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     wallet_id = await _wallet(kube)
     expires = (NOW + dt.timedelta(days=30)).replace(microsecond=0)
-    created = await kube.create("ApiKey", "ci", {
-        "walletRef": {"name": "team-a"}, "secretName": "ci-key",
-        "allowedModels": ["gpt-4o-mini", "gemini/gemini-2.5-flash"],
-        "expiresAt": expires.isoformat().replace("+00:00", "Z")})
+    created = await kube.create(
+        "ApiKey",
+        "ci",
+        {
+            "walletRef": {"name": "team-a"},
+            "secretName": "ci-key",
+            "allowedModels": ["gpt-4o-mini", "gemini/gemini-2.5-flash"],
+            "expiresAt": expires.isoformat().replace("+00:00", "Z"),
+        },
+    )
     uid = created["metadata"]["uid"]
     apikey = await kube.wait_for(APIKEYS, "ci", h.is_ready)
 
@@ -48,21 +55,38 @@ async def test_apikey_puts_the_key_in_a_secret_and_only_its_hash_in_postgres(
     assert secret["type"] == "Opaque" and set(secret["data"]) == {"api-key", "key-id"}
     plaintext, key_id = h.secret_value(secret, "api-key"), h.secret_value(secret, "key-id")
     assert keys.is_well_formed(plaintext)
-    assert secret["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "billingproxy-operator",
-                                           "billingproxy.io/apikey": "ci", "billingproxy.io/wallet": "team-a"}
+    assert secret["metadata"]["labels"] == {
+        "app.kubernetes.io/managed-by": "billingproxy-operator",
+        "billingproxy.io/apikey": "ci",
+        "billingproxy.io/wallet": "team-a",
+    }
     (owner,) = secret["metadata"]["ownerReferences"]
-    assert owner == {"apiVersion": "billingproxy.io/v1alpha1", "kind": "ApiKey", "name": "ci", "uid": uid,
-                     "controller": True, "blockOwnerDeletion": True}
+    assert owner == {
+        "apiVersion": "billingproxy.io/v1alpha1",
+        "kind": "ApiKey",
+        "name": "ci",
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
     (row,) = await h.key_rows(engine, external_id=uid)
-    assert (row.id, bytes(row.key_hash), row.source, row.wallet_id) == \
-        (key_id, keys.hash_key(plaintext), "kubernetes", wallet_id)
+    assert (row.id, bytes(row.key_hash), row.source, row.wallet_id) == (
+        key_id,
+        keys.hash_key(plaintext),
+        "kubernetes",
+        wallet_id,
+    )
     assert row.allowed_models == ["gemini/gemini-2.5-flash", "gpt-4o-mini"] and row.expires_at == expires
     assert (await _record(engine, plaintext)).refusal(NOW) is None
 
     status = apikey["status"]
-    assert (status["keyId"], status["keyPrefix"], status["walletId"], status["state"]) == \
-        (key_id, plaintext[:17], wallet_id, "Active")
+    assert (status["keyId"], status["keyPrefix"], status["walletId"], status["state"]) == (
+        key_id,
+        plaintext[:17],
+        wallet_id,
+        "Active",
+    )
     crd_schema.assert_valid(apikey)
     event = await kube.wait_event("ci", "KeyIssued")
     assert key_id in event["message"] and "ci-key" in event["message"]
@@ -91,15 +115,23 @@ async def test_apikey_waits_for_its_wallet(operator, kube) -> None:
 
 
 async def test_rotation_replaces_the_key_and_revokes_the_old_one_after_the_grace_period(
-        operator, kube, engine: AsyncEngine) -> None:
+    operator, kube, engine: AsyncEngine
+) -> None:
     await _wallet(kube)
-    uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key",
-                                              "rotationGracePeriodSeconds": 2}))["metadata"]["uid"]
+    uid = (
+        await kube.create(
+            "ApiKey",
+            "ci",
+            {"walletRef": {"name": "team-a"}, "secretName": "ci-key", "rotationGracePeriodSeconds": 2},
+        )
+    )["metadata"]["uid"]
     await kube.wait_for(APIKEYS, "ci", h.is_ready)
     old = h.secret_value(await _secret(kube, "ci-key"), "api-key")
 
     await kube.patch_spec(APIKEYS, "ci", {"rotationGeneration": 1})
-    apikey = await kube.wait_for(APIKEYS, "ci", lambda o: h.is_ready(o) and o["status"]["rotationGeneration"] == 1)
+    apikey = await kube.wait_for(
+        APIKEYS, "ci", lambda o: h.is_ready(o) and o["status"]["rotationGeneration"] == 1
+    )
     secret = await _secret(kube, "ci-key")
     new = h.secret_value(secret, "api-key")
     assert new != old and secret["metadata"]["annotations"]["billingproxy.io/rotation-generation"] == "1"
@@ -108,16 +140,17 @@ async def test_rotation_replaces_the_key_and_revokes_the_old_one_after_the_grace
     assert apikey["status"]["previousKeyId"] == old_record.id
     crd_schema.assert_valid(apikey)
     # Inside the grace period both keys work; the old one has its end written down.
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert old_record.refusal(now) is None and new_record.refusal(now) is None
     assert now < old_record.revoke_after <= now + dt.timedelta(seconds=3)
     assert old_record.id in (await kube.wait_event("ci", "KeyRotated"))["message"]
 
     async def old_key_refused() -> bool:
         record = await _record(engine, old)
-        return record.refusal(dt.datetime.now(dt.timezone.utc)) == "revoked"
+        return record.refusal(dt.datetime.now(dt.UTC)) == "revoked"
+
     await h.eventually(old_key_refused, timeout_s=5, what="the old key's revocation")
-    assert (await _record(engine, new)).refusal(dt.datetime.now(dt.timezone.utc)) is None
+    assert (await _record(engine, new)).refusal(dt.datetime.now(dt.UTC)) is None
     await kube.wait_for(APIKEYS, "ci", lambda o: "previousKeyId" not in o["status"])
     assert len(await h.key_rows(engine, external_id=uid)) == 2
 
@@ -135,9 +168,13 @@ async def test_suspend_and_resume_a_key(operator, kube, engine: AsyncEngine) -> 
     assert (await _record(engine, plaintext)).refusal(NOW) is None
 
 
-async def test_deleting_an_apikey_revokes_every_key_then_deletes_the_secret(operator, kube, engine: AsyncEngine) -> None:
+async def test_deleting_an_apikey_revokes_every_key_then_deletes_the_secret(
+    operator, kube, engine: AsyncEngine
+) -> None:
     await _wallet(kube)
-    uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))["metadata"]["uid"]
+    uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))[
+        "metadata"
+    ]["uid"]
     await kube.wait_for(APIKEYS, "ci", h.is_ready)
     await kube.patch_spec(APIKEYS, "ci", {"rotationGeneration": 1})  # one key in its grace period
     await kube.wait_for(APIKEYS, "ci", lambda o: h.is_ready(o) and o["status"].get("previousKeyId"))
@@ -152,7 +189,8 @@ async def test_deleting_an_apikey_revokes_every_key_then_deletes_the_secret(oper
 
 
 async def test_deletion_waits_for_the_database_the_key_is_revoked_before_the_object_goes(
-        proxied_config, db_proxy, kubeconfig, kube, engine: AsyncEngine) -> None:
+    proxied_config, db_proxy, kubeconfig, kube, engine: AsyncEngine
+) -> None:
     async with h.running(proxied_config):
         await _wallet(kube)
         await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"})
@@ -161,11 +199,14 @@ async def test_deletion_waits_for_the_database_the_key_is_revoked_before_the_obj
         db_proxy.close()
         await kube.delete(APIKEYS, "ci")
         blocked = await kube.wait_for(APIKEYS, "ci", h.reason_is("DatabaseUnavailable"))
-        assert blocked["metadata"]["deletionTimestamp"] and "billingproxy.io/finalizer" in blocked["metadata"]["finalizers"]
+        assert (
+            blocked["metadata"]["deletionTimestamp"]
+            and "billingproxy.io/finalizer" in blocked["metadata"]["finalizers"]
+        )
         assert (await _record(engine, plaintext)).refusal(NOW) is None and await _secret(kube, "ci-key")
         await db_proxy.open()
         await kube.wait_gone(APIKEYS, "ci")
-    assert (await _record(engine, plaintext)).refusal(dt.datetime.now(dt.timezone.utc)) == "revoked"
+    assert (await _record(engine, plaintext)).refusal(dt.datetime.now(dt.UTC)) == "revoked"
     assert await _secret(kube, "ci-key") is None
 
 
@@ -183,7 +224,8 @@ async def test_a_secret_that_is_not_ours_is_left_alone(operator, kube) -> None:
 
 
 async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
-        proxied_config, db_proxy, kubeconfig, kube, emulator, engine: AsyncEngine) -> None:
+    proxied_config, db_proxy, kubeconfig, kube, emulator, engine: AsyncEngine
+) -> None:
     """The Secret is written, then PostgreSQL goes away before the key is recorded; the next
     operator records that very key: no key lost, none issued twice."""
     first = h.OperatorThread(proxied_config)
@@ -193,8 +235,11 @@ async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
     def cut_database_after_secret(request) -> None:
         if request.resource == "v1/secrets" and request.method == "POST":
             db_proxy.close()
+
     emulator.observe(cut_database_after_secret)
-    uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))["metadata"]["uid"]
+    uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))[
+        "metadata"
+    ]["uid"]
     await kube.wait_for(APIKEYS, "ci", h.reason_is("DatabaseUnavailable"))
     in_secret = await _secret(kube, "ci-key")
     assert in_secret is not None and await h.key_rows(engine, external_id=uid) == []
@@ -211,10 +256,13 @@ async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
 
 
 async def test_restart_reissues_nothing_and_replaces_a_lost_secret(
-        operator_config, kubeconfig, kube, engine: AsyncEngine) -> None:
+    operator_config, kubeconfig, kube, engine: AsyncEngine
+) -> None:
     async with h.running(operator_config):
         await _wallet(kube)
-        uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))["metadata"]["uid"]
+        uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))[
+            "metadata"
+        ]["uid"]
         await kube.wait_for(APIKEYS, "ci", h.is_ready)
     before = await _secret(kube, "ci-key")
     async with h.running(operator_config):  # resume handlers run again: a duplicate run

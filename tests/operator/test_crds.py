@@ -56,10 +56,13 @@ def test_the_validator_is_not_vacuous() -> None:
     assert crd_schema.errors({**good, "status": {"lastTopUp": {"time": "yesterday"}}})
 
 
-@pytest.mark.parametrize("kind, plural, short, columns", [
-    ("Wallet", "wallets", "wal", ["Owner", "Balance", "State", "Age"]),
-    ("ApiKey", "apikeys", "ak", ["Wallet", "State", "Prefix", "Age"]),
-])
+@pytest.mark.parametrize(
+    "kind, plural, short, columns",
+    [
+        ("Wallet", "wallets", "wal", ["Owner", "Balance", "State", "Age"]),
+        ("ApiKey", "apikeys", "ak", ["Wallet", "State", "Prefix", "Age"]),
+    ],
+)
 def test_crd_shape(kind: str, plural: str, short: str, columns: list[str]) -> None:
     crd = crd_schema.crd(kind)
     assert crd["metadata"]["name"] == f"{plural}.billingproxy.io"
@@ -72,15 +75,28 @@ def test_crd_shape(kind: str, plural: str, short: str, columns: list[str]) -> No
     assert default_columns == columns
 
 
-@pytest.mark.parametrize("address, valid", [
-    ("alice@example.com", True), ("a.b+tag@sub.example.co.uk", True), ("o'brien@example.ie", True),
-    ("alice@example", False), ("alice-at-example.com", False), ("alice@-example.com", False),
-    ("al ice@example.com", False), ("alice@exa_mple.com", False), ("@example.com", False),
-])
+@pytest.mark.parametrize(
+    "address, valid",
+    [
+        ("alice@example.com", True),
+        ("a.b+tag@sub.example.co.uk", True),
+        ("o'brien@example.ie", True),
+        ("alice@example", False),
+        ("alice-at-example.com", False),
+        ("alice@-example.com", False),
+        ("al ice@example.com", False),
+        ("alice@exa_mple.com", False),
+        ("@example.com", False),
+    ],
+)
 def test_email_rule_is_the_cores(address: str, valid: bool) -> None:
     """The CRD refuses at `kubectl apply` exactly what the operator would refuse later."""
-    obj = {"apiVersion": "billingproxy.io/v1alpha1", "kind": "Wallet", "metadata": {"name": "w"},
-           "spec": {"ownerEmail": address}}
+    obj = {
+        "apiVersion": "billingproxy.io/v1alpha1",
+        "kind": "Wallet",
+        "metadata": {"name": "w"},
+        "spec": {"ownerEmail": address},
+    }
     try:
         wallets.normalize_email(address)
         core_accepts = True
@@ -107,7 +123,9 @@ def test_defaults_and_limits_agree_with_the_operator() -> None:
     overdraft = wallet["overdraftLimitUsd"]
     assert "default" not in overdraft, "unset means the operator's BILLINGPROXY_OVERDRAFT_LIMIT_USD"
     largest = "9" * 7 + "." + "9" * 9
-    assert re.fullmatch(overdraft["pattern"], largest) and not re.fullmatch(overdraft["pattern"], "1" + "0" * 7)
+    assert re.fullmatch(overdraft["pattern"], largest) and not re.fullmatch(
+        overdraft["pattern"], "1" + "0" * 7
+    )
     assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_MAX_NANO
 
 
@@ -127,28 +145,39 @@ def test_immutable_and_monotonic_fields_have_cel_rules() -> None:
         assert found == [rule], f"{kind}.spec.{field}"
 
 
-@pytest.mark.parametrize("spec, field", [
-    ({"ownerEmail": "not-an-email"}, "spec.ownerEmail"),
-    ({"ownerEmail": "a@example.com", "initialGrant": "ten"}, "spec.initialGrant"),
-    ({"ownerEmail": "a@example.com", "lowBalanceThreshold": 5}, "spec.lowBalanceThreshold"),
-    ({"ownerEmail": "a@example.com", "stripeCustomerId": "acct_1"}, "spec.stripeCustomerId"),
-    ({"ownerEmail": "a@example.com", "overdraftLimitUsd": "-1"}, "spec.overdraftLimitUsd"),
-    ({"ownerEmail": "a@example.com", "overdraftLimitUsd": "10000000"}, "spec.overdraftLimitUsd"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"ownerEmail": "not-an-email"}, "spec.ownerEmail"),
+        ({"ownerEmail": "a@example.com", "initialGrant": "ten"}, "spec.initialGrant"),
+        ({"ownerEmail": "a@example.com", "lowBalanceThreshold": 5}, "spec.lowBalanceThreshold"),
+        ({"ownerEmail": "a@example.com", "stripeCustomerId": "acct_1"}, "spec.stripeCustomerId"),
+        ({"ownerEmail": "a@example.com", "overdraftLimitUsd": "-1"}, "spec.overdraftLimitUsd"),
+        ({"ownerEmail": "a@example.com", "overdraftLimitUsd": "10000000"}, "spec.overdraftLimitUsd"),
+    ],
+)
 def test_operator_names_the_bad_wallet_field(spec: dict, field: str) -> None:
     with pytest.raises(errors.InvalidSpec, match=field):
         wallet_reconciler.WalletSpec.parse(spec)
 
 
-@pytest.mark.parametrize("spec, field", [
-    ({"secretName": "k"}, "spec.walletRef.name"),
-    ({"walletRef": {"name": "w"}, "secretName": "Bad_Name"}, "spec.secretName"),
-    ({"walletRef": {"name": "w"}, "secretName": "k", "expiresAt": "2027-01-01"}, "spec.expiresAt"),
-    ({"walletRef": {"name": "w"}, "secretName": "k", "allowedModels": []}, "spec.allowedModels"),
-    ({"walletRef": {"name": "w"}, "secretName": "k", "rotationGeneration": -1}, "spec.rotationGeneration"),
-    ({"walletRef": {"name": "w"}, "secretName": "k", "rotationGracePeriodSeconds": True},
-     "spec.rotationGracePeriodSeconds"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"secretName": "k"}, "spec.walletRef.name"),
+        ({"walletRef": {"name": "w"}, "secretName": "Bad_Name"}, "spec.secretName"),
+        ({"walletRef": {"name": "w"}, "secretName": "k", "expiresAt": "2027-01-01"}, "spec.expiresAt"),
+        ({"walletRef": {"name": "w"}, "secretName": "k", "allowedModels": []}, "spec.allowedModels"),
+        (
+            {"walletRef": {"name": "w"}, "secretName": "k", "rotationGeneration": -1},
+            "spec.rotationGeneration",
+        ),
+        (
+            {"walletRef": {"name": "w"}, "secretName": "k", "rotationGracePeriodSeconds": True},
+            "spec.rotationGracePeriodSeconds",
+        ),
+    ],
+)
 def test_operator_names_the_bad_apikey_field(spec: dict, field: str) -> None:
     with pytest.raises(errors.InvalidSpec, match=field):
         apikey_reconciler.ApiKeySpec.parse(spec, default_grace_s=60)

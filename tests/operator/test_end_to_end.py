@@ -19,14 +19,22 @@ REVOCATION_BUDGET_S = 1.0
 
 @pytest.fixture
 async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"
+    }
     names = ("GATEWAY", "HTTP", "GRPC", "ADMIN", "ENVOY_ADMIN")
-    env.update({
-        "DATABASE_URL": database_url,
-        "BILLINGPROXY_DATA_DIR": str(tmp_path / "stack"),
-        **{f"BILLINGPROXY_{name}_PORT": str(port) for name, port in zip(names, h.server_ports(len(names)))},
-    })
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "BILLINGPROXY_DATA_DIR": str(tmp_path / "stack"),
+            **{
+                f"BILLINGPROXY_{name}_PORT": str(port)
+                for name, port in zip(names, h.server_ports(len(names)), strict=True)
+            },
+        }
+    )
     stack = Stack(env, say=lambda _message: None, durable=False)
     await stack.start()
     try:
@@ -37,14 +45,16 @@ async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
 
 async def _chat(http: aiohttp.ClientSession, url: str, key: str) -> int:
     body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "Hello"}]}
-    async with http.post(f"{url}/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {key}"}) as response:
+    async with http.post(
+        f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
         await response.read()
         return response.status
 
 
 async def test_a_key_from_an_apikey_works_through_envoy_until_the_apikey_is_deleted(
-        gateway: Stack, operator, kube) -> None:
+    gateway: Stack, operator, kube
+) -> None:
     await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com", "initialGrant": "1.00"})
     await kube.wait_for("wallets", "team-a", h.is_ready)
     await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"})
@@ -53,14 +63,19 @@ async def test_a_key_from_an_apikey_works_through_envoy_until_the_apikey_is_dele
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         assert await _chat(http, gateway.gateway_url, key) == 200
-        await kube.wait_for("wallets", "team-a", lambda o: o["status"]["balance"] != "1.000000",
-                            what="the request's cost in the Wallet's status")
+        await kube.wait_for(
+            "wallets",
+            "team-a",
+            lambda o: o["status"]["balance"] != "1.000000",
+            what="the request's cost in the Wallet's status",
+        )
 
         deleted_at = time.monotonic()
         await kube.delete("apikeys", "ci")
 
         async def refused() -> bool:
             return await _chat(http, gateway.gateway_url, key) == 401
+
         await h.eventually(refused, timeout_s=5, what="the deleted ApiKey's key being refused")
         elapsed = time.monotonic() - deleted_at
         assert elapsed < REVOCATION_BUDGET_S, f"refused only {elapsed:.2f} s after the deletion"

@@ -30,6 +30,8 @@ async def test_kopf_run_dash_m_billing_operator(database_url, kubeconfig, kube, 
     assert row.balance_nano == 500_000_000
 
 
-def test_billingproxy_operator_refuses_to_start_without_a_database(capsys: pytest.CaptureFixture[str]) -> None:
+def test_billingproxy_operator_refuses_to_start_without_a_database(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert operator_command.main(settings_mod.Settings(database_url="")) == 2
     assert "DATABASE_URL" in capsys.readouterr().err

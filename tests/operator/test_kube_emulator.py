@@ -26,7 +26,6 @@ async def test_a_watch_from_a_listed_version_streams_a_deletion_made_after_the_l
     assert marked["generation"] == 2  # as the API server's registry does on marking
 
 
-
 async def test_two_writes_guarded_by_the_same_resource_version_cannot_both_succeed(kube, emulator) -> None:
     """Optimistic concurrency (``test /metadata/resourceVersion``, what kopf's condition and
     finalizer patches carry) only works if the check and the write are one step. Writes queued
@@ -38,11 +37,17 @@ async def test_two_writes_guarded_by_the_same_resource_version_cannot_both_succe
     emulator.observe(lambda request: arrived.append(request) if request.method == "PATCH" else None)
 
     async def guarded(condition: str) -> int:
-        ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": version},
-               {"op": "add", "path": "/status", "value": {"conditions": [{"type": condition}]}}]
+        ops = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "add", "path": "/status", "value": {"conditions": [{"type": condition}]}},
+        ]
         try:
-            await kube._call("PATCH", kube._path("wallets", "team-a", subresource="status"), json=ops,
-                             headers={"Content-Type": "application/json-patch+json"})
+            await kube._call(
+                "PATCH",
+                kube._path("wallets", "team-a", subresource="status"),
+                json=ops,
+                headers={"Content-Type": "application/json-patch+json"},
+            )
         except h.ApiError as exc:
             return exc.status
         return 200
@@ -52,6 +57,7 @@ async def test_two_writes_guarded_by_the_same_resource_version_cannot_both_succe
 
         async def both_arrived() -> bool:
             return len(arrived) == 2
+
         await h.eventually(both_arrived, what="both writes at the emulator")
     assert sorted(await asyncio.gather(*writes)) == [200, 422]
 
@@ -59,11 +65,23 @@ async def test_two_writes_guarded_by_the_same_resource_version_cannot_both_succe
 async def test_every_write_gives_a_new_resource_version_also_through_the_status(kube) -> None:
     """A status write is a write: without a new version, kopf's guarded patches computed before it
     still passed their ``test`` and overwrote it (the timer's Synced replaced the handler's Ready)."""
-    versions = [int((await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))
-                    ["metadata"]["resourceVersion"])]
-    for path, body in (("wallets", {"status": {"state": "Active"}}), ("wallets", {"spec": {"suspended": True}})):
+    versions = [
+        int(
+            (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"][
+                "resourceVersion"
+            ]
+        )
+    ]
+    for path, body in (
+        ("wallets", {"status": {"state": "Active"}}),
+        ("wallets", {"spec": {"suspended": True}}),
+    ):
         status = "status" if "status" in body else None
-        changed = await kube._call("PATCH", kube._path(path, "team-a", subresource=status), json=body,
-                                   headers={"Content-Type": "application/merge-patch+json"})
+        changed = await kube._call(
+            "PATCH",
+            kube._path(path, "team-a", subresource=status),
+            json=body,
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
         versions.append(int(changed["metadata"]["resourceVersion"]))
     assert versions == sorted(set(versions)), versions

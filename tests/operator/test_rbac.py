@@ -11,10 +11,18 @@ import crd_schema
 import operator_harness as h
 
 RBAC = crd_schema.ROOT / "operator" / "deploy" / "rbac.yaml"
-VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "UPDATE": "patch", "DELETE": "delete"}
+VERBS = {
+    "LIST": "list",
+    "WATCH": "watch",
+    "FETCH": "get",
+    "CREATE": "create",
+    "UPDATE": "patch",
+    "DELETE": "delete",
+}
 # Allowed but not exercised against kmock, each for a reason written in rbac.yaml.
 NOT_EXERCISED = {
-    ("", "namespaces", "list"), ("", "namespaces", "watch"),  # only with -n 'pattern*'
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),  # only with -n 'pattern*'
     ("billingproxy.io", "apikeys/finalizers", "update"),  # owner references, checked by an admission plugin
     *{("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")},  # peering
 }
@@ -26,7 +34,9 @@ def _granted() -> set[tuple[str, str, str]]:
         if doc["kind"] != "ClusterRole":
             continue
         for rule in doc["rules"]:
-            granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+            granted |= {
+                (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+            }
     return granted
 
 
@@ -41,7 +51,9 @@ async def test_rbac_allows_exactly_what_the_operator_does(operator, kube, emulat
     await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"})
     await kube.wait_for("apikeys", "ci", h.is_ready)
     await kube.patch_spec("apikeys", "ci", {"rotationGeneration": 1})
-    await kube.wait_for("apikeys", "ci", lambda o: h.is_ready(o) and o["status"].get("rotationGeneration") == 1)
+    await kube.wait_for(
+        "apikeys", "ci", lambda o: h.is_ready(o) and o["status"].get("rotationGeneration") == 1
+    )
     await kube.delete("apikeys", "ci")
     await kube.wait_gone("apikeys", "ci")
     await kube.delete("wallets", "team-a")

@@ -16,21 +16,34 @@ WALLETS = "wallets"
 
 async def _post(engine: AsyncEngine, wallet_id: str, kind: str, amount_nano: int, key: str) -> ledger.Entry:
     async with engine.begin() as conn:
-        return await ledger.post_entry(conn, wallet_id=wallet_id, kind=kind, amount_nano=amount_nano,
-                                       idempotency_key=key)
+        return await ledger.post_entry(
+            conn, wallet_id=wallet_id, kind=kind, amount_nano=amount_nano, idempotency_key=key
+        )
 
 
-async def test_top_ups_low_balance_and_empty_wallets_show_in_status_and_events(operator, kube, engine: AsyncEngine) -> None:
+async def test_top_ups_low_balance_and_empty_wallets_show_in_status_and_events(
+    operator, kube, engine: AsyncEngine
+) -> None:
     # Empty is balance + overdraft limit <= 0: here below -$0.05.
-    await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com", "initialGrant": "1.00",
-                                            "lowBalanceThreshold": "0.50", "overdraftLimitUsd": "0.05"})
+    await kube.create(
+        "Wallet",
+        "team-a",
+        {
+            "ownerEmail": "alice@example.com",
+            "initialGrant": "1.00",
+            "lowBalanceThreshold": "0.50",
+            "overdraftLimitUsd": "0.05",
+        },
+    )
     wallet_id = (await kube.wait_for(WALLETS, "team-a", h.is_ready))["status"]["walletId"]
 
     topup = await _post(engine, wallet_id, "topup", 10_000_000_000, "stripe:pi_test_1")
     wallet = await kube.wait_for(WALLETS, "team-a", lambda o: o["status"].get("balance") == "11.000000")
     event = await kube.wait_event("team-a", "TopUp")
     assert "$10.000000" in event["message"] and "$11.000000" in event["message"]
-    await kube.wait_for(WALLETS, "team-a", lambda o: (o["status"].get("lastTopUp") or {}).get("entryId") == topup.id)
+    await kube.wait_for(
+        WALLETS, "team-a", lambda o: (o["status"].get("lastTopUp") or {}).get("entryId") == topup.id
+    )
     wallet = await kube.get(WALLETS, "team-a")
     assert wallet["status"]["lastTopUp"]["amount"] == "10.000000"
     crd_schema.assert_valid(wallet)
@@ -59,15 +72,20 @@ async def test_reserved_funds_are_mirrored(operator, kube, engine: AsyncEngine) 
     await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
     wallet_id = (await kube.wait_for(WALLETS, "team-a", h.is_ready))["status"]["walletId"]
     async with engine.begin() as conn:  # what a Check's hold does to the row
-        await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id)
-                           .values(reserved_nano=123_000_000))
+        await conn.execute(
+            sa.update(tables.wallets)
+            .where(tables.wallets.c.id == wallet_id)
+            .values(reserved_nano=123_000_000)
+        )
     await kube.wait_for(WALLETS, "team-a", lambda o: o["status"].get("reserved") == "0.123000")
 
 
 async def test_a_database_outage_flips_synced_not_ready(proxied_config, db_proxy, kubeconfig, kube) -> None:
     async with h.running(proxied_config):
         await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
-        await kube.wait_for(WALLETS, "team-a", lambda o: h.is_ready(o) and h.reason_is("Mirrored", "True", "Synced")(o))
+        await kube.wait_for(
+            WALLETS, "team-a", lambda o: h.is_ready(o) and h.reason_is("Mirrored", "True", "Synced")(o)
+        )
         db_proxy.close()
         wallet = await kube.wait_for(WALLETS, "team-a", h.reason_is("DatabaseUnavailable", "False", "Synced"))
         assert h.condition(wallet)["status"] == "True"  # Ready is about the spec, and still true
@@ -78,7 +96,9 @@ async def test_a_database_outage_flips_synced_not_ready(proxied_config, db_proxy
 async def test_an_expiring_key_turns_expired(operator, kube) -> None:
     await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
     await kube.wait_for(WALLETS, "team-a", h.is_ready)
-    soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2)).isoformat()
-    await kube.create("ApiKey", "temp", {"walletRef": {"name": "team-a"}, "secretName": "temp-key", "expiresAt": soon})
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat()
+    await kube.create(
+        "ApiKey", "temp", {"walletRef": {"name": "team-a"}, "secretName": "temp-key", "expiresAt": soon}
+    )
     await kube.wait_for("apikeys", "temp", lambda o: h.is_ready(o) and o["status"]["state"] == "Active")
     await kube.wait_for("apikeys", "temp", lambda o: o["status"]["state"] == "Expired", timeout_s=6)

@@ -22,8 +22,11 @@ TEN_USD = 10_000_000_000
 
 @pytest.fixture
 async def double() -> AsyncIterator[StripeDouble]:
-    fake = StripeDouble(secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET,
-                        webhook_url="http://127.0.0.1:9/webhook-never-reached")
+    fake = StripeDouble(
+        secret_key=SECRET_KEY,
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_url="http://127.0.0.1:9/webhook-never-reached",
+    )
     await fake.start()
     try:
         yield fake
@@ -34,20 +37,31 @@ async def double() -> AsyncIterator[StripeDouble]:
 def _session_params(wallet_id: str) -> dict:
     """What the sidecar's Checkout call sends (authz_sidecar/stripe_api.py), for $10, form-decoded."""
     return {
-        "mode": "payment", "client_reference_id": wallet_id,
-        "line_items": [{"quantity": "1", "price_data": {"currency": "usd", "unit_amount": "1000",
-                                                       "product_data": {"name": "API credit"}}}],
+        "mode": "payment",
+        "client_reference_id": wallet_id,
+        "line_items": [
+            {
+                "quantity": "1",
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": "1000",
+                    "product_data": {"name": "API credit"},
+                },
+            }
+        ],
         "metadata": {"wallet_id": wallet_id, "purpose": "billingproxy_topup"},
         "payment_intent_data": {"metadata": {"wallet_id": wallet_id, "purpose": "billingproxy_topup"}},
-        "success_url": "http://127.0.0.1/ok", "cancel_url": "http://127.0.0.1/cancel",
+        "success_url": "http://127.0.0.1/ok",
+        "cancel_url": "http://127.0.0.1/cancel",
     }
 
 
 async def _paid_session_without_webhook(engine: AsyncEngine, double: StripeDouble, wallet_id: str) -> dict:
     session = double.create_session(_session_params(wallet_id))
     async with engine.begin() as conn:
-        await payments.record_checkout_session(conn, session_id=session["id"], wallet_id=wallet_id,
-                                               amount_nano=TEN_USD, expires_at=None)
+        await payments.record_checkout_session(
+            conn, session_id=session["id"], wallet_id=wallet_id, amount_nano=TEN_USD, expires_at=None
+        )
     return double.complete(session["id"])  # the event Stripe would send; never delivered
 
 
@@ -56,11 +70,15 @@ async def _balance(engine: AsyncEngine, wallet_id: str) -> int:
         return (await wallets.get_wallet(conn, wallet_id)).balance_nano
 
 
-async def test_a_missed_webhook_is_credited_once(engine: AsyncEngine, database_url: str, double: StripeDouble) -> None:
+async def test_a_missed_webhook_is_credited_once(
+    engine: AsyncEngine, database_url: str, double: StripeDouble
+) -> None:
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="kubernetes", grant_nano=0, external_id="uid-1")
     event = await _paid_session_without_webhook(engine, double, wallet.id)
-    cfg = config.OperatorConfig(database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url)
+    cfg = config.OperatorConfig(
+        database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url
+    )
     async with aiohttp.ClientSession() as session:
         client = stripe_reconciler.client(cfg, session)
         assert await stripe_reconciler.reconcile_once(engine, client, limit=10) == {"credited": 1}
@@ -74,11 +92,15 @@ async def test_a_missed_webhook_is_credited_once(engine: AsyncEngine, database_u
     await h.books_balance(engine)
 
 
-async def test_only_one_replica_reconciles_at_a_time(engine: AsyncEngine, database_url: str, double: StripeDouble) -> None:
+async def test_only_one_replica_reconciles_at_a_time(
+    engine: AsyncEngine, database_url: str, double: StripeDouble
+) -> None:
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="kubernetes", grant_nano=0, external_id="uid-2")
     await _paid_session_without_webhook(engine, double, wallet.id)
-    cfg = config.OperatorConfig(database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url)
+    cfg = config.OperatorConfig(
+        database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url
+    )
     async with engine.connect() as other_replica, aiohttp.ClientSession() as session:
         await other_replica.execute(sa.select(sa.func.pg_advisory_lock(stripe_reconciler.LOCK_KEY)))
         client = stripe_reconciler.client(cfg, session)
@@ -89,9 +111,11 @@ async def test_only_one_replica_reconciles_at_a_time(engine: AsyncEngine, databa
 
 
 async def test_the_operator_reconciles_and_the_wallet_shows_the_top_up(
-        operator_config, kubeconfig, kube, engine: AsyncEngine, double: StripeDouble) -> None:
-    cfg = dataclasses.replace(operator_config, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url,
-                              stripe_interval_s=0.2)
+    operator_config, kubeconfig, kube, engine: AsyncEngine, double: StripeDouble
+) -> None:
+    cfg = dataclasses.replace(
+        operator_config, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url, stripe_interval_s=0.2
+    )
     async with h.running(cfg):
         await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
         wallet_id = (await kube.wait_for("wallets", "team-a", h.is_ready))["status"]["walletId"]

@@ -18,19 +18,33 @@ WALLETS = "wallets"
 
 
 async def test_wallet_is_created_once_with_its_grant(operator, kube, engine: AsyncEngine) -> None:
-    created = await kube.create("Wallet", "team-a", {
-        "ownerEmail": "Alice@Example.com", "initialGrant": "2.50", "stripeCustomerId": "cus_A1"})
+    created = await kube.create(
+        "Wallet",
+        "team-a",
+        {"ownerEmail": "Alice@Example.com", "initialGrant": "2.50", "stripeCustomerId": "cus_A1"},
+    )
     uid = created["metadata"]["uid"]
     wallet = await kube.wait_for(WALLETS, "team-a", h.is_ready)
 
     (row,) = await h.wallet_rows(engine, uid)
-    assert (row.source, row.email, row.balance_nano, row.suspended, row.stripe_customer_id) == \
-        ("kubernetes", "alice@example.com", 2_500_000_000, False, "cus_A1")
+    assert (row.source, row.email, row.balance_nano, row.suspended, row.stripe_customer_id) == (
+        "kubernetes",
+        "alice@example.com",
+        2_500_000_000,
+        False,
+        "cus_A1",
+    )
     (grant,) = await h.ledger_rows(engine, row.id)
-    assert (grant.kind, grant.amount_nano, grant.idempotency_key) == ("grant", 2_500_000_000, f"grant:kubernetes:{uid}")
+    assert (grant.kind, grant.amount_nano, grant.idempotency_key) == (
+        "grant",
+        2_500_000_000,
+        f"grant:kubernetes:{uid}",
+    )
 
     status = wallet["status"]
-    assert status["walletId"] == row.id and status["balance"] == "2.500000" and status["reserved"] == "0.000000"
+    assert (
+        status["walletId"] == row.id and status["balance"] == "2.500000" and status["reserved"] == "0.000000"
+    )
     assert status["state"] == "Active" and status["observedGeneration"] == 1
     assert "billingproxy.io/finalizer" in wallet["metadata"]["finalizers"]
     crd_schema.assert_valid(wallet)
@@ -46,12 +60,16 @@ async def test_default_grant_is_fifty_cents(operator, kube, engine: AsyncEngine)
     assert row.balance_nano == 500_000_000
 
 
-async def test_spec_changes_are_applied_and_the_grant_never_repeats(operator, kube, engine: AsyncEngine) -> None:
+async def test_spec_changes_are_applied_and_the_grant_never_repeats(
+    operator, kube, engine: AsyncEngine
+) -> None:
     uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
     await kube.wait_for(WALLETS, "team-a", h.is_ready)
 
     await kube.patch_spec(WALLETS, "team-a", {"suspended": True, "ownerEmail": "carol@example.com"})
-    wallet = await kube.wait_for(WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"]["state"] == "Suspended")
+    wallet = await kube.wait_for(
+        WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"]["state"] == "Suspended"
+    )
     assert wallet["status"]["observedGeneration"] == 2
     (row,) = await h.wallet_rows(engine, uid)
     assert row.suspended and row.email == "carol@example.com"
@@ -69,7 +87,9 @@ async def test_spec_changes_are_applied_and_the_grant_never_repeats(operator, ku
     assert [e.kind for e in await h.ledger_rows(engine, row.id)] == ["grant"]
 
 
-async def test_invalid_spec_fails_permanently_with_a_condition_until_fixed(operator, kube, engine: AsyncEngine) -> None:
+async def test_invalid_spec_fails_permanently_with_a_condition_until_fixed(
+    operator, kube, engine: AsyncEngine
+) -> None:
     # A spec the CRD would refuse at `kubectl apply`; kmock takes it, as an older CRD might.
     uid = (await kube.create("Wallet", "bad", {"ownerEmail": "not-an-email"}))["metadata"]["uid"]
     wallet = await kube.wait_for(WALLETS, "bad", h.reason_is("InvalidSpec"))
@@ -95,8 +115,9 @@ async def test_wallets_of_other_owners_are_never_touched(engine: AsyncEngine) ->
 
 async def test_duplicate_runs_create_one_wallet_and_one_grant(engine: AsyncEngine) -> None:
     spec = wallet_reconciler.WalletSpec.parse({"ownerEmail": "dup@example.com", "initialGrant": "1"})
-    outcomes = await asyncio.gather(*(
-        wallet_reconciler.ensure(engine, uid="uid-dup", spec=spec, apply_switch=False) for _ in range(6)))
+    outcomes = await asyncio.gather(
+        *(wallet_reconciler.ensure(engine, uid="uid-dup", spec=spec, apply_switch=False) for _ in range(6))
+    )
     assert len({o.wallet.id for o in outcomes}) == 1
     assert [o.created for o in outcomes].count(True) == 1
     (row,) = await h.wallet_rows(engine, "uid-dup")
@@ -104,7 +125,8 @@ async def test_duplicate_runs_create_one_wallet_and_one_grant(engine: AsyncEngin
 
 
 async def test_deleting_a_wallet_suspends_it_and_its_keys_and_keeps_the_ledger(
-        operator, kube, engine: AsyncEngine) -> None:
+    operator, kube, engine: AsyncEngine
+) -> None:
     uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
     wallet_id = (await kube.wait_for(WALLETS, "team-a", h.is_ready))["status"]["walletId"]
     await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"})
@@ -125,12 +147,19 @@ async def test_deleting_a_wallet_suspends_it_and_its_keys_and_keeps_the_ledger(
     await kube.wait_for("apikeys", "ci", lambda o: o["status"]["state"] == "Suspended")
 
 
-async def test_a_restart_midway_grants_once(operator_config, kubeconfig, kube, emulator, engine: AsyncEngine) -> None:
+async def test_a_restart_midway_grants_once(
+    operator_config, kubeconfig, kube, emulator, engine: AsyncEngine
+) -> None:
     """The create handler's work is committed, but kopf never records it (its patches fail);
     a new operator runs the create handler again: still one wallet, one grant, one Event."""
+
     def results_patch(request) -> bool:
-        return (request.resource == "billingproxy.io/v1alpha1/wallets" and request.method == "PATCH"
-                and "finalizers" not in str(request.data))
+        return (
+            request.resource == "billingproxy.io/v1alpha1/wallets"
+            and request.method == "PATCH"
+            and "finalizers" not in str(request.data)
+        )
+
     heal = emulator.fail(results_patch)
     first = h.OperatorThread(operator_config)
     await first.start()
@@ -146,12 +175,15 @@ async def test_a_restart_midway_grants_once(operator_config, kubeconfig, kube, e
     assert row.balance_nano == 500_000_000 and len(await h.ledger_rows(engine, row.id)) == 1
     assert wallet["status"]["walletId"] == row.id
     assert len(await kube.events_for("team-a", "WalletCreated")) == 1
-    create_patches = [r for r in emulator if r.method == "PATCH" and "last-handled-configuration" in str(r.data)]
+    create_patches = [
+        r for r in emulator if r.method == "PATCH" and "last-handled-configuration" in str(r.data)
+    ]
     assert create_patches, "the second operator ran the create handler (not just resume)"
 
 
 async def test_database_outage_is_a_temporary_error_with_a_condition(
-        proxied_config, db_proxy, kubeconfig, kube, engine: AsyncEngine) -> None:
+    proxied_config, db_proxy, kubeconfig, kube, engine: AsyncEngine
+) -> None:
     async with h.running(proxied_config):
         db_proxy.close()
         uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
@@ -173,7 +205,8 @@ async def test_wallet_rows_are_only_ever_kubernetes_rows(engine: AsyncEngine) ->
 
 
 async def test_overdraft_limit_defaults_then_follows_its_field_only(
-        operator, operator_config, kube, engine: AsyncEngine) -> None:
+    operator, operator_config, kube, engine: AsyncEngine
+) -> None:
     """spec.overdraftLimitUsd is applied on create and when it changes; unset, the operator's
     default (BILLINGPROXY_OVERDRAFT_LIMIT_USD); a limit set by an admin outlives other changes."""
     uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
@@ -184,7 +217,9 @@ async def test_overdraft_limit_defaults_then_follows_its_field_only(
     crd_schema.assert_valid(wallet)
 
     await kube.patch_spec(WALLETS, "team-a", {"overdraftLimitUsd": "2.50"})
-    await kube.wait_for(WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"].get("overdraftLimit") == "2.500000")
+    await kube.wait_for(
+        WALLETS, "team-a", lambda o: h.is_ready(o) and o["status"].get("overdraftLimit") == "2.500000"
+    )
     (row,) = await h.wallet_rows(engine, uid)
     assert row.overdraft_limit_nano == 2_500_000_000
 
@@ -204,26 +239,51 @@ async def test_overdraft_limit_defaults_then_follows_its_field_only(
 
 
 async def test_a_wallet_declared_without_overdraft_gets_none(operator, kube, engine: AsyncEngine) -> None:
-    uid = (await kube.create("Wallet", "strict-team", {"ownerEmail": "bob@example.com", "overdraftLimitUsd": "0"})
-           )["metadata"]["uid"]
+    uid = (
+        await kube.create(
+            "Wallet", "strict-team", {"ownerEmail": "bob@example.com", "overdraftLimitUsd": "0"}
+        )
+    )["metadata"]["uid"]
     wallet = await kube.wait_for(WALLETS, "strict-team", h.is_ready)
     (row,) = await h.wallet_rows(engine, uid)
     assert row.overdraft_limit_nano == 0 and wallet["status"]["overdraftLimit"] == "0.000000"
 
 
 def test_the_default_overdraft_limit_is_the_core_setting() -> None:
-    cfg = config.from_env({"DATABASE_URL": "postgresql://u:p@db/b", "BILLINGPROXY_OVERDRAFT_LIMIT_USD": "0.25"})
+    cfg = config.from_env(
+        {"DATABASE_URL": "postgresql://u:p@db/b", "BILLINGPROXY_OVERDRAFT_LIMIT_USD": "0.25"}
+    )
     assert cfg.overdraft_limit_nano == 250_000_000
-    assert config.OperatorConfig(database_url="x").overdraft_limit_nano == settings.Settings().overdraft_limit_nano
+    assert (
+        config.OperatorConfig(database_url="x").overdraft_limit_nano
+        == settings.Settings().overdraft_limit_nano
+    )
 
 
-@pytest.mark.parametrize("balance, limit, state", [
-    (1, 0, "Active"), (0, 0, "Empty"), (-5, 0, "Empty"),
-    (-5, 6, "Active"), (-6, 6, "Empty"), (0, 1, "Active"),
-])
-def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(balance: int, limit: int, state: str) -> None:
-    wallet = wallets.Wallet(id="wal_x", email=None, source="kubernetes", external_id="u", balance_nano=balance,
-                            reserved_nano=0, suspended=False, created_at=dt.datetime.now(dt.timezone.utc),
-                            overdraft_limit_nano=limit)
+@pytest.mark.parametrize(
+    "balance, limit, state",
+    [
+        (1, 0, "Active"),
+        (0, 0, "Empty"),
+        (-5, 0, "Empty"),
+        (-5, 6, "Active"),
+        (-6, 6, "Empty"),
+        (0, 1, "Active"),
+    ],
+)
+def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(
+    balance: int, limit: int, state: str
+) -> None:
+    wallet = wallets.Wallet(
+        id="wal_x",
+        email=None,
+        source="kubernetes",
+        external_id="u",
+        balance_nano=balance,
+        reserved_nano=0,
+        suspended=False,
+        created_at=dt.datetime.now(dt.UTC),
+        overdraft_limit_nano=limit,
+    )
     assert wallet_reconciler.state_of(wallet) == state
     assert wallet.state == ("active" if state == "Active" else "suspended")

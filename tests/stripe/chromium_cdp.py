@@ -10,6 +10,7 @@ Chromium runs as root here, hence ``--no-sandbox``; every run gets a fresh profi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import subprocess
@@ -71,7 +72,9 @@ class Page:
         return await asyncio.wait_for(future, CALL_TIMEOUT_S)
 
     async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        result = await self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in result:
             raise CdpError(f"{expression!r} threw: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")
@@ -110,8 +113,12 @@ class Page:
             raise AssertionError(f"no element {selector} on {await self.evaluate('location.href')}")
         x, y = point
         await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-        await self.send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=1)
-        await self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=1)
+        await self.send(
+            "Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=1
+        )
+        await self.send(
+            "Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=1
+        )
 
     async def type_into(self, selector: str, text: str) -> None:
         """Click the field, select what is in it, and type over it."""
@@ -125,10 +132,8 @@ class Page:
     async def close(self) -> None:
         await self._ws.close()
         self._reader.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, CdpError):
             await self._reader
-        except (asyncio.CancelledError, CdpError):
-            pass
 
 
 class Chromium:
@@ -148,14 +153,18 @@ class Chromium:
         with open(self._log_path, "wb") as log:
             self._process = subprocess.Popen(
                 [self._executable, *FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         port_file = self._profile / "DevToolsActivePort"
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (port_file.is_file() and port_file.read_text().strip()):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 await self.__aexit__(None, None, None)
-                raise AssertionError(f"Chromium did not start; see {self._log_path}:\n{self._log_path.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"Chromium did not start; see {self._log_path}:\n{self._log_path.read_text()[-3000:]}"
+                )
             await asyncio.sleep(0.05)
         self.port = int(port_file.read_text().split()[0])
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S))

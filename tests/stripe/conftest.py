@@ -61,7 +61,9 @@ async def books_agree_with_stripe() -> AsyncIterator[None]:
 @pytest.fixture
 async def double() -> AsyncIterator[StripeDouble]:
     """The test double, in this process; tests set ``webhook_url`` when they want deliveries."""
-    fake = StripeDouble(secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/unset")
+    fake = StripeDouble(
+        secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/unset"
+    )
     await fake.start()
     try:
         yield fake
@@ -81,7 +83,9 @@ class Sidecar:
         headers = {"content-type": "application/json"}
         if signature is not None:
             headers["stripe-signature"] = signature
-        async with self.http.post(self.url + "/stripe/webhook", data=payload.encode(), headers=headers) as response:
+        async with self.http.post(
+            self.url + "/stripe/webhook", data=payload.encode(), headers=headers
+        ) as response:
             return response.status, await response.json()
 
     async def topup(self, api_key: str | None, body: Any, **headers: str) -> tuple[int, dict[str, Any]]:
@@ -92,7 +96,9 @@ class Sidecar:
 
 
 @pytest.fixture
-def start_sidecar(db: Db) -> Callable[[settings_mod.Settings], contextlib.AbstractAsyncContextManager[Sidecar]]:
+def start_sidecar(
+    db: Db,
+) -> Callable[[settings_mod.Settings], contextlib.AbstractAsyncContextManager[Sidecar]]:
     @contextlib.asynccontextmanager
     async def start(settings: settings_mod.Settings) -> AsyncIterator[Sidecar]:
         app = http_api.make_app(settings, db.engine, KeyLookup(db.engine, settings.key_cache_ttl_ms))
@@ -122,7 +128,8 @@ async def sidecar(start_sidecar, double: StripeDouble) -> AsyncIterator[Sidecar]
 
 def stack_env(database_url: str, data_dir: Path, **settings: str) -> dict[str, str]:
     clean = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"
     }
     return {
@@ -150,7 +157,9 @@ async def _launch_stack(new_database, data_dir: Path, **settings: str) -> AsyncI
 
 
 @pytest.fixture(scope="session")
-async def default_stack(new_database, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Stack, Db]]:
+async def default_stack(
+    new_database, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Stack, Db]]:
     """`billingproxy up` with no Stripe keys: the Stack starts its own test double (a child)."""
     async with _launch_stack(new_database, tmp_path_factory.mktemp("default_stack")) as running:
         yield running
@@ -162,11 +171,20 @@ async def keyed_stack(
 ) -> AsyncIterator[tuple[Stack, Db, StripeDouble]]:
     """The gateway with Stripe keys configured (so no double of its own), its SDK pointed at a
     double in this process, whose objects and events the tests can then drive directly."""
-    fake = StripeDouble(secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/unset")
+    fake = StripeDouble(
+        secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/unset"
+    )
     await fake.start()
     try:
-        keys = {"STRIPE_SECRET_KEY": SECRET_KEY, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "STRIPE_API_BASE": fake.url}
-        async with _launch_stack(new_database, tmp_path_factory.mktemp("keyed_stack"), **keys) as (stack, live):
+        keys = {
+            "STRIPE_SECRET_KEY": SECRET_KEY,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "STRIPE_API_BASE": fake.url,
+        }
+        async with _launch_stack(new_database, tmp_path_factory.mktemp("keyed_stack"), **keys) as (
+            stack,
+            live,
+        ):
             fake.webhook_url = stack.gateway_url + "/stripe/webhook"
             yield stack, live, fake
     finally:
@@ -184,7 +202,7 @@ def _install_chromium() -> str:
         return "chromium is not installed, and this is not a root Debian machine that could install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", CHROMIUM_PACKAGE]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
         if done.returncode != 0:
             return f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-2000:]}"
     return ""
@@ -199,8 +217,10 @@ def chromium_path() -> str:
         problem = _install_chromium()
         path = shutil.which("chromium")
         if path is None:
-            pytest.fail(f"headless Chromium is required for the checkout test: {problem or 'still not on PATH'}. "
-                        f"Install it with: apt-get update && apt-get install -y {CHROMIUM_PACKAGE}")
+            pytest.fail(
+                f"headless Chromium is required for the checkout test: {problem or 'still not on PATH'}. "
+                f"Install it with: apt-get update && apt-get install -y {CHROMIUM_PACKAGE}"
+            )
     return path
 
 
@@ -210,13 +230,19 @@ def new_session(double: StripeDouble, db: Db) -> Callable[..., Awaitable[str]]:
     recorded as the gateway's ``POST /billing/topup`` records it (only such sessions are
     credited). ``recorded=False``: a session someone else created on the same Stripe account."""
 
-    async def create(wallet_ref: str | None, cents: int = 1000, *, recorded: bool = True, **extra: Any) -> str:
+    async def create(
+        wallet_ref: str | None, cents: int = 1000, *, recorded: bool = True, **extra: Any
+    ) -> str:
         session = double.create_session(session_params(wallet_ref, cents, **extra))
         if recorded:
             assert wallet_ref is not None, "the gateway records every session it creates for a wallet"
             async with db.engine.begin() as conn:
                 await payments.record_checkout_session(
-                    conn, session_id=session["id"], wallet_id=wallet_ref, amount_nano=cents * 10**7, expires_at=None
+                    conn,
+                    session_id=session["id"],
+                    wallet_id=wallet_ref,
+                    amount_nano=cents * 10**7,
+                    expires_at=None,
                 )
         return session["id"]
 

@@ -41,7 +41,9 @@ class Db:
     async def new_wallet(self, grant_nano: int = 0) -> tuple[str, str]:
         """A self-service wallet and its key: (wallet_id, api_key)."""
         async with self.engine.begin() as conn:
-            created = await wallets.signup(conn, email=f"u-{uuid.uuid4().hex[:10]}@example.com", grant_nano=grant_nano)
+            created = await wallets.signup(
+                conn, email=f"u-{uuid.uuid4().hex[:10]}@example.com", grant_nano=grant_nano
+            )
         return created.wallet.id, created.key.plaintext
 
     async def wallet(self, wallet_id: str) -> wallets.Wallet:
@@ -59,15 +61,27 @@ class Db:
 
     async def events(self) -> list[sa.Row]:
         async with self.engine.connect() as conn:
-            return list((await conn.execute(sa.select(tables.stripe_events).order_by(tables.stripe_events.c.received_at))).all())
+            return list(
+                (
+                    await conn.execute(
+                        sa.select(tables.stripe_events).order_by(tables.stripe_events.c.received_at)
+                    )
+                ).all()
+            )
 
     async def count(self, table: sa.Table) -> int:
         async with self.engine.connect() as conn:
             return (await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one()
 
     async def row_counts(self) -> dict[str, int]:
-        every = (tables.wallets, tables.ledger_entries, tables.stripe_events, tables.stripe_payments,
-                 tables.stripe_disputes, tables.stripe_checkout_sessions)
+        every = (
+            tables.wallets,
+            tables.ledger_entries,
+            tables.stripe_events,
+            tables.stripe_payments,
+            tables.stripe_disputes,
+            tables.stripe_checkout_sessions,
+        )
         return {t.name: await self.count(t) for t in every}
 
     async def process(self, event: dict[str, Any]) -> payments.Result:
@@ -85,8 +99,16 @@ def session_params(wallet_ref: str | None, cents: int = 1000, **extra: Any) -> d
         "mode": "payment",
         "success_url": "http://gateway.test/billing/topup/success?session_id={CHECKOUT_SESSION_ID}",
         "cancel_url": "http://gateway.test/billing/topup/cancelled",
-        "line_items": [{"quantity": "1", "price_data": {"currency": "usd", "unit_amount": str(cents),
-                                                        "product_data": {"name": "credit"}}}],
+        "line_items": [
+            {
+                "quantity": "1",
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": str(cents),
+                    "product_data": {"name": "credit"},
+                },
+            }
+        ],
         "metadata": {"wallet_id": wallet_ref} if wallet_ref else {},
         **extra,
     }
@@ -98,7 +120,9 @@ def session_params(wallet_ref: str | None, cents: int = 1000, **extra: Any) -> d
 def stripe_settings(double_url: str | None, **changes: Any) -> settings_mod.Settings:
     base = settings_mod.Settings(public_url="http://gateway.test:8080")
     if double_url is not None:
-        base = base.replace(stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=double_url)
+        base = base.replace(
+            stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=double_url
+        )
     return base.replace(**changes)
 
 
@@ -110,25 +134,37 @@ class Gateway:
         self.http = http
 
     async def signup(self) -> dict[str, Any]:
-        async with self.http.post(self.url + "/user/signup", json={"email": f"u-{uuid.uuid4().hex[:10]}@example.com"}) as r:
+        async with self.http.post(
+            self.url + "/user/signup", json={"email": f"u-{uuid.uuid4().hex[:10]}@example.com"}
+        ) as r:
             body = await r.json()
             assert r.status == 201, body
             return body
 
     async def chat(self, api_key: str) -> tuple[int, dict[str, Any]]:
-        request = {"model": "gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
-        async with self.http.post(self.url + "/v1/chat/completions", json=request,
-                                  headers={"authorization": f"Bearer {api_key}"}) as r:
+        request = {
+            "model": "gpt-4o-mini",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello"}],
+        }
+        async with self.http.post(
+            self.url + "/v1/chat/completions", json=request, headers={"authorization": f"Bearer {api_key}"}
+        ) as r:
             return r.status, await r.json()
 
     async def balance(self, api_key: str) -> dict[str, Any]:
-        async with self.http.get(self.url + "/billing/balance", headers={"authorization": f"Bearer {api_key}"}) as r:
+        async with self.http.get(
+            self.url + "/billing/balance", headers={"authorization": f"Bearer {api_key}"}
+        ) as r:
             assert r.status == 200
             return await r.json()
 
     async def topup(self, api_key: str, amount_usd: str = "10.00") -> dict[str, Any]:
-        async with self.http.post(self.url + "/billing/topup", json={"amount_usd": amount_usd},
-                                  headers={"authorization": f"Bearer {api_key}"}) as r:
+        async with self.http.post(
+            self.url + "/billing/topup",
+            json={"amount_usd": amount_usd},
+            headers={"authorization": f"Bearer {api_key}"},
+        ) as r:
             body = await r.json()
             assert r.status == 200, body
             return body

@@ -26,16 +26,22 @@ async def test_a_person_tops_up_in_chromium_and_is_served_again(
         async with Chromium(chromium_path, tmp_path_factory.mktemp("chromium")) as browser:
             page = await browser.new_page()
             await page.goto(top_up_url)
-            await page.wait_for("document.readyState === 'complete' && !!document.querySelector('#continue')", 15,
-                                "the top-up page")
+            await page.wait_for(
+                "document.readyState === 'complete' && !!document.querySelector('#continue')",
+                15,
+                "the top-up page",
+            )
             await page.type_into("input[name=api_key]", user["api_key"])
             await page.type_into("input[name=amount_usd]", "10.00")
             await page.click("#continue")
 
             checkout = f"{stack.stripe_double_url}/c/pay/"
             await page.wait_for(
-                f"location.href.startsWith({checkout!r}) && document.readyState === 'complete' && !!document.querySelector('#pay')",
-                15, "the checkout page")
+                f"location.href.startsWith({checkout!r}) && document.readyState === 'complete' && "
+                "!!document.querySelector('#pay')",
+                15,
+                "the checkout page",
+            )
             text = await page.text()
             assert "TEST MODE" in text and "$10.00" in text and "Pay (test)" in text
             assert await db.balance(user["wallet_id"]) == before
@@ -43,8 +49,10 @@ async def test_a_person_tops_up_in_chromium_and_is_served_again(
             await page.click("#pay")
             success = f"{stack.gateway_url}/billing/topup/success"
             state = await page.wait_for(
-                f"location.href.startsWith({success!r}) && document.querySelector('#status')?.dataset.state", 15,
-                "the success page")
+                f"location.href.startsWith({success!r}) && document.querySelector('#status')?.dataset.state",
+                15,
+                "the success page",
+            )
             assert state == "credited", await page.text()
 
         assert await db.balance(user["wallet_id"]) == before + TEN_USD_NANO

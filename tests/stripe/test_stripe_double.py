@@ -13,7 +13,6 @@ import stripe
 
 from billingproxy import stripe_double
 from billingproxy.stripe_double import StripeDouble
-
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, session_params
 
 
@@ -31,8 +30,12 @@ async def client(double: StripeDouble) -> AsyncIterator[stripe.StripeClient]:
 def sdk_params(**changes: Any) -> dict[str, Any]:
     params: dict[str, Any] = {
         "mode": "payment",
-        "line_items": [{"quantity": 2, "price_data": {"currency": "usd", "unit_amount": 750,
-                                                      "product_data": {"name": "credit"}}}],
+        "line_items": [
+            {
+                "quantity": 2,
+                "price_data": {"currency": "usd", "unit_amount": 750, "product_data": {"name": "credit"}},
+            }
+        ],
         "client_reference_id": "wal_x",
         "metadata": {"wallet_id": "wal_x"},
         "payment_intent_data": {"metadata": {"wallet_id": "wal_x"}},
@@ -45,13 +48,25 @@ def sdk_params(**changes: Any) -> dict[str, Any]:
 
 def declared(cls: type) -> set[str]:
     """The attribute names the SDK declares for a Stripe object."""
-    return {name for klass in cls.__mro__ for name in getattr(klass, "__annotations__", {}) if not name.startswith("_")}
+    return {
+        name
+        for klass in cls.__mro__
+        for name in getattr(klass, "__annotations__", {})
+        if not name.startswith("_")
+    }
 
 
-async def test_sessions_are_created_retrieved_listed_and_expired_through_the_sdk(client, double: StripeDouble) -> None:
+async def test_sessions_are_created_retrieved_listed_and_expired_through_the_sdk(
+    client, double: StripeDouble
+) -> None:
     session = await client.v1.checkout.sessions.create_async(sdk_params(), {"idempotency_key": "k-1"})
     assert isinstance(session, stripe.checkout.Session)
-    assert (session.object, session.mode, session.status, session.payment_status) == ("checkout.session", "payment", "open", "unpaid")
+    assert (session.object, session.mode, session.status, session.payment_status) == (
+        "checkout.session",
+        "payment",
+        "open",
+        "unpaid",
+    )
     assert (session.amount_total, session.currency, session.client_reference_id) == (1500, "usd", "wal_x")
     assert session.metadata.to_dict() == {"wallet_id": "wal_x"}
     assert session.id.startswith("cs_test_") and session.livemode is False
@@ -71,7 +86,9 @@ async def test_idempotency_keys_behave_like_stripes(client, double: StripeDouble
     replay = await client.v1.checkout.sessions.create_async(sdk_params(), {"idempotency_key": "same"})
     assert replay.id == first.id and len(double.sessions) == 1
     with pytest.raises(stripe.IdempotencyError, match="same parameters"):
-        await client.v1.checkout.sessions.create_async(sdk_params(client_reference_id="wal_y"), {"idempotency_key": "same"})
+        await client.v1.checkout.sessions.create_async(
+            sdk_params(client_reference_id="wal_y"), {"idempotency_key": "same"}
+        )
 
 
 @pytest.mark.parametrize(
@@ -79,23 +96,51 @@ async def test_idempotency_keys_behave_like_stripes(client, double: StripeDouble
     [
         ({"success_url": None}, "success_url"),
         ({"mode": "subscription"}, "mode"),
-        ({"line_items": [{"quantity": 1, "price_data": {"currency": "usd", "unit_amount": 49, "product_data": {"name": "x"}}}]}, "line_items"),
-        ({"line_items": [{"quantity": 1, "price_data": {"currency": "eur", "unit_amount": 900, "product_data": {"name": "x"}}}]}, "line_items[0][price_data][currency]"),
+        (
+            {
+                "line_items": [
+                    {
+                        "quantity": 1,
+                        "price_data": {"currency": "usd", "unit_amount": 49, "product_data": {"name": "x"}},
+                    }
+                ]
+            },
+            "line_items",
+        ),
+        (
+            {
+                "line_items": [
+                    {
+                        "quantity": 1,
+                        "price_data": {"currency": "eur", "unit_amount": 900, "product_data": {"name": "x"}},
+                    }
+                ]
+            },
+            "line_items[0][price_data][currency]",
+        ),
         ({"line_items": [{"quantity": 1, "price": "price_123"}]}, "line_items[0][price_data]"),
         ({"success_url": "javascript:alert(1)"}, "success_url"),
     ],
 )
-async def test_invalid_requests_raise_the_sdks_invalid_request_error(client, changes: dict[str, Any], param: str) -> None:
+async def test_invalid_requests_raise_the_sdks_invalid_request_error(
+    client, changes: dict[str, Any], param: str
+) -> None:
     params = {k: v for k, v in sdk_params(**changes).items() if v is not None}
     with pytest.raises(stripe.InvalidRequestError) as caught:
         await client.v1.checkout.sessions.create_async(params)
     assert caught.value.param == param
 
 
-async def test_a_wrong_key_and_a_missing_session_raise_what_stripe_raises(client, double: StripeDouble) -> None:
+async def test_a_wrong_key_and_a_missing_session_raise_what_stripe_raises(
+    client, double: StripeDouble
+) -> None:
     async with aiohttp.ClientSession() as session:
-        wrong = stripe.StripeClient("sk_test_wrong_key_000", base_addresses={"api": double.url}, max_network_retries=0,
-                                    http_client=stripe.AIOHTTPClient(session=session))
+        wrong = stripe.StripeClient(
+            "sk_test_wrong_key_000",
+            base_addresses={"api": double.url},
+            max_network_retries=0,
+            http_client=stripe.AIOHTTPClient(session=session),
+        )
         with pytest.raises(stripe.AuthenticationError, match="Invalid API Key"):
             await wrong.v1.checkout.sessions.list_async()
     with pytest.raises(stripe.InvalidRequestError) as caught:
@@ -118,7 +163,9 @@ async def test_events_verify_with_the_sdk_and_parse_as_its_objects(double: Strip
     ]
     for event, cls in expected:
         payload = double.payload(event)
-        parsed = stripe.Webhook.construct_event(payload, double.sign(payload), WEBHOOK_SECRET, tolerance=300, api_key=SECRET_KEY)
+        parsed = stripe.Webhook.construct_event(
+            payload, double.sign(payload), WEBHOOK_SECRET, tolerance=300, api_key=SECRET_KEY
+        )
         assert isinstance(parsed, stripe.Event) and parsed.type == event["type"]
         assert isinstance(parsed.data.object, cls), (event["type"], type(parsed.data.object))
         # Every field the double sends is one Stripe's SDK declares for that object.
@@ -132,8 +179,13 @@ async def test_events_verify_with_the_sdk_and_parse_as_its_objects(double: Strip
 
 
 def test_form_decoding_follows_stripes_bracket_encoding() -> None:
-    pairs = [("line_items[0][price_data][currency]", "usd"), ("line_items[0][quantity]", "1"),
-             ("line_items[1][quantity]", "2"), ("metadata[wallet_id]", "wal_1"), ("mode", "payment")]
+    pairs = [
+        ("line_items[0][price_data][currency]", "usd"),
+        ("line_items[0][quantity]", "1"),
+        ("line_items[1][quantity]", "2"),
+        ("metadata[wallet_id]", "wal_1"),
+        ("mode", "payment"),
+    ]
     assert stripe_double.decode_form(pairs) == {
         "line_items": [{"price_data": {"currency": "usd"}, "quantity": "1"}, {"quantity": "2"}],
         "metadata": {"wallet_id": "wal_1"},
@@ -142,7 +194,9 @@ def test_form_decoding_follows_stripes_bracket_encoding() -> None:
 
 
 async def test_it_listens_on_loopback_only() -> None:
-    fake = StripeDouble(secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/x")
+    fake = StripeDouble(
+        secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/x"
+    )
     for host in ("0.0.0.0", "192.168.1.10", "example.com", "::"):
         with pytest.raises(ValueError, match="loopback only"):
             await fake.start(host)
@@ -156,4 +210,8 @@ async def test_it_listens_on_loopback_only() -> None:
 def test_session_params_helper_matches_what_the_sdk_sends(double: StripeDouble) -> None:
     """The tests' shortcut (create_session with decoded params) and the SDK path agree."""
     session = double.create_session(session_params("wal_z", 1234))
-    assert (session["amount_total"], session["client_reference_id"], session["metadata"]) == (1234, "wal_z", {"wallet_id": "wal_z"})
+    assert (session["amount_total"], session["client_reference_id"], session["metadata"]) == (
+        1234,
+        "wal_z",
+        {"wallet_id": "wal_z"},
+    )

@@ -12,7 +12,6 @@ import sqlalchemy as sa
 
 from billing import tables
 from billingproxy import local_stack
-
 from stripe_testkit import TEN_USD_NANO, Gateway, wait_until
 
 
@@ -57,7 +56,9 @@ async def test_empty_wallet_pays_through_the_local_double_and_is_served_again(de
             assert "data-state=credited" in await r.text()
         entries = await db.entries(user["wallet_id"])
         topups = [e for e in entries if e.kind == "topup"]
-        assert [(e.amount_nano, e.balance_after_nano) for e in topups] == [(TEN_USD_NANO, before + TEN_USD_NANO)]
+        assert [(e.amount_nano, e.balance_after_nano) for e in topups] == [
+            (TEN_USD_NANO, before + TEN_USD_NANO)
+        ]
         balance = await gateway.balance(user["api_key"])
         assert balance["state"] == "active"
 
@@ -75,8 +76,11 @@ async def test_webhooks_through_envoy_verified_once_and_unblocking(keyed_stack) 
         url = stack.gateway_url + "/stripe/webhook"
 
         async def deliver(signature: str) -> tuple[int, dict]:
-            async with http.post(url, data=payload.encode(),
-                                 headers={"content-type": "application/json", "stripe-signature": signature}) as r:
+            async with http.post(
+                url,
+                data=payload.encode(),
+                headers={"content-type": "application/json", "stripe-signature": signature},
+            ) as r:
                 return r.status, await r.json()
 
         status, body = await deliver(double.sign(payload, secret="whsec_forged"))
@@ -93,10 +97,23 @@ async def test_webhooks_through_envoy_verified_once_and_unblocking(keyed_stack) 
         assert [e.amount_nano for e in topups] == [TEN_USD_NANO]
 
         # A session this gateway never created, naming a wallet it does not have: recorded, 2xx.
-        stranger = double.create_session({**double.sessions[topup["session_id"]], "client_reference_id": None,
-                                          "metadata": {"wallet_id": "wal_elsewhere"},
-                                          "line_items": [{"quantity": "1", "price_data": {
-                                              "currency": "usd", "unit_amount": "1000", "product_data": {"name": "x"}}}]})
+        stranger = double.create_session(
+            {
+                **double.sessions[topup["session_id"]],
+                "client_reference_id": None,
+                "metadata": {"wallet_id": "wal_elsewhere"},
+                "line_items": [
+                    {
+                        "quantity": "1",
+                        "price_data": {
+                            "currency": "usd",
+                            "unit_amount": "1000",
+                            "product_data": {"name": "x"},
+                        },
+                    }
+                ],
+            }
+        )
         assert await double.deliver(double.complete(stranger["id"])) == 200
         [recorded] = [e for e in await db.events() if e.object_id == stranger["id"]]
         assert (recorded.outcome, recorded.wallet_id) == ("not_ours", None)
@@ -117,8 +134,11 @@ async def test_a_dispute_through_envoy_holds_the_wallet_until_it_closes(keyed_st
 
         dispute = double.dispute(paid["data"]["object"]["payment_intent"])
         assert await double.deliver(dispute) == 200
-        disputed = {"message": "This wallet is on hold while a payment dispute is open.",
-                    "type": "permission_error", "code": "payment_disputed"}
+        disputed = {
+            "message": "This wallet is on hold while a payment dispute is open.",
+            "type": "permission_error",
+            "code": "payment_disputed",
+        }
         assert await gateway.chat(api_key) == (403, {"error": disputed})
         wallet = await db.wallet(wallet_id)
         assert (wallet.disputed, wallet.suspended) == (True, False)
@@ -133,11 +153,15 @@ async def test_a_dispute_through_envoy_holds_the_wallet_until_it_closes(keyed_st
 
         # The operator's switch on top of it is reported first, and lifting it leaves the dispute's hold.
         async with db.engine.begin() as conn:
-            await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=True))
+            await conn.execute(
+                sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=True)
+            )
         status, body = await gateway.chat(api_key)
         assert (status, body["error"]["code"]) == (403, "wallet_suspended")
         async with db.engine.begin() as conn:
-            await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=False))
+            await conn.execute(
+                sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=False)
+            )
         assert await gateway.chat(api_key) == (403, {"error": disputed})
 
         won = double.update_dispute(dispute["data"]["object"]["id"], "won")

@@ -13,7 +13,6 @@ import sqlalchemy as sa
 
 from billing import ledger, payments, tables
 from billingproxy.stripe_double import StripeDouble
-
 from stripe_testkit import TEN_USD_NANO, Db
 
 CENT = 10**7
@@ -39,7 +38,11 @@ async def test_a_paid_checkout_credits_the_wallet_once(db: Db, double: StripeDou
     assert await db.balance(wallet_id) == 500_000_000 + TEN_USD_NANO
     [grant, credit] = await db.entries(wallet_id)
     pi = event["data"]["object"]["payment_intent"]
-    assert (credit.kind, credit.amount_nano, credit.idempotency_key) == ("topup", TEN_USD_NANO, f"stripe:{pi}")
+    assert (credit.kind, credit.amount_nano, credit.idempotency_key) == (
+        "topup",
+        TEN_USD_NANO,
+        f"stripe:{pi}",
+    )
     assert credit.details["checkout_session"] == event["data"]["object"]["id"]
 
     counts = await db.row_counts()
@@ -49,10 +52,16 @@ async def test_a_paid_checkout_credits_the_wallet_once(db: Db, double: StripeDou
     assert await db.balance(wallet_id) == 500_000_000 + TEN_USD_NANO
     [recorded] = await db.events()
     assert (recorded.id, recorded.type, recorded.outcome, recorded.wallet_id) == (
-        event["id"], "checkout.session.completed", "credited", wallet_id)
+        event["id"],
+        "checkout.session.completed",
+        "credited",
+        wallet_id,
+    )
 
 
-async def test_the_same_payment_through_two_events_credits_once(db: Db, double: StripeDouble, new_session) -> None:
+async def test_the_same_payment_through_two_events_credits_once(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     session_id = await new_session(wallet_id)
     completed = double.complete(session_id, async_payment=True)
@@ -88,11 +97,16 @@ async def test_unpaid_and_expired_sessions_credit_nothing(db: Db, double: Stripe
     no_payment = double.complete(await new_session(wallet_id))
     no_payment["data"]["object"]["payment_status"] = "no_payment_required"
     assert [(await db.process(e)).outcome for e in (unpaid, expired, no_payment)] == [
-        "awaiting_payment", "session_expired", "awaiting_payment"]
+        "awaiting_payment",
+        "session_expired",
+        "awaiting_payment",
+    ]
     assert await db.entries(wallet_id) == []
 
 
-async def test_a_session_we_did_not_create_is_recorded_not_credited(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_session_we_did_not_create_is_recorded_not_credited(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     """Another product on the same Stripe account: its session may name one of our wallets."""
     wallet_id, _ = await db.new_wallet()
     before = await db.row_counts()
@@ -104,7 +118,9 @@ async def test_a_session_we_did_not_create_is_recorded_not_credited(db: Db, doub
     assert after == {**before, "stripe_events": 1}
     # The reconciliation path (a session retrieved from Stripe) follows the same rule.
     async with db.engine.begin() as conn:
-        assert (await payments.apply_checkout_session(conn, double.sessions[session_id])).outcome == "not_ours"
+        assert (
+            await payments.apply_checkout_session(conn, double.sessions[session_id])
+        ).outcome == "not_ours"
     # ...and its refund later stays a fact about a payment nobody was credited for.
     refund = await db.process(double.refund(event["data"]["object"]["payment_intent"], 500))
     assert refund.outcome == "pending_payment"
@@ -151,7 +167,9 @@ async def test_sessions_that_are_not_our_top_ups_as_recorded_credit_nothing(
     assert await db.count(tables.stripe_payments) == 0
 
 
-async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_events_refused(db: Db, double: StripeDouble) -> None:
+async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_events_refused(
+    db: Db, double: StripeDouble
+) -> None:
     event = double.event("customer.created", {"id": "cus_1", "object": "customer"})
     assert (await db.process(event)).outcome == "ignored_type"
     for broken in ({}, {"id": "evt_1", "type": "x"}, {"id": "evt_1", "type": "x", "data": {"object": []}}):
@@ -160,17 +178,22 @@ async def test_events_we_do_not_handle_are_recorded_and_bodies_that_are_not_even
     assert await db.count(tables.stripe_events) == 1
 
 
-async def test_a_retrieved_session_credits_like_its_webhook(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_retrieved_session_credits_like_its_webhook(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     """Reconciliation after a missed webhook, then the webhook after all: one credit."""
     wallet_id, _ = await db.new_wallet()
     session_id = await new_session(wallet_id)
     async with db.engine.begin() as conn:
-        await payments.record_checkout_session(conn, session_id=session_id, wallet_id=wallet_id,
-                                               amount_nano=TEN_USD_NANO, expires_at=None)
+        await payments.record_checkout_session(
+            conn, session_id=session_id, wallet_id=wallet_id, amount_nano=TEN_USD_NANO, expires_at=None
+        )
         assert await payments.open_checkout_sessions(conn, limit=10) == [session_id]
     event = double.complete(session_id)
     async with db.engine.begin() as conn:
-        assert (await payments.apply_checkout_session(conn, double.sessions[session_id])).outcome == "credited"
+        assert (
+            await payments.apply_checkout_session(conn, double.sessions[session_id])
+        ).outcome == "credited"
         assert await payments.open_checkout_sessions(conn, limit=10) == []
         status = await payments.checkout_session_status(conn, session_id)
     assert status == payments.SessionStatus(session_id, TEN_USD_NANO, "complete", credited=True)
@@ -181,7 +204,9 @@ async def test_a_retrieved_session_credits_like_its_webhook(db: Db, double: Stri
 # --- refunds -------------------------------------------------------------------------------------
 
 
-async def test_partial_then_full_refunds_debit_only_the_new_part(db: Db, double: StripeDouble, new_session) -> None:
+async def test_partial_then_full_refunds_debit_only_the_new_part(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
@@ -223,20 +248,28 @@ async def test_refund_events_out_of_order_end_the_same(db: Db, double: StripeDou
 # --- disputes ------------------------------------------------------------------------------------
 
 
-async def test_a_dispute_debits_and_holds_the_wallet_until_won(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_dispute_debits_and_holds_the_wallet_until_won(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     await db.process(paid)
     # Spend most of it, so the dispute takes the balance below zero.
     async with db.engine.begin() as conn:
-        await ledger.post_entry(conn, wallet_id=wallet_id, kind="usage", amount_nano=-9 * 10**9,
-                                idempotency_key="usage:r1")
+        await ledger.post_entry(
+            conn, wallet_id=wallet_id, kind="usage", amount_nano=-9 * 10**9, idempotency_key="usage:r1"
+        )
 
     created = double.dispute(pi)
     assert (await db.process(created)).outcome == "dispute_debited"
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.disputed, wallet.suspended, wallet.state) == (-9 * 10**9, True, False, "suspended")
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended, wallet.state) == (
+        -9 * 10**9,
+        True,
+        False,
+        "suspended",
+    )
 
     dispute_id = created["data"]["object"]["id"]
     assert (await db.process(double.update_dispute(dispute_id, "under_review"))).outcome == "dispute_recorded"
@@ -247,19 +280,30 @@ async def test_a_dispute_debits_and_holds_the_wallet_until_won(db: Db, double: S
     assert won["type"] == "charge.dispute.closed"
     assert (await db.process(won)).outcome == "dispute_reversed"
     wallet = await db.wallet(wallet_id)
-    assert (wallet.balance_nano, wallet.disputed, wallet.suspended, wallet.state) == (10**9, False, False, "active")
+    assert (wallet.balance_nano, wallet.disputed, wallet.suspended, wallet.state) == (
+        10**9,
+        False,
+        False,
+        "active",
+    )
     assert [(e.kind, e.idempotency_key) for e in (await db.entries(wallet_id))[-2:]] == [
-        ("dispute", f"dispute:{dispute_id}"), ("dispute_reversal", f"dispute_won:{dispute_id}")]
+        ("dispute", f"dispute:{dispute_id}"),
+        ("dispute_reversal", f"dispute_won:{dispute_id}"),
+    ]
 
 
-async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_hold(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_hold(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(await new_session(wallet_id))
     await db.process(paid)
     created = double.dispute(paid["data"]["object"]["payment_intent"])
     await db.process(created)
     assert (await db.wallet(wallet_id)).disputed
-    assert (await db.process(double.update_dispute(created["data"]["object"]["id"], "lost"))).outcome == "dispute_recorded"
+    assert (
+        await db.process(double.update_dispute(created["data"]["object"]["id"], "lost"))
+    ).outcome == "dispute_recorded"
     wallet = await db.wallet(wallet_id)
     assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (0, False, False)
     assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "dispute": -TEN_USD_NANO}
@@ -268,7 +312,9 @@ async def test_a_lost_dispute_keeps_the_debit_and_lifts_the_hold(db: Db, double:
 async def set_suspended(db: Db, wallet_id: str, suspended: bool) -> None:
     """What the operator (a Wallet resource's spec.suspended) or an admin writes."""
     async with db.engine.begin() as conn:
-        await conn.execute(sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=suspended))
+        await conn.execute(
+            sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=suspended)
+        )
 
 
 async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other(
@@ -310,7 +356,9 @@ async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other
     assert (wallet.suspended, wallet.disputed, wallet.state) == (False, False, "active")
 
 
-async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(db: Db, double: StripeDouble, new_session) -> None:
+async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     a, b = double.complete(await new_session(wallet_id)), double.complete(await new_session(wallet_id))
     await db.process(a)
@@ -327,7 +375,9 @@ async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(db: Db
     assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (2 * TEN_USD_NANO, False, False)
 
 
-async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: Db, double: StripeDouble, new_session) -> None:
+async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(await new_session(wallet_id))
     created = double.dispute(paid["data"]["object"]["payment_intent"])
@@ -340,13 +390,19 @@ async def test_a_late_or_older_dispute_event_never_reopens_a_closed_dispute(db: 
         await db.process(event)
     wallet = await db.wallet(wallet_id)
     assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (TEN_USD_NANO, False, False)
-    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "dispute": -TEN_USD_NANO, "dispute_reversal": TEN_USD_NANO}
+    assert await kinds(db, wallet_id) == {
+        "topup": TEN_USD_NANO,
+        "dispute": -TEN_USD_NANO,
+        "dispute_reversal": TEN_USD_NANO,
+    }
 
 
 # --- every order ---------------------------------------------------------------------------------
 
 
-async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, double: StripeDouble, new_session) -> None:
+async def test_every_order_of_a_payments_events_ends_in_the_same_state(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     """completed, two partial refunds, a dispute opened and won (plus a duplicate), in all 120
     orders: the same balance, the same sums per kind, not on hold, books in agreement; the wallet
     is held (``disputed``) at some point exactly when the dispute lands after the credit and before
@@ -371,9 +427,26 @@ async def test_every_order_of_a_payments_events_ends_in_the_same_state(db: Db, d
         assert seen_disputed == (order.index(0) < order.index(4) and order.index(3) < order.index(4)), order
         await db.process(copy.deepcopy(events[order[0]]))  # a duplicate at the end
         wallet = await db.wallet(wallet_id)
-        states.add((wallet.balance_nano, wallet.disputed, wallet.suspended, tuple(sorted((await kinds(db, wallet_id)).items()))))
+        states.add(
+            (
+                wallet.balance_nano,
+                wallet.disputed,
+                wallet.suspended,
+                tuple(sorted((await kinds(db, wallet_id)).items())),
+            )
+        )
     assert states == {
-        (500 * CENT, False, False, (("dispute", -500 * CENT), ("dispute_reversal", 500 * CENT), ("refund", -500 * CENT), ("topup", TEN_USD_NANO)))
+        (
+            500 * CENT,
+            False,
+            False,
+            (
+                ("dispute", -500 * CENT),
+                ("dispute_reversal", 500 * CENT),
+                ("refund", -500 * CENT),
+                ("topup", TEN_USD_NANO),
+            ),
+        )
     }
 
 
@@ -398,16 +471,26 @@ async def test_concurrent_deliveries_credit_once(db: Db, double: StripeDouble, n
     assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO}
 
 
-async def test_concurrent_refunds_and_disputes_apply_once_each(db: Db, double: StripeDouble, new_session) -> None:
+async def test_concurrent_refunds_and_disputes_apply_once_each(
+    db: Db, double: StripeDouble, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     refunds = [double.refund(pi, 100) for _ in range(5)]  # cumulative 100, 200, … 500
     dispute = double.dispute(pi)
-    await asyncio.gather(db.process(paid), *(db.process(r) for r in refunds), db.process(dispute),
-                         *(db.process(copy.deepcopy(r)) for r in refunds))
+    await asyncio.gather(
+        db.process(paid),
+        *(db.process(r) for r in refunds),
+        db.process(dispute),
+        *(db.process(copy.deepcopy(r)) for r in refunds),
+    )
     wallet = await db.wallet(wallet_id)
-    assert await kinds(db, wallet_id) == {"topup": TEN_USD_NANO, "refund": -500 * CENT, "dispute": -500 * CENT}
+    assert await kinds(db, wallet_id) == {
+        "topup": TEN_USD_NANO,
+        "refund": -500 * CENT,
+        "dispute": -500 * CENT,
+    }
     assert (wallet.balance_nano, wallet.disputed, wallet.suspended) == (0, True, False)
 
 
@@ -428,12 +511,16 @@ async def test_disputes_of_several_payments_changing_at_once_leave_disputed_exac
     await asyncio.gather(*(db.process(d) for d in disputes))
     assert (await db.wallet(wallet_id)).disputed
     closing = [double.update_dispute(i, "won") for i in ids[:-1]]
-    await asyncio.gather(*(db.process(e) for e in closing), db.process(double.update_dispute(ids[-1], "under_review")))
+    await asyncio.gather(
+        *(db.process(e) for e in closing), db.process(double.update_dispute(ids[-1], "under_review"))
+    )
     wallet = await db.wallet(wallet_id)
     assert (wallet.disputed, wallet.suspended) == (True, False)
     assert await db.problems() == []
     # Round 3: the last closes, concurrently with replays of the earlier closings.
-    await asyncio.gather(db.process(double.update_dispute(ids[-1], "lost")), *(db.process(copy.deepcopy(e)) for e in closing))
+    await asyncio.gather(
+        db.process(double.update_dispute(ids[-1], "lost")), *(db.process(copy.deepcopy(e)) for e in closing)
+    )
     wallet = await db.wallet(wallet_id)
     assert (wallet.disputed, wallet.suspended) == (False, False)
 
@@ -441,18 +528,38 @@ async def test_disputes_of_several_payments_changing_at_once_leave_disputed_exac
 # --- amounts -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "nano"), [("10.00", TEN_USD_NANO), ("10", TEN_USD_NANO), (10, TEN_USD_NANO),
-                                             ("5.00", 5 * 10**9), ("500", 500 * 10**9), (" 12.34 ", 1234 * CENT),
-                                             ("10.000", TEN_USD_NANO)])
+@pytest.mark.parametrize(
+    ("value", "nano"),
+    [
+        ("10.00", TEN_USD_NANO),
+        ("10", TEN_USD_NANO),
+        (10, TEN_USD_NANO),
+        ("5.00", 5 * 10**9),
+        ("500", 500 * 10**9),
+        (" 12.34 ", 1234 * CENT),
+        ("10.000", TEN_USD_NANO),
+    ],
+)
 def test_topup_amounts_in_bounds_are_read_exactly(value: object, nano: int) -> None:
     assert payments.parse_topup_amount(value, min_nano=5 * 10**9, max_nano=500 * 10**9) == nano
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("4.99", "from 5.00 to 500.00"), ("500.01", "from 5.00 to 500.00"), ("0", "from 5.00"),
-    ("10.001", "fractions of a cent"), ("-10", "negative"), ("1e3", "not a USD amount"), ("abc", "not a USD amount"),
-    (10.5, "decimal string"), (None, "decimal string"), (True, "decimal string"), ("", "not a USD amount"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("4.99", "from 5.00 to 500.00"),
+        ("500.01", "from 5.00 to 500.00"),
+        ("0", "from 5.00"),
+        ("10.001", "fractions of a cent"),
+        ("-10", "negative"),
+        ("1e3", "not a USD amount"),
+        ("abc", "not a USD amount"),
+        (10.5, "decimal string"),
+        (None, "decimal string"),
+        (True, "decimal string"),
+        ("", "not a USD amount"),
+    ],
+)
 def test_bad_topup_amounts_say_what_is_wrong(value: object, message: str) -> None:
     with pytest.raises(payments.TopupAmountError, match=message):
         payments.parse_topup_amount(value, min_nano=5 * 10**9, max_nano=500 * 10**9)

@@ -18,12 +18,21 @@ def test_stripe_is_off_by_default_with_five_to_five_hundred_dollar_top_ups() -> 
 
 
 def test_stripe_values_are_read_and_secrets_stay_out_of_repr() -> None:
-    s = settings.from_env({
-        "STRIPE_SECRET_KEY": " sk_test_abc ", "STRIPE_WEBHOOK_SECRET": "whsec_def",
-        "STRIPE_API_BASE": "http://127.0.0.1:12111/", P + "TOPUP_MIN_USD": "1.50", P + "TOPUP_MAX_USD": "1000",
-    })
+    s = settings.from_env(
+        {
+            "STRIPE_SECRET_KEY": " sk_test_abc ",
+            "STRIPE_WEBHOOK_SECRET": "whsec_def",
+            "STRIPE_API_BASE": "http://127.0.0.1:12111/",
+            P + "TOPUP_MIN_USD": "1.50",
+            P + "TOPUP_MAX_USD": "1000",
+        }
+    )
     assert s.stripe_configured
-    assert (s.stripe_secret_key, s.stripe_webhook_secret, s.stripe_api_base) == ("sk_test_abc", "whsec_def", "http://127.0.0.1:12111")
+    assert (s.stripe_secret_key, s.stripe_webhook_secret, s.stripe_api_base) == (
+        "sk_test_abc",
+        "whsec_def",
+        "http://127.0.0.1:12111",
+    )
     assert (s.topup_min_nano, s.topup_max_nano) == (1_500_000_000, 1000 * 10**9)
     assert "sk_test_abc" not in repr(s) and "whsec_def" not in repr(s)
 
@@ -33,7 +42,14 @@ def test_stripe_values_are_read_and_secrets_stay_out_of_repr() -> None:
     [
         ({"STRIPE_SECRET_KEY": "sk_test_a"}, "STRIPE_WEBHOOK_SECRET"),
         ({"STRIPE_WEBHOOK_SECRET": "whsec_a"}, "STRIPE_SECRET_KEY"),
-        ({"STRIPE_SECRET_KEY": "sk_live_a", "STRIPE_WEBHOOK_SECRET": "whsec_a", "STRIPE_API_BASE": "http://127.0.0.1:1"}, "live key"),
+        (
+            {
+                "STRIPE_SECRET_KEY": "sk_live_a",
+                "STRIPE_WEBHOOK_SECRET": "whsec_a",
+                "STRIPE_API_BASE": "http://127.0.0.1:1",
+            },
+            "live key",
+        ),
         ({"STRIPE_API_BASE": "127.0.0.1:12111"}, "STRIPE_API_BASE"),
         ({"STRIPE_API_BASE": "http://127.0.0.1:1/v1"}, "STRIPE_API_BASE"),
         ({P + "TOPUP_MIN_USD": "0.49"}, P + "TOPUP_MIN_USD"),

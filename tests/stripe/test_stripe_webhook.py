@@ -15,22 +15,28 @@ from billing import payments, tables
 from billing.settings import Settings
 from billingproxy.local_stack import free_port
 from billingproxy.stripe_double import StripeDouble
-
 from stripe_testkit import SECRET_KEY, TEN_USD_NANO, WEBHOOK_SECRET, Db, stripe_settings
 
 # --- the webhook ---------------------------------------------------------------------------------
 
 
-async def test_a_signed_event_is_verified_recorded_and_credited(db: Db, double: StripeDouble, sidecar, new_session) -> None:
+async def test_a_signed_event_is_verified_recorded_and_credited(
+    db: Db, double: StripeDouble, sidecar, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
     status, body = await sidecar.post_event(payload, double.sign(payload))
-    assert (status, body) == (200, {"received": True, "event_id": event["id"], "outcome": "credited", "duplicate": False})
+    assert (status, body) == (
+        200,
+        {"received": True, "event_id": event["id"], "outcome": "credited", "duplicate": False},
+    )
     assert await db.balance(wallet_id) == TEN_USD_NANO
 
 
-async def test_bad_signatures_are_refused_and_nothing_is_written(db: Db, double: StripeDouble, sidecar, new_session) -> None:
+async def test_bad_signatures_are_refused_and_nothing_is_written(
+    db: Db, double: StripeDouble, sidecar, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
@@ -64,7 +70,9 @@ async def test_a_verified_body_that_is_not_an_event_is_refused(db: Db, double: S
     assert await db.row_counts() == before
 
 
-async def test_duplicates_sequential_and_concurrent_credit_once(db: Db, double: StripeDouble, sidecar, new_session) -> None:
+async def test_duplicates_sequential_and_concurrent_credit_once(
+    db: Db, double: StripeDouble, sidecar, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
@@ -90,7 +98,9 @@ async def test_an_event_for_a_session_we_did_not_create_is_answered_2xx_and_reco
     assert await db.count(tables.ledger_entries) == 0
 
 
-async def test_signatures_dated_ahead_beyond_the_tolerance_are_refused(db: Db, double: StripeDouble, sidecar, new_session) -> None:
+async def test_signatures_dated_ahead_beyond_the_tolerance_are_refused(
+    db: Db, double: StripeDouble, sidecar, new_session
+) -> None:
     wallet_id, _ = await db.new_wallet()
     event = double.complete(await new_session(wallet_id))
     payload = double.payload(event)
@@ -108,19 +118,32 @@ async def test_signatures_dated_ahead_beyond_the_tolerance_are_refused(db: Db, d
 # --- POST /billing/topup -------------------------------------------------------------------------
 
 
-async def test_topup_creates_a_checkout_session_for_the_keys_wallet(db: Db, double: StripeDouble, sidecar) -> None:
+async def test_topup_creates_a_checkout_session_for_the_keys_wallet(
+    db: Db, double: StripeDouble, sidecar
+) -> None:
     wallet_id, api_key = await db.new_wallet(grant_nano=0)  # an empty ("suspended") wallet may top up
     assert (await db.wallet(wallet_id)).state == "suspended"
     status, body = await sidecar.topup(api_key, {"amount_usd": "10.00"})
     assert status == 200, body
     session = double.sessions[body["session_id"]]
-    assert body == {"checkout_url": session["url"], "session_id": session["id"], "amount_usd": "10.000000",
-                    "expires_at": session["expires_at"]}
+    assert body == {
+        "checkout_url": session["url"],
+        "session_id": session["id"],
+        "amount_usd": "10.000000",
+        "expires_at": session["expires_at"],
+    }
     assert body["checkout_url"].startswith(double.url + "/c/pay/cs_test_")
     assert (session["mode"], session["amount_total"], session["currency"]) == ("payment", 1000, "usd")
     assert session["client_reference_id"] == wallet_id
-    assert session["metadata"] == {"wallet_id": wallet_id, "amount_usd": "10.00", "purpose": "billingproxy_topup"}
-    assert session["success_url"] == "http://gateway.test:8080/billing/topup/success?session_id={CHECKOUT_SESSION_ID}"
+    assert session["metadata"] == {
+        "wallet_id": wallet_id,
+        "amount_usd": "10.00",
+        "purpose": "billingproxy_topup",
+    }
+    assert (
+        session["success_url"]
+        == "http://gateway.test:8080/billing/topup/success?session_id={CHECKOUT_SESSION_ID}"
+    )
     assert session["cancel_url"] == "http://gateway.test:8080/billing/topup/cancelled"
     assert session["customer_email"] == (await db.wallet(wallet_id)).email
     # The payment intent will carry the wallet too.
@@ -129,7 +152,9 @@ async def test_topup_creates_a_checkout_session_for_the_keys_wallet(db: Db, doub
         assert await payments.open_checkout_sessions(conn, limit=10) == [session["id"]]
 
 
-async def test_topup_with_an_idempotency_key_answers_the_same_session(db: Db, double: StripeDouble, sidecar) -> None:
+async def test_topup_with_an_idempotency_key_answers_the_same_session(
+    db: Db, double: StripeDouble, sidecar
+) -> None:
     _, api_key = await db.new_wallet()
     first = await sidecar.topup(api_key, {"amount_usd": "25"}, **{"idempotency-key": "order-1"})
     again = await sidecar.topup(api_key, {"amount_usd": "25"}, **{"idempotency-key": "order-1"})
@@ -147,18 +172,30 @@ async def test_topup_refuses_bad_amounts_and_keys(db: Db, double: StripeDouble, 
     _, api_key = await db.new_wallet()
     for amount in ("4.99", "500.01", "10.001", "ten", 10.5, None, "-10"):
         status, body = await sidecar.topup(api_key, {"amount_usd": amount})
-        assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_amount", "amount_usd"), amount
+        assert (status, body["error"]["code"], body["error"]["param"]) == (
+            400,
+            "invalid_amount",
+            "amount_usd",
+        ), amount
     status, body = await sidecar.topup(api_key, {})
     assert (status, body["error"]["code"]) == (400, "invalid_amount")
-    async with sidecar.http.post(sidecar.url + "/billing/topup", data=b"{not json",
-                                 headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"}) as r:
+    async with sidecar.http.post(
+        sidecar.url + "/billing/topup",
+        data=b"{not json",
+        headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"},
+    ) as r:
         assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_json")
     assert (await sidecar.topup(None, {"amount_usd": "10"}))[1]["error"]["code"] == "missing_api_key"
-    assert (await sidecar.topup("sk-litellm-nope", {"amount_usd": "10"}))[1]["error"]["code"] == "invalid_api_key"
+    assert (await sidecar.topup("sk-litellm-nope", {"amount_usd": "10"}))[1]["error"][
+        "code"
+    ] == "invalid_api_key"
     revoked_wallet, revoked_key = await db.new_wallet()
     async with db.engine.begin() as conn:
-        await conn.execute(sa.update(tables.api_keys).where(tables.api_keys.c.wallet_id == revoked_wallet)
-                           .values(revoked_at=sa.func.now()))
+        await conn.execute(
+            sa.update(tables.api_keys)
+            .where(tables.api_keys.c.wallet_id == revoked_wallet)
+            .values(revoked_at=sa.func.now())
+        )
     status, body = await sidecar.topup(revoked_key, {"amount_usd": "10"})
     assert (status, body["error"]["code"]) == (401, "revoked_api_key")
     assert double.sessions == {}
@@ -175,7 +212,9 @@ async def test_topup_bounds_come_from_the_settings(db: Db, double: StripeDouble,
 
 async def test_when_stripe_cannot_be_reached_topup_answers_503(db: Db, start_sidecar) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    settings = Settings(stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=closed)
+    settings = Settings(
+        stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=closed
+    )
     _, api_key = await db.new_wallet()
     async with start_sidecar(settings) as running:
         status, body = await running.topup(api_key, {"amount_usd": "10.00"})
@@ -183,8 +222,12 @@ async def test_when_stripe_cannot_be_reached_topup_answers_503(db: Db, start_sid
     assert await db.count(tables.stripe_checkout_sessions) == 0
 
 
-async def test_when_stripe_refuses_the_key_topup_answers_502(db: Db, double: StripeDouble, start_sidecar) -> None:
-    settings = Settings(stripe_secret_key="sk_test_wrong", stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=double.url)
+async def test_when_stripe_refuses_the_key_topup_answers_502(
+    db: Db, double: StripeDouble, start_sidecar
+) -> None:
+    settings = Settings(
+        stripe_secret_key="sk_test_wrong", stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=double.url
+    )
     _, api_key = await db.new_wallet()
     async with start_sidecar(settings) as running:
         status, body = await running.topup(api_key, {"amount_usd": "10.00"})
@@ -193,10 +236,14 @@ async def test_when_stripe_refuses_the_key_topup_answers_502(db: Db, double: Str
 
 async def test_without_stripe_keys_topups_answer_503_and_the_rest_works(db: Db, start_sidecar) -> None:
     async with start_sidecar(Settings()) as running:
-        async with running.http.post(running.url + "/user/signup", json={"email": "nostripe@example.com"}) as r:
+        async with running.http.post(
+            running.url + "/user/signup", json={"email": "nostripe@example.com"}
+        ) as r:
             assert r.status == 201
             api_key = (await r.json())["api_key"]
-        async with running.http.get(running.url + "/billing/balance", headers={"authorization": f"Bearer {api_key}"}) as r:
+        async with running.http.get(
+            running.url + "/billing/balance", headers={"authorization": f"Bearer {api_key}"}
+        ) as r:
             assert r.status == 200
         status, body = await running.topup(api_key, {"amount_usd": "10.00"})
         assert (status, body["error"]["code"]) == (503, "payments_unconfigured")
@@ -211,13 +258,19 @@ async def test_without_stripe_keys_topups_answer_503_and_the_rest_works(db: Db, 
 # --- the pages -----------------------------------------------------------------------------------
 
 
-async def test_the_top_up_link_is_a_page_whose_form_leads_to_checkout(db: Db, double: StripeDouble, sidecar) -> None:
+async def test_the_top_up_link_is_a_page_whose_form_leads_to_checkout(
+    db: Db, double: StripeDouble, sidecar
+) -> None:
     wallet_id, api_key = await db.new_wallet()
     async with sidecar.http.get(sidecar.url + "/billing/topup") as r:
         page = await r.text()
         assert r.status == 200 and r.content_type == "text/html"
         assert r.headers["cache-control"] == "no-store"
-    assert '<form method=post action="/billing/topup">' in page and "name=api_key" in page and "name=amount_usd" in page
+    assert (
+        '<form method=post action="/billing/topup">' in page
+        and "name=api_key" in page
+        and "name=amount_usd" in page
+    )
     form = {"api_key": api_key, "amount_usd": "10.00"}
     async with sidecar.http.post(sidecar.url + "/billing/topup", data=form, allow_redirects=False) as r:
         assert r.status == 303
@@ -225,18 +278,31 @@ async def test_the_top_up_link_is_a_page_whose_form_leads_to_checkout(db: Db, do
     [session] = double.sessions.values()
     assert location == session["url"] and session["client_reference_id"] == wallet_id
 
-    async with sidecar.http.post(sidecar.url + "/billing/topup", data={"api_key": "sk-litellm-nope", "amount_usd": "10"},
-                                 allow_redirects=False) as r:
+    async with sidecar.http.post(
+        sidecar.url + "/billing/topup",
+        data={"api_key": "sk-litellm-nope", "amount_usd": "10"},
+        allow_redirects=False,
+    ) as r:
         assert r.status == 401 and r.content_type == "text/html"
         assert "Incorrect API key provided." in await r.text()
-    async with sidecar.http.post(sidecar.url + "/billing/topup", data={"api_key": api_key, "amount_usd": "<b>1</b>"},
-                                 allow_redirects=False) as r:
+    async with sidecar.http.post(
+        sidecar.url + "/billing/topup",
+        data={"api_key": api_key, "amount_usd": "<b>1</b>"},
+        allow_redirects=False,
+    ) as r:
         text = await r.text()
-        assert r.status == 400 and "amount_usd" in text and "<b>1</b>" not in text and "&lt;b&gt;1&lt;/b&gt;" in text
+        assert (
+            r.status == 400
+            and "amount_usd" in text
+            and "<b>1</b>" not in text
+            and "&lt;b&gt;1&lt;/b&gt;" in text
+        )
     assert len(double.sessions) == 1
 
 
-async def test_paying_on_the_doubles_page_sends_a_signed_webhook_and_credits(db: Db, double: StripeDouble, sidecar) -> None:
+async def test_paying_on_the_doubles_page_sends_a_signed_webhook_and_credits(
+    db: Db, double: StripeDouble, sidecar
+) -> None:
     wallet_id, api_key = await db.new_wallet()
     _, body = await sidecar.topup(api_key, {"amount_usd": "10.00"})
     async with aiohttp.ClientSession() as browser:
@@ -246,7 +312,10 @@ async def test_paying_on_the_doubles_page_sends_a_signed_webhook_and_credits(db:
         assert "TEST MODE" in page and "$10.00" in page and ">Pay (test)</button>" in page
         async with browser.post(body["checkout_url"], allow_redirects=False) as r:
             assert r.status == 303
-            assert r.headers["location"] == f"http://gateway.test:8080/billing/topup/success?session_id={body['session_id']}"
+            assert (
+                r.headers["location"]
+                == f"http://gateway.test:8080/billing/topup/success?session_id={body['session_id']}"
+            )
         # Paid sessions cannot be paid twice.
         async with browser.post(body["checkout_url"], allow_redirects=False) as r:
             assert r.status == 409
@@ -260,10 +329,14 @@ async def test_paying_on_the_doubles_page_sends_a_signed_webhook_and_credits(db:
         assert r.status == 200 and "Nothing was charged" in await r.text()
 
 
-async def test_the_double_reports_a_webhook_it_could_not_deliver(db: Db, double: StripeDouble, sidecar) -> None:
+async def test_the_double_reports_a_webhook_it_could_not_deliver(
+    db: Db, double: StripeDouble, sidecar
+) -> None:
     _, api_key = await db.new_wallet()
     _, body = await sidecar.topup(api_key, {"amount_usd": "10.00"})
     double.webhook_url = f"http://127.0.0.1:{free_port()}/stripe/webhook"
-    async with aiohttp.ClientSession() as browser:
-        async with browser.post(body["checkout_url"], allow_redirects=False) as r:
-            assert r.status == 502 and "answered nothing" in await r.text()
+    async with (
+        aiohttp.ClientSession() as browser,
+        browser.post(body["checkout_url"], allow_redirects=False) as r,
+    ):
+        assert r.status == 502 and "answered nothing" in await r.text()

@@ -13,44 +13,82 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from authz_sidecar.access_log import FinishedRequest, finished_request, finished_request_from_json
 from billing.usage import Usage
 
-HOLD = {"x-billingproxy-hold-id": "r1", "x-billingproxy-wallet-id": "wal_1",
-        "x-billingproxy-key-id": "key_1", "x-billingproxy-model": "gemini%2Fgemini-2.5-flash",
-        "x-billingproxy-format": "openai_chat"}
-CHAT_USAGE = json.dumps({"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
-                         "prompt_tokens_details": {"cached_tokens": 2}})
+HOLD = {
+    "x-billingproxy-hold-id": "r1",
+    "x-billingproxy-wallet-id": "wal_1",
+    "x-billingproxy-key-id": "key_1",
+    "x-billingproxy-model": "gemini%2Fgemini-2.5-flash",
+    "x-billingproxy-format": "openai_chat",
+}
+CHAT_USAGE = json.dumps(
+    {
+        "prompt_tokens": 7,
+        "completion_tokens": 5,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
+)
 
 
 def line(**changes):
-    base = {"request_id": "r1", "status": 200, "authz": dict(HOLD),
-            "usage": {"usage": CHAT_USAGE, "finished": True}}
+    base = {
+        "request_id": "r1",
+        "status": 200,
+        "authz": dict(HOLD),
+        "usage": {"usage": CHAT_USAGE, "finished": True},
+    }
     return {**base, **changes}
 
 
 def test_a_billed_request_with_its_usage() -> None:
     assert finished_request_from_json(line()) == FinishedRequest(
-        request_id="r1", status=200, model="gemini/gemini-2.5-flash",
-        usage=Usage(input_text=5, input_cached=2, output_text=5), wallet_id="wal_1",
+        request_id="r1",
+        status=200,
+        model="gemini/gemini-2.5-flash",
+        usage=Usage(input_text=5, input_cached=2, output_text=5),
+        wallet_id="wal_1",
     )
 
 
 def test_an_anthropic_stream_is_read_from_both_of_its_usage_objects() -> None:
     authz = {**HOLD, "x-billingproxy-format": "anthropic_messages"}
-    usage = {"usage_start": '{"input_tokens": 25, "cache_read_input_tokens": 5, "output_tokens": 1}',
-             "usage": '{"output_tokens": 15}', "finished": True}
+    usage = {
+        "usage_start": '{"input_tokens": 25, "cache_read_input_tokens": 5, "output_tokens": 1}',
+        "usage": '{"output_tokens": 15}',
+        "finished": True,
+    }
     done = finished_request_from_json(line(authz=authz, usage=usage))
     assert done is not None and done.usage == Usage(input_text=25, input_cached=5, output_text=15)
 
 
-@pytest.mark.parametrize("usage", [
-    {"usage": CHAT_USAGE},                                   # never finished (the client hung up)
-    {"usage": CHAT_USAGE, "finished": False},
-    {"usage": CHAT_USAGE, "finished": "true"},               # not Envoy's shape
-    {"finished": True},                                      # finished without a usage object
-    {"usage": '{"prompt_tokens": "many", "completion_tokens": 1}', "finished": True},
-    {"usage": "", "finished": True},                         # larger than the filter keeps
-    {"prompt_tokens": 7, "completion_tokens": 5, "cached_tokens": 0, "usage_seen": True},  # the old counts
-    None,                                                    # the filter published nothing
-], ids=["unfinished", "finished-false", "finished-text", "no-usage", "bad-count", "too-large", "old-shape", "none"])
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"usage": CHAT_USAGE},  # never finished (the client hung up)
+        {"usage": CHAT_USAGE, "finished": False},
+        {"usage": CHAT_USAGE, "finished": "true"},  # not Envoy's shape
+        {"finished": True},  # finished without a usage object
+        {"usage": '{"prompt_tokens": "many", "completion_tokens": 1}', "finished": True},
+        {"usage": "", "finished": True},  # larger than the filter keeps
+        {
+            "prompt_tokens": 7,
+            "completion_tokens": 5,
+            "cached_tokens": 0,
+            "usage_seen": True,
+        },  # the old counts
+        None,  # the filter published nothing
+    ],
+    ids=[
+        "unfinished",
+        "finished-false",
+        "finished-text",
+        "no-usage",
+        "bad-count",
+        "too-large",
+        "old-shape",
+        "none",
+    ],
+)
 def test_usage_that_cannot_be_charged_exactly_leaves_the_hold_to_the_settler(usage) -> None:
     done = finished_request_from_json(line(usage=usage))
     assert done is not None and done.usage is None
@@ -75,13 +113,17 @@ def test_a_check_envoy_gave_up_on_is_voided_by_request_id() -> None:
     assert finished_request_from_json(line(status=503, authz=None)) == FinishedRequest("r1", 503, "", None)
 
 
-@pytest.mark.parametrize("record", [
-    line(authz=None),                      # a sidecar route or a denial: no hold
-    line(authz={"ext_authz_duration": 1}),  # a Check without a hold (GET /v1/models)
-    line(status="200"),                    # not Envoy's shape
-    line(status=True),
-    {"time": "2026-11-25T11:41:10Z"},
-], ids=["no-authz", "no-hold", "status-text", "status-bool", "other"])
+@pytest.mark.parametrize(
+    "record",
+    [
+        line(authz=None),  # a sidecar route or a denial: no hold
+        line(authz={"ext_authz_duration": 1}),  # a Check without a hold (GET /v1/models)
+        line(status="200"),  # not Envoy's shape
+        line(status=True),
+        {"time": "2026-11-25T11:41:10Z"},
+    ],
+    ids=["no-authz", "no-hold", "status-text", "status-bool", "other"],
+)
 def test_lines_with_nothing_to_settle(record) -> None:
     assert finished_request_from_json(record) is None
 

@@ -3,6 +3,8 @@ be reached — a real aiohttp app and a real, refused connection."""
 
 from __future__ import annotations
 
+import gc
+
 import aiohttp
 from aiohttp import web
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -32,8 +34,6 @@ async def test_readiness_fails_while_the_database_is_unreachable() -> None:
 
 
 def test_gc_pauses_are_timed_by_generation() -> None:
-    import gc
-
     metrics.watch_gc_pauses()
     metrics.watch_gc_pauses()  # idempotent: one hook
     assert gc.callbacks.count(metrics._on_gc) == 1

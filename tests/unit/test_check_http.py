@@ -45,7 +45,7 @@ class Rule(check.Decider):
 async def served():
     async def start(body_max_bytes: int = 1024):
         rule = Rule()
-        server = CheckServer(rule, body_max_bytes=body_max_bytes)  # type: ignore[arg-type]
+        server = CheckServer(rule, body_max_bytes=body_max_bytes)  # Rule stands in for check.Decider
         await server.start("127.0.0.1", 0)
         port = server._server.sockets[0].getsockname()[1]
         started.append(server)
@@ -87,8 +87,9 @@ def post(path: str, body: bytes = b'{"model":"m"}', **headers: str) -> bytes:
 
 async def test_admission_carries_the_facts_and_no_credential(served) -> None:
     rule, port = await served()
-    [(status, headers, body)] = await exchange(port, post("/v1/ok?x=1", authorization="Bearer sk-client",
-                                                          x_request_id="r1"))
+    [(status, headers, body)] = await exchange(
+        port, post("/v1/ok?x=1", authorization="Bearer sk-client", x_request_id="r1")
+    )
     assert (status, body) == (200, b"")
     # Nothing a local process holding a client key could learn: the backend route sets the credential.
     assert not {"authorization", "x-api-key", "x-envoy-auth-headers-to-remove"} & set(headers)
@@ -138,7 +139,7 @@ async def test_a_body_in_pieces_is_read_whole(served) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     raw = post("/v1/ok", b'{"model":"in pieces"}')
     for i in range(0, len(raw), 7):
-        writer.write(raw[i:i + 7])
+        writer.write(raw[i : i + 7])
         await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), timeout=5)
     writer.close()
@@ -146,7 +147,9 @@ async def test_a_body_in_pieces_is_read_whole(served) -> None:
     assert rule.seen[0]["body"] == b'{"model":"in pieces"}'
 
 
-@pytest.mark.parametrize("raw", [b"NOT HTTP AT ALL\r\n\r\n", b"POST /check/v1/ok HTTP/1.1\r\ncontent-length: x\r\n\r\n"])
+@pytest.mark.parametrize(
+    "raw", [b"NOT HTTP AT ALL\r\n\r\n", b"POST /check/v1/ok HTTP/1.1\r\ncontent-length: x\r\n\r\n"]
+)
 async def test_malformed_http_is_answered_400_and_closed(served, raw: bytes) -> None:
     rule, port = await served()
     answers = await exchange(port, raw + post("/v1/ok"), answers=2)
@@ -189,7 +192,7 @@ async def test_envoy_hanging_up_stops_the_decision(served) -> None:
 
 async def test_stop_lets_a_check_in_progress_answer_first() -> None:
     rule = Rule()
-    server = CheckServer(rule, body_max_bytes=1024)  # type: ignore[arg-type]
+    server = CheckServer(rule, body_max_bytes=1024)  # Rule stands in for check.Decider
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -32,8 +32,11 @@ def test_mailbox_folds_tags_case_and_gmails_dots(address: str, mailbox: str) -> 
 
 @pytest.mark.parametrize(
     ("address", "exact"),
-    [("Alice+x@Example.com", "alice+x@example.com"), ("a.lice@GMAIL.com", "a.lice@gmail.com"),
-     ("alice@googlemail.com", "alice@googlemail.com")],
+    [
+        ("Alice+x@Example.com", "alice+x@example.com"),
+        ("a.lice@GMAIL.com", "a.lice@gmail.com"),
+        ("alice@googlemail.com", "alice@googlemail.com"),
+    ],
 )
 def test_the_exact_policy_folds_only_case(address: str, exact: str) -> None:
     assert emails.mailbox(address, "exact") == exact
@@ -47,8 +50,17 @@ def test_an_unknown_policy_or_a_non_address_is_an_error() -> None:
             emails.mailbox(broken)
 
 
-@pytest.mark.parametrize("address", ["a.b+c@googlemail.com", "+x@gmail.com", "a+@example.org", ".+.@gmail.com",
-                                     "x-y.z+1+2@example.org", "...@googlemail.com"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a.b+c@googlemail.com",
+        "+x@gmail.com",
+        "a+@example.org",
+        ".+.@gmail.com",
+        "x-y.z+1+2@example.org",
+        "...@googlemail.com",
+    ],
+)
 def test_a_mailbox_is_its_own_mailbox(address: str) -> None:
     """Folding twice changes nothing: the identity of a mailbox is stable."""
     once = emails.mailbox(address)
@@ -56,7 +68,10 @@ def test_a_mailbox_is_its_own_mailbox(address: str) -> None:
 
 
 def test_the_grant_identity_is_the_mailboxs_hash_and_names_no_address() -> None:
-    same = {wallets.signup_grant_identity(a) for a in ("bob@gmail.com", "b.o.b+x@googlemail.com", " BOB@gmail.com")}
+    same = {
+        wallets.signup_grant_identity(a)
+        for a in ("bob@gmail.com", "b.o.b+x@googlemail.com", " BOB@gmail.com")
+    }
     assert len(same) == 1
     [identity] = same
     assert identity.startswith("mailbox:") and "bob" not in identity and len(identity) == len("mailbox:") + 64

@@ -43,7 +43,9 @@ def test_metered_endpoints_have_a_usage_format(method: str, path: str, expected:
     assert endpoint is not None and endpoint.usage_format is expected
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/gpt-4o-mini", "/v1/models/gemini/gemini-2.5-flash"])
+@pytest.mark.parametrize(
+    "path", ["/v1/models", "/v1/models/gpt-4o-mini", "/v1/models/gemini/gemini-2.5-flash"]
+)
 def test_listing_models_is_free(path: str) -> None:
     endpoint = TABLE.find("GET", path)
     assert endpoint is not None and endpoint.usage_format is None
@@ -154,8 +156,12 @@ def test_tools_add_the_prompt_the_provider_writes_for_them() -> None:
 
 def test_completions_multiply_by_prompts_and_best_of() -> None:
     assert worst("/v1/completions", {"prompt": ["a", "b", "c"], "max_tokens": 10, "n": 2}).output_tokens == 60
-    assert worst("/v1/completions", {"prompt": "a", "max_tokens": 10, "n": 2, "best_of": 5}).output_tokens == 50
-    assert worst("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 10}).output_tokens == 10  # one token list
+    assert (
+        worst("/v1/completions", {"prompt": "a", "max_tokens": 10, "n": 2, "best_of": 5}).output_tokens == 50
+    )
+    assert (
+        worst("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 10}).output_tokens == 10
+    )  # one token list
     assert worst("/v1/completions", {"prompt": [[1], [2]], "max_tokens": 10}).output_tokens == 20
 
 
@@ -167,7 +173,9 @@ def test_embeddings_have_no_output() -> None:
 def test_anthropic_messages_require_max_tokens() -> None:
     assert worst("/v1/messages", {"max_tokens": 100}).output_tokens == 100
     assert refused("/v1/messages", {}).param == "max_tokens"
-    assert {"input_cache_write_5m", "input_cache_write_1h"} <= worst("/v1/messages", {"max_tokens": 1}).dimensions
+    assert {"input_cache_write_5m", "input_cache_write_1h"} <= worst(
+        "/v1/messages", {"max_tokens": 1}
+    ).dimensions
 
 
 def test_predicted_output_is_added_to_the_output_bound() -> None:
@@ -229,7 +237,11 @@ def test_only_openai_streams_are_asked_for_usage() -> None:
         ("/v1/responses", {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools"),
         ("/v1/responses", {"tools": [{"type": "code_interpreter"}]}, "tools"),
         ("/v1/responses", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
-        ("/v1/messages", {"max_tokens": 1, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),
+        (
+            "/v1/messages",
+            {"max_tokens": 1, "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+            "tools",
+        ),
         ("/v1/messages", {"max_tokens": 1, "mcp_servers": [{"url": "https://x"}]}, "mcp_servers"),
     ],
 )
@@ -261,8 +273,23 @@ def test_text_prompts_are_bounded_by_the_body() -> None:
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "x"}}]}]}),
         ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]}),
         # An image nested in a tool result still costs its pixels, not its bytes.
-        ("/v1/messages", {"max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "tool_result", "content": [
-            {"type": "image", "source": {"type": "url", "url": "https://x"}}]}]}]}),
+        (
+            "/v1/messages",
+            {
+                "max_tokens": 1,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "content": [{"type": "image", "source": {"type": "url", "url": "https://x"}}],
+                            }
+                        ],
+                    }
+                ],
+            },
+        ),
     ],
 )
 def test_images_and_files_make_the_context_window_the_bound(path: str, request_body: dict) -> None:
@@ -270,7 +297,12 @@ def test_images_and_files_make_the_context_window_the_bound(path: str, request_b
 
 
 def test_audio_input_and_output_add_their_dimensions() -> None:
-    messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+        }
+    ]
     case = worst("/v1/chat/completions", {"messages": messages, "modalities": ["text", "audio"]})
     assert {"input_audio", "output_audio"} <= case.dimensions
     assert "input_audio" not in worst("/v1/chat/completions", {"messages": []}).dimensions

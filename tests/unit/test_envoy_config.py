@@ -58,13 +58,21 @@ VARIANTS = {
     "gemini": (settings(), GEMINI),
     "other ports": (
         settings(
-            bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001,
-            request_body_max_bytes=65536, upstream_timeout_s=60,
-            backend_api_key="sk-backend", upstream_headers=("traceparent", "x-demo-*"),
+            bind_host="0.0.0.0",
+            gateway_port=18080,
+            http_port=18081,
+            grpc_port=19001,
+            request_body_max_bytes=65536,
+            upstream_timeout_s=60,
+            backend_api_key="sk-backend",
+            upstream_headers=("traceparent", "x-demo-*"),
         ),
         "https://api.openai.com",
     ),
-    "anthropic credential": (settings(backend_api_key="sk-ant", backend_auth_header="x-api-key"), DEMO_BACKEND),
+    "anthropic credential": (
+        settings(backend_api_key="sk-ant", backend_auth_header="x-api-key"),
+        DEMO_BACKEND,
+    ),
     "litellm by name": (settings(), "http://litellm.billing.svc:4000"),
     "gRPC Check": (settings(check_transport="grpc"), DEMO_BACKEND),
 }
@@ -92,17 +100,31 @@ def test_render_yaml_is_render() -> None:
 
 def test_ports_and_limits_come_from_settings() -> None:
     configured = settings(
-        bind_host="0.0.0.0", gateway_port=18080, http_port=18081, grpc_port=19001, check_port=19002,
-        request_body_max_bytes=65536, upstream_timeout_s=60,
+        bind_host="0.0.0.0",
+        gateway_port=18080,
+        http_port=18081,
+        grpc_port=19001,
+        check_port=19002,
+        request_body_max_bytes=65536,
+        upstream_timeout_s=60,
     )
     config = envoy_config.render(configured, backend_url=DEMO_BACKEND)
     listener = config["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18080}
     assert listener["per_connection_buffer_limit_bytes"] == 65536
     # Only the public listener follows bind_host: the sidecar is reached on loopback.
-    assert endpoint(cluster(config, envoy_config.SIDECAR_HTTP_CLUSTER)) == {"address": "127.0.0.1", "port_value": 18081}
-    assert endpoint(cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)) == {"address": "127.0.0.1", "port_value": 19001}
-    assert endpoint(cluster(config, envoy_config.SIDECAR_CHECK_CLUSTER)) == {"address": "127.0.0.1", "port_value": 19002}
+    assert endpoint(cluster(config, envoy_config.SIDECAR_HTTP_CLUSTER)) == {
+        "address": "127.0.0.1",
+        "port_value": 18081,
+    }
+    assert endpoint(cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)) == {
+        "address": "127.0.0.1",
+        "port_value": 19001,
+    }
+    assert endpoint(cluster(config, envoy_config.SIDECAR_CHECK_CLUSTER)) == {
+        "address": "127.0.0.1",
+        "port_value": 19002,
+    }
     llm = route_for(config, "/v1/chat/completions")["route"]
     assert llm["timeout"] == "60s"
     (authz,) = [f for f in hcm(config)["http_filters"] if f["name"] == envoy_config.EXT_AUTHZ_FILTER]
@@ -113,7 +135,9 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     config = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
     filters = hcm(config)["http_filters"]
     assert [f["name"] for f in filters] == [
-        envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, envoy_config.UPSTREAM_HEADERS_FILTER,
+        envoy_config.EXT_AUTHZ_FILTER,
+        envoy_config.LUA_FILTER,
+        envoy_config.UPSTREAM_HEADERS_FILTER,
         "envoy.filters.http.router",
     ]
     authz = filters[0]["typed_config"]
@@ -131,8 +155,12 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     assert answer["dynamic_metadata_from_headers"]["patterns"] == [{"prefix": "x-billingproxy-"}]
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     check_cluster = clusters[envoy_config.SIDECAR_CHECK_CLUSTER]
-    assert check_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-        "socket_address"]["port_value"] == settings().check_port
+    assert (
+        check_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "socket_address"
+        ]["port_value"]
+        == settings().check_port
+    )
     assert authz["with_request_body"]["allow_partial_message"] is False
     lua = filters[1]["typed_config"]["default_source_code"]["inline_string"]
     assert "bodyChunks()" in lua and "billingproxy.usage" in lua
@@ -298,18 +326,30 @@ def test_the_upstream_allow_list_is_rendered_into_its_lua_filter() -> None:
 
     # No credential header passes the filter, whatever the backend expects: the client's key goes,
     # and the backend route sets the backend's after every filter.
-    anthropic = settings(backend_api_key="sk-b", backend_auth_header="x-api-key", upstream_headers=("x-demo-*", "traceparent"))
+    anthropic = settings(
+        backend_api_key="sk-b", backend_auth_header="x-api-key", upstream_headers=("x-demo-*", "traceparent")
+    )
     config = envoy_config.render(anthropic, backend_url=DEMO_BACKEND)
     lua = upstream_lua(config)
     assert '["x-api-key"]' not in lua and '["authorization"]' not in lua and '["traceparent"] = true' in lua
     assert 'local ALLOWED_PREFIXES = {"x-demo-"}' in lua
-    (llm,) = [r for r in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-              ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "llm"]
+    (llm,) = [
+        r
+        for r in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"
+        ]["virtual_hosts"][0]["routes"]
+        if r.get("name") == "llm"
+    ]
     added = {h["header"]["key"]: h["header"]["value"] for h in llm["request_headers_to_add"]}
     assert added["x-api-key"] == "sk-b"
     bare = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
-    (llm,) = [r for r in bare["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-              ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] if r.get("name") == "llm"]
+    (llm,) = [
+        r
+        for r in bare["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"
+        ]["virtual_hosts"][0]["routes"]
+        if r.get("name") == "llm"
+    ]
     assert {h["header"]["key"] for h in llm["request_headers_to_add"]} == {"accept-encoding"}
 
 

@@ -32,7 +32,7 @@ def test_generated_key_has_the_documented_shape() -> None:
     key = issued.plaintext
     assert len(key) == KEY_LENGTH == 49
     assert key.startswith(PREFIX)
-    body, check = key[len(PREFIX):-6], key[-6:]
+    body, check = key[len(PREFIX) : -6], key[-6:]
     assert len(body) == 32
     assert set(body) <= set(BASE62)
     assert check == checksum(body)
@@ -74,7 +74,7 @@ def test_generated_bodies_use_the_whole_alphabet() -> None:
     # 500 × 32 draws from 62 characters: every character appears (a miss has odds ~1e-108).
     seen = set()
     for _ in range(500):
-        seen.update(keys.generate().plaintext[len(PREFIX):-6])
+        seen.update(keys.generate().plaintext[len(PREFIX) : -6])
     assert seen == set(BASE62)
 
 
@@ -86,7 +86,7 @@ def test_every_single_character_change_is_refused(seed_key: int) -> None:
         for replacement in BASE62:
             if replacement == key[position]:
                 continue
-            candidate = key[:position] + replacement + key[position + 1:]
+            candidate = key[:position] + replacement + key[position + 1 :]
             assert not keys.is_well_formed(candidate), (position, replacement)
             changed += 1
     assert changed == 38 * 61
@@ -96,7 +96,7 @@ def test_swapping_two_adjacent_body_characters_is_refused() -> None:
     key = keys.generate().plaintext
     for i in range(len(PREFIX), len(key) - 7):
         if key[i] != key[i + 1]:
-            swapped = key[:i] + key[i + 1] + key[i] + key[i + 2:]
+            swapped = key[:i] + key[i + 1] + key[i] + key[i + 2 :]
             assert not keys.is_well_formed(swapped), i
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import tempfile
-import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,7 +30,7 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., EmbeddedPostgres]]:
 
     def make(name: str = "pg", **kwargs: object) -> EmbeddedPostgres:
         kwargs.setdefault("durable", False)
-        server = EmbeddedPostgres(tmp_path / name, **kwargs)  # type: ignore[arg-type]
+        server = EmbeddedPostgres(tmp_path / name, **kwargs)
         servers.append(server)
         return server
 
@@ -53,7 +53,11 @@ async def test_start_stop_and_restart_keeps_the_data(make_server: Callable[..., 
         url = first.url
         parts = urlsplit(url)
         assert (parts.scheme, parts.username, parts.hostname, parts.port, parts.path) == (
-            "postgresql", "postgres", "127.0.0.1", first.port, "/billingproxy",
+            "postgresql",
+            "postgres",
+            "127.0.0.1",
+            first.port,
+            "/billingproxy",
         )
         assert await fetchval(url, "select 1") == 1
         assert await fetchval(url, "show fsync") == "off"
@@ -111,7 +115,8 @@ async def test_starts_again_after_the_server_was_killed(make_server: Callable[..
 
 
 async def test_the_server_never_runs_as_root_and_no_parent_is_opened_up(
-    make_server: Callable[..., EmbeddedPostgres], tmp_path: Path,
+    make_server: Callable[..., EmbeddedPostgres],
+    tmp_path: Path,
 ) -> None:
     modes_before = [(parent, parent.stat().st_mode) for parent in tmp_path.parents]
     server = make_server()
@@ -130,7 +135,8 @@ async def test_the_server_never_runs_as_root_and_no_parent_is_opened_up(
 
 
 async def test_binaries_the_server_account_cannot_reach_are_copied(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A venv under /root in CI, in miniature: tmp_path is mode 700, so nobody cannot enter it.
     hidden = tmp_path / "site-packages"
@@ -161,7 +167,9 @@ async def test_binaries_the_server_account_cannot_reach_are_copied(
 
 @pytest.mark.parametrize("run", [1, 2])
 async def test_fresh_database_url_is_empty_and_private(
-    fresh_database_url: str, postgres_url: str, run: int,
+    fresh_database_url: str,
+    postgres_url: str,
+    run: int,
 ) -> None:
     name = urlsplit(fresh_database_url).path.lstrip("/")
     assert name.startswith("test_") and name != urlsplit(postgres_url).path.lstrip("/")
@@ -188,8 +196,11 @@ async def assert_password_required(url: str) -> None:
     with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
         await asyncpg.connect(without_password(url))
     with pytest.raises(asyncpg.InvalidPasswordError):
-        await asyncpg.connect(urlsplit(url)._replace(
-            netloc=f"postgres:wrong@{urlsplit(url).hostname}:{urlsplit(url).port}").geturl())
+        await asyncpg.connect(
+            urlsplit(url)
+            ._replace(netloc=f"postgres:wrong@{urlsplit(url).hostname}:{urlsplit(url).port}")
+            .geturl()
+        )
     assert await fetchval(url, "select 1") == 1
 
 

@@ -27,7 +27,10 @@ def price(
     input_usd: str, output_usd: str, cached_usd: str | None = None, model: str = "m"
 ) -> pricing.ModelPrice:
     return pricing.ModelPrice.tokens(
-        model, Decimal(input_usd), Decimal(output_usd), None if cached_usd is None else Decimal(cached_usd),
+        model,
+        Decimal(input_usd),
+        Decimal(output_usd),
+        None if cached_usd is None else Decimal(cached_usd),
         source="test",
     )
 
@@ -164,9 +167,7 @@ def test_markup_is_applied_before_the_one_rounding(
         (price("1e-30", "0"), Usage.tokens(1, 0), 1),
     ],
 )
-def test_cost_is_rounded_up_once(
-    model_price: pricing.ModelPrice, usage: Usage, expected_nano: int
-) -> None:
+def test_cost_is_rounded_up_once(model_price: pricing.ModelPrice, usage: Usage, expected_nano: int) -> None:
     assert pricing.PriceBook({}).cost_nano(model_price, usage) == expected_nano
 
 
@@ -182,8 +183,8 @@ def test_markup_on_a_fraction_is_rounded_once() -> None:
 def test_large_usage_stays_exact() -> None:
     model_price = price("0.000000123456789", "0.000000987654321")
     usage = Usage.tokens(prompt_tokens=10**12 + 7, completion_tokens=3 * 10**11 + 1)
-    expected = (10**12 + 7) * 123 + (10**12 + 7) * Decimal("0.456789") + (3 * 10**11 + 1) * Decimal(
-        "987.654321"
+    expected = (
+        (10**12 + 7) * 123 + (10**12 + 7) * Decimal("0.456789") + (3 * 10**11 + 1) * Decimal("987.654321")
     )  # in nano-USD
     assert expected != expected.to_integral_value()
     assert pricing.PriceBook({}).cost_nano(model_price, usage) == math.ceil(expected)
@@ -212,7 +213,7 @@ def test_hold_assumes_no_cache_and_the_full_output_budget(
 )
 def test_usage_refuses_impossible_counts(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        Usage.tokens(**kwargs)  # type: ignore[arg-type]
+        Usage.tokens(**kwargs)
 
 
 def test_prompt_tokens_bound_is_one_token_per_byte() -> None:
@@ -311,7 +312,10 @@ def test_aliases_share_their_targets_price(tmp_path: Path) -> None:
     assert mini_alias is not None and mini_alias.input_usd_per_token == Decimal("3e-7")
     gemini = book.price("gemini-alias")
     assert gemini is not None
-    assert gemini.input_usd_per_token == pricing.load_litellm_prices()["gemini/gemini-2.5-flash"].input_usd_per_token
+    assert (
+        gemini.input_usd_per_token
+        == pricing.load_litellm_prices()["gemini/gemini-2.5-flash"].input_usd_per_token
+    )
 
 
 def test_markup_passed_to_load(tmp_path: Path) -> None:
@@ -338,11 +342,15 @@ def test_empty_overrides_change_nothing(tmp_path: Path, text: str) -> None:
         ("models:\n  m: {input_per_million_usd: -0.1, output_per_million_usd: 1}\n", "input_per_million_usd"),
         ("models:\n  m: {input_per_million_usd: 1, output_per_million_usd: -3}\n", "output_per_million_usd"),
         (
-            "models:\n  m: {input_per_million_usd: 1, output_per_million_usd: 1, cached_input_per_million_usd: -1}\n",
+            "models:\n  m: {input_per_million_usd: 1, output_per_million_usd: 1, "
+            "cached_input_per_million_usd: -1}\n",
             "cached_input_per_million_usd",
         ),
         ("models:\n  m: {input_per_million_usd: abc, output_per_million_usd: 1}\n", "input_per_million_usd"),
-        ("models:\n  m: {input_per_million_usd: 'NaN', output_per_million_usd: 1}\n", "input_per_million_usd"),
+        (
+            "models:\n  m: {input_per_million_usd: 'NaN', output_per_million_usd: 1}\n",
+            "input_per_million_usd",
+        ),
         ("models:\n  m: {input_per_million_usd: true, output_per_million_usd: 1}\n", "input_per_million_usd"),
         ("models:\n  m: {input_per_million_usd: .inf, output_per_million_usd: 1}\n", "inf"),
         ("models:\n  m: {input_per_million_usd: .nan, output_per_million_usd: 1}\n", "nan"),
@@ -382,7 +390,9 @@ def test_missing_override_file(tmp_path: Path) -> None:
 # --- every dimension (issue 10, finding 3) --------------------------------------------------------
 
 
-def test_every_cost_key_of_the_map_is_priced_refused_or_named(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
+def test_every_cost_key_of_the_map_is_priced_refused_or_named(
+    litellm_prices: dict[str, pricing.ModelPrice],
+) -> None:
     image = litellm_prices["gpt-image-1"]
     # Image tokens cost $40/M output: never billed $0 — the model is refused, naming the key.
     assert image.unpriced_for({"input_text", "output_text"}) == "cache_read_input_image_token_cost"
@@ -392,8 +402,13 @@ def test_every_cost_key_of_the_map_is_priced_refused_or_named(litellm_prices: di
 def test_anthropic_cache_writes_and_reads_are_priced(litellm_prices: dict[str, pricing.ModelPrice]) -> None:
     sonnet = litellm_prices["claude-sonnet-4-5"]
     book = pricing.PriceBook(litellm_prices)
-    usage = Usage(input_text=1000, input_cached=20_000, input_cache_write_5m=30_000, input_cache_write_1h=4000,
-                  output_text=500)
+    usage = Usage(
+        input_text=1000,
+        input_cached=20_000,
+        input_cache_write_5m=30_000,
+        input_cache_write_1h=4000,
+        output_text=500,
+    )
     # 1000 × 3e-6 + 20000 × 3e-7 + 30000 × 3.75e-6 + 4000 × 6e-6 + 500 × 1.5e-5
     expected = Decimal("0.003") + Decimal("0.006") + Decimal("0.1125") + Decimal("0.024") + Decimal("0.0075")
     assert book.cost_nano(sonnet, usage) == int(expected * 10**9) == 153_000_000
@@ -413,8 +428,11 @@ def test_audio_is_priced_at_its_own_rate_or_refused(litellm_prices: dict[str, pr
 
 def test_reasoning_has_its_own_rate_when_the_map_gives_one(tmp_path: Path) -> None:
     path = tmp_path / "map.json"
-    path.write_text('{"r": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,'
-                    ' "output_cost_per_reasoning_token": 5e-06}}', encoding="utf-8")
+    path.write_text(
+        '{"r": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06,'
+        ' "output_cost_per_reasoning_token": 5e-06}}',
+        encoding="utf-8",
+    )
     r = pricing.load_litellm_prices(path)["r"]
     assert pricing.PriceBook({}).cost_nano(r, Usage(output_text=1, output_reasoning=1)) == 7_000
 

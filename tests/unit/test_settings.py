@@ -36,8 +36,18 @@ def test_defaults() -> None:
 
 
 def test_empty_values_mean_defaults() -> None:
-    names = ["FREE_GRANT_USD", "MARKUP_PERCENT", "PRICE_OVERRIDES", "GATEWAY_PORT", "ADMISSION",
-             "HOLD_TTL_S", "BACKEND_URL", "PUBLIC_URL", "BIND_HOST", "OVERDRAFT_LIMIT_USD"]
+    names = [
+        "FREE_GRANT_USD",
+        "MARKUP_PERCENT",
+        "PRICE_OVERRIDES",
+        "GATEWAY_PORT",
+        "ADMISSION",
+        "HOLD_TTL_S",
+        "BACKEND_URL",
+        "PUBLIC_URL",
+        "BIND_HOST",
+        "OVERDRAFT_LIMIT_USD",
+    ]
     assert settings.from_env({P + name: "" for name in names}) == settings.Settings()
 
 
@@ -195,7 +205,7 @@ def test_hold_ttl_below_the_upstream_timeout_names_both() -> None:
 )
 def test_settings_objects_check_themselves(changes: dict[str, object], name: str) -> None:
     with pytest.raises(settings.SettingsError, match=P + name):
-        settings.Settings(**changes)  # type: ignore[arg-type]
+        settings.Settings(**changes)
     with pytest.raises(settings.SettingsError, match=P + name):
         settings.Settings().replace(**changes)
 

@@ -59,7 +59,11 @@ def request(headers: dict[str, str], remote: str = "127.0.0.1"):
 @pytest.mark.parametrize(
     ("headers", "remote", "client"),
     [
-        ({"x-envoy-external-address": "203.0.113.7", "x-forwarded-for": "1.2.3.4, 127.0.0.1"}, "127.0.0.1", "203.0.113.7"),
+        (
+            {"x-envoy-external-address": "203.0.113.7", "x-forwarded-for": "1.2.3.4, 127.0.0.1"},
+            "127.0.0.1",
+            "203.0.113.7",
+        ),
         ({}, "127.0.0.5", "127.0.0.5"),  # no Envoy in between: the peer
         ({"x-forwarded-for": "1.2.3.4"}, "127.0.0.5", "127.0.0.5"),  # never X-Forwarded-For itself
         ({"x-envoy-external-address": "2001:db8:1:2:3:4:5:6"}, "127.0.0.1", "2001:db8:1:2::/64"),
@@ -68,23 +72,33 @@ def request(headers: dict[str, str], remote: str = "127.0.0.1"):
         ({"x-envoy-external-address": "not-an-address"}, "127.0.0.1", "not-an-address"),
     ],
 )
-def test_the_client_address_is_envoys_trusted_address(headers: dict[str, str], remote: str, client: str) -> None:
+def test_the_client_address_is_envoys_trusted_address(
+    headers: dict[str, str], remote: str, client: str
+) -> None:
     assert http_api.client_address(request(headers, remote)) == client
 
 
 def test_the_settings_and_envoys_trusted_hops() -> None:
     defaults = settings_mod.Settings()
     assert (defaults.signup_rate_global_per_minute, defaults.trusted_proxy_hops) == (60, 0)
-    s = settings_mod.from_env({"BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE": "30", "BILLINGPROXY_TRUSTED_PROXY_HOPS": "2"})
+    s = settings_mod.from_env(
+        {"BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE": "30", "BILLINGPROXY_TRUSTED_PROXY_HOPS": "2"}
+    )
     assert (s.signup_rate_global_per_minute, s.trusted_proxy_hops) == (30, 2)
-    for name, bad in (("SIGNUP_RATE_GLOBAL_PER_MINUTE", "0"), ("TRUSTED_PROXY_HOPS", "-1"), ("TRUSTED_PROXY_HOPS", "11"),
-                      ("TRUSTED_PROXY_HOPS", "one")):
+    for name, bad in (
+        ("SIGNUP_RATE_GLOBAL_PER_MINUTE", "0"),
+        ("TRUSTED_PROXY_HOPS", "-1"),
+        ("TRUSTED_PROXY_HOPS", "11"),
+        ("TRUSTED_PROXY_HOPS", "one"),
+    ):
         with pytest.raises(settings_mod.SettingsError, match=f"BILLINGPROXY_{name}"):
             settings_mod.from_env({f"BILLINGPROXY_{name}": bad})
 
     def hcm(settings: settings_mod.Settings) -> dict:
         settings = settings.replace(access_log_secret="s" * 32)  # rendering needs one
-        listener = envoy_config.render(settings, backend_url="http://127.0.0.1:4000")["static_resources"]["listeners"][0]
+        listener = envoy_config.render(settings, backend_url="http://127.0.0.1:4000")["static_resources"][
+            "listeners"
+        ][0]
         return listener["filter_chains"][0]["filters"][0]["typed_config"]
 
     assert hcm(defaults)["use_remote_address"] is True

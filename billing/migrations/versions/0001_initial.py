@@ -65,9 +65,7 @@ def upgrade() -> None:
         sa.Column("details", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     )
-    op.create_index(
-        "ledger_entries_wallet_newest", "ledger_entries", ["wallet_id", sa.text("id DESC")]
-    )
+    op.create_index("ledger_entries_wallet_newest", "ledger_entries", ["wallet_id", sa.text("id DESC")])
     # Money records are immutable: mistakes are corrected by new entries, never by edits.
     op.execute(
         """
@@ -98,9 +96,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint("amount_nano >= 0", name="holds_amount_not_negative"),
-        sa.CheckConstraint(
-            "state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"
-        ),
+        sa.CheckConstraint("state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"),
     )
     op.create_index(
         "holds_pending_by_expiry",

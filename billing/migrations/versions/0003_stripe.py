@@ -44,7 +44,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-        sa.CheckConstraint("status IN ('open', 'complete', 'expired')", name="stripe_checkout_sessions_status_known"),
+        sa.CheckConstraint(
+            "status IN ('open', 'complete', 'expired')", name="stripe_checkout_sessions_status_known"
+        ),
     )
     op.create_index("stripe_checkout_sessions_wallet", "stripe_checkout_sessions", ["wallet_id"])
     op.create_index(
@@ -74,9 +76,7 @@ def upgrade() -> None:
     op.create_table(
         "stripe_disputes",
         sa.Column("id", sa.Text, primary_key=True),
-        sa.Column(
-            "payment_intent", sa.Text, sa.ForeignKey("stripe_payments.payment_intent"), nullable=False
-        ),
+        sa.Column("payment_intent", sa.Text, sa.ForeignKey("stripe_payments.payment_intent"), nullable=False),
         sa.Column("charge", sa.Text, nullable=True),
         sa.Column("amount_nano", sa.BigInteger, nullable=False),
         sa.Column("status", sa.Text, nullable=False),

@@ -24,9 +24,7 @@ def upgrade() -> None:
     op.add_column(
         "wallets", sa.Column("overdraft_limit_nano", sa.BigInteger, nullable=False, server_default="0")
     )
-    op.create_check_constraint(
-        "wallets_overdraft_limit_not_negative", "wallets", "overdraft_limit_nano >= 0"
-    )
+    op.create_check_constraint("wallets_overdraft_limit_not_negative", "wallets", "overdraft_limit_nano >= 0")
 
 
 def downgrade() -> None:

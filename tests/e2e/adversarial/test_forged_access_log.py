@@ -37,19 +37,35 @@ async def stack(launch_stack) -> AsyncIterator[Any]:
         yield running
 
 
-def entry(request_id: str, *, wallet_id: str, key_id: str, model: str, status: int,
-          prompt: int = 0, completion: int = 0) -> accesslog_pb2.HTTPAccessLogEntry:
+def entry(
+    request_id: str,
+    *,
+    wallet_id: str,
+    key_id: str,
+    model: str,
+    status: int,
+    prompt: int = 0,
+    completion: int = 0,
+) -> accesslog_pb2.HTTPAccessLogEntry:
     """An HTTP access-log entry shaped as Envoy sends it (ext_authz's metadata as the Check's
     answer headers, the Lua filter's usage as protobuf doubles)."""
     log = accesslog_pb2.HTTPAccessLogEntry()
     metadata = log.common_properties.metadata.filter_metadata
     metadata["envoy.filters.http.ext_authz"].update(
-        {"x-billingproxy-wallet-id": wallet_id, "x-billingproxy-key-id": key_id,
-         "x-billingproxy-hold-id": request_id, "x-billingproxy-model": model}
+        {
+            "x-billingproxy-wallet-id": wallet_id,
+            "x-billingproxy-key-id": key_id,
+            "x-billingproxy-hold-id": request_id,
+            "x-billingproxy-model": model,
+        }
     )
     metadata["billingproxy.usage"].update(
-        {"prompt_tokens": float(prompt), "completion_tokens": float(completion), "cached_tokens": 0.0,
-         "usage_seen": True}
+        {
+            "prompt_tokens": float(prompt),
+            "completion_tokens": float(completion),
+            "cached_tokens": 0.0,
+            "usage_seen": True,
+        }
     )
     log.request.request_id = request_id
     log.request.path = "/v1/chat/completions"
@@ -74,8 +90,14 @@ async def place_hold(db, user: dict[str, Any], request_id: str) -> None:
     """The hold a Check would have placed for ``user``'s request on gpt-4o-mini."""
     async with db.engine.begin() as conn:
         placed = await holds.place(
-            conn, request_id=request_id, wallet_id=user["wallet_id"], key_id=user["key_id"], model=MODEL,
-            amount_nano=HOLD_NANO, ttl_s=600, strict=False,
+            conn,
+            request_id=request_id,
+            wallet_id=user["wallet_id"],
+            key_id=user["key_id"],
+            model=MODEL,
+            amount_nano=HOLD_NANO,
+            ttl_s=600,
+            strict=False,
         )
     assert placed is holds.Admission.ADMITTED
 
@@ -85,8 +107,13 @@ async def money(stack, user: dict[str, Any], request_id: str) -> tuple[Any, ...]
     and the hold's state."""
     wallet = await stack.db.wallet(user["wallet_id"])
     hold = await stack.db.hold(request_id)
-    return (wallet.balance_nano, wallet.reserved_nano, len(await stack.db.ledger(user["wallet_id"])),
-            hold.state, hold.posted_nano)
+    return (
+        wallet.balance_nano,
+        wallet.reserved_nano,
+        len(await stack.db.ledger(user["wallet_id"])),
+        hold.state,
+        hold.posted_nano,
+    )
 
 
 async def void_genuinely(stack, wait_until, user: dict[str, Any], request_id: str) -> None:
@@ -94,8 +121,11 @@ async def void_genuinely(stack, wait_until, user: dict[str, Any], request_id: st
     it: the refusals above left the hold usable. A failed request, so that the outcome does not
     depend on how usage is read."""
     secret = stack.settings.access_log_secret
-    await deliver(stack, entry(request_id, wallet_id=user["wallet_id"], key_id=user["key_id"], model=MODEL,
-                               status=500), secret=secret)
+    await deliver(
+        stack,
+        entry(request_id, wallet_id=user["wallet_id"], key_id=user["key_id"], model=MODEL, status=500),
+        secret=secret,
+    )
 
     async def voided() -> bool:
         return (await stack.db.hold(request_id)).state == "voided"
@@ -119,7 +149,9 @@ async def test_a_stream_without_the_secret_is_refused_and_settles_nothing(stack,
     assert failure.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert stack.settings.access_log_secret not in (failure.value.details() or "")
 
-    assert await stack.metric("billingproxy_access_log_refusals_total", reason="unauthenticated") == refused + 1
+    assert (
+        await stack.metric("billingproxy_access_log_refusals_total", reason="unauthenticated") == refused + 1
+    )
     assert await money(stack, user, request_id) == before
     assert before[3] == "pending"
     await void_genuinely(stack, wait_until, user, request_id)
@@ -143,15 +175,24 @@ async def test_an_entry_that_disagrees_with_its_hold_is_refused_and_counted(stac
         model = "o1-pro"
     else:
         wallet_id = other["wallet_id"]
-    forged = entry(request_id, wallet_id=wallet_id, key_id=victim["key_id"], model=model, status=200,
-                   prompt=10_000_000, completion=10_000_000)
+    forged = entry(
+        request_id,
+        wallet_id=wallet_id,
+        key_id=victim["key_id"],
+        model=model,
+        status=200,
+        prompt=10_000_000,
+        completion=10_000_000,
+    )
     await deliver(stack, forged, secret=stack.settings.access_log_secret)
 
     async def counted() -> bool:
         return await stack.metric("billingproxy_access_log_refusals_total", reason="hold_mismatch") > refusals
 
     await wait_until(counted, SETTLED_WITHIN_S, "the disagreeing entry to be refused")
-    assert await stack.metric("billingproxy_access_log_refusals_total", reason="hold_mismatch") == refusals + 1
+    assert (
+        await stack.metric("billingproxy_access_log_refusals_total", reason="hold_mismatch") == refusals + 1
+    )
     assert await stack.metric("billingproxy_settlements_total", outcome="refused_mismatch") == outcomes + 1
     assert await money(stack, victim, request_id) == before
     assert await stack.db.wallet(other["wallet_id"]) == other_before
@@ -163,36 +204,63 @@ async def test_reconcile_refuses_a_line_that_disagrees_with_its_hold(launch_data
     forge: the same agreement check applies, and the table says what was refused."""
     async with launch_database() as db:
         async with db.engine.begin() as conn:
-            owner = await wallets.signup(conn, email=f"reconcile-{uuid.uuid4().hex[:8]}@example.com",
-                                         grant_nano=500_000_000)
+            owner = await wallets.signup(
+                conn, email=f"reconcile-{uuid.uuid4().hex[:8]}@example.com", grant_nano=500_000_000
+            )
         user = {"wallet_id": owner.wallet.id, "key_id": owner.key.key_id}
         for request_id in ("rec-agrees", "rec-other-model", "rec-other-wallet"):
             await place_hold(db, user, request_id)
         grant = await db.balance(user["wallet_id"])
 
         def line(request_id: str, *, model: str = MODEL, wallet_id: str = user["wallet_id"]) -> str:
-            authz = {"x-billingproxy-hold-id": request_id, "x-billingproxy-wallet-id": wallet_id,
-                     "x-billingproxy-key-id": user["key_id"], "x-billingproxy-model": model}
-            usage = {"prompt_tokens": 10_000_000, "completion_tokens": 10_000_000, "cached_tokens": 0,
-                     "usage_seen": True}
+            authz = {
+                "x-billingproxy-hold-id": request_id,
+                "x-billingproxy-wallet-id": wallet_id,
+                "x-billingproxy-key-id": user["key_id"],
+                "x-billingproxy-model": model,
+            }
+            usage = {
+                "prompt_tokens": 10_000_000,
+                "completion_tokens": 10_000_000,
+                "cached_tokens": 0,
+                "usage_seen": True,
+            }
             return json.dumps({"request_id": request_id, "status": 200, "authz": authz, "usage": usage})
 
         log = tmp_path / "envoy.log"
-        log.write_text("\n".join([
-            line("rec-other-model", model="o1-pro"),
-            line("rec-other-wallet", wallet_id="wal_somebody_else"),
-            json.dumps({"request_id": "rec-agrees", "status": 500, "authz": {
-                "x-billingproxy-hold-id": "rec-agrees", "x-billingproxy-wallet-id": user["wallet_id"],
-                "x-billingproxy-key-id": user["key_id"], "x-billingproxy-model": MODEL}, "usage": None}),
-        ]) + "\n")
+        log.write_text(
+            "\n".join(
+                [
+                    line("rec-other-model", model="o1-pro"),
+                    line("rec-other-wallet", wallet_id="wal_somebody_else"),
+                    json.dumps(
+                        {
+                            "request_id": "rec-agrees",
+                            "status": 500,
+                            "authz": {
+                                "x-billingproxy-hold-id": "rec-agrees",
+                                "x-billingproxy-wallet-id": user["wallet_id"],
+                                "x-billingproxy-key-id": user["key_id"],
+                                "x-billingproxy-model": MODEL,
+                            },
+                            "usage": None,
+                        }
+                    ),
+                ]
+            )
+            + "\n"
+        )
 
         result = await db.acli("reconcile", str(log))
         assert result.returncode == 0, result.stderr
         table = dict(row.rsplit(None, 1) for row in result.stdout.strip().splitlines()[1:])
         assert table == {"refused_mismatch": "2", "voided": "1"}, result.stdout
         states = {h.request_id: (h.state, h.posted_nano) for h in await db.holds(user["wallet_id"])}
-        assert states == {"rec-agrees": ("voided", None), "rec-other-model": ("pending", None),
-                          "rec-other-wallet": ("pending", None)}
+        assert states == {
+            "rec-agrees": ("voided", None),
+            "rec-other-model": ("pending", None),
+            "rec-other-wallet": ("pending", None),
+        }
         assert await db.balance(user["wallet_id"]) == grant
         assert [e.kind for e in await db.ledger(user["wallet_id"])] == ["grant"]
 

@@ -41,7 +41,7 @@ def tcp_listeners() -> list[tuple[str, int, str]]:
             address, port_hex = fields[1].split(":")
             raw = bytes.fromhex(address)
             # The kernel prints each 32-bit word in host (little-endian) order.
-            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
             ip = ipaddress.ip_address(packed)
             # An IPv6 socket bound to 127.0.0.1 (gRPC's) lists it as ::ffff:127.0.0.1.
             mapped = getattr(ip, "ipv4_mapped", None)
@@ -63,7 +63,7 @@ def tcp_ports_listened_on_by(pid: int) -> set[int]:
         except OSError:
             continue  # closed meanwhile
         if target.startswith("socket:["):
-            sockets.add(target[len("socket:["):-1])
+            sockets.add(target[len("socket:[") : -1])
     return {port for _, port, inode in tcp_listeners() if inode in sockets}
 
 
@@ -93,7 +93,7 @@ async def test_only_envoys_public_listener_follows_the_bind_host(stack) -> None:
 
     outside = non_loopback_address()
     if outside is not None:  # and from another interface, nothing answers
-        for name, port in internal.items():
+        for port in internal.values():
             with socket.socket() as client, pytest.raises(ConnectionRefusedError):
                 client.settimeout(5)
                 client.connect((outside, port))
@@ -126,7 +126,9 @@ async def test_files_that_hold_secrets_are_private(stack) -> None:
 async def test_the_http_api_answers_at_once_after_its_database_connections_were_cut(stack) -> None:
     """A database restart (here: every server process of the stack's database terminated) left
     the HTTP API's pooled connections dead, and the first call answered 503. Pre-ping replaces them."""
-    async with stack.http.post(stack.gateway + "/user/signup", json={"email": "warm-up@example.com"}) as response:
+    async with stack.http.post(
+        stack.gateway + "/user/signup", json={"email": "warm-up@example.com"}
+    ) as response:
         assert response.status == 201, await response.text()
     async with stack.http.get(stack.admin + "/readyz") as response:
         assert response.status == 200
@@ -140,5 +142,7 @@ async def test_the_http_api_answers_at_once_after_its_database_connections_were_
 
     async with stack.http.get(stack.admin + "/readyz") as response:
         assert response.status == 200, await response.text()
-    async with stack.http.post(stack.gateway + "/user/signup", json={"email": "after-cut@example.com"}) as response:
+    async with stack.http.post(
+        stack.gateway + "/user/signup", json={"email": "after-cut@example.com"}
+    ) as response:
         assert response.status == 201, await response.text()

@@ -35,7 +35,9 @@ def prices() -> pricing.PriceBook:
 async def new_key(stack, balance_usd: str) -> str:
     async with stack.db.engine.begin() as conn:
         account = await wallets.signup(
-            conn, email=f"attacker-{uuid.uuid4().hex[:12]}@example.com", grant_nano=money.parse_usd(balance_usd)
+            conn,
+            email=f"attacker-{uuid.uuid4().hex[:12]}@example.com",
+            grant_nano=money.parse_usd(balance_usd),
         )
     return account.key.plaintext
 
@@ -52,14 +54,24 @@ async def backend_requests(stack) -> str:
     return json.dumps(await stack.backend_last_request(), sort_keys=True)
 
 
-async def refused_untouched(stack, key: str, path: str, body: bytes | dict, status: int, code: str,
-                            method: str = "POST", **headers: str) -> dict[str, Any]:
+async def refused_untouched(
+    stack,
+    key: str,
+    path: str,
+    body: bytes | dict,
+    status: int,
+    code: str,
+    method: str = "POST",
+    **headers: str,
+) -> dict[str, Any]:
     """Send; expect ``status``/``code``; and check nothing was written nor reached the backend."""
     counts, seen = await stack.db.row_counts(), await backend_requests(stack)
     if method == "POST":
         got, answer = await post(stack, key, path, body, **headers)
     else:
-        async with stack.http.request(method, stack.gateway + path, headers={"authorization": f"Bearer {key}"}) as r:
+        async with stack.http.request(
+            method, stack.gateway + path, headers={"authorization": f"Bearer {key}"}
+        ) as r:
             got, answer = r.status, await r.json(content_type=None)
     assert (got, answer["error"]["code"]) == (status, code), answer
     assert await stack.db.row_counts() == counts
@@ -104,10 +116,21 @@ async def test_listing_models_is_still_served_free(stack) -> None:
     ("path", "body", "param"),
     [
         ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "background": True}, "background"),
-        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "previous_response_id": "resp_other"},
-         "previous_response_id"),
-        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
-        (CHAT, {"model": "gpt-4o-mini", "messages": MESSAGES, "web_search_options": {}}, "web_search_options"),
+        (
+            "/v1/responses",
+            {"model": "gpt-4o-mini", "input": "hi", "previous_response_id": "resp_other"},
+            "previous_response_id",
+        ),
+        (
+            "/v1/responses",
+            {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "web_search"}]},
+            "tools",
+        ),
+        (
+            CHAT,
+            {"model": "gpt-4o-mini", "messages": MESSAGES, "web_search_options": {}},
+            "web_search_options",
+        ),
         (CHAT, {"model": "gpt-4o-mini", "messages": MESSAGES, "service_tier": "priority"}, "service_tier"),
     ],
 )
@@ -119,7 +142,14 @@ async def test_unmetered_work_is_refused(stack, path: str, body: dict, param: st
 
 
 def test_the_default_allow_list_is_the_documented_one() -> None:
-    assert set(ENDPOINT_NAMES) == {"chat_completions", "completions", "embeddings", "responses", "messages", "models"}
+    assert set(ENDPOINT_NAMES) == {
+        "chat_completions",
+        "completions",
+        "embeddings",
+        "responses",
+        "messages",
+        "models",
+    }
 
 
 # --- finding 3: a dimension the gateway does not price is refused, never billed $0 ---------------
@@ -135,8 +165,12 @@ async def test_image_tokens_are_not_billed_zero(stack) -> None:
 
 async def test_audio_output_without_an_audio_price_is_refused(stack) -> None:
     key = await new_key(stack, "5.00")
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "modalities": ["text", "audio"],
-            "audio": {"voice": "alloy", "format": "wav"}}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+    }
     error = await refused_untouched(stack, key, CHAT, body, 400, "model_not_priced")
     assert error["dimension"] == "output_cost_per_audio_token"
 
@@ -146,13 +180,26 @@ async def test_audio_output_without_an_audio_price_is_refused(stack) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_tokens", True), ("max_tokens", 1.5), ("max_tokens", "10"), ("max_tokens", -1),
-     ("max_completion_tokens", False), ("n", True), ("n", 0), ("n", 1000)],
+    [
+        ("max_tokens", True),
+        ("max_tokens", 1.5),
+        ("max_tokens", "10"),
+        ("max_tokens", -1),
+        ("max_completion_tokens", False),
+        ("n", True),
+        ("n", 0),
+        ("n", 1000),
+    ],
 )
 async def test_bad_numbers_are_refused_before_any_hold(stack, field: str, value: object) -> None:
     key = await new_key(stack, "1.00")
     error = await refused_untouched(
-        stack, key, CHAT, {"model": "gpt-4o-mini", "messages": MESSAGES, field: value}, 400, "invalid_parameter"
+        stack,
+        key,
+        CHAT,
+        {"model": "gpt-4o-mini", "messages": MESSAGES, field: value},
+        400,
+        "invalid_parameter",
     )
     assert error["param"] == field
 
@@ -191,7 +238,9 @@ async def test_without_an_output_limit_the_hold_is_the_models_and_the_403_says_w
     # The largest max_tokens that fits is given, and it is served.
     fits = error["max_tokens_that_fit"]
     assert 0 < fits < 16384
-    status, answer = await post(stack, key, CHAT, {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": fits})
+    status, answer = await post(
+        stack, key, CHAT, {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": fits}
+    )
     assert status == 200, answer
 
 
@@ -204,7 +253,9 @@ async def test_n_multiplies_the_hold(stack, prices) -> None:
     error = await refused_untouched(stack, key, CHAT, {**one, "n": 20}, 403, "insufficient_funds")
     mini = prices.price("gpt-4o-mini")
     assert mini is not None
-    assert money.parse_usd(error["worst_case_usd"]) >= prices.hold_nano(mini, prompt_tokens=0, max_output_tokens=20_000)
+    assert money.parse_usd(error["worst_case_usd"]) >= prices.hold_nano(
+        mini, prompt_tokens=0, max_output_tokens=20_000
+    )
     assert error["max_tokens_that_fit"] < 1000
 
 
@@ -218,11 +269,26 @@ STREAM = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
     [
         ("text/plain", json.dumps(STREAM).encode(), 415, "unsupported_media_type"),
         ("application/x-www-form-urlencoded", json.dumps(STREAM).encode(), 415, "unsupported_media_type"),
-        ("application/json; charset=utf-16", json.dumps(STREAM).encode("utf-16"), 415, "unsupported_media_type"),
+        (
+            "application/json; charset=utf-16",
+            json.dumps(STREAM).encode("utf-16"),
+            415,
+            "unsupported_media_type",
+        ),
         ("application/json", json.dumps(STREAM).encode("utf-16"), 400, "invalid_json"),
         ("application/json", b"\xef\xbb\xbf" + json.dumps(STREAM).encode(), 400, "invalid_json"),
-        ("application/json", b'{"model": "gpt-4o-mini", "model": "o1-pro", "messages": []}', 400, "duplicate_key"),
-        ("application/json", b'{"model": "gpt-4o-mini", "messages": [], "temperature": NaN}', 400, "invalid_json"),
+        (
+            "application/json",
+            b'{"model": "gpt-4o-mini", "model": "o1-pro", "messages": []}',
+            400,
+            "duplicate_key",
+        ),
+        (
+            "application/json",
+            b'{"model": "gpt-4o-mini", "messages": [], "temperature": NaN}',
+            400,
+            "invalid_json",
+        ),
     ],
 )
 async def test_a_body_the_check_and_the_filter_cannot_both_read_is_refused(
@@ -234,6 +300,11 @@ async def test_a_body_the_check_and_the_filter_cannot_both_read_is_refused(
 
 async def test_a_json_content_type_with_utf8_charset_is_served(stack) -> None:
     key = await new_key(stack, "1.00")
-    status, answer = await post(stack, key, CHAT, {"model": "gpt-4o-mini", "messages": MESSAGES},
-                                **{"content-type": "application/json; charset=utf-8"})
+    status, answer = await post(
+        stack,
+        key,
+        CHAT,
+        {"model": "gpt-4o-mini", "messages": MESSAGES},
+        **{"content-type": "application/json; charset=utf-8"},
+    )
     assert status == 200, answer

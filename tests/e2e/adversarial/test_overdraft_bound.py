@@ -42,7 +42,10 @@ async def stack(launch_stack, request) -> AsyncIterator[Any]:
 
 
 def body(max_tokens: int | None = None, words: int = 1, model: str = EXPENSIVE) -> bytes:
-    request: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": " ".join(["ab"] * words)}]}
+    request: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": " ".join(["ab"] * words)}],
+    }
     if max_tokens is not None:
         request["max_tokens"] = max_tokens
     return json.dumps(request).encode()
@@ -58,8 +61,13 @@ async def post(stack, api_key: str, data: bytes, delay_ms: int = 0) -> tuple[int
 
 async def credit(stack, wallet_id: str, amount_nano: int, reference: str) -> None:
     async with stack.db.engine.begin() as conn:
-        await ledger.post_entry(conn, wallet_id=wallet_id, kind="credit", amount_nano=amount_nano,
-                                idempotency_key=f"credit:{reference}")
+        await ledger.post_entry(
+            conn,
+            wallet_id=wallet_id,
+            kind="credit",
+            amount_nano=amount_nano,
+            idempotency_key=f"credit:{reference}",
+        )
 
 
 async def test_one_huge_request_on_a_fresh_free_wallet_is_refused_and_charges_nothing(stack) -> None:
@@ -110,12 +118,20 @@ async def limited_wallet(stack) -> tuple[str, str]:
     wallet_id = user["wallet_id"]
     # The free grant is spent by hand so that the storm starts from exactly BALANCE_NANO.
     async with stack.db.engine.begin() as conn:
-        await ledger.post_entry(conn, wallet_id=wallet_id, kind="adjustment", amount_nano=-500_000_000,
-                                idempotency_key=f"adjustment:{wallet_id}")
+        await ledger.post_entry(
+            conn,
+            wallet_id=wallet_id,
+            kind="adjustment",
+            amount_nano=-500_000_000,
+            idempotency_key=f"adjustment:{wallet_id}",
+        )
     await credit(stack, wallet_id, BALANCE_NANO, f"storm-{wallet_id}")
     done = await stack.db.acli("wallet", "set-overdraft", user["email"], LIMIT_USD)
     assert done.returncode == 0, done.stderr
-    assert await stack.db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet_id) == LIMIT_NANO
+    assert (
+        await stack.db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet_id)
+        == LIMIT_NANO
+    )
     assert await stack.db.balance(wallet_id) == BALANCE_NANO
     return wallet_id, user["api_key"]
 
@@ -139,10 +155,14 @@ async def test_200_concurrent_requests_of_every_size_stay_within_the_limit(stack
     wallet_id, api_key = await limited_wallet(stack)
     rng = random.Random(5)
     bodies = [body(max_tokens=rng.randint(1, 256), words=rng.randint(1, 20)) for _ in range(REQUESTS)]
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
-               "x-demo-delay-ms": str(BACKEND_DELAY_MS)}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "x-demo-delay-ms": str(BACKEND_DELAY_MS),
+    }
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
 
         async def one(data: bytes) -> tuple[int, str]:
             async with session.post(stack.gateway + CHAT, data=data, headers=headers) as response:

@@ -28,8 +28,9 @@ async def stack(launch_stack) -> AsyncIterator[Any]:
 
 async def funded(stack, usd: str = "20.00") -> tuple[str, str]:
     async with stack.db.engine.begin() as conn:
-        account = await wallets.signup(conn, email=f"dims-{uuid.uuid4().hex[:10]}@example.com",
-                                       grant_nano=money.parse_usd(usd))
+        account = await wallets.signup(
+            conn, email=f"dims-{uuid.uuid4().hex[:10]}@example.com", grant_nano=money.parse_usd(usd)
+        )
     return account.wallet.id, account.key.plaintext
 
 
@@ -53,19 +54,41 @@ async def post(stack, key: str, path: str, body: dict[str, Any], **headers: str)
 async def test_anthropic_cache_writes_and_reads_are_each_charged_their_price(stack, stream: bool) -> None:
     wallet_id, key = await funded(stack)
     prompt = "word " * 40  # 40 words + 3 per message = 43 prompt tokens in all
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 20, "stream": stream,
-            "messages": [{"role": "user", "content": prompt}]}
-    await post(stack, key, "/v1/messages", body, **{
-        "x-demo-cached-tokens": "10", "x-demo-cache-write-tokens": "20", "x-demo-cache-write-1h-tokens": "5",
-    })
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 20,
+        "stream": stream,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+    await post(
+        stack,
+        key,
+        "/v1/messages",
+        body,
+        **{
+            "x-demo-cached-tokens": "10",
+            "x-demo-cache-write-tokens": "20",
+            "x-demo-cache-write-1h-tokens": "5",
+        },
+    )
     # claude-sonnet-4-5: input 3e-6, cache read 3e-7, 5-minute write 3.75e-6, 1-hour write 6e-6,
     # output 1.5e-5 per token; 43 - 10 - 20 - 5 = 8 uncached input tokens; 20 output tokens.
-    expected = (8 * Decimal("3e-6") + 10 * Decimal("3e-7") + 20 * Decimal("3.75e-6") + 5 * Decimal("6e-6")
-                + 20 * Decimal("1.5e-5"))
+    expected = (
+        8 * Decimal("3e-6")
+        + 10 * Decimal("3e-7")
+        + 20 * Decimal("3.75e-6")
+        + 5 * Decimal("6e-6")
+        + 20 * Decimal("1.5e-5")
+    )
     entry = await charged(stack, wallet_id)
     assert entry["nano"] == int(expected * NANO)  # exact: no rounding needed here
-    assert (entry["input_text"], entry["input_cached"], entry["input_cache_write_5m"],
-            entry["input_cache_write_1h"], entry["output_text"]) == (8, 10, 20, 5, 20)
+    assert (
+        entry["input_text"],
+        entry["input_cached"],
+        entry["input_cache_write_5m"],
+        entry["input_cache_write_1h"],
+        entry["output_text"],
+    ) == (8, 10, 20, 5, 20)
 
 
 async def test_reasoning_tokens_are_charged_as_output(stack) -> None:
@@ -83,19 +106,37 @@ async def test_reasoning_tokens_are_charged_as_output(stack) -> None:
 
 async def test_audio_tokens_are_charged_at_the_audio_price(stack) -> None:
     wallet_id, key = await funded(stack)
-    body = {"model": "azure/gpt-audio-mini", "max_tokens": 4, "modalities": ["text", "audio"],
-            "audio": {"voice": "alloy", "format": "wav"},
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": "hello there"},
-                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
-            ]}]}
+    body = {
+        "model": "azure/gpt-audio-mini",
+        "max_tokens": 4,
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hello there"},
+                    {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                ],
+            }
+        ],
+    }
     await post(stack, key, "/v1/chat/completions", body)
     entry = await charged(stack, wallet_id)
     price = pricing.load().price("azure/gpt-audio-mini")
     assert price is not None
     # 2 words + 3 = 5 text prompt tokens, 10 audio prompt tokens; 4 text + 8 audio completion tokens.
-    assert (entry["input_text"], entry["input_audio"], entry["output_text"], entry["output_audio"]) == (5, 10, 4, 8)
-    expected = (5 * price.per_token["input_text"] + 10 * price.per_token["input_audio"]
-                + 4 * price.per_token["output_text"] + 8 * price.per_token["output_audio"])
+    assert (entry["input_text"], entry["input_audio"], entry["output_text"], entry["output_audio"]) == (
+        5,
+        10,
+        4,
+        8,
+    )
+    expected = (
+        5 * price.per_token["input_text"]
+        + 10 * price.per_token["input_audio"]
+        + 4 * price.per_token["output_text"]
+        + 8 * price.per_token["output_audio"]
+    )
     assert price.per_token["input_audio"] > price.per_token["input_text"]  # the point of the test
     assert entry["nano"] == math.ceil(expected * NANO)

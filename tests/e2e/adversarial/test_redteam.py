@@ -40,7 +40,9 @@ async def new_wallet(stack, balance_usd: str) -> tuple[str, str]:
     """A self-service wallet (overdraft limit 0) holding ``balance_usd``: (wallet id, key)."""
     async with stack.db.engine.begin() as conn:
         account = await wallets.signup(
-            conn, email=f"redteam-{uuid.uuid4().hex[:12]}@example.com", grant_nano=money.parse_usd(balance_usd)
+            conn,
+            email=f"redteam-{uuid.uuid4().hex[:12]}@example.com",
+            grant_nano=money.parse_usd(balance_usd),
         )
     return account.wallet.id, account.key.plaintext
 
@@ -96,8 +98,9 @@ async def test_a_client_that_hangs_up_before_the_answer_is_not_voided(stack, wai
     never voided."""
     wallet_id, key = await new_wallet(stack, "0.50")
     marker = f"hang-up {uuid.uuid4().hex}"
-    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": marker}],
-                       "max_tokens": 200}).encode()
+    body = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": marker}], "max_tokens": 200}
+    ).encode()
     gateway = urlsplit(stack.gateway)
     head = (
         f"POST {CHAT} HTTP/1.1\r\nhost: {gateway.hostname}\r\nauthorization: Bearer {key}\r\n"
@@ -137,10 +140,14 @@ async def test_a_long_context_beta_cannot_take_a_wallet_below_its_limit(stack) -
     wallet_id, key = await new_wallet(stack, "1.25")
     prompt = "a " * 500_000  # 1 000 000 bytes of text: at most 1M tokens, within the beta's window
     status, answer = await post(
-        stack, key, MESSAGES,
+        stack,
+        key,
+        MESSAGES,
         {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": prompt}]},
-        **{"anthropic-beta": "context-1m-2025-08-07",
-           "x-demo-usage": json.dumps({"input_tokens": 900_000, "output_tokens": 1})},
+        **{
+            "anthropic-beta": "context-1m-2025-08-07",
+            "x-demo-usage": json.dumps({"input_tokens": 900_000, "output_tokens": 1}),
+        },
     )
     await stack.db.settled(wallet_id)
     balance = await stack.db.balance(wallet_id)
@@ -159,20 +166,33 @@ async def test_provider_injected_tool_prompts_cannot_take_a_wallet_below_its_lim
     concurrent one). Expected: never below −limit (hold the documented overhead per tool)."""
     wallet_id, key = await new_wallet(stack, "0.002")
     body = {
-        "model": "claude-sonnet-4-5", "max_tokens": 1,
-        "tools": [{"type": "computer_20250124", "name": "computer", "display_width_px": 1024,
-                   "display_height_px": 768}],
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1,
+        "tools": [
+            {
+                "type": "computer_20250124",
+                "name": "computer",
+                "display_width_px": 1024,
+                "display_height_px": 768,
+            }
+        ],
         "messages": [{"role": "user", "content": "x"}],
     }
     status, answer = await post(
-        stack, key, MESSAGES, body,
-        **{"anthropic-beta": "computer-use-2025-01-24",
-           "x-demo-usage": json.dumps({"input_tokens": 1_210, "output_tokens": 1})},
+        stack,
+        key,
+        MESSAGES,
+        body,
+        **{
+            "anthropic-beta": "computer-use-2025-01-24",
+            "x-demo-usage": json.dumps({"input_tokens": 1_210, "output_tokens": 1}),
+        },
     )
     await stack.db.settled(wallet_id)
     balance = await stack.db.balance(wallet_id)
     assert balance >= 0, (
-        f"admitted ({status}) on a $0.002 wallet and charged beyond its hold: balance {money.format_usd(balance)}"
+        f"admitted ({status}) on a $0.002 wallet and charged beyond its hold: balance "
+        f"{money.format_usd(balance)}"
     )
 
 
@@ -183,21 +203,73 @@ async def test_provider_injected_tool_prompts_cannot_take_a_wallet_below_its_lim
     ("path", "body"),
     [
         # A file stored at the provider (shared account: maybe another tenant's), read by id.
-        (CHAT, {"model": "gpt-4o-mini", "max_tokens": 1, "messages": [
-            {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-OtherTenant123"}}]}]}),
-        (RESPONSES, {"model": "gpt-4o-mini", "max_output_tokens": 16, "input": [
-            {"role": "user", "content": [{"type": "input_file", "file_id": "file-OtherTenant123"}]}]}),
-        (RESPONSES, {"model": "gpt-4o-mini", "max_output_tokens": 16, "input": [
-            {"role": "user", "content": [{"type": "input_image", "file_id": "file-OtherTenant123"}]}]}),
+        (
+            CHAT,
+            {
+                "model": "gpt-4o-mini",
+                "max_tokens": 1,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "file", "file": {"file_id": "file-OtherTenant123"}}],
+                    }
+                ],
+            },
+        ),
+        (
+            RESPONSES,
+            {
+                "model": "gpt-4o-mini",
+                "max_output_tokens": 16,
+                "input": [
+                    {"role": "user", "content": [{"type": "input_file", "file_id": "file-OtherTenant123"}]}
+                ],
+            },
+        ),
+        (
+            RESPONSES,
+            {
+                "model": "gpt-4o-mini",
+                "max_output_tokens": 16,
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "file_id": "file-OtherTenant123"}]}
+                ],
+            },
+        ),
         # Anthropic's Files API (anthropic-beta files-api-2025-04-14 is on the allow-list).
-        (MESSAGES, {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [
-            {"role": "user", "content": [{"type": "document", "source": {"type": "file", "file_id": "file_011Other"}}]}]}),
+        (
+            MESSAGES,
+            {
+                "model": "claude-sonnet-4-5",
+                "max_tokens": 1,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "document", "source": {"type": "file", "file_id": "file_011Other"}}
+                        ],
+                    }
+                ],
+            },
+        ),
         # Gemini's OpenAI endpoint reads extra_body.google.cached_content: a stored cache.
-        (CHAT, {"model": "gemini/gemini-2.5-flash", "max_tokens": 1, "messages": HI,
-                "extra_body": {"google": {"cached_content": "cachedContents/other-tenant"}}}),
+        (
+            CHAT,
+            {
+                "model": "gemini/gemini-2.5-flash",
+                "max_tokens": 1,
+                "messages": HI,
+                "extra_body": {"google": {"cached_content": "cachedContents/other-tenant"}},
+            },
+        ),
     ],
-    ids=["chat-file-id", "responses-input-file-id", "responses-input-image-file-id", "anthropic-document-file-id",
-         "gemini-cached-content"],
+    ids=[
+        "chat-file-id",
+        "responses-input-file-id",
+        "responses-input-image-file-id",
+        "anthropic-document-file-id",
+        "gemini-cached-content",
+    ],
 )
 async def test_objects_stored_at_the_provider_are_refused(stack, path: str, body: dict) -> None:
     """billing/endpoints.py says references to objects stored at the provider are refused
@@ -222,10 +294,18 @@ async def test_litellm_client_side_fallbacks_are_refused(stack) -> None:
     Expected: 400 parameter_not_supported for fields that choose another model."""
     _, key = await new_wallet(stack, "0.50")
     seen = await backend_fingerprint(stack)
-    status, answer = await post(stack, key, CHAT, {
-        "model": "gpt-4o-mini", "messages": HI, "max_tokens": 1,
-        "fallbacks": ["o1-pro"], "mock_testing_fallbacks": True,
-    })
+    status, answer = await post(
+        stack,
+        key,
+        CHAT,
+        {
+            "model": "gpt-4o-mini",
+            "messages": HI,
+            "max_tokens": 1,
+            "fallbacks": ["o1-pro"],
+            "mock_testing_fallbacks": True,
+        },
+    )
     assert status == 400, f"forwarded ({status}): {answer}"
     assert await backend_fingerprint(stack) == seen, "the backend was reached"
 
@@ -240,6 +320,8 @@ async def test_an_unhashable_service_tier_is_a_400_not_a_503(stack, tier: object
     holder can fill the log). Expected: 400 invalid_parameter, nothing written."""
     _, key = await new_wallet(stack, "0.50")
     counts = await stack.db.row_counts()
-    status, answer = await post(stack, key, CHAT, {"model": "gpt-4o-mini", "messages": HI, "service_tier": tier})
+    status, answer = await post(
+        stack, key, CHAT, {"model": "gpt-4o-mini", "messages": HI, "service_tier": tier}
+    )
     assert (status, answer["error"]["code"]) == (400, "invalid_parameter"), (status, answer)
     assert await stack.db.row_counts() == counts

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.integration
 BALANCER = "127.0.0.3"  # the load balancer's address, as Envoy sees the connection
 
 
-async def post_signup(session: aiohttp.ClientSession, url: str, email: str, **headers: str) -> tuple[int, Any, str | None]:
+async def post_signup(
+    session: aiohttp.ClientSession, url: str, email: str, **headers: str
+) -> tuple[int, Any, str | None]:
     async with session.post(url + "/user/signup", json={"email": email}, headers=headers) as response:
         return response.status, await response.json(), response.headers.get("Retry-After")
 
@@ -46,14 +48,18 @@ def assert_rate_limited(status: int, body: Any, retry_after: str | None) -> None
 
 
 async def test_behind_a_load_balancer_each_client_has_its_own_budget(launch_stack) -> None:
-    async with launch_stack(BILLINGPROXY_TRUSTED_PROXY_HOPS="1", BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="2") as stack:
+    async with launch_stack(
+        BILLINGPROXY_TRUSTED_PROXY_HOPS="1", BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="2"
+    ) as stack:
         connector = aiohttp.TCPConnector(local_addr=(BALANCER, 0))
         async with aiohttp.ClientSession(connector=connector) as balancer:
 
             async def through_balancer(client: str, claimed: str = "") -> tuple[int, Any, str | None]:
                 # The balancer appends the address it saw to whatever the client sent.
                 forwarded = f"{claimed}, {client}" if claimed else client
-                return await post_signup(balancer, stack.gateway, fresh_email(), **{"X-Forwarded-For": forwarded})
+                return await post_signup(
+                    balancer, stack.gateway, fresh_email(), **{"X-Forwarded-For": forwarded}
+                )
 
             for _ in range(2):
                 status, body, _ = await through_balancer("203.0.113.10")
@@ -76,41 +82,66 @@ async def test_without_trusted_hops_forwarded_addresses_are_ignored(launch_stack
         connector = aiohttp.TCPConnector(local_addr=(BALANCER, 0))
         async with aiohttp.ClientSession(connector=connector) as client:
             for n in range(2):
-                status, body, _ = await post_signup(client, stack.gateway, fresh_email(), **{"X-Forwarded-For": f"203.0.113.{n}"})
+                status, body, _ = await post_signup(
+                    client, stack.gateway, fresh_email(), **{"X-Forwarded-For": f"203.0.113.{n}"}
+                )
                 assert status == 201, body
-            assert_rate_limited(*await post_signup(client, stack.gateway, fresh_email(),
-                                                   **{"X-Forwarded-For": "203.0.113.99", "X-Envoy-External-Address": "203.0.113.98"}))
+            assert_rate_limited(
+                *await post_signup(
+                    client,
+                    stack.gateway,
+                    fresh_email(),
+                    **{"X-Forwarded-For": "203.0.113.99", "X-Envoy-External-Address": "203.0.113.98"},
+                )
+            )
             # Without X-Forwarded-For, from a loopback peer: still external to Envoy (no address is
             # internal in its config), so a client's own x-envoy-external-address is replaced.
             for n in range(3):
-                assert_rate_limited(*await post_signup(client, stack.gateway, fresh_email(),
-                                                       **{"X-Envoy-External-Address": f"192.0.2.{n}"}))
+                assert_rate_limited(
+                    *await post_signup(
+                        client, stack.gateway, fresh_email(), **{"X-Envoy-External-Address": f"192.0.2.{n}"}
+                    )
+                )
 
 
 async def test_a_gateway_wide_limit_bounds_signups_from_many_addresses(launch_stack) -> None:
-    async with launch_stack(BILLINGPROXY_TRUSTED_PROXY_HOPS="1", BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="100",
-                            BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE="3") as stack:
+    async with launch_stack(
+        BILLINGPROXY_TRUSTED_PROXY_HOPS="1",
+        BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="100",
+        BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE="3",
+    ) as stack:
         connector = aiohttp.TCPConnector(local_addr=(BALANCER, 0))
         async with aiohttp.ClientSession(connector=connector) as balancer:
             for n in range(3):
-                status, body, _ = await post_signup(balancer, stack.gateway, fresh_email(), **{"X-Forwarded-For": f"203.0.113.{n}"})
+                status, body, _ = await post_signup(
+                    balancer, stack.gateway, fresh_email(), **{"X-Forwarded-For": f"203.0.113.{n}"}
+                )
                 assert status == 201, body
             counts = await stack.db.row_counts()
             # A fourth address, never seen before, is still refused: the gateway's minute is spent.
-            assert_rate_limited(*await post_signup(balancer, stack.gateway, fresh_email(),
-                                                   **{"X-Forwarded-For": "198.51.100.200"}))
+            assert_rate_limited(
+                *await post_signup(
+                    balancer, stack.gateway, fresh_email(), **{"X-Forwarded-For": "198.51.100.200"}
+                )
+            )
             assert await stack.db.row_counts() == counts
 
 
 async def test_the_gateway_wide_limit_holds_for_a_caller_at_the_sidecars_port(launch_stack) -> None:
     """Reaching the sidecar's HTTP port without Envoy (which a loopback bind prevents from outside
     the pod) lets a caller claim any client address; the gateway-wide limit still holds."""
-    async with launch_stack(BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="100", BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE="3") as stack:
+    async with launch_stack(
+        BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="100", BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE="3"
+    ) as stack:
         sidecar = f"http://127.0.0.1:{stack.settings.http_port}"
         async with aiohttp.ClientSession() as direct:
             answers = [
-                await post_signup(direct, sidecar, fresh_email(),
-                                  **{"X-Envoy-External-Address": f"198.51.100.{n}", "X-Forwarded-For": f"192.0.2.{n}"})
+                await post_signup(
+                    direct,
+                    sidecar,
+                    fresh_email(),
+                    **{"X-Envoy-External-Address": f"198.51.100.{n}", "X-Forwarded-For": f"192.0.2.{n}"},
+                )
                 for n in range(4)
             ]
         assert [status for status, _, _ in answers] == [201, 201, 201, 429], answers
@@ -165,7 +196,9 @@ async def test_concurrent_signups_of_one_mailbox_get_one_wallet(mailbox_stack) -
     assert statuses == [201] + [409] * (len(addresses) - 1), answers
     [grant] = await stack.db.rows(
         "SELECT l.amount_nano FROM ledger_entries l JOIN wallets w ON w.id = l.wallet_id "
-        "WHERE l.kind = 'grant' AND w.email LIKE :pattern", pattern=f"%{tag}%")
+        "WHERE l.kind = 'grant' AND w.email LIKE :pattern",
+        pattern=f"%{tag}%",
+    )
     assert grant.amount_nano == 500_000_000
 
 

@@ -31,22 +31,41 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
     ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 16}, False),
     ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES}, False),  # no limit: the model's
     ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "max_output_tokens": 1}, False),
-    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100, "n": 10}, False),
-    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True,
-                              "stream_options": {"include_usage": False}}, False),
+    (
+        "/v1/chat/completions",
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100, "n": 10},
+        False,
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": False},
+        },
+        False,
+    ),
     ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}, True),
     ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": True}, False),
     ("/v1/chat/completions", {"model": "o1-pro", "messages": MESSAGES}, False),
     ("/v1/responses", {"model": "gpt-4o-mini", "input": "ab " * 50, "max_output_tokens": 50}, False),
     ("/v1/responses", {"model": "gpt-4o-mini", "input": "ab " * 50, "stream": True}, True),
-    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b", "c"], "max_tokens": 20}, False),
+    (
+        "/v1/completions",
+        {"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b", "c"], "max_tokens": 20},
+        False,
+    ),
     ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "ab " * 50}, False),
 ]
 
 
 async def storm(stack, api_key: str) -> Counter[tuple[int, str]]:
-    headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json",
-               "x-demo-delay-ms": str(BACKEND_DELAY_MS)}
+    headers = {
+        "authorization": f"Bearer {api_key}",
+        "content-type": "application/json",
+        "x-demo-delay-ms": str(BACKEND_DELAY_MS),
+    }
     pick = random.Random(10)  # the same interleaving of variants every run
     plan = [pick.choice(VARIANTS) for _ in range(REQUESTS)]
     connector = aiohttp.TCPConnector(limit=0)
@@ -69,8 +88,9 @@ async def storm(stack, api_key: str) -> Counter[tuple[int, str]]:
 
 async def small_wallet(stack, balance_usd: str, overdraft_usd: str) -> tuple[str, str]:
     async with stack.db.engine.begin() as conn:
-        account = await wallets.signup(conn, email=f"storm-{uuid.uuid4().hex[:10]}@example.com",
-                                       grant_nano=money.parse_usd(balance_usd))
+        account = await wallets.signup(
+            conn, email=f"storm-{uuid.uuid4().hex[:10]}@example.com", grant_nano=money.parse_usd(balance_usd)
+        )
         await conn.execute(
             sa.text("UPDATE wallets SET overdraft_limit_nano = :limit WHERE id = :id"),
             {"limit": money.parse_usd(overdraft_usd), "id": account.wallet.id},
@@ -91,7 +111,9 @@ async def strict_stack(launch_stack) -> AsyncIterator[Any]:
 
 
 @pytest.mark.parametrize("overdraft_usd", ["0", "0.005"])
-async def test_the_overdraft_limit_holds_under_an_adversarial_storm(overdraft_stack, overdraft_usd: str) -> None:
+async def test_the_overdraft_limit_holds_under_an_adversarial_storm(
+    overdraft_stack, overdraft_usd: str
+) -> None:
     wallet_id, key = await small_wallet(overdraft_stack, "0.02", overdraft_usd)
     answers = await storm(overdraft_stack, key)
     await overdraft_stack.db.settled(wallet_id)

@@ -32,7 +32,9 @@ GRANT_USD = "0.500000"
 
 @pytest.fixture(scope="module")
 async def double() -> AsyncIterator[StripeDouble]:
-    fake = StripeDouble(secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/unset")
+    fake = StripeDouble(
+        secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/unset"
+    )
     await fake.start()
     try:
         yield fake
@@ -42,19 +44,30 @@ async def double() -> AsyncIterator[StripeDouble]:
 
 @pytest.fixture(scope="module")
 async def stack(launch_stack, double: StripeDouble) -> AsyncIterator[Any]:
-    async with launch_stack(STRIPE_SECRET_KEY=SECRET_KEY, STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
-                            STRIPE_API_BASE=double.url) as running:
+    async with launch_stack(
+        STRIPE_SECRET_KEY=SECRET_KEY, STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET, STRIPE_API_BASE=double.url
+    ) as running:
         double.webhook_url = running.gateway + "/stripe/webhook"
         yield running
 
 
-def foreign_session(double: StripeDouble, *, reference: str | None, metadata: dict[str, str]) -> dict[str, Any]:
+def foreign_session(
+    double: StripeDouble, *, reference: str | None, metadata: dict[str, str]
+) -> dict[str, Any]:
     """A Checkout Session another product on the same Stripe account created (not /billing/topup)."""
     params: dict[str, Any] = {
         "mode": "payment",
         "success_url": "https://other-product.test/thanks",
-        "line_items": [{"quantity": "1", "price_data": {"currency": "usd", "unit_amount": str(FIVE_USD_CENTS),
-                                                       "product_data": {"name": "Other product"}}}],
+        "line_items": [
+            {
+                "quantity": "1",
+                "price_data": {
+                    "currency": "usd",
+                    "unit_amount": str(FIVE_USD_CENTS),
+                    "product_data": {"name": "Other product"},
+                },
+            }
+        ],
         "metadata": metadata,
     }
     if reference is not None:
@@ -72,14 +85,19 @@ async def event_outcome(stack, event_id: str) -> tuple[str, str | None]:
 
 
 async def balance_usd(stack, api_key: str) -> str:
-    async with stack.http.get(stack.gateway + "/billing/balance", headers={"authorization": f"Bearer {api_key}"}) as r:
+    async with stack.http.get(
+        stack.gateway + "/billing/balance", headers={"authorization": f"Bearer {api_key}"}
+    ) as r:
         assert r.status == 200
         return (await r.json())["balance_usd"]
 
 
 async def topup(stack, api_key: str, amount_usd: str) -> dict[str, Any]:
-    async with stack.http.post(stack.gateway + "/billing/topup", json={"amount_usd": amount_usd},
-                               headers={"authorization": f"Bearer {api_key}"}) as r:
+    async with stack.http.post(
+        stack.gateway + "/billing/topup",
+        json={"amount_usd": amount_usd},
+        headers={"authorization": f"Bearer {api_key}"},
+    ) as r:
         body = await r.json()
         assert r.status == 200, body
         return body
@@ -107,8 +125,10 @@ async def test_a_paid_session_the_gateway_never_created_credits_nothing(
     assert (await event_outcome(stack, event["id"]))[0] == "not_ours"
     assert await topup_entries(stack, wallet_id) == []
     assert await balance_usd(stack, victim["api_key"]) == GRANT_USD
-    assert not await stack.db.rows("SELECT 1 FROM stripe_payments WHERE payment_intent = :pi",
-                                   pi=event["data"]["object"]["payment_intent"])
+    assert not await stack.db.rows(
+        "SELECT 1 FROM stripe_payments WHERE payment_intent = :pi",
+        pi=event["data"]["object"]["payment_intent"],
+    )
 
 
 async def test_a_payment_intent_event_credits_nothing(stack, double: StripeDouble) -> None:
@@ -124,7 +144,9 @@ async def test_a_payment_intent_event_credits_nothing(stack, double: StripeDoubl
     assert await balance_usd(stack, victim["api_key"]) == GRANT_USD
 
 
-async def test_our_session_credits_the_recorded_wallet_not_the_one_the_event_names(stack, double: StripeDouble) -> None:
+async def test_our_session_credits_the_recorded_wallet_not_the_one_the_event_names(
+    stack, double: StripeDouble
+) -> None:
     payer, bystander = await stack.signup(), await stack.signup()
     created = await topup(stack, payer["api_key"], "10.00")
     # The event's copy of the session names another wallet (in both places it could).
@@ -154,15 +176,22 @@ async def test_our_session_paid_another_amount_credits_nothing(stack, double: St
     assert await balance_usd(stack, payer["api_key"]) == GRANT_USD
 
 
-async def test_signatures_dated_beyond_the_tolerance_in_the_future_are_refused(stack, double: StripeDouble) -> None:
+async def test_signatures_dated_beyond_the_tolerance_in_the_future_are_refused(
+    stack, double: StripeDouble
+) -> None:
     payer = await stack.signup()
     created = await topup(stack, payer["api_key"], "10.00")
     event = double.complete(created["session_id"])
     payload = double.payload(event)
 
     async def deliver(timestamp: int) -> tuple[int, dict[str, Any]]:
-        headers = {"content-type": "application/json", "stripe-signature": double.sign(payload, timestamp=timestamp)}
-        async with stack.http.post(stack.gateway + "/stripe/webhook", data=payload.encode(), headers=headers) as r:
+        headers = {
+            "content-type": "application/json",
+            "stripe-signature": double.sign(payload, timestamp=timestamp),
+        }
+        async with stack.http.post(
+            stack.gateway + "/stripe/webhook", data=payload.encode(), headers=headers
+        ) as r:
             return r.status, await r.json()
 
     now = int(time.time())

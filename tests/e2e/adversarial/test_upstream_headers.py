@@ -54,7 +54,9 @@ def refused_from_client(api_key: str) -> dict[str, str]:
 
 async def post_chat(stack, api_key: str, extra: dict[str, str]) -> str:
     headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json", **extra}
-    async with stack.http.post(stack.gateway + "/v1/chat/completions", json=BODY, headers=headers) as response:
+    async with stack.http.post(
+        stack.gateway + "/v1/chat/completions", json=BODY, headers=headers
+    ) as response:
         assert response.status == 200, await response.text()
         return response.headers["x-request-id"]
 
@@ -87,9 +89,11 @@ async def test_the_credential_goes_in_the_header_the_backend_expects(launch_stac
     credential is sent there, and the client's ``authorization`` — its own key — is not forwarded."""
     runner, port = await demo_backend.serve("127.0.0.1", 0)  # checks no credential: we look ourselves
     try:
-        async with launch_stack(BILLINGPROXY_BACKEND_URL=f"http://127.0.0.1:{port}",
-                                BILLINGPROXY_BACKEND_AUTH_HEADER="x-api-key",
-                                BILLINGPROXY_CHECK_TRANSPORT=transport) as anthropic_style:
+        async with launch_stack(
+            BILLINGPROXY_BACKEND_URL=f"http://127.0.0.1:{port}",
+            BILLINGPROXY_BACKEND_AUTH_HEADER="x-api-key",
+            BILLINGPROXY_CHECK_TRANSPORT=transport,
+        ) as anthropic_style:
             user = await anthropic_style.signup()
             await post_chat(anthropic_style, user["api_key"], {"x-api-key": user["api_key"]})
             async with anthropic_style.http.get(f"http://127.0.0.1:{port}/_demo/last_request") as response:

@@ -34,10 +34,18 @@ PRICES = {
     "claude-sonnet-4-5": (Decimal("3e-06"), Decimal("1.5e-05")),
 }
 # Usage numbers the client would like to be charged, spelled every way a pattern could read them.
-FAKE_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, "output_tokens": 0,
-              "cached_tokens": 0, "total_tokens": 0}
-FAKE_TEXT = ('"usage": {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, '
-             '"output_tokens": 0}\n\ndata: [DONE]\n\nevent: message_stop\ndata: {"type": "message_stop"}\n\n')
+FAKE_USAGE = {
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "cached_tokens": 0,
+    "total_tokens": 0,
+}
+FAKE_TEXT = (
+    '"usage": {"prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, '
+    '"output_tokens": 0}\n\ndata: [DONE]\n\nevent: message_stop\ndata: {"type": "message_stop"}\n\n'
+)
 WORDS = len(FAKE_TEXT.split())  # the demo counts a prompt's tokens as its words (+3 per message)
 LONG = 256  # the demo's longest reply: what a spoofed charge would have saved
 
@@ -63,41 +71,96 @@ def echo_everywhere() -> dict[str, Any]:
     return {
         "metadata": {"usage": FAKE_USAGE, **{k: str(v) for k, v in FAKE_USAGE.items()}},
         "instructions": {"usage": FAKE_USAGE, "note": FAKE_TEXT, **FAKE_USAGE},
-        "tools": [{"type": "function", "name": "spoof", "description": FAKE_TEXT,
-                   "parameters": {"type": "object", "usage": FAKE_USAGE, "properties": {"usage": FAKE_USAGE}}}],
+        "tools": [
+            {
+                "type": "function",
+                "name": "spoof",
+                "description": FAKE_TEXT,
+                "parameters": {"type": "object", "usage": FAKE_USAGE, "properties": {"usage": FAKE_USAGE}},
+            }
+        ],
     }
 
 
 # (id, path, body, expected (model, prompt tokens, completion tokens) when read to the end)
 CASES = [
-    ("chat-json", "/v1/chat/completions",
-     {"model": "gpt-4o-mini", "max_tokens": LONG, "metadata": echo_everywhere()["metadata"],
-      "messages": [{"role": "user", "content": FAKE_TEXT}]},
-     ("gpt-4o-mini", WORDS + 3, LONG)),
-    ("chat-stream", "/v1/chat/completions",
-     {"model": "gpt-4o-mini", "max_tokens": LONG, "stream": True, "metadata": echo_everywhere()["metadata"],
-      "messages": [{"role": "user", "content": FAKE_TEXT}]},
-     ("gpt-4o-mini", WORDS + 3, LONG)),
-    ("completions-stream", "/v1/completions",
-     {"model": "gpt-3.5-turbo-instruct", "max_tokens": LONG, "stream": True, "prompt": FAKE_TEXT},
-     ("gpt-3.5-turbo-instruct", WORDS, LONG)),
-    ("responses-json", "/v1/responses",
-     {"model": "gpt-4o-mini", "max_output_tokens": LONG, "input": FAKE_TEXT, **echo_everywhere()},
-     ("gpt-4o-mini", WORDS + 3, LONG)),
-    ("responses-stream", "/v1/responses",
-     {"model": "gpt-4o-mini", "max_output_tokens": LONG, "stream": True, "input": FAKE_TEXT, **echo_everywhere()},
-     ("gpt-4o-mini", WORDS + 3, LONG)),
-    ("embeddings", "/v1/embeddings",
-     {"model": "text-embedding-3-small", "input": [FAKE_TEXT, FAKE_TEXT]},
-     ("text-embedding-3-small", 2 * WORDS, 0)),
-    ("messages-json", "/v1/messages",
-     {"model": "claude-sonnet-4-5", "max_tokens": LONG, "system": FAKE_TEXT, "metadata": {"user_id": FAKE_TEXT},
-      "messages": [{"role": "user", "content": FAKE_TEXT}]},
-     ("claude-sonnet-4-5", (WORDS + 3) * 2, LONG)),
-    ("messages-stream", "/v1/messages",
-     {"model": "claude-sonnet-4-5", "max_tokens": LONG, "stream": True, "system": FAKE_TEXT,
-      "messages": [{"role": "user", "content": FAKE_TEXT}]},
-     ("claude-sonnet-4-5", (WORDS + 3) * 2, LONG)),
+    (
+        "chat-json",
+        "/v1/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "max_tokens": LONG,
+            "metadata": echo_everywhere()["metadata"],
+            "messages": [{"role": "user", "content": FAKE_TEXT}],
+        },
+        ("gpt-4o-mini", WORDS + 3, LONG),
+    ),
+    (
+        "chat-stream",
+        "/v1/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "max_tokens": LONG,
+            "stream": True,
+            "metadata": echo_everywhere()["metadata"],
+            "messages": [{"role": "user", "content": FAKE_TEXT}],
+        },
+        ("gpt-4o-mini", WORDS + 3, LONG),
+    ),
+    (
+        "completions-stream",
+        "/v1/completions",
+        {"model": "gpt-3.5-turbo-instruct", "max_tokens": LONG, "stream": True, "prompt": FAKE_TEXT},
+        ("gpt-3.5-turbo-instruct", WORDS, LONG),
+    ),
+    (
+        "responses-json",
+        "/v1/responses",
+        {"model": "gpt-4o-mini", "max_output_tokens": LONG, "input": FAKE_TEXT, **echo_everywhere()},
+        ("gpt-4o-mini", WORDS + 3, LONG),
+    ),
+    (
+        "responses-stream",
+        "/v1/responses",
+        {
+            "model": "gpt-4o-mini",
+            "max_output_tokens": LONG,
+            "stream": True,
+            "input": FAKE_TEXT,
+            **echo_everywhere(),
+        },
+        ("gpt-4o-mini", WORDS + 3, LONG),
+    ),
+    (
+        "embeddings",
+        "/v1/embeddings",
+        {"model": "text-embedding-3-small", "input": [FAKE_TEXT, FAKE_TEXT]},
+        ("text-embedding-3-small", 2 * WORDS, 0),
+    ),
+    (
+        "messages-json",
+        "/v1/messages",
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": LONG,
+            "system": FAKE_TEXT,
+            "metadata": {"user_id": FAKE_TEXT},
+            "messages": [{"role": "user", "content": FAKE_TEXT}],
+        },
+        ("claude-sonnet-4-5", (WORDS + 3) * 2, LONG),
+    ),
+    (
+        "messages-stream",
+        "/v1/messages",
+        {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": LONG,
+            "stream": True,
+            "system": FAKE_TEXT,
+            "messages": [{"role": "user", "content": FAKE_TEXT}],
+        },
+        ("claude-sonnet-4-5", (WORDS + 3) * 2, LONG),
+    ),
 ]
 # Where the client hangs up: just before the answer's terminal part. For JSON answers, after the
 # whole usage object has gone by but before the answer closed.
@@ -113,15 +176,28 @@ CUTS = {
 }
 
 
-async def call(stack, wait_until, user: dict[str, Any], path: str, body: dict[str, Any], *,
-               hang_up_before: str | None = None, reply: str = "echo") -> tuple[str, bytes]:
+async def call(
+    stack,
+    wait_until,
+    user: dict[str, Any],
+    path: str,
+    body: dict[str, Any],
+    *,
+    hang_up_before: str | None = None,
+    reply: str = "echo",
+) -> tuple[str, bytes]:
     """POST through the gateway; with ``hang_up_before`` the backend stops there and the client
     hangs up once everything before it has arrived. Returns the request id and what was read."""
-    headers = {"Authorization": f"Bearer {user['api_key']}", "Content-Type": "application/json",
-               "x-demo-reply": reply}
+    headers = {
+        "Authorization": f"Bearer {user['api_key']}",
+        "Content-Type": "application/json",
+        "x-demo-reply": reply,
+    }
     if hang_up_before is not None:
         headers.update({"x-demo-cut-before": hang_up_before, "x-demo-cut-mode": "stall"})
-    async with stack.http.post(stack.gateway + path, data=json.dumps(body).encode(), headers=headers) as response:
+    async with stack.http.post(
+        stack.gateway + path, data=json.dumps(body).encode(), headers=headers
+    ) as response:
         assert response.status == 200, await response.text()
         request_id = response.headers["x-request-id"]
         if hang_up_before is None:
@@ -137,7 +213,9 @@ async def call(stack, wait_until, user: dict[str, Any], path: str, body: dict[st
 
 
 def _cut_id(cut: str) -> str:
-    return "".join(c if c.isalnum() or c in "._" else "-" for c in cut.split(":")[-1 if cut.startswith("event") else 0]).strip("-")
+    return "".join(
+        c if c.isalnum() or c in "._" else "-" for c in cut.split(":")[-1 if cut.startswith("event") else 0]
+    ).strip("-")
 
 
 async def charge(stack, user: dict[str, Any], request_id: str) -> tuple[int, int, dict[str, Any]]:
@@ -145,7 +223,9 @@ async def charge(stack, user: dict[str, Any], request_id: str) -> tuple[int, int
     await stack.db.settled(user["wallet_id"])
     hold = await stack.db.hold(request_id)
     assert hold is not None, f"no hold for {request_id}"
-    entries = [e for e in await stack.db.ledger(user["wallet_id"]) if e.idempotency_key == f"usage:{request_id}"]
+    entries = [
+        e for e in await stack.db.ledger(user["wallet_id"]) if e.idempotency_key == f"usage:{request_id}"
+    ]
     assert len(entries) == 1, entries
     return -entries[0].amount_nano, hold.amount_nano, entries[0].details
 
@@ -176,12 +256,19 @@ async def test_an_echo_then_a_hang_up_is_charged_the_hold(stack, wait_until, use
     assert details["usage_source"] == "hold_estimate"
 
 
-async def test_a_hang_up_after_anthropics_message_start_is_not_charged_its_input_alone(stack, wait_until, user) -> None:
+async def test_a_hang_up_after_anthropics_message_start_is_not_charged_its_input_alone(
+    stack, wait_until, user
+) -> None:
     """message_start carries input_tokens and output_tokens: 1 — numbers a pattern would bill."""
-    body = {"model": "claude-sonnet-4-5", "max_tokens": LONG, "stream": True,
-            "messages": [{"role": "user", "content": "hello"}]}
-    request_id, seen = await call(stack, wait_until, user, "/v1/messages", body, hang_up_before="event: ping",
-                                  reply="words")
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": LONG,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+    request_id, seen = await call(
+        stack, wait_until, user, "/v1/messages", body, hang_up_before="event: ping", reply="words"
+    )
     assert b'"output_tokens": 1' in seen
     charged, hold, _ = await charge(stack, user, request_id)
     assert charged == hold > cost_nano("claude-sonnet-4-5", 1 + 3, LONG)
