@@ -100,9 +100,11 @@ def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | Non
     latter with the same ``usage``, ``usage_start`` and ``finished`` the gRPC entry carries) —
     what ``billingproxy reconcile`` settles when the gRPC access log never delivered an entry."""
     authz, usage, status = line.get("authz"), line.get("usage"), line.get("status")
+    request_id = line.get("request_id")
     if not isinstance(status, int) or isinstance(status, bool):
         return None
-    flags = line.get("flags") if isinstance(line.get("flags"), str) else ""
+    raw_flags = line.get("flags")
+    flags = raw_flags if isinstance(raw_flags, str) else ""
     reached = line.get("upstream") not in (None, "", "-")
     return _finished(
         request_id if isinstance(request_id, str) else "",
@@ -114,7 +116,11 @@ def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | Non
 
 
 def _finished(
-    request_id: str, status: int, *, authz: Callable[[str], Any] | None, usage: Callable[[str], Any] | None,
+    request_id: str,
+    status: int,
+    *,
+    authz: Callable[[str], Any] | None,
+    usage: Callable[[str], Any] | None,
     cut: bool = False,
 ) -> FinishedRequest | None:
     """``authz`` / ``usage``: a metadata namespace's values by name (None when absent)."""
@@ -237,8 +243,11 @@ class Settler:
         alone chose.
         """
         if done.cut:
-            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate",
-                                       "unfinished": "no_answer_from_the_backend"}
+            return holds.CHARGE_HOLD, {
+                "status": done.status,
+                "usage_source": "hold_estimate",
+                "unfinished": "no_answer_from_the_backend",
+            }
         if not 200 <= done.status < 300:
             return None, {"status": done.status}
         price = self._prices.price(done.model)
@@ -251,8 +260,11 @@ class Settler:
             # The Check refuses requests that could incur an unpriced dimension; a backend that
             # reports one anyway is charged the worst case, never $0 for it.
             logger.warning("request %s: %s; charging its hold", done.request_id, unpriced)
-            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate",
-                                       "unpriced_usage": usage.details()}
+            return holds.CHARGE_HOLD, {
+                "status": done.status,
+                "usage_source": "hold_estimate",
+                "unpriced_usage": usage.details(),
+            }
         # The settlement posts at most the hold (billing/holds.py): priced_nano shows a cost
         # the hold's estimate missed.
         return cost, {

@@ -280,9 +280,16 @@ class Decider:
         empty = refusal.shortfall is not holds.Shortfall.REQUEST_TOO_LARGE
         # Sending the answer's max_tokens lengthens the body, and so the prompt's bound, by a few
         # bytes: leave room for them, so a request that follows the advice is admitted.
-        fits = 0 if empty else self._prices.output_within(
-            price, room, prompt_tokens=prompt_tokens + OUTPUT_FIELD_BYTES, choices=worst.choices,
-            dimensions=worst.dimensions,
+        fits = (
+            0
+            if empty
+            else self._prices.output_within(
+                price,
+                room,
+                prompt_tokens=prompt_tokens + OUTPUT_FIELD_BYTES,
+                choices=worst.choices,
+                dimensions=worst.dimensions,
+            )
         )
         return api_errors.insufficient_funds(
             self._top_up_url,

@@ -63,7 +63,8 @@ def run() -> dict:
     data = sample_check_request()
     # The decider is not reached: only parsing and building the answer are measured.
     server = check_http.CheckServer(
-        decider=None, body_max_bytes=Settings().request_body_max_bytes  # type: ignore[arg-type]
+        decider=None,
+        body_max_bytes=Settings().request_body_max_bytes,  # type: ignore[arg-type]
     )
     connection = _Parsing(server)  # one connection, many requests: Envoy's keep-alive pool
 

@@ -155,8 +155,18 @@ def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HT
 
 
 class Steps:
-    def __init__(self, *, engine, database_url: str, grpc_port: int, check_port: int, sidecar_pid: int | None,
-                 prices: pricing.PriceBook, access_log_secret: str, calls: int = CALLS) -> None:
+    def __init__(
+        self,
+        *,
+        engine,
+        database_url: str,
+        grpc_port: int,
+        check_port: int,
+        sidecar_pid: int | None,
+        prices: pricing.PriceBook,
+        access_log_secret: str,
+        calls: int = CALLS,
+    ) -> None:
         self.engine = engine
         self.database_url = database_url
         self.grpc_port = grpc_port  # the access log (ALS)

@@ -66,31 +66,121 @@ PROVIDER_TOOL_PROMPT_TOKENS = 1_500
 # served o1-pro priced as gpt-4o-mini), and a field the gateway does not know may change what a
 # request costs. Fields whose cost the readers below refuse are listed too, so the refusal names
 # the real reason.
-_CHAT_FIELDS = frozenset({
-    "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
-    "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "n",
-    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_retention",
-    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store",
-    "stream", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
-    "verbosity", "web_search_options",
-})
-_COMPLETIONS_FIELDS = frozenset({
-    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
-    "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user",
-})
+_CHAT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "audio",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "max_completion_tokens",
+        "max_tokens",
+        "metadata",
+        "modalities",
+        "n",
+        "parallel_tool_calls",
+        "prediction",
+        "presence_penalty",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "reasoning_effort",
+        "response_format",
+        "safety_identifier",
+        "seed",
+        "service_tier",
+        "stop",
+        "store",
+        "stream",
+        "stream_options",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "user",
+        "verbosity",
+        "web_search_options",
+    }
+)
+_COMPLETIONS_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "best_of",
+        "echo",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "suffix",
+        "temperature",
+        "top_p",
+        "user",
+    }
+)
 _EMBEDDINGS_FIELDS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
-_RESPONSES_FIELDS = frozenset({
-    "model", "input", "background", "conversation", "include", "instructions", "max_output_tokens",
-    "max_tool_calls", "metadata", "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key",
-    "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier", "store", "stream",
-    "stream_options", "temperature", "text", "tool_choice", "tools", "top_logprobs", "top_p", "truncation",
-    "user",
-})
-_MESSAGES_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "container", "context_management", "mcp_servers", "metadata",
-    "service_tier", "stop_sequences", "stream", "system", "temperature", "thinking", "tool_choice", "tools",
-    "top_k", "top_p",
-})
+_RESPONSES_FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "background",
+        "conversation",
+        "include",
+        "instructions",
+        "max_output_tokens",
+        "max_tool_calls",
+        "metadata",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "prompt",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "reasoning",
+        "safety_identifier",
+        "service_tier",
+        "store",
+        "stream",
+        "stream_options",
+        "temperature",
+        "text",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "truncation",
+        "user",
+    }
+)
+_MESSAGES_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "container",
+        "context_management",
+        "mcp_servers",
+        "metadata",
+        "service_tier",
+        "stop_sequences",
+        "stream",
+        "system",
+        "temperature",
+        "thinking",
+        "tool_choice",
+        "tools",
+        "top_k",
+        "top_p",
+    }
+)
 # Keys that name an object stored at the provider (a file, a cached context): its tokens are not
 # in the body, and on a shared account it may be another tenant's.
 _STORED_OBJECT_KEYS = ("file_id", "cached_content")
@@ -184,7 +274,9 @@ def _output_budget(request: Mapping[str, Any], fields: Iterable[str], limit: int
 def _service_tier(request: Mapping[str, Any]) -> None:
     tier = request.get("service_tier")
     if tier is not None and not isinstance(tier, str):
-        raise RequestRefused("invalid_parameter", f"service_tier must be a string, not {tier!r}.", "service_tier")
+        raise RequestRefused(
+            "invalid_parameter", f"service_tier must be a string, not {tier!r}.", "service_tier"
+        )
     if tier is not None and tier not in _DEFAULT_SERVICE_TIERS:
         raise RequestRefused(
             "model_not_priced",
@@ -273,7 +365,9 @@ def _parts_in_body(value: Any, dimensions: set[str]) -> bool:
 def _chat_completions(request: Mapping[str, Any], limit: int) -> WorstCase:
     _known_fields(request, _CHAT_FIELDS)
     _service_tier(request)
-    _refuse_fields(request, {"web_search_options": "web search is billed per query, which this gateway does not price."})
+    _refuse_fields(
+        request, {"web_search_options": "web search is billed per query, which this gateway does not price."}
+    )
     overhead = _tools(request, lambda kind: kind in ("function", "custom"))
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     modalities = request.get("modalities")
@@ -313,18 +407,23 @@ def _completions(request: Mapping[str, Any], limit: int) -> WorstCase:
 
 def _embeddings(request: Mapping[str, Any], limit: int) -> WorstCase:
     _known_fields(request, _EMBEDDINGS_FIELDS)
-    return WorstCase(output_per_choice=0, choices=1, prompt_in_body=True, dimensions=frozenset({"input_text"}))
+    return WorstCase(
+        output_per_choice=0, choices=1, prompt_in_body=True, dimensions=frozenset({"input_text"})
+    )
 
 
 def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
     _known_fields(request, _RESPONSES_FIELDS)
     _service_tier(request)
-    _refuse_fields(request, {
-        "background": "background work goes on after the answer, where no usage can be read.",
-        "previous_response_id": "it reads a response stored at the provider; send the whole input.",
-        "conversation": "it reads a conversation stored at the provider; send the whole input.",
-        "prompt": "it reads a prompt template stored at the provider; send the input itself.",
-    })
+    _refuse_fields(
+        request,
+        {
+            "background": "background work goes on after the answer, where no usage can be read.",
+            "previous_response_id": "it reads a response stored at the provider; send the whole input.",
+            "conversation": "it reads a conversation stored at the provider; send the whole input.",
+            "prompt": "it reads a prompt template stored at the provider; send the input itself.",
+        },
+    )
     overhead = _tools(request, lambda kind: kind in ("function", "custom"))
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     prompt_in_body = _parts_in_body(request.get("input"), dimensions)
@@ -341,12 +440,18 @@ def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
 def _messages(request: Mapping[str, Any], limit: int) -> WorstCase:
     _known_fields(request, _MESSAGES_FIELDS)
     _service_tier(request)
-    _refuse_fields(request, {
-        "mcp_servers": "MCP servers run at the provider.",
-        "container": "containers run code at the provider.",
-    })
+    _refuse_fields(
+        request,
+        {
+            "mcp_servers": "MCP servers run at the provider.",
+            "container": "containers run code at the provider.",
+        },
+    )
     overhead = _tools(
-        request, lambda kind: kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES))
+        request,
+        lambda kind: (
+            kind in (None, "custom") or (isinstance(kind, str) and kind.startswith(_CLIENT_TOOL_PREFIXES))
+        ),
     )
     if whole_number(request, "max_tokens") is None:
         raise RequestRefused("invalid_parameter", "max_tokens is required.", "max_tokens")

@@ -310,7 +310,11 @@ def _model_price(model: str, entry: Mapping[str, Any]) -> ModelPrice:
         if raw_key in _REFUSED_FEATURE_KEYS and always_searches:
             unpriced.append(raw_key)
             continue
-        if "cost" not in raw_key or raw_key in _REFUSED_FEATURE_KEYS or raw_key.endswith(_NOT_ADMITTED_SUFFIXES):
+        if (
+            "cost" not in raw_key
+            or raw_key in _REFUSED_FEATURE_KEYS
+            or raw_key.endswith(_NOT_ADMITTED_SUFFIXES)
+        ):
             continue
         if raw_key in _AUDIO_INPUT_ONLY_KEYS:
             audio_only = audio_only or raw_key

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 
 
 def _differences(connection: Any) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": False})
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "compare_server_default": False}
+    )
     return compare_metadata(context, tables.metadata)
 
 

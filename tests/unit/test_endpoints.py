@@ -133,11 +133,29 @@ def test_fields_the_endpoint_does_not_document_are_refused(path: str, field: str
 @pytest.mark.parametrize(
     ("path", "request_body", "param"),
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]},
-         "file_id"),
-        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "file_id"),
-        ("/v1/messages", {"max_tokens": 1, "messages": [{"role": "user", "content": [
-            {"type": "document", "source": {"type": "file", "file_id": "f"}}]}]}, "file_id"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]},
+            "file_id",
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+            "file_id",
+        ),
+        (
+            "/v1/messages",
+            {
+                "max_tokens": 1,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "document", "source": {"type": "file", "file_id": "f"}}],
+                    }
+                ],
+            },
+            "file_id",
+        ),
     ],
 )
 def test_objects_stored_at_the_provider_are_refused(path: str, request_body: dict, param: str) -> None:
@@ -148,7 +166,9 @@ def test_tools_add_the_prompt_the_provider_writes_for_them() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert worst("/v1/chat/completions", {"tools": tools}).prompt_overhead == endpoints.TOOLS_PROMPT_TOKENS
     assert worst("/v1/chat/completions", {}).prompt_overhead == 0
-    computer = [{"type": "computer_20250124", "name": "computer", "display_width_px": 1, "display_height_px": 1}]
+    computer = [
+        {"type": "computer_20250124", "name": "computer", "display_width_px": 1, "display_height_px": 1}
+    ]
     assert worst("/v1/messages", {"max_tokens": 1, "tools": computer}).prompt_overhead == (
         endpoints.TOOLS_PROMPT_TOKENS + endpoints.PROVIDER_TOOL_PROMPT_TOKENS
     )
@@ -268,10 +288,25 @@ def test_text_prompts_are_bounded_by_the_body() -> None:
 @pytest.mark.parametrize(
     ("path", "request_body"),
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "x"}}]}]}),
-        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+                    }
+                ]
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "x"}}]}]},
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]},
+        ),
         # An image nested in a tool result still costs its pixels, not its bytes.
         (
             "/v1/messages",

@@ -318,9 +318,11 @@ def upstream_lua(config: dict[str, Any]) -> str:
 
 def test_the_upstream_allow_list_is_rendered_into_its_lua_filter() -> None:
     lua = upstream_lua(envoy_config.render(settings(backend_api_key="sk-b"), backend_url=DEMO_BACKEND))
-    assert 'local ALLOWED = {["accept"] = true, ["anthropic-version"] = true, ' \
-           '["content-length"] = true, ["content-type"] = true, ' \
-           '["openai-beta"] = true, ["user-agent"] = true, ["x-request-id"] = true}' in lua
+    assert (
+        'local ALLOWED = {["accept"] = true, ["anthropic-version"] = true, '
+        '["content-length"] = true, ["content-type"] = true, '
+        '["openai-beta"] = true, ["user-agent"] = true, ["x-request-id"] = true}' in lua
+    )
     assert "local ALLOWED_PREFIXES = {}" in lua
     assert "envoy_on_request" in lua and "rendered:" not in lua
 
@@ -354,8 +356,17 @@ def test_the_upstream_allow_list_is_rendered_into_its_lua_filter() -> None:
 
 
 def test_every_name_the_allow_list_can_never_forward_is_absent() -> None:
-    for never in ("anthropic-beta", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization", "cookie",
-                  "openai-organization", "openai-project", "x-forwarded-for"):
+    for never in (
+        "anthropic-beta",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "proxy-authorization",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "x-forwarded-for",
+    ):
         assert never not in envoy_config.UPSTREAM_HEADERS
     assert not [name for name in envoy_config.UPSTREAM_HEADERS if name.startswith("x-billingproxy-")]
 

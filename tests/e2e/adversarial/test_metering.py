@@ -226,7 +226,9 @@ async def test_a_field_the_endpoint_does_not_read_is_refused(stack) -> None:
     assert error["param"] == "max_output_tokens"
 
 
-async def test_without_an_output_limit_the_hold_is_the_models_and_the_403_says_what_fits(stack, prices) -> None:
+async def test_without_an_output_limit_the_hold_is_the_models_and_the_403_says_what_fits(
+    stack, prices
+) -> None:
     key = await new_key(stack, "0.005")
     body = {"model": "gpt-4o-mini", "messages": MESSAGES}
     error = await refused_untouched(stack, key, CHAT, body, 403, "insufficient_funds")
