@@ -68,6 +68,13 @@ async def fresh_database_url(new_database: NewDatabase) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture
+async def migrated_url(new_database: NewDatabase) -> AsyncIterator[str]:
+    """A new database brought to the head revision by the real Alembic migrations, dropped after."""
+    async with new_database(migrate=True) as url:
+        yield url
+
+
 # --- markers by what a test needs (pyproject's [tool.pytest.ini_options] registers them) ----------
 #
 # Applied here, by folder and by fixture, so no test file has to remember them: `make test-fast`

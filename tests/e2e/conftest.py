@@ -17,7 +17,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support import waiting
 
 from billing import database, ledger, tables
 from billingproxy.local_stack import Stack, free_ports_env
@@ -36,28 +36,10 @@ from billingproxy.local_stack import Stack, free_ports_env
 SETTLE_TIMEOUT_S = 15.0
 BACKEND_API_KEY = "sk-backend-credential-e2e"
 
-Predicate = Callable[[], Awaitable[Any]]
-
-
-async def _wait_until(predicate: Predicate, timeout: float, what: str = "the condition") -> Any:
-    """Poll ``predicate`` (an async callable) until it returns something truthy; return that.
-
-    Raises AssertionError naming ``what`` (and the last value seen) after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s (last value: {last!r})")
-        await asyncio.sleep(0.01)
-
 
 @pytest.fixture(scope="session")
 def wait_until() -> Callable[..., Awaitable[Any]]:
-    return _wait_until
+    return waiting.wait_until
 
 
 def _clean_env() -> dict[str, str]:
@@ -133,7 +115,9 @@ class Database:
         async def none_pending() -> bool:
             return await self.pending_holds(wallet_id) == 0
 
-        await _wait_until(none_pending, timeout, f"settlement of every hold of {wallet_id or 'any wallet'}")
+        await waiting.wait_until(
+            none_pending, timeout, f"settlement of every hold of {wallet_id or 'any wallet'}"
+        )
 
     async def invariants(self) -> list[ledger.InvariantViolation]:
         async with self.engine.connect() as conn:

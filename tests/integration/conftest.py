@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import database
-
-
-@pytest.fixture
-async def migrated_url(fresh_database_url: str) -> str:
-    """A new database brought to the head revision by the real Alembic migrations."""
-    # migrate() is blocking and runs its own event loop, hence the thread.
-    await asyncio.to_thread(database.migrate, fresh_database_url)
-    return fresh_database_url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ the decorator), so it is set here, before any test module imports the package.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator
@@ -38,9 +37,8 @@ _EXPECTED_API_STATUSES = {404, 409, 422, 503}
 
 
 @pytest.fixture
-async def database_url(fresh_database_url: str) -> str:
-    await asyncio.to_thread(database.migrate, fresh_database_url)
-    return fresh_database_url
+def database_url(migrated_url: str) -> str:
+    return migrated_url
 
 
 @pytest.fixture

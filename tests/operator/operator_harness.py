@@ -11,20 +11,18 @@ import asyncio
 import base64
 import contextlib
 import logging
-import random
-import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import sqlalchemy as sa
+from support import waiting
 
 from billing import ledger, tables
 from billing_operator import config, runner
+from billingproxy import local_stack
 
 T = TypeVar("T")
 GROUP_VERSION = "billingproxy.io/v1alpha1"
@@ -36,42 +34,13 @@ async def eventually(
     probe: Callable[[], Awaitable[T]], *, timeout_s: float = POLL_TIMEOUT_S, what: str = "the condition"
 ) -> T:
     """Poll ``probe`` until it returns a truthy value (returned) or fails the test."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        last = await probe()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout_s} s (last: {last!r})")
-        await asyncio.sleep(POLL_INTERVAL_S)
+    return await waiting.wait_until(probe, timeout_s, what, interval=POLL_INTERVAL_S)
 
 
-def server_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports, free now, for servers a test starts (Envoy, the sidecar).
-
-    Not from the kernel's ephemeral range, which is what binding port 0 (``free_port()``) hands
-    out: until the server binds such a port, the kernel may give it to any outgoing connection
-    (to PostgreSQL, to the API emulator, between the gateway's own processes), and Envoy failed
-    with "Address already in use". The kernel picks ports below that range only when asked for
-    them by number.
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default; elsewhere, the same range is as good as any
-    candidates = random.sample(range(10_000, max(low, 10_000 + 10 * count)), 10 * count)
-    ports: list[int] = []
-    for port in candidates:
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise RuntimeError(f"no {count} free ports below {low}")
+def server_ports(count: int) -> list[int]:
+    """``count`` distinct ports, free now, below the kernel's ephemeral range, for servers a test
+    starts (Envoy, the sidecar): see ``billingproxy.local_stack.free_port`` for why."""
+    return [local_stack.free_port() for _ in range(count)]
 
 
 class ApiError(Exception):

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.waiting import wait_until
 
 from billing import database, ledger, payments, settings as settings_mod, tables, wallets
 
 SECRET_KEY = "sk_test_stripe_suite_0123456789"
 WEBHOOK_SECRET = "whsec_stripe_suite_0123456789abcdef"
 TEN_USD_NANO = 10 * 10**9
-
-
-async def wait_until(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = await predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s (last value: {last!r})")
-        await asyncio.sleep(0.02)
 
 
 class Db:

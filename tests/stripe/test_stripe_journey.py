@@ -9,10 +9,11 @@ import time
 
 import aiohttp
 import sqlalchemy as sa
+from support.waiting import wait_until
 
 from billing import tables
 from billingproxy import local_stack
-from stripe_testkit import TEN_USD_NANO, Gateway, wait_until
+from stripe_testkit import TEN_USD_NANO, Gateway
 
 
 async def test_empty_wallet_pays_through_the_local_double_and_is_served_again(default_stack) -> None:
