@@ -28,6 +28,14 @@ class ApiError(Exception):
         return f"{self.status} {self.code}: {self.message}"
 
 
+# The one answer when billing cannot decide (the database unreachable, the Check failing or slower
+# than Envoy waits): fail closed, with no internals. The Check, the HTTP API and Envoy's own local
+# reply (envoy_config.py) all give exactly this.
+BILLING_UNAVAILABLE = ApiError(
+    503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
+)
+
+
 def missing_key() -> ApiError:
     return ApiError(
         401,

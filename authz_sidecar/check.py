@@ -48,9 +48,7 @@ def metadata_read(encoded: str) -> str:
     return unquote(encoded)
 
 
-BILLING_UNAVAILABLE = api_errors.ApiError(
-    503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
-)
+BILLING_UNAVAILABLE = api_errors.BILLING_UNAVAILABLE
 # Holds are placed by at most HOLD_LANES transactions at once (pool connections they may take);
 # Checks arriving meanwhile go together in the next one.
 HOLD_LANES = 2

@@ -93,6 +93,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from authz_sidecar import api_errors
 from billing.settings import INTERNAL_HOST, Settings
 
 BACKEND_CLUSTER = "llm_backend"
@@ -601,7 +602,9 @@ def _local_reply_config() -> dict[str, Any]:
                 # latter answers status_on_error (503) with an empty body.
                 "filter": {"and_filter": {"filters": [uaex, status_is(503)]}},
                 "body_format_override": json_body(
-                    "Billing is unavailable; try again shortly.", "server_error", "billing_unavailable"
+                    api_errors.BILLING_UNAVAILABLE.message,
+                    api_errors.BILLING_UNAVAILABLE.type,
+                    api_errors.BILLING_UNAVAILABLE.code,
                 ),
             },
             {

@@ -154,11 +154,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(api_errors.ApiError(exc.status, code, exc.reason))
     except (OperationalError, DBAPIError, OSError):
         logger.exception("database unavailable during %s %s", request.method, request.path)
-        return _error(
-            api_errors.ApiError(
-                503, "billing_unavailable", "Billing is unavailable; retry shortly.", "api_error"
-            )
-        )
+        return _error(api_errors.BILLING_UNAVAILABLE)
     except Exception:
         logger.exception("unexpected error during %s %s", request.method, request.path)
         return _error(api_errors.ApiError(500, "internal_error", "Internal error.", "api_error"))
