@@ -1,9 +1,13 @@
-"""The admin port: liveness, readiness (the database answers) and Prometheus metrics.
+"""The admin port: liveness, readiness and Prometheus metrics.
 
-Never routed through Envoy; probes and scrapers reach it directly.
+Readiness asks what actually serves a request: the HTTP API's engine, the hot path's asyncpg
+pool (the Check's holds, the access log's settlements) and the Check server itself. Never routed
+through Envoy; probes and scrapers in the pod reach it on loopback.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
 from aiohttp import web
@@ -13,6 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from authz_sidecar import metrics
 
 ENGINE = web.AppKey("engine", AsyncEngine)
+# Further readiness checks by name: an async callable that raises when that part cannot serve.
+Check = Callable[[], Awaitable[None]]
+CHECKS = web.AppKey("checks", dict[str, Check])
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -20,21 +27,35 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    try:
+    async def database() -> None:
         async with request.app[ENGINE].connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 (any failure means "not ready"; its type goes to the answer)
-        return web.json_response({"status": "unavailable", "database": type(exc).__name__}, status=503)
-    return web.json_response({"status": "ready", "database": "ok"})
+
+    extra: dict[str, Check] = request.app[CHECKS]
+    checks: dict[str, Check] = {"database": database, **extra}
+    answer: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            await check()
+        except Exception as exc:  # noqa: BLE001 (any failure means "not ready"; its type goes to the answer)
+            answer[name] = type(exc).__name__
+        else:
+            answer[name] = "ok"
+    ready = all(value == "ok" for value in answer.values())
+    return web.json_response(
+        {"status": "ready" if ready else "unavailable", **answer}, status=200 if ready else 503
+    )
 
 
 async def prometheus(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(engine: AsyncEngine) -> web.Application:
+def make_app(engine: AsyncEngine, checks: dict[str, Check] | None = None) -> web.Application:
+    """``checks``: more parts readiness asks (server.py: the hot path's pool, the Check server)."""
     app = web.Application()
     app[ENGINE] = engine
+    app[CHECKS] = dict(checks or {})
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prometheus)

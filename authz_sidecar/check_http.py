@@ -54,6 +54,10 @@ class CheckServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: CheckConnection(self), host, port)
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
     async def stop(self) -> None:
         """Stop accepting, let the Checks in progress answer, then close every connection."""
         if self._server is None:

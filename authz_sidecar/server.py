@@ -97,7 +97,10 @@ class Sidecar:
 
         for app, port in (
             (http_api.make_app(s, self.engine, key_lookup), s.http_port),
-            (admin.make_app(self.engine), s.admin_port),
+            (
+                admin.make_app(self.engine, {"hot_path": self._pool_answers, "check": self._check_serves}),
+                s.admin_port,
+            ),
         ):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -121,6 +124,24 @@ class Sidecar:
             host,
             s.admin_port,
         )
+
+    async def _pool_answers(self) -> None:
+        """Readiness: the hot path's pool hands out a connection that answers. Asked twice: a
+        connection the database closed (a restart) fails once and is then replaced by the pool."""
+        assert self.pool is not None
+        for attempt in range(2):
+            try:
+                async with database.acquire(self.pool) as conn:
+                    await conn.fetchval("SELECT 1")
+                return
+            except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError):
+                if attempt == 1:
+                    raise
+
+    async def _check_serves(self) -> None:
+        """Readiness: the Check server accepts connections."""
+        if self._check is None or not self._check.serving:
+            raise ConnectionRefusedError("the Check server is not serving")
 
     async def _set_serving(self, serving: bool) -> None:
         status = (

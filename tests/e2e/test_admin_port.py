@@ -32,7 +32,11 @@ async def test_health_and_readiness(stack) -> None:
     async with stack.http.get(stack.admin + "/healthz") as response:
         assert (response.status, await response.json()) == (200, {"status": "ok"})
     async with stack.http.get(stack.admin + "/readyz") as response:
-        assert (response.status, await response.json()) == (200, {"status": "ready", "database": "ok"})
+        # Readiness asks what serves: the HTTP API's engine, the hot path's pool, the Check server.
+        assert (response.status, await response.json()) == (
+            200,
+            {"status": "ready", "database": "ok", "hot_path": "ok", "check": "ok"},
+        )
 
 
 async def test_metrics_count_checks_and_garbage_collection(stack) -> None:

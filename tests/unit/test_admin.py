@@ -1,5 +1,5 @@
-"""The admin port's readiness says "unavailable" (503, with the reason) when the database cannot
-be reached — a real aiohttp app and a real, refused connection."""
+"""The admin port's readiness says "unavailable" (503, with the reason per part) when a part that
+serves requests cannot — a real aiohttp app and a real, refused connection."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ from billingproxy.local_stack import free_port
 
 
 async def test_readiness_fails_while_the_database_is_unreachable() -> None:
+    async def check_server_down() -> None:
+        raise ConnectionRefusedError("the Check server is not serving")
+
+    async def pool_fine() -> None:
+        return None
+
     engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/billingproxy")
-    runner = web.AppRunner(admin.make_app(engine))
+    runner = web.AppRunner(admin.make_app(engine, {"hot_path": pool_fine, "check": check_server_down}))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -30,7 +36,12 @@ async def test_readiness_fails_while_the_database_is_unreachable() -> None:
         await runner.cleanup()
         await engine.dispose()
     assert body["status"] == "unavailable"
-    assert body["database"]  # the exception's class name, never its message (no URL, no password)
+    assert body["database"] not in (
+        "",
+        "ok",
+    )  # the exception's class name, never its message (no URL, no password)
+    # Every part readiness asks is named, each with its own answer.
+    assert (body["hot_path"], body["check"]) == ("ok", "ConnectionRefusedError")
 
 
 def test_gc_pauses_are_timed_by_generation() -> None:
