@@ -649,18 +649,32 @@ async def settle_many(conn: Conn, requests: list[SettleRequest]) -> list[Settlem
 
 
 # Expiry, for the sweep: every pending hold past its time is expired and its reservation released,
-# per wallet, in one statement. Nothing is charged.
+# per wallet, in one statement. Nothing is charged. It takes the batches' lock order — holds by
+# request id, then wallets by id — so it cannot deadlock with a batch; a hold a settlement holds
+# locked right now is skipped (SKIP LOCKED): it is being settled, or the next sweep expires it.
 _EXPIRE = """
-WITH expired AS (
-    UPDATE holds SET state = 'expired', resolved_at = now()
+WITH due AS MATERIALIZED (
+    SELECT request_id
+      FROM holds
      WHERE state = 'pending' AND expires_at <= now()
- RETURNING wallet_id, amount_nano
+     ORDER BY request_id
+       FOR NO KEY UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE holds SET state = 'expired', resolved_at = now()
+      FROM due
+     WHERE holds.request_id = due.request_id
+ RETURNING holds.wallet_id, holds.amount_nano
 ), per_wallet AS (
     SELECT wallet_id, sum(amount_nano) AS amount FROM expired GROUP BY wallet_id
+), locked AS MATERIALIZED (
+    SELECT wallets.id
+      FROM wallets JOIN per_wallet ON per_wallet.wallet_id = wallets.id
+     ORDER BY wallets.id
+       FOR NO KEY UPDATE OF wallets
 )
 UPDATE wallets w
    SET reserved_nano = w.reserved_nano - per_wallet.amount, updated_at = now()
-  FROM per_wallet
+  FROM per_wallet JOIN locked ON locked.id = per_wallet.wallet_id
  WHERE w.id = per_wallet.wallet_id
 RETURNING w.id
 """

@@ -415,3 +415,43 @@ async def test_a_batch_locks_its_wallets_in_id_order_whatever_its_own_order(
         outcomes = await asyncio.wait_for(running, timeout=10)
     assert outcomes == ([ADMITTED] * 4 if step == "place" else [S.POSTED] * 4)
     assert await invariants(migrated_engine) == []
+
+
+async def test_the_expiry_sweep_locks_wallets_in_id_order(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
+    """The sweep takes the same lock order as the batches (wallets by id), so it cannot deadlock
+    with one: blocked on the lowest wallet of those it expires, it holds no lock on a higher one.
+    Ten wallets, so a sweep that locked them in its plan's order (a hash of the ids) would hold
+    a higher one here nine times in ten."""
+    wallets_ = sorted([await new_wallet(migrated_engine, 1_000_000) for _ in range(10)])
+    reqs = [
+        r
+        for n, (wallet_id, key_id) in enumerate(wallets_)
+        for r in requests_for(wallet_id, key_id, [1_000], f"x{n}")
+    ]
+    async with pool.acquire() as conn:
+        assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * len(reqs)
+        await conn.execute("UPDATE holds SET expires_at = now() - interval '1 second'")
+
+    async def sweep() -> int:
+        async with pool.acquire() as conn:
+            return await holds.expire_due(conn)
+
+    lowest = wallets_[0][0]
+    async with pool.acquire() as blocker, pool.acquire() as probe:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", lowest)
+            running = asyncio.create_task(sweep())
+            await blocked_on_a_row_lock(migrated_engine)
+            async with probe.transaction():
+                for wallet_id, _ in wallets_[1:]:
+                    # Raises LockNotAvailableError if the sweep had locked this higher wallet first.
+                    await probe.execute(
+                        "SELECT 1 FROM wallets WHERE id = $1 FOR NO KEY UPDATE NOWAIT", wallet_id
+                    )
+            assert not running.done()
+        assert await asyncio.wait_for(running, timeout=10) == len(wallets_)
+    for wallet_id, _ in wallets_:
+        assert (await money(migrated_engine, wallet_id))[1] == 0  # every reservation released
+    assert await invariants(migrated_engine) == []

@@ -489,16 +489,12 @@ async def test_a_settlement_racing_the_expiry_sweep_releases_the_reservation_onc
     )
     assert await acct.money() == (930_000, 0)
 
-    # The settlement goes first: the sweep waits, then finds nothing pending to expire.
+    # The settlement goes first: the sweep skips the hold it holds locked (SKIP LOCKED: it is being
+    # settled) without waiting, and expires nothing; the settlement then commits.
     assert await acct.place("settled-first", 200_000, ttl_s=0) is ADMITTED
-
-    async def settle_first(conn: AsyncConnection) -> holds.Settlement:
-        return await holds.settle(conn, request_id="settled-first", cost_nano=50_000)
-
-    async def sweep() -> int:
-        return await expire(migrated_engine)
-
-    assert await in_open_transaction(migrated_engine, settle_first, sweep) == (S.POSTED, 0)
+    async with migrated_engine.connect() as conn, conn.begin():
+        assert await holds.settle(conn, request_id="settled-first", cost_nano=50_000) is S.POSTED
+        assert await asyncio.wait_for(expire(migrated_engine), timeout=10) == 0
     assert await acct.money() == (880_000, 0)
     assert (await acct.hold("settled-first")).state == "posted"
     await books_balance(migrated_engine)
