@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(LITELLM_VERSION)
 $(STAMP): pyproject.toml Makefile
 	@echo "==> preparing $(VENV) (Python virtual environment)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,devstack]'
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'litellm==$(LITELLM_VERSION)'
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -2,7 +2,7 @@
 
 What runs (all on loopback, on this machine):
 
-- the local stack exactly as ``billingproxy up`` starts it (:class:`billingproxy.local_stack.Stack`):
+- the local stack exactly as ``billingproxy up`` starts it (:class:`billingproxy.devstack.local_stack.Stack`):
   embedded PostgreSQL in a throw-away data dir (or ``DATABASE_URL``), migrations, the demo
   backend, the sidecar, and Envoy with billing (ext_authz over HTTP to the sidecar's Check port +
   Lua usage filter + gRPC access log);
@@ -47,9 +47,9 @@ from authz_sidecar import envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
 from billing import database, ledger, pricing, wallets
 from billing.usage import Usage
-from billingproxy import envoy_process
-from billingproxy.local_stack import Stack, free_port, free_ports_env
-from billingproxy.postgres_server import EmbeddedPostgres
+from billingproxy.devstack import envoy_process
+from billingproxy.devstack.local_stack import Stack, free_port, free_ports_env
+from billingproxy.devstack.postgres_server import EmbeddedPostgres
 
 GRANT_NANO = 1_000 * 10**9  # $1000 per wallet: far more than any run spends
 SETTLE_TIMEOUT_S = 30.0

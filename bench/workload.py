@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from billingproxy import demo_backend
+from billingproxy.devstack import demo_backend
 
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 16

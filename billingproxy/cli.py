@@ -90,7 +90,7 @@ def _database_url(settings: settings_mod.Settings) -> str:
     """DATABASE_URL, or the URL of the database a running `billingproxy up` started."""
     if settings.database_url:
         return settings.database_url
-    from billingproxy import local_stack  # noqa: PLC0415 (only needed without DATABASE_URL)
+    from billingproxy.devstack import local_stack  # noqa: PLC0415 (only needed without DATABASE_URL)
 
     url = local_stack.running_database_url(settings)
     if url is None:
@@ -122,7 +122,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     from billingproxy import admin  # noqa: PLC0415 (a command imports only what it runs)
 
     if args.command == "up":
-        from billingproxy import local_stack  # noqa: PLC0415 (a command imports only what it runs)
+        from billingproxy.devstack import local_stack  # noqa: PLC0415 (a command imports only what it runs)
 
         return local_stack.main(settings)
     if args.command == "sidecar":

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from billing import database
-from billingproxy import postgres_server
+from billingproxy.devstack import postgres_server
 
 
 @pytest.fixture(scope="session")

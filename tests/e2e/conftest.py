@@ -1,4 +1,4 @@
-"""End-to-end fixtures: the real gateway (`billingproxy.local_stack.Stack`: migrations, demo
+"""End-to-end fixtures: the real gateway (`billingproxy.devstack.local_stack.Stack`: migrations, demo
 backend, sidecar subprocess, Envoy) on a fresh database of the session's PostgreSQL, with free
 ports everywhere, one stack per test module.
 
@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from support import waiting
 
 from billing import database, ledger, tables
-from billingproxy.local_stack import Stack, free_ports_env
+from billingproxy.devstack.local_stack import Stack, free_ports_env
 
 SETTLE_TIMEOUT_S = 15.0
 BACKEND_API_KEY = "sk-backend-credential-e2e"

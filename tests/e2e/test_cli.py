@@ -12,7 +12,7 @@ import pytest
 
 from billing import holds, pricing, wallets
 from billing.usage import Usage
-from billingproxy.local_stack import free_port
+from billingproxy.devstack.local_stack import free_port
 
 pytestmark = pytest.mark.integration
 

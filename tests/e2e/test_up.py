@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from billingproxy.local_stack import free_ports_env
+from billingproxy.devstack.local_stack import free_ports_env
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +121,8 @@ def _children_of(pid: int) -> set[int]:
 
 def _postmaster_pid(data_dir: Path) -> int:
     """The embedded PostgreSQL's pid: pg_ctl detaches it, so it is no descendant of `up`. As
-    root the cluster may live elsewhere, named by the pointer file (billingproxy/postgres_server.py)."""
+    root the cluster may live elsewhere, named by the pointer file
+    (billingproxy/devstack/postgres_server.py)."""
     cluster = data_dir / "postgres"
     pointer = cluster / "pgdata-location"
     if pointer.is_file():

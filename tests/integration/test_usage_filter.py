@@ -27,7 +27,7 @@ from yarl import URL
 
 from authz_sidecar import envoy_config
 from billing.usage import Usage
-from billingproxy import demo_backend, envoy_process
+from billingproxy.devstack import demo_backend, envoy_process
 from usage_gateway import Gateway, free_port, loopback_settings, read_entry, usage_gateway
 
 pytestmark = pytest.mark.integration

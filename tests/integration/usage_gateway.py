@@ -27,8 +27,8 @@ from aiohttp import web
 from authz_sidecar import envoy_config
 from billing import usage as usage_mod
 from billing.settings import Settings
-from billingproxy import envoy_process
-from billingproxy.local_stack import free_port
+from billingproxy.devstack import envoy_process
+from billingproxy.devstack.local_stack import free_port
 
 ACCESS_LOG_WAIT_S = 10.0
 # Where each endpoint's answer carries its usage (billing/usage.py), as the Check says it.

@@ -22,7 +22,7 @@ from support import waiting
 
 from billing import ledger, tables
 from billing_operator import config, runner
-from billingproxy import local_stack
+from billingproxy.devstack import local_stack
 
 T = TypeVar("T")
 GROUP_VERSION = "billingproxy.io/v1alpha1"
@@ -39,7 +39,7 @@ async def eventually(
 
 def server_ports(count: int) -> list[int]:
     """``count`` distinct ports, free now, below the kernel's ephemeral range, for servers a test
-    starts (Envoy, the sidecar): see ``billingproxy.local_stack.free_port`` for why."""
+    starts (Envoy, the sidecar): see ``billingproxy.devstack.local_stack.free_port`` for why."""
     return [local_stack.free_port() for _ in range(count)]
 
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 import operator_harness as h
-from billingproxy.local_stack import Stack
+from billingproxy.devstack.local_stack import Stack
 
 REVOCATION_BUDGET_S = 1.0
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import operator_harness as h
 from billing import payments, wallets
 from billing_operator import config, stripe_reconciler
-from billingproxy.stripe_double import StripeDouble
+from billingproxy.devstack.stripe_double import StripeDouble
 
 SECRET_KEY, WEBHOOK_SECRET = "sk_test_operator", "whsec_operator"
 TEN_USD = 10_000_000_000

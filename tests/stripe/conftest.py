@@ -23,8 +23,8 @@ from aiohttp import web
 from authz_sidecar import http_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import payments, settings as settings_mod
-from billingproxy.local_stack import Stack, free_ports_env
-from billingproxy.stripe_double import StripeDouble
+from billingproxy.devstack.local_stack import Stack, free_ports_env
+from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, Db, session_params, stripe_settings
 
 _LIVE: list[Db] = []

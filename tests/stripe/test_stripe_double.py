@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 import stripe
 
-from billingproxy import stripe_double
-from billingproxy.stripe_double import StripeDouble
+from billingproxy.devstack import stripe_double
+from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, session_params
 
 

@@ -1,6 +1,7 @@
-"""The journey's phases 3 → 4 → 2 through Envoy, on the whole gateway (`billingproxy.local_stack.Stack`):
-an empty wallet gets 403 with a top-up link, the user pays, Stripe's signed webhook credits
-+$10.00, and the next request is served within a second, with nobody in between."""
+"""The journey's phases 3 → 4 → 2 through Envoy, on the whole gateway
+(`billingproxy.devstack.local_stack.Stack`): an empty wallet gets 403 with a top-up link, the user
+pays, Stripe's signed webhook credits +$10.00, and the next request is served within a second,
+with nobody in between."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from support.waiting import wait_until
 
 from billing import tables
-from billingproxy import local_stack
+from billingproxy.devstack import local_stack
 from stripe_testkit import TEN_USD_NANO, Gateway
 
 

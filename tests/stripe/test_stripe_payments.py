@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from billing import ledger, payments, tables
-from billingproxy.stripe_double import StripeDouble
+from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import TEN_USD_NANO, Db
 
 CENT = 10**7

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from billing import payments, tables
 from billing.settings import Settings
-from billingproxy.local_stack import free_port
-from billingproxy.stripe_double import StripeDouble
+from billingproxy.devstack.local_stack import free_port
+from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, TEN_USD_NANO, WEBHOOK_SECRET, Db, stripe_settings
 
 # --- the webhook ---------------------------------------------------------------------------------

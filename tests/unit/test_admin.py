@@ -10,7 +10,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from authz_sidecar import admin, metrics
-from billingproxy.local_stack import free_port
+from billingproxy.devstack.local_stack import free_port
 
 
 async def test_readiness_fails_while_the_database_is_unreachable() -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from authz_sidecar import envoy_config
 from billing.settings import Settings
-from billingproxy import envoy_process
+from billingproxy.devstack import envoy_process
 
 DEMO_BACKEND = "http://127.0.0.1:4000"
 SECRET = "s3cret-for-the-access-log-0123456789abcdef"

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from billingproxy import postgres_server
-from billingproxy.postgres_server import EmbeddedPostgres, PostgresStartError
+from billingproxy.devstack import postgres_server
+from billingproxy.devstack.postgres_server import EmbeddedPostgres, PostgresStartError
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from billingproxy.stripe_double import StripeDouble
+from billingproxy.devstack.stripe_double import StripeDouble
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from billingproxy import demo_backend
+from billingproxy.devstack import demo_backend
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ every format the gateway admits is attacked that way, and each answer is charged
 provider's final usage (read to the end) or its hold, the worst case (cut before its terminal
 event) — never what the echo said, never less than what was streamed.
 
-The demo backend (billingproxy/demo_backend.py) plays the provider: ``x-demo-cut-before`` ends
+The demo backend (billingproxy/devstack/demo_backend.py) plays the provider: ``x-demo-cut-before`` ends
 its answer just before the first occurrence of a text, and ``x-demo-cut-mode: stall`` then keeps
 the connection open and reports how many bytes it sent (``/_demo/last_request``): the client reads
 exactly those and hangs up, so the hang-up lands exactly at the cut.

@@ -782,7 +782,8 @@ def _page(title: str, body: str, *, status: int = 200) -> web.Response:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m billingproxy.stripe_double``: secrets from STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET."""
+    """``python -m billingproxy.devstack.stripe_double``: secrets from STRIPE_SECRET_KEY and
+    STRIPE_WEBHOOK_SECRET."""
     parser = argparse.ArgumentParser(prog="billingproxy-stripe-double", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     parser.add_argument("--port", type=int, default=12111)

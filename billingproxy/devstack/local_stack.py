@@ -37,8 +37,8 @@ import aiohttp
 from authz_sidecar import envoy_config
 from billing import database, settings as settings_mod
 from billing.settings import INTERNAL_HOST
-from billingproxy import envoy_process
-from billingproxy.postgres_server import EmbeddedPostgres, PostgresStartError
+from billingproxy.devstack import envoy_process
+from billingproxy.devstack.postgres_server import EmbeddedPostgres, PostgresStartError
 
 READY_TIMEOUT_S = 30.0
 
@@ -205,7 +205,7 @@ class Stack:
                 [
                     sys.executable,
                     "-m",
-                    "billingproxy.demo_backend",
+                    "billingproxy.devstack.demo_backend",
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -264,7 +264,7 @@ class Stack:
             [
                 sys.executable,
                 "-m",
-                "billingproxy.stripe_double",
+                "billingproxy.devstack.stripe_double",
                 "--host",
                 "127.0.0.1",
                 "--port",
