@@ -1,12 +1,15 @@
-"""Envoy's ext_authz Check, as a billing rule: key → model price → hold → admit, or a denial.
+"""Envoy's ext_authz Check, as a billing rule: endpoint → key → body → price → worst case → hold
+→ admit, or a denial.
 
 ``Decider`` is the rule, free of any wire format. Envoy reaches it through one of ext_authz's two
 flavours (``BILLINGPROXY_CHECK_TRANSPORT``): ``check_http.py`` (HTTP, the default: measured
 ~20× cheaper in Python) or ``check_grpc.py`` (the gRPC ``Check``). A denial is an
 :class:`ApiError` the client sees as an OpenAI-shaped error. An admitted request's wallet, key and
-hold ids travel to the access log as dynamic metadata in :data:`METADATA_NAMESPACE`, under the
-same names either way (``x-billingproxy-*``: the HTTP flavour files answer headers under their
-names).
+hold ids, the model and the answer's usage format travel to the access log (and the format and
+whether to ask a stream for usage to the Lua filter) as dynamic metadata in
+:data:`METADATA_NAMESPACE`, under the same names either way (``x-billingproxy-*``: the HTTP
+flavour files answer headers under their names). What the table admits and how a worst case is
+read is billing/endpoints.py; docs/security-model.md says why.
 """
 
 from __future__ import annotations
