@@ -139,3 +139,37 @@ def test_the_grpc_entry_reads_the_same_facts() -> None:
     assert finished_request(entry) == finished_request_from_json(line())
     metadata["billingproxy.usage"].update({"finished": False})
     assert finished_request(entry).usage is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "cut"),
+    [
+        (
+            {"status": 0, "upstream": "127.0.0.1:4000", "usage": None},
+            True,
+        ),  # the client left before the answer
+        ({"status": 504, "flags": "UT", "upstream": "127.0.0.1:4000", "usage": None}, True),  # Envoy gave up
+        ({"status": 504, "flags": "DC,UT", "upstream": "127.0.0.1:4000", "usage": None}, True),
+        ({"status": 0, "upstream": "-", "usage": None}, False),  # the backend was never reached
+        ({"status": 503, "flags": "UF", "upstream": "-", "usage": None}, False),
+        ({"status": 500, "upstream": "127.0.0.1:4000", "usage": None}, False),  # the backend's own error
+    ],
+)
+def test_an_answer_the_backend_was_asked_for_but_never_gave_is_cut(changes: dict, cut: bool) -> None:
+    """Cut answers are charged the hold (the provider bills the work); only the backend's own
+    errors and requests that never reached it are voided (docs/decisions/0001, amendment 11)."""
+    done = finished_request_from_json(line(**changes))
+    assert done is not None and done.cut is cut
+
+
+def test_a_grpc_entry_is_cut_when_the_backend_was_reached_and_nothing_came_back() -> None:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.request_id = "r1"
+    entry.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(HOLD)
+    assert finished_request(entry) is not None and not finished_request(entry).cut  # never reached
+    entry.common_properties.upstream_remote_address.socket_address.address = "127.0.0.1"
+    assert finished_request(entry).cut  # reached, status 0
+    entry.response.response_code.value = 504
+    assert not finished_request(entry).cut
+    entry.common_properties.response_flags.upstream_request_timeout = True
+    assert finished_request(entry).cut
