@@ -97,7 +97,7 @@ class CheckoutClient:
         self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str
     ) -> stripe.checkout.Session:
         s = self._settings
-        amount_usd = money.format_usd(amount_nano)[:-4]  # "10.000000" → "10.00"
+        amount_usd = money.format_usd_cents(amount_nano)
         params: SessionCreateParams = {
             "mode": "payment",
             "line_items": [
@@ -336,7 +336,7 @@ class StripeRoutes:
 
     def _page(self, request: web.Request, *, amount: str, status: int, error: str = "") -> web.Response:
         s = self.settings
-        lo, hi = money.format_usd(s.topup_min_nano)[:-4], money.format_usd(s.topup_max_nano)[:-4]
+        lo, hi = money.format_usd_cents(s.topup_min_nano), money.format_usd_cents(s.topup_max_nano)
         if self.checkout is None:
             body = "<p class=error>Top-ups are not available on this gateway: Stripe is not configured.</p>"
             return _html("Top up", body, status=503)
@@ -365,7 +365,7 @@ value="{html.escape(amount)}"></label>
                 status = await payments.checkout_session_status(conn, session_id)
         if status is None:
             return _html("Top-up", "<p>We do not know this checkout session.</p>", status=404)
-        amount = html.escape(money.format_usd(status.amount_nano)[:-4])
+        amount = html.escape(money.format_usd_cents(status.amount_nano))
         if status.credited:
             body = (
                 f"<p id=status data-state=credited>Payment received: {amount} USD "

@@ -14,6 +14,8 @@ from decimal import Decimal
 from fractions import Fraction
 
 NANO_PER_USD = 10**9
+# Card payments (Stripe) count whole cents.
+NANO_PER_CENT = NANO_PER_USD // 100
 # BIGINT's range, so a value that parses always fits the database.
 NANO_MAX = 2**63 - 1
 
@@ -53,12 +55,25 @@ def format_usd(nano: int) -> str:
 
     ``500_000_000`` → ``"0.500000"``; ``149_850_001`` → ``"0.149850001"``. Never loses a nano.
     """
+    return _format(nano, decimals_min=6)
+
+
+def format_usd_cents(nano: int) -> str:
+    """Render nano-USD as dollars and cents: two decimals, more only when needed to be exact.
+
+    ``10_000_000_000`` → ``"10.00"``, for what people read (a top-up's amount and bounds); an
+    amount finer than a cent keeps its digits (``1_500_000`` → ``"0.0015"``): never rounded.
+    """
+    return _format(nano, decimals_min=2)
+
+
+def _format(nano: int, *, decimals_min: int) -> str:
     if not isinstance(nano, int) or isinstance(nano, bool):
         raise TypeError(f"nano-USD must be an int, not {type(nano).__name__}")
     sign = "-" if nano < 0 else ""
     whole, frac = divmod(abs(nano), NANO_PER_USD)
     digits = f"{frac:09d}"
-    trimmed = digits.rstrip("0").ljust(6, "0")
+    trimmed = digits.rstrip("0").ljust(decimals_min, "0")
     return f"{sign}{whole}.{trimmed}"
 
 

@@ -55,7 +55,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import ledger, money, tables
 
-NANO_PER_CENT = money.NANO_PER_USD // 100
 CURRENCY = "usd"
 # Dispute statuses after which the dispute is closed: it no longer holds its wallet (``disputed``).
 DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented"})
@@ -73,14 +72,14 @@ def parse_topup_amount(value: object, *, min_nano: int, max_nano: int) -> int:
     """``"10.00"`` (or a whole number) → nano-USD, in whole cents within ``[min_nano, max_nano]``."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    bounds = f"from {money.format_usd(min_nano)[:-4]} to {money.format_usd(max_nano)[:-4]} USD"
+    bounds = f"from {money.format_usd_cents(min_nano)} to {money.format_usd_cents(max_nano)} USD"
     if not isinstance(value, str):
         raise TopupAmountError(f'amount_usd must be a decimal string such as "10.00", {bounds}')
     try:
         nano = money.parse_usd(value.strip())
     except money.MoneyError as exc:
         raise TopupAmountError(f"amount_usd: {exc}") from None
-    if nano % NANO_PER_CENT:
+    if nano % money.NANO_PER_CENT:
         raise TopupAmountError(
             f"amount_usd {value!r} has fractions of a cent; card payments are in whole cents"
         )
@@ -90,9 +89,9 @@ def parse_topup_amount(value: object, *, min_nano: int, max_nano: int) -> int:
 
 
 def cents_from_nano(nano: int) -> int:
-    if nano % NANO_PER_CENT:
+    if nano % money.NANO_PER_CENT:
         raise ValueError(f"{nano} nano-USD is not a whole number of cents")
-    return nano // NANO_PER_CENT
+    return nano // money.NANO_PER_CENT
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ async def _checkout(
     if (
         session.get("currency") != CURRENCY
         or amount_cents is None
-        or amount_cents * NANO_PER_CENT != recorded.amount_nano
+        or amount_cents * money.NANO_PER_CENT != recorded.amount_nano
     ):
         raise _Skip(
             "amount_mismatch",
@@ -357,7 +356,7 @@ async def _charge_refunded(
 
     payments = tables.stripe_payments
     insert = pg_insert(payments).values(
-        payment_intent=payment_intent, charge=charge_id, refunded_nano=refunded_cents * NANO_PER_CENT
+        payment_intent=payment_intent, charge=charge_id, refunded_nano=refunded_cents * money.NANO_PER_CENT
     )
     # amount_refunded is cumulative and only grows: an older event never lowers it.
     await conn.execute(
@@ -431,7 +430,7 @@ async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str
                 id=dispute_id,
                 payment_intent=payment_intent,
                 charge=_id(dispute.get("charge")),
-                amount_nano=amount_cents * NANO_PER_CENT,
+                amount_nano=amount_cents * money.NANO_PER_CENT,
                 status=status,
                 status_event_created=created,
             )
@@ -508,7 +507,7 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
             kind="refund",
             amount_nano=-unapplied,
             # Stripe's own number (cumulative amount_refunded, in cents) names the refund.
-            idempotency_key=f"refund:{p.charge}/{p.refunded_nano // NANO_PER_CENT}",
+            idempotency_key=f"refund:{p.charge}/{p.refunded_nano // money.NANO_PER_CENT}",
             details={
                 "payment_intent": payment_intent,
                 "charge": p.charge,

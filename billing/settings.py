@@ -21,7 +21,6 @@ from billing.endpoints import ENDPOINT_NAMES
 ENV_PREFIX = "BILLINGPROXY_"
 # The largest overdraft limit a wallet may have: what the CRD's USD pattern allows (under $10M).
 OVERDRAFT_LIMIT_MAX_NANO = 10_000_000 * money.NANO_PER_USD - 1
-_NANO_PER_CENT = money.NANO_PER_USD // 100
 
 # Where the sidecar listens and Envoy reaches it: loopback, i.e. in Kubernetes the pod's own
 # network namespace. Nothing outside the pod (or the machine) may report usage or call the Check;
@@ -262,7 +261,7 @@ class Settings:
                 )
         for name, nano in (("TOPUP_MIN_USD", self.topup_min_nano), ("TOPUP_MAX_USD", self.topup_max_nano)):
             # Stripe charges USD in whole cents, from $0.50 to $999,999.99.
-            if nano % _NANO_PER_CENT or not 50 <= nano // _NANO_PER_CENT <= 99_999_999:
+            if nano % money.NANO_PER_CENT or not 50 <= nano // money.NANO_PER_CENT <= 99_999_999:
                 raise SettingsError(
                     f"{ENV_PREFIX}{name} must be whole cents from 0.50 to 999999.99 (Stripe's limits), "
                     f"not {money.format_usd(nano)}"

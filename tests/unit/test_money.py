@@ -132,6 +132,51 @@ def test_format_refuses_anything_but_int(value: object) -> None:
 
 
 @pytest.mark.parametrize(
+    ("nano", "text"),
+    [
+        (0, "0.00"),
+        (10_000_000_000, "10.00"),
+        (500_000_000, "0.50"),
+        (10_000_000, "0.01"),
+        (99_999_999_900_000_000, "99999999.90"),
+        (-1_500_000_000, "-1.50"),
+        (-10_000_000, "-0.01"),
+        # Finer than a cent: the digits stay, never rounded (as format_usd never rounds).
+        (1_500_000, "0.0015"),
+        (5_000_000, "0.005"),
+        (1, "0.000000001"),
+        (-149_850_001, "-0.149850001"),
+        (NANO_MAX, "9223372036.854775807"),
+    ],
+)
+def test_format_usd_cents_known_values(nano: int, text: str) -> None:
+    assert money.format_usd_cents(nano) == text
+    assert money.parse_usd(text, allow_negative=True) == nano
+
+
+def test_format_usd_cents_is_format_usd_in_fewer_decimals() -> None:
+    rng = random.Random(20261202)
+    values = [rng.randint(-(10**12), 10**12) for _ in range(2000)]
+    values += [rng.randint(-(10**9), 10**9) * money.NANO_PER_CENT for _ in range(2000)]
+    for nano in values:
+        text = money.format_usd_cents(nano)
+        assert Decimal(text) == Decimal(money.format_usd(nano)), nano
+        frac = text.split(".")[1]
+        assert len(frac) == 2 or (len(frac) > 2 and not frac.endswith("0")), text
+
+
+def test_nano_per_cent_is_a_hundredth_of_a_dollar() -> None:
+    assert money.NANO_PER_CENT * 100 == money.NANO_PER_USD == money.parse_usd("1")
+    assert money.parse_usd("0.01") == money.NANO_PER_CENT
+
+
+@pytest.mark.parametrize("value", [1.0, Decimal("1"), "1", True, None])
+def test_format_usd_cents_refuses_anything_but_int(value: object) -> None:
+    with pytest.raises(TypeError):
+        money.format_usd_cents(value)  # not an int, on purpose
+
+
+@pytest.mark.parametrize(
     ("usd", "nano"),
     [
         ("0", 0),
