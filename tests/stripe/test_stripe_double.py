@@ -11,8 +11,7 @@ import aiohttp
 import pytest
 import stripe
 
-from billingproxy.devstack import stripe_double
-from billingproxy.devstack.stripe_double import StripeDouble
+from billingproxy.devstack.stripe_double import StripeDouble, server
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, session_params
 
 
@@ -186,7 +185,7 @@ def test_form_decoding_follows_stripes_bracket_encoding() -> None:
         ("metadata[wallet_id]", "wal_1"),
         ("mode", "payment"),
     ]
-    assert stripe_double.decode_form(pairs) == {
+    assert server.decode_form(pairs) == {
         "line_items": [{"price_data": {"currency": "usd"}, "quantity": "1"}, {"quantity": "2"}],
         "metadata": {"wallet_id": "wal_1"},
         "mode": "payment",
@@ -200,9 +199,9 @@ async def test_it_listens_on_loopback_only() -> None:
     for host in ("0.0.0.0", "192.168.1.10", "example.com", "::"):
         with pytest.raises(ValueError, match="loopback only"):
             await fake.start(host)
-    assert stripe_double.is_loopback("127.0.0.1") and stripe_double.is_loopback("::1")
+    assert server.is_loopback("127.0.0.1") and server.is_loopback("::1")
     with pytest.raises(SystemExit):
-        stripe_double.main(["--host", "0.0.0.0", "--webhook-url", "http://127.0.0.1:9/x"])
+        server.main(["--host", "0.0.0.0", "--webhook-url", "http://127.0.0.1:9/x"])
     with pytest.raises(ValueError, match="secret"):
         StripeDouble(secret_key="", webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/x")
 

@@ -1,0 +1,3 @@
+from billingproxy.devstack.stripe_double import server
+
+raise SystemExit(server.main())
