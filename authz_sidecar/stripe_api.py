@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import api_errors, metrics
 from authz_sidecar.key_lookup import KeyLookup
-from billing import money, payments, wallets
+from billing import money, payments, topups, wallets
 from billing.settings import Settings
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class CheckoutClient:
                     "quantity": 1,
                     "price_data": {
                         "currency": payments.CURRENCY,
-                        "unit_amount": payments.cents_from_nano(amount_nano),
+                        "unit_amount": topups.cents_from_nano(amount_nano),
                         "product_data": {
                             "name": PRODUCT_NAME,
                             "description": f"{amount_usd} USD of API credit",
@@ -203,8 +203,8 @@ class StripeRoutes:
     def _amount(self, value: object) -> int:
         s = self.settings
         try:
-            return payments.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
-        except payments.TopupAmountError as exc:
+            return topups.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
+        except topups.TopupAmountError as exc:
             checkout_sessions.labels("invalid_amount").inc()
             raise api_errors.ApiError(
                 400, "invalid_amount", str(exc), extra={"param": "amount_usd"}
@@ -260,7 +260,7 @@ class StripeRoutes:
         if isinstance(session.expires_at, int):
             expires_at = dt.datetime.fromtimestamp(session.expires_at, dt.UTC)
         async with self.engine.begin() as conn:
-            await payments.record_checkout_session(
+            await topups.record_checkout_session(
                 conn,
                 session_id=session.id,
                 wallet_id=wallet.id,
@@ -362,7 +362,7 @@ value="{html.escape(amount)}"></label>
         status = None
         if session_id:
             async with self.engine.connect() as conn:
-                status = await payments.checkout_session_status(conn, session_id)
+                status = await topups.checkout_session_status(conn, session_id)
         if status is None:
             return _html("Top-up", "<p>We do not know this checkout session.</p>", status=404)
         amount = html.escape(money.format_usd_cents(status.amount_nano))

@@ -26,12 +26,12 @@ and the end state is the same in every order.
 Sharp edges:
 
 - Only Checkout Sessions the gateway created are credited (``POST /billing/topup`` records each
-  in ``stripe_checkout_sessions``), to the wallet and for the amount it recorded then. The
-  Stripe account may serve other products whose events carry the same valid signature, and a
-  session's ``client_reference_id`` and metadata are whatever its creator wrote: a session we
-  did not record is ``not_ours``; ours paid for another amount or currency is
-  ``amount_mismatch``, credited with neither number and left to a person. Every such event is
-  recorded with its outcome and must still be answered 2xx, or Stripe retries it for days.
+  in ``stripe_checkout_sessions`` through :mod:`billing.topups`), to the wallet and for the
+  amount it recorded then. The Stripe account may serve other products whose events carry the
+  same valid signature, and a session's ``client_reference_id`` and metadata are whatever its
+  creator wrote: a session we did not record is ``not_ours``; ours paid for another amount or
+  currency is ``amount_mismatch``, credited with neither number and left to a person. Every such
+  event is recorded with its outcome and must still be answered 2xx, or Stripe retries it for days.
   Payment Intents are never credited on their own (no handler): every top-up is a session.
 - A dispute puts the wallet on hold through its own flag, ``wallets.disputed``: true exactly while
   the wallet has an open dispute, recomputed from the dispute facts after every event that touches
@@ -45,7 +45,6 @@ Sharp edges:
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,37 +60,10 @@ DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented"})
 # ...and those in which the disputed money came back (an inquiry closed, a dispute won or prevented).
 DISPUTE_REVERSED = frozenset({"won", "warning_closed", "prevented"})
 
-# --- amounts -------------------------------------------------------------------------------------
 
-
-class TopupAmountError(ValueError):
-    """A requested top-up amount that is malformed or outside the configured bounds."""
-
-
-def parse_topup_amount(value: object, *, min_nano: int, max_nano: int) -> int:
-    """``"10.00"`` (or a whole number) → nano-USD, in whole cents within ``[min_nano, max_nano]``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    bounds = f"from {money.format_usd_cents(min_nano)} to {money.format_usd_cents(max_nano)} USD"
-    if not isinstance(value, str):
-        raise TopupAmountError(f'amount_usd must be a decimal string such as "10.00", {bounds}')
-    try:
-        nano = money.parse_usd(value.strip())
-    except money.MoneyError as exc:
-        raise TopupAmountError(f"amount_usd: {exc}") from None
-    if nano % money.NANO_PER_CENT:
-        raise TopupAmountError(
-            f"amount_usd {value!r} has fractions of a cent; card payments are in whole cents"
-        )
-    if not min_nano <= nano <= max_nano:
-        raise TopupAmountError(f"amount_usd must be {bounds}, not {value.strip()}")
-    return nano
-
-
-def cents_from_nano(nano: int) -> int:
-    if nano % money.NANO_PER_CENT:
-        raise ValueError(f"{nano} nano-USD is not a whole number of cents")
-    return nano // money.NANO_PER_CENT
+def credit_key(payment_intent: str) -> str:
+    """The idempotency key of a payment's credit: a payment is credited once, whatever comes."""
+    return f"stripe:{payment_intent}"
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -496,7 +468,7 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
         wallet_id=p.wallet_id,
         kind="topup",
         amount_nano=p.amount_nano,
-        idempotency_key=f"stripe:{payment_intent}",
+        idempotency_key=credit_key(payment_intent),
         details={"payment_intent": payment_intent, "checkout_session": p.checkout_session},
     )
     unapplied = p.refunded_nano - p.refund_applied_nano
@@ -580,55 +552,6 @@ async def _sync_disputed(conn: AsyncConnection, wallet_id: str) -> None:
     )
 
 
-# --- checkout sessions we created ----------------------------------------------------------------
-
-
-async def record_checkout_session(
-    conn: AsyncConnection,
-    *,
-    session_id: str,
-    wallet_id: str,
-    amount_nano: int,
-    expires_at: dt.datetime | None,
-) -> None:
-    """Remember a session we created (a replayed creation keeps the first row)."""
-    await conn.execute(
-        pg_insert(tables.stripe_checkout_sessions)
-        .values(id=session_id, wallet_id=wallet_id, amount_nano=amount_nano, expires_at=expires_at)
-        .on_conflict_do_nothing(index_elements=["id"])
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionStatus:
-    session_id: str
-    amount_nano: int
-    status: str
-    credited: bool
-
-
-async def checkout_session_status(conn: AsyncConnection, session_id: str) -> SessionStatus | None:
-    s = tables.stripe_checkout_sessions
-    row = (await conn.execute(sa.select(s).where(s.c.id == session_id))).first()
-    if row is None:
-        return None
-    credited = (
-        row.payment_intent is not None
-        and await ledger.find_entry(conn, f"stripe:{row.payment_intent}") is not None
-    )
-    return SessionStatus(row.id, row.amount_nano, row.status, credited)
-
-
-async def open_checkout_sessions(conn: AsyncConnection, *, limit: int) -> list[str]:
-    """Sessions we created and never saw complete or expire, oldest first: what a reconciliation
-    retrieves from Stripe and passes to :func:`apply_checkout_session`."""
-    s = tables.stripe_checkout_sessions
-    rows = await conn.execute(
-        sa.select(s.c.id).where(s.c.status == "open").order_by(s.c.created_at).limit(limit)
-    )
-    return list(rows.scalars())
-
-
 # --- invariants ----------------------------------------------------------------------------------
 
 
@@ -646,7 +569,7 @@ async def check_invariants(conn: AsyncConnection) -> list[str]:
                 )
             ).all()
         }
-        credit = keyed.get(f"stripe:{p.payment_intent}")
+        credit = keyed.get(credit_key(p.payment_intent))
         credited = p.paid and p.wallet_id is not None
         if credited != (credit is not None):
             problems.append(

@@ -1,7 +1,7 @@
 """Stripe reconciliation: credit every paid Checkout Session whose webhook never arrived.
 
 Every few minutes: the Checkout Sessions we created and never saw complete or expire
-(:func:`billing.payments.open_checkout_sessions`) are retrieved from Stripe and applied with
+(:func:`billing.topups.open_checkout_sessions`) are retrieved from Stripe and applied with
 :func:`billing.payments.apply_checkout_session` — the very rules and idempotency keys
 (``stripe:<payment_intent>``) of the webhook, so a payment is credited once whether the webhook
 comes first, later, twice, or never.
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import payments
+from billing import payments, topups
 from billing_operator import config, db, errors
 
 logger = logging.getLogger(__package__)
@@ -60,7 +60,7 @@ async def reconcile_once(
             return outcomes
         try:
             async with db.transaction(engine) as conn:
-                open_ids = await payments.open_checkout_sessions(conn, limit=limit)
+                open_ids = await topups.open_checkout_sessions(conn, limit=limit)
             for session_id in open_ids:
                 session: Any = await stripe_client.v1.checkout.sessions.retrieve_async(session_id)
                 async with db.transaction(engine) as conn:

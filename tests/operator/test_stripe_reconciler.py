@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import operator_harness as h
-from billing import payments, wallets
+from billing import payments, topups, wallets
 from billing_operator import config, stripe_reconciler
 from billingproxy.devstack.stripe_double import StripeDouble
 
@@ -59,7 +59,7 @@ def _session_params(wallet_id: str) -> dict:
 async def _paid_session_without_webhook(engine: AsyncEngine, double: StripeDouble, wallet_id: str) -> dict:
     session = double.create_session(_session_params(wallet_id))
     async with engine.begin() as conn:
-        await payments.record_checkout_session(
+        await topups.record_checkout_session(
             conn, session_id=session["id"], wallet_id=wallet_id, amount_nano=TEN_USD, expires_at=None
         )
     return double.complete(session["id"])  # the event Stripe would send; never delivered

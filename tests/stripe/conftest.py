@@ -22,7 +22,7 @@ from aiohttp import web
 
 from authz_sidecar import http_api
 from authz_sidecar.key_lookup import KeyLookup
-from billing import payments, settings as settings_mod
+from billing import settings as settings_mod, topups
 from billingproxy.devstack.local_stack import Stack, free_ports_env
 from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, Db, session_params, stripe_settings
@@ -237,7 +237,7 @@ def new_session(double: StripeDouble, db: Db) -> Callable[..., Awaitable[str]]:
         if recorded:
             assert wallet_ref is not None, "the gateway records every session it creates for a wallet"
             async with db.engine.begin() as conn:
-                await payments.record_checkout_session(
+                await topups.record_checkout_session(
                     conn,
                     session_id=session["id"],
                     wallet_id=wallet_ref,

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import sqlalchemy as sa
 
-from billing import payments, tables
+from billing import tables, topups
 from billing.settings import Settings
 from billingproxy.devstack.local_stack import free_port
 from billingproxy.devstack.stripe_double import StripeDouble
@@ -149,7 +149,7 @@ async def test_topup_creates_a_checkout_session_for_the_keys_wallet(
     # The payment intent will carry the wallet too.
     assert double._pi_metadata[session["id"]] == {"wallet_id": wallet_id, "purpose": "billingproxy_topup"}
     async with db.engine.connect() as conn:
-        assert await payments.open_checkout_sessions(conn, limit=10) == [session["id"]]
+        assert await topups.open_checkout_sessions(conn, limit=10) == [session["id"]]
 
 
 async def test_topup_with_an_idempotency_key_answers_the_same_session(
