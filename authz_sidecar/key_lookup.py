@@ -8,7 +8,7 @@ Keys).
 
 Why it does not stall the Check: once :meth:`KeyLookup.start` has been called (the sidecar does),
 a refresher re-reads, every third of the TTL, every key a Check used in the last
-``RECENT_S`` seconds, in one batched statement (``billing.wallets.find_keys``) of at most
+``RECENT_S`` seconds, in one batched statement (``billing.api_keys.find_keys``) of at most
 ``REFRESH_MAX`` keys. A key in use is therefore always fresh and its Checks never wait for the
 database; a Check only looks its key up itself the first time, after a quiet spell, or when the
 refresher is late (slow database, overload): correct in every case, just slower.
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from authz_sidecar import api_errors
-from billing import database, keys, wallets
+from billing import api_keys, database, key_format
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ REFRESH_MAX = 2_000
 
 @dataclasses.dataclass(slots=True)
 class _Entry:
-    record: wallets.KeyRecord | None
+    record: api_keys.KeyRecord | None
     read_at: float  # when the query that read ``record`` started (monotonic clock)
     used_at: float  # when a Check last used it
 
@@ -81,11 +81,11 @@ class KeyLookup:
             raise api_errors.missing_key()
         return token.strip()
 
-    async def authenticate(self, authorization: str | None) -> wallets.KeyRecord:
+    async def authenticate(self, authorization: str | None) -> api_keys.KeyRecord:
         plaintext = self.bearer(authorization)
-        if not keys.is_well_formed(plaintext):
+        if not key_format.is_well_formed(plaintext):
             raise api_errors.invalid_key()
-        record = await self._find(keys.hash_key(plaintext))
+        record = await self._find(key_format.hash_key(plaintext))
         if record is None:
             raise api_errors.invalid_key()
         refusal = record.refusal(dt.datetime.now(dt.UTC))
@@ -93,7 +93,7 @@ class KeyLookup:
             raise api_errors.key_refused(refusal)
         return record
 
-    async def _find(self, key_hash: bytes) -> wallets.KeyRecord | None:
+    async def _find(self, key_hash: bytes) -> api_keys.KeyRecord | None:
         now = self._clock()
         entry = self._cache.get(key_hash)
         if entry is not None and now - entry.read_at < self._ttl_s:
@@ -101,7 +101,7 @@ class KeyLookup:
             return entry.record
         self.lookups += 1
         async with database.acquire(self._db) as conn:
-            record = await wallets.find_key(conn, key_hash)
+            record = await api_keys.find_key(conn, key_hash)
         if self._ttl_s > 0:
             if entry is None and len(self._cache) >= _ENTRIES_MAX:
                 self._evict(now)
@@ -129,7 +129,7 @@ class KeyLookup:
         recent.sort(reverse=True)
         wanted = [key_hash for _, key_hash in recent[:REFRESH_MAX]]
         async with database.acquire(self._db) as conn:
-            found = await wallets.find_keys(conn, wanted)
+            found = await api_keys.find_keys(conn, wanted)
         self.refreshes += 1
         for key_hash in wanted:
             cached = self._cache.get(key_hash)

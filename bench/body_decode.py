@@ -20,7 +20,7 @@ import httptools
 
 from authz_sidecar import check, check_http, envoy_config
 from bench import workload
-from billing import keys, wallets
+from billing import key_format, wallets
 from billing.settings import Settings
 
 REQUEST_ID = "7f1c2d3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f"
@@ -91,8 +91,8 @@ def run() -> dict:
         )
 
     metadata = {
-        "wallet_id": keys.random_id(wallets.WALLET_ID_PREFIX),
-        "key_id": keys.random_id(keys.ID_PREFIX),
+        "wallet_id": key_format.random_id(wallets.WALLET_ID_PREFIX),
+        "key_id": key_format.random_id(key_format.ID_PREFIX),
         "hold_id": REQUEST_ID,
         "model": workload.MODEL,
     }

@@ -45,7 +45,7 @@ import yaml
 
 from authz_sidecar import envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
-from billing import database, ledger, pricing, wallets
+from billing import api_keys, database, ledger, pricing, wallets
 from billing.usage import Usage
 from billingproxy.devstack import envoy_process
 from billingproxy.devstack.local_stack import Stack, free_port, free_ports_env
@@ -292,7 +292,7 @@ class Bench:
                 wallet = await wallets.create_wallet(
                     conn, source="admin", grant_nano=GRANT_NANO, external_id=f"bench-{os.getpid()}-{n}"
                 )
-                issued = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+                issued = await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
                 self.wallet_ids.append(wallet.id)
                 self.authorizations.append(f"Bearer {issued.plaintext}")
 

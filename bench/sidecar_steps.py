@@ -57,7 +57,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from authz_sidecar import access_log as access_log_mod, check as check_mod, envoy_config
 from bench import procstat, workload
-from billing import holds, ledger, pricing, tables, wallets
+from billing import api_keys, holds, ledger, pricing, tables, wallets
 from billing.usage import Usage
 
 CALLS = 400
@@ -184,7 +184,7 @@ class Steps:
             )
             self.wallet_id = wallet.id
             self.keys = [
-                await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+                await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
                 for _ in range(self.calls + 1)
             ]
         price = self.prices.price(workload.MODEL)

@@ -9,7 +9,7 @@ Two ways in over one URL:
   which asyncpg prepares once per connection (its statement cache) and then runs in one round
   trip without SQLAlchemy's per-call machinery.
 
-The hot path's SQL lives beside its rule (``billing.holds``, ``billing.wallets.find_keys``) and
+The hot path's SQL lives beside its rule (``billing.holds``, ``billing.api_keys.find_keys``) and
 takes an asyncpg connection. SQLAlchemy callers hand theirs over with :func:`driver_connection`
 (same connection, same transaction), so tests and the CLI run exactly the sidecar's statements.
 """

@@ -1,11 +1,11 @@
-"""Wallets and their API keys: creating them, finding a key by its hash, revoking.
+"""Wallets: creating them (with their grant), finding them, and their owners' switches.
 
-A wallet's money lives in the ledger (:mod:`billing.ledger`); this module owns who has a wallet
-and which keys may spend from it. Creating a wallet posts its grant through the ledger, with the
-idempotency key ``grant:<source>:<identity>``, so a retried signup or a re-run operator handler
-never grants twice. A self-service signup's identity is its mailbox (:mod:`billing.emails`), so
-the ledger's unique key also makes addresses of one inbox share one free grant, concurrent
-signups included.
+A wallet's money lives in the ledger (:mod:`billing.ledger`) and its keys in
+:mod:`billing.api_keys`; this module owns who has a wallet. Creating a wallet posts its grant
+through the ledger, with the idempotency key ``grant:<source>:<identity>``, so a retried signup or
+a re-run operator handler never grants twice. A self-service signup's identity is its mailbox
+(:mod:`billing.emails`), so the ledger's unique key also makes addresses of one inbox share one
+free grant, concurrent signups included.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ import dataclasses
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database, emails, keys, ledger, money, settings, tables
-
-if TYPE_CHECKING:
-    import asyncpg
+from billing import api_keys, emails, key_format, ledger, money, settings, tables
 
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
@@ -41,10 +36,6 @@ class EmailInvalid(ValueError):
 
 class EmailTaken(Exception):
     """The address, or another address of the same mailbox, already has a self-service wallet."""
-
-
-class KeyNotFound(LookupError):
-    pass
 
 
 def normalize_email(email: object) -> str:
@@ -97,35 +88,9 @@ class Wallet:
 
 
 @dataclasses.dataclass(frozen=True)
-class KeyRecord:
-    id: str
-    wallet_id: str
-    key_hash: bytes
-    display_prefix: str
-    allowed_models: tuple[str, ...] | None
-    expires_at: dt.datetime | None
-    revoked_at: dt.datetime | None
-    suspended: bool
-    # A rotated key's end of grace: from then on it is refused exactly as a revoked one.
-    revoke_after: dt.datetime | None = None
-
-    def refusal(self, now: dt.datetime) -> str | None:
-        """Why this key may not be used now, or None when it may."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.revoke_after is not None and self.revoke_after <= now:
-            return "revoked"
-        if self.suspended:
-            return "suspended"
-        if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
 class Signup:
     wallet: Wallet
-    key: keys.IssuedKey
+    key: key_format.IssuedKey
 
 
 def _wallet(row: sa.Row[Any]) -> Wallet:
@@ -141,23 +106,6 @@ def _wallet(row: sa.Row[Any]) -> Wallet:
         created_at=row.created_at,
         stripe_customer_id=row.stripe_customer_id,
         overdraft_limit_nano=row.overdraft_limit_nano,
-    )
-
-
-def _key(row: sa.Row[Any] | asyncpg.Record) -> KeyRecord:
-    """A key from a SQLAlchemy row or an asyncpg record (the Check's look-up)."""
-    fields = row._mapping if isinstance(row, sa.Row) else row
-    models = fields["allowed_models"]
-    return KeyRecord(
-        id=fields["id"],
-        wallet_id=fields["wallet_id"],
-        key_hash=bytes(fields["key_hash"]),
-        display_prefix=fields["display_prefix"],
-        allowed_models=tuple(models) if models is not None else None,
-        expires_at=fields["expires_at"],
-        revoked_at=fields["revoked_at"],
-        suspended=fields["suspended"],
-        revoke_after=fields["revoke_after"],
     )
 
 
@@ -180,7 +128,7 @@ async def create_wallet(
     wallet of the same identity raises :class:`ledger.IdempotencyConflict` (the caller rolls back).
     """
     check_overdraft_limit(overdraft_limit_nano)
-    wallet_id = wallet_id or keys.random_id(WALLET_ID_PREFIX)
+    wallet_id = wallet_id or key_format.random_id(WALLET_ID_PREFIX)
     await conn.execute(
         sa.insert(tables.wallets).values(
             id=wallet_id,
@@ -243,31 +191,6 @@ async def set_overdraft_limit(
     return None if row is None else _wallet(row)
 
 
-async def issue_key(
-    conn: AsyncConnection,
-    *,
-    wallet_id: str,
-    source: str,
-    allowed_models: list[str] | None = None,
-    expires_at: dt.datetime | None = None,
-    external_id: str | None = None,
-) -> keys.IssuedKey:
-    issued = keys.generate()
-    await conn.execute(
-        sa.insert(tables.api_keys).values(
-            id=issued.key_id,
-            wallet_id=wallet_id,
-            key_hash=issued.key_hash,
-            display_prefix=issued.display_prefix,
-            allowed_models=allowed_models,
-            expires_at=expires_at,
-            source=source,
-            external_id=external_id,
-        )
-    )
-    return issued
-
-
 def signup_grant_identity(email: str, policy: str = "mailbox") -> str:
     """The free grant's identity for an address: its mailbox under ``policy``, hashed.
 
@@ -303,7 +226,7 @@ async def signup(
         raise
     except ledger.IdempotencyConflict:
         raise EmailTaken(email) from None
-    key = await issue_key(conn, wallet_id=wallet.id, source="signup")
+    key = await api_keys.issue_key(conn, wallet_id=wallet.id, source="signup")
     return Signup(wallet=wallet, key=key)
 
 
@@ -328,71 +251,17 @@ async def find_wallet(conn: AsyncConnection, ref: str) -> Wallet | None:
     return None if row is None else _wallet(row)
 
 
-# Keys by their SHA-256, one or many: the sidecar's look-up and its cache's batched re-reads
-# (authz_sidecar/key_lookup.py) run this statement, on asyncpg, as every other caller does.
-_FIND_KEYS = """
-SELECT id, wallet_id, key_hash, display_prefix, allowed_models, expires_at, revoked_at,
-       suspended, revoke_after
-  FROM api_keys
- WHERE key_hash = ANY($1::bytea[])
-"""
-
-
-async def find_keys(
-    conn: AsyncConnection | database.Connection, key_hashes: Sequence[bytes]
-) -> dict[bytes, KeyRecord]:
-    """The stored keys among ``key_hashes``, by hash, in one indexed statement."""
-    pg = await database.driver_connection(conn)
-    records = [_key(row) for row in await pg.fetch(_FIND_KEYS, list(key_hashes))]
-    return {record.key_hash: record for record in records}
-
-
-async def find_key(conn: AsyncConnection | database.Connection, key_hash: bytes) -> KeyRecord | None:
-    record = (await find_keys(conn, [key_hash])).get(key_hash)
-    if record is None or not keys.hashes_match(record.key_hash, key_hash):
-        return None
-    return record
-
-
-async def get_key(conn: AsyncConnection, key_id: str) -> KeyRecord | None:
-    row = (await conn.execute(sa.select(tables.api_keys).where(tables.api_keys.c.id == key_id))).first()
-    return None if row is None else _key(row)
-
-
-async def revoke_key(conn: AsyncConnection, key_id: str) -> KeyRecord:
-    """Revoke a key (idempotent: revoking twice keeps the first time)."""
-    k = tables.api_keys
-    await conn.execute(
-        sa.update(k).where(k.c.id == key_id, k.c.revoked_at.is_(None)).values(revoked_at=sa.func.now())
-    )
-    record = await get_key(conn, key_id)
-    if record is None:
-        raise KeyNotFound(key_id)
-    return record
-
-
-async def keys_of(conn: AsyncConnection, wallet_id: str) -> list[KeyRecord]:
-    k = tables.api_keys
-    rows = await conn.execute(sa.select(k).where(k.c.wallet_id == wallet_id).order_by(k.c.created_at))
-    return [_key(row) for row in rows]
-
-
 # --- Rows owned by an outside resource (the Kubernetes operator) ---------------------------------
 # Every function below selects by (source, external_id), never by id alone: a caller acting for
-# one owner (a Wallet or ApiKey resource's UID) can never change a wallet or key that belongs to
-# someone else (a self-service signup, an admin), even when handed a wrong id.
+# one owner (a Wallet resource's UID) can never change a wallet that belongs to someone else (a
+# self-service signup, an admin), even when handed a wrong id. Keys: billing.api_keys.
 
 
-class NotOwned(Exception):
+class OwnedElsewhere(Exception):
     """A row with this external id exists but belongs to another source: leave it alone."""
 
 
-class KeyConflict(Exception):
-    """A key id is already stored with another hash, wallet or owner."""
-
-
 _OWNED_WALLET_FIELDS = frozenset({"email", "suspended", "stripe_customer_id", "overdraft_limit_nano"})
-_OWNED_KEY_FIELDS = frozenset({"allowed_models", "expires_at", "suspended"})
 
 
 async def find_owned_wallet(conn: AsyncConnection, *, source: str, external_id: str) -> Wallet | None:
@@ -443,7 +312,7 @@ async def ensure_owned_wallet(
     except IntegrityError:
         existing = await find_owned_wallet(conn, source=source, external_id=external_id)
         if existing is None:
-            raise NotOwned(external_id) from None
+            raise OwnedElsewhere(external_id) from None
         return existing, False
 
 
@@ -467,126 +336,3 @@ async def update_owned_wallet(
         )
     ).first()
     return None if row is None else _wallet(row)
-
-
-async def suspend_keys_of_wallet(conn: AsyncConnection, wallet_id: str) -> int:
-    """Suspend every live key of the wallet; returns how many changed. Reversible, unlike revoking."""
-    k = tables.api_keys
-    result = await conn.execute(
-        sa.update(k)
-        .where(k.c.wallet_id == wallet_id, k.c.revoked_at.is_(None), k.c.suspended.is_(False))
-        .values(suspended=True)
-    )
-    return result.rowcount
-
-
-async def keys_owned_by(conn: AsyncConnection, *, source: str, external_id: str) -> list[KeyRecord]:
-    k = tables.api_keys
-    rows = await conn.execute(
-        sa.select(k)
-        .where(k.c.source == source, k.c.external_id == external_id)
-        .order_by(k.c.created_at, k.c.id)
-    )
-    return [_key(row) for row in rows]
-
-
-async def record_key(
-    conn: AsyncConnection,
-    *,
-    issued: keys.IssuedKey,
-    wallet_id: str,
-    source: str,
-    external_id: str,
-    allowed_models: list[str] | None = None,
-    expires_at: dt.datetime | None = None,
-    suspended: bool = False,
-) -> tuple[KeyRecord, bool]:
-    """Store a key generated elsewhere (the plaintext already sits in a Kubernetes Secret).
-
-    Idempotent on the key id: recording the same key again answers ``(record, False)``; the same
-    id with another hash, wallet or owner raises :class:`KeyConflict`.
-    """
-    k = tables.api_keys
-    row = (
-        await conn.execute(
-            pg_insert(k)
-            .values(
-                id=issued.key_id,
-                wallet_id=wallet_id,
-                key_hash=issued.key_hash,
-                display_prefix=issued.display_prefix,
-                allowed_models=allowed_models,
-                expires_at=expires_at,
-                suspended=suspended,
-                source=source,
-                external_id=external_id,
-            )
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(k)
-        )
-    ).first()
-    if row is not None:
-        return _key(row), True
-    row = (await conn.execute(sa.select(k).where(k.c.id == issued.key_id))).first()
-    assert row is not None, "conflicting key vanished: keys are never deleted"
-    same = keys.hashes_match(bytes(row.key_hash), issued.key_hash) and (
-        row.wallet_id,
-        row.source,
-        row.external_id,
-    ) == (wallet_id, source, external_id)
-    if not same:
-        raise KeyConflict(f"key {issued.key_id} is already stored for another key, wallet or owner")
-    return _key(row), False
-
-
-async def update_owned_keys(
-    conn: AsyncConnection, *, source: str, external_id: str, **changes: object
-) -> int:
-    """Set ``allowed_models``, ``expires_at`` or ``suspended`` on the owner's unrevoked keys."""
-    unknown = set(changes) - _OWNED_KEY_FIELDS
-    if unknown:
-        raise ValueError(f"cannot change {sorted(unknown)} of a key this way")
-    k = tables.api_keys
-    result = await conn.execute(
-        sa.update(k)
-        .where(k.c.source == source, k.c.external_id == external_id, k.c.revoked_at.is_(None))
-        .values(**changes)
-    )
-    return result.rowcount
-
-
-async def schedule_revocation(
-    conn: AsyncConnection, *, source: str, external_id: str, keep_key_id: str, after: dt.timedelta
-) -> list[KeyRecord]:
-    """Set every unrevoked key of the owner except ``keep_key_id`` to be revoked ``after`` from now
-    (by the database's clock).
-
-    The earliest schedule wins: running this again later (a retried rotation) never extends a
-    grace period, and ``after=0`` ends one at once. Returns the keys so scheduled.
-    """
-    k = tables.api_keys
-    at = sa.func.now() + sa.literal(after, sa.Interval())
-    rows = await conn.execute(
-        sa.update(k)
-        .where(
-            k.c.source == source,
-            k.c.external_id == external_id,
-            k.c.id != keep_key_id,
-            k.c.revoked_at.is_(None),
-        )
-        .values(revoke_after=sa.func.least(sa.func.coalesce(k.c.revoke_after, at), at))
-        .returning(k)
-    )
-    return [_key(row) for row in rows]
-
-
-async def revoke_owned_keys(conn: AsyncConnection, *, source: str, external_id: str) -> list[KeyRecord]:
-    """Revoke every key of the owner now (idempotent: a revoked key keeps its first time)."""
-    k = tables.api_keys
-    rows = await conn.execute(
-        sa.update(k)
-        .where(k.c.source == source, k.c.external_id == external_id, k.c.revoked_at.is_(None))
-        .values(revoked_at=sa.func.now())
-        .returning(k)
-    )
-    return [_key(row) for row in rows]

@@ -11,7 +11,7 @@ import datetime as dt
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import ledger, money, wallets
+from billing import api_keys, ledger, money, wallets
 
 
 class AdminError(Exception):
@@ -36,7 +36,7 @@ async def _wallet(conn: AsyncConnection, ref: str) -> wallets.Wallet:
 
 async def wallet_show(conn: AsyncConnection, ref: str) -> str:
     wallet = await _wallet(conn, ref)
-    keys = await wallets.keys_of(conn, wallet.id)
+    keys = await api_keys.keys_of(conn, wallet.id)
     now = dt.datetime.now(dt.UTC)
     head = table(
         ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "OVERDRAFT_LIMIT_USD", "STATE"],
@@ -117,14 +117,14 @@ async def wallet_set_overdraft(conn: AsyncConnection, ref: str, limit_usd: str) 
 
 async def key_create(conn: AsyncConnection, ref: str, models: list[str] | None) -> str:
     wallet = await _wallet(conn, ref)
-    issued = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin", allowed_models=models)
+    issued = await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin", allowed_models=models)
     return f"key {issued.key_id} for {wallet.id} (shown once, store it now):\n{issued.plaintext}"
 
 
 async def key_revoke(conn: AsyncConnection, key_id: str) -> str:
     try:
-        record = await wallets.revoke_key(conn, key_id)
-    except wallets.KeyNotFound:
+        record = await api_keys.revoke_key(conn, key_id)
+    except api_keys.KeyNotFound:
         raise AdminError(
             f"no key {key_id!r} (key ids look like key_…; see `billingproxy wallet show`)"
         ) from None

@@ -35,7 +35,7 @@ from typing import Any
 import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import keys, wallets
+from billing import api_keys, key_format, wallets
 from billing_operator import config, db, errors, events, key_secrets, kube, status
 
 GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "apikeys"
@@ -122,13 +122,13 @@ def _timestamp(value: object) -> dt.datetime | None:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    current: wallets.KeyRecord
+    current: api_keys.KeyRecord
     # The current key reached PostgreSQL in this run (it may have reached the Secret in an
     # earlier, interrupted one); ``first`` when the ApiKey had no other key before it.
     recorded_now: bool
     first: bool
     # Earlier keys of this ApiKey still inside their grace period.
-    superseded: list[wallets.KeyRecord]
+    superseded: list[api_keys.KeyRecord]
 
 
 def wallet_uid(index: kopf.Index, namespace: str, name: str) -> str:
@@ -151,7 +151,7 @@ async def ensure(
     uid, namespace = owner.metadata.uid, owner.metadata.namespace
     async with db.transaction(engine) as conn:
         wallet = await wallets.find_owned_wallet(conn, source=SOURCE, external_id=wallet_uid)
-        before = await wallets.keys_owned_by(conn, source=SOURCE, external_id=uid)
+        before = await api_keys.keys_owned_by(conn, source=SOURCE, external_id=uid)
     if wallet is None:
         raise errors.Waiting(
             f"Wallet {spec.wallet_name!r} has no wallet in PostgreSQL yet", reason="WalletNotReady"
@@ -175,7 +175,7 @@ async def ensure(
         or wallet_replaced
     )
     if issue:
-        issued = keys.generate()
+        issued = key_format.generate()
         if secret is None:
             body = key_secrets.build(
                 owner=owner,
@@ -210,7 +210,7 @@ async def ensure(
     grace = dt.timedelta(0) if wallet_replaced else dt.timedelta(seconds=spec.grace_s)
     async with db.transaction(engine) as conn:
         try:
-            record, recorded_now = await wallets.record_key(
+            record, recorded_now = await api_keys.record_key(
                 conn,
                 issued=issued,
                 wallet_id=wallet.id,
@@ -220,16 +220,16 @@ async def ensure(
                 expires_at=spec.expires_at,
                 suspended=spec.suspended,
             )
-        except wallets.KeyConflict as exc:
+        except api_keys.KeyConflict as exc:
             raise errors.ReconcileError(str(exc), reason="KeyConflict") from None
         changes: dict[str, object] = {"allowed_models": spec.allowed_models, "expires_at": spec.expires_at}
         if apply_switch:
             changes["suspended"] = spec.suspended
-        await wallets.update_owned_keys(conn, source=SOURCE, external_id=uid, **changes)
-        await wallets.schedule_revocation(
+        await api_keys.update_owned_keys(conn, source=SOURCE, external_id=uid, **changes)
+        await api_keys.schedule_revocation(
             conn, source=SOURCE, external_id=uid, keep_key_id=record.id, after=grace
         )
-        after = await wallets.keys_owned_by(conn, source=SOURCE, external_id=uid)
+        after = await api_keys.keys_owned_by(conn, source=SOURCE, external_id=uid)
     now = dt.datetime.now(dt.UTC)
     current = next(k for k in after if k.id == record.id)
     return Outcome(
@@ -240,7 +240,9 @@ async def ensure(
     )
 
 
-def in_grace(records: list[wallets.KeyRecord], current_id: str, now: dt.datetime) -> list[wallets.KeyRecord]:
+def in_grace(
+    records: list[api_keys.KeyRecord], current_id: str, now: dt.datetime
+) -> list[api_keys.KeyRecord]:
     return [
         k
         for k in records
@@ -248,7 +250,7 @@ def in_grace(records: list[wallets.KeyRecord], current_id: str, now: dt.datetime
     ]
 
 
-async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body) -> list[wallets.KeyRecord]:
+async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body) -> list[api_keys.KeyRecord]:
     """On deletion: revoke every key of the ApiKey, then delete its Secret (if it is ours).
 
     Returns every key of the ApiKey, all revoked now: also those an earlier attempt revoked
@@ -256,8 +258,8 @@ async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body
     """
     uid, namespace = owner.metadata.uid, owner.metadata.namespace
     async with db.transaction(engine) as conn:
-        await wallets.revoke_owned_keys(conn, source=SOURCE, external_id=uid)
-        revoked = await wallets.keys_owned_by(conn, source=SOURCE, external_id=uid)
+        await api_keys.revoke_owned_keys(conn, source=SOURCE, external_id=uid)
+        revoked = await api_keys.keys_owned_by(conn, source=SOURCE, external_id=uid)
     secret_name = owner.spec.get("secretName")
     if isinstance(secret_name, str) and _NAME.fullmatch(secret_name):
         secret = await secrets.read(namespace, secret_name)
@@ -266,7 +268,7 @@ async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body
     return revoked
 
 
-def state_of(record: wallets.KeyRecord, now: dt.datetime) -> str:
+def state_of(record: api_keys.KeyRecord, now: dt.datetime) -> str:
     return {None: "Active", "revoked": "Revoked", "suspended": "Suspended", "expired": "Expired"}[
         record.refusal(now)
     ]
@@ -275,8 +277,8 @@ def state_of(record: wallets.KeyRecord, now: dt.datetime) -> str:
 def write_status(
     patch: kopf.Patch,
     body: Mapping[str, Any],
-    current: wallets.KeyRecord,
-    superseded: list[wallets.KeyRecord],
+    current: api_keys.KeyRecord,
+    superseded: list[api_keys.KeyRecord],
     now: dt.datetime,
 ) -> None:
     """Status fields from the rows (also used by the status timer)."""

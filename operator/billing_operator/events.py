@@ -4,7 +4,7 @@ Why one module: Event reasons are an interface (people alert on them and `kubect
 --field-selector reason=WalletEmpty` must keep working), and Events are readable by anyone who
 can read the namespace — so every message here is built from ids, key prefixes and amounts only,
 never from a key's plaintext. The parameters make that hard to get wrong: no function takes
-an :class:`~billing.keys.IssuedKey`.
+an :class:`~billing.key_format.IssuedKey`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from billing import ledger, money, wallets
+from billing import api_keys, ledger, money, wallets
 
 # Wallet
 WALLET_CREATED = "WalletCreated"
@@ -37,7 +37,7 @@ def _usd(nano: int) -> str:
     return f"${money.format_usd(nano)}"
 
 
-def _key(record: wallets.KeyRecord) -> str:
+def _key(record: api_keys.KeyRecord) -> str:
     return f"{record.id} ({record.display_prefix}…)"
 
 
@@ -92,12 +92,12 @@ def wallet_empty(body: Body, balance_nano: int) -> None:
     )
 
 
-def key_issued(body: Body, record: wallets.KeyRecord, secret_name: str) -> None:
+def key_issued(body: Body, record: api_keys.KeyRecord, secret_name: str) -> None:
     kopf.info(body, reason=KEY_ISSUED, message=f"key {_key(record)} written to Secret {secret_name}")
 
 
 def key_rotated(
-    body: Body, record: wallets.KeyRecord, secret_name: str, superseded: Iterable[wallets.KeyRecord]
+    body: Body, record: api_keys.KeyRecord, secret_name: str, superseded: Iterable[api_keys.KeyRecord]
 ) -> None:
     old = ", ".join(
         f"{k.id} until {k.revoke_after.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
@@ -112,6 +112,6 @@ def key_rotated(
     )
 
 
-def key_revoked(body: Body, records: Iterable[wallets.KeyRecord]) -> None:
+def key_revoked(body: Body, records: Iterable[api_keys.KeyRecord]) -> None:
     ids = ", ".join(k.id for k in records) or "none left"
     kopf.info(body, reason=KEY_REVOKED, message=f"revoked: {ids}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from billing import keys
+from billing import key_format
 
 DATA_API_KEY = "api-key"
 DATA_KEY_ID = "key-id"
@@ -36,7 +36,7 @@ ANNOTATION_GENERATION = "billingproxy.io/rotation-generation"
 class StoredKey:
     """What a Secret of ours holds. ``issued`` is None when the data is damaged."""
 
-    issued: keys.IssuedKey | None
+    issued: key_format.IssuedKey | None
     generation: int | None
 
     def __repr__(self) -> str:  # the default repr would print the plaintext
@@ -53,7 +53,7 @@ def build(
     owner: Mapping[str, Any],
     secret_name: str,
     wallet_name: str,
-    issued: keys.IssuedKey,
+    issued: key_format.IssuedKey,
     generation: int,
 ) -> dict[str, Any]:
     """The whole Secret for a create, owned by the ApiKey ``owner`` (its body)."""
@@ -81,12 +81,12 @@ def labels(owner: Mapping[str, Any], wallet_name: str) -> dict[str, str]:
     }
 
 
-def data(issued: keys.IssuedKey) -> dict[str, str]:
+def data(issued: key_format.IssuedKey) -> dict[str, str]:
     return {DATA_API_KEY: _b64(issued.plaintext), DATA_KEY_ID: _b64(issued.key_id)}
 
 
 def rotation_patch(
-    *, owner: Mapping[str, Any], wallet_name: str, issued: keys.IssuedKey, generation: int
+    *, owner: Mapping[str, Any], wallet_name: str, issued: key_format.IssuedKey, generation: int
 ) -> dict[str, Any]:
     """A merge patch that puts a new key into an existing Secret of ours."""
     return {
@@ -122,12 +122,12 @@ def read(secret: Mapping[str, Any]) -> StoredKey:
         key_id = base64.b64decode(raw.get(DATA_KEY_ID, ""), validate=True).decode("ascii")
     except (ValueError, UnicodeDecodeError):
         return StoredKey(issued=None, generation=generation)
-    if not keys.is_well_formed(plaintext) or not key_id.startswith(keys.ID_PREFIX):
+    if not key_format.is_well_formed(plaintext) or not key_id.startswith(key_format.ID_PREFIX):
         return StoredKey(issued=None, generation=generation)
-    issued = keys.IssuedKey(
+    issued = key_format.IssuedKey(
         plaintext=plaintext,
-        key_hash=keys.hash_key(plaintext),
-        display_prefix=keys.display_prefix(plaintext),
+        key_hash=key_format.hash_key(plaintext),
+        display_prefix=key_format.display_prefix(plaintext),
         key_id=key_id,
     )
     return StoredKey(issued=issued, generation=generation)

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import kopf
 
-from billing import ledger, money, wallets
+from billing import api_keys, ledger, money, wallets
 from billing_operator import apikey_reconciler, config, db, errors, events, status, wallet_reconciler
 
 T = TypeVar("T")
@@ -204,9 +204,9 @@ async def mirror_wallet(
     last_read.update(state=state, balance_nano=wallet.balance_nano)
 
 
-async def _read_keys(engine: Any, uid: str) -> list[wallets.KeyRecord]:
+async def _read_keys(engine: Any, uid: str) -> list[api_keys.KeyRecord]:
     async with db.transaction(engine) as conn:
-        return await wallets.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
+        return await api_keys.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
 
 
 @kopf.timer(

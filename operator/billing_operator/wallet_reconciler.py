@@ -31,7 +31,7 @@ from typing import Any
 import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import money, wallets
+from billing import api_keys, money, wallets
 from billing_operator import config, db, errors, events, status
 
 GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "wallets"
@@ -121,7 +121,7 @@ async def ensure(
                 stripe_customer_id=spec.stripe_customer_id,
                 overdraft_limit_nano=overdraft,
             )
-        except wallets.NotOwned:
+        except wallets.OwnedElsewhere:
             raise errors.NotOwned(
                 f"a wallet with external id {uid} exists and is not managed by Kubernetes; left alone"
             ) from None
@@ -148,7 +148,7 @@ async def release(engine: AsyncEngine, *, uid: str) -> tuple[str, int] | None:
         wallet = await wallets.update_owned_wallet(conn, source=SOURCE, external_id=uid, suspended=True)
         if wallet is None:
             return None
-        return wallet.id, await wallets.suspend_keys_of_wallet(conn, wallet.id)
+        return wallet.id, await api_keys.suspend_keys_of_wallet(conn, wallet.id)
 
 
 def state_of(wallet: wallets.Wallet) -> str:

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from billing import keys, wallets
+from billing import api_keys, key_format, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +37,11 @@ async def keyring(stack) -> dict[str, str]:
     async with stack.db.engine.begin() as conn:
         owner = await wallets.signup(conn, email="owner@example.com", grant_nano=10**9)
         wallet_id = owner.wallet.id
-        limited = await wallets.issue_key(
+        limited = await api_keys.issue_key(
             conn, wallet_id=wallet_id, source="admin", allowed_models=["gpt-4o"]
         )
-        revoked = await wallets.issue_key(conn, wallet_id=wallet_id, source="admin")
-        await wallets.revoke_key(conn, revoked.key_id)
+        revoked = await api_keys.issue_key(conn, wallet_id=wallet_id, source="admin")
+        await api_keys.revoke_key(conn, revoked.key_id)
         await wallets.signup(conn, email=TAKEN_EMAIL, grant_nano=10**9)
     good = owner.key.plaintext
     other_char = "A" if good[-1] != "A" else "B"
@@ -49,7 +49,7 @@ async def keyring(stack) -> dict[str, str]:
         "good": good,
         "limited": limited.plaintext,
         "revoked": revoked.plaintext,
-        "unknown": keys.generate().plaintext,  # well formed, never stored
+        "unknown": key_format.generate().plaintext,  # well formed, never stored
         "malformed": "sk-litellm-not-a-key",
         "bad_checksum": good[:-1] + other_char,
     }

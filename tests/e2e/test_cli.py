@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from billing import holds, pricing, wallets
+from billing import api_keys, holds, pricing, wallets
 from billing.usage import Usage
 from billingproxy.devstack.local_stack import free_port
 
@@ -187,7 +187,7 @@ async def test_key_revoke(db, wallet) -> None:
     assert_one_line_error(unknown, "no key", "key_doesnotexist")
 
     async with db.engine.begin() as conn:
-        spare = await wallets.issue_key(conn, wallet_id=wallet.wallet.id, source="admin")
+        spare = await api_keys.issue_key(conn, wallet_id=wallet.wallet.id, source="admin")
     revoked = await db.acli("key", "revoke", spare.key_id)
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout.startswith(f"{spare.key_id} revoked at ")

@@ -21,7 +21,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_sidecar.envoy_config import ACCESS_LOG_SECRET_HEADER
-from billing import holds, wallets
+from billing import api_keys, holds
 
 pytestmark = pytest.mark.integration
 
@@ -197,7 +197,7 @@ async def test_a_revoked_key_is_refused_within_one_second(stack, wait_until) -> 
     await stack.db.settled(user["wallet_id"])
     assert await models_status() == 200
     async with stack.db.engine.begin() as conn:
-        await wallets.revoke_key(conn, user["key_id"])
+        await api_keys.revoke_key(conn, user["key_id"])
     started = time.monotonic()
 
     async def refused() -> bool:

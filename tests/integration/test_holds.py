@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing import database, holds, ledger, tables, wallets
+from billing import api_keys, database, holds, ledger, tables, wallets
 from tests.integration.row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ async def open_account(
         wallet = await wallets.create_wallet(
             conn, source="admin", grant_nano=balance_nano, overdraft_limit_nano=limit_nano
         )
-        key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+        key = await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
     return Account(engine, wallet.id, key.key_id, pool)
 
 

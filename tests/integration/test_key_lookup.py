@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import api_errors
 from authz_sidecar.key_lookup import RECENT_S, KeyLookup
-from billing import database, keys, wallets
+from billing import api_keys, database, key_format, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +46,13 @@ async def new_key(engine: AsyncEngine) -> tuple[str, str]:
     """A fresh wallet's key: (``Authorization`` value, key id)."""
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="admin", grant_nano=1_000)
-        key = await wallets.issue_key(conn, wallet_id=wallet.id, source="admin")
+        key = await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
     return f"Bearer {key.plaintext}", key.key_id
 
 
 async def revoke(engine: AsyncEngine, key_id: str) -> None:
     async with engine.begin() as conn:
-        await wallets.revoke_key(conn, key_id)
+        await api_keys.revoke_key(conn, key_id)
 
 
 async def refused(lookup: KeyLookup, authorization: str) -> str | None:
@@ -132,7 +132,7 @@ async def test_a_refresh_rereads_the_keys_in_use_and_forgets_the_idle_ones(
 ) -> None:
     busy, busy_id = await new_key(migrated_engine)
     idle, _ = await new_key(migrated_engine)
-    unknown = "Bearer " + keys.generate().plaintext  # well-formed, never stored
+    unknown = "Bearer " + key_format.generate().plaintext  # well-formed, never stored
     clock = Clock()
     lookup = KeyLookup(pool, TTL_MS, clock=clock)
     for authorization in (busy, idle, unknown):

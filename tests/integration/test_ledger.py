@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing import database, holds, ledger, tables, wallets
+from billing import api_keys, database, holds, ledger, tables, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -268,7 +268,7 @@ async def test_signup_writes_wallet_grant_and_key(migrated_engine: AsyncEngine) 
         )
         # One free grant per mailbox (billing/emails.py): the grant's key is the mailbox's hash.
         assert grant.idempotency_key == f"grant:signup:{wallets.signup_grant_identity('alice@example.com')}"
-        stored = await wallets.find_key(conn, hashlib.sha256(result.key.plaintext.encode()).digest())
+        stored = await api_keys.find_key(conn, hashlib.sha256(result.key.plaintext.encode()).digest())
         assert stored is not None
         assert stored.id == result.key.key_id
         assert stored.wallet_id == result.wallet.id

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crd_schema
 import operator_harness as h
-from billing import keys, wallets
+from billing import api_keys, key_format
 
 APIKEYS = "apikeys"
 NOW = dt.datetime.now(dt.UTC)
@@ -27,9 +27,9 @@ async def _secret(kube, name: str) -> dict | None:
     return await kube.get("secrets", name)
 
 
-async def _record(engine: AsyncEngine, plaintext: str) -> wallets.KeyRecord | None:
+async def _record(engine: AsyncEngine, plaintext: str) -> api_keys.KeyRecord | None:
     async with engine.connect() as conn:
-        return await wallets.find_key(conn, keys.hash_key(plaintext))
+        return await api_keys.find_key(conn, key_format.hash_key(plaintext))
 
 
 async def test_apikey_puts_the_key_in_a_secret_and_only_its_hash_in_postgres(
@@ -54,7 +54,7 @@ async def test_apikey_puts_the_key_in_a_secret_and_only_its_hash_in_postgres(
     secret = await _secret(kube, "ci-key")
     assert secret["type"] == "Opaque" and set(secret["data"]) == {"api-key", "key-id"}
     plaintext, key_id = h.secret_value(secret, "api-key"), h.secret_value(secret, "key-id")
-    assert keys.is_well_formed(plaintext)
+    assert key_format.is_well_formed(plaintext)
     assert secret["metadata"]["labels"] == {
         "app.kubernetes.io/managed-by": "billingproxy-operator",
         "billingproxy.io/apikey": "ci",
@@ -73,7 +73,7 @@ async def test_apikey_puts_the_key_in_a_secret_and_only_its_hash_in_postgres(
     (row,) = await h.key_rows(engine, external_id=uid)
     assert (row.id, bytes(row.key_hash), row.source, row.wallet_id) == (
         key_id,
-        keys.hash_key(plaintext),
+        key_format.hash_key(plaintext),
         "kubernetes",
         wallet_id,
     )
@@ -250,7 +250,7 @@ async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
         apikey = await kube.wait_for(APIKEYS, "ci", h.is_ready)
     (row,) = await h.key_rows(engine, external_id=uid)
     assert row.id == h.secret_value(in_secret, "key-id") == apikey["status"]["keyId"]
-    assert bytes(row.key_hash) == keys.hash_key(h.secret_value(in_secret, "api-key"))
+    assert bytes(row.key_hash) == key_format.hash_key(h.secret_value(in_secret, "api-key"))
     assert (await _secret(kube, "ci-key"))["data"] == in_secret["data"]
     assert len(await kube.events_for("ci", "KeyIssued")) == 1
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import operator_harness as h
-from billing import ledger, wallets
+from billing import api_keys, ledger
 
 WALLETS = "wallets"
 
@@ -147,7 +147,7 @@ async def test_a_deletion_handler_run_again_by_kopf_announces_the_release_once(
     await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
     wallet_id = (await kube.wait_for(WALLETS, "team-a", _synced))["status"]["walletId"]
     async with engine.begin() as conn:
-        await wallets.issue_key(conn, wallet_id=wallet_id, source="admin")
+        await api_keys.issue_key(conn, wallet_id=wallet_id, source="admin")
     async with emulator.hold(_status_write(WALLETS, "lastTopUp")) as tick_write:
         async with engine.begin() as conn:  # a top-up: the next tick writes the status, and is held there
             await ledger.post_entry(

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crd_schema
 import operator_harness as h
-from billing import settings, tables, wallets
+from billing import api_keys, settings, tables, wallets
 from billing_operator import config, errors, wallet_reconciler
 
 WALLETS = "wallets"
@@ -132,7 +132,7 @@ async def test_deleting_a_wallet_suspends_it_and_its_keys_and_keeps_the_ledger(
     await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"})
     await kube.wait_for("apikeys", "ci", h.is_ready)
     async with engine.begin() as conn:  # a key issued by hand for the same wallet
-        await wallets.issue_key(conn, wallet_id=wallet_id, source="admin")
+        await api_keys.issue_key(conn, wallet_id=wallet_id, source="admin")
 
     await kube.delete(WALLETS, "team-a")
     await kube.wait_gone(WALLETS, "team-a")

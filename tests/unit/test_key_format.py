@@ -1,4 +1,4 @@
-"""billing.keys: the key format, its checksum, the stored hash and random ids."""
+"""billing.key_format: the key format, its checksum, the stored hash and random ids."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from billing import keys
+from billing import key_format
 
 # Written out here rather than taken from the module, so a change of the format fails a test.
 PREFIX = "sk-litellm-"
@@ -28,7 +28,7 @@ def checksum(body: str) -> str:
 
 
 def test_generated_key_has_the_documented_shape() -> None:
-    issued = keys.generate()
+    issued = key_format.generate()
     key = issued.plaintext
     assert len(key) == KEY_LENGTH == 49
     assert key.startswith(PREFIX)
@@ -36,26 +36,26 @@ def test_generated_key_has_the_documented_shape() -> None:
     assert len(body) == 32
     assert set(body) <= set(BASE62)
     assert check == checksum(body)
-    assert keys.is_well_formed(key)
+    assert key_format.is_well_formed(key)
 
 
 def test_stored_hash_is_sha256_of_the_plaintext() -> None:
-    issued = keys.generate()
+    issued = key_format.generate()
     assert issued.key_hash == hashlib.sha256(issued.plaintext.encode("ascii")).digest()
     assert len(issued.key_hash) == 32
-    assert keys.hash_key(issued.plaintext) == issued.key_hash
-    assert keys.hashes_match(issued.key_hash, keys.hash_key(issued.plaintext))
-    assert not keys.hashes_match(issued.key_hash, keys.hash_key(keys.generate().plaintext))
+    assert key_format.hash_key(issued.plaintext) == issued.key_hash
+    assert key_format.hashes_match(issued.key_hash, key_format.hash_key(issued.plaintext))
+    assert not key_format.hashes_match(issued.key_hash, key_format.hash_key(key_format.generate().plaintext))
 
 
 def test_display_prefix_shows_six_characters_of_the_body_and_no_more() -> None:
-    issued = keys.generate()
+    issued = key_format.generate()
     assert issued.display_prefix == issued.plaintext[: len(PREFIX) + 6]
-    assert keys.display_prefix(issued.plaintext) == issued.display_prefix
+    assert key_format.display_prefix(issued.plaintext) == issued.display_prefix
 
 
 def test_key_id_is_a_random_public_id() -> None:
-    issued = keys.generate()
+    issued = key_format.generate()
     assert issued.key_id.startswith("key_")
     assert len(issued.key_id) == len("key_") + 20
     assert set(issued.key_id[4:]) <= set(BASE62)
@@ -64,7 +64,7 @@ def test_key_id_is_a_random_public_id() -> None:
 
 
 def test_generated_keys_and_ids_do_not_repeat() -> None:
-    issued = [keys.generate() for _ in range(500)]
+    issued = [key_format.generate() for _ in range(500)]
     assert len({k.plaintext for k in issued}) == 500
     assert len({k.key_hash for k in issued}) == 500
     assert len({k.key_id for k in issued}) == 500
@@ -74,30 +74,30 @@ def test_generated_bodies_use_the_whole_alphabet() -> None:
     # 500 × 32 draws from 62 characters: every character appears (a miss has odds ~1e-108).
     seen = set()
     for _ in range(500):
-        seen.update(keys.generate().plaintext[len(PREFIX) : -6])
+        seen.update(key_format.generate().plaintext[len(PREFIX) : -6])
     assert seen == set(BASE62)
 
 
 @pytest.mark.parametrize("seed_key", range(3))
 def test_every_single_character_change_is_refused(seed_key: int) -> None:
-    key = keys.generate().plaintext
+    key = key_format.generate().plaintext
     changed = 0
     for position in range(len(PREFIX), len(key)):
         for replacement in BASE62:
             if replacement == key[position]:
                 continue
             candidate = key[:position] + replacement + key[position + 1 :]
-            assert not keys.is_well_formed(candidate), (position, replacement)
+            assert not key_format.is_well_formed(candidate), (position, replacement)
             changed += 1
     assert changed == 38 * 61
 
 
 def test_swapping_two_adjacent_body_characters_is_refused() -> None:
-    key = keys.generate().plaintext
+    key = key_format.generate().plaintext
     for i in range(len(PREFIX), len(key) - 7):
         if key[i] != key[i + 1]:
             swapped = key[:i] + key[i + 1] + key[i] + key[i + 2 :]
-            assert not keys.is_well_formed(swapped), i
+            assert not key_format.is_well_formed(swapped), i
 
 
 def well_formed_from(body: str, prefix: str = PREFIX) -> str:
@@ -105,8 +105,8 @@ def well_formed_from(body: str, prefix: str = PREFIX) -> str:
 
 
 def test_a_key_built_independently_is_well_formed() -> None:
-    assert keys.is_well_formed(well_formed_from("A" * 32))
-    assert keys.is_well_formed(well_formed_from(BASE62[:32]))
+    assert key_format.is_well_formed(well_formed_from("A" * 32))
+    assert key_format.is_well_formed(well_formed_from(BASE62[:32]))
 
 
 @pytest.mark.parametrize(
@@ -115,32 +115,32 @@ def test_a_key_built_independently_is_well_formed() -> None:
 )
 def test_wrong_prefix_is_refused_even_with_a_valid_checksum(prefix: str) -> None:
     assert len(prefix) == len(PREFIX)
-    assert not keys.is_well_formed(well_formed_from("a" * 32, prefix=prefix))
+    assert not key_format.is_well_formed(well_formed_from("a" * 32, prefix=prefix))
 
 
 def test_wrong_length_is_refused() -> None:
-    key = keys.generate().plaintext
-    assert not keys.is_well_formed(key[:-1])
-    assert not keys.is_well_formed(key + "0")
-    assert not keys.is_well_formed(key + "\n")
-    assert not keys.is_well_formed(" " + key)
-    assert not keys.is_well_formed("")
-    assert not keys.is_well_formed(PREFIX)
+    key = key_format.generate().plaintext
+    assert not key_format.is_well_formed(key[:-1])
+    assert not key_format.is_well_formed(key + "0")
+    assert not key_format.is_well_formed(key + "\n")
+    assert not key_format.is_well_formed(" " + key)
+    assert not key_format.is_well_formed("")
+    assert not key_format.is_well_formed(PREFIX)
     # A longer body with its own valid checksum is still the wrong shape.
-    assert not keys.is_well_formed(well_formed_from("a" * 33))
-    assert not keys.is_well_formed(well_formed_from("a" * 31))
+    assert not key_format.is_well_formed(well_formed_from("a" * 33))
+    assert not key_format.is_well_formed(well_formed_from("a" * 31))
 
 
 @pytest.mark.parametrize("bad", ["-", "_", "+", "/", "=", " ", "é", "\x00", "٣"])
 def test_characters_outside_base62_are_refused_even_with_a_valid_checksum(bad: str) -> None:
     body = bad + "a" * 31
-    assert not keys.is_well_formed(well_formed_from(body))
+    assert not key_format.is_well_formed(well_formed_from(body))
 
 
 def test_random_id_shape() -> None:
-    assert keys.random_id("wal_").startswith("wal_")
-    assert len(keys.random_id("wal_")) == 24
-    assert len(keys.random_id("x", length=5)) == 6
-    many = {keys.random_id("wal_") for _ in range(1000)}
+    assert key_format.random_id("wal_").startswith("wal_")
+    assert len(key_format.random_id("wal_")) == 24
+    assert len(key_format.random_id("x", length=5)) == 6
+    many = {key_format.random_id("wal_") for _ in range(1000)}
     assert len(many) == 1000
     assert all(set(i[4:]) <= set(BASE62) for i in many)

@@ -1,4 +1,9 @@
-"""API keys: ``sk-litellm-`` + 32 random base62 characters + a 6-character CRC32 checksum.
+"""The API key format: ``sk-litellm-`` + 32 random base62 characters + a 6-character CRC32 checksum.
+
+Why ``sk-litellm-``: the keys look like a LiteLLM proxy's, which clients and tools set up for
+LiteLLM (the backend this gateway most often fronts) expect; a key from this gateway drops into
+them unchanged. Changing the prefix would also refuse every key already issued. Key rows
+(issuing, finding, revoking) live in :mod:`billing.api_keys`.
 
 Why a checksum: a typo or a scanner's guess is refused by arithmetic alone, before any database
 look-up, so garbage keys cost nothing. Why SHA-256 and not a slow hash: the key carries ~190
