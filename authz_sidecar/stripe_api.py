@@ -40,6 +40,7 @@ from aiohttp import web
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import billing_stripe
 from authz_sidecar import api_errors, metrics
 from authz_sidecar.key_lookup import KeyLookup
 from billing import money, payments, topups, wallets
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Below Envoy's 30 s route timeout for the sidecar, so the client hears our answer, not Envoy's.
-STRIPE_TIMEOUT_S = 20
 # Stripe's own limit for an Idempotency-Key; a client's key is hashed into ours anyway.
 CLIENT_IDEMPOTENCY_KEY_MAX = 255
 WEBHOOK_TOLERANCE_S = 300
@@ -83,14 +82,8 @@ class CheckoutClient:
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self._settings = settings
-        self._client = stripe.StripeClient(
-            settings.stripe_secret_key,
-            base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None,
-            # Retries reuse the Idempotency-Key, so they are safe; a local double needs none.
-            max_network_retries=0 if settings.stripe_api_base else 2,
-            http_client=stripe.AIOHTTPClient(
-                session=session, timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_S)
-            ),
+        self._client = billing_stripe.make_client(
+            secret_key=settings.stripe_secret_key, api_base=settings.stripe_api_base, session=session
         )
 
     async def create_session(

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import billing_stripe
 from billing import payments, topups
 from billing_operator import config, db, errors
 
@@ -34,17 +35,11 @@ logger = logging.getLogger(__package__)
 
 # pg_advisory_lock key: "bpSR" (BillingProxy Stripe Reconciliation).
 LOCK_KEY = 0x62705352
-STRIPE_TIMEOUT_S = 20.0
 
 
 def client(cfg: config.OperatorConfig, session: aiohttp.ClientSession) -> stripe.StripeClient:
-    return stripe.StripeClient(
-        cfg.stripe_secret_key,
-        base_addresses={"api": cfg.stripe_api_base} if cfg.stripe_api_base else None,
-        max_network_retries=0 if cfg.stripe_api_base else 2,
-        http_client=stripe.AIOHTTPClient(
-            session=session, timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_S)
-        ),
+    return billing_stripe.make_client(
+        secret_key=cfg.stripe_secret_key, api_base=cfg.stripe_api_base, session=session
     )
 
 
