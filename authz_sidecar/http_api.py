@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors, metrics, stripe_api
+from authz_sidecar import api_errors, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import ledger, money, wallets
 from billing.settings import Settings
@@ -32,7 +32,6 @@ from billing.settings import Settings
 logger = logging.getLogger(__name__)
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
-BODY_MAX_BYTES = 64 * 1024
 _RATE_WINDOW_S = 60.0
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -160,20 +159,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(api_errors.ApiError(500, "internal_error", "Internal error.", "api_error"))
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > BODY_MAX_BYTES:
-        raise api_errors.ApiError(413, "body_too_large", f"The body must be at most {BODY_MAX_BYTES} bytes.")
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        raise api_errors.ApiError(400, "invalid_json", "The body must be a JSON object.")
-    return body
-
-
 async def signup(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body.read_object(request)
     try:
         email = wallets.normalize_email(body.get("email"))
     except wallets.EmailInvalid as exc:
@@ -298,7 +285,7 @@ def load_openapi() -> dict[str, Any]:
 
 
 def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=BODY_MAX_BYTES)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=json_body.BODY_BYTES_MAX)
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[KEYS] = key_lookup

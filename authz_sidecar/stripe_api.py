@@ -41,7 +41,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import billing_stripe
-from authz_sidecar import api_errors, metrics
+from authz_sidecar import api_errors, json_body, metrics
 from authz_sidecar.key_lookup import KeyLookup
 from billing import money, payments, topups, wallets
 from billing.settings import Settings
@@ -158,7 +158,7 @@ class StripeRoutes:
             return await self._topup_form(request)
         checkout = self._require_stripe()
         key = await self.key_lookup.authenticate(request.headers.get("authorization"))
-        body = await _json_body(request)
+        body = await json_body.read_object(request, example='{"amount_usd": "10.00"}')
         amount_nano = self._amount(body.get("amount_usd"))
         session = await self._create(
             checkout, key.wallet_id, amount_nano, request.headers.get("idempotency-key")
@@ -390,18 +390,6 @@ def _refuse_future(header: str, *, now: float) -> None:
         raise stripe.SignatureVerificationError(  # type: ignore[no-untyped-call]  # stripe leaves it unannotated
             f"Timestamp {timestamp} is more than {WEBHOOK_TOLERANCE_S} s in the future", header
         )
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        raise api_errors.ApiError(
-            400, "invalid_json", 'The body must be a JSON object such as {"amount_usd": "10.00"}.'
-        )
-    return body
 
 
 def _dumps(data: Any) -> str:

@@ -11,6 +11,7 @@ import time
 import aiohttp
 import sqlalchemy as sa
 
+from authz_sidecar import json_body
 from billing import tables, topups
 from billing.settings import Settings
 from billingproxy.devstack.local_stack import free_port
@@ -198,6 +199,29 @@ async def test_topup_refuses_bad_amounts_and_keys(db: Db, double: StripeDouble, 
         )
     status, body = await sidecar.topup(revoked_key, {"amount_usd": "10"})
     assert (status, body["error"]["code"]) == (401, "revoked_api_key")
+    assert double.sessions == {}
+
+
+async def test_topup_and_signup_answer_a_body_the_same_way(db: Db, double: StripeDouble, sidecar) -> None:
+    """One reader for both routes: the size bound and the two error codes are the API's."""
+    _, api_key = await db.new_wallet()
+    headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
+    padding = "x" * json_body.BODY_BYTES_MAX
+    answers = {}
+    for route, body in (
+        ("/billing/topup", {"amount_usd": "10.00", "padding": padding}),
+        ("/user/signup", {"email": "big@example.com", "padding": padding}),
+    ):
+        async with sidecar.http.post(
+            sidecar.url + route, data=json.dumps(body).encode(), headers=headers
+        ) as r:
+            answers[route] = (r.status, (await r.json())["error"])
+    assert answers["/billing/topup"] == answers["/user/signup"]
+    assert answers["/billing/topup"][0] == 413
+    assert answers["/billing/topup"][1]["code"] == "body_too_large"
+    for route in ("/billing/topup", "/user/signup"):
+        async with sidecar.http.post(sidecar.url + route, data=b"[]", headers=headers) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_json"), route
     assert double.sessions == {}
 
 
