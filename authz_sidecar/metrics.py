@@ -88,3 +88,26 @@ def freeze_startup_heap() -> None:
     gc.collect()
     gc.freeze()
     gc_frozen_objects.set(gc.get_freeze_count())
+
+
+# --- Stripe top-ups and webhooks (stripe_api.py) --------------------------------------------------
+
+stripe_webhook_events = Counter(
+    "billingproxy_stripe_webhook_events",
+    "Verified Stripe webhook events, by outcome "
+    "(credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
+    ["outcome"],
+    registry=registry,
+)
+stripe_webhook_rejections = Counter(
+    "billingproxy_stripe_webhook_rejections",
+    "Webhook calls refused before anything was written, by reason.",
+    ["reason"],
+    registry=registry,
+)
+stripe_checkout_sessions = Counter(
+    "billingproxy_stripe_checkout_sessions",
+    "Top-up Checkout Sessions requested, by result (created, or the error code).",
+    ["result"],
+    registry=registry,
+)

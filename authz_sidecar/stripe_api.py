@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import stripe
 from aiohttp import web
-from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import billing_stripe
@@ -55,26 +54,6 @@ logger = logging.getLogger(__name__)
 CLIENT_IDEMPOTENCY_KEY_MAX = 255
 WEBHOOK_TOLERANCE_S = 300
 PRODUCT_NAME = "BillingProxy prepaid credit"
-
-webhook_events = Counter(
-    "billingproxy_stripe_webhook_events",
-    "Verified Stripe webhook events, by outcome "
-    "(credited, already_credited, not_ours, amount_mismatch, …, duplicate).",
-    ["outcome"],
-    registry=metrics.registry,
-)
-webhook_rejections = Counter(
-    "billingproxy_stripe_webhook_rejections",
-    "Webhook calls refused before anything was written, by reason.",
-    ["reason"],
-    registry=metrics.registry,
-)
-checkout_sessions = Counter(
-    "billingproxy_stripe_checkout_sessions",
-    "Top-up Checkout Sessions requested, by result (created, or the error code).",
-    ["result"],
-    registry=metrics.registry,
-)
 
 
 class CheckoutClient:
@@ -198,7 +177,7 @@ class StripeRoutes:
         try:
             return topups.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
         except topups.TopupAmountError as exc:
-            checkout_sessions.labels("invalid_amount").inc()
+            metrics.stripe_checkout_sessions.labels("invalid_amount").inc()
             raise api_errors.ApiError(
                 400, "invalid_amount", str(exc), extra={"param": "amount_usd"}
             ) from None
@@ -227,13 +206,13 @@ class StripeRoutes:
                 wallet=wallet, amount_nano=amount_nano, idempotency_key=idempotency_key
             )
         except stripe.IdempotencyError:
-            checkout_sessions.labels("idempotency_conflict").inc()
+            metrics.stripe_checkout_sessions.labels("idempotency_conflict").inc()
             raise api_errors.ApiError(
                 409, "idempotency_conflict", "This Idempotency-Key was used for a different top-up."
             ) from None
         except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
             logger.warning("Stripe unreachable while creating a Checkout Session: %s", exc)
-            checkout_sessions.labels("payments_unavailable").inc()
+            metrics.stripe_checkout_sessions.labels("payments_unavailable").inc()
             raise api_errors.ApiError(
                 503,
                 "payments_unavailable",
@@ -242,7 +221,7 @@ class StripeRoutes:
             ) from None
         except stripe.StripeError as exc:
             logger.error("Stripe refused to create a Checkout Session: %s", exc)
-            checkout_sessions.labels("payments_error").inc()
+            metrics.stripe_checkout_sessions.labels("payments_error").inc()
             raise api_errors.ApiError(
                 502,
                 "payments_error",
@@ -260,7 +239,7 @@ class StripeRoutes:
                 amount_nano=amount_nano,
                 expires_at=expires_at,
             )
-        checkout_sessions.labels("created").inc()
+        metrics.stripe_checkout_sessions.labels("created").inc()
         logger.info(
             "top-up: Checkout Session %s for %s USD, wallet %s",
             session.id,
@@ -284,7 +263,7 @@ class StripeRoutes:
             )
             _refuse_future(request.headers["stripe-signature"], now=time.time())
         except stripe.SignatureVerificationError as exc:
-            webhook_rejections.labels("invalid_signature").inc()
+            metrics.stripe_webhook_rejections.labels("invalid_signature").inc()
             logger.warning("webhook refused: %s", exc.user_message or exc)
             raise api_errors.ApiError(
                 400, "invalid_signature", f"Stripe-Signature does not verify: {exc.user_message or exc}"
@@ -292,7 +271,7 @@ class StripeRoutes:
         except (ValueError, AttributeError, TypeError):
             # Raised after the signature verified: not UTF-8, not JSON, or JSON but not an object
             # (the SDK's parser then fails with AttributeError).
-            webhook_rejections.labels("invalid_payload").inc()
+            metrics.stripe_webhook_rejections.labels("invalid_payload").inc()
             raise api_errors.ApiError(
                 400, "invalid_payload", "The body is not a Stripe event (JSON)."
             ) from None
@@ -301,9 +280,9 @@ class StripeRoutes:
             async with self.engine.begin() as conn:
                 result = await payments.process_event(conn, event)
         except payments.InvalidEvent as exc:
-            webhook_rejections.labels("invalid_payload").inc()
+            metrics.stripe_webhook_rejections.labels("invalid_payload").inc()
             raise api_errors.ApiError(400, "invalid_payload", str(exc)) from None
-        webhook_events.labels("duplicate" if result.duplicate else result.outcome).inc()
+        metrics.stripe_webhook_events.labels("duplicate" if result.duplicate else result.outcome).inc()
         logger.info(
             "webhook %s %s: %s%s %s",
             event.get("type"),
