@@ -305,7 +305,7 @@ async def test_signup_is_all_or_nothing(
     async def key_insert_fails(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the key insert failed")
 
-    monkeypatch.setattr(wallets, "issue_key", key_insert_fails)
+    monkeypatch.setattr(api_keys, "issue_key", key_insert_fails)
     with pytest.raises(RuntimeError):
         async with migrated_engine.begin() as conn:
             await wallets.signup(conn, email="carol@example.com", grant_nano=500_000_000)
