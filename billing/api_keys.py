@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database, key_format, tables
+from billing import database, idempotency, key_format, tables
 
 if TYPE_CHECKING:
     import asyncpg
@@ -97,29 +96,24 @@ async def record_key(
     the same key again answers ``(record, False)``; the same id with another hash, wallet or owner
     raises :class:`KeyConflict`.
     """
-    k = tables.api_keys
-    row = (
-        await conn.execute(
-            pg_insert(k)
-            .values(
-                id=issued.key_id,
-                wallet_id=wallet_id,
-                key_hash=issued.key_hash,
-                display_prefix=issued.display_prefix,
-                allowed_models=allowed_models,
-                expires_at=expires_at,
-                suspended=suspended,
-                source=source,
-                external_id=external_id,
-            )
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(k)
-        )
-    ).first()
-    if row is not None:
+    row, created = await idempotency.insert_once(
+        conn,
+        tables.api_keys,
+        {
+            "id": issued.key_id,
+            "wallet_id": wallet_id,
+            "key_hash": issued.key_hash,
+            "display_prefix": issued.display_prefix,
+            "allowed_models": allowed_models,
+            "expires_at": expires_at,
+            "suspended": suspended,
+            "source": source,
+            "external_id": external_id,
+        },
+        key="id",
+    )
+    if created:
         return _key(row), True
-    row = (await conn.execute(sa.select(k).where(k.c.id == issued.key_id))).first()
-    assert row is not None, "conflicting key vanished: keys are never deleted"
     same = key_format.hashes_match(bytes(row.key_hash), issued.key_hash) and (
         row.wallet_id,
         row.source,

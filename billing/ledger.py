@@ -14,10 +14,9 @@ import datetime as dt
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import tables
+from billing import idempotency, tables
 
 KINDS = frozenset(
     {"grant", "usage", "credit", "topup", "refund", "dispute", "dispute_reversal", "adjustment"}
@@ -115,25 +114,21 @@ async def post_entry(
     if balance is None:
         raise WalletNotFound(wallet_id)
 
-    # ON CONFLICT waits for a concurrent writer of the same key, then does nothing: no race.
-    row = (
-        await conn.execute(
-            pg_insert(tables.ledger_entries)
-            .values(
-                wallet_id=wallet_id,
-                idempotency_key=idempotency_key,
-                kind=kind,
-                amount_nano=amount_nano,
-                balance_after_nano=balance + amount_nano,
-                details=details or {},
-            )
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .returning(tables.ledger_entries)
-        )
-    ).first()
-    if row is None:
-        first = await find_entry(conn, idempotency_key)
-        assert first is not None, "conflicting entry vanished: entries are never deleted"
+    row, created = await idempotency.insert_once(
+        conn,
+        tables.ledger_entries,
+        {
+            "wallet_id": wallet_id,
+            "idempotency_key": idempotency_key,
+            "kind": kind,
+            "amount_nano": amount_nano,
+            "balance_after_nano": balance + amount_nano,
+            "details": details or {},
+        },
+        key="idempotency_key",
+    )
+    if not created:
+        first = _entry(row, created=False)
         if (first.wallet_id, first.kind, first.amount_nano) != (wallet_id, kind, amount_nano):
             raise IdempotencyConflict(idempotency_key, first)
         return first

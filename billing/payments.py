@@ -52,7 +52,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import ledger, money, tables
+from billing import idempotency, ledger, money, tables
 
 CURRENCY = "usd"
 # Dispute statuses after which the dispute is closed: it no longer holds its wallet (``disputed``).
@@ -149,32 +149,21 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
     created = created if isinstance(created, int) and not isinstance(created, bool) else 0
 
     # First, so a concurrent delivery of the same event waits here and then finds it done.
-    inserted = (
-        await conn.execute(
-            pg_insert(tables.stripe_events)
-            .values(
-                id=event_id,
-                type=event_type,
-                object_id=_id(obj.get("id")),
-                livemode=bool(event.get("livemode")),
-                stripe_created=created,
-                outcome="processing",
-            )
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(tables.stripe_events.c.id)
-        )
-    ).first()
-    if inserted is None:
-        first = (
-            await conn.execute(
-                sa.select(
-                    tables.stripe_events.c.outcome,
-                    tables.stripe_events.c.wallet_id,
-                    tables.stripe_events.c.detail,
-                ).where(tables.stripe_events.c.id == event_id)
-            )
-        ).one()
-        return Result(first.outcome, first.wallet_id, first.detail, duplicate=True)
+    recorded, first_delivery = await idempotency.insert_once(
+        conn,
+        tables.stripe_events,
+        {
+            "id": event_id,
+            "type": event_type,
+            "object_id": _id(obj.get("id")),
+            "livemode": bool(event.get("livemode")),
+            "stripe_created": created,
+            "outcome": "processing",
+        },
+        key="id",
+    )
+    if not first_delivery:
+        return Result(recorded.outcome, recorded.wallet_id, recorded.detail, duplicate=True)
 
     handler = _HANDLERS.get(event_type)
     try:
