@@ -271,41 +271,14 @@ class Bench:
         await self.stack.start()
         settings = self.stack.settings
         run_dir = settings.data_dir.absolute() / "run"
-        baseline_settings = settings.replace(gateway_port=free_port())
-        config = baseline_config(
-            baseline_settings,
-            backend_url=self.stack.backend_url,
-            admin_socket=run_dir / "envoy-baseline-admin.sock",
-        )
-        self.say(
-            "  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on "
-            f":{baseline_settings.gateway_port}…"
-        )
-        self.baseline = envoy_process.EnvoyProcess(
-            yaml.safe_dump(config, sort_keys=False),
-            base_id=None,
-            log_path=settings.data_dir / "run" / "envoy-baseline.log",
+        self.baseline, self.baseline_url = self._baseline_envoy(
+            "baseline", lua=False, what="the baseline Envoy (no ext_authz, no Lua, no gRPC access log)"
         )
         await self.baseline.start()
-        self.baseline_url = f"http://127.0.0.1:{baseline_settings.gateway_port}"
-        lua_settings = settings.replace(gateway_port=free_port())
-        lua_config = baseline_config(
-            lua_settings,
-            backend_url=self.stack.backend_url,
-            admin_socket=run_dir / "envoy-lua-baseline-admin.sock",
-            lua=True,
-        )
-        self.say(
-            "  starting the Lua baseline Envoy (the baseline with the two Lua filters) on "
-            f":{lua_settings.gateway_port}…"
-        )
-        self.lua_baseline = envoy_process.EnvoyProcess(
-            yaml.safe_dump(lua_config, sort_keys=False),
-            base_id=None,
-            log_path=settings.data_dir / "run" / "envoy-lua-baseline.log",
+        self.lua_baseline, self.lua_baseline_url = self._baseline_envoy(
+            "lua-baseline", lua=True, what="the Lua baseline Envoy (the baseline with the two Lua filters)"
         )
         await self.lua_baseline.start()
-        self.lua_baseline_url = f"http://127.0.0.1:{lua_settings.gateway_port}"
         # The same billed gateway with ext_authz's other flavour (the gRPC Check, same sidecar):
         # BILLINGPROXY_CHECK_TRANSPORT measured against the default in the same run.
         grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port())
@@ -333,6 +306,22 @@ class Bench:
             postgres=pids.pop("postgres", None),
             others=tuple(pids.values()),
         )
+
+    def _baseline_envoy(self, name: str, *, lua: bool, what: str) -> tuple[envoy_process.EnvoyProcess, str]:
+        """A baseline Envoy (see ``baseline_config``) on a free port, not started yet, and its URL."""
+        settings = self.stack.settings.replace(gateway_port=free_port())
+        run_dir = settings.data_dir.absolute() / "run"
+        config = baseline_config(
+            settings,
+            backend_url=self.stack.backend_url,
+            admin_socket=run_dir / f"envoy-{name}-admin.sock",
+            lua=lua,
+        )
+        self.say(f"  starting {what} on :{settings.gateway_port}…")
+        process = envoy_process.EnvoyProcess(
+            yaml.safe_dump(config, sort_keys=False), base_id=None, log_path=run_dir / f"envoy-{name}.log"
+        )
+        return process, f"http://127.0.0.1:{settings.gateway_port}"
 
     async def stop(self) -> None:
         if self.engine is not None:
