@@ -25,7 +25,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from authz_sidecar import api_errors
 from billing import api_keys, database, key_format
@@ -48,11 +48,20 @@ class _Entry:
 
 class KeyLookup:
     def __init__(
-        self, db: database.Database, ttl_ms: int, *, clock: Callable[[], float] = time.monotonic
+        self,
+        db: database.Database,
+        ttl_ms: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``clock`` (monotonic seconds) and ``sleep`` (the refresher's wait, in that clock's
+        seconds) are all the TTL and the refresher know of time: a test gives both and moves
+        time itself. (A key's expiry date is checked against the calendar, as before.)"""
         self._db = db
         self._ttl_s = ttl_ms / 1000
         self._clock = clock
+        self._sleep = sleep
         self._cache: dict[bytes, _Entry] = {}
         self._refresher: asyncio.Task[None] | None = None
         # Look-ups made on a Check's path (cache misses) and batched refreshes, for tests and tuning.
@@ -151,7 +160,7 @@ class KeyLookup:
                 failing = True
             else:
                 failing = False
-            await asyncio.sleep(max(0.0, started + period - self._clock()))
+            await self._sleep(max(0.0, started + period - self._clock()))
 
     def forget(self) -> None:
         self._cache.clear()

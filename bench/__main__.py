@@ -3,6 +3,11 @@
 Prints a table and writes ``bench/results/latest.json``. Exits 0 whatever the numbers: a missed
 target is reported as MISS, not as a failure. It exits non-zero only if the benchmark itself
 could not run (a part of the stack did not start).
+
+Besides billing's overhead, the report says what the two Lua filters alone add to Envoy
+(``baseline + Lua`` rows; "Lua filters alone"), against the plain baseline of the same run.
+``--smoke`` runs everything once, for a fraction of a second each, at a trickle: it shows the
+benchmark itself works (the report and the exactly-once books check), and its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +23,26 @@ from pathlib import Path
 from bench import report, runner
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
+# What --smoke sets (argparse's names): the shortest run that still takes every path.
+SMOKE = {
+    "duration": 0.5,
+    "warmup": 0.2,
+    "concurrency": 2,
+    "rate": 20.0,
+    "low_rate": 10.0,
+    "wallets": 2,
+    "repeats": 1,
+    "quiet_wait": 0.0,
+    "step_calls": 5,
+}
+SMOKE_MICRO_TARGET_S = 0.002
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = runner.Options()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--duration",
         type=float,
@@ -71,7 +91,26 @@ def _parser() -> argparse.ArgumentParser:
         "default: durable, as `billingproxy up`",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="3 s runs, 1 s warm-up: a smoke test of the benchmark itself"
+        "--quiet-wait",
+        type=float,
+        default=defaults.quiet_wait_max_s,
+        help="seconds to wait at most, before each run, for the machine to be quiet; 0: measure at once "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--step-calls",
+        type=int,
+        default=defaults.step_calls,
+        help="sequential calls per step of the sidecar's CPU by step (default %(default)s)",
+    )
+    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up, one pair")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the benchmark's own test, ~20 s in all: every run for "
+        f"{SMOKE['duration']:g} s at {SMOKE['concurrency']} connections or {SMOKE['rate']:g} req/s, "
+        f"{SMOKE['wallets']} wallets, one pair, no quiet wait, {SMOKE['step_calls']} calls per step; "
+        "the numbers mean nothing",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the data dir and logs (Envoy, sidecar, PostgreSQL)"
@@ -93,10 +132,16 @@ async def _main(options: runner.Options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    micro_target_s = runner.Options.micro_target_s
     if args.quick:
         args.duration, args.warmup, args.repeats = 3.0, 1.0, 1
+    if args.smoke:
+        vars(args).update(SMOKE)
+        micro_target_s = SMOKE_MICRO_TARGET_S
     if args.repeats < 1:
         _parser().error("--repeats must be at least 1")
+    if args.step_calls < 1:
+        _parser().error("--step-calls must be at least 1")
     options = runner.Options(
         duration_s=args.duration,
         warmup_s=args.warmup,
@@ -107,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         durable=args.durable,
         keep=args.keep,
         repeats=args.repeats,
+        quiet_wait_max_s=args.quiet_wait,
+        step_calls=args.step_calls,
+        micro_target_s=micro_target_s,
     )
     started = time.perf_counter()
     try:

@@ -20,6 +20,41 @@ def _pairs(summary: dict[str, Any], values: list[str]) -> str:
     return f"(median of {summary['pairs']} pairs: {', '.join(values)}) " if summary["pairs"] > 1 else ""
 
 
+def _envoy_cpu_us(run: dict[str, Any]) -> float:
+    """The CPU µs per 2xx answer of the Envoy that served ``run``."""
+    return run["cpu_us_per_request"][run["envoy_process"]]
+
+
+def _median(values: list[float], digits: int = 3) -> float | None:
+    return round(statistics.median(values), digits) if values else None
+
+
+def lua_cost(results: dict[str, Any]) -> dict[str, Any] | None:
+    """What the two Lua filters alone add to Envoy: the Lua baseline against the plain baseline,
+    both measured in this run (median over the pairs); None for results from before it existed."""
+    runs = results["runs"]
+    if "baseline_lua_max" not in runs:
+        return None
+    pairs = [p for p in [runs, *results.get("repeats", [])] if "baseline_lua_max" in p]
+    ratios = [
+        p["baseline_lua_max"]["rps"] / p["baseline_max"]["rps"] for p in pairs if p["baseline_max"]["rps"]
+    ]
+    added_cpu = [_envoy_cpu_us(p["baseline_lua_max"]) - _envoy_cpu_us(p["baseline_max"]) for p in pairs]
+    billed_added_cpu = [_envoy_cpu_us(p["billed_max"]) - _envoy_cpu_us(p["baseline_max"]) for p in pairs]
+    fixed = runs.get("baseline_lua_fixed")
+    return {
+        "pairs": len(pairs),
+        "throughput_ratio": _median(ratios),
+        "throughput_ratios": [round(r, 3) for r in ratios],
+        "envoy_cpu_us_added_at_max": _median(added_cpu, 1),
+        # The same for the billed gateway (ext_authz, the Lua filters, the gRPC access log): the
+        # Lua filters' share of what billing costs Envoy.
+        "billed_envoy_cpu_us_added_at_max": _median(billed_added_cpu, 1),
+        "added_p50_ms_at_rate": _diff(fixed["p50_ms"], runs["baseline_fixed"]["p50_ms"]) if fixed else None,
+        "added_p99_ms_at_rate": _diff(fixed["p99_ms"], runs["baseline_fixed"]["p99_ms"]) if fixed else None,
+    }
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Derived numbers and the PASS/MISS verdicts; stored in the JSON as ``summary``."""
     runs = results["runs"]
@@ -82,6 +117,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "sidecar_peak_rss_mib": round(results["sidecar_peak_rss_kib"] / 1024, 1)
         if results.get("sidecar_peak_rss_kib")
         else None,
+        "lua_filters": lua_cost(results),
     }
     summary["targets"] = {
         f"added p99 <= {ADDED_P99_MAX_MS:g} ms at {summary['rate']:.0f} req/s": (
@@ -218,6 +254,28 @@ def render(results: dict[str, Any]) -> str:
         f"  settlement backlog after load        {' / '.join(_fmt(x, '.2f') for x in lag)} s "
         f"(max / one wallet / {summary['rate']:.0f} / {summary['low_rate']:.0f} req/s)"
     )
+    lua = summary.get("lua_filters")
+    if lua:
+        lines.append("")
+        lines.append(
+            "Lua filters alone (usage_filter.lua + upstream_headers.lua, no ext_authz, no access log), "
+            "against the baseline"
+        )
+        lines.append(
+            f"  throughput ratio with/without        {_fmt(lua['throughput_ratio'], '.3f')}  "
+            + _pairs(lua, [f"{r:.3f}" for r in lua["throughput_ratios"]])
+        )
+        lines[-1] = lines[-1].rstrip()
+        lines.append(
+            "  Envoy CPU per request, added         "
+            f"{_fmt(lua['envoy_cpu_us_added_at_max'], '+.0f')} µs at max "
+            f"(billing as a whole adds {_fmt(lua['billed_envoy_cpu_us_added_at_max'], '+.0f')} µs)"
+        )
+        lines.append(
+            f"  added latency at {summary['rate']:.0f} req/s           p50 "
+            f"{_fmt(lua['added_p50_ms_at_rate'], '+.2f')} ms, "
+            f"p99 {_fmt(lua['added_p99_ms_at_rate'], '+.2f')} ms"
+        )
     steps = results.get("sidecar_steps")
     if steps:
         lines.append("")

@@ -7,17 +7,24 @@ What runs (all on loopback, on this machine):
   backend, the sidecar, and Envoy with billing (ext_authz over HTTP to the sidecar's Check port +
   Lua usage filter + gRPC access log);
 - a second Envoy, the **baseline**: the same rendered configuration with the ext_authz filter,
-  the Lua filter and the gRPC access log removed, in front of the same demo backend. Both Envoys
-  use the default worker count (one per core); only one of them is loaded at a time.
+  the Lua filters and the gRPC access log removed, in front of the same demo backend;
+- a third, the **Lua baseline**: the baseline with the two Lua filters (usage_filter.lua,
+  upstream_headers.lua) kept, and the metadata the Check would give them set by a static filter
+  (``envoy.filters.http.set_metadata``), so the usage filter reads each answer as it does billed:
+  what the Lua filters alone add to Envoy, against the baseline, in the same run;
+- a billed Envoy with ext_authz's gRPC flavour (same sidecar).
+
+All the Envoys use the default worker count (one per core); only one of them is loaded at a time.
 
 Then, in order: the Check-input micro-benchmark (:mod:`bench.body_decode`: parsing Envoy's HTTP
 Check request and its JSON body, on the idle machine), the sidecar's CPU by step
 (:mod:`bench.sidecar_steps`: the real sidecar's HTTP Check and gRPC access log, driven as Envoy
 drives them), warm-ups, closed-loop maximum-throughput runs (baseline, billed over many wallets,
-billed on one hot wallet), open-loop runs at ``rate`` and at ``low_rate`` req/s (baseline,
-billed), and the exactly-once check of every billed request against the ledger. Each run waits
-for the machine to be quiet first, and reports the CPU of every part, including anything else
-that ran on the machine meanwhile.
+billed on one hot wallet, the Lua baseline), open-loop runs at ``rate`` and at ``low_rate`` req/s
+(baseline, billed, the Lua baseline at ``rate``), and the exactly-once check of every billed
+request against the ledger. Each run waits for the machine to be quiet first (at most
+``Options.quiet_wait_max_s``), and reports the CPU of every part, including anything else that
+ran on the machine meanwhile.
 """
 
 from __future__ import annotations
@@ -46,17 +53,17 @@ import yaml
 from authz_sidecar import envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
 from billing import api_keys, database, ledger, pricing, wallets
-from billing.usage import Usage
+from billing.usage import Format, Usage
 from billingproxy.devstack import envoy_process
 from billingproxy.devstack.local_stack import Stack, free_port, free_ports_env
 from billingproxy.devstack.postgres_server import EmbeddedPostgres
 
 GRANT_NANO = 1_000 * 10**9  # $1000 per wallet: far more than any run spends
 SETTLE_TIMEOUT_S = 30.0
-# Before each run, wait (at most QUIET_WAIT_MAX_S) until the machine is nearly idle: others may
+# Before each run, wait (at most Options.quiet_wait_max_s) until the machine is nearly idle: others may
 # share it (a test suite, a build), and their CPU would be counted against the gateway.
 QUIET_CORES_MAX = 0.25
-QUIET_WAIT_MAX_S = 5.0
+QUIET_SAMPLE_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,24 +80,64 @@ class Options:
     # The pairs the verdicts rest on (max: baseline and billed; the fixed rate: the same), run this
     # many times in all, interleaved; the verdicts take the median pair. One pair swings ±10 % here.
     repeats: int = 3
+    # Before each run, wait at most this long for the machine to be quiet (0: measure at once).
+    quiet_wait_max_s: float = 5.0
+    # Sequential calls per step of the sidecar's CPU by step (bench.sidecar_steps).
+    step_calls: int = sidecar_steps.CALLS
+    # Timing target per function of the Check-input micro-benchmark (bench.body_decode).
+    micro_target_s: float = body_decode.TARGET_S
 
 
-# The runs the targets are judged on, repeated (Options.repeats) and interleaved.
-REPEATED_RUNS = ("baseline_max", "billed_max", "baseline_fixed", "billed_fixed")
+# The runs the targets are judged on, repeated (Options.repeats) and interleaved; with the Lua
+# baseline's, whose ratio to the baseline is a few per cent, below one pair's noise.
+REPEATED_RUNS = ("baseline_max", "billed_max", "baseline_lua_max", "baseline_fixed", "billed_fixed")
+# The Envoy that serves a run, when it is not the one its name says (billed: "envoy", else the
+# baseline): its CPU is the run's Envoy CPU.
+ENVOY_OF_RUN = {
+    "billed_max_grpc_check": "envoy_grpc_check",
+    "billed_fixed_free": "envoy",
+    "baseline_lua_max": "envoy_lua",
+    "baseline_lua_fixed": "envoy_lua",
+}
 
 
 # --- the baseline Envoy ----------------------------------------------------------------------------
 
 
-def baseline_config(settings, *, backend_url: str, admin_socket: Path) -> dict[str, Any]:
-    """The billed gateway's Envoy config without ext_authz, the Lua filters and the gRPC access log."""
+# What the Check hands the Lua filters for the workload (a non-streamed chat completion), set on
+# the Lua baseline by a static filter in ext_authz's place.
+LUA_BASELINE_METADATA = {
+    "name": "envoy.filters.http.set_metadata",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+        "metadata": [
+            {
+                "metadata_namespace": envoy_config.EXT_AUTHZ_FILTER,
+                "value": {envoy_config.METADATA_HEADER_PREFIX + "format": Format.OPENAI_CHAT.value},
+            }
+        ],
+    },
+}
+
+
+def baseline_config(settings, *, backend_url: str, admin_socket: Path, lua: bool = False) -> dict[str, Any]:
+    """The billed gateway's Envoy config without ext_authz and the gRPC access log, and without the
+    Lua filters unless ``lua`` (then ext_authz's place holds ``LUA_BASELINE_METADATA``)."""
     config = copy.deepcopy(envoy_config.render(settings, backend_url=backend_url, admin_socket=admin_socket))
-    removed = {envoy_config.EXT_AUTHZ_FILTER, envoy_config.LUA_FILTER, envoy_config.UPSTREAM_HEADERS_FILTER}
+    removed = {envoy_config.EXT_AUTHZ_FILTER}
+    if not lua:
+        removed |= {envoy_config.LUA_FILTER, envoy_config.UPSTREAM_HEADERS_FILTER}
     for listener in config["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 hcm = network_filter["typed_config"]
-                hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in removed]
+                kept = []
+                for http_filter in hcm["http_filters"]:
+                    if lua and http_filter["name"] == envoy_config.EXT_AUTHZ_FILTER:
+                        kept.append(LUA_BASELINE_METADATA)
+                    elif http_filter["name"] not in removed:
+                        kept.append(http_filter)
+                hcm["http_filters"] = kept
                 hcm["access_log"] = [
                     a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.http_grpc"
                 ]
@@ -112,6 +159,7 @@ class Pids:
     sidecar: int | None
     envoy: int | None
     envoy_baseline: int | None
+    envoy_lua: int | None  # the baseline with the Lua filters
     envoy_grpc_check: int | None  # the billed gateway with ext_authz's gRPC flavour
     backend: int | None
     postgres: int | None  # the postmaster; its backends are its children
@@ -122,6 +170,7 @@ class Pids:
             self.sidecar,
             self.envoy,
             self.envoy_baseline,
+            self.envoy_lua,
             self.envoy_grpc_check,
             self.backend,
             self.postgres,
@@ -137,6 +186,7 @@ def _cpu_snapshot(pids: Pids) -> dict[str, float]:
         "sidecar_system": sidecar_system,
         "envoy": procstat.cpu_seconds(pids.envoy),
         "envoy_baseline": procstat.cpu_seconds(pids.envoy_baseline),
+        "envoy_lua": procstat.cpu_seconds(pids.envoy_lua),
         "envoy_grpc_check": procstat.cpu_seconds(pids.envoy_grpc_check),
         "backend": procstat.cpu_seconds(pids.backend),
         "postgres": procstat.tree_cpu_seconds(pids.postgres),
@@ -190,6 +240,7 @@ class Bench:
         self.data_dir = Path(tempfile.mkdtemp(prefix="billingproxy-bench-"))
         self.stack: Stack | None = None
         self.baseline: envoy_process.EnvoyProcess | None = None
+        self.lua_baseline: envoy_process.EnvoyProcess | None = None
         self.grpc_check: envoy_process.EnvoyProcess | None = None
         self.engine = None
         self.pids: Pids | None = None
@@ -220,23 +271,14 @@ class Bench:
         await self.stack.start()
         settings = self.stack.settings
         run_dir = settings.data_dir.absolute() / "run"
-        baseline_settings = settings.replace(gateway_port=free_port())
-        config = baseline_config(
-            baseline_settings,
-            backend_url=self.stack.backend_url,
-            admin_socket=run_dir / "envoy-baseline-admin.sock",
-        )
-        self.say(
-            "  starting the baseline Envoy (no ext_authz, no Lua, no gRPC access log) on "
-            f":{baseline_settings.gateway_port}…"
-        )
-        self.baseline = envoy_process.EnvoyProcess(
-            yaml.safe_dump(config, sort_keys=False),
-            base_id=None,
-            log_path=settings.data_dir / "run" / "envoy-baseline.log",
+        self.baseline, self.baseline_url = self._baseline_envoy(
+            "baseline", lua=False, what="the baseline Envoy (no ext_authz, no Lua, no gRPC access log)"
         )
         await self.baseline.start()
-        self.baseline_url = f"http://127.0.0.1:{baseline_settings.gateway_port}"
+        self.lua_baseline, self.lua_baseline_url = self._baseline_envoy(
+            "lua-baseline", lua=True, what="the Lua baseline Envoy (the baseline with the two Lua filters)"
+        )
+        await self.lua_baseline.start()
         # The same billed gateway with ext_authz's other flavour (the gRPC Check, same sidecar):
         # BILLINGPROXY_CHECK_TRANSPORT measured against the default in the same run.
         grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port())
@@ -258,17 +300,36 @@ class Bench:
             sidecar=pids.pop("sidecar", None),
             envoy=pids.pop("envoy", None),
             envoy_baseline=self.baseline.pid,
+            envoy_lua=self.lua_baseline.pid,
             envoy_grpc_check=self.grpc_check.pid,
             backend=pids.pop("demo backend", None),
             postgres=pids.pop("postgres", None),
             others=tuple(pids.values()),
         )
 
+    def _baseline_envoy(self, name: str, *, lua: bool, what: str) -> tuple[envoy_process.EnvoyProcess, str]:
+        """A baseline Envoy (see ``baseline_config``) on a free port, not started yet, and its URL."""
+        settings = self.stack.settings.replace(gateway_port=free_port())
+        run_dir = settings.data_dir.absolute() / "run"
+        config = baseline_config(
+            settings,
+            backend_url=self.stack.backend_url,
+            admin_socket=run_dir / f"envoy-{name}-admin.sock",
+            lua=lua,
+        )
+        self.say(f"  starting {what} on :{settings.gateway_port}…")
+        process = envoy_process.EnvoyProcess(
+            yaml.safe_dump(config, sort_keys=False), base_id=None, log_path=run_dir / f"envoy-{name}.log"
+        )
+        return process, f"http://127.0.0.1:{settings.gateway_port}"
+
     async def stop(self) -> None:
         if self.engine is not None:
             await self.engine.dispose()
         if self.baseline is not None:
             await self.baseline.stop()
+        if self.lua_baseline is not None:
+            await self.lua_baseline.stop()
         if self.grpc_check is not None:
             await self.grpc_check.stop()
         postgres = self.stack.embedded_postgres if self.stack is not None else None
@@ -303,11 +364,12 @@ class Bench:
         gateway = self.grpc_check_url if grpc_check else self.stack.gateway_url
         return loadgen.Target(gateway + workload.PATH, workload.BODY, keys)
 
-    def baseline_target(self, *, free: bool = False) -> loadgen.Target:
+    def baseline_target(self, *, free: bool = False, lua: bool = False) -> loadgen.Target:
         # The baseline has no ext_authz: the client's key would reach the backend, so send none.
+        url = self.lua_baseline_url if lua else self.baseline_url
         if free:
-            return loadgen.Target(self.baseline_url + workload.FREE_PATH, b"", (), workload.FREE_METHOD)
-        return loadgen.Target(self.baseline_url + workload.PATH, workload.BODY, ())
+            return loadgen.Target(url + workload.FREE_PATH, b"", (), workload.FREE_METHOD)
+        return loadgen.Target(url + workload.PATH, workload.BODY, ())
 
     def free_target(self) -> loadgen.Target:
         """The billed gateway, with requests whose Check needs no database (workload.FREE_PATH)."""
@@ -342,14 +404,16 @@ class Bench:
         return None
 
     async def wait_quiet(self) -> tuple[float, float]:
-        """(seconds waited, busy cores in the last half second) once the machine is quiet."""
+        """(seconds waited, busy cores in the last sample) once the machine is quiet, or after
+        ``quiet_wait_max_s`` (one sample, at most QUIET_SAMPLE_S, whatever it says)."""
         started = time.perf_counter()
+        sample_s = min(QUIET_SAMPLE_S, max(self.options.quiet_wait_max_s, 0.05))
         while True:
             before = procstat.machine_seconds()["busy"]
-            await asyncio.sleep(0.5)
-            cores = (procstat.machine_seconds()["busy"] - before) / 0.5
+            await asyncio.sleep(sample_s)
+            cores = (procstat.machine_seconds()["busy"] - before) / sample_s
             waited = time.perf_counter() - started
-            if cores <= QUIET_CORES_MAX or waited >= QUIET_WAIT_MAX_S:
+            if cores <= QUIET_CORES_MAX or waited >= self.options.quiet_wait_max_s:
                 if cores > QUIET_CORES_MAX:
                     self.say(
                         f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring "
@@ -404,7 +468,7 @@ class Bench:
             "Check-input micro-benchmark "
             f"(HTTP request parsed with httptools {httptools.__version__}, JSON body)…"
         )
-        self.results["body_decode"] = await asyncio.to_thread(body_decode.run)
+        self.results["body_decode"] = await asyncio.to_thread(body_decode.run, target_s=o.micro_target_s)
 
         self.results["host_speed_ms"] = {"start": await asyncio.to_thread(host_speed_ms)}
         self.say("starting the stack…")
@@ -413,7 +477,7 @@ class Bench:
         self.say(f"  {o.wallets} wallets with $1000 each")
         self.results["sidecar_rss_kib_at_start"] = procstat.memory_kib(self.pids.sidecar, "VmRSS")
 
-        self.say(f"sidecar CPU by step ({sidecar_steps.CALLS} sequential calls each)…")
+        self.say(f"sidecar CPU by step ({o.step_calls} sequential calls each)…")
         await self.wait_quiet()
         settings = self.stack.settings
         self.results["sidecar_steps"] = await sidecar_steps.Steps(
@@ -424,11 +488,18 @@ class Bench:
             sidecar_pid=self.pids.sidecar,
             prices=pricing.load(settings.price_overrides_path, settings.markup_percent),
             access_log_secret=settings.access_log_secret,
+            calls=o.step_calls,
         ).run()
 
         self.say(f"warming up both gateways ({o.warmup_s:.0f} s each)…")
         await loadgen.closed_loop(
             "warmup-baseline", self.baseline_target(), concurrency=o.concurrency, duration_s=o.warmup_s
+        )
+        await loadgen.closed_loop(
+            "warmup-lua-baseline",
+            self.baseline_target(lua=True),
+            concurrency=o.concurrency,
+            duration_s=o.warmup_s / 2,
         )
         warm = await loadgen.closed_loop(
             "warmup-billed", self.billed_target(), concurrency=o.concurrency, duration_s=o.warmup_s
@@ -451,6 +522,16 @@ class Bench:
                 lambda: loadgen.closed_loop(
                     "baseline, max",
                     self.baseline_target(),
+                    concurrency=o.concurrency,
+                    duration_s=o.duration_s,
+                ),
+            ),
+            (
+                "baseline_lua_max",
+                False,
+                lambda: loadgen.closed_loop(
+                    "baseline + Lua, max",
+                    self.baseline_target(lua=True),
                     concurrency=o.concurrency,
                     duration_s=o.duration_s,
                 ),
@@ -490,6 +571,16 @@ class Bench:
                 False,
                 lambda: loadgen.open_loop(
                     f"baseline, {o.rate:.0f}/s", self.baseline_target(), rate=o.rate, duration_s=o.duration_s
+                ),
+            ),
+            (
+                "baseline_lua_fixed",
+                False,
+                lambda: loadgen.open_loop(
+                    f"baseline + Lua, {o.rate:.0f}/s",
+                    self.baseline_target(lua=True),
+                    rate=o.rate,
+                    duration_s=o.duration_s,
                 ),
             ),
             (
@@ -543,8 +634,7 @@ class Bench:
         for key, billed, make in plan:
             self.say(f"run: {key} ({o.duration_s:g} s)…")
             # The free runs go through the billed Envoy but charge nothing (billed=False: no books).
-            envoy = {"billed_max_grpc_check": "envoy_grpc_check", "billed_fixed_free": "envoy"}.get(key)
-            runs[key] = await self.measured(make(), billed=billed, envoy=envoy)
+            runs[key] = await self.measured(make(), billed=billed, envoy=ENVOY_OF_RUN.get(key))
             r = runs[key]
             self.say(
                 f"  {r['rps']:.0f} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
@@ -559,7 +649,7 @@ class Bench:
             for key in REPEATED_RUNS:
                 billed, make = by_key[key]
                 self.say(f"run: {key}, again ({n} of {o.repeats})…")
-                pair[key] = await self.measured(make(), billed=billed)
+                pair[key] = await self.measured(make(), billed=billed, envoy=ENVOY_OF_RUN.get(key))
                 self.say(
                     f"  {pair[key]['rps']:.0f} req/s, p50 {pair[key]['p50_ms']} ms, p99 "
                     f"{pair[key]['p99_ms']} ms"

@@ -88,6 +88,7 @@ _BY_FOLDER = {
 # Files outside those folders that start a process of their own.
 _BY_FILE = {
     "test_postgres_server.py": ("db",),
+    "test_envoy_config_validation.py": ("envoy",),
     "test_usage_filter.py": ("envoy",),
     "test_usage_properties.py": ("envoy",),
     "test_stripe_browser.py": ("browser",),

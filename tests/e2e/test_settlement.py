@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from support.waiting import wait_until_within
 
 from authz_sidecar.envoy_config import ACCESS_LOG_SECRET_HEADER
 from billing import api_keys, holds
@@ -183,7 +184,7 @@ async def test_a_backend_error_charges_nothing_and_releases_the_hold(stack, wait
     assert [e.kind for e in await stack.db.ledger(wallet_id)] == ["grant"]
 
 
-async def test_a_revoked_key_is_refused_within_one_second(stack, wait_until) -> None:
+async def test_a_revoked_key_is_refused_within_one_second(stack) -> None:
     user = await stack.signup()
     headers = {"Authorization": f"Bearer {user['api_key']}"}
 
@@ -198,13 +199,13 @@ async def test_a_revoked_key_is_refused_within_one_second(stack, wait_until) -> 
     assert await models_status() == 200
     async with stack.db.engine.begin() as conn:
         await api_keys.revoke_key(conn, user["key_id"])
-    started = time.monotonic()
+    committed = time.monotonic()
 
     async def refused() -> bool:
         return await models_status() == 401
 
-    await wait_until(refused, 1.0, "the revoked key to be refused")
-    assert time.monotonic() - started < 1.0
+    # Every request sent a second or more after the commit is refused, however slow the machine.
+    await wait_until_within(refused, since=committed, bound_s=1.0, what="the revoked key being refused")
 
     counts = await stack.db.row_counts()
     with stack.openai(user["api_key"]) as client, pytest.raises(openai.AuthenticationError) as denied:

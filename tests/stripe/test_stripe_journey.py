@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 import sqlalchemy as sa
-from support.waiting import wait_until
+from support.waiting import wait_until_within
 
 from billing import tables
 from billingproxy.devstack import local_stack
@@ -52,8 +52,10 @@ async def test_empty_wallet_pays_through_the_local_double_and_is_served_again(de
             assert status in (200, 403), body
             return status == 200
 
-        await wait_until(served, 1.0, "the first request after the credit being served")
-        assert time.monotonic() - paid_at < 1.0
+        # Every request sent a second or more after the credit is served, however slow the machine.
+        await wait_until_within(
+            served, since=paid_at, bound_s=1.0, what="the first request after the credit being served"
+        )
         async with http.get(success) as r:
             assert "data-state=credited" in await r.text()
         entries = await db.entries(user["wallet_id"])

@@ -1,7 +1,8 @@
-"""The rendered Envoy bootstrap: Envoy itself accepts it (`envoy --mode validate`), and the facts
-that keep money right hold (fail-closed authz, Envoy-minted request ids, sidecar routes unguarded
-by the Check, HTTP/2 to the gRPC sidecar, the access-log secret, only allow-listed headers
-upstream, the sidecar on loopback whatever the bind host, the admin on a private Unix socket)."""
+"""The rendered Envoy bootstrap: the facts that keep money right hold (fail-closed authz,
+Envoy-minted request ids, sidecar routes unguarded by the Check, HTTP/2 to the gRPC sidecar, the
+access-log secret, only allow-listed headers upstream, the sidecar on loopback whatever the bind
+host, the admin on a private Unix socket). That Envoy itself accepts it is
+tests/integration/test_envoy_config_validation.py (it runs Envoy)."""
 
 from __future__ import annotations
 
@@ -11,84 +12,20 @@ from typing import Any
 
 import pytest
 import yaml
+from support.envoy_configs import (
+    DEMO_BACKEND,
+    GEMINI,
+    SECRET,
+    cluster,
+    endpoint,
+    hcm,
+    route_for,
+    settings,
+)
 
 from authz_sidecar import envoy_config
 from billing.settings import Settings
 from billingproxy.devstack import envoy_process
-
-DEMO_BACKEND = "http://127.0.0.1:4000"
-SECRET = "s3cret-for-the-access-log-0123456789abcdef"
-GEMINI = "https://generativelanguage.googleapis.com/v1beta/openai"
-
-
-def settings(**changes: Any) -> Settings:
-    """Settings as the sidecar and Envoy are started with: an access-log secret is required."""
-    return Settings(**{"access_log_secret": SECRET, **changes})
-
-
-def hcm(config: dict[str, Any]) -> dict[str, Any]:
-    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-
-
-def routes(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
-
-
-def route_for(config: dict[str, Any], path: str) -> dict[str, Any]:
-    """The first route whose match takes ``path`` (prefix or exact path), as Envoy picks."""
-    for route in routes(config):
-        match = route["match"]
-        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
-            return route
-    raise AssertionError(f"no route for {path}")
-
-
-def cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
-    (found,) = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
-    return found
-
-
-def endpoint(cluster_config: dict[str, Any]) -> dict[str, Any]:
-    lb = cluster_config["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    return lb["endpoint"]["address"]["socket_address"]
-
-
-VARIANTS = {
-    "default": (settings(), DEMO_BACKEND),
-    "gemini": (settings(), GEMINI),
-    "other ports": (
-        settings(
-            bind_host="0.0.0.0",
-            gateway_port=18080,
-            http_port=18081,
-            grpc_port=19001,
-            request_body_max_bytes=65536,
-            upstream_timeout_s=60,
-            backend_api_key="sk-backend",
-            upstream_headers=("traceparent", "x-demo-*"),
-        ),
-        "https://api.openai.com",
-    ),
-    "anthropic credential": (
-        settings(backend_api_key="sk-ant", backend_auth_header="x-api-key"),
-        DEMO_BACKEND,
-    ),
-    "litellm by name": (settings(), "http://litellm.billing.svc:4000"),
-    "gRPC Check": (settings(check_transport="grpc"), DEMO_BACKEND),
-}
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_envoy_accepts_the_rendered_config(name: str) -> None:
-    settings, backend_url = VARIANTS[name]
-    envoy_process.validate(envoy_config.render_yaml(settings, backend_url=backend_url))
-
-
-def test_validate_reports_envoys_reason() -> None:
-    config = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
-    cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)["connect_timeout"] = "soon"
-    with pytest.raises(envoy_process.EnvoyConfigError, match="connect_timeout|Duration|soon"):
-        envoy_process.validate(yaml.safe_dump(config))
 
 
 def test_render_yaml_is_render() -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -107,17 +105,17 @@ async def test_a_client_that_hangs_up_before_the_answer_is_not_voided(stack, wai
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\nx-demo-delay-ms: 1500\r\n\r\n"
     ).encode()
 
-    def hang_up() -> None:
-        with socket.create_connection((gateway.hostname, gateway.port), timeout=5) as sock:
-            sock.sendall(head + body)
-            time.sleep(0.5)  # the Check admitted it and the backend has it; its answer is 1 s away
-
-    await asyncio.to_thread(hang_up)
-
     async def reached() -> bool:
         return marker in json.dumps(await backend_last(stack))
 
-    await wait_until(reached, 5, "the request reaching the backend")
+    _, writer = await asyncio.open_connection(gateway.hostname, gateway.port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        # The Check admitted it and the backend has it; its answer is x-demo-delay-ms away.
+        await wait_until(reached, 5, "the request reaching the backend")
+    finally:
+        writer.close()
     await stack.db.settled(wallet_id)
     [hold] = await stack.db.holds(wallet_id)
     assert hold.state == "posted", (
