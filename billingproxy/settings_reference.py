@@ -13,14 +13,16 @@ Where each column comes from:
   renamed field or variable cannot drift from the page): written as ``ENV_PREFIX + "NAME"``, as a
   literal ``env.get("NAME")``, or as the name argument of a helper called as
   ``helper(env, "NAME", …)`` (the helpers add the module's ``ENV_PREFIX``). The keyword argument's
-  own expression is searched first, then the local variables it uses.
+  own expression is searched first, then the local variables it uses. Where it reads more than
+  one (an older name kept working), the first in the source is the setting's name and the others
+  are shown beside it.
 - default: the field's default, in the variable's unit (nano-USD shown as USD for ``*_USD``).
 - meaning: the ``# --`` comment.
 
 Sharp edges:
 
-- A documented field without a ``# --`` comment, or one whose variable ``from_env`` does not name
-  exactly once, raises :class:`UndocumentedSetting`: the page is not rendered half right.
+- A documented field without a ``# --`` comment, or one for which ``from_env`` names no variable,
+  raises :class:`UndocumentedSetting`: the page is not rendered half right.
 - Operator fields copied from the core settings (``settings.x`` in its ``from_env``) are listed
   once, in the core's tables. Fields ``from_env`` does not set are fixed limits, not settings.
 - A module-level ``*_DEFAULT`` constant with a ``# --`` comment that a helper call passes as a
@@ -132,20 +134,20 @@ class Reads:
     local: dict[str, ast.expr]
     prefix: str
 
-    def variable(self, name: str, where: str) -> str:
-        """The one variable the keyword ``name`` reads, through the locals it uses if need be."""
+    def variables(self, name: str, where: str) -> list[str]:
+        """The variables the keyword ``name`` reads, in source order (the first is the setting's
+        name, any other one it also reads, such as an older name), through the locals it uses
+        if the keyword itself names none."""
         frontier: list[ast.expr] = [self.keywords[name]]
         seen: set[str] = set()
         while frontier:
-            found = sorted({v for expr in frontier for v in _read_here(expr, self.prefix)})
+            found = sorted(found for expr in frontier for found in _read_here(expr, self.prefix))
             if found:
-                if len(found) == 1:
-                    return found[0]
-                break
+                return list(dict.fromkeys(variable for _, variable in found))
             used = {n.id for expr in frontier for n in ast.walk(expr) if isinstance(n, ast.Name)}
             frontier = [self.local[n] for n in sorted(used - seen) if n in self.local]
             seen |= used
-        raise UndocumentedSetting(f"{where}: from_env reads no single variable for it")
+        raise UndocumentedSetting(f"{where}: from_env reads no variable for it")
 
     def copied(self, name: str) -> str | None:
         """The core setting the keyword ``name`` copies (``settings.x``), if it does."""
@@ -160,7 +162,13 @@ class Reads:
 
 
 def reads(module: ModuleType, cls: type) -> Reads:
-    tree = ast.parse(inspect.getsource(module))
+    """What ``module.from_env`` passes to ``cls``."""
+    return reads_source(inspect.getsource(module), cls.__name__, module.ENV_PREFIX)
+
+
+def reads_source(source: str, class_name: str, prefix: str) -> Reads:
+    """What the ``from_env`` function of a module's ``source`` passes to ``class_name``."""
+    tree = ast.parse(source)
     function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "from_env")
     local = {
         node.targets[0].id: node.value
@@ -172,18 +180,19 @@ def reads(module: ModuleType, cls: type) -> Reads:
         (
             node
             for node in ast.walk(function)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == cls.__name__
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == class_name
         ),
         key=lambda node: len(node.keywords),
     )
     keywords = {k.arg: k.value for k in call.keywords if k.arg is not None}
-    return Reads(keywords, local, module.ENV_PREFIX)
+    return Reads(keywords, local, prefix)
 
 
-def _read_here(expr: ast.expr, prefix: str) -> list[str]:
-    """The variables ``expr`` itself reads (not through local variables)."""
+def _read_here(expr: ast.expr, prefix: str) -> list[tuple[tuple[int, int], str]]:
+    """The variables ``expr`` itself reads (not through local variables), with where."""
     found = []
     for node in ast.walk(expr):
+        where = (node.lineno, node.col_offset) if isinstance(node, ast.expr) else (0, 0)
         if (
             isinstance(node, ast.BinOp)
             and isinstance(node.op, ast.Add)
@@ -192,7 +201,7 @@ def _read_here(expr: ast.expr, prefix: str) -> list[str]:
             and isinstance(node.right, ast.Constant)
             and isinstance(node.right.value, str)
         ):
-            found.append(prefix + node.right.value)
+            found.append((where, prefix + node.right.value))
         elif isinstance(node, ast.Call) and node.args:
             first = node.args[0]
             if (
@@ -203,9 +212,9 @@ def _read_here(expr: ast.expr, prefix: str) -> list[str]:
                 and isinstance(first, ast.Constant)
                 and isinstance(first.value, str)
             ):
-                found.append(first.value)
+                found.append((where, first.value))
             elif (name := _helper_variable(node)) is not None:
-                found.append(prefix + name)
+                found.append((where, prefix + name))
     return found
 
 
@@ -244,10 +253,13 @@ def _default(value: Any, variable: str) -> str:
     return f"`{text}`"
 
 
-def documented_row(variable: str, default: Any, comment: Comment | None, where: str) -> Row:
+def documented_row(variables: list[str], default: Any, comment: Comment | None, where: str) -> Row:
+    """A table row: the first variable named, any other read as well, the default, the comment."""
+    variable, *also = variables
     if comment is None or not comment.text:
         raise UndocumentedSetting(f"{where} ({variable}) has no `# --` comment")
-    return Row(f"`{variable}`", _default(default, variable), comment.text)
+    names = f"`{variable}`" + "".join(f" (also read: `{name}`)" for name in also)
+    return Row(names, _default(default, variable), comment.text)
 
 
 def sections(cls: type, module: ModuleType, untitled: str) -> tuple[dict[str, list[Row]], list[str]]:
@@ -262,10 +274,10 @@ def sections(cls: type, module: ModuleType, untitled: str) -> tuple[dict[str, li
             copied.append(core)
             continue
         where = f"{cls.__name__}.{name}"
-        variable = given.variable(name, where)
+        variables = given.variables(name, where)
         comment = comments.get(name)
         title = comment.section if comment and comment.section else untitled
-        by_section.setdefault(title, []).append(documented_row(variable, defaults[name], comment, where))
+        by_section.setdefault(title, []).append(documented_row(variables, defaults[name], comment, where))
     listed = {row.variable for rows in by_section.values() for row in rows}
     for row in _constants(module, given.prefix):
         if row.variable not in listed:
@@ -288,7 +300,7 @@ def _constants(module: ModuleType, prefix: str) -> list[Row]:
         ):
             constant = node.args[2].id
             rows.append(
-                documented_row(prefix + name, getattr(module, constant), comments[constant], constant)
+                documented_row([prefix + name], getattr(module, constant), comments[constant], constant)
             )
     return rows
 
@@ -313,7 +325,7 @@ def render() -> str:
     core, _ = sections(settings.Settings, settings, "Other")
     operator, copied = sections(billing_operator.config.OperatorConfig, billing_operator.config, "Operator")
     core_reads = reads(settings, settings.Settings)
-    also = ", ".join(f"`{core_reads.variable(name, f'Settings.{name}')}`" for name in copied)
+    also = ", ".join(f"`{core_reads.variables(name, f'Settings.{name}')[0]}`" for name in copied)
     parts = [HEADER]
     parts += [f"## {_title(title)}\n\n{_table(rows)}" for title, rows in core.items()]
     parts += [
