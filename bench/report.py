@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-# Targets of issue 3. A miss is reported, never an error: benchmarks are not tests.
+# The targets (docs/benchmarks.md). A miss is reported, never an error: benchmarks are not tests.
 ADDED_P99_MAX_MS = 1.0
 THROUGHPUT_RATIO_MIN = 0.40
 DISTURBED_CORES = 0.1

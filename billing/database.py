@@ -66,7 +66,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
     ``pool_pre_ping``: a pooled connection is tested (one round trip) before each use and
     replaced if the server closed it. Without it the first call after a database restart or
-    failover got a dead connection and the HTTP API answered 503 (issue 10). The engines serve
+    failover got a dead connection and the HTTP API answered 503. The engines serve
     the HTTP API, the CLI and the operator, never the Check's hot path (that is the asyncpg pool).
     """
     return create_async_engine(

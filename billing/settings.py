@@ -144,6 +144,7 @@ class Settings:
     stripe_api_base: str = ""
     # -- smallest and largest top-up, in nano-USD, whole cents ($5 and $500).
     topup_min_nano: int = 5 * money.NANO_PER_USD
+    # -- largest top-up, in nano-USD, whole cents ($500).
     topup_max_nano: int = 500 * money.NANO_PER_USD
 
     @property

@@ -1,4 +1,4 @@
-"""A per-wallet overdraft limit: ``wallets.overdraft_limit_nano`` (issue 10, finding 5).
+"""A per-wallet overdraft limit: ``wallets.overdraft_limit_nano`` (docs/decisions/0004-overdraft-limit.md).
 
 The Check admits a request only while ``balance − reserved − hold ≥ −overdraft_limit``
 (billing/holds.py), so no wallet goes below −(its limit), however large one request or however
