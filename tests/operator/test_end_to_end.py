@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from support.waiting import wait_until_within
 
 import operator_harness as h
-from billing import keys, wallets
+from billing import api_keys, key_format
 from billingproxy.devstack.local_stack import Stack
 
 REVOCATION_BUDGET_S = 1.0
@@ -79,7 +79,7 @@ async def test_a_key_from_an_apikey_works_through_envoy_until_the_apikey_is_dele
         async def revoked_since() -> float | None:
             """When the test saw the operator's revocation committed (time.monotonic), else None."""
             async with engine.connect() as conn:
-                record = await wallets.find_key(conn, keys.hash_key(key))
+                record = await api_keys.find_key(conn, key_format.hash_key(key))
             seen = time.monotonic()
             assert record is not None
             return seen if record.refusal(dt.datetime.now(dt.UTC)) == "revoked" else None
