@@ -69,7 +69,7 @@ class CheckServer:
 
     async def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
         """The whole HTTP response to one Check."""
-        outcome = await self._decider.judge(method=method, path=path, headers=headers, body=body)
+        outcome = await self._decider.decide(method=method, path=path, headers=headers, body=body)
         return _denial(outcome) if isinstance(outcome, api_errors.ApiError) else self._admission(outcome)
 
     def _admission(self, metadata: dict[str, str]) -> bytes:

@@ -98,7 +98,7 @@ def run() -> dict:
     }
 
     def admit_response() -> bytes:
-        # As check.Decider.judge hands the facts over, then the 200 with its headers.
+        # As check.Decider.decide hands the facts over, then the 200 with its headers.
         return server._admission(
             {check.metadata_header(k): check.metadata_value(v) for k, v in metadata.items()}
         )

@@ -1,6 +1,6 @@
 """authz_sidecar.check_http: the Check's HTTP face, over a real socket, with a stand-in rule.
 
-The billing rule itself (``check.Decider.decide``) is exercised through Envoy in tests/e2e; here a
+The billing rule itself (``check.Decider._admit_or_raise``) is exercised through Envoy in tests/e2e; here a
 small stand-in decides, so each test controls exactly what the rule answers and when.
 """
 
@@ -16,16 +16,18 @@ from authz_sidecar.check_http import CheckServer
 
 
 class Rule(check.Decider):
-    """The real Decider's answering (``judge``: metrics, fail-closed) around a stand-in decision
+    """The real Decider's answering (``decide``: metrics, fail-closed) around a stand-in decision
     by path: /v1/ok admits, /v1/deny denies, /v1/boom fails, /v1/slow waits."""
 
-    def __init__(self) -> None:  # no database, no prices: ``decide`` below is all it needs
+    def __init__(self) -> None:  # no database, no prices: ``_admit_or_raise`` below is all it needs
         self.seen: list[dict[str, Any]] = []
         self.release = asyncio.Event()
         self.slow_started = asyncio.Event()
         self.slow_cancelled = asyncio.Event()
 
-    async def decide(self, *, method: str, path: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
+    async def _admit_or_raise(
+        self, *, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> dict[str, str]:
         self.seen.append({"method": method, "path": path, "headers": headers, "body": body})
         if path.startswith("/v1/deny"):
             raise api_errors.funds_reserved(retry_after_s=1)
