@@ -10,7 +10,7 @@ Sharp edges:
 - ``spec.suspended`` is applied when the wallet is created and when the field itself changes,
   never on resume: the column can be changed outside Kubernetes too (by hand, during an
   incident), and an operator restart must not quietly undo that. (A Stripe dispute holds a
-  wallet with its own flag, ``disputed``, shown here as state ``Suspended``.)
+  wallet with its own flag, ``disputed``, shown here as state ``Disputed``.)
 - ``initialGrant`` is granted once, when the row is created; the CRD forbids changing it (CEL),
   and a change that got through anyway (an older CRD, kubectl --validate=false) is never granted.
 - ``overdraftLimitUsd`` (how far below zero the balance may go) is applied like ``suspended``:
@@ -151,11 +151,13 @@ async def release(engine: AsyncEngine, *, uid: str) -> tuple[str, int] | None:
         return wallet.id, await wallets.suspend_keys_of_wallet(conn, wallet.id)
 
 
+def crd_state(state: wallets.WalletState) -> str:
+    """A :class:`wallets.WalletState` as the CRD's ``status.state`` spells it (``Active``, ``Empty``, …)."""
+    return state.value.capitalize()
+
+
 def state_of(wallet: wallets.Wallet) -> str:
-    if wallet.suspended or wallet.disputed:  # switched off, or held by an open Stripe dispute
-        return "Suspended"
-    # Empty: balance + overdraft limit <= 0, nothing can be admitted until a top-up.
-    return "Empty" if wallet.is_empty() else "Active"
+    return crd_state(wallet.state)
 
 
 def write_status(patch: kopf.Patch, body: Mapping[str, Any], wallet: wallets.Wallet) -> None:

@@ -261,18 +261,22 @@ def test_the_default_overdraft_limit_is_the_core_setting() -> None:
 
 
 @pytest.mark.parametrize(
-    "balance, limit, state",
+    "balance, limit, suspended, disputed, state",
     [
-        (1, 0, "Active"),
-        (0, 0, "Empty"),
-        (-5, 0, "Empty"),
-        (-5, 6, "Active"),
-        (-6, 6, "Empty"),
-        (0, 1, "Active"),
+        (1, 0, False, False, "Active"),
+        (0, 0, False, False, "Empty"),
+        (-5, 0, False, False, "Empty"),
+        (-5, 6, False, False, "Active"),
+        (-6, 6, False, False, "Empty"),
+        (0, 1, False, False, "Active"),
+        (1, 0, True, False, "Suspended"),
+        (1, 0, False, True, "Disputed"),
+        (0, 0, True, True, "Suspended"),
+        (0, 0, False, True, "Disputed"),
     ],
 )
-def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(
-    balance: int, limit: int, state: str
+def test_the_status_state_is_the_wallet_state_as_the_crd_spells_it(
+    balance: int, limit: int, suspended: bool, disputed: bool, state: str
 ) -> None:
     wallet = wallets.Wallet(
         id="wal_x",
@@ -281,9 +285,17 @@ def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(
         external_id="u",
         balance_nano=balance,
         reserved_nano=0,
-        suspended=False,
+        suspended=suspended,
+        disputed=disputed,
         created_at=dt.datetime.now(dt.UTC),
         overdraft_limit_nano=limit,
     )
     assert wallet_reconciler.state_of(wallet) == state
-    assert wallet.state == ("active" if state == "Active" else "suspended")
+    assert wallet.state.value == state.lower()
+
+
+def test_every_wallet_state_is_one_the_crd_allows() -> None:
+    allowed = crd_schema.version("Wallet")["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "state"
+    ]["enum"]
+    assert sorted(map(wallet_reconciler.crd_state, wallets.WalletState)) == sorted(allowed)

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import sqlalchemy as sa
 
-from billing import payments, tables
+from billing import payments, tables, wallets
 from billing.settings import Settings
 from billingproxy.devstack.local_stack import free_port
 from billingproxy.devstack.stripe_double import StripeDouble
@@ -121,8 +121,8 @@ async def test_signatures_dated_ahead_beyond_the_tolerance_are_refused(
 async def test_topup_creates_a_checkout_session_for_the_keys_wallet(
     db: Db, double: StripeDouble, sidecar
 ) -> None:
-    wallet_id, api_key = await db.new_wallet(grant_nano=0)  # an empty ("suspended") wallet may top up
-    assert (await db.wallet(wallet_id)).state == "suspended"
+    wallet_id, api_key = await db.new_wallet(grant_nano=0)  # an empty wallet may top up
+    assert (await db.wallet(wallet_id)).state is wallets.WalletState.EMPTY
     status, body = await sidecar.topup(api_key, {"amount_usd": "10.00"})
     assert status == 200, body
     session = double.sessions[body["session_id"]]
