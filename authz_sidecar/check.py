@@ -189,7 +189,9 @@ class Decider:
                 extra={"param": "model"},
             )
         try:
-            worst = endpoint.read(request, price.max_output_tokens or self._settings.hold_default_max_tokens)
+            worst = endpoint.read(
+                request, price.max_output_tokens or self._settings.model_output_tokens_default
+            )
         except endpoints.RequestRefused as refused:
             raise api_errors.ApiError(
                 400, refused.code, refused.message, extra={"param": refused.param} if refused.param else {}

@@ -32,7 +32,7 @@ from billing.settings import Settings
 logger = logging.getLogger(__name__)
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
-BODY_MAX_BYTES = 64 * 1024
+BODY_BYTES_MAX = 64 * 1024
 _RATE_WINDOW_S = 60.0
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -161,8 +161,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > BODY_MAX_BYTES:
-        raise api_errors.ApiError(413, "body_too_large", f"The body must be at most {BODY_MAX_BYTES} bytes.")
+    if request.content_length is not None and request.content_length > BODY_BYTES_MAX:
+        raise api_errors.ApiError(413, "body_too_large", f"The body must be at most {BODY_BYTES_MAX} bytes.")
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
@@ -298,7 +298,7 @@ def load_openapi() -> dict[str, Any]:
 
 
 def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=BODY_MAX_BYTES)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=BODY_BYTES_MAX)
     app[SETTINGS] = settings
     app[ENGINE] = engine
     app[KEYS] = key_lookup

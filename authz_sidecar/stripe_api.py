@@ -203,7 +203,7 @@ class StripeRoutes:
     def _amount(self, value: object) -> int:
         s = self.settings
         try:
-            return payments.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
+            return payments.parse_topup_amount(value, min_nano=s.topup_nano_min, max_nano=s.topup_nano_max)
         except payments.TopupAmountError as exc:
             checkout_sessions.labels("invalid_amount").inc()
             raise api_errors.ApiError(
@@ -336,7 +336,7 @@ class StripeRoutes:
 
     def _page(self, request: web.Request, *, amount: str, status: int, error: str = "") -> web.Response:
         s = self.settings
-        lo, hi = money.format_usd(s.topup_min_nano)[:-4], money.format_usd(s.topup_max_nano)[:-4]
+        lo, hi = money.format_usd(s.topup_nano_min)[:-4], money.format_usd(s.topup_nano_max)[:-4]
         if self.checkout is None:
             body = "<p class=error>Top-ups are not available on this gateway: Stripe is not configured.</p>"
             return _html("Top up", body, status=503)

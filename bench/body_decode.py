@@ -64,7 +64,7 @@ def run() -> dict:
     # The decider is not reached: only parsing and building the answer are measured.
     server = check_http.CheckServer(
         decider=None,
-        body_max_bytes=Settings().request_body_max_bytes,  # type: ignore[arg-type]
+        body_bytes_max=Settings().request_body_bytes_max,  # type: ignore[arg-type]
     )
     connection = _Parsing(server)  # one connection, many requests: Envoy's keep-alive pool
 

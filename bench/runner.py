@@ -53,10 +53,10 @@ from billingproxy.devstack.postgres_server import EmbeddedPostgres
 
 GRANT_NANO = 1_000 * 10**9  # $1000 per wallet: far more than any run spends
 SETTLE_TIMEOUT_S = 30.0
-# Before each run, wait (at most QUIET_WAIT_MAX_S) until the machine is nearly idle: others may
+# Before each run, wait (at most QUIET_WAIT_S_MAX) until the machine is nearly idle: others may
 # share it (a test suite, a build), and their CPU would be counted against the gateway.
 QUIET_CORES_MAX = 0.25
-QUIET_WAIT_MAX_S = 5.0
+QUIET_WAIT_S_MAX = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +349,7 @@ class Bench:
             await asyncio.sleep(0.5)
             cores = (procstat.machine_seconds()["busy"] - before) / 0.5
             waited = time.perf_counter() - started
-            if cores <= QUIET_CORES_MAX or waited >= QUIET_WAIT_MAX_S:
+            if cores <= QUIET_CORES_MAX or waited >= QUIET_WAIT_S_MAX:
                 if cores > QUIET_CORES_MAX:
                     self.say(
                         f"  the machine is still busy ({cores:.2f} cores) after {waited:.0f} s; measuring "

@@ -241,10 +241,10 @@ def check_overdraft_limit(nano: object) -> int:
     """``nano`` if it is a valid overdraft limit, else :class:`OverdraftLimitInvalid` saying why."""
     if isinstance(nano, bool) or not isinstance(nano, int):
         raise OverdraftLimitInvalid(f"an overdraft limit is a whole number of nano-USD, not {nano!r}")
-    if not 0 <= nano <= settings.OVERDRAFT_LIMIT_MAX_NANO:
+    if not 0 <= nano <= settings.OVERDRAFT_LIMIT_NANO_MAX:
         raise OverdraftLimitInvalid(
             "an overdraft limit must be from 0 to "
-            f"{money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
+            f"{money.format_usd(settings.OVERDRAFT_LIMIT_NANO_MAX)} USD, "
             f"not {money.format_usd(nano)}"
         )
     return nano

@@ -44,7 +44,7 @@ STREAM_USAGE_KEY = "x-billingproxy-stream-usage"
 
 
 def loopback_settings(**changes: Any) -> Settings:
-    ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "http_port")}
+    ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "api_port")}
     fixed = {
         "access_log_secret": "access-log-secret-of-the-usage-filter-tests",
         "upstream_headers": ("x-demo-*",),

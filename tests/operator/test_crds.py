@@ -126,7 +126,7 @@ def test_defaults_and_limits_agree_with_the_operator() -> None:
     assert re.fullmatch(overdraft["pattern"], largest) and not re.fullmatch(
         overdraft["pattern"], "1" + "0" * 7
     )
-    assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_MAX_NANO
+    assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_NANO_MAX
 
 
 def test_immutable_and_monotonic_fields_have_cel_rules() -> None:

@@ -202,7 +202,7 @@ async def test_topup_refuses_bad_amounts_and_keys(db: Db, double: StripeDouble, 
 
 
 async def test_topup_bounds_come_from_the_settings(db: Db, double: StripeDouble, start_sidecar) -> None:
-    settings = stripe_settings(double.url, topup_min_nano=10**9, topup_max_nano=2 * 10**9)
+    settings = stripe_settings(double.url, topup_nano_min=10**9, topup_nano_max=2 * 10**9)
     _, api_key = await db.new_wallet()
     async with start_sidecar(settings) as running:
         assert (await running.topup(api_key, {"amount_usd": "1.00"}))[0] == 200

@@ -45,9 +45,9 @@ class Rule(check.Decider):
 
 @pytest.fixture
 async def served():
-    async def start(body_max_bytes: int = 1024):
+    async def start(body_bytes_max: int = 1024):
         rule = Rule()
-        server = CheckServer(rule, body_max_bytes=body_max_bytes)  # Rule stands in for check.Decider
+        server = CheckServer(rule, body_bytes_max=body_bytes_max)  # Rule stands in for check.Decider
         await server.start("127.0.0.1", 0)
         port = server._server.sockets[0].getsockname()[1]
         started.append(server)
@@ -160,7 +160,7 @@ async def test_malformed_http_is_answered_400_and_closed(served, raw: bytes) -> 
 
 
 async def test_a_body_beyond_the_limit_is_refused_413(served) -> None:
-    rule, port = await served(body_max_bytes=1024)
+    rule, port = await served(body_bytes_max=1024)
     answers = await exchange(port, post("/v1/ok", b"x" * (1024 + 64 * 1024 + 1)))
     assert [status for status, _, _ in answers] == [413]
     assert rule.seen == []
@@ -194,7 +194,7 @@ async def test_envoy_hanging_up_stops_the_decision(served) -> None:
 
 async def test_stop_lets_a_check_in_progress_answer_first() -> None:
     rule = Rule()
-    server = CheckServer(rule, body_max_bytes=1024)  # Rule stands in for check.Decider
+    server = CheckServer(rule, body_bytes_max=1024)  # Rule stands in for check.Decider
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
