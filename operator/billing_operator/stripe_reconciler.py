@@ -28,7 +28,7 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import payments
-from billing_operator import config, db, errors
+from billing_operator import db, errors, settings as operator_settings
 
 logger = logging.getLogger(__package__)
 
@@ -37,7 +37,7 @@ LOCK_KEY = 0x62705352
 STRIPE_TIMEOUT_S = 20.0
 
 
-def client(cfg: config.OperatorConfig, session: aiohttp.ClientSession) -> stripe.StripeClient:
+def client(cfg: operator_settings.OperatorSettings, session: aiohttp.ClientSession) -> stripe.StripeClient:
     return stripe.StripeClient(
         cfg.stripe_secret_key,
         base_addresses={"api": cfg.stripe_api_base} if cfg.stripe_api_base else None,
@@ -72,7 +72,7 @@ async def reconcile_once(
     return outcomes
 
 
-async def run(engine: AsyncEngine, cfg: config.OperatorConfig) -> None:
+async def run(engine: AsyncEngine, cfg: operator_settings.OperatorSettings) -> None:
     """Reconcile every ``cfg.stripe_interval_s`` until cancelled."""
     async with aiohttp.ClientSession() as session:
         stripe_client = client(cfg, session)

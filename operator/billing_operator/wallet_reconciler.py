@@ -32,7 +32,7 @@ import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import money, wallets
-from billing_operator import config, db, errors, events, status
+from billing_operator import db, errors, events, settings as operator_settings, status
 
 GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "wallets"
 SOURCE = "kubernetes"
@@ -55,7 +55,7 @@ class WalletSpec:
             email = wallets.normalize_email(spec.get("ownerEmail"))
         except wallets.EmailInvalid as exc:
             raise errors.InvalidSpec(f"spec.ownerEmail: {exc}") from None
-        grant = _usd(spec, "initialGrant", config.INITIAL_GRANT_USD_DEFAULT)
+        grant = _usd(spec, "initialGrant", operator_settings.INITIAL_GRANT_USD_DEFAULT)
         threshold = _usd(spec, "lowBalanceThreshold", None)
         customer = spec.get("stripeCustomerId")
         if customer is not None and (not isinstance(customer, str) or not customer.startswith("cus_")):
@@ -197,7 +197,7 @@ async def _reconcile(
     apply_switch: bool,
     apply_overdraft: bool = False,
 ) -> None:
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = WalletSpec.parse(spec)
         outcome = await ensure(
@@ -278,7 +278,7 @@ async def on_delete(
     keys already suspended, would announce "0 key(s)". The per-object memo (one per object, kept
     until the object is gone) remembers that the release was announced.
     """
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         released = await release(memo.engine, uid=body.metadata.uid)
     if released is not None and not memo.get(RELEASE_ANNOUNCED):
