@@ -2,8 +2,8 @@
 → admit, or a denial.
 
 ``Decider`` is the rule, free of any wire format. Envoy reaches it through one of ext_authz's two
-flavours (``BILLINGPROXY_CHECK_TRANSPORT``): ``check_http.py`` (HTTP, the default: measured
-~20× cheaper in Python) or ``check_grpc.py`` (the gRPC ``Check``). A denial is an
+flavours (``BILLINGPROXY_CHECK_TRANSPORT``): ``check_http.py`` (HTTP, the default: far cheaper in
+Python, docs/benchmarks.md) or ``check_grpc.py`` (the gRPC ``Check``). A denial is an
 :class:`ApiError` the client sees as an OpenAI-shaped error. An admitted request's wallet, key and
 hold ids, the model and the answer's usage format travel to the access log (and the format and
 whether to ask a stream for usage to the Lua filter) as dynamic metadata in
