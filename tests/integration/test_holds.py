@@ -163,7 +163,7 @@ async def test_void_charges_nothing(migrated_engine: AsyncEngine) -> None:
     await books_balance(migrated_engine)
 
 
-async def test_charge_hold_posts_the_holds_own_amount(migrated_engine: AsyncEngine) -> None:
+async def test_post_estimate_posts_the_holds_own_amount(migrated_engine: AsyncEngine) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("r1", 300_000) is ADMITTED
     assert await acct.settle("r1", ESTIMATE) is S.POSTED
