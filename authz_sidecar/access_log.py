@@ -35,7 +35,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from authz_sidecar import envoy_config, metrics
 from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
-from billing import database, holds, pricing, usage as usage_mod
+from billing import database, hold_batches, holds, pricing, usage as usage_mod
 
 if TYPE_CHECKING:
     from envoy.data.accesslog.v3 import accesslog_pb2
@@ -185,18 +185,18 @@ class Settler:
         self._prices = prices
 
     async def settle(self, batch: list[FinishedRequest]) -> list[holds.Settlement]:
-        """Settle a batch in one transaction (``billing.holds.settle_many``); results in order."""
+        """Settle a batch in one transaction (``billing.hold_batches.settle_many``); results in order."""
         outcomes: list[holds.Settlement | None] = [None] * len(batch)
-        requests: list[holds.SettleRequest] = []
+        requests: list[hold_batches.SettleRequest] = []
         positions: list[int] = []
         for position, done in enumerate(batch):
-            cost, details = self._cost(done)
-            if cost is not None and not (done.wallet_id and done.model):
+            resolution, details = self._resolution(done)
+            if resolution.posts and not (done.wallet_id and done.model):
                 outcomes[position] = holds.Settlement.REFUSED_MISMATCH  # money, but for whom?
                 continue
             requests.append(
-                holds.SettleRequest(
-                    done.request_id, cost, details, wallet_id=done.wallet_id, model=done.model
+                hold_batches.SettleRequest(
+                    done.request_id, resolution, details, wallet_id=done.wallet_id, model=done.model
                 )
             )
             positions.append(position)
@@ -217,13 +217,13 @@ class Settler:
                 )
         return settled
 
-    async def _settle_many(self, requests: list[holds.SettleRequest]) -> list[holds.Settlement]:
+    async def _settle_many(self, requests: list[hold_batches.SettleRequest]) -> list[holds.Settlement]:
         if not requests:
             return []
         for attempt in range(RETRIES_MAX):
             try:
                 async with database.acquire(self._db) as conn:
-                    return await holds.settle_many(conn, requests)
+                    return await hold_batches.settle_many(conn, requests)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 if attempt == RETRIES_MAX - 1:
                     raise
@@ -234,8 +234,8 @@ class Settler:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _cost(self, done: FinishedRequest) -> tuple[int | holds.ChargeHold | None, dict[str, Any]]:
-        """What to post for ``done`` and the details of its ledger entry.
+    def _resolution(self, done: FinishedRequest) -> tuple[holds.Resolution, dict[str, Any]]:
+        """How to resolve ``done``'s hold and the details of its ledger entry.
 
         The price is that of ``done.model``, the model the entry names. The settlement statement
         resolves the hold only when that is the hold's own model (the Check's, from the client's
@@ -243,16 +243,16 @@ class Settler:
         alone chose.
         """
         if done.cut:
-            return holds.CHARGE_HOLD, {
+            return holds.Resolution.POST_ESTIMATE, {
                 "status": done.status,
                 "usage_source": "hold_estimate",
                 "unfinished": "no_answer_from_the_backend",
             }
         if not 200 <= done.status < 300:
-            return None, {"status": done.status}
+            return holds.Resolution.VOID, {"status": done.status}
         price = self._prices.price(done.model)
         if done.usage is None or price is None:
-            return holds.CHARGE_HOLD, {"status": done.status, "usage_source": "hold_estimate"}
+            return holds.Resolution.POST_ESTIMATE, {"status": done.status, "usage_source": "hold_estimate"}
         usage = done.usage
         try:
             cost = self._prices.cost_nano(price, usage)
@@ -260,14 +260,14 @@ class Settler:
             # The Check refuses requests that could incur an unpriced dimension; a backend that
             # reports one anyway is charged the worst case, never $0 for it.
             logger.warning("request %s: %s; charging its hold", done.request_id, unpriced)
-            return holds.CHARGE_HOLD, {
+            return holds.Resolution.POST_ESTIMATE, {
                 "status": done.status,
                 "usage_source": "hold_estimate",
                 "unpriced_usage": usage.details(),
             }
         # The settlement posts at most the hold (billing/holds.py): priced_nano shows a cost
         # the hold's estimate missed.
-        return cost, {
+        return holds.Resolution.post(cost), {
             "status": done.status,
             "usage_source": "response",
             "priced_nano": cost,

@@ -85,6 +85,17 @@ def payment_disputed() -> ApiError:
     )
 
 
+def wallet_not_found() -> ApiError:
+    # Not insufficient_funds: no top-up could help. The key was valid, so this names no wallet the
+    # client could not already reach.
+    return ApiError(
+        403,
+        "wallet_not_found",
+        "This API key's wallet no longer exists. Contact the operator of this gateway.",
+        "permission_error",
+    )
+
+
 def funds_reserved(retry_after_s: int) -> ApiError:
     return ApiError(
         429,

@@ -2,8 +2,8 @@
 → admit, or a denial.
 
 ``Decider`` is the rule, free of any wire format. Envoy reaches it through one of ext_authz's two
-flavours (``BILLINGPROXY_CHECK_TRANSPORT``): ``check_http.py`` (HTTP, the default: measured
-~20× cheaper in Python) or ``check_grpc.py`` (the gRPC ``Check``). A denial is an
+flavours (``BILLINGPROXY_CHECK_TRANSPORT``): ``check_http.py`` (HTTP, the default: far cheaper in
+Python, docs/benchmarks.md) or ``check_grpc.py`` (the gRPC ``Check``). A denial is an
 :class:`ApiError` the client sees as an OpenAI-shaped error. An admitted request's wallet, key and
 hold ids, the model and the answer's usage format travel to the access log (and the format and
 whether to ask a stream for usage to the Lua filter) as dynamic metadata in
@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote
 from authz_sidecar import api_errors, envoy_config, metrics
 from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, endpoints, holds, money, pricing
+from billing import database, endpoints, hold_batches, holds, money, pricing
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -77,44 +77,44 @@ class Decider:
         # Wallets refused as empty: wallet id → (refuse unparsed until, balance then).
         self._empty_wallets: dict[str, tuple[float, int]] = {}
         self._top_up_url = f"{settings.public_url}/billing/topup"
-        # Checks in flight together share one transaction (billing.holds.place_many).
-        self._holds: GroupCommit[holds.HoldRequest, holds.Admission | holds.Refusal] = GroupCommit(
+        # Checks in flight together share one transaction (billing.hold_batches.place_many).
+        self._holds: GroupCommit[hold_batches.HoldRequest, holds.Refusal | None] = GroupCommit(
             self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX, abandoned=self._void_abandoned
         )
 
-    async def _place_holds(self, batch: list[holds.HoldRequest]) -> list[holds.Admission | holds.Refusal]:
+    async def _place_holds(self, batch: list[hold_batches.HoldRequest]) -> list[holds.Refusal | None]:
         async with database.acquire(self._db) as conn:
-            return await holds.place_many(
+            return await hold_batches.place_many(
                 conn, batch, ttl_s=self._settings.hold_ttl_s, strict=self._settings.strict
             )
 
     async def _void_abandoned(
-        self, results: list[tuple[holds.HoldRequest, holds.Admission | holds.Refusal]]
+        self, results: list[tuple[hold_batches.HoldRequest, holds.Refusal | None]]
     ) -> None:
         """Holds placed for Checks that Envoy gave up on while their batch ran (it answered the
         client 503 and never forwards the request): void them now, not at the TTL sweep."""
         placed = [
-            holds.SettleRequest(
+            hold_batches.SettleRequest(
                 request.request_id,
-                None,
+                holds.Resolution.VOID,
                 {"status": 503, "reason": "check_abandoned"},
                 wallet_id=request.wallet_id,
             )
-            for request, outcome in results
-            if outcome is holds.Admission.ADMITTED
+            for request, refusal in results
+            if refusal is None
         ]
         if not placed:
             return
         async with database.acquire(self._db) as conn:
-            outcomes = await holds.settle_many(conn, placed)
+            outcomes = await hold_batches.settle_many(conn, placed)
         for outcome in outcomes:
             metrics.settlements.labels(outcome.value).inc()
         logger.warning("voided %d holds of Checks Envoy gave up on", len(placed))
 
-    async def judge(
+    async def decide(
         self, *, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> dict[str, str] | api_errors.ApiError:
-        """:meth:`decide`, counted and timed, never raising — what both Check faces answer with.
+        """The Check's answer, counted and timed, never raising — what both Check faces answer with.
 
         Admitted: the facts for the access log, as Envoy files them (``x-billingproxy-*`` name →
         %-escaped value). Denied: the error the client sees; an unexpected failure is logged
@@ -123,7 +123,7 @@ class Decider:
         started = time.perf_counter()
         outcome: dict[str, str] | api_errors.ApiError
         try:
-            facts = await self.decide(method=method, path=path, headers=headers, body=body)
+            facts = await self._admit_or_raise(method=method, path=path, headers=headers, body=body)
         except api_errors.ApiError as error:
             metrics.check_decisions.labels(error.code).inc()
             outcome = error
@@ -140,7 +140,9 @@ class Decider:
     async def close(self) -> None:
         await self._holds.close()
 
-    async def decide(self, *, method: str, path: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    async def _admit_or_raise(
+        self, *, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> dict[str, Any]:
         """Dynamic metadata for an admitted request; raises :class:`ApiError` to deny it.
 
         The cheap refusals come first: an endpoint outside the table and a bad key cost nothing
@@ -187,7 +189,9 @@ class Decider:
                 extra={"param": "model"},
             )
         try:
-            worst = endpoint.read(request, price.max_output_tokens or self._settings.hold_default_max_tokens)
+            worst = endpoint.read(
+                request, price.max_output_tokens or self._settings.model_output_tokens_default
+            )
         except endpoints.RequestRefused as refused:
             raise api_errors.ApiError(
                 400, refused.code, refused.message, extra={"param": refused.param} if refused.param else {}
@@ -213,26 +217,29 @@ class Decider:
             max_output_tokens=worst.output_tokens,
             dimensions=worst.dimensions,
         )
-        outcome = await self._holds.submit(
-            holds.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
+        refusal = await self._holds.submit(
+            hold_batches.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
         )
-        if outcome is holds.Admission.ADMITTED:
+        if refusal is None:
             facts = {**base, "hold_id": request_id, "model": model, "format": endpoint.usage_format.value}
             if worst.stream_usage:
                 facts["stream_usage"] = "1"
             return facts
-        assert isinstance(outcome, holds.Refusal)
-        if outcome.admission is holds.Admission.FUNDS_RESERVED:
+        reason = holds.RefusalReason
+        if refusal.reason is reason.FUNDS_RESERVED:
             raise api_errors.funds_reserved(retry_after_s=1)
-        if outcome.admission is holds.Admission.WALLET_SUSPENDED:
+        if refusal.reason is reason.WALLET_SUSPENDED:
             raise api_errors.wallet_suspended()
-        if outcome.admission is holds.Admission.WALLET_DISPUTED:
+        if refusal.reason is reason.PAYMENT_DISPUTED:
             raise api_errors.payment_disputed()
-        if outcome.admission is holds.Admission.DUPLICATE_REQUEST:
+        if refusal.reason is reason.WALLET_NOT_FOUND:
+            raise api_errors.wallet_not_found()
+        if refusal.reason is reason.DUPLICATE_REQUEST:
             raise api_errors.ApiError(409, "duplicate_request", "This request id was already used.")
-        error = self._insufficient_funds(outcome, amount, price, prompt_tokens, worst)
+        assert refusal.reason is reason.INSUFFICIENT_FUNDS, refusal
+        error = self._insufficient_funds(refusal, amount, price, prompt_tokens, worst)
         if error.extra.get("reason") == "wallet_empty":
-            self._remember_empty(key.wallet_id, outcome.balance_nano)
+            self._remember_empty(key.wallet_id, refusal.balance_nano)
         raise error
 
     def _remember_empty(self, wallet_id: str, balance_nano: int) -> None:

@@ -1,9 +1,9 @@
 """Envoy's ext_authz over gRPC: the ``Check`` of ``envoy.service.auth.v3.Authorization``.
 
-The flavour DESIGN.md draws, kept beside the HTTP one (check_http.py) and chosen in Envoy's
-configuration (``BILLINGPROXY_CHECK_TRANSPORT=grpc``); the sidecar serves both. It costs ~20×
-more CPU per Check in Python (grpc.aio's own work; docs/benchmarks.md), which is why HTTP is the
-default. Same rule (``check.Decider.judge``), same answers: a denial is a normal
+The flavour ext_authz is best known by, kept beside the HTTP one (check_http.py) and chosen in
+Envoy's configuration (``BILLINGPROXY_CHECK_TRANSPORT=grpc``); the sidecar serves both. It costs
+far more CPU per Check in Python (grpc.aio's own work; docs/benchmarks.md), which is why HTTP is
+the default. Same rule (``check.Decider.decide``), same answers: a denial is a normal
 ``CheckResponse`` carrying the HTTP status and JSON body the client sees, never a gRPC error
 (Envoy runs the filter fail-closed, so an error would read as a 403 with no explanation); an
 admission hands the access log the same ``x-billingproxy-*`` metadata the HTTP flavour does
@@ -36,7 +36,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         context: grpc.aio.ServicerContext[external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse],
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
-        outcome = await self._decider.judge(
+        outcome = await self._decider.decide(
             method=http.method,
             path=http.path,
             headers=dict(http.headers),

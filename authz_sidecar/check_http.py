@@ -33,10 +33,10 @@ import httptools
 from authz_sidecar import api_errors, check, envoy_config
 
 PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
-# Envoy sends at most Settings.request_body_max_bytes, and at most 60 KiB of headers (its
+# Envoy sends at most Settings.request_body_bytes_max, and at most 60 KiB of headers (its
 # default max_request_headers_kb); anything beyond that is not Envoy.
 BODY_SLACK_BYTES = 64 * 1024
-HEAD_MAX_BYTES = 96 * 1024
+HEAD_BYTES_MAX = 96 * 1024
 # Envoy never pipelines; a client that does is read no further while this many wait.
 PIPELINE_MAX = 8
 
@@ -44,9 +44,9 @@ PIPELINE_MAX = 8
 class CheckServer:
     """The listening socket; one :class:`CheckConnection` per connection from Envoy."""
 
-    def __init__(self, decider: check.Decider, *, body_max_bytes: int) -> None:
+    def __init__(self, decider: check.Decider, *, body_bytes_max: int) -> None:
         self._decider = decider
-        self._body_max = body_max_bytes + BODY_SLACK_BYTES
+        self._body_max = body_bytes_max + BODY_SLACK_BYTES
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[CheckConnection] = set()
 
@@ -69,7 +69,7 @@ class CheckServer:
 
     async def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
         """The whole HTTP response to one Check."""
-        outcome = await self._decider.judge(method=method, path=path, headers=headers, body=body)
+        outcome = await self._decider.decide(method=method, path=path, headers=headers, body=body)
         return _denial(outcome) if isinstance(outcome, api_errors.ApiError) else self._admission(outcome)
 
     def _admission(self, metadata: dict[str, str]) -> bytes:
@@ -129,7 +129,7 @@ class CheckConnection(asyncio.Protocol):
             # A callback below stopped the parser, or the bytes are not HTTP.
             if self._body_size > self._server._body_max:
                 self._refuse(413, "request_too_large", "Request body too large.")
-            elif self._head_size > HEAD_MAX_BYTES:
+            elif self._head_size > HEAD_BYTES_MAX:
                 self._refuse(431, "headers_too_large", "Request headers too large.")
             else:
                 self._refuse(400, "malformed_request", "The request is not valid HTTP/1.1.")
@@ -154,7 +154,7 @@ class CheckConnection(asyncio.Protocol):
 
     def _count_head(self, *parts: bytes) -> None:
         self._head_size += sum(len(part) for part in parts)
-        if self._head_size > HEAD_MAX_BYTES:
+        if self._head_size > HEAD_BYTES_MAX:
             raise OverflowError("head too large")  # httptools stops and raises HttpParserCallbackError
 
     def on_body(self, chunk: bytes) -> None:

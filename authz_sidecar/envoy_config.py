@@ -37,7 +37,7 @@ Settings that are not obvious, and why:
   LiteLLM admin endpoint: after normalization it is an unknown path and answers 404.
 - ext_authz ``failure_mode_allow: false``: when the sidecar is down, requests fail (503)
   instead of being served unbilled. ``with_request_body`` buffers the body (the Check needs
-  the model and max_tokens) up to ``request_body_max_bytes``; the listener's buffer limit is
+  the model and max_tokens) up to ``request_body_bytes_max``; the listener's buffer limit is
   raised to match, or Envoy's 1 MiB default would cap it first.
 - ``accept-encoding: identity`` towards the backend: the Lua filter reads usage from the plain
   body; a gzip answer would be unreadable and unbillable.
@@ -250,7 +250,7 @@ def render(
                 _backend_cluster(backend, trusted_ca),
                 _loopback_cluster(SIDECAR_CHECK_CLUSTER, settings.check_port, http2=False),
                 _loopback_cluster(SIDECAR_GRPC_CLUSTER, settings.grpc_port, http2=True),
-                _loopback_cluster(SIDECAR_HTTP_CLUSTER, settings.http_port, http2=False),
+                _loopback_cluster(SIDECAR_HTTP_CLUSTER, settings.api_port, http2=False),
             ],
         },
         "overload_manager": {
@@ -282,7 +282,7 @@ def _listener(settings: Settings, backend: Backend) -> dict[str, Any]:
     return {
         "name": "gateway",
         "address": _socket_address(settings.bind_host, settings.gateway_port),
-        "per_connection_buffer_limit_bytes": settings.request_body_max_bytes,
+        "per_connection_buffer_limit_bytes": settings.request_body_bytes_max,
         "filter_chains": [
             {
                 "filters": [
@@ -429,7 +429,7 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
         "status_on_error": {"code": 503},
         "include_peer_certificate": False,
         "with_request_body": {
-            "max_request_bytes": settings.request_body_max_bytes,
+            "max_request_bytes": settings.request_body_bytes_max,
             "allow_partial_message": False,
         },
     }

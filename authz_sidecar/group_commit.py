@@ -3,9 +3,10 @@
 Each Check places one hold and each access-log entry settles one; alone, each is a round trip
 and a WAL flush. ``GroupCommit`` runs at most ``lanes`` batches at once; a call that finds a
 lane free runs at once, alone (no waiting at low load), and calls that arrive while every lane
-is busy wait together and go as the next batch, up to ``batch_max`` (``billing.holds.place_many``
-/ ``settle_many``: the same statements in one transaction). The busier the sidecar, the larger
-the batches, so the database work per request falls as the load rises, instead of queueing.
+is busy wait together and go as the next batch, up to ``batch_max``
+(``billing.hold_batches.place_many`` / ``settle_many``: the same statements in one transaction).
+The busier the sidecar, the larger the batches, so the database work per request falls as the
+load rises, instead of queueing.
 """
 
 from __future__ import annotations

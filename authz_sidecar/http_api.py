@@ -223,7 +223,7 @@ async def balance(request: web.Request) -> web.Response:
             "available_usd": money.format_usd(wallet.available_nano),
             # The limit admission applies (0 in strict mode): the balance never goes below minus it.
             "overdraft_limit_usd": money.format_usd(wallet.overdraft_limit_in(strict=strict)),
-            "state": wallet.state_in(strict=strict),
+            "state": wallet.state_in(strict=strict).value,
         }
     )
 

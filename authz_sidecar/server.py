@@ -77,7 +77,7 @@ class Sidecar:
         )
         self._access_log.start()
 
-        self._check = CheckServer(decider, body_max_bytes=s.request_body_max_bytes)
+        self._check = CheckServer(decider, body_bytes_max=s.request_body_bytes_max)
         try:
             await self._check.start(host, s.check_port)
         except OSError as exc:
@@ -96,7 +96,7 @@ class Sidecar:
         await self._grpc.start()
 
         for app, port in (
-            (http_api.make_app(s, self.engine, key_lookup), s.http_port),
+            (http_api.make_app(s, self.engine, key_lookup), s.api_port),
             (
                 admin.make_app(self.engine, {"hot_path": self._pool_answers, "check": self._check_serves}),
                 s.admin_port,
@@ -120,7 +120,7 @@ class Sidecar:
             host,
             s.grpc_port,
             host,
-            s.http_port,
+            s.api_port,
             host,
             s.admin_port,
         )

@@ -175,7 +175,7 @@ class StripeRoutes:
     def _amount(self, value: object) -> int:
         s = self.settings
         try:
-            return topups.parse_topup_amount(value, min_nano=s.topup_min_nano, max_nano=s.topup_max_nano)
+            return topups.parse_topup_amount(value, min_nano=s.topup_nano_min, max_nano=s.topup_nano_max)
         except topups.TopupAmountError as exc:
             metrics.stripe_checkout_sessions.labels("invalid_amount").inc()
             raise api_errors.ApiError(
@@ -308,7 +308,7 @@ class StripeRoutes:
 
     def _page(self, request: web.Request, *, amount: str, status: int, error: str = "") -> web.Response:
         s = self.settings
-        lo, hi = money.format_usd_cents(s.topup_min_nano), money.format_usd_cents(s.topup_max_nano)
+        lo, hi = money.format_usd_cents(s.topup_nano_min), money.format_usd_cents(s.topup_nano_max)
         if self.checkout is None:
             body = "<p class=error>Top-ups are not available on this gateway: Stripe is not configured.</p>"
             return _html("Top up", body, status=503)

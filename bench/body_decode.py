@@ -75,7 +75,7 @@ def run(target_s: float = TARGET_S) -> dict:
     # The decider is not reached: only parsing and building the answer are measured.
     server = check_http.CheckServer(
         decider=None,
-        body_max_bytes=Settings().request_body_max_bytes,  # type: ignore[arg-type]
+        body_bytes_max=Settings().request_body_bytes_max,  # type: ignore[arg-type]
     )
     connection = _Parsing(server)  # one connection, many requests: Envoy's keep-alive pool
 
@@ -109,7 +109,7 @@ def run(target_s: float = TARGET_S) -> dict:
     }
 
     def admit_response() -> bytes:
-        # As check.Decider.judge hands the facts over, then the 200 with its headers.
+        # As check.Decider.decide hands the facts over, then the 200 with its headers.
         return server._admission(
             {check.metadata_header(k): check.metadata_value(v) for k, v in metadata.items()}
         )

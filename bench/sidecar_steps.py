@@ -27,10 +27,10 @@ Two kinds of measurement, both sequential (one call at a time, so nothing is bat
    as a reference: lock the hold, ``ledger.post_entry``, mark the hold — 7 round trips through
    SQLAlchemy) vs ``settle_asyncpg_seven_round_trips`` (those statements with plain asyncpg).
    And the group commit the sidecar uses under load (``authz_sidecar/group_commit.py``):
-   ``place_many`` / ``settle_many`` (``holds.place_many`` / ``holds.settle_many``: a batch of
+   ``place_many`` / ``settle_many`` (``hold_batches.place_many`` / ``settle_many``: a batch of
    ``GROUP_COMMIT_BATCH`` as one transaction), per request, against ``place_asyncpg`` /
    ``settle_asyncpg_one_statement`` (the same statements one by one, as at low load), each sent
-   both ways (``holds.SET_BATCH_MIN``): as the set-based statement (what the sidecar sends for
+   both ways (``hold_batches.SET_BATCH_MIN``): as the set-based statement (what the sidecar sends for
    such a batch) and pipelined (each request's own statement), with PostgreSQL's CPU too — the
    CPU of the database backend serving this connection (``pg_cpu_us``).
 
@@ -57,7 +57,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from authz_sidecar import access_log as access_log_mod, check as check_mod, envoy_config
 from bench import procstat, workload
-from billing import api_keys, holds, ledger, pricing, tables, wallets
+from billing import api_keys, hold_batches, holds, ledger, pricing, tables, wallets
 from billing.usage import Usage
 
 CALLS = 400
@@ -370,7 +370,7 @@ class Steps:
         hold_batches = {
             way: [
                 [
-                    holds.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
+                    hold_batches.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
                     for request_id in batch
                 ]
                 for batch in batches[way]
@@ -380,7 +380,9 @@ class Steps:
         settle_batches = {
             way: [
                 [
-                    holds.SettleRequest(request_id, self.cost, details, wallet_id=self.wallet_id)
+                    hold_batches.SettleRequest(
+                        request_id, holds.Resolution.post(self.cost), details, wallet_id=self.wallet_id
+                    )
                     for request_id in batch
                 ]
                 for batch in batches[way]
@@ -403,7 +405,7 @@ class Steps:
 
             async def place_asyncpg(n: int) -> None:
                 for request_id in (pg_ids[n], pg7_ids[n]):
-                    admitted = await holds.place(
+                    refusal = await holds.place(
                         connection,
                         request_id=request_id,
                         wallet_id=self.wallet_id,
@@ -413,7 +415,7 @@ class Steps:
                         ttl_s=600,
                         strict=False,
                     )
-                    assert admitted is holds.Admission.ADMITTED
+                    assert refusal is None
 
             steps = [await connection.prepare(sql) for sql in _SETTLE_STEPS]
 
@@ -425,7 +427,10 @@ class Steps:
 
             async def settle_asyncpg(n: int) -> None:
                 outcome = await holds.settle(
-                    connection, request_id=pg_ids[n], cost_nano=self.cost, details=details
+                    connection,
+                    request_id=pg_ids[n],
+                    resolution=holds.Resolution.post(self.cost),
+                    details=details,
                 )
                 assert outcome is holds.Settlement.POSTED
 
@@ -448,16 +453,16 @@ class Steps:
 
             def place_many(way: str) -> Callable[[int], Awaitable[None]]:
                 async def call(n: int) -> None:
-                    admitted = await holds.place_many(
+                    refusals = await hold_batches.place_many(
                         connection, hold_batches[way][n], ttl_s=600, strict=False
                     )
-                    assert admitted == [holds.Admission.ADMITTED] * GROUP_COMMIT_BATCH, admitted
+                    assert refusals == [None] * GROUP_COMMIT_BATCH, refusals
 
                 return call
 
             def settle_many(way: str) -> Callable[[int], Awaitable[None]]:
                 async def call(n: int) -> None:
-                    outcomes = await holds.settle_many(connection, settle_batches[way][n])
+                    outcomes = await hold_batches.settle_many(connection, settle_batches[way][n])
                     assert outcomes == [holds.Settlement.POSTED] * GROUP_COMMIT_BATCH, outcomes
 
                 return call
@@ -470,11 +475,13 @@ class Steps:
             await self._local_cpu_per_request("settle_asyncpg_one_statement", settle_asyncpg)
             self.results["group_commit_batch"] = GROUP_COMMIT_BATCH
             pg_pid = await connection.fetchval("SELECT pg_backend_pid()")
-            set_batch_min = holds.SET_BATCH_MIN
+            set_batch_min = hold_batches.SET_BATCH_MIN
             try:
                 for way in BATCH_WAYS:
                     # The threshold decides how place_many / settle_many send a batch of this size.
-                    holds.SET_BATCH_MIN = set_batch_min if way == "set_based" else GROUP_COMMIT_BATCH + 1
+                    hold_batches.SET_BATCH_MIN = (
+                        set_batch_min if way == "set_based" else GROUP_COMMIT_BATCH + 1
+                    )
                     suffix = "" if way == "set_based" else "_pipelined"
                     await self._local_cpu_per_request(
                         f"place_many{suffix}",
@@ -491,10 +498,10 @@ class Steps:
                         pg_pid=pg_pid,
                     )
             finally:
-                holds.SET_BATCH_MIN = set_batch_min
+                hold_batches.SET_BATCH_MIN = set_batch_min
         finally:
             await connection.close()
         # Leave nothing pending: void the holds the Check steps placed beyond those settled.
         async with self.engine.begin() as conn:
             for request_id in pending:
-                await holds.settle(conn, request_id=request_id, cost_nano=None)
+                await holds.settle(conn, request_id=request_id, resolution=holds.Resolution.VOID)

@@ -5,6 +5,14 @@ TigerBeetle's rules, kept here: the caller names the change before submitting it
 key again answers with the first result and changes nothing; the same key with different contents
 is its own error (:class:`IdempotencyConflict`). The wallet's balance moves in the same
 transaction as its entry, so ``balance = Σ entries`` always holds (see :func:`check_invariants`).
+
+Sharp edge: this module is one of two writers of ``ledger_entries``. Grants, credits and Stripe's
+entries come through :func:`post_entry`; a request's ``usage:<request id>`` entry is written by
+the settlement statement itself (``billing.holds.SETTLE_SQL`` and its batch form in
+``billing.hold_batches``), because the hold, the wallet and the entry must change in one statement
+on the hot path: one round trip, the wallet row locked for that statement only. Those statements
+keep this module's rules — the entry's unique key, the balance after it, no entry without the
+money moving — and :func:`check_invariants` checks both writers alike.
 """
 
 from __future__ import annotations

@@ -20,14 +20,14 @@ from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
 # The largest overdraft limit a wallet may have: what the CRD's USD pattern allows (under $10M).
-OVERDRAFT_LIMIT_MAX_NANO = 10_000_000 * money.NANO_PER_USD - 1
+OVERDRAFT_LIMIT_NANO_MAX = 10_000_000 * money.NANO_PER_USD - 1
 
 # Where the sidecar listens and Envoy reaches it: loopback, i.e. in Kubernetes the pod's own
 # network namespace. Nothing outside the pod (or the machine) may report usage or call the Check;
 # only Envoy's public listener follows ``bind_host`` (docs/architecture.md, "Listeners").
 INTERNAL_HOST = "127.0.0.1"
 BACKEND_AUTH_HEADERS = ("authorization", "x-api-key")
-ACCESS_LOG_SECRET_MIN_CHARS = 32
+ACCESS_LOG_SECRET_CHARS_MIN = 32
 # Headers no setting may forward upstream: credentials (the client's own, or ones the backend
 # would honour), cookies, and names the gateway itself uses.
 UPSTREAM_HEADERS_NEVER = (
@@ -43,6 +43,18 @@ UPSTREAM_PREFIXES_NEVER = ("x-billingproxy-", "x-envoy-", ":")
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable and the fix."""
+
+
+# Variables renamed so that their unit or qualifier comes last (old name → new name, after
+# ENV_PREFIX). An old name still set would otherwise be ignored without a word, so start-up
+# refuses it, naming the new one.
+RENAMED = {
+    "HTTP_PORT": "API_PORT",
+    "REQUEST_BODY_MAX_BYTES": "REQUEST_BODY_BYTES_MAX",
+    "HOLD_DEFAULT_MAX_TOKENS": "MODEL_OUTPUT_TOKENS_DEFAULT",
+    "TOPUP_MIN_USD": "TOPUP_USD_MIN",
+    "TOPUP_MAX_USD": "TOPUP_USD_MAX",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +76,9 @@ class Settings:
     overdraft_limit_nano: int = 1_000_000_000
     # -- a hold not settled after this long is expired (its reservation released).
     hold_ttl_s: int = 600
-    # -- output tokens a hold assumes when the request sets no max_tokens (capped by the model's limit).
-    hold_default_max_tokens: int = 4096
+    # -- the output-token limit a hold assumes for a model whose price entry gives none: the
+    #    bound when the request sets no max_tokens, and the cap of one it sets.
+    model_output_tokens_default: int = 4096
     # -- YAML file of price overrides and aliases (see docs/pricing.md). Empty: none.
     price_overrides_path: Path | None = None
     # -- percentage added to every provider price, e.g. "20" or "12.5".
@@ -87,8 +100,8 @@ class Settings:
     bind_host: str = "127.0.0.1"
     # -- Envoy's public port (the gateway).
     gateway_port: int = 8080
-    # -- the sidecar's public HTTP API (signup, billing), reached through Envoy only.
-    http_port: int = 8081
+    # -- the sidecar's public API (signup, billing, top-ups; HTTP), reached through Envoy only.
+    api_port: int = 8081
     # -- the sidecar's gRPC port (access log service, grpc.health.v1).
     grpc_port: int = 9001
     # -- the sidecar's ext_authz Check port (HTTP; Envoy calls it for every /v1/ request).
@@ -113,7 +126,7 @@ class Settings:
 
     # --- limits --------------------------------------------------------------------------------
     # -- largest request body Envoy buffers for the Check (it needs the model); larger → 413.
-    request_body_max_bytes: int = 4 * 1024 * 1024
+    request_body_bytes_max: int = 4 * 1024 * 1024
     # -- how long a key look-up is cached in the sidecar; bounds how late a revocation is seen.
     key_cache_ttl_ms: int = 500
     # -- signups accepted per client address per minute (an IPv6 client is its /64).
@@ -142,10 +155,10 @@ class Settings:
     # -- STRIPE_API_BASE: where the Stripe SDK sends API calls. Empty: Stripe itself; set only to
     #    point at a test double (never with a live key).
     stripe_api_base: str = ""
-    # -- smallest and largest top-up, in nano-USD, whole cents ($5 and $500).
-    topup_min_nano: int = 5 * money.NANO_PER_USD
-    # -- largest top-up, in nano-USD, whole cents ($500).
-    topup_max_nano: int = 500 * money.NANO_PER_USD
+    # -- smallest top-up, whole cents ($5).
+    topup_nano_min: int = 5 * money.NANO_PER_USD
+    # -- largest top-up, whole cents ($500).
+    topup_nano_max: int = 500 * money.NANO_PER_USD
 
     @property
     def strict(self) -> bool:
@@ -185,10 +198,10 @@ class Settings:
             )
         if self.free_grant_nano < 0:
             raise SettingsError(f"{ENV_PREFIX}FREE_GRANT_USD must not be negative")
-        if not 0 <= self.overdraft_limit_nano <= OVERDRAFT_LIMIT_MAX_NANO:
+        if not 0 <= self.overdraft_limit_nano <= OVERDRAFT_LIMIT_NANO_MAX:
             raise SettingsError(
                 f"{ENV_PREFIX}OVERDRAFT_LIMIT_USD must be from 0 to "
-                f"{money.format_usd(OVERDRAFT_LIMIT_MAX_NANO)}"
+                f"{money.format_usd(OVERDRAFT_LIMIT_NANO_MAX)}"
             )
         if self.markup_percent < 0:
             raise SettingsError(f"{ENV_PREFIX}MARKUP_PERCENT must not be negative")
@@ -216,11 +229,11 @@ class Settings:
             )
         secret = self.access_log_secret
         if secret and not (
-            len(secret) >= ACCESS_LOG_SECRET_MIN_CHARS and re.fullmatch(r"[\x21-\x7e]+", secret)
+            len(secret) >= ACCESS_LOG_SECRET_CHARS_MIN and re.fullmatch(r"[\x21-\x7e]+", secret)
         ):
             # Never echo it: the message names the rule only.
             raise SettingsError(
-                f"{ENV_PREFIX}ACCESS_LOG_SECRET must be at least {ACCESS_LOG_SECRET_MIN_CHARS} visible "
+                f"{ENV_PREFIX}ACCESS_LOG_SECRET must be at least {ACCESS_LOG_SECRET_CHARS_MIN} visible "
                 "ASCII characters (no spaces); e.g. `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'`"
             )
@@ -260,17 +273,17 @@ class Settings:
                 raise SettingsError(
                     "STRIPE_API_BASE points the SDK at a test double; it must not be used with a live key"
                 )
-        for name, nano in (("TOPUP_MIN_USD", self.topup_min_nano), ("TOPUP_MAX_USD", self.topup_max_nano)):
+        for name, nano in (("TOPUP_USD_MIN", self.topup_nano_min), ("TOPUP_USD_MAX", self.topup_nano_max)):
             # Stripe charges USD in whole cents, from $0.50 to $999,999.99.
             if nano % money.NANO_PER_CENT or not 50 <= nano // money.NANO_PER_CENT <= 99_999_999:
                 raise SettingsError(
                     f"{ENV_PREFIX}{name} must be whole cents from 0.50 to 999999.99 (Stripe's limits), "
                     f"not {money.format_usd(nano)}"
                 )
-        if self.topup_min_nano > self.topup_max_nano:
+        if self.topup_nano_min > self.topup_nano_max:
             raise SettingsError(
-                f"{ENV_PREFIX}TOPUP_MIN_USD ({money.format_usd(self.topup_min_nano)}) must not be above "
-                f"{ENV_PREFIX}TOPUP_MAX_USD ({money.format_usd(self.topup_max_nano)})"
+                f"{ENV_PREFIX}TOPUP_USD_MIN ({money.format_usd(self.topup_nano_min)}) must not be above "
+                f"{ENV_PREFIX}TOPUP_USD_MAX ({money.format_usd(self.topup_nano_max)})"
             )
 
 
@@ -304,6 +317,11 @@ def _usd(env: Mapping[str, str], name: str, default: int) -> int:
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from environment variables (``BILLINGPROXY_*`` and ``DATABASE_URL``)."""
     env = os.environ if env is None else env
+    for old, new in RENAMED.items():
+        if ENV_PREFIX + old in env:
+            raise SettingsError(
+                f"{ENV_PREFIX}{old} is no longer read: it was renamed {ENV_PREFIX}{new}; set that instead"
+            )
     defaults = Settings()
 
     grant_raw = env.get(ENV_PREFIX + "FREE_GRANT_USD")
@@ -338,8 +356,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         admission=(env.get(ENV_PREFIX + "ADMISSION") or defaults.admission).strip().lower(),
         overdraft_limit_nano=_usd(env, "OVERDRAFT_LIMIT_USD", defaults.overdraft_limit_nano),
         hold_ttl_s=_int(env, "HOLD_TTL_S", defaults.hold_ttl_s, 10, 86_400),
-        hold_default_max_tokens=_int(
-            env, "HOLD_DEFAULT_MAX_TOKENS", defaults.hold_default_max_tokens, 1, 10_000_000
+        model_output_tokens_default=_int(
+            env, "MODEL_OUTPUT_TOKENS_DEFAULT", defaults.model_output_tokens_default, 1, 10_000_000
         ),
         price_overrides_path=overrides,
         markup_percent=markup,
@@ -352,7 +370,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         bind_host=bind_host,
         gateway_port=gateway_port,
-        http_port=_port(env, "HTTP_PORT", defaults.http_port),
+        api_port=_port(env, "API_PORT", defaults.api_port),
         grpc_port=_port(env, "GRPC_PORT", defaults.grpc_port),
         check_port=_port(env, "CHECK_PORT", defaults.check_port),
         check_transport=(env.get(ENV_PREFIX + "CHECK_TRANSPORT") or defaults.check_transport).strip().lower(),
@@ -367,8 +385,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             for name in env.get(ENV_PREFIX + "UPSTREAM_HEADERS", "").split(",")
             if name.strip()
         ),
-        request_body_max_bytes=_int(
-            env, "REQUEST_BODY_MAX_BYTES", defaults.request_body_max_bytes, 1024, 64 * 1024 * 1024
+        request_body_bytes_max=_int(
+            env, "REQUEST_BODY_BYTES_MAX", defaults.request_body_bytes_max, 1024, 64 * 1024 * 1024
         ),
         key_cache_ttl_ms=_int(env, "KEY_CACHE_TTL_MS", defaults.key_cache_ttl_ms, 0, 1000),
         signup_rate_per_minute=_int(
@@ -386,6 +404,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip(),
         stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip(),
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip().rstrip("/"),
-        topup_min_nano=_usd(env, "TOPUP_MIN_USD", defaults.topup_min_nano),
-        topup_max_nano=_usd(env, "TOPUP_MAX_USD", defaults.topup_max_nano),
+        topup_nano_min=_usd(env, "TOPUP_USD_MIN", defaults.topup_nano_min),
+        topup_nano_max=_usd(env, "TOPUP_USD_MAX", defaults.topup_nano_max),
     )

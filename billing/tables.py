@@ -1,8 +1,10 @@
 """The PostgreSQL schema, as SQLAlchemy Core tables (Alembic migrations create it; see migrations/).
 
-Four tables: ``wallets`` (balance and reservations of record), ``api_keys`` (hashes only),
+The money: ``wallets`` (balance and reservations of record), ``api_keys`` (hashes only),
 ``ledger_entries`` (immutable, one per balance change, unique idempotency key) and ``holds``
-(two-phase reservations: pending → posted | voided | expired, exactly once).
+(two-phase reservations: pending → posted | voided | expired, exactly once). Stripe's facts, which
+the ledger's top-ups, refunds and disputes follow (billing/payments.py): ``stripe_events``,
+``stripe_checkout_sessions``, ``stripe_payments`` and ``stripe_disputes``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ wallets = sa.Table(
     sa.Column("suspended", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
-    # The Stripe customer a Wallet resource declares (migration 0002); informational so far.
+    # The Stripe customer a Wallet resource declares (migration 0002): kept as declared; top-ups
+    # neither read nor set it.
     sa.Column("stripe_customer_id", sa.Text, nullable=True),
     # Set by billing/payments.py while the wallet has an open dispute (migration 0003).
     sa.Column("disputed", sa.Boolean, nullable=False, server_default=sa.false()),

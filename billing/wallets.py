@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import hashlib
 import re
 from typing import Any
@@ -76,15 +77,42 @@ class Wallet:
         """Nothing can be spent until a top-up: ``balance + limit <= 0`` (holds.Shortfall.WALLET_EMPTY)."""
         return self.balance_nano + self.overdraft_limit_in(strict=strict) <= 0
 
-    def state_in(self, *, strict: bool) -> str:
-        """``active`` while requests can be admitted, ``suspended`` otherwise: switched off
-        (``suspended``), held by an open dispute (``disputed``), or empty (:meth:`is_empty`)."""
-        return "suspended" if self.suspended or self.disputed or self.is_empty(strict=strict) else "active"
+    def state_in(self, *, strict: bool) -> WalletState:
+        """The wallet's :class:`WalletState` under the admission mode (``strict``: every limit 0)."""
+        if self.suspended:
+            return WalletState.SUSPENDED
+        if self.disputed:
+            return WalletState.DISPUTED
+        if self.is_empty(strict=strict):
+            return WalletState.EMPTY
+        return WalletState.ACTIVE
 
     @property
-    def state(self) -> str:
+    def state(self) -> WalletState:
         """:meth:`state_in` with the wallet's own overdraft limit (overdraft mode, the default)."""
         return self.state_in(strict=False)
+
+
+class WalletState(enum.Enum):
+    """What a wallet's next request meets: the one vocabulary every face renders (the HTTP API's
+    ``state`` and the CLI in lower case, a Wallet resource's ``status.state`` capitalised).
+
+    When several apply, the first of ``suspended``, ``disputed``, ``empty`` wins: the order the
+    Check refuses in (:func:`billing.holds.refusal_of`), so the state names the refusal a request
+    would get, and so what would lift it. Only an admin or the operator lifts ``suspended``, only
+    the dispute closing lifts ``disputed`` (a top-up does not), and a top-up lifts ``empty``. A
+    wallet with money left that is too small for one request is ``active``: smaller requests are
+    still served.
+    """
+
+    # Requests are admitted while their worst case fits.
+    ACTIVE = "active"
+    # ``balance + limit <= 0`` (:meth:`Wallet.is_empty`): nothing is admitted until a top-up.
+    EMPTY = "empty"
+    # Switched off by its operator or an admin (``wallets.suspended``).
+    SUSPENDED = "suspended"
+    # On hold while a Stripe payment into it is disputed (``wallets.disputed``).
+    DISPUTED = "disputed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +189,10 @@ def check_overdraft_limit(nano: object) -> int:
     """``nano`` if it is a valid overdraft limit, else :class:`OverdraftLimitInvalid` saying why."""
     if isinstance(nano, bool) or not isinstance(nano, int):
         raise OverdraftLimitInvalid(f"an overdraft limit is a whole number of nano-USD, not {nano!r}")
-    if not 0 <= nano <= settings.OVERDRAFT_LIMIT_MAX_NANO:
+    if not 0 <= nano <= settings.OVERDRAFT_LIMIT_NANO_MAX:
         raise OverdraftLimitInvalid(
             "an overdraft limit must be from 0 to "
-            f"{money.format_usd(settings.OVERDRAFT_LIMIT_MAX_NANO)} USD, "
+            f"{money.format_usd(settings.OVERDRAFT_LIMIT_NANO_MAX)} USD, "
             f"not {money.format_usd(nano)}"
         )
     return nano

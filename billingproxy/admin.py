@@ -48,7 +48,7 @@ async def wallet_show(conn: AsyncConnection, ref: str) -> str:
                 money.format_usd(wallet.balance_nano),
                 money.format_usd(wallet.reserved_nano),
                 money.format_usd(wallet.overdraft_limit_nano),
-                wallet.state,
+                wallet.state.value,
             ]
         ],
     )

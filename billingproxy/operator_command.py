@@ -11,12 +11,12 @@ import asyncio
 import sys
 
 from billing import settings as settings_mod
-from billing_operator import config, runner
+from billing_operator import runner, settings as operator_settings
 
 
 def main(settings: settings_mod.Settings) -> int:
     try:
-        cfg = config.from_env(settings=settings)
+        cfg = operator_settings.from_env(settings=settings)
     except settings_mod.SettingsError as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return 2

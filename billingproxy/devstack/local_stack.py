@@ -85,7 +85,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 # Every port the stack listens on: its setting (BILLINGPROXY_<name>) and its Settings field.
 PORTS = (
     ("GATEWAY_PORT", "gateway_port"),
-    ("HTTP_PORT", "http_port"),
+    ("API_PORT", "api_port"),
     ("GRPC_PORT", "grpc_port"),
     ("CHECK_PORT", "check_port"),
     ("ADMIN_PORT", "admin_port"),
@@ -228,7 +228,7 @@ class Stack:
             await self._start_stripe_double(logs)
 
         self._say(
-            f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, HTTP :{s.http_port}, admin "
+            f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, API :{s.api_port}, admin "
             f":{s.admin_port})…"
         )
         self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")

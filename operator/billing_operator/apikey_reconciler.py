@@ -36,7 +36,7 @@ import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import api_keys, key_format, wallets
-from billing_operator import config, db, errors, events, key_secrets, kube, status
+from billing_operator import db, errors, events, key_secrets, kube, settings as operator_settings, status
 
 GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "apikeys"
 SOURCE = "kubernetes"
@@ -93,10 +93,11 @@ class ApiKeySpec:
         if (
             not isinstance(grace, int)
             or isinstance(grace, bool)
-            or not 0 <= grace <= config.ROTATION_GRACE_S_MAX
+            or not 0 <= grace <= operator_settings.ROTATION_GRACE_S_MAX
         ):
+            grace_max = operator_settings.ROTATION_GRACE_S_MAX
             raise errors.InvalidSpec(
-                f"spec.rotationGracePeriodSeconds must be 0 to {config.ROTATION_GRACE_S_MAX}, not {grace!r}"
+                f"spec.rotationGracePeriodSeconds must be 0 to {grace_max}, not {grace!r}"
             )
         return cls(wallet_name, secret_name, models, expires_at, suspended, generation, grace)
 
@@ -310,7 +311,7 @@ async def _reconcile(
     wallet_uids: kopf.Index,
     apply_switch: bool,
 ) -> None:
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = ApiKeySpec.parse(spec, default_grace_s=cfg.rotation_grace_s)
         owner_uid = wallet_uid(wallet_uids, body.metadata.namespace, desired.wallet_name)
@@ -416,7 +417,7 @@ async def on_delete(
 ) -> None:
     """Revoke the keys and delete the Secret; announce it once (kopf may run this again after
     it succeeded, see ``wallet_reconciler.on_delete``)."""
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         revoked = await revoke(memo.engine, memo.secrets, owner=body)
     if not memo.get(REVOCATION_ANNOUNCED):

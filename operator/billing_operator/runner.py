@@ -1,7 +1,7 @@
 """Running the operator from Python: what ``billingproxy operator`` and the tests call.
 
 ``kopf run -m billing_operator`` needs none of this (kopf's command line takes -n/-A/--peering);
-here the same choices come from :class:`config.OperatorConfig`, so one environment configures
+here the same choices come from :class:`operator_settings.OperatorSettings`, so one environment configures
 the operator whichever way it is started.
 """
 
@@ -14,11 +14,11 @@ import threading
 import kopf
 
 import billing_operator  # noqa: F401  (registers the handlers with kopf)
-from billing_operator import config, startup
+from billing_operator import settings as operator_settings, startup
 
 
 async def run(
-    cfg: config.OperatorConfig,
+    cfg: operator_settings.OperatorSettings,
     *,
     stop_flag: threading.Event | None = None,
     ready_flag: threading.Event | None = None,
@@ -42,7 +42,7 @@ async def run(
             standalone=not cfg.peering,
             peering_name=cfg.peering or None,
             liveness_endpoint=cfg.liveness_url or None,
-            memo=kopf.Memo(operator_config=cfg, lifecycle=lifecycle),
+            memo=kopf.Memo(operator_settings=cfg, lifecycle=lifecycle),
             stop_flag=kopf_stop,
             ready_flag=ready_flag,
         )

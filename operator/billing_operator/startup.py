@@ -36,7 +36,7 @@ from typing import Any
 
 import kopf
 
-from billing_operator import config, db, kube, stripe_reconciler
+from billing_operator import db, kube, settings as operator_settings, stripe_reconciler
 
 FINALIZER = "billingproxy.io/finalizer"
 PREFIX = "billingproxy.io"
@@ -78,8 +78,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     configure(settings)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))
-    cfg: config.OperatorConfig = memo.get("operator_config") or config.from_env()
-    memo.operator_config = cfg
+    cfg: operator_settings.OperatorSettings = memo.get("operator_settings") or operator_settings.from_env()
+    memo.operator_settings = cfg
     memo.lifecycle = memo.get("lifecycle") or Lifecycle()
     memo.engine = db.create_engine(cfg.database_url, pool_size=cfg.db_pool_size)
     if cfg.stripe_secret_key:
@@ -87,7 +87,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
             stripe_reconciler.run(memo.engine, cfg), name="stripe reconciliation"
         )
     logger.info(
-        f"billingproxy operator: status every {config.STATUS_INTERVAL_S:g} s, "
+        f"billingproxy operator: status every {operator_settings.STATUS_INTERVAL_S:g} s, "
         f"retries after {cfg.retry_delay_s:g} s, default rotation grace {cfg.rotation_grace_s} s, "
         + (
             f"Stripe reconciled every {cfg.stripe_interval_s:g} s"
@@ -100,7 +100,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
 @kopf.on.login()
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     configuration = kube.load_configuration()
-    cfg: config.OperatorConfig | None = memo.get("operator_config")
+    cfg: operator_settings.OperatorSettings | None = memo.get("operator_settings")
     memo.secrets = kube.Secrets(configuration, timeout_s=cfg.kube_timeout_s if cfg else 10.0)
     return kube.connection_info(configuration)
 

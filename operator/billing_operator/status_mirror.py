@@ -48,7 +48,15 @@ from typing import Any, TypeVar
 import kopf
 
 from billing import api_keys, ledger, money, wallets
-from billing_operator import apikey_reconciler, config, db, errors, events, status, wallet_reconciler
+from billing_operator import (
+    apikey_reconciler,
+    db,
+    errors,
+    events,
+    settings as operator_settings,
+    status,
+    wallet_reconciler,
+)
 
 T = TypeVar("T")
 TOP_UP_KINDS = frozenset({"topup", "credit"})
@@ -139,8 +147,8 @@ async def _read_wallet(engine: Any, uid: str, cursor: int, limit: int) -> tuple[
     wallet_reconciler.VERSION,
     wallet_reconciler.PLURAL,
     id="wallet.status",
-    interval=config.STATUS_INTERVAL_S,
-    initial_delay=config.STATUS_INTERVAL_S,
+    interval=operator_settings.STATUS_INTERVAL_S,
+    initial_delay=operator_settings.STATUS_INTERVAL_S,
     when=_operator_running,
 )
 async def mirror_wallet(
@@ -153,7 +161,7 @@ async def mirror_wallet(
 ) -> None:
     if not _operator_running(memo):
         return
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     seen = _snapshot(body)
     last_status = seen.get("status") or {}
     last_read: dict[str, Any] = memo.setdefault(_LAST_READING, {})
@@ -214,8 +222,8 @@ async def _read_keys(engine: Any, uid: str) -> list[api_keys.KeyRecord]:
     apikey_reconciler.VERSION,
     apikey_reconciler.PLURAL,
     id="apikey.status",
-    interval=config.STATUS_INTERVAL_S,
-    initial_delay=config.STATUS_INTERVAL_S,
+    interval=operator_settings.STATUS_INTERVAL_S,
+    initial_delay=operator_settings.STATUS_INTERVAL_S,
     when=_operator_running,
 )
 async def mirror_apikey(

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import billing_stripe
 from billing import payments, topups
-from billing_operator import config, db, errors
+from billing_operator import db, errors, settings as operator_settings
 
 logger = logging.getLogger(__package__)
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__package__)
 LOCK_KEY = 0x62705352
 
 
-def client(cfg: config.OperatorConfig, session: aiohttp.ClientSession) -> stripe.StripeClient:
+def client(cfg: operator_settings.OperatorSettings, session: aiohttp.ClientSession) -> stripe.StripeClient:
     return billing_stripe.make_client(
         secret_key=cfg.stripe_secret_key, api_base=cfg.stripe_api_base, session=session
     )
@@ -67,7 +67,7 @@ async def reconcile_once(
     return outcomes
 
 
-async def run(engine: AsyncEngine, cfg: config.OperatorConfig) -> None:
+async def run(engine: AsyncEngine, cfg: operator_settings.OperatorSettings) -> None:
     """Reconcile every ``cfg.stripe_interval_s`` until cancelled."""
     async with aiohttp.ClientSession() as session:
         stripe_client = client(cfg, session)

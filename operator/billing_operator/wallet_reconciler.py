@@ -10,7 +10,7 @@ Sharp edges:
 - ``spec.suspended`` is applied when the wallet is created and when the field itself changes,
   never on resume: the column can be changed outside Kubernetes too (by hand, during an
   incident), and an operator restart must not quietly undo that. (A Stripe dispute holds a
-  wallet with its own flag, ``disputed``, shown here as state ``Suspended``.)
+  wallet with its own flag, ``disputed``, shown here as state ``Disputed``.)
 - ``initialGrant`` is granted once, when the row is created; the CRD forbids changing it (CEL),
   and a change that got through anyway (an older CRD, kubectl --validate=false) is never granted.
 - ``overdraftLimitUsd`` (how far below zero the balance may go) is applied like ``suspended``:
@@ -32,7 +32,7 @@ import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import api_keys, money, wallets
-from billing_operator import config, db, errors, events, status
+from billing_operator import db, errors, events, settings as operator_settings, status
 
 GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "wallets"
 SOURCE = "kubernetes"
@@ -55,7 +55,7 @@ class WalletSpec:
             email = wallets.normalize_email(spec.get("ownerEmail"))
         except wallets.EmailInvalid as exc:
             raise errors.InvalidSpec(f"spec.ownerEmail: {exc}") from None
-        grant = _usd(spec, "initialGrant", config.INITIAL_GRANT_USD_DEFAULT)
+        grant = _usd(spec, "initialGrant", operator_settings.INITIAL_GRANT_USD_DEFAULT)
         threshold = _usd(spec, "lowBalanceThreshold", None)
         customer = spec.get("stripeCustomerId")
         if customer is not None and (not isinstance(customer, str) or not customer.startswith("cus_")):
@@ -151,11 +151,13 @@ async def release(engine: AsyncEngine, *, uid: str) -> tuple[str, int] | None:
         return wallet.id, await api_keys.suspend_keys_of_wallet(conn, wallet.id)
 
 
+def crd_state(state: wallets.WalletState) -> str:
+    """A :class:`wallets.WalletState` as the CRD's ``status.state`` spells it (``Active``, ``Empty``, …)."""
+    return state.value.capitalize()
+
+
 def state_of(wallet: wallets.Wallet) -> str:
-    if wallet.suspended or wallet.disputed:  # switched off, or held by an open Stripe dispute
-        return "Suspended"
-    # Empty: balance + overdraft limit <= 0, nothing can be admitted until a top-up.
-    return "Empty" if wallet.is_empty() else "Active"
+    return crd_state(wallet.state)
 
 
 def write_status(patch: kopf.Patch, body: Mapping[str, Any], wallet: wallets.Wallet) -> None:
@@ -195,7 +197,7 @@ async def _reconcile(
     apply_switch: bool,
     apply_overdraft: bool = False,
 ) -> None:
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = WalletSpec.parse(spec)
         outcome = await ensure(
@@ -276,7 +278,7 @@ async def on_delete(
     keys already suspended, would announce "0 key(s)". The per-object memo (one per object, kept
     until the object is gone) remembers that the release was announced.
     """
-    cfg: config.OperatorConfig = memo.operator_config
+    cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         released = await release(memo.engine, uid=body.metadata.uid)
     if released is not None and not memo.get(RELEASE_ANNOUNCED):

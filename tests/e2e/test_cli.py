@@ -32,7 +32,7 @@ async def wallet(db) -> wallets.Signup:
     async with db.engine.begin() as conn:
         created = await wallets.signup(conn, email=EMAIL, grant_nano=GRANT_NANO)
     async with db.engine.begin() as conn:
-        admitted = await holds.place(
+        refusal = await holds.place(
             conn,
             request_id="req-cli-1",
             wallet_id=created.wallet.id,
@@ -42,8 +42,10 @@ async def wallet(db) -> wallets.Signup:
             ttl_s=600,
             strict=False,
         )
-        assert admitted is holds.Admission.ADMITTED
-        await holds.settle(conn, request_id="req-cli-1", cost_nano=10_950, details={"status": 200})
+        assert refusal is None
+        await holds.settle(
+            conn, request_id="req-cli-1", resolution=holds.Resolution.post(10_950), details={"status": 200}
+        )
     return created
 
 
@@ -132,7 +134,7 @@ async def test_set_overdraft_sets_the_limit_the_next_check_uses(db) -> None:
         created = await wallets.signup(conn, email="overdraft@example.com", grant_nano=100)
     wallet_id = created.wallet.id
 
-    async def place(request_id: str, amount_nano: int) -> holds.Admission | holds.Refusal:
+    async def place(request_id: str, amount_nano: int) -> holds.Refusal | None:
         async with db.engine.begin() as conn:
             return await holds.place(
                 conn,
@@ -146,8 +148,9 @@ async def test_set_overdraft_sets_the_limit_the_next_check_uses(db) -> None:
             )
 
     refused = await place("before", 1_000)
-    assert (refused.admission, refused.shortfall) == (
-        holds.Admission.INSUFFICIENT_FUNDS,
+    assert refused is not None
+    assert (refused.reason, refused.shortfall) == (
+        holds.RefusalReason.INSUFFICIENT_FUNDS,
         holds.Shortfall.REQUEST_TOO_LARGE,
     )
     done = await db.acli("wallet", "set-overdraft", "OVERDRAFT@example.com", "0.000001")
@@ -157,9 +160,9 @@ async def test_set_overdraft_sets_the_limit_the_next_check_uses(db) -> None:
     assert await db.scalar("SELECT overdraft_limit_nano FROM wallets WHERE id = :id", id=wallet_id) == 1_000
     shown = (await db.acli("wallet", "show", wallet_id)).stdout.splitlines()[1].split()
     assert shown[3:6] == ["0.0000001", "0.000000", "0.000001"]
-    assert await place("after", 1_000) is holds.Admission.ADMITTED  # 100 − 1 000 ≥ −1 000
+    assert await place("after", 1_000) is None  # admitted: 100 − 1 000 ≥ −1 000
     async with db.engine.begin() as conn:
-        await holds.settle(conn, request_id="after", cost_nano=None)
+        await holds.settle(conn, request_id="after", resolution=holds.Resolution.VOID)
 
     # Setting it again is idempotent; 0 takes the overdraft away.
     assert (await db.acli("wallet", "set-overdraft", wallet_id, "0")).returncode == 0
@@ -276,7 +279,7 @@ async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tm
                     ttl_s=ttl_s,
                     strict=False,
                 )
-                is holds.Admission.ADMITTED
+                is None
             )
 
     for request_id in ("rec-ok", "rec-failed", "rec-timeout"):

@@ -150,7 +150,7 @@ async def test_signup_spend_deplete_credit_and_spend_again(stack) -> None:
         assert usd_to_nano(shown["balance_usd"]) == expected
         assert shown["overdraft_limit_usd"] == "0.000000"
         # Money is left, only not enough for this request's worst case: still active.
-        assert shown["state"] == ("active" if expected > 0 else "suspended")
+        assert shown["state"] == ("active" if expected > 0 else "empty")
         counts = await stack.db.row_counts()
         with pytest.raises(openai.PermissionDeniedError):
             client.chat.completions.create(model=MODEL, messages=MESSAGES)

@@ -103,7 +103,7 @@ async def test_an_entry_delivered_twice_charges_once(stack, wait_until) -> None:
     grant = await stack.db.balance(wallet_id)
     request_id = f"e2e-{uuid.uuid4()}"
     async with stack.db.engine.begin() as conn:
-        placed = await holds.place(
+        refusal = await holds.place(
             conn,
             request_id=request_id,
             wallet_id=wallet_id,
@@ -113,7 +113,7 @@ async def test_an_entry_delivered_twice_charges_once(stack, wait_until) -> None:
             ttl_s=600,
             strict=False,
         )
-    assert placed is holds.Admission.ADMITTED
+    assert refusal is None
     assert (await stack.db.wallet(wallet_id)).reserved_nano == 500_000
     cost = cost_nano(120, 30)
 
@@ -221,7 +221,7 @@ async def test_a_check_that_failed_at_envoy_voids_its_late_hold(stack, wait_unti
     wallet_id = user["wallet_id"]
     request_id = f"e2e-{uuid.uuid4()}"
     async with stack.db.engine.begin() as conn:
-        placed = await holds.place(
+        refusal = await holds.place(
             conn,
             request_id=request_id,
             wallet_id=wallet_id,
@@ -231,7 +231,7 @@ async def test_a_check_that_failed_at_envoy_voids_its_late_hold(stack, wait_unti
             ttl_s=600,
             strict=False,
         )
-    assert placed is holds.Admission.ADMITTED
+    assert refusal is None
     grant = await stack.db.balance(wallet_id)
 
     entry = accesslog_pb2.HTTPAccessLogEntry()

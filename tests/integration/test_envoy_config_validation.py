@@ -19,9 +19,9 @@ VARIANTS = {
         settings(
             bind_host="0.0.0.0",
             gateway_port=18080,
-            http_port=18081,
+            api_port=18081,
             grpc_port=19001,
-            request_body_max_bytes=65536,
+            request_body_bytes_max=65536,
             upstream_timeout_s=60,
             backend_api_key="sk-backend",
             upstream_headers=("traceparent", "x-demo-*"),

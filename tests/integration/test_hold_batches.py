@@ -1,10 +1,10 @@
-"""billing.holds.place_many / settle_many against a real PostgreSQL: a batch ends exactly as the
+"""billing.hold_batches.place_many / settle_many against a real PostgreSQL: a batch ends exactly as the
 same calls one by one would, in one transaction; duplicates fall back to one-by-one without a
 double reservation or charge; concurrent batches in opposite wallet orders do not deadlock.
 
-Each test runs the same requests twice, on twin wallets: one by one (``place``/``settle``) and as
+Each test runs the same requests twice, on twin wallets: one by one (``holds.place``/``settle``) and as
 a batch, and compares the outcomes, balances, reservations and ledger entries. Every test runs
-twice more, once per way a batch is sent (``holds.SET_BATCH_MIN``): each request's own statement,
+twice more, once per way a batch is sent (``hold_batches.SET_BATCH_MIN``): each request's own statement,
 pipelined, and the set-based statement over arrays.
 """
 
@@ -18,13 +18,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import api_keys, database, holds, ledger, tables, wallets
+from billing import api_keys, database, hold_batches, holds, ledger, tables, wallets
 from tests.integration.row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
 
-ADMITTED = holds.Admission.ADMITTED
+ADMITTED = None  # what holds.place answers when it placed the hold: no refusal
 S = holds.Settlement
+VOID, ESTIMATE, post = holds.Resolution.VOID, holds.Resolution.POST_ESTIMATE, holds.Resolution.post
 TTL_S = 600
 
 
@@ -62,7 +63,7 @@ async def invariants(engine: AsyncEngine) -> list:
 @pytest.fixture(autouse=True, params=["pipelined", "set_based"])
 def batch_statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every batch of two or more as the set-based statement, or none of them."""
-    monkeypatch.setattr(holds, "SET_BATCH_MIN", 2 if request.param == "set_based" else 10**9)
+    monkeypatch.setattr(hold_batches, "SET_BATCH_MIN", 2 if request.param == "set_based" else 10**9)
     return request.param
 
 
@@ -75,9 +76,12 @@ async def pool(migrated_url: str):
         await pool.close()
 
 
-def requests_for(wallet_id: str, key_id: str, amounts: list[int], prefix: str) -> list[holds.HoldRequest]:
+def requests_for(
+    wallet_id: str, key_id: str, amounts: list[int], prefix: str
+) -> list[hold_batches.HoldRequest]:
     return [
-        holds.HoldRequest(f"{prefix}-{i}", wallet_id, key_id, "gpt-4o-mini", a) for i, a in enumerate(amounts)
+        hold_batches.HoldRequest(f"{prefix}-{i}", wallet_id, key_id, "gpt-4o-mini", a)
+        for i, a in enumerate(amounts)
     ]
 
 
@@ -104,7 +108,7 @@ async def test_a_batch_of_holds_admits_exactly_what_one_by_one_admits(
         ]
         async with pool.acquire() as conn:
             if mode == "batch":
-                outcomes = await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
+                outcomes = await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
             else:
                 outcomes = [
                     await holds.place(
@@ -120,7 +124,7 @@ async def test_a_batch_of_holds_admits_exactly_what_one_by_one_admits(
                     for r in reqs
                 ]
         twins[mode] = (
-            [o if o is ADMITTED else o.admission for o in outcomes],
+            [o if o is ADMITTED else o.reason for o in outcomes],
             await money(migrated_engine, poor),
             await money(migrated_engine, rich),
         )
@@ -157,7 +161,7 @@ async def test_a_batch_within_an_overdraft_limit_admits_exactly_what_one_by_one_
         ]
         async with pool.acquire() as conn:
             if mode == "batch":
-                outcomes = await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
+                outcomes = await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=strict)
             else:
                 outcomes = [
                     await holds.place(
@@ -175,7 +179,7 @@ async def test_a_batch_within_an_overdraft_limit_admits_exactly_what_one_by_one_
         # A refusal's balance and reservations are read when it is explained, which in a batch is
         # after the whole batch: compare what was decided, not that snapshot.
         decided = [
-            o if o is ADMITTED else (o.admission, o.shortfall, o.amount_nano, o.overdraft_limit_nano)
+            o if o is ADMITTED else (o.reason, o.shortfall, o.amount_nano, o.overdraft_limit_nano)
             for o in outcomes
         ]
         twins[mode] = (decided, await money(migrated_engine, wallet), await money(migrated_engine, other))
@@ -188,9 +192,9 @@ async def test_a_batch_within_an_overdraft_limit_admits_exactly_what_one_by_one_
     assert reserved <= 300_000 + (0 if strict else 400_000)
     assert other_reserved <= 100_000 + (0 if strict else 50_000)
     refused = [o for o in outcomes if o is not ADMITTED]
-    assert {(o.admission, o.shortfall) for o in refused} == {
-        (holds.Admission.FUNDS_RESERVED, None),
-        (holds.Admission.INSUFFICIENT_FUNDS, holds.Shortfall.REQUEST_TOO_LARGE),
+    assert {(o.reason, o.shortfall) for o in refused} == {
+        (holds.RefusalReason.FUNDS_RESERVED, None),
+        (holds.RefusalReason.INSUFFICIENT_FUNDS, holds.Shortfall.REQUEST_TOO_LARGE),
     }
     # A small request after a refused large one is still admitted (one by one, after the prefix).
     assert outcomes[2 * amounts.index(5_000)] is ADMITTED
@@ -203,9 +207,9 @@ async def test_a_retried_check_in_a_batch_reserves_once(
     wallet, key = await new_wallet(migrated_engine, 1_000_000)
     first, second = requests_for(wallet, key, [100_000, 200_000], "r")
     async with pool.acquire() as conn:
-        assert await holds.place_many(conn, [first], ttl_s=TTL_S, strict=False) == [ADMITTED]
+        assert await hold_batches.place_many(conn, [first], ttl_s=TTL_S, strict=False) == [ADMITTED]
         # The batch's duplicate key rolls it back whole; one by one, the retry rides on its hold.
-        assert await holds.place_many(conn, [second, first], ttl_s=TTL_S, strict=False) == [
+        assert await hold_batches.place_many(conn, [second, first], ttl_s=TTL_S, strict=False) == [
             ADMITTED,
             ADMITTED,
         ]
@@ -213,7 +217,10 @@ async def test_a_retried_check_in_a_batch_reserves_once(
     async with pool.acquire() as conn:
         # The same id twice in one batch: one reservation.
         (third,) = requests_for(wallet, key, [50_000], "again")
-        assert await holds.place_many(conn, [third, third], ttl_s=TTL_S, strict=False) == [ADMITTED, ADMITTED]
+        assert await hold_batches.place_many(conn, [third, third], ttl_s=TTL_S, strict=False) == [
+            ADMITTED,
+            ADMITTED,
+        ]
     assert await money(migrated_engine, wallet) == (1_000_000, 350_000)
 
 
@@ -229,23 +236,23 @@ async def test_a_batch_of_settlements_ends_as_one_by_one(
             b, b_key, [100_000, 100_000], f"{mode}-b"
         )
         async with pool.acquire() as conn:
-            assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 5
-            assert await holds.settle(conn, request_id=f"{mode}-b-1", cost_nano=5) is S.POSTED
+            assert await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 5
+            assert await holds.settle(conn, request_id=f"{mode}-b-1", resolution=post(5)) is S.POSTED
         settlements = [
-            holds.SettleRequest(f"{mode}-b-0", 11_111, {"prompt_tokens": 3}, wallet_id=b),
-            holds.SettleRequest(f"{mode}-a-0", 22_222, wallet_id=a),
-            holds.SettleRequest(f"{mode}-a-1", None, wallet_id=a),
-            holds.SettleRequest(f"{mode}-a-2", holds.CHARGE_HOLD, wallet_id=a),
-            holds.SettleRequest(f"{mode}-nobody", 1),
-            holds.SettleRequest(f"{mode}-b-1", 7, wallet_id=b),  # its usage entry exists already
+            hold_batches.SettleRequest(f"{mode}-b-0", post(11_111), {"prompt_tokens": 3}, wallet_id=b),
+            hold_batches.SettleRequest(f"{mode}-a-0", post(22_222), wallet_id=a),
+            hold_batches.SettleRequest(f"{mode}-a-1", VOID, wallet_id=a),
+            hold_batches.SettleRequest(f"{mode}-a-2", ESTIMATE, wallet_id=a),
+            hold_batches.SettleRequest(f"{mode}-nobody", post(1)),
+            hold_batches.SettleRequest(f"{mode}-b-1", post(7), wallet_id=b),  # its usage entry exists already
         ]
         async with pool.acquire() as conn:
             if mode == "batch":
-                outcomes = await holds.settle_many(conn, settlements)
+                outcomes = await hold_batches.settle_many(conn, settlements)
             else:
                 outcomes = [
                     await holds.settle(
-                        conn, request_id=s.request_id, cost_nano=s.cost_nano, details=s.details
+                        conn, request_id=s.request_id, resolution=s.resolution, details=s.details
                     )
                     for s in settlements
                 ]
@@ -272,11 +279,11 @@ async def test_settlements_of_one_wallet_in_a_batch_chain_their_balances(
     wallet, key = await new_wallet(migrated_engine, 1_000_000)
     reqs = requests_for(wallet, key, [50_000] * 6, "r")
     async with pool.acquire() as conn:
-        await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
-        outcomes = await holds.settle_many(
+        await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
+        outcomes = await hold_batches.settle_many(
             conn,
             [
-                holds.SettleRequest(r.request_id, 1_000 * (i + 1), wallet_id=wallet)
+                hold_batches.SettleRequest(r.request_id, post(1_000 * (i + 1)), wallet_id=wallet)
                 for i, r in enumerate(reqs)
             ],
         )
@@ -296,7 +303,7 @@ async def test_a_batch_inside_a_callers_transaction_is_undone_with_it(migrated_e
     reqs = requests_for(wallet, key, [100_000, 100_000], "r")
     async with migrated_engine.connect() as conn:
         transaction = await conn.begin()
-        assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
+        assert await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
         assert await money_in(conn, wallet) == (1_000_000, 200_000)
         await transaction.rollback()
     assert await money(migrated_engine, wallet) == (1_000_000, 0)
@@ -336,12 +343,15 @@ async def test_concurrent_batches_in_opposite_wallet_orders_do_not_deadlock(
                 ]
             )
 
-        async def run(batch: list[holds.HoldRequest]) -> list:
+        async def run(batch: list[hold_batches.HoldRequest]) -> list:
             async with pool.acquire() as conn:
-                placed = await holds.place_many(conn, batch, ttl_s=TTL_S, strict=False)
-            settle = [holds.SettleRequest(r.request_id, 10, wallet_id=r.wallet_id) for r in reversed(batch)]
+                placed = await hold_batches.place_many(conn, batch, ttl_s=TTL_S, strict=False)
+            settle = [
+                hold_batches.SettleRequest(r.request_id, post(10), wallet_id=r.wallet_id)
+                for r in reversed(batch)
+            ]
             async with pool.acquire() as conn:
-                return placed + await holds.settle_many(conn, settle)
+                return placed + await hold_batches.settle_many(conn, settle)
 
         outcomes = await asyncio.wait_for(asyncio.gather(*(run(batch) for batch in batches)), timeout=60)
     finally:
@@ -361,17 +371,19 @@ async def test_a_batch_that_fails_midway_changes_nothing_and_is_redone_one_by_on
     wallet, key = await new_wallet(migrated_engine, 1_000_000)
     first, clash = requests_for(wallet, key, [100_000, 100_000], "r")
     async with pool.acquire() as conn:
-        assert await holds.place_many(conn, [first, clash], ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
+        assert (
+            await hold_batches.place_many(conn, [first, clash], ttl_s=TTL_S, strict=False) == [ADMITTED] * 2
+        )
     async with migrated_engine.begin() as conn:
         await ledger.post_entry(
             conn, wallet_id=wallet, kind="usage", amount_nano=-1, idempotency_key=f"usage:{clash.request_id}"
         )
     async with pool.acquire() as conn:
-        outcomes = await holds.settle_many(
+        outcomes = await hold_batches.settle_many(
             conn,
             [
-                holds.SettleRequest(first.request_id, 30_000, wallet_id=wallet),
-                holds.SettleRequest(clash.request_id, 30_000, wallet_id=wallet),
+                hold_batches.SettleRequest(first.request_id, post(30_000), wallet_id=wallet),
+                hold_batches.SettleRequest(clash.request_id, post(30_000), wallet_id=wallet),
             ],
         )
     assert outcomes == [S.POSTED, S.ALREADY_POSTED]
@@ -393,14 +405,15 @@ async def test_a_batch_locks_its_wallets_in_id_order_whatever_its_own_order(
     reqs = requests_for(high[0], high[1], [1_000] * 2, "h") + requests_for(low[0], low[1], [1_000] * 2, "l")
     if step == "settle":
         async with pool.acquire() as conn:
-            assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 4
+            assert await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * 4
 
     async def batch() -> list:
         async with pool.acquire() as conn:
             if step == "place":
-                return await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
-            return await holds.settle_many(
-                conn, [holds.SettleRequest(r.request_id, 10, wallet_id=r.wallet_id) for r in reqs]
+                return await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=False)
+            return await hold_batches.settle_many(
+                conn,
+                [hold_batches.SettleRequest(r.request_id, post(10), wallet_id=r.wallet_id) for r in reqs],
             )
 
     async with pool.acquire() as blocker, pool.acquire() as probe:
@@ -431,7 +444,7 @@ async def test_the_expiry_sweep_locks_wallets_in_id_order(
         for r in requests_for(wallet_id, key_id, [1_000], f"x{n}")
     ]
     async with pool.acquire() as conn:
-        assert await holds.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * len(reqs)
+        assert await hold_batches.place_many(conn, reqs, ttl_s=TTL_S, strict=False) == [ADMITTED] * len(reqs)
         await conn.execute("UPDATE holds SET expires_at = now() - interval '1 second'")
 
     async def sweep() -> int:
@@ -451,7 +464,7 @@ async def test_the_expiry_sweep_locks_wallets_in_id_order(
                         "SELECT 1 FROM wallets WHERE id = $1 FOR NO KEY UPDATE NOWAIT", wallet_id
                     )
             assert not running.done()
-        assert await asyncio.wait_for(running, timeout=10) == len(wallets_)
+        assert await asyncio.wait_for(running, timeout=10) == len(reqs)  # one hold per wallet
     for wallet_id, _ in wallets_:
         assert (await money(migrated_engine, wallet_id))[1] == 0  # every reservation released
     assert await invariants(migrated_engine) == []

@@ -18,13 +18,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing import api_keys, database, holds, ledger, tables, wallets
+from billing import api_keys, database, hold_batches, holds, ledger, tables, wallets
 from tests.integration.row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
 
-ADMITTED = holds.Admission.ADMITTED
+ADMITTED = None  # what holds.place answers when it placed the hold: no refusal
 S = holds.Settlement
+VOID, ESTIMATE, post = holds.Resolution.VOID, holds.Resolution.POST_ESTIMATE, holds.Resolution.post
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ class Account:
 
     async def place(
         self, request_id: str, amount_nano: int, *, strict: bool = False, ttl_s: int = 600
-    ) -> holds.Admission | holds.Refusal:
+    ) -> holds.Refusal | None:
         async with database.acquire(self.db) as conn:
             return await holds.place(
                 conn,
@@ -54,9 +55,9 @@ class Account:
                 strict=strict,
             )
 
-    async def settle(self, request_id: str, cost_nano: int | holds.ChargeHold | None) -> holds.Settlement:
+    async def settle(self, request_id: str, resolution: holds.Resolution) -> holds.Settlement:
         async with database.acquire(self.db) as conn:
-            return await holds.settle(conn, request_id=request_id, cost_nano=cost_nano)
+            return await holds.settle(conn, request_id=request_id, resolution=resolution)
 
     async def wallet(self) -> wallets.Wallet:
         async with self.engine.connect() as conn:
@@ -121,7 +122,9 @@ async def test_post_charges_the_actual_cost_and_releases_the_hold(migrated_engin
     assert (await acct.hold("r1")).state == "pending"
 
     async with migrated_engine.begin() as conn:
-        outcome = await holds.settle(conn, request_id="r1", cost_nano=123_456, details={"prompt_tokens": 7})
+        outcome = await holds.settle(
+            conn, request_id="r1", resolution=post(123_456), details={"prompt_tokens": 7}
+        )
     assert outcome is S.POSTED
     assert await acct.money() == (1_000_000 - 123_456, 0)
     hold = await acct.hold("r1")
@@ -139,7 +142,7 @@ async def test_post_charges_the_actual_cost_and_releases_the_hold(migrated_engin
     }
 
     # A second settlement of any kind changes nothing.
-    for again in (123_456, 999, None, holds.CHARGE_HOLD):
+    for again in (post(123_456), post(999), VOID, ESTIMATE):
         assert await acct.settle("r1", again) is S.ALREADY_POSTED
     assert await acct.money() == (1_000_000 - 123_456, 0)
     assert len(await acct.usage_entries()) == 1
@@ -149,28 +152,28 @@ async def test_post_charges_the_actual_cost_and_releases_the_hold(migrated_engin
 async def test_void_charges_nothing(migrated_engine: AsyncEngine) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("r1", 300_000) is ADMITTED
-    assert await acct.settle("r1", None) is S.VOIDED
+    assert await acct.settle("r1", VOID) is S.VOIDED
     assert await acct.money() == (1_000_000, 0)
     hold = await acct.hold("r1")
     assert (hold.state, hold.posted_nano) == ("voided", None)
-    for again in (None, 5, holds.CHARGE_HOLD):
+    for again in (VOID, post(5), ESTIMATE):
         assert await acct.settle("r1", again) is S.ALREADY_VOIDED
     assert await acct.money() == (1_000_000, 0)
     assert await acct.usage_entries() == []
     await books_balance(migrated_engine)
 
 
-async def test_charge_hold_posts_the_holds_own_amount(migrated_engine: AsyncEngine) -> None:
+async def test_post_estimate_posts_the_holds_own_amount(migrated_engine: AsyncEngine) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("r1", 300_000) is ADMITTED
-    assert await acct.settle("r1", holds.CHARGE_HOLD) is S.POSTED
+    assert await acct.settle("r1", ESTIMATE) is S.POSTED
     assert await acct.money() == (700_000, 0)
     assert (await acct.hold("r1")).posted_nano == 300_000
     assert [e.amount_nano for e in await acct.usage_entries()] == [-300_000]
     # An actual cost above the estimate is capped at the hold: the hold is what admitted the
     # request against the wallet's overdraft limit, so the bound holds whatever the estimate missed.
     assert await acct.place("r2", 1_000) is ADMITTED
-    assert await acct.settle("r2", 5_000) is S.POSTED
+    assert await acct.settle("r2", post(5_000)) is S.POSTED
     assert await acct.money() == (699_000, 0)
     assert (await acct.hold("r2")).posted_nano == 1_000
     await books_balance(migrated_engine)
@@ -178,12 +181,12 @@ async def test_charge_hold_posts_the_holds_own_amount(migrated_engine: AsyncEngi
 
 async def test_unknown_hold_and_unknown_wallet(migrated_engine: AsyncEngine) -> None:
     acct = await open_account(migrated_engine, 1_000)
-    assert await acct.settle("never-placed", 5) is S.UNKNOWN_HOLD
-    assert await acct.settle("never-placed", None) is S.UNKNOWN_HOLD
+    assert await acct.settle("never-placed", post(5)) is S.UNKNOWN_HOLD
+    assert await acct.settle("never-placed", VOID) is S.UNKNOWN_HOLD
     assert await acct.money() == (1_000, 0)
     ghost = dataclasses.replace(acct, wallet_id="wal_ghost")
     refusal = await ghost.place("r1", 1)
-    assert isinstance(refusal, holds.Refusal) and refusal.admission is holds.Admission.WALLET_NOT_FOUND
+    assert isinstance(refusal, holds.Refusal) and refusal.reason is holds.RefusalReason.WALLET_NOT_FOUND
 
 
 async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
@@ -194,7 +197,7 @@ async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
     assert await acct.place("later", 200_000, ttl_s=600) is ADMITTED
     assert await acct.money() == (1_000_000, 500_000)
 
-    assert await expire(migrated_engine) == 1  # one wallet touched
+    assert await expire(migrated_engine) == 1  # one hold expired
     assert (await acct.hold("due")).state == "expired"
     assert (await acct.hold("later")).state == "pending"
     assert await acct.money() == (1_000_000, 200_000)
@@ -202,11 +205,11 @@ async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
     await books_balance(migrated_engine)
 
     # The access log arrives late: the cost is posted, no reservation is released twice.
-    assert await acct.settle("due", 70_000) is S.POSTED_AFTER_EXPIRY
+    assert await acct.settle("due", post(70_000)) is S.POSTED_AFTER_EXPIRY
     assert await acct.money() == (930_000, 200_000)
     hold = await acct.hold("due")
     assert (hold.state, hold.posted_nano) == ("posted", 70_000)
-    assert await acct.settle("due", 70_000) is S.ALREADY_POSTED
+    assert await acct.settle("due", post(70_000)) is S.ALREADY_POSTED
     assert await acct.money() == (930_000, 200_000)
     await books_balance(migrated_engine)
 
@@ -215,16 +218,18 @@ async def test_expired_hold_voided_late_or_charged_its_amount(migrated_engine: A
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("void-me", 100_000, ttl_s=0) is ADMITTED
     assert await acct.place("charge-me", 250_000, ttl_s=0) is ADMITTED
-    assert await expire(migrated_engine) == 1
+    assert await expire(migrated_engine) == 2
     assert await acct.money() == (1_000_000, 0)
-    assert await acct.settle("void-me", None) is S.VOIDED_AFTER_EXPIRY
-    assert await acct.settle("void-me", 5) is S.ALREADY_VOIDED
-    assert await acct.settle("charge-me", holds.CHARGE_HOLD) is S.POSTED_AFTER_EXPIRY
+    assert await acct.settle("void-me", VOID) is S.VOIDED_AFTER_EXPIRY
+    assert await acct.settle("void-me", post(5)) is S.ALREADY_VOIDED
+    assert await acct.settle("charge-me", ESTIMATE) is S.POSTED_AFTER_EXPIRY
     assert await acct.money() == (750_000, 0)
     await books_balance(migrated_engine)
 
 
-async def test_expire_due_counts_wallets_and_leaves_other_wallets_alone(migrated_engine: AsyncEngine) -> None:
+async def test_expire_due_counts_the_holds_it_expired_and_leaves_other_wallets_alone(
+    migrated_engine: AsyncEngine,
+) -> None:
     a = await open_account(migrated_engine, 1_000_000)
     b = await open_account(migrated_engine, 1_000_000)
     c = await open_account(migrated_engine, 1_000_000)
@@ -232,7 +237,7 @@ async def test_expire_due_counts_wallets_and_leaves_other_wallets_alone(migrated
     assert await a.place("a2", 20, ttl_s=0) is ADMITTED
     assert await b.place("b1", 40, ttl_s=0) is ADMITTED
     assert await c.place("c1", 80, ttl_s=600) is ADMITTED
-    assert await expire(migrated_engine) == 2
+    assert await expire(migrated_engine) == 3
     assert [await x.money() for x in (a, b, c)] == [(1_000_000, 0), (1_000_000, 0), (1_000_000, 80)]
     async with migrated_engine.connect() as conn:
         assert await holds.outstanding(conn) == 1
@@ -254,16 +259,18 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
     forged = 7_500 * 10**9  # what o1-pro would have cost
 
     async def settle(
-        cost: int | holds.ChargeHold | None, *, wallet_id: str = "", model: str = ""
+        resolution: holds.Resolution, *, wallet_id: str = "", model: str = ""
     ) -> holds.Settlement:
         async with database.acquire(migrated_engine) as conn:
-            return await holds.settle(conn, request_id="r1", cost_nano=cost, wallet_id=wallet_id, model=model)
+            return await holds.settle(
+                conn, request_id="r1", resolution=resolution, wallet_id=wallet_id, model=model
+            )
 
-    for cost in (forged, holds.CHARGE_HOLD, None):
-        assert await settle(cost, wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
-        assert await settle(cost, wallet_id=other.wallet_id, model="gpt-4o-mini") is S.REFUSED_MISMATCH
-        assert await settle(cost, model="o1-pro") is S.REFUSED_MISMATCH  # one claim, and it is wrong
-        assert await settle(cost, wallet_id=other.wallet_id) is S.REFUSED_MISMATCH
+    for resolution in (post(forged), ESTIMATE, VOID):
+        assert await settle(resolution, wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
+        assert await settle(resolution, wallet_id=other.wallet_id, model="gpt-4o-mini") is S.REFUSED_MISMATCH
+        assert await settle(resolution, model="o1-pro") is S.REFUSED_MISMATCH  # one claim, and it is wrong
+        assert await settle(resolution, wallet_id=other.wallet_id) is S.REFUSED_MISMATCH
     assert await acct.money() == (1_000_000, 300_000)
     assert await other.money() == (1_000_000, 0)
     hold = await acct.hold("r1")
@@ -271,7 +278,7 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
     assert await acct.usage_entries() == []
 
     # The true report settles it, charging the hold's wallet and key under the hold's model.
-    assert await settle(12_345, wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.POSTED
+    assert await settle(post(12_345), wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.POSTED
     (entry,) = await acct.usage_entries()
     assert (entry.amount_nano, entry.details["model"], entry.details["key_id"]) == (
         -12_345,
@@ -279,8 +286,8 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
         acct.key_id,
     )
     # Once settled, a disagreeing report is still refused as such, not taken for a replay.
-    assert await settle(forged, wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
-    assert await settle(12_345, wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.ALREADY_POSTED
+    assert await settle(post(forged), wallet_id=acct.wallet_id, model="o1-pro") is S.REFUSED_MISMATCH
+    assert await settle(post(12_345), wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.ALREADY_POSTED
     assert await acct.money() == (1_000_000 - 12_345, 0)
 
     # An expired hold likewise.
@@ -289,14 +296,14 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
     async with database.acquire(migrated_engine) as conn:
         assert (
             await holds.settle(
-                conn, request_id="late", cost_nano=forged, wallet_id=acct.wallet_id, model="o1-pro"
+                conn, request_id="late", resolution=post(forged), wallet_id=acct.wallet_id, model="o1-pro"
             )
             is S.REFUSED_MISMATCH
         )
         assert (await acct.hold("late")).state == "expired"
         assert (
             await holds.settle(
-                conn, request_id="late", cost_nano=None, wallet_id=acct.wallet_id, model="gpt-4o-mini"
+                conn, request_id="late", resolution=VOID, wallet_id=acct.wallet_id, model="gpt-4o-mini"
             )
             is S.VOIDED_AFTER_EXPIRY
         )
@@ -308,23 +315,23 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
 async def test_settle_many_refuses_only_the_requests_that_disagree(
     migrated_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
-    """In a batch (both ways one is sent, ``holds.SET_BATCH_MIN``) a disagreeing request is left
-    alone and the others settle, exactly as one by one."""
-    monkeypatch.setattr(holds, "SET_BATCH_MIN", 2 if way == "set_based" else 10**9)
+    """In a batch (both ways one is sent, ``hold_batches.SET_BATCH_MIN``) a disagreeing request is
+    left alone and the others settle, exactly as one by one."""
+    monkeypatch.setattr(hold_batches, "SET_BATCH_MIN", 2 if way == "set_based" else 10**9)
     a = await open_account(migrated_engine, 1_000_000)
     b = await open_account(migrated_engine, 1_000_000)
     for request_id in ("a-ok", "a-model", "a-wallet", "a-void"):
         assert await a.place(request_id, 100_000) is ADMITTED
     assert await b.place("b-ok", 100_000) is ADMITTED
     batch = [
-        holds.SettleRequest("a-ok", 1_000, wallet_id=a.wallet_id, model="gpt-4o-mini"),
-        holds.SettleRequest("a-model", 10**12, wallet_id=a.wallet_id, model="o1-pro"),
-        holds.SettleRequest("a-wallet", 1_000, wallet_id=b.wallet_id, model="gpt-4o-mini"),
-        holds.SettleRequest("a-void", None, wallet_id=a.wallet_id, model="gpt-4o-mini"),
-        holds.SettleRequest("b-ok", holds.CHARGE_HOLD, wallet_id=b.wallet_id, model="gpt-4o-mini"),
+        hold_batches.SettleRequest("a-ok", post(1_000), wallet_id=a.wallet_id, model="gpt-4o-mini"),
+        hold_batches.SettleRequest("a-model", post(10**12), wallet_id=a.wallet_id, model="o1-pro"),
+        hold_batches.SettleRequest("a-wallet", post(1_000), wallet_id=b.wallet_id, model="gpt-4o-mini"),
+        hold_batches.SettleRequest("a-void", VOID, wallet_id=a.wallet_id, model="gpt-4o-mini"),
+        hold_batches.SettleRequest("b-ok", ESTIMATE, wallet_id=b.wallet_id, model="gpt-4o-mini"),
     ]
     async with database.acquire(migrated_engine) as conn:
-        outcomes = await holds.settle_many(conn, batch)
+        outcomes = await hold_batches.settle_many(conn, batch)
     assert outcomes == [S.POSTED, S.REFUSED_MISMATCH, S.REFUSED_MISMATCH, S.VOIDED, S.POSTED]
     assert await a.money() == (1_000_000 - 1_000, 200_000)
     assert await b.money() == (1_000_000 - 100_000, 0)
@@ -353,17 +360,17 @@ async def test_reserved_is_the_sum_of_pending_holds_at_every_step(migrated_engin
     await expect(10_000_000, 300_000)
     assert await acct.place("c", 400_000, ttl_s=0) is ADMITTED
     await expect(10_000_000, 700_000)
-    assert await acct.settle("a", 50_000) is S.POSTED
+    assert await acct.settle("a", post(50_000)) is S.POSTED
     await expect(9_950_000, 600_000)
-    assert await acct.settle("b", None) is S.VOIDED
+    assert await acct.settle("b", VOID) is S.VOIDED
     await expect(9_950_000, 400_000)
     assert await expire(migrated_engine) == 1
     await expect(9_950_000, 0)
     assert await acct.place("d", 1_000) is ADMITTED
     await expect(9_950_000, 1_000)
-    assert await acct.settle("c", 30_000) is S.POSTED_AFTER_EXPIRY
+    assert await acct.settle("c", post(30_000)) is S.POSTED_AFTER_EXPIRY
     await expect(9_920_000, 1_000)
-    assert await acct.settle("d", 1_000) is S.POSTED
+    assert await acct.settle("d", post(1_000)) is S.POSTED
     await expect(9_919_000, 0)
     await books_balance(migrated_engine)
 
@@ -374,7 +381,7 @@ async def test_a_repeated_check_reserves_once(migrated_engine: AsyncEngine) -> N
         assert await acct.place("same", 300_000) is ADMITTED
     assert await acct.money() == (1_000_000, 300_000)
     assert await acct.pending_sum() == 300_000
-    assert await acct.settle("same", 300_000) is S.POSTED
+    assert await acct.settle("same", post(300_000)) is S.POSTED
     assert await acct.money() == (700_000, 0)
     await books_balance(migrated_engine)
 
@@ -386,11 +393,11 @@ async def test_a_request_id_of_another_wallet_or_a_settled_hold_is_refused(
     bob = await open_account(migrated_engine, 1_000_000)
     assert await alice.place("shared", 300_000) is ADMITTED
     refusal = await bob.place("shared", 300_000)
-    assert isinstance(refusal, holds.Refusal) and refusal.admission is holds.Admission.DUPLICATE_REQUEST
+    assert isinstance(refusal, holds.Refusal) and refusal.reason is holds.RefusalReason.DUPLICATE_REQUEST
     assert await bob.money() == (1_000_000, 0)
-    assert await alice.settle("shared", 100_000) is S.POSTED
+    assert await alice.settle("shared", post(100_000)) is S.POSTED
     replay = await alice.place("shared", 300_000)
-    assert isinstance(replay, holds.Refusal) and replay.admission is holds.Admission.DUPLICATE_REQUEST
+    assert isinstance(replay, holds.Refusal) and replay.reason is holds.RefusalReason.DUPLICATE_REQUEST
     assert await alice.money() == (900_000, 0)
     await books_balance(migrated_engine)
 
@@ -399,7 +406,7 @@ async def test_a_negative_cost_is_refused_and_changes_nothing(migrated_engine: A
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("r", 300_000) is ADMITTED
     with pytest.raises(ValueError, match="negative"):
-        await acct.settle("r", -5)
+        await acct.settle("r", post(-5))
     assert await acct.money() == (1_000_000, 300_000)
     assert (await acct.hold("r")).state == "pending"
 
@@ -416,7 +423,9 @@ async def test_a_repeated_check_is_admitted_when_its_own_hold_took_all_the_money
         assert await acct.money() == (1_000_000, 1_000_000)
         # A different request is still refused.
         refusal = await acct.place(f"other-{strict}", 1, strict=strict)
-        assert refusal == holds.Refusal(holds.Admission.FUNDS_RESERVED, 1_000_000, 1_000_000, amount_nano=1)
+        assert refusal == holds.Refusal(
+            holds.RefusalReason.FUNDS_RESERVED, 1_000_000, 1_000_000, amount_nano=1
+        )
     await books_balance(migrated_engine)
 
 
@@ -453,16 +462,16 @@ async def test_a_settlement_racing_another_waits_for_it_and_changes_nothing(
     migrated_engine: AsyncEngine,
 ) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
-    for request_id, second_cost in (("post-then-void", None), ("post-then-post", 999)):
+    for request_id, second in (("post-then-void", VOID), ("post-then-post", post(999))):
         assert await acct.place(request_id, 300_000) is ADMITTED
 
         async def post_first(conn: AsyncConnection, request_id: str = request_id) -> holds.Settlement:
-            return await holds.settle(conn, request_id=request_id, cost_nano=100_000)
+            return await holds.settle(conn, request_id=request_id, resolution=post(100_000))
 
         async def then_second(
-            request_id: str = request_id, cost: int | None = second_cost
+            request_id: str = request_id, resolution: holds.Resolution = second
         ) -> holds.Settlement:
-            return await acct.settle(request_id, cost)
+            return await acct.settle(request_id, resolution)
 
         assert await in_open_transaction(migrated_engine, post_first, then_second) == (
             S.POSTED,
@@ -481,7 +490,7 @@ async def test_a_settlement_racing_the_expiry_sweep_releases_the_reservation_onc
     assert await acct.place("swept-first", 300_000, ttl_s=0) is ADMITTED
 
     async def settle_swept() -> holds.Settlement:
-        return await acct.settle("swept-first", 70_000)
+        return await acct.settle("swept-first", post(70_000))
 
     assert await in_open_transaction(migrated_engine, holds.expire_due, settle_swept) == (
         1,
@@ -493,7 +502,7 @@ async def test_a_settlement_racing_the_expiry_sweep_releases_the_reservation_onc
     # settled) without waiting, and expires nothing; the settlement then commits.
     assert await acct.place("settled-first", 200_000, ttl_s=0) is ADMITTED
     async with migrated_engine.connect() as conn, conn.begin():
-        assert await holds.settle(conn, request_id="settled-first", cost_nano=50_000) is S.POSTED
+        assert await holds.settle(conn, request_id="settled-first", resolution=post(50_000)) is S.POSTED
         assert await asyncio.wait_for(expire(migrated_engine), timeout=10) == 0
     assert await acct.money() == (880_000, 0)
     assert (await acct.hold("settled-first")).state == "posted"
@@ -509,7 +518,7 @@ async def test_an_existing_usage_entry_aborts_the_whole_settlement(migrated_engi
         await ledger.post_entry(
             conn, wallet_id=acct.wallet_id, kind="usage", amount_nano=-5, idempotency_key="usage:r"
         )
-    assert await acct.settle("r", 100_000) is S.ALREADY_POSTED
+    assert await acct.settle("r", post(100_000)) is S.ALREADY_POSTED
     assert await acct.money() == (999_995, 300_000)
     hold = await acct.hold("r")
     assert (hold.state, hold.posted_nano, hold.resolved_at) == ("pending", None, None)
@@ -522,12 +531,12 @@ async def test_settling_inside_a_callers_transaction_is_undone_with_it(migrated_
     assert await acct.place("r", 300_000) is ADMITTED
     async with migrated_engine.connect() as conn:
         transaction = await conn.begin()
-        assert await holds.settle(conn, request_id="r", cost_nano=100_000) is S.POSTED
+        assert await holds.settle(conn, request_id="r", resolution=post(100_000)) is S.POSTED
         await transaction.rollback()
     assert await acct.money() == (1_000_000, 300_000)
     assert (await acct.hold("r")).state == "pending"
     assert await acct.usage_entries() == []
-    assert await acct.settle("r", 100_000) is S.POSTED
+    assert await acct.settle("r", post(100_000)) is S.POSTED
     await books_balance(migrated_engine)
 
 
@@ -538,19 +547,19 @@ async def test_settling_inside_a_callers_transaction_is_undone_with_it(migrated_
 # reservation released, else INSUFFICIENT_FUNDS — wallet_empty when balance + limit ≤ 0,
 # request_too_large otherwise.
 
-INSUFFICIENT, RESERVED = holds.Admission.INSUFFICIENT_FUNDS, holds.Admission.FUNDS_RESERVED
+INSUFFICIENT, RESERVED = holds.RefusalReason.INSUFFICIENT_FUNDS, holds.RefusalReason.FUNDS_RESERVED
 EMPTY, TOO_LARGE = holds.Shortfall.WALLET_EMPTY, holds.Shortfall.REQUEST_TOO_LARGE
 
 
 def refusal(
-    admission: holds.Admission,
+    reason: holds.RefusalReason,
     balance: int,
     reserved: int,
     limit: int,
     amount: int,
     shortfall: holds.Shortfall | None = None,
 ) -> holds.Refusal:
-    return holds.Refusal(admission, balance, reserved, limit, amount, shortfall)
+    return holds.Refusal(reason, balance, reserved, limit, amount, shortfall)
 
 
 async def no_hold_left_by_refusals(engine: AsyncEngine, admitted: int) -> None:
@@ -570,7 +579,7 @@ async def test_a_wallet_without_overdraft_admits_only_what_its_balance_covers(
     )
     assert await acct.place("all", 1_000, strict=strict) is ADMITTED  # exactly the balance
     assert await acct.place("more", 1, strict=strict) == refusal(RESERVED, 1_000, 1_000, 0, 1)
-    assert await acct.settle("all", 1_000) is S.POSTED
+    assert await acct.settle("all", post(1_000)) is S.POSTED
     assert await acct.money() == (0, 0)
     assert await acct.place("after", 1, strict=strict) == refusal(INSUFFICIENT, 0, 0, 0, 1, EMPTY)
     assert await acct.money() == (0, 0)
@@ -584,7 +593,7 @@ async def test_the_overdraft_limit_bounds_how_far_below_zero_the_balance_goes(
     acct = await open_account(migrated_engine, 100, limit_nano=400)
     assert await acct.place("big", 500) is ADMITTED  # 100 − 500 = −400 ≥ −400
     assert await acct.place("next", 1) == refusal(RESERVED, 100, 500, 400, 1)
-    assert await acct.settle("big", 500) is S.POSTED
+    assert await acct.settle("big", post(500)) is S.POSTED
     assert await acct.money() == (-400, 0)
     # Exactly at −limit: nothing more fits, whatever its size.
     assert await acct.place("next", 1) == refusal(INSUFFICIENT, -400, 0, 400, 1, EMPTY)
@@ -597,7 +606,7 @@ async def test_the_overdraft_limit_bounds_how_far_below_zero_the_balance_goes(
     assert wallet is not None and wallet.overdraft_limit_nano == 500
     assert await acct.place("too-big", 101) == refusal(INSUFFICIENT, -400, 0, 500, 101, TOO_LARGE)
     assert await acct.place("fits", 100) is ADMITTED
-    assert await acct.settle("fits", 100) is S.POSTED
+    assert await acct.settle("fits", post(100)) is S.POSTED
     assert await acct.money() == (-500, 0)
     assert await acct.place("last", 1) == refusal(INSUFFICIENT, -500, 0, 500, 1, EMPTY)
     await no_hold_left_by_refusals(migrated_engine, 2)
@@ -635,10 +644,10 @@ async def test_fully_reserved_wallet_is_funds_reserved_not_insufficient(
         INSUFFICIENT, 1_000, 1_000, 0, 1_001, TOO_LARGE
     )
     # Money comes back when a hold is settled: admitted again.
-    assert await acct.settle("a", None) is S.VOIDED
+    assert await acct.settle("a", VOID) is S.VOIDED
     assert await acct.place("d", 1, strict=strict) is ADMITTED
     for request_id in ("c", "d"):
-        assert await acct.settle(request_id, None) is S.VOIDED
+        assert await acct.settle(request_id, VOID) is S.VOIDED
     await books_balance(migrated_engine)
 
 
@@ -650,10 +659,10 @@ async def test_strict_mode_ignores_the_wallets_limit(migrated_engine: AsyncEngin
     assert await acct.place("overdraft", 1_001) is ADMITTED
     # The balance covers it once the other request's hold is released: wait.
     assert await acct.place("strict-2", 1, strict=True) == refusal(RESERVED, 1_000, 1_001, 0, 1)
-    assert await acct.settle("overdraft", 1_001) is S.POSTED
+    assert await acct.settle("overdraft", post(1_001)) is S.POSTED
     assert await acct.place("strict-3", 1, strict=True) == refusal(INSUFFICIENT, -1, 0, 0, 1, EMPTY)
     assert await acct.place("overdraft-2", 4_999) is ADMITTED
-    assert await acct.settle("overdraft-2", None) is S.VOIDED
+    assert await acct.settle("overdraft-2", VOID) is S.VOIDED
     await books_balance(migrated_engine)
 
 
@@ -693,8 +702,7 @@ async def test_the_statement_and_the_named_refusal_agree_everywhere(migrated_eng
                                 0, balance - reserved + (0 if strict else limit)
                             )
                             assert (outcome.shortfall is EMPTY) is (
-                                outcome.admission is INSUFFICIENT
-                                and balance + outcome.overdraft_limit_nano <= 0
+                                outcome.reason is INSUFFICIENT and balance + outcome.overdraft_limit_nano <= 0
                             )
 
 
@@ -705,7 +713,7 @@ async def test_suspended_wallet_is_refused_whatever_its_balance(migrated_engine:
         await conn.execute(sa.update(w).where(w.c.id == acct.wallet_id).values(suspended=True))
     for strict in (False, True):
         refused = await acct.place(f"r-{strict}", 1, strict=strict)
-        assert refused == refusal(holds.Admission.WALLET_SUSPENDED, 1_000_000, 0, 0 if strict else 7, 1)
+        assert refused == refusal(holds.RefusalReason.WALLET_SUSPENDED, 1_000_000, 0, 0 if strict else 7, 1)
     assert await acct.money() == (1_000_000, 0)
 
 
@@ -730,12 +738,12 @@ async def test_disputed_wallet_is_refused_whatever_its_balance_until_disputed_is
                 idempotency_key=f"adjustment:{acct.wallet_id}",
             )
     await set_wallet_flags(migrated_engine, acct.wallet_id, disputed=True)
-    disputed = refusal(holds.Admission.WALLET_DISPUTED, balance_nano, 0, 0, 1)
+    disputed = refusal(holds.RefusalReason.PAYMENT_DISPUTED, balance_nano, 0, 0, 1)
     for strict in (False, True):
         assert await acct.place(f"r-{strict}", 1, strict=strict) == disputed
     # Both flags: the operator's suspension is the one reported.
     await set_wallet_flags(migrated_engine, acct.wallet_id, suspended=True)
-    assert await acct.place("both", 1) == refusal(holds.Admission.WALLET_SUSPENDED, balance_nano, 0, 0, 1)
+    assert await acct.place("both", 1) == refusal(holds.RefusalReason.WALLET_SUSPENDED, balance_nano, 0, 0, 1)
     # Lifting the operator's switch does not lift the dispute's hold.
     await set_wallet_flags(migrated_engine, acct.wallet_id, suspended=False)
     assert await acct.place("held", 1) == disputed
@@ -772,17 +780,17 @@ async def test_200_concurrent_requests_on_one_wallet(migrated_url: str, strict: 
     try:
         acct = await open_account(engine, start_balance, pool, limit_nano=LIMIT_NANO)
 
-        async def request(request_id: str) -> holds.Admission | holds.Refusal:
-            admission = await acct.place(request_id, costs[request_id], strict=strict)
-            if admission is ADMITTED:
-                assert await acct.settle(request_id, costs[request_id]) is S.POSTED
-            return admission
+        async def request(request_id: str) -> holds.Refusal | None:
+            refusal = await acct.place(request_id, costs[request_id], strict=strict)
+            if refusal is None:
+                assert await acct.settle(request_id, post(costs[request_id])) is S.POSTED
+            return refusal
 
         outcomes = dict(zip(costs, await asyncio.gather(*(request(r) for r in costs)), strict=True))
         admitted = [r for r, o in outcomes.items() if o is ADMITTED]
         refused = [o for o in outcomes.values() if o is not ADMITTED]
         assert admitted and refused, "the wallet must cover some requests and refuse others"
-        assert {o.admission for o in refused} <= {INSUFFICIENT, RESERVED}
+        assert {o.reason for o in refused} <= {INSUFFICIENT, RESERVED}
 
         balance, reserved = await acct.money()
         charged = sum(costs[r] for r in admitted)
@@ -820,14 +828,14 @@ async def test_200_concurrent_checks_before_any_settles(migrated_url: str, stric
         balance, reserved = await acct.money()
         assert (balance, reserved) == (start_balance, total)
         # Every refused hold would fit once the others are settled: a 429, never a 403.
-        assert refusals and all(o.admission is RESERVED for o in refusals)
+        assert refusals and all(o.reason is RESERVED for o in refusals)
         spendable = start_balance + (0 if strict else LIMIT_NANO)
         assert total <= spendable
         # No false block: whatever was left could not cover any refused request.
         refused_amounts = [amounts[r] for r, o in zip(amounts, outcomes, strict=True) if o is not ADMITTED]
         assert spendable - total < min(refused_amounts)
         # Settle every one at its full amount, all at once.
-        settled = await asyncio.gather(*(acct.settle(r, holds.CHARGE_HOLD) for r in admitted))
+        settled = await asyncio.gather(*(acct.settle(r, ESTIMATE) for r in admitted))
         assert settled == [S.POSTED] * len(admitted)
         assert await acct.money() == (start_balance - total, 0)
         assert start_balance - total >= (0 if strict else -LIMIT_NANO)
@@ -869,21 +877,21 @@ async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_
 
         async def settle(request_id: str) -> None:
             costs[request_id] = rng.randint(0, amounts[request_id])
-            assert await acct.settle(request_id, costs[request_id]) is S.POSTED
+            assert await acct.settle(request_id, post(costs[request_id])) is S.POSTED
 
-        async def single(request_id: str) -> tuple[str, holds.Admission | holds.Refusal]:
+        async def single(request_id: str) -> tuple[str, holds.Refusal | None]:
             outcome = await acct.place(request_id, amounts[request_id], strict=strict)
             if outcome is ADMITTED:
                 await settle(request_id)
             return request_id, outcome
 
-        async def batch(request_ids: list[str]) -> list[tuple[str, holds.Admission | holds.Refusal]]:
+        async def batch(request_ids: list[str]) -> list[tuple[str, holds.Refusal | None]]:
             requests = [
-                holds.HoldRequest(r, acct.wallet_id, acct.key_id, "gpt-4o-mini", amounts[r])
+                hold_batches.HoldRequest(r, acct.wallet_id, acct.key_id, "gpt-4o-mini", amounts[r])
                 for r in request_ids
             ]
             async with pool.acquire() as conn:
-                outcomes = await holds.place_many(conn, requests, ttl_s=600, strict=strict)
+                outcomes = await hold_batches.place_many(conn, requests, ttl_s=600, strict=strict)
             for request_id, outcome in zip(request_ids, outcomes, strict=True):
                 if outcome is ADMITTED:
                     await settle(request_id)
@@ -900,9 +908,9 @@ async def test_200_concurrent_holds_of_every_size_single_and_batched_never_pass_
         # A hold larger than everything the wallet may spend is always refused as too large.
         for r, o in refused.items():
             if amounts[r] > spendable:
-                assert (o.admission, o.shortfall) == (INSUFFICIENT, TOO_LARGE), (r, o)
+                assert (o.reason, o.shortfall) == (INSUFFICIENT, TOO_LARGE), (r, o)
             else:
-                assert o.admission in (INSUFFICIENT, RESERVED), (r, o)
+                assert o.reason in (INSUFFICIENT, RESERVED), (r, o)
         assert all(amounts[r] <= spendable for r in admitted)
 
         balance, reserved = await acct.money()

@@ -360,7 +360,7 @@ async def test_check_invariants_after_a_mix_of_operations(migrated_engine: Async
         [(alice.wallet.id, alice.key.key_id), (bob.wallet.id, bob.key.key_id)] * 3
     ):
         async with ac.connect() as conn:
-            admitted = await holds.place(
+            refusal = await holds.place(
                 conn,
                 request_id=f"r{i}",
                 wallet_id=wallet,
@@ -370,17 +370,19 @@ async def test_check_invariants_after_a_mix_of_operations(migrated_engine: Async
                 ttl_s=0 if i == 5 else 600,
                 strict=False,
             )
-            assert admitted is holds.Admission.ADMITTED
+            assert refusal is None
+    charge, settled = holds.Resolution.post, holds.Settlement
     async with migrated_engine.begin() as conn:
-        assert await holds.settle(conn, request_id="r0", cost_nano=123_456) is holds.Settlement.POSTED
-        assert await holds.settle(conn, request_id="r1", cost_nano=None) is holds.Settlement.VOIDED
+        assert await holds.settle(conn, request_id="r0", resolution=charge(123_456)) is settled.POSTED
+        assert await holds.settle(conn, request_id="r1", resolution=holds.Resolution.VOID) is settled.VOIDED
         assert (
-            await holds.settle(conn, request_id="r2", cost_nano=holds.CHARGE_HOLD) is holds.Settlement.POSTED
+            await holds.settle(conn, request_id="r2", resolution=holds.Resolution.POST_ESTIMATE)
+            is settled.POSTED
         )
     async with migrated_engine.begin() as conn:
         assert await holds.expire_due(conn) == 1
     async with migrated_engine.begin() as conn:
-        assert await holds.settle(conn, request_id="r0", cost_nano=123_456) is holds.Settlement.ALREADY_POSTED
+        assert await holds.settle(conn, request_id="r0", resolution=charge(123_456)) is settled.ALREADY_POSTED
     # r3 and r4 stay pending: their reservations count too.
     async with migrated_engine.connect() as conn:
         assert await ledger.check_invariants(conn) == []

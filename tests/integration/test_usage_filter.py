@@ -456,7 +456,7 @@ async def test_a_stream_that_cannot_be_asked_for_usage_is_refused_at_the_gateway
 
 
 async def test_large_streamed_request_is_rewritten(gateway: Gateway) -> None:
-    # 1.4 MB, above Envoy's default 1 MiB buffer: the listener limit follows request_body_max_bytes.
+    # 1.4 MB, above Envoy's default 1 MiB buffer: the listener limit follows request_body_bytes_max.
     words = 700_000
     response, text = await gateway.chat(chat_body("w " * words, max_tokens=1, stream=True))
     assert response.status == 200, text[:300]

@@ -44,7 +44,7 @@ STREAM_USAGE_KEY = "x-billingproxy-stream-usage"
 
 
 def loopback_settings(**changes: Any) -> Settings:
-    ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "http_port")}
+    ports = {name: free_port() for name in ("gateway_port", "grpc_port", "check_port", "api_port")}
     fixed = {
         "access_log_secret": "access-log-secret-of-the-usage-filter-tests",
         "upstream_headers": ("x-demo-*",),
@@ -53,7 +53,7 @@ def loopback_settings(**changes: Any) -> Settings:
 
 
 def usage_facts(path: str, body: bytes) -> dict[str, str]:
-    """What the Check tells the filter about a request (as authz_sidecar/check.py ``Decider.decide`` does)."""
+    """What the Check tells the filter about a request (as ``check.Decider._admit_or_raise`` does)."""
     usage_format = FORMATS.get(path.split("?", 1)[0])
     if usage_format is None:
         return {}

@@ -23,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import kube_emulator
 import operator_harness as harness
 from billing import database
-from billing_operator import config
+from billing_operator import settings as operator_settings
 
-if config.STATUS_INTERVAL_S != 0.3:
+if operator_settings.STATUS_INTERVAL_S != 0.3:
     raise RuntimeError(
         "billing_operator was imported before tests/operator/conftest.py could set "
         "BILLINGPROXY_OPERATOR_STATUS_INTERVAL_S; run the operator tests in their own process "
@@ -91,23 +91,24 @@ async def kube(emulator: kube_emulator.Emulator) -> AsyncIterator[harness.Kube]:
 
 
 @pytest.fixture
-def operator_config(database_url: str) -> config.OperatorConfig:
-    return config.OperatorConfig(
+def direct_settings(database_url: str) -> operator_settings.OperatorSettings:
+    """The operator's settings for the tests, with PostgreSQL reached directly."""
+    return operator_settings.OperatorSettings(
         database_url=database_url, retry_delay_s=0.2, kube_timeout_s=5.0, rotation_grace_s=3600
     )
 
 
 @pytest.fixture
 async def operator(
-    operator_config: config.OperatorConfig, kubeconfig: Path
+    direct_settings: operator_settings.OperatorSettings, kubeconfig: Path
 ) -> AsyncIterator[harness.OperatorThread]:
-    async with harness.running(operator_config) as running:
+    async with harness.running(direct_settings) as running:
         yield running
 
 
 @pytest.fixture
 async def db_proxy(database_url: str) -> AsyncIterator[harness.TcpProxy]:
-    """A cuttable relay to the test database; see ``proxied_config``."""
+    """A cuttable relay to the test database; see ``proxied_settings``."""
     parts = urlsplit(database_url)
     proxy = harness.TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await proxy.open()
@@ -118,8 +119,8 @@ async def db_proxy(database_url: str) -> AsyncIterator[harness.TcpProxy]:
 
 
 @pytest.fixture
-def proxied_config(
-    operator_config: config.OperatorConfig, db_proxy: harness.TcpProxy, database_url: str
-) -> config.OperatorConfig:
-    """The operator's config with PostgreSQL reached through ``db_proxy``."""
-    return dataclasses.replace(operator_config, database_url=db_proxy.url(database_url))
+def proxied_settings(
+    direct_settings: operator_settings.OperatorSettings, db_proxy: harness.TcpProxy, database_url: str
+) -> operator_settings.OperatorSettings:
+    """The operator's settings with PostgreSQL reached through ``db_proxy``."""
+    return dataclasses.replace(direct_settings, database_url=db_proxy.url(database_url))

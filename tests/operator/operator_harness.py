@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from support import waiting
 
 from billing import ledger, tables
-from billing_operator import config, runner
+from billing_operator import runner, settings as operator_settings
 from billingproxy.devstack import local_stack
 
 T = TypeVar("T")
@@ -276,7 +276,7 @@ class OperatorThread:
 
     WATCHED = ("wallets.v1alpha1.billingproxy.io", "apikeys.v1alpha1.billingproxy.io")
 
-    def __init__(self, cfg: config.OperatorConfig) -> None:
+    def __init__(self, cfg: operator_settings.OperatorSettings) -> None:
         self.cfg = cfg
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -332,7 +332,7 @@ class OperatorThread:
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: config.OperatorConfig):
+async def running(cfg: operator_settings.OperatorSettings):
     operator = OperatorThread(cfg)
     await operator.start()
     try:

@@ -189,9 +189,9 @@ async def test_deleting_an_apikey_revokes_every_key_then_deletes_the_secret(
 
 
 async def test_deletion_waits_for_the_database_the_key_is_revoked_before_the_object_goes(
-    proxied_config, db_proxy, kubeconfig, kube, engine: AsyncEngine
+    proxied_settings, db_proxy, kubeconfig, kube, engine: AsyncEngine
 ) -> None:
-    async with h.running(proxied_config):
+    async with h.running(proxied_settings):
         await _wallet(kube)
         await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"})
         await kube.wait_for(APIKEYS, "ci", h.is_ready)
@@ -224,11 +224,11 @@ async def test_a_secret_that_is_not_ours_is_left_alone(operator, kube) -> None:
 
 
 async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
-    proxied_config, db_proxy, kubeconfig, kube, emulator, engine: AsyncEngine
+    proxied_settings, db_proxy, kubeconfig, kube, emulator, engine: AsyncEngine
 ) -> None:
     """The Secret is written, then PostgreSQL goes away before the key is recorded; the next
     operator records that very key: no key lost, none issued twice."""
-    first = h.OperatorThread(proxied_config)
+    first = h.OperatorThread(proxied_settings)
     await first.start()
     await _wallet(kube)
 
@@ -246,7 +246,7 @@ async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
     await first.stop()
 
     await db_proxy.open()
-    async with h.running(proxied_config):
+    async with h.running(proxied_settings):
         apikey = await kube.wait_for(APIKEYS, "ci", h.is_ready)
     (row,) = await h.key_rows(engine, external_id=uid)
     assert row.id == h.secret_value(in_secret, "key-id") == apikey["status"]["keyId"]
@@ -256,22 +256,22 @@ async def test_a_restart_midway_records_the_key_that_is_in_the_secret(
 
 
 async def test_restart_reissues_nothing_and_replaces_a_lost_secret(
-    operator_config, kubeconfig, kube, engine: AsyncEngine
+    direct_settings, kubeconfig, kube, engine: AsyncEngine
 ) -> None:
-    async with h.running(operator_config):
+    async with h.running(direct_settings):
         await _wallet(kube)
         uid = (await kube.create("ApiKey", "ci", {"walletRef": {"name": "team-a"}, "secretName": "ci-key"}))[
             "metadata"
         ]["uid"]
         await kube.wait_for(APIKEYS, "ci", h.is_ready)
     before = await _secret(kube, "ci-key")
-    async with h.running(operator_config):  # resume handlers run again: a duplicate run
+    async with h.running(direct_settings):  # resume handlers run again: a duplicate run
         await kube.wait_for(APIKEYS, "ci", h.is_ready)
     assert (await _secret(kube, "ci-key"))["data"] == before["data"]
     assert len(await h.key_rows(engine, external_id=uid)) == 1
 
     await kube._call("DELETE", "/api/v1/namespaces/default/secrets/ci-key")
-    async with h.running(operator_config):
+    async with h.running(direct_settings):
         await kube.wait_for(APIKEYS, "ci", lambda o: h.is_ready(o) and o["status"].get("previousKeyId"))
     lost, replacement = await h.key_rows(engine, external_id=uid)
     assert h.secret_value(await _secret(kube, "ci-key"), "key-id") == replacement.id

@@ -11,7 +11,7 @@ import yaml
 
 import crd_schema
 from billing import money, settings, wallets
-from billing_operator import apikey_reconciler, config, errors, wallet_reconciler
+from billing_operator import apikey_reconciler, errors, settings as operator_settings, wallet_reconciler
 
 EXAMPLES = sorted((crd_schema.ROOT / "crds" / "examples").glob("*.yaml"))
 BAD_SPECS = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
@@ -37,7 +37,9 @@ def test_example_is_accepted_by_the_operator_too(path: Path) -> None:
     if obj["kind"] == "Wallet":
         wallet_reconciler.WalletSpec.parse(obj["spec"])
     else:
-        apikey_reconciler.ApiKeySpec.parse(obj["spec"], default_grace_s=config.ROTATION_GRACE_S_DEFAULT)
+        apikey_reconciler.ApiKeySpec.parse(
+            obj["spec"], default_grace_s=operator_settings.ROTATION_GRACE_S_DEFAULT
+        )
 
 
 @pytest.mark.parametrize("path", BAD_SPECS, ids=lambda p: p.name)
@@ -110,10 +112,10 @@ def test_defaults_and_limits_agree_with_the_operator() -> None:
     wallet = crd_schema.version("Wallet")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     apikey = crd_schema.version("ApiKey")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     # kmock (and an older CRD) apply no defaults: the operator must fall back to the same values.
-    assert wallet["initialGrant"]["default"] == config.INITIAL_GRANT_USD_DEFAULT
+    assert wallet["initialGrant"]["default"] == operator_settings.INITIAL_GRANT_USD_DEFAULT
     assert wallet["suspended"]["default"] is False and apikey["suspended"]["default"] is False
-    assert apikey["rotationGracePeriodSeconds"]["default"] == config.ROTATION_GRACE_S_DEFAULT
-    assert apikey["rotationGracePeriodSeconds"]["maximum"] == config.ROTATION_GRACE_S_MAX
+    assert apikey["rotationGracePeriodSeconds"]["default"] == operator_settings.ROTATION_GRACE_S_DEFAULT
+    assert apikey["rotationGracePeriodSeconds"]["maximum"] == operator_settings.ROTATION_GRACE_S_MAX
     assert apikey["rotationGeneration"]["default"] == 0
     assert apikey["rotationGeneration"]["maximum"] == apikey_reconciler.ROTATION_GENERATION_MAX
     assert apikey["allowedModels"]["maxItems"] == apikey_reconciler.MODELS_MAX
@@ -126,7 +128,7 @@ def test_defaults_and_limits_agree_with_the_operator() -> None:
     assert re.fullmatch(overdraft["pattern"], largest) and not re.fullmatch(
         overdraft["pattern"], "1" + "0" * 7
     )
-    assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_MAX_NANO
+    assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_NANO_MAX
 
 
 def test_immutable_and_monotonic_fields_have_cel_rules() -> None:

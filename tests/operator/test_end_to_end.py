@@ -28,7 +28,7 @@ async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
         for k, v in os.environ.items()
         if not k.startswith(("BILLINGPROXY_", "STRIPE_")) and k != "DATABASE_URL"
     }
-    names = ("GATEWAY", "HTTP", "GRPC", "ADMIN", "ENVOY_ADMIN")
+    names = ("GATEWAY", "API", "GRPC", "ADMIN", "ENVOY_ADMIN")
     env.update(
         {
             "DATABASE_URL": database_url,

@@ -74,13 +74,13 @@ async def test_a_wallet_deleted_while_its_status_tick_waits_for_the_database_goe
 
 
 async def test_stopping_the_operator_while_a_status_tick_waits_for_the_database_leaves_nothing_open(
-    operator_config, kubeconfig, kube, engine: AsyncEngine
+    direct_settings, kubeconfig, kube, engine: AsyncEngine
 ) -> None:
     """kopf gives a timer a few event-loop cycles to exit, then leaves it running. The tick then
     finished after the cleanup had disposed of the pool: its connection went back to the
     discarded pool, was never closed, and surfaced as an asyncpg ResourceWarning in whichever
     later test happened to collect it (likewise kopf's API session, if the tick wrote a status)."""
-    operator = h.OperatorThread(operator_config)
+    operator = h.OperatorThread(direct_settings)
     await operator.start()
     try:
         await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
@@ -108,11 +108,11 @@ async def test_stopping_the_operator_while_a_status_tick_waits_for_the_database_
 
 
 async def test_a_status_tick_never_takes_back_the_ready_condition_a_handler_wrote(
-    proxied_config, db_proxy, kubeconfig, kube, emulator
+    proxied_settings, db_proxy, kubeconfig, kube, emulator
 ) -> None:
     """Conditions are one list: a tick that rewrote the whole list from what it had seen before
     the handler's write put the old Ready back, and nothing ever wrote it again."""
-    async with h.running(proxied_config):
+    async with h.running(proxied_settings):
         db_proxy.close()
         await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
         await kube.wait_for(

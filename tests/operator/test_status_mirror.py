@@ -80,8 +80,8 @@ async def test_reserved_funds_are_mirrored(operator, kube, engine: AsyncEngine) 
     await kube.wait_for(WALLETS, "team-a", lambda o: o["status"].get("reserved") == "0.123000")
 
 
-async def test_a_database_outage_flips_synced_not_ready(proxied_config, db_proxy, kubeconfig, kube) -> None:
-    async with h.running(proxied_config):
+async def test_a_database_outage_flips_synced_not_ready(proxied_settings, db_proxy, kubeconfig, kube) -> None:
+    async with h.running(proxied_settings):
         await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})
         await kube.wait_for(
             WALLETS, "team-a", lambda o: h.is_ready(o) and h.reason_is("Mirrored", "True", "Synced")(o)

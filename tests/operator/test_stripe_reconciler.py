@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import operator_harness as h
 from billing import payments, topups, wallets
-from billing_operator import config, stripe_reconciler
+from billing_operator import settings as operator_settings, stripe_reconciler
 from billingproxy.devstack.stripe_double import StripeDouble
 
 SECRET_KEY, WEBHOOK_SECRET = "sk_test_operator", "whsec_operator"
@@ -76,7 +76,7 @@ async def test_a_missed_webhook_is_credited_once(
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="kubernetes", grant_nano=0, external_id="uid-1")
     event = await _paid_session_without_webhook(engine, double, wallet.id)
-    cfg = config.OperatorConfig(
+    cfg = operator_settings.OperatorSettings(
         database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url
     )
     async with aiohttp.ClientSession() as session:
@@ -98,7 +98,7 @@ async def test_only_one_replica_reconciles_at_a_time(
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="kubernetes", grant_nano=0, external_id="uid-2")
     await _paid_session_without_webhook(engine, double, wallet.id)
-    cfg = config.OperatorConfig(
+    cfg = operator_settings.OperatorSettings(
         database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url
     )
     async with engine.connect() as other_replica, aiohttp.ClientSession() as session:
@@ -111,10 +111,10 @@ async def test_only_one_replica_reconciles_at_a_time(
 
 
 async def test_the_operator_reconciles_and_the_wallet_shows_the_top_up(
-    operator_config, kubeconfig, kube, engine: AsyncEngine, double: StripeDouble
+    direct_settings, kubeconfig, kube, engine: AsyncEngine, double: StripeDouble
 ) -> None:
     cfg = dataclasses.replace(
-        operator_config, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url, stripe_interval_s=0.2
+        direct_settings, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url, stripe_interval_s=0.2
     )
     async with h.running(cfg):
         await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"})

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import crd_schema
 import operator_harness as h
 from billing import api_keys, settings, tables, wallets
-from billing_operator import config, errors, wallet_reconciler
+from billing_operator import errors, settings as operator_settings, wallet_reconciler
 
 WALLETS = "wallets"
 
@@ -148,7 +148,7 @@ async def test_deleting_a_wallet_suspends_it_and_its_keys_and_keeps_the_ledger(
 
 
 async def test_a_restart_midway_grants_once(
-    operator_config, kubeconfig, kube, emulator, engine: AsyncEngine
+    direct_settings, kubeconfig, kube, emulator, engine: AsyncEngine
 ) -> None:
     """The create handler's work is committed, but kopf never records it (its patches fail);
     a new operator runs the create handler again: still one wallet, one grant, one Event."""
@@ -161,7 +161,7 @@ async def test_a_restart_midway_grants_once(
         )
 
     heal = emulator.fail(results_patch)
-    first = h.OperatorThread(operator_config)
+    first = h.OperatorThread(direct_settings)
     await first.start()
     uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
     await h.eventually(lambda: h.wallet_rows(engine, uid), what="the wallet row")
@@ -169,7 +169,7 @@ async def test_a_restart_midway_grants_once(
     assert h.condition(await kube.get(WALLETS, "team-a")) is None  # the status never got written
 
     heal()
-    async with h.running(operator_config):
+    async with h.running(direct_settings):
         wallet = await kube.wait_for(WALLETS, "team-a", h.is_ready)
     (row,) = await h.wallet_rows(engine, uid)
     assert row.balance_nano == 500_000_000 and len(await h.ledger_rows(engine, row.id)) == 1
@@ -182,9 +182,9 @@ async def test_a_restart_midway_grants_once(
 
 
 async def test_database_outage_is_a_temporary_error_with_a_condition(
-    proxied_config, db_proxy, kubeconfig, kube, engine: AsyncEngine
+    proxied_settings, db_proxy, kubeconfig, kube, engine: AsyncEngine
 ) -> None:
-    async with h.running(proxied_config):
+    async with h.running(proxied_settings):
         db_proxy.close()
         uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
         wallet = await kube.wait_for(WALLETS, "team-a", h.reason_is("DatabaseUnavailable"))
@@ -205,14 +205,14 @@ async def test_wallet_rows_are_only_ever_kubernetes_rows(engine: AsyncEngine) ->
 
 
 async def test_overdraft_limit_defaults_then_follows_its_field_only(
-    operator, operator_config, kube, engine: AsyncEngine
+    operator, direct_settings, kube, engine: AsyncEngine
 ) -> None:
     """spec.overdraftLimitUsd is applied on create and when it changes; unset, the operator's
     default (BILLINGPROXY_OVERDRAFT_LIMIT_USD); a limit set by an admin outlives other changes."""
     uid = (await kube.create("Wallet", "team-a", {"ownerEmail": "alice@example.com"}))["metadata"]["uid"]
     wallet = await kube.wait_for(WALLETS, "team-a", h.is_ready)
     (row,) = await h.wallet_rows(engine, uid)
-    assert row.overdraft_limit_nano == operator_config.overdraft_limit_nano == 1_000_000_000
+    assert row.overdraft_limit_nano == direct_settings.overdraft_limit_nano == 1_000_000_000
     assert wallet["status"]["overdraftLimit"] == "1.000000"
     crd_schema.assert_valid(wallet)
 
@@ -250,29 +250,33 @@ async def test_a_wallet_declared_without_overdraft_gets_none(operator, kube, eng
 
 
 def test_the_default_overdraft_limit_is_the_core_setting() -> None:
-    cfg = config.from_env(
+    cfg = operator_settings.from_env(
         {"DATABASE_URL": "postgresql://u:p@db/b", "BILLINGPROXY_OVERDRAFT_LIMIT_USD": "0.25"}
     )
     assert cfg.overdraft_limit_nano == 250_000_000
     assert (
-        config.OperatorConfig(database_url="x").overdraft_limit_nano
+        operator_settings.OperatorSettings(database_url="x").overdraft_limit_nano
         == settings.Settings().overdraft_limit_nano
     )
 
 
 @pytest.mark.parametrize(
-    "balance, limit, state",
+    "balance, limit, suspended, disputed, state",
     [
-        (1, 0, "Active"),
-        (0, 0, "Empty"),
-        (-5, 0, "Empty"),
-        (-5, 6, "Active"),
-        (-6, 6, "Empty"),
-        (0, 1, "Active"),
+        (1, 0, False, False, "Active"),
+        (0, 0, False, False, "Empty"),
+        (-5, 0, False, False, "Empty"),
+        (-5, 6, False, False, "Active"),
+        (-6, 6, False, False, "Empty"),
+        (0, 1, False, False, "Active"),
+        (1, 0, True, False, "Suspended"),
+        (1, 0, False, True, "Disputed"),
+        (0, 0, True, True, "Suspended"),
+        (0, 0, False, True, "Disputed"),
     ],
 )
-def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(
-    balance: int, limit: int, state: str
+def test_the_status_state_is_the_wallet_state_as_the_crd_spells_it(
+    balance: int, limit: int, suspended: bool, disputed: bool, state: str
 ) -> None:
     wallet = wallets.Wallet(
         id="wal_x",
@@ -281,9 +285,17 @@ def test_a_wallet_is_empty_when_balance_plus_limit_is_not_positive(
         external_id="u",
         balance_nano=balance,
         reserved_nano=0,
-        suspended=False,
+        suspended=suspended,
+        disputed=disputed,
         created_at=dt.datetime.now(dt.UTC),
         overdraft_limit_nano=limit,
     )
     assert wallet_reconciler.state_of(wallet) == state
-    assert wallet.state == ("active" if state == "Active" else "suspended")
+    assert wallet.state.value == state.lower()
+
+
+def test_every_wallet_state_is_one_the_crd_allows() -> None:
+    allowed = crd_schema.version("Wallet")["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "state"
+    ]["enum"]
+    assert sorted(map(wallet_reconciler.crd_state, wallets.WalletState)) == sorted(allowed)

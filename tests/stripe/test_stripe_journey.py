@@ -146,14 +146,14 @@ async def test_a_dispute_through_envoy_holds_the_wallet_until_it_closes(keyed_st
         assert await gateway.chat(api_key) == (403, {"error": disputed})
         wallet = await db.wallet(wallet_id)
         assert (wallet.disputed, wallet.suspended) == (True, False)
-        assert (await gateway.balance(api_key))["state"] == "suspended"
+        assert (await gateway.balance(api_key))["state"] == "disputed"
 
         # Topping up does not lift the hold: the money is credited, the wallet stays held.
         again = double.complete((await gateway.topup(api_key, "10.00"))["session_id"])
         assert await double.deliver(again) == 200
         assert await db.balance(wallet_id) > 0
         assert await gateway.chat(api_key) == (403, {"error": disputed})
-        assert (await gateway.balance(api_key))["state"] == "suspended"  # held, not empty
+        assert (await gateway.balance(api_key))["state"] == "disputed"  # held, not empty
 
         # The operator's switch on top of it is reported first, and lifting it leaves the dispute's hold.
         async with db.engine.begin() as conn:
@@ -162,6 +162,7 @@ async def test_a_dispute_through_envoy_holds_the_wallet_until_it_closes(keyed_st
             )
         status, body = await gateway.chat(api_key)
         assert (status, body["error"]["code"]) == (403, "wallet_suspended")
+        assert (await gateway.balance(api_key))["state"] == "suspended"
         async with db.engine.begin() as conn:
             await conn.execute(
                 sa.update(tables.wallets).where(tables.wallets.c.id == wallet_id).values(suspended=False)

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import sqlalchemy as sa
 
-from billing import ledger, payments, tables, topups
+from billing import ledger, payments, tables, topups, wallets
 from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import TEN_USD_NANO, Db
 
@@ -268,7 +268,7 @@ async def test_a_dispute_debits_and_holds_the_wallet_until_won(
         -9 * 10**9,
         True,
         False,
-        "suspended",
+        wallets.WalletState.DISPUTED,
     )
 
     dispute_id = created["data"]["object"]["id"]
@@ -284,7 +284,7 @@ async def test_a_dispute_debits_and_holds_the_wallet_until_won(
         10**9,
         False,
         False,
-        "active",
+        wallets.WalletState.ACTIVE,
     )
     assert [(e.kind, e.idempotency_key) for e in (await db.entries(wallet_id))[-2:]] == [
         ("dispute", f"dispute:{dispute_id}"),
@@ -333,7 +333,7 @@ async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other
     assert (wallet.suspended, wallet.disputed) == (True, True)
     await db.process(double.update_dispute(first["data"]["object"]["id"], "won"))
     wallet = await db.wallet(wallet_id)
-    assert (wallet.suspended, wallet.disputed, wallet.state) == (True, False, "suspended")
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (True, False, wallets.WalletState.SUSPENDED)
 
     # A dispute opens; the operator lifts `suspended` (a reconcile of spec.suspended: false), and
     # later events of the dispute do not change that: the dispute's hold stays until it closes.
@@ -341,19 +341,19 @@ async def test_an_operators_suspension_and_a_disputes_hold_never_lift_each_other
     await db.process(second)
     await set_suspended(db, wallet_id, False)
     wallet = await db.wallet(wallet_id)
-    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, True, "suspended")
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, True, wallets.WalletState.DISPUTED)
     await db.process(double.update_dispute(second["data"]["object"]["id"], "under_review"))
     wallet = await db.wallet(wallet_id)
-    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, True, "suspended")
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, True, wallets.WalletState.DISPUTED)
 
     # The operator suspends on top of the open dispute; the dispute closing leaves it suspended.
     await set_suspended(db, wallet_id, True)
     await db.process(double.update_dispute(second["data"]["object"]["id"], "lost"))
     wallet = await db.wallet(wallet_id)
-    assert (wallet.suspended, wallet.disputed, wallet.state) == (True, False, "suspended")
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (True, False, wallets.WalletState.SUSPENDED)
     await set_suspended(db, wallet_id, False)
     wallet = await db.wallet(wallet_id)
-    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, False, "active")
+    assert (wallet.suspended, wallet.disputed, wallet.state) == (False, False, wallets.WalletState.ACTIVE)
 
 
 async def test_two_disputes_keep_the_wallet_on_hold_until_the_last_closes(

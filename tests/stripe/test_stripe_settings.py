@@ -14,7 +14,7 @@ def test_stripe_is_off_by_default_with_five_to_five_hundred_dollar_top_ups() -> 
     s = settings.from_env({})
     assert not s.stripe_configured
     assert (s.stripe_secret_key, s.stripe_webhook_secret, s.stripe_api_base) == ("", "", "")
-    assert (s.topup_min_nano, s.topup_max_nano) == (5 * 10**9, 500 * 10**9)
+    assert (s.topup_nano_min, s.topup_nano_max) == (5 * 10**9, 500 * 10**9)
 
 
 def test_stripe_values_are_read_and_secrets_stay_out_of_repr() -> None:
@@ -23,8 +23,8 @@ def test_stripe_values_are_read_and_secrets_stay_out_of_repr() -> None:
             "STRIPE_SECRET_KEY": " sk_test_abc ",
             "STRIPE_WEBHOOK_SECRET": "whsec_def",
             "STRIPE_API_BASE": "http://127.0.0.1:12111/",
-            P + "TOPUP_MIN_USD": "1.50",
-            P + "TOPUP_MAX_USD": "1000",
+            P + "TOPUP_USD_MIN": "1.50",
+            P + "TOPUP_USD_MAX": "1000",
         }
     )
     assert s.stripe_configured
@@ -33,7 +33,7 @@ def test_stripe_values_are_read_and_secrets_stay_out_of_repr() -> None:
         "whsec_def",
         "http://127.0.0.1:12111",
     )
-    assert (s.topup_min_nano, s.topup_max_nano) == (1_500_000_000, 1000 * 10**9)
+    assert (s.topup_nano_min, s.topup_nano_max) == (1_500_000_000, 1000 * 10**9)
     assert "sk_test_abc" not in repr(s) and "whsec_def" not in repr(s)
 
 
@@ -52,12 +52,12 @@ def test_stripe_values_are_read_and_secrets_stay_out_of_repr() -> None:
         ),
         ({"STRIPE_API_BASE": "127.0.0.1:12111"}, "STRIPE_API_BASE"),
         ({"STRIPE_API_BASE": "http://127.0.0.1:1/v1"}, "STRIPE_API_BASE"),
-        ({P + "TOPUP_MIN_USD": "0.49"}, P + "TOPUP_MIN_USD"),
-        ({P + "TOPUP_MIN_USD": "5.001"}, P + "TOPUP_MIN_USD"),
-        ({P + "TOPUP_MIN_USD": "five"}, P + "TOPUP_MIN_USD"),
-        ({P + "TOPUP_MAX_USD": "1000000"}, P + "TOPUP_MAX_USD"),
-        ({P + "TOPUP_MAX_USD": "-5"}, P + "TOPUP_MAX_USD"),
-        ({P + "TOPUP_MIN_USD": "20", P + "TOPUP_MAX_USD": "10"}, P + "TOPUP_MIN_USD"),
+        ({P + "TOPUP_USD_MIN": "0.49"}, P + "TOPUP_USD_MIN"),
+        ({P + "TOPUP_USD_MIN": "5.001"}, P + "TOPUP_USD_MIN"),
+        ({P + "TOPUP_USD_MIN": "five"}, P + "TOPUP_USD_MIN"),
+        ({P + "TOPUP_USD_MAX": "1000000"}, P + "TOPUP_USD_MAX"),
+        ({P + "TOPUP_USD_MAX": "-5"}, P + "TOPUP_USD_MAX"),
+        ({P + "TOPUP_USD_MIN": "20", P + "TOPUP_USD_MAX": "10"}, P + "TOPUP_USD_MIN"),
     ],
 )
 def test_bad_stripe_settings_name_the_variable(env: dict[str, str], names: str) -> None:

@@ -12,7 +12,7 @@ import aiohttp
 import sqlalchemy as sa
 
 from authz_sidecar import json_body
-from billing import tables, topups
+from billing import tables, topups, wallets
 from billing.settings import Settings
 from billingproxy.devstack.local_stack import free_port
 from billingproxy.devstack.stripe_double import StripeDouble
@@ -122,8 +122,8 @@ async def test_signatures_dated_ahead_beyond_the_tolerance_are_refused(
 async def test_topup_creates_a_checkout_session_for_the_keys_wallet(
     db: Db, double: StripeDouble, sidecar
 ) -> None:
-    wallet_id, api_key = await db.new_wallet(grant_nano=0)  # an empty ("suspended") wallet may top up
-    assert (await db.wallet(wallet_id)).state == "suspended"
+    wallet_id, api_key = await db.new_wallet(grant_nano=0)  # an empty wallet may top up
+    assert (await db.wallet(wallet_id)).state is wallets.WalletState.EMPTY
     status, body = await sidecar.topup(api_key, {"amount_usd": "10.00"})
     assert status == 200, body
     session = double.sessions[body["session_id"]]
@@ -226,7 +226,7 @@ async def test_topup_and_signup_answer_a_body_the_same_way(db: Db, double: Strip
 
 
 async def test_topup_bounds_come_from_the_settings(db: Db, double: StripeDouble, start_sidecar) -> None:
-    settings = stripe_settings(double.url, topup_min_nano=10**9, topup_max_nano=2 * 10**9)
+    settings = stripe_settings(double.url, topup_nano_min=10**9, topup_nano_max=2 * 10**9)
     _, api_key = await db.new_wallet()
     async with start_sidecar(settings) as running:
         assert (await running.topup(api_key, {"amount_usd": "1.00"}))[0] == 200

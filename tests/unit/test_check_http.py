@@ -1,6 +1,6 @@
 """authz_sidecar.check_http: the Check's HTTP face, over a real socket, with a stand-in rule.
 
-The billing rule itself (``check.Decider.decide``) is exercised through Envoy in tests/e2e; here a
+The billing rule itself (``check.Decider._admit_or_raise``) is exercised through Envoy in tests/e2e; here a
 small stand-in decides, so each test controls exactly what the rule answers and when.
 """
 
@@ -16,16 +16,18 @@ from authz_sidecar.check_http import CheckServer
 
 
 class Rule(check.Decider):
-    """The real Decider's answering (``judge``: metrics, fail-closed) around a stand-in decision
+    """The real Decider's answering (``decide``: metrics, fail-closed) around a stand-in decision
     by path: /v1/ok admits, /v1/deny denies, /v1/boom fails, /v1/slow waits."""
 
-    def __init__(self) -> None:  # no database, no prices: ``decide`` below is all it needs
+    def __init__(self) -> None:  # no database, no prices: ``_admit_or_raise`` below is all it needs
         self.seen: list[dict[str, Any]] = []
         self.release = asyncio.Event()
         self.slow_started = asyncio.Event()
         self.slow_cancelled = asyncio.Event()
 
-    async def decide(self, *, method: str, path: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
+    async def _admit_or_raise(
+        self, *, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> dict[str, str]:
         self.seen.append({"method": method, "path": path, "headers": headers, "body": body})
         if path.startswith("/v1/deny"):
             raise api_errors.funds_reserved(retry_after_s=1)
@@ -43,9 +45,9 @@ class Rule(check.Decider):
 
 @pytest.fixture
 async def served():
-    async def start(body_max_bytes: int = 1024):
+    async def start(body_bytes_max: int = 1024):
         rule = Rule()
-        server = CheckServer(rule, body_max_bytes=body_max_bytes)  # Rule stands in for check.Decider
+        server = CheckServer(rule, body_bytes_max=body_bytes_max)  # Rule stands in for check.Decider
         await server.start("127.0.0.1", 0)
         port = server._server.sockets[0].getsockname()[1]
         started.append(server)
@@ -158,7 +160,7 @@ async def test_malformed_http_is_answered_400_and_closed(served, raw: bytes) -> 
 
 
 async def test_a_body_beyond_the_limit_is_refused_413(served) -> None:
-    rule, port = await served(body_max_bytes=1024)
+    rule, port = await served(body_bytes_max=1024)
     answers = await exchange(port, post("/v1/ok", b"x" * (1024 + 64 * 1024 + 1)))
     assert [status for status, _, _ in answers] == [413]
     assert rule.seen == []
@@ -192,7 +194,7 @@ async def test_envoy_hanging_up_stops_the_decision(served) -> None:
 
 async def test_stop_lets_a_check_in_progress_answer_first() -> None:
     rule = Rule()
-    server = CheckServer(rule, body_max_bytes=1024)  # Rule stands in for check.Decider
+    server = CheckServer(rule, body_bytes_max=1024)  # Rule stands in for check.Decider
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -39,10 +39,10 @@ def test_ports_and_limits_come_from_settings() -> None:
     configured = settings(
         bind_host="0.0.0.0",
         gateway_port=18080,
-        http_port=18081,
+        api_port=18081,
         grpc_port=19001,
         check_port=19002,
-        request_body_max_bytes=65536,
+        request_body_bytes_max=65536,
         upstream_timeout_s=60,
     )
     config = envoy_config.render(configured, backend_url=DEMO_BACKEND)

@@ -19,12 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 UNFOLLOWABLE = re.compile(r"\.\./shared|DESIGN\.md|\b(?i:issue) \d+|/(?:home|root|work)/[\w.-]")
 
-# Lines that other changes rewrite; each entry must still match, so it cannot outlive its line.
-ALLOWED = {
-    ("authz_sidecar/check_grpc.py", "The flavour DESIGN.md draws"),
-    ("billing/holds.py", "Admission (DESIGN.md)"),
-}
-
 
 def _searched_files() -> list[str]:
     listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -48,19 +42,9 @@ def _findings() -> list[tuple[str, int, str]]:
     return found
 
 
-def _allowed(name: str, line: str) -> bool:
-    return any(name == path and text in line for path, text in ALLOWED)
-
-
 def test_docs_and_code_refer_only_to_what_a_clone_can_follow() -> None:
-    bad = [f"{name}:{number}: {line}" for name, number, line in _findings() if not _allowed(name, line)]
+    bad = [f"{name}:{number}: {line}" for name, number, line in _findings()]
     assert bad == [], "quote the rule or link a file of the repository instead:\n" + "\n".join(bad)
-
-
-def test_every_allowance_is_still_needed() -> None:
-    used = {(path, text) for path, text in ALLOWED for name, _, line in _findings() if _allowed(name, line)}
-    stale = sorted(ALLOWED - used)
-    assert stale == [], f"these lines are fixed: remove them from ALLOWED: {stale}"
 
 
 def test_the_pattern_finds_each_kind() -> None:

@@ -22,14 +22,14 @@ def test_defaults() -> None:
     assert s.overdraft_limit_nano == 1_000_000_000  # $1.00, for wallets other than self-service ones
     assert s.hold_ttl_s == 600
     assert s.upstream_timeout_s == 300
-    assert s.hold_default_max_tokens == 4096
+    assert s.model_output_tokens_default == 4096
     assert s.price_overrides_path is None
     assert s.markup_percent == Decimal(0)
     assert s.backend_url == "" and s.backend_api_key == ""
     assert s.bind_host == "127.0.0.1"
-    assert (s.gateway_port, s.http_port, s.grpc_port, s.admin_port) == (8080, 8081, 9001, 9090)
+    assert (s.gateway_port, s.api_port, s.grpc_port, s.admin_port) == (8080, 8081, 9001, 9090)
     assert s.public_url == "http://127.0.0.1:8080"
-    assert s.request_body_max_bytes == 4 * 1024 * 1024
+    assert s.request_body_bytes_max == 4 * 1024 * 1024
     assert s.key_cache_ttl_ms == 500
     assert s.signup_rate_per_minute == 5
     assert s.usage_page_size_max == 100
@@ -63,20 +63,20 @@ def test_values_are_read(tmp_path: Path) -> None:
             P + "OVERDRAFT_LIMIT_USD": "2.5",
             P + "HOLD_TTL_S": "120",
             P + "UPSTREAM_TIMEOUT_S": "119",
-            P + "HOLD_DEFAULT_MAX_TOKENS": "1000",
+            P + "MODEL_OUTPUT_TOKENS_DEFAULT": "1000",
             P + "PRICE_OVERRIDES": str(overrides),
             P + "MARKUP_PERCENT": "12.5",
             P + "BACKEND_URL": "https://llm.example.com:4000/",
             P + "BACKEND_API_KEY": "sk-backend",
             P + "BIND_HOST": "0.0.0.0",
             P + "GATEWAY_PORT": "18080",
-            P + "HTTP_PORT": "18081",
+            P + "API_PORT": "18081",
             P + "GRPC_PORT": "19001",
             P + "ADMIN_PORT": "19090",
             P + "KEY_CACHE_TTL_MS": "0",
             P + "SIGNUP_RATE_PER_MINUTE": "60",
             P + "USAGE_PAGE_SIZE_MAX": "1000",
-            P + "REQUEST_BODY_MAX_BYTES": "1024",
+            P + "REQUEST_BODY_BYTES_MAX": "1024",
         }
     )
     assert s.database_url == "postgresql://u:p@db:5432/billing"
@@ -84,17 +84,17 @@ def test_values_are_read(tmp_path: Path) -> None:
     assert s.free_grant_nano == 1_250_000_000
     assert s.admission == "strict" and s.strict
     assert s.overdraft_limit_nano == 2_500_000_000
-    assert (s.hold_ttl_s, s.upstream_timeout_s, s.hold_default_max_tokens) == (120, 119, 1000)
+    assert (s.hold_ttl_s, s.upstream_timeout_s, s.model_output_tokens_default) == (120, 119, 1000)
     assert s.price_overrides_path == overrides
     assert s.markup_percent == Decimal("12.5") and type(s.markup_percent) is Decimal
     assert s.backend_url == "https://llm.example.com:4000"  # trailing slash dropped
     assert s.backend_api_key == "sk-backend"
     assert s.bind_host == "0.0.0.0"
-    assert (s.gateway_port, s.http_port, s.grpc_port, s.admin_port) == (18080, 18081, 19001, 19090)
+    assert (s.gateway_port, s.api_port, s.grpc_port, s.admin_port) == (18080, 18081, 19001, 19090)
     # Bound to every address, links still need one a client can reach.
     assert s.public_url == "http://127.0.0.1:18080"
     assert (s.key_cache_ttl_ms, s.signup_rate_per_minute, s.usage_page_size_max) == (0, 60, 1000)
-    assert s.request_body_max_bytes == 1024
+    assert s.request_body_bytes_max == 1024
 
 
 def test_public_url_follows_bind_host_and_can_be_set() -> None:
@@ -110,7 +110,7 @@ def test_free_grant_can_be_zero() -> None:
 def test_overdraft_limit_can_be_zero_and_at_most_the_crds_largest() -> None:
     assert settings.from_env({P + "OVERDRAFT_LIMIT_USD": "0"}).overdraft_limit_nano == 0
     largest = settings.from_env({P + "OVERDRAFT_LIMIT_USD": "9999999.999999999"})
-    assert largest.overdraft_limit_nano == settings.OVERDRAFT_LIMIT_MAX_NANO
+    assert largest.overdraft_limit_nano == settings.OVERDRAFT_LIMIT_NANO_MAX
 
 
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +125,7 @@ BAD_VALUES = [
     ("GATEWAY_PORT", "0"),
     ("GATEWAY_PORT", "65536"),
     ("GATEWAY_PORT", "http"),
-    ("HTTP_PORT", "-1"),
+    ("API_PORT", "-1"),
     ("GRPC_PORT", "9001.5"),
     ("ADMIN_PORT", "9e3"),
     ("ACCESS_LOG_SECRET", "too-short"),
@@ -153,10 +153,10 @@ BAD_VALUES = [
     ("MARKUP_PERCENT", "20%"),
     ("HOLD_TTL_S", "5"),
     ("HOLD_TTL_S", "ten"),
-    ("HOLD_DEFAULT_MAX_TOKENS", "0"),
+    ("MODEL_OUTPUT_TOKENS_DEFAULT", "0"),
     ("KEY_CACHE_TTL_MS", "5000"),
     ("USAGE_PAGE_SIZE_MAX", "0"),
-    ("REQUEST_BODY_MAX_BYTES", "10"),
+    ("REQUEST_BODY_BYTES_MAX", "10"),
     ("SIGNUP_RATE_PER_MINUTE", "0"),
     ("UPSTREAM_TIMEOUT_S", "0"),
     ("UPSTREAM_TIMEOUT_S", "600"),  # == HOLD_TTL_S's default: the hold could die with the request
@@ -175,6 +175,28 @@ def test_bad_value_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(settings.SettingsError) as caught:
         settings.from_env({P + name: value})
     assert P + name in str(caught.value)
+
+
+# Written out here rather than taken from the module, so dropping a rename from it fails a test.
+RENAMED = [
+    ("HTTP_PORT", "API_PORT", "8081"),
+    ("REQUEST_BODY_MAX_BYTES", "REQUEST_BODY_BYTES_MAX", "1024"),
+    ("HOLD_DEFAULT_MAX_TOKENS", "MODEL_OUTPUT_TOKENS_DEFAULT", "1000"),
+    ("TOPUP_MIN_USD", "TOPUP_USD_MIN", "5"),
+    ("TOPUP_MAX_USD", "TOPUP_USD_MAX", "500"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "value"), RENAMED)
+def test_a_renamed_variable_still_set_stops_start_up_naming_the_new_one(
+    old: str, new: str, value: str
+) -> None:
+    """Even with a value that was valid and the new name set too: an ignored setting is a surprise."""
+    for env in ({P + old: value}, {P + old: value, P + new: value}, {P + old: ""}):
+        with pytest.raises(settings.SettingsError) as caught:
+            settings.from_env(env)
+        assert P + old in str(caught.value) and P + new in str(caught.value)
+    settings.from_env({P + new: value})
 
 
 def test_price_overrides_naming_a_folder_is_refused(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ async def stack(launch_stack) -> AsyncIterator[Any]:
 async def test_only_envoys_public_listener_follows_the_bind_host(stack) -> None:
     s = stack.settings
     assert listening_addresses(s.gateway_port) == {"0.0.0.0"}
-    internal = {"check": s.check_port, "grpc": s.grpc_port, "http api": s.http_port, "admin": s.admin_port}
+    internal = {"check": s.check_port, "grpc": s.grpc_port, "http api": s.api_port, "admin": s.admin_port}
     for name, port in internal.items():
         assert listening_addresses(port) == {"127.0.0.1"}, name
 

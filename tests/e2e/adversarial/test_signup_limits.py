@@ -133,7 +133,7 @@ async def test_the_gateway_wide_limit_holds_for_a_caller_at_the_sidecars_port(la
     async with launch_stack(
         BILLINGPROXY_SIGNUP_RATE_PER_MINUTE="100", BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE="3"
     ) as stack:
-        sidecar = f"http://127.0.0.1:{stack.settings.http_port}"
+        sidecar = f"http://127.0.0.1:{stack.settings.api_port}"
         async with aiohttp.ClientSession() as direct:
             answers = [
                 await post_signup(

@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from billing import settings as core_settings
+from billing import settings as settings_mod
 
 ENV_PREFIX = "BILLINGPROXY_OPERATOR_"
 
@@ -35,11 +35,11 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: flo
     try:
         value = float(raw)
     except ValueError:
-        raise core_settings.SettingsError(
+        raise settings_mod.SettingsError(
             f"{ENV_PREFIX}{name} must be a number of seconds such as 10 or 0.5, not {raw!r}"
         ) from None
     if not lo <= value <= hi:
-        raise core_settings.SettingsError(f"{ENV_PREFIX}{name} must be between {lo} and {hi}, not {raw}")
+        raise settings_mod.SettingsError(f"{ENV_PREFIX}{name} must be between {lo} and {hi}, not {raw}")
     return value
 
 
@@ -51,7 +51,7 @@ STATUS_INTERVAL_S = _status_interval_s(os.environ)
 
 
 @dataclasses.dataclass(frozen=True)
-class OperatorConfig:
+class OperatorSettings:
     # -- PostgreSQL URL (the record of money); from DATABASE_URL.
     database_url: str
     # -- how long a handler waits before retrying when PostgreSQL or the Kubernetes API is
@@ -81,31 +81,31 @@ class OperatorConfig:
     stripe_sessions_max: int = 100
     # -- overdraft limit of a Wallet that sets no overdraftLimitUsd, in nano-USD; from
     #    BILLINGPROXY_OVERDRAFT_LIMIT_USD (the core setting, shared with every non-signup wallet).
-    overdraft_limit_nano: int = core_settings.Settings.overdraft_limit_nano
+    overdraft_limit_nano: int = settings_mod.Settings.overdraft_limit_nano
 
 
 def from_env(
-    env: Mapping[str, str] | None = None, *, settings: core_settings.Settings | None = None
-) -> OperatorConfig:
+    env: Mapping[str, str] | None = None, *, settings: settings_mod.Settings | None = None
+) -> OperatorSettings:
     env = os.environ if env is None else env
-    settings = settings if settings is not None else core_settings.from_env(env)
+    settings = settings if settings is not None else settings_mod.from_env(env)
     if not settings.database_url:
-        raise core_settings.SettingsError(
+        raise settings_mod.SettingsError(
             "the operator needs DATABASE_URL (postgresql://user:password@host:5432/billingproxy)"
         )
     grace_raw = env.get(ENV_PREFIX + "ROTATION_GRACE_S", "")
     try:
         grace = int(grace_raw) if grace_raw else ROTATION_GRACE_S_DEFAULT
     except ValueError:
-        raise core_settings.SettingsError(
+        raise settings_mod.SettingsError(
             f"{ENV_PREFIX}ROTATION_GRACE_S must be a whole number of seconds, not {grace_raw!r}"
         ) from None
     if not 0 <= grace <= ROTATION_GRACE_S_MAX:
-        raise core_settings.SettingsError(
+        raise settings_mod.SettingsError(
             f"{ENV_PREFIX}ROTATION_GRACE_S must be between 0 and {ROTATION_GRACE_S_MAX}, not {grace}"
         )
     namespaces = tuple(n.strip() for n in env.get(ENV_PREFIX + "NAMESPACES", "").split(",") if n.strip())
-    return OperatorConfig(
+    return OperatorSettings(
         database_url=settings.database_url,
         retry_delay_s=_float(env, "RETRY_DELAY_S", 10.0, 0.05, 3600),
         rotation_grace_s=grace,
