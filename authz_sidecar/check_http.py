@@ -30,9 +30,8 @@ from http import HTTPStatus
 
 import httptools
 
-from authz_sidecar import api_errors, check, envoy_config
+from authz_sidecar import api_errors, check, contract
 
-PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
 # Envoy sends at most Settings.request_body_max_bytes, and at most 60 KiB of headers (its
 # default max_request_headers_kb); anything beyond that is not Envoy.
 BODY_SLACK_BYTES = 64 * 1024
@@ -166,7 +165,8 @@ class CheckConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("ascii")
         path = self._url.decode("latin-1")
-        path = path[len(PATH_PREFIX) :] if path.startswith(PATH_PREFIX + "/") else path
+        prefix = contract.CHECK_PATH_PREFIX
+        path = path[len(prefix) :] if path.startswith(prefix + "/") else path
         self._queue.append(
             (method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive())
         )

@@ -30,7 +30,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz_sidecar import access_log, admin, check, check_grpc, http_api, metrics
+from authz_sidecar import access_log, admin_port, check, check_grpc, http_api, metrics
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, holds, pricing
@@ -98,7 +98,9 @@ class Sidecar:
         for app, port in (
             (http_api.make_app(s, self.engine, key_lookup), s.http_port),
             (
-                admin.make_app(self.engine, {"hot_path": self._pool_answers, "check": self._check_serves}),
+                admin_port.make_app(
+                    self.engine, {"hot_path": self._pool_answers, "check": self._check_serves}
+                ),
                 s.admin_port,
             ),
         ):

@@ -119,7 +119,7 @@ def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[s
 
 
 def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
-    from billingproxy import admin  # noqa: PLC0415 (a command imports only what it runs)
+    from billingproxy import admin_commands  # noqa: PLC0415 (a command imports only what it runs)
 
     if args.command == "up":
         from billingproxy.devstack import local_stack  # noqa: PLC0415 (a command imports only what it runs)
@@ -144,7 +144,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
             raise CommandError("no backend: set BILLINGPROXY_BACKEND_URL or pass --backend-url")
         try:
             sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
-        except envoy_config.EnvoyConfigError as exc:
+        except envoy_config.EnvoyRenderError as exc:
             raise CommandError(str(exc)) from None
         return 0
     if args.command == "operator":
@@ -153,15 +153,15 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
 
         return operator_command.main(settings)
     if args.command == "wallet" and args.action == "show":
-        return _admin(admin.wallet_show, args.wallet)(settings)
+        return _admin(admin_commands.wallet_show, args.wallet)(settings)
     if args.command == "wallet" and args.action == "credit":
-        return _admin(admin.wallet_credit, args.wallet, args.amount_usd, args.reference)(settings)
+        return _admin(admin_commands.wallet_credit, args.wallet, args.amount_usd, args.reference)(settings)
     if args.command == "wallet" and args.action == "set-overdraft":
-        return _admin(admin.wallet_set_overdraft, args.wallet, args.limit_usd)(settings)
+        return _admin(admin_commands.wallet_set_overdraft, args.wallet, args.limit_usd)(settings)
     if args.command == "key" and args.action == "create":
-        return _admin(admin.key_create, args.wallet, args.models)(settings)
+        return _admin(admin_commands.key_create, args.wallet, args.models)(settings)
     if args.command == "key" and args.action == "revoke":
-        return _admin(admin.key_revoke, args.key_id)(settings)
+        return _admin(admin_commands.key_revoke, args.key_id)(settings)
     if args.command == "reconcile":
         from billingproxy import reconcile  # noqa: PLC0415 (a command imports only what it runs)
 
@@ -172,7 +172,7 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     if args.command == "usage":
         if not 1 <= args.limit <= 1000:
             raise CommandError("--limit must be between 1 and 1000")
-        return _admin(admin.usage, args.wallet, args.limit)(settings)
+        return _admin(admin_commands.usage, args.wallet, args.limit)(settings)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -192,14 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from billingproxy import admin, startup_errors  # noqa: PLC0415 (after logging is configured)
+    from billingproxy import admin_commands, startup_errors  # noqa: PLC0415 (after logging is configured)
 
     try:
         settings = settings_mod.from_env()
         return _dispatch(args, settings)
     except (
         CommandError,
-        admin.AdminError,
+        admin_commands.AdminError,
         settings_mod.SettingsError,
         pricing.PricingError,
         database.DatabaseUrlError,
