@@ -1,10 +1,10 @@
 """Envoy's ext_authz over HTTP: how each /v1/ request reaches :class:`check.Decider`.
 
 The default flavour (``BILLINGPROXY_CHECK_TRANSPORT=http``; the gRPC one is check_grpc.py). Why
-HTTP: the Check runs once per request, and in Python its transport dominated it. Measured under
-Envoy at full load (docs/benchmarks.md), a grpc.aio server that allows everything costs ~300 µs
-of CPU per call; this server, an ``asyncio`` protocol around ``httptools`` (the parser uvicorn
-uses) on uvloop, ~15 µs. Envoy's own cost is the same for both.
+HTTP: the Check runs once per request, and in Python its transport dominated it. Under Envoy at
+full load, a grpc.aio server that allows everything costs many times the CPU per call of this
+server, an ``asyncio`` protocol around ``httptools`` (the parser uvicorn uses) on uvloop; Envoy's
+own cost is the same for both (the figures: docs/benchmarks.md).
 
 What Envoy sends (envoy_config.py, ``http_service``): the client's method, ``/check`` + the
 client's path, the headers it is told to pass (authorization, x-request-id, content-type) and

@@ -84,7 +84,7 @@ def watch_gc_pauses() -> None:
 def freeze_startup_heap() -> None:
     """Collect once, then move every surviving object to the permanent generation: what start-up
     built (modules, the price map, pools) lives as long as the process, and a full collection
-    walking it took ~45 ms of stopped event loop here (docs/architecture.md, "The Check")."""
+    walking it stops the event loop for tens of milliseconds (docs/architecture.md, "The Check")."""
     gc.collect()
     gc.freeze()
     gc_frozen_objects.set(gc.get_freeze_count())
