@@ -320,7 +320,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             try:
                 await self._settler.settle(batch)
             except Exception:
-                metrics.settle_failures.inc(len(batch))
+                metrics.settlement_failures.inc(len(batch))
                 logger.exception(
                     "could not settle requests %s; their holds will expire",
                     ", ".join(done.request_id for done in batch),

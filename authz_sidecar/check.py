@@ -112,7 +112,7 @@ class Decider:
                 contract.metadata_header(field): contract.metadata_value(value)
                 for field, value in facts.items()
             }
-        metrics.check_seconds.observe(time.perf_counter() - started)
+        metrics.check_duration_seconds.observe(time.perf_counter() - started)
         return outcome
 
     async def close(self) -> None:

@@ -161,7 +161,7 @@ class Sidecar:
             try:
                 async with database.acquire(pool) as conn:
                     await holds.expire_due(conn)
-                    metrics.outstanding_holds.set(await holds.outstanding(conn))
+                    metrics.holds_pending.set(await holds.outstanding(conn))
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
             await asyncio.sleep(EXPIRY_SWEEP_S)
