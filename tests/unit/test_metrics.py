@@ -9,8 +9,8 @@ from pathlib import Path
 
 from authz_sidecar import metrics
 
-# The Stripe routes' counters join the sidecar's registry when their module is imported.
-importlib.import_module("authz_sidecar.stripe_api")
+# Modules add their counters to the sidecar's registry when imported: the server imports them all.
+importlib.import_module("authz_sidecar.server")
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
