@@ -29,7 +29,6 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -210,8 +209,8 @@ class Settler:
             try:
                 async with database.acquire(self._db) as conn:
                     return await holds.settle_many(conn, requests)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                if attempt == RETRIES_MAX - 1:
+            except Exception as exc:
+                if attempt == RETRIES_MAX - 1 or not database.is_unreachable(exc):
                     raise
                 # Rolled back whole (one transaction), so the whole batch is simply tried again.
                 logger.warning(

@@ -97,6 +97,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from authz_sidecar import api_errors, contract
+from billing import errors
 from billing.settings import INTERNAL_HOST, Settings
 
 BACKEND_CLUSTER = "llm_backend"
@@ -159,7 +160,7 @@ _DOWNSTREAM_CONNECTIONS = (
 _ENVOY_FAILURE_FLAGS = ("UH", "UF", "UO", "NR", "URX", "NC", "UC", "UT", "UPE", "UMSDR", "DPE", "OM")
 
 
-class EnvoyRenderError(ValueError):
+class EnvoyRenderError(errors.UserFacingError, ValueError):
     """The configuration cannot be rendered (bad backend URL, no CA bundle for https)."""
 
 

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from billing import emails, money
+from billing import emails, errors, money
 from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
@@ -42,7 +42,7 @@ UPSTREAM_HEADERS_NEVER = (
 UPSTREAM_PREFIXES_NEVER = ("x-billingproxy-", "x-envoy-", ":")
 
 
-class SettingsError(ValueError):
+class SettingsError(errors.UserFacingError, ValueError):
     """A configuration value is missing or malformed; the message names the variable and the fix."""
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database, emails, keys, ledger, money, settings, tables
+from billing import database, emails, errors, keys, ledger, money, settings, tables
 
 if TYPE_CHECKING:
     import asyncpg
@@ -39,7 +39,7 @@ class EmailInvalid(ValueError):
     pass
 
 
-class EmailTaken(Exception):
+class EmailTaken(errors.Conflict):
     """The address, or another address of the same mailbox, already has a self-service wallet."""
 
 
@@ -383,11 +383,11 @@ async def keys_of(conn: AsyncConnection, wallet_id: str) -> list[KeyRecord]:
 # someone else (a self-service signup, an admin), even when handed a wrong id.
 
 
-class NotOwned(Exception):
+class NotOwned(errors.Conflict):
     """A row with this external id exists but belongs to another source: leave it alone."""
 
 
-class KeyConflict(Exception):
+class KeyConflict(errors.Conflict):
     """A key id is already stored with another hash, wallet or owner."""
 
 

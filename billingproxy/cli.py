@@ -13,12 +13,12 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from billing import database, pricing, settings as settings_mod
+from billing import database, errors, pricing, settings as settings_mod
 
 EXIT_USAGE = 2
 
 
-class CommandError(Exception):
+class CommandError(errors.UserFacingError):
     """Ends the command with this message and exit status 2."""
 
 
@@ -142,16 +142,10 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         backend = args.backend_url or settings.backend_url
         if not backend:
             raise CommandError("no backend: set BILLINGPROXY_BACKEND_URL or pass --backend-url")
-        try:
-            sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
-        except envoy_config.EnvoyRenderError as exc:
-            raise CommandError(str(exc)) from None
+        sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
         return 0
     if args.command == "operator":
-        # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
-        from billingproxy import operator_command  # noqa: PLC0415 (see the line above)
-
-        return operator_command.main(settings)
+        return run_operator(settings)
     if args.command == "wallet" and args.action == "show":
         return _admin(admin_commands.wallet_show, args.wallet)(settings)
     if args.command == "wallet" and args.action == "credit":
@@ -176,6 +170,17 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def run_operator(settings: settings_mod.Settings) -> int:
+    """`billingproxy operator`: ``kopf run -m billing_operator`` with the namespaces, peering and
+    liveness endpoint taken from ``BILLINGPROXY_OPERATOR_*`` (docs/operator.md) instead of kopf's
+    flags. Stops on SIGINT/SIGTERM."""
+    # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
+    from billing_operator import config, runner  # noqa: PLC0415 (see the line above)
+
+    asyncio.run(runner.run(config.from_env(settings=settings)))
+    return 0
+
+
 def _read_lines(path: str) -> list[str]:
     if path == "-":
         return sys.stdin.read().splitlines()
@@ -192,18 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from billingproxy import admin_commands, startup_errors  # noqa: PLC0415 (after logging is configured)
+    from billingproxy import startup_errors  # noqa: PLC0415 (after logging is configured)
 
     try:
         settings = settings_mod.from_env()
         return _dispatch(args, settings)
-    except (
-        CommandError,
-        admin_commands.AdminError,
-        settings_mod.SettingsError,
-        pricing.PricingError,
-        database.DatabaseUrlError,
-    ) as exc:
+    except errors.UserFacingError as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

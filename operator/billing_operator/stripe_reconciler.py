@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import payments
+from billing import database, payments
 from billing_operator import config, db, errors
 
 logger = logging.getLogger(__package__)
@@ -84,7 +84,7 @@ async def run(engine: AsyncEngine, cfg: config.OperatorConfig) -> None:
             except errors.DatabaseUnavailable as exc:
                 logger.warning(f"Stripe reconciliation: {exc}")
             except Exception as exc:  # the loop must outlive any one bad round
-                if db.is_unreachable(exc):
+                if database.is_unreachable(exc):
                     logger.warning(f"Stripe reconciliation: PostgreSQL is unreachable ({type(exc).__name__})")
                 else:
                     logger.exception("Stripe reconciliation failed; retrying later")
