@@ -53,11 +53,6 @@ class ListenError(errors.UserFacingError, OSError):
         )
 
 
-# The hot path's connections: the Checks and the settlement workers share them. On 2 cores more
-# would only queue inside PostgreSQL.
-POOL_SIZE = 10
-
-
 class Sidecar:
     def __init__(self, settings: Settings, prices: pricing.PriceBook) -> None:
         self.settings = settings
@@ -82,7 +77,7 @@ class Sidecar:
                 "(`billingproxy up` makes one; see docs/configuration.md)"
             )
         host = INTERNAL_HOST
-        self.pool = pool = await database.create_pool(s.database_url, size=POOL_SIZE)
+        self.pool = pool = await database.create_pool(s.database_url, size=s.hot_path_pool_size)
         self._key_lookup = key_lookup = KeyLookup(pool, s.key_cache_ttl_ms)
         key_lookup.start()
         self._decider = decider = check.Decider(s, self.prices, pool, key_lookup)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -193,14 +192,13 @@ def _read_lines(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from billingproxy import startup_errors  # noqa: PLC0415 (after logging is configured)
+    from billingproxy import startup_errors  # noqa: PLC0415 (a command imports only what it runs)
 
     try:
         settings = settings_mod.from_env()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         return _dispatch(args, settings)
     except errors.UserFacingError as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)

@@ -95,3 +95,11 @@ def test_a_bug_still_raises(exc: BaseException, monkeypatch: pytest.MonkeyPatch)
     failing(monkeypatch, exc)
     with pytest.raises(type(exc)):
         cli.main(["migrate"])
+
+
+def test_a_bad_log_level_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BILLINGPROXY_LOG_LEVEL", "LOUD")
+    assert cli.main(["migrate"]) == cli.EXIT_USAGE
+    assert "BILLINGPROXY_LOG_LEVEL" in one_line(capsys)
