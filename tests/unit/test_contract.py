@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from authz_sidecar import contract, envoy_config
-from billing import usage
-from billing.settings import Settings
+from billing import settings, usage
 
 LUA_FILES = (envoy_config.LUA_SOURCE, envoy_config.UPSTREAM_HEADERS_SOURCE)
 DEMO_BACKEND = "http://127.0.0.1:4000"
@@ -39,7 +38,8 @@ def test_the_rendered_filter_has_each_contract_value_under_its_name() -> None:
 
 def test_envoy_runs_the_rendered_filter() -> None:
     config = envoy_config.render(
-        Settings(access_log_secret="s3cret-for-the-access-log-0123456789abcdef"), backend_url=DEMO_BACKEND
+        settings.Settings(access_log_secret="s3cret-for-the-access-log-0123456789abcdef"),
+        backend_url=DEMO_BACKEND,
     )
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     (lua,) = [f for f in manager["http_filters"] if f["name"] == envoy_config.LUA_FILTER]
@@ -113,3 +113,9 @@ def test_a_fact_travels_as_a_header_and_back() -> None:
         encoded = contract.metadata_value(value)
         assert encoded.isascii() and "\r" not in encoded and "\n" not in encoded and " " not in encoded
         assert contract.metadata_read(encoded) == value
+
+
+def test_no_setting_can_forward_the_contracts_headers_to_the_backend() -> None:
+    # The core cannot import the sidecar, so settings.py names the prefix itself.
+    assert contract.METADATA_HEADER_PREFIX in settings.UPSTREAM_PREFIXES_NEVER
+    assert contract.ACCESS_LOG_SECRET_HEADER.startswith(contract.METADATA_HEADER_PREFIX)
