@@ -29,12 +29,10 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from authz_sidecar import envoy_config, metrics
-from authz_sidecar.check import METADATA_NAMESPACE, metadata_header, metadata_read
+from authz_sidecar import contract, metrics
 from billing import database, hold_batches, holds, pricing, usage as usage_mod
 
 if TYPE_CHECKING:
@@ -42,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-USAGE_NAMESPACE = envoy_config.USAGE_NAMESPACE
 QUEUE_MAX = 10_000
 # Workers settle in parallel, each a batch of what has arrived at once (one transaction).
 WORKERS = 2
@@ -65,23 +62,11 @@ class FinishedRequest:
     cut: bool = False
 
 
-# The Check's facts, as ext_authz files them (the answer's header names).
-_HOLD_ID, _MODEL, _WALLET_ID = (
-    metadata_header("hold_id"),
-    metadata_header("model"),
-    metadata_header("wallet_id"),
-)
-_FORMAT = metadata_header("format")
-
-# What Envoy answers when the Check itself failed or timed out (ext_authz `status_on_error`).
-CHECK_FAILED_STATUS = 503
-
-
 def finished_request(entry: accesslog_pb2.HTTPAccessLogEntry) -> FinishedRequest | None:
     """The billable facts of one ``HTTPAccessLogEntry``, or None when there is nothing to settle."""
     filter_metadata = entry.common_properties.metadata.filter_metadata
-    authz = filter_metadata.get(METADATA_NAMESPACE)
-    usage = filter_metadata.get(USAGE_NAMESPACE)
+    authz = filter_metadata.get(contract.AUTHZ_NAMESPACE)
+    usage = filter_metadata.get(contract.USAGE_NAMESPACE)
     status = entry.response.response_code.value
     common = entry.common_properties
     reached = common.HasField("upstream_remote_address")
@@ -124,20 +109,20 @@ def _finished(
     cut: bool = False,
 ) -> FinishedRequest | None:
     """``authz`` / ``usage``: a metadata namespace's values by name (None when absent)."""
-    if authz is None or authz(_HOLD_ID) is None:
+    if authz is None or authz(contract.HOLD_ID) is None:
         # A Check that timed out at Envoy may still have placed its hold after Envoy gave up;
         # no metadata came back, so void by request id rather than reserve money until expiry.
-        if status == CHECK_FAILED_STATUS and request_id:
+        if status == contract.CHECK_FAILED_STATUS and request_id:
             return FinishedRequest(request_id, status, model="", usage=None)
         return None
-    counted = _usage(request_id, status, authz(_FORMAT), usage)
-    model, wallet_id = authz(_MODEL), authz(_WALLET_ID)
+    counted = _usage(request_id, status, authz(contract.FORMAT), usage)
+    model, wallet_id = authz(contract.MODEL), authz(contract.WALLET_ID)
     return FinishedRequest(
-        request_id=metadata_read(str(authz(_HOLD_ID))),
+        request_id=contract.metadata_read(str(authz(contract.HOLD_ID))),
         status=status,
-        model=metadata_read(model) if isinstance(model, str) else "",
+        model=contract.metadata_read(model) if isinstance(model, str) else "",
         usage=counted,
-        wallet_id=metadata_read(wallet_id) if isinstance(wallet_id, str) else "",
+        wallet_id=contract.metadata_read(wallet_id) if isinstance(wallet_id, str) else "",
         cut=cut,
     )
 
@@ -151,11 +136,11 @@ def _usage(
     if usage is None or not isinstance(usage_format, str):
         return None
     try:
-        known_format = usage_mod.Format(metadata_read(usage_format))
+        known_format = usage_mod.Format(contract.metadata_read(usage_format))
     except ValueError:
         logger.warning("unknown usage format %r for request %s", usage_format, request_id)
         return None
-    raw, raw_start, finished = usage("usage"), usage("usage_start"), usage("finished")
+    raw, raw_start, finished = usage(contract.USAGE), usage(contract.USAGE_START), usage(contract.FINISHED)
     try:
         return usage_mod.parse(
             known_format,
@@ -224,8 +209,8 @@ class Settler:
             try:
                 async with database.acquire(self._db) as conn:
                     return await hold_batches.settle_many(conn, requests)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                if attempt == RETRIES_MAX - 1:
+            except Exception as exc:
+                if attempt == RETRIES_MAX - 1 or not database.is_unreachable(exc):
                     raise
                 # Rolled back whole (one transaction), so the whole batch is simply tried again.
                 logger.warning(
@@ -301,7 +286,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
     def _authentic(self, metadata: grpc.aio.Metadata | None) -> bool:
         """Exactly one secret, equal to ours, compared in constant time."""
-        sent = [value for key, value in (metadata or ()) if key == envoy_config.ACCESS_LOG_SECRET_HEADER]
+        sent = [value for key, value in (metadata or ()) if key == contract.ACCESS_LOG_SECRET_HEADER]
         if len(sent) != 1 or not self._secret or not isinstance(sent[0], str):
             return False
         return hmac.compare_digest(sent[0].encode(), self._secret)
@@ -334,7 +319,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             try:
                 await self._settler.settle(batch)
             except Exception:
-                metrics.settle_failures.inc(len(batch))
+                metrics.settlement_failures.inc(len(batch))
                 logger.exception(
                     "could not settle requests %s; their holds will expire",
                     ", ".join(done.request_id for done in batch),

@@ -7,7 +7,7 @@ Python, docs/benchmarks.md) or ``check_grpc.py`` (the gRPC ``Check``). A denial 
 :class:`ApiError` the client sees as an OpenAI-shaped error. An admitted request's wallet, key and
 hold ids, the model and the answer's usage format travel to the access log (and the format and
 whether to ask a stream for usage to the Lua filter) as dynamic metadata in
-:data:`METADATA_NAMESPACE`, under the same names either way (``x-billingproxy-*``: the HTTP
+``contract.AUTHZ_NAMESPACE``, under the same names either way (``x-billingproxy-*``: the HTTP
 flavour files answer headers under their names). What the table admits and how a worst case is
 read is billing/endpoints.py; docs/security-model.md says why.
 """
@@ -18,9 +18,8 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import quote, unquote
 
-from authz_sidecar import api_errors, envoy_config, metrics
+from authz_sidecar import api_errors, contract, metrics
 from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, endpoints, hold_batches, holds, money, pricing
@@ -28,30 +27,6 @@ from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The namespace Envoy files ext_authz dynamic metadata under (the access log reads it there),
-# and the prefix of the answer headers it files (Envoy's dynamic_metadata_from_headers).
-METADATA_NAMESPACE = envoy_config.AUTHZ_NAMESPACE
-METADATA_HEADER_PREFIX = envoy_config.METADATA_HEADER_PREFIX
-
-
-def metadata_header(field: str) -> str:
-    """The header (and metadata key) that carries one of the Check's facts.
-
-    hold_id → x-billingproxy-hold-id.
-    """
-    return METADATA_HEADER_PREFIX + field.replace("_", "-")
-
-
-def metadata_value(value: str) -> str:
-    """A header-safe form of a value (a model name comes from the client's body): %-escaped."""
-    return quote(value, safe="")
-
-
-def metadata_read(encoded: str) -> str:
-    return unquote(encoded)
-
-
-BILLING_UNAVAILABLE = api_errors.BILLING_UNAVAILABLE
 # Holds are placed by at most HOLD_LANES transactions at once (pool connections they may take);
 # Checks arriving meanwhile go together in the next one.
 HOLD_LANES = 2
@@ -130,11 +105,14 @@ class Decider:
         except Exception:
             logger.exception("Check failed")
             metrics.check_decisions.labels("internal_error").inc()
-            outcome = BILLING_UNAVAILABLE
+            outcome = api_errors.BILLING_UNAVAILABLE
         else:
             metrics.check_decisions.labels("allowed").inc()
-            outcome = {metadata_header(field): metadata_value(value) for field, value in facts.items()}
-        metrics.check_seconds.observe(time.perf_counter() - started)
+            outcome = {
+                contract.metadata_header(field): contract.metadata_value(value)
+                for field, value in facts.items()
+            }
+        metrics.check_duration_seconds.observe(time.perf_counter() - started)
         return outcome
 
     async def close(self) -> None:

@@ -1,9 +1,9 @@
 """Envoy's ext_authz over gRPC: the ``Check`` of ``envoy.service.auth.v3.Authorization``.
 
-The flavour ext_authz is best known by, kept beside the HTTP one (check_http.py) and chosen in
-Envoy's configuration (``BILLINGPROXY_CHECK_TRANSPORT=grpc``); the sidecar serves both. It costs
-far more CPU per Check in Python (grpc.aio's own work; docs/benchmarks.md), which is why HTTP is
-the default. Same rule (``check.Decider.decide``), same answers: a denial is a normal
+ext_authz's gRPC flavour, kept beside the HTTP one (check_http.py) and chosen in Envoy's
+configuration (``BILLINGPROXY_CHECK_TRANSPORT=grpc``); the sidecar serves both. It costs many
+times more CPU per Check in Python (grpc.aio's own work; the figures: docs/benchmarks.md), which
+is why HTTP is the default. Same rule (``check.Decider.decide``), same answers: a denial is a normal
 ``CheckResponse`` carrying the HTTP status and JSON body the client sees, never a gRPC error
 (Envoy runs the filter fail-closed, so an error would read as a 403 with no explanation); an
 admission hands the access log the same ``x-billingproxy-*`` metadata the HTTP flavour does

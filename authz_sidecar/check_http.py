@@ -1,10 +1,10 @@
 """Envoy's ext_authz over HTTP: how each /v1/ request reaches :class:`check.Decider`.
 
 The default flavour (``BILLINGPROXY_CHECK_TRANSPORT=http``; the gRPC one is check_grpc.py). Why
-HTTP: the Check runs once per request, and in Python its transport dominated it. Measured under
-Envoy at full load (docs/benchmarks.md), a grpc.aio server that allows everything costs ~300 µs
-of CPU per call; this server, an ``asyncio`` protocol around ``httptools`` (the parser uvicorn
-uses) on uvloop, ~15 µs. Envoy's own cost is the same for both.
+HTTP: the Check runs once per request, and in Python its transport dominated it. Under Envoy at
+full load, a grpc.aio server that allows everything costs many times the CPU per call of this
+server, an ``asyncio`` protocol around ``httptools`` (the parser uvicorn uses) on uvloop; Envoy's
+own cost is the same for both (the figures: docs/benchmarks.md).
 
 What Envoy sends (envoy_config.py, ``http_service``): the client's method, ``/check`` + the
 client's path, the headers it is told to pass (authorization, x-request-id, content-type) and
@@ -30,9 +30,8 @@ from http import HTTPStatus
 
 import httptools
 
-from authz_sidecar import api_errors, check, envoy_config
+from authz_sidecar import api_errors, check, contract
 
-PATH_PREFIX = envoy_config.CHECK_PATH_PREFIX
 # Envoy sends at most Settings.request_body_bytes_max, and at most 60 KiB of headers (its
 # default max_request_headers_kb); anything beyond that is not Envoy.
 BODY_SLACK_BYTES = 64 * 1024
@@ -166,7 +165,8 @@ class CheckConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("ascii")
         path = self._url.decode("latin-1")
-        path = path[len(PATH_PREFIX) :] if path.startswith(PATH_PREFIX + "/") else path
+        prefix = contract.CHECK_PATH_PREFIX
+        path = path[len(prefix) :] if path.startswith(prefix + "/") else path
         self._queue.append(
             (method, path, self._headers, b"".join(self._body), self._parser.should_keep_alive())
         )

@@ -45,9 +45,9 @@ Settings that are not obvious, and why:
   its hold, whose TTL Settings keeps longer.
 - gRPC ALS batching, ``buffer_size_bytes`` 16 KiB and ``buffer_flush_interval`` 10 ms: each of
   Envoy's workers sends what ended in the last 10 ms as one message (or sooner, at 16 KiB), so a
-  wallet is charged within ~10 ms of its request, and under load one gRPC message and one
-  settlement transaction carry many requests (measured: ~100 µs less sidecar CPU and ~70 µs less
-  PostgreSQL CPU per request than one message per entry; docs/benchmarks.md).
+  wallet is charged within that interval of its request, and under load one gRPC message and one
+  settlement transaction carry many requests (less sidecar and PostgreSQL CPU per request than
+  one message per entry: docs/benchmarks.md).
 - ext_authz is the HTTP flavour (``http_service``) unless ``check_transport`` is "grpc" (why:
   docs/architecture.md, "The Check"). HTTP passes only a few headers unless told:
   ``x-request-id`` (the settlement's key), ``content-type`` and ``x-api-key`` (where Anthropic
@@ -67,7 +67,7 @@ Settings that are not obvious, and why:
 - The sidecar clusters are on loopback (same pod). The gRPC one must speak HTTP/2, declared
   with ``HttpProtocolOptions.explicit_http_config``; the Check's is HTTP/1.1.
 - The gRPC access log sends ``access_log_secret`` in its stream's initial metadata
-  (:data:`ACCESS_LOG_SECRET_HEADER`); the sidecar settles nothing from a stream without it. The
+  (``contract.ACCESS_LOG_SECRET_HEADER``); the sidecar settles nothing from a stream without it. The
   rendered file therefore holds a secret: EnvoyProcess writes it mode 0600.
 - The admin interface is a Unix socket (``admin_socket``, mode 0600), not a TCP port: on a TCP
   port any local user could read stats or, worse, POST /quitquitquit or change log levels.
@@ -75,6 +75,8 @@ Settings that are not obvious, and why:
   ``common_properties.metadata`` holds all of the stream's dynamic metadata, i.e. namespace
   ``envoy.filters.http.ext_authz`` (what the Check returned) and ``billingproxy.usage`` (the
   Lua filter: the raw text of the final usage object as strings, ``finished`` as a bool).
+  Those names, and every other one Envoy and the sidecar share, are contract.py's; the usage
+  filter gets them rendered into its source (:func:`usage_filter_lua`), never copied.
 - Local replies Envoy makes itself (upstream down or timed out, body too large, sidecar
   unreachable) are rewritten to OpenAI's error shape; ext_authz denials are left as the sidecar
   wrote them.
@@ -86,6 +88,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import ssl
 from pathlib import Path
 from typing import Any
@@ -93,27 +96,24 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from authz_sidecar import api_errors
+from authz_sidecar import api_errors, contract
+from billing import errors
 from billing.settings import INTERNAL_HOST, Settings
 
 BACKEND_CLUSTER = "llm_backend"
 SIDECAR_CHECK_CLUSTER = "billing_sidecar_check"
 SIDECAR_GRPC_CLUSTER = "billing_sidecar_grpc"
 SIDECAR_HTTP_CLUSTER = "billing_sidecar_http"
-EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+# ext_authz files the Check's metadata under the filter's name, so the name is the contract's.
+EXT_AUTHZ_FILTER = contract.AUTHZ_NAMESPACE
 LUA_FILTER = "envoy.filters.http.lua"
 # The second Lua filter (a filter's name keys its per-route config, so it needs its own).
 UPSTREAM_HEADERS_FILTER = "billingproxy.upstream_headers"
-#: Dynamic metadata namespaces the access log carries to the sidecar.
-AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-USAGE_NAMESPACE = "billingproxy.usage"
 ACCESS_LOG_NAME = "billingproxy"
 SIDECAR_PREFIXES = ("/user/", "/billing/", "/stripe/")
 SIDECAR_PATHS = ("/openapi.json",)
 LUA_SOURCE = Path(__file__).with_name("usage_filter.lua")
 UPSTREAM_HEADERS_SOURCE = Path(__file__).with_name("upstream_headers.lua")
-# The gRPC metadata key of the access-log secret (authz_sidecar/access_log.py checks it).
-ACCESS_LOG_SECRET_HEADER = "x-billingproxy-access-log-secret"
 # Request headers a client may send to the backend (docs/decisions/0003-upstream-headers.md):
 # the body's type and size, what the client accepts, who it is, and the provider API version.
 # Not forwarded, among others: anthropic-beta (a beta may change what a request costs: the
@@ -135,10 +135,6 @@ UPSTREAM_HEADERS = (
 UNIX_SOCKET_PATH_MAX = 107
 
 EXT_AUTHZ_TIMEOUT_S = 1
-# The Check server (authz_sidecar/check_http.py) sees this prefix + the client's path.
-CHECK_PATH_PREFIX = "/check"
-# Check answer headers that become dynamic metadata (authz_sidecar/check.py).
-METADATA_HEADER_PREFIX = "x-billingproxy-"
 ACCESS_LOG_BUFFER_BYTES = 16 * 1024
 ACCESS_LOG_FLUSH_INTERVAL_MS = 10
 SIDECAR_ROUTE_TIMEOUT_S = 30
@@ -164,7 +160,7 @@ _DOWNSTREAM_CONNECTIONS = (
 _ENVOY_FAILURE_FLAGS = ("UH", "UF", "UO", "NR", "URX", "NC", "UC", "UT", "UPE", "UMSDR", "DPE", "OM")
 
 
-class EnvoyConfigError(ValueError):
+class EnvoyRenderError(errors.UserFacingError, ValueError):
     """The configuration cannot be rendered (bad backend URL, no CA bundle for https)."""
 
 
@@ -186,13 +182,13 @@ class Backend:
     def from_url(cls, url: str) -> Backend:
         parts = urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise EnvoyConfigError(f"backend URL must be http(s)://host[:port][/path], not {url!r}")
+            raise EnvoyRenderError(f"backend URL must be http(s)://host[:port][/path], not {url!r}")
         if parts.query or parts.fragment or parts.username:
-            raise EnvoyConfigError(f"backend URL must not carry a query, fragment or user: {url!r}")
+            raise EnvoyRenderError(f"backend URL must not carry a query, fragment or user: {url!r}")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise EnvoyConfigError(f"backend URL has a bad port: {url!r}") from None
+            raise EnvoyRenderError(f"backend URL has a bad port: {url!r}") from None
         return cls(scheme=parts.scheme, host=parts.hostname, port=port, path=parts.path.rstrip("/"))
 
     @property
@@ -229,7 +225,7 @@ def render(
     (:func:`default_admin_socket` by default); each Envoy on a machine needs its own.
     """
     if not settings.access_log_secret:
-        raise EnvoyConfigError(
+        raise EnvoyRenderError(
             "BILLINGPROXY_ACCESS_LOG_SECRET is not set: Envoy must send it with the access log, or "
             "the sidecar settles nothing (`billingproxy up` makes one; see docs/configuration.md)"
         )
@@ -237,7 +233,7 @@ def render(
     trusted_ca = _ca_bundle(ca_bundle) if backend.tls else None
     admin_path = Path(admin_socket) if admin_socket is not None else default_admin_socket(settings)
     if not admin_path.is_absolute() or len(os.fsencode(admin_path)) > UNIX_SOCKET_PATH_MAX:
-        raise EnvoyConfigError(
+        raise EnvoyRenderError(
             f"Envoy's admin socket must be an absolute path of at most {UNIX_SOCKET_PATH_MAX} bytes, "
             f"not {str(admin_path)!r}: choose a shorter BILLINGPROXY_DATA_DIR"
         )
@@ -426,7 +422,7 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
         "@type": _EXT_AUTHZ,
         "transport_api_version": "V3",
         "failure_mode_allow": False,
-        "status_on_error": {"code": 503},
+        "status_on_error": {"code": contract.CHECK_FAILED_STATUS},
         "include_peer_certificate": False,
         "with_request_body": {
             "max_request_bytes": settings.request_body_bytes_max,
@@ -446,7 +442,7 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
                 "cluster": SIDECAR_CHECK_CLUSTER,
                 "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
             },
-            "path_prefix": CHECK_PATH_PREFIX,
+            "path_prefix": contract.CHECK_PATH_PREFIX,
             "authorization_request": {
                 # On top of Envoy's defaults (method, path, host, content-length, authorization):
                 # the settlement's key, the body's type, and where Anthropic clients send their key.
@@ -457,7 +453,7 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
             "authorization_response": {
                 # Admitted: nothing goes upstream (the route sets the backend credential); the
                 # Check's facts become dynamic metadata, never request headers.
-                "dynamic_metadata_from_headers": {"patterns": [{"prefix": METADATA_HEADER_PREFIX}]},
+                "dynamic_metadata_from_headers": {"patterns": [{"prefix": contract.METADATA_HEADER_PREFIX}]},
                 # Denied: what the client sees besides the status and body.
                 "allowed_client_headers": {"patterns": [{"exact": "content-type"}, {"exact": "retry-after"}]},
             },
@@ -470,7 +466,7 @@ def _lua_filter() -> dict[str, Any]:
         "name": LUA_FILTER,
         "typed_config": {
             "@type": _LUA,
-            "default_source_code": {"inline_string": LUA_SOURCE.read_text(encoding="utf-8")},
+            "default_source_code": {"inline_string": usage_filter_lua()},
         },
     }
 
@@ -504,16 +500,41 @@ def upstream_headers_lua(names: list[str], prefixes: list[str]) -> str:
     for item in (*names, *prefixes):
         # Settings checks the names; this only keeps the Lua well-formed whatever it is given.
         if not item or not all(c.isalnum() or c == "-" for c in item) or item != item.lower():
-            raise EnvoyConfigError(f"not a lower-case header name: {item!r}")
-    source = UPSTREAM_HEADERS_SOURCE.read_text(encoding="utf-8")
-    rendered = {
-        "local ALLOWED = {}  -- rendered: exact names": f"local ALLOWED = {table(names)}",
-        "local ALLOWED_PREFIXES = {}  -- rendered: "
-        "prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
-    }
-    for marker, line in rendered.items():
+            raise EnvoyRenderError(f"not a lower-case header name: {item!r}")
+    return _rendered_lua(
+        UPSTREAM_HEADERS_SOURCE,
+        {
+            "local ALLOWED = {}  -- rendered: exact names": f"local ALLOWED = {table(names)}",
+            "local ALLOWED_PREFIXES = {}  -- rendered: "
+            "prefixes": f"local ALLOWED_PREFIXES = {prefix_list(prefixes)}",
+        },
+    )
+
+
+def usage_filter_lua() -> str:
+    """usage_filter.lua with the contract's values in its lines marked ``-- rendered: contract``."""
+    rendered = {}
+    for name, value in contract.LUA_CONSTANTS.items():
+        # Lua reads "..." as Python would only for plain characters; the contract's are.
+        if not all(c.isascii() and c.isprintable() and c not in '"\\' for c in value):
+            raise EnvoyRenderError(f"not a plain Lua string: {value!r}")
+        rendered[f"local {name} = nil  -- rendered: contract"] = f'local {name} = "{value}"'
+    source = _rendered_lua(LUA_SOURCE, rendered)
+    unknown = re.findall(r"^local (\w+) = nil  -- rendered: contract$", source, re.MULTILINE)
+    if unknown:
+        raise EnvoyRenderError(
+            f"{LUA_SOURCE.name} marks {unknown}, which contract.LUA_CONSTANTS does not define"
+        )
+    return source
+
+
+def _rendered_lua(path: Path, lines: dict[str, str]) -> str:
+    """The Lua file at ``path`` with each marker line (a key of ``lines``) replaced by its value:
+    one line for one, so Envoy's Lua errors name the file's own line numbers."""
+    source = path.read_text(encoding="utf-8")
+    for marker, line in lines.items():
         if source.count(marker) != 1:
-            raise EnvoyConfigError(f"{UPSTREAM_HEADERS_SOURCE.name} must contain the line {marker!r} once")
+            raise EnvoyRenderError(f"{path.name} must contain the line {marker!r} once")
         source = source.replace(marker, line)
     return source
 
@@ -541,7 +562,7 @@ def _grpc_access_log(settings: Settings) -> dict[str, Any]:
                     "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
                     # Sent once per stream; the sidecar refuses a stream without it.
                     "initial_metadata": [
-                        {"key": ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}
+                        {"key": contract.ACCESS_LOG_SECRET_HEADER, "value": settings.access_log_secret}
                     ],
                 },
                 "transport_api_version": "V3",
@@ -570,8 +591,8 @@ def _stdout_access_log() -> dict[str, Any]:
                     "bytes_received": "%BYTES_RECEIVED%",
                     "bytes_sent": "%BYTES_SENT%",
                     "upstream": "%UPSTREAM_HOST%",
-                    "authz": f"%DYNAMIC_METADATA({AUTHZ_NAMESPACE})%",
-                    "usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE})%",
+                    "authz": f"%DYNAMIC_METADATA({contract.AUTHZ_NAMESPACE})%",
+                    "usage": f"%DYNAMIC_METADATA({contract.USAGE_NAMESPACE})%",
                 }
             },
         },
@@ -600,7 +621,7 @@ def _local_reply_config() -> dict[str, Any]:
             {
                 # ext_authz flags denials and an unreachable sidecar alike (UAEX); only the
                 # latter answers status_on_error (503) with an empty body.
-                "filter": {"and_filter": {"filters": [uaex, status_is(503)]}},
+                "filter": {"and_filter": {"filters": [uaex, status_is(contract.CHECK_FAILED_STATUS)]}},
                 "body_format_override": json_body(
                     api_errors.BILLING_UNAVAILABLE.message,
                     api_errors.BILLING_UNAVAILABLE.type,
@@ -696,7 +717,7 @@ def _ca_bundle(explicit: Path | None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise EnvoyConfigError(
+    raise EnvoyRenderError(
         "an https backend needs a CA bundle to verify it: set SSL_CERT_FILE to a PEM file "
         f"(looked at: {', '.join(map(str, candidates)) or 'nothing'})"
     )

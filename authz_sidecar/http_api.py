@@ -21,12 +21,11 @@ import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import api_errors, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
-from billing import ledger, money, wallets
+from billing import database, ledger, money, wallets
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -151,10 +150,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             exc.status, "http_error"
         )
         return _error(api_errors.ApiError(exc.status, code, exc.reason))
-    except (OperationalError, DBAPIError, OSError):
-        logger.exception("database unavailable during %s %s", request.method, request.path)
-        return _error(api_errors.BILLING_UNAVAILABLE)
-    except Exception:
+    except Exception as exc:
+        if database.is_unreachable(exc):
+            logger.exception("database unavailable during %s %s", request.method, request.path)
+            return _error(api_errors.BILLING_UNAVAILABLE)
         logger.exception("unexpected error during %s %s", request.method, request.path)
         return _error(api_errors.ApiError(500, "internal_error", "Internal error.", "api_error"))
 

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the sidecar, served on the admin port at /metrics."""
+"""Prometheus metrics of the sidecar, served on the admin port at /metrics.
+
+Names follow Prometheus' conventions (a counter ends in ``_total``, which prometheus_client adds;
+a duration is in seconds and says ``_duration_seconds``). docs/metrics.md lists every metric,
+and tests/unit/test_metrics.py keeps that page and this registry in step.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ check_decisions = Counter(
     ["result"],
     registry=registry,
 )
-check_seconds = Histogram(
-    "billingproxy_check_seconds",
+check_duration_seconds = Histogram(
+    "billingproxy_check_duration_seconds",
     "Time the sidecar spends answering one Check.",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     registry=registry,
@@ -28,8 +33,8 @@ settlements = Counter(
     ["outcome"],
     registry=registry,
 )
-outstanding_holds = Gauge(
-    "billingproxy_outstanding_holds",
+holds_pending = Gauge(
+    "billingproxy_holds_pending",
     "Holds placed and not yet settled (read at each expiry sweep).",
     registry=registry,
 )
@@ -42,8 +47,8 @@ access_log_refusals = Counter(
 )
 for _reason in ("unauthenticated", "hold_mismatch"):
     access_log_refusals.labels(_reason)  # shown at 0 from the start, for alerts on any increase
-settle_failures = Counter(
-    "billingproxy_settle_failures",
+settlement_failures = Counter(
+    "billingproxy_settlement_failures",
     "Access-log entries that could not be settled after retries (the hold will expire).",
     registry=registry,
 )
@@ -84,7 +89,7 @@ def watch_gc_pauses() -> None:
 def freeze_startup_heap() -> None:
     """Collect once, then move every surviving object to the permanent generation: what start-up
     built (modules, the price map, pools) lives as long as the process, and a full collection
-    walking it took ~45 ms of stopped event loop here (docs/architecture.md, "The Check")."""
+    walking it stops the event loop for tens of milliseconds (docs/architecture.md, "The Check")."""
     gc.collect()
     gc.freeze()
     gc_frozen_objects.set(gc.get_freeze_count())

@@ -30,18 +30,27 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz_sidecar import access_log, admin, check, check_grpc, http_api, metrics
+from authz_sidecar import access_log, admin_port, check, check_grpc, http_api, metrics
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, holds, pricing
+from billing import database, errors, holds, pricing
 from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 5.0
-# The hot path's connections: the Checks and the settlement workers share them. On 2 cores more
-# would only queue inside PostgreSQL.
-POOL_SIZE = 10
+
+
+class ListenError(errors.UserFacingError, OSError):
+    """A listener of the sidecar cannot bind its port (another process has it, or it is not ours
+    to take); the message names the listener and the address."""
+
+    def __init__(self, address: str, reason: str | None, *, listener: str = "") -> None:
+        what = f" for {listener}" if listener else ""
+        super().__init__(
+            f"cannot listen{what} on {address}: {reason or 'the port is taken'}; "
+            "stop the other process or choose another port (docs/configuration.md)"
+        )
 
 
 class Sidecar:
@@ -68,7 +77,7 @@ class Sidecar:
                 "(`billingproxy up` makes one; see docs/configuration.md)"
             )
         host = INTERNAL_HOST
-        self.pool = pool = await database.create_pool(s.database_url, size=POOL_SIZE)
+        self.pool = pool = await database.create_pool(s.database_url, size=s.hot_path_pool_size)
         self._key_lookup = key_lookup = KeyLookup(pool, s.key_cache_ttl_ms)
         key_lookup.start()
         self._decider = decider = check.Decider(s, self.prices, pool, key_lookup)
@@ -81,7 +90,7 @@ class Sidecar:
         try:
             await self._check.start(host, s.check_port)
         except OSError as exc:
-            raise OSError(f"cannot listen for the Check on {host}:{s.check_port}: {exc.strerror}") from None
+            raise ListenError(f"{host}:{s.check_port}", exc.strerror, listener="the Check") from None
 
         self._grpc = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
@@ -92,13 +101,15 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         address = f"{host}:{s.grpc_port}"
         if self._grpc.add_insecure_port(address) == 0:
-            raise OSError(f"cannot listen for gRPC on {address}: the port is taken")
+            raise ListenError(address, None, listener="gRPC")
         await self._grpc.start()
 
         for app, port in (
             (http_api.make_app(s, self.engine, key_lookup), s.api_port),
             (
-                admin.make_app(self.engine, {"hot_path": self._pool_answers, "check": self._check_serves}),
+                admin_port.make_app(
+                    self.engine, {"hot_path": self._pool_answers, "check": self._check_serves}
+                ),
                 s.admin_port,
             ),
         ):
@@ -108,7 +119,7 @@ class Sidecar:
                 await web.TCPSite(runner, host, port).start()
             except OSError as exc:
                 await runner.cleanup()
-                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+                raise ListenError(f"{host}:{port}", exc.strerror) from None
             self._runners.append(runner)
 
         self._sweeper = asyncio.create_task(self._sweep_expired_holds(pool), name="hold-sweeper")
@@ -159,7 +170,7 @@ class Sidecar:
             try:
                 async with database.acquire(pool) as conn:
                     await holds.expire_due(conn)
-                    metrics.outstanding_holds.set(await holds.outstanding(conn))
+                    metrics.holds_pending.set(await holds.outstanding(conn))
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
             await asyncio.sleep(EXPIRY_SWEEP_S)

@@ -43,10 +43,15 @@
 -- stream that would not report usage. ext_authz has already buffered the request body, so body()
 -- costs no extra wait; setBytes() also rewrites content-length.
 
-local NAMESPACE = "billingproxy.usage"
-local AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-local FORMAT_KEY = "x-billingproxy-format"
-local STREAM_USAGE_KEY = "x-billingproxy-stream-usage"
+-- The words shared with the sidecar (authz_sidecar/contract.py): envoy_config.py renders each
+-- line marked "rendered: contract" with the value of its name there, so none is copied here.
+local AUTHZ_NAMESPACE = nil  -- rendered: contract
+local USAGE_NAMESPACE = nil  -- rendered: contract
+local FORMAT_KEY = nil  -- rendered: contract
+local STREAM_USAGE_KEY = nil  -- rendered: contract
+local USAGE = nil  -- rendered: contract
+local USAGE_START = nil  -- rendered: contract
+local FINISHED = nil  -- rendered: contract
 local CAPTURE_MAX = 16384  -- a usage object is a few hundred bytes; beyond this it is unreadable
 local KEY_MAX = 256        -- longer object keys are kept as "no name we look for"
 local FIELD_MAX = 64       -- an SSE field name longer than this is not data: nor event:
@@ -57,7 +62,7 @@ local find, sub, byte, match, char, concat = string.find, string.sub, string.byt
 
 -- What to capture, as a tree of object keys from the document's root: a string leaf names the
 -- capture, a table descends into that member's object.
-local JSON_PATHS = {usage = "usage"}
+local JSON_PATHS = {usage = USAGE}
 local SSE_PATHS = {
   openai_chat = {usage = "usage"},
   openai_responses = {type = "type", response = {usage = "usage"}},
@@ -482,7 +487,7 @@ local SSE_EVENTS = {
   openai_chat = function(scanner, done, state, publish)
     if done then
       if state.usage_seen then
-        publish("finished", true)
+        publish(FINISHED, true)
         return true
       end
       return false
@@ -491,10 +496,10 @@ local SSE_EVENTS = {
       local usage = scanner.get("usage")
       if usage == false then
         state.usage_seen = true
-        publish("usage", "")
+        publish(USAGE, "")
       elseif usage ~= nil and byte(usage, 1) == 123 then
         state.usage_seen = true
-        publish("usage", usage)
+        publish(USAGE, usage)
       end
     end
     return false
@@ -508,9 +513,9 @@ local SSE_EVENTS = {
     if kind == '"response.completed"' or kind == '"response.incomplete"' then
       local usage = scanner.get("usage")
       if usage ~= nil then
-        publish("usage", usage or "")
+        publish(USAGE, usage or "")
       end
-      publish("finished", true)
+      publish(FINISHED, true)
       return true
     end
     return false
@@ -523,12 +528,12 @@ local SSE_EVENTS = {
     local kind = scanner.get("type")
     if kind == '"message_start"' then
       state.start_seen = true
-      publish("usage_start", scanner.get("usage_start") or "")
+      publish(USAGE_START, scanner.get("usage_start") or "")
     elseif kind == '"message_delta"' then
       state.delta_seen = true
-      publish("usage", scanner.get("usage") or "")
+      publish(USAGE, scanner.get("usage") or "")
     elseif kind == '"message_stop"' and state.start_seen and state.delta_seen then
-      publish("finished", true)
+      publish(FINISHED, true)
       return true
     end
     return false
@@ -569,7 +574,7 @@ function envoy_on_response(response_handle)
 
   -- Envoy's handle objects live only until the coroutine yields (at each body chunk): fetched anew.
   local function publish(name, value)
-    response_handle:streamInfo():dynamicMetadata():set(NAMESPACE, name, value)
+    response_handle:streamInfo():dynamicMetadata():set(USAGE_NAMESPACE, name, value)
   end
 
   if kind == "json" then
@@ -586,7 +591,7 @@ function envoy_on_response(response_handle)
       end
     end
     if scanner.complete() then
-      publish("finished", true)
+      publish(FINISHED, true)
     end
     return
   end

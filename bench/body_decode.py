@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import httptools
 
-from authz_sidecar import check, check_http, envoy_config
+from authz_sidecar import check_http, contract, envoy_config
 from bench import workload
 from billing import key_format, wallets
 from billing.settings import Settings
@@ -39,7 +39,7 @@ def sample_check_request() -> bytes:
         "x-envoy-internal": "true",
         "x-envoy-expected-rq-timeout-ms": str(envoy_config.EXT_AUTHZ_TIMEOUT_S * 1000),
     }
-    head = f"POST {envoy_config.CHECK_PATH_PREFIX}{workload.PATH} HTTP/1.1\r\n"
+    head = f"POST {contract.CHECK_PATH_PREFIX}{workload.PATH} HTTP/1.1\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
     return head.encode("latin-1") + workload.BODY
 
@@ -111,7 +111,7 @@ def run(target_s: float = TARGET_S) -> dict:
     def admit_response() -> bytes:
         # As check.Decider.decide hands the facts over, then the 200 with its headers.
         return server._admission(
-            {check.metadata_header(k): check.metadata_value(v) for k, v in metadata.items()}
+            {contract.metadata_header(k): contract.metadata_value(v) for k, v in metadata.items()}
         )
 
     return {

@@ -225,11 +225,11 @@ async def _scrape_check_seconds(session: aiohttp.ClientSession, admin_port: int)
         text = await response.text()
     values = {}
     for line in text.splitlines():
-        for name in ("billingproxy_check_seconds_sum", "billingproxy_check_seconds_count"):
+        for name in ("billingproxy_check_duration_seconds_sum", "billingproxy_check_duration_seconds_count"):
             if line.startswith(name + " "):
                 values[name] = float(line.split()[1])
-    return values.get("billingproxy_check_seconds_sum", 0.0), values.get(
-        "billingproxy_check_seconds_count", 0.0
+    return values.get("billingproxy_check_duration_seconds_sum", 0.0), values.get(
+        "billingproxy_check_duration_seconds_count", 0.0
     )
 
 

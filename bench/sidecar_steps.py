@@ -55,7 +55,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from authz_sidecar import access_log as access_log_mod, check as check_mod, envoy_config
+from authz_sidecar import contract, envoy_config
 from bench import procstat, workload
 from billing import api_keys, hold_batches, holds, ledger, pricing, tables, wallets
 from billing.usage import Usage
@@ -135,7 +135,7 @@ def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HT
     }
     authz = struct_pb2.Struct()
     authz.update(
-        {check_mod.metadata_header(field): check_mod.metadata_value(value) for field, value in facts.items()}
+        {contract.metadata_header(field): contract.metadata_value(value) for field, value in facts.items()}
     )
     usage = struct_pb2.Struct()
     usage.update(
@@ -147,8 +147,8 @@ def _log_entry(request_id: str, wallet_id: str, key_id: str) -> accesslog_pb2.HT
         }
     )
     entry = accesslog_pb2.HTTPAccessLogEntry()
-    entry.common_properties.metadata.filter_metadata[access_log_mod.METADATA_NAMESPACE].CopyFrom(authz)
-    entry.common_properties.metadata.filter_metadata[access_log_mod.USAGE_NAMESPACE].CopyFrom(usage)
+    entry.common_properties.metadata.filter_metadata[contract.AUTHZ_NAMESPACE].CopyFrom(authz)
+    entry.common_properties.metadata.filter_metadata[contract.USAGE_NAMESPACE].CopyFrom(usage)
     entry.request.request_id = request_id
     entry.response.response_code.CopyFrom(wrappers_pb2.UInt32Value(value=200))
     return entry
@@ -247,8 +247,8 @@ class Steps:
     async def run(self) -> dict[str, Any]:
         await self._setup()
         hot_key = f"Bearer {self.keys[0].plaintext}"
-        base_url = f"http://127.0.0.1:{self.check_port}{envoy_config.CHECK_PATH_PREFIX}"
-        hold_header = check_mod.metadata_header("hold_id")
+        base_url = f"http://127.0.0.1:{self.check_port}{contract.CHECK_PATH_PREFIX}"
+        hold_header = contract.metadata_header("hold_id")
         # Like Envoy's connection pool to the Check cluster: HTTP/1.1, one keep-alive connection
         # (the calls are sequential), and only the headers Envoy sends.
         connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=60)
@@ -269,7 +269,7 @@ class Steps:
                     await response.read()
                     admitted = response.status == 200
                     if admitted and method == "POST":
-                        assert response.headers.get(hold_header) == check_mod.metadata_value(request_id), (
+                        assert response.headers.get(hold_header) == contract.metadata_value(request_id), (
                             response.headers
                         )
                     return admitted
@@ -320,7 +320,7 @@ class Steps:
                     yield message
 
             stream = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(
-                messages(), metadata=((envoy_config.ACCESS_LOG_SECRET_HEADER, self.access_log_secret),)
+                messages(), metadata=((contract.ACCESS_LOG_SECRET_HEADER, self.access_log_secret),)
             )
             key_id = self.keys[0].key_id
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database, idempotency, key_format, tables
+from billing import database, errors, idempotency, key_format, tables
 
 if TYPE_CHECKING:
     import asyncpg
@@ -31,7 +31,7 @@ class KeyNotFound(LookupError):
     pass
 
 
-class KeyConflict(Exception):
+class KeyConflict(errors.Conflict):
     """A key id is already stored with another hash, wallet or owner."""
 
 

@@ -12,6 +12,11 @@ Two ways in over one URL:
 The hot path's SQL lives beside its rule (``billing.holds``, ``billing.api_keys.find_keys``) and
 takes an asyncpg connection. SQLAlchemy callers hand theirs over with :func:`driver_connection`
 (same connection, same transaction), so tests and the CLI run exactly the sidecar's statements.
+
+Whether a failure means "the database cannot serve us right now" (answer 503, retry, tell the
+person to start it) rather than a bug is decided once, by :func:`is_unreachable`, for both ways
+in. Sharp edge: it counts every ``OSError`` that names no file (that is how a refused, reset or
+timed-out connection reaches us), so call it only on what a database call raised.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 from asyncpg.pool import PoolConnectionProxy
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from billing import errors
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -35,9 +43,29 @@ Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 Database: TypeAlias = asyncpg.Pool | AsyncEngine
 
 _SCHEMES = ("postgresql+asyncpg://", "postgresql://", "postgres://")
+# Connecting gives up after this instead of asyncpg's 60 s, so a caller answers "unavailable"
+# quickly instead of hanging while the database is away.
+CONNECT_TIMEOUT_S = 5.0
+
+# Failures that say the database is away, whichever driver layer raised them: the socket
+# (refused, reset, timed out, no route), asyncpg's connection closing under a call, and
+# SQLAlchemy's connection and pool failures.
+_UNREACHABLE_TYPES = (
+    OSError,
+    asyncpg.InterfaceError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
+# SQLSTATE classes the server answers with when it cannot serve now, or not us: 08 connection
+# exception, 28 invalid authorization (a wrong password), 40 transaction rollback (a
+# serialization failure or deadlock: retry), 53 insufficient resources (too many connections),
+# 57 operator intervention (shutting down, starting up); and 3D000, no such database.
+_UNREACHABLE_SQLSTATE_CLASSES = ("08", "28", "40", "53", "57")
+_UNREACHABLE_SQLSTATES = ("3D000",)
 
 
-class DatabaseUrlError(ValueError):
+class DatabaseUrlError(errors.UserFacingError, ValueError):
     """DATABASE_URL is not a PostgreSQL URL."""
 
 
@@ -61,17 +89,62 @@ def driver_url(url: str) -> str:
     return "postgresql://" + _rest(url)
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """A SQLAlchemy engine over ``url``.
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    pool_timeout_s: float = 30.0,
+    command_timeout_s: float | None = None,
+) -> AsyncEngine:
+    """A SQLAlchemy engine over ``url``, for the HTTP API, the CLI and the operator (never the
+    Check's hot path: that is the asyncpg pool).
 
     ``pool_pre_ping``: a pooled connection is tested (one round trip) before each use and
     replaced if the server closed it. Without it the first call after a database restart or
-    failover got a dead connection and the HTTP API answered 503. The engines serve
-    the HTTP API, the CLI and the operator, never the Check's hot path (that is the asyncpg pool).
+    failover got a dead connection and the caller answered 503. Connecting gives up after
+    :data:`CONNECT_TIMEOUT_S`. ``max_overflow``: connections beyond ``pool_size`` while busy
+    (``pool_size`` more unless told); ``command_timeout_s``: asyncpg's limit per statement.
+    The engines serve the HTTP API, the CLI and the operator, never the Check's hot path (that is
+    the asyncpg pool).
     """
+    connect_args: dict[str, float] = {"timeout": CONNECT_TIMEOUT_S}
+    if command_timeout_s is not None:
+        connect_args["command_timeout"] = command_timeout_s
     return create_async_engine(
-        async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        async_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
+        pool_timeout=pool_timeout_s,
+        pool_pre_ping=True,
+        connect_args=connect_args,
     )
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a database call through asyncpg or SQLAlchemy, means that
+    PostgreSQL cannot serve us right now (away, restarting, full, refusing our credentials)
+    rather than a bug. SQLAlchemy wraps the driver's error, so the causes are read too."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        # An OSError that names a file is about that file (a price list, a data folder), not a
+        # connection: socket errors name none, a missing Unix socket included.
+        if isinstance(current, _UNREACHABLE_TYPES) and not (
+            isinstance(current, OSError) and current.filename is not None
+        ):
+            return True
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        sqlstate = getattr(current, "sqlstate", None)
+        if isinstance(sqlstate, str) and (
+            sqlstate[:2] in _UNREACHABLE_SQLSTATE_CLASSES or sqlstate in _UNREACHABLE_SQLSTATES
+        ):
+            return True
+        orig = current.orig if isinstance(current, sa_exc.DBAPIError) else None
+        current = current.__cause__ or (orig if isinstance(orig, BaseException) else None)
+    return False
 
 
 def autocommit(engine: AsyncEngine) -> AsyncEngine:

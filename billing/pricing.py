@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from billing import money
+from billing import errors, money
 from billing.usage import Usage
 
 PRICE_MAP_FILE = "litellm/model_prices_and_context_window_backup.json"
@@ -37,7 +37,7 @@ MILLION = Decimal(1_000_000)
 _EXACT = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.Inexact])
 
 
-class PricingError(ValueError):
+class PricingError(errors.UserFacingError, ValueError):
     """The price map or the override file is unusable; the message says where and why."""
 
 

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from billing import emails, money
+from billing import emails, errors, money
 from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
@@ -39,9 +39,12 @@ UPSTREAM_HEADERS_NEVER = (
     "cookie",
 )
 UPSTREAM_PREFIXES_NEVER = ("x-billingproxy-", "x-envoy-", ":")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HOT_PATH_POOL_SIZE_MIN = 4
+HOT_PATH_POOL_SIZE_MAX = 1000
 
 
-class SettingsError(ValueError):
+class SettingsError(errors.UserFacingError, ValueError):
     """A configuration value is missing or malformed; the message names the variable and the fix."""
 
 
@@ -160,6 +163,14 @@ class Settings:
     # -- largest top-up, whole cents ($500).
     topup_nano_max: int = 500 * money.NANO_PER_USD
 
+    # --- operations ----------------------------------------------------------------------------
+    # -- how much the `billingproxy` processes log: DEBUG, INFO, WARNING, ERROR or CRITICAL.
+    log_level: str = "INFO"
+    # -- connections of the sidecar's hot-path pool (the Check's holds, the access log's
+    #    settlements, the key cache, the expiry sweep), from 4 (one per hold lane and settlement
+    #    worker) to 1000. More let more transactions run at once, up to what PostgreSQL can run.
+    hot_path_pool_size: int = 10
+
     @property
     def strict(self) -> bool:
         return self.admission == "strict"
@@ -218,6 +229,15 @@ class Settings:
             )
         if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", self.public_url):
             raise SettingsError(f"{ENV_PREFIX}PUBLIC_URL must be an http(s) URL, not {self.public_url!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(
+                f"{ENV_PREFIX}LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
+            )
+        if not HOT_PATH_POOL_SIZE_MIN <= self.hot_path_pool_size <= HOT_PATH_POOL_SIZE_MAX:
+            raise SettingsError(
+                f"{ENV_PREFIX}HOT_PATH_POOL_SIZE must be between {HOT_PATH_POOL_SIZE_MIN} and "
+                f"{HOT_PATH_POOL_SIZE_MAX}, not {self.hot_path_pool_size}"
+            )
         self._check_network()
         self._check_stripe()
 
@@ -406,4 +426,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip().rstrip("/"),
         topup_nano_min=_usd(env, "TOPUP_USD_MIN", defaults.topup_nano_min),
         topup_nano_max=_usd(env, "TOPUP_USD_MAX", defaults.topup_nano_max),
+        log_level=(env.get(ENV_PREFIX + "LOG_LEVEL") or defaults.log_level).strip().upper(),
+        hot_path_pool_size=_int(
+            env,
+            "HOT_PATH_POOL_SIZE",
+            defaults.hot_path_pool_size,
+            HOT_PATH_POOL_SIZE_MIN,
+            HOT_PATH_POOL_SIZE_MAX,
+        ),
     )

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, emails, key_format, ledger, money, settings, tables
+from billing import api_keys, emails, errors, key_format, ledger, money, settings, tables
 
 WALLET_ID_PREFIX = "wal_"
 # A pragmatic address check (RFC 5322 in full accepts far too much): one @, a dotted domain.
@@ -35,7 +35,7 @@ class EmailInvalid(ValueError):
     pass
 
 
-class EmailTaken(Exception):
+class EmailTaken(errors.Conflict):
     """The address, or another address of the same mailbox, already has a self-service wallet."""
 
 
@@ -285,7 +285,7 @@ async def find_wallet(conn: AsyncConnection, ref: str) -> Wallet | None:
 # self-service signup, an admin), even when handed a wrong id. Keys: billing.api_keys.
 
 
-class OwnedElsewhere(Exception):
+class OwnedElsewhere(errors.Conflict):
     """A row with this external id exists but belongs to another source: leave it alone."""
 
 

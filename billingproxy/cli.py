@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from billing import database, pricing, settings as settings_mod
+from billing import database, errors, pricing, settings as settings_mod
 
 EXIT_USAGE = 2
 
 
-class CommandError(Exception):
+class CommandError(errors.UserFacingError):
     """Ends the command with this message and exit status 2."""
 
 
@@ -119,7 +118,7 @@ def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[s
 
 
 def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
-    from billingproxy import admin  # noqa: PLC0415 (a command imports only what it runs)
+    from billingproxy import admin_commands  # noqa: PLC0415 (a command imports only what it runs)
 
     if args.command == "up":
         from billingproxy.devstack import local_stack  # noqa: PLC0415 (a command imports only what it runs)
@@ -142,26 +141,20 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         backend = args.backend_url or settings.backend_url
         if not backend:
             raise CommandError("no backend: set BILLINGPROXY_BACKEND_URL or pass --backend-url")
-        try:
-            sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
-        except envoy_config.EnvoyConfigError as exc:
-            raise CommandError(str(exc)) from None
+        sys.stdout.write(envoy_config.render_yaml(settings, backend_url=backend))
         return 0
     if args.command == "operator":
-        # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
-        from billingproxy import operator_command  # noqa: PLC0415 (see the line above)
-
-        return operator_command.main(settings)
+        return run_operator(settings)
     if args.command == "wallet" and args.action == "show":
-        return _admin(admin.wallet_show, args.wallet)(settings)
+        return _admin(admin_commands.wallet_show, args.wallet)(settings)
     if args.command == "wallet" and args.action == "credit":
-        return _admin(admin.wallet_credit, args.wallet, args.amount_usd, args.reference)(settings)
+        return _admin(admin_commands.wallet_credit, args.wallet, args.amount_usd, args.reference)(settings)
     if args.command == "wallet" and args.action == "set-overdraft":
-        return _admin(admin.wallet_set_overdraft, args.wallet, args.limit_usd)(settings)
+        return _admin(admin_commands.wallet_set_overdraft, args.wallet, args.limit_usd)(settings)
     if args.command == "key" and args.action == "create":
-        return _admin(admin.key_create, args.wallet, args.models)(settings)
+        return _admin(admin_commands.key_create, args.wallet, args.models)(settings)
     if args.command == "key" and args.action == "revoke":
-        return _admin(admin.key_revoke, args.key_id)(settings)
+        return _admin(admin_commands.key_revoke, args.key_id)(settings)
     if args.command == "reconcile":
         from billingproxy import reconcile  # noqa: PLC0415 (a command imports only what it runs)
 
@@ -172,8 +165,19 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     if args.command == "usage":
         if not 1 <= args.limit <= 1000:
             raise CommandError("--limit must be between 1 and 1000")
-        return _admin(admin.usage, args.wallet, args.limit)(settings)
+        return _admin(admin_commands.usage, args.wallet, args.limit)(settings)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def run_operator(settings: settings_mod.Settings) -> int:
+    """`billingproxy operator`: ``kopf run -m billing_operator`` with the namespaces, peering and
+    liveness endpoint taken from ``BILLINGPROXY_OPERATOR_*`` (docs/operator.md) instead of kopf's
+    flags. Stops on SIGINT/SIGTERM."""
+    # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
+    from billing_operator import runner, settings as operator_settings  # noqa: PLC0415 (see the line above)
+
+    asyncio.run(runner.run(operator_settings.from_env(settings=settings)))
+    return 0
 
 
 def _read_lines(path: str) -> list[str]:
@@ -188,22 +192,15 @@ def _read_lines(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("BILLINGPROXY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from billingproxy import admin, startup_errors  # noqa: PLC0415 (after logging is configured)
+    from billingproxy import startup_errors  # noqa: PLC0415 (a command imports only what it runs)
 
     try:
         settings = settings_mod.from_env()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         return _dispatch(args, settings)
-    except (
-        CommandError,
-        admin.AdminError,
-        settings_mod.SettingsError,
-        pricing.PricingError,
-        database.DatabaseUrlError,
-    ) as exc:
+    except errors.UserFacingError as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

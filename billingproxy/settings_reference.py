@@ -76,7 +76,7 @@ SIGNUP_LIMITS = """\
   leftmost addresses itself.
 - **Per sidecar**, `BILLINGPROXY_SIGNUP_RATE_GLOBAL_PER_MINUTE`, whatever the addresses; with
   several replicas the bound is this times the replicas. Either refusal is `429 rate_limited`
-  with `Retry-After`, counted in `billingproxy_signup_refusals{scope="client"|"gateway"}`.
+  with `Retry-After`, counted in `billingproxy_signup_refusals_total{scope="client"|"gateway"}`.
 - **One free wallet per mailbox** (`BILLINGPROXY_SIGNUP_EMAIL_POLICY=mailbox`):
   `bob+1@example.com` and `bob@example.com` are one mailbox, and so are `b.o.b@gmail.com` and
   `bob@googlemail.com`. A second signup answers `409 email_taken` and writes nothing.

@@ -56,7 +56,7 @@ class EnvoyError(RuntimeError):
     """Envoy could not be found, rejected its configuration, or did not become ready."""
 
 
-class EnvoyConfigError(EnvoyError):
+class EnvoyRejectedConfig(EnvoyError):
     """`envoy --mode validate` rejected the configuration; the message is Envoy's."""
 
 
@@ -81,7 +81,7 @@ def envoy_binary() -> Path:
 
 
 def validate(config_yaml: str) -> None:
-    """Check a configuration with `envoy --mode validate`; raises EnvoyConfigError with Envoy's reason."""
+    """Check a configuration with `envoy --mode validate`; raises EnvoyRejectedConfig with Envoy's reason."""
     with tempfile.TemporaryDirectory(prefix="billingproxy-envoy-") as folder:
         config_path = Path(folder) / "envoy.yaml"
         config_path.write_text(config_yaml, encoding="utf-8")
@@ -103,7 +103,7 @@ def validate(config_yaml: str) -> None:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            raise EnvoyConfigError(f"envoy --mode validate took over {VALIDATE_TIMEOUT_S:.0f} s") from None
+            raise EnvoyError(f"envoy --mode validate took over {VALIDATE_TIMEOUT_S:.0f} s") from None
     if result.returncode != 0:
         output = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
         # Envoy echoes the whole configuration after a parse error; the reason comes first.
@@ -111,7 +111,7 @@ def validate(config_yaml: str) -> None:
             line if len(line) <= _MESSAGE_LINE_MAX else line[:_MESSAGE_LINE_MAX] + " …"
             for line in output.splitlines()
         )
-        raise EnvoyConfigError(f"Envoy rejected the configuration:\n{message}")
+        raise EnvoyRejectedConfig(f"Envoy rejected the configuration:\n{message}")
 
 
 def admin_socket(config_yaml: str) -> Path:

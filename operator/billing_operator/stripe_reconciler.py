@@ -28,7 +28,7 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import billing_stripe
-from billing import payments, topups
+from billing import database, payments, topups
 from billing_operator import db, errors, settings as operator_settings
 
 logger = logging.getLogger(__package__)
@@ -79,7 +79,7 @@ async def run(engine: AsyncEngine, cfg: operator_settings.OperatorSettings) -> N
             except errors.DatabaseUnavailable as exc:
                 logger.warning(f"Stripe reconciliation: {exc}")
             except Exception as exc:  # the loop must outlive any one bad round
-                if db.is_unreachable(exc):
+                if database.is_unreachable(exc):
                     logger.warning(f"Stripe reconciliation: PostgreSQL is unreachable ({type(exc).__name__})")
                 else:
                     logger.exception("Stripe reconciliation failed; retrying later")

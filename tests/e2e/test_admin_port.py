@@ -14,9 +14,9 @@ pytestmark = pytest.mark.integration
 
 FAMILIES = (
     "billingproxy_check_decisions",
-    "billingproxy_check_seconds",
+    "billingproxy_check_duration_seconds",
     "billingproxy_settlements",
-    "billingproxy_outstanding_holds",
+    "billingproxy_holds_pending",
     "billingproxy_gc_pause_seconds",
     "billingproxy_gc_frozen_objects",
 )

@@ -21,7 +21,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from support.waiting import wait_until_within
 
-from authz_sidecar.envoy_config import ACCESS_LOG_SECRET_HEADER
+from authz_sidecar.contract import ACCESS_LOG_SECRET_HEADER
 from billing import api_keys, holds
 
 pytestmark = pytest.mark.integration

@@ -46,5 +46,5 @@ def test_envoy_accepts_the_rendered_config(name: str) -> None:
 def test_validate_reports_envoys_reason() -> None:
     config = envoy_config.render(settings(), backend_url=DEMO_BACKEND)
     cluster(config, envoy_config.SIDECAR_GRPC_CLUSTER)["connect_timeout"] = "soon"
-    with pytest.raises(envoy_process.EnvoyConfigError, match="connect_timeout|Duration|soon"):
+    with pytest.raises(envoy_process.EnvoyRejectedConfig, match="connect_timeout|Duration|soon"):
         envoy_process.validate(yaml.safe_dump(config))

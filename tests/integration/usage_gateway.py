@@ -24,7 +24,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from authz_sidecar import envoy_config
+from authz_sidecar import contract, envoy_config
 from billing import usage as usage_mod
 from billing.settings import Settings
 from billingproxy.devstack import envoy_process
@@ -39,8 +39,6 @@ FORMATS = {
     "/v1/embeddings": usage_mod.Format.OPENAI_EMBEDDINGS,
     "/v1/messages": usage_mod.Format.ANTHROPIC_MESSAGES,
 }
-FORMAT_KEY = "x-billingproxy-format"
-STREAM_USAGE_KEY = "x-billingproxy-stream-usage"
 
 
 def loopback_settings(**changes: Any) -> Settings:
@@ -57,7 +55,7 @@ def usage_facts(path: str, body: bytes) -> dict[str, str]:
     usage_format = FORMATS.get(path.split("?", 1)[0])
     if usage_format is None:
         return {}
-    facts = {FORMAT_KEY: usage_format.value}
+    facts = {contract.FORMAT: usage_format.value}
     try:
         request = json.loads(body) if body else None
     except ValueError:
@@ -67,12 +65,12 @@ def usage_facts(path: str, body: bytes) -> dict[str, str]:
         and isinstance(request, dict)
         and request.get("stream") is True
     ):
-        facts[STREAM_USAGE_KEY] = "1"
+        facts[contract.STREAM_USAGE] = "1"
     return facts
 
 
 async def _fake_check(request: web.Request) -> web.Response:
-    path = request.path.removeprefix(envoy_config.CHECK_PATH_PREFIX)
+    path = request.path.removeprefix(contract.CHECK_PATH_PREFIX)
     return web.Response(status=200, headers=usage_facts(path, await request.read()))
 
 
@@ -93,8 +91,8 @@ def billing_filters_config(
         "request_id": "%REQ(X-REQUEST-ID)%",
         "status": "%RESPONSE_CODE%",
         "flags": "%RESPONSE_FLAGS%",
-        "format": f"%DYNAMIC_METADATA({envoy_config.AUTHZ_NAMESPACE}:{FORMAT_KEY})%",
-        "usage": f"%DYNAMIC_METADATA({envoy_config.USAGE_NAMESPACE})%",
+        "format": f"%DYNAMIC_METADATA({contract.AUTHZ_NAMESPACE}:{contract.FORMAT})%",
+        "usage": f"%DYNAMIC_METADATA({contract.USAGE_NAMESPACE})%",
     }
     hcm["access_log"] = [
         {

@@ -8,8 +8,7 @@ import kopf.testing
 import pytest
 
 import operator_harness as h
-from billing import settings as settings_mod
-from billingproxy import operator_command
+from billingproxy import cli
 
 
 async def test_kopf_run_dash_m_billing_operator(database_url, kubeconfig, kube, monkeypatch, engine) -> None:
@@ -31,7 +30,8 @@ async def test_kopf_run_dash_m_billing_operator(database_url, kubeconfig, kube, 
 
 
 def test_billingproxy_operator_refuses_to_start_without_a_database(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert operator_command.main(settings_mod.Settings(database_url="")) == 2
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert cli.main(["operator"]) == 2
     assert "DATABASE_URL" in capsys.readouterr().err

@@ -7,6 +7,7 @@ tests/integration/test_envoy_config_validation.py (it runs Envoy)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from support.envoy_configs import (
     settings,
 )
 
-from authz_sidecar import envoy_config
+from authz_sidecar import api_errors, contract, envoy_config
 from billing.settings import Settings
 from billingproxy.devstack import envoy_process
 
@@ -82,7 +83,7 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     assert authz["transport_api_version"] == "V3"
     service = authz["http_service"]
     assert service["server_uri"]["cluster"] == envoy_config.SIDECAR_CHECK_CLUSTER
-    assert service["path_prefix"] == envoy_config.CHECK_PATH_PREFIX
+    assert service["path_prefix"] == contract.CHECK_PATH_PREFIX
     # The settlement's key must reach the Check: Envoy passes only a few headers by default.
     passed = {p["exact"] for p in service["authorization_request"]["allowed_headers"]["patterns"]}
     assert {"x-request-id", "content-type", "x-api-key"} <= passed
@@ -160,8 +161,8 @@ def test_grpc_access_log_goes_to_the_sidecar_in_small_batches() -> None:
     assert common["buffer_flush_interval"] == "0.01s"
     (stdout,) = [log for log in logs if log["name"] == "envoy.access_loggers.stdout"]
     fields = stdout["typed_config"]["log_format"]["json_format"]
-    assert f"%DYNAMIC_METADATA({envoy_config.USAGE_NAMESPACE})%" in fields.values()
-    assert f"%DYNAMIC_METADATA({envoy_config.AUTHZ_NAMESPACE})%" in fields.values()
+    assert f"%DYNAMIC_METADATA({contract.USAGE_NAMESPACE})%" in fields.values()
+    assert f"%DYNAMIC_METADATA({contract.AUTHZ_NAMESPACE})%" in fields.values()
 
 
 def test_https_backend_with_a_path_is_rewritten_and_verified() -> None:
@@ -194,13 +195,13 @@ def test_backend_url_v1_suffix_changes_nothing() -> None:
 
 @pytest.mark.parametrize("url", ["ftp://x", "http://", "https://host/path?x=1", "http://host:port"])
 def test_bad_backend_urls_are_refused(url: str) -> None:
-    with pytest.raises(envoy_config.EnvoyConfigError):
+    with pytest.raises(envoy_config.EnvoyRenderError):
         envoy_config.render(settings(), backend_url=url)
 
 
 def test_missing_ca_bundle_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
-    with pytest.raises(envoy_config.EnvoyConfigError, match="nope.pem"):
+    with pytest.raises(envoy_config.EnvoyRenderError, match="nope.pem"):
         envoy_config.render(settings(), backend_url=GEMINI, ca_bundle=missing)
 
 
@@ -228,9 +229,9 @@ def test_the_access_log_carries_the_secret_and_rendering_needs_one() -> None:
     logs = hcm(envoy_config.render(settings(), backend_url=DEMO_BACKEND))["access_log"]
     (grpc,) = [log for log in logs if log["name"] == "envoy.access_loggers.http_grpc"]
     service = grpc["typed_config"]["common_config"]["grpc_service"]
-    assert service["initial_metadata"] == [{"key": envoy_config.ACCESS_LOG_SECRET_HEADER, "value": SECRET}]
-    assert envoy_config.ACCESS_LOG_SECRET_HEADER == "x-billingproxy-access-log-secret"
-    with pytest.raises(envoy_config.EnvoyConfigError, match="BILLINGPROXY_ACCESS_LOG_SECRET"):
+    assert service["initial_metadata"] == [{"key": contract.ACCESS_LOG_SECRET_HEADER, "value": SECRET}]
+    assert contract.ACCESS_LOG_SECRET_HEADER == "x-billingproxy-access-log-secret"
+    with pytest.raises(envoy_config.EnvoyRenderError, match="BILLINGPROXY_ACCESS_LOG_SECRET"):
         envoy_config.render(Settings(), backend_url=DEMO_BACKEND)
 
 
@@ -244,7 +245,7 @@ def test_the_admin_is_a_unix_socket_its_owner_alone_may_open(tmp_path: Path) -> 
     assert config["admin"]["address"]["pipe"]["path"] == str(chosen)
     assert envoy_process.admin_socket(yaml.safe_dump(config)) == chosen
     for bad in (Path("relative.sock"), Path("/" + "x" * 120 + ".sock")):
-        with pytest.raises(envoy_config.EnvoyConfigError, match="admin socket"):
+        with pytest.raises(envoy_config.EnvoyRenderError, match="admin socket"):
             envoy_config.render(settings(), backend_url=DEMO_BACKEND, admin_socket=bad)
 
 
@@ -309,7 +310,7 @@ def test_every_name_the_allow_list_can_never_forward_is_absent() -> None:
 
 
 def test_the_lua_tables_take_only_header_names() -> None:
-    with pytest.raises(envoy_config.EnvoyConfigError, match="header name"):
+    with pytest.raises(envoy_config.EnvoyRenderError, match="header name"):
         envoy_config.upstream_headers_lua(['x"] = true, ["cookie'], [])
 
 
@@ -317,3 +318,22 @@ def test_the_backend_credential_goes_in_the_header_the_backend_expects() -> None
     assert envoy_config.backend_credential("authorization", "sk-b") == ("authorization", "Bearer sk-b")
     assert envoy_config.backend_credential("x-api-key", "sk-ant") == ("x-api-key", "sk-ant")
     assert envoy_config.backend_credential("authorization", "") is None
+
+
+def test_envoy_answers_an_unreachable_sidecar_as_the_api_does() -> None:
+    replies = hcm(envoy_config.render(settings(), backend_url=DEMO_BACKEND))["local_reply_config"]["mappers"]
+    unreachable = [
+        mapper
+        for mapper in replies
+        if {"response_flag_filter": {"flags": ["UAEX"]}}
+        in mapper["filter"].get("and_filter", {}).get("filters", [])
+    ]
+    (mapper,) = unreachable
+    (status,) = [f for f in mapper["filter"]["and_filter"]["filters"] if "status_code_filter" in f]
+    assert (
+        status["status_code_filter"]["comparison"]["value"]["default_value"]
+        == api_errors.BILLING_UNAVAILABLE.status
+    )
+    body = mapper["body_format_override"]
+    assert body["json_format"] == json.loads(api_errors.BILLING_UNAVAILABLE.body())
+    assert body["content_type"] == "application/json"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from authz_sidecar import access_log, check
 from billing import settings
 
 P = "BILLINGPROXY_"
@@ -239,3 +240,27 @@ def test_settings_error_is_a_value_error() -> None:
 def test_the_check_transport_is_http_unless_grpc_is_asked_for() -> None:
     assert settings.from_env({}).check_transport == "http"
     assert settings.from_env({P + "CHECK_TRANSPORT": " GRPC "}).check_transport == "grpc"
+
+
+def test_the_log_level_is_a_setting() -> None:
+    assert settings.from_env({}).log_level == "INFO"
+    assert settings.from_env({P + "LOG_LEVEL": " debug "}).log_level == "DEBUG"
+    for bad in ("LOUD", "10", "info-ish"):
+        with pytest.raises(settings.SettingsError, match=P + "LOG_LEVEL"):
+            settings.from_env({P + "LOG_LEVEL": bad})
+    with pytest.raises(settings.SettingsError, match=P + "LOG_LEVEL"):
+        settings.Settings(log_level="verbose")
+
+
+def test_the_hot_path_pool_size_is_a_bounded_setting() -> None:
+    assert settings.from_env({}).hot_path_pool_size == 10
+    assert settings.from_env({P + "HOT_PATH_POOL_SIZE": "32"}).hot_path_pool_size == 32
+    for bad in ("3", "1001", "ten"):
+        with pytest.raises(settings.SettingsError, match=P + "HOT_PATH_POOL_SIZE"):
+            settings.from_env({P + "HOT_PATH_POOL_SIZE": bad})
+    with pytest.raises(settings.SettingsError, match=P + "HOT_PATH_POOL_SIZE"):
+        settings.Settings(hot_path_pool_size=0)
+
+
+def test_the_smallest_hot_path_pool_serves_every_lane_and_worker_at_once() -> None:
+    assert settings.HOT_PATH_POOL_SIZE_MIN >= check.HOLD_LANES + access_log.WORKERS

@@ -11,10 +11,10 @@ import datetime as dt
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, ledger, money, wallets
+from billing import api_keys, errors, ledger, money, wallets
 
 
-class AdminError(Exception):
+class AdminError(errors.UserFacingError):
     """A command that cannot be done as asked; the message says why and what to do."""
 
 

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from authz_sidecar import admin, metrics
+from authz_sidecar import admin_port, metrics
 from billingproxy.devstack.local_stack import free_port
 
 
@@ -21,7 +21,7 @@ async def test_readiness_fails_while_the_database_is_unreachable() -> None:
         return None
 
     engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/billingproxy")
-    runner = web.AppRunner(admin.make_app(engine, {"hot_path": pool_fine, "check": check_server_down}))
+    runner = web.AppRunner(admin_port.make_app(engine, {"hot_path": pool_fine, "check": check_server_down}))
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
