@@ -367,7 +367,7 @@ class Steps:
             way: [[f"steps-gc-{uuid.uuid4()}" for _ in range(GROUP_COMMIT_BATCH)] for _ in range(rounds)]
             for way in BATCH_WAYS
         }
-        hold_batches = {
+        place_batches = {
             way: [
                 [
                     hold_batches.HoldRequest(request_id, self.wallet_id, key_id, workload.MODEL, amount)
@@ -454,7 +454,7 @@ class Steps:
             def place_many(way: str) -> Callable[[int], Awaitable[None]]:
                 async def call(n: int) -> None:
                     refusals = await hold_batches.place_many(
-                        connection, hold_batches[way][n], ttl_s=600, strict=False
+                        connection, place_batches[way][n], ttl_s=600, strict=False
                     )
                     assert refusals == [None] * GROUP_COMMIT_BATCH, refusals
 
