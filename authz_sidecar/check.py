@@ -167,9 +167,7 @@ class Decider:
                 extra={"param": "model"},
             )
         try:
-            worst = endpoint.read(
-                request, price.max_output_tokens or self._settings.model_output_tokens_default
-            )
+            worst = endpoint.read(request, price.max_output_tokens)
         except endpoints.RequestRefused as refused:
             raise api_errors.ApiError(
                 400, refused.code, refused.message, extra={"param": refused.param} if refused.param else {}

@@ -222,8 +222,9 @@ class WorstCase:
         return self.output_per_choice * self.choices
 
 
-# A request reader: (the JSON body, the model's output limit) → its worst case, or RequestRefused.
-Reader = Callable[[Mapping[str, Any], int], WorstCase]
+# A request reader: (the JSON body, the model's output limit, None when the price map knows none)
+# → its worst case, or RequestRefused.
+Reader = Callable[[Mapping[str, Any], int | None], WorstCase]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,11 +265,25 @@ def whole_number(
     return value
 
 
-def _output_budget(request: Mapping[str, Any], fields: Iterable[str], limit: int) -> int:
+def _output_budget(request: Mapping[str, Any], fields: tuple[str, ...], limit: int | None) -> int:
     """The largest of the output fields this endpoint reads (a backend may honour either when
-    both are sent), capped by the model's limit; the limit itself when none is set."""
+    both are sent), capped by the model's limit; the limit itself when none is set.
+
+    A model whose limit the price map does not know has nothing to cap by, and no guess will do: a
+    hold below what the backend may produce is the most its answer is ever charged (a settlement
+    never exceeds its hold). So the request's own bound is the hold, and a request without one is
+    refused; an operator who knows the limit declares it in the price overrides."""
     asked = [value for field in fields if (value := whole_number(request, field)) is not None]
-    return min(max(asked), limit) if asked else limit
+    if limit is not None:
+        return min(max(asked), limit) if asked else limit
+    if not asked:
+        raise RequestRefused(
+            "output_limit_required",
+            f"This model has no known output limit on this gateway, so the request must set "
+            f"{' or '.join(fields)}: its hold has to cover the whole answer.",
+            fields[0],
+        )
+    return max(asked)
 
 
 def _service_tier(request: Mapping[str, Any]) -> None:
@@ -362,7 +377,7 @@ def _parts_in_body(value: Any, dimensions: set[str]) -> bool:
     return in_body
 
 
-def _chat_completions(request: Mapping[str, Any], limit: int) -> WorstCase:
+def _chat_completions(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     _known_fields(request, _CHAT_FIELDS)
     _service_tier(request)
     _refuse_fields(
@@ -389,7 +404,7 @@ def _chat_completions(request: Mapping[str, Any], limit: int) -> WorstCase:
     )
 
 
-def _completions(request: Mapping[str, Any], limit: int) -> WorstCase:
+def _completions(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     _known_fields(request, _COMPLETIONS_FIELDS)
     prompt = request.get("prompt")
     # A list of strings (or of token lists) is one completion per prompt, each n times.
@@ -405,14 +420,14 @@ def _completions(request: Mapping[str, Any], limit: int) -> WorstCase:
     )
 
 
-def _embeddings(request: Mapping[str, Any], limit: int) -> WorstCase:
+def _embeddings(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     _known_fields(request, _EMBEDDINGS_FIELDS)
     return WorstCase(
         output_per_choice=0, choices=1, prompt_in_body=True, dimensions=frozenset({"input_text"})
     )
 
 
-def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
+def _responses(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     _known_fields(request, _RESPONSES_FIELDS)
     _service_tier(request)
     _refuse_fields(
@@ -437,7 +452,7 @@ def _responses(request: Mapping[str, Any], limit: int) -> WorstCase:
     )
 
 
-def _messages(request: Mapping[str, Any], limit: int) -> WorstCase:
+def _messages(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     _known_fields(request, _MESSAGES_FIELDS)
     _service_tier(request)
     _refuse_fields(

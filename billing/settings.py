@@ -54,9 +54,15 @@ class SettingsError(errors.UserFacingError, ValueError):
 RENAMED = {
     "HTTP_PORT": "API_PORT",
     "REQUEST_BODY_MAX_BYTES": "REQUEST_BODY_BYTES_MAX",
-    "HOLD_DEFAULT_MAX_TOKENS": "MODEL_OUTPUT_TOKENS_DEFAULT",
     "TOPUP_MIN_USD": "TOPUP_USD_MIN",
     "TOPUP_MAX_USD": "TOPUP_USD_MAX",
+}
+# Variables no longer read, and what replaces them. A guessed output limit for models the price
+# map gives none was a cap a client could ask past, and a settlement never charges more than its
+# hold: such a model's requests now set their own bound, or its limit is declared per model.
+REMOVED = {
+    name: "declare the model's max_output_tokens in BILLINGPROXY_PRICE_OVERRIDES (docs/pricing.md)"
+    for name in ("HOLD_DEFAULT_MAX_TOKENS", "MODEL_OUTPUT_TOKENS_DEFAULT")
 }
 
 
@@ -79,9 +85,6 @@ class Settings:
     overdraft_limit_nano: int = 1_000_000_000
     # -- a hold not settled after this long is expired (its reservation released).
     hold_ttl_s: int = 600
-    # -- the output-token limit a hold assumes for a model whose price entry gives none: the
-    #    bound when the request sets no max_tokens, and the cap of one it sets.
-    model_output_tokens_default: int = 4096
     # -- YAML file of price overrides and aliases (see docs/pricing.md). Empty: none.
     price_overrides_path: Path | None = None
     # -- percentage added to every provider price, e.g. "20" or "12.5".
@@ -342,6 +345,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}{old} is no longer read: it was renamed {ENV_PREFIX}{new}; set that instead"
             )
+    for old, instead in REMOVED.items():
+        if ENV_PREFIX + old in env:
+            raise SettingsError(f"{ENV_PREFIX}{old} is no longer read: {instead}")
     defaults = Settings()
 
     grant_raw = env.get(ENV_PREFIX + "FREE_GRANT_USD")
@@ -376,9 +382,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         admission=(env.get(ENV_PREFIX + "ADMISSION") or defaults.admission).strip().lower(),
         overdraft_limit_nano=_usd(env, "OVERDRAFT_LIMIT_USD", defaults.overdraft_limit_nano),
         hold_ttl_s=_int(env, "HOLD_TTL_S", defaults.hold_ttl_s, 10, 86_400),
-        model_output_tokens_default=_int(
-            env, "MODEL_OUTPUT_TOKENS_DEFAULT", defaults.model_output_tokens_default, 1, 10_000_000
-        ),
         price_overrides_path=overrides,
         markup_percent=markup,
         backend_url=(env.get(ENV_PREFIX + "BACKEND_URL") or "").rstrip("/"),

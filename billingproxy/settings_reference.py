@@ -342,12 +342,15 @@ def render() -> str:
 
 
 def _renamed() -> str:
-    """The variables renamed so far (``settings.RENAMED``), which start-up refuses by their old name."""
+    """The variables renamed or removed (``settings.RENAMED``, ``settings.REMOVED``), which start-up
+    refuses by their old name."""
     prefix = settings.ENV_PREFIX
     pairs = ", ".join(f"`{prefix}{old}` → `{prefix}{new}`" for old, new in settings.RENAMED.items())
+    removed = "; ".join(f"`{prefix}{old}`: {instead}" for old, instead in settings.REMOVED.items())
     return (
-        f"## Renamed variables\n\nSo that the unit or qualifier comes last: {pairs}. An old name that is "
-        "still set stops start-up with a message naming the new one, rather than being ignored.\n"
+        f"## Renamed and removed variables\n\nSo that the unit or qualifier comes last: {pairs}. An old "
+        "name that is still set stops start-up with a message naming the new one, rather than being "
+        f"ignored. No longer read, and stopping start-up when set: {removed}.\n"
     )
 
 

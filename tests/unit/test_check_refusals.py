@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from authz_sidecar import api_errors, check
+from authz_sidecar import api_errors, check, contract
 from billing import api_keys, hold_batches, holds, pricing
 from billing.settings import Settings
 
@@ -35,20 +35,36 @@ class Keys:
         return KEY
 
 
+# Priced, but the price map gives no output limit (some of litellm's entries, or an override).
+UNLIMITED_MODEL = "no-known-limit"
+OUTPUT_PRICE = Decimal("0.0000006")
+
+
 class StandInDecider(check.Decider):
     def __init__(self, refusal: holds.Refusal | None) -> None:
         price = pricing.ModelPrice.tokens(
-            MODEL, Decimal("0.00000015"), Decimal("0.0000006"), max_output_tokens=100, max_input_tokens=1000
+            MODEL, Decimal("0.00000015"), OUTPUT_PRICE, max_output_tokens=100, max_input_tokens=1000
         )
-        super().__init__(Settings(), pricing.PriceBook({MODEL: price}), None, Keys())  # type: ignore[arg-type]
+        unlimited = pricing.ModelPrice.tokens(
+            UNLIMITED_MODEL, Decimal("0.00000015"), OUTPUT_PRICE, max_input_tokens=1000
+        )
+        book = pricing.PriceBook({MODEL: price, UNLIMITED_MODEL: unlimited})
+        super().__init__(Settings(), book, None, Keys())  # type: ignore[arg-type]
         self.refusal = refusal
+        self.placed: list[hold_batches.HoldRequest] = []
 
     async def _place_holds(self, batch: list[hold_batches.HoldRequest]) -> list[holds.Refusal | None]:
+        self.placed += batch
         return [self.refusal for _ in batch]
 
 
-async def answer(refusal: holds.Refusal | None) -> dict[str, str] | api_errors.ApiError:
-    decider = StandInDecider(refusal)
+async def answer(
+    refusal: holds.Refusal | None,
+    request: dict[str, Any] | None = None,
+    decider: StandInDecider | None = None,
+) -> dict[str, str] | api_errors.ApiError:
+    decider = decider or StandInDecider(refusal)
+    request = request or {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     try:
         return await decider.decide(
             method="POST",
@@ -58,7 +74,7 @@ async def answer(refusal: holds.Refusal | None) -> dict[str, str] | api_errors.A
                 "content-type": "application/json",
                 "x-request-id": "req-1",
             },
-            body=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            body=json.dumps(request).encode(),
         )
     finally:
         await decider.close()
@@ -103,5 +119,31 @@ def test_every_refusal_reason_is_covered_above() -> None:
 async def test_a_placed_hold_admits_with_its_facts() -> None:
     facts = await answer(None)
     assert isinstance(facts, dict)
-    assert facts[check.metadata_header("hold_id")] == "req-1"
-    assert facts[check.metadata_header("wallet_id")] == "wal_x"
+    assert facts[contract.metadata_header("hold_id")] == "req-1"
+    assert facts[contract.metadata_header("wallet_id")] == "wal_x"
+
+
+# --- a model whose output limit is unknown (docs/decisions/0020) -------------------------------
+
+
+async def test_a_model_without_a_known_limit_is_held_for_all_the_request_asks() -> None:
+    """The attack: ask such a model for far more than any guessed cap. The hold must cover it, or
+    the settlement (never above its hold) would charge a long answer as a short one."""
+    decider = StandInDecider(None)
+    request = {
+        "model": UNLIMITED_MODEL,
+        "max_tokens": 100_000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert isinstance(await answer(None, request, decider), dict)
+    (hold,) = decider.placed
+    assert hold.amount_nano >= 100_000 * OUTPUT_PRICE * 10**9
+
+
+async def test_a_model_without_a_known_limit_needs_a_bound_on_its_output() -> None:
+    decider = StandInDecider(None)
+    request = {"model": UNLIMITED_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    error = await answer(None, request, decider)
+    assert isinstance(error, api_errors.ApiError)
+    assert (error.status, error.code) == (400, "output_limit_required")
+    assert decider.placed == []

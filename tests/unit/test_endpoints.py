@@ -12,15 +12,15 @@ LIMIT = 16_384  # the model's output limit in these tests
 TABLE = endpoints.EndpointTable()
 
 
-def worst(path: str, request: dict, limit: int = LIMIT) -> endpoints.WorstCase:
+def worst(path: str, request: dict, limit: int | None = LIMIT) -> endpoints.WorstCase:
     endpoint = TABLE.find("POST", path)
     assert endpoint is not None and endpoint.read is not None
     return endpoint.read(request, limit)
 
 
-def refused(path: str, request: dict) -> endpoints.RequestRefused:
+def refused(path: str, request: dict, limit: int | None = LIMIT) -> endpoints.RequestRefused:
     with pytest.raises(endpoints.RequestRefused) as caught:
-        worst(path, request)
+        worst(path, request, limit)
     return caught.value
 
 
@@ -341,3 +341,38 @@ def test_audio_input_and_output_add_their_dimensions() -> None:
     case = worst("/v1/chat/completions", {"messages": messages, "modalities": ["text", "audio"]})
     assert {"input_audio", "output_audio"} <= case.dimensions
     assert "input_audio" not in worst("/v1/chat/completions", {"messages": []}).dimensions
+
+
+# --- a model whose output limit the price map does not know --------------------------------------
+
+# Without a known limit there is nothing to cap by: a hold capped by a guess below what the backend
+# may produce would be the most the answer is ever charged (a settlement never exceeds its hold).
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/chat/completions", "max_tokens"),
+        ("/v1/chat/completions", "max_completion_tokens"),
+        ("/v1/completions", "max_tokens"),
+        ("/v1/responses", "max_output_tokens"),
+        ("/v1/messages", "max_tokens"),
+    ],
+)
+def test_without_a_known_limit_the_hold_covers_all_the_request_asks_for(path: str, field: str) -> None:
+    request = {field: 100_000, "messages": []} if path == "/v1/messages" else {field: 100_000}
+    assert worst(path, request, limit=None).output_tokens == 100_000
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/v1/chat/completions", "max_completion_tokens"),
+        ("/v1/completions", "max_tokens"),
+        ("/v1/responses", "max_output_tokens"),
+    ],
+)
+def test_without_a_known_limit_a_request_must_bound_its_output(path: str, param: str) -> None:
+    error = refused(path, {}, limit=None)
+    assert (error.code, error.param) == ("output_limit_required", param)
+    assert param in error.message

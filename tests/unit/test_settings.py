@@ -23,7 +23,6 @@ def test_defaults() -> None:
     assert s.overdraft_limit_nano == 1_000_000_000  # $1.00, for wallets other than self-service ones
     assert s.hold_ttl_s == 600
     assert s.upstream_timeout_s == 300
-    assert s.model_output_tokens_default == 4096
     assert s.price_overrides_path is None
     assert s.markup_percent == Decimal(0)
     assert s.backend_url == "" and s.backend_api_key == ""
@@ -64,7 +63,6 @@ def test_values_are_read(tmp_path: Path) -> None:
             P + "OVERDRAFT_LIMIT_USD": "2.5",
             P + "HOLD_TTL_S": "120",
             P + "UPSTREAM_TIMEOUT_S": "119",
-            P + "MODEL_OUTPUT_TOKENS_DEFAULT": "1000",
             P + "PRICE_OVERRIDES": str(overrides),
             P + "MARKUP_PERCENT": "12.5",
             P + "BACKEND_URL": "https://llm.example.com:4000/",
@@ -85,7 +83,7 @@ def test_values_are_read(tmp_path: Path) -> None:
     assert s.free_grant_nano == 1_250_000_000
     assert s.admission == "strict" and s.strict
     assert s.overdraft_limit_nano == 2_500_000_000
-    assert (s.hold_ttl_s, s.upstream_timeout_s, s.model_output_tokens_default) == (120, 119, 1000)
+    assert (s.hold_ttl_s, s.upstream_timeout_s) == (120, 119)
     assert s.price_overrides_path == overrides
     assert s.markup_percent == Decimal("12.5") and type(s.markup_percent) is Decimal
     assert s.backend_url == "https://llm.example.com:4000"  # trailing slash dropped
@@ -154,7 +152,6 @@ BAD_VALUES = [
     ("MARKUP_PERCENT", "20%"),
     ("HOLD_TTL_S", "5"),
     ("HOLD_TTL_S", "ten"),
-    ("MODEL_OUTPUT_TOKENS_DEFAULT", "0"),
     ("KEY_CACHE_TTL_MS", "5000"),
     ("USAGE_PAGE_SIZE_MAX", "0"),
     ("REQUEST_BODY_BYTES_MAX", "10"),
@@ -182,7 +179,6 @@ def test_bad_value_names_its_variable(name: str, value: str) -> None:
 RENAMED = [
     ("HTTP_PORT", "API_PORT", "8081"),
     ("REQUEST_BODY_MAX_BYTES", "REQUEST_BODY_BYTES_MAX", "1024"),
-    ("HOLD_DEFAULT_MAX_TOKENS", "MODEL_OUTPUT_TOKENS_DEFAULT", "1000"),
     ("TOPUP_MIN_USD", "TOPUP_USD_MIN", "5"),
     ("TOPUP_MAX_USD", "TOPUP_USD_MAX", "500"),
 ]
@@ -264,3 +260,11 @@ def test_the_hot_path_pool_size_is_a_bounded_setting() -> None:
 
 def test_the_smallest_hot_path_pool_serves_every_lane_and_worker_at_once() -> None:
     assert settings.HOT_PATH_POOL_SIZE_MIN >= check.HOLD_LANES + access_log.WORKERS
+
+
+@pytest.mark.parametrize("old", ["HOLD_DEFAULT_MAX_TOKENS", "MODEL_OUTPUT_TOKENS_DEFAULT"])
+def test_the_guessed_output_limit_is_gone_and_start_up_says_what_replaces_it(old: str) -> None:
+    """A guessed limit capped holds below what a backend may produce; it is declared per model now."""
+    with pytest.raises(settings.SettingsError) as caught:
+        settings.from_env({P + old: "4096"})
+    assert P + old in str(caught.value) and "max_output_tokens" in str(caught.value)
