@@ -181,6 +181,14 @@ class Decider:
                 "request cannot be billed exactly.",
                 extra={"param": "model", "dimension": unpriced},
             )
+        if worst.output_unbounded is not None:
+            raise api_errors.ApiError(
+                400,
+                "output_limit_required",
+                f"The model {model!r} has no known output limit on this gateway, so the request must "
+                f"set {worst.output_unbounded}: its hold has to cover the whole answer.",
+                extra={"param": worst.output_unbounded},
+            )
         prompt_tokens = self._prompt_bound(worst, len(body), price)
 
         request_id = headers.get("x-request-id")

@@ -50,7 +50,7 @@ import sqlalchemy as sa
 import uvloop
 import yaml
 
-from authz_sidecar import envoy_config
+from authz_sidecar import contract, envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
 from billing import api_keys, database, ledger, pricing, wallets
 from billing.usage import Format, Usage
@@ -113,7 +113,7 @@ LUA_BASELINE_METADATA = {
         "metadata": [
             {
                 "metadata_namespace": envoy_config.EXT_AUTHZ_FILTER,
-                "value": {envoy_config.METADATA_HEADER_PREFIX + "format": Format.OPENAI_CHAT.value},
+                "value": {contract.FORMAT: Format.OPENAI_CHAT.value},
             }
         ],
     },

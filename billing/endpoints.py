@@ -216,6 +216,9 @@ class WorstCase:
     dimensions: frozenset[str]  # the Usage dimensions its answer can carry
     stream_usage: bool = False  # an OpenAI stream that must be asked for usage (Lua filter)
     prompt_overhead: int = 0  # prompt tokens the provider adds that are not in the body (tools)
+    # The field the request must set to be admitted: the model's output limit is unknown and the
+    # request set none, so nothing bounds its answer (output_per_choice is then 0).
+    output_unbounded: str | None = None
 
     @property
     def output_tokens(self) -> int:
@@ -265,25 +268,23 @@ def whole_number(
     return value
 
 
-def _output_budget(request: Mapping[str, Any], fields: tuple[str, ...], limit: int | None) -> int:
+def _output_budget(
+    request: Mapping[str, Any], fields: tuple[str, ...], limit: int | None
+) -> tuple[int, str | None]:
     """The largest of the output fields this endpoint reads (a backend may honour either when
     both are sent), capped by the model's limit; the limit itself when none is set.
 
     A model whose limit the price map does not know has nothing to cap by, and no guess will do: a
     hold below what the backend may produce is the most its answer is ever charged (a settlement
-    never exceeds its hold). So the request's own bound is the hold, and a request without one is
-    refused; an operator who knows the limit declares it in the price overrides."""
+    never exceeds its hold). So the request's own bound is the hold, and without one the budget is 0
+    and the field to set is returned too: the Check refuses such a request, after the refusals
+    that say more (docs/decisions/0020-no-guessed-output-limit.md).
+
+    Returns (the budget, the field the request must set or None)."""
     asked = [value for field in fields if (value := whole_number(request, field)) is not None]
     if limit is not None:
-        return min(max(asked), limit) if asked else limit
-    if not asked:
-        raise RequestRefused(
-            "output_limit_required",
-            f"This model has no known output limit on this gateway, so the request must set "
-            f"{' or '.join(fields)}: its hold has to cover the whole answer.",
-            fields[0],
-        )
-    return max(asked)
+        return (min(max(asked), limit) if asked else limit), None
+    return (max(asked), None) if asked else (0, fields[0])
 
 
 def _service_tier(request: Mapping[str, Any]) -> None:
@@ -389,7 +390,7 @@ def _chat_completions(request: Mapping[str, Any], limit: int | None) -> WorstCas
     if request.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
         dimensions.add("output_audio")
     prompt_in_body = _parts_in_body(request.get("messages"), dimensions)
-    output = _output_budget(request, ("max_completion_tokens", "max_tokens"), limit)
+    output, unbounded = _output_budget(request, ("max_completion_tokens", "max_tokens"), limit)
     prediction = request.get("prediction")
     if prediction is not None:
         # Rejected predicted tokens are billed as output on top of the answer: at most its bytes.
@@ -401,6 +402,7 @@ def _chat_completions(request: Mapping[str, Any], limit: int | None) -> WorstCas
         dimensions=frozenset(dimensions),
         stream_usage=_stream(request),
         prompt_overhead=overhead,
+        output_unbounded=unbounded,
     )
 
 
@@ -411,8 +413,10 @@ def _completions(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
     n = whole_number(request, "n", high=CHOICES_MAX) or 1
     best_of = whole_number(request, "best_of", high=CHOICES_MAX) or 1
+    output, unbounded = _output_budget(request, ("max_tokens",), limit)
     return WorstCase(
-        output_per_choice=_output_budget(request, ("max_tokens",), limit),
+        output_per_choice=output,
+        output_unbounded=unbounded,
         choices=max(prompts, 1) * max(n, best_of),
         prompt_in_body=True,
         dimensions=frozenset({"input_text", "input_cached", "output_text"}),
@@ -443,8 +447,10 @@ def _responses(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     dimensions = {"input_text", "input_cached", "output_text", "output_reasoning"}
     prompt_in_body = _parts_in_body(request.get("input"), dimensions)
     _stream(request)
+    output, unbounded = _output_budget(request, ("max_output_tokens",), limit)
     return WorstCase(
-        output_per_choice=_output_budget(request, ("max_output_tokens",), limit),
+        output_per_choice=output,
+        output_unbounded=unbounded,
         choices=1,
         prompt_in_body=prompt_in_body,
         dimensions=frozenset(dimensions),
@@ -474,8 +480,10 @@ def _messages(request: Mapping[str, Any], limit: int | None) -> WorstCase:
     prompt_in_body = _parts_in_body([request.get("messages"), request.get("system")], dimensions)
     dimensions.discard("input_audio")  # Anthropic takes no audio
     _stream(request)
+    output, unbounded = _output_budget(request, ("max_tokens",), limit)
     return WorstCase(
-        output_per_choice=_output_budget(request, ("max_tokens",), limit),
+        output_per_choice=output,
+        output_unbounded=unbounded,
         choices=1,
         prompt_in_body=prompt_in_body,
         dimensions=frozenset(dimensions),
