@@ -49,7 +49,7 @@ class StandInDecider(check.Decider):
             UNLIMITED_MODEL, Decimal("0.00000015"), OUTPUT_PRICE, max_input_tokens=1000
         )
         book = pricing.PriceBook({MODEL: price, UNLIMITED_MODEL: unlimited})
-        super().__init__(Settings(), book, None, Keys())  # type: ignore[arg-type]
+        super().__init__(Settings(), book, None, Keys())  # type: ignore[arg-type]  # no database: holds stand in
         self.refusal = refusal
         self.placed: list[hold_batches.HoldRequest] = []
 
