@@ -17,7 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -139,52 +139,66 @@ async def storm(gateways: tuple[Any, Any], api_key: str) -> list[Answer]:
         return await asyncio.gather(*(one(n) for n in range(REQUESTS)))
 
 
-async def storm_through_both(pair: tuple[Any, Any]) -> tuple[int, int, list[Any]]:
+@dataclass(frozen=True)
+class Storm:
+    wallet_id: str
+    start: int
+    limit: int
+    answers: list[Answer] = field(repr=False)
+    final: int
+    usage: list[Any] = field(repr=False)
+
+    @property
+    def served(self) -> Counter[int]:
+        """The served requests' exact costs, counted."""
+        return Counter(a.size.cost_nano for a in self.answers if a.status == 200)
+
+
+async def storm_through_both(pair: tuple[Any, Any]) -> Storm:
     """A wallet holding four large holds' worth and a nano-USD, with an overdraft limit of two
-    large holds, then the storm through both gateways; every served request charged once, at its
-    exact cost, and nothing else. Returns the wallet's limit, its final balance and its usage."""
+    large holds (set with the real command), then the storm through both gateways."""
     first, _ = pair
-    db = first.db
     hold = await measured_hold(first, LARGE)
     user = await first.signup()
     wallet_id = user["wallet_id"]
     start = HOLDS_CREDITED * hold + 1
     await credit(first, wallet_id, start, f"storm-{wallet_id}")
     limit = HOLDS_OVERDRAFT * hold
-    done = await db.acli("wallet", "set-overdraft", wallet_id, format(Decimal(limit) / 10**9, "f"))
+    done = await first.db.acli("wallet", "set-overdraft", wallet_id, format(Decimal(limit) / 10**9, "f"))
     assert done.returncode == 0, done.stderr
 
     answers = await storm(pair, user["api_key"])
-    await db.settled(wallet_id)
-    final = await db.balance(wallet_id)
-    usage = [e for e in await db.ledger(wallet_id) if e.kind == "usage"]
+    await first.db.settled(wallet_id)
+    final = await first.db.balance(wallet_id)
+    usage = [e for e in await first.db.ledger(wallet_id) if e.kind == "usage"]
+    return Storm(wallet_id, start, limit, answers, final, usage)
 
-    outcomes = Counter((a.status, a.code) for a in answers)
+
+async def assert_charged_once(db, storm: Storm) -> None:
+    """Every served request charged once, at its exact cost; nothing else charged or held."""
+    outcomes = Counter((a.status, a.code) for a in storm.answers)
     assert set(outcomes) <= ANSWERED, outcomes
-    served = Counter(a.size.cost_nano for a in answers if a.status == 200)
-    assert Counter(-e.amount_nano for e in usage) == served, "a served request charged twice, or never"
-    assert sum(e.amount_nano for e in usage) == final - start
-    holds = await db.holds(wallet_id)
-    assert Counter(h.posted_nano for h in holds if h.state == "posted") == served
-    assert len(holds) == served.total(), "a refused request left a hold"
-    assert (await db.wallet(wallet_id)).reserved_nano == 0
-    assert served.total() >= HOLDS_CREDITED
+    assert Counter(-e.amount_nano for e in storm.usage) == storm.served, "charged twice, or never"
+    assert sum(e.amount_nano for e in storm.usage) == storm.final - storm.start
+    holds = await db.holds(storm.wallet_id)
+    assert Counter(h.posted_nano for h in holds if h.state == "posted") == storm.served
+    assert len(holds) == storm.served.total(), "a refused request left a hold"
+    assert (await db.wallet(storm.wallet_id)).reserved_nano == 0
+    # Far more requests than money: at least the covered ones served, most refused.
+    assert storm.served.total() >= HOLDS_CREDITED
     assert outcomes[(429, "funds_reserved")] + outcomes[(403, "insufficient_funds")] >= REQUESTS // 2
-    return limit, final, usage
 
 
 async def test_the_overdraft_bound_holds_across_both_gateways(overdraft_pair) -> None:
-    limit, final, usage = await storm_through_both(overdraft_pair)
-    assert final >= -limit, f"overdrawn by {-final} nano-USD, more than the wallet's limit ({limit})"
-    assert all(e.balance_after_nano >= -limit for e in usage), [e.balance_after_nano for e in usage]
+    storm = await storm_through_both(overdraft_pair)
+    floor = -storm.limit
+    assert storm.final >= floor, f"overdrawn by {-storm.final} nano-USD, more than the limit ({storm.limit})"
+    assert all(e.balance_after_nano >= floor for e in storm.usage), [
+        e.balance_after_nano for e in storm.usage
+    ]
+    await assert_charged_once(overdraft_pair[0].db, storm)
     # Four large holds credited, two of overdraft: at least six requests of any size fit.
-    assert len(usage) >= HOLDS_CREDITED + HOLDS_OVERDRAFT
-
-
-async def test_strict_mode_never_goes_below_zero_across_both_gateways(strict_pair) -> None:
-    _, final, usage = await storm_through_both(strict_pair)
-    assert final >= 0
-    assert all(e.balance_after_nano >= 0 for e in usage), [e.balance_after_nano for e in usage]
+    assert storm.served.total() >= HOLDS_CREDITED + HOLDS_OVERDRAFT
 
 
 async def status_of(stack, method: str, path: str, api_key: str, body: bytes | None = None) -> int:
@@ -202,7 +216,7 @@ async def test_a_revoked_key_is_refused_by_both_gateways_within_a_second(overdra
     assert done.returncode == 0, done.stderr
     revoked_at = time.monotonic()
 
-    for n, stack in enumerate(pair):
+    for name, stack in zip(("first", "second"), pair, strict=True):
 
         async def refused(stack=stack) -> bool:
             status = await status_of(stack, "GET", "/v1/models", user["api_key"])
@@ -210,7 +224,10 @@ async def test_a_revoked_key_is_refused_by_both_gateways_within_a_second(overdra
             return status == 401
 
         await wait_until_within(
-            refused, since=revoked_at, bound_s=PROPAGATION_BOUND_S, what=f"gateway {n} refusing the key"
+            refused,
+            since=revoked_at,
+            bound_s=PROPAGATION_BOUND_S,
+            what=f"the {name} gateway refusing the key",
         )
 
 
@@ -241,3 +258,10 @@ async def test_a_top_up_paid_through_one_gateway_unblocks_the_other_within_a_sec
     await wait_until_within(
         served, since=paid_at, bound_s=PROPAGATION_BOUND_S, what="the other gateway serving the wallet"
     )
+
+
+async def test_strict_mode_never_goes_below_zero_across_both_gateways(strict_pair) -> None:
+    storm = await storm_through_both(strict_pair)
+    assert storm.final >= 0
+    assert all(e.balance_after_nano >= 0 for e in storm.usage), [e.balance_after_nano for e in storm.usage]
+    await assert_charged_once(strict_pair[0].db, storm)
