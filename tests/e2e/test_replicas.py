@@ -33,6 +33,7 @@ from test_concurrency import (
     OUTPUT_USD_PER_TOKEN,
     REQUESTS,
     credit,
+    measured_hold,
 )
 
 pytestmark = pytest.mark.integration
@@ -97,21 +98,6 @@ def bearer(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
 
-async def measured_hold(stack, size: Size) -> int:
-    """What the gateway reserves for ``size``, measured with one request on a wallet of its own."""
-    probe = await stack.signup()
-    await credit(stack, probe["wallet_id"], 10**9, f"probe-{probe['wallet_id']}")
-    async with stack.http.post(
-        stack.gateway + "/v1/chat/completions", data=size.body, headers=bearer(probe["api_key"])
-    ) as response:
-        assert response.status == 200, await response.text()
-    await stack.db.settled(probe["wallet_id"])
-    (hold,) = await stack.db.holds(probe["wallet_id"])
-    assert hold.posted_nano == size.cost_nano
-    assert hold.amount_nano >= size.cost_nano, "a hold below the real cost cannot bound an overdraft"
-    return hold.amount_nano
-
-
 @dataclass(frozen=True)
 class Answer:
     gateway: int
@@ -158,7 +144,7 @@ async def storm_through_both(pair: tuple[Any, Any]) -> Storm:
     """A wallet holding four large holds' worth and a nano-USD, with an overdraft limit of two
     large holds (set with the real command), then the storm through both gateways."""
     first, _ = pair
-    hold = await measured_hold(first, LARGE)
+    hold = await measured_hold(first, LARGE.body, LARGE.cost_nano)
     user = await first.signup()
     wallet_id = user["wallet_id"]
     start = HOLDS_CREDITED * hold + 1
