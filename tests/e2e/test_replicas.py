@@ -139,6 +139,11 @@ class Storm:
         """The served requests' exact costs, counted."""
         return Counter(a.size.cost_nano for a in self.answers if a.status == 200)
 
+    def served_by(self) -> str:
+        """How many requests each gateway served, for failure messages."""
+        counts = Counter(a.gateway for a in self.answers if a.status == 200)
+        return f"served by the first gateway {counts[0]}, by the second {counts[1]}"
+
 
 async def storm_through_both(pair: tuple[Any, Any]) -> Storm:
     """A wallet holding four large holds' worth and a nano-USD, with an overdraft limit of two
@@ -178,7 +183,9 @@ async def assert_charged_once(db, storm: Storm) -> None:
 async def test_the_overdraft_bound_holds_across_both_gateways(overdraft_pair) -> None:
     storm = await storm_through_both(overdraft_pair)
     floor = -storm.limit
-    assert storm.final >= floor, f"overdrawn by {-storm.final} nano-USD, more than the limit ({storm.limit})"
+    assert storm.final >= floor, (
+        f"overdrawn by {-storm.final} nano-USD, more than the limit ({storm.limit}); {storm.served_by()}"
+    )
     assert all(e.balance_after_nano >= floor for e in storm.usage), [
         e.balance_after_nano for e in storm.usage
     ]
@@ -248,6 +255,6 @@ async def test_a_top_up_paid_through_one_gateway_unblocks_the_other_within_a_sec
 
 async def test_strict_mode_never_goes_below_zero_across_both_gateways(strict_pair) -> None:
     storm = await storm_through_both(strict_pair)
-    assert storm.final >= 0
+    assert storm.final >= 0, f"overdrawn by {-storm.final} nano-USD in strict mode; {storm.served_by()}"
     assert all(e.balance_after_nano >= 0 for e in storm.usage), [e.balance_after_nano for e in storm.usage]
     await assert_charged_once(strict_pair[0].db, storm)
