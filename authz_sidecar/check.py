@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from authz_sidecar import api_errors, contract, metrics
@@ -42,12 +43,20 @@ class Decider:
     the billing rule it is."""
 
     def __init__(
-        self, settings: Settings, prices: pricing.PriceBook, db: database.Database, key_lookup: KeyLookup
+        self,
+        settings: Settings,
+        prices: pricing.PriceBook,
+        db: database.Database,
+        key_lookup: KeyLookup,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (monotonic seconds) is all the empty-wallet memo knows of time; a test moves it."""
         self._settings = settings
         self._prices = prices
         self._db = db  # the sidecar's asyncpg pool: the hold is one prepared statement
         self._keys = key_lookup
+        self._clock = clock
         self._endpoints = endpoints.EndpointTable(settings.endpoints)
         # Wallets refused as empty: wallet id → (refuse unparsed until, balance then).
         self._empty_wallets: dict[str, tuple[float, int]] = {}
@@ -138,7 +147,7 @@ class Decider:
         if endpoint.usage_format is None or endpoint.read is None:
             return base  # listing models costs nothing: no hold, nothing to settle
         empty = self._empty_wallets.get(key.wallet_id)
-        if empty is not None and time.monotonic() < empty[0]:
+        if empty is not None and self._clock() < empty[0]:
             # Refused as empty a moment ago: refuse again before parsing (a 4 MiB body costs
             # tens of milliseconds of the event loop every other wallet shares).
             raise api_errors.insufficient_funds(
@@ -201,6 +210,9 @@ class Decider:
             max_output_tokens=worst.output_tokens,
             dimensions=worst.dimensions,
         )
+        # Before the statement that may find the wallet empty begins (it waits for a batch): the
+        # memo counts from here, so it never outlives a top-up committed meanwhile by a full TTL.
+        asked_at = self._clock()
         refusal = await self._holds.submit(
             hold_batches.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
         )
@@ -223,19 +235,20 @@ class Decider:
         assert refusal.reason is reason.INSUFFICIENT_FUNDS, refusal
         error = self._insufficient_funds(refusal, amount, price, prompt_tokens, worst)
         if error.extra.get("reason") == "wallet_empty":
-            self._remember_empty(key.wallet_id, refusal.balance_nano)
+            self._remember_empty(key.wallet_id, refusal.balance_nano, asked_at)
         raise error
 
-    def _remember_empty(self, wallet_id: str, balance_nano: int) -> None:
-        """Refuse this wallet's next requests unparsed for one key-cache period (a top-up is seen
-        as late as a key change is)."""
+    def _remember_empty(self, wallet_id: str, balance_nano: int, asked_at: float) -> None:
+        """Refuse this wallet's next requests unparsed for one key-cache period from ``asked_at``,
+        when the refusing statement had not yet begun: a top-up is seen as late as a key change
+        is (key_lookup.py counts from the start of its query too), however slow the statement."""
         if len(self._empty_wallets) >= EMPTY_WALLETS_MAX:
-            now = time.monotonic()
+            now = self._clock()
             self._empty_wallets = {w: e for w, e in self._empty_wallets.items() if e[0] > now}
             if len(self._empty_wallets) >= EMPTY_WALLETS_MAX:
                 self._empty_wallets.clear()
         self._empty_wallets[wallet_id] = (
-            time.monotonic() + self._settings.key_cache_ttl_ms / 1000,
+            asked_at + self._settings.key_cache_ttl_ms / 1000,
             balance_nano,
         )
 

@@ -209,6 +209,27 @@ def launch_database(new_database) -> Callable[[], contextlib.AbstractAsyncContex
     return launch
 
 
+@contextlib.asynccontextmanager
+async def _running(data_dir: Path, db: Database, settings: dict[str, str]) -> AsyncIterator[RunningStack]:
+    """A Stack on free ports over ``db``; the tests' defaults, then ``settings``."""
+    env = {
+        **_clean_env(),
+        "DATABASE_URL": db.url,
+        "BILLINGPROXY_DATA_DIR": str(data_dir),
+        **free_ports_env(),
+        "BILLINGPROXY_BACKEND_API_KEY": BACKEND_API_KEY,
+        "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
+        **settings,
+    }
+    stack = Stack(env, say=lambda message: None, durable=False)
+    try:
+        await stack.start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            yield RunningStack(stack, db, http)
+    finally:
+        await stack.stop()
+
+
 @pytest.fixture(scope="session")
 def launch_stack(
     new_database, tmp_path_factory: pytest.TempPathFactory
@@ -221,30 +242,40 @@ def launch_stack(
 
     @contextlib.asynccontextmanager
     async def launch(**settings: str) -> AsyncIterator[RunningStack]:
-        data_dir: Path = tmp_path_factory.mktemp("stack")
-        async with _database(new_database, migrate=False) as db:
-            env = {
-                **_clean_env(),
-                "DATABASE_URL": db.url,
-                "BILLINGPROXY_DATA_DIR": str(data_dir),
-                **free_ports_env(),
-                "BILLINGPROXY_BACKEND_API_KEY": BACKEND_API_KEY,
-                "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
-                **settings,
-            }
-            stack = Stack(env, say=lambda message: None, durable=False)
+        async with (
+            _database(new_database, migrate=False) as db,
+            _running(tmp_path_factory.mktemp("stack"), db, settings) as running,
+        ):
+            _LIVE.append(db)
             try:
-                await stack.start()
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-                    _LIVE.append(db)
-                    try:
-                        yield RunningStack(stack, db, http)
-                    finally:
-                        _LIVE.remove(db)
+                yield running
             finally:
-                await stack.stop()
+                _LIVE.remove(db)
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def launch_replica(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningStack]]:
+    """``async with launch_replica(stack, BILLINGPROXY_X="…") as replica``: a second gateway (its
+    own sidecar and Envoy, its own ports and access-log secret) on ``stack``'s database, demo
+    backend and Stripe test double, as a second pod of the chart's Deployment is. Its settings
+    are the tests' defaults plus ``settings``: give it the ones ``stack`` was launched with."""
+
+    @contextlib.asynccontextmanager
+    async def launch(stack: RunningStack, **settings: str) -> AsyncIterator[RunningStack]:
+        shared = {name: stack.stack.env[name] for name in _STRIPE_SETTINGS if name in stack.stack.env}
+        shared["BILLINGPROXY_BACKEND_URL"] = stack.backend
+        shared["BILLINGPROXY_UPSTREAM_HEADERS"] = stack.stack.env["BILLINGPROXY_UPSTREAM_HEADERS"]
+        async with _running(tmp_path_factory.mktemp("replica"), stack.db, {**shared, **settings}) as replica:
+            yield replica
+
+    return launch
+
+
+_STRIPE_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_BASE")
 
 
 @pytest.fixture(autouse=True)

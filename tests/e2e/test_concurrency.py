@@ -89,20 +89,21 @@ async def credit(stack, wallet_id: str, amount_nano: int, reference: str) -> Non
         )
 
 
-async def measured_hold(stack) -> int:
-    """What the gateway reserves for BODY, measured with one request on a wallet of its own."""
+async def measured_hold(stack, body: bytes = BODY, cost_nano: int = COST_NANO) -> int:
+    """What the gateway reserves for ``body`` (which costs ``cost_nano``), measured with one request
+    on a wallet of its own."""
     probe = await stack.signup()
     await credit(stack, probe["wallet_id"], 10**9, "probe")
     async with stack.http.post(
         stack.gateway + "/v1/chat/completions",
-        data=BODY,
+        data=body,
         headers={"Authorization": f"Bearer {probe['api_key']}", "Content-Type": "application/json"},
     ) as response:
         assert response.status == 200, await response.text()
     await stack.db.settled(probe["wallet_id"])
     (hold,) = await stack.db.holds(probe["wallet_id"])
-    assert hold.posted_nano == COST_NANO
-    assert hold.amount_nano >= COST_NANO, "a hold below the real cost cannot bound an overdraft"
+    assert hold.posted_nano == cost_nano
+    assert hold.amount_nano >= cost_nano, "a hold below the real cost cannot bound an overdraft"
     return hold.amount_nano
 
 

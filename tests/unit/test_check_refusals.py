@@ -8,10 +8,13 @@ against PostgreSQL in tests/integration/test_holds.py.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from support.manual_time import ManualTime
 
 from authz_sidecar import api_errors, check, contract
 from billing import api_keys, hold_batches, holds, pricing
@@ -41,7 +44,7 @@ OUTPUT_PRICE = Decimal("0.0000006")
 
 
 class StandInDecider(check.Decider):
-    def __init__(self, refusal: holds.Refusal | None) -> None:
+    def __init__(self, refusal: holds.Refusal | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         price = pricing.ModelPrice.tokens(
             MODEL, Decimal("0.00000015"), OUTPUT_PRICE, max_output_tokens=100, max_input_tokens=1000
         )
@@ -49,7 +52,7 @@ class StandInDecider(check.Decider):
             UNLIMITED_MODEL, Decimal("0.00000015"), OUTPUT_PRICE, max_input_tokens=1000
         )
         book = pricing.PriceBook({MODEL: price, UNLIMITED_MODEL: unlimited})
-        super().__init__(Settings(), book, None, Keys())  # type: ignore[arg-type]  # no database: holds stand in
+        super().__init__(Settings(), book, None, Keys(), clock=clock)  # type: ignore[arg-type]  # no database: holds stand in
         self.refusal = refusal
         self.placed: list[hold_batches.HoldRequest] = []
 
@@ -147,3 +150,51 @@ async def test_a_model_without_a_known_limit_needs_a_bound_on_its_output() -> No
     assert isinstance(error, api_errors.ApiError)
     assert (error.status, error.code) == (400, "output_limit_required")
     assert decider.placed == []
+
+
+# --- the empty-wallet memo ---------------------------------------------------------------------
+
+
+class SlowStatementDecider(StandInDecider):
+    """The hold's statement takes ``statement_s`` of the clock, as a loaded database would."""
+
+    def __init__(self, refusal: holds.Refusal | None, clock: ManualTime) -> None:
+        super().__init__(refusal, clock=clock)
+        self.clock = clock
+        self.statement_s = 0.0
+        self.statement_began: list[float] = []
+
+    async def _place_holds(self, batch: list[hold_batches.HoldRequest]) -> list[holds.Refusal | None]:
+        self.statement_began.append(self.clock.now)
+        self.clock.now += self.statement_s
+        return await super()._place_holds(batch)
+
+
+EMPTY = refused(
+    holds.RefusalReason.INSUFFICIENT_FUNDS, balance_nano=0, shortfall=holds.Shortfall.WALLET_EMPTY
+)
+
+
+async def test_a_wallet_refused_as_empty_is_served_one_ttl_after_its_statement_began() -> None:
+    """The promise is a key change's: a top-up committed while the refusing statement ran is seen
+    by every Check begun one key-cache period after that statement began, however long it took."""
+    clock = ManualTime()
+    ttl_s = Settings().key_cache_ttl_ms / 1000
+    decider = SlowStatementDecider(EMPTY, clock)
+    decider.statement_s = 3 * ttl_s
+    error = await answer(EMPTY, decider=decider)
+    assert isinstance(error, api_errors.ApiError)
+    assert error.extra["reason"] == "wallet_empty"
+    (began,) = decider.statement_began
+
+    decider.refusal = None  # topped up while the statement ran
+    decider.statement_s = 0.0
+    clock.now = began + ttl_s / 2
+    remembered = await answer(None, decider=decider)
+    assert isinstance(remembered, api_errors.ApiError)
+    assert remembered.code == "insufficient_funds"
+    assert len(decider.placed) == 1, "within the period the memo refuses without a statement"
+
+    clock.now = began + ttl_s
+    assert isinstance(await answer(None, decider=decider), dict)
+    assert len(decider.placed) == 2
