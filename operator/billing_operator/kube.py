@@ -118,7 +118,7 @@ class Secrets:
             response = await asyncio.to_thread(
                 self._api.create_namespaced_secret,
                 namespace,
-                body,  # type: ignore[arg-type]  # the client takes the plain dict too (annotated: V1Secret)
+                body,  # type: ignore[arg-type]  # the client takes a dict for V1Secret
                 _preload_content=False,
                 _request_timeout=self._timeout_s,
             )
@@ -147,12 +147,13 @@ class Secrets:
 
     async def delete(self, namespace: str, name: str, *, uid: str) -> bool:
         """Delete this very Secret (``uid`` precondition: never a same-named successor)."""
+        delete_options = {"preconditions": {"uid": uid}}
         try:
             await asyncio.to_thread(
                 self._api.delete_namespaced_secret,
                 name,
                 namespace,
-                body={"preconditions": {"uid": uid}},  # type: ignore[arg-type]  # as in create()
+                body=delete_options,  # type: ignore[arg-type]  # the client takes a dict for V1DeleteOptions
                 _preload_content=False,
                 _request_timeout=self._timeout_s,
             )
