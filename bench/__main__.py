@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import report, runner
 
@@ -121,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _main(options: runner.Options) -> dict:
+async def _main(options: runner.Options) -> dict[str, Any]:
     bench = runner.Bench(options, say=lambda m: print(m, flush=True))
     try:
         results = await bench.run_all()

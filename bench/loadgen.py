@@ -24,7 +24,8 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -38,7 +39,7 @@ class Target:
     authorizations: Sequence[str] = ()  # "Bearer sk-…" values; empty = no header
     method: str = "POST"
 
-    def headers(self) -> itertools.cycle | None:
+    def headers(self) -> Iterator[dict[str, str]] | None:
         if not self.authorizations:
             return None
         return itertools.cycle(
@@ -54,8 +55,8 @@ class Run:
     concurrency: int
     target_rate: float | None
     latencies_s: list[float]  # of successful (2xx) requests
-    statuses: Counter
-    errors: Counter  # connection-level failures by exception type
+    statuses: Counter[int]
+    errors: Counter[str]  # connection-level failures by exception type
     generator_cpu_s: float
     late_starts: int = 0  # open loop: requests started > 1 ms after their scheduled time
     start_lags_s: list[float] = dataclasses.field(default_factory=list)  # open loop: start - schedule
@@ -78,7 +79,7 @@ class Run:
     def percentile_ms(self, p: float) -> float | None:
         return percentile(self.latencies_s, p) * 1000 if self.latencies_s else None
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "mode": self.mode,
@@ -132,8 +133,8 @@ def _session(concurrency: int) -> aiohttp.ClientSession:
 async def closed_loop(name: str, target: Target, *, concurrency: int, duration_s: float) -> Run:
     """``concurrency`` workers, each one request at a time, for ``duration_s``."""
     latencies: list[float] = []
-    statuses: Counter = Counter()
-    errors: Counter = Counter()
+    statuses: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
     headers = target.headers()
     ids_ok: list[str] = []
     ids_other: list[str] = []
@@ -190,8 +191,8 @@ async def open_loop(
     wait counts in its latency.
     """
     latencies: list[float] = []
-    statuses: Counter = Counter()
-    errors: Counter = Counter()
+    statuses: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
     headers = target.headers()
     count = int(rate * duration_s)
     interval = 1.0 / rate

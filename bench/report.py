@@ -22,7 +22,8 @@ def _pairs(summary: dict[str, Any], values: list[str]) -> str:
 
 def _envoy_cpu_us(run: dict[str, Any]) -> float:
     """The CPU µs per 2xx answer of the Envoy that served ``run``."""
-    return run["cpu_us_per_request"][run["envoy_process"]]
+    cpu_us: float = run["cpu_us_per_request"][run["envoy_process"]]
+    return cpu_us
 
 
 def _median(values: list[float], digits: int = 3) -> float | None:

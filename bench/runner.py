@@ -34,12 +34,14 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +49,14 @@ import aiohttp
 import grpc
 import httptools
 import sqlalchemy as sa
-import uvloop
 import yaml
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import contract, envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
 from billing import api_keys, database, ledger, pricing, wallets
-from billing.usage import Format, Usage
+from billing.settings import Settings
+from billing.usage import Format
 from billingproxy.devstack import envoy_process
 from billingproxy.devstack.local_stack import Stack, free_port, free_ports_env
 from billingproxy.devstack.postgres_server import EmbeddedPostgres
@@ -120,7 +123,9 @@ LUA_BASELINE_METADATA = {
 }
 
 
-def baseline_config(settings, *, backend_url: str, admin_socket: Path, lua: bool = False) -> dict[str, Any]:
+def baseline_config(
+    settings: Settings, *, backend_url: str, admin_socket: Path, lua: bool = False
+) -> dict[str, Any]:
     """The billed gateway's Envoy config without ext_authz and the gRPC access log, and without the
     Lua filters unless ``lua`` (then ext_authz's place holds ``LUA_BASELINE_METADATA``)."""
     config = copy.deepcopy(envoy_config.render(settings, backend_url=backend_url, admin_socket=admin_socket))
@@ -178,7 +183,13 @@ class Pids:
         return {pid for pid in named if pid is not None} | set(self.others)
 
 
-def _cpu_snapshot(pids: Pids) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class _CpuSnapshot:
+    seconds: dict[str, float]  # by part, the machine's (machine_*), and the wall clock (wall)
+    processes: dict[int, tuple[int, float]]  # procstat.all_processes()
+
+
+def _cpu_snapshot(pids: Pids) -> _CpuSnapshot:
     sidecar_user, sidecar_system = procstat.cpu_split_seconds(pids.sidecar)
     snapshot = {
         "sidecar": sidecar_user + sidecar_system,
@@ -193,15 +204,14 @@ def _cpu_snapshot(pids: Pids) -> dict[str, float]:
     }
     snapshot.update({f"machine_{k}": v for k, v in procstat.machine_seconds().items()})
     snapshot["wall"] = time.perf_counter()
-    snapshot["processes"] = procstat.all_processes()
-    return snapshot
+    return _CpuSnapshot(snapshot, procstat.all_processes())
 
 
-def _cpu_delta(before: dict[str, Any], after: dict[str, Any], pids: Pids) -> dict[str, float]:
+def _cpu_delta(before: _CpuSnapshot, after: _CpuSnapshot, pids: Pids) -> dict[str, float]:
     ours = {os.getpid()} | pids.all()
-    delta = {name: after[name] - before[name] for name in before if name != "processes"}
+    delta = {name: after.seconds[name] - before.seconds[name] for name in before.seconds}
     # Anyone else's CPU in the meantime (a test suite on the same machine…): it disturbs the run.
-    delta["foreign"] = procstat.foreign_cpu_seconds(before["processes"], after["processes"], ours)
+    delta["foreign"] = procstat.foreign_cpu_seconds(before.processes, after.processes, ours)
     return delta
 
 
@@ -234,16 +244,17 @@ async def _scrape_check_seconds(session: aiohttp.ClientSession, admin_port: int)
 
 
 class Bench:
-    def __init__(self, options: Options, say=print) -> None:
+    def __init__(self, options: Options, say: Callable[[str], object] = print) -> None:
         self.options = options
         self.say = say
         self.data_dir = Path(tempfile.mkdtemp(prefix="billingproxy-bench-"))
-        self.stack: Stack | None = None
+        # Set by start(); stop() stops what was started. The properties below are for after start().
+        self._stack: Stack | None = None
         self.baseline: envoy_process.EnvoyProcess | None = None
         self.lua_baseline: envoy_process.EnvoyProcess | None = None
         self.grpc_check: envoy_process.EnvoyProcess | None = None
-        self.engine = None
-        self.pids: Pids | None = None
+        self._engine: AsyncEngine | None = None
+        self._pids: Pids | None = None
         self.wallet_ids: list[str] = []
         self.authorizations: list[str] = []
         # x-request-ids of the billed gateway's answers, warm-ups included: 2xx, and the rest.
@@ -251,6 +262,21 @@ class Bench:
         self.billed_ids_other: list[str] = []
         self.billed_denied: dict[int, int] = {}
         self.results: dict[str, Any] = {}
+
+    @property
+    def stack(self) -> Stack:
+        assert self._stack is not None, "Bench.start() first"
+        return self._stack
+
+    @property
+    def engine(self) -> AsyncEngine:
+        assert self._engine is not None, "Bench.start() first"
+        return self._engine
+
+    @property
+    def pids(self) -> Pids:
+        assert self._pids is not None, "Bench.start() first"
+        return self._pids
 
     # -- set-up and tear-down --
 
@@ -267,7 +293,7 @@ class Bench:
         return env
 
     async def start(self) -> None:
-        self.stack = Stack(self._env(), say=lambda m: self.say(f"  {m}"), durable=self.options.durable)
+        self._stack = Stack(self._env(), say=lambda m: self.say(f"  {m}"), durable=self.options.durable)
         await self.stack.start()
         settings = self.stack.settings
         run_dir = settings.data_dir.absolute() / "run"
@@ -294,9 +320,9 @@ class Bench:
         )
         await self.grpc_check.start()
         self.grpc_check_url = f"http://127.0.0.1:{grpc_settings.gateway_port}"
-        self.engine = database.create_engine(self.stack.database_url, pool_size=2)
+        self._engine = database.create_engine(self.stack.database_url, pool_size=2)
         pids = self.stack.process_ids()
-        self.pids = Pids(
+        self._pids = Pids(
             sidecar=pids.pop("sidecar", None),
             envoy=pids.pop("envoy", None),
             envoy_baseline=self.baseline.pid,
@@ -324,21 +350,21 @@ class Bench:
         return process, f"http://127.0.0.1:{settings.gateway_port}"
 
     async def stop(self) -> None:
-        if self.engine is not None:
-            await self.engine.dispose()
+        if self._engine is not None:
+            await self._engine.dispose()
         if self.baseline is not None:
             await self.baseline.stop()
         if self.lua_baseline is not None:
             await self.lua_baseline.stop()
         if self.grpc_check is not None:
             await self.grpc_check.stop()
-        postgres = self.stack.embedded_postgres if self.stack is not None else None
-        if self.stack is not None:
-            await self.stack.stop()
+        postgres = self._stack.embedded_postgres if self._stack is not None else None
+        if self._stack is not None:
+            await self._stack.stop()
         if self.options.keep:
             self.say(f"  kept the data and logs in {self.data_dir}")
             return
-        if self.stack is not None and not os.environ.get("DATABASE_URL"):  # embedded, ours
+        if self._stack is not None and not os.environ.get("DATABASE_URL"):  # embedded, ours
             # As root the cluster may live in a temp folder outside the data dir (a pointer file
             # names it); destroy() finds it, also when the stack failed to start and forgot it.
             postgres = postgres or EmbeddedPostgres(self.data_dir / "postgres")
@@ -386,12 +412,13 @@ class Bench:
 
     async def pending_holds(self, request_ids: list[str]) -> int:
         async with self.engine.connect() as conn:
-            return (
+            pending: int = (
                 await conn.execute(
                     sa.text("SELECT count(*) FROM holds WHERE state = 'pending' AND request_id = ANY(:ids)"),
                     {"ids": request_ids},
                 )
             ).scalar_one()
+        return pending
 
     async def wait_settled(self, request_ids: list[str]) -> float | None:
         """Seconds until the holds of these answered requests are settled (their access-log
@@ -421,7 +448,9 @@ class Bench:
                     )
                 return waited, cores
 
-    async def measured(self, run_coro, *, billed: bool, envoy: str | None = None) -> dict[str, Any]:
+    async def measured(
+        self, run_coro: Awaitable[loadgen.Run], *, billed: bool, envoy: str | None = None
+    ) -> dict[str, Any]:
         """Run a load, then (billed) wait for its settlements; CPU counted over both."""
         waited, background = await self.wait_quiet()
         admin_port = self.stack.settings.admin_port
@@ -455,6 +484,7 @@ class Bench:
         result["machine_cores"]["unattributed"] = round((machine["busy"] - measured - foreign) / wall, 3)
         result["machine_cores_busy"] = round(machine["busy"] / wall, 2)
         if billed:
+            assert check0 is not None and check1 is not None
             result["settle_lag_s"] = None if settle_s is None else round(settle_s, 3)
             checks = check1[1] - check0[1]
             result["sidecar_check_mean_ms"] = (
@@ -515,7 +545,7 @@ class Bench:
         await self.wait_settled(warm.request_ids_ok)
 
         runs: dict[str, Any] = {}
-        plan = [
+        plan: list[tuple[str, bool, Callable[[], Awaitable[loadgen.Run]]]] = [
             (
                 "baseline_max",
                 False,
@@ -679,11 +709,7 @@ class Bench:
             await asyncio.sleep(0.1)
         settings = self.stack.settings
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
-        price = prices.price(workload.MODEL)
-        expected_cost = prices.cost_nano(
-            price,
-            Usage.tokens(prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS),
-        )
+        expected_cost = workload.cost_nano(prices)
         async with self.engine.connect() as conn:
             ids = {"ids": self.wallet_ids}
             usage = (
@@ -695,7 +721,7 @@ class Bench:
                     ids,
                 )
             ).all()
-            holds = dict(
+            holds: dict[str, str] = dict(
                 (
                     await conn.execute(
                         sa.text("SELECT request_id, state FROM holds WHERE wallet_id = ANY(:ids)"), ids
@@ -712,7 +738,7 @@ class Bench:
         for state in holds.values():
             states[state] = states.get(state, 0) + 1
         pending = {rid for rid, state in holds.items() if state == "pending"}
-        result = {
+        result: dict[str, Any] = {
             "billed_2xx_answers": len(self.billed_ids_ok),
             "billed_non_2xx_answers": self.billed_denied,
             "usage_entries": len(usage),
@@ -752,7 +778,7 @@ def environment() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "grpcio": grpc.__version__,  # the access log (ALS)
         "httptools": httptools.__version__,  # the Check
-        "uvloop": uvloop.__version__,
+        "uvloop": importlib.metadata.version("uvloop"),
         "envoy": _envoy_version(),
     }
 

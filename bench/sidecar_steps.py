@@ -44,7 +44,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -54,11 +54,11 @@ import sqlalchemy as sa
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2, wrappers_pb2
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from authz_sidecar import contract, envoy_config
 from bench import procstat, workload
 from billing import api_keys, hold_batches, holds, ledger, pricing, tables, wallets
-from billing.usage import Usage
 
 CALLS = 400
 GRANT_NANO = 1_000 * 10**9
@@ -84,7 +84,7 @@ _SETTLE_STEPS = (
 
 
 async def _settle_seven_round_trips_sqlalchemy(
-    conn, *, request_id: str, cost_nano: int, details: dict
+    conn: AsyncConnection, *, request_id: str, cost_nano: int, details: dict[str, Any]
 ) -> None:
     """Reference only: how ``billing.holds.settle`` posted a hold before it was one statement."""
     h = tables.holds
@@ -158,7 +158,7 @@ class Steps:
     def __init__(
         self,
         *,
-        engine,
+        engine: AsyncEngine,
         database_url: str,
         grpc_port: int,
         check_port: int,
@@ -187,11 +187,7 @@ class Steps:
                 await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
                 for _ in range(self.calls + 1)
             ]
-        price = self.prices.price(workload.MODEL)
-        self.cost = self.prices.cost_nano(
-            price,
-            Usage.tokens(prompt_tokens=workload.PROMPT_TOKENS, completion_tokens=workload.COMPLETION_TOKENS),
-        )
+        self.cost = workload.cost_nano(self.prices)
 
     async def _sidecar_cpu_per_call(self, name: str, calls: Callable[[], Awaitable[None]]) -> None:
         before, started, client = (
@@ -237,12 +233,13 @@ class Steps:
 
     async def _pending(self) -> int:
         async with self.engine.connect() as conn:
-            return (
+            pending: int = (
                 await conn.execute(
                     sa.text("SELECT count(*) FROM holds WHERE wallet_id = :w AND state = 'pending'"),
                     {"w": self.wallet_id},
                 )
             ).scalar_one()
+        return pending
 
     async def run(self) -> dict[str, Any]:
         await self._setup()
@@ -305,9 +302,9 @@ class Steps:
         # Settle the first `calls` of them through a real ALS stream, one entry per message.
         to_settle = posted[: self.calls]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
-            queue: asyncio.Queue = asyncio.Queue()
+            queue: asyncio.Queue[accesslog_pb2.HTTPAccessLogEntry | None] = asyncio.Queue()
 
-            async def messages():
+            async def messages() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
                 identifier = als_pb2.StreamAccessLogsMessage.Identifier(log_name=envoy_config.ACCESS_LOG_NAME)
                 first = True
                 while (item := await queue.get()) is not None:
@@ -438,6 +435,7 @@ class Steps:
                 request_id = pg7_ids[n]
                 async with connection.transaction():
                     hold = await steps[0].fetchrow(request_id)
+                    assert hold is not None
                     balance = await steps[1].fetchval(hold["wallet_id"])
                     await steps[2].fetchrow(
                         hold["wallet_id"],

@@ -8,7 +8,10 @@ ext_authz filter sends the sidecar's Check for it is ~1.2 kB (:mod:`bench.body_d
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from billing import pricing
+from billing.usage import Usage
 from billingproxy.devstack import demo_backend
 
 MODEL = "gpt-4o-mini"
@@ -28,7 +31,7 @@ _USER = (
     "and get the difference refunded? Thanks a lot for your help."
 )
 
-REQUEST = {
+REQUEST: dict[str, Any] = {
     "model": MODEL,
     "messages": [
         {"role": "system", "content": _SYSTEM},
@@ -43,6 +46,16 @@ BODY = json.dumps(REQUEST).encode()
 # What the demo backend will report, hence what each request must be charged.
 PROMPT_TOKENS = demo_backend.prompt_tokens(REQUEST["messages"])
 COMPLETION_TOKENS = demo_backend.completion_tokens(REQUEST)
+
+
+def cost_nano(prices: pricing.PriceBook) -> int:
+    """What each request of the workload is charged at ``prices``."""
+    price = prices.price(MODEL)
+    assert price is not None, f"the price table has no {MODEL}"
+    return prices.cost_nano(
+        price, Usage.tokens(prompt_tokens=PROMPT_TOKENS, completion_tokens=COMPLETION_TOKENS)
+    )
+
 
 # The floor: a request whose Check needs no database (listing models is free: no hold, nothing to
 # settle), through the same filters. What billing adds to it is the cost of the ext_authz hop,

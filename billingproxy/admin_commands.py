@@ -128,6 +128,7 @@ async def key_revoke(conn: AsyncConnection, key_id: str) -> str:
         raise AdminError(
             f"no key {key_id!r} (key ids look like key_…; see `billingproxy wallet show`)"
         ) from None
+    assert record.revoked_at is not None, "revoke_key returns the key it stamped"
     return f"{record.id} revoked at {record.revoked_at.isoformat()}"
 
 

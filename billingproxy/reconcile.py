@@ -23,10 +23,10 @@ from billing import database, pricing
 BATCH = 500
 
 
-def read_log(lines: Iterable[str]) -> tuple[list[FinishedRequest], Counter]:
+def read_log(lines: Iterable[str]) -> tuple[list[FinishedRequest], Counter[str]]:
     """The settleable requests in ``lines`` (the last line wins for a request id) and what was skipped."""
     found: dict[str, FinishedRequest] = {}
-    skipped: Counter = Counter()
+    skipped: Counter[str] = Counter()
     for raw in lines:
         line = raw.strip()
         if not line:
@@ -50,7 +50,7 @@ def read_log(lines: Iterable[str]) -> tuple[list[FinishedRequest], Counter]:
 async def reconcile(database_url: str, prices: pricing.PriceBook, lines: Iterable[str]) -> str:
     """Settle what ``lines`` name; a table of what happened to them."""
     requests, skipped = read_log(lines)
-    outcomes: Counter = Counter()
+    outcomes: Counter[str] = Counter()
     pool = await database.create_pool(database_url, size=1)
     try:
         settler = Settler(pool, prices)

@@ -76,6 +76,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ _ANTHROPIC_ERRORS = {
     529: "overloaded_error",
 }
 
-_LAST_REQUEST = web.AppKey("last_request", dict)
+_LAST_REQUEST: web.AppKey[dict[str, Any]] = web.AppKey("last_request", dict)
 _API_KEY = web.AppKey("api_key", str)
-_IDS = web.AppKey("ids", itertools.count)
+_IDS: web.AppKey[itertools.count[int]] = web.AppKey("ids", itertools.count)
 
 
 class DemoError(Exception):
@@ -216,6 +217,11 @@ class Controls:
         return self.usage if self.usage_given else computed
 
 
+def _next_id(request: web.Request) -> int:
+    ids = request.app[_IDS]
+    return next(ids)
+
+
 def _header_int(request: web.Request, name: str, default: int, maximum: int) -> int:
     raw = request.headers.get(name)
     if raw is None:
@@ -310,7 +316,7 @@ async def _body(request: web.Request) -> Any:
 
 
 @web.middleware
-async def _demo_controls(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _demo_controls(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v1/"):
         return await handler(request)
     body = await _body(request)
@@ -395,7 +401,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finish_reason = "length" if limited else "stop"
     text = controls.reply(per_choice, _last_user_text(messages))
     head: dict[str, Any] = {
-        "id": f"chatcmpl-demo{next(request.app[_IDS])}",
+        "id": f"chatcmpl-demo{_next_id(request)}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": str(body.get("model") or MODELS[0]),
@@ -494,7 +500,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     finish_reason = "length" if limited else "stop"
     text = controls.reply(per_choice, prompts[-1])
     head = {
-        "id": f"cmpl-demo{next(request.app[_IDS])}",
+        "id": f"cmpl-demo{_next_id(request)}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": str(body.get("model") or MODELS[0]),
@@ -550,7 +556,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     messages = response_input_messages(body)
     prompt = prompt_tokens(messages)
     output, _ = output_limit(body, "max_output_tokens")
-    number = next(request.app[_IDS])
+    number = _next_id(request)
     text = controls.reply(output, _last_user_text(messages))
     message_id = f"msg_demo{number}"
     usage = controls.final_usage(
@@ -681,7 +687,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     text = controls.reply(output, _last_user_text(turns))
     stop_reason = "max_tokens" if limited else "end_turn"
     message: dict[str, Any] = {
-        "id": f"msg_demo{next(request.app[_IDS])}",
+        "id": f"msg_demo{_next_id(request)}",
         "type": "message",
         "role": "assistant",
         "model": str(body.get("model") or MODELS[-1]),

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -79,7 +79,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        bound: int = sock.getsockname()[1]
+        return bound
 
 
 # Every port the stack listens on: its setting (BILLINGPROXY_<name>) and its Settings field.
@@ -127,7 +128,9 @@ def _write_private(path: Path, text: str) -> None:
 class Stack:
     """The processes of one gateway. ``env`` holds the settings (BILLINGPROXY_*, DATABASE_URL)."""
 
-    def __init__(self, env: Mapping[str, str], *, say=print, durable: bool = True) -> None:
+    def __init__(
+        self, env: Mapping[str, str], *, say: Callable[[str], object] = print, durable: bool = True
+    ) -> None:
         self.env = dict(env)
         # A new secret for each run: Envoy's rendered config and the sidecar's environment get it.
         self.env[f"{settings_mod.ENV_PREFIX}ACCESS_LOG_SECRET"] = secrets.token_urlsafe(32)
@@ -135,7 +138,7 @@ class Stack:
         self._say = say
         self._durable = durable
         self._postgres: EmbeddedPostgres | None = None
-        self._children: list[tuple[str, subprocess.Popen]] = []
+        self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._envoy: envoy_process.EnvoyProcess | None = None
         self.database_url = ""
         self.backend_url = ""

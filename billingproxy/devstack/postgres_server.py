@@ -66,6 +66,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TypedDict
 from urllib.parse import quote
 
 __all__ = ["EmbeddedPostgres", "PostgresStartError"]
@@ -99,6 +100,14 @@ class PostgresStartError(RuntimeError):
     """PostgreSQL could not be prepared or started; the message names the cause and the fix."""
 
 
+class _SwitchedAccount(TypedDict, total=False):
+    """What ``subprocess.run`` is given to run a tool as another account."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
 @dataclass(frozen=True)
 class _Account:
     """Who runs initdb, pg_ctl and the server: the current user, or `nobody` when we are root."""
@@ -108,7 +117,7 @@ class _Account:
     name: str
     switch: bool
 
-    def subprocess_kwargs(self) -> dict[str, object]:
+    def subprocess_kwargs(self) -> _SwitchedAccount:
         if not self.switch:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
@@ -765,7 +774,7 @@ def _run(
     # English messages, so that the log can be searched for the known failures.
     environment["LC_ALL"] = "C"
     environment.update(extra_env or {})
-    kwargs = account.subprocess_kwargs() if account is not None else {}
+    kwargs = account.subprocess_kwargs() if account is not None else _SwitchedAccount()
     with tempfile.TemporaryFile() as output:
         try:
             completed = subprocess.run(

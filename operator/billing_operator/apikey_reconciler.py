@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +35,16 @@ import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import api_keys, key_format, wallets
-from billing_operator import db, errors, events, key_secrets, kube, settings as operator_settings, status
+from billing_operator import (
+    db,
+    errors,
+    events,
+    key_secrets,
+    kube,
+    settings as operator_settings,
+    status,
+    wallet_reconciler,
+)
 
 GROUP, VERSION, PLURAL = "billingproxy.io", "v1alpha1", "apikeys"
 SOURCE = "kubernetes"
@@ -61,10 +69,8 @@ class ApiKeySpec:
     @classmethod
     def parse(cls, spec: Mapping[str, Any], *, default_grace_s: int) -> ApiKeySpec:
         """The spec as the operator needs it, or :class:`errors.InvalidSpec` naming the field."""
-        wallet_name = (spec.get("walletRef") or {}).get("name")
-        _check_name("spec.walletRef.name", wallet_name)
-        secret_name = spec.get("secretName")
-        _check_name("spec.secretName", secret_name)
+        wallet_name = _object_name("spec.walletRef.name", (spec.get("walletRef") or {}).get("name"))
+        secret_name = _object_name("spec.secretName", spec.get("secretName"))
         models = spec.get("allowedModels")
         if models is not None:
             if (
@@ -102,9 +108,16 @@ class ApiKeySpec:
         return cls(wallet_name, secret_name, models, expires_at, suspended, generation, grace)
 
 
-def _check_name(field: str, value: object) -> None:
+def _object_name(field: str, value: object) -> str:
     if not isinstance(value, str) or len(value) > NAME_LENGTH_MAX or not _NAME.fullmatch(value):
         raise errors.InvalidSpec(f"{field} must be a Kubernetes object name (RFC 1123), not {value!r}")
+    return value
+
+
+def _namespace(body: kopf.Body) -> str:
+    namespace = body.metadata.namespace
+    assert namespace is not None, "ApiKey is a namespaced resource"
+    return namespace
 
 
 def _timestamp(value: object) -> dt.datetime | None:
@@ -132,7 +145,7 @@ class Outcome:
     superseded: list[api_keys.KeyRecord]
 
 
-def wallet_uid(index: kopf.Index, namespace: str, name: str) -> str:
+def wallet_uid(index: wallet_reconciler.WalletUids, namespace: str, name: str) -> str:
     found = list(index.get((namespace, name)) or [])
     if not found:
         raise errors.Waiting(f"no Wallet {name!r} in namespace {namespace!r} (yet)", reason="WalletNotFound")
@@ -149,7 +162,7 @@ async def ensure(
     apply_switch: bool,
 ) -> Outcome:
     """Make the Secret and the key rows match the spec. The work only: no status, no Events."""
-    uid, namespace = owner.metadata.uid, owner.metadata.namespace
+    uid, namespace = owner.metadata.uid, _namespace(owner)
     async with db.transaction(engine) as conn:
         wallet = await wallets.find_owned_wallet(conn, source=SOURCE, external_id=wallet_uid)
         before = await api_keys.keys_owned_by(conn, source=SOURCE, external_id=uid)
@@ -257,7 +270,7 @@ async def revoke(engine: AsyncEngine, secrets: kube.Secrets, *, owner: kopf.Body
     Returns every key of the ApiKey, all revoked now: also those an earlier attempt revoked
     (before its Secret call failed, or before kopf ran the handler again), so the Event names them.
     """
-    uid, namespace = owner.metadata.uid, owner.metadata.namespace
+    uid, namespace = owner.metadata.uid, _namespace(owner)
     async with db.transaction(engine) as conn:
         await api_keys.revoke_owned_keys(conn, source=SOURCE, external_id=uid)
         revoked = await api_keys.keys_owned_by(conn, source=SOURCE, external_id=uid)
@@ -275,6 +288,11 @@ def state_of(record: api_keys.KeyRecord, now: dt.datetime) -> str:
     ]
 
 
+def _revoke_after(record: api_keys.KeyRecord) -> dt.datetime:
+    assert record.revoke_after is not None, "a superseded key has its revocation time (in_grace)"
+    return record.revoke_after
+
+
 def write_status(
     patch: kopf.Patch,
     body: Mapping[str, Any],
@@ -283,7 +301,7 @@ def write_status(
     now: dt.datetime,
 ) -> None:
     """Status fields from the rows (also used by the status timer)."""
-    previous = max(superseded, key=lambda k: k.revoke_after) if superseded else None
+    previous = max(superseded, key=_revoke_after) if superseded else None
     fields: dict[str, object] = {
         "keyId": current.id,
         "keyPrefix": current.display_prefix,
@@ -307,14 +325,14 @@ async def _reconcile(
     spec: Mapping[str, Any],
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
-    wallet_uids: kopf.Index,
+    logger: kopf.Logger,
+    wallet_uids: wallet_reconciler.WalletUids,
     apply_switch: bool,
 ) -> None:
     cfg: operator_settings.OperatorSettings = memo.operator_settings
     async with status.reconciling(patch=patch, body=body, retry_delay_s=cfg.retry_delay_s, logger=logger):
         desired = ApiKeySpec.parse(spec, default_grace_s=cfg.rotation_grace_s)
-        owner_uid = wallet_uid(wallet_uids, body.metadata.namespace, desired.wallet_name)
+        owner_uid = wallet_uid(wallet_uids, _namespace(body), desired.wallet_name)
         outcome = await ensure(
             memo.engine,
             memo.secrets,
@@ -342,14 +360,16 @@ async def _reconcile(
     )
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL, id="apikey.create")
+@kopf.on.create(  # type: ignore[arg-type]  # kopf passes the index wallet_uids; ChangingFn lacks it
+    GROUP, VERSION, PLURAL, id="apikey.create"
+)
 async def on_create(
     body: kopf.Body,
     spec: kopf.Spec,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
-    wallet_uids: kopf.Index,
+    logger: kopf.Logger,
+    wallet_uids: wallet_reconciler.WalletUids,
     **_: Any,
 ) -> None:
     await _reconcile(
@@ -363,14 +383,16 @@ async def on_create(
     )
 
 
-@kopf.on.update(GROUP, VERSION, PLURAL, id="apikey.update")
+@kopf.on.update(  # type: ignore[arg-type]  # kopf passes the index wallet_uids; ChangingFn lacks it
+    GROUP, VERSION, PLURAL, id="apikey.update"
+)
 async def on_update(
     body: kopf.Body,
     spec: kopf.Spec,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
-    wallet_uids: kopf.Index,
+    logger: kopf.Logger,
+    wallet_uids: wallet_reconciler.WalletUids,
     diff: kopf.Diff,
     **_: Any,
 ) -> None:
@@ -386,14 +408,16 @@ async def on_update(
     )
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="apikey.resume")
+@kopf.on.resume(  # type: ignore[arg-type]  # kopf passes the index wallet_uids; ChangingFn lacks it
+    GROUP, VERSION, PLURAL, id="apikey.resume"
+)
 async def on_resume(
     body: kopf.Body,
     spec: kopf.Spec,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
-    wallet_uids: kopf.Index,
+    logger: kopf.Logger,
+    wallet_uids: wallet_reconciler.WalletUids,
     **_: Any,
 ) -> None:
     await _reconcile(
@@ -413,7 +437,7 @@ REVOCATION_ANNOUNCED = "apikey.revoked"
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="apikey.delete")
 async def on_delete(
-    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Revoke the keys and delete the Secret; announce it once (kopf may run this again after
     it succeeded, see ``wallet_reconciler.on_delete``)."""

@@ -10,8 +10,7 @@ an :class:`~billing.key_format.IssuedKey`.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import kopf
 
@@ -30,8 +29,6 @@ KEY_ISSUED = "KeyIssued"
 KEY_ROTATED = "KeyRotated"
 KEY_REVOKED = "KeyRevoked"
 
-Body = Mapping[str, Any]
-
 
 def _usd(nano: int) -> str:
     return f"${money.format_usd(nano)}"
@@ -41,7 +38,7 @@ def _key(record: api_keys.KeyRecord) -> str:
     return f"{record.id} ({record.display_prefix}…)"
 
 
-def wallet_created(body: Body, wallet: wallets.Wallet, grant_nano: int) -> None:
+def wallet_created(body: kopf.Body, wallet: wallets.Wallet, grant_nano: int) -> None:
     kopf.info(
         body,
         reason=WALLET_CREATED,
@@ -49,7 +46,7 @@ def wallet_created(body: Body, wallet: wallets.Wallet, grant_nano: int) -> None:
     )
 
 
-def wallet_switched(body: Body, wallet: wallets.Wallet) -> None:
+def wallet_switched(body: kopf.Body, wallet: wallets.Wallet) -> None:
     if wallet.suspended:
         kopf.warn(
             body, reason=WALLET_SUSPENDED, message=f"wallet {wallet.id} suspended: its keys are refused"
@@ -58,7 +55,7 @@ def wallet_switched(body: Body, wallet: wallets.Wallet) -> None:
         kopf.info(body, reason=WALLET_RESUMED, message=f"wallet {wallet.id} resumed")
 
 
-def wallet_released(body: Body, wallet_id: str, keys_suspended: int) -> None:
+def wallet_released(body: kopf.Body, wallet_id: str, keys_suspended: int) -> None:
     kopf.info(
         body,
         reason=WALLET_RELEASED,
@@ -66,7 +63,7 @@ def wallet_released(body: Body, wallet_id: str, keys_suspended: int) -> None:
     )
 
 
-def top_up(body: Body, entry: ledger.Entry) -> None:
+def top_up(body: kopf.Body, entry: ledger.Entry) -> None:
     kopf.info(
         body,
         reason=TOP_UP,
@@ -76,7 +73,7 @@ def top_up(body: Body, entry: ledger.Entry) -> None:
     )
 
 
-def low_balance(body: Body, balance_nano: int, threshold_nano: int) -> None:
+def low_balance(body: kopf.Body, balance_nano: int, threshold_nano: int) -> None:
     kopf.warn(
         body,
         reason=LOW_BALANCE,
@@ -84,7 +81,7 @@ def low_balance(body: Body, balance_nano: int, threshold_nano: int) -> None:
     )
 
 
-def wallet_empty(body: Body, balance_nano: int) -> None:
+def wallet_empty(body: kopf.Body, balance_nano: int) -> None:
     kopf.warn(
         body,
         reason=WALLET_EMPTY,
@@ -92,12 +89,12 @@ def wallet_empty(body: Body, balance_nano: int) -> None:
     )
 
 
-def key_issued(body: Body, record: api_keys.KeyRecord, secret_name: str) -> None:
+def key_issued(body: kopf.Body, record: api_keys.KeyRecord, secret_name: str) -> None:
     kopf.info(body, reason=KEY_ISSUED, message=f"key {_key(record)} written to Secret {secret_name}")
 
 
 def key_rotated(
-    body: Body, record: api_keys.KeyRecord, secret_name: str, superseded: Iterable[api_keys.KeyRecord]
+    body: kopf.Body, record: api_keys.KeyRecord, secret_name: str, superseded: Iterable[api_keys.KeyRecord]
 ) -> None:
     old = ", ".join(
         f"{k.id} until {k.revoke_after.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
@@ -112,6 +109,6 @@ def key_rotated(
     )
 
 
-def key_revoked(body: Body, records: Iterable[api_keys.KeyRecord]) -> None:
+def key_revoked(body: kopf.Body, records: Iterable[api_keys.KeyRecord]) -> None:
     ids = ", ".join(k.id for k in records) or "none left"
     kopf.info(body, reason=KEY_REVOKED, message=f"revoked: {ids}")

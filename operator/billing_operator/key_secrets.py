@@ -50,7 +50,7 @@ def _b64(text: str) -> str:
 
 def build(
     *,
-    owner: Mapping[str, Any],
+    owner: kopf.Body,
     secret_name: str,
     wallet_name: str,
     issued: key_format.IssuedKey,
@@ -102,7 +102,8 @@ def owner_uid(secret: Mapping[str, Any]) -> str | None:
     """The UID of the ApiKey that controls this Secret, if an ApiKey does."""
     for ref in secret.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == "ApiKey" and ref.get("apiVersion", "").startswith("billingproxy.io/"):
-            return ref.get("uid")
+            uid: str | None = ref.get("uid")
+            return uid
     return None
 
 

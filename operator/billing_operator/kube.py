@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes
@@ -89,8 +89,11 @@ class Secrets:
         self._timeout_s = timeout_s
 
     @staticmethod
-    def _json(response: urllib3.HTTPResponse) -> dict[str, Any]:
-        return json.loads(response.data)
+    def _json(response: object) -> dict[str, Any]:
+        """The body of a call made with ``_preload_content=False``, which returns the raw urllib3
+        response, not the model the client's annotations name."""
+        body: dict[str, Any] = json.loads(cast(urllib3.HTTPResponse, response).data)
+        return body
 
     async def read(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -115,7 +118,7 @@ class Secrets:
             response = await asyncio.to_thread(
                 self._api.create_namespaced_secret,
                 namespace,
-                body,
+                body,  # type: ignore[arg-type]  # the client takes a dict for V1Secret
                 _preload_content=False,
                 _request_timeout=self._timeout_s,
             )
@@ -144,12 +147,13 @@ class Secrets:
 
     async def delete(self, namespace: str, name: str, *, uid: str) -> bool:
         """Delete this very Secret (``uid`` precondition: never a same-named successor)."""
+        delete_options = {"preconditions": {"uid": uid}}
         try:
             await asyncio.to_thread(
                 self._api.delete_namespaced_secret,
                 name,
                 namespace,
-                body={"preconditions": {"uid": uid}},
+                body=delete_options,  # type: ignore[arg-type]  # the client takes a dict for V1DeleteOptions
                 _preload_content=False,
                 _request_timeout=self._timeout_s,
             )

@@ -74,7 +74,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     configure(settings)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.INFO))

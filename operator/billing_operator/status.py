@@ -15,7 +15,6 @@ import contextlib
 import copy
 import datetime as dt
 import functools
-import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -39,7 +38,8 @@ def rfc3339(moment: dt.datetime | None) -> str | None:
 
 
 def generation(body: Mapping[str, Any]) -> int | None:
-    return body.get("metadata", {}).get("generation")
+    observed: int | None = body.get("metadata", {}).get("generation")
+    return observed
 
 
 def set_condition(
@@ -66,7 +66,7 @@ def set_condition(
         observed=generation(body),
     )
     # Nothing to send if the object, with what this patch already does, has it so.
-    preview = {"status": copy.deepcopy(dict(body.get("status") or {}))}
+    preview: kopf.RawBody = {"status": copy.deepcopy(dict(body.get("status") or {}))}
     for fn in patch.fns:
         fn(preview)
     before = copy.deepcopy(preview)
@@ -76,7 +76,7 @@ def set_condition(
 
 
 def _put_condition(
-    body: dict[str, Any], /, *, type: str, ok: bool, reason: str, message: str, observed: int | None
+    body: kopf.RawBody, /, *, type: str, ok: bool, reason: str, message: str, observed: int | None
 ) -> None:
     conditions = body.setdefault("status", {}).setdefault("conditions", [])
     index, before = next(((i, c) for i, c in enumerate(conditions) if c.get("type") == type), (None, None))
@@ -121,7 +121,7 @@ async def reconciling(
     patch: kopf.Patch,
     body: Mapping[str, Any],
     retry_delay_s: float,
-    logger: logging.Logger | logging.LoggerAdapter,
+    logger: kopf.Logger,
 ) -> AsyncIterator[None]:
     """Around a handler's work: a failure becomes ``Ready=False`` with its reason, then kopf's error.
 

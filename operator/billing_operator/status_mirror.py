@@ -41,11 +41,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
-import logging
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 import kopf
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import api_keys, ledger, money, wallets
 from billing_operator import (
@@ -129,7 +129,9 @@ def _synced(patch: kopf.Patch, seen: Mapping[str, Any], error: errors.ReconcileE
         )
 
 
-async def _read_wallet(engine: Any, uid: str, cursor: int, limit: int) -> tuple[Any, list[Any]]:
+async def _read_wallet(
+    engine: AsyncEngine, uid: str, cursor: int, limit: int
+) -> tuple[wallets.Wallet | None, list[ledger.Entry]]:
     async with db.transaction(engine) as conn:
         wallet = await wallets.find_owned_wallet(conn, source=wallet_reconciler.SOURCE, external_id=uid)
         top_ups = (
@@ -142,7 +144,7 @@ async def _read_wallet(engine: Any, uid: str, cursor: int, limit: int) -> tuple[
     return wallet, top_ups
 
 
-@kopf.timer(
+@kopf.timer(  # type: ignore[arg-type]  # kopf passes timers `stopped` too; TimerFn lacks it
     wallet_reconciler.GROUP,
     wallet_reconciler.VERSION,
     wallet_reconciler.PLURAL,
@@ -156,7 +158,7 @@ async def mirror_wallet(
     patch: kopf.Patch,
     memo: kopf.Memo,
     stopped: kopf.DaemonStopped,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     if not _operator_running(memo):
@@ -185,8 +187,9 @@ async def mirror_wallet(
     previous_state = last_read.get("state", last_status.get("state"))
     previous_balance = last_read.get("balance_nano", _previous_balance(seen))
     wallet_reconciler.write_status(patch, seen, wallet)
+    # Events name the object by kind, name and uid, which are the same in every view of it.
     for entry in top_ups:
-        events.top_up(seen, entry)
+        events.top_up(body, entry)
     if top_ups:
         newest = top_ups[-1]
         last_read["entry_id"] = newest.id
@@ -198,7 +201,7 @@ async def mirror_wallet(
 
     state = wallet_reconciler.state_of(wallet)
     if state == "Empty" and previous_state != "Empty":
-        events.wallet_empty(seen, wallet.balance_nano)
+        events.wallet_empty(body, wallet.balance_nano)
     try:
         threshold = wallet_reconciler.WalletSpec.parse(seen.get("spec") or {}).low_balance_nano
     except errors.InvalidSpec:
@@ -208,16 +211,16 @@ async def mirror_wallet(
         and 0 < wallet.balance_nano < threshold
         and (previous_balance is None or previous_balance >= threshold)
     ):
-        events.low_balance(seen, wallet.balance_nano, threshold)
+        events.low_balance(body, wallet.balance_nano, threshold)
     last_read.update(state=state, balance_nano=wallet.balance_nano)
 
 
-async def _read_keys(engine: Any, uid: str) -> list[api_keys.KeyRecord]:
+async def _read_keys(engine: AsyncEngine, uid: str) -> list[api_keys.KeyRecord]:
     async with db.transaction(engine) as conn:
         return await api_keys.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
 
 
-@kopf.timer(
+@kopf.timer(  # type: ignore[arg-type]  # kopf passes timers `stopped` too; TimerFn lacks it
     apikey_reconciler.GROUP,
     apikey_reconciler.VERSION,
     apikey_reconciler.PLURAL,
@@ -231,7 +234,7 @@ async def mirror_apikey(
     patch: kopf.Patch,
     memo: kopf.Memo,
     stopped: kopf.DaemonStopped,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     """Expiry, suspension (e.g. by a Wallet's deletion) and the end of a grace period happen in

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
@@ -57,7 +56,7 @@ async def reconcile_once(
             async with db.transaction(engine) as conn:
                 open_ids = await topups.open_checkout_sessions(conn, limit=limit)
             for session_id in open_ids:
-                session: Any = await stripe_client.v1.checkout.sessions.retrieve_async(session_id)
+                session = await stripe_client.v1.checkout.sessions.retrieve_async(session_id)
                 async with db.transaction(engine) as conn:
                     result = await payments.apply_checkout_session(conn, session.to_dict())
                 outcomes[result.outcome] += 1

@@ -24,7 +24,6 @@ Sharp edges:
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -178,8 +177,14 @@ def write_status(patch: kopf.Patch, body: Mapping[str, Any], wallet: wallets.Wal
 # --- kopf handlers ------------------------------------------------------------------------------
 
 
+# What the index below holds, as the handlers that ask it see it.
+WalletUids = kopf.Index[tuple[str | None, str], str]
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
-def wallet_uids(namespace: str, name: str, uid: str, meta: Mapping[str, Any], **_: Any) -> Any:
+def wallet_uids(
+    namespace: str | None, name: str, uid: str, meta: kopf.Meta, **_: Any
+) -> dict[tuple[str | None, str], str] | None:
     """(namespace, name) → UID, for ApiKeys to find their Wallet. Wallets being deleted are left
     out: a new key for a wallet on its way out would be suspended at once."""
     if meta.get("deletionTimestamp"):
@@ -193,7 +198,7 @@ async def _reconcile(
     spec: Mapping[str, Any],
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     apply_switch: bool,
     apply_overdraft: bool = False,
 ) -> None:
@@ -228,7 +233,7 @@ async def _reconcile(
 
 @kopf.on.create(GROUP, VERSION, PLURAL, id="wallet.create")
 async def on_create(
-    body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=True)
 
@@ -239,7 +244,7 @@ async def on_update(
     spec: kopf.Spec,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     diff: kopf.Diff,
     **_: Any,
 ) -> None:
@@ -257,7 +262,7 @@ async def on_update(
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="wallet.resume")
 async def on_resume(
-    body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    body: kopf.Body, spec: kopf.Spec, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     await _reconcile(body=body, spec=spec, patch=patch, memo=memo, logger=logger, apply_switch=False)
 
@@ -268,7 +273,7 @@ RELEASE_ANNOUNCED = "wallet.released"
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="wallet.delete")
 async def on_delete(
-    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Suspend the wallet and its keys; announce it once.
 

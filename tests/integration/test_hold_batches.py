@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import api_keys, database, hold_batches, holds, ledger, tables, wallets
-from tests.integration.row_locks import blocked_on_a_row_lock
+from row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
 

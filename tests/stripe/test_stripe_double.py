@@ -192,6 +192,21 @@ def test_form_decoding_follows_stripes_bracket_encoding() -> None:
     }
 
 
+async def test_a_form_of_numbered_fields_only_is_a_bad_request(double: StripeDouble) -> None:
+    # Numbered keys become a list below the top level only: the parameters stay a dict.
+    assert server.decode_form([("0", "payment")]) == {"0": "payment"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{double.url}/v1/checkout/sessions",
+            data={"0": "payment"},
+            headers={"Authorization": f"Bearer {SECRET_KEY}"},
+        ) as response,
+    ):
+        assert response.status == 400, await response.text()
+        assert (await response.json())["error"]["param"] == "mode"
+
+
 async def test_it_listens_on_loopback_only() -> None:
     fake = StripeDouble(
         secret_key=SECRET_KEY, webhook_secret=WEBHOOK_SECRET, webhook_url="http://127.0.0.1:9/x"

@@ -494,6 +494,7 @@ class Account:
 
     def sign(self, payload: str, *, timestamp: int | None = None, secret: str | None = None) -> str:
         """The ``Stripe-Signature`` header, by the SDK's own implementation of the scheme."""
-        return stripe.WebhookSignature.generate_signature_header(
+        header: str = stripe.WebhookSignature.generate_signature_header(  # unannotated in the SDK
             payload, secret or self.webhook_secret, timestamp
         )
+        return header

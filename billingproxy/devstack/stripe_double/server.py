@@ -32,11 +32,12 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from billingproxy.devstack.stripe_double import model
 
@@ -68,7 +69,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def decode_form(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+def decode_form(pairs: Iterable[tuple[str, object]]) -> dict[str, Any]:
     """Stripe's form encoding (``line_items[0][price_data][currency]=usd``) → nested dicts/lists."""
     root: dict[str, Any] = {}
     for key, value in pairs:
@@ -82,7 +83,7 @@ def decode_form(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
                 raise model.DoubleError(400, f"Invalid parameter: {key}", param=key)
             node = child
         node[parts[-1]] = value
-    return _listify(root)
+    return {key: _listify(value) for key, value in root.items()}
 
 
 def _listify(node: Any) -> Any:
@@ -122,7 +123,7 @@ class StripeDouble(model.Account):
         app.cleanup_ctx.append(self._http_session)
         return app
 
-    async def _http_session(self, _app: web.Application):
+    async def _http_session(self, _app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)) as session:
             self._http = session
             yield
@@ -146,7 +147,7 @@ class StripeDouble(model.Account):
             self._runner = None
 
     @web.middleware
-    async def _stripe_errors(self, request: web.Request, handler) -> web.StreamResponse:
+    async def _stripe_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             if request.path.startswith("/v1/"):
                 self._authenticate(request)
