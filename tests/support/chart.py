@@ -19,9 +19,11 @@ VALUES = ROOT / "tests" / "chart" / "values"
 HELM = Path(sys.executable).with_name("helm")
 RELEASE = "bp"
 NAMESPACE = "billingproxy"
+#: Values files of examples/ a user installs as they are (not over required.yaml).
+EXAMPLE_VALUES = {"cloudnativepg": ROOT / "examples" / "cloudnativepg" / "values.yaml"}
 #: The renderings every check runs on: the least an install needs, every option on, every
-#: secret from an existing Secret.
-RENDERINGS = ("required", "full", "existing-secrets")
+#: secret from an existing Secret, and the examples.
+RENDERINGS = ("required", "full", "existing-secrets", *EXAMPLE_VALUES)
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,8 +33,11 @@ def helm(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def values_args(name: str) -> list[str]:
-    files = [VALUES / "required.yaml"] if name != "required" else []
-    files.append(VALUES / f"{name}.yaml")
+    if name in EXAMPLE_VALUES:
+        files = [EXAMPLE_VALUES[name]]
+    else:
+        files = [VALUES / "required.yaml"] if name != "required" else []
+        files.append(VALUES / f"{name}.yaml")
     return [arg for path in files for arg in ("-f", str(path))]
 
 
