@@ -13,6 +13,7 @@ RUN python -m venv /opt/billingproxy
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY billing billing
+COPY billing_stripe billing_stripe
 COPY authz_sidecar authz_sidecar
 COPY billingproxy billingproxy
 COPY operator operator
