@@ -48,7 +48,9 @@ def _package_folders() -> set[str]:
     """The top folder of every package pyproject.toml installs (its package-dir mapping applied)."""
     setuptools = tomllib.loads((chart.ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = setuptools.get("package-dir", {})
-    return {folders.get(package, package.replace(".", "/")).split("/")[0] for package in setuptools["packages"]}
+    return {
+        folders.get(package, package.replace(".", "/")).split("/")[0] for package in setuptools["packages"]
+    }
 
 
 def test_the_build_gets_every_package_pyproject_installs() -> None:
