@@ -13,6 +13,7 @@ RUN python -m venv /opt/billingproxy
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY billing billing
+COPY billing_stripe billing_stripe
 COPY authz_sidecar authz_sidecar
 COPY billingproxy billingproxy
 COPY operator operator
@@ -21,6 +22,22 @@ RUN /opt/billingproxy/bin/pip install . \
  && /opt/billingproxy/bin/pip install --no-deps "litellm==${LITELLM_VERSION:?pass --build-arg LITELLM_VERSION (make image does)}" \
  && /opt/billingproxy/bin/pip uninstall --yes pip setuptools wheel \
  && find /opt/billingproxy -name '__pycache__' -prune -exec rm -rf {} +
+
+# --- dev: Tilt's image on kind only (`make image` builds the last stage, never this one) ---------
+# The build stage's environment, runnable like the final image, with the installed packages owned
+# by the pod's user so that Tilt's live_update can sync Python files into them
+# (docs/decisions/0030-tilt-on-kind.md). No devstack extra here either: the demo backend and the
+# Stripe double are modules of the package with its core dependencies.
+FROM build AS dev
+ENV PATH=/opt/billingproxy/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    BILLINGPROXY_DATA_DIR=/var/lib/billingproxy \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+RUN chown -R 65532:65532 /opt/billingproxy/lib \
+ && mkdir -p /var/lib/billingproxy && chown 65532:65532 /var/lib/billingproxy
+WORKDIR /var/lib/billingproxy
+USER 65532:65532
+ENTRYPOINT ["billingproxy"]
 
 # --- run: the slim base, the environment, a numeric non-root user -----------------------------
 FROM python:${PYTHON_VERSION}-slim

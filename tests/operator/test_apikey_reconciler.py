@@ -9,8 +9,8 @@ import logging
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support import crd_schema
 
-import crd_schema
 import operator_harness as h
 from billing import api_keys, key_format
 

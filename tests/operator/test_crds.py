@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import crd_schema
 
-import crd_schema
 from billing import money, settings, wallets
 from billing_operator import apikey_reconciler, errors, settings as operator_settings, wallet_reconciler
 

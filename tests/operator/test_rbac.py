@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from support import crd_schema
 
-import crd_schema
 import operator_harness as h
 
 RBAC = crd_schema.ROOT / "operator" / "deploy" / "rbac.yaml"

@@ -6,8 +6,8 @@ import datetime as dt
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support import crd_schema
 
-import crd_schema
 import operator_harness as h
 from billing import ledger, tables
 

@@ -8,8 +8,8 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support import crd_schema
 
-import crd_schema
 import operator_harness as h
 from billing import api_keys, settings, tables, wallets
 from billing_operator import errors, settings as operator_settings, wallet_reconciler

@@ -137,7 +137,12 @@ def test_drain_waits_for_requests_in_flight_then_for_the_access_log(tmp_path: Pa
             return 200, "OK\n"
         if "downstream_rq_active" in path:
             polls["active"] += 1
-            return 200, _stats(**{"http.ingress_http.downstream_rq_active": max(0, 3 - polls["active"])})
+            # The admin's own request (this /stats) is always active, as in a real Envoy.
+            active = {
+                "http.admin.downstream_rq_active": 1,
+                "http.gateway.downstream_rq_active": 3 - polls["active"],
+            }
+            return 200, _stats(**active)
         polls["flush"] += 1
         sent = min(polls["flush"], 5)
         prefix = "access_logs.grpc_access_log."

