@@ -26,7 +26,7 @@ RUN /opt/billingproxy/bin/pip install . \
 # --- dev: Tilt's image on kind only (`make image` builds the last stage, never this one) ---------
 # The build stage's environment, runnable like the final image, with the installed packages owned
 # by the pod's user so that Tilt's live_update can sync Python files into them
-# (docs/decisions/0030-tilt-on-kind.md). No devstack extra here either: the demo backend and the
+# (docs/decisions/0027-tilt-on-kind.md). No devstack extra here either: the demo backend and the
 # Stripe double are modules of the package with its core dependencies.
 FROM build AS dev
 ENV PATH=/opt/billingproxy/bin:$PATH \
