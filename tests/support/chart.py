@@ -1,4 +1,10 @@
-"""Render the Helm chart with the real helm binary (`make helm` puts it in .venv/bin)."""
+"""Render the Helm chart with the real helm binaries (`make helm` puts both in .venv/bin).
+
+The chart promises Helm 3 and Helm 4, so there are two binaries: `helm` (Helm 4, the default of
+every function here) and `helm3`. tests/chart/test_render.py lints and renders with both and
+asserts their manifests equal; every other check then holds for Helm 3's rendering too, so the
+checks after rendering run once, on Helm 4's.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,11 @@ from support import kubelet
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "billingproxy"
 VALUES = ROOT / "tests" / "chart" / "values"
-HELM = Path(sys.executable).with_name("helm")
+#: The helm binaries by release line; `helm4` is the one every function here uses by default.
+HELM_BINARIES = {
+    "helm4": Path(sys.executable).with_name("helm"),
+    "helm3": Path(sys.executable).with_name("helm3"),
+}
 #: The Kubernetes version whose OpenAPI schemas the manifests are validated against.
 KUBERNETES_VERSION = "1.35.0"
 RELEASE = "bp"
@@ -28,10 +38,11 @@ EXAMPLE_VALUES = {"cloudnativepg": ROOT / "examples" / "cloudnativepg" / "values
 RENDERINGS = ("required", "full", "existing-secrets", *EXAMPLE_VALUES)
 
 
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    if not HELM.is_file():
-        raise RuntimeError(f"{HELM} is missing: run `make helm`")
-    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120, check=False)
+def helm(*args: str, binary: str = "helm4") -> subprocess.CompletedProcess[str]:
+    executable = HELM_BINARIES[binary]
+    if not executable.is_file():
+        raise RuntimeError(f"{executable} is missing: run `make helm`")
+    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def assert_valid_kubernetes(manifest: Path) -> str:
@@ -64,12 +75,12 @@ def values_args(name: str) -> list[str]:
     return [arg for path in files for arg in ("-f", str(path))]
 
 
-def render_text(name: str, *more_values: Path) -> str:
+def render_text(name: str, *more_values: Path, binary: str = "helm4") -> str:
     """``helm template`` with the values file ``name`` (over required.yaml), then ``more_values``."""
     more = [arg for path in more_values for arg in ("-f", str(path))]
-    done = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *values_args(name), *more)
+    done = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *values_args(name), *more, binary=binary)
     if done.returncode != 0:
-        raise AssertionError(f"helm template ({name}) failed:\n{done.stderr}")
+        raise AssertionError(f"{binary} template ({name}) failed:\n{done.stderr}")
     return done.stdout
 
 
