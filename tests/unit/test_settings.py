@@ -268,3 +268,22 @@ def test_the_guessed_output_limit_is_gone_and_start_up_says_what_replaces_it(old
     with pytest.raises(settings.SettingsError) as caught:
         settings.from_env({P + old: "4096"})
     assert P + old in str(caught.value) and "max_output_tokens" in str(caught.value)
+
+
+def test_the_metrics_port_is_off_unless_set_and_a_port_of_its_own() -> None:
+    assert settings.from_env({}).metrics_port == 0
+    assert settings.from_env({P + "METRICS_PORT": "9102"}).metrics_port == 9102
+    for bad in ("-1", "65536", "metrics", "9102.0"):
+        with pytest.raises(settings.SettingsError, match=P + "METRICS_PORT"):
+            settings.from_env({P + "METRICS_PORT": bad})
+    with pytest.raises(settings.SettingsError, match=P + "METRICS_PORT"):
+        settings.Settings(metrics_port=70000)
+
+
+@pytest.mark.parametrize("other", ["GATEWAY_PORT", "API_PORT", "GRPC_PORT", "CHECK_PORT", "ADMIN_PORT"])
+def test_the_metrics_port_may_not_be_another_port(other: str) -> None:
+    port = str(getattr(settings.Settings(), other.lower()))
+    with pytest.raises(settings.SettingsError, match=f"{P}METRICS_PORT .*{P}{other}"):
+        settings.from_env({P + "METRICS_PORT": port})
+    # 0 (off) is no port, whatever the others are.
+    assert settings.from_env({P + other: "18000", P + "METRICS_PORT": "0"}).metrics_port == 0

@@ -84,6 +84,8 @@ is configured from exactly what the sidecar serves (docs/decisions/0021-...).
   value: "0.0.0.0"
 - name: BILLINGPROXY_GATEWAY_PORT
   value: {{ .Values.gateway.port | quote }}
+- name: BILLINGPROXY_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
 {{- with .Values.gateway.publicUrl }}
 - name: BILLINGPROXY_PUBLIC_URL
   value: {{ . | quote }}
