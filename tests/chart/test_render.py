@@ -210,8 +210,10 @@ def test_the_alerts_ask_for_metrics_and_results_the_sidecar_exposes() -> None:
     expressions = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
     assert expressions
     for expr in expressions:
-        names = set(re.findall(r"\bbillingproxy_\w+", expr))
-        assert names and names <= exposed.keys(), expr
+        names = set(re.findall(r"\b(?:billingproxy|envoy)_\w+", expr))
+        assert names and names <= exposed.keys() | set(chart.ENVOY_METRICS_ALERTED), expr
+    asked = {name for expr in expressions for name in re.findall(r"\benvoy_\w+", expr)}
+    assert asked == set(chart.ENVOY_METRICS_ALERTED)  # the list the e2e test checks is the one used
     check_results = {"allowed", "internal_error", api_errors.BILLING_UNAVAILABLE.code}
     for expr in expressions:
         for alternatives in re.findall(r'result=~"([^"]+)"', expr):

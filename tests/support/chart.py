@@ -36,6 +36,9 @@ EXAMPLE_VALUES = {"cloudnativepg": ROOT / "examples" / "cloudnativepg" / "values
 #: The renderings every check runs on: the least an install needs, every option on, every
 #: secret from an existing Secret, and the examples.
 RENDERINGS = ("required", "full", "existing-secrets", *EXAMPLE_VALUES)
+# Envoy's own metrics the chart's alerts ask for; tests/e2e/adversarial/test_metrics_listener.py
+# checks that a real Envoy serves each at /metrics/envoy.
+ENVOY_METRICS_ALERTED = ("envoy_access_logs_grpc_access_log_logs_dropped",)
 
 
 def helm(*args: str, binary: str = "helm4") -> subprocess.CompletedProcess[str]:
