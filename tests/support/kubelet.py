@@ -194,9 +194,16 @@ class Pod:
         return self.images[repository.rsplit("/", 1)[-1]]
 
     def env(self, container: dict[str, Any]) -> dict[str, str]:
-        """The image's environment, then the container's, resolved as the kubelet does, paths moved."""
-        env = self._container_env(container)
-        return {name: self.rewrite_paths(container, value) for name, value in env.items()}
+        """The image's environment, then the container's, resolved as the kubelet does, paths moved.
+
+        Only the container's own values are container paths: the image's are this machine's
+        stand-ins (its ``PATH`` names this virtual environment), so they are never moved, even
+        when they happen to lie under a mount path (a checkout under /tmp and a /tmp mount)."""
+        image_env = self.image(container).env
+        return {
+            name: value if image_env.get(name) == value else self.rewrite_paths(container, value)
+            for name, value in self._container_env(container).items()
+        }
 
     def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
         env = dict(self.image(container).env)
