@@ -196,12 +196,12 @@ class Pod:
     def env(self, container: dict[str, Any]) -> dict[str, str]:
         """The image's environment, then the container's, resolved as the kubelet does, paths moved.
 
-        Only the container's own values are container paths: the image's are this machine's
-        stand-ins (its ``PATH`` names this virtual environment), so they are never moved, even
-        when they happen to lie under a mount path (a checkout under /tmp and a /tmp mount)."""
-        image_env = self.image(container).env
+        The image's ``PATH`` is the one value that is this machine's, not the container's (it
+        names this virtual environment, :func:`dockerfile_image`), so it is never moved, even when
+        it lies under a mount path (a checkout under /tmp, and the pod mounts /tmp)."""
+        host_path = self.image(container).env.get("PATH")
         return {
-            name: value if image_env.get(name) == value else self.rewrite_paths(container, value)
+            name: value if (name, value) == ("PATH", host_path) else self.rewrite_paths(container, value)
             for name, value in self._container_env(container).items()
         }
 

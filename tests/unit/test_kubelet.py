@@ -17,7 +17,8 @@ CONTAINER = {
 
 
 def pod(folder: Path, path: str) -> kubelet.Pod:
-    image = kubelet.Image(env={"PATH": path})
+    # As dockerfile_image builds it: the Dockerfile's ENV, with PATH this machine's.
+    image = kubelet.Image(env={"PATH": path, "BILLINGPROXY_DATA_DIR": "/tmp/data"})
     spec = {"containers": [CONTAINER], "volumes": [{"name": "tmp", "emptyDir": {}}]}
     return kubelet.Pod(spec, [], folder, {"billingproxy": image})
 
@@ -27,6 +28,6 @@ def test_the_images_own_path_is_this_machines_and_stays(tmp_path: Path) -> None:
     assert env["PATH"] == "/tmp/checkout/.venv/bin:/usr/bin"
 
 
-def test_the_containers_own_paths_move_into_the_pods_folder(tmp_path: Path) -> None:
+def test_the_containers_paths_move_into_the_pods_folder_even_as_the_image_sets_them(tmp_path: Path) -> None:
     env = pod(tmp_path, "/usr/bin").env(CONTAINER)
     assert env["BILLINGPROXY_DATA_DIR"] == str(tmp_path / "tmp" / "data")
