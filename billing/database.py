@@ -94,8 +94,8 @@ def create_engine(
     *,
     pool_size: int = 10,
     max_overflow: int | None = None,
-    pool_timeout_s: float = 30.0,
-    command_timeout_s: float | None = None,
+    pool_timeout_s: int = 30,
+    command_timeout_s: int | None = None,
 ) -> AsyncEngine:
     """A SQLAlchemy engine over ``url``, for the HTTP API, the CLI and the operator (never the
     Check's hot path: that is the asyncpg pool).

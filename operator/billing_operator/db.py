@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billing import database
 from billing_operator import errors
 
-COMMAND_TIMEOUT_S = 30.0
-POOL_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30
+POOL_TIMEOUT_S = 10
 
 
 def create_engine(url: str, *, pool_size: int) -> AsyncEngine:

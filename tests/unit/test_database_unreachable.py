@@ -78,7 +78,7 @@ def test_the_engine_factory_checks_connections_and_gives_up_connecting_soon(
     monkeypatch.setattr(database, "create_async_engine", lambda url, **options: made.append(options))
     database.create_engine("postgresql://u:p@db/x", pool_size=3)
     database.create_engine(
-        "postgresql://u:p@db/x", pool_size=2, max_overflow=0, pool_timeout_s=10.0, command_timeout_s=30.0
+        "postgresql://u:p@db/x", pool_size=2, max_overflow=0, pool_timeout_s=10, command_timeout_s=30
     )
     default, bounded = made
     for options in made:

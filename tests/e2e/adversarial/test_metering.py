@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -310,3 +312,53 @@ async def test_a_json_content_type_with_utf8_charset_is_served(stack) -> None:
         **{"content-type": "application/json; charset=utf-8"},
     )
     assert status == 200, answer
+
+
+# --- a model whose output limit the price map does not know (docs/decisions/0020) ---------------
+# The attacker asks it for far more output than any guessed cap, hoping to be held, and so charged,
+# for less. A price override declares no max_output_tokens. The demo backend never writes more than
+# 256 words, so the tests read the hold: a wallet that cannot cover what the request asks for is
+# refused before the backend is reached.
+
+HOUSE_MODEL = "house-model"
+OUTPUT_USD_PER_TOKEN = "0.0000012"
+
+
+@pytest.fixture(scope="module")
+async def house_stack(launch_stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    overrides = Path(tmp_path_factory.mktemp("prices")) / "prices.yaml"
+    overrides.write_text(
+        f'models:\n  {HOUSE_MODEL}:\n    input_per_million_usd: "0.30"\n    output_per_million_usd: "1.20"\n'
+    )
+    async with launch_stack(BILLINGPROXY_PRICE_OVERRIDES=str(overrides)) as running:
+        yield running
+
+
+async def test_asking_past_any_guessed_cap_is_held_for_all_of_it(house_stack) -> None:
+    stack = house_stack
+    # $0.10 covers 4 096 output tokens many times over, but not the 100 000 asked for ($0.12).
+    key = await new_key(stack, "0.10")
+    body = {"model": HOUSE_MODEL, "max_tokens": 100_000, "messages": MESSAGES}
+    error = await refused_untouched(stack, key, CHAT, body, 403, "insufficient_funds")
+    assert error["reason"] == "request_too_large"
+    assert Decimal(error["worst_case_usd"]) >= 100_000 * Decimal(OUTPUT_USD_PER_TOKEN)
+
+
+async def test_a_request_without_an_output_bound_is_refused(house_stack) -> None:
+    stack = house_stack
+    key = await new_key(stack, "5.00")
+    error = await refused_untouched(
+        stack, key, CHAT, {"model": HOUSE_MODEL, "messages": MESSAGES}, 400, "output_limit_required"
+    )
+    assert error["param"] == "max_completion_tokens"
+
+
+async def test_a_bounded_request_is_served_and_charged(house_stack) -> None:
+    stack = house_stack
+    key = await new_key(stack, "5.00")
+    async with stack.http.post(
+        stack.gateway + CHAT,
+        json={"model": HOUSE_MODEL, "max_tokens": 20, "messages": MESSAGES},
+        headers={"authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200, await response.text()
