@@ -198,18 +198,12 @@ class Decider:
                 f"set {worst.output_unbounded}: its hold has to cover the whole answer.",
                 extra={"param": worst.output_unbounded},
             )
-        prompt_tokens = self._prompt_bound(worst, len(body), price)
+        prompt_tokens, amount = worst_case_nano(self._prices, price, worst, len(body))
 
         request_id = headers.get("x-request-id")
         if not request_id:
             # Envoy always sets it with the rendered config; without it nothing could be settled.
             raise api_errors.ApiError(503, "no_request_id", "The gateway is misconfigured.", "api_error")
-        amount = self._prices.hold_nano(
-            price,
-            prompt_tokens=prompt_tokens,
-            max_output_tokens=worst.output_tokens,
-            dimensions=worst.dimensions,
-        )
         # Before the statement that may find the wallet empty begins (it waits for a batch): the
         # memo counts from here, so it never outlives a top-up committed meanwhile by a full TTL.
         asked_at = self._clock()
@@ -252,24 +246,6 @@ class Decider:
             balance_nano,
         )
 
-    def _prompt_bound(self, worst: endpoints.WorstCase, body_bytes: int, price: pricing.ModelPrice) -> int:
-        """One token per body byte plus what the provider adds for tools, never more than the
-        model's context window; the whole window when the prompt references content whose tokens
-        are not its bytes (images, files)."""
-        window = price.max_input_tokens
-        if worst.prompt_in_body:
-            bound = pricing.prompt_tokens_bound(body_bytes) + worst.prompt_overhead
-            return bound if window is None else min(bound, window)
-        if window is None:
-            raise api_errors.ApiError(
-                400,
-                "model_not_priced",
-                f"The model {price.model!r} has no known context window, so a request with images or "
-                "files cannot be bounded before it is served; send text only.",
-                extra={"param": "model", "dimension": "max_input_tokens"},
-            )
-        return window
-
     def _insufficient_funds(
         self,
         refusal: holds.Refusal,
@@ -305,6 +281,38 @@ class Decider:
             overdraft_limit_usd=money.format_usd(limit),
             max_tokens_that_fit=fits,
         )
+
+
+def worst_case_nano(
+    prices: pricing.PriceBook, price: pricing.ModelPrice, worst: endpoints.WorstCase, body_bytes: int
+) -> tuple[int, int]:
+    """(the prompt's token bound, the hold in nano-USD) of a request: docs/pricing.md, "Holds".
+
+    A function of its own, not the Decider's, so that a client can compute what its request is
+    held for the way the Check does (tests/support/load.py checks charges against it).
+
+    The prompt bound is one token per body byte plus what the provider adds for tools, never more
+    than the model's context window; the whole window when the prompt references content whose
+    tokens are not its bytes (images, files).
+    """
+    window = price.max_input_tokens
+    if worst.prompt_in_body:
+        bound = pricing.prompt_tokens_bound(body_bytes) + worst.prompt_overhead
+        prompt_tokens = bound if window is None else min(bound, window)
+    elif window is None:
+        raise api_errors.ApiError(
+            400,
+            "model_not_priced",
+            f"The model {price.model!r} has no known context window, so a request with images or "
+            "files cannot be bounded before it is served; send text only.",
+            extra={"param": "model", "dimension": "max_input_tokens"},
+        )
+    else:
+        prompt_tokens = window
+    amount = prices.hold_nano(
+        price, prompt_tokens=prompt_tokens, max_output_tokens=worst.output_tokens, dimensions=worst.dimensions
+    )
+    return prompt_tokens, amount
 
 
 def _client_key(headers: dict[str, str]) -> str | None:

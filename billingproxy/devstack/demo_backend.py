@@ -57,7 +57,11 @@ Test controls (request headers):
   or ``stall`` (the connection stays open, sending nothing more, until the client leaves or
   STALL_S_MAX passes).
 `GET /_demo/last_request` shows the last /v1 request (method, path, headers, body) and, once a
-stalled answer has stopped, ``stalled_after_bytes``. With `api_key` set, /v1 requires it as Bearer.
+stalled answer has stopped, ``stalled_after_bytes``. `GET /_demo/requests` lists the
+``x-request-id`` of every metered (POST) /v1 request that reached the backend, in order of
+arrival (at most REQUEST_IDS_MAX; ``dropped`` counts the rest): the backend's own record of what
+it served, which the fault tests and ``python -m bench --chaos`` hold against the ledger. With
+`api_key` set, /v1 requires it as Bearer.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ AUDIO_TOKENS_PER_WORD = 2
 DELAY_MS_MAX = 10_000
 CHUNK_DELAY_MS_MAX = 1_000
 STALL_S_MAX = 30
+REQUEST_IDS_MAX = 1_000_000
 EMBEDDING_DIMENSIONS = 8
 MODELS = ("demo-model", "gpt-4o-mini", "gemini/gemini-2.5-flash", "claude-sonnet-4-5")
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -112,6 +117,26 @@ _ANTHROPIC_ERRORS = {
 _LAST_REQUEST: web.AppKey[dict[str, Any]] = web.AppKey("last_request", dict)
 _API_KEY = web.AppKey("api_key", str)
 _IDS: web.AppKey[itertools.count[int]] = web.AppKey("ids", itertools.count)
+
+
+class Arrivals:
+    """The x-request-ids of the metered requests that reached the backend, bounded."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.dropped = 0
+
+    def add(self, request: web.Request) -> None:
+        request_id = request.headers.get("x-request-id")
+        if request.method != "POST" or request_id is None:
+            return
+        if len(self.request_ids) < REQUEST_IDS_MAX:
+            self.request_ids.append(request_id)
+        else:
+            self.dropped += 1
+
+
+_ARRIVALS = web.AppKey("arrivals", Arrivals)
 
 
 class DemoError(Exception):
@@ -320,6 +345,7 @@ async def _demo_controls(request: web.Request, handler: Handler) -> web.StreamRe
     if not request.path.startswith("/v1/"):
         return await handler(request)
     body = await _body(request)
+    request.app[_ARRIVALS].add(request)
     request.app[_LAST_REQUEST].clear()
     request.app[_LAST_REQUEST].update(
         method=request.method,
@@ -784,12 +810,18 @@ async def last_request(request: web.Request) -> web.Response:
     return web.json_response(last)
 
 
+async def request_ids(request: web.Request) -> web.Response:
+    arrivals = request.app[_ARRIVALS]
+    return web.json_response({"request_ids": arrivals.request_ids, "dropped": arrivals.dropped})
+
+
 def make_app(*, api_key: str = "") -> web.Application:
     """The demo backend; with ``api_key``, /v1 answers 401 unless sent ``Bearer <api_key>``."""
     app = web.Application(middlewares=[_demo_controls], client_max_size=64 * 1024 * 1024)
     app[_LAST_REQUEST] = {}
     app[_API_KEY] = api_key
     app[_IDS] = itertools.count(1)
+    app[_ARRIVALS] = Arrivals()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/responses", responses)
@@ -797,6 +829,7 @@ def make_app(*, api_key: str = "") -> web.Application:
     app.router.add_post("/v1/messages", messages)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/_demo/last_request", last_request)
+    app.router.add_get("/_demo/requests", request_ids)
     return app
 
 
