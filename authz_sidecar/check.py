@@ -289,7 +289,7 @@ def worst_case_nano(
     """(the prompt's token bound, the hold in nano-USD) of a request: docs/pricing.md, "Holds".
 
     A function of its own, not the Decider's, so that a client can compute what its request is
-    held for the way the Check does (tests/support/load.py checks charges against it).
+    held for the way the Check does (bench/books.py checks the charges of a fault run against it).
 
     The prompt bound is one token per body byte plus what the provider adds for tools, never more
     than the model's context window; the whole window when the prompt references content whose
