@@ -80,10 +80,11 @@ def finished_request(entry: accesslog_pb2.HTTPAccessLogEntry) -> FinishedRequest
 
 
 def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | None:
-    """The same facts from one line of Envoy's JSON access log (``envoy_config._stdout_access_log``:
+    """The same facts from one line of Envoy's JSON access log (``envoy_config._file_access_log``:
     ``request_id``, ``status``, and the two metadata namespaces as ``authz`` and ``usage`` — the
     latter with the same ``usage``, ``usage_start`` and ``finished`` the gRPC entry carries) —
-    what ``billingproxy reconcile`` settles when the gRPC access log never delivered an entry."""
+    what the sidecar settles from the access-log file (authz_sidecar/access_log_file.py) when the
+    gRPC access log never delivered an entry, and ``billingproxy reconcile`` by hand."""
     authz, usage, status = line.get("authz"), line.get("usage"), line.get("status")
     request_id = line.get("request_id")
     if not isinstance(status, int) or isinstance(status, bool):

@@ -18,8 +18,9 @@ Shape::
       GET /metrics               → billing_sidecar_admin (admin_port, the sidecar's /metrics)
       GET /metrics/envoy         → envoy_admin (the admin socket's /stats/prometheus)
       anything else, any method  → 404 (no filter, no access log)
-    access logs: gRPC ALS → billing_sidecar_grpc (settlement; carries the access-log secret),
-                 JSON lines on stdout (operators)
+    access logs: gRPC ALS → billing_sidecar_grpc (settlement within milliseconds; carries the
+                 access-log secret; off when ``access_log_grpc`` is false), and JSON lines in
+                 ``access_log_path`` (the durable record the sidecar follows; operators read it)
     clusters to the sidecar: INTERNAL_HOST (loopback) only
     admin: a Unix socket (mode 0600) in the run dir, never a TCP port
 
@@ -128,6 +129,9 @@ LUA_FILTER = "envoy.filters.http.lua"
 # The second Lua filter (a filter's name keys its per-route config, so it needs its own).
 UPSTREAM_HEADERS_FILTER = "billingproxy.upstream_headers"
 ACCESS_LOG_NAME = "billingproxy"
+# Envoy writes its access-log file at least this often (``--file-flush-interval-msec``; Envoy's
+# own default is 10 s): what a crashed Envoy loses from the file is at most this much.
+FILE_FLUSH_INTERVAL_MS = 200
 SIDECAR_PREFIXES = ("/user/", "/billing/", "/stripe/")
 SIDECAR_PATHS = ("/openapi.json",)
 LUA_SOURCE = Path(__file__).with_name("usage_filter.lua")
@@ -170,7 +174,7 @@ _ROUTER = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _GRPC_ALS = _TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
-_STDOUT_LOG = _TYPE + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_FILE_LOG = _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 _DOWNSTREAM_CONNECTIONS = (
     _TYPE + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
 )
@@ -336,7 +340,10 @@ def _connection_manager(settings: Settings, backend: Backend) -> dict[str, Any]:
             _upstream_headers_filter(settings),
             _router_filter(),
         ],
-        "access_log": [_grpc_access_log(settings), _stdout_access_log()],
+        "access_log": [
+            *([_grpc_access_log(settings)] if settings.access_log_grpc else []),
+            _file_access_log(settings),
+        ],
         "local_reply_config": _local_reply_config(),
     }
 
@@ -644,11 +651,16 @@ def _grpc_access_log(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _stdout_access_log() -> dict[str, Any]:
+def _file_access_log(settings: Settings) -> dict[str, Any]:
+    """One JSON line per request in ``settings.access_log_path``: the durable record the sidecar
+    settles from whatever the gRPC log did not deliver (authz_sidecar/access_log_file.py), and
+    what ``billingproxy reconcile`` reads. Envoy appends (and creates the file, not its folder);
+    the sidecar rotates it and asks Envoy to reopen it."""
     return {
-        "name": "envoy.access_loggers.stdout",
+        "name": "envoy.access_loggers.file",
         "typed_config": {
-            "@type": _STDOUT_LOG,
+            "@type": _FILE_LOG,
+            "path": str(settings.access_log_path),
             "log_format": {
                 "json_format": {
                     "time": "%START_TIME%",

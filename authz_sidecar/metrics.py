@@ -49,7 +49,29 @@ for _reason in ("unauthenticated", "hold_mismatch"):
     access_log_refusals.labels(_reason)  # shown at 0 from the start, for alerts on any increase
 settlement_failures = Counter(
     "billingproxy_settlement_failures",
-    "Access-log entries that could not be settled after retries (the hold will expire).",
+    "gRPC access-log entries that could not be settled after retries (the access-log file "
+    "settles them when the database answers again).",
+    registry=registry,
+)
+access_log_file_recovered = Counter(
+    "billingproxy_access_log_file_recovered",
+    "Requests settled from Envoy's access-log file because the gRPC access log had not settled them.",
+    registry=registry,
+)
+access_log_file_lag_bytes = Gauge(
+    "billingproxy_access_log_file_lag_bytes",
+    "Bytes of Envoy's access-log file written but not yet settled by the sidecar (read each round).",
+    registry=registry,
+)
+access_log_file_failures = Counter(
+    "billingproxy_access_log_file_failures",
+    "Rounds of following the access-log file that failed (the database or the file unreachable); "
+    "the next round retries from the same offset.",
+    registry=registry,
+)
+unreported_holds_charged = Counter(
+    "billingproxy_unreported_holds_charged",
+    "Expired holds no access log reported within the grace period, charged their estimate.",
     registry=registry,
 )
 

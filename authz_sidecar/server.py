@@ -1,6 +1,8 @@
 """The sidecar process: one event loop serving Envoy's Check (ext_authz over HTTP on its own
 port, and over gRPC), gRPC (the access log, health), the public HTTP API and the admin port,
-plus a sweeper that expires holds nobody settled.
+plus a follower of Envoy's JSON access-log file (what the gRPC log lost) and a sweeper that
+expires holds nobody settled and, after a grace period, charges those no log ever reported
+(billing/expiry.py).
 
 Two ways into PostgreSQL (billing/database.py): an asyncpg pool for the hot path (the Check's key
 look-up and hold, the access log's settlements, the key cache's refresher, the sweeper) and a
@@ -30,15 +32,26 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz_sidecar import access_log, admin_port, check, check_grpc, http_api, metrics
+from authz_sidecar import (
+    access_log,
+    access_log_file,
+    admin_port,
+    check,
+    check_grpc,
+    envoy_config,
+    http_api,
+    metrics,
+)
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, errors, holds, pricing
+from billing import database, errors, expiry, holds, pricing
 from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 5.0
+# How long stopping waits for the last round of the access-log file (the database may be down).
+LAST_FILE_ROUND_S = 5.0
 
 
 class ListenError(errors.UserFacingError, OSError):
@@ -64,6 +77,8 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._access_log: access_log.AccessLogService | None = None
+        self._file_log: access_log_file.Follower | None = None
+        self._file_follower: asyncio.Task[None] | None = None
         self._decider: check.Decider | None = None
         self._check: CheckServer | None = None
         self.health = health.aio.HealthServicer()
@@ -81,10 +96,16 @@ class Sidecar:
         self._key_lookup = key_lookup = KeyLookup(pool, s.key_cache_ttl_ms)
         key_lookup.start()
         self._decider = decider = check.Decider(s, self.prices, pool, key_lookup)
-        self._access_log = access_log.AccessLogService(
-            access_log.Settler(pool, self.prices), secret=s.access_log_secret
-        )
+        settler = access_log.Settler(pool, self.prices)
+        self._access_log = access_log.AccessLogService(settler, secret=s.access_log_secret)
         self._access_log.start()
+        self._file_log = access_log_file.Follower(
+            settler,
+            pool,
+            s.access_log_path,
+            rotate_bytes=s.access_log_rotate_bytes,
+            admin_socket=envoy_config.default_admin_socket(s),
+        )
 
         self._check = CheckServer(decider, body_bytes_max=s.request_body_bytes_max)
         try:
@@ -123,6 +144,7 @@ class Sidecar:
             self._runners.append(runner)
 
         self._sweeper = asyncio.create_task(self._sweep_expired_holds(pool), name="hold-sweeper")
+        self._file_follower = asyncio.create_task(self._file_log.run(), name="access-log-file")
         await self._set_serving(True)
         logger.info(
             "sidecar ready: Check %s:%d, gRPC %s:%d, HTTP %s:%d, admin %s:%d",
@@ -169,7 +191,15 @@ class Sidecar:
         while True:
             try:
                 async with database.acquire(pool) as conn:
-                    await holds.expire_due(conn)
+                    swept = await expiry.sweep(conn, report_grace_s=self.settings.hold_report_grace_s)
+                    metrics.unreported_holds_charged.inc(swept.charged)
+                    if swept.charged:
+                        logger.warning(
+                            "charged %d holds their estimate: no access log reported them within %d s "
+                            "of their expiry",
+                            swept.charged,
+                            self.settings.hold_report_grace_s,
+                        )
                     metrics.holds_pending.set(await holds.outstanding(conn))
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
@@ -187,6 +217,18 @@ class Sidecar:
             await self._decider.close()
         if self._access_log is not None:
             await self._access_log.drain()
+        if self._file_follower is not None:
+            self._file_follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._file_follower
+        if self._file_log is not None:
+            # A last round: what Envoy logged while the gRPC stream was closing is settled now,
+            # not by the next sidecar.
+            try:
+                await asyncio.wait_for(self._file_log.follow_once(), LAST_FILE_ROUND_S)
+            except Exception as exc:  # noqa: BLE001 (the next sidecar resumes from the saved offset)
+                logger.warning("last round of the access-log file failed: %r", exc)
+            self._file_log.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -85,6 +85,9 @@ class Settings:
     overdraft_limit_nano: int = 1_000_000_000
     # -- a hold not settled after this long is expired (its reservation released).
     hold_ttl_s: int = 600
+    # -- an expired hold that no access log has reported after this much longer is charged its
+    #    estimate, the request's worst case (docs/decisions/0030-unreported-holds.md).
+    hold_report_grace_s: int = 900
     # -- YAML file of price overrides and aliases (see docs/pricing.md). Empty: none.
     price_overrides_path: Path | None = None
     # -- percentage added to every provider price, e.g. "20" or "12.5".
@@ -133,6 +136,12 @@ class Settings:
     # -- request headers forwarded to the backend besides the built-in allow-list
     #    (authz_sidecar/envoy_config.py, UPSTREAM_HEADERS); "name-*" allows a prefix.
     upstream_headers: tuple[str, ...] = ()
+    # -- whether Envoy also streams its access log to the sidecar over gRPC (settles within
+    #    milliseconds). Off: the JSON access-log file alone settles, within about a second.
+    access_log_grpc: bool = True
+    # -- the sidecar rotates Envoy's JSON access-log file (<data_dir>/access-log/access.log) once
+    #    it has settled this many bytes of it, keeping one rotated file (docs/failures.md).
+    access_log_rotate_bytes: int = 64 * 1024 * 1024
 
     # --- limits --------------------------------------------------------------------------------
     # -- largest request body Envoy buffers for the Check (it needs the model); larger → 413.
@@ -177,6 +186,12 @@ class Settings:
     #    settlements, the key cache, the expiry sweep), from 4 (one per hold lane and settlement
     #    worker) to 1000. More let more transactions run at once, up to what PostgreSQL can run.
     hot_path_pool_size: int = 10
+
+    @property
+    def access_log_path(self) -> Path:
+        """Envoy's JSON access log, which the sidecar follows (authz_sidecar/access_log_file.py):
+        in the data dir locally, on the volume the gateway pod's two containers share."""
+        return self.data_dir.absolute() / "access-log" / "access.log"
 
     @property
     def strict(self) -> bool:
@@ -349,6 +364,17 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(ENV_PREFIX + name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{ENV_PREFIX}{name} must be true or false, not {raw!r}")
+
+
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return _int(env, name, default, 1, 65535)
 
@@ -408,6 +434,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         admission=(env.get(ENV_PREFIX + "ADMISSION") or defaults.admission).strip().lower(),
         overdraft_limit_nano=_usd(env, "OVERDRAFT_LIMIT_USD", defaults.overdraft_limit_nano),
         hold_ttl_s=_int(env, "HOLD_TTL_S", defaults.hold_ttl_s, 10, 86_400),
+        hold_report_grace_s=_int(env, "HOLD_REPORT_GRACE_S", defaults.hold_report_grace_s, 0, 7 * 86_400),
         price_overrides_path=overrides,
         markup_percent=markup,
         backend_url=(env.get(ENV_PREFIX + "BACKEND_URL") or "").rstrip("/"),
@@ -427,6 +454,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_port=_int(env, "METRICS_PORT", defaults.metrics_port, 0, 65535),
         public_url=(env.get(ENV_PREFIX + "PUBLIC_URL") or public_default).rstrip("/"),
         access_log_secret=env.get(ENV_PREFIX + "ACCESS_LOG_SECRET", "").strip(),
+        access_log_grpc=_bool(env, "ACCESS_LOG_GRPC", defaults.access_log_grpc),
+        access_log_rotate_bytes=_int(
+            env, "ACCESS_LOG_ROTATE_BYTES", defaults.access_log_rotate_bytes, 4096, 4 * 1024**3
+        ),
         backend_auth_header=(env.get(ENV_PREFIX + "BACKEND_AUTH_HEADER") or defaults.backend_auth_header)
         .strip()
         .lower(),

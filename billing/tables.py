@@ -106,6 +106,27 @@ sa.Index(
     holds.c.expires_at,
     postgresql_where=holds.c.state == "pending",
 )
+# The sweep's final resolution of expired holds no access log reported (billing/holds.py).
+sa.Index(
+    "holds_expired_by_resolution",
+    holds.c.resolved_at,
+    postgresql_where=holds.c.state == "expired",
+)
+
+# How far the sidecar has settled each JSON access-log file Envoy wrote (migration 0005;
+# authz_sidecar/access_log_file.py). A file is known by the SHA-256 of its first line (a request
+# id and a start time: no two files share it), so a rotated file, a restarted sidecar or a
+# replaced one each find their place.
+access_log_cursors = sa.Table(
+    "access_log_cursors",
+    metadata,
+    sa.Column("log_id", sa.Text, primary_key=True),
+    sa.Column("path", sa.Text, nullable=False),
+    # Bytes of the file settled: everything before this offset, always the end of a line.
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint("position >= 0", name="access_log_cursors_position_not_negative"),
+)
 
 # --- Stripe (migration 0003; the rules live in billing/payments.py) -------------------------------
 

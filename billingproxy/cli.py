@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         "(those the gRPC access log never delivered); idempotent",
     )
     reconcile.add_argument(
-        "log", help="Envoy's stdout log file (JSON lines; other lines are skipped), or - for stdin"
+        "log",
+        help="Envoy's JSON access-log file (<data dir>/access-log/access.log or its rotated access.log.1; "
+        "other lines are skipped), or - for stdin",
     )
 
     usage = sub.add_parser("usage", help="ledger entries of a wallet, newest first")

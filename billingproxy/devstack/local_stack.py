@@ -308,8 +308,14 @@ class Stack:
 
         self._say(f"starting Envoy on {s.bind_host}:{s.gateway_port}…")
         config = envoy_config.render_yaml(s, backend_url=self.backend_url)
+        s.access_log_path.parent.mkdir(parents=True, exist_ok=True)  # Envoy creates the file, not its folder
         # A dynamic base id lets several stacks (tests, benchmarks) run side by side.
-        self._envoy = envoy_process.EnvoyProcess(config, base_id=None, log_path=logs / "envoy.log")
+        self._envoy = envoy_process.EnvoyProcess(
+            config,
+            base_id=None,
+            log_path=logs / "envoy.log",
+            file_flush_interval_ms=envoy_config.FILE_FLUSH_INTERVAL_MS,
+        )
         await self._envoy.start()
         self._say(f"Envoy ready at {self.gateway_url}")
 

@@ -3,12 +3,12 @@ tables, idempotent credits, and one-line errors with exit status 2 (never a trac
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from support.access_log_lines import envoy_log_line
 
 from billing import api_keys, holds, pricing, wallets
 from billing.usage import Usage
@@ -223,40 +223,6 @@ async def test_bad_settings_and_unreachable_database_are_one_line(db) -> None:
     assert_one_line_error(not_postgres, "DATABASE_URL", "postgresql://")
     down = await db.acli("wallet", "show", EMAIL, DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x")
     assert_one_line_error(down, "cannot reach the database")
-
-
-def envoy_log_line(
-    request_id: str, status: int, *, hold: dict[str, str] | None, prompt: int = 0, completion: int = 0
-) -> str:
-    """A line of Envoy's JSON access log, as the rendered config writes it (envoy_config
-    ``_stdout_access_log``; this shape was copied from a real `billingproxy up` log)."""
-    authz = None
-    if hold is not None:
-        authz = {
-            "ext_authz_duration": 1,
-            "x-billingproxy-format": "openai_chat",
-            **{f"x-billingproxy-{k}": v for k, v in hold.items()},
-        }
-    return json.dumps(
-        {
-            "authz": authz,
-            "bytes_received": 84,
-            "bytes_sent": 512,
-            "details": "via_upstream",
-            "duration_ms": 4,
-            "flags": "-",
-            "method": "POST",
-            "path": "/v1/chat/completions",
-            "request_id": request_id,
-            "status": status,
-            "time": "2026-11-25T11:41:10.282Z",
-            "upstream": "127.0.0.1:46179",
-            "usage": {
-                "usage": json.dumps({"prompt_tokens": prompt, "completion_tokens": completion}),
-                "finished": hold is not None and status == 200,
-            },
-        }
-    )
 
 
 async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tmp_path) -> None:

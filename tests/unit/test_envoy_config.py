@@ -159,10 +159,22 @@ def test_grpc_access_log_goes_to_the_sidecar_in_small_batches() -> None:
     # Batched (one message per flush, not per entry), but a request is settled within ~10 ms.
     assert common["buffer_size_bytes"] == envoy_config.ACCESS_LOG_BUFFER_BYTES > 0
     assert common["buffer_flush_interval"] == "0.01s"
-    (stdout,) = [log for log in logs if log["name"] == "envoy.access_loggers.stdout"]
-    fields = stdout["typed_config"]["log_format"]["json_format"]
+    (file,) = [log for log in logs if log["name"] == "envoy.access_loggers.file"]
+    fields = file["typed_config"]["log_format"]["json_format"]
     assert f"%DYNAMIC_METADATA({contract.USAGE_NAMESPACE})%" in fields.values()
     assert f"%DYNAMIC_METADATA({contract.AUTHZ_NAMESPACE})%" in fields.values()
+
+
+def test_the_access_log_file_is_in_the_data_dir_and_grpc_can_be_turned_off(tmp_path: Path) -> None:
+    """The file the sidecar follows is the one Envoy writes; without the gRPC log the file is the
+    only access log, and no other logger (stdout) competes for the record."""
+    on = settings().replace(data_dir=tmp_path)
+    logs = hcm(envoy_config.render(on, backend_url=DEMO_BACKEND))["access_log"]
+    assert [log["name"] for log in logs] == ["envoy.access_loggers.http_grpc", "envoy.access_loggers.file"]
+    assert logs[1]["typed_config"]["path"] == str(tmp_path.absolute() / "access-log" / "access.log")
+    assert logs[1]["typed_config"]["path"] == str(on.access_log_path)
+    off = hcm(envoy_config.render(on.replace(access_log_grpc=False), backend_url=DEMO_BACKEND))["access_log"]
+    assert [log["name"] for log in off] == ["envoy.access_loggers.file"]
 
 
 def test_https_backend_with_a_path_is_rewritten_and_verified() -> None:
