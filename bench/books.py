@@ -421,6 +421,10 @@ class Verdict:
     voided: int = 0  # holds voided
     charged_estimate: int = 0  # of the charges, those of a hold's estimate
     served_not_charged: int = 0
+    # Charged its hold's estimate though it never reached the backend: a request Envoy died
+    # between its Check and the backend, which no log reports (billing/expiry.py charges such a
+    # hold, since the durable record cannot tell it from one that was served). Not a difference:
+    # the policy, counted so a run shows how often it happened.
     charged_not_served: int = 0
     longest_unsettled_s: float = 0.0  # a served request's end (the client's clock) → its hold resolved
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -432,7 +436,6 @@ class Verdict:
             "admitted - settled": self.admitted - self.settled,
             "settled - (charged + voided)": self.settled - (self.charged + self.voided),
             "served, not charged": self.served_not_charged,
-            "charged, not served": self.charged_not_served,
             "problems": len(self.problems),
         }
 
@@ -615,7 +618,8 @@ def render(verdict: Verdict) -> str:
         f"{o['lost']}, refused {o['refused']}",
         f"admitted {verdict.admitted}, served {verdict.served}, settled {verdict.settled}, "
         f"charged {verdict.charged} (of them the hold's estimate {verdict.charged_estimate}), "
-        f"voided {verdict.voided}",
+        f"voided {verdict.voided}; charged its estimate without reaching the backend "
+        f"{verdict.charged_not_served} (no log reported it: billing/expiry.py)",
         "differences (each must be 0): "
         + ", ".join(f"{name} = {value}" for name, value in verdict.differences.items()),
         f"longest a served request stayed unsettled: {verdict.longest_unsettled_s:.2f} s",

@@ -11,7 +11,8 @@ the ledger audit.
 
 The clients never wait for the gateway to come back: a request that fails is recorded and the
 next one is sent after a short pause (a real client's back-off; it keeps a refused connection
-from spinning). A test waits on conditions: :meth:`Load.until_answered`.
+from spinning). A test waits on conditions (:meth:`Load.until_answered`,
+:meth:`Readiness.until`) and picks the requests of a moment by their times (:func:`within`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -34,8 +36,8 @@ from . import waiting
 
 CLIENTS = 8
 WALLETS = 3
-# A client whose request failed without an answer (no connection) pauses this long before its
-# next one: pacing, not waiting for anything.
+# A client whose request was refused or got no answer at all pauses this long before its next
+# one, as a real client backs off: pacing, not waiting for anything.
 BACK_OFF_S = 0.05
 # Requests are short (books.SHAPES: well under a second); a client gives up on one after this.
 REQUEST_TIMEOUT_S = 30
@@ -81,6 +83,7 @@ class Load:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
+        self._completion: asyncio.Future[books.Seen] | None = None
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -105,7 +108,11 @@ class Load:
             shape, wallet = next(self._turns)
             seen = await books.send(self._session, self.gateway, shape, wallet.api_key, wallet.wallet_id)
             self.seen.append(seen)
-            if seen.status is None:
+            waiting_for_one = self._completion is not None and not self._completion.done()
+            if seen.outcome is books.Outcome.COMPLETE and waiting_for_one:
+                assert self._completion is not None
+                self._completion.set_result(seen)
+            if seen.outcome in (books.Outcome.LOST, books.Outcome.REFUSED):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), BACK_OFF_S)
 
@@ -125,8 +132,15 @@ class Load:
 
         await waiting.wait_until(enough, timeout, f"{more} more answers under load")
 
-    def first(self, accept: Callable[[books.Seen], bool]) -> books.Seen | None:
-        return next((seen for seen in self.seen if accept(seen)), None)
+    async def next_complete(self, timeout: float = 20.0) -> books.Seen:
+        """The next request a client sees complete, returned the moment its client has read its
+        end: a fault injected then lands while the gateway is still reporting that request (its
+        access-log entries are buffered for a few milliseconds)."""
+        self._completion = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(self._completion, timeout)
+        finally:
+            self._completion = None
 
 
 @contextlib.asynccontextmanager
@@ -180,3 +194,57 @@ async def assert_exact_totals(
     assert verdict.exact, books.render(verdict)
     assert verdict.outcomes["complete"] > 0, books.render(verdict)
     return verdict
+
+
+class Readiness:
+    """The sidecar's ``/readyz``, sampled in the background from ``start()`` to ``stop()``: when
+    each look began (``time.time()``, the clients' clock) and the status it got, None when nothing
+    listened. What a fault test reads the sidecar's down time and its readiness turns from."""
+
+    INTERVAL_S = 0.02
+
+    def __init__(self, admin_url: str) -> None:
+        self._url = admin_url + "/readyz"
+        self.samples: list[tuple[float, int | None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample(), name="readiness-probe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _sample(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                began = time.time()
+                status: int | None
+                try:
+                    async with session.get(self._url) as response:
+                        status = response.status
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    status = None
+                self.samples.append((began, status))
+                await asyncio.sleep(self.INTERVAL_S)
+
+    def seen(self, status: int | None, after: float = 0.0) -> list[float]:
+        """When the looks that got ``status`` began, from ``after`` on."""
+        return [began for began, got in self.samples if got == status and began >= after]
+
+    async def until(self, status: int | None, after: float, timeout: float = 20.0) -> float:
+        """Until a look begun after ``after`` got ``status``; when it began."""
+
+        async def seen() -> float | None:
+            looks = self.seen(status, after)
+            return looks[0] if looks else None
+
+        began: float = await waiting.wait_until(seen, timeout, f"/readyz answering {status} after the fault")
+        return began
+
+
+def within(run: Load, start: float, end: float) -> list[books.Seen]:
+    """The requests whose whole exchange lay between ``start`` and ``end`` (``time.time()``)."""
+    return [seen for seen in run.seen if seen.started_at >= start and seen.ended_at <= end]

@@ -1,0 +1,56 @@
+"""Envoy restarted under load: gracefully (``billingproxy up``'s stop: buffered gRPC access-log
+entries sent, then SIGTERM) and hard (SIGKILL, as a crash: whatever Envoy buffered is lost to the
+gRPC log, and the requests in flight are cut).
+
+What must hold: the holds of the requests in flight settle, nothing is charged twice, and what
+the gRPC log did not deliver is recovered from the file log, or — for a request Envoy died in
+the middle of, which no log reports — charged its hold's estimate once the hold has expired and
+its grace has passed (billing/expiry.py; both shortened here so the test sees it happen).
+
+The restart comes the moment a client has read an answer to its end, while Envoy may still hold
+that request's report in its buffers (gRPC: 10 ms; the file: 200 ms). Every request a client saw
+complete must be charged its exact price. After a SIGKILL that does not always hold: a request
+whose report died in Envoy's buffers is charged its hold's estimate instead, and the books name
+it ("status 200, finished: charged <hold> (hold_estimate), expected <price>").
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from support import load
+
+ANSWERS = 30
+# The shortest hold the settings allow, a route timeout below it, and no grace: a hold no log
+# reports is charged its estimate within ~15 s (the expiry sweep runs every 5 s).
+FAST_EXPIRY = {
+    "BILLINGPROXY_HOLD_TTL_S": "10",
+    "BILLINGPROXY_UPSTREAM_TIMEOUT_S": "5",
+    "BILLINGPROXY_HOLD_REPORT_GRACE_S": "0",
+}
+RESOLVE_TIMEOUT_S = 30.0
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["graceful", "hard"])
+async def test_an_envoy_restarted_under_load_leaves_every_request_charged_once(
+    launch_stack, hard: bool
+) -> None:
+    async with launch_stack(**FAST_EXPIRY) as running:
+        stack = running.stack
+        wallets = await load.signed_up_wallets(stack.gateway_url)
+        since = await load.backend_arrivals_now(stack)
+        async with load.running(stack, wallets) as run:
+            await run.until_answered(ANSWERS)
+            await run.next_complete()
+            restarting_at = time.time()
+            await stack.restart_envoy(hard=hard)
+            await run.until_answered(ANSWERS)
+
+        verdict = await load.assert_exact_totals(
+            stack, run, arrivals_since=since, resolve_timeout=RESOLVE_TIMEOUT_S
+        )
+
+        # The restart did cut requests in flight, and the gateway served again after it.
+        assert verdict.outcomes["cut"] + verdict.outcomes["lost"] > 0, load.books.render(verdict)
+        assert load.within(run, restarting_at, time.time())
