@@ -8,6 +8,10 @@ Besides billing's overhead, the report says what the two Lua filters alone add t
 (``baseline + Lua`` rows; "Lua filters alone"), against the plain baseline of the same run.
 ``--smoke`` runs everything once, for a fraction of a second each, at a trickle: it shows the
 benchmark itself works (the report and the exactly-once books check), and its numbers mean nothing.
+
+``--chaos`` runs the other benchmark instead, :mod:`bench.chaos` (`make bench-chaos`): load at a
+fixed rate while the sidecar, PostgreSQL and Envoy are broken at random times, then the books;
+``python -m bench --chaos --help`` lists its own options.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report, runner
+from bench import chaos, report, runner
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 # What --smoke sets (argparse's names): the shortest run that still takes every path.
@@ -117,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="keep the data dir and logs (Envoy, sidecar, PostgreSQL)"
     )
     parser.add_argument(
+        "--chaos",
+        action="store_true",
+        help="the chaos run instead (bench/chaos.py; its options: python -m bench --chaos --help)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=RESULTS, help="where to write the results (default %(default)s)"
     )
     return parser
@@ -132,6 +141,9 @@ async def _main(options: runner.Options) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--chaos" in argv:
+        return chaos.main([arg for arg in argv if arg != "--chaos"])
     args = _parser().parse_args(argv)
     micro_target_s = runner.Options.micro_target_s
     if args.quick:

@@ -243,6 +243,20 @@ async def _scrape_check_seconds(session: aiohttp.ClientSession, admin_port: int)
     )
 
 
+async def create_wallets(engine: AsyncEngine, count: int) -> list[tuple[str, str]]:
+    """``count`` wallets of GRANT_NANO each, one API key each, straight in the database:
+    (wallet id, API key) pairs."""
+    created = []
+    async with engine.begin() as conn:
+        for n in range(count):
+            wallet = await wallets.create_wallet(
+                conn, source="admin", grant_nano=GRANT_NANO, external_id=f"bench-{os.getpid()}-{n}"
+            )
+            issued = await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
+            created.append((wallet.id, issued.plaintext))
+    return created
+
+
 class Bench:
     def __init__(self, options: Options, say: Callable[[str], object] = print) -> None:
         self.options = options
@@ -374,14 +388,9 @@ class Bench:
 
     async def create_wallets(self) -> None:
         """``options.wallets`` wallets with $1000 each and one key each, straight in the database."""
-        async with self.engine.begin() as conn:
-            for n in range(self.options.wallets):
-                wallet = await wallets.create_wallet(
-                    conn, source="admin", grant_nano=GRANT_NANO, external_id=f"bench-{os.getpid()}-{n}"
-                )
-                issued = await api_keys.issue_key(conn, wallet_id=wallet.id, source="admin")
-                self.wallet_ids.append(wallet.id)
-                self.authorizations.append(f"Bearer {issued.plaintext}")
+        for wallet_id, api_key in await create_wallets(self.engine, self.options.wallets):
+            self.wallet_ids.append(wallet_id)
+            self.authorizations.append(f"Bearer {api_key}")
 
     # -- runs --
 

@@ -74,9 +74,12 @@ class Load:
         *,
         clients: int = CLIENTS,
         shapes: Sequence[books.Shape] = books.SHAPES,
+        arrivals_before: int = 0,
     ) -> None:
         self.gateway = gateway
         self.wallets = list(wallets)
+        # How many requests the demo backend had seen before this load: its own come after.
+        self.arrivals_before = arrivals_before
         self.seen: list[books.Seen] = []
         self._clients = clients
         self._turns = itertools.cycle(itertools.product(shapes, self.wallets))
@@ -144,10 +147,18 @@ class Load:
 
 
 @contextlib.asynccontextmanager
-async def running(stack: Stack, wallets: Sequence[Wallet], **options: Any) -> AsyncIterator[Load]:
-    """``async with running(stack, wallets) as load``: a :class:`Load` on ``stack``'s gateway,
-    stopped when the block ends (also when it raises)."""
-    load = Load(stack.gateway_url, wallets, **options)
+async def running(
+    stack: Stack, wallets: Sequence[Wallet] | None = None, **options: Any
+) -> AsyncIterator[Load]:
+    """``async with running(stack) as load``: a :class:`Load` on ``stack``'s gateway, on
+    ``wallets`` (default: :data:`WALLETS` new signups), stopped when the block ends (also when it
+    raises). It notes how many requests the demo backend had seen before, so its books hold only
+    the run's own arrivals."""
+    if wallets is None:
+        wallets = await signed_up_wallets(stack.gateway_url)
+    async with aiohttp.ClientSession() as session:
+        arrivals_before = len(await books.backend_arrivals(session, stack.backend_url))
+    load = Load(stack.gateway_url, wallets, arrivals_before=arrivals_before, **options)
     load.start()
     try:
         yield load
@@ -155,24 +166,14 @@ async def running(stack: Stack, wallets: Sequence[Wallet], **options: Any) -> As
         await load.stop()
 
 
-async def backend_arrivals_now(stack: Stack) -> int:
-    """How many requests the demo backend has seen so far: a run's arrivals start after them."""
-    async with aiohttp.ClientSession() as session:
-        return len(await books.backend_arrivals(session, stack.backend_url))
-
-
 async def assert_exact_totals(
     stack: Stack,
     load: Load,
     *,
-    arrivals_since: int,
     resolve_timeout: float = 20.0,
 ) -> books.Verdict:
     """Every hold of the load's wallets resolved, then the books exactly as ``load`` saw them
-    (``bench.books.compare``) and a clean audit. Returns the books for a test's own checks.
-
-    ``arrivals_since``: :func:`backend_arrivals_now` before the load began.
-    """
+    (``bench.books.compare``) and a clean audit. Returns the books for a test's own checks."""
     wallet_ids = [w.wallet_id for w in load.wallets]
     engine = database.create_engine(stack.database_url, pool_size=1)
     try:
@@ -185,7 +186,7 @@ async def assert_exact_totals(
     finally:
         await engine.dispose()
     async with aiohttp.ClientSession() as session:
-        arrivals = await books.backend_arrivals(session, stack.backend_url, since=arrivals_since)
+        arrivals = await books.backend_arrivals(session, stack.backend_url, since=load.arrivals_before)
     settings = stack.settings
     tariff = books.Tariff(pricing.load(settings.price_overrides_path, settings.markup_percent))
     verdict = books.compare(

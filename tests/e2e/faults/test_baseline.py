@@ -13,12 +13,10 @@ async def test_without_a_fault_every_request_is_complete_and_charged_its_exact_p
 ) -> None:
     async with launch_stack() as running:
         stack = running.stack
-        wallets = await load.signed_up_wallets(stack.gateway_url)
-        since = await load.backend_arrivals_now(stack)
-        async with load.running(stack, wallets) as run:
+        async with load.running(stack) as run:
             await run.until_answered(ANSWERS)
 
-        verdict = await load.assert_exact_totals(stack, run, arrivals_since=since)
+        verdict = await load.assert_exact_totals(stack, run)
 
         assert verdict.outcomes["complete"] == len(run.seen) >= ANSWERS
         assert verdict.charged == verdict.served == verdict.admitted == len(run.seen)
