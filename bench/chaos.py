@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -47,7 +46,6 @@ import aiohttp
 from bench import books, runner
 from billing import database, pricing
 from billingproxy.devstack.local_stack import Stack, free_ports_env
-from billingproxy.devstack.postgres_server import EmbeddedPostgres
 
 RESULTS = Path(__file__).parent / "results" / "chaos-latest.json"
 FAULTS = ("sidecar", "postgres", "envoy")
@@ -226,10 +224,7 @@ class Chaos:
         if self.options.keep:
             self.say(f"  kept the data and logs in {self.data_dir}")
             return
-        postgres = postgres or EmbeddedPostgres(self.data_dir / "postgres")
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(postgres.destroy)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        await runner.discard_data_dir(self.data_dir, postgres, own_postgres=True)
 
 
 def render(results: dict[str, Any]) -> str:

@@ -243,6 +243,19 @@ async def _scrape_check_seconds(session: aiohttp.ClientSession, admin_port: int)
     )
 
 
+async def discard_data_dir(data_dir: Path, postgres: EmbeddedPostgres | None, *, own_postgres: bool) -> None:
+    """Delete a run's data dir, and with ``own_postgres`` the embedded cluster the Stack ran in it.
+
+    As root the cluster may live in a temp folder outside the data dir (a pointer file names
+    it); destroy() finds it, also when the stack failed to start and forgot it (``postgres`` None).
+    """
+    if own_postgres:
+        postgres = postgres or EmbeddedPostgres(data_dir / "postgres")
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(postgres.destroy)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
 async def create_wallets(engine: AsyncEngine, count: int) -> list[tuple[str, str]]:
     """``count`` wallets of GRANT_NANO each, one API key each, straight in the database:
     (wallet id, API key) pairs."""
@@ -378,13 +391,8 @@ class Bench:
         if self.options.keep:
             self.say(f"  kept the data and logs in {self.data_dir}")
             return
-        if self._stack is not None and not os.environ.get("DATABASE_URL"):  # embedded, ours
-            # As root the cluster may live in a temp folder outside the data dir (a pointer file
-            # names it); destroy() finds it, also when the stack failed to start and forgot it.
-            postgres = postgres or EmbeddedPostgres(self.data_dir / "postgres")
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(postgres.destroy)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        own_postgres = self._stack is not None and not os.environ.get("DATABASE_URL")
+        await discard_data_dir(self.data_dir, postgres, own_postgres=own_postgres)
 
     async def create_wallets(self) -> None:
         """``options.wallets`` wallets with $1000 each and one key each, straight in the database."""
