@@ -286,7 +286,7 @@ async def test_a_client_that_leaves_before_the_first_byte_pays_the_hold(
 
     charge = await charge_of(stack, user, request_id)
     assert_charged_the_hold(charge, stream.hold_nano(payload), status=0)
-    assert charge.details["unfinished"] == "no_answer_from_the_backend"
+    assert charge.details["unfinished"] == "client_left_before_the_answer"
 
 
 @pytest.mark.parametrize(
@@ -442,5 +442,5 @@ async def test_a_backend_silent_past_the_route_timeout_is_answered_504_and_pays_
 
     charge = await charge_of(timed_stack, request.user, request.request_id)
     assert_charged_the_hold(charge, CHAT.hold_nano(request.payload, NEAR_TOKENS), status=504)
-    assert charge.details["unfinished"] == "no_answer_from_the_backend"
+    assert charge.details["unfinished"] == "upstream_timeout"
     assert charge.settled_before_expiry, charge

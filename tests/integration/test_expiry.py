@@ -92,7 +92,9 @@ async def test_an_unreported_hold_is_released_then_charged_its_estimate_once(
         assert await ledger.check_invariants(conn) == []
 
 
-async def test_a_report_inside_the_grace_period_wins(migrated_engine: AsyncEngine, pool: asyncpg.Pool) -> None:
+async def test_a_report_inside_the_grace_period_wins(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
     wallet = await new_wallet(migrated_engine, "late-report@example.com")
     await place(pool, wallet, "late-exact")
     await place(pool, wallet, "late-void")
