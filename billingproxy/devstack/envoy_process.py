@@ -291,6 +291,16 @@ class EnvoyProcess:
             if stat.S_ISSOCK(self.admin_socket.lstat().st_mode) and not _socket_answers(self.admin_socket):
                 self.admin_socket.unlink()
 
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would: requests in flight are cut and buffered access-log entries
+        are lost (the fault tests want exactly that). ``start()`` may follow: it clears the
+        admin socket left behind. Idempotent."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        await asyncio.to_thread(process.wait)
+
     async def _flush_access_logs(self) -> None:
         """Wait (at most FLUSH_TIMEOUT_S) until every gRPC access-log entry Envoy buffered was sent.
 

@@ -5,7 +5,29 @@ in ``<data_dir>/postgres``, unless DATABASE_URL is set) → migrations → the d
 (unless BILLINGPROXY_BACKEND_URL names a real one) → the local Stripe test double (unless
 STRIPE_SECRET_KEY is set; see docs/stripe.md) → the sidecar → Envoy. The children share one
 environment, so the sidecar and the Envoy config read the same settings. Ctrl-C (or any child
-dying) stops everything in reverse order.
+but the sidecar dying) stops everything in reverse order.
+
+The sidecar is supervised, as the kubelet supervises it in a pod: when it exits on its own (a
+crash, the OOM killer, a SIGKILL), the Stack says so in one line ("the sidecar exited with status
+-9; restarting in 0.5 s (restart 1)"), waits, starts it again with the same environment and
+waits for its /readyz, as at start. The wait (:class:`RestartPolicy`) begins at 0.5 s and
+doubles with each crash up to 10 s, so a sidecar that cannot start (its database is down: it
+exits when it cannot open its pool) is retried a few times a minute, not in a tight loop; a
+sidecar that ran 30 s or more before exiting starts again from 0.5 s. There is no give-up, as
+in Kubernetes: the line each time, with its exit status, is what tells a person something is
+wrong. While it is away Envoy refuses every metered request (503 ``billing_unavailable``;
+ext_authz fails closed). Why only the sidecar: it is the one child that holds no state of its
+own and that the fault tests kill; a demo backend, Stripe double, Envoy or PostgreSQL that dies
+still stops ``up`` and names itself, so nothing limps on half-working unnoticed (PostgreSQL,
+detached by pg_ctl, is watched through its pid file's process). The supervisor
+is a task of the Stack, not of ``up``, so the tests get it too; :meth:`Stack.stop` ends it before
+stopping any child, so no restart can race a stop.
+
+Fault controls for the tests (:meth:`Stack.kill_sidecar`, :meth:`Stack.wait_sidecar_restarted`,
+:meth:`Stack.restart_envoy`, :meth:`Stack.stop_postgres`, :meth:`Stack.start_postgres`) break
+one part the way it breaks in production and bring it back at the same address, so the other
+parts find it again by themselves. PostgreSQL's port is chosen once per Stack, not at each start,
+for that reason: the sidecar's DATABASE_URL stays right across a restart.
 
 The integration tests start the same :class:`Stack` with free ports, so what the README's
 walk-through runs is what the tests run.
@@ -21,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import secrets
@@ -41,6 +64,9 @@ from billingproxy.devstack import envoy_process
 from billingproxy.devstack.postgres_server import EmbeddedPostgres, PostgresStartError
 
 READY_TIMEOUT_S = 30.0
+SIDECAR = "sidecar"
+# How often the supervisor looks whether the sidecar still runs: how long a crash goes unnoticed.
+_SUPERVISE_INTERVAL_S = 0.1
 
 
 class StackError(RuntimeError):
@@ -125,11 +151,34 @@ def _write_private(path: Path, text: str) -> None:
         file.write(text)
 
 
+@dataclasses.dataclass(frozen=True)
+class RestartPolicy:
+    """How long the Stack waits before restarting a sidecar that exited: the kubelet's
+    CrashLoopBackOff, scaled down to a laptop (the kubelet: 10 s doubling to 5 min)."""
+
+    first_delay_s: float = 0.5
+    delay_max_s: float = 10.0
+    # A sidecar that ran this long before exiting was not crash-looping: start again from the first delay.
+    reset_after_s: float = 30.0
+
+    def delay_s(self, previous_delay_s: float | None, uptime_s: float) -> float:
+        """The wait before the next restart of a sidecar that ran ``uptime_s`` before exiting,
+        when the restart before waited ``previous_delay_s`` (None: it never restarted)."""
+        if previous_delay_s is None or uptime_s >= self.reset_after_s:
+            return self.first_delay_s
+        return min(previous_delay_s * 2, self.delay_max_s)
+
+
 class Stack:
     """The processes of one gateway. ``env`` holds the settings (BILLINGPROXY_*, DATABASE_URL)."""
 
     def __init__(
-        self, env: Mapping[str, str], *, say: Callable[[str], object] = print, durable: bool = True
+        self,
+        env: Mapping[str, str],
+        *,
+        say: Callable[[str], object] = print,
+        durable: bool = True,
+        restart_policy: RestartPolicy = RestartPolicy(),
     ) -> None:
         self.env = dict(env)
         # A new secret for each run: Envoy's rendered config and the sidecar's environment get it.
@@ -137,9 +186,19 @@ class Stack:
         self.settings = settings_mod.from_env(self.env)
         self._say = say
         self._durable = durable
+        self.restart_policy = restart_policy
         self._postgres: EmbeddedPostgres | None = None
-        self._children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        # By name, in start order (stop() goes in reverse); a restarted sidecar keeps its place.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._envoy: envoy_process.EnvoyProcess | None = None
+        self._envoy_restarting = False
+        self._postgres_stopped = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._sidecar_started_at = 0.0
+        self._sidecar_ready = False
+        self._sidecar_restarts = 0
+        # Notified whenever the sidecar's restart count or readiness changes.
+        self._sidecar_changed = asyncio.Condition()
         self.database_url = ""
         self.backend_url = ""
         # Set when no Stripe key is configured and the local test double was started instead.
@@ -153,6 +212,11 @@ class Stack:
     def envoy(self) -> envoy_process.EnvoyProcess | None:
         """The running Envoy (its admin socket, config and log), once started."""
         return self._envoy
+
+    @property
+    def sidecar_restarts(self) -> int:
+        """How many times the sidecar was found exited and (re)started, in all; never reset."""
+        return self._sidecar_restarts
 
     async def start(self) -> None:
         try:
@@ -189,7 +253,10 @@ class Stack:
             self._say("using the database at DATABASE_URL")
         else:
             self._say(f"starting PostgreSQL (data in {s.data_dir / 'postgres'})…")
-            self._postgres = EmbeddedPostgres(s.data_dir / "postgres", durable=self._durable)
+            # A port of our choosing, not 0 (a new one at each start): see the module docstring.
+            self._postgres = EmbeddedPostgres(
+                s.data_dir / "postgres", port=free_port(), durable=self._durable
+            )
             self.database_url = await asyncio.to_thread(self._postgres.start)
             _write_private(logs / "database_url", self.database_url + "\n")  # it carries the password
         self.env["DATABASE_URL"] = self.database_url
@@ -234,8 +301,12 @@ class Stack:
             f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, API :{s.api_port}, admin "
             f":{s.admin_port})…"
         )
-        self._spawn("sidecar", [sys.executable, "-m", "billingproxy", "sidecar"], logs / "sidecar.log")
-        await self._wait_http("sidecar", f"http://127.0.0.1:{s.admin_port}/readyz")
+        self._spawn_sidecar()
+        await self._wait_http(SIDECAR, self._sidecar_readyz)
+        self._sidecar_ready = True
+        self._supervisor = asyncio.create_task(
+            self._supervise_sidecar(), name=f"sidecar-supervisor:{s.admin_port}"
+        )
 
         self._say(f"starting Envoy on {s.bind_host}:{s.gateway_port}…")
         config = envoy_config.render_yaml(s, backend_url=self.backend_url)
@@ -291,13 +362,75 @@ class Stack:
             argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         log.close()
-        self._children.append((name, child))
+        self._children[name] = child
 
-    async def _wait_http(self, name: str, url: str, headers: Mapping[str, str] | None = None) -> None:
-        child = dict(self._children).get(name)
-        deadline = time.monotonic() + READY_TIMEOUT_S
+    def _spawn_sidecar(self) -> None:
+        self._spawn(
+            SIDECAR,
+            [sys.executable, "-m", "billingproxy", "sidecar"],
+            _run_dir(self.settings) / "sidecar.log",
+        )
+        self._sidecar_started_at = time.monotonic()
+
+    @property
+    def _sidecar_readyz(self) -> str:
+        return f"http://127.0.0.1:{self.settings.admin_port}/readyz"
+
+    async def _supervise_sidecar(self) -> None:
+        """Restart the sidecar whenever it exits, after the policy's wait; runs until cancelled
+        (by stop()). Why polling: the children are plain Popen objects, reaped by ``poll()``, and a
+        tenth of a second unnoticed is nothing beside the restart's own wait."""
+        delay_s: float | None = None
+        while True:
+            child = self._children[SIDECAR]
+            while child.poll() is None:
+                await asyncio.sleep(_SUPERVISE_INTERVAL_S)
+            delay_s = self.restart_policy.delay_s(delay_s, time.monotonic() - self._sidecar_started_at)
+            async with self._sidecar_changed:
+                self._sidecar_restarts += 1
+                self._sidecar_ready = False
+                self._sidecar_changed.notify_all()
+            self._say(
+                f"the sidecar exited with status {child.returncode}; restarting in {delay_s:g} s "
+                f"(restart {self._sidecar_restarts})"
+            )
+            await asyncio.sleep(delay_s)
+            self._spawn_sidecar()
+            try:
+                # No deadline: a live sidecar that is not ready (its database is down) is left to
+                # become ready, as the kubelet leaves a pod whose readiness probe fails.
+                await self._wait_http(SIDECAR, self._sidecar_readyz, timeout_s=None)
+            except StackError:
+                continue  # it exited while starting: the loop above sees it and waits longer
+            async with self._sidecar_changed:
+                self._sidecar_ready = True
+                self._sidecar_changed.notify_all()
+            self._say(f"the sidecar is back and ready (restart {self._sidecar_restarts})")
+
+    async def _stop_supervising(self) -> None:
+        """End the supervisor, so that nothing restarts the sidecar while it is being stopped."""
+        task, self._supervisor = self._supervisor, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            self._say(f"the sidecar's supervisor had failed: {task.exception()!r}")
+
+    async def _wait_http(
+        self,
+        name: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout_s: float | None = READY_TIMEOUT_S,
+    ) -> None:
+        """Wait until ``url`` answers 200; StackError if the child ``name`` exits first or
+        ``timeout_s`` passes (None: as long as the child runs)."""
+        child = self._children.get(name)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
+            while deadline is None or time.monotonic() < deadline:
                 if child is not None and child.poll() is not None:
                     log = _run_dir(self.settings) / f"{name.replace(' ', '_')}.log"
                     raise StackError(
@@ -311,12 +444,12 @@ class Stack:
                         if response.status == 200:
                             return
                 await asyncio.sleep(0.05)
-        raise StackError(f"the {name} was not ready at {url} within {READY_TIMEOUT_S:.0f} s")
+        raise StackError(f"the {name} was not ready at {url} within {timeout_s:.0f} s")
 
     def process_ids(self) -> dict[str, int]:
         """The running processes by part ("sidecar", "demo backend", "stripe double", "envoy",
         "postgres"), for tools that measure them (``make bench``)."""
-        pids = {name: child.pid for name, child in self._children if child.poll() is None}
+        pids = {name: child.pid for name, child in self._children.items() if child.poll() is None}
         if self._envoy is not None and self._envoy.pid is not None:
             pids["envoy"] = self._envoy.pid
         if self._postgres is not None and self._postgres.postmaster_pid is not None:
@@ -328,22 +461,100 @@ class Stack:
         return self._postgres
 
     def dead_child(self) -> str | None:
-        """The name of a child that exited on its own, if any."""
-        for name, child in self._children:
-            if child.poll() is not None:
+        """The name of a child that exited on its own and stays down, if any: not the sidecar,
+        which the supervisor restarts (unless the supervisor itself has ended), nor an Envoy
+        or PostgreSQL that a fault control stopped on purpose."""
+        for name, child in self._children.items():
+            if name != SIDECAR and child.poll() is not None:
                 return name
-        if self._envoy is not None and not self._envoy.running:
+        if self._supervisor is not None and self._supervisor.done():
+            return SIDECAR
+        if self._envoy is not None and not self._envoy.running and not self._envoy_restarting:
             return "Envoy"
+        if self._postgres is not None and not self._postgres.running and not self._postgres_stopped:
+            return "PostgreSQL"
         return None
 
+    # --- fault controls: the tests break one part as production would, then watch it recover ---
+
+    async def kill_sidecar(self) -> int:
+        """SIGKILL the sidecar, as the OOM killer or a crash would (no graceful stop: nothing it
+        holds in memory is saved); returns its pid once it is gone. The supervisor restarts it
+        after the restart policy's wait."""
+        child = self._children.get(SIDECAR)
+        if child is None or child.poll() is not None:
+            raise StackError("no sidecar is running to kill")
+        child.kill()
+        await asyncio.to_thread(child.wait)
+        return child.pid
+
+    async def wait_sidecar_restarted(self, restarts: int = 1, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Return once the sidecar has been restarted ``restarts`` times in all (counted since
+        the Stack started) and the running one is ready; StackError after ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s), self._sidecar_changed:
+                await self._sidecar_changed.wait_for(
+                    lambda: self._sidecar_restarts >= restarts and self._sidecar_ready
+                )
+        except TimeoutError:
+            raise StackError(
+                f"the sidecar was not restarted {restarts} time(s) and ready within {timeout_s:g} s "
+                f"(restarts so far: {self._sidecar_restarts}, ready: {self._sidecar_ready}); "
+                f"see {_run_dir(self.settings)}/sidecar.log"
+            ) from None
+
+    async def restart_envoy(self, *, hard: bool) -> None:
+        """Stop Envoy and start a new one with the same rendered configuration, ports and admin
+        socket; returns once the new one is ready.
+
+        ``hard``: SIGKILL, as a crash would — requests in flight are cut and the gRPC access-log
+        entries Envoy buffered are lost (its file log has them). Otherwise the graceful stop of
+        ``up``'s Ctrl-C: buffered entries are sent first, then SIGTERM."""
+        envoy = self._envoy
+        if envoy is None:
+            raise StackError("Envoy is not running: start the stack first")
+        self._envoy_restarting = True
+        try:
+            if hard:
+                await envoy.kill()
+            else:
+                await envoy.stop()
+            await envoy.start()
+        finally:
+            self._envoy_restarting = False
+
+    async def stop_postgres(self) -> None:
+        """Stop the Stack's own PostgreSQL (a fast shutdown: sessions are cut, committed data
+        stays); the sidecar's connections fail until :meth:`start_postgres`."""
+        postgres = self._own_postgres()
+        self._postgres_stopped = True
+        await asyncio.to_thread(postgres.stop)
+
+    async def start_postgres(self) -> None:
+        """Start the Stack's own PostgreSQL again on the same data and port: the URL the sidecar
+        holds is right again, and it reconnects by itself."""
+        postgres = self._own_postgres()
+        url = await asyncio.to_thread(postgres.start)
+        self._postgres_stopped = False
+        if url != self.database_url:
+            raise StackError("PostgreSQL came back at another address; the sidecar cannot find it")
+
+    def _own_postgres(self) -> EmbeddedPostgres:
+        if self._postgres is None:
+            raise StackError(
+                "this Stack does not run its own PostgreSQL (DATABASE_URL is set, or it is not started)"
+            )
+        return self._postgres
+
     async def stop(self) -> None:
+        await self._stop_supervising()
         if self._envoy is not None:
             await self._envoy.stop()
             self._envoy = None
-        for _name, child in reversed(self._children):
+        for child in reversed(self._children.values()):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for _name, child in reversed(self._children):
+        for child in reversed(self._children.values()):
             try:
                 await asyncio.to_thread(child.wait, 10)
             except subprocess.TimeoutExpired:

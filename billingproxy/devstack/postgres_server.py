@@ -181,6 +181,12 @@ class EmbeddedPostgres:
         return self._postmaster_pid
 
     @property
+    def running(self) -> bool:
+        """Whether the server this object started still runs (it may have crashed or been killed)."""
+        pid = self._postmaster_pid
+        return pid is not None and self.pgdata is not None and _is_postgres_in(pid, self.pgdata)
+
+    @property
     def url(self) -> str:
         if self._url is None:
             raise RuntimeError("the server is not started; call start() first")
