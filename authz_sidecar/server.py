@@ -38,8 +38,6 @@ from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
-EXPIRY_SWEEP_S = 5.0
-
 
 class ListenError(errors.UserFacingError, OSError):
     """A listener of the sidecar cannot bind its port (another process has it, or it is not ours
@@ -173,7 +171,7 @@ class Sidecar:
                     metrics.holds_pending.set(await holds.outstanding(conn))
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
-            await asyncio.sleep(EXPIRY_SWEEP_S)
+            await asyncio.sleep(holds.EXPIRY_SWEEP_S)
 
     async def stop(self) -> None:
         """Stop taking work, settle what was received, then close everything."""
