@@ -49,7 +49,6 @@ from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
-EXPIRY_SWEEP_S = 5.0
 # How long stopping waits for the last rounds of the access-log file (the database may be down).
 LAST_FILE_ROUND_S = 5.0
 
@@ -203,7 +202,7 @@ class Sidecar:
                     metrics.holds_pending.set(await holds.outstanding(conn))
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
-            await asyncio.sleep(EXPIRY_SWEEP_S)
+            await asyncio.sleep(holds.EXPIRY_SWEEP_S)
 
     @staticmethod
     async def _last_file_rounds(file_log: access_log_file.Follower) -> None:

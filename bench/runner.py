@@ -54,7 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import contract, envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
-from billing import api_keys, database, ledger, pricing, wallets
+from billing import api_keys, audit, database, pricing, wallets
 from billing.settings import Settings
 from billing.usage import Format
 from billingproxy.devstack import envoy_process
@@ -741,7 +741,7 @@ class Bench:
                     )
                 ).all()
             )
-            problems = await ledger.check_invariants(conn)
+        problems = (await audit.run(self.engine)).findings
         ok_ids, other_ids = set(self.billed_ids_ok), set(self.billed_ids_other)
         charged = {key.removeprefix("usage:") for key, _ in usage}
         amounts: dict[str, int] = {}
@@ -767,7 +767,7 @@ class Bench:
             "pending_holds_of_refused_requests": len(pending & other_ids),
             "expected_cost_nano": expected_cost,
             "charged_amounts_nano": amounts,
-            "invariant_violations": [f"{p.wallet_id}: {p.what}" for p in problems],
+            "invariant_violations": [str(p) for p in problems],
             "settled_within_s": None if settled_in is None else round(settled_in, 3),
         }
         result["charged_exactly_once"] = (

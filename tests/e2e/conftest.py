@@ -7,7 +7,7 @@ be imported): ``launch_stack`` / ``launch_database`` start things, ``wait_until`
 :class:`Database` reads balances, ledgers, holds and row counts straight from PostgreSQL.
 
 After every test, each live database must have no pending hold left (every admitted request
-ends in exactly one settlement) and ``ledger.check_invariants`` must be empty.
+ends in exactly one settlement) and the ledger audit (``billing.audit``) must find nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support import waiting
 
-from billing import database, ledger, tables
+from billing import audit, database, tables
 from billingproxy.devstack.local_stack import RestartPolicy, Stack, free_ports_env
 
 SETTLE_TIMEOUT_S = 15.0
@@ -120,9 +120,9 @@ class Database:
             none_pending, timeout, f"settlement of every hold of {wallet_id or 'any wallet'}"
         )
 
-    async def invariants(self) -> list[ledger.InvariantViolation]:
-        async with self.engine.connect() as conn:
-            return await ledger.check_invariants(conn)
+    async def invariants(self) -> list[audit.Finding]:
+        """What the whole ledger audit finds, in its read-only snapshot (``billingproxy audit``)."""
+        return (await audit.run(self.engine)).findings
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         """``python -m billingproxy ARGS`` as a real subprocess against this database."""
@@ -324,7 +324,7 @@ _STRIPE_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_BA
 
 @pytest.fixture(autouse=True)
 async def books_balance() -> AsyncIterator[None]:
-    """After each test: nothing left pending, and every wallet's books balance."""
+    """After each test: nothing left pending, and the ledger audit finds nothing."""
     yield
     for db in list(_LIVE):
         await db.settled()
