@@ -23,6 +23,9 @@ The checks, one row each in the report (:class:`Check`):
   (``holds.EXPIRY_SWEEP_S``): a hold falling due just after a sweep round waits one period plus
   the round's own time, and a hold locked by a settlement at that moment is skipped (it is being
   resolved anyway). A finding means no sweeper ran: the gateway is down, or its sweep fails.
+- ``unreported_holds``: no hold is still ``expired`` (released, never charged) the report grace
+  (``Settings.hold_report_grace_s``, the one setting the audit reads) plus the same allowance
+  after its expiry: by then the sweep has charged it its estimate (billing/expiry.py).
 - ``usage``: a request's charge and its hold agree. Every ``usage`` entry is keyed
   ``usage:<request id>``, on its hold's wallet, and its hold is ``posted`` for exactly minus the
   entry's amount; every ``posted`` hold has that entry (the key is unique: at most one). A
@@ -62,8 +65,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing import holds, money, payments, tables
+from billing.settings import Settings
 
 OVERDUE_ALLOWANCE_S = 2 * holds.EXPIRY_SWEEP_S
+DEFAULT_REPORT_GRACE_S = Settings().hold_report_grace_s
 FINDINGS_LISTED_MAX = 1000
 
 
@@ -74,6 +79,11 @@ class Check(enum.Enum):
     BALANCE_AFTER = ("balance_after", "balance_after = previous + amount", "ledger entries")
     RESERVED = ("reserved", "reserved = Σ pending holds", "wallets")
     OVERDUE_HOLDS = ("overdue_holds", "no pending hold past its expiry", "pending holds")
+    UNREPORTED_HOLDS = (
+        "unreported_holds",
+        "no expired hold uncharged past the report grace",
+        "expired holds",
+    )
     USAGE = ("usage", "usage entry ⇔ posted hold, same amount", "holds + usage entries")
     STRIPE = ("stripe", "each paid payment credited once; refunds, disputes", "payments + disputes")
 
@@ -144,13 +154,13 @@ async def snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             yield conn
 
 
-async def run(engine: AsyncEngine) -> Report:
+async def run(engine: AsyncEngine, *, report_grace_s: int = DEFAULT_REPORT_GRACE_S) -> Report:
     """The whole audit, read-only, in one snapshot: safe against a live database."""
     async with snapshot(engine) as conn:
-        return await check(conn)
+        return await check(conn, report_grace_s=report_grace_s)
 
 
-async def check(conn: AsyncConnection) -> Report:
+async def check(conn: AsyncConnection, *, report_grace_s: int = DEFAULT_REPORT_GRACE_S) -> Report:
     """Every check, in ``conn``'s transaction (see the module's sharp edges)."""
     at = (await conn.execute(sa.text("SELECT now()"))).scalar_one()
     return Report(
@@ -160,6 +170,7 @@ async def check(conn: AsyncConnection) -> Report:
             await _balance_after(conn),
             await _reserved(conn),
             await _overdue_holds(conn),
+            await _unreported_holds(conn, report_grace_s),
             await _usage(conn),
             await _stripe(conn),
         ),
@@ -291,6 +302,35 @@ async def _overdue_holds(conn: AsyncConnection) -> CheckResult:
     ]
     checked = await _count(conn, "SELECT count(*) FROM holds WHERE state = 'pending'")
     return _result(Check.OVERDUE_HOLDS, checked, mismatches, findings)
+
+
+async def _unreported_holds(conn: AsyncConnection, report_grace_s: int) -> CheckResult:
+    due_s = report_grace_s + OVERDUE_ALLOWANCE_S
+    mismatches, rows = await _mismatching(
+        conn,
+        """
+        SELECT wallet_id, request_id, amount_nano, resolved_at,
+               floor(extract(epoch FROM now() - resolved_at))::bigint AS expired_s,
+               count(*) OVER () AS mismatches
+          FROM holds
+         WHERE state = 'expired' AND resolved_at <= now() - make_interval(secs => :due_s)
+         ORDER BY resolved_at, request_id
+         LIMIT :listed_max
+        """,
+        due_s=due_s,
+    )
+    findings = [
+        Finding(
+            Check.UNREPORTED_HOLDS,
+            row.wallet_id,
+            f"hold {row.request_id}",
+            f"charged its estimate within {due_s:g} s of its expiry at {row.resolved_at.isoformat()}",
+            f"still expired and uncharged {row.expired_s} s after it ({_usd(row.amount_nano)})",
+        )
+        for row in rows
+    ]
+    checked = await _count(conn, "SELECT count(*) FROM holds WHERE state = 'expired'")
+    return _result(Check.UNREPORTED_HOLDS, checked, mismatches, findings)
 
 
 # The key SETTLE_SQL (and its batch form) gives a request's charge: 'usage:' || request id.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -211,7 +212,9 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
     if args.command == "audit":
         from billing import audit  # noqa: PLC0415 (a command imports only what it runs)
 
-        report = _on_database(settings, audit.run)
+        report = _on_database(
+            settings, functools.partial(audit.run, report_grace_s=settings.hold_report_grace_s)
+        )
         print(admin_commands.audit_json(report) if args.json else admin_commands.audit_table(report))
         return 0 if report.clean else EXIT_AUDIT_MISMATCH
     if args.command == "usage":

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import audit, database, holds, ledger, payments, topups, wallets
+from billing import audit, database, expiry, holds, ledger, payments, topups, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +199,7 @@ async def test_a_ledger_written_by_the_code_passes_every_check(
         audit.Check.BALANCE_AFTER: 11,
         audit.Check.RESERVED: 3,
         audit.Check.OVERDUE_HOLDS: 1,
+        audit.Check.UNREPORTED_HOLDS: 1,  # "expired", released and not yet past the grace
         audit.Check.USAGE: 6 + 3,
         audit.Check.STRIPE: 3 + 2,  # pi_bob, pi_carol, pi_x; dp_won, dp_open
     }
@@ -268,6 +269,48 @@ async def test_a_pending_hold_left_past_its_expiry(migrated_engine: AsyncEngine,
     assert await findings(migrated_engine) == {("overdue_holds", books.alice, "hold pending")}
     [finding] = (await audit.run(migrated_engine)).findings
     assert finding.found.startswith("still pending ") and finding.found.endswith("reserving 0.002000 USD")
+
+
+async def test_an_expired_hold_left_uncharged_past_the_report_grace(
+    migrated_engine: AsyncEngine, books: Books
+) -> None:
+    """Released at its expiry, then the sweep must charge it its estimate within the grace period
+    (billing/expiry.py); one still uncharged after that means no sweep charged it."""
+    async with migrated_engine.begin() as conn:
+        refusal = await holds.place(
+            conn,
+            request_id="never-reported",
+            wallet_id=books.alice,
+            key_id=(
+                await conn.execute(
+                    sa.text("SELECT id FROM api_keys WHERE wallet_id = :w"), {"w": books.alice}
+                )
+            )
+            .scalars()
+            .first(),
+            model="gpt-4o-mini",
+            amount_nano=1_000,
+            ttl_s=0,
+            strict=False,
+        )
+        assert refusal is None
+        assert await holds.expire_due(conn) >= 1
+    grace_s = 60
+    assert ("unreported_holds", books.alice, "hold never-reported") not in await findings(migrated_engine)
+    await execute(
+        migrated_engine,
+        "UPDATE holds SET resolved_at = now() - make_interval(secs => :s) "
+        "WHERE request_id = 'never-reported'",
+        s=grace_s + audit.OVERDUE_ALLOWANCE_S + 1,
+    )
+    report = await audit.run(migrated_engine, report_grace_s=grace_s)
+    assert [(f.check, f.subject) for f in report.findings] == [
+        (audit.Check.UNREPORTED_HOLDS, "hold never-reported")
+    ]
+    assert (await audit.run(migrated_engine, report_grace_s=grace_s * 100)).clean
+    async with migrated_engine.begin() as conn:
+        assert await expiry.charge_unreported(conn, report_grace_s=grace_s) == 1
+    assert (await audit.run(migrated_engine, report_grace_s=grace_s)).clean
 
 
 @pytest.mark.parametrize(
