@@ -11,7 +11,9 @@ an entry delivered twice charges once.
 Policy (docs/architecture.md): a 2xx whose answer finished with a valid usage object is charged
 its exact price; any other 2xx (the client hung up before the terminal event, the backend cut
 the stream or sent no usage, the usage object is invalid) is charged the hold — the worst-case
-estimate — and says so in the entry's details; any other status is voided.
+estimate — and says so in the entry's details; so is a request the backend received whose answer
+Envoy cut (the client left before the first byte: status 0; Envoy's route or idle timeout: UT, SI),
+whatever its status; any other status is voided (docs/decisions/0031-aborted-streams-pay-the-hold.md).
 
 Trust (docs/decisions/0002-only-envoy-reports-usage.md): only Envoy reports usage. A stream is
 read only if its gRPC initial metadata carries the access-log secret Envoy was configured with
@@ -56,9 +58,9 @@ class FinishedRequest:
     model: str
     usage: usage_mod.Usage | None  # None: charge the hold (a 2xx) or void (any other status)
     wallet_id: str = ""  # known when the Check admitted it: a settlement batch's lock order
-    # The backend was asked but its answer never reached the client: the client left before the
-    # first byte (status 0), or Envoy gave up waiting (upstream timeout, 504). The provider bills
-    # the work all the same, so this is an unfinished answer (the hold), not a failure (void).
+    # The backend was asked but Envoy cut its answer: the client left before the first byte
+    # (status 0), or Envoy's route or idle timeout ended it (UT, SI). The provider bills the
+    # work all the same, so this is an unfinished answer (the hold), not a failure (void).
     cut: bool = False
 
 
@@ -75,7 +77,9 @@ def finished_request(entry: accesslog_pb2.HTTPAccessLogEntry) -> FinishedRequest
         status,
         authz=None if authz is None else (lambda name: authz[name] if name in authz.fields else None),
         usage=None if usage is None else (lambda name: usage[name] if name in usage.fields else None),
-        cut=(status == 0 and reached) or common.response_flags.upstream_request_timeout,
+        cut=(status == 0 and reached)
+        or common.response_flags.upstream_request_timeout
+        or common.response_flags.stream_idle_timeout,
     )
 
 
@@ -97,7 +101,7 @@ def finished_request_from_json(line: Mapping[str, Any]) -> FinishedRequest | Non
         status,
         authz=authz.get if isinstance(authz, dict) else None,
         usage=usage.get if isinstance(usage, dict) else None,
-        cut=(status == 0 and reached) or "UT" in flags.split(","),
+        cut=(status == 0 and reached) or bool({"UT", "SI"} & set(flags.split(","))),
     )
 
 
@@ -232,7 +236,9 @@ class Settler:
             return holds.Resolution.POST_ESTIMATE, {
                 "status": done.status,
                 "usage_source": "hold_estimate",
-                "unfinished": "no_answer_from_the_backend",
+                # Status 0: the client left before the answer's first byte; else Envoy's timeout
+                # ended the answer (before its first byte: 504; or mid-stream).
+                "unfinished": "client_left_before_the_answer" if done.status == 0 else "upstream_timeout",
             }
         if not 200 <= done.status < 300:
             return holds.Resolution.VOID, {"status": done.status}

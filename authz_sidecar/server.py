@@ -49,8 +49,7 @@ from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
-EXPIRY_SWEEP_S = 5.0
-# How long stopping waits for the last round of the access-log file (the database may be down).
+# How long stopping waits for the last rounds of the access-log file (the database may be down).
 LAST_FILE_ROUND_S = 5.0
 
 
@@ -203,7 +202,17 @@ class Sidecar:
                     metrics.holds_pending.set(await holds.outstanding(conn))
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
-            await asyncio.sleep(EXPIRY_SWEEP_S)
+            await asyncio.sleep(holds.EXPIRY_SWEEP_S)
+
+    @staticmethod
+    async def _last_file_rounds(file_log: access_log_file.Follower) -> None:
+        """Settle the access-log file to its end before stopping: in a pod its volume goes with
+        the pod. Envoy writes the file every ``FILE_FLUSH_INTERVAL_MS``, so rounds go on until
+        two of those have passed and a round finds nothing new."""
+        loop = asyncio.get_running_loop()
+        flushed_by = loop.time() + 2 * envoy_config.FILE_FLUSH_INTERVAL_MS / 1000
+        while await file_log.follow_once() or loop.time() < flushed_by:
+            await asyncio.sleep(access_log_file.FOLLOW_INTERVAL_S / 10)
 
     async def stop(self) -> None:
         """Stop taking work, settle what was received, then close everything."""
@@ -222,12 +231,10 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._file_follower
         if self._file_log is not None:
-            # A last round: what Envoy logged while the gRPC stream was closing is settled now,
-            # not by the next sidecar.
             try:
-                await asyncio.wait_for(self._file_log.follow_once(), LAST_FILE_ROUND_S)
+                await asyncio.wait_for(self._last_file_rounds(self._file_log), LAST_FILE_ROUND_S)
             except Exception as exc:  # noqa: BLE001 (the next sidecar resumes from the saved offset)
-                logger.warning("last round of the access-log file failed: %r", exc)
+                logger.warning("last rounds of the access-log file failed: %r", exc)
             self._file_log.close()
         if self._sweeper is not None:
             self._sweeper.cancel()

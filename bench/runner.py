@@ -54,7 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import contract, envoy_config
 from bench import body_decode, loadgen, procstat, sidecar_steps, workload
-from billing import api_keys, database, ledger, pricing, wallets
+from billing import api_keys, audit, database, pricing, wallets
 from billing.settings import Settings
 from billing.usage import Format
 from billingproxy.devstack import envoy_process
@@ -334,7 +334,7 @@ class Bench:
         await self.lua_baseline.start()
         # The same billed gateway with ext_authz's other flavour (the gRPC Check, same sidecar):
         # BILLINGPROXY_CHECK_TRANSPORT measured against the default in the same run.
-        grpc_settings = settings.replace(check_transport="grpc", gateway_port=free_port())
+        grpc_settings = self._side_envoy_settings("grpc-check").replace(check_transport="grpc")
         self.say(f"  starting a billed Envoy with the gRPC Check on :{grpc_settings.gateway_port}…")
         self.grpc_check = envoy_process.EnvoyProcess(
             envoy_config.render_yaml(
@@ -344,6 +344,7 @@ class Bench:
             ),
             base_id=None,
             log_path=settings.data_dir / "run" / "envoy-grpc-check.log",
+            file_flush_interval_ms=envoy_config.FILE_FLUSH_INTERVAL_MS,
         )
         await self.grpc_check.start()
         self.grpc_check_url = f"http://127.0.0.1:{grpc_settings.gateway_port}"
@@ -362,8 +363,8 @@ class Bench:
 
     def _baseline_envoy(self, name: str, *, lua: bool, what: str) -> tuple[envoy_process.EnvoyProcess, str]:
         """A baseline Envoy (see ``baseline_config``) on a free port, not started yet, and its URL."""
-        settings = self.stack.settings.replace(gateway_port=free_port())
-        run_dir = settings.data_dir.absolute() / "run"
+        settings = self._side_envoy_settings(name)
+        run_dir = self.stack.settings.data_dir.absolute() / "run"
         config = baseline_config(
             settings,
             backend_url=self.stack.backend_url,
@@ -372,9 +373,21 @@ class Bench:
         )
         self.say(f"  starting {what} on :{settings.gateway_port}…")
         process = envoy_process.EnvoyProcess(
-            yaml.safe_dump(config, sort_keys=False), base_id=None, log_path=run_dir / f"envoy-{name}.log"
+            yaml.safe_dump(config, sort_keys=False),
+            base_id=None,
+            log_path=run_dir / f"envoy-{name}.log",
+            file_flush_interval_ms=envoy_config.FILE_FLUSH_INTERVAL_MS,
         )
         return process, f"http://127.0.0.1:{settings.gateway_port}"
+
+    def _side_envoy_settings(self, name: str) -> Settings:
+        """The stack's settings for another Envoy beside it: a free port, and a data dir of its
+        own, so its JSON access-log file is its own (the stack's sidecar follows and rotates only
+        the stack Envoy's, and asks only that Envoy to reopen it)."""
+        data_dir = self.stack.settings.data_dir.absolute() / "side-envoys" / name
+        settings = self.stack.settings.replace(gateway_port=free_port(), data_dir=data_dir)
+        settings.access_log_path.parent.mkdir(parents=True, exist_ok=True)
+        return settings
 
     async def stop(self) -> None:
         if self._engine is not None:
@@ -745,7 +758,7 @@ class Bench:
                     )
                 ).all()
             )
-            problems = await ledger.check_invariants(conn)
+        problems = (await audit.run(self.engine)).findings
         ok_ids, other_ids = set(self.billed_ids_ok), set(self.billed_ids_other)
         charged = {key.removeprefix("usage:") for key, _ in usage}
         amounts: dict[str, int] = {}
@@ -771,7 +784,7 @@ class Bench:
             "pending_holds_of_refused_requests": len(pending & other_ids),
             "expected_cost_nano": expected_cost,
             "charged_amounts_nano": amounts,
-            "invariant_violations": [f"{p.wallet_id}: {p.what}" for p in problems],
+            "invariant_violations": [str(p) for p in problems],
             "settled_within_s": None if settled_in is None else round(settled_in, 3),
         }
         result["charged_exactly_once"] = (

@@ -4,7 +4,7 @@ TigerBeetle's rules, kept here: the caller names the change before submitting it
 (``usage:<request-id>``, ``signup:<wallet>``, ``stripe:<payment_intent>``…); submitting the same
 key again answers with the first result and changes nothing; the same key with different contents
 is its own error (:class:`IdempotencyConflict`). The wallet's balance moves in the same
-transaction as its entry, so ``balance = Σ entries`` always holds (see :func:`check_invariants`).
+transaction as its entry, so ``balance = Σ entries`` always holds (:mod:`billing.audit` checks it).
 
 Sharp edge: this module is one of two writers of ``ledger_entries``. Grants, credits and Stripe's
 entries come through :func:`post_entry`; a request's ``usage:<request id>`` entry is written by
@@ -12,7 +12,7 @@ the settlement statement itself (``billing.holds.SETTLE_SQL`` and its batch form
 ``billing.hold_batches``), because the hold, the wallet and the entry must change in one statement
 on the hot path: one round trip, the wallet row locked for that statement only. Those statements
 keep this module's rules — the entry's unique key, the balance after it, no entry without the
-money moving — and :func:`check_invariants` checks both writers alike.
+money moving — and :mod:`billing.audit` checks both writers alike.
 """
 
 from __future__ import annotations
@@ -176,39 +176,3 @@ async def entries_after(
         .limit(limit)
     )
     return [_entry(row, created=False) for row in (await conn.execute(query)).all()]
-
-
-@dataclasses.dataclass(frozen=True)
-class InvariantViolation:
-    wallet_id: str
-    what: str
-
-
-async def check_invariants(conn: AsyncConnection) -> list[InvariantViolation]:
-    """Wallets whose balance differs from the sum of their entries, or whose reservations
-    differ from the sum of their pending holds. An empty list means the books balance."""
-    rows = await conn.execute(
-        sa.text(
-            """
-            SELECT w.id,
-                   w.balance_nano,
-                   COALESCE((SELECT sum(amount_nano) FROM ledger_entries e
-                              WHERE e.wallet_id = w.id), 0) AS entries_sum,
-                   w.reserved_nano,
-                   COALESCE((SELECT sum(amount_nano) FROM holds h
-                              WHERE h.wallet_id = w.id AND h.state = 'pending'), 0) AS holds_sum
-              FROM wallets w
-            """
-        )
-    )
-    problems = []
-    for row in rows:
-        if row.balance_nano != row.entries_sum:
-            problems.append(
-                InvariantViolation(row.id, f"balance {row.balance_nano} != Σ entries {row.entries_sum}")
-            )
-        if row.reserved_nano != row.holds_sum:
-            problems.append(
-                InvariantViolation(row.id, f"reserved {row.reserved_nano} != Σ pending holds {row.holds_sum}")
-            )
-    return problems

@@ -19,6 +19,8 @@ How it stays right whatever Stripe delivers (duplicates, retries, concurrency, a
    for the part not yet debited, ``dispute:<id>``, and ``dispute_won:<id>`` when it comes back.
    The payment row is locked meanwhile, so two events of one payment apply one after the other.
 
+:mod:`billing.audit` checks that the ledger agrees with these facts (its ``stripe`` check).
+
 Effects wait for the credit: a refund or a dispute seen before its payment's checkout event is
 kept as a fact and applied when the credit lands, so we never debit a payment we never credited,
 and the end state is the same in every order.
@@ -64,6 +66,16 @@ DISPUTE_REVERSED = frozenset({"won", "warning_closed", "prevented"})
 def credit_key(payment_intent: str) -> str:
     """The idempotency key of a payment's credit: a payment is credited once, whatever comes."""
     return f"stripe:{payment_intent}"
+
+
+def dispute_debit_key(dispute_id: str) -> str:
+    """The idempotency key of a dispute's debit: every dispute of a credited payment has one."""
+    return f"dispute:{dispute_id}"
+
+
+def dispute_reversal_key(dispute_id: str) -> str:
+    """The idempotency key of the money a dispute gave back (a status in :data:`DISPUTE_REVERSED`)."""
+    return f"dispute_won:{dispute_id}"
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -411,7 +423,7 @@ async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str
     mine = [
         e
         for e in applied.created
-        if e.idempotency_key in (f"dispute:{dispute_id}", f"dispute_won:{dispute_id}")
+        if e.idempotency_key in (dispute_debit_key(dispute_id), dispute_reversal_key(dispute_id))
     ]
     if any(e.kind == "dispute_reversal" for e in mine):
         outcome = "dispute_reversed"
@@ -491,7 +503,7 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
                 wallet_id=p.wallet_id,
                 kind="dispute",
                 amount_nano=-dispute.amount_nano,
-                idempotency_key=f"dispute:{dispute.id}",
+                idempotency_key=dispute_debit_key(dispute.id),
                 details=details,
             )
         )
@@ -502,7 +514,7 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
                     wallet_id=p.wallet_id,
                     kind="dispute_reversal",
                     amount_nano=dispute.amount_nano,
-                    idempotency_key=f"dispute_won:{dispute.id}",
+                    idempotency_key=dispute_reversal_key(dispute.id),
                     details={**details, "status": dispute.status},
                 )
             )
@@ -510,9 +522,10 @@ async def _apply(conn: AsyncConnection, payment_intent: str) -> _Applied:
     return applied
 
 
-def _has_open_dispute(wallet_id: sa.ColumnElement[str] | str) -> sa.Exists:
+def has_open_dispute(wallet_id: sa.ColumnElement[str] | str) -> sa.Exists:
     """EXISTS an open dispute on a credited payment of the wallet (a dispute on a payment we never
-    credited waits, like its debit)."""
+    credited waits, like its debit). What ``wallets.disputed`` must equal; :mod:`billing.audit`
+    checks it."""
     d, p = tables.stripe_disputes, tables.stripe_payments
     return (
         sa.select(d.c.id)
@@ -533,69 +546,9 @@ async def _sync_disputed(conn: AsyncConnection, wallet_id: str) -> None:
     # an earlier holder, and a later holder recomputes after us, so disputes of two payments of
     # one wallet changing at once cannot leave the flag stale.
     await conn.execute(sa.select(w.c.id).where(w.c.id == wallet_id).with_for_update(key_share=True))
-    has_open = _has_open_dispute(wallet_id)
+    has_open = has_open_dispute(wallet_id)
     await conn.execute(
         sa.update(w)
         .where(w.c.id == wallet_id, w.c.disputed != has_open)
         .values(disputed=has_open, updated_at=sa.func.now())
     )
-
-
-# --- invariants ----------------------------------------------------------------------------------
-
-
-async def check_invariants(conn: AsyncConnection) -> list[str]:
-    """Disagreements between Stripe's facts and the ledger. Empty when the books agree."""
-    problems: list[str] = []
-    le = tables.ledger_entries
-    payments = (await conn.execute(sa.select(tables.stripe_payments))).all()
-    for p in payments:
-        keyed = {
-            e.idempotency_key: e
-            for e in (
-                await conn.execute(
-                    sa.select(le).where(le.c.details["payment_intent"].astext == p.payment_intent)
-                )
-            ).all()
-        }
-        credit = keyed.get(credit_key(p.payment_intent))
-        credited = p.paid and p.wallet_id is not None
-        if credited != (credit is not None):
-            problems.append(
-                f"{p.payment_intent}: paid={p.paid} wallet={p.wallet_id} but credit entry {credit!r}"
-            )
-            continue
-        if not credited:
-            continue
-        assert credit is not None  # credited, so it has its entry (checked above)
-        if credit.amount_nano != p.amount_nano:
-            problems.append(f"{p.payment_intent}: credited {credit.amount_nano}, paid {p.amount_nano}")
-        refunds = -sum(e.amount_nano for e in keyed.values() if e.kind == "refund")
-        if not refunds == p.refund_applied_nano == p.refunded_nano:
-            problems.append(f"{p.payment_intent}: refunded {p.refunded_nano}, debited {refunds}")
-        disputes = (
-            await conn.execute(
-                sa.select(tables.stripe_disputes).where(
-                    tables.stripe_disputes.c.payment_intent == p.payment_intent
-                )
-            )
-        ).all()
-        for d in disputes:
-            debit, reversal = keyed.get(f"dispute:{d.id}"), keyed.get(f"dispute_won:{d.id}")
-            if debit is None or debit.amount_nano != -d.amount_nano:
-                problems.append(f"{d.id}: disputed {d.amount_nano}, debit {debit!r}")
-            if (d.status in DISPUTE_REVERSED) != (reversal is not None):
-                problems.append(f"{d.id}: status {d.status}, reversal {reversal!r}")
-    # wallets.disputed is exactly "has an open dispute", on every wallet (``suspended`` is not ours).
-    w = tables.wallets
-    has_open = _has_open_dispute(w.c.id)
-    rows = await conn.execute(
-        sa.select(w.c.id, w.c.disputed, has_open.label("has_open"))
-        .where(w.c.disputed != has_open)
-        .order_by(w.c.id)
-    )
-    for row in rows.all():
-        problems.append(
-            f"{row.id}: disputed={row.disputed}, but {'a' if row.has_open else 'no'} dispute is open"
-        )
-    return problems

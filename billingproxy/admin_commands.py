@@ -1,17 +1,20 @@
-"""Admin commands over the database: show and credit wallets, issue and revoke keys, list usage.
+"""Admin commands over the database: show and credit wallets, issue and revoke keys, list usage,
+and the text of the ledger audit's report.
 
 Each command is an async function that takes a connection and returns the text to print, so the
 CLI stays a thin parser and tests call these directly. Errors are :class:`AdminError` with a
-message meant for the person at the terminal.
+message meant for the person at the terminal. The audit is the exception: it opens its own
+read-only snapshot (``billing.audit.run``), so only its report's text is here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, errors, ledger, money, wallets
+from billing import api_keys, audit, errors, ledger, money, wallets
 
 
 class AdminError(errors.UserFacingError):
@@ -149,3 +152,55 @@ async def usage(conn: AsyncConnection, ref: str, limit: int) -> str:
     if not rows:
         return f"{wallet.id}: no ledger entries"
     return table(["ID", "TIME (UTC)", "KIND", "AMOUNT_USD", "BALANCE_USD", "WHAT"], rows)
+
+
+def audit_table(report: audit.Report) -> str:
+    """The audit as a person reads it: a row per check, a line per finding, and the verdict."""
+    rows = [
+        [r.check.label, r.check.rule, f"{r.checked} {r.check.counted}", str(r.mismatches)]
+        for r in report.results
+    ]
+    lines = [table(["CHECK", "RULE", "CHECKED", "MISMATCHES"], rows)]
+    findings = report.findings
+    mismatches = sum(r.mismatches for r in report.results)
+    if findings:
+        lines += ["", *(str(finding) for finding in findings)]
+    if mismatches > len(findings):
+        lines.append(
+            f"… and {mismatches - len(findings)} more (at most {audit.FINDINGS_LISTED_MAX} listed per check)"
+        )
+    verdict = "the books are clean" if report.clean else f"{mismatches} mismatch(es)"
+    lines += ["", f"snapshot of {report.at.isoformat()}: {verdict}"]
+    return "\n".join(lines)
+
+
+def audit_json(report: audit.Report) -> str:
+    """The same report for a program: ``clean``, one object per check and per finding."""
+    return json.dumps(
+        {
+            "at": report.at.isoformat(),
+            "clean": report.clean,
+            "checks": [
+                {
+                    "check": r.check.label,
+                    "rule": r.check.rule,
+                    "checked": r.checked,
+                    "counted": r.check.counted,
+                    "mismatches": r.mismatches,
+                }
+                for r in report.results
+            ],
+            "findings": [
+                {
+                    "check": f.check.label,
+                    "wallet_id": f.wallet_id,
+                    "subject": f.subject,
+                    "expected": f.expected,
+                    "found": f.found,
+                }
+                for f in report.findings
+            ],
+        },
+        indent=2,
+        ensure_ascii=False,
+    )

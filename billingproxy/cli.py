@@ -1,22 +1,30 @@
 """The ``billingproxy`` command. ``main(argv)`` parses and dispatches; the work lives elsewhere.
 
 Every failure a person can cause or fix (bad setting, database down, port taken, unknown wallet)
-ends as one line on stderr and exit status 2, never a traceback.
+ends as one line on stderr and exit status 2, never a traceback. Status 1 is a finding, not a
+failure: a probe that found the pod unhealthy, an audit that found the books broken.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import database, errors, pricing, settings as settings_mod
 from billingproxy import probe
 
 EXIT_USAGE = 2
 EXIT_PROBE_FAILED = 1
+EXIT_AUDIT_MISMATCH = 1
+
+T = TypeVar("T")
 
 
 class CommandError(errors.UserFacingError):
@@ -101,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         "other lines are skipped), or - for stdin",
     )
 
+    auditing = sub.add_parser(
+        "audit",
+        help="check every wallet's books, read-only in one snapshot (safe on a live database); "
+        "exit 1 on any mismatch",
+    )
+    auditing.add_argument("--json", action="store_true", help="print the report as JSON")
+
     usage = sub.add_parser("usage", help="ledger entries of a wallet, newest first")
     usage.add_argument("wallet", help="wallet id (wal_…) or owner email")
     usage.add_argument("--limit", type=int, default=20, help="entries to show (default 20)")
@@ -121,19 +136,27 @@ def _database_url(settings: settings_mod.Settings) -> str:
     return url
 
 
+def _on_database(settings: settings_mod.Settings, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run ``work`` with an engine of one connection over the command's database."""
+    url = _database_url(settings)
+
+    async def go() -> T:
+        engine = database.create_engine(url, pool_size=1)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
 def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[settings_mod.Settings], int]:
     def run(settings: settings_mod.Settings) -> int:
-        url = _database_url(settings)
+        async def in_transaction(engine: AsyncEngine) -> str:
+            async with engine.begin() as conn:
+                return await command(conn, *args)
 
-        async def go() -> str:
-            engine = database.create_engine(url, pool_size=1)
-            try:
-                async with engine.begin() as conn:
-                    return await command(conn, *args)
-            finally:
-                await engine.dispose()
-
-        print(asyncio.run(go()))
+        print(_on_database(settings, in_transaction))
         return 0
 
     return run
@@ -186,6 +209,14 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         prices = pricing.load(settings.price_overrides_path, settings.markup_percent)
         print(asyncio.run(reconcile.reconcile(_database_url(settings), prices, lines)))
         return 0
+    if args.command == "audit":
+        from billing import audit  # noqa: PLC0415 (a command imports only what it runs)
+
+        report = _on_database(
+            settings, functools.partial(audit.run, report_grace_s=settings.hold_report_grace_s)
+        )
+        print(admin_commands.audit_json(report) if args.json else admin_commands.audit_table(report))
+        return 0 if report.clean else EXIT_AUDIT_MISMATCH
     if args.command == "usage":
         if not 1 <= args.limit <= 1000:
             raise CommandError("--limit must be between 1 and 1000")

@@ -304,7 +304,9 @@ class Stack:
         self._spawn_sidecar()
         await self._wait_http(SIDECAR, self._sidecar_readyz)
         self._sidecar_ready = True
-        self._supervisor = asyncio.create_task(self._supervise_sidecar(), name="sidecar-supervisor")
+        self._supervisor = asyncio.create_task(
+            self._supervise_sidecar(), name=f"sidecar-supervisor:{s.admin_port}"
+        )
 
         self._say(f"starting Envoy on {s.bind_host}:{s.gateway_port}…")
         config = envoy_config.render_yaml(s, backend_url=self.backend_url)

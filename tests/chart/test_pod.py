@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from support import chart, kubelet
 
+from authz_sidecar import envoy_config
+from billing import settings as settings_mod
 from billingproxy.devstack import envoy_process
 
 DATA_DIR = "/var/lib/billingproxy"
@@ -52,6 +54,28 @@ def test_the_sidecar_gets_the_environment_the_config_was_rendered_from() -> None
         "20",
     ]
     assert pod["terminationGracePeriodSeconds"] == 35
+
+
+@pytest.mark.parametrize("rendering", ["required", "full"])
+def test_envoy_and_the_sidecar_share_the_access_log_volume(rendering: str) -> None:
+    """Envoy appends its JSON access log where the sidecar's settings say it is, on a volume
+    both containers mount, flushed as often as the local stack's Envoy."""
+    docs = chart.render(rendering)
+    pod = chart.find(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    envoy = next(c for c in pod["containers"] if c["name"] == "envoy")
+    sidecar = next(c for c in pod["containers"] if c["name"] == "sidecar")
+    env = {item["name"]: item["value"] for item in sidecar["env"] if "value" in item}
+    env.pop("BILLINGPROXY_PRICE_OVERRIDES", None)  # a file in the pod, not here
+    settings = settings_mod.from_env(env)
+    folder = str(settings.access_log_path.parent)
+    assert folder == f"{DATA_DIR}/access-log"
+    for container in (envoy, sidecar):
+        assert {"name": "access-log", "mountPath": folder} in container["volumeMounts"], container["name"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "access-log"]
+    assert volume["emptyDir"]["sizeLimit"]  # a bound on the disk it may take
+    flush = envoy["args"].index("--file-flush-interval-msec")
+    assert envoy["args"][flush + 1] == str(envoy_config.FILE_FLUSH_INTERVAL_MS)
+    assert settings.access_log_rotate_bytes == 64 * 1024 * 1024
 
 
 def test_the_migration_job_is_a_hook_running_migrate() -> None:

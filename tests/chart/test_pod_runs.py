@@ -69,7 +69,9 @@ async def backend_url() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _values(database_url: str, backend_url: str, gateway_port: int, metrics_port: int) -> dict[str, Any]:
+def _values(
+    database_url: str, backend_url: str, gateway_port: int, metrics_port: int, grpc_log: bool
+) -> dict[str, Any]:
     return {
         "database": {"url": database_url},
         "backend": {"url": backend_url, "apiKey": BACKEND_API_KEY},
@@ -88,6 +90,8 @@ def _values(database_url: str, backend_url: str, gateway_port: int, metrics_port
             **{name: _free_port() for name in ("API_PORT", "GRPC_PORT", "CHECK_PORT", "ADMIN_PORT")},
             # The demo backend's test controls (the in-flight request's delay).
             "UPSTREAM_HEADERS": "x-demo-*",
+            # Off: only the access-log file on the pod's shared volume reports usage.
+            "ACCESS_LOG_GRPC": str(grpc_log).lower(),
         },
     }
 
@@ -130,15 +134,18 @@ async def _settled_balance(client: Client, key: str, expected: Decimal) -> None:
     await waiting.wait_until(reached, SETTLE_TIMEOUT_S, f"the balance {expected}")
 
 
+@pytest.mark.parametrize("grpc_log", [True, False], ids=["grpc-and-file-log", "file-log-only"])
 async def test_the_rendered_pod_runs_bills_and_drains(
-    fresh_database_url: str, backend_url: str, tmp_path_factory: pytest.TempPathFactory
+    grpc_log: bool, fresh_database_url: str, backend_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """With the gRPC access log off, every charge (the in-flight request's at the stop included)
+    comes from the access-log file Envoy writes on the volume the two containers share."""
     # A short folder: Envoy's admin socket path under it must fit a Unix socket's 107 bytes.
     folder = tmp_path_factory.mktemp("pod")
     gateway_port, metrics_port = _free_port(), _free_port()
     values_file = folder / "values.yaml"
     values_file.write_text(
-        yaml.safe_dump(_values(fresh_database_url, backend_url, gateway_port, metrics_port))
+        yaml.safe_dump(_values(fresh_database_url, backend_url, gateway_port, metrics_port, grpc_log))
     )
     docs = chart.render("required", values_file)
     images = chart.local_images()

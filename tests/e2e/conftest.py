@@ -7,7 +7,7 @@ be imported): ``launch_stack`` / ``launch_database`` start things, ``wait_until`
 :class:`Database` reads balances, ledgers, holds and row counts straight from PostgreSQL.
 
 After every test, each live database must have no pending hold left (every admitted request
-ends in exactly one settlement) and ``ledger.check_invariants`` must be empty.
+ends in exactly one settlement) and the ledger audit (``billing.audit``) must find nothing.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support import waiting
 
-from billing import database, ledger, tables
-from billingproxy.devstack.local_stack import Stack, free_ports_env
+from billing import audit, database, tables
+from billingproxy.devstack.local_stack import RestartPolicy, Stack, free_ports_env
 
 SETTLE_TIMEOUT_S = 15.0
 BACKEND_API_KEY = "sk-backend-credential-e2e"
+DEFAULT_RESTART_POLICY = RestartPolicy()
 
 
 @pytest.fixture(scope="session")
@@ -119,9 +120,9 @@ class Database:
             none_pending, timeout, f"settlement of every hold of {wallet_id or 'any wallet'}"
         )
 
-    async def invariants(self) -> list[ledger.InvariantViolation]:
-        async with self.engine.connect() as conn:
-            return await ledger.check_invariants(conn)
+    async def invariants(self) -> list[audit.Finding]:
+        """What the whole ledger audit finds, in its read-only snapshot (``billingproxy audit``)."""
+        return (await audit.run(self.engine)).findings
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         """``python -m billingproxy ARGS`` as a real subprocess against this database."""
@@ -140,10 +141,13 @@ class Database:
 
 
 class RunningStack:
-    """A started :class:`Stack` plus what the tests need to drive and inspect it."""
+    """A started :class:`Stack` plus what the tests need to drive and inspect it. Its fault
+    controls (``stack.kill_sidecar()``, ``stack.restart_envoy(hard=…)``, ``stack.stop_postgres()``
+    …) are the Stack's own; ``said`` holds every line the Stack said, in order."""
 
-    def __init__(self, stack: Stack, db: Database, http: aiohttp.ClientSession) -> None:
+    def __init__(self, stack: Stack, db: Database, http: aiohttp.ClientSession, said: list[str]) -> None:
         self.stack = stack
+        self.said = said
         self.settings = stack.settings
         self.db = db
         self.http = http
@@ -162,6 +166,14 @@ class RunningStack:
             body = await response.json()
             assert response.status == 201, body
         return {**body, "email": email}
+
+    async def readyz(self) -> int:
+        """The status of the sidecar's /readyz (0 when nothing answers: the sidecar is down)."""
+        try:
+            async with self.http.get(self.admin + "/readyz") as response:
+                return response.status
+        except aiohttp.ClientConnectionError:
+            return 0
 
     async def backend_last_request(self) -> dict[str, Any]:
         async with self.http.get(self.backend + "/_demo/last_request") as response:
@@ -210,24 +222,42 @@ def launch_database(new_database) -> Callable[[], contextlib.AbstractAsyncContex
 
 
 @contextlib.asynccontextmanager
-async def _running(data_dir: Path, db: Database, settings: dict[str, str]) -> AsyncIterator[RunningStack]:
-    """A Stack on free ports over ``db``; the tests' defaults, then ``settings``."""
+async def _running(
+    data_dir: Path,
+    db: Database | None,
+    settings: dict[str, str],
+    restart_policy: RestartPolicy = DEFAULT_RESTART_POLICY,
+) -> AsyncIterator[RunningStack]:
+    """A Stack on free ports over ``db`` (None: its own embedded PostgreSQL, deleted afterwards);
+    the tests' defaults, then ``settings``."""
     env = {
         **_clean_env(),
-        "DATABASE_URL": db.url,
         "BILLINGPROXY_DATA_DIR": str(data_dir),
         **free_ports_env(),
         "BILLINGPROXY_BACKEND_API_KEY": BACKEND_API_KEY,
         "BILLINGPROXY_SIGNUP_RATE_PER_MINUTE": "1000",
         **settings,
     }
-    stack = Stack(env, say=lambda message: None, durable=False)
+    if db is not None:
+        env["DATABASE_URL"] = db.url
+    said: list[str] = []
+    stack = Stack(env, say=said.append, durable=False, restart_policy=restart_policy)
     try:
         await stack.start()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            yield RunningStack(stack, db, http)
+        async with contextlib.AsyncExitStack() as cleanup:
+            if db is None:
+                db = Database(stack.database_url)
+                cleanup.push_async_callback(db.engine.dispose)
+            http = await cleanup.enter_async_context(
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+            )
+            yield RunningStack(stack, db, http, said)
     finally:
+        own_postgres = stack.embedded_postgres
         await stack.stop()
+        if own_postgres is not None:
+            # destroy, not just stop: as root the cluster may live outside pytest's tmp dir.
+            await asyncio.to_thread(own_postgres.destroy)
 
 
 @pytest.fixture(scope="session")
@@ -238,19 +268,33 @@ def launch_stack(
 
     Defaults: a fresh database (the Stack migrates it), the demo backend, a backend credential
     (``BACKEND_API_KEY``), and a signup limit high enough for the tests' own signups.
+    ``own_postgres=True``: the Stack runs its own embedded PostgreSQL instead of a database on
+    the session's server, as ``billingproxy up`` does, so ``stack.stop_postgres()`` and
+    ``start_postgres()`` work (a few seconds more to start). ``restart_policy``: the sidecar
+    supervisor's waits.
     """
 
     @contextlib.asynccontextmanager
-    async def launch(**settings: str) -> AsyncIterator[RunningStack]:
-        async with (
-            _database(new_database, migrate=False) as db,
-            _running(tmp_path_factory.mktemp("stack"), db, settings) as running,
-        ):
-            _LIVE.append(db)
+    async def launch(
+        *,
+        own_postgres: bool = False,
+        restart_policy: RestartPolicy = DEFAULT_RESTART_POLICY,
+        **settings: str,
+    ) -> AsyncIterator[RunningStack]:
+        async with contextlib.AsyncExitStack() as scope:
+            db = (
+                None
+                if own_postgres
+                else await scope.enter_async_context(_database(new_database, migrate=False))
+            )
+            running = await scope.enter_async_context(
+                _running(tmp_path_factory.mktemp("stack"), db, settings, restart_policy)
+            )
+            _LIVE.append(running.db)
             try:
                 yield running
             finally:
-                _LIVE.remove(db)
+                _LIVE.remove(running.db)
 
     return launch
 
@@ -280,7 +324,7 @@ _STRIPE_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_BA
 
 @pytest.fixture(autouse=True)
 async def books_balance() -> AsyncIterator[None]:
-    """After each test: nothing left pending, and every wallet's books balance."""
+    """After each test: nothing left pending, and the ledger audit finds nothing."""
     yield
     for db in list(_LIVE):
         await db.settled()

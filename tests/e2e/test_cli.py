@@ -1,16 +1,19 @@
 """The `billingproxy` admin commands, run as real subprocesses against a real database: clear
-tables, idempotent credits, and one-line errors with exit status 2 (never a traceback)."""
+tables, idempotent credits, the ledger audit's exit status (1 on a finding), and one-line errors
+with exit status 2 (never a traceback)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from support.access_log_lines import envoy_log_line
 
-from billing import api_keys, holds, pricing, wallets
+from billing import api_keys, audit, holds, pricing, wallets
 from billing.usage import Usage
 from billingproxy.devstack.local_stack import free_port
 
@@ -223,6 +226,73 @@ async def test_bad_settings_and_unreachable_database_are_one_line(db) -> None:
     assert_one_line_error(not_postgres, "DATABASE_URL", "postgresql://")
     down = await db.acli("wallet", "show", EMAIL, DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x")
     assert_one_line_error(down, "cannot reach the database")
+
+
+async def test_audit_of_clean_books_prints_every_check_and_exits_0(db, wallet) -> None:
+    result = await db.acli("audit")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    header, *rows = result.stdout.strip().split("\n\n")[0].splitlines()
+    assert header.split() == ["CHECK", "RULE", "CHECKED", "MISMATCHES"]
+    assert [row.split()[0] for row in rows] == [check.label for check in audit.Check]
+    assert all(row.split()[-1] == "0" for row in rows), result.stdout
+    wallets_checked = await db.scalar("SELECT count(*) FROM wallets")
+    assert rows[0].split()[-3:] == [str(wallets_checked), "wallets", "0"], rows[0]
+    assert result.stdout.strip().splitlines()[-1].endswith(": the books are clean")
+
+    as_json = await db.acli("audit", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert (report["clean"], report["findings"]) == (True, [])
+    assert [c["check"] for c in report["checks"]] == [check.label for check in audit.Check]
+
+
+async def test_audit_of_broken_books_names_each_finding_and_exits_1(launch_database) -> None:
+    async with launch_database() as broken:
+        async with broken.engine.begin() as conn:
+            owner = await wallets.signup(conn, email="audit@example.com", grant_nano=GRANT_NANO)
+            await conn.execute(
+                sa.text(
+                    "UPDATE wallets SET balance_nano = balance_nano + 1, reserved_nano = 5 WHERE id = :id"
+                ),
+                {"id": owner.wallet.id},
+            )
+        result = await broken.acli("audit")
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        table, found, verdict = result.stdout.strip().split("\n\n")
+        mismatches = {row.split()[0]: row.split()[-1] for row in table.splitlines()[1:]}
+        assert mismatches == {check.label: "0" for check in audit.Check} | {"balance": "1", "reserved": "1"}
+        assert found.splitlines() == [
+            f"{owner.wallet.id}  balance  wallet: expected balance {usd(GRANT_NANO)} USD "
+            f"(Σ of its 1 entries); found balance {usd(GRANT_NANO + 1)} USD",
+            f"{owner.wallet.id}  reserved  wallet: expected reserved 0.000000 USD "
+            "(Σ of its 0 pending holds); found reserved 0.000000005 USD",
+        ]
+        assert verdict.endswith(": 2 mismatch(es)")
+        as_json = await broken.acli("audit", "--json")
+        assert as_json.returncode == 1
+        assert [(f["check"], f["wallet_id"]) for f in json.loads(as_json.stdout)["findings"]] == [
+            ("balance", owner.wallet.id),
+            ("reserved", owner.wallet.id),
+        ]
+        # Put right, so the books check after this test finds this database clean too.
+        async with broken.engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "UPDATE wallets SET balance_nano = balance_nano - 1, reserved_nano = 0 WHERE id = :id"
+                ),
+                {"id": owner.wallet.id},
+            )
+        assert (await broken.acli("audit")).returncode == 0
+
+
+async def test_audit_without_a_reachable_database_is_one_line(db, tmp_path) -> None:
+    nowhere = await db.acli("audit", DATABASE_URL="", BILLINGPROXY_DATA_DIR=str(tmp_path))
+    assert_one_line_error(nowhere, "no database", "DATABASE_URL")
+    down = await db.acli("audit", DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x")
+    assert_one_line_error(down, "cannot reach the database")
+    not_postgres = await db.acli("audit", "--json", DATABASE_URL="mysql://root@127.0.0.1/x")
+    assert_one_line_error(not_postgres, "DATABASE_URL", "postgresql://")
 
 
 async def test_reconcile_settles_what_the_grpc_access_log_never_delivered(db, tmp_path) -> None:

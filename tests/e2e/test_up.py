@@ -1,6 +1,7 @@
 """`billingproxy up` as a person runs it: a real process tree on embedded PostgreSQL, the first
-command it prints works, Ctrl-C stops every child, a second `up` keeps the data, and a port that
-is taken is refused up front with the setting to change."""
+command it prints works, Ctrl-C stops every child, a second `up` keeps the data, a killed sidecar
+is restarted by `up` itself, and a port that is taken is refused up front with the setting to
+change."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support import processes
 
 from billingproxy.devstack.local_stack import free_ports_env
 
@@ -100,25 +102,6 @@ class Up:
             await self._reader
 
 
-def _children_of(pid: int) -> set[int]:
-    """All live descendants of ``pid`` (from /proc), so we can prove none outlives `up`."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def _postmaster_pid(data_dir: Path) -> int:
     """The embedded PostgreSQL's pid: pg_ctl detaches it, so it is no descendant of `up`. As
     root the cluster may live elsewhere, named by the pointer file
@@ -130,12 +113,18 @@ def _postmaster_pid(data_dir: Path) -> int:
     return int((cluster / "postmaster.pid").read_text().splitlines()[0])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+async def _signup_and_chat(gateway: str, email: str) -> str:
+    """The README's first two steps through ``gateway``: sign up, one chat completion (200).
+    Returns the API key."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway}/user/signup", json={"email": email}) as r:
+            assert r.status == 201, await r.text()
+            key: str = (await r.json())["api_key"]
+        headers = {"authorization": f"Bearer {key}"}
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+        async with http.post(f"{gateway}/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+    return key
 
 
 async def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
@@ -146,25 +135,18 @@ async def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> Non
         await up.wait_for_line("BillingProxy is up", START_TIMEOUT_S)
         assert any("stripe listen --forward-to" in line for line in up.lines)
         assert up.process is not None
-        children = _children_of(up.process.pid)
+        children = processes.descendants(up.process.pid)
         assert len(children) >= 4, f"expected sidecar, Envoy, demo backend, Stripe double: {children}"
         postmaster = _postmaster_pid(tmp_path / "data")
-        assert _alive(postmaster) and postmaster not in children
+        assert processes.alive(postmaster) and postmaster not in children
         children.add(postmaster)
 
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{up.gateway}/user/signup", json={"email": "up@example.com"}) as r:
-                assert r.status == 201, await r.text()
-                key = (await r.json())["api_key"]
-            headers = {"authorization": f"Bearer {key}"}
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
-            async with http.post(f"{up.gateway}/v1/chat/completions", json=body, headers=headers) as r:
-                assert r.status == 200, await r.text()
+        key = await _signup_and_chat(up.gateway, "up@example.com")
 
         assert await up.interrupt() == 0
         assert any("stopping" in line for line in up.lines)
         # Every child is gone — including PostgreSQL, which pg_ctl detached from the tree.
-        left = {pid for pid in children if _alive(pid)}
+        left = {pid for pid in children if processes.alive(pid)}
         assert not left, f"processes outlived `up`: {left}"
         assert not (tmp_path / "data" / "run" / "database_url").exists()
     finally:
@@ -186,6 +168,34 @@ async def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> Non
         assert await again.interrupt() == 0
     finally:
         await again.kill()
+
+
+async def test_up_restarts_a_killed_sidecar_by_itself(tmp_path: Path) -> None:
+    """SIGKILL the sidecar as the OOM killer would: `up` says so, starts it again after its
+    back-off, and serves; Ctrl-C then stops the new sidecar with everything else."""
+    up = Up(_env(tmp_path / "data"))
+    await up.start()
+    try:
+        await up.wait_for_line("BillingProxy is up", START_TIMEOUT_S)
+        assert up.process is not None
+        (sidecar,) = processes.sidecars_under(up.process.pid)
+        os.kill(sidecar, signal.SIGKILL)
+
+        await up.wait_for_line(
+            "the sidecar exited with status -9; restarting in 0.5 s (restart 1)", START_TIMEOUT_S
+        )
+        await up.wait_for_line("the sidecar is back and ready (restart 1)", START_TIMEOUT_S)
+        (restarted,) = processes.sidecars_under(up.process.pid)
+        assert restarted != sidecar
+        await _signup_and_chat(up.gateway, "restarted@example.com")
+
+        children = processes.descendants(up.process.pid)
+        assert await up.interrupt() == 0
+        assert not any("stopped unexpectedly" in line for line in up.lines), up.lines
+        left = {pid for pid in children if processes.alive(pid)}
+        assert not left, f"processes outlived `up`: {left}"
+    finally:
+        await up.kill()
 
 
 async def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ in every shape the settings give it, and says why when it does not."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from support.envoy_configs import DEMO_BACKEND, GEMINI, cluster, settings
@@ -39,9 +41,19 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_envoy_accepts_the_rendered_config(name: str) -> None:
+def test_envoy_accepts_the_rendered_config(name: str, tmp_path: Path) -> None:
     configured, backend_url = VARIANTS[name]
+    # Envoy opens its access-log file to validate; its folder is made by whoever runs Envoy.
+    configured = configured.replace(data_dir=tmp_path)
+    configured.access_log_path.parent.mkdir()
     envoy_process.validate(envoy_config.render_yaml(configured, backend_url=backend_url))
+
+
+def test_envoy_refuses_a_config_whose_access_log_folder_is_missing(tmp_path: Path) -> None:
+    """The file is the durable record of every request: Envoy must not start without it."""
+    configured = settings().replace(data_dir=tmp_path)
+    with pytest.raises(envoy_process.EnvoyRejectedConfig, match="access-log"):
+        envoy_process.validate(envoy_config.render_yaml(configured, backend_url=DEMO_BACKEND))
 
 
 def test_validate_reports_envoys_reason() -> None:

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import api_keys, database, hold_batches, holds, ledger, tables, wallets
+from billing import api_keys, audit, database, hold_batches, holds, ledger, tables, wallets
 from row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
@@ -56,8 +56,7 @@ async def usage(engine: AsyncEngine, wallet_id: str) -> list[tuple[str, int, int
 
 
 async def invariants(engine: AsyncEngine) -> list:
-    async with engine.connect() as conn:
-        return await ledger.check_invariants(conn)
+    return (await audit.run(engine)).findings
 
 
 @pytest.fixture(autouse=True, params=["pipelined", "set_based"])

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing import api_keys, database, hold_batches, holds, ledger, tables, wallets
+from billing import api_keys, audit, database, hold_batches, holds, ledger, tables, wallets
 from row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
@@ -103,8 +103,7 @@ async def open_account(
 
 
 async def books_balance(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        assert await ledger.check_invariants(conn) == []
+    assert (await audit.run(engine)).findings == []
 
 
 async def expire(engine: AsyncEngine) -> int:
@@ -523,7 +522,11 @@ async def test_an_existing_usage_entry_aborts_the_whole_settlement(migrated_engi
     hold = await acct.hold("r")
     assert (hold.state, hold.posted_nano, hold.resolved_at) == ("pending", None, None)
     assert [e.amount_nano for e in await acct.usage_entries()] == [-5]
-    await books_balance(migrated_engine)
+    # The books balance; only the audit's usage check names the entry no settlement wrote.
+    findings = (await audit.run(migrated_engine)).findings
+    assert [(f.check, f.subject, f.found) for f in findings] == [
+        (audit.Check.USAGE, f"entry {(await acct.usage_entries())[0].id} (usage:r)", "its hold pending")
+    ]
 
 
 async def test_settling_inside_a_callers_transaction_is_undone_with_it(migrated_engine: AsyncEngine) -> None:

@@ -618,8 +618,10 @@ async def test_port_in_use_is_named(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        configured = loopback_settings(gateway_port=port, data_dir=tmp_path)
+        configured.access_log_path.parent.mkdir()
         config = envoy_config.render_yaml(
-            loopback_settings(gateway_port=port),
+            configured,
             backend_url="http://127.0.0.1:9",
             admin_socket=tmp_path / "envoy-admin.sock",
         )
@@ -631,8 +633,10 @@ async def test_port_in_use_is_named(tmp_path: Path) -> None:
 
 
 async def test_readiness_timeout_stops_envoy(tmp_path: Path) -> None:
+    configured = loopback_settings(data_dir=tmp_path)
+    configured.access_log_path.parent.mkdir()
     config = envoy_config.render_yaml(
-        loopback_settings(), backend_url="http://127.0.0.1:9", admin_socket=tmp_path / "envoy-admin.sock"
+        configured, backend_url="http://127.0.0.1:9", admin_socket=tmp_path / "envoy-admin.sock"
     )
     envoy = envoy_process.EnvoyProcess(config, free_port(), tmp_path / "envoy.log", ready_timeout_s=0)
     with pytest.raises(envoy_process.EnvoyError, match="not ready within"):

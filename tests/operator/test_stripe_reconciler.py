@@ -87,7 +87,6 @@ async def test_a_missed_webhook_is_credited_once(
     async with engine.begin() as conn:  # the webhook turns up after all
         late = await payments.process_event(conn, event)
         assert late.outcome == "already_credited"
-        assert await payments.check_invariants(conn) == []
     assert await _balance(engine, wallet.id) == TEN_USD
     await h.books_balance(engine)
 

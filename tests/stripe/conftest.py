@@ -2,8 +2,8 @@
 it, events are signed with the real scheme), a migrated database, the sidecar's public HTTP app
 in-process, a whole gateway (`Stack`) through Envoy, and headless Chromium.
 
-After every test, each live database's books must balance (``ledger.check_invariants``) and agree
-with what Stripe told us (``payments.check_invariants``).
+After every test, the ledger audit (``billing.audit``) must find nothing in each live database:
+its books balance and agree with what Stripe told us.
 """
 
 from __future__ import annotations

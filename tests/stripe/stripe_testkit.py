@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.waiting import wait_until
 
-from billing import database, ledger, payments, settings as settings_mod, tables, wallets
+from billing import audit, database, ledger, payments, settings as settings_mod, tables, wallets
 
 SECRET_KEY = "sk_test_stripe_suite_0123456789"
 WEBHOOK_SECRET = "whsec_stripe_suite_0123456789abcdef"
@@ -75,8 +75,7 @@ class Db:
             return await payments.process_event(conn, event)
 
     async def problems(self) -> list[Any]:
-        async with self.engine.connect() as conn:
-            return [*await ledger.check_invariants(conn), *await payments.check_invariants(conn)]
+        return (await audit.run(self.engine)).findings
 
 
 def session_params(wallet_ref: str | None, cents: int = 1000, **extra: Any) -> dict[str, Any]:

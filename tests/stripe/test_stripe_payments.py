@@ -255,10 +255,15 @@ async def test_a_dispute_debits_and_holds_the_wallet_until_won(
     paid = double.complete(await new_session(wallet_id))
     pi = paid["data"]["object"]["payment_intent"]
     await db.process(paid)
-    # Spend most of it, so the dispute takes the balance below zero.
+    # Take most of it away (an adjustment: a usage entry needs its request's hold), so the
+    # dispute takes the balance below zero.
     async with db.engine.begin() as conn:
         await ledger.post_entry(
-            conn, wallet_id=wallet_id, kind="usage", amount_nano=-9 * 10**9, idempotency_key="usage:r1"
+            conn,
+            wallet_id=wallet_id,
+            kind="adjustment",
+            amount_nano=-9 * 10**9,
+            idempotency_key="adjustment:r1",
         )
 
     created = double.dispute(pi)

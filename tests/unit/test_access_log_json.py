@@ -150,6 +150,7 @@ def test_the_grpc_entry_reads_the_same_facts() -> None:
         ),  # the client left before the answer
         ({"status": 504, "flags": "UT", "upstream": "127.0.0.1:4000", "usage": None}, True),  # Envoy gave up
         ({"status": 504, "flags": "DC,UT", "upstream": "127.0.0.1:4000", "usage": None}, True),
+        ({"status": 408, "flags": "SI", "upstream": "127.0.0.1:4000", "usage": None}, True),  # idle timeout
         ({"status": 0, "upstream": "-", "usage": None}, False),  # the backend was never reached
         ({"status": 503, "flags": "UF", "upstream": "-", "usage": None}, False),
         ({"status": 500, "upstream": "127.0.0.1:4000", "usage": None}, False),  # the backend's own error
@@ -172,4 +173,9 @@ def test_a_grpc_entry_is_cut_when_the_backend_was_reached_and_nothing_came_back(
     entry.response.response_code.value = 504
     assert not finished_request(entry).cut
     entry.common_properties.response_flags.upstream_request_timeout = True
+    assert finished_request(entry).cut
+    entry.common_properties.response_flags.upstream_request_timeout = False
+    entry.response.response_code.value = 408
+    assert not finished_request(entry).cut
+    entry.common_properties.response_flags.stream_idle_timeout = True
     assert finished_request(entry).cut

@@ -99,6 +99,8 @@ is configured from exactly what the sidecar serves (docs/decisions/0021-...).
       name: {{ include "billingproxy.backendSecret" . }}
       key: {{ .Values.backend.existingSecretKey }}
 {{- end }}
+- name: BILLINGPROXY_ACCESS_LOG_ROTATE_BYTES
+  value: {{ .Values.gateway.accessLog.rotateBytes | int64 | quote }}
 - name: BILLINGPROXY_ACCESS_LOG_SECRET
   valueFrom:
     secretKeyRef:
@@ -162,6 +164,8 @@ checksum/secret: {{ dict "database" .Values.database "backend" .Values.backend "
 {{- define "billingproxy.gatewayMounts" -}}
 - name: run
   mountPath: {{ include "billingproxy.dataDir" . }}/run
+- name: access-log
+  mountPath: {{ include "billingproxy.dataDir" . }}/access-log
 - name: tmp
   mountPath: /tmp
 {{- if .Values.pricing.overrides }}
