@@ -21,7 +21,7 @@ What a client can see of one request, and what the ledger then owes (:func:`comp
 
 Then every hold of the run's wallets is resolved (posted or voided, none pending or expired),
 every request the backend saw is charged once, each wallet moved by exactly what its entries
-say, and ``billing.ledger.check_invariants`` is empty.
+say, and the ledger audit (``billing.audit``, what ``billingproxy audit`` runs) finds nothing.
 
 Sharp edge: "cut" and "lost" allow two amounts, so the books prove "once, and one of the two
 right amounts", not which of the two; the complete requests carry the exact-price proof.
@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from authz_sidecar import check
-from billing import endpoints, ledger, pricing
+from billing import audit, endpoints, pricing
 from billing.usage import Format, UnreadableUsage, Usage, parse as parse_usage
 from billingproxy.devstack import demo_backend
 
@@ -300,8 +300,13 @@ async def _read_stream(response: aiohttp.ClientResponse, usage_format: Format, s
 class Charge:
     wallet_id: str
     amount_nano: int  # what was taken from the wallet (the entry's amount, negated)
-    usage_source: str
+    usage_source: str  # "response" (the price of the reported usage) or "hold_estimate"
     created_at: float
+    unfinished: str = ""  # for an estimate, why (the entry's details: no_access_log_report, …)
+
+    @property
+    def how(self) -> str:
+        return f"{self.usage_source}: {self.unfinished}" if self.unfinished else self.usage_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,18 +326,19 @@ class LedgerView:
     other_entries: dict[str, int]  # wallet id → Σ of its entries that are not usage charges
     holds: dict[str, Hold]  # by request id
     balances: dict[str, tuple[int, int]]  # wallet id → (balance, reserved)
-    invariant_violations: list[str]
+    audit_findings: list[str]  # billing.audit's, over the whole database, in the same snapshot
 
 
-async def read_ledger(engine: AsyncEngine, wallet_ids: Iterable[str]) -> LedgerView:
+async def read_ledger(engine: AsyncEngine, wallet_ids: Iterable[str], *, report_grace_s: int) -> LedgerView:
+    """The run's wallets and the audit, in one read-only snapshot (``billing.audit.snapshot``);
+    ``report_grace_s``: the stack's BILLINGPROXY_HOLD_REPORT_GRACE_S, which the audit checks."""
     ids = {"ids": sorted(set(wallet_ids))}
-    async with engine.connect() as conn:
-        await conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+    async with audit.snapshot(engine) as conn:
         entries = (
             await conn.execute(
                 sa.text(
                     "SELECT wallet_id, idempotency_key, kind, amount_nano, "
-                    "details->>'usage_source' AS source, created_at "
+                    "details->>'usage_source' AS source, details->>'unfinished' AS unfinished, created_at "
                     "FROM ledger_entries WHERE wallet_id = ANY(:ids)"
                 ),
                 ids,
@@ -352,13 +358,17 @@ async def read_ledger(engine: AsyncEngine, wallet_ids: Iterable[str]) -> LedgerV
                 sa.text("SELECT id, balance_nano, reserved_nano FROM wallets WHERE id = ANY(:ids)"), ids
             )
         ).all()
-        problems = [f"{p.wallet_id}: {p.what}" for p in await ledger.check_invariants(conn)]
+        report = await audit.check(conn, report_grace_s=report_grace_s)
     charges: dict[str, Charge] = {}
     other: Counter[str] = Counter()
     for row in entries:
         if row.kind == "usage" and row.idempotency_key.startswith("usage:"):
             charges[row.idempotency_key.removeprefix("usage:")] = Charge(
-                row.wallet_id, -row.amount_nano, row.source or "", row.created_at.timestamp()
+                row.wallet_id,
+                -row.amount_nano,
+                row.source or "",
+                row.created_at.timestamp(),
+                row.unfinished or "",
             )
         else:
             other[row.wallet_id] += row.amount_nano
@@ -376,7 +386,7 @@ async def read_ledger(engine: AsyncEngine, wallet_ids: Iterable[str]) -> LedgerV
             for row in holds
         },
         balances={row.id: (row.balance_nano, row.reserved_nano) for row in wallets},
-        invariant_violations=problems,
+        audit_findings=[str(finding) for finding in report.findings],
     )
 
 
@@ -487,7 +497,7 @@ def compare(
             )
         elif charge.amount_nano not in expected:
             problems.append(
-                f"{one.describe()}: charged {charge.amount_nano} ({charge.usage_source}), "
+                f"{one.describe()}: charged {charge.amount_nano} ({charge.how}), "
                 f"expected {' or '.join(map(str, sorted(expected)))}"
             )
         elif charge.wallet_id != one.wallet_id:
@@ -497,7 +507,7 @@ def compare(
     _check_holds(view, problems)
     _check_arrivals(arrivals, view, by_id, problems)
     _check_balances(view, initial_balances, problems)
-    problems.extend(f"invariant: {v}" for v in view.invariant_violations)
+    problems.extend(f"audit: {finding}" for finding in view.audit_findings)
 
     verdict.admitted = len(view.holds)
     verdict.settled = sum(1 for h in view.holds.values() if h.state in RESOLVED_STATES)

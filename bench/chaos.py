@@ -127,7 +127,9 @@ class Chaos:
             self.say("waiting until every hold is posted or voided…")
             wallet_ids = [wallet_id for wallet_id, _ in wallets]
             resolved = await books.wait_resolved(engine, wallet_ids, RESOLVE_TIMEOUT_S)
-            view = await books.read_ledger(engine, wallet_ids)
+            view = await books.read_ledger(
+                engine, wallet_ids, report_grace_s=self.stack.settings.hold_report_grace_s
+            )
         finally:
             await engine.dispose()
         async with aiohttp.ClientSession() as session:

@@ -7,7 +7,7 @@ completions and Anthropic messages, streamed and not, on a few wallets in turn) 
 what it saw (``bench.books.Seen``). :func:`assert_exact_totals` waits until every hold of the
 run's wallets is resolved, then holds that record against the ledger and the demo backend's own
 list of what it served (``bench.books.compare``: the rules are in its module docstring) and runs
-the ledger audit.
+``billingproxy audit``.
 
 The clients never wait for the gateway to come back: a request that fails is recorded and the
 next one is sent after a short pause (a real client's back-off; it keeps a refused connection
@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,6 +43,7 @@ WALLETS = 3
 BACK_OFF_S = 0.05
 # Requests are short (books.SHAPES: well under a second); a client gives up on one after this.
 REQUEST_TIMEOUT_S = 30
+AUDIT_GIVE_UP_S = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +176,9 @@ async def assert_exact_totals(
     resolve_timeout: float = 20.0,
 ) -> books.Verdict:
     """Every hold of the load's wallets resolved, then the books exactly as ``load`` saw them
-    (``bench.books.compare``) and a clean audit. Returns the books for a test's own checks."""
+    (``bench.books.compare``, which runs ``billing.audit`` in the same snapshot), then
+    ``billingproxy audit`` as an operator runs it, which must exit 0. Returns the books for a
+    test's own checks."""
     wallet_ids = [w.wallet_id for w in load.wallets]
     engine = database.create_engine(stack.database_url, pool_size=1)
     try:
@@ -182,7 +187,7 @@ async def assert_exact_totals(
             return await books.unresolved_holds(engine, wallet_ids) == 0
 
         await waiting.wait_until(resolved, resolve_timeout, "every hold of the run posted or voided")
-        view = await books.read_ledger(engine, wallet_ids)
+        view = await books.read_ledger(engine, wallet_ids, report_grace_s=stack.settings.hold_report_grace_s)
     finally:
         await engine.dispose()
     async with aiohttp.ClientSession() as session:
@@ -194,6 +199,16 @@ async def assert_exact_totals(
     )
     assert verdict.exact, books.render(verdict)
     assert verdict.outcomes["complete"] > 0, books.render(verdict)
+    audited = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "billingproxy", "audit"],
+        env=stack.env,  # its database and its settings (the report grace the audit checks)
+        capture_output=True,
+        text=True,
+        timeout=AUDIT_GIVE_UP_S,
+        check=False,
+    )
+    assert audited.returncode == 0, audited.stdout + audited.stderr
     return verdict
 
 

@@ -148,13 +148,13 @@ def test_a_balance_that_moved_by_other_than_its_charges_is_named() -> None:
     ]
 
 
-def test_money_still_reserved_and_broken_invariants_are_named() -> None:
+def test_money_still_reserved_and_audit_findings_are_named() -> None:
     ledger = view({"r1": charge(100)}, {"r1": hold()})
     broken = books.LedgerView(
         ledger.charges, ledger.other_entries, ledger.holds, {WALLET: (BEFORE - 100, 7)}, ["wal_a: reserved 7"]
     )
     problems = judge([seen("r1")], broken, ["r1"]).problems
-    assert problems == [f"wallet {WALLET}: 7 still reserved", "invariant: wal_a: reserved 7"]
+    assert problems == [f"wallet {WALLET}: 7 still reserved", "audit: wal_a: reserved 7"]
 
 
 def test_charges_of_requests_the_clients_never_saw_answered_are_matched_to_lost_ones() -> None:

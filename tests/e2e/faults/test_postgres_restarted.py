@@ -32,9 +32,9 @@ def refused_unavailable(seen: load.books.Seen) -> bool:
 
 
 async def test_a_stopped_database_fails_closed_and_the_sidecar_settles_everything_once_it_returns(
-    launch_stack_own_postgres,
+    launch_stack,
 ) -> None:
-    async with launch_stack_own_postgres() as running:
+    async with launch_stack(own_postgres=True) as running:
         stack = running.stack
         readiness = load.Readiness(running.admin)
         readiness.start()
