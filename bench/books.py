@@ -11,7 +11,9 @@ drifts from docs/pricing.md shows here.
 What a client can see of one request, and what the ledger then owes (:func:`compare`):
 
 - **complete** — a 2xx whose answer reached its end (JSON with usage; a stream's terminal event):
-  exactly one ``usage:<request id>`` entry, of exactly the price of the usage it reported;
+  exactly one ``usage:<request id>`` entry, of exactly the price of the usage it reported — or,
+  when it ended the moment Envoy was SIGKILLed, of its hold, charged because no log reported it
+  (Envoy's last reports die with it: docs/failures.md);
 - **cut** — a 2xx that ended early, or Envoy's 504 (the backend was asked, no answer came):
   exactly one entry, of the price of the demo backend's usage (Envoy saw the end) or of the hold
   (it did not); never $0, since the backend did the work;
@@ -42,8 +44,8 @@ import aiohttp
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import check
-from billing import audit, endpoints, pricing
+from authz_sidecar import check, envoy_config
+from billing import audit, endpoints, expiry, pricing
 from billing.usage import Format, UnreadableUsage, Usage, parse as parse_usage
 from billingproxy.devstack import demo_backend
 
@@ -51,6 +53,11 @@ from billingproxy.devstack import demo_backend
 RESOLVED_STATES = frozenset({"posted", "voided"})
 # Envoy's answer when the backend was asked and no answer came in time: charged the hold.
 UPSTREAM_TIMEOUT_STATUS = 504
+# A SIGKILLed Envoy takes with it the reports it had not written yet: its file log is written
+# every FILE_FLUSH_INTERVAL_MS (its gRPC log every 10 ms). Twice that, as the timer may run late.
+REPORTS_LOST_S = 2 * envoy_config.FILE_FLUSH_INTERVAL_MS / 1000
+# What billing/expiry.py writes in the entry of a hold no log reported, charged its estimate.
+UNREPORTED = expiry.UNREPORTED_DETAILS["unfinished"]
 
 
 # --- what is sent --------------------------------------------------------------------------------
@@ -430,6 +437,8 @@ class Verdict:
     charged: int = 0  # usage entries
     voided: int = 0  # holds voided
     charged_estimate: int = 0  # of the charges, those of a hold's estimate
+    # Complete requests charged their hold because a SIGKILLed Envoy took their reports with it.
+    estimated_after_envoy_kill: int = 0
     served_not_charged: int = 0
     # Charged its hold's estimate though it never reached the backend: a request Envoy died
     # between its Check and the backend, which no log reports (billing/expiry.py charges such a
@@ -460,10 +469,16 @@ def compare(
     tariff: Tariff,
     initial_balances: Mapping[str, int],
     arrivals: Sequence[str],
+    envoy_killed_at: Sequence[float] = (),
 ) -> Verdict:
     """The books of a run: ``seen`` (every request the clients sent) against ``view`` (the ledger
     of the run's wallets, whose balances were ``initial_balances`` before it) and ``arrivals``
-    (the request ids the backend saw meanwhile). See the module docstring for the rules."""
+    (the request ids the backend saw meanwhile). See the module docstring for the rules.
+
+    ``envoy_killed_at``: when (``time.time()``) the run SIGKILLed Envoy, if it did: a complete
+    request that ended within :data:`REPORTS_LOST_S` of one may be charged its hold instead of
+    its price (docs/failures.md, "Envoy killed"), and is counted in
+    ``Verdict.estimated_after_envoy_kill``."""
     verdict = Verdict(outcomes=Counter(s.outcome.value for s in seen))
     problems = verdict.problems
     by_id: dict[str, Seen] = {}
@@ -489,6 +504,9 @@ def compare(
         if outcome is Outcome.COMPLETE:
             assert one.usage is not None
             expected = {tariff.exact_nano(one.shape, one.usage)}
+            if _report_died_with_envoy(one, charge, envoy_killed_at, tariff):
+                verdict.estimated_after_envoy_kill += 1
+                continue
         else:
             expected = set(tariff.allowed_nano(one.shape))
         if charge is None:
@@ -519,6 +537,19 @@ def compare(
     verdict.charged_not_served = len(set(view.charges) - set(arrivals))
     verdict.longest_unsettled_s = _longest_unsettled(view, by_id, arrivals)
     return verdict
+
+
+def _report_died_with_envoy(
+    one: Seen, charge: Charge | None, envoy_killed_at: Sequence[float], tariff: Tariff
+) -> bool:
+    """A complete request charged its hold because a SIGKILL took its reports with Envoy: it
+    ended within REPORTS_LOST_S of the kill, and no log reported it."""
+    return (
+        charge is not None
+        and charge.unfinished == UNREPORTED
+        and charge.amount_nano == tariff.hold_nano(one.shape)
+        and any(abs(one.ended_at - killed) <= REPORTS_LOST_S for killed in envoy_killed_at)
+    )
 
 
 def _match_lost(
@@ -628,8 +659,10 @@ def render(verdict: Verdict) -> str:
         f"{o['lost']}, refused {o['refused']}",
         f"admitted {verdict.admitted}, served {verdict.served}, settled {verdict.settled}, "
         f"charged {verdict.charged} (of them the hold's estimate {verdict.charged_estimate}), "
-        f"voided {verdict.voided}; charged its estimate without reaching the backend "
-        f"{verdict.charged_not_served} (no log reported it: billing/expiry.py)",
+        f"voided {verdict.voided}",
+        f"charged the hold's estimate though never served (no log reported it, billing/expiry.py) "
+        f"{verdict.charged_not_served}; though complete, their reports lost with a SIGKILLed Envoy "
+        f"{verdict.estimated_after_envoy_kill}",
         "differences (each must be 0): "
         + ", ".join(f"{name} = {value}" for name, value in verdict.differences.items()),
         f"longest a served request stayed unsettled: {verdict.longest_unsettled_s:.2f} s",

@@ -11,7 +11,9 @@ order drawn from the seed too):
 - **sidecar**: SIGKILLed; the Stack's supervisor starts it again (its back-off, then /readyz);
 - **postgres**: stopped (fast shutdown) for a drawn 1–4 s, then started on the same port;
 - **envoy**: restarted — gracefully by default (buffered access-log entries sent, SIGTERM), or
-  SIGKILLed with ``--kill-envoy`` (whatever Envoy buffered is lost with it).
+  SIGKILLed with ``--kill-envoy``: the reports Envoy had not written yet die with it, so a
+  request that finished at that moment is charged its hold (docs/failures.md, "Envoy killed");
+  the books allow that, for those requests only, and count them.
 
 After the load, it waits until every hold of the run is posted or voided, then prints the books
 (``bench.books``): requests admitted (holds), served (the demo backend's own record), settled,
@@ -96,6 +98,7 @@ class Chaos:
         self._stack: Stack | None = None
         self.faults: list[Fault] = []
         self.seen: list[books.Seen] = []
+        self.envoy_killed_at: list[float] = []  # time.time() of each SIGKILL of Envoy
 
     @property
     def stack(self) -> Stack:
@@ -137,7 +140,12 @@ class Chaos:
         settings = self.stack.settings
         tariff = books.Tariff(pricing.load(settings.price_overrides_path, settings.markup_percent))
         verdict = books.compare(
-            self.seen, view, tariff, dict.fromkeys(wallet_ids, runner.GRANT_NANO), arrivals
+            self.seen,
+            view,
+            tariff,
+            dict.fromkeys(wallet_ids, runner.GRANT_NANO),
+            arrivals,
+            self.envoy_killed_at,
         )
         return {
             "options": dataclasses.asdict(o),
@@ -152,6 +160,7 @@ class Chaos:
                 "charged": verdict.charged,
                 "charged_estimate": verdict.charged_estimate,
                 "charged_not_served": verdict.charged_not_served,
+                "estimated_after_envoy_kill": verdict.estimated_after_envoy_kill,
                 "voided": verdict.voided,
                 "differences": verdict.differences,
                 "longest_unsettled_s": round(verdict.longest_unsettled_s, 3),
@@ -214,6 +223,8 @@ class Chaos:
             await stack.start_postgres()
             return f"PostgreSQL stopped for {down_s:.1f} s, started again"
         assert kind == "envoy", kind
+        if self.options.kill_envoy:
+            self.envoy_killed_at.append(time.time())
         await stack.restart_envoy(hard=self.options.kill_envoy)
         return (
             "Envoy SIGKILLed and started again" if self.options.kill_envoy else "Envoy restarted gracefully"

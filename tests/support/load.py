@@ -174,11 +174,12 @@ async def assert_exact_totals(
     load: Load,
     *,
     resolve_timeout: float = 20.0,
+    envoy_killed_at: Sequence[float] = (),
 ) -> books.Verdict:
     """Every hold of the load's wallets resolved, then the books exactly as ``load`` saw them
     (``bench.books.compare``, which runs ``billing.audit`` in the same snapshot), then
     ``billingproxy audit`` as an operator runs it, which must exit 0. Returns the books for a
-    test's own checks."""
+    test's own checks. ``envoy_killed_at``: when the test SIGKILLed Envoy (``time.time()``)."""
     wallet_ids = [w.wallet_id for w in load.wallets]
     engine = database.create_engine(stack.database_url, pool_size=1)
     try:
@@ -195,7 +196,12 @@ async def assert_exact_totals(
     settings = stack.settings
     tariff = books.Tariff(pricing.load(settings.price_overrides_path, settings.markup_percent))
     verdict = books.compare(
-        load.seen, view, tariff, {w.wallet_id: w.balance_before_nano for w in load.wallets}, arrivals
+        load.seen,
+        view,
+        tariff,
+        {w.wallet_id: w.balance_before_nano for w in load.wallets},
+        arrivals,
+        envoy_killed_at,
     )
     assert verdict.exact, books.render(verdict)
     assert verdict.outcomes["complete"] > 0, books.render(verdict)

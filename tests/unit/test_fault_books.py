@@ -60,6 +60,11 @@ def charge(amount: int, wallet: str = WALLET) -> books.Charge:
     return books.Charge(wallet, amount, "response", created_at=2.5)
 
 
+def unreported(amount: int) -> books.Charge:
+    """What billing/expiry.py charges a hold no log reported."""
+    return books.Charge(WALLET, amount, "hold_estimate", created_at=20.0, unfinished=books.UNREPORTED)
+
+
 def view(
     charges: dict[str, books.Charge], holds: dict[str, books.Hold], wallets: dict[str, int] | None = None
 ) -> books.LedgerView:
@@ -76,8 +81,9 @@ def judge(
     ledger: books.LedgerView,
     arrivals: list[str],
     wallets: dict[str, int] | None = None,
+    envoy_killed_at: tuple[float, ...] = (),
 ) -> books.Verdict:
-    return books.compare(requests, ledger, TARIFF, wallets or {WALLET: BEFORE}, arrivals)
+    return books.compare(requests, ledger, TARIFF, wallets or {WALLET: BEFORE}, arrivals, envoy_killed_at)
 
 
 def test_requests_each_charged_once_as_seen_are_exact() -> None:
@@ -195,3 +201,30 @@ def test_the_differences_the_chaos_run_prints_count_what_must_be_zero() -> None:
     }
     assert verdict.charged_not_served == 1  # the expiry policy's, not a difference
     assert "differences (each must be 0): admitted - settled = 1" in books.render(verdict)
+
+
+ENDED_AT = 2.0  # seen()'s
+
+
+@pytest.mark.parametrize(
+    ("killed_at", "charged", "exact"),
+    [
+        (ENDED_AT + books.REPORTS_LOST_S, unreported(300), True),  # its reports died with Envoy
+        (ENDED_AT - 0.05, unreported(300), True),  # the client read its end just after the kill
+        (ENDED_AT + books.REPORTS_LOST_S + 0.01, unreported(300), False),  # ended well before it
+        (ENDED_AT, books.Charge(WALLET, 300, "hold_estimate", created_at=2.5), False),  # reported unfinished
+        (ENDED_AT, unreported(299), False),  # not its hold
+        (None, unreported(300), False),  # Envoy was never killed
+    ],
+)
+def test_a_complete_request_may_be_charged_its_hold_only_when_a_killed_envoy_took_its_reports(
+    killed_at, charged, exact
+) -> None:
+    verdict = judge(
+        [seen("r1")],
+        view({"r1": charged}, {"r1": hold()}),
+        ["r1"],
+        envoy_killed_at=() if killed_at is None else (killed_at,),
+    )
+    assert verdict.exact is exact, verdict.problems
+    assert verdict.estimated_after_envoy_kill == (1 if exact else 0)
