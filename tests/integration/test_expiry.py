@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import database, expiry, holds, ledger, wallets
+from billing import audit, database, expiry, holds, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -88,8 +88,7 @@ async def test_an_unreported_hold_is_released_then_charged_its_estimate_once(
     async with database.acquire(pool) as conn:
         late = await holds.settle(conn, request_id="never-reported", resolution=holds.Resolution.post(1))
     assert late is holds.Settlement.ALREADY_POSTED
-    async with migrated_engine.connect() as conn:
-        assert await ledger.check_invariants(conn) == []
+    assert (await audit.run(migrated_engine)).findings == []
 
 
 async def test_a_report_inside_the_grace_period_wins(
@@ -135,5 +134,4 @@ async def test_sweeps_of_several_sidecars_at_once_charge_each_hold_once(
     for owner in owners:
         balance = await row(pool, "SELECT balance_nano, reserved_nano FROM wallets WHERE id = $1", owner[0])
         assert (balance["balance_nano"], balance["reserved_nano"]) == (GRANT_NANO - 10 * HOLD_NANO, 0)
-    async with migrated_engine.connect() as conn:
-        assert await ledger.check_invariants(conn) == []
+    assert (await audit.run(migrated_engine)).findings == []
