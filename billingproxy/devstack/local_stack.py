@@ -310,7 +310,8 @@ class Stack:
 
         self._say(f"starting Envoy on {s.bind_host}:{s.gateway_port}…")
         config = envoy_config.render_yaml(s, backend_url=self.backend_url)
-        s.access_log_path.parent.mkdir(parents=True, exist_ok=True)  # Envoy creates the file, not its folder
+        # Envoy creates the file, not its folder. Owner only: the lines name wallets, keys and models.
+        s.access_log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # A dynamic base id lets several stacks (tests, benchmarks) run side by side.
         self._envoy = envoy_process.EnvoyProcess(
             config,

@@ -35,6 +35,7 @@ async def test_the_file_alone_settles_every_request_exactly_across_rotations(
         assert price is not None
         client = stack.openai(key)
         log_dir = stack.stack.settings.access_log_path.parent
+        assert log_dir.stat().st_mode & 0o077 == 0  # the lines name wallets, keys and models
 
         expected = 0
         request_ids: list[str] = []
