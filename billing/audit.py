@@ -58,7 +58,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -185,8 +185,8 @@ def _usd(nano: Any) -> str:
     return f"{money.format_usd(int(nano))} USD"
 
 
-async def _count(conn: AsyncConnection, sql: str) -> int:
-    return int((await conn.execute(sa.text(sql))).scalar_one())
+async def _count(conn: AsyncConnection, sql: str, **params: Any) -> int:
+    return int((await conn.execute(sa.text(sql), params)).scalar_one())
 
 
 async def _mismatching(conn: AsyncConnection, sql: str, **params: Any) -> tuple[int, list[sa.Row[Any]]]:
@@ -277,60 +277,68 @@ async def _balance_after(conn: AsyncConnection) -> CheckResult:
 
 
 async def _overdue_holds(conn: AsyncConnection) -> CheckResult:
-    mismatches, rows = await _mismatching(
+    return await _late_holds(
         conn,
-        """
-        SELECT wallet_id, request_id, amount_nano, expires_at,
-               floor(extract(epoch FROM now() - expires_at))::bigint AS overdue_s,
-               count(*) OVER () AS mismatches
-          FROM holds
-         WHERE state = 'pending' AND expires_at <= now() - make_interval(secs => :allowance_s)
-         ORDER BY expires_at, request_id
-         LIMIT :listed_max
-        """,
-        allowance_s=OVERDUE_ALLOWANCE_S,
+        Check.OVERDUE_HOLDS,
+        state="pending",
+        since="expires_at",
+        due_s=OVERDUE_ALLOWANCE_S,
+        expected=lambda due_s, since: f"expired within {due_s:g} s of {since}",
+        found=lambda late_s, amount: f"still pending {late_s} s after it, reserving {amount}",
     )
-    findings = [
-        Finding(
-            Check.OVERDUE_HOLDS,
-            row.wallet_id,
-            f"hold {row.request_id}",
-            f"expired within {OVERDUE_ALLOWANCE_S:g} s of {row.expires_at.isoformat()}",
-            f"still pending {row.overdue_s} s after it, reserving {_usd(row.amount_nano)}",
-        )
-        for row in rows
-    ]
-    checked = await _count(conn, "SELECT count(*) FROM holds WHERE state = 'pending'")
-    return _result(Check.OVERDUE_HOLDS, checked, mismatches, findings)
 
 
 async def _unreported_holds(conn: AsyncConnection, report_grace_s: int) -> CheckResult:
-    due_s = report_grace_s + OVERDUE_ALLOWANCE_S
+    return await _late_holds(
+        conn,
+        Check.UNREPORTED_HOLDS,
+        state="expired",
+        since="resolved_at",  # an expired hold's resolved_at is when it expired
+        due_s=report_grace_s + OVERDUE_ALLOWANCE_S,
+        expected=lambda due_s, since: f"charged its estimate within {due_s:g} s of its expiry at {since}",
+        found=lambda late_s, amount: f"still expired and uncharged {late_s} s after it ({amount})",
+    )
+
+
+async def _late_holds(
+    conn: AsyncConnection,
+    check: Check,
+    *,
+    state: str,
+    since: str,
+    due_s: float,
+    expected: Callable[[float, str], str],
+    found: Callable[[int, str], str],
+) -> CheckResult:
+    """Holds still in ``state`` more than ``due_s`` after their ``since`` column: each a finding."""
+    # ``since`` is spliced into the SQL as a column name: one of these two, never input.
+    assert (state, since) in (("pending", "expires_at"), ("expired", "resolved_at"))
     mismatches, rows = await _mismatching(
         conn,
-        """
-        SELECT wallet_id, request_id, amount_nano, resolved_at,
-               floor(extract(epoch FROM now() - resolved_at))::bigint AS expired_s,
+        f"""
+        SELECT wallet_id, request_id, amount_nano, {since} AS since,
+               floor(extract(epoch FROM now() - {since}))::bigint AS late_s,
                count(*) OVER () AS mismatches
           FROM holds
-         WHERE state = 'expired' AND resolved_at <= now() - make_interval(secs => :due_s)
-         ORDER BY resolved_at, request_id
+         WHERE state = :state AND {since} <= now() - make_interval(secs => :due_s)
+         ORDER BY {since}, request_id
          LIMIT :listed_max
         """,
+        state=state,
         due_s=due_s,
     )
     findings = [
         Finding(
-            Check.UNREPORTED_HOLDS,
+            check,
             row.wallet_id,
             f"hold {row.request_id}",
-            f"charged its estimate within {due_s:g} s of its expiry at {row.resolved_at.isoformat()}",
-            f"still expired and uncharged {row.expired_s} s after it ({_usd(row.amount_nano)})",
+            expected(due_s, row.since.isoformat()),
+            found(row.late_s, _usd(row.amount_nano)),
         )
         for row in rows
     ]
-    checked = await _count(conn, "SELECT count(*) FROM holds WHERE state = 'expired'")
-    return _result(Check.UNREPORTED_HOLDS, checked, mismatches, findings)
+    checked = await _count(conn, "SELECT count(*) FROM holds WHERE state = :state", state=state)
+    return _result(check, checked, mismatches, findings)
 
 
 # The key SETTLE_SQL (and its batch form) gives a request's charge: 'usage:' || request id.
