@@ -196,7 +196,12 @@ class EnvoyProcess:
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             self._process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # Stopped by its owner, in order; never by a signal to the owner's terminal.
+                start_new_session=True,
             )
         logger.info("envoy started (pid %d), log %s", self._process.pid, self.log_path)
         try:

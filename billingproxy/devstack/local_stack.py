@@ -360,7 +360,14 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], log_path: Path) -> None:
         log = open(log_path, "ab")  # noqa: SIM115 (the child owns it; closed in stop())
         child = subprocess.Popen(
-            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C or hang-up reaches `up` alone, which stops the
+            # children in order (Envoy flushes its access logs, then the sidecar settles them).
+            start_new_session=True,
         )
         log.close()
         self._children[name] = child
@@ -617,7 +624,9 @@ Forward test webhooks to this gateway with:
 async def _serve(stack: Stack) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal closed. The children are in sessions of their own, so `up` is the
+    # one that hears it and stops them in order.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     await stack.start()
     print(_greeting(stack), flush=True)

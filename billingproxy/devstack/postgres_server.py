@@ -794,6 +794,8 @@ def _run(
                 cwd="/",
                 timeout=timeout_s,
                 check=False,
+                # The server pg_ctl starts stays out of the caller's terminal: `up` stops it last.
+                start_new_session=True,
                 **kwargs,
             )
         except subprocess.TimeoutExpired:

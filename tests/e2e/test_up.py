@@ -60,6 +60,8 @@ class Up:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
+            # A process group of its own, as a shell gives a command run in a terminal.
+            start_new_session=True,
         )
         self._reader = asyncio.create_task(self._read())
 
@@ -81,8 +83,9 @@ class Up:
         raise AssertionError(f"`up` never printed {text!r}; output:\n" + "\n".join(self.lines))
 
     async def interrupt(self) -> int:
+        """Ctrl-C in the terminal: SIGINT to `up`'s whole process group, as the terminal sends it."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGINT)
+        os.killpg(self.process.pid, signal.SIGINT)
         code = await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
         assert self._reader is not None
         await self._reader
@@ -145,6 +148,10 @@ async def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> Non
 
         assert await up.interrupt() == 0
         assert any("stopping" in line for line in up.lines)
+        # The terminal's SIGINT reached `up` alone; `up` stopped Envoy itself (SIGTERM, after its
+        # access logs were flushed), not the terminal all children at once.
+        envoy_log = (tmp_path / "data" / "run" / "envoy.log").read_text()
+        assert "caught ENVOY_SIGTERM" in envoy_log and "SIGINT" not in envoy_log, envoy_log[-2000:]
         # Every child is gone — including PostgreSQL, which pg_ctl detached from the tree.
         left = {pid for pid in children if processes.alive(pid)}
         assert not left, f"processes outlived `up`: {left}"
