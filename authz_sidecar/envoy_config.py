@@ -514,6 +514,12 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
         }
         config["with_request_body"]["pack_as_bytes"] = True  # the body as bytes, not a UTF-8 string
     else:
+        # On top of Envoy's defaults (method, path, host, content-length, authorization): the
+        # settlement's key, the body's type, and where Anthropic clients send their key. (The
+        # filter's own field; the one inside http_service's authorization_request is deprecated.)
+        config["allowed_headers"] = {
+            "patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}, {"exact": "x-api-key"}]
+        }
         config["http_service"] = {
             "server_uri": {
                 "uri": f"http://{INTERNAL_HOST}:{settings.check_port}",
@@ -521,13 +527,6 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
                 "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
             },
             "path_prefix": contract.CHECK_PATH_PREFIX,
-            "authorization_request": {
-                # On top of Envoy's defaults (method, path, host, content-length, authorization):
-                # the settlement's key, the body's type, and where Anthropic clients send their key.
-                "allowed_headers": {
-                    "patterns": [{"exact": "x-request-id"}, {"exact": "content-type"}, {"exact": "x-api-key"}]
-                },
-            },
             "authorization_response": {
                 # Admitted: nothing goes upstream (the route sets the backend credential); the
                 # Check's facts become dynamic metadata, never request headers.

@@ -3,6 +3,7 @@ in every shape the settings give it, and says why when it does not."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,27 @@ def test_envoy_accepts_the_rendered_config(name: str, tmp_path: Path) -> None:
     configured = configured.replace(data_dir=tmp_path)
     configured.access_log_path.parent.mkdir()
     envoy_process.validate(envoy_config.render_yaml(configured, backend_url=backend_url))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_rendered_config_uses_no_deprecated_field(name: str, tmp_path: Path) -> None:
+    """A deprecated field works until an Envoy upgrade removes it; Envoy names each one it reads
+    in a warning, so none may appear."""
+    configured, backend_url = VARIANTS[name]
+    configured = configured.replace(data_dir=tmp_path)
+    configured.access_log_path.parent.mkdir()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(envoy_config.render_yaml(configured, backend_url=backend_url))
+    result = subprocess.run(
+        [str(envoy_process.envoy_binary()), "--mode", "validate", "-c", str(config), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    deprecated = [line for line in (result.stdout + result.stderr).splitlines() if "Deprecated field" in line]
+    assert deprecated == []
 
 
 def test_envoy_refuses_a_config_whose_access_log_folder_is_missing(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def test_ext_authz_fails_closed_and_sees_the_body() -> None:
     assert service["server_uri"]["cluster"] == envoy_config.SIDECAR_CHECK_CLUSTER
     assert service["path_prefix"] == contract.CHECK_PATH_PREFIX
     # The settlement's key must reach the Check: Envoy passes only a few headers by default.
-    passed = {p["exact"] for p in service["authorization_request"]["allowed_headers"]["patterns"]}
+    passed = {p["exact"] for p in authz["allowed_headers"]["patterns"]}
     assert {"x-request-id", "content-type", "x-api-key"} <= passed
     answer = service["authorization_response"]
     # Nothing of the Check's answer goes upstream; its facts become metadata only.
