@@ -451,6 +451,19 @@ async def test_the_sdks_module_level_calls_work_against_the_double(double: Strip
     )
 
 
+def object_counts(double: StripeDouble) -> dict[str, int]:
+    kinds = (
+        "customers",
+        "payment_methods",
+        "setup_intents",
+        "sessions",
+        "payment_intents",
+        "charges",
+        "events",
+    )
+    return {kind: len(getattr(double, kind)) for kind in kinds}
+
+
 @pytest.mark.parametrize(
     ("path", "params", "param"),
     [
@@ -468,6 +481,12 @@ async def test_the_sdks_module_level_calls_work_against_the_double(double: Strip
             {"amount": 500, "currency": "usd", "payment_method": "pm_missing"},
             "payment_method",
         ),
+        (
+            "payment_intents",
+            {"amount": 500, "currency": "usd", "payment_method": "pm_card_visa", "metadata": "flat"},
+            "metadata",
+        ),
+        ("payment_methods/pm_card_visa/attach", {"customer": "cus_missing"}, "customer"),
         ("checkout/sessions", setup_params("cus_missing"), "customer"),
         ("checkout/sessions", setup_params("", currency=None), "currency"),
         ("checkout/sessions", setup_params("", currency="eur"), "currency"),
@@ -490,12 +509,11 @@ async def test_bad_requests_raise_invalid_request_error_and_change_nothing(
     client: stripe.StripeClient, double: StripeDouble, path: str, params: dict[str, Any], param: str
 ) -> None:
     params = {k: v for k, v in params.items() if v != ""}
-    before = (len(double.customers), len(double.sessions), len(double.payment_intents), len(double.events))
+    before = object_counts(double)
     with pytest.raises(stripe.InvalidRequestError) as caught:
         await client.raw_request_async("post", f"/v1/{path}", **params)
     assert (caught.value.http_status, caught.value.param) == (400, param), caught.value
-    after = (len(double.customers), len(double.sessions), len(double.payment_intents), len(double.events))
-    assert after == before
+    assert object_counts(double) == before
 
 
 async def test_a_payment_method_of_another_customer_cannot_be_charged(

@@ -542,8 +542,8 @@ class Account:
             raise DoubleError(
                 400, "Missing required param: customer.", param="customer", code="parameter_missing"
             )
+        self.customer(customer_id, param="customer")  # before a test token makes a payment method
         pm = self.payment_method(reference)
-        self.customer(customer_id, param="customer")
         if pm["customer"] not in (None, customer_id):
             raise DoubleError(
                 400,
@@ -640,6 +640,19 @@ class Account:
             raise DoubleError(
                 400, "You can only pass `off_session` when `confirm` is true.", param="off_session"
             )
+        if confirm and params.get("payment_method") is None:
+            raise DoubleError(
+                400,
+                "You cannot confirm this PaymentIntent because it's missing a payment method.",
+                param="payment_method",
+                code="payment_intent_unexpected_state",
+            )
+        metadata = _metadata(params.get("metadata"), "metadata")
+        description = _string(params.get("description"), "description")
+        future_usage = _enum(
+            params.get("setup_future_usage"), "setup_future_usage", ("on_session", "off_session")
+        )
+        # Last: a test token (``pm_card_visa``) makes a new payment method, once all else is valid.
         pm = None
         if params.get("payment_method") is not None:
             pm = self.payment_method(params["payment_method"], param="payment_method")
@@ -650,22 +663,13 @@ class Account:
                     f"not to {customer or 'no Customer'}: pass its Customer too.",
                     param="payment_method",
                 )
-        if confirm and pm is None:
-            raise DoubleError(
-                400,
-                "You cannot confirm this PaymentIntent because it's missing a payment method.",
-                param="payment_method",
-                code="payment_intent_unexpected_state",
-            )
         pi = self._new_payment_intent(
             amount,
             customer=customer,
             payment_method=pm["id"] if pm else None,
-            metadata=_metadata(params.get("metadata"), "metadata"),
-            description=_string(params.get("description"), "description"),
-            setup_future_usage=_enum(
-                params.get("setup_future_usage"), "setup_future_usage", ("on_session", "off_session")
-            ),
+            metadata=metadata,
+            description=description,
+            setup_future_usage=future_usage,
         )
         events = [self.event("payment_intent.created", pi)]
         if pm is None or not confirm:
