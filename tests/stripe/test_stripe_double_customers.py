@@ -70,6 +70,7 @@ async def receiver(double: StripeDouble) -> AsyncIterator[Receiver]:
 
 
 def setup_params(customer: str, **changes: Any) -> dict[str, Any]:
+    """A setup-mode session's parameters; ``""`` or ``None`` leaves a parameter out."""
     params: dict[str, Any] = {
         "mode": "setup",
         "currency": "usd",
@@ -79,7 +80,7 @@ def setup_params(customer: str, **changes: Any) -> dict[str, Any]:
         "cancel_url": "http://gw.test/cancelled",
     }
     params.update(changes)
-    return {k: v for k, v in params.items() if v is not None}
+    return {k: v for k, v in params.items() if v not in (None, "")}
 
 
 def recharge_params(customer: str, payment_method: str, **changes: Any) -> dict[str, Any]:
@@ -273,6 +274,30 @@ async def test_a_payment_with_setup_future_usage_saves_its_card(
     assert len((await client.v1.customers.payment_methods.list_async(customer.id)).data) == 1
 
 
+async def test_checkout_makes_the_customer_when_asked_to(
+    client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    """``customer_creation=always``: the card is saved to a Customer made for the session; without
+    a Customer at all the card is saved to nobody (Stripe's guest checkout)."""
+    made = await client.v1.checkout.sessions.create_async(
+        setup_params("", customer_creation="always", customer_email="carol@example.com")
+    )
+    guest = await client.v1.checkout.sessions.create_async(setup_params(""))
+    assert made.customer is None and made.customer_creation == "always"
+    double.complete(made.id)
+    double.complete(guest.id)
+    made, guest = [await client.v1.checkout.sessions.retrieve_async(s.id) for s in (made, guest)]
+    customer = await client.v1.customers.retrieve_async(made.customer)
+    assert customer.email == "carol@example.com"
+    (saved,) = (await client.v1.customers.payment_methods.list_async(customer.id)).data
+    assert saved.id == (await client.v1.setup_intents.retrieve_async(made.setup_intent)).payment_method
+    assert guest.customer is None
+    unsaved = await client.v1.payment_methods.retrieve_async(
+        (await client.v1.setup_intents.retrieve_async(guest.setup_intent)).payment_method
+    )
+    assert unsaved.customer is None
+
+
 def session_params_of(session: stripe.checkout.Session) -> dict[str, Any]:
     return {
         "mode": "payment",
@@ -397,6 +422,12 @@ async def test_idempotency_keys_replay_charges_and_their_failures(
         recharge_params(customer, card), {"idempotency_key": "recharge-1"}
     )
     assert replay.id == first.id and replay.last_response.headers["idempotent-replayed"] == "true"
+    # The first answer, as it was then (Stripe replays the response, not the object's state now).
+    double.payment_intents[first.id]["description"] = "changed since"
+    again = await client.v1.payment_intents.create_async(
+        recharge_params(customer, card), {"idempotency_key": "recharge-1"}
+    )
+    assert again.to_dict() == first.to_dict()
     with pytest.raises(stripe.IdempotencyError, match="same parameters"):
         await client.v1.payment_intents.create_async(
             recharge_params(customer, card, amount=2000), {"idempotency_key": "recharge-1"}
@@ -508,7 +539,6 @@ def object_counts(double: StripeDouble) -> dict[str, int]:
 async def test_bad_requests_raise_invalid_request_error_and_change_nothing(
     client: stripe.StripeClient, double: StripeDouble, path: str, params: dict[str, Any], param: str
 ) -> None:
-    params = {k: v for k, v in params.items() if v != ""}
     before = object_counts(double)
     with pytest.raises(stripe.InvalidRequestError) as caught:
         await client.raw_request_async("post", f"/v1/{path}", **params)

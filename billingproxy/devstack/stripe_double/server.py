@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import hashlib
 import html
 import ipaddress
@@ -230,7 +231,8 @@ class StripeDouble(model.Account):
         if key is not None:
             if len(self._idempotency) >= IDEMPOTENCY_KEYS_MAX:
                 del self._idempotency[next(iter(self._idempotency))]  # the oldest: Stripe keeps 24 h
-            self._idempotency[key] = (fingerprint, status, answer)
+            # A snapshot: a replay answers what the first request answered, not the object now.
+            self._idempotency[key] = (fingerprint, status, copy.deepcopy(answer))
         return web.json_response(answer, status=status, headers={"request-id": _request_id()})
 
     @staticmethod
