@@ -193,6 +193,18 @@ async def test_a_setup_session_paid_on_the_page_saves_the_card_to_the_customer(
     assert card.card.exp_year > 2000 and 1 <= card.card.exp_month <= 12
     listed = await client.v1.customers.payment_methods.list_async(customer.id)
     assert [pm.id for pm in listed.data] == [card.id]
+    listed = await client.v1.payment_methods.list_async({"customer": customer.id, "type": "card"})
+    assert [pm.id for pm in listed.data] == [card.id]
+    for query, status in (({"type": "card"}, 400), ({"customer": "cus_missing"}, 400)):
+        with pytest.raises(stripe.InvalidRequestError) as caught:
+            await client.v1.payment_methods.list_async(query)
+        assert (caught.value.http_status, caught.value.param) == (status, "customer")
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        await client.v1.customers.payment_methods.list_async("cus_missing")
+    assert (caught.value.http_status, caught.value.param) == (404, "id")
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        await client.v1.payment_methods.list_async({"customer": customer.id, "type": "sepa_debit"})
+    assert caught.value.param == "type"
 
     # The page sends what the gateway subscribes to; the rest is in the account's events.
     (completed,) = await receiver.of_type("checkout.session.completed")

@@ -520,9 +520,9 @@ class Account:
         self.event("customer.updated", customer)
         return customer
 
-    def customer_payment_methods(self, customer_id: str) -> list[dict[str, Any]]:
+    def customer_payment_methods(self, customer_id: str, *, param: str = "id") -> list[dict[str, Any]]:
         """The customer's saved cards, newest first (``GET /v1/customers/{id}/payment_methods``)."""
-        self.customer(customer_id)
+        self.customer(customer_id, param=param)
         saved = [pm for pm in self.payment_methods.values() if pm["customer"] == customer_id]
         return sorted(saved, key=lambda pm: pm["created"], reverse=True)
 

@@ -20,7 +20,8 @@ Stripe API endpoints (form-encoded requests, JSON answers, Stripe's error shape)
   ``GET /v1/checkout/sessions/{id}``, ``GET /v1/checkout/sessions``, and
   ``POST /v1/checkout/sessions/{id}/expire``.
 - ``POST /v1/customers``, ``GET``/``POST /v1/customers/{id}``,
-  ``GET /v1/customers/{id}/payment_methods``; ``GET /v1/payment_methods/{id}``,
+  ``GET /v1/customers/{id}/payment_methods``, ``GET /v1/payment_methods?customer=…``;
+  ``GET /v1/payment_methods/{id}``,
   ``POST /v1/payment_methods/{id}/attach``; ``GET /v1/setup_intents/{id}``.
 - ``POST /v1/payment_intents`` (``off_session``, ``confirm``: a failed charge is Stripe's 402
   ``card_error`` with ``error.payment_intent``), ``GET /v1/payment_intents/{id}``.
@@ -138,6 +139,7 @@ class StripeDouble(model.Account):
         app.router.add_get("/v1/customers/{id}", self._api_get_customer)
         app.router.add_post("/v1/customers/{id}", self._api_update_customer)
         app.router.add_get("/v1/customers/{id}/payment_methods", self._api_customer_payment_methods)
+        app.router.add_get("/v1/payment_methods", self._api_list_payment_methods)
         app.router.add_get("/v1/payment_methods/{id}", self._api_get_payment_method)
         app.router.add_post("/v1/payment_methods/{id}/attach", self._api_attach_payment_method)
         app.router.add_get("/v1/setup_intents/{id}", self._api_get_setup_intent)
@@ -255,17 +257,27 @@ class StripeDouble(model.Account):
 
     async def _api_customer_payment_methods(self, request: web.Request) -> web.Response:
         customer_id = request.match_info["id"]
+        return self._saved_cards(request, customer_id, "id", f"/v1/customers/{customer_id}/payment_methods")
+
+    async def _api_list_payment_methods(self, request: web.Request) -> web.Response:
+        """``GET /v1/payment_methods?customer=…`` (the double keeps no list of unsaved cards)."""
+        customer_id = request.query.get("customer")
+        if customer_id is None:
+            raise model.DoubleError(
+                400,
+                "The test double lists only a customer's payment methods: pass customer.",
+                param="customer",
+                code="parameter_missing",
+            )
+        return self._saved_cards(request, customer_id, "customer", "/v1/payment_methods")
+
+    def _saved_cards(self, request: web.Request, customer_id: str, param: str, url: str) -> web.Response:
         if request.query.get("type", "card") != "card":
             raise model.DoubleError(400, "The test double keeps only card payment methods.", param="type")
         limit = min(model.int_param(request.query.get("limit", "10"), "limit", lo=1), 100)
-        saved = self.customer_payment_methods(customer_id)
+        saved = self.customer_payment_methods(customer_id, param=param)
         return self._answer(
-            {
-                "object": "list",
-                "data": saved[:limit],
-                "has_more": len(saved) > limit,
-                "url": f"/v1/customers/{customer_id}/payment_methods",
-            }
+            {"object": "list", "data": saved[:limit], "has_more": len(saved) > limit, "url": url}
         )
 
     async def _api_get_payment_method(self, request: web.Request) -> web.Response:
