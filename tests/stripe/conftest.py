@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import stripe
 from aiohttp import web
 
 from authz_sidecar import http_api
@@ -69,6 +70,18 @@ async def double() -> AsyncIterator[StripeDouble]:
         yield fake
     finally:
         await fake.stop()
+
+
+@pytest.fixture
+async def client(double: StripeDouble) -> AsyncIterator[stripe.StripeClient]:
+    """The real SDK's client, pointed at the double (no retries: each call is one request)."""
+    async with aiohttp.ClientSession() as session:
+        yield stripe.StripeClient(
+            SECRET_KEY,
+            base_addresses={"api": double.url},
+            max_network_retries=0,
+            http_client=stripe.AIOHTTPClient(session=session, timeout=aiohttp.ClientTimeout(total=10)),
+        )
 
 
 class Sidecar:

@@ -17,6 +17,16 @@ WEBHOOK_SECRET = "whsec_stripe_suite_0123456789abcdef"
 TEN_USD_NANO = 10 * 10**9
 
 
+def declared(cls: type) -> set[str]:
+    """The attribute names the SDK declares for a Stripe object."""
+    return {
+        name
+        for klass in cls.__mro__
+        for name in getattr(klass, "__annotations__", {})
+        if not name.startswith("_")
+    }
+
+
 class Db:
     """A migrated test database, read directly."""
 

@@ -4,7 +4,6 @@ events verify with `stripe.Webhook.construct_event`, and it never listens beyond
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -12,18 +11,7 @@ import pytest
 import stripe
 
 from billingproxy.devstack.stripe_double import StripeDouble, server
-from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, session_params
-
-
-@pytest.fixture
-async def client(double: StripeDouble) -> AsyncIterator[stripe.StripeClient]:
-    async with aiohttp.ClientSession() as session:
-        yield stripe.StripeClient(
-            SECRET_KEY,
-            base_addresses={"api": double.url},
-            max_network_retries=0,
-            http_client=stripe.AIOHTTPClient(session=session, timeout=aiohttp.ClientTimeout(total=10)),
-        )
+from stripe_testkit import SECRET_KEY, WEBHOOK_SECRET, declared, session_params
 
 
 def sdk_params(**changes: Any) -> dict[str, Any]:
@@ -43,16 +31,6 @@ def sdk_params(**changes: Any) -> dict[str, Any]:
     }
     params.update(changes)
     return params
-
-
-def declared(cls: type) -> set[str]:
-    """The attribute names the SDK declares for a Stripe object."""
-    return {
-        name
-        for klass in cls.__mro__
-        for name in getattr(klass, "__annotations__", {})
-        if not name.startswith("_")
-    }
 
 
 async def test_sessions_are_created_retrieved_listed_and_expired_through_the_sdk(
