@@ -19,7 +19,7 @@ module owns the rules a user meets when managing keys through the public API (de
   A hold's posted amount is exactly its usage entry's (the audit checks it), so the spend is the
   ledger's sum of the key's usage entries.
 
-Sharp edge: the per-key spend limit (issue 14) is not here yet. :attr:`KeyView.limit_nano` is
+Sharp edge: per-key spend limits are not built yet. :attr:`KeyView.limit_nano` is
 always None and :attr:`KeyView.spend_nano` is the key's spend over its whole life; the limit's
 window will bound the sum by ``holds.created_at``, which the same index serves.
 """
@@ -70,7 +70,7 @@ class KeyView:
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     spend_nano: int
-    # The per-key spend limit's seam (issue 14): None until limits exist.
+    # Where a per-key spend limit will go: None until limits exist.
     limit_nano: int | None = None
 
     def state(self, now: dt.datetime) -> str:
