@@ -9,6 +9,7 @@ shown as USD decimal strings, never numbers.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, overload
 
@@ -23,7 +25,7 @@ import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from authz_sidecar import api_errors, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
@@ -316,9 +318,33 @@ def _key_json(view: key_management.KeyView, caller: api_keys.KeyRecord) -> dict[
     }
 
 
-def _requester_refused(exc: key_management.RequesterRefused) -> api_errors.ApiError:
-    # The key passed the cache but was revoked (or expired) since: answered as the Check would.
-    return api_errors.key_refused(exc.reason)
+@contextlib.asynccontextmanager
+async def _key_change(request: web.Request) -> AsyncIterator[AsyncConnection]:
+    """The transaction of one key change; each refusal of the key rules becomes its 4xx."""
+    try:
+        async with request.app[ENGINE].begin() as conn:
+            yield conn
+    except key_management.RequesterRefused as exc:
+        # The key passed the cache but was revoked (or expired) since: answered as the Check would.
+        raise api_errors.key_refused(exc.reason) from None
+    except key_management.TooManyKeys as exc:
+        raise api_errors.ApiError(
+            409,
+            "too_many_keys",
+            f"This wallet already has {exc.cap} active keys, the most it may have; revoke one first.",
+        ) from None
+    except api_keys.KeyNotFound as exc:
+        # A key of another wallet answers exactly as no key at all: its existence is not revealed.
+        raise api_errors.ApiError(
+            404, "key_not_found", f"This wallet has no key {exc}.", extra={"param": "key_id"}
+        ) from None
+    except key_management.LastKey:
+        raise api_errors.ApiError(
+            409,
+            "last_key",
+            "This is the wallet's last active key; create another before revoking it.",
+            extra={"param": "key_id"},
+        ) from None
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -342,20 +368,10 @@ async def create_key(request: web.Request) -> web.Response:
                 f"POST /billing/keys takes no fields; {field!r} is not supported.",
                 extra={"param": field},
             )
-    cap = request.app[SETTINGS].keys_per_wallet_max
-    try:
-        async with request.app[ENGINE].begin() as conn:
-            issued, view = await key_management.create_key(
-                conn, wallet_id=wallet.id, requester_id=caller.id, cap=cap
-            )
-    except key_management.RequesterRefused as exc:
-        raise _requester_refused(exc) from None
-    except key_management.TooManyKeys:
-        raise api_errors.ApiError(
-            409,
-            "too_many_keys",
-            f"This wallet already has {cap} active keys, the most it may have; revoke one first.",
-        ) from None
+    async with _key_change(request) as conn:
+        issued, view = await key_management.create_key(
+            conn, wallet_id=wallet.id, requester_id=caller.id, cap=request.app[SETTINGS].keys_per_wallet_max
+        )
     logger.info("key %s created for wallet %s by key %s", issued.key_id, wallet.id, caller.id)
     return _json({**_key_json(view, caller), "api_key": issued.plaintext}, status=201)
 
@@ -370,25 +386,10 @@ async def revoke_key(request: web.Request) -> web.Response:
             "A key id is 'key_' followed by letters and digits, as GET /billing/keys lists them.",
             extra={"param": "key_id"},
         )
-    try:
-        async with request.app[ENGINE].begin() as conn:
-            view, revoked = await key_management.revoke_key(
-                conn, wallet_id=wallet.id, requester_id=caller.id, key_id=key_id
-            )
-    except key_management.RequesterRefused as exc:
-        raise _requester_refused(exc) from None
-    except api_keys.KeyNotFound:
-        # A key of another wallet answers exactly as no key at all: its existence is not revealed.
-        raise api_errors.ApiError(
-            404, "key_not_found", f"This wallet has no key {key_id}.", extra={"param": "key_id"}
-        ) from None
-    except key_management.LastKey:
-        raise api_errors.ApiError(
-            409,
-            "last_key",
-            "This is the wallet's last active key; create another before revoking it.",
-            extra={"param": "key_id"},
-        ) from None
+    async with _key_change(request) as conn:
+        view, revoked = await key_management.revoke_key(
+            conn, wallet_id=wallet.id, requester_id=caller.id, key_id=key_id
+        )
     if revoked:
         logger.info("key %s of wallet %s revoked by key %s", key_id, wallet.id, caller.id)
     return _json(_key_json(view, caller))
