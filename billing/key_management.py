@@ -85,7 +85,7 @@ def is_key_id(text: str) -> bool:
 
 # Each key with the time of its newest hold and the sum its posted holds charged. The lateral
 # sub-select walks holds(key_id, created_at) (migration 0006) for one key at a time.
-_VIEWS = """
+VIEWS_SQL = """
 SELECT k.id, k.wallet_id, k.key_hash, k.display_prefix, k.allowed_models, k.expires_at,
        k.revoked_at, k.suspended, k.revoke_after, k.created_at,
        used.last_used_at, coalesce(used.spend_nano, 0) AS spend_nano
@@ -124,13 +124,13 @@ def _view(row: sa.Row[Any]) -> KeyView:
 
 async def list_keys(conn: AsyncConnection, wallet_id: str) -> list[KeyView]:
     """The wallet's unrevoked keys, oldest first (revoked keys are history, not listed)."""
-    rows = await conn.execute(sa.text(_VIEWS), {"wallet_id": wallet_id, "key_id": None})
+    rows = await conn.execute(sa.text(VIEWS_SQL), {"wallet_id": wallet_id, "key_id": None})
     return [_view(row) for row in rows]
 
 
 async def _view_of(conn: AsyncConnection, wallet_id: str, key_id: str) -> KeyView | None:
     """One key of the wallet, revoked or not; None for a key of another wallet (or none)."""
-    row = (await conn.execute(sa.text(_VIEWS), {"wallet_id": wallet_id, "key_id": key_id})).first()
+    row = (await conn.execute(sa.text(VIEWS_SQL), {"wallet_id": wallet_id, "key_id": key_id})).first()
     return None if row is None else _view(row)
 
 
