@@ -34,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, errors, key_format
+from billing import api_keys, errors, key_format, tables
 
 # The classid of this module's advisory locks (two-int form: its key space is not the single
 # bigint one the operator's Stripe reconciler uses). "bpKM": BillingProxy Key Management.
@@ -101,17 +101,6 @@ SELECT k.id, k.wallet_id, k.key_hash, k.display_prefix, k.allowed_models, k.expi
  ORDER BY k.created_at, k.id
 """
 
-_ACTIVE_KEYS = """
-SELECT count(*)
-  FROM api_keys
- WHERE wallet_id = :wallet_id
-   AND id <> coalesce(CAST(:except_id AS text), '')
-   AND revoked_at IS NULL
-   AND NOT suspended
-   AND (revoke_after IS NULL OR revoke_after > now())
-   AND (expires_at IS NULL OR expires_at > now())
-"""
-
 
 def _view(row: sa.Row[Any]) -> KeyView:
     return KeyView(
@@ -142,8 +131,13 @@ async def _lock_wallet_keys(conn: AsyncConnection, wallet_id: str) -> None:
 
 
 async def _active_keys(conn: AsyncConnection, wallet_id: str, *, except_id: str | None = None) -> int:
-    result = await conn.execute(sa.text(_ACTIVE_KEYS), {"wallet_id": wallet_id, "except_id": except_id})
-    return int(result.scalar_one())
+    """How many of the wallet's keys would let their owner in now (the Check's own rule,
+    :meth:`api_keys.KeyRecord.refusal`), leaving out ``except_id``."""
+    k = tables.api_keys
+    rows = await conn.execute(sa.select(k).where(k.c.wallet_id == wallet_id, k.c.revoked_at.is_(None)))
+    now = dt.datetime.now(dt.UTC)
+    usable = [r for r in map(api_keys.key_record, rows) if r.refusal(now) is None and r.id != except_id]
+    return len(usable)
 
 
 async def _check_requester(conn: AsyncConnection, requester_id: str) -> None:
