@@ -97,7 +97,7 @@ SELECT k.id, k.wallet_id, k.key_hash, k.display_prefix, k.allowed_models, k.expi
          WHERE h.key_id = k.id
   ) AS used ON true
  WHERE k.wallet_id = :wallet_id
-   AND (CAST(:key_id AS text) IS NULL AND k.revoked_at IS NULL OR k.id = :key_id)
+   AND (CAST(:key_id AS text) IS NULL AND (k.revoked_at IS NULL OR :include_revoked) OR k.id = :key_id)
  ORDER BY k.created_at, k.id
 """
 
@@ -111,15 +111,17 @@ def _view(row: sa.Row[Any]) -> KeyView:
     )
 
 
-async def list_keys(conn: AsyncConnection, wallet_id: str) -> list[KeyView]:
-    """The wallet's unrevoked keys, oldest first (revoked keys are history, not listed)."""
-    rows = await conn.execute(sa.text(VIEWS_SQL), {"wallet_id": wallet_id, "key_id": None})
+async def list_keys(conn: AsyncConnection, wallet_id: str, *, include_revoked: bool = False) -> list[KeyView]:
+    """The wallet's keys, oldest first; revoked keys (history) only for ``include_revoked``."""
+    params = {"wallet_id": wallet_id, "key_id": None, "include_revoked": include_revoked}
+    rows = await conn.execute(sa.text(VIEWS_SQL), params)
     return [_view(row) for row in rows]
 
 
 async def _view_of(conn: AsyncConnection, wallet_id: str, key_id: str) -> KeyView | None:
     """One key of the wallet, revoked or not; None for a key of another wallet (or none)."""
-    row = (await conn.execute(sa.text(VIEWS_SQL), {"wallet_id": wallet_id, "key_id": key_id})).first()
+    params = {"wallet_id": wallet_id, "key_id": key_id, "include_revoked": True}
+    row = (await conn.execute(sa.text(VIEWS_SQL), params)).first()
     return None if row is None else _view(row)
 
 

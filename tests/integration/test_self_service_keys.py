@@ -96,7 +96,8 @@ async def test_the_list_can_walk_the_holds_by_key_index(migrated_engine: AsyncEn
         await conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
         plan = (
             await conn.execute(
-                sa.text("EXPLAIN " + key_management.VIEWS_SQL), {"wallet_id": "wal_x", "key_id": None}
+                sa.text("EXPLAIN " + key_management.VIEWS_SQL),
+                {"wallet_id": "wal_x", "key_id": None, "include_revoked": False},
             )
         ).scalars()
         assert "holds_by_key" in "\n".join(plan)
