@@ -96,12 +96,7 @@ async def test_wallet_show_prints_the_wallet_and_its_keys(db, wallet) -> None:
         [key_row] = [line.split() for line in lines if line.split()[:1] == [wallet.key.key_id]]
         assert key_row[2:4] == ["active", "*"]
         # What the key spent: exactly its usage entries (billing/key_management.py).
-        spent = await db.scalar(
-            "SELECT coalesce(-sum(amount_nano), 0) FROM ledger_entries"
-            " WHERE kind = 'usage' AND details->>'key_id' = :k",
-            k=wallet.key.key_id,
-        )
-        assert key_row[5] == usd(spent)
+        assert key_row[5] == usd(await db.key_spend(wallet.key.key_id))
         assert wallet.key.plaintext not in result.stdout, "a key is shown only once, at issue"
 
 

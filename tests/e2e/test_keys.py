@@ -42,12 +42,7 @@ async def call(stack, method: str, path: str, key: str, status: int, **kwargs: A
 
 async def usage_sum_usd(stack, key_id: str) -> str:
     """The ledger's exact sum of the key's usage entries, as the API shows money."""
-    total = await stack.db.scalar(
-        "SELECT coalesce(sum(amount_nano), 0) FROM ledger_entries"
-        " WHERE kind = 'usage' AND details->>'key_id' = :key_id",
-        key_id=key_id,
-    )
-    return money.format_usd(-int(total))
+    return money.format_usd(await stack.db.key_spend(key_id))
 
 
 async def test_the_list_shows_prefix_dates_and_the_ledgers_spend(stack) -> None:
