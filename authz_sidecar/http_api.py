@@ -1,4 +1,5 @@
-"""The public HTTP API (reached through Envoy): signup, balance, usage, and its OpenAPI document.
+"""The public HTTP API (reached through Envoy): signup, balance, usage, the wallet's keys, and its
+OpenAPI document.
 
 Every answer is JSON; every error is OpenAI-shaped (:mod:`authz_sidecar.api_errors`) with a
 specific status and code, from a single middleware, so no handler can leak a traceback. Money is
@@ -8,12 +9,15 @@ shown as USD decimal strings, never numbers.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import datetime as dt
 import ipaddress
 import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, overload
 
@@ -21,11 +25,11 @@ import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import Counter
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from authz_sidecar import api_errors, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, ledger, money, wallets
+from billing import api_keys, database, key_management, ledger, money, wallets
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -203,11 +207,17 @@ async def signup(request: web.Request) -> web.Response:
     )
 
 
-async def _wallet_of(request: web.Request) -> wallets.Wallet:
+async def _caller(request: web.Request) -> tuple[api_keys.KeyRecord, wallets.Wallet]:
+    """The request's key (401 if it is not usable) and the wallet it spends from."""
     key = await request.app[KEYS].authenticate(request.headers.get("authorization"))
     async with request.app[ENGINE].connect() as conn:
         wallet = await wallets.get_wallet(conn, key.wallet_id)
     assert wallet is not None, "a key always belongs to a wallet (foreign key)"
+    return key, wallet
+
+
+async def _wallet_of(request: web.Request) -> wallets.Wallet:
+    _, wallet = await _caller(request)
     return wallet
 
 
@@ -274,6 +284,117 @@ async def usage(request: web.Request) -> web.Response:
     )
 
 
+# --- The wallet's keys (billing/key_management.py; docs/decisions/0032-self-service-keys.md) ------
+
+
+async def _key_manager(request: web.Request) -> tuple[api_keys.KeyRecord, wallets.Wallet]:
+    """The caller, if its wallet's keys are its own to manage: a self-service wallet's. The keys
+    of a Kubernetes or admin wallet belong to their ApiKey resources or to the admin CLI, which
+    would otherwise find keys changed under them."""
+    key, wallet = await _caller(request)
+    if wallet.source != "signup":
+        raise api_errors.ApiError(
+            403,
+            "keys_managed_elsewhere",
+            "This wallet's keys are managed by the gateway's operator (ApiKey resources or the admin CLI).",
+            "permission_error",
+        )
+    return key, wallet
+
+
+def _key_json(view: key_management.KeyView, caller: api_keys.KeyRecord) -> dict[str, Any]:
+    record = view.record
+    return {
+        "object": "api_key",
+        "id": record.id,
+        "prefix": record.display_prefix,
+        "created_at": view.created_at.isoformat(),
+        "last_used_at": view.last_used_at.isoformat() if view.last_used_at else None,
+        "spend_usd": money.format_usd(view.spend_nano),
+        "limit": None if view.limit_nano is None else money.format_usd(view.limit_nano),
+        "state": view.state(dt.datetime.now(dt.UTC)),
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+        "current": record.id == caller.id,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _key_change(request: web.Request) -> AsyncIterator[AsyncConnection]:
+    """The transaction of one key change; each refusal of the key rules becomes its 4xx."""
+    try:
+        async with request.app[ENGINE].begin() as conn:
+            yield conn
+    except key_management.RequesterRefused as exc:
+        # The key passed the cache but was revoked (or expired) since: answered as the Check would.
+        raise api_errors.key_refused(exc.reason) from None
+    except key_management.TooManyKeys as exc:
+        raise api_errors.ApiError(
+            409,
+            "too_many_keys",
+            f"This wallet already has {exc.cap} active keys, the most it may have; revoke one first.",
+        ) from None
+    except api_keys.KeyNotFound as exc:
+        # A key of another wallet answers exactly as no key at all: its existence is not revealed.
+        raise api_errors.ApiError(
+            404, "key_not_found", f"This wallet has no key {exc}.", extra={"param": "key_id"}
+        ) from None
+    except key_management.LastKey:
+        raise api_errors.ApiError(
+            409,
+            "last_key",
+            "This is the wallet's last active key; create another before revoking it.",
+            extra={"param": "key_id"},
+        ) from None
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    caller, wallet = await _key_manager(request)
+    async with request.app[ENGINE].connect() as conn:
+        views = await key_management.list_keys(conn, wallet.id)
+    return _json({"object": "list", "data": [_key_json(view, caller) for view in views]})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    caller, wallet = await _key_manager(request)
+    # No fields yet; a body, if sent, must be a JSON object without any, so a client that sends
+    # a field this gateway does not know (a name, a limit) hears so instead of being ignored.
+    if request.can_read_body:
+        body = await json_body.read_object(request, example="{}")
+        if body:
+            field = sorted(body)[0]
+            raise api_errors.ApiError(
+                400,
+                "parameter_not_supported",
+                f"POST /billing/keys takes no fields; {field!r} is not supported.",
+                extra={"param": field},
+            )
+    async with _key_change(request) as conn:
+        issued, view = await key_management.create_key(
+            conn, wallet_id=wallet.id, requester_id=caller.id, cap=request.app[SETTINGS].keys_per_wallet_max
+        )
+    logger.info("key %s created for wallet %s by key %s", issued.key_id, wallet.id, caller.id)
+    return _json({**_key_json(view, caller), "api_key": issued.plaintext}, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    caller, wallet = await _key_manager(request)
+    key_id = request.match_info["key_id"]
+    if not key_management.is_key_id(key_id):
+        raise api_errors.ApiError(
+            400,
+            "invalid_key_id",
+            "A key id is 'key_' followed by letters and digits, as GET /billing/keys lists them.",
+            extra={"param": "key_id"},
+        )
+    async with _key_change(request) as conn:
+        view, revoked = await key_management.revoke_key(
+            conn, wallet_id=wallet.id, requester_id=caller.id, key_id=key_id
+        )
+    if revoked:
+        logger.info("key %s of wallet %s revoked by key %s", key_id, wallet.id, caller.id)
+    return _json(_key_json(view, caller))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return _json(request.app[OPENAPI])
 
@@ -295,6 +416,9 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_post("/user/signup", signup)
     app.router.add_get("/billing/balance", balance)
     app.router.add_get("/billing/usage", usage)
+    app.router.add_get("/billing/keys", list_keys)
+    app.router.add_post("/billing/keys", create_key)
+    app.router.add_delete("/billing/keys/{key_id}", revoke_key)
     app.router.add_get("/openapi.json", openapi)
     stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     return app

@@ -61,7 +61,7 @@ class KeyRecord:
         return None
 
 
-def _key(row: sa.Row[Any] | asyncpg.Record) -> KeyRecord:
+def key_record(row: sa.Row[Any] | asyncpg.Record) -> KeyRecord:
     """A key from a SQLAlchemy row or an asyncpg record (the Check's look-up)."""
     fields = row._mapping if isinstance(row, sa.Row) else row
     models = fields["allowed_models"]
@@ -113,7 +113,7 @@ async def record_key(
         key="id",
     )
     if created:
-        return _key(row), True
+        return key_record(row), True
     same = key_format.hashes_match(bytes(row.key_hash), issued.key_hash) and (
         row.wallet_id,
         row.source,
@@ -121,7 +121,7 @@ async def record_key(
     ) == (wallet_id, source, external_id)
     if not same:
         raise KeyConflict(f"key {issued.key_id} is already stored for another key, wallet or owner")
-    return _key(row), False
+    return key_record(row), False
 
 
 async def issue_key(
@@ -162,7 +162,7 @@ async def find_keys(
 ) -> dict[bytes, KeyRecord]:
     """The stored keys among ``key_hashes``, by hash, in one indexed statement."""
     pg = await database.driver_connection(conn)
-    records = [_key(row) for row in await pg.fetch(_FIND_KEYS, list(key_hashes))]
+    records = [key_record(row) for row in await pg.fetch(_FIND_KEYS, list(key_hashes))]
     return {record.key_hash: record for record in records}
 
 
@@ -175,7 +175,7 @@ async def find_key(conn: AsyncConnection | database.Connection, key_hash: bytes)
 
 async def get_key(conn: AsyncConnection, key_id: str) -> KeyRecord | None:
     row = (await conn.execute(sa.select(tables.api_keys).where(tables.api_keys.c.id == key_id))).first()
-    return None if row is None else _key(row)
+    return None if row is None else key_record(row)
 
 
 async def revoke_key(conn: AsyncConnection, key_id: str) -> KeyRecord:
@@ -193,7 +193,7 @@ async def revoke_key(conn: AsyncConnection, key_id: str) -> KeyRecord:
 async def keys_of(conn: AsyncConnection, wallet_id: str) -> list[KeyRecord]:
     k = tables.api_keys
     rows = await conn.execute(sa.select(k).where(k.c.wallet_id == wallet_id).order_by(k.c.created_at))
-    return [_key(row) for row in rows]
+    return [key_record(row) for row in rows]
 
 
 async def suspend_keys_of_wallet(conn: AsyncConnection, wallet_id: str) -> int:
@@ -222,7 +222,7 @@ async def keys_owned_by(conn: AsyncConnection, *, source: str, external_id: str)
         .where(k.c.source == source, k.c.external_id == external_id)
         .order_by(k.c.created_at, k.c.id)
     )
-    return [_key(row) for row in rows]
+    return [key_record(row) for row in rows]
 
 
 async def update_owned_keys(
@@ -263,7 +263,7 @@ async def schedule_revocation(
         .values(revoke_after=sa.func.least(sa.func.coalesce(k.c.revoke_after, at), at))
         .returning(k)
     )
-    return [_key(row) for row in rows]
+    return [key_record(row) for row in rows]
 
 
 async def revoke_owned_keys(conn: AsyncConnection, *, source: str, external_id: str) -> list[KeyRecord]:
@@ -275,4 +275,4 @@ async def revoke_owned_keys(conn: AsyncConnection, *, source: str, external_id: 
         .values(revoked_at=sa.func.now())
         .returning(k)
     )
-    return [_key(row) for row in rows]
+    return [key_record(row) for row in rows]

@@ -162,6 +162,9 @@ class Settings:
     signup_email_policy: str = "mailbox"
     # -- largest page of /billing/usage.
     usage_page_size_max: int = 100
+    # -- active keys a self-service wallet may hold: POST /billing/keys is refused (409
+    #    too_many_keys) at this many, until one is revoked.
+    keys_per_wallet_max: int = 20
     # -- how long Envoy waits for the backend; kept below hold_ttl_s so a hold outlives its request.
     upstream_timeout_s: int = 300
 
@@ -481,6 +484,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         .strip()
         .lower(),
         usage_page_size_max=_int(env, "USAGE_PAGE_SIZE_MAX", defaults.usage_page_size_max, 1, 1000),
+        keys_per_wallet_max=_int(env, "KEYS_PER_WALLET_MAX", defaults.keys_per_wallet_max, 1, 1000),
         upstream_timeout_s=_int(env, "UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s, 1, 86_400),
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip(),
         stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip(),

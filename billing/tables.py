@@ -106,6 +106,9 @@ sa.Index(
     holds.c.expires_at,
     postgresql_where=holds.c.state == "pending",
 )
+# A key's last use and spend, without a write on the Check's path (migration 0006;
+# billing/key_management.py, docs/decisions/0032-self-service-keys.md).
+sa.Index("holds_by_key", holds.c.key_id, holds.c.created_at)
 # The sweep's final resolution of expired holds no access log reported (billing/holds.py).
 sa.Index(
     "holds_expired_by_resolution",

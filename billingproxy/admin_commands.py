@@ -14,7 +14,7 @@ import json
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, audit, errors, ledger, money, wallets
+from billing import api_keys, audit, errors, key_management, ledger, money, wallets
 
 
 class AdminError(errors.UserFacingError):
@@ -39,7 +39,7 @@ async def _wallet(conn: AsyncConnection, ref: str) -> wallets.Wallet:
 
 async def wallet_show(conn: AsyncConnection, ref: str) -> str:
     wallet = await _wallet(conn, ref)
-    keys = await api_keys.keys_of(conn, wallet.id)
+    keys = await key_management.list_keys(conn, wallet.id, include_revoked=True)
     now = dt.datetime.now(dt.UTC)
     head = table(
         ["WALLET", "OWNER", "SOURCE", "BALANCE_USD", "RESERVED_USD", "OVERDRAFT_LIMIT_USD", "STATE"],
@@ -57,16 +57,17 @@ async def wallet_show(conn: AsyncConnection, ref: str) -> str:
     )
     key_rows = [
         [
-            k.id,
-            k.display_prefix + "…",
-            k.refusal(now) or "active",
-            ",".join(k.allowed_models) if k.allowed_models is not None else "*",
+            k.record.id,
+            k.record.display_prefix + "…",
+            k.state(now),
+            ",".join(k.record.allowed_models) if k.record.allowed_models is not None else "*",
+            k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
+            money.format_usd(k.spend_nano),
         ]
         for k in keys
     ]
-    return (
-        head + "\n\n" + (table(["KEY", "PREFIX", "STATE", "MODELS"], key_rows) if key_rows else "(no keys)")
-    )
+    columns = ["KEY", "PREFIX", "STATE", "MODELS", "LAST_USED", "SPEND_USD"]
+    return head + "\n\n" + (table(columns, key_rows) if key_rows else "(no keys)")
 
 
 async def wallet_credit(conn: AsyncConnection, ref: str, amount_usd: str, reference: str) -> str:

@@ -103,6 +103,14 @@ class Database:
             "SELECT count(*) FROM holds WHERE state = 'pending' AND wallet_id = :id", id=wallet_id
         )
 
+    async def key_spend(self, key_id: str) -> int:
+        """What a key's requests were charged: the sum of its usage entries, in nano-USD."""
+        return await self.scalar(
+            "SELECT coalesce(-sum(amount_nano), 0)::bigint FROM ledger_entries"
+            " WHERE kind = 'usage' AND details->>'key_id' = :key_id",
+            key_id=key_id,
+        )
+
     async def row_counts(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
             return {

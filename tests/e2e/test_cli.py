@@ -93,7 +93,10 @@ async def test_wallet_show_prints_the_wallet_and_its_keys(db, wallet) -> None:
             "0.000000",
             "active",
         ]
-        assert any(line.split()[:1] == [wallet.key.key_id] and "active" in line.split() for line in lines)
+        [key_row] = [line.split() for line in lines if line.split()[:1] == [wallet.key.key_id]]
+        assert key_row[2:4] == ["active", "*"]
+        # What the key spent: exactly its usage entries (billing/key_management.py).
+        assert key_row[5] == usd(await db.key_spend(wallet.key.key_id))
         assert wallet.key.plaintext not in result.stdout, "a key is shown only once, at issue"
 
 

@@ -103,14 +103,22 @@ class Contract:
 async def test_real_answers_fit_the_document(stack) -> None:
     contract = Contract(repo_document())
 
-    async def call(method: str, path: str, *, status: int, key: str | None = None, **kwargs: Any) -> Any:
+    async def call(
+        method: str,
+        path: str,
+        *,
+        status: int,
+        key: str | None = None,
+        template: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``template``: the document's path for ``path`` when it has parameters."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with stack.http.request(method, stack.gateway + path, headers=headers, **kwargs) as response:
             body = await response.json()
             assert response.status == status, body
-            contract.check(
-                path.split("?", maxsplit=1)[0], method.lower(), status, response.content_type, body
-            )
+            described = template or path.split("?", maxsplit=1)[0]
+            contract.check(described, method.lower(), status, response.content_type, body)
             return body
 
     user = await call("POST", "/user/signup", status=201, json={"email": "contract@example.com"})
@@ -131,3 +139,15 @@ async def test_real_answers_fit_the_document(stack) -> None:
     await call("GET", "/billing/balance", status=401)
     await call("GET", "/billing/usage?limit=0", status=400, key=key)
     await call("GET", "/billing/usage", status=401, key="sk-litellm-bad")
+
+    # The wallet's keys: list, create, revoke, and their refusals.
+    one_key = "/billing/keys/{key_id}"
+    listing = await call("GET", "/billing/keys", status=200, key=key)
+    assert listing["data"][0]["spend_usd"] != "0.000000" and listing["data"][0]["last_used_at"]
+    created = await call("POST", "/billing/keys", status=201, key=key)
+    await call("POST", "/billing/keys", status=400, key=key, json={"name": "ci"})
+    await call("DELETE", "/billing/keys/nope", status=400, key=key, template=one_key)
+    await call("DELETE", "/billing/keys/key_unknown", status=404, key=key, template=one_key)
+    await call("DELETE", f"/billing/keys/{created['id']}", status=200, key=key, template=one_key)
+    await call("DELETE", f"/billing/keys/{user['key_id']}", status=409, key=key, template=one_key)
+    await call("GET", "/billing/keys", status=401)
