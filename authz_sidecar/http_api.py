@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors, json_body, metrics, stripe_api
+from authz_sidecar import alerts_api, api_errors, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import database, ledger, money, wallets
 from billing.settings import Settings
@@ -297,4 +297,5 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_get("/billing/usage", usage)
     app.router.add_get("/openapi.json", openapi)
     stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     return app
