@@ -64,6 +64,16 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
+async def check_name(host: str, *, allow_private: bool) -> None:
+    """Resolve ``host`` as a delivery would: AddressRefused if an address is not allowed, OSError
+    if the name does not resolve."""
+    resolver = PublicOnlyResolver(allow_private=allow_private)
+    try:
+        await resolver.resolve(host, 443, socket.AF_UNSPEC)
+    finally:
+        await resolver.close()
+
+
 def client_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         resolver=PublicOnlyResolver(allow_private=settings.alert_allow_private),

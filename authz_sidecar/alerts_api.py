@@ -15,12 +15,13 @@ touched.
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors, json_body, metrics
+from authz_sidecar import alert_delivery, api_errors, json_body, metrics
 from authz_sidecar.key_lookup import KeyLookup
 from billing import alerts, money
 from billing.settings import Settings
@@ -82,10 +83,7 @@ class AlertRoutes:
                 f"Unknown field {unknown[0]!r}; the fields are {', '.join(PUT_FIELDS)}.",
                 extra={"param": unknown[0]},
             )
-        try:
-            url = alerts.check_url(body.get("url"), allow_private=self.settings.alert_allow_private)
-        except alerts.InvalidUrl as exc:
-            raise api_errors.ApiError(400, "invalid_url", f"{exc}.", extra={"param": "url"}) from None
+        url = await self._checked_url(body.get("url"))
         thresholds = body.get("thresholds_usd")
         try:
             thresholds_nano = None if thresholds is None else alerts.check_thresholds(thresholds)
@@ -109,6 +107,23 @@ class AlertRoutes:
         if secret is not None:
             answer["signing_secret"] = secret
         return web.json_response(answer)
+
+    async def _checked_url(self, url: object) -> str:
+        """The URL if the gateway may post to it, its name resolved now (and again at every
+        delivery), else a 400 ``invalid_url``."""
+        allow_private = self.settings.alert_allow_private
+        try:
+            checked = alerts.check_url(url, allow_private=allow_private)
+            host = urllib.parse.urlsplit(checked).hostname or ""
+            await alert_delivery.check_name(host, allow_private=allow_private)
+        except (alerts.InvalidUrl, alert_delivery.AddressRefused) as exc:
+            message = alerts.PRIVATE_ADDRESS if isinstance(exc, alert_delivery.AddressRefused) else str(exc)
+            raise api_errors.ApiError(400, "invalid_url", f"{message}.", extra={"param": "url"}) from None
+        except OSError:
+            raise api_errors.ApiError(
+                400, "invalid_url", "url names a host that does not resolve.", extra={"param": "url"}
+            ) from None
+        return checked
 
     async def get(self, request: web.Request) -> web.Response:
         wallet_id = await self._wallet_id(request)

@@ -56,6 +56,7 @@ CLAIM_LEASE_S = 60
 TEST_EVENTS_PENDING_MAX = 5
 ERROR_CHARS_MAX = 300
 SECRET_PREFIX = "whsec_"
+PRIVATE_ADDRESS = "url must not point at a loopback, link-local, private or reserved address"
 
 
 class EventType(enum.StrEnum):
@@ -96,8 +97,8 @@ def address_allowed(address: str, *, allow_private: bool) -> bool:
 def check_url(url: object, *, allow_private: bool) -> str:
     """``url`` if the gateway may post alerts to it, else :class:`InvalidUrl`.
 
-    A name is only checked for its form here; what it resolves to is checked at every delivery,
-    since DNS can change between now and then.
+    A name is only checked for its form here; what it resolves to is checked by the caller (the
+    API when it is registered, the worker at every delivery: DNS can change in between).
     """
     if not isinstance(url, str) or not url:
         raise InvalidUrl("url must be a string such as https://example.com/hooks/billing")
@@ -124,9 +125,7 @@ def check_url(url: object, *, allow_private: bool) -> str:
     except ValueError:
         literal = False
     if literal and not address_allowed(host, allow_private=allow_private):
-        raise InvalidUrl("url must not point at a loopback, link-local, private or reserved address")
-    if not literal and not allow_private and (host == "localhost" or host.endswith(".localhost")):
-        raise InvalidUrl("url must not point at a loopback, link-local, private or reserved address")
+        raise InvalidUrl(PRIVATE_ADDRESS)
     return url
 
 
