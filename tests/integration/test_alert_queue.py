@@ -18,15 +18,6 @@ USD = money.NANO_PER_USD
 GRANT_NANO = USD // 2
 
 
-@pytest.fixture
-async def pool(migrated_url: str):
-    pool = await database.create_pool(migrated_url, size=8)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
 async def new_wallet(engine: AsyncEngine) -> str:
     async with engine.begin() as conn:
         owner = await wallets.signup(
@@ -116,14 +107,16 @@ async def test_a_wallet_already_below_does_not_fire(migrated_engine: AsyncEngine
     assert await events(migrated_engine, wallet) == []
 
 
-async def test_concurrent_sweeps_make_one_event_per_crossing(migrated_engine: AsyncEngine, pool) -> None:
+async def test_concurrent_sweeps_make_one_event_per_crossing(
+    migrated_engine: AsyncEngine, migrated_pool
+) -> None:
     wallet_ids = [await new_wallet(migrated_engine) for _ in range(20)]
     for wallet in wallet_ids:
         await register(migrated_engine, wallet, [USD // 4])
         await move(migrated_engine, wallet, -USD // 2)
 
     async def one_sweep() -> int:
-        async with database.acquire(pool) as conn:
+        async with database.acquire(migrated_pool) as conn:
             return await alerts.sweep(conn, batch_max=7)
 
     made = 0
@@ -134,10 +127,10 @@ async def test_concurrent_sweeps_make_one_event_per_crossing(migrated_engine: As
         assert await events(migrated_engine, wallet) == [("wallet.balance_low", USD // 4)]
 
 
-async def test_the_queue_leases_backs_off_and_gives_up(migrated_engine: AsyncEngine, pool) -> None:
+async def test_the_queue_leases_backs_off_and_gives_up(migrated_engine: AsyncEngine, migrated_pool) -> None:
     wallet = await new_wallet(migrated_engine)
     await register(migrated_engine, wallet, None)
-    async with database.acquire(pool) as conn:
+    async with database.acquire(migrated_pool) as conn:
         first = await alerts.queue_test_event(conn, wallet)
         claimed = await alerts.claim_due(conn)
         assert [d.event_id for d in claimed] == [first] and claimed[0].attempt == 1
@@ -166,13 +159,15 @@ async def test_the_queue_leases_backs_off_and_gives_up(migrated_engine: AsyncEng
     assert states == {first: "pending", second: "gave_up", third: "delivered"}
 
 
-async def test_test_events_are_bounded_and_need_an_endpoint(migrated_engine: AsyncEngine, pool) -> None:
+async def test_test_events_are_bounded_and_need_an_endpoint(
+    migrated_engine: AsyncEngine, migrated_pool
+) -> None:
     wallet = await new_wallet(migrated_engine)
-    async with database.acquire(pool) as conn:
+    async with database.acquire(migrated_pool) as conn:
         with pytest.raises(alerts.NotConfigured):
             await alerts.queue_test_event(conn, wallet)
     await register(migrated_engine, wallet, None)
-    async with database.acquire(pool) as conn:
+    async with database.acquire(migrated_pool) as conn:
         for _ in range(alerts.TEST_EVENTS_PENDING_MAX):
             await alerts.queue_test_event(conn, wallet)
         with pytest.raises(alerts.TooManyTestEvents):

@@ -128,18 +128,23 @@ async def test_a_name_repointed_at_loopback_after_registration_is_refused_at_del
     )
 
 
-async def test_redirects_are_not_followed(receiver) -> None:
-    delivery = alerts.Delivery(
-        event_id="evt_redirect",
+def claimed_test_event(url: str) -> alerts.Delivery:
+    """A claimed alert.test event for ``url``, for the worker's ``deliver`` alone."""
+    return alerts.Delivery(
+        event_id=alerts.new_event_id(),
         wallet_id="wal_x",
         type=alerts.EventType.TEST,
         threshold_nano=None,
         balance_nano=0,
         created_at=dt.datetime.now(dt.UTC),
         attempt=1,
-        url=receiver.url + "/redirect",
+        url=url,
         signing_secret=alerts.new_signing_secret(),
     )
+
+
+async def test_redirects_are_not_followed(receiver) -> None:
+    delivery = claimed_test_event(receiver.url + "/redirect")
     async with alert_delivery.client_session(Settings(alert_allow_private=True)) as session:
         outcome = await alert_delivery.deliver(session, delivery, allow_private=True)
     assert outcome == ("failed", "the receiver answered HTTP 307")
@@ -148,17 +153,7 @@ async def test_redirects_are_not_followed(receiver) -> None:
 
 async def test_the_resolver_refuses_a_name_with_any_private_address(receiver) -> None:
     port = receiver.url.rsplit(":", 1)[1]
-    delivery = alerts.Delivery(
-        event_id="evt_name",
-        wallet_id="wal_x",
-        type=alerts.EventType.TEST,
-        threshold_nano=None,
-        balance_nano=0,
-        created_at=dt.datetime.now(dt.UTC),
-        attempt=1,
-        url=f"https://localhost:{port}/hook",
-        signing_secret=alerts.new_signing_secret(),
-    )
+    delivery = claimed_test_event(f"https://localhost:{port}/hook")
     async with alert_delivery.client_session(Settings()) as session:
         outcome, error = await alert_delivery.deliver(session, delivery, allow_private=False)
     assert outcome == "refused_address" and error is not None and "localhost" in error
