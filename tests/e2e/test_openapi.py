@@ -131,3 +131,14 @@ async def test_real_answers_fit_the_document(stack) -> None:
     await call("GET", "/billing/balance", status=401)
     await call("GET", "/billing/usage?limit=0", status=400, key=key)
     await call("GET", "/billing/usage", status=401, key="sk-litellm-bad")
+
+    await call("GET", "/billing/alerts", status=404, key=key)
+    await call("POST", "/billing/alerts/test", status=404, key=key)
+    await call("PUT", "/billing/alerts", status=400, key=key, json={"url": "https://127.0.0.1/hook"})
+    await call("PUT", "/billing/alerts", status=401, json={"url": "https://93.184.215.14/hook"})
+    # A public address that nothing here ever posts to: no threshold is crossed and no test is sent.
+    hook = {"url": "https://93.184.215.14/hook", "thresholds_usd": ["0.01"]}
+    registered = await call("PUT", "/billing/alerts", status=200, key=key, json=hook)
+    assert registered["signing_secret"].startswith("whsec_")
+    shown = await call("GET", "/billing/alerts", status=200, key=key)
+    assert shown["thresholds_usd"] == ["0.010000"] and shown["recent_events"] == []
