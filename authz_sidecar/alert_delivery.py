@@ -66,10 +66,11 @@ class PublicOnlyResolver(AbstractResolver):
 
 async def check_name(host: str, *, allow_private: bool) -> None:
     """Resolve ``host`` as a delivery would: AddressRefused if an address is not allowed, OSError
-    if the name does not resolve."""
+    if the name does not resolve within ``CONNECT_TIMEOUT_S``."""
     resolver = PublicOnlyResolver(allow_private=allow_private)
     try:
-        await resolver.resolve(host, 443, socket.AF_UNSPEC)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):  # a TimeoutError is an OSError
+            await resolver.resolve(host, 443, socket.AF_UNSPEC)
     finally:
         await resolver.close()
 

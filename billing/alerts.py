@@ -56,6 +56,7 @@ CLAIM_LEASE_S = 60
 TEST_EVENTS_PENDING_MAX = 5
 ERROR_CHARS_MAX = 300
 SECRET_PREFIX = "whsec_"
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 PRIVATE_ADDRESS = "url must not point at a loopback, link-local, private or reserved address"
 
 
@@ -82,15 +83,21 @@ class TooManyTestEvents(errors.UserFacingError, RuntimeError):
 def address_allowed(address: str, *, allow_private: bool) -> bool:
     """Whether the gateway may connect to ``address``: a public unicast address, unless
     ``allow_private`` (the dev stack and the tests) lifts the rule. An IPv4-mapped IPv6 address is
-    judged as the IPv4 address it maps."""
+    judged as the IPv4 address it maps, and so are 6to4 and NAT64 addresses."""
     if allow_private:
         return True
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one reaches it (mapped, 6to4, NAT64): judge that.
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.is_global and not ip.is_multicast
 
 
