@@ -143,6 +143,14 @@ async def test_the_queue_leases_backs_off_and_gives_up(migrated_engine: AsyncEng
             "SELECT extract(epoch FROM next_attempt_at - now()) FROM alert_events WHERE id = $1", first
         )
         assert 3590 < delay <= 3600, "attempt 2 waits the base"
+        await conn.execute("UPDATE alert_events SET next_attempt_at = now() WHERE id = $1", first)
+        [retried] = await alerts.claim_due(conn)
+        assert (retried.event_id, retried.attempt, retried.payload()) == (first, 2, claimed[0].payload())
+        await alerts.record_failed(conn, first, "503", retry_base_ms=3_600_000, retry_for_s=86_400)
+        delay = await conn.fetchval(
+            "SELECT extract(epoch FROM next_attempt_at - now()) FROM alert_events WHERE id = $1", first
+        )
+        assert 7190 < delay <= 7200, "attempt 3 waits twice as long"
 
         second = await alerts.queue_test_event(conn, wallet)
         [delivery] = await alerts.claim_due(conn)
