@@ -6,6 +6,7 @@ the Bearer key names the wallet, so no route takes a wallet id and none can reac
   the answer only when it is new (the first PUT, or ``rotate_secret``).
 - ``GET /billing/alerts`` — the endpoint, its thresholds, the secret's last 4 characters and the
   latest events with their delivery state.
+- ``DELETE /billing/alerts`` — stop alerts: the endpoint goes, its undelivered events are given up.
 - ``POST /billing/alerts/test`` — queue an ``alert.test`` event; the answer (202) names it.
 
 Bad input is a specific 400 and writes nothing: the body is checked whole before the database is
@@ -129,12 +130,20 @@ class AlertRoutes:
         wallet_id = await self._wallet_id(request)
         async with self.engine.connect() as conn:
             endpoint = await alerts.endpoint(conn, wallet_id)
-            if endpoint is None:
-                raise _not_configured()
             events = await alerts.recent_events(conn, wallet_id, limit=RECENT_EVENTS_MAX)
+        if endpoint is None:
+            raise _not_configured()
         return web.json_response(
             {**_endpoint_json(endpoint), "recent_events": [_event_json(e) for e in events]}
         )
+
+    async def delete(self, request: web.Request) -> web.Response:
+        wallet_id = await self._wallet_id(request)
+        async with self.engine.begin() as conn:
+            removed = await alerts.remove(conn, wallet_id)
+        if not removed:
+            raise _not_configured()
+        return web.json_response({"object": "alert_endpoint", "deleted": True})
 
     async def test(self, request: web.Request) -> web.Response:
         wallet_id = await self._wallet_id(request)
@@ -162,5 +171,6 @@ def add_routes(
     routes = AlertRoutes(settings, engine, key_lookup)
     app.router.add_put("/billing/alerts", routes.put)
     app.router.add_get("/billing/alerts", routes.get)
+    app.router.add_delete("/billing/alerts", routes.delete)
     app.router.add_post("/billing/alerts/test", routes.test)
     return routes

@@ -247,6 +247,23 @@ async def endpoint(conn: Conn, wallet_id: str) -> Endpoint | None:
     return None if row is None else _endpoint(row)
 
 
+_REMOVE = """
+WITH ended AS (
+    UPDATE alert_events
+       SET gave_up_at = now(), last_error = 'the webhook was removed'
+     WHERE wallet_id = $1::text AND delivered_at IS NULL AND gave_up_at IS NULL
+)
+DELETE FROM alert_endpoints WHERE wallet_id = $1::text RETURNING wallet_id
+"""
+
+
+async def remove(conn: Conn, wallet_id: str) -> bool:
+    """Remove the wallet's endpoint (its undelivered events are given up); False if it had none.
+    The events stay, as the record of what was sent."""
+    pg = await database.driver_connection(conn)
+    return await pg.fetchval(_REMOVE, wallet_id) is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class EventRecord:
     """An event as its owner sees it in ``GET /billing/alerts``."""

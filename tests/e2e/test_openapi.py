@@ -142,3 +142,5 @@ async def test_real_answers_fit_the_document(stack) -> None:
     assert registered["signing_secret"].startswith("whsec_")
     shown = await call("GET", "/billing/alerts", status=200, key=key)
     assert shown["thresholds_usd"] == ["0.010000"] and shown["recent_events"] == []
+    assert (await call("DELETE", "/billing/alerts", status=200, key=key))["deleted"] is True
+    await call("DELETE", "/billing/alerts", status=404, key=key)

@@ -180,3 +180,16 @@ async def test_test_events_are_bounded_and_need_an_endpoint(
             await alerts.queue_test_event(conn, wallet)
         with pytest.raises(alerts.TooManyTestEvents):
             await alerts.queue_test_event(conn, wallet)
+
+
+async def test_removing_the_endpoint_gives_up_its_undelivered_events(migrated_engine: AsyncEngine) -> None:
+    wallet = await new_wallet(migrated_engine)
+    await register(migrated_engine, wallet, None)
+    async with migrated_engine.begin() as conn:
+        await alerts.queue_test_event(conn, wallet)
+        assert await alerts.remove(conn, wallet)
+        assert not await alerts.remove(conn, wallet)
+        assert await alerts.pending(conn) == 0
+        assert await alerts.claim_due(conn) == []
+        [event] = await alerts.recent_events(conn, wallet, limit=10)
+    assert (event.state, event.last_error) == ("gave_up", "the webhook was removed")
