@@ -174,6 +174,10 @@ async def test_a_key_reaches_only_its_own_wallets_alerts(stack) -> None:
         stack.gateway + "/billing/alerts/test", headers=auth(mallory["api_key"])
     ) as response:
         assert response.status == 404
+    async with stack.http.delete(
+        stack.gateway + "/billing/alerts", headers=auth(mallory["api_key"])
+    ) as response:
+        assert response.status == 404
     # Mallory's PUT (with alice's wallet named in the body) changes mallory's wallet only.
     status, answer = await put(
         stack, mallory["api_key"], {"url": PUBLIC_URL, "wallet_id": alice["wallet_id"]}
