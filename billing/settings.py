@@ -195,8 +195,9 @@ class Settings:
     # -- how much the `billingproxy` processes log: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     log_level: str = "INFO"
     # -- connections of the sidecar's hot-path pool (the Check's holds, the access log's
-    #    settlements, the key cache, the expiry sweep), from 4 (one per hold lane and settlement
-    #    worker) to 1000. More let more transactions run at once, up to what PostgreSQL can run.
+    #    settlements, the key cache, the expiry sweep, the alert worker between its posts), from 4
+    #    (one per hold lane and settlement worker) to 1000. More let more transactions run at
+    #    once, up to what PostgreSQL can run.
     hot_path_pool_size: int = 10
 
     @property
