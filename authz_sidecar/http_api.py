@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from authz_sidecar import api_errors, json_body, metrics, stripe_api
+from authz_sidecar import alerts_api, api_errors, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import api_keys, database, key_management, ledger, money, wallets
 from billing.settings import Settings
@@ -421,4 +421,5 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_delete("/billing/keys/{key_id}", revoke_key)
     app.router.add_get("/openapi.json", openapi)
     stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     return app

@@ -138,3 +138,32 @@ stripe_checkout_sessions = Counter(
     ["result"],
     registry=registry,
 )
+
+# --- Low-balance alerts (alert_delivery.py; docs/alerts.md) --------------------------------------
+
+alert_events = Counter(
+    "billingproxy_alert_events",
+    "Alert events this sidecar recorded, by type (wallet.balance_low: a threshold crossed; alert.test).",
+    ["type"],
+    registry=registry,
+)
+alert_deliveries = Counter(
+    "billingproxy_alert_deliveries",
+    "Attempts to deliver an alert event to its webhook, by outcome (delivered, failed, refused_address, "
+    "gave_up).",
+    ["outcome"],
+    registry=registry,
+)
+for _outcome in ("delivered", "failed", "refused_address", "gave_up"):
+    alert_deliveries.labels(_outcome)  # shown at 0 from the start, for alerts on any increase
+alert_events_pending = Gauge(
+    "billingproxy_alert_events_pending",
+    "Alert events neither delivered nor given up (read at each round of the alert worker).",
+    registry=registry,
+)
+alert_delivery_duration_seconds = Histogram(
+    "billingproxy_alert_delivery_duration_seconds",
+    "Time one delivery attempt of an alert event took, resolution and connection included.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=registry,
+)

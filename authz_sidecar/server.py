@@ -1,8 +1,8 @@
 """The sidecar process: one event loop serving Envoy's Check (ext_authz over HTTP on its own
 port, and over gRPC), gRPC (the access log, health), the public HTTP API and the admin port,
-plus a follower of Envoy's JSON access-log file (what the gRPC log lost) and a sweeper that
+plus a follower of Envoy's JSON access-log file (what the gRPC log lost), a sweeper that
 expires holds nobody settled and, after a grace period, charges those no log ever reported
-(billing/expiry.py).
+(billing/expiry.py), and the alert worker (low-balance webhooks, alert_delivery.py).
 
 Two ways into PostgreSQL (billing/database.py): an asyncpg pool for the hot path (the Check's key
 look-up and hold, the access log's settlements, the key cache's refresher, the sweeper) and a
@@ -36,6 +36,7 @@ from authz_sidecar import (
     access_log,
     access_log_file,
     admin_port,
+    alert_delivery,
     check,
     check_grpc,
     envoy_config,
@@ -75,6 +76,7 @@ class Sidecar:
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._alerts: asyncio.Task[None] | None = None
         self._access_log: access_log.AccessLogService | None = None
         self._file_log: access_log_file.Follower | None = None
         self._file_follower: asyncio.Task[None] | None = None
@@ -144,6 +146,7 @@ class Sidecar:
 
         self._sweeper = asyncio.create_task(self._sweep_expired_holds(pool), name="hold-sweeper")
         self._file_follower = asyncio.create_task(self._file_log.run(), name="access-log-file")
+        self._alerts = asyncio.create_task(alert_delivery.AlertWorker(s, pool).run(), name="alerts")
         await self._set_serving(True)
         logger.info(
             "sidecar ready: Check %s:%d, gRPC %s:%d, HTTP %s:%d, admin %s:%d",
@@ -236,10 +239,11 @@ class Sidecar:
             except Exception as exc:  # noqa: BLE001 (the next sidecar resumes from the saved offset)
                 logger.warning("last rounds of the access-log file failed: %r", exc)
             self._file_log.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._alerts):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for runner in self._runners:
             await runner.cleanup()
         if self._key_lookup is not None:

@@ -182,12 +182,25 @@ class Settings:
     # -- largest top-up, whole cents ($500).
     topup_nano_max: int = 500 * money.NANO_PER_USD
 
+    # --- low-balance alerts (docs/alerts.md) ----------------------------------------------------
+    # -- how often each sidecar looks for thresholds crossed and posts due alert events.
+    alert_interval_ms: int = 2000
+    # -- the wait before an alert's second attempt; each later one waits twice the one before.
+    alert_retry_base_ms: int = 30_000
+    # -- how long after an alert event was made its delivery is retried before it is given up.
+    alert_retry_for_s: int = 86_400
+    # -- allow alert webhooks over plain http and to loopback, link-local and private addresses
+    #    (the dev stack and the tests). Off in production: the URL is the user's, and the sidecar
+    #    posts from inside the pod (docs/decisions/0033-low-balance-alerts.md).
+    alert_allow_private: bool = False
+
     # --- operations ----------------------------------------------------------------------------
     # -- how much the `billingproxy` processes log: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     log_level: str = "INFO"
     # -- connections of the sidecar's hot-path pool (the Check's holds, the access log's
-    #    settlements, the key cache, the expiry sweep), from 4 (one per hold lane and settlement
-    #    worker) to 1000. More let more transactions run at once, up to what PostgreSQL can run.
+    #    settlements, the key cache, the expiry sweep, the alert worker between its posts), from 4
+    #    (one per hold lane and settlement worker) to 1000. More let more transactions run at
+    #    once, up to what PostgreSQL can run.
     hot_path_pool_size: int = 10
 
     @property
@@ -491,6 +504,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip().rstrip("/"),
         topup_nano_min=_usd(env, "TOPUP_USD_MIN", defaults.topup_nano_min),
         topup_nano_max=_usd(env, "TOPUP_USD_MAX", defaults.topup_nano_max),
+        alert_interval_ms=_int(env, "ALERT_INTERVAL_MS", defaults.alert_interval_ms, 50, 60_000),
+        alert_retry_base_ms=_int(env, "ALERT_RETRY_BASE_MS", defaults.alert_retry_base_ms, 10, 3_600_000),
+        alert_retry_for_s=_int(env, "ALERT_RETRY_FOR_S", defaults.alert_retry_for_s, 0, 7 * 86_400),
+        alert_allow_private=_bool(env, "ALERT_ALLOW_PRIVATE", defaults.alert_allow_private),
         log_level=(env.get(ENV_PREFIX + "LOG_LEVEL") or defaults.log_level).strip().upper(),
         hot_path_pool_size=_int(
             env,

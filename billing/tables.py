@@ -200,3 +200,56 @@ stripe_disputes = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )
 sa.Index("stripe_disputes_payment_intent", stripe_disputes.c.payment_intent)
+
+# --- Low-balance alerts (migration 0007; the rules live in billing/alerts.py) ---------------------
+
+# The one webhook endpoint a wallet's owner registered, and what the sweep last saw of the wallet.
+alert_endpoints = sa.Table(
+    "alert_endpoints",
+    metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    # Kept as it is: an HMAC is computed with the secret, so a hash of it could not sign
+    # (docs/decisions/0033-low-balance-alerts.md).
+    sa.Column("signing_secret", sa.Text, nullable=False),
+    # The owner's thresholds; NULL: the defaults (20 % of the last top-up or $1, and $0).
+    sa.Column("thresholds_nano", pg.ARRAY(sa.BigInteger), nullable=True),
+    # The default low threshold, recomputed by the sweep when the balance rose.
+    sa.Column("low_default_nano", sa.BigInteger, nullable=False),
+    # The balance the last sweep saw: a threshold above it is armed.
+    sa.Column("observed_balance_nano", sa.BigInteger, nullable=False),
+    # How many sweeps moved observed_balance_nano: part of an event's unique key.
+    sa.Column("observation", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint("length(url) <= 2048", name="alert_endpoints_url_length"),
+)
+
+# Events to deliver (and delivered: the record of what was sent, attempted, or given up).
+alert_events = sa.Table(
+    "alert_events",
+    metadata,
+    # The receiver's idempotency key: the same on every attempt.
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("observation", sa.BigInteger, nullable=True),
+    sa.Column("threshold_nano", sa.BigInteger, nullable=True),
+    sa.Column("balance_nano", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("gave_up_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.UniqueConstraint(
+        "wallet_id", "observation", "threshold_nano", "type", name="alert_events_one_per_crossing"
+    ),
+)
+sa.Index("alert_events_by_wallet", alert_events.c.wallet_id, alert_events.c.created_at)
+# The worker's claim: events neither delivered nor given up, by when they are due.
+sa.Index(
+    "alert_events_due",
+    alert_events.c.next_attempt_at,
+    postgresql_where=sa.text("delivered_at IS NULL AND gave_up_at IS NULL"),
+)

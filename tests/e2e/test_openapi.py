@@ -151,3 +151,15 @@ async def test_real_answers_fit_the_document(stack) -> None:
     await call("DELETE", f"/billing/keys/{created['id']}", status=200, key=key, template=one_key)
     await call("DELETE", f"/billing/keys/{user['key_id']}", status=409, key=key, template=one_key)
     await call("GET", "/billing/keys", status=401)
+    await call("GET", "/billing/alerts", status=404, key=key)
+    await call("POST", "/billing/alerts/test", status=404, key=key)
+    await call("PUT", "/billing/alerts", status=400, key=key, json={"url": "https://127.0.0.1/hook"})
+    await call("PUT", "/billing/alerts", status=401, json={"url": "https://93.184.215.14/hook"})
+    # A public address that nothing here ever posts to: no threshold is crossed and no test is sent.
+    hook = {"url": "https://93.184.215.14/hook", "thresholds_usd": ["0.01"]}
+    registered = await call("PUT", "/billing/alerts", status=200, key=key, json=hook)
+    assert registered["signing_secret"].startswith("whsec_")
+    shown = await call("GET", "/billing/alerts", status=200, key=key)
+    assert shown["thresholds_usd"] == ["0.010000"] and shown["recent_events"] == []
+    assert (await call("DELETE", "/billing/alerts", status=200, key=key))["deleted"] is True
+    await call("DELETE", "/billing/alerts", status=404, key=key)
