@@ -11,7 +11,11 @@ import json
 from typing import Any
 
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen: Python and contextlib write an exception's __traceback__ as it leaves an
+# ``async with`` (contextlib.asynccontextmanager's __aexit__ does it in Python code), and a frozen
+# dataclass refuses that write, so the client would get a 500 instead of this answer.
+# eq=False: an exception keeps identity equality and stays hashable.
+@dataclasses.dataclass(eq=False)
 class ApiError(Exception):
     status: int
     code: str
