@@ -306,8 +306,8 @@ async def _late_holds(
     *,
     state: str,
     since: str,
-    due_s: float,
-    expected: Callable[[float, str], str],
+    due_s: int,
+    expected: Callable[[int, str], str],
     found: Callable[[int, str], str],
 ) -> CheckResult:
     """Holds still in ``state`` more than ``due_s`` after their ``since`` column: each a finding."""

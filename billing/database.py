@@ -45,7 +45,7 @@ Database: TypeAlias = asyncpg.Pool | AsyncEngine
 _SCHEMES = ("postgresql+asyncpg://", "postgresql://", "postgres://")
 # Connecting gives up after this instead of asyncpg's 60 s, so a caller answers "unavailable"
 # quickly instead of hanging while the database is away.
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5
 
 # Failures that say the database is away, whichever driver layer raised them: the socket
 # (refused, reset, timed out, no route), asyncpg's connection closing under a call, and
@@ -108,7 +108,7 @@ def create_engine(
     The engines serve the HTTP API, the CLI and the operator, never the Check's hot path (that is
     the asyncpg pool).
     """
-    connect_args: dict[str, float] = {"timeout": CONNECT_TIMEOUT_S}
+    connect_args: dict[str, int] = {"timeout": CONNECT_TIMEOUT_S}
     if command_timeout_s is not None:
         connect_args["command_timeout"] = command_timeout_s
     return create_async_engine(

@@ -433,7 +433,7 @@ def settlement_of(row: asyncpg.Record | None, request_id: str, resolution: Resol
 # How often the sidecar's sweep runs :func:`expire_due` (authz_sidecar/server.py). A hold is
 # therefore expired within one period (plus the round's own time) after its ``expires_at``;
 # ``billing.audit`` allows for that before it calls a pending hold overdue.
-EXPIRY_SWEEP_S = 5.0
+EXPIRY_SWEEP_S = 5
 
 # Expiry, for the sweep: every pending hold past its time is expired and its reservation released,
 # per wallet, in one statement. Nothing is charged. It takes the batches' lock order — holds by
