@@ -36,12 +36,25 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 # 400 for a bad signature (tests/stripe and test_bad_input.py cover that refusal directly).
 NOT_FUZZED = {("post", "/stripe/webhook")}
 
-OPERATIONS = sorted(
-    (method, path)
-    for path, item in repo_document()["paths"].items()
-    for method in item
-    if method in HTTP_METHODS and (method, path) not in NOT_FUZZED
-)
+POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
+
+
+def fuzzed() -> list[tuple[str, str, schemathesis.GenerationMode]]:
+    """Every documented operation with requests that fit the document; those that take input
+    (parameters or a body) with requests that break it too. An operation without input has
+    nothing to break: hypothesis would find no negative case at all (Unsatisfiable)."""
+    cases = []
+    for path, item in repo_document()["paths"].items():
+        for method, operation in item.items():
+            if method not in HTTP_METHODS or (method, path) in NOT_FUZZED:
+                continue
+            cases.append((method, path, POSITIVE))
+            if operation.get("parameters") or operation.get("requestBody"):
+                cases.append((method, path, NEGATIVE))
+    return sorted(cases)
+
+
+FUZZED = fuzzed()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +75,9 @@ async def served_schema(stack) -> schemathesis.BaseSchema:
     return await asyncio.to_thread(schemathesis.openapi.from_url, stack.gateway + "/openapi.json")
 
 
-def fuzz(operation: schemathesis.APIOperation, gateway: str, api_key: str) -> None:
+def fuzz(
+    operation: schemathesis.APIOperation, mode: schemathesis.GenerationMode, gateway: str, api_key: str
+) -> None:
     """Runs the operation's generated cases; schemathesis raises on the first failing check, with
     the request as a curl command."""
 
@@ -73,7 +88,7 @@ def fuzz(operation: schemathesis.APIOperation, gateway: str, api_key: str) -> No
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
-    @given(case=operation.as_strategy())
+    @given(case=operation.as_strategy(generation_mode=mode))
     def answers_as_documented(case: schemathesis.Case) -> None:
         case.call_and_validate(
             base_url=gateway, headers={"Authorization": f"Bearer {api_key}"}, checks=CHECKS, timeout=30
@@ -82,10 +97,20 @@ def fuzz(operation: schemathesis.APIOperation, gateway: str, api_key: str) -> No
     answers_as_documented()
 
 
-@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m.upper()} {p}" for m, p in OPERATIONS])
+@pytest.mark.parametrize(
+    ("method", "path", "mode"), FUZZED, ids=[f"{m.upper()} {p} {mode}" for m, p, mode in FUZZED]
+)
 async def test_generated_requests_get_documented_answers(
-    stack, api_key: str, served_schema: schemathesis.BaseSchema, method: str, path: str
+    stack,
+    api_key: str,
+    served_schema: schemathesis.BaseSchema,
+    method: str,
+    path: str,
+    mode: schemathesis.GenerationMode,
 ) -> None:
+    """POSITIVE: requests that fit the document; NEGATIVE: requests that break it on purpose
+    (a wrong type, a missing field, a pattern not matched), which must be refused with a
+    documented 4xx, never a 5xx."""
     operation = served_schema[path][method]
     # schemathesis calls with requests (blocking): the stack's own event loop must keep running.
-    await asyncio.to_thread(fuzz, operation, stack.gateway, api_key)
+    await asyncio.to_thread(fuzz, operation, mode, stack.gateway, api_key)
