@@ -332,7 +332,8 @@ value="{html.escape(amount)}"></label>
     async def success_page(self, request: web.Request) -> web.Response:
         session_id = request.query.get("session_id", "")
         status = None
-        if session_id:
+        # PostgreSQL text cannot hold NUL, so no session has one; asking would be a 500.
+        if session_id and "\x00" not in session_id:
             async with self.engine.connect() as conn:
                 status = await topups.checkout_session_status(conn, session_id)
         if status is None:

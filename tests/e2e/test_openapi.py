@@ -114,8 +114,11 @@ async def test_real_answers_fit_the_document(stack) -> None:
     ) -> Any:
         """``template``: the document's path for ``path`` when it has parameters."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with stack.http.request(method, stack.gateway + path, headers=headers, **kwargs) as response:
-            body = await response.json()
+        async with stack.http.request(
+            method, stack.gateway + path, headers=headers, allow_redirects=False, **kwargs
+        ) as response:
+            html = response.content_type == "text/html"
+            body = await (response.text() if html else response.json())
             assert response.status == status, body
             described = template or path.split("?", maxsplit=1)[0]
             contract.check(described, method.lower(), status, response.content_type, body)
@@ -139,6 +142,11 @@ async def test_real_answers_fit_the_document(stack) -> None:
     await call("GET", "/billing/balance", status=401)
     await call("GET", "/billing/usage?limit=0", status=400, key=key)
     await call("GET", "/billing/usage", status=401, key="sk-litellm-bad")
+    # The top-up page's form is refused with the page again (HTML), the JSON call with an Error.
+    form = {"api_key": "sk-litellm-bad", "amount_usd": "10.00"}
+    assert "Incorrect API key" in await call("POST", "/billing/topup", status=401, data=form)
+    await call("POST", "/billing/topup", status=401, key="sk-litellm-bad", json={"amount_usd": "10.00"})
+    await call("POST", "/billing/topup", status=400, data={"api_key": key, "amount_usd": ""})
 
     # The wallet's keys: list, create, revoke, and their refusals.
     one_key = "/billing/keys/{key_id}"
