@@ -716,20 +716,6 @@ def _local_reply_config() -> dict[str, Any]:
                     "Request body too large.", "invalid_request_error", "request_too_large"
                 ),
             },
-            # The first mapper that matches is the only one applied: the sidecar's own 400s
-            # (ext_authz denials, UAEX) keep their bodies; any other local 400 is Envoy refusing
-            # the request line itself, e.g. an escaped slash or backslash in the path
-            # (path_with_escaped_slashes_action), which would otherwise answer an empty body.
-            {"filter": uaex},
-            {
-                "filter": status_is(400),
-                "body_format_override": json_body(
-                    "The request was refused before routing (the code says why); for example, "
-                    "a path must not contain an escaped slash or backslash (%%2F, %%5C).",
-                    "invalid_request_error",
-                    "%RESPONSE_CODE_DETAILS%",
-                ),
-            },
         ],
     }
 
