@@ -286,3 +286,23 @@ async def test_a_new_follower_finishes_the_rotated_file_first(wallet: Wallet, tm
     await second.follow_once()
     assert await wallet.states() == {name: ("posted", cost()) for name in "abc"}
     second.close()
+
+
+async def test_a_line_naming_another_wallet_or_model_moves_no_money(
+    wallet: Wallet, migrated_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """The file is trusted as the gRPC log is, no more: a line must agree with the hold the Check
+    recorded (billing/holds.py SETTLE_SQL), or it is refused and the hold left for its true report."""
+    async with migrated_engine.begin() as conn:
+        other = await wallets.signup(conn, email="file-log-other@example.com", grant_nano=GRANT_NANO)
+    path = tmp_path / "access.log"
+    await wallet.place("victims-hold")
+    forged_wallet = {**wallet.hold, "wallet-id": other.wallet.id, "hold-id": "victims-hold"}
+    forged_model = {**wallet.hold, "model": "gpt-4o", "hold-id": "victims-hold"}
+    follow = follower(wallet.pool, path)
+    for forged in (forged_wallet, forged_model):  # one round each: a round keeps one line per id
+        append(path, envoy_log_line("victims-hold", 200, hold=forged, prompt=1, completion=1))
+        await follow.follow_once()
+        assert await wallet.states() == {"victims-hold": ("pending", None)}
+    assert await wallet.balance() == GRANT_NANO
+    follow.close()
