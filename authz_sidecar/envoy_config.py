@@ -156,7 +156,6 @@ UPSTREAM_HEADERS = (
 # The longest Unix socket path (sockaddr_un.sun_path is 108 bytes with the NUL).
 UNIX_SOCKET_PATH_MAX = 107
 
-EXT_AUTHZ_TIMEOUT_S = 1
 ACCESS_LOG_BUFFER_BYTES = 16 * 1024
 ACCESS_LOG_FLUSH_INTERVAL_MS = 10
 SIDECAR_ROUTE_TIMEOUT_S = 30
@@ -510,7 +509,7 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
     if settings.check_transport == "grpc":
         config["grpc_service"] = {
             "envoy_grpc": {"cluster_name": SIDECAR_GRPC_CLUSTER},
-            "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+            "timeout": f"{settings.check_timeout_ms / 1000:g}s",
         }
         config["with_request_body"]["pack_as_bytes"] = True  # the body as bytes, not a UTF-8 string
     else:
@@ -524,7 +523,7 @@ def _ext_authz_filter(settings: Settings) -> dict[str, Any]:
             "server_uri": {
                 "uri": f"http://{INTERNAL_HOST}:{settings.check_port}",
                 "cluster": SIDECAR_CHECK_CLUSTER,
-                "timeout": f"{EXT_AUTHZ_TIMEOUT_S}s",
+                "timeout": f"{settings.check_timeout_ms / 1000:g}s",
             },
             "path_prefix": contract.CHECK_PATH_PREFIX,
             "authorization_response": {

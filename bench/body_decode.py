@@ -19,7 +19,7 @@ from typing import Any
 
 import httptools
 
-from authz_sidecar import check_http, contract, envoy_config
+from authz_sidecar import check_http, contract
 from bench import workload
 from billing import key_format, wallets
 from billing.settings import Settings
@@ -38,7 +38,7 @@ def sample_check_request() -> bytes:
         "content-type": "application/json",
         "x-request-id": REQUEST_ID,
         "x-envoy-internal": "true",
-        "x-envoy-expected-rq-timeout-ms": str(envoy_config.EXT_AUTHZ_TIMEOUT_S * 1000),
+        "x-envoy-expected-rq-timeout-ms": str(Settings().check_timeout_ms),
     }
     head = f"POST {contract.CHECK_PATH_PREFIX}{workload.PATH} HTTP/1.1\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"

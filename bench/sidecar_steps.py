@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from authz_sidecar import contract, envoy_config
 from bench import procstat, workload
-from billing import api_keys, hold_batches, holds, ledger, pricing, tables, wallets
+from billing import api_keys, hold_batches, holds, ledger, pricing, settings, tables, wallets
 
 CALLS = 400
 GRANT_NANO = 1_000 * 10**9
@@ -118,7 +118,7 @@ def check_headers(method: str, authorization: str, request_id: str) -> dict[str,
     headers.update(
         {
             "x-envoy-internal": "true",
-            "x-envoy-expected-rq-timeout-ms": str(envoy_config.EXT_AUTHZ_TIMEOUT_S * 1000),
+            "x-envoy-expected-rq-timeout-ms": str(settings.Settings().check_timeout_ms),
         }
     )
     return headers

@@ -167,6 +167,9 @@ class Settings:
     keys_per_wallet_max: int = 20
     # -- how long Envoy waits for the backend; kept below hold_ttl_s so a hold outlives its request.
     upstream_timeout_s: int = 300
+    # -- how long Envoy waits for the Check before refusing the request (503 billing_unavailable,
+    #    never served unbilled). Long enough for a burst of requests queued at a busy sidecar.
+    check_timeout_ms: int = 3000
 
     # --- payments (Stripe; see docs/stripe.md) --------------------------------------------------
     # -- STRIPE_SECRET_KEY (sk_test_…, sk_live_…, rk_…). Empty: top-ups answer 503, and
@@ -240,9 +243,10 @@ class Settings:
                 f"{ENV_PREFIX}SIGNUP_EMAIL_POLICY must be one of {', '.join(emails.POLICIES)}, "
                 f"not {self.signup_email_policy!r}"
             )
-        if self.upstream_timeout_s >= self.hold_ttl_s:
+        if self.upstream_timeout_s * 1000 + self.check_timeout_ms >= self.hold_ttl_s * 1000:
             raise SettingsError(
-                f"{ENV_PREFIX}UPSTREAM_TIMEOUT_S ({self.upstream_timeout_s}) must be below "
+                f"{ENV_PREFIX}UPSTREAM_TIMEOUT_S ({self.upstream_timeout_s}) plus "
+                f"{ENV_PREFIX}CHECK_TIMEOUT_MS ({self.check_timeout_ms}) must be below "
                 f"{ENV_PREFIX}HOLD_TTL_S ({self.hold_ttl_s}): a hold must outlive its request"
             )
         if self.free_grant_nano < 0:
@@ -499,6 +503,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         usage_page_size_max=_int(env, "USAGE_PAGE_SIZE_MAX", defaults.usage_page_size_max, 1, 1000),
         keys_per_wallet_max=_int(env, "KEYS_PER_WALLET_MAX", defaults.keys_per_wallet_max, 1, 1000),
         upstream_timeout_s=_int(env, "UPSTREAM_TIMEOUT_S", defaults.upstream_timeout_s, 1, 86_400),
+        check_timeout_ms=_int(env, "CHECK_TIMEOUT_MS", defaults.check_timeout_ms, 100, 30_000),
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip(),
         stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip(),
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip().rstrip("/"),

@@ -44,9 +44,11 @@ PACE_MS = "50"  # 64 tokens at 50 ms: the backend is still producing for seconds
 SILENT_MS = "5000"  # how long the backend waits before its first byte, for the client to leave first
 
 # The route-timeout stack: the timeout just below the hold's TTL, the closest Settings allow
-# (BILLINGPROXY_HOLD_TTL_S is at least 10 s, and UPSTREAM_TIMEOUT_S must be below it).
+# (BILLINGPROXY_HOLD_TTL_S is at least 10 s, and UPSTREAM_TIMEOUT_S plus CHECK_TIMEOUT_MS must
+# be below it).
 HOLD_TTL_S = 10
 ROUTE_TIMEOUT_S = HOLD_TTL_S - 1
+CHECK_TIMEOUT_MS = 900
 # One SSE event a second (the demo's longest pause): a chat stream of N tokens is N + 4 events
 # (role, N deltas, finish, usage, [DONE]), each followed by one pause.
 TIMED_PACE_MS = 1000
@@ -356,7 +358,9 @@ class TimedRequest:
 @pytest.fixture(scope="module")
 async def timed_stack(launch_stack) -> AsyncIterator[Any]:
     async with launch_stack(
-        BILLINGPROXY_UPSTREAM_TIMEOUT_S=str(ROUTE_TIMEOUT_S), BILLINGPROXY_HOLD_TTL_S=str(HOLD_TTL_S)
+        BILLINGPROXY_UPSTREAM_TIMEOUT_S=str(ROUTE_TIMEOUT_S),
+        BILLINGPROXY_HOLD_TTL_S=str(HOLD_TTL_S),
+        BILLINGPROXY_CHECK_TIMEOUT_MS=str(CHECK_TIMEOUT_MS),
     ) as running:
         yield running
 

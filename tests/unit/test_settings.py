@@ -63,6 +63,7 @@ def test_values_are_read(tmp_path: Path) -> None:
             P + "OVERDRAFT_LIMIT_USD": "2.5",
             P + "HOLD_TTL_S": "120",
             P + "UPSTREAM_TIMEOUT_S": "119",
+            P + "CHECK_TIMEOUT_MS": "500",
             P + "PRICE_OVERRIDES": str(overrides),
             P + "MARKUP_PERCENT": "12.5",
             P + "BACKEND_URL": "https://llm.example.com:4000/",
@@ -83,7 +84,7 @@ def test_values_are_read(tmp_path: Path) -> None:
     assert s.free_grant_nano == 1_250_000_000
     assert s.admission == "strict" and s.strict
     assert s.overdraft_limit_nano == 2_500_000_000
-    assert (s.hold_ttl_s, s.upstream_timeout_s) == (120, 119)
+    assert (s.hold_ttl_s, s.upstream_timeout_s, s.check_timeout_ms) == (120, 119, 500)
     assert s.price_overrides_path == overrides
     assert s.markup_percent == Decimal("12.5") and type(s.markup_percent) is Decimal
     assert s.backend_url == "https://llm.example.com:4000"  # trailing slash dropped
@@ -213,6 +214,7 @@ def test_hold_ttl_below_the_upstream_timeout_names_both() -> None:
     [
         ({"admission": "bogus"}, "ADMISSION"),
         ({"upstream_timeout_s": 600}, "UPSTREAM_TIMEOUT_S"),
+        ({"upstream_timeout_s": 598, "check_timeout_ms": 3000}, "CHECK_TIMEOUT_MS"),
         ({"free_grant_nano": -1}, "FREE_GRANT_USD"),
         ({"overdraft_limit_nano": -1}, "OVERDRAFT_LIMIT_USD"),
         ({"markup_percent": Decimal("-0.5")}, "MARKUP_PERCENT"),
