@@ -61,11 +61,15 @@ PRIVATE_ADDRESS = "url must not point at a loopback, link-local, private or rese
 
 
 class EventType(enum.StrEnum):
-    """What an event says; auto-recharge and key-limit alerts add members here and reuse the queue,
-    the signature and the delivery."""
+    """What an event says. Every type shares the queue, the signature and the delivery; the types
+    besides the balance crossing and the test are queued by :func:`queue_event`."""
 
     BALANCE_LOW = "wallet.balance_low"
     TEST = "alert.test"
+    RECHARGE_SUCCEEDED = "auto_recharge.succeeded"
+    RECHARGE_FAILED = "auto_recharge.failed"
+    RECHARGE_PAUSED = "auto_recharge.paused"
+    KEY_LIMIT_REACHED = "key.limit_reached"
 
 
 class InvalidUrl(errors.UserFacingError, ValueError):
@@ -326,6 +330,37 @@ async def queue_test_event(conn: Conn, wallet_id: str) -> str:
     return str(event_id)
 
 
+_QUEUE_EVENT = """
+INSERT INTO alert_events (id, wallet_id, type, balance_nano, data)
+SELECT $2::text, w.id, $3::text, w.balance_nano, $4::jsonb
+  FROM wallets w JOIN alert_endpoints e ON e.wallet_id = w.id
+ WHERE w.id = $1::text
+    ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+
+
+def event_id_for(event_type: EventType, occurrence: str) -> str:
+    """The id of the one event of ``event_type`` about ``occurrence`` (a recharge, a key's window):
+    derived, not random, so queueing it again (a retried sweep, a second sidecar) adds nothing."""
+    digest = hashlib.sha256(f"{event_type}:{occurrence}".encode()).hexdigest()
+    return "evt_" + digest[:32]
+
+
+async def queue_event(
+    conn: Conn, wallet_id: str, event_type: EventType, *, occurrence: str, data: dict[str, str]
+) -> str | None:
+    """Queue one event of ``event_type`` about ``occurrence`` for the wallet's alert endpoint, in
+    the caller's transaction (so it exists exactly when the fact it reports does). Its id, or None
+    when the wallet has no endpoint or the event was already queued. ``data``'s values are
+    strings (USD amounts as decimal strings, never floats)."""
+    pg = await database.driver_connection(conn)
+    event_id = await pg.fetchval(
+        _QUEUE_EVENT, wallet_id, event_id_for(event_type, occurrence), str(event_type), json.dumps(data)
+    )
+    return None if event_id is None else str(event_id)
+
+
 # --- the sweep -------------------------------------------------------------------------------------
 
 # One statement, safe from several sidecars at once: the endpoint rows it takes are locked (others
@@ -392,10 +427,12 @@ class Delivery:
     attempt: int
     url: str
     signing_secret: str = dataclasses.field(repr=False)
+    data: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def payload(self) -> bytes:
         """The body: the same bytes on every attempt (built from the row, not from now)."""
         data: dict[str, Any] = {
+            **self.data,
             "wallet_id": self.wallet_id,
             "balance_usd": money.format_usd(self.balance_nano),
         }
@@ -426,7 +463,7 @@ UPDATE alert_events ev
   FROM due, alert_endpoints e
  WHERE ev.id = due.id AND e.wallet_id = ev.wallet_id
 RETURNING ev.id, ev.wallet_id, ev.type, ev.threshold_nano, ev.balance_nano, ev.created_at,
-          ev.attempts, e.url, e.signing_secret
+          ev.attempts, e.url, e.signing_secret, ev.data::text AS data
 """
 
 
@@ -448,6 +485,7 @@ async def claim_due(
             attempt=row["attempts"],
             url=row["url"],
             signing_secret=row["signing_secret"],
+            data=json.loads(row["data"]),  # as text: raw and engine connections decode jsonb apart
         )
         for row in rows
     ]

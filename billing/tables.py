@@ -242,6 +242,8 @@ alert_events = sa.Table(
     sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("gave_up_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
+    # What an event other than a balance crossing says (a recharge, a key's limit); sent as data.
+    sa.Column("data", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.UniqueConstraint(
         "wallet_id", "observation", "threshold_nano", "type", name="alert_events_one_per_crossing"
     ),

@@ -5,6 +5,7 @@ backs off and gives up as documented."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -193,3 +194,42 @@ async def test_removing_the_endpoint_gives_up_its_undelivered_events(migrated_en
         assert await alerts.claim_due(conn) == []
         [event] = await alerts.recent_events(conn, wallet, limit=10)
     assert (event.state, event.last_error) == ("gave_up", "the webhook was removed")
+
+
+async def test_an_event_about_an_occurrence_is_queued_once_with_its_data(
+    migrated_engine: AsyncEngine,
+) -> None:
+    bare = await new_wallet(migrated_engine)
+    async with migrated_engine.begin() as conn:
+        none = await alerts.queue_event(
+            conn, bare, alerts.EventType.RECHARGE_FAILED, occurrence="r1", data={"code": "card_declined"}
+        )
+    assert none is None, "a wallet without an endpoint has nowhere to send it"
+
+    wallet = await new_wallet(migrated_engine)
+    await register(migrated_engine, wallet, None)
+    queued = []
+    for _ in range(2):  # a retried sweep, a second sidecar
+        async with migrated_engine.begin() as conn:
+            queued.append(
+                await alerts.queue_event(
+                    conn,
+                    wallet,
+                    alerts.EventType.RECHARGE_FAILED,
+                    occurrence=f"{wallet}:1",
+                    data={"code": "card_declined", "amount_usd": "10"},
+                )
+            )
+    assert queued[0] == alerts.event_id_for(alerts.EventType.RECHARGE_FAILED, f"{wallet}:1")
+    assert queued[1] is None
+    async with migrated_engine.begin() as conn:
+        claimed = [d for d in await alerts.claim_due(conn, limit=100) if d.wallet_id == wallet]
+    assert [d.event_id for d in claimed] == [queued[0]]
+    sent = json.loads(claimed[0].payload())
+    assert sent["type"] == "auto_recharge.failed"
+    assert sent["data"] == {
+        "code": "card_declined",
+        "amount_usd": "10",
+        "wallet_id": wallet,
+        "balance_usd": money.format_usd(GRANT_NANO),
+    }
