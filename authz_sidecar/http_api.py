@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from authz_sidecar import alerts_api, api_errors, json_body, metrics, stripe_api
+from authz_sidecar.account import pages
 from authz_sidecar.key_lookup import KeyLookup
 from billing import api_keys, database, key_management, ledger, money, wallets
 from billing.settings import Settings
@@ -422,4 +423,14 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_get("/openapi.json", openapi)
     stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    # Sign-in attempts count against their own limiter, at the signup rates.
+    sign_in_limiter = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
+    pages.add_routes(
+        app,
+        settings=settings,
+        engine=engine,
+        key_lookup=key_lookup,
+        limiter_admit=sign_in_limiter.admit,
+        client_address=client_address,
+    )
     return app

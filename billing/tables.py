@@ -255,3 +255,25 @@ sa.Index(
     alert_events.c.next_attempt_at,
     postgresql_where=sa.text("delivered_at IS NULL AND gave_up_at IS NULL"),
 )
+
+account_sessions = sa.Table(
+    "account_sessions",
+    metadata,
+    # SHA-256 of the cookie's token: the table holds nothing a visitor could present.
+    sa.Column("token_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("key_id", sa.Text, sa.ForeignKey("api_keys.id"), nullable=False),
+    sa.Column("csrf_token", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    # Idle end (moved by each use) and absolute end (fixed at sign-in).
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ends_at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("account_sessions_expiry", account_sessions.c.expires_at)
+# The account page's spend chart: a wallet's usage entries by time, one aggregate query.
+sa.Index(
+    "ledger_usage_by_wallet_time",
+    ledger_entries.c.wallet_id,
+    ledger_entries.c.created_at,
+    postgresql_where=ledger_entries.c.kind == "usage",
+)
