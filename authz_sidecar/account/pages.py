@@ -33,7 +33,7 @@ from billing.settings import Settings
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
-STATIC_FILES = {"account.css": "text/css", "account.js": "text/javascript"}
+STATIC_FILES = {"account.css": "text/css", "account.js": "text/javascript", "favicon.svg": "image/svg+xml"}
 ENTRIES_PAGE = 25
 CSV_ROWS_MAX = 100_000
 CSRF_FIELD = "csrf_token"

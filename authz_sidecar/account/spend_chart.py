@@ -101,7 +101,7 @@ def render(rows: list[spend.DaySpend], *, today: dt.date, days: int = spend.DAYS
                 f'fill="{colour[model]}"><title>{escape(day.isoformat())} {escape(model)}: '
                 f"${escape(money.format_usd(nano))}</title></rect>"
             )
-        if i % 7 == 0 or i == days - 1:
+        if (days - 1 - i) % 7 == 0:  # weekly labels, ending on today
             parts.append(
                 f'<text x="{x + bar_w / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">'
                 f"{escape(day.strftime('%b %d'))}</text>"
