@@ -60,7 +60,7 @@ class Decider:
         self._endpoints = endpoints.EndpointTable(settings.endpoints)
         # Wallets refused as empty: wallet id → (refuse unparsed until, balance then).
         self._empty_wallets: dict[str, tuple[float, int]] = {}
-        self._top_up_url = f"{settings.public_url}/billing/topup"
+        self._top_up_url = f"{settings.public_url}/account/top-up"
         # Checks in flight together share one transaction (billing.hold_batches.place_many).
         self._holds: GroupCommit[hold_batches.HoldRequest, holds.Refusal | None] = GroupCommit(
             self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX, abandoned=self._void_abandoned

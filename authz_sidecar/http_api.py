@@ -421,7 +421,7 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_post("/billing/keys", create_key)
     app.router.add_delete("/billing/keys/{key_id}", revoke_key)
     app.router.add_get("/openapi.json", openapi)
-    stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    payments = stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     # Sign-in attempts count against their own limiter, at the signup rates.
     sign_in_limiter = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
@@ -432,5 +432,6 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
         key_lookup=key_lookup,
         limiter_admit=sign_in_limiter.admit,
         client_address=client_address,
+        payments=payments,
     )
     return app

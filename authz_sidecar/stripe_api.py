@@ -66,8 +66,14 @@ class CheckoutClient:
         )
 
     async def create_session(
-        self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str
+        self,
+        *,
+        wallet: wallets.Wallet,
+        amount_nano: int,
+        idempotency_key: str,
+        return_path: str = "/billing/topup/success",
     ) -> stripe.checkout.Session:
+        """``return_path``: where Checkout sends the customer back (the session id appended)."""
         s = self._settings
         amount_usd = money.format_usd_cents(amount_nano)
         params: SessionCreateParams = {
@@ -88,7 +94,7 @@ class CheckoutClient:
             "client_reference_id": wallet.id,
             "metadata": {"wallet_id": wallet.id, "amount_usd": amount_usd, "purpose": "billingproxy_topup"},
             "payment_intent_data": {"metadata": {"wallet_id": wallet.id, "purpose": "billingproxy_topup"}},
-            "success_url": f"{s.public_url}/billing/topup/success?session_id={{CHECKOUT_SESSION_ID}}",
+            "success_url": f"{s.public_url}{return_path}?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{s.public_url}/billing/topup/cancelled",
         }
         if wallet.email:
@@ -172,6 +178,14 @@ class StripeRoutes:
             )
         raise web.HTTPSeeOther(session.url)
 
+    async def checkout_for_account(self, wallet_id: str, amount: object, *, return_path: str) -> str:
+        """The account page's top-up: a Checkout Session for the signed-in wallet, its URL.
+        :class:`~authz_sidecar.api_errors.ApiError` for what the top-up API would refuse."""
+        checkout = self._require_stripe()
+        amount_nano = self._amount(amount)
+        session = await self._create(checkout, wallet_id, amount_nano, None, return_path=return_path)
+        return str(session.url)
+
     def _amount(self, value: object) -> int:
         s = self.settings
         try:
@@ -183,7 +197,13 @@ class StripeRoutes:
             ) from None
 
     async def _create(
-        self, checkout: CheckoutClient, wallet_id: str, amount_nano: int, client_key: str | None
+        self,
+        checkout: CheckoutClient,
+        wallet_id: str,
+        amount_nano: int,
+        client_key: str | None,
+        *,
+        return_path: str = "/billing/topup/success",
     ) -> Any:
         if client_key is not None and not 0 < len(client_key) <= CLIENT_IDEMPOTENCY_KEY_MAX:
             raise api_errors.ApiError(
@@ -203,7 +223,10 @@ class StripeRoutes:
         assert wallet is not None, "a key always belongs to a wallet (foreign key)"
         try:
             session = await checkout.create_session(
-                wallet=wallet, amount_nano=amount_nano, idempotency_key=idempotency_key
+                wallet=wallet,
+                amount_nano=amount_nano,
+                idempotency_key=idempotency_key,
+                return_path=return_path,
             )
         except stripe.IdempotencyError:
             metrics.stripe_checkout_sessions.labels("idempotency_conflict").inc()

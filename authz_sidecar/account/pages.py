@@ -24,10 +24,10 @@ import jinja2
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors
+from authz_sidecar import api_errors, stripe_api
 from authz_sidecar.account import spend_chart
 from authz_sidecar.key_lookup import KeyLookup
-from billing import account_sessions, api_keys, key_management, ledger, money, spend, wallets
+from billing import account_sessions, api_keys, key_management, ledger, money, spend, topups, wallets
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class AccountPages:
     key_lookup: KeyLookup
     limiter_admit: Callable[[str], Any]
     client_address: Callable[[web.Request], str]
+    payments: stripe_api.StripeRoutes
     templates: jinja2.Environment = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -154,17 +155,31 @@ class AccountPages:
     async def home(self, request: web.Request) -> web.Response:
         session = await self._session(request)
         if session is None:
-            return self.render("sign_in.html", session=None, error=None)
+            return self.render("sign_in.html", session=None, error=None, next=None)
         wallet = await self._wallet(session)
+        topup = await self._topup_status(session, request.query.get("session_id"))
         return self.render(
             "overview.html",
             session=session,
             wallet=self._wallet_view(wallet),
             stripe=self.settings.stripe_configured,
+            topup=topup,
         )
+
+    async def _topup_status(
+        self, session: account_sessions.Session, checkout_session_id: str | None
+    ) -> topups.SessionStatus | None:
+        """The wallet's own Checkout Session named by the return URL; None for anything else."""
+        if not checkout_session_id or len(checkout_session_id) > 255 or not checkout_session_id.isprintable():
+            return None
+        async with self.engine.connect() as conn:
+            return await topups.checkout_session_status(
+                conn, checkout_session_id, wallet_id=session.wallet_id
+            )
 
     async def sign_in(self, request: web.Request) -> web.StreamResponse:
         form = await self._form(request, None)
+        next_path = _local_page(form.get("next"))
         refusal = self.limiter_admit(self.client_address(request))
         if refusal is not None:
             response = self.render(
@@ -172,6 +187,7 @@ class AccountPages:
                 status=429,
                 session=None,
                 error="Too many sign-in attempts from this address; wait a minute and try again.",
+                next=next_path,
             )
             response.headers["retry-after"] = str(refusal.retry_after_s)
             return response
@@ -179,13 +195,17 @@ class AccountPages:
             key = await self.key_lookup.authenticate("Bearer " + form.get("api_key", "").strip())
         except api_errors.ApiError:
             # One message for malformed, unknown, revoked and suspended keys alike.
-            return self.render("sign_in.html", status=401, session=None, error="That key is not valid.")
+            return self.render(
+                "sign_in.html", status=401, session=None, error="That key is not valid.", next=next_path
+            )
         async with self.engine.begin() as conn:
             started = await account_sessions.start(conn, key)
         if started is None:  # revoked since the key cache read it
-            return self.render("sign_in.html", status=401, session=None, error="That key is not valid.")
+            return self.render(
+                "sign_in.html", status=401, session=None, error="That key is not valid.", next=next_path
+            )
         logger.info("account: wallet %s signed in with key %s", key.wallet_id, key.id)
-        response = web.HTTPSeeOther("/account")
+        response = web.HTTPSeeOther(next_path or "/account")
         self._set_cookie(response, started.token)
         return response
 
@@ -206,12 +226,14 @@ class AccountPages:
         if session is None:
             raise api_errors.ApiError(401, "not_signed_in", "Sign in at /account first.")
         wallet = self._wallet_view(await self._wallet(session))
+        topup = await self._topup_status(session, request.query.get("session_id"))
         response = web.json_response(
             {
                 "balance_usd": money.format_usd(wallet["balance_nano"]),
                 "reserved_usd": money.format_usd(wallet["reserved_nano"]),
                 "available_usd": money.format_usd(wallet["available_nano"]),
                 "state": wallet["state"],
+                "topup_credited": None if topup is None else topup.credited,
             }
         )
         response.headers["cache-control"] = "no-store"
@@ -277,6 +299,40 @@ class AccountPages:
                 out.truncate()
         await response.write_eof()
         return response
+
+    # --- top-up ---------------------------------------------------------------------------------
+
+    async def topup_page(self, request: web.Request) -> web.Response:
+        """The 403's ``top_up_url``: the amount form, after signing in if need be."""
+        session = await self._session(request)
+        if session is None:
+            return self.render("sign_in.html", session=None, error=None, next="/account/top-up")
+        return self._topup_form(session, amount="10.00", error=None)
+
+    def _topup_form(
+        self, session: account_sessions.Session, *, amount: str, error: str | None, status: int = 200
+    ) -> web.Response:
+        s = self.settings
+        return self.render(
+            "top_up.html",
+            status=status if s.stripe_configured else 503,
+            session=session,
+            stripe=s.stripe_configured,
+            amount=amount,
+            error=error,
+            low=money.format_usd_cents(s.topup_nano_min),
+            high=money.format_usd_cents(s.topup_nano_max),
+        )
+
+    async def topup(self, request: web.Request) -> web.StreamResponse:
+        session = await self._signed_in(request)
+        form = await self._form(request, session)
+        amount = form.get("amount_usd", "")
+        try:
+            url = await self.payments.checkout_for_account(session.wallet_id, amount, return_path="/account")
+        except api_errors.ApiError as error:
+            return self._topup_form(session, amount=amount, error=error.message, status=error.status)
+        raise web.HTTPSeeOther(url)
 
     # --- keys -----------------------------------------------------------------------------------
 
@@ -389,6 +445,14 @@ class AccountPages:
         return response
 
 
+def _local_page(path: str | None) -> str | None:
+    """``path`` if it is one of this page's own (a sign-in's way back), else None: never another
+    site (``//evil.example``) nor another part of the gateway."""
+    if path in ("/account", "/account/top-up", "/account/spend", "/account/keys"):
+        return path
+    return None
+
+
 def _positive_int(text: str | None) -> int | None:
     if text is None or not text.isdigit() or len(text) > 18:
         return None
@@ -412,14 +476,17 @@ def add_routes(
     key_lookup: KeyLookup,
     limiter_admit: Callable[[str], Any],
     client_address: Callable[[web.Request], str],
+    payments: stripe_api.StripeRoutes,
 ) -> AccountPages:
-    pages = AccountPages(settings, engine, key_lookup, limiter_admit, client_address)
+    pages = AccountPages(settings, engine, key_lookup, limiter_admit, client_address, payments)
     app.router.add_get("/account", pages.home)
     app.router.add_post("/account/sign-in", pages.sign_in)
     app.router.add_post("/account/sign-out", pages.sign_out)
     app.router.add_get("/account/balance.json", pages.balance_json)
     app.router.add_get("/account/spend", pages.spend_page)
     app.router.add_get("/account/entries.csv", pages.entries_csv)
+    app.router.add_get("/account/top-up", pages.topup_page)
+    app.router.add_post("/account/top-up", pages.topup)
     app.router.add_get("/account/keys", pages.keys_page)
     app.router.add_post("/account/keys", pages.create_key)
     app.router.add_post("/account/keys/{key_id}/revoke", pages.revoke_key)

@@ -588,6 +588,8 @@ Try it:
        -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
   curl -s {url}/billing/balance -H "authorization: Bearer $KEY"
 
+Your account page (balance, spend, keys, top-up): open {url}/account and sign in with $KEY.
+
 {_stripe_greeting(stack)}
 Logs: {_run_dir(stack.settings)}/   Stop: Ctrl-C
 """
@@ -598,7 +600,7 @@ def _stripe_greeting(stack: Stack) -> str:
     topup = f"""Top up (when the wallet is empty, requests get 403 with this link):
   curl -s {url}/billing/topup -H "authorization: Bearer $KEY" \\
        -H 'content-type: application/json' -d '{{"amount_usd": "10.00"}}'
-  … then open the checkout_url it answers — or open {url}/billing/topup in a browser.
+  … then open the checkout_url it answers — or open {url}/account/top-up in a browser.
 """
     listen = f"stripe listen --forward-to {url}/stripe/webhook"
     if stack.stripe_double_url:

@@ -270,6 +270,58 @@ async def test_spend_and_the_csv_show_the_ledgers_exact_amounts(stack) -> None:
     ) == sorted(row.amount_nano for row in usage)
 
 
+async def test_top_up_checks_its_form_and_shows_only_the_wallets_own_payment(stack) -> None:
+    owner = await stack.signup()
+    other = await stack.signup()
+    async with Browser(stack) as browser:
+        await browser.sign_in(owner["api_key"])
+        csrf = await browser.csrf("/account/top-up")
+        status, _, _ = await browser.post("/account/top-up", {"amount_usd": "10.00"})
+        assert status == 403, "no CSRF token"
+        for amount in ("0.10", "1e3", "-10", "ten", "10.001", ""):
+            status, html, _ = await browser.post(
+                "/account/top-up", {"csrf_token": csrf, "amount_usd": amount}
+            )
+            assert status == 400 and 'id="top-up-error"' in html, amount
+        assert (
+            await stack.db.scalar(
+                "SELECT count(*) FROM stripe_checkout_sessions WHERE wallet_id = :w", w=owner["wallet_id"]
+            )
+            == 0
+        )
+        status, _, headers = await browser.post(
+            "/account/top-up", {"csrf_token": csrf, "amount_usd": "10.00"}
+        )
+        assert status == 303 and "/c/pay/cs_test_" in headers["location"]
+        own = await stack.db.scalar(
+            "SELECT id FROM stripe_checkout_sessions WHERE wallet_id = :w", w=owner["wallet_id"]
+        )
+        _, html, _ = await browser.get(f"/account?session_id={own}")
+        assert 'id="topup" data-state="pending"' in html
+    async with Browser(stack) as browser:
+        await browser.sign_in(other["api_key"])
+        _, html, _ = await browser.get(f"/account?session_id={own}")
+        assert 'id="topup"' not in html, "another wallet's payment is not shown"
+        async with browser.http.get(stack.gateway + f"/account/balance.json?session_id={own}") as response:
+            assert (await response.json())["topup_credited"] is None
+
+
+async def test_sign_in_goes_back_only_to_the_account_pages_own_paths(stack) -> None:
+    user = await stack.signup()
+    for target, lands in [
+        ("/account/top-up", "/account/top-up"),
+        ("//evil.example/", "/account"),
+        ("https://evil.example/", "/account"),
+        ("/billing/keys", "/account"),
+    ]:
+        async with Browser(stack) as browser:
+            status, _, headers = await browser.post(
+                "/account/sign-in", {"api_key": user["api_key"], "next": target}
+            )
+            assert status == 303 and headers["location"] == lands, target
+
+
+# Last in the module: it uses up the client's sign-in allowance.
 async def test_sign_in_is_rate_limited_per_client(stack) -> None:
     async with Browser(stack) as browser:
         statuses = []

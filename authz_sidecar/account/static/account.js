@@ -14,13 +14,22 @@ document.addEventListener("click", (event) => {
 });
 
 // The overview's figures follow the wallet (a top-up landing, requests finishing) every 2 s.
+// Back from Checkout (?session_id=…), the banner turns to "credited" when the webhook has landed.
 const figures = document.querySelector("[data-balance-url]");
 if (figures) {
+  const topup = document.querySelector("#topup[data-state=pending]");
+  const url = topup
+    ? figures.dataset.balanceUrl + "?session_id=" + encodeURIComponent(topup.dataset.sessionId)
+    : figures.dataset.balanceUrl;
   const refresh = async () => {
     try {
-      const response = await fetch(figures.dataset.balanceUrl, { credentials: "same-origin" });
+      const response = await fetch(url, { credentials: "same-origin" });
       if (!response.ok) return;
       const wallet = await response.json();
+      if (topup && wallet.topup_credited && topup.dataset.state === "pending") {
+        topup.dataset.state = "credited";
+        topup.querySelector("p").textContent = "Payment received: credited to your wallet.";
+      }
       document.getElementById("balance").textContent = wallet.balance_usd;
       document.getElementById("reserved").textContent = wallet.reserved_usd;
       document.getElementById("available").textContent = wallet.available_usd;
