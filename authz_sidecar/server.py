@@ -45,7 +45,7 @@ from authz_sidecar import (
 )
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, errors, expiry, holds, pricing
+from billing import account_sessions, database, errors, expiry, holds, pricing
 from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ class Sidecar:
                             self.settings.hold_report_grace_s,
                         )
                     metrics.holds_pending.set(await holds.outstanding(conn))
+                    # Ended account-page sessions go on the same beat (an index range, usually empty).
+                    await account_sessions.prune(conn)
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
             await asyncio.sleep(holds.EXPIRY_SWEEP_S)

@@ -107,3 +107,16 @@ async def test_the_csrf_token_is_compared_exactly(migrated_engine: AsyncEngine) 
     assert account_sessions.csrf_matches(session, session.csrf_token)
     for wrong in (None, "", session.csrf_token[:-1], session.csrf_token + "a", "é"):
         assert not account_sessions.csrf_matches(session, wrong)
+
+
+async def test_prune_deletes_only_ended_sessions(migrated_engine: AsyncEngine) -> None:
+    live = await start(migrated_engine, await new_key(migrated_engine))
+    ended = await start(migrated_engine, await new_key(migrated_engine))
+    async with migrated_engine.begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE account_sessions SET expires_at = now() - interval '1 second' WHERE token_hash = :h"),
+            {"h": account_sessions.token_hash(ended.token)},
+        )
+        assert await account_sessions.prune(conn) == 1
+        assert await account_sessions.prune(conn) == 0
+    assert await use(migrated_engine, live.token) is not None
