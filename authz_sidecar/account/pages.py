@@ -248,11 +248,11 @@ class AccountPages:
             page = await ledger.entries(conn, session.wallet_id, limit=ENTRIES_PAGE + 1, before_id=before)
             keys = await key_management.list_keys(conn, session.wallet_id, include_revoked=True)
         prefixes = {view.record.id: view.record.display_prefix for view in keys}
-        chart = spend_chart.render(rows, today=today)
         return self.render(
             "spend.html",
             session=session,
-            chart=chart,
+            chart=spend_chart.render(rows, today=today),
+            key_chart=spend_chart.render(rows, today=today, by="key_id", labels=prefixes),
             by_key=[(prefixes.get(k, k), nano) for k, nano in spend.totals(rows, "key_id").items()],
             by_model=list(spend.totals(rows, "model").items()),
             entries=page[:ENTRIES_PAGE],

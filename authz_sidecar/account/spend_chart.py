@@ -1,4 +1,4 @@
-"""The spend chart as SVG drawn on the server: one bar per UTC day, stacked by model.
+"""The spend charts as SVG drawn on the server: one bar per UTC day, stacked by model (or by key).
 
 Why SVG from the server: no chart library to vendor and allow in the CSP, nothing to run in the
 browser, and labels are exact decimal strings from :mod:`billing.money`. The page shows the same
@@ -20,23 +20,23 @@ HEIGHT = 240
 MARGIN_LEFT = 64
 MARGIN_BOTTOM = 28
 MARGIN_TOP = 12
-# Colour-blind-safe qualitative palette (Okabe–Ito); models beyond it share the last colour.
+# Colour-blind-safe qualitative palette (Okabe–Ito); series beyond it share the last colour.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
-OTHER = "other models"
+OTHER = "others"
 
 
 @dataclasses.dataclass(frozen=True)
 class Chart:
     svg: Markup
-    legend: list[tuple[str, str]]  # (model, colour)
+    legend: list[tuple[str, str]]  # (series label, colour)
     days: list[dt.date]
-    # nano-USD per day and model, for the table beside the chart
+    # nano-USD per day and series label, for the table beside the chart
     table: dict[dt.date, dict[str, int]]
 
 
-def _series(rows: list[spend.DaySpend]) -> list[str]:
-    """Models by total spend, the ones past the palette folded into OTHER."""
-    ranked = list(spend.totals(rows, "model"))
+def _series(rows: list[spend.DaySpend], by: str) -> list[str]:
+    """Series (models or keys) by total spend, the ones past the palette folded into OTHER."""
+    ranked = list(spend.totals(rows, by))
     if len(ranked) <= len(PALETTE):
         return ranked
     return [*ranked[: len(PALETTE) - 1], OTHER]
@@ -54,30 +54,42 @@ def _nice_ceiling(nano: int) -> int:
         step *= 10
 
 
-def render(rows: list[spend.DaySpend], *, today: dt.date, days: int = spend.DAYS) -> Chart:
+def render(
+    rows: list[spend.DaySpend],
+    *,
+    today: dt.date,
+    by: str = "model",
+    labels: dict[str, str] | None = None,
+    days: int = spend.DAYS,
+) -> Chart:
+    """The chart of ``rows`` stacked by ``by`` (``"model"`` or ``"key_id"``); ``labels`` names a
+    series for people (a key's prefix for its id)."""
     first = spend.window_start(today, days)
     day_list = [first + dt.timedelta(days=i) for i in range(days)]
-    series = _series(rows)
+    names = labels or {}
+    series = [names.get(name, name) for name in _series(rows, by)]
     shown = set(series)
     table: dict[dt.date, dict[str, int]] = {day: {} for day in day_list}
     for row in rows:
         if row.day not in table:
             continue
-        model = row.model if row.model in shown else OTHER
-        table[row.day][model] = table[row.day].get(model, 0) + row.nano
+        name = names.get(getattr(row, by), getattr(row, by))
+        name = name if name in shown else OTHER
+        table[row.day][name] = table[row.day].get(name, 0) + row.nano
     top = _nice_ceiling(max((sum(v.values()) for v in table.values()), default=0))
     plot_w = WIDTH - MARGIN_LEFT - 8
     plot_h = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
     slot = plot_w / days
     bar_w = max(1.0, slot * 0.7)
-    colour = {model: PALETTE[min(i, len(PALETTE) - 1)] for i, model in enumerate(series)}
+    colour = {name: PALETTE[min(i, len(PALETTE) - 1)] for i, name in enumerate(series)}
 
+    what = "model" if by == "model" else "key"
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        'aria-labelledby="spend-title spend-desc" class="spend-chart">',
-        '<title id="spend-title">Spend per day, last 30 days (UTC)</title>',
-        f'<desc id="spend-desc">Bars stacked by model; the highest mark is '
-        f"{escape(money.format_usd(top))} USD. The table below has every figure.</desc>",
+        f'aria-labelledby="spend-{what}-title spend-{what}-desc" class="spend-chart" id="spend-by-{what}">',
+        f'<title id="spend-{what}-title">Spend per day by {what}, last {days} days (UTC)</title>',
+        f'<desc id="spend-{what}-desc">Bars stacked by {what}; the highest mark is '
+        f"{escape(money.format_usd(top))} USD. The tables below have every figure.</desc>",
     ]
     base_y = MARGIN_TOP + plot_h
     for fraction in (0, 0.5, 1):
@@ -90,15 +102,15 @@ def render(rows: list[spend.DaySpend], *, today: dt.date, days: int = spend.DAYS
     for i, day in enumerate(day_list):
         x = MARGIN_LEFT + i * slot + (slot - bar_w) / 2
         y = float(base_y)
-        for model in series:
-            nano = table[day].get(model, 0)
+        for name in series:
+            nano = table[day].get(name, 0)
             if nano <= 0:
                 continue
             h = plot_h * nano / top
             y -= h
             parts.append(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
-                f'fill="{colour[model]}"><title>{escape(day.isoformat())} {escape(model)}: '
+                f'fill="{colour[name]}"><title>{escape(day.isoformat())} {escape(name)}: '
                 f"${escape(money.format_usd(nano))}</title></rect>"
             )
         if (days - 1 - i) % 7 == 0:  # weekly labels, ending on today
@@ -107,5 +119,5 @@ def render(rows: list[spend.DaySpend], *, today: dt.date, days: int = spend.DAYS
                 f"{escape(day.strftime('%b %d'))}</text>"
             )
     parts.append("</svg>")
-    legend = [(model, colour[model]) for model in series]
+    legend = [(name, colour[name]) for name in series]
     return Chart(Markup("".join(parts)), legend, day_list, table)

@@ -97,7 +97,8 @@ async def test_a_person_watches_spends_and_manages_keys_in_the_browser(stack, ch
         entries = await page.inner_text("#entries-table")
         for row in usage:
             assert row.request_id in entries and money.format_usd(row.amount_nano) in entries
-        assert await page.locator("svg.spend-chart rect").count() == 1  # one day, one model
+        assert await page.locator("#spend-by-model rect").count() == 1  # one day, one model
+        assert await page.locator("#spend-by-key rect").count() == 1  # one day, one key
         await look(page, "spend", shots)
 
         await page.click("nav >> text=Keys")

@@ -114,7 +114,9 @@ async def test_prune_deletes_only_ended_sessions(migrated_engine: AsyncEngine) -
     ended = await start(migrated_engine, await new_key(migrated_engine))
     async with migrated_engine.begin() as conn:
         await conn.execute(
-            sa.text("UPDATE account_sessions SET expires_at = now() - interval '1 second' WHERE token_hash = :h"),
+            sa.text(
+                "UPDATE account_sessions SET expires_at = now() - interval '1 second' WHERE token_hash = :h"
+            ),
             {"h": account_sessions.token_hash(ended.token)},
         )
         assert await account_sessions.prune(conn) == 1

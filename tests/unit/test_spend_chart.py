@@ -48,3 +48,11 @@ def test_models_beyond_the_palette_share_one_series() -> None:
     assert len(chart.legend) == len(spend_chart.PALETTE)
     assert chart.legend[-1][0] == spend_chart.OTHER
     assert sum(chart.table[TODAY].values()) == sum(r.nano for r in rows), "nothing is dropped"
+
+
+def test_by_key_the_series_are_the_keys_named_by_their_prefixes() -> None:
+    rows = [row(0, "gpt-4o", 100, "key_a"), row(0, "o1", 50, "key_b"), row(1, "o1", 25, "key_a")]
+    chart = spend_chart.render(rows, today=TODAY, by="key_id", labels={"key_a": "sk-litellm-AAA"})
+    assert [name for name, _ in chart.legend] == ["sk-litellm-AAA", "key_b"]
+    assert chart.table[TODAY] == {"sk-litellm-AAA": 100, "key_b": 50}
+    assert 'id="spend-by-key"' in chart.svg
