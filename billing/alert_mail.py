@@ -78,7 +78,7 @@ def parse_smtp_url(url: str) -> SmtpServer:
         raise InvalidSmtpUrl("must name a host, as in smtp://user:password@mail.example.com:587")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InvalidSmtpUrl("must have no path, query or fragment")
-    if (parts.username is None) != (parts.password is None):
+    if bool(parts.username) != bool(parts.password):
         raise InvalidSmtpUrl("must give both a user name and a password, or neither")
     return SmtpServer(
         scheme=parts.scheme,
@@ -94,8 +94,10 @@ def check_sender(value: str) -> str:
     <alerts@example.com>``); InvalidAddress if it is not one address on one line."""
     if any(c in value for c in "\r\n") or not value.isascii():
         raise InvalidAddress("a From address must be one line of ASCII")
-    _, addr_spec = email.utils.parseaddr(value)
-    return check_address(addr_spec)
+    header = email.policy.SMTP.header_factory("from", value)
+    if header.defects or len(header.addresses) != 1:
+        raise InvalidAddress("a From must be exactly one address")
+    return check_address(header.addresses[0].addr_spec)
 
 
 def check_address(address: str) -> str:
