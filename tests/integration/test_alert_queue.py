@@ -233,3 +233,34 @@ async def test_an_event_about_an_occurrence_is_queued_once_with_its_data(
         "wallet_id": wallet,
         "balance_usd": money.format_usd(GRANT_NANO),
     }
+
+
+async def test_concurrent_operators_take_each_kubernetes_event_once(
+    migrated_engine: AsyncEngine, migrated_pool
+) -> None:
+    """What the ticks of two operator replicas (or more) on one Wallet do at once."""
+    external_id = str(uuid.uuid4())
+    async with migrated_engine.begin() as conn:
+        wallet, _ = await wallets.ensure_owned_wallet(
+            conn, source="kubernetes", external_id=external_id, grant_nano=USD, email=None
+        )
+        assert await alerts.enrol(conn, mail=False) == 1
+        made = [
+            await alerts.queue_event(
+                conn, wallet.id, alerts.EventType.KEY_LIMIT_REACHED, occurrence=f"key:{n}", data={}
+            )
+            for n in range(30)
+        ]
+
+    async def tick() -> list[str]:
+        async with database.acquire(migrated_pool) as conn, conn.transaction():
+            taken = await alerts.take_announcements(
+                conn, external_id, types=[alerts.EventType.KEY_LIMIT_REACHED], limit=7
+            )
+        return [a.event_id for a in taken]
+
+    taken: list[str] = []
+    for _ in range(6):
+        for batch in await asyncio.gather(*(tick() for _ in range(8))):
+            taken += batch
+    assert sorted(taken) == sorted(made), "each event taken by exactly one tick"
