@@ -196,12 +196,12 @@ class Settings:
     #    (the dev stack and the tests). Off in production: the URL is the user's, and the sidecar
     #    posts from inside the pod (docs/decisions/0033-low-balance-alerts.md).
     alert_allow_private: bool = False
-    # -- SMTP_URL: where alert mail is sent, smtp://user:password@host:587 (STARTTLS, required
+    # -- where alert mail is sent, smtp://user:password@host:587 (STARTTLS, required
     #    when a password is given) or smtps://user:password@host:465 (TLS). Empty: no mail. Every
     #    alert event but alert.test is then also mailed to its wallet's email address
     #    (docs/alerts.md).
     smtp_url: str = dataclasses.field(default="", repr=False)
-    # -- SMTP_FROM: the From of alert mail, alerts@example.com or "BillingProxy
+    # -- the From of alert mail, alerts@example.com or "BillingProxy
     #    <alerts@example.com>"; required with SMTP_URL.
     smtp_from: str = ""
 
