@@ -195,76 +195,67 @@ class AlertWorker:
         )
         async with database.acquire(self._pool) as conn:
             for delivery, (outcome, error) in zip(claimed, posted, strict=True):
-                await self._record_post(conn, delivery, outcome, error)
+                await self._record(
+                    conn,
+                    alerts.WEBHOOK,
+                    delivery.event_id,
+                    delivery.wallet_id,
+                    delivery.attempt,
+                    outcome,
+                    error,
+                )
             for mail, (outcome, error, final) in zip(mails, mailed, strict=True):
-                await self._record_mail(conn, mail, outcome, error, final)
+                await self._record(
+                    conn,
+                    alerts.Channel.MAIL,
+                    mail.event_id,
+                    mail.wallet_id,
+                    mail.attempt,
+                    outcome,
+                    error,
+                    final,
+                )
             for channel, count in (await alerts.pending_by_channel(conn)).items():
                 metrics.alert_events_pending.labels(channel).set(count)
             recent = await alerts.made_since(conn, RECENT_S)
             for event_type in alerts.EventType:
                 metrics.alert_events_recent.labels(str(event_type)).set(recent.get(event_type, 0))
 
-    async def _record_post(
-        self, conn: database.Connection, delivery: alerts.Delivery, outcome: str, error: str | None
-    ) -> None:
-        s = self._settings
-        if outcome == "delivered":
-            await alerts.record_delivered(conn, delivery.event_id)
-        else:
-            assert error is not None
-            gave_up = await alerts.record_failed(
-                conn,
-                delivery.event_id,
-                error,
-                retry_base_ms=s.alert_retry_base_ms,
-                retry_for_s=s.alert_retry_for_s,
-            )
-            logger.info(
-                "alert %s to wallet %s's webhook, attempt %d: %s%s",
-                delivery.event_id,
-                delivery.wallet_id,
-                delivery.attempt,
-                error,
-                "; given up" if gave_up else "",
-            )
-            if gave_up:
-                metrics.alert_deliveries.labels("webhook", "gave_up").inc()
-        metrics.alert_deliveries.labels("webhook", outcome).inc()
-
-    async def _record_mail(
+    async def _record(
         self,
         conn: database.Connection,
-        mail: alerts.MailDelivery,
+        channel: str,
+        event_id: str,
+        wallet_id: str,
+        attempt: int,
         outcome: str,
         error: str | None,
-        final: bool,
+        final: bool = False,
     ) -> None:
         s = self._settings
-        if outcome == "delivered":
-            await alerts.record_channel_delivered(conn, mail.event_id, alerts.Channel.MAIL)
-        else:
-            assert error is not None
-            gave_up = await alerts.record_channel_failed(
-                conn,
-                mail.event_id,
-                alerts.Channel.MAIL,
-                error,
-                retry_base_ms=s.alert_retry_base_ms,
-                retry_for_s=s.alert_retry_for_s,
-                final=final,
-            )
-            # The wallet, not the address: logs are read by more people than the owner.
+        gave_up = await alerts.record_attempt(
+            conn,
+            event_id,
+            channel,
+            error,
+            retry_base_ms=s.alert_retry_base_ms,
+            retry_for_s=s.alert_retry_for_s,
+            final=final,
+        )
+        if error is not None:
+            # The wallet, never the URL's path or the address: logs are read by more people.
             logger.info(
-                "alert %s by mail to wallet %s's owner, attempt %d: %s%s",
-                mail.event_id,
-                mail.wallet_id,
-                mail.attempt,
+                "alert %s by %s to wallet %s's owner, attempt %d: %s%s",
+                event_id,
+                channel,
+                wallet_id,
+                attempt,
                 error,
                 "; given up" if gave_up else "",
             )
-            if gave_up:
-                metrics.alert_deliveries.labels("mail", "gave_up").inc()
-        metrics.alert_deliveries.labels("mail", outcome).inc()
+        if gave_up:
+            metrics.alert_deliveries.labels(channel, "gave_up").inc()
+        metrics.alert_deliveries.labels(channel, outcome).inc()
 
     async def _mail(self, mail: alerts.MailDelivery) -> tuple[str, str | None, bool]:
         assert self._smtp is not None

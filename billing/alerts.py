@@ -458,23 +458,36 @@ class Delivery:
         return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
-_CLAIM = """
+def _claim_sql(table: str, key: str, which: str, joined: str, joined_on: str, returning: str) -> str:
+    """Lease up to $1 due rows of ``table`` (``t``, those ``which`` names) for $2 seconds, one more
+    attempt each: the webhook's queue (alert_events) and the other channels' (alert_deliveries)."""
+    return f"""
 WITH due AS (
-    SELECT ev.id
-      FROM alert_events ev
-     WHERE ev.delivered_at IS NULL AND ev.gave_up_at IS NULL AND ev.next_attempt_at <= now()
-     ORDER BY ev.next_attempt_at
+    SELECT t.{key}
+      FROM {table} t
+     WHERE {which} AND t.delivered_at IS NULL AND t.gave_up_at IS NULL AND t.next_attempt_at <= now()
+     ORDER BY t.next_attempt_at
      LIMIT $1::int
        FOR UPDATE SKIP LOCKED
 )
-UPDATE alert_events ev
-   SET attempts = ev.attempts + 1,
+UPDATE {table} t
+   SET attempts = t.attempts + 1,
        next_attempt_at = now() + make_interval(secs => $2::int)
-  FROM due, alert_endpoints e
- WHERE ev.id = due.id AND e.wallet_id = ev.wallet_id
-RETURNING ev.id, ev.wallet_id, ev.type, ev.threshold_nano, ev.balance_nano, ev.created_at,
-          ev.attempts, e.url, e.signing_secret, ev.data::text AS data
+  FROM due, {joined}
+ WHERE t.{key} = due.{key} AND {which} AND {joined_on}
+RETURNING {returning}
 """
+
+
+_CLAIM = _claim_sql(
+    "alert_events",
+    "id",
+    "true",
+    "alert_endpoints e",
+    "e.wallet_id = t.wallet_id",
+    """t.id, t.wallet_id, t.type, t.threshold_nano, t.balance_nano, t.created_at, t.attempts,
+          e.url, e.signing_secret, t.data::text AS data""",
+)
 
 
 async def claim_due(
@@ -638,24 +651,15 @@ class MailDelivery:
     data: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-_CLAIM_CHANNEL = """
-WITH due AS (
-    SELECT d.event_id
-      FROM alert_deliveries d
-     WHERE d.channel = $1::text AND d.delivered_at IS NULL AND d.gave_up_at IS NULL
-       AND d.next_attempt_at <= now()
-     ORDER BY d.next_attempt_at
-     LIMIT $2::int
-       FOR UPDATE SKIP LOCKED
+_CLAIM_CHANNEL = _claim_sql(
+    "alert_deliveries",
+    "event_id",
+    "t.channel = $3::text",
+    "alert_events ev",
+    "ev.id = t.event_id",
+    """ev.id, ev.wallet_id, ev.type, ev.threshold_nano, ev.balance_nano, t.attempts, t.recipient,
+          ev.data::text AS data""",
 )
-UPDATE alert_deliveries d
-   SET attempts = d.attempts + 1,
-       next_attempt_at = now() + make_interval(secs => $3::int)
-  FROM due, alert_events ev
- WHERE d.event_id = due.event_id AND d.channel = $1::text AND ev.id = d.event_id
-RETURNING ev.id, ev.wallet_id, ev.type, ev.threshold_nano, ev.balance_nano, d.attempts, d.recipient,
-          ev.data::text AS data
-"""
 
 
 async def claim_mail(
@@ -663,7 +667,7 @@ async def claim_mail(
 ) -> list[MailDelivery]:
     """Lease up to ``limit`` due mails, as :func:`claim_due` leases webhook posts."""
     pg = await database.driver_connection(conn)
-    rows = await pg.fetch(_CLAIM_CHANNEL, str(Channel.MAIL), limit, lease_s)
+    rows = await pg.fetch(_CLAIM_CHANNEL, limit, lease_s, str(Channel.MAIL))
     return [
         MailDelivery(
             event_id=row["id"],
@@ -706,6 +710,43 @@ async def record_channel_failed(
         _CHANNEL_FAILED, event_id, error[:ERROR_CHARS_MAX], retry_base_ms, retry_for_s, final, str(channel)
     )
     return bool(gave_up)
+
+
+WEBHOOK = "webhook"
+
+
+async def record_attempt(
+    conn: Conn,
+    event_id: str,
+    channel: str,
+    error: str | None,
+    *,
+    retry_base_ms: int,
+    retry_for_s: int,
+    final: bool = False,
+) -> bool:
+    """Record one attempt on ``channel`` (:data:`WEBHOOK` or a :class:`Channel`): delivered when
+    ``error`` is None, else failed (given up when retries are over, or at once if ``final``).
+    True if given up."""
+    if error is None:
+        if channel == WEBHOOK:
+            await record_delivered(conn, event_id)
+        else:
+            await record_channel_delivered(conn, event_id, Channel(channel))
+        return False
+    if channel == WEBHOOK:
+        return await record_failed(
+            conn, event_id, error, retry_base_ms=retry_base_ms, retry_for_s=retry_for_s
+        )
+    return await record_channel_failed(
+        conn,
+        event_id,
+        Channel(channel),
+        error,
+        retry_base_ms=retry_base_ms,
+        retry_for_s=retry_for_s,
+        final=final,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
