@@ -264,3 +264,34 @@ async def test_concurrent_operators_take_each_kubernetes_event_once(
         for batch in await asyncio.gather(*(tick() for _ in range(8))):
             taken += batch
     assert sorted(taken) == sorted(made), "each event taken by exactly one tick"
+
+
+async def test_a_wallet_watched_for_its_mail_can_add_and_remove_a_webhook(
+    migrated_engine: AsyncEngine, migrated_pool
+) -> None:
+    wallet = await new_wallet(migrated_engine)
+    async with database.acquire(migrated_pool) as conn:
+        assert await alerts.enrol(conn, mail=False) == 0, "a signup wallet is watched only while mail is on"
+        assert await alerts.enrol(conn, mail=True) == 1
+        assert await alerts.enrol(conn, mail=True) == 0
+        assert await alerts.endpoint(conn, wallet) is None, "no webhook: the API says not configured"
+        with pytest.raises(alerts.NotConfigured):
+            await alerts.queue_test_event(conn, wallet)
+        assert not await alerts.remove(conn, wallet)
+    await move(migrated_engine, wallet, -USD // 2)  # $0: crosses $0 (the default $1 was not armed)
+    assert await sweep(migrated_engine) == 1
+    [event] = await events_of(migrated_engine, wallet)
+    assert (event.state, event.last_error) == ("gave_up", "no webhook was registered")
+
+    secret = await register(migrated_engine, wallet, None)
+    assert secret is not None and secret.startswith("whsec_"), "the first webhook gets a new secret"
+    assert await register(migrated_engine, wallet, None) is None
+    async with database.acquire(migrated_pool) as conn:
+        assert await alerts.claim_due(conn) == [], "the event made before the webhook is not posted"
+        assert await alerts.remove(conn, wallet)
+        assert await alerts.enrol(conn, mail=True) == 1, "watched again for its mail"
+
+
+async def events_of(engine: AsyncEngine, wallet_id: str) -> list[alerts.EventRecord]:
+    async with engine.connect() as conn:
+        return await alerts.recent_events(conn, wallet_id, limit=100)
