@@ -230,3 +230,22 @@ async def test_a_password_is_never_sent_to_a_server_without_starttls(sink: MailS
         )
     assert "hunter2" not in str(caught.value)
     assert sink.received == []
+
+
+async def test_two_sidecars_mail_each_event_once(
+    migrated_engine: AsyncEngine, migrated_pool: asyncpg.Pool, sink: MailSink
+) -> None:
+    """Two alert workers (two sidecars) on one database, rounds racing: one mail per event."""
+    workers = [alert_delivery.AlertWorker(settings_for(sink), migrated_pool) for _ in range(2)]
+    owners = [await new_wallet(migrated_engine) for _ in range(12)]
+    await rounds(workers[0], 1)
+    sink.refusals = [REFUSAL] * 4  # some retries in the race too
+    for wallet, _ in owners:
+        await spend(migrated_engine, wallet, USD // 2)
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(6):
+            await asyncio.gather(*(w.round(session) for w in workers for _ in range(2)))
+            async with database.acquire(migrated_pool) as conn:
+                await conn.execute("UPDATE alert_deliveries SET next_attempt_at = now()")
+    assert sorted(r for m in sink.received for r in m.rcpt_tos) == sorted(email for _, email in owners)
