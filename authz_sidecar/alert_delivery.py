@@ -155,9 +155,20 @@ async def send_mail(
         codes = ", ".join(str(code) for code, _ in exc.recipients.values())
         return "failed", f"{server.where} refused the recipient ({codes})", False
     except smtplib.SMTPResponseException as exc:
-        return "failed", f"{server.where} answered {exc.smtp_code}: {exc.smtp_error!r:.120}", False
+        answer = (
+            exc.smtp_error.decode(errors="replace")
+            if isinstance(exc.smtp_error, bytes)
+            else str(exc.smtp_error)
+        )
+        # Servers echo the address in their answers; logs and last_error name the wallet instead.
+        answer = answer.replace(mail.recipient, "<the wallet's address>")[:120]
+        return "failed", f"{server.where} answered {exc.smtp_code}: {answer}", False
     except (smtplib.SMTPException, OSError) as exc:  # a TimeoutError and an ssl.SSLError are OSErrors
-        return "failed", f"{server.where}: {type(exc).__name__}: {exc}", False
+        return (
+            "failed",
+            f"{server.where}: {type(exc).__name__}: {exc}".replace(mail.recipient, "<the wallet's address>"),
+            False,
+        )
     return "delivered", None, False
 
 

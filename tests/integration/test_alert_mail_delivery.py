@@ -137,10 +137,14 @@ async def test_a_refusing_server_is_retried_until_it_takes_the_mail(
     migrated_engine: AsyncEngine, migrated_pool: asyncpg.Pool, sink: MailSink
 ) -> None:
     worker = alert_delivery.AlertWorker(settings_for(sink), migrated_pool)
-    wallet, _ = await new_wallet(migrated_engine)
+    wallet, email = await new_wallet(migrated_engine)
     await rounds(worker, 1)
-    sink.refusals = [REFUSAL, REFUSAL]
+    sink.refusals = [f"451 4.7.1 {email} is greylisted", REFUSAL]
     await spend(migrated_engine, wallet, USD // 2)
+    await rounds(worker, 2)
+    async with database.acquire(migrated_pool) as conn:
+        error = await conn.fetchval("SELECT last_error FROM alert_deliveries")
+    assert "answered 451" in error and email not in error, "the address is not repeated in errors"
     await rounds(worker, 5, due_now=migrated_pool)
     assert len(sink.received) == 1, "refused twice, then taken once"
     assert await deliveries(migrated_pool, wallet) == [("mail", 3, True, False)]
