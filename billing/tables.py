@@ -203,15 +203,17 @@ sa.Index("stripe_disputes_payment_intent", stripe_disputes.c.payment_intent)
 
 # --- Low-balance alerts (migration 0007; the rules live in billing/alerts.py) ---------------------
 
-# The one webhook endpoint a wallet's owner registered, and what the sweep last saw of the wallet.
+# What the sweep watches of a wallet: the balance it last saw, the thresholds, and the webhook
+# endpoint the owner registered, if any (url and signing_secret NULL together: a wallet watched
+# only for its mail or its Kubernetes Events, migration 0011).
 alert_endpoints = sa.Table(
     "alert_endpoints",
     metadata,
     sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
-    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=True),
     # Kept as it is: an HMAC is computed with the secret, so a hash of it could not sign
     # (docs/decisions/0033-low-balance-alerts.md).
-    sa.Column("signing_secret", sa.Text, nullable=False),
+    sa.Column("signing_secret", sa.Text, nullable=True),
     # The owner's thresholds; NULL: the defaults (20 % of the last top-up or $1, and $0).
     sa.Column("thresholds_nano", pg.ARRAY(sa.BigInteger), nullable=True),
     # The default low threshold, recomputed by the sweep when the balance rose.
@@ -223,6 +225,7 @@ alert_endpoints = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.CheckConstraint("length(url) <= 2048", name="alert_endpoints_url_length"),
+    sa.CheckConstraint("(url IS NULL) = (signing_secret IS NULL)", name="alert_endpoints_webhook_whole"),
 )
 
 # Events to deliver (and delivered: the record of what was sent, attempted, or given up).
@@ -249,10 +252,37 @@ alert_events = sa.Table(
     ),
 )
 sa.Index("alert_events_by_wallet", alert_events.c.wallet_id, alert_events.c.created_at)
+# The channels' look for events made since they last looked (migration 0011).
+sa.Index("alert_events_by_time", alert_events.c.created_at)
 # The worker's claim: events neither delivered nor given up, by when they are due.
 sa.Index(
     "alert_events_due",
     alert_events.c.next_attempt_at,
+    postgresql_where=sa.text("delivered_at IS NULL AND gave_up_at IS NULL"),
+)
+
+# Each event on each channel besides the webhook (whose state is alert_events' own columns), so
+# one channel failing resends nothing on another (migration 0011; billing/alerts.py).
+alert_deliveries = sa.Table(
+    "alert_deliveries",
+    metadata,
+    sa.Column("event_id", sa.Text, sa.ForeignKey("alert_events.id"), primary_key=True),
+    # mail: sent to the wallet's email; kubernetes: posted as an Event on the Wallet resource.
+    sa.Column("channel", sa.Text, primary_key=True),
+    # Where it went: the address (mail) as it was when the event was taken.
+    sa.Column("recipient", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("gave_up_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.CheckConstraint("channel IN ('mail', 'kubernetes')", name="alert_deliveries_channel_known"),
+)
+sa.Index(
+    "alert_deliveries_due",
+    alert_deliveries.c.channel,
+    alert_deliveries.c.next_attempt_at,
     postgresql_where=sa.text("delivered_at IS NULL AND gave_up_at IS NULL"),
 )
 

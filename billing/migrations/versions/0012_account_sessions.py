@@ -6,7 +6,7 @@ the last 30 days). Built CONCURRENTLY, outside the migration's transaction, as 0
 CREATE INDEX would stop every settlement while a large ledger is indexed.
 
 Revision ID: 0012
-Revises: 0008
+Revises: 0011
 Create Date: 2026-12-02
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012"
-down_revision = "0008"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
