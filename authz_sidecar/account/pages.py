@@ -24,10 +24,10 @@ import jinja2
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import api_errors, stripe_api
+from authz_sidecar import alerts_api, api_errors, stripe_api
 from authz_sidecar.account import spend_chart
 from authz_sidecar.key_lookup import KeyLookup
-from billing import account_sessions, api_keys, key_management, ledger, money, spend, topups, wallets
+from billing import account_sessions, alerts, api_keys, key_management, ledger, money, spend, topups, wallets
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -334,6 +334,91 @@ class AccountPages:
             return self._topup_form(session, amount=amount, error=error.message, status=error.status)
         raise web.HTTPSeeOther(url)
 
+    # --- alerts ---------------------------------------------------------------------------------
+
+    async def alerts_page(self, request: web.Request) -> web.Response:
+        session = await self._signed_in(request)
+        return await self._alerts(session)
+
+    async def _alerts(
+        self,
+        session: account_sessions.Session,
+        *,
+        error: str | None = None,
+        notice: str | None = None,
+        secret: str | None = None,
+        form: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> web.Response:
+        async with self.engine.connect() as conn:
+            endpoint = await alerts.endpoint(conn, session.wallet_id)
+            events = await alerts.recent_events(conn, session.wallet_id, limit=alerts_api.RECENT_EVENTS_MAX)
+            wallet = await wallets.get_wallet(conn, session.wallet_id)
+        assert wallet is not None
+        thresholds = (
+            ""
+            if endpoint is None or endpoint.thresholds_nano is None
+            else ", ".join(money.format_usd(n) for n in endpoint.thresholds_nano)
+        )
+        return self.render(
+            "alerts.html",
+            status=status,
+            session=session,
+            endpoint=endpoint if endpoint is not None and endpoint.url else None,
+            effective=[] if endpoint is None else endpoint.effective_thresholds_nano,
+            events=events,
+            mail_to=wallet.email if self.settings.smtp_url else None,
+            form=form or {"url": endpoint.url if endpoint and endpoint.url else "", "thresholds": thresholds},
+            error=error,
+            notice=notice,
+            secret=secret,
+        )
+
+    async def save_alerts(self, request: web.Request) -> web.Response:
+        session = await self._signed_in(request)
+        form = await self._form(request, session)
+        url_text, thresholds_text = form.get("url", "").strip(), form.get("thresholds", "").strip()
+        fields = {"url": url_text, "thresholds": thresholds_text}
+        try:
+            url = await alerts_api.checked_url(url_text, allow_private=self.settings.alert_allow_private)
+            thresholds = None
+            if thresholds_text:
+                thresholds = alerts.check_thresholds([t.strip() for t in thresholds_text.split(",")])
+        except api_errors.ApiError as error:
+            return await self._alerts(session, error=error.message, form=fields, status=400)
+        except ValueError as exc:
+            return await self._alerts(session, error=f"Thresholds: {exc}.", form=fields, status=400)
+        async with self.engine.begin() as conn:
+            _, secret = await alerts.register(
+                conn,
+                session.wallet_id,
+                url=url,
+                thresholds_nano=thresholds,
+                rotate_secret=form.get("rotate") == "yes",
+            )
+        return await self._alerts(session, notice="Saved.", secret=secret)
+
+    async def remove_alerts(self, request: web.Request) -> web.StreamResponse:
+        session = await self._signed_in(request)
+        await self._form(request, session)
+        async with self.engine.begin() as conn:
+            await alerts.remove(conn, session.wallet_id)
+        raise web.HTTPSeeOther("/account/alerts")
+
+    async def test_alert(self, request: web.Request) -> web.Response:
+        session = await self._signed_in(request)
+        await self._form(request, session)
+        try:
+            async with self.engine.begin() as conn:
+                await alerts.queue_test_event(conn, session.wallet_id)
+        except alerts.NotConfigured:
+            return await self._alerts(session, error="Register a webhook first.", status=404)
+        except alerts.TooManyTestEvents:
+            return await self._alerts(
+                session, error="Test events are still waiting for delivery; see below.", status=429
+            )
+        return await self._alerts(session, notice="A test event is on its way.", status=202)
+
     # --- keys -----------------------------------------------------------------------------------
 
     async def keys_page(self, request: web.Request) -> web.Response:
@@ -448,7 +533,7 @@ class AccountPages:
 def _local_page(path: str | None) -> str | None:
     """``path`` if it is one of this page's own (a sign-in's way back), else None: never another
     site (``//evil.example``) nor another part of the gateway."""
-    if path in ("/account", "/account/top-up", "/account/spend", "/account/keys"):
+    if path in ("/account", "/account/top-up", "/account/spend", "/account/keys", "/account/alerts"):
         return path
     return None
 
@@ -487,6 +572,10 @@ def add_routes(
     app.router.add_get("/account/entries.csv", pages.entries_csv)
     app.router.add_get("/account/top-up", pages.topup_page)
     app.router.add_post("/account/top-up", pages.topup)
+    app.router.add_get("/account/alerts", pages.alerts_page)
+    app.router.add_post("/account/alerts", pages.save_alerts)
+    app.router.add_post("/account/alerts/remove", pages.remove_alerts)
+    app.router.add_post("/account/alerts/test", pages.test_alert)
     app.router.add_get("/account/keys", pages.keys_page)
     app.router.add_post("/account/keys", pages.create_key)
     app.router.add_post("/account/keys/{key_id}/revoke", pages.revoke_key)

@@ -127,6 +127,10 @@ async def test_a_person_watches_spends_and_manages_keys_in_the_browser(stack, ch
                     break
             assert refused is not None and getattr(refused, "status_code", None) == 401, refused
 
+        await page.click("nav >> text=Alerts")
+        await page.wait_for_selector("#save-alerts")
+        await look(page, "alerts", shots)
+
         [cookie] = [c for c in await context.cookies() if c["name"] == "bp_session"]
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         await page.click("text=Sign out")

@@ -30,7 +30,9 @@ SIGN_IN_RATE = 20
 @pytest.fixture(scope="module")
 async def stack(launch_stack) -> AsyncIterator[Any]:
     async with launch_stack(
-        BILLINGPROXY_KEY_CACHE_TTL_MS="100", BILLINGPROXY_SIGNUP_RATE_PER_MINUTE=str(SIGN_IN_RATE)
+        BILLINGPROXY_KEY_CACHE_TTL_MS="100",
+        BILLINGPROXY_SIGNUP_RATE_PER_MINUTE=str(SIGN_IN_RATE),
+        BILLINGPROXY_ALERT_ALLOW_PRIVATE="true",  # a receiver on this machine (nothing listens)
     ) as running:
         yield running
 
@@ -319,6 +321,41 @@ async def test_sign_in_goes_back_only_to_the_account_pages_own_paths(stack) -> N
                 "/account/sign-in", {"api_key": user["api_key"], "next": target}
             )
             assert status == 303 and headers["location"] == lands, target
+
+
+async def test_alerts_are_registered_tested_and_removed_and_bad_input_changes_nothing(stack) -> None:
+    user = await stack.signup()
+    endpoints = "SELECT count(*) FROM alert_endpoints WHERE wallet_id = :w AND url IS NOT NULL"
+    async with Browser(stack) as browser:
+        await browser.sign_in(user["api_key"])
+        csrf = await browser.csrf("/account/alerts")
+        status, _, _ = await browser.post("/account/alerts", {"url": "http://127.0.0.1:9/hook"})
+        assert status == 403, "no CSRF token"
+        for url, thresholds in [
+            ("ftp://127.0.0.1/hook", ""),
+            ("not a url", ""),
+            ("http://127.0.0.1:9/hook", "5, ten"),
+            ("http://127.0.0.1:9/hook", "-1"),
+            ("http://127.0.0.1:9/hook", "1e3"),
+        ]:
+            status, html, _ = await browser.post(
+                "/account/alerts", {"csrf_token": csrf, "url": url, "thresholds": thresholds}
+            )
+            assert status == 400 and 'id="alerts-error"' in html, (url, thresholds)
+        assert await stack.db.scalar(endpoints, w=user["wallet_id"]) == 0
+
+        status, html, _ = await browser.post(
+            "/account/alerts", {"csrf_token": csrf, "url": "http://127.0.0.1:9/hook", "thresholds": "0.25, 0"}
+        )
+        assert status == 200 and 'id="signing-secret" readonly value="whsec_' in html
+        status, html, _ = await browser.get("/account/alerts")
+        assert "whsec_" not in html.replace("secret ending", ""), "the secret is shown once"
+        assert '<span id="alert-thresholds">0.000000 USD, 0.250000 USD</span>' in html
+        status, html, _ = await browser.post("/account/alerts/test", {"csrf_token": csrf})
+        assert status == 202 and "<td>alert.test</td>" in html
+        status, _, _ = await browser.post("/account/alerts/remove", {"csrf_token": csrf})
+        assert status == 303
+        assert await stack.db.scalar(endpoints, w=user["wallet_id"]) == 0
 
 
 # Last in the module: it uses up the client's sign-in allowance.
