@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from authz_sidecar import alerts_api, api_errors, json_body, metrics, stripe_api
+from authz_sidecar import alerts_api, api_errors, auto_recharge_api, json_body, metrics, stripe_api
 from authz_sidecar.key_lookup import KeyLookup
 from billing import api_keys, database, key_management, ledger, money, wallets
 from billing.settings import Settings
@@ -420,6 +420,9 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_post("/billing/keys", create_key)
     app.router.add_delete("/billing/keys/{key_id}", revoke_key)
     app.router.add_get("/openapi.json", openapi)
-    stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    stripe_routes = stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    auto_recharge_api.add_routes(
+        app, settings=settings, engine=engine, key_lookup=key_lookup, stripe_routes=stripe_routes
+    )
     return app
