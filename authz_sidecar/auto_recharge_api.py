@@ -46,7 +46,7 @@ def _not_configured() -> api_errors.ApiError:
 def _recharge_json(r: recharges.Recharge) -> dict[str, Any]:
     return {
         "seq": r.seq,
-        "amount_usd": money.format_usd_cents(r.amount_nano),
+        "amount_usd": money.format_usd(r.amount_nano),
         "state": r.state,
         "payment_intent": r.payment_intent,
         "failure_code": r.failure_code,
@@ -64,9 +64,9 @@ def _status_json(s: recharges.Status) -> dict[str, Any]:
         "object": "auto_recharge",
         "enabled": s.enabled,
         "threshold_usd": money.format_usd(s.threshold_nano),
-        "amount_usd": money.format_usd_cents(s.amount_nano),
-        "monthly_cap_usd": None if s.monthly_cap_nano is None else money.format_usd_cents(s.monthly_cap_nano),
-        "month_total_usd": money.format_usd_cents(s.month_total_nano),
+        "amount_usd": money.format_usd(s.amount_nano),
+        "monthly_cap_usd": None if s.monthly_cap_nano is None else money.format_usd(s.monthly_cap_nano),
+        "month_total_usd": money.format_usd(s.month_total_nano),
         "card": card,
         "paused": s.paused_reason is not None,
         "paused_reason": s.paused_reason,

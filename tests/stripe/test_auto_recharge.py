@@ -92,8 +92,8 @@ async def test_the_journey_one_recharge_credited_once(db: Db, double: StripeDoub
     assert shown["card"] == {"brand": "visa", "last4": "4242"}
     assert (shown["threshold_usd"], shown["amount_usd"], shown["monthly_cap_usd"]) == (
         "2.000000",
-        "10.00",
-        "50.00",
+        "10.000000",
+        "50.000000",
     )
     (customer,) = double.customers.values()
     assert customer["metadata"] == {"wallet_id": wallet}
@@ -122,7 +122,7 @@ async def test_the_journey_one_recharge_credited_once(db: Db, double: StripeDoub
     assert await worker.round() == 0, "above again"
 
     _, shown = await get(sidecar, key)
-    assert shown["last_recharge"]["state"] == "succeeded" and shown["month_total_usd"] == "10.00"
+    assert shown["last_recharge"]["state"] == "succeeded" and shown["month_total_usd"] == "10.000000"
 
     # The webhook again (Stripe retries): nothing more.
     (event,) = [e for e in double.events if e["type"] == "payment_intent.succeeded"]
