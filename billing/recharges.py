@@ -261,7 +261,7 @@ async def record_setup_session(conn: Conn, *, session_id: str, wallet_id: str, c
     """Remember a setup-mode Checkout Session we created (a replayed creation keeps the first row)."""
     pg = await database.driver_connection(conn)
     await pg.execute(
-        "INSERT INTO stripe_setup_sessions (id, wallet_id, customer) VALUES ($1::text, $2::text, $3::text) "
+        "INSERT INTO recharge_setup_sessions (id, wallet_id, customer) VALUES ($1::text, $2::text, $3::text) "
         "ON CONFLICT (id) DO NOTHING",
         session_id,
         wallet_id,
@@ -280,7 +280,7 @@ class SetupSession:
 async def setup_session(conn: Conn, session_id: str) -> SetupSession | None:
     pg = await database.driver_connection(conn)
     row = await pg.fetchrow(
-        "SELECT id, wallet_id, customer, payment_method FROM stripe_setup_sessions WHERE id = $1::text",
+        "SELECT id, wallet_id, customer, payment_method FROM recharge_setup_sessions WHERE id = $1::text",
         session_id,
     )
     return (
@@ -292,7 +292,7 @@ async def setup_session(conn: Conn, session_id: str) -> SetupSession | None:
 
 _SAVE_CARD = """
 WITH session AS (
-    UPDATE stripe_setup_sessions s
+    UPDATE recharge_setup_sessions s
        SET payment_method = $2::text, updated_at = now()
      WHERE s.id = $1::text AND s.payment_method IS NULL
     RETURNING s.wallet_id, s.customer

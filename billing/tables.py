@@ -329,8 +329,8 @@ sa.Index(
 sa.Index("recharges_due", recharges.c.next_attempt_at, postgresql_where=sa.text("state = 'creating'"))
 
 # Checkout Sessions in setup mode the gateway created (PUT /billing/auto-recharge).
-stripe_setup_sessions = sa.Table(
-    "stripe_setup_sessions",
+recharge_setup_sessions = sa.Table(
+    "recharge_setup_sessions",
     metadata,
     sa.Column("id", sa.Text, primary_key=True),
     sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
@@ -340,4 +340,4 @@ stripe_setup_sessions = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )
-sa.Index("stripe_setup_sessions_wallet", stripe_setup_sessions.c.wallet_id)
+sa.Index("recharge_setup_sessions_wallet", recharge_setup_sessions.c.wallet_id)

@@ -11,9 +11,10 @@ import uuid
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import alerts, database, ledger, money, recharges, wallets
+from billing import alerts, audit, database, ledger, money, payments, recharges, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -304,3 +305,61 @@ async def test_a_recharge_unreachable_for_too_long_is_given_up_uncounted(
         assert await recharges.record_succeeded(conn, first, "pi_late")
         assert not await recharges.record_succeeded(conn, first, "pi_late")
     assert (await status(migrated_engine, wallet)).last.state == "succeeded"  # type: ignore[union-attr]
+
+
+async def recharge_findings(engine: AsyncEngine) -> list[tuple[str | None, str]]:
+    report = await audit.run(engine)
+    return sorted((f.wallet_id, f.subject) for f in report.findings if f.check is audit.Check.RECHARGES)
+
+
+async def test_the_audit_finds_a_recharge_uncredited_two_in_flight_and_a_month_over_its_cap(
+    migrated_engine: AsyncEngine,
+) -> None:
+    wallet = await new_wallet(migrated_engine)
+    await with_card(migrated_engine, wallet, recharges.Setting(2 * USD, 10 * USD, 20 * USD))
+    (first,) = await start(migrated_engine)
+    # Credited by its webhook, as the sidecar does it: clean.
+    intent = {
+        "id": "pi_audit_1",
+        "object": "payment_intent",
+        "amount": 1000,
+        "currency": "usd",
+        "customer": first.customer,
+        "status": "succeeded",
+        "metadata": {"wallet_id": wallet, "recharge_seq": "1"},
+    }
+    event = {
+        "id": "evt_audit_1",
+        "type": "payment_intent.succeeded",
+        "created": 1,
+        "data": {"object": intent},
+    }
+    async with migrated_engine.begin() as conn:
+        assert (await payments.process_event(conn, event)).outcome == "credited"
+    async with migrated_engine.begin() as conn:
+        replay = await payments.process_event(conn, {**event, "id": "evt_audit_2"})
+    assert replay.outcome == "already_credited"
+    assert await recharge_findings(migrated_engine) == []
+    assert (await audit.run(migrated_engine)).clean
+
+    await move(migrated_engine, wallet, -10 * USD)
+    (second,) = await start(migrated_engine)
+    await succeed(migrated_engine, second)  # recorded succeeded, never credited
+    assert await recharge_findings(migrated_engine) == [(wallet, "recharge 2")]
+
+    async with migrated_engine.begin() as conn:
+        await conn.execute(sa.text("DROP INDEX recharges_one_in_flight"))
+        for seq in (3, 4):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO recharges (wallet_id, seq, amount_nano, monthly_cap_nano, customer, "
+                    "payment_method) VALUES (:w, :s, :a, :c, 'cus', 'pm')"
+                ),
+                {"w": wallet, "s": seq, "a": 10 * USD, "c": 20 * USD},
+            )
+    assert await recharge_findings(migrated_engine) == [
+        (wallet, "recharge 2"),
+        (wallet, "recharge 3"),
+        (wallet, "recharge 4"),
+        (wallet, f"wallet {wallet}"),
+    ]

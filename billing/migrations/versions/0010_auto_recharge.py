@@ -1,7 +1,7 @@
 """Auto-recharge (docs/decisions/0034-auto-recharge.md): ``auto_recharges``, one row per wallet
 (the setting, the saved card, the Stripe Customer, the failure count, and the lock the sweep takes
 before it starts a recharge); ``recharges``, one row per off-session charge, keyed ``(wallet_id,
-seq)``, at most one in flight per wallet (a partial unique index); ``stripe_setup_sessions``, the
+seq)``, at most one in flight per wallet (a partial unique index); ``recharge_setup_sessions``, the
 Checkout Sessions in setup mode the gateway created (what makes a saved card's event *ours*).
 
 Revision ID: 0010
@@ -80,7 +80,7 @@ def upgrade() -> None:
         postgresql_where=sa.text("state = 'creating'"),
     )
     op.create_table(
-        "stripe_setup_sessions",
+        "recharge_setup_sessions",
         sa.Column("id", sa.Text, primary_key=True),
         sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
         sa.Column("customer", sa.Text, nullable=False),
@@ -88,10 +88,10 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     )
-    op.create_index("stripe_setup_sessions_wallet", "stripe_setup_sessions", ["wallet_id"])
+    op.create_index("recharge_setup_sessions_wallet", "recharge_setup_sessions", ["wallet_id"])
 
 
 def downgrade() -> None:
-    op.drop_table("stripe_setup_sessions")
+    op.drop_table("recharge_setup_sessions")
     op.drop_table("recharges")
     op.drop_table("auto_recharges")
