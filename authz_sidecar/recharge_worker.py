@@ -30,6 +30,7 @@ import asyncpg
 import stripe
 
 import billing_stripe
+from authz_sidecar import metrics
 from billing import database, money, recharges
 from billing.settings import Settings
 
@@ -132,6 +133,7 @@ class RechargeWorker:
                     f"{type(exc).__name__}: {exc}",
                     retry_base_ms=s.auto_recharge_retry_base_ms,
                 )
+            metrics.recharge_calls.labels("unreachable" if retrying else "gave_up").inc()
             logger.warning(
                 "auto-recharge %s of wallet %s: Stripe unreachable (%s); %s",
                 recharge.seq,
@@ -147,12 +149,14 @@ class RechargeWorker:
                 payment_intent=None,
             )
         else:
+            metrics.recharge_calls.labels("created").inc()
             async with database.acquire(self._pool) as conn:
                 await recharges.record_created(conn, recharge, intent.id)
 
     async def _failed(
         self, recharge: recharges.Recharge, *, code: str, message: str, payment_intent: str | None
     ) -> None:
+        metrics.recharge_calls.labels("failed").inc()
         async with database.acquire(self._pool) as conn, conn.transaction():
             failure = await recharges.record_failure(
                 conn,

@@ -127,6 +127,7 @@ async def test_the_journey_one_recharge_credited_and_requests_never_refused(stac
     assert await stack.db.balance(wallet) > money.parse_usd(AMOUNT_USD)
     shown = await auto_recharge(stack, owner["api_key"])
     assert shown["last_recharge"]["state"] == "succeeded"
+    assert await stack.metric("billingproxy_recharge_calls_total", outcome="created") >= 1
     assert shown["month_total_usd"] == money.format_usd(money.parse_usd(AMOUNT_USD))
 
 
