@@ -29,6 +29,8 @@ Sharp edges:
   within the 24 hours Stripe keeps an idempotency key.
 - A succeeded PaymentIntent is always credited, even for a recharge recorded as failed (a lost
   answer, then given up): the money was taken.
+- A wallet that is suspended (by an operator or admin) or held by an open dispute gets no
+  recharge: its card is not charged while its owner disputes a charge or it cannot spend.
 """
 
 from __future__ import annotations
@@ -321,6 +323,7 @@ _LOCK_CANDIDATES = """
 SELECT a.wallet_id
   FROM auto_recharges a JOIN wallets w ON w.id = a.wallet_id
  WHERE a.enabled AND a.paused_reason IS NULL AND a.payment_method IS NOT NULL
+   AND NOT w.suspended AND NOT w.disputed
    AND w.balance_nano - w.reserved_nano < a.threshold_nano
    AND NOT EXISTS (SELECT 1 FROM recharges r WHERE r.wallet_id = a.wallet_id
                                               AND r.state IN ('creating', 'pending'))
@@ -340,6 +343,7 @@ WITH started AS (
      WHERE a.wallet_id = ANY($1::text[])
        AND a.enabled AND a.paused_reason IS NULL
        AND a.payment_method IS NOT NULL AND a.stripe_customer_id IS NOT NULL
+       AND NOT w.suspended AND NOT w.disputed
        AND w.balance_nano - w.reserved_nano < a.threshold_nano
        AND NOT EXISTS (SELECT 1 FROM recharges f WHERE f.wallet_id = a.wallet_id
                                                   AND f.state IN ('creating', 'pending'))
@@ -363,9 +367,10 @@ async def start_due(
     lease_s: int = CALL_LEASE_S,
 ) -> list[Recharge]:
     """Start one recharge for each wallet (up to ``limit``) below its threshold with none in
-    flight, not paused, with a card, and room under its monthly cap; the ones started, leased to
-    the caller for ``lease_s`` while it calls Stripe. Its own transaction: pass a connection that is
-    in none. ``now``: the clock the month is judged by (tests); the database's otherwise."""
+    flight, not paused, suspended or disputed, with a card, and room under its monthly cap; the
+    ones started, leased to the caller for ``lease_s`` while it calls Stripe. Its own transaction:
+    pass a connection that is in none. ``now``: the clock the month is judged by (tests); the
+    database's otherwise."""
     async with pool_conn.transaction():
         ids = [row["wallet_id"] for row in await pool_conn.fetch(_LOCK_CANDIDATES, limit)]
         if not ids:
@@ -554,7 +559,13 @@ async def for_payment_intent(
     )
     if row is not None:
         return _recharge(row)
-    if not (isinstance(wallet_id, str) and isinstance(seq, str) and seq.isdigit() and len(seq) < 10):
+    if not (
+        isinstance(wallet_id, str)
+        and isinstance(seq, str)
+        and seq.isascii()
+        and seq.isdigit()
+        and len(seq) < 10
+    ):
         return None
     row = await pg.fetchrow(
         f"""SELECT {_RECHARGE_COLUMNS} FROM recharges r

@@ -115,6 +115,16 @@ async def test_a_wallet_above_its_threshold_or_off_or_without_a_card_gets_none(
     async with migrated_engine.begin() as conn:
         assert await recharges.disable(conn, off)
         assert not await recharges.disable(conn, off)
+    held = await new_wallet(migrated_engine)
+    await with_card(migrated_engine, held)
+    for flag in ("suspended", "disputed"):
+        async with migrated_engine.begin() as conn:
+            await conn.execute(sa.text(f"UPDATE wallets SET {flag} = true WHERE id = :w"), {"w": held})
+        assert await start(migrated_engine) == [], f"{flag}: its card is not charged"
+        async with migrated_engine.begin() as conn:
+            await conn.execute(sa.text(f"UPDATE wallets SET {flag} = false WHERE id = :w"), {"w": held})
+    (started,) = await start(migrated_engine)
+    assert started.wallet_id == held
     assert await start(migrated_engine) == []
     # Reserved money is not available: holds count against the threshold.
     await move(migrated_engine, above, -USD - 1)
