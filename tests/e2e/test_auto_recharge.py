@@ -56,9 +56,11 @@ async def auto_recharge(stack, key: str) -> dict[str, Any]:
         return await r.json()
 
 
-async def save_card(stack, owner: dict[str, Any], card: str, wait_until) -> dict[str, Any]:
+async def save_card(
+    stack, owner: dict[str, Any], card: str, wait_until, cap_usd: str = "100.00"
+) -> dict[str, Any]:
     """PUT the setting (curl's way, through Envoy), then pay the setup Checkout page with ``card``."""
-    body = {"threshold_usd": THRESHOLD_USD, "amount_usd": AMOUNT_USD, "monthly_cap_usd": "100.00"}
+    body = {"threshold_usd": THRESHOLD_USD, "amount_usd": AMOUNT_USD, "monthly_cap_usd": cap_usd}
     async with stack.http.put(
         stack.gateway + "/billing/auto-recharge", json=body, headers=auth(owner["api_key"])
     ) as r:
@@ -189,26 +191,30 @@ async def test_a_declining_card_alerts_pauses_after_three_then_403(stack, receiv
     assert len(await recharges_of(stack, wallet)) == 3
 
 
-async def test_two_sidecars_crossing_together_make_one_payment_intent_per_crossing(
+async def test_two_sidecars_crossing_together_make_one_payment_intent_per_crossing_within_the_cap(
     stack, launch_replica, wait_until
 ) -> None:
+    """Two crossings, each by concurrent requests through both gateways: one recharge each. The cap
+    (two recharges) then holds: a third crossing starts none, which is known once a round that
+    began after it started another wallet's recharge (one statement judges both wallets)."""
     owner = await stack.signup()
     wallet, key = owner["wallet_id"], owner["api_key"]
-    await save_card(stack, owner, OK, wait_until)
+    await save_card(stack, owner, OK, wait_until, cap_usd="10.00")
     async with launch_replica(stack, **SETTINGS) as replica:
         gateways = (stack.gateway, replica.gateway)
-        for crossing in (1, 2):
+        for crossing in (1, 2, 3):
             statuses = await asyncio.gather(*(chat(stack, key, gateways[n % 2]) for n in range(12)))
-            assert set(statuses) == {200}
+            assert set(statuses) == {200}, "never refused"
             await stack.db.settled(wallet)
+            if crossing < 3:
 
-            async def succeeded(seq: int = crossing) -> bool:
+                async def succeeded(seq: int = crossing) -> bool:
+                    rows = await recharges_of(stack, wallet)
+                    return len(rows) >= seq and rows[seq - 1].state == "succeeded"
+
+                await wait_until(succeeded, TIMEOUT_S, f"recharge {crossing} credited")
                 rows = await recharges_of(stack, wallet)
-                return len(rows) >= seq and rows[seq - 1].state == "succeeded"
-
-            await wait_until(succeeded, TIMEOUT_S, f"recharge {crossing} credited")
-            rows = await recharges_of(stack, wallet)
-            assert [r.seq for r in rows] == list(range(1, crossing + 1)), "one per crossing"
+                assert [r.seq for r in rows] == list(range(1, crossing + 1)), "one per crossing"
             # Back below the threshold for the next crossing.
             left = await stack.db.balance(wallet)
             async with stack.db.engine.begin() as conn:
@@ -219,15 +225,21 @@ async def test_two_sidecars_crossing_together_make_one_payment_intent_per_crossi
                     amount_nano=-(left - money.parse_usd(THRESHOLD_USD) + 10_000),
                     idempotency_key=f"t:{uuid.uuid4().hex}",
                 )
-        # The second adjustment took it below again: one more, and only one.
-        await wait_until(lambda: _has(stack, wallet, 3), TIMEOUT_S, "recharge 3")
+        # A round after the last crossing: another wallet's recharge starts in it.
+        other = await stack.signup()
+        await save_card(stack, other, OK, wait_until)
+        assert await chat(stack, other["api_key"], replica.gateway) == 200
+        await stack.db.settled(other["wallet_id"])
+        await wait_until(lambda: _has(stack, other["wallet_id"], 1), TIMEOUT_S, "the other wallet's recharge")
     rows = await recharges_of(stack, wallet)
-    assert [r.seq for r in rows] == [1, 2, 3]
-    assert len({r.payment_intent for r in rows}) == 3
+    assert [(r.seq, r.state) for r in rows] == [(1, "succeeded"), (2, "succeeded")], "the cap holds"
+    assert len({r.payment_intent for r in rows}) == 2
     credits = [e for e in await stack.db.ledger(wallet) if e.kind == "topup"]
     assert sorted(e.idempotency_key for e in credits) == sorted(
         payments.credit_key(r.payment_intent) for r in rows
     )
+    shown = await auto_recharge(stack, key)
+    assert shown["month_total_usd"] == shown["monthly_cap_usd"] == "10.000000"
 
 
 async def _has(stack, wallet_id: str, count: int) -> bool:

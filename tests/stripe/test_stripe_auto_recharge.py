@@ -356,3 +356,18 @@ async def test_a_setup_session_not_ours_saves_no_card(db: Db, double: StripeDoub
     (recorded,) = [e for e in await db.events() if e.object_id == foreign.id]
     assert recorded.outcome == "not_ours"
     assert (await get(sidecar, key))[1]["card"] is None
+
+
+async def test_a_card_declined_at_setup_is_not_saved(db: Db, double: StripeDouble, sidecar) -> None:
+    """4000 0000 0000 0002 is declined on the setup page itself (Stripe's behaviour): no card, no
+    event, and the session stays open for another card."""
+    _, key = await db.new_wallet()
+    status, answer = await put(sidecar, key, {"threshold_usd": "2.00", "amount_usd": "10.00"})
+    assert status == 200
+    async with sidecar.http.post(
+        answer["checkout_url"], data={"card": "4000 0000 0000 0002"}, allow_redirects=False
+    ) as r:
+        assert r.status == 402 and "declined" in await r.text()
+    assert (await get(sidecar, key))[1]["card"] is None
+    assert double.sessions[answer["setup_session_id"]]["status"] == "open"
+    assert await db.count(tables.recharges) == 0
