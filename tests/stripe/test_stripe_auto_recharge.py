@@ -18,7 +18,7 @@ import stripe
 from support.waiting import wait_until
 
 from authz_sidecar import recharge_worker
-from billing import alerts, ledger, money, payments, recharges, tables
+from billing import alerts, database, ledger, money, payments, recharges, tables
 from billingproxy.devstack.stripe_double import StripeDouble
 from stripe_testkit import Db
 
@@ -371,3 +371,24 @@ async def test_a_card_declined_at_setup_is_not_saved(db: Db, double: StripeDoubl
     assert (await get(sidecar, key))[1]["card"] is None
     assert double.sessions[answer["setup_session_id"]]["status"] == "open"
     assert await db.count(tables.recharges) == 0
+
+
+async def test_a_sidecar_that_died_after_the_insert_leaves_a_recharge_the_next_round_charges_once(
+    db: Db, double: StripeDouble, sidecar, worker
+) -> None:
+    """The insert committed, the call never made (the process died): when the lease ends another
+    worker calls Stripe with the recharge's own key — one PaymentIntent, credited once."""
+    wallet, key = await db.new_wallet()
+    await save_card(sidecar, double, key, OK)
+    async with database.acquire(db.engine) as conn:
+        (orphan,) = await recharges.start_due(conn, lease_s=0)  # and then the sidecar died
+    assert await worker.round() == 1, "the retry of the orphan, not a new recharge"
+    (pi,) = double.payment_intents.values()
+    assert pi["metadata"]["recharge_seq"] == str(orphan.seq)
+
+    async def credited() -> bool:
+        return await db.balance(wallet) == TEN_USD
+
+    await wait_until(credited, 10, "credited once")
+    (row,) = await recharge_rows(db, wallet)
+    assert (row.seq, row.state, row.attempts, row.payment_intent) == (1, "succeeded", 2, pi["id"])
