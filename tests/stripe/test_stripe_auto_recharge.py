@@ -392,3 +392,24 @@ async def test_a_sidecar_that_died_after_the_insert_leaves_a_recharge_the_next_r
     await wait_until(credited, 10, "credited once")
     (row,) = await recharge_rows(db, wallet)
     assert (row.seq, row.state, row.attempts, row.payment_intent) == (1, "succeeded", 2, pi["id"])
+
+
+async def test_a_saved_card_event_while_stripe_is_unreachable_is_answered_503_and_recorded_later(
+    db: Db, double: StripeDouble, sidecar
+) -> None:
+    """The card's brand and last 4 must be retrieved from Stripe; unreachable, the event is
+    answered 503 with nothing recorded, so Stripe's retry is processed as new."""
+    _, key = await db.new_wallet()
+    status, answer = await put(sidecar, key, {"threshold_usd": "2.00", "amount_usd": "10.00"})
+    event = double.complete(answer["setup_session_id"], card=OK)
+    payload = double.payload(event)
+    url = double.url
+    await double.stop()
+    status, body = await sidecar.post_event(payload, double.sign(payload))
+    assert status == 503 and body["error"]["code"] == "payments_unavailable", body
+    assert await db.events() == [] and (await get(sidecar, key))[1]["card"] is None
+    port = int(url.rsplit(":", 1)[1])
+    await double.start(port=port)
+    status, body = await sidecar.post_event(payload, double.sign(payload))
+    assert (status, body["outcome"]) == (200, "card_saved"), body
+    assert (await get(sidecar, key))[1]["card"] == {"brand": "visa", "last4": "4242"}
