@@ -27,7 +27,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from authz_sidecar import alerts_api, api_errors, json_body, metrics, stripe_api
+from authz_sidecar import alerts_api, api_errors, auto_recharge_api, json_body, metrics, stripe_api
 from authz_sidecar.account import pages
 from authz_sidecar.key_lookup import KeyLookup
 from billing import api_keys, database, key_management, ledger, money, wallets
@@ -421,7 +421,7 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_post("/billing/keys", create_key)
     app.router.add_delete("/billing/keys/{key_id}", revoke_key)
     app.router.add_get("/openapi.json", openapi)
-    payments = stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    stripe_routes = stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     # Sign-in attempts count against their own limiter, at the signup rates.
     sign_in_limiter = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
@@ -432,6 +432,9 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
         key_lookup=key_lookup,
         limiter_admit=sign_in_limiter.admit,
         client_address=client_address,
-        payments=payments,
+        payments=stripe_routes,
+    )
+    auto_recharge_api.add_routes(
+        app, settings=settings, engine=engine, key_lookup=key_lookup, stripe_routes=stripe_routes
     )
     return app

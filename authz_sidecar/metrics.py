@@ -181,3 +181,12 @@ alert_delivery_duration_seconds = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=registry,
 )
+recharge_calls = Counter(
+    "billingproxy_recharge_calls",
+    "Calls this sidecar made to Stripe for auto-recharges, by outcome (created, failed: a card error "
+    "or refusal, unreachable: retried later with the same key, gave_up).",
+    ["outcome"],
+    registry=registry,
+)
+for _outcome in ("created", "failed", "unreachable", "gave_up"):
+    recharge_calls.labels(_outcome)  # shown at 0 from the start, for alerts on any increase

@@ -205,6 +205,17 @@ class Settings:
     #    <alerts@example.com>"; required with SMTP_URL.
     smtp_from: str = ""
 
+    # --- auto-recharge (docs/stripe.md, docs/decisions/0034-auto-recharge.md) --------------------
+    # -- how often each sidecar looks for wallets below their auto-recharge threshold and charges
+    #    their saved card (a wallet can fall this long below its threshold before one starts).
+    auto_recharge_interval_ms: int = 2000
+    # -- consecutive declined (or authentication-required) recharges after which auto-recharge
+    #    pauses itself until its owner PUTs the setting again.
+    auto_recharge_failures_max: int = 3
+    # -- the wait before a recharge is retried after Stripe could not be reached (same idempotency
+    #    key, so never a second charge); each later retry waits twice the one before, up to an hour.
+    auto_recharge_retry_base_ms: int = 5000
+
     # --- operations ----------------------------------------------------------------------------
     # -- how much the `billingproxy` processes log: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     log_level: str = "INFO"
@@ -545,6 +556,15 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         alert_allow_private=_bool(env, "ALERT_ALLOW_PRIVATE", defaults.alert_allow_private),
         smtp_url=env.get(ENV_PREFIX + "SMTP_URL", "").strip(),
         smtp_from=env.get(ENV_PREFIX + "SMTP_FROM", "").strip(),
+        auto_recharge_interval_ms=_int(
+            env, "AUTO_RECHARGE_INTERVAL_MS", defaults.auto_recharge_interval_ms, 50, 60_000
+        ),
+        auto_recharge_failures_max=_int(
+            env, "AUTO_RECHARGE_FAILURES_MAX", defaults.auto_recharge_failures_max, 1, 100
+        ),
+        auto_recharge_retry_base_ms=_int(
+            env, "AUTO_RECHARGE_RETRY_BASE_MS", defaults.auto_recharge_retry_base_ms, 10, 3_600_000
+        ),
         log_level=(env.get(ENV_PREFIX + "LOG_LEVEL") or defaults.log_level).strip().upper(),
         hot_path_pool_size=_int(
             env,

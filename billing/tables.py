@@ -307,3 +307,89 @@ sa.Index(
     ledger_entries.c.created_at,
     postgresql_where=ledger_entries.c.kind == "usage",
 )
+
+# --- Auto-recharge (migration 0010; the rules live in billing/recharges.py) ----------------------
+
+# A wallet's setting, its saved card and Stripe Customer, and the row the sweep locks before it
+# starts a recharge (docs/decisions/0034-auto-recharge.md).
+auto_recharges = sa.Table(
+    "auto_recharges",
+    metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    # False after DELETE: the row (history, the month's total) stays.
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("threshold_nano", sa.BigInteger, nullable=False),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    # NULL: no monthly cap.
+    sa.Column("monthly_cap_nano", sa.BigInteger, nullable=True),
+    # The wallet's Stripe Customer, made on the first PUT (idempotency key customer:<wallet>).
+    sa.Column("stripe_customer_id", sa.Text, nullable=True),
+    # The card saved by the setup Checkout; NULL until one is.
+    sa.Column("payment_method", sa.Text, nullable=True),
+    sa.Column("card_brand", sa.Text, nullable=True),
+    sa.Column("card_last4", sa.Text, nullable=True),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
+    # Set when consecutive_failures reached the limit; only a PUT clears it.
+    sa.Column("paused_reason", sa.Text, nullable=True),
+    # The last recharge's seq: the next one is last_seq + 1.
+    sa.Column("last_seq", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint("threshold_nano >= 0", name="auto_recharges_threshold_not_negative"),
+    sa.CheckConstraint("amount_nano > 0", name="auto_recharges_amount_positive"),
+    sa.CheckConstraint(
+        "monthly_cap_nano IS NULL OR monthly_cap_nano >= amount_nano", name="auto_recharges_cap_fits_one"
+    ),
+    sa.CheckConstraint("consecutive_failures >= 0", name="auto_recharges_failures_not_negative"),
+)
+
+# One off-session charge: creating (the PaymentIntent not known yet) → pending → succeeded | failed.
+recharges = sa.Table(
+    "recharges",
+    metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    # What the PaymentIntent is created with, fixed at the start: a retry under the same
+    # idempotency key must send the same parameters, whatever the setting says by then.
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    # The cap in force when it started (the audit checks the month against it).
+    sa.Column("monthly_cap_nano", sa.BigInteger, nullable=True),
+    sa.Column("customer", sa.Text, nullable=False),
+    sa.Column("payment_method", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False, server_default="creating"),
+    sa.Column("payment_intent", sa.Text, nullable=True, unique=True),
+    sa.Column("failure_code", sa.Text, nullable=True),
+    sa.Column("failure_message", sa.Text, nullable=True),
+    # Calls to Stripe so far, and when the next may be made (a lease while one runs, a back-off
+    # after Stripe was unreachable).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint(
+        "state IN ('creating', 'pending', 'succeeded', 'failed')", name="recharges_state_known"
+    ),
+    sa.CheckConstraint("amount_nano > 0", name="recharges_amount_positive"),
+)
+# Never two in flight for one wallet, whoever inserts.
+sa.Index(
+    "recharges_one_in_flight",
+    recharges.c.wallet_id,
+    unique=True,
+    postgresql_where=sa.text("state IN ('creating', 'pending')"),
+)
+sa.Index("recharges_due", recharges.c.next_attempt_at, postgresql_where=sa.text("state = 'creating'"))
+
+# Checkout Sessions in setup mode the gateway created (PUT /billing/auto-recharge).
+recharge_setup_sessions = sa.Table(
+    "recharge_setup_sessions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("customer", sa.Text, nullable=False),
+    # The card its completion saved.
+    sa.Column("payment_method", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+sa.Index("recharge_setup_sessions_wallet", recharge_setup_sessions.c.wallet_id)
