@@ -86,7 +86,8 @@ class AutoRechargeRoutes:
         key = await self.key_lookup.authenticate(request.headers.get("authorization"))
         return key.wallet_id
 
-    def _setting(self, body: dict[str, Any]) -> recharges.Setting:
+    def setting_from(self, body: dict[str, Any]) -> recharges.Setting:
+        """The fields of a PUT (or the account page's form) as a setting; 400 for what is wrong."""
         unknown = sorted(set(body) - set(PUT_FIELDS))
         if unknown:
             raise api_errors.ApiError(
@@ -115,7 +116,20 @@ class AutoRechargeRoutes:
     async def put(self, request: web.Request) -> web.Response:
         wallet_id = await self._wallet_id(request)
         body = await json_body.read_object(request, example=EXAMPLE)
-        setting = self._setting(body)
+        now, session = await self.apply(wallet_id, self.setting_from(body))
+        answer = _status_json(now)
+        if session is not None:
+            answer["checkout_url"] = session.url
+            answer["setup_session_id"] = session.id
+        return web.json_response(answer)
+
+    async def apply(
+        self, wallet_id: str, setting: recharges.Setting, *, return_path: str = "/billing/auto-recharge/saved"
+    ) -> tuple[recharges.Status, Any]:
+        """Set (or change, or resume) the wallet's auto-recharge; with no saved card yet, also the
+        setup Checkout Session the owner must complete (else None). Stripe is called before the
+        one transaction that writes, so a refusal writes nothing. The API and the account page
+        both set it here."""
         checkout = self.stripe_routes.require_stripe()
         async with self.engine.connect() as conn:
             before = await recharges.status(conn, wallet_id)
@@ -127,7 +141,9 @@ class AutoRechargeRoutes:
             try:
                 if customer is None:
                     customer = (await checkout.create_customer(wallet=wallet)).id
-                session = await checkout.create_setup_session(wallet_id=wallet_id, customer=customer)
+                session = await checkout.create_setup_session(
+                    wallet_id=wallet_id, customer=customer, return_path=return_path
+                )
             except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
                 logger.warning("Stripe unreachable while setting up auto-recharge: %s", exc)
                 raise api_errors.ApiError(
@@ -150,11 +166,7 @@ class AutoRechargeRoutes:
                 )
             now = await recharges.status(conn, wallet_id)
         assert now is not None
-        answer = _status_json(now)
-        if session is not None:
-            answer["checkout_url"] = session.url
-            answer["setup_session_id"] = session.id
-        return web.json_response(answer)
+        return now, session
 
     async def get(self, request: web.Request) -> web.Response:
         wallet_id = await self._wallet_id(request)

@@ -425,6 +425,9 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     # Sign-in attempts count against their own limiter, at the signup rates.
     sign_in_limiter = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
+    auto_recharge = auto_recharge_api.add_routes(
+        app, settings=settings, engine=engine, key_lookup=key_lookup, stripe_routes=stripe_routes
+    )
     pages.add_routes(
         app,
         settings=settings,
@@ -433,8 +436,6 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
         limiter_admit=sign_in_limiter.admit,
         client_address=client_address,
         payments=stripe_routes,
-    )
-    auto_recharge_api.add_routes(
-        app, settings=settings, engine=engine, key_lookup=key_lookup, stripe_routes=stripe_routes
+        auto_recharge=auto_recharge,
     )
     return app

@@ -115,8 +115,11 @@ class CheckoutClient:
             params, {"idempotency_key": f"customer:{wallet.id}"}
         )
 
-    async def create_setup_session(self, *, wallet_id: str, customer: str) -> stripe.checkout.Session:
-        """A Checkout Session in setup mode: the owner saves a card for off-session recharges."""
+    async def create_setup_session(
+        self, *, wallet_id: str, customer: str, return_path: str = "/billing/auto-recharge/saved"
+    ) -> stripe.checkout.Session:
+        """A Checkout Session in setup mode: the owner saves a card for off-session recharges.
+        ``return_path``: where Checkout sends the owner back (the session id appended)."""
         s = self._settings
         params: SessionCreateParams = {
             "mode": "setup",
@@ -125,7 +128,7 @@ class CheckoutClient:
             "client_reference_id": wallet_id,
             "metadata": {"wallet_id": wallet_id, "purpose": "billingproxy_auto_recharge"},
             "setup_intent_data": {"metadata": {"wallet_id": wallet_id}},
-            "success_url": f"{s.public_url}/billing/auto-recharge/saved?session_id={{CHECKOUT_SESSION_ID}}",
+            "success_url": f"{s.public_url}{return_path}?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{s.public_url}/billing/topup/cancelled",
         }
         return await self._client.v1.checkout.sessions.create_async(

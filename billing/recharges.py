@@ -245,6 +245,18 @@ async def status(conn: Conn, wallet_id: str) -> Status | None:
     )
 
 
+async def recent(conn: Conn, wallet_id: str, *, limit: int) -> list[Recharge]:
+    """The wallet's latest recharges, newest first (what the account page lists)."""
+    pg = await database.driver_connection(conn)
+    rows = await pg.fetch(
+        f"SELECT {_RECHARGE_COLUMNS} FROM recharges r WHERE r.wallet_id = $1::text "
+        "ORDER BY r.seq DESC LIMIT $2::int",
+        wallet_id,
+        limit,
+    )
+    return [_recharge(row) for row in rows]
+
+
 async def record_customer(conn: Conn, wallet_id: str, customer_id: str) -> str:
     """Keep the wallet's Stripe Customer (the first one recorded stays); the one kept."""
     pg = await database.driver_connection(conn)

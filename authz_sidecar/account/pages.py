@@ -24,10 +24,21 @@ import jinja2
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import alerts_api, api_errors, stripe_api
+from authz_sidecar import alerts_api, api_errors, auto_recharge_api, stripe_api
 from authz_sidecar.account import spend_chart
 from authz_sidecar.key_lookup import KeyLookup
-from billing import account_sessions, alerts, api_keys, key_management, ledger, money, spend, topups, wallets
+from billing import (
+    account_sessions,
+    alerts,
+    api_keys,
+    key_management,
+    ledger,
+    money,
+    recharges,
+    spend,
+    topups,
+    wallets,
+)
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +46,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_FILES = {"account.css": "text/css", "account.js": "text/javascript", "favicon.svg": "image/svg+xml"}
 ENTRIES_PAGE = 25
+RECHARGES_SHOWN = 10
 CSV_ROWS_MAX = 100_000
 CSRF_FIELD = "csrf_token"
 # The only third-party origin a form may lead to: Stripe Checkout (a 303 after our own POST).
@@ -65,6 +77,7 @@ class AccountPages:
     limiter_admit: Callable[[str], Any]
     client_address: Callable[[web.Request], str]
     payments: stripe_api.StripeRoutes
+    auto_recharge: auto_recharge_api.AutoRechargeRoutes
     templates: jinja2.Environment = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -334,6 +347,74 @@ class AccountPages:
             return self._topup_form(session, amount=amount, error=error.message, status=error.status)
         raise web.HTTPSeeOther(url)
 
+    # --- auto-recharge --------------------------------------------------------------------------
+
+    async def auto_recharge_page(self, request: web.Request) -> web.Response:
+        session = await self._signed_in(request)
+        return await self._auto_recharge(session)
+
+    async def _auto_recharge(
+        self,
+        session: account_sessions.Session,
+        *,
+        error: str | None = None,
+        notice: str | None = None,
+        form: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> web.Response:
+        async with self.engine.connect() as conn:
+            setting = await recharges.status(conn, session.wallet_id)
+            history = await recharges.recent(conn, session.wallet_id, limit=RECHARGES_SHOWN)
+        if form is None:
+            form = {"threshold_usd": "2.00", "amount_usd": "10.00", "monthly_cap_usd": ""}
+            if setting is not None:
+                form = {
+                    "threshold_usd": money.format_usd_cents(setting.threshold_nano),
+                    "amount_usd": money.format_usd_cents(setting.amount_nano),
+                    "monthly_cap_usd": ""
+                    if setting.monthly_cap_nano is None
+                    else money.format_usd_cents(setting.monthly_cap_nano),
+                }
+        return self.render(
+            "auto_recharge.html",
+            status=status if self.settings.stripe_configured else 503,
+            session=session,
+            stripe=self.settings.stripe_configured,
+            setting=setting,
+            history=history,
+            form=form,
+            error=error,
+            notice=notice,
+            low=money.format_usd_cents(self.settings.topup_nano_min),
+            high=money.format_usd_cents(self.settings.topup_nano_max),
+            failures_max=self.settings.auto_recharge_failures_max,
+        )
+
+    async def save_auto_recharge(self, request: web.Request) -> web.StreamResponse:
+        session = await self._signed_in(request)
+        form = await self._form(request, session)
+        fields = {
+            name: form.get(name, "").strip() for name in ("threshold_usd", "amount_usd", "monthly_cap_usd")
+        }
+        body: dict[str, Any] = {name: value for name, value in fields.items() if value}
+        try:
+            setting = self.auto_recharge.setting_from(body)
+            _, setup = await self.auto_recharge.apply(
+                session.wallet_id, setting, return_path="/account/auto-recharge"
+            )
+        except api_errors.ApiError as error:
+            return await self._auto_recharge(session, error=error.message, form=fields, status=error.status)
+        if setup is not None:  # no saved card yet: Stripe's page saves one, then back here
+            raise web.HTTPSeeOther(str(setup.url))
+        return await self._auto_recharge(session, notice="Saved: auto-recharge is on.")
+
+    async def disable_auto_recharge(self, request: web.Request) -> web.StreamResponse:
+        session = await self._signed_in(request)
+        await self._form(request, session)
+        async with self.engine.begin() as conn:
+            await recharges.disable(conn, session.wallet_id)
+        raise web.HTTPSeeOther("/account/auto-recharge")
+
     # --- alerts ---------------------------------------------------------------------------------
 
     async def alerts_page(self, request: web.Request) -> web.Response:
@@ -530,10 +611,20 @@ class AccountPages:
         return response
 
 
+PAGES = (
+    "/account",
+    "/account/top-up",
+    "/account/spend",
+    "/account/keys",
+    "/account/alerts",
+    "/account/auto-recharge",
+)
+
+
 def _local_page(path: str | None) -> str | None:
     """``path`` if it is one of this page's own (a sign-in's way back), else None: never another
     site (``//evil.example``) nor another part of the gateway."""
-    if path in ("/account", "/account/top-up", "/account/spend", "/account/keys", "/account/alerts"):
+    if path in PAGES:
         return path
     return None
 
@@ -562,8 +653,9 @@ def add_routes(
     limiter_admit: Callable[[str], Any],
     client_address: Callable[[web.Request], str],
     payments: stripe_api.StripeRoutes,
+    auto_recharge: auto_recharge_api.AutoRechargeRoutes,
 ) -> AccountPages:
-    pages = AccountPages(settings, engine, key_lookup, limiter_admit, client_address, payments)
+    pages = AccountPages(settings, engine, key_lookup, limiter_admit, client_address, payments, auto_recharge)
     app.router.add_get("/account", pages.home)
     app.router.add_post("/account/sign-in", pages.sign_in)
     app.router.add_post("/account/sign-out", pages.sign_out)
@@ -572,6 +664,9 @@ def add_routes(
     app.router.add_get("/account/entries.csv", pages.entries_csv)
     app.router.add_get("/account/top-up", pages.topup_page)
     app.router.add_post("/account/top-up", pages.topup)
+    app.router.add_get("/account/auto-recharge", pages.auto_recharge_page)
+    app.router.add_post("/account/auto-recharge", pages.save_auto_recharge)
+    app.router.add_post("/account/auto-recharge/off", pages.disable_auto_recharge)
     app.router.add_get("/account/alerts", pages.alerts_page)
     app.router.add_post("/account/alerts", pages.save_alerts)
     app.router.add_post("/account/alerts/remove", pages.remove_alerts)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, expect
 from support import browser
+from support.waiting import wait_until
 
 from billing import money
 
@@ -25,11 +26,14 @@ pytestmark = pytest.mark.integration
 AXE = (Path(__file__).resolve().parents[1] / "vendor" / "axe-core" / "axe.min.js").read_text(encoding="utf-8")
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 NARROW = {"width": 360, "height": 740}
+WAIT_S = 20.0
 
 
 @pytest.fixture(scope="module")
 async def stack(launch_stack) -> AsyncIterator[Any]:
-    async with launch_stack(BILLINGPROXY_KEY_CACHE_TTL_MS="100") as running:
+    async with launch_stack(
+        BILLINGPROXY_KEY_CACHE_TTL_MS="100", BILLINGPROXY_AUTO_RECHARGE_INTERVAL_MS="100"
+    ) as running:
         yield running
 
 
@@ -126,6 +130,36 @@ async def test_a_person_watches_spends_and_manages_keys_in_the_browser(stack, ch
                     refused = exc
                     break
             assert refused is not None and getattr(refused, "status_code", None) == 401, refused
+
+        # Auto-recharge with Stripe's test card: the setup Checkout saves it, back on the page
+        # the card shows; the next request takes the balance below the threshold → one recharge.
+        await page.click("nav >> text=Auto-recharge")
+        await page.fill("#threshold_usd", "1.00")
+        await page.fill("#amount_usd", "10.00")
+        await page.fill("#monthly_cap_usd", "20.00")
+        await look(page, "auto-recharge-form", shots)
+        await page.click("#save-recharge")
+        await page.wait_for_url(f"{stack.stack.stripe_double_url}/c/pay/**")
+        await page.fill("#card", "4242424242424242")
+        await page.click("#pay")
+        await page.wait_for_url(f"{stack.gateway}/account/auto-recharge?session_id=**")
+
+        async def shown(locator: str, text: str) -> bool:
+            await page.reload()
+            return text in await page.inner_text(locator)
+
+        # The webhook saves the card; the page shows it once it has.
+        await wait_until(lambda: shown("#card", "4242"), WAIT_S, "the saved card on the page")
+        assert await page.inner_text("#card") == "visa ·· 4242"
+        assert await page.inner_text("#recharge-status") == "on"
+        # Already below the threshold when the card was saved: the recharge starts without waiting
+        # for another request; requests keep being served meanwhile.
+        with stack.openai(user["api_key"]) as client:
+            client.chat.completions.create(**CHAT)
+        await wait_until(lambda: shown("#recharges-table", "succeeded"), WAIT_S, "the recharge, succeeded")
+        topups = [e.amount_nano for e in await stack.db.ledger(user["wallet_id"]) if e.kind == "topup"]
+        assert topups == [money.parse_usd("10.00")], "exactly one recharge, credited once"
+        await look(page, "auto-recharge", shots)
 
         await page.click("nav >> text=Alerts")
         await page.wait_for_selector("#save-alerts")

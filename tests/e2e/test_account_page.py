@@ -24,7 +24,7 @@ from billing import money
 pytestmark = pytest.mark.integration
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-SIGN_IN_RATE = 20
+SIGN_IN_RATE = 40
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +356,40 @@ async def test_alerts_are_registered_tested_and_removed_and_bad_input_changes_no
         status, _, _ = await browser.post("/account/alerts/remove", {"csrf_token": csrf})
         assert status == 303
         assert await stack.db.scalar(endpoints, w=user["wallet_id"]) == 0
+
+
+async def test_auto_recharge_form_refuses_bad_input_and_leads_to_the_card_setup(stack) -> None:
+    user = await stack.signup()
+    settings = "SELECT count(*) FROM auto_recharges WHERE wallet_id = :w"
+    async with Browser(stack) as browser:
+        await browser.sign_in(user["api_key"])
+        csrf = await browser.csrf("/account/auto-recharge")
+        good = {"threshold_usd": "2.00", "amount_usd": "10.00", "monthly_cap_usd": "30.00"}
+        status, _, _ = await browser.post("/account/auto-recharge", good)
+        assert status == 403, "no CSRF token"
+        for field, bad in [
+            ("amount_usd", "0.50"),  # below the top-up minimum
+            ("amount_usd", "10.005"),  # fractions of a cent
+            ("amount_usd", "1e1"),
+            ("threshold_usd", "-1"),
+            ("threshold_usd", "999999999"),
+            ("monthly_cap_usd", "5.00"),  # below one recharge
+            ("amount_usd", ""),
+        ]:
+            status, html, _ = await browser.post(
+                "/account/auto-recharge", {**good, field: bad, "csrf_token": csrf}
+            )
+            assert status == 400 and 'id="recharge-error"' in html, (field, bad)
+        assert await stack.db.scalar(settings, w=user["wallet_id"]) == 0
+        status, _, headers = await browser.post("/account/auto-recharge", {**good, "csrf_token": csrf})
+        assert status == 303 and "/c/pay/cs_test_" in headers["location"], "to the card's setup page"
+        assert await stack.db.scalar(settings, w=user["wallet_id"]) == 1
+        status, _, _ = await browser.post("/account/auto-recharge/off", {"csrf_token": csrf})
+        assert status == 303
+        enabled = await stack.db.scalar(
+            "SELECT enabled FROM auto_recharges WHERE wallet_id = :w", w=user["wallet_id"]
+        )
+        assert enabled is False
 
 
 # Last in the module: it uses up the client's sign-in allowance.
