@@ -54,10 +54,12 @@ CHECKOUT_ORIGIN = "https://checkout.stripe.com"
 
 
 def content_security_policy(form_targets: str) -> str:
+    """No inline code, everything from the gateway itself; forms may also lead to ``form_targets``
+    (Stripe Checkout, which the top-up and card-setup forms redirect to)."""
+    form_action = " ".join(["'self'", *form_targets.split()])
     return (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        f"connect-src 'self'; form-action 'self' {form_targets}; frame-ancestors 'none'; "
-        "base-uri 'none'"
+        f"connect-src 'self'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
     )
 
 
