@@ -45,7 +45,7 @@ from authz_sidecar import (
 )
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, errors, expiry, holds, pricing
+from billing import database, errors, expiry, holds, key_limits, pricing
 from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -203,9 +203,21 @@ class Sidecar:
                             self.settings.hold_report_grace_s,
                         )
                     metrics.holds_pending.set(await holds.outstanding(conn))
+                    await self._queue_limit_alerts(conn)
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
             await asyncio.sleep(holds.EXPIRY_SWEEP_S)
+
+    async def _queue_limit_alerts(self, conn: database.Connection) -> None:
+        """Queue the ``key.limit_reached`` alert of each key the Check refused for its limit since
+        the last round: here, not in the Check, so a refusal never waits for (or fails on) it.
+        A refusal stays remembered until its alert is queued (once per window, billing.key_limits)."""
+        if self._decider is None:
+            return
+        refusals = self._decider.limit_refusals
+        for occurrence, limit in list(refusals.items()):
+            await key_limits.queue_alert(conn, limit)
+            del refusals[occurrence]
 
     @staticmethod
     async def _last_file_rounds(file_log: access_log_file.Follower) -> None:
