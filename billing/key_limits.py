@@ -227,6 +227,24 @@ async def clear_limit(conn: AsyncConnection, key_id: str) -> None:
     await conn.execute(sa.text(_CLEAR), {"key_id": key_id})
 
 
+async def apply(conn: AsyncConnection, key_id: str, desired: tuple[int, Window] | None) -> bool:
+    """Make the key's limit ``desired`` (None: none) if it is not already; whether it changed.
+    For owners that declare a limit (the operator): re-applying the same one writes nothing, so
+    the window's count is left alone."""
+    k = tables.api_keys
+    row = (await conn.execute(sa.select(k.c.limit_nano, k.c.limit_window).where(k.c.id == key_id))).first()
+    if row is None:
+        return False
+    current = None if row.limit_nano is None else (int(row.limit_nano), Window(row.limit_window))
+    if current == desired:
+        return False
+    if desired is None:
+        await clear_limit(conn, key_id)
+    else:
+        await set_limit(conn, key_id, *desired)
+    return True
+
+
 async def limit_of(conn: AsyncConnection, key_id: str) -> KeyLimit | None:
     """The key's limit as the Check would see it now (None: no limit, or no such key)."""
     k = tables.api_keys

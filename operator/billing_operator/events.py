@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import kopf
 
-from billing import api_keys, ledger, money, wallets
+from billing import api_keys, key_limits, ledger, money, wallets
 
 # Wallet
 WALLET_CREATED = "WalletCreated"
@@ -28,6 +28,7 @@ WALLET_EMPTY = "WalletEmpty"
 KEY_ISSUED = "KeyIssued"
 KEY_ROTATED = "KeyRotated"
 KEY_REVOKED = "KeyRevoked"
+KEY_LIMIT_REACHED = "KeyLimitReached"
 
 
 def _usd(nano: int) -> str:
@@ -112,3 +113,16 @@ def key_rotated(
 def key_revoked(body: kopf.Body, records: Iterable[api_keys.KeyRecord]) -> None:
     ids = ", ".join(k.id for k in records) or "none left"
     kopf.info(body, reason=KEY_REVOKED, message=f"revoked: {ids}")
+
+
+def key_limit_reached(body: kopf.Body, record: api_keys.KeyRecord, limit: key_limits.KeyLimit) -> None:
+    reset = limit.resets_at
+    until = "for good (a total limit)" if reset is None else f"until {key_limits.iso(reset)}"
+    kopf.warn(
+        body,
+        reason=KEY_LIMIT_REACHED,
+        message=(
+            f"key {_key(record)} spent {_usd(limit.spent_nano)} of its {limit.window.value} limit of "
+            f"{_usd(limit.limit_nano)}: refused {until}"
+        ),
+    )
