@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke = key.add_parser("revoke", help="revoke a key; refused by the gateway within a second")
     revoke.add_argument("key_id", help="key id (key_…)")
-    capping = key.add_parser("limit", help="cap what a key may spend per window (docs/keys.md)")
+    capping = key.add_parser("limit", help="cap what a key may spend per window (docs/architecture.md)")
     capping.add_argument("key_id", help="key id (key_…)")
     capping.add_argument("usd", nargs="?", help='limit in USD, e.g. "5.00" (omit with --clear)')
     capping.add_argument(
