@@ -214,7 +214,7 @@ class Decider:
         # memo counts from here, so it never outlives a top-up committed meanwhile by a full TTL.
         asked_at = self._clock()
         refusal = await self._holds.submit(
-            hold_batches.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
+            hold_batches.HoldRequest(request_id, key.wallet_id, key.id, model, amount, limited=key.limited)
         )
         if refusal is None:
             facts = {**base, "hold_id": request_id, "model": model, "format": endpoint.usage_format.value}

@@ -33,7 +33,8 @@ from billing import database, holds, key_limits
 
 SET_BATCH_MIN = 4
 
-# holds.PLACE_SQL for a batch. Each wallet's requests are admitted in the batch's order against what
+# holds.PLACE_LIMITED_SQL for a batch (it reads only the keys $8 names: none, for unlimited keys).
+# Each wallet's requests are admitted in the batch's order against what
 # the wallet could spend before the batch ("room" = balance - reserved + limit, the limit 0 in
 # strict mode), less the amounts of its earlier requests in the batch ("before"): admitted while
 # room - before >= amount. The rule only ever admits a prefix of a wallet's requests:
@@ -44,13 +45,13 @@ SET_BATCH_MIN = 4
 # order before anything reads their balance; FOR NO KEY UPDATE returns each row as it is once
 # locked (READ COMMITTED), so "room" is never a stale snapshot.
 # A limited key's requests are tested the same way against the key's room (limit - spent -
-# reserved, its window rolled over as in holds.PLACE_SQL) less its earlier requests in the batch;
+# reserved, its window rolled over as in holds.PLACE_LIMITED_SQL) less its earlier requests in the batch;
 # its row is locked after its wallet's (joined to ``locked``). With two rules a refused request no
 # longer implies that the later ones are refused, so "admitted" is made a prefix explicitly: a
 # request is admitted only if it and every earlier request of its wallet fit; the rest go one by
 # one, as before.
 # $1 request ids, $2 wallets, $3 keys, $4 models, $5 amounts (arrays, in the batch's order),
-# $6 TTL in seconds, $7 strict.
+# $6 TTL in seconds, $7 strict, $8 the keys the caller knows to be limited (only they are read).
 PLACE_BATCH_SQL = f"""
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
@@ -67,7 +68,7 @@ WITH batch AS (
            {key_limits.ROLLED_START_SQL} AS window_start,
            {key_limits.ROLLED_SPENT_SQL} AS spent_nano
       FROM api_keys k JOIN locked ON k.wallet_id = locked.id
-     WHERE k.id = ANY($3::text[]) AND k.limit_nano IS NOT NULL
+     WHERE k.id = ANY($8::text[]) AND k.limit_nano IS NOT NULL
      ORDER BY k.id
        FOR NO KEY UPDATE OF k
 ), ranked AS (
@@ -214,6 +215,8 @@ class HoldRequest:
     key_id: str
     model: str
     amount_nano: int
+    # Whether the key has a spend limit, as the caller knows it (``holds.place``'s ``limited``).
+    limited: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +249,7 @@ async def place_many(
                 amount_nano=r.amount_nano,
                 ttl_s=ttl_s,
                 strict=strict,
+                limited=r.limited,
             )
             for r in items
         ]
@@ -264,11 +268,13 @@ async def place_many(
                 [r.amount_nano for r in requests],
                 int(ttl_s),
                 strict,
+                [r.key_id for r in requests if r.limited],
             )
         else:
             ordered = sorted(requests, key=lambda r: r.wallet_id)
+            # One statement for the whole pipeline: the limited one if any key needs it.
             rows = await pg.fetchmany(
-                holds.PLACE_SQL,
+                holds.PLACE_LIMITED_SQL if any(r.limited for r in requests) else holds.PLACE_SQL,
                 [
                     (r.request_id, r.wallet_id, r.key_id, r.model, r.amount_nano, int(ttl_s), strict)
                     for r in ordered

@@ -133,18 +133,42 @@ class Settlement(enum.Enum):
     REFUSED_MISMATCH = "refused_mismatch"
 
 
-# Admission and reservation in one statement: the wallet row is locked only if it admits the
-# request, the key's row (a limited key's only) after it, and both rows are updated and the hold
-# inserted only if both admit it. Concurrent Checks on one wallet queue on that row's lock, and
-# each is tested against the reservations of those before it. The wallet's rule,
+# Admission and reservation in one statement: the wallet row is updated only if it admits the
+# request, and the hold inserted only if it was. Concurrent Checks on one wallet queue on that
+# row's lock, and each is tested against the reservations of those before it. The rule,
 # ``balance - reserved - hold >= -limit``, is written ``balance - reserved + limit >= hold``
 # (strict mode: limit 0); since every admission keeps it, ``balance - reserved >= -limit`` holds
-# between settlements, and a settlement at most the hold keeps it too. A limited key's rule,
-# ``spent + reserved + hold <= limit``, is kept the same way, with no overdraft in either mode;
-# its window rolls over here (key_limits.ROLLED_START_SQL), and the hold records the window it
-# counts in. A key without a limit is read (one index probe) but neither locked nor written.
+# between settlements, and a settlement at most the hold keeps it too. This is the statement of
+# a key without a spend limit: it never reads the key's row (:data:`PLACE_LIMITED_SQL` does).
 # $1 request id, $2 wallet, $3 key, $4 model, $5 amount, $6 TTL in seconds, $7 strict.
-PLACE_SQL = f"""
+PLACE_SQL = """
+WITH admitted AS (
+    UPDATE wallets
+       SET reserved_nano = reserved_nano + $5::bigint
+     WHERE id = $2::text
+       AND NOT suspended
+       AND NOT disputed
+       AND balance_nano - reserved_nano
+           + CASE WHEN $7::boolean THEN 0 ELSE overdraft_limit_nano END >= $5::bigint
+ RETURNING id
+)
+INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
+SELECT $1::text, id, $3::text, $4::text, $5::bigint, 'pending',
+       now() + make_interval(secs => $6::int)
+  FROM admitted
+RETURNING request_id
+"""
+
+# :data:`PLACE_SQL` for a key that has a spend limit (billing/key_limits.py), the same rule for
+# the wallet plus the key's: the wallet row is locked only if it admits the request, the key's
+# row after it, and both rows are updated and the hold inserted only if both admit it (so the
+# wallet is locked by a SELECT and then updated: a refusal by the key must leave it unchanged).
+# The key's rule, ``spent + reserved + hold <= limit``, is kept as the wallet's is, with no
+# overdraft in either mode; its window rolls over here (key_limits.ROLLED_START_SQL), and the
+# hold records the window it counts in. A key whose limit was removed meanwhile (the key cache
+# still says it has one) is read but neither locked nor written: the hold then counts nowhere.
+# The parameters are PLACE_SQL's.
+PLACE_LIMITED_SQL = f"""
 WITH wallet AS MATERIALIZED (
     SELECT id
       FROM wallets
@@ -235,21 +259,28 @@ async def place(
     amount_nano: int,
     ttl_s: int,
     strict: bool,
+    limited: bool = True,
 ) -> Refusal | None:
     """Reserve ``amount_nano`` for one request in a single statement (:data:`PLACE_SQL`); None
     when the hold is placed (the request is admitted), else why not.
+
+    ``limited``: whether the key has a spend limit, as the caller knows it (the sidecar: its key
+    cache, ``KeyRecord.limited``). False takes the statement that never reads the key's row, so
+    a limit set a moment ago applies from the caller's next look-up of the key; True is exact
+    for every key and is what a caller that does not know should pass.
 
     Use an autocommit connection: one round trip, and the wallet row is locked only for it.
     A Check repeated for the same ``request_id`` (Envoy retrying the Check) is admitted again
     without a second reservation.
     """
     pg = await database.driver_connection(conn)
+    statement = PLACE_LIMITED_SQL if limited else PLACE_SQL
     # Twice at most: a refusal is explained by a second read, and if money came back in between
     # (a hold was settled), refusing would be a false block.
     for _ in range(2):
         try:
             placed = await pg.fetchval(
-                PLACE_SQL, request_id, wallet_id, key_id, model, amount_nano, int(ttl_s), strict
+                statement, request_id, wallet_id, key_id, model, amount_nano, int(ttl_s), strict
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != "holds_pkey":

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from support.alert_receiver import Receiver, running_receiver
-from support.waiting import wait_until
+from support.waiting import wait_until, wait_until_within
 
 from billing import key_limits, money
 
@@ -30,6 +31,7 @@ SETTINGS = {
     "BILLINGPROXY_ALERT_INTERVAL_MS": "100",
     "BILLINGPROXY_KEY_CACHE_TTL_MS": "500",
 }
+KEY_CACHE_TTL_MS = 500
 TIMEOUT_S = 20.0
 
 
@@ -127,6 +129,33 @@ async def test_a_capped_key_is_refused_with_its_limit_and_the_other_key_works(st
     assert cleared["limit"] is None
     status, body = await chat(stack, second["api_key"])
     assert status == 200, body
+    await stack.db.settled(user["wallet_id"])
+
+
+async def test_a_limit_set_on_a_key_in_use_applies_within_the_key_cache_ttl(stack) -> None:
+    """The sidecar's key cache says whether a key has a limit (an unlimited key's hold never reads
+    the key's row): a limit set on a key in use applies within the cache's TTL, as a revocation."""
+    user = await stack.signup()
+    status, body = await chat(stack, user["api_key"])  # the key is in the sidecar's cache now
+    assert status == 200, body
+    await stack.db.settled(user["wallet_id"])
+    limited_at = time.monotonic()
+    await call(
+        stack,
+        "PUT",
+        f"/billing/keys/{user['key_id']}/limit",
+        user["api_key"],
+        200,
+        json={"usd": "0", "window": "daily"},
+    )
+
+    async def refused() -> bool:
+        status, body = await chat(stack, user["api_key"])
+        return status == 403 and body["error"]["code"] == "key_limit_reached"
+
+    await wait_until_within(
+        refused, since=limited_at, bound_s=KEY_CACHE_TTL_MS / 1000 + 0.5, what="refusal of the capped key"
+    )
     await stack.db.settled(user["wallet_id"])
 
 

@@ -196,8 +196,9 @@ async def test_a_batch_admits_exactly_what_the_requests_one_by_one_would(
             (free, 900),  # refused by the wallet: 400 + 500 + 800 + 600 + 700 = 3 000 already
             (capped, 1),  # refused by the key
         ]
+        # As the sidecar sends them: only the capped key is known to be limited.
         requests = [
-            hold_batches.HoldRequest(f"{run}-{i}", wallet_id, key, "m", amount)
+            hold_batches.HoldRequest(f"{run}-{i}", wallet_id, key, "m", amount, limited=key == capped)
             for i, (key, amount) in enumerate(plan)
         ]
         async with migrated_engine.begin() as conn:
@@ -212,6 +213,7 @@ async def test_a_batch_admits_exactly_what_the_requests_one_by_one_would(
                         amount_nano=r.amount_nano,
                         ttl_s=TTL_S,
                         strict=True,
+                        limited=r.limited,
                     )
                     for r in requests
                 ]
@@ -254,6 +256,34 @@ async def test_batched_settlements_move_the_key_as_single_ones(migrated_engine: 
         )
     assert outcomes == [S.POSTED] * 5 + [S.VOIDED]
     assert await sums(migrated_engine, capped) == (1_000 + 3_000, 0)  # s1, s3 posted; s5 voided
+    await clean(migrated_engine)
+
+
+async def test_a_hold_placed_as_for_an_unlimited_key_counts_nowhere_and_the_sums_stay_exact(
+    migrated_engine: AsyncEngine,
+) -> None:
+    """The sidecar's key cache may still say "no limit" for up to its TTL after a limit is set:
+    such a hold takes the statement that never reads the key, and neither reserves on the key nor
+    counts in its spend when settled."""
+    wallet_id, (key, _) = await new_wallet(migrated_engine, 10_000)
+    await set_limit(migrated_engine, key, 1_000, W.DAILY)
+    async with migrated_engine.begin() as conn:
+        stale = await holds.place(
+            conn,
+            request_id="s1",
+            wallet_id=wallet_id,
+            key_id=key,
+            model="m",
+            amount_nano=5_000,
+            ttl_s=TTL_S,
+            strict=True,
+            limited=False,
+        )
+    assert stale is None
+    assert await sums(migrated_engine, key) == (0, 0)
+    assert await place(migrated_engine, wallet_id, key, "s2", 1_000) is None  # the limit, whole
+    assert await settle(migrated_engine, "s1", post(5_000)) is S.POSTED
+    assert await sums(migrated_engine, key) == (0, 1_000)
     await clean(migrated_engine)
 
 
