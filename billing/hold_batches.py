@@ -33,8 +33,52 @@ from billing import database, holds, key_limits
 
 SET_BATCH_MIN = 4
 
-# holds.PLACE_LIMITED_SQL for a batch (it reads only the keys $8 names: none, for unlimited keys).
-# Each wallet's requests are admitted in the batch's order against what
+# holds.PLACE_SQL for a batch. Each wallet's requests are admitted in the batch's order against what
+# the wallet could spend before the batch ("room" = balance - reserved + limit, the limit 0 in
+# strict mode), less the amounts of its earlier requests in the batch ("before"): admitted while
+# room - before >= amount. The rule only ever admits a prefix of a wallet's requests:
+# before + amount is the running sum up to and including the request, which never decreases
+# (amounts are >= 0), so once one is refused every later one is refused too. The requests after
+# that prefix are then retried one by one with ``holds.place``, exactly as the sequence would have met
+# them (a smaller request may still fit; money may have come back). Wallets are locked in id
+# order before anything reads their balance; FOR NO KEY UPDATE returns each row as it is once
+# locked (READ COMMITTED), so "room" is never a stale snapshot.
+# $1 request ids, $2 wallets, $3 keys, $4 models, $5 amounts (arrays, in the batch's order),
+# $6 TTL in seconds, $7 strict.
+PLACE_BATCH_SQL = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+           WITH ORDINALITY AS r(request_id, wallet_id, key_id, model, amount_nano, position)
+), locked AS MATERIALIZED (
+    SELECT id, balance_nano - reserved_nano
+               + CASE WHEN $7::boolean THEN 0 ELSE overdraft_limit_nano END AS room
+      FROM wallets
+     WHERE id = ANY($2::text[]) AND NOT suspended AND NOT disputed
+     ORDER BY id
+       FOR NO KEY UPDATE
+), ranked AS (
+    SELECT batch.*, locked.room,
+           coalesce(sum(batch.amount_nano) OVER (PARTITION BY batch.wallet_id ORDER BY batch.position
+                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                    0) AS before
+      FROM batch JOIN locked ON locked.id = batch.wallet_id
+), admitted AS (
+    SELECT * FROM ranked
+     WHERE room - before >= amount_nano
+), reserved AS (
+    UPDATE wallets
+       SET reserved_nano = wallets.reserved_nano + per_wallet.amount
+      FROM (SELECT wallet_id, sum(amount_nano) AS amount FROM admitted GROUP BY wallet_id) AS per_wallet
+     WHERE wallets.id = per_wallet.wallet_id
+)
+INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at)
+SELECT request_id, wallet_id, key_id, model, amount_nano, 'pending', now() + make_interval(secs => $6::int)
+  FROM admitted
+RETURNING request_id
+"""
+
+# holds.PLACE_LIMITED_SQL for a batch with a limited key among its requests (it reads only the keys $8
+# names). Each wallet's requests are admitted as in PLACE_BATCH_SQL against what
 # the wallet could spend before the batch ("room" = balance - reserved + limit, the limit 0 in
 # strict mode), less the amounts of its earlier requests in the batch ("before"): admitted while
 # room - before >= amount. The rule only ever admits a prefix of a wallet's requests:
@@ -52,7 +96,7 @@ SET_BATCH_MIN = 4
 # one, as before.
 # $1 request ids, $2 wallets, $3 keys, $4 models, $5 amounts (arrays, in the batch's order),
 # $6 TTL in seconds, $7 strict, $8 the keys the caller knows to be limited (only they are read).
-PLACE_BATCH_SQL = f"""
+PLACE_LIMITED_BATCH_SQL = f"""
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
            WITH ORDINALITY AS r(request_id, wallet_id, key_id, model, amount_nano, position)
@@ -259,8 +303,8 @@ async def place_many(
     pg = await database.driver_connection(conn)
     try:
         if len(requests) >= SET_BATCH_MIN:
-            rows = await pg.fetch(
-                PLACE_BATCH_SQL,
+            limited = [r.key_id for r in requests if r.limited]
+            columns = (
                 [r.request_id for r in requests],
                 [r.wallet_id for r in requests],
                 [r.key_id for r in requests],
@@ -268,8 +312,11 @@ async def place_many(
                 [r.amount_nano for r in requests],
                 int(ttl_s),
                 strict,
-                [r.key_id for r in requests if r.limited],
             )
+            if limited:
+                rows = await pg.fetch(PLACE_LIMITED_BATCH_SQL, *columns, limited)
+            else:
+                rows = await pg.fetch(PLACE_BATCH_SQL, *columns)
         else:
             ordered = sorted(requests, key=lambda r: r.wallet_id)
             # One statement for the whole pipeline: the limited one if any key needs it.
