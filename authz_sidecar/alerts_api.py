@@ -32,6 +32,23 @@ PUT_FIELDS = ("url", "thresholds_usd", "rotate_secret")
 EXAMPLE = '{"url": "https://example.com/hooks/billing", "thresholds_usd": ["5.00", "0"]}'
 
 
+async def checked_url(url: object, *, allow_private: bool) -> str:
+    """The URL if the gateway may post to it, its name resolved now (and again at every
+    delivery), else a 400 ``invalid_url``. The API and the account page both register with it."""
+    try:
+        checked = alerts.check_url(url, allow_private=allow_private)
+        host = urllib.parse.urlsplit(checked).hostname or ""
+        await alert_delivery.check_name(host, allow_private=allow_private)
+    except (alerts.InvalidUrl, alert_delivery.AddressRefused) as exc:
+        message = alerts.PRIVATE_ADDRESS if isinstance(exc, alert_delivery.AddressRefused) else str(exc)
+        raise api_errors.ApiError(400, "invalid_url", f"{message}.", extra={"param": "url"}) from None
+    except OSError:
+        raise api_errors.ApiError(
+            400, "invalid_url", "url names a host that does not resolve.", extra={"param": "url"}
+        ) from None
+    return checked
+
+
 def _not_configured() -> api_errors.ApiError:
     return api_errors.ApiError(
         404,
@@ -84,7 +101,7 @@ class AlertRoutes:
                 f"Unknown field {unknown[0]!r}; the fields are {', '.join(PUT_FIELDS)}.",
                 extra={"param": unknown[0]},
             )
-        url = await self._checked_url(body.get("url"))
+        url = await checked_url(body.get("url"), allow_private=self.settings.alert_allow_private)
         thresholds = body.get("thresholds_usd")
         try:
             thresholds_nano = None if thresholds is None else alerts.check_thresholds(thresholds)
@@ -108,23 +125,6 @@ class AlertRoutes:
         if secret is not None:
             answer["signing_secret"] = secret
         return web.json_response(answer)
-
-    async def _checked_url(self, url: object) -> str:
-        """The URL if the gateway may post to it, its name resolved now (and again at every
-        delivery), else a 400 ``invalid_url``."""
-        allow_private = self.settings.alert_allow_private
-        try:
-            checked = alerts.check_url(url, allow_private=allow_private)
-            host = urllib.parse.urlsplit(checked).hostname or ""
-            await alert_delivery.check_name(host, allow_private=allow_private)
-        except (alerts.InvalidUrl, alert_delivery.AddressRefused) as exc:
-            message = alerts.PRIVATE_ADDRESS if isinstance(exc, alert_delivery.AddressRefused) else str(exc)
-            raise api_errors.ApiError(400, "invalid_url", f"{message}.", extra={"param": "url"}) from None
-        except OSError:
-            raise api_errors.ApiError(
-                400, "invalid_url", "url names a host that does not resolve.", extra={"param": "url"}
-            ) from None
-        return checked
 
     async def get(self, request: web.Request) -> web.Response:
         wallet_id = await self._wallet_id(request)

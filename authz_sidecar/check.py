@@ -63,7 +63,7 @@ class Decider:
         self._endpoints = endpoints.EndpointTable(settings.endpoints)
         # Wallets refused as empty: wallet id → (refuse unparsed until, balance then).
         self._empty_wallets: dict[str, tuple[float, int]] = {}
-        self._top_up_url = f"{settings.public_url}/billing/topup"
+        self._top_up_url = f"{settings.public_url}/account/top-up"
         # Keys refused for their limit, by (key, window start): the sweep queues one alert each
         # (billing.key_limits.queue_alert, idempotent per window) off the Check's path.
         self.limit_refusals: dict[tuple[str, str], key_limits.KeyLimit] = {}

@@ -132,8 +132,8 @@ ACCESS_LOG_NAME = "billingproxy"
 # Envoy writes its access-log file at least this often (``--file-flush-interval-msec``; Envoy's
 # own default is 10 s): what a crashed Envoy loses from the file is at most this much.
 FILE_FLUSH_INTERVAL_MS = 200
-SIDECAR_PREFIXES = ("/user/", "/billing/", "/stripe/")
-SIDECAR_PATHS = ("/openapi.json",)
+SIDECAR_PREFIXES = ("/user/", "/billing/", "/stripe/", "/account/")
+SIDECAR_PATHS = ("/openapi.json", "/account")
 LUA_SOURCE = Path(__file__).with_name("usage_filter.lua")
 UPSTREAM_HEADERS_SOURCE = Path(__file__).with_name("upstream_headers.lua")
 # Request headers a client may send to the backend (docs/decisions/0003-upstream-headers.md):

@@ -27,7 +27,8 @@ from aiohttp.typedefs import Handler
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from authz_sidecar import alerts_api, api_errors, json_body, metrics, stripe_api
+from authz_sidecar import alerts_api, api_errors, auto_recharge_api, json_body, metrics, stripe_api
+from authz_sidecar.account import pages
 from authz_sidecar.key_lookup import KeyLookup
 from billing import api_keys, database, key_limits, key_management, ledger, money, wallets
 from billing.settings import Settings
@@ -475,6 +476,20 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_put("/billing/keys/{key_id}/limit", set_key_limit)
     app.router.add_delete("/billing/keys/{key_id}/limit", clear_key_limit)
     app.router.add_get("/openapi.json", openapi)
-    stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    stripe_routes = stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
+    # Sign-in attempts count against their own limiter, at the signup rates.
+    sign_in_limiter = SignupLimiter(settings.signup_rate_per_minute, settings.signup_rate_global_per_minute)
+    pages.add_routes(
+        app,
+        settings=settings,
+        engine=engine,
+        key_lookup=key_lookup,
+        limiter_admit=sign_in_limiter.admit,
+        client_address=client_address,
+        payments=stripe_routes,
+    )
+    auto_recharge_api.add_routes(
+        app, settings=settings, engine=engine, key_lookup=key_lookup, stripe_routes=stripe_routes
+    )
     return app

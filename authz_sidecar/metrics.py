@@ -139,7 +139,7 @@ stripe_checkout_sessions = Counter(
     registry=registry,
 )
 
-# --- Low-balance alerts (alert_delivery.py; docs/alerts.md) --------------------------------------
+# --- Alerts (alert_delivery.py; docs/alerts.md) --------------------------------------
 
 alert_events = Counter(
     "billingproxy_alert_events",
@@ -147,18 +147,32 @@ alert_events = Counter(
     ["type"],
     registry=registry,
 )
-alert_deliveries = Counter(
-    "billingproxy_alert_deliveries",
-    "Attempts to deliver an alert event to its webhook, by outcome (delivered, failed, refused_address, "
-    "gave_up).",
-    ["outcome"],
+alert_events_recent = Gauge(
+    "billingproxy_alert_events_recent",
+    "Alert events made in the last hour by every producer (the sweep, the test endpoint, "
+    "auto-recharge, key limits), by type; read from the database at each round, so every sidecar "
+    "shows the same numbers.",
+    ["type"],
     registry=registry,
 )
-for _outcome in ("delivered", "failed", "refused_address", "gave_up"):
-    alert_deliveries.labels(_outcome)  # shown at 0 from the start, for alerts on any increase
+alert_deliveries = Counter(
+    "billingproxy_alert_deliveries",
+    "Attempts to deliver an alert event, by channel (webhook, mail, kubernetes) and outcome "
+    "(delivered, failed, refused_address, gave_up).",
+    ["channel", "outcome"],
+    registry=registry,
+)
+for _channel, _outcomes in (
+    ("webhook", ("delivered", "failed", "refused_address", "gave_up")),
+    ("mail", ("delivered", "failed", "gave_up")),
+):
+    for _outcome in _outcomes:
+        alert_deliveries.labels(_channel, _outcome)  # shown at 0 from the start, for alerts on any increase
 alert_events_pending = Gauge(
     "billingproxy_alert_events_pending",
-    "Alert events neither delivered nor given up (read at each round of the alert worker).",
+    "Alert deliveries neither made nor given up, by channel (webhook, mail); read at each round of "
+    "the alert worker.",
+    ["channel"],
     registry=registry,
 )
 alert_delivery_duration_seconds = Histogram(
@@ -167,3 +181,12 @@ alert_delivery_duration_seconds = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=registry,
 )
+recharge_calls = Counter(
+    "billingproxy_recharge_calls",
+    "Calls this sidecar made to Stripe for auto-recharges, by outcome (created, failed: a card error "
+    "or refusal, unreachable: retried later with the same key, gave_up).",
+    ["outcome"],
+    registry=registry,
+)
+for _outcome in ("created", "failed", "unreachable", "gave_up"):
+    recharge_calls.labels(_outcome)  # shown at 0 from the start, for alerts on any increase

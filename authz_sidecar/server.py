@@ -2,7 +2,8 @@
 port, and over gRPC), gRPC (the access log, health), the public HTTP API and the admin port,
 plus a follower of Envoy's JSON access-log file (what the gRPC log lost), a sweeper that
 expires holds nobody settled and, after a grace period, charges those no log ever reported
-(billing/expiry.py), and the alert worker (low-balance webhooks, alert_delivery.py).
+(billing/expiry.py), the alert worker (low-balance webhooks, alert_delivery.py) and, with Stripe
+configured, the recharge worker (auto-recharge's off-session charges, recharge_worker.py).
 
 Two ways into PostgreSQL (billing/database.py): an asyncpg pool for the hot path (the Check's key
 look-up and hold, the access log's settlements, the key cache's refresher, the sweeper) and a
@@ -42,10 +43,11 @@ from authz_sidecar import (
     envoy_config,
     http_api,
     metrics,
+    recharge_worker,
 )
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, errors, expiry, holds, key_limits, pricing
+from billing import account_sessions, database, errors, expiry, holds, key_limits, pricing
 from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._alerts: asyncio.Task[None] | None = None
+        self._recharges: asyncio.Task[None] | None = None
         self._access_log: access_log.AccessLogService | None = None
         self._file_log: access_log_file.Follower | None = None
         self._file_follower: asyncio.Task[None] | None = None
@@ -147,6 +150,10 @@ class Sidecar:
         self._sweeper = asyncio.create_task(self._sweep_expired_holds(pool), name="hold-sweeper")
         self._file_follower = asyncio.create_task(self._file_log.run(), name="access-log-file")
         self._alerts = asyncio.create_task(alert_delivery.AlertWorker(s, pool).run(), name="alerts")
+        if s.stripe_configured:
+            self._recharges = asyncio.create_task(
+                recharge_worker.RechargeWorker(s, pool).run(), name="auto-recharge"
+            )
         await self._set_serving(True)
         logger.info(
             "sidecar ready: Check %s:%d, gRPC %s:%d, HTTP %s:%d, admin %s:%d",
@@ -203,6 +210,8 @@ class Sidecar:
                             self.settings.hold_report_grace_s,
                         )
                     metrics.holds_pending.set(await holds.outstanding(conn))
+                    # Ended account-page sessions go on the same beat (an index range, usually empty).
+                    await account_sessions.prune(conn)
                     await self._queue_limit_alerts(conn)
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
@@ -251,7 +260,7 @@ class Sidecar:
             except Exception as exc:  # noqa: BLE001 (the next sidecar resumes from the saved offset)
                 logger.warning("last rounds of the access-log file failed: %r", exc)
             self._file_log.close()
-        for task in (self._sweeper, self._alerts):
+        for task in (self._sweeper, self._alerts, self._recharges):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -42,10 +42,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import billing_stripe
 from authz_sidecar import api_errors, json_body, metrics
 from authz_sidecar.key_lookup import KeyLookup
-from billing import money, payments, topups, wallets
+from billing import money, payments, recharges, topups, wallets
 from billing.settings import Settings
 
 if TYPE_CHECKING:
+    from stripe.params import CustomerCreateParams
     from stripe.params.checkout import SessionCreateParams
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,14 @@ class CheckoutClient:
         )
 
     async def create_session(
-        self, *, wallet: wallets.Wallet, amount_nano: int, idempotency_key: str
+        self,
+        *,
+        wallet: wallets.Wallet,
+        amount_nano: int,
+        idempotency_key: str,
+        return_path: str = "/billing/topup/success",
     ) -> stripe.checkout.Session:
+        """``return_path``: where Checkout sends the customer back (the session id appended)."""
         s = self._settings
         amount_usd = money.format_usd_cents(amount_nano)
         params: SessionCreateParams = {
@@ -88,7 +95,7 @@ class CheckoutClient:
             "client_reference_id": wallet.id,
             "metadata": {"wallet_id": wallet.id, "amount_usd": amount_usd, "purpose": "billingproxy_topup"},
             "payment_intent_data": {"metadata": {"wallet_id": wallet.id, "purpose": "billingproxy_topup"}},
-            "success_url": f"{s.public_url}/billing/topup/success?session_id={{CHECKOUT_SESSION_ID}}",
+            "success_url": f"{s.public_url}{return_path}?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{s.public_url}/billing/topup/cancelled",
         }
         if wallet.email:
@@ -96,6 +103,48 @@ class CheckoutClient:
         return await self._client.v1.checkout.sessions.create_async(
             params, {"idempotency_key": idempotency_key}
         )
+
+    # --- auto-recharge (authz_sidecar/auto_recharge_api.py) ------------------------------------
+
+    async def create_customer(self, *, wallet: wallets.Wallet) -> stripe.Customer:
+        """The wallet's Stripe Customer; ``customer:<wallet>`` makes a retry answer the same one."""
+        params: CustomerCreateParams = {"metadata": {"wallet_id": wallet.id}}
+        if wallet.email:
+            params["email"] = wallet.email
+        return await self._client.v1.customers.create_async(
+            params, {"idempotency_key": f"customer:{wallet.id}"}
+        )
+
+    async def create_setup_session(self, *, wallet_id: str, customer: str) -> stripe.checkout.Session:
+        """A Checkout Session in setup mode: the owner saves a card for off-session recharges."""
+        s = self._settings
+        params: SessionCreateParams = {
+            "mode": "setup",
+            "currency": payments.CURRENCY,
+            "customer": customer,
+            "client_reference_id": wallet_id,
+            "metadata": {"wallet_id": wallet_id, "purpose": "billingproxy_auto_recharge"},
+            "setup_intent_data": {"metadata": {"wallet_id": wallet_id}},
+            "success_url": f"{s.public_url}/billing/auto-recharge/saved?session_id={{CHECKOUT_SESSION_ID}}",
+            "cancel_url": f"{s.public_url}/billing/topup/cancelled",
+        }
+        return await self._client.v1.checkout.sessions.create_async(
+            params, {"idempotency_key": f"billingproxy-setup-{uuid.uuid4()}"}
+        )
+
+    async def expand_setup_intent(self, setup_intent_id: str) -> dict[str, Any]:
+        """The SetupIntent with its PaymentMethod expanded (Stripe's ``expand`` shape)."""
+        intent = (
+            await self._client.v1.setup_intents.retrieve_async(
+                setup_intent_id, {"expand": ["payment_method"]}
+            )
+        ).to_dict()
+        method = intent.get("payment_method")
+        if isinstance(method, str):
+            intent["payment_method"] = (
+                await self._client.v1.payment_methods.retrieve_async(method)
+            ).to_dict()
+        return intent
 
 
 @dataclasses.dataclass
@@ -119,7 +168,7 @@ class StripeRoutes:
             yield
             self.checkout = None
 
-    def _require_stripe(self) -> CheckoutClient:
+    def require_stripe(self) -> CheckoutClient:
         if self.checkout is None:
             raise api_errors.ApiError(
                 503,
@@ -135,7 +184,7 @@ class StripeRoutes:
     async def topup(self, request: web.Request) -> web.StreamResponse:
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             return await self._topup_form(request)
-        checkout = self._require_stripe()
+        checkout = self.require_stripe()
         key = await self.key_lookup.authenticate(request.headers.get("authorization"))
         body = await json_body.read_object(request, example='{"amount_usd": "10.00"}')
         amount_nano = self._amount(body.get("amount_usd"))
@@ -157,7 +206,7 @@ class StripeRoutes:
         amount = form.get("amount_usd")
         api_key = form.get("api_key")
         try:
-            checkout = self._require_stripe()
+            checkout = self.require_stripe()
             amount_nano = self._amount(amount if isinstance(amount, str) else None)
             key = await self.key_lookup.authenticate(
                 f"Bearer {api_key}" if isinstance(api_key, str) else None
@@ -172,6 +221,14 @@ class StripeRoutes:
             )
         raise web.HTTPSeeOther(session.url)
 
+    async def checkout_for_account(self, wallet_id: str, amount: object, *, return_path: str) -> str:
+        """The account page's top-up: a Checkout Session for the signed-in wallet, its URL.
+        :class:`~authz_sidecar.api_errors.ApiError` for what the top-up API would refuse."""
+        checkout = self.require_stripe()
+        amount_nano = self._amount(amount)
+        session = await self._create(checkout, wallet_id, amount_nano, None, return_path=return_path)
+        return str(session.url)
+
     def _amount(self, value: object) -> int:
         s = self.settings
         try:
@@ -183,7 +240,13 @@ class StripeRoutes:
             ) from None
 
     async def _create(
-        self, checkout: CheckoutClient, wallet_id: str, amount_nano: int, client_key: str | None
+        self,
+        checkout: CheckoutClient,
+        wallet_id: str,
+        amount_nano: int,
+        client_key: str | None,
+        *,
+        return_path: str = "/billing/topup/success",
     ) -> Any:
         if client_key is not None and not 0 < len(client_key) <= CLIENT_IDEMPOTENCY_KEY_MAX:
             raise api_errors.ApiError(
@@ -203,7 +266,10 @@ class StripeRoutes:
         assert wallet is not None, "a key always belongs to a wallet (foreign key)"
         try:
             session = await checkout.create_session(
-                wallet=wallet, amount_nano=amount_nano, idempotency_key=idempotency_key
+                wallet=wallet,
+                amount_nano=amount_nano,
+                idempotency_key=idempotency_key,
+                return_path=return_path,
             )
         except stripe.IdempotencyError:
             metrics.stripe_checkout_sessions.labels("idempotency_conflict").inc()
@@ -251,7 +317,7 @@ class StripeRoutes:
     # --- POST /stripe/webhook ----------------------------------------------------------------
 
     async def webhook(self, request: web.Request) -> web.Response:
-        self._require_stripe()
+        self.require_stripe()
         payload = await request.read()
         try:
             stripe.Webhook.construct_event(
@@ -276,9 +342,12 @@ class StripeRoutes:
                 400, "invalid_payload", "The body is not a Stripe event (JSON)."
             ) from None
         event = json.loads(payload)
+        await self._expand_setup_session(event)
         try:
             async with self.engine.begin() as conn:
-                result = await payments.process_event(conn, event)
+                result = await payments.process_event(
+                    conn, event, failures_max=self.settings.auto_recharge_failures_max
+                )
         except payments.InvalidEvent as exc:
             metrics.stripe_webhook_rejections.labels("invalid_payload").inc()
             raise api_errors.ApiError(400, "invalid_payload", str(exc)) from None
@@ -300,6 +369,37 @@ class StripeRoutes:
             },
             dumps=_dumps,
         )
+
+    async def _expand_setup_session(self, event: Any) -> None:
+        """A completed setup session of ours names its SetupIntent by id; the card's brand and last
+        4 digits are on its PaymentMethod. Both are retrieved and put in the event as Stripe's
+        ``expand`` would, before the money rules see it. Stripe unreachable: 503 with nothing
+        recorded, so Stripe delivers the event again."""
+        data = event.get("data") if isinstance(event, dict) else None
+        session = data.get("object") if isinstance(data, dict) else None
+        if not (
+            event.get("type") == "checkout.session.completed"
+            and isinstance(session, dict)
+            and session.get("mode") == "setup"
+            and isinstance(session.get("id"), str)
+            and isinstance(session.get("setup_intent"), str)
+            and "\x00" not in session["id"]
+        ):
+            return
+        async with self.engine.connect() as conn:
+            if await recharges.setup_session(conn, session["id"]) is None:
+                return  # not ours: recorded as such, without asking Stripe about it
+        checkout = self.require_stripe()
+        try:
+            session["setup_intent"] = await checkout.expand_setup_intent(session["setup_intent"])
+        except stripe.StripeError as exc:
+            logger.warning("webhook %s: cannot retrieve setup intent: %s", event.get("id"), exc)
+            raise api_errors.ApiError(
+                503,
+                "payments_unavailable",
+                "The payment provider cannot be reached; retry shortly.",
+                "api_error",
+            ) from None
 
     # --- pages for people --------------------------------------------------------------------
 
@@ -380,6 +480,11 @@ _CSS = """\
 body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
 label{display:block;margin:.8rem 0}input{display:block;width:100%;padding:.4rem;font-size:1rem}
 button{margin-top:1rem;padding:.6rem 1.2rem;font-size:1rem}.error{color:#b00020}code{word-break:break-all}"""
+
+
+def html_page(title: str, body: str, *, status: int = 200) -> web.Response:
+    """A page for people (the top-up and auto-recharge pages): no scripts, nothing cached."""
+    return _html(title, body, status=status)
 
 
 def _html(title: str, body: str, *, status: int = 200) -> web.Response:

@@ -204,15 +204,16 @@ SELECT w.id, $2::text, $3::text, $4::bigint[], {_low_default("w.id")}, w.balance
     ON CONFLICT (wallet_id) DO UPDATE
    SET url = excluded.url,
        thresholds_nano = excluded.thresholds_nano,
-       signing_secret = CASE WHEN $5::boolean THEN excluded.signing_secret ELSE e.signing_secret END,
+       signing_secret = CASE WHEN $5::boolean OR e.signing_secret IS NULL THEN excluded.signing_secret
+                             ELSE e.signing_secret END,
        updated_at = now()
 RETURNING e.wallet_id, e.url, e.thresholds_nano, e.low_default_nano, e.signing_secret,
-          (xmax = 0) AS created
+          (e.signing_secret = $3::text) AS created
 """
 
 _ENDPOINT = """
 SELECT wallet_id, url, thresholds_nano, low_default_nano, signing_secret
-  FROM alert_endpoints WHERE wallet_id = $1::text
+  FROM alert_endpoints WHERE wallet_id = $1::text AND url IS NOT NULL
 """
 
 
@@ -237,11 +238,12 @@ async def register(
 ) -> tuple[Endpoint, str | None]:
     """Create or replace the wallet's endpoint; the signing secret too when it is new (the first
     registration, or ``rotate_secret``), which is the only time it is returned. The balance now
-    is what the first sweep compares with: thresholds already below it stay quiet."""
+    is what the first sweep compares with: thresholds already below it stay quiet (a wallet
+    already watched for its mail keeps what the sweep saw)."""
     pg = await database.driver_connection(conn)
     row = await pg.fetchrow(_REGISTER, wallet_id, url, new_signing_secret(), thresholds_nano, rotate_secret)
     assert row is not None, "the caller's key names an existing wallet"
-    shown = row["signing_secret"] if row["created"] or rotate_secret else None
+    shown = row["signing_secret"] if row["created"] else None
     return _endpoint(row), shown
 
 
@@ -257,13 +259,14 @@ WITH ended AS (
        SET gave_up_at = now(), last_error = 'the webhook was removed'
      WHERE wallet_id = $1::text AND delivered_at IS NULL AND gave_up_at IS NULL
 )
-DELETE FROM alert_endpoints WHERE wallet_id = $1::text RETURNING wallet_id
+DELETE FROM alert_endpoints WHERE wallet_id = $1::text AND url IS NOT NULL RETURNING wallet_id
 """
 
 
 async def remove(conn: Conn, wallet_id: str) -> bool:
-    """Remove the wallet's endpoint (its undelivered events are given up); False if it had none.
-    The events stay, as the record of what was sent."""
+    """Remove the wallet's endpoint (its events not yet posted to it are given up); False if it
+    had none. The events stay, as the record of what was sent; their mail is not affected, and a
+    wallet watched for its mail is enrolled again by the next round (:func:`enrol`)."""
     pg = await database.driver_connection(conn)
     return await pg.fetchval(_REMOVE, wallet_id) is not None
 
@@ -305,7 +308,7 @@ async def recent_events(conn: Conn, wallet_id: str, *, limit: int) -> list[Event
 _QUEUE_TEST = f"""
 INSERT INTO alert_events (id, wallet_id, type, balance_nano)
 SELECT $2::text, w.id, '{EventType.TEST}', w.balance_nano
-  FROM wallets w JOIN alert_endpoints e ON e.wallet_id = w.id
+  FROM wallets w JOIN alert_endpoints e ON e.wallet_id = w.id AND e.url IS NOT NULL
  WHERE w.id = $1::text
    AND (SELECT count(*) FROM alert_events ev
          WHERE ev.wallet_id = w.id AND ev.type = '{EventType.TEST}'
@@ -324,15 +327,19 @@ async def queue_test_event(conn: Conn, wallet_id: str) -> str:
     pg = await database.driver_connection(conn)
     event_id = await pg.fetchval(_QUEUE_TEST, wallet_id, new_event_id())
     if event_id is None:
-        if await pg.fetchval("SELECT 1 FROM alert_endpoints WHERE wallet_id = $1::text", wallet_id) is None:
+        if await endpoint(conn, wallet_id) is None:
             raise NotConfigured(wallet_id)
         raise TooManyTestEvents(wallet_id)
     return str(event_id)
 
 
-_QUEUE_EVENT = """
-INSERT INTO alert_events (id, wallet_id, type, balance_nano, data)
-SELECT $2::text, w.id, $3::text, w.balance_nano, $4::jsonb
+# An event for a wallet watched without a webhook is born given up for the webhook channel: the
+# other channels (mail, Kubernetes Events) take it from alert_deliveries.
+_NO_WEBHOOK = "no webhook was registered"
+_QUEUE_EVENT = f"""
+INSERT INTO alert_events (id, wallet_id, type, balance_nano, data, gave_up_at, last_error)
+SELECT $2::text, w.id, $3::text, w.balance_nano, $4::jsonb,
+       CASE WHEN e.url IS NULL THEN now() END, CASE WHEN e.url IS NULL THEN '{_NO_WEBHOOK}' END
   FROM wallets w JOIN alert_endpoints e ON e.wallet_id = w.id
  WHERE w.id = $1::text
     ON CONFLICT (id) DO NOTHING
@@ -352,7 +359,8 @@ async def queue_event(
 ) -> str | None:
     """Queue one event of ``event_type`` about ``occurrence`` for the wallet's alert endpoint, in
     the caller's transaction (so it exists exactly when the fact it reports does). Its id, or None
-    when the wallet has no endpoint or the event was already queued. ``data``'s values are
+    when the wallet is not watched (no webhook, and not enrolled for mail or Kubernetes Events by
+    :func:`enrol`) or the event was already queued. ``data``'s values are
     strings (USD amounts as decimal strings, never floats)."""
     pg = await database.driver_connection(conn)
     event_id = await pg.fetchval(
@@ -368,7 +376,7 @@ async def queue_event(
 # (wallet, observation, threshold, type) is the second guard.
 _SWEEP = f"""
 WITH seen AS (
-    SELECT e.wallet_id, e.observed_balance_nano AS before_nano, w.balance_nano AS after_nano,
+    SELECT e.wallet_id, e.url, e.observed_balance_nano AS before_nano, w.balance_nano AS after_nano,
            e.thresholds_nano, e.low_default_nano, e.observation + 1 AS observation
       FROM alert_endpoints e JOIN wallets w ON w.id = e.wallet_id
      WHERE w.balance_nano <> e.observed_balance_nano
@@ -389,9 +397,11 @@ WITH seen AS (
       FROM judged
      WHERE e.wallet_id = judged.wallet_id
 )
-INSERT INTO alert_events (id, wallet_id, type, observation, threshold_nano, balance_nano)
+INSERT INTO alert_events
+       (id, wallet_id, type, observation, threshold_nano, balance_nano, gave_up_at, last_error)
 SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''),
-       judged.wallet_id, '{EventType.BALANCE_LOW}', judged.observation, t.threshold_nano, judged.after_nano
+       judged.wallet_id, '{EventType.BALANCE_LOW}', judged.observation, t.threshold_nano, judged.after_nano,
+       CASE WHEN judged.url IS NULL THEN now() END, CASE WHEN judged.url IS NULL THEN '{_NO_WEBHOOK}' END
   FROM judged
  CROSS JOIN LATERAL (
        SELECT DISTINCT unnest(coalesce(judged.thresholds_nano,
@@ -448,23 +458,36 @@ class Delivery:
         return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
-_CLAIM = """
+def _claim_sql(table: str, key: str, which: str, joined: str, joined_on: str, returning: str) -> str:
+    """Lease up to $1 due rows of ``table`` (``t``, those ``which`` names) for $2 seconds, one more
+    attempt each: the webhook's queue (alert_events) and the other channels' (alert_deliveries)."""
+    return f"""
 WITH due AS (
-    SELECT ev.id
-      FROM alert_events ev
-     WHERE ev.delivered_at IS NULL AND ev.gave_up_at IS NULL AND ev.next_attempt_at <= now()
-     ORDER BY ev.next_attempt_at
+    SELECT t.{key}
+      FROM {table} t
+     WHERE {which} AND t.delivered_at IS NULL AND t.gave_up_at IS NULL AND t.next_attempt_at <= now()
+     ORDER BY t.next_attempt_at
      LIMIT $1::int
        FOR UPDATE SKIP LOCKED
 )
-UPDATE alert_events ev
-   SET attempts = ev.attempts + 1,
+UPDATE {table} t
+   SET attempts = t.attempts + 1,
        next_attempt_at = now() + make_interval(secs => $2::int)
-  FROM due, alert_endpoints e
- WHERE ev.id = due.id AND e.wallet_id = ev.wallet_id
-RETURNING ev.id, ev.wallet_id, ev.type, ev.threshold_nano, ev.balance_nano, ev.created_at,
-          ev.attempts, e.url, e.signing_secret, ev.data::text AS data
+  FROM due, {joined}
+ WHERE t.{key} = due.{key} AND {which} AND {joined_on}
+RETURNING {returning}
 """
+
+
+_CLAIM = _claim_sql(
+    "alert_events",
+    "id",
+    "true",
+    "alert_endpoints e",
+    "e.wallet_id = t.wallet_id",
+    """t.id, t.wallet_id, t.type, t.threshold_nano, t.balance_nano, t.created_at, t.attempts,
+          e.url, e.signing_secret, t.data::text AS data""",
+)
 
 
 async def claim_due(
@@ -501,21 +524,33 @@ async def record_delivered(conn: Conn, event_id: str) -> None:
 
 
 # Attempt n+1 waits base × 2^(n-1) (the exponent bounded, so the interval never overflows); once
-# it would start later than retry_for_s after the event was made, the event is given up instead.
-_FAILED = """
+# it would start later than retry_for_s after the event was made, it is given up instead (at once
+# when $5 says the failure is final). One rule for every channel: the webhook's state is in
+# alert_events, the others' in alert_deliveries ($6 names the channel there).
+def _failed_sql(table: str, where: str, made_at: str) -> str:
+    return f"""
 WITH next AS (
-    SELECT id, now() + make_interval(secs => $3::bigint * (2 ^ least(attempts - 1, 30)) / 1000.0) AS at,
-           created_at + make_interval(secs => $4::int) AS deadline
-      FROM alert_events WHERE id = $1::text AND delivered_at IS NULL AND gave_up_at IS NULL
+    SELECT now() + make_interval(secs => $3::bigint * (2 ^ least(t.attempts - 1, 30)) / 1000.0) AS at,
+           {made_at} + make_interval(secs => $4::int) AS deadline
+      FROM {table} t
+     WHERE {where} AND t.delivered_at IS NULL AND t.gave_up_at IS NULL
 )
-UPDATE alert_events ev
+UPDATE {table} t
    SET last_error = $2::text,
        next_attempt_at = next.at,
-       gave_up_at = CASE WHEN next.at > next.deadline THEN now() END
+       gave_up_at = CASE WHEN $5::boolean OR next.at > next.deadline THEN now() END
   FROM next
- WHERE ev.id = next.id
-RETURNING ev.gave_up_at IS NOT NULL
+ WHERE {where}
+RETURNING t.gave_up_at IS NOT NULL
 """
+
+
+_FAILED = _failed_sql("alert_events", "t.id = $1::text AND $6::text IS NULL", "t.created_at")
+_CHANNEL_FAILED = _failed_sql(
+    "alert_deliveries",
+    "t.event_id = $1::text AND t.channel = $6::text",
+    "(SELECT ev.created_at FROM alert_events ev WHERE ev.id = t.event_id)",
+)
 
 
 async def record_failed(
@@ -523,7 +558,9 @@ async def record_failed(
 ) -> bool:
     """Schedule the next attempt after a failed one, or give the event up; True if given up."""
     pg = await database.driver_connection(conn)
-    gave_up = await pg.fetchval(_FAILED, event_id, error[:ERROR_CHARS_MAX], retry_base_ms, retry_for_s)
+    gave_up = await pg.fetchval(
+        _FAILED, event_id, error[:ERROR_CHARS_MAX], retry_base_ms, retry_for_s, False, None
+    )
     return bool(gave_up)
 
 
@@ -535,3 +572,263 @@ async def pending(conn: Conn) -> int:
             "SELECT count(*) FROM alert_events WHERE delivered_at IS NULL AND gave_up_at IS NULL"
         )
     )
+
+
+# --- the other channels: mail and Kubernetes Events ------------------------------------------------
+
+
+class Channel(enum.StrEnum):
+    """Where an event goes besides the webhook; each tracks its own attempts in alert_deliveries."""
+
+    MAIL = "mail"
+    KUBERNETES = "kubernetes"
+
+
+# How far back the channels look for events they have not taken: an event older than this (made
+# while mail was off, say) is not sent late.
+NEW_EVENTS_LOOKBACK_S = 86_400
+ENROL_BATCH_MAX = 500
+# Types mailed: every one but the webhook's test (which would let anyone who can sign up with an
+# address make the gateway mail it at will).
+_NOT_MAILED = (EventType.TEST,)
+
+# Wallets the sweep should watch though they have no webhook: Kubernetes-declared ones (their
+# Events) and, when mail is on, those with an email. The row starts at the balance now, so nothing
+# already crossed fires; the thresholds are the defaults.
+_ENROL = f"""
+INSERT INTO alert_endpoints AS e
+       (wallet_id, url, signing_secret, thresholds_nano, low_default_nano, observed_balance_nano)
+SELECT w.id, NULL, NULL, NULL, {_low_default("w.id")}, w.balance_nano
+  FROM wallets w
+ WHERE (w.source = 'kubernetes' OR ($1::boolean AND w.email IS NOT NULL))
+   AND NOT EXISTS (SELECT 1 FROM alert_endpoints x WHERE x.wallet_id = w.id)
+ LIMIT $2::int
+    ON CONFLICT (wallet_id) DO NOTHING
+RETURNING e.wallet_id
+"""
+
+
+async def enrol(conn: Conn, *, mail: bool, batch_max: int = ENROL_BATCH_MAX) -> int:
+    """Watch the wallets that get alerts without a webhook (Kubernetes-declared ones, and with
+    ``mail`` those with an email address); how many were added."""
+    pg = await database.driver_connection(conn)
+    return len(await pg.fetch(_ENROL, mail, batch_max))
+
+
+_TAKE_FOR_MAIL = f"""
+INSERT INTO alert_deliveries (event_id, channel, recipient)
+SELECT ev.id, '{Channel.MAIL}', w.email
+  FROM alert_events ev JOIN wallets w ON w.id = ev.wallet_id
+ WHERE ev.created_at > now() - make_interval(secs => {NEW_EVENTS_LOOKBACK_S})
+   AND ev.type <> ALL($1::text[])
+   AND w.email IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM alert_deliveries d WHERE d.event_id = ev.id AND d.channel = '{Channel.MAIL}')
+ ORDER BY ev.created_at
+ LIMIT $2::int
+    ON CONFLICT (event_id, channel) DO NOTHING
+RETURNING event_id
+"""
+
+
+async def take_for_mail(conn: Conn, *, batch_max: int = SWEEP_BATCH_MAX) -> int:
+    """Give each new event of a wallet with an email its mail delivery (once, whoever runs it);
+    how many. The address is the wallet's as it is now, kept with the delivery."""
+    pg = await database.driver_connection(conn)
+    return len(await pg.fetch(_TAKE_FOR_MAIL, [str(t) for t in _NOT_MAILED], batch_max))
+
+
+@dataclasses.dataclass(frozen=True)
+class MailDelivery:
+    """A claimed mail: what the event says and the address it goes to."""
+
+    event_id: str
+    wallet_id: str
+    type: str
+    threshold_nano: int | None
+    balance_nano: int
+    attempt: int
+    recipient: str
+    data: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+_CLAIM_CHANNEL = _claim_sql(
+    "alert_deliveries",
+    "event_id",
+    "t.channel = $3::text",
+    "alert_events ev",
+    "ev.id = t.event_id",
+    """ev.id, ev.wallet_id, ev.type, ev.threshold_nano, ev.balance_nano, t.attempts, t.recipient,
+          ev.data::text AS data""",
+)
+
+
+async def claim_mail(
+    conn: Conn, *, limit: int = CLAIM_BATCH_MAX, lease_s: int = CLAIM_LEASE_S
+) -> list[MailDelivery]:
+    """Lease up to ``limit`` due mails, as :func:`claim_due` leases webhook posts."""
+    pg = await database.driver_connection(conn)
+    rows = await pg.fetch(_CLAIM_CHANNEL, limit, lease_s, str(Channel.MAIL))
+    return [
+        MailDelivery(
+            event_id=row["id"],
+            wallet_id=row["wallet_id"],
+            type=row["type"],
+            threshold_nano=row["threshold_nano"],
+            balance_nano=row["balance_nano"],
+            attempt=row["attempts"],
+            recipient=row["recipient"] or "",
+            data=json.loads(row["data"]),
+        )
+        for row in rows
+    ]
+
+
+async def record_channel_delivered(conn: Conn, event_id: str, channel: Channel) -> None:
+    pg = await database.driver_connection(conn)
+    await pg.execute(
+        "UPDATE alert_deliveries SET delivered_at = now(), last_error = NULL "
+        "WHERE event_id = $1::text AND channel = $2::text AND delivered_at IS NULL",
+        event_id,
+        str(channel),
+    )
+
+
+async def record_channel_failed(
+    conn: Conn,
+    event_id: str,
+    channel: Channel,
+    error: str,
+    *,
+    retry_base_ms: int,
+    retry_for_s: int,
+    final: bool = False,
+) -> bool:
+    """:func:`record_failed` for a channel's delivery; ``final`` gives up at once (an address no
+    attempt can reach). True if given up."""
+    pg = await database.driver_connection(conn)
+    gave_up = await pg.fetchval(
+        _CHANNEL_FAILED, event_id, error[:ERROR_CHARS_MAX], retry_base_ms, retry_for_s, final, str(channel)
+    )
+    return bool(gave_up)
+
+
+WEBHOOK = "webhook"
+
+
+async def record_attempt(
+    conn: Conn,
+    event_id: str,
+    channel: str,
+    error: str | None,
+    *,
+    retry_base_ms: int,
+    retry_for_s: int,
+    final: bool = False,
+) -> bool:
+    """Record one attempt on ``channel`` (:data:`WEBHOOK` or a :class:`Channel`): delivered when
+    ``error`` is None, else failed (given up when retries are over, or at once if ``final``).
+    True if given up."""
+    if error is None:
+        if channel == WEBHOOK:
+            await record_delivered(conn, event_id)
+        else:
+            await record_channel_delivered(conn, event_id, Channel(channel))
+        return False
+    if channel == WEBHOOK:
+        return await record_failed(
+            conn, event_id, error, retry_base_ms=retry_base_ms, retry_for_s=retry_for_s
+        )
+    return await record_channel_failed(
+        conn,
+        event_id,
+        Channel(channel),
+        error,
+        retry_base_ms=retry_base_ms,
+        retry_for_s=retry_for_s,
+        final=final,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Announcement:
+    """An event to post as a Kubernetes Event on its Wallet resource."""
+
+    event_id: str
+    type: str
+    threshold_nano: int | None
+    balance_nano: int
+    data: dict[str, str]
+
+
+# Taken and marked posted in one statement: a second operator (or this one after a restart)
+# finds the row and takes nothing, so each event is posted once. At most once: an operator that
+# stops between this commit and the post loses that Event (the record stays in alert_events).
+_ANNOUNCE = f"""
+WITH fresh AS (
+    SELECT ev.id, ev.created_at
+      FROM alert_events ev JOIN wallets w ON w.id = ev.wallet_id
+     WHERE w.source = 'kubernetes' AND w.external_id = $1::text
+       AND ev.created_at > now() - make_interval(secs => {NEW_EVENTS_LOOKBACK_S})
+       AND ev.type = ANY($2::text[])
+       AND NOT EXISTS (SELECT 1 FROM alert_deliveries d
+                        WHERE d.event_id = ev.id AND d.channel = '{Channel.KUBERNETES}')
+     ORDER BY ev.created_at
+     LIMIT $3::int
+), taken AS (
+    INSERT INTO alert_deliveries (event_id, channel, attempts, delivered_at)
+    SELECT id, '{Channel.KUBERNETES}', 1, now() FROM fresh
+        ON CONFLICT (event_id, channel) DO NOTHING
+    RETURNING event_id
+)
+SELECT ev.id, ev.type, ev.threshold_nano, ev.balance_nano, ev.data::text AS data
+  FROM taken JOIN alert_events ev ON ev.id = taken.event_id
+ ORDER BY ev.created_at, ev.id
+"""
+
+
+async def take_announcements(
+    conn: Conn, external_id: str, *, types: list[EventType], limit: int = CLAIM_BATCH_MAX
+) -> list[Announcement]:
+    """The events of ``types`` about the Kubernetes-declared wallet ``external_id`` (its resource's
+    uid) that no operator has posted yet, now marked posted: commit, then post them."""
+    pg = await database.driver_connection(conn)
+    rows = await pg.fetch(_ANNOUNCE, external_id, [str(t) for t in types], limit)
+    return [
+        Announcement(
+            event_id=row["id"],
+            type=row["type"],
+            threshold_nano=row["threshold_nano"],
+            balance_nano=row["balance_nano"],
+            data=json.loads(row["data"]),
+        )
+        for row in rows
+    ]
+
+
+_PENDING_BY_CHANNEL = f"""
+SELECT 'webhook' AS channel, count(*) AS n FROM alert_events
+ WHERE delivered_at IS NULL AND gave_up_at IS NULL
+UNION ALL
+SELECT channel, count(*) FROM alert_deliveries
+ WHERE delivered_at IS NULL AND gave_up_at IS NULL AND channel = '{Channel.MAIL}'
+ GROUP BY channel
+"""
+
+
+async def pending_by_channel(conn: Conn) -> dict[str, int]:
+    """Deliveries neither made nor given up, by channel (webhook, mail)."""
+    pg = await database.driver_connection(conn)
+    counts = {"webhook": 0, str(Channel.MAIL): 0}
+    counts.update({row["channel"]: int(row["n"]) for row in await pg.fetch(_PENDING_BY_CHANNEL)})
+    return counts
+
+
+async def made_since(conn: Conn, since_s: int) -> dict[str, int]:
+    """Events made in the last ``since_s`` seconds, by type (every producer's, from the table)."""
+    pg = await database.driver_connection(conn)
+    rows = await pg.fetch(
+        "SELECT type, count(*) AS n FROM alert_events "
+        "WHERE created_at > now() - make_interval(secs => $1::int) GROUP BY type",
+        since_s,
+    )
+    return {row["type"]: int(row["n"]) for row in rows}

@@ -43,7 +43,12 @@ The checks, one row each in the report (:class:`Check`):
   has its debit, and its reversal exactly when its status gave the money back. A payment not
   (yet) paid into a wallet has none of these. No ``topup``, ``refund``, ``dispute`` or
   ``dispute_reversal`` entry lacks the fact it follows, and ``wallets.disputed`` is true exactly
-  while the wallet has an open dispute.
+  while the wallet has an open dispute. A payment's origin is its Checkout Session, or the
+  recharge that recorded it (same wallet and amount).
+- ``recharges`` (docs/decisions/0034-auto-recharge.md): every succeeded recharge is a payment
+  credited once (``stripe:<payment_intent>``, its wallet, its amount); no wallet has two
+  recharges in flight; and no recharge made its calendar month's (UTC) recharges that had not
+  failed exceed the cap in force when it started.
 
 Sharp edges:
 
@@ -96,6 +101,11 @@ class Check(enum.Enum):
     )
     USAGE = ("usage", "usage entry ⇔ posted hold, same amount", "holds + usage entries")
     STRIPE = ("stripe", "each paid payment credited once; refunds, disputes", "payments + disputes")
+    RECHARGES = (
+        "recharges",
+        "each succeeded recharge credited once; one in flight; the month within its cap",
+        "recharges",
+    )
 
     def __init__(self, label: str, rule: str, counted: str) -> None:
         self.label = label
@@ -184,6 +194,7 @@ async def check(conn: AsyncConnection, *, report_grace_s: int = DEFAULT_REPORT_G
             await _unreported_holds(conn, report_grace_s),
             await _usage(conn),
             await _stripe(conn),
+            await _recharges(conn),
         ),
     )
 
@@ -488,6 +499,7 @@ WITH {_STRIPE_ENTRIES}
 SELECT p.payment_intent, p.wallet_id, p.amount_nano, p.refunded_nano, p.refund_applied_nano,
        p.checkout_session, {_CREDITED} AS credited,
        s.id AS session_id, s.wallet_id AS session_wallet_id, s.amount_nano AS session_amount_nano,
+       rc.seq AS recharge_seq, rc.wallet_id AS recharge_wallet_id, rc.amount_nano AS recharge_amount_nano,
        count(e.id) FILTER (WHERE e.kind = 'topup') AS credits,
        count(e.id) FILTER (WHERE e.kind = 'topup'
                              AND e.idempotency_key = :credit_prefix || p.payment_intent
@@ -499,8 +511,9 @@ SELECT p.payment_intent, p.wallet_id, p.amount_nano, p.refunded_nano, p.refund_a
        count(e.id) FILTER (WHERE e.wallet_id IS DISTINCT FROM p.wallet_id) AS elsewhere
   FROM stripe_payments p
   LEFT JOIN stripe_checkout_sessions s ON s.id = p.checkout_session
+  LEFT JOIN recharges rc ON rc.payment_intent = p.payment_intent
   LEFT JOIN stripe_entries e ON e.payment_intent = p.payment_intent
- GROUP BY p.payment_intent, s.id
+ GROUP BY p.payment_intent, s.id, rc.wallet_id, rc.seq
  ORDER BY p.payment_intent
 """
 
@@ -607,7 +620,15 @@ def _payment_findings(row: sa.Row[Any]) -> list[Finding]:
                 + ("" if row.exact_credits else f", none of them {key} for that amount to that wallet"),
             )
         )
-    if (row.session_wallet_id, row.session_amount_nano) != (row.wallet_id, row.amount_nano):
+    if row.checkout_session is None and row.recharge_seq is not None:
+        if (row.recharge_wallet_id, row.recharge_amount_nano) != (row.wallet_id, row.amount_nano):
+            found.append(
+                finding(
+                    f"its recharge {row.recharge_seq} started for {_usd(row.amount_nano)} to {row.wallet_id}",
+                    f"started for {_usd(row.recharge_amount_nano)} to {row.recharge_wallet_id}",
+                )
+            )
+    elif (row.session_wallet_id, row.session_amount_nano) != (row.wallet_id, row.amount_nano):
         found.append(
             finding(
                 f"its checkout session {row.checkout_session} recorded for {_usd(row.amount_nano)} "
@@ -692,3 +713,46 @@ async def _disputed_flags(conn: AsyncConnection) -> tuple[int, list[Finding]]:
         for row in rows
     ]
     return (int(rows[0].mismatches) if rows else 0), findings
+
+
+# --- auto-recharge -------------------------------------------------------------------------------
+
+_RECHARGE_FINDINGS = """
+SELECT r.wallet_id, 'recharge ' || r.seq AS subject,
+       'credited once: ' || :credit_prefix || coalesce(r.payment_intent, '?') AS expected,
+       (SELECT count(*) FROM ledger_entries e
+         WHERE e.idempotency_key = :credit_prefix || r.payment_intent
+           AND e.wallet_id = r.wallet_id AND e.amount_nano = r.amount_nano) || ' such credit(s)' AS found
+  FROM recharges r
+ WHERE r.state = 'succeeded'
+   AND (r.payment_intent IS NULL
+        OR 1 <> (SELECT count(*) FROM ledger_entries e
+                  WHERE e.idempotency_key = :credit_prefix || r.payment_intent
+                    AND e.wallet_id = r.wallet_id AND e.amount_nano = r.amount_nano))
+UNION ALL
+SELECT r.wallet_id, 'wallet ' || r.wallet_id, 'at most one recharge in flight',
+       count(*) || ' (seq ' || string_agg(r.seq::text, ', ' ORDER BY r.seq) || ')'
+  FROM recharges r
+ WHERE r.state IN ('creating', 'pending')
+ GROUP BY r.wallet_id HAVING count(*) > 1
+UNION ALL
+SELECT r.wallet_id, 'recharge ' || r.seq,
+       'its month''s recharges within the cap of ' || r.monthly_cap_nano || ' nano-USD',
+       m.total || ' nano-USD'
+  FROM recharges r
+ CROSS JOIN LATERAL (
+       SELECT sum(o.amount_nano) AS total FROM recharges o
+        WHERE o.wallet_id = r.wallet_id AND o.seq <= r.seq AND o.state <> 'failed'
+          AND date_trunc('month', o.created_at AT TIME ZONE 'UTC')
+              = date_trunc('month', r.created_at AT TIME ZONE 'UTC')) m
+ WHERE r.monthly_cap_nano IS NOT NULL AND r.state <> 'failed' AND m.total > r.monthly_cap_nano
+"""
+
+
+async def _recharges(conn: AsyncConnection) -> CheckResult:
+    rows = (
+        await conn.execute(sa.text(_RECHARGE_FINDINGS), {"credit_prefix": _KEY_PREFIXES["credit_prefix"]})
+    ).all()
+    findings = [Finding(Check.RECHARGES, row.wallet_id, row.subject, row.expected, row.found) for row in rows]
+    checked = await _count(conn, "SELECT count(*) FROM recharges")
+    return _result(Check.RECHARGES, checked, len(findings), findings)

@@ -34,7 +34,8 @@ Sharp edges:
   creator wrote: a session we did not record is ``not_ours``; ours paid for another amount or
   currency is ``amount_mismatch``, credited with neither number and left to a person. Every such
   event is recorded with its outcome and must still be answered 2xx, or Stripe retries it for days.
-  Payment Intents are never credited on their own (no handler): every top-up is a session.
+  A PaymentIntent is credited on its own only for a recharge we started (:mod:`billing.recharges`),
+  for that recharge's Customer and amount; every other top-up is a session.
 - A dispute puts the wallet on hold through its own flag, ``wallets.disputed``: true exactly while
   the wallet has an open dispute, recomputed from the dispute facts after every event that touches
   them, and written by nothing else. It never touches ``wallets.suspended``, the operator's and
@@ -54,9 +55,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import idempotency, ledger, money, tables
+from billing import idempotency, ledger, money, recharges, tables
 
 CURRENCY = "usd"
+DEFAULT_FAILURES_MAX = 3
 # Dispute statuses after which the dispute is closed: it no longer holds its wallet (``disputed``).
 DISPUTE_CLOSED = frozenset({"won", "lost", "warning_closed", "prevented"})
 # ...and those in which the disputed money came back (an inquiry closed, a dispute won or prevented).
@@ -143,12 +145,16 @@ class _Skip(Exception):
 # --- events --------------------------------------------------------------------------------------
 
 
-async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Result:
+async def process_event(
+    conn: AsyncConnection, event: Mapping[str, Any], *, failures_max: int = DEFAULT_FAILURES_MAX
+) -> Result:
     """Record a verified Stripe event and apply it, inside the caller's transaction.
 
-    Call with the event exactly as Stripe sent it (the parsed JSON body). Raises
-    :class:`InvalidEvent` for a body that is not an event; every event is otherwise recorded and
-    answered, whatever it is about.
+    Call with the event exactly as Stripe sent it (the parsed JSON body); a setup-mode session's
+    ``setup_intent`` expanded, with its ``payment_method`` (the webhook handler retrieves them).
+    Raises :class:`InvalidEvent` for a body that is not an event; every event is otherwise
+    recorded and answered, whatever it is about. ``failures_max``: the recharge failures in a row
+    that pause auto-recharge.
     """
     event_id, event_type = event.get("id"), event.get("type")
     data = event.get("data")
@@ -179,7 +185,12 @@ async def process_event(conn: AsyncConnection, event: Mapping[str, Any]) -> Resu
 
     handler = _HANDLERS.get(event_type)
     try:
-        result = await handler(conn, obj, event_type, created) if handler else Result("ignored_type")
+        if handler is None:
+            result = Result("ignored_type")
+        elif handler is _payment_intent:
+            result = await _payment_intent(conn, obj, event_type, failures_max)
+        else:
+            result = await handler(conn, obj, event_type, created)
     except _Skip as skip:
         result = skip.result
     await conn.execute(
@@ -208,6 +219,8 @@ async def _checkout(
     session_id = _id(session.get("id"))
     if session.get("object") != "checkout.session" or session_id is None:
         raise _Skip("invalid_object", "data.object is not a checkout.session")
+    if session.get("mode") == "setup":
+        return await _setup_session(conn, session_id, session, event_type)
     recorded = await _recorded_session(conn, session_id)
     if recorded is None:
         # Whatever wallet its client_reference_id or metadata name: those are its creator's words.
@@ -434,7 +447,135 @@ async def _dispute(conn: AsyncConnection, dispute: Mapping[str, Any], _type: str
     return Result(outcome, wallet_id, f"{dispute_id}: {status}", applied.created)
 
 
-_HANDLERS = {
+async def _setup_session(
+    conn: AsyncConnection, session_id: str, session: Mapping[str, Any], event_type: str
+) -> Result:
+    """A setup-mode session of ours completed: its card becomes the wallet's auto-recharge card.
+
+    Ours means recorded by ``PUT /billing/auto-recharge`` (:mod:`billing.recharges`), for the
+    Customer it names; the card is the expanded ``setup_intent.payment_method`` and must belong
+    to that Customer too."""
+    recorded = await recharges.setup_session(conn, session_id)
+    if recorded is None:
+        raise _Skip("not_ours", f"setup session {session_id} was not created by PUT /billing/auto-recharge")
+    wallet_id = recorded.wallet_id
+    if event_type != "checkout.session.completed" or session.get("status") != "complete":
+        return Result("ignored_type", wallet_id, f"setup session {session_id}: {event_type}")
+    intent = session.get("setup_intent")
+    method = intent.get("payment_method") if isinstance(intent, Mapping) else None
+    card = method.get("card") if isinstance(method, Mapping) else None
+    pm_id = _id(method)
+    if not (isinstance(intent, Mapping) and isinstance(method, Mapping) and isinstance(card, Mapping)) or (
+        pm_id is None
+    ):
+        raise _Skip("invalid_object", f"setup session {session_id}: setup_intent.payment_method not expanded")
+    customers = {_id(session.get("customer")), _id(intent.get("customer")), _id(method.get("customer"))}
+    if customers != {recorded.customer} or intent.get("status") != "succeeded":
+        raise _Skip(
+            "invalid_object",
+            f"setup session {session_id}: the card is not {recorded.customer}'s, or not set up",
+            wallet_id,
+        )
+    brand, last4 = card.get("brand"), card.get("last4")
+    if not (isinstance(brand, str) and isinstance(last4, str)):
+        raise _Skip(
+            "invalid_object", f"setup session {session_id}: the card has no brand or last4", wallet_id
+        )
+    saved = await recharges.save_card(conn, session_id, payment_method=pm_id, brand=brand, last4=last4)
+    outcome = "card_saved" if saved else "card_already_saved"
+    return Result(outcome, wallet_id, f"setup session {session_id}: {brand} …{last4}")
+
+
+async def _payment_intent(
+    conn: AsyncConnection, intent: Mapping[str, Any], event_type: str, failures_max: int
+) -> Result:
+    """A recharge's PaymentIntent succeeded (credit it, as a Checkout payment) or failed (record
+    it). Ours means a recharge we started that recorded it, or that its metadata names and that
+    recorded no other; and, either way, for that recharge's Customer and amount. Payment Intents
+    of Checkout top-ups are credited through their session, never here."""
+    pi = _id(intent.get("id"))
+    if intent.get("object") != "payment_intent" or pi is None:
+        raise _Skip("invalid_object", "data.object is not a payment_intent")
+    metadata = _metadata(intent)
+    recharge = await recharges.for_payment_intent(
+        conn, pi, wallet_id=metadata.get("wallet_id"), seq=metadata.get("recharge_seq")
+    )
+    if recharge is None:
+        raise _Skip("not_ours", f"{pi} is not a recharge this gateway started")
+    wallet_id = recharge.wallet_id
+    amount_cents = _int(intent, "amount")
+    if (
+        _id(intent.get("customer")) != recharge.customer
+        or intent.get("currency") != CURRENCY
+        or amount_cents is None
+        or amount_cents * money.NANO_PER_CENT != recharge.amount_nano
+    ):
+        raise _Skip(
+            "amount_mismatch",
+            f"{pi} charged {amount_cents!r} {intent.get('currency')!r} cents to "
+            f"{_id(intent.get('customer'))}; recharge {recharge.seq} is "
+            f"{money.format_usd(recharge.amount_nano)} USD to {recharge.customer}; nothing credited",
+            wallet_id,
+        )
+    if event_type == "payment_intent.payment_failed":
+        error = intent.get("last_payment_error")
+        error = error if isinstance(error, Mapping) else {}
+        code = error.get("code") if isinstance(error.get("code"), str) else "payment_failed"
+        message = error.get("message") if isinstance(error.get("message"), str) else ""
+        failure = await recharges.record_failure(
+            conn, recharge, code=str(code), message=str(message), payment_intent=pi, failures_max=failures_max
+        )
+        outcome = "recharge_failed" if failure is not None else "recharge_failure_already_recorded"
+        return Result(outcome, wallet_id, f"{pi}: recharge {recharge.seq}: {code}")
+    if intent.get("status") != "succeeded":
+        return Result("awaiting_payment", wallet_id, f"{pi}: status {intent.get('status')!r}")
+    await recharges.record_succeeded(conn, recharge, pi)
+    payments = tables.stripe_payments
+    insert = pg_insert(payments).values(
+        payment_intent=pi, wallet_id=wallet_id, amount_nano=recharge.amount_nano, paid=True
+    )
+    await conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["payment_intent"],
+            set_={
+                "wallet_id": sa.func.coalesce(payments.c.wallet_id, insert.excluded.wallet_id),
+                "amount_nano": sa.func.coalesce(payments.c.amount_nano, insert.excluded.amount_nano),
+                "paid": True,
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
+    applied = await _apply(conn, pi)
+    credit = applied.credit
+    assert credit is not None, "a paid payment with a wallet is always credited"
+    if credit.wallet_id != wallet_id:
+        return Result("invalid_object", wallet_id, f"{pi} was already credited to {credit.wallet_id}")
+    outcome = "credited" if credit.created else "already_credited"
+    detail = f"{pi}: recharge {recharge.seq}, {money.format_usd(credit.amount_nano)} USD"
+    return Result(outcome, wallet_id, detail, applied.created)
+
+
+async def apply_payment_intent(
+    conn: AsyncConnection, intent: Mapping[str, Any], *, failures_max: int = DEFAULT_FAILURES_MAX
+) -> Result:
+    """Apply a recharge's PaymentIntent retrieved from the API (reconciliation after a missed
+    webhook): what ``payment_intent.succeeded`` or ``.payment_failed`` would do, with the same
+    keys. Records no event."""
+    status = intent.get("status")
+    event_type = (
+        "payment_intent.payment_failed"
+        if status == "requires_payment_method" and intent.get("last_payment_error")
+        else "payment_intent.succeeded"
+    )
+    try:
+        return await _payment_intent(conn, intent, event_type, failures_max)
+    except _Skip as skip:
+        return skip.result
+
+
+_HANDLERS: dict[str, Any] = {
+    "payment_intent.succeeded": _payment_intent,
+    "payment_intent.payment_failed": _payment_intent,
     "checkout.session.completed": _checkout,
     "checkout.session.async_payment_succeeded": _checkout,
     "checkout.session.async_payment_failed": _checkout,

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from billing import emails, errors, money
+from billing import alert_mail, emails, errors, money
 from billing.endpoints import ENDPOINT_NAMES
 
 ENV_PREFIX = "BILLINGPROXY_"
@@ -196,6 +196,25 @@ class Settings:
     #    (the dev stack and the tests). Off in production: the URL is the user's, and the sidecar
     #    posts from inside the pod (docs/decisions/0033-low-balance-alerts.md).
     alert_allow_private: bool = False
+    # -- where alert mail is sent, smtp://user:password@host:587 (STARTTLS, required
+    #    when a password is given) or smtps://user:password@host:465 (TLS). Empty: no mail. Every
+    #    alert event but alert.test is then also mailed to its wallet's email address
+    #    (docs/alerts.md).
+    smtp_url: str = dataclasses.field(default="", repr=False)
+    # -- the From of alert mail, alerts@example.com or "BillingProxy
+    #    <alerts@example.com>"; required with SMTP_URL.
+    smtp_from: str = ""
+
+    # --- auto-recharge (docs/stripe.md, docs/decisions/0034-auto-recharge.md) --------------------
+    # -- how often each sidecar looks for wallets below their auto-recharge threshold and charges
+    #    their saved card (a wallet can fall this long below its threshold before one starts).
+    auto_recharge_interval_ms: int = 2000
+    # -- consecutive declined (or authentication-required) recharges after which auto-recharge
+    #    pauses itself until its owner PUTs the setting again.
+    auto_recharge_failures_max: int = 3
+    # -- the wait before a recharge is retried after Stripe could not be reached (same idempotency
+    #    key, so never a second charge); each later retry waits twice the one before, up to an hour.
+    auto_recharge_retry_base_ms: int = 5000
 
     # --- operations ----------------------------------------------------------------------------
     # -- how much the `billingproxy` processes log: DEBUG, INFO, WARNING, ERROR or CRITICAL.
@@ -215,6 +234,11 @@ class Settings:
     @property
     def strict(self) -> bool:
         return self.admission == "strict"
+
+    @property
+    def smtp_server(self) -> alert_mail.SmtpServer | None:
+        """Where alert mail goes; None when mail is off."""
+        return alert_mail.parse_smtp_url(self.smtp_url) if self.smtp_url else None
 
     @property
     def stripe_configured(self) -> bool:
@@ -283,6 +307,23 @@ class Settings:
         self._check_network()
         self._check_ports()
         self._check_stripe()
+        self._check_smtp()
+
+    def _check_smtp(self) -> None:
+        if not self.smtp_url:
+            return
+        try:
+            alert_mail.parse_smtp_url(self.smtp_url)
+        except alert_mail.InvalidSmtpUrl as exc:
+            # Never the URL itself in the message: it may carry the password.
+            raise SettingsError(f"{ENV_PREFIX}SMTP_URL {exc}") from None
+        try:
+            alert_mail.check_sender(self.smtp_from)
+        except alert_mail.InvalidAddress as exc:
+            raise SettingsError(
+                f"{ENV_PREFIX}SMTP_FROM must be the From of alert mail, such as alerts@example.com, "
+                f"when {ENV_PREFIX}SMTP_URL is set ({exc})"
+            ) from None
 
     def _check_ports(self) -> None:
         if not 0 <= self.metrics_port <= 65535:
@@ -513,6 +554,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         alert_retry_base_ms=_int(env, "ALERT_RETRY_BASE_MS", defaults.alert_retry_base_ms, 10, 3_600_000),
         alert_retry_for_s=_int(env, "ALERT_RETRY_FOR_S", defaults.alert_retry_for_s, 0, 7 * 86_400),
         alert_allow_private=_bool(env, "ALERT_ALLOW_PRIVATE", defaults.alert_allow_private),
+        smtp_url=env.get(ENV_PREFIX + "SMTP_URL", "").strip(),
+        smtp_from=env.get(ENV_PREFIX + "SMTP_FROM", "").strip(),
+        auto_recharge_interval_ms=_int(
+            env, "AUTO_RECHARGE_INTERVAL_MS", defaults.auto_recharge_interval_ms, 50, 60_000
+        ),
+        auto_recharge_failures_max=_int(
+            env, "AUTO_RECHARGE_FAILURES_MAX", defaults.auto_recharge_failures_max, 1, 100
+        ),
+        auto_recharge_retry_base_ms=_int(
+            env, "AUTO_RECHARGE_RETRY_BASE_MS", defaults.auto_recharge_retry_base_ms, 10, 3_600_000
+        ),
         log_level=(env.get(ENV_PREFIX + "LOG_LEVEL") or defaults.log_level).strip().upper(),
         hot_path_pool_size=_int(
             env,

@@ -221,15 +221,17 @@ sa.Index("stripe_disputes_payment_intent", stripe_disputes.c.payment_intent)
 
 # --- Low-balance alerts (migration 0007; the rules live in billing/alerts.py) ---------------------
 
-# The one webhook endpoint a wallet's owner registered, and what the sweep last saw of the wallet.
+# What the sweep watches of a wallet: the balance it last saw, the thresholds, and the webhook
+# endpoint the owner registered, if any (url and signing_secret NULL together: a wallet watched
+# only for its mail or its Kubernetes Events, migration 0011).
 alert_endpoints = sa.Table(
     "alert_endpoints",
     metadata,
     sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
-    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=True),
     # Kept as it is: an HMAC is computed with the secret, so a hash of it could not sign
     # (docs/decisions/0033-low-balance-alerts.md).
-    sa.Column("signing_secret", sa.Text, nullable=False),
+    sa.Column("signing_secret", sa.Text, nullable=True),
     # The owner's thresholds; NULL: the defaults (20 % of the last top-up or $1, and $0).
     sa.Column("thresholds_nano", pg.ARRAY(sa.BigInteger), nullable=True),
     # The default low threshold, recomputed by the sweep when the balance rose.
@@ -241,6 +243,7 @@ alert_endpoints = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.CheckConstraint("length(url) <= 2048", name="alert_endpoints_url_length"),
+    sa.CheckConstraint("(url IS NULL) = (signing_secret IS NULL)", name="alert_endpoints_webhook_whole"),
 )
 
 # Events to deliver (and delivered: the record of what was sent, attempted, or given up).
@@ -267,9 +270,144 @@ alert_events = sa.Table(
     ),
 )
 sa.Index("alert_events_by_wallet", alert_events.c.wallet_id, alert_events.c.created_at)
+# The channels' look for events made since they last looked (migration 0011).
+sa.Index("alert_events_by_time", alert_events.c.created_at)
 # The worker's claim: events neither delivered nor given up, by when they are due.
 sa.Index(
     "alert_events_due",
     alert_events.c.next_attempt_at,
     postgresql_where=sa.text("delivered_at IS NULL AND gave_up_at IS NULL"),
 )
+
+# Each event on each channel besides the webhook (whose state is alert_events' own columns), so
+# one channel failing resends nothing on another (migration 0011; billing/alerts.py).
+alert_deliveries = sa.Table(
+    "alert_deliveries",
+    metadata,
+    sa.Column("event_id", sa.Text, sa.ForeignKey("alert_events.id"), primary_key=True),
+    # mail: sent to the wallet's email; kubernetes: posted as an Event on the Wallet resource.
+    sa.Column("channel", sa.Text, primary_key=True),
+    # Where it went: the address (mail) as it was when the event was taken.
+    sa.Column("recipient", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("gave_up_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.CheckConstraint("channel IN ('mail', 'kubernetes')", name="alert_deliveries_channel_known"),
+)
+sa.Index(
+    "alert_deliveries_due",
+    alert_deliveries.c.channel,
+    alert_deliveries.c.next_attempt_at,
+    postgresql_where=sa.text("delivered_at IS NULL AND gave_up_at IS NULL"),
+)
+
+account_sessions = sa.Table(
+    "account_sessions",
+    metadata,
+    # SHA-256 of the cookie's token: the table holds nothing a visitor could present.
+    sa.Column("token_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("key_id", sa.Text, sa.ForeignKey("api_keys.id"), nullable=False),
+    sa.Column("csrf_token", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    # Idle end (moved by each use) and absolute end (fixed at sign-in).
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ends_at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("account_sessions_expiry", account_sessions.c.expires_at)
+# The account page's spend chart: a wallet's usage entries by time, one aggregate query.
+sa.Index(
+    "ledger_usage_by_wallet_time",
+    ledger_entries.c.wallet_id,
+    ledger_entries.c.created_at,
+    postgresql_where=ledger_entries.c.kind == "usage",
+)
+
+# --- Auto-recharge (migration 0010; the rules live in billing/recharges.py) ----------------------
+
+# A wallet's setting, its saved card and Stripe Customer, and the row the sweep locks before it
+# starts a recharge (docs/decisions/0034-auto-recharge.md).
+auto_recharges = sa.Table(
+    "auto_recharges",
+    metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    # False after DELETE: the row (history, the month's total) stays.
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("threshold_nano", sa.BigInteger, nullable=False),
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    # NULL: no monthly cap.
+    sa.Column("monthly_cap_nano", sa.BigInteger, nullable=True),
+    # The wallet's Stripe Customer, made on the first PUT (idempotency key customer:<wallet>).
+    sa.Column("stripe_customer_id", sa.Text, nullable=True),
+    # The card saved by the setup Checkout; NULL until one is.
+    sa.Column("payment_method", sa.Text, nullable=True),
+    sa.Column("card_brand", sa.Text, nullable=True),
+    sa.Column("card_last4", sa.Text, nullable=True),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
+    # Set when consecutive_failures reached the limit; only a PUT clears it.
+    sa.Column("paused_reason", sa.Text, nullable=True),
+    # The last recharge's seq: the next one is last_seq + 1.
+    sa.Column("last_seq", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint("threshold_nano >= 0", name="auto_recharges_threshold_not_negative"),
+    sa.CheckConstraint("amount_nano > 0", name="auto_recharges_amount_positive"),
+    sa.CheckConstraint(
+        "monthly_cap_nano IS NULL OR monthly_cap_nano >= amount_nano", name="auto_recharges_cap_fits_one"
+    ),
+    sa.CheckConstraint("consecutive_failures >= 0", name="auto_recharges_failures_not_negative"),
+)
+
+# One off-session charge: creating (the PaymentIntent not known yet) → pending → succeeded | failed.
+recharges = sa.Table(
+    "recharges",
+    metadata,
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    # What the PaymentIntent is created with, fixed at the start: a retry under the same
+    # idempotency key must send the same parameters, whatever the setting says by then.
+    sa.Column("amount_nano", sa.BigInteger, nullable=False),
+    # The cap in force when it started (the audit checks the month against it).
+    sa.Column("monthly_cap_nano", sa.BigInteger, nullable=True),
+    sa.Column("customer", sa.Text, nullable=False),
+    sa.Column("payment_method", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False, server_default="creating"),
+    sa.Column("payment_intent", sa.Text, nullable=True, unique=True),
+    sa.Column("failure_code", sa.Text, nullable=True),
+    sa.Column("failure_message", sa.Text, nullable=True),
+    # Calls to Stripe so far, and when the next may be made (a lease while one runs, a back-off
+    # after Stripe was unreachable).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.CheckConstraint(
+        "state IN ('creating', 'pending', 'succeeded', 'failed')", name="recharges_state_known"
+    ),
+    sa.CheckConstraint("amount_nano > 0", name="recharges_amount_positive"),
+)
+# Never two in flight for one wallet, whoever inserts.
+sa.Index(
+    "recharges_one_in_flight",
+    recharges.c.wallet_id,
+    unique=True,
+    postgresql_where=sa.text("state IN ('creating', 'pending')"),
+)
+sa.Index("recharges_due", recharges.c.next_attempt_at, postgresql_where=sa.text("state = 'creating'"))
+
+# Checkout Sessions in setup mode the gateway created (PUT /billing/auto-recharge).
+recharge_setup_sessions = sa.Table(
+    "recharge_setup_sessions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
+    sa.Column("customer", sa.Text, nullable=False),
+    # The card its completion saved.
+    sa.Column("payment_method", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
+)
+sa.Index("recharge_setup_sessions_wallet", recharge_setup_sessions.c.wallet_id)

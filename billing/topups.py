@@ -84,9 +84,16 @@ class SessionStatus:
     credited: bool
 
 
-async def checkout_session_status(conn: AsyncConnection, session_id: str) -> SessionStatus | None:
+async def checkout_session_status(
+    conn: AsyncConnection, session_id: str, *, wallet_id: str | None = None
+) -> SessionStatus | None:
+    """A session we created; with ``wallet_id``, only if it is that wallet's (another wallet's
+    session answers None, as an unknown one does)."""
     s = tables.stripe_checkout_sessions
-    row = (await conn.execute(sa.select(s).where(s.c.id == session_id))).first()
+    query = sa.select(s).where(s.c.id == session_id)
+    if wallet_id is not None:
+        query = query.where(s.c.wallet_id == wallet_id)
+    row = (await conn.execute(query)).first()
     if row is None:
         return None
     credited = (

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from support import browser
 
 from billing import database
 from billingproxy.devstack import postgres_server
@@ -75,6 +76,19 @@ async def migrated_url(new_database: NewDatabase) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's Chromium for the browser tests. Missing → installed with apt-get; impossible → the
+    test fails (never skips): the browser journeys are part of `make test`."""
+    path, problem = browser.chromium_path()
+    if path is None:
+        pytest.fail(
+            f"headless Chromium is required for the browser tests: {problem}. "
+            f"Install it with: apt-get update && apt-get install -y {browser.CHROMIUM_PACKAGE}"
+        )
+    return path
+
+
 # --- markers by what a test needs (pyproject's [tool.pytest.ini_options] registers them) ----------
 #
 # Applied here, by folder and by fixture, so no test file has to remember them: `make test-fast`
@@ -93,6 +107,7 @@ _BY_FILE = {
     "test_usage_filter.py": ("envoy",),
     "test_usage_properties.py": ("envoy",),
     "test_stripe_browser.py": ("browser",),
+    "test_account_browser.py": ("browser",),
 }
 
 

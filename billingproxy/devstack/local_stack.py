@@ -61,6 +61,7 @@ from authz_sidecar import envoy_config
 from billing import database, settings as settings_mod
 from billing.settings import INTERNAL_HOST
 from billingproxy.devstack import envoy_process
+from billingproxy.devstack.mail_sink import MailSink
 from billingproxy.devstack.postgres_server import EmbeddedPostgres, PostgresStartError
 
 READY_TIMEOUT_S = 30.0
@@ -179,6 +180,7 @@ class Stack:
         say: Callable[[str], object] = print,
         durable: bool = True,
         restart_policy: RestartPolicy = RestartPolicy(),
+        mail_sink: bool = False,
     ) -> None:
         self.env = dict(env)
         # A new secret for each run: Envoy's rendered config and the sidecar's environment get it.
@@ -203,6 +205,9 @@ class Stack:
         self.backend_url = ""
         # Set when no Stripe key is configured and the local test double was started instead.
         self.stripe_double_url = ""
+        # With ``mail_sink`` and no BILLINGPROXY_SMTP_URL: the local server alert mail goes to.
+        self._want_mail_sink = mail_sink
+        self.mail_sink: MailSink | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -297,6 +302,9 @@ class Stack:
         else:
             await self._start_stripe_double(logs)
 
+        if self._want_mail_sink and not s.smtp_url:
+            s = await self._start_mail_sink()
+
         self._say(
             f"starting the sidecar (Check :{s.check_port}, gRPC :{s.grpc_port}, API :{s.api_port}, admin "
             f":{s.admin_port})…"
@@ -321,6 +329,16 @@ class Stack:
         )
         await self._envoy.start()
         self._say(f"Envoy ready at {self.gateway_url}")
+
+    async def _start_mail_sink(self) -> settings_mod.Settings:
+        """No SMTP server configured: alert mail goes to a local sink that prints each mail."""
+        self.mail_sink = MailSink(self.settings.data_dir.absolute() / "mail", say=self._say)
+        await self.mail_sink.start()
+        self.env[f"{settings_mod.ENV_PREFIX}SMTP_URL"] = self.mail_sink.url
+        self.env.setdefault(f"{settings_mod.ENV_PREFIX}SMTP_FROM", "BillingProxy <billing@localhost>")
+        self.settings = settings_mod.from_env(self.env)
+        self._say(f"alert mail goes to a local mail sink at {self.mail_sink.url}…")
+        return self.settings
 
     async def _start_stripe_double(self, logs: Path) -> None:
         """No Stripe key: a local test double (TEST MODE, loopback) so phase 4 works offline.
@@ -569,6 +587,9 @@ class Stack:
                 child.kill()
                 await asyncio.to_thread(child.wait)
         self._children.clear()
+        if self.mail_sink is not None:
+            await self.mail_sink.stop()
+            self.mail_sink = None
         if self._postgres is not None:
             await asyncio.to_thread(self._postgres.stop)
             (_run_dir(self.settings) / "database_url").unlink(missing_ok=True)
@@ -588,8 +609,20 @@ Try it:
        -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
   curl -s {url}/billing/balance -H "authorization: Bearer $KEY"
 
-{_stripe_greeting(stack)}
+Your account page (balance, spend, keys, top-up): open {url}/account and sign in with $KEY.
+
+{_stripe_greeting(stack)}{_mail_greeting(stack)}
 Logs: {_run_dir(stack.settings)}/   Stop: Ctrl-C
+"""
+
+
+def _mail_greeting(stack: Stack) -> str:
+    if stack.mail_sink is None:
+        return ""
+    assert stack.mail_sink.directory is not None
+    return f"""Alert mail (low balance, recharges, key limits) goes to a local mail sink: each mail
+  is printed here as it arrives and saved in {stack.mail_sink.directory}/.
+  Set BILLINGPROXY_SMTP_URL to send real mail instead.
 """
 
 
@@ -598,7 +631,7 @@ def _stripe_greeting(stack: Stack) -> str:
     topup = f"""Top up (when the wallet is empty, requests get 403 with this link):
   curl -s {url}/billing/topup -H "authorization: Bearer $KEY" \\
        -H 'content-type: application/json' -d '{{"amount_usd": "10.00"}}'
-  … then open the checkout_url it answers — or open {url}/billing/topup in a browser.
+  … then open the checkout_url it answers — or open {url}/account/top-up in a browser.
 """
     listen = f"stripe listen --forward-to {url}/stripe/webhook"
     if stack.stripe_double_url:
@@ -653,7 +686,7 @@ def main(settings: settings_mod.Settings) -> int:
     """Run until Ctrl-C. ``settings`` was already checked; the children read the same environment."""
     del settings  # the Stack re-reads the environment it hands to its children
     try:
-        return asyncio.run(_serve(Stack(os.environ, say=lambda m: print(m, flush=True))))
+        return asyncio.run(_serve(Stack(os.environ, say=lambda m: print(m, flush=True), mail_sink=True)))
     except (StackError, envoy_process.EnvoyError, PostgresStartError) as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
         return 2

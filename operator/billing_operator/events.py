@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import kopf
 
-from billing import api_keys, key_limits, ledger, money, wallets
+from billing import alerts, api_keys, key_limits, ledger, money, wallets
 
 # Wallet
 WALLET_CREATED = "WalletCreated"
@@ -24,11 +24,14 @@ WALLET_RELEASED = "WalletReleased"
 TOP_UP = "TopUp"
 LOW_BALANCE = "LowBalance"
 WALLET_EMPTY = "WalletEmpty"
+AUTO_RECHARGE_SUCCEEDED = "AutoRechargeSucceeded"
+AUTO_RECHARGE_FAILED = "AutoRechargeFailed"
+AUTO_RECHARGE_PAUSED = "AutoRechargePaused"
+KEY_LIMIT_REACHED = "KeyLimitReached"
 # ApiKey
 KEY_ISSUED = "KeyIssued"
 KEY_ROTATED = "KeyRotated"
 KEY_REVOKED = "KeyRevoked"
-KEY_LIMIT_REACHED = "KeyLimitReached"
 
 
 def _usd(nano: int) -> str:
@@ -88,6 +91,38 @@ def wallet_empty(body: kopf.Body, balance_nano: int) -> None:
         reason=WALLET_EMPTY,
         message=f"balance {_usd(balance_nano)}: requests are refused until the wallet is topped up",
     )
+
+
+# The alert events (billing.alerts.EventType) posted on their Wallet, by reason; a success is
+# Normal, the rest Warning. alert.test is a webhook's test and is not posted.
+ALERT_REASONS = {
+    alerts.EventType.BALANCE_LOW: LOW_BALANCE,
+    alerts.EventType.RECHARGE_SUCCEEDED: AUTO_RECHARGE_SUCCEEDED,
+    alerts.EventType.RECHARGE_FAILED: AUTO_RECHARGE_FAILED,
+    alerts.EventType.RECHARGE_PAUSED: AUTO_RECHARGE_PAUSED,
+    alerts.EventType.KEY_LIMIT_REACHED: KEY_LIMIT_REACHED,
+}
+_DATA_CHARS_MAX = 300
+
+
+def alert(body: kopf.Body, event: alerts.Announcement) -> None:
+    """An alert event as a Kubernetes Event. Its data are what the producer wrote (ids, amounts,
+    a reason), never a key's plaintext, which no alert carries."""
+    reason = next((r for t, r in ALERT_REASONS.items() if t == event.type), None)
+    if reason is None:
+        return
+    if event.threshold_nano is not None:
+        message = (
+            f"balance {_usd(event.balance_nano)} is at or below the alert threshold of "
+            f"{_usd(event.threshold_nano)}"
+        )
+    else:
+        message = f"{event.type}; balance {_usd(event.balance_nano)}"
+    details = ", ".join(f"{name} {value}" for name, value in sorted(event.data.items()))
+    if details:
+        message = f"{message}: {details}"[:_DATA_CHARS_MAX]
+    post = kopf.info if reason == AUTO_RECHARGE_SUCCEEDED else kopf.warn
+    post(body, reason=reason, message=f"{message} (event {event.event_id})")
 
 
 def key_issued(body: kopf.Body, record: api_keys.KeyRecord, secret_name: str) -> None:

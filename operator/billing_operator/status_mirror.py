@@ -10,7 +10,12 @@ or after a restart the one last written to the status):
 - ``TopUp`` for every ``topup`` or ``credit`` ledger entry newer than ``status.lastTopUp.entryId``
   (a cursor, so each top-up is announced once even across restarts);
 - ``WalletEmpty`` when the state becomes ``Empty``; ``LowBalance`` when the balance first drops
-  below ``spec.lowBalanceThreshold``.
+  below ``spec.lowBalanceThreshold``;
+- one Event per alert event of the wallet (``AutoRechargeSucceeded``, ``AutoRechargeFailed``,
+  ``AutoRechargePaused``, ``KeyLimitReached``, and ``LowBalance`` for a Wallet without
+  ``spec.lowBalanceThreshold``), taken from ``alert_events`` and marked posted in PostgreSQL in
+  the tick's transaction, so two operators or a restart post each once
+  (docs/decisions/0036-alert-mail-and-events.md).
 
 A failed reading (PostgreSQL away) flips the ``Synced`` condition to False once, rather than
 posting an error every tick; the next good reading flips it back.
@@ -47,7 +52,7 @@ from typing import Any, TypeVar
 import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import api_keys, key_limits, ledger, money, wallets
+from billing import alerts, api_keys, key_limits, ledger, money, wallets
 from billing_operator import (
     apikey_reconciler,
     db,
@@ -132,18 +137,31 @@ def _synced(patch: kopf.Patch, seen: Mapping[str, Any], error: errors.ReconcileE
 
 
 async def _read_wallet(
-    engine: AsyncEngine, uid: str, cursor: int, limit: int
-) -> tuple[wallets.Wallet | None, list[ledger.Entry]]:
+    engine: AsyncEngine, uid: str, cursor: int, limit: int, announced: list[alerts.EventType]
+) -> tuple[wallets.Wallet | None, list[ledger.Entry], list[alerts.Announcement]]:
     async with db.transaction(engine) as conn:
         wallet = await wallets.find_owned_wallet(conn, source=wallet_reconciler.SOURCE, external_id=uid)
-        top_ups = (
-            []
-            if wallet is None
-            else await ledger.entries_after(
-                conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=limit
-            )
+        if wallet is None:
+            return None, [], []
+        top_ups = await ledger.entries_after(
+            conn, wallet.id, after_entry_id=cursor, kinds=TOP_UP_KINDS, limit=limit
         )
-    return wallet, top_ups
+        # Taken (marked posted) in this transaction: committed before they are posted, so two
+        # operators, or this one after a restart, post each once.
+        news = await alerts.take_announcements(conn, uid, types=announced)
+    return wallet, top_ups, news
+
+
+def _announced(seen: Mapping[str, Any]) -> list[alerts.EventType]:
+    """The alert types posted from alert_events. A balance crossing only when the spec declares
+    no lowBalanceThreshold: then LowBalance comes from the alert thresholds, else from the
+    spec's own, as before (one source per reason)."""
+    types: list[alerts.EventType] = [t for t in events.ALERT_REASONS if t != alerts.EventType.BALANCE_LOW]
+    try:
+        threshold = wallet_reconciler.WalletSpec.parse(seen.get("spec") or {}).low_balance_nano
+    except errors.InvalidSpec:
+        threshold = None
+    return types if threshold is not None else [alerts.EventType.BALANCE_LOW, *types]
 
 
 @kopf.timer(  # type: ignore[arg-type]  # kopf passes timers `stopped` too; TimerFn lacks it
@@ -174,8 +192,11 @@ async def mirror_wallet(
         last.get("entryId") if isinstance(last.get("entryId"), int) else 0, last_read.get("entry_id", 0)
     )
     try:
-        wallet, top_ups = await until_stopped(
-            stopped, _read_wallet(memo.engine, seen["metadata"]["uid"], cursor, cfg.top_up_events_max)
+        wallet, top_ups, news = await until_stopped(
+            stopped,
+            _read_wallet(
+                memo.engine, seen["metadata"]["uid"], cursor, cfg.top_up_events_max, _announced(seen)
+            ),
         )
     except Stopped:
         return
@@ -200,6 +221,9 @@ async def mirror_wallet(
             "time": status.rfc3339(newest.created_at),
             "entryId": newest.id,
         }
+
+    for news_item in news:
+        events.alert(body, news_item)
 
     state = wallet_reconciler.state_of(wallet)
     if state == "Empty" and previous_state != "Empty":

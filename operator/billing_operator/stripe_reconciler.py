@@ -1,10 +1,13 @@
-"""Stripe reconciliation: credit every paid Checkout Session whose webhook never arrived.
+"""Stripe reconciliation: credit every paid Checkout Session, and every succeeded recharge,
+whose webhook never arrived.
 
 Every few minutes: the Checkout Sessions we created and never saw complete or expire
 (:func:`billing.topups.open_checkout_sessions`) are retrieved from Stripe and applied with
-:func:`billing.payments.apply_checkout_session` — the very rules and idempotency keys
-(``stripe:<payment_intent>``) of the webhook, so a payment is credited once whether the webhook
-comes first, later, twice, or never.
+:func:`billing.payments.apply_checkout_session`; the PaymentIntents of auto-recharges still
+``pending`` after :data:`RECHARGE_PENDING_S` (:func:`billing.recharges.pending_payment_intents`)
+are retrieved and applied with :func:`billing.payments.apply_payment_intent` — the very rules and
+idempotency keys (``stripe:<payment_intent>``) of the webhook, so a payment is credited once
+whether the webhook comes first, later, twice, or never.
 
 Why a background task and not a kopf timer: kopf's timers belong to one object each, and this
 job belongs to the operator. Why a PostgreSQL advisory lock: with several replicas every one
@@ -27,13 +30,15 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import billing_stripe
-from billing import database, payments, topups
+from billing import database, payments, recharges, topups
 from billing_operator import db, errors, settings as operator_settings
 
 logger = logging.getLogger(__package__)
 
 # pg_advisory_lock key: "bpSR" (BillingProxy Stripe Reconciliation).
 LOCK_KEY = 0x62705352
+# A recharge's webhook normally comes within seconds; after this long, ask Stripe.
+RECHARGE_PENDING_S = 60
 
 
 def client(cfg: operator_settings.OperatorSettings, session: aiohttp.ClientSession) -> stripe.StripeClient:
@@ -43,10 +48,14 @@ def client(cfg: operator_settings.OperatorSettings, session: aiohttp.ClientSessi
 
 
 async def reconcile_once(
-    engine: AsyncEngine, stripe_client: stripe.StripeClient, *, limit: int
+    engine: AsyncEngine,
+    stripe_client: stripe.StripeClient,
+    *,
+    limit: int,
+    recharge_pending_s: int = RECHARGE_PENDING_S,
 ) -> Counter[str]:
-    """One round, under the advisory lock; returns how many sessions had each outcome
-    (empty when another replica holds the lock)."""
+    """One round, under the advisory lock; returns how many sessions and recharges had each
+    outcome (empty when another replica holds the lock)."""
     outcomes: Counter[str] = Counter()
     async with engine.connect() as lock_conn:
         locked = (await lock_conn.execute(sa.select(sa.func.pg_try_advisory_lock(LOCK_KEY)))).scalar_one()
@@ -59,6 +68,15 @@ async def reconcile_once(
                 session = await stripe_client.v1.checkout.sessions.retrieve_async(session_id)
                 async with db.transaction(engine) as conn:
                     result = await payments.apply_checkout_session(conn, session.to_dict())
+                outcomes[result.outcome] += 1
+            async with db.transaction(engine) as conn:
+                pending = await recharges.pending_payment_intents(
+                    conn, older_than_s=recharge_pending_s, limit=limit
+                )
+            for payment_intent in pending:
+                intent = await stripe_client.v1.payment_intents.retrieve_async(payment_intent)
+                async with db.transaction(engine) as conn:
+                    result = await payments.apply_payment_intent(conn, intent.to_dict())
                 outcomes[result.outcome] += 1
         finally:
             await lock_conn.execute(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))

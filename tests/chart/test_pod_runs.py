@@ -223,7 +223,7 @@ async def _journey(client: Client) -> None:
     assert status == 403, body
     assert body["error"]["code"] == "insufficient_funds"
     assert body["error"]["reason"] == "wallet_empty"
-    assert body["error"]["top_up_url"] == f"{client.url}/billing/topup"
+    assert body["error"]["top_up_url"] == f"{client.url}/account/top-up"
 
 
 async def _stop_while_a_request_is_in_flight(

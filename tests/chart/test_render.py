@@ -284,3 +284,21 @@ def test_the_service_monitor_scrapes_the_metrics_service() -> None:
     ]
     for endpoint in monitor["spec"]["endpoints"]:  # a Prometheus duration
         assert re.fullmatch(r"(\d+(ms|s|m|h))+", endpoint["interval"])
+
+
+def test_alert_mail_reads_its_url_from_a_secret_and_may_reach_the_smtp_ports() -> None:
+    for rendering, secret in (("full", "bp-billingproxy-smtp"), ("existing-secrets", "smtp")):
+        docs = chart.render(rendering)
+        gateway = chart.find(docs, "Deployment", "-gateway")
+        env = {
+            e["name"]: e for c in gateway["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])
+        }
+        assert env["BILLINGPROXY_SMTP_URL"]["valueFrom"]["secretKeyRef"]["name"] == secret
+        assert "value" not in env["BILLINGPROXY_SMTP_URL"], "the password never in the pod spec"
+        policy = chart.find(docs, "NetworkPolicy", "-gateway")
+        ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        assert {587, 465} <= ports
+    required = chart.render("required")
+    policy = chart.find(required, "NetworkPolicy", "-gateway")
+    assert not {587, 465} & {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert not [d for d in required if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-smtp")]

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support import waiting
+from support.alert_receiver import receiver_fixture  # noqa: F401 (the alert tests' webhook receiver)
 
 from billing import audit, database, tables
 from billingproxy.devstack.local_stack import RestartPolicy, Stack, free_ports_env

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import stripe
-from support.alert_receiver import Receiver, running_receiver
+from support.alert_receiver import auth
 
 from billing import money
 
@@ -33,16 +33,6 @@ TIMEOUT_S = 20.0
 async def stack(launch_stack) -> AsyncIterator[Any]:
     async with launch_stack(**ALERT_SETTINGS) as running:
         yield running
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    async with running_receiver() as receiver:
-        yield receiver
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 async def register(stack, key: str, url: str, thresholds: list[str] | None = None) -> dict[str, Any]:

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
-from support import processes
+from support import processes, waiting
 
 from billingproxy.devstack.local_stack import free_ports_env
 
@@ -245,3 +246,47 @@ async def test_a_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
     assert process.returncode == 2
     assert len(lines) == 1 and "BILLINGPROXY_FREE_GRANT_USD" in lines[0], lines
     assert json.dumps(out.decode())  # nothing else to say; stdout may be empty
+
+
+async def test_up_shows_the_alert_mail_it_sends(tmp_path: Path) -> None:
+    """No SMTP server configured: `up` runs a local mail sink, says so, and prints each mail."""
+    env = _env(tmp_path / "data")
+    # Just above the $1 default alert threshold of a wallet never topped up: one chat crosses it.
+    env["BILLINGPROXY_FREE_GRANT_USD"] = "1.000001"
+    env["BILLINGPROXY_ALERT_INTERVAL_MS"] = "100"
+    up = Up(env)
+    await up.start()
+    try:
+        await up.wait_for_line("BillingProxy is up", START_TIMEOUT_S)
+        mail_dir = (tmp_path / "data" / "mail").absolute()
+        assert any(f"saved in {mail_dir}/" in line for line in up.lines), up.lines
+
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{up.gateway}/user/signup", json={"email": "mailed@example.com"}) as r:
+                assert r.status == 201, await r.text()
+                owner = await r.json()
+            # The wallet is watched from the alert worker's next round, at its balance then.
+            database_url = (tmp_path / "data" / "run" / "database_url").read_text().strip()
+            db = await asyncpg.connect(database_url)
+            try:
+
+                async def watched() -> bool:
+                    query = "SELECT count(*) FROM alert_endpoints WHERE wallet_id = $1"
+                    return bool(await db.fetchval(query, owner["wallet_id"]))
+
+                await waiting.wait_until(watched, START_TIMEOUT_S, "the wallet to be watched for its mail")
+            finally:
+                await db.close()
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
+            headers = {"authorization": f"Bearer {owner['api_key']}"}
+            async with http.post(f"{up.gateway}/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+
+        await up.wait_for_line(
+            "mail to mailed@example.com: [BillingProxy] Your balance is low", START_TIMEOUT_S
+        )
+        [saved] = sorted(mail_dir.glob("*.eml"))
+        assert b"mailed@example.com" in saved.read_bytes()
+        assert await up.interrupt() == 0
+    finally:
+        await up.kill()

@@ -233,3 +233,65 @@ async def test_an_event_about_an_occurrence_is_queued_once_with_its_data(
         "wallet_id": wallet,
         "balance_usd": money.format_usd(GRANT_NANO),
     }
+
+
+async def test_concurrent_operators_take_each_kubernetes_event_once(
+    migrated_engine: AsyncEngine, migrated_pool
+) -> None:
+    """What the ticks of two operator replicas (or more) on one Wallet do at once."""
+    external_id = str(uuid.uuid4())
+    async with migrated_engine.begin() as conn:
+        wallet, _ = await wallets.ensure_owned_wallet(
+            conn, source="kubernetes", external_id=external_id, grant_nano=USD, email=None
+        )
+        assert await alerts.enrol(conn, mail=False) == 1
+        made = [
+            await alerts.queue_event(
+                conn, wallet.id, alerts.EventType.KEY_LIMIT_REACHED, occurrence=f"key:{n}", data={}
+            )
+            for n in range(30)
+        ]
+
+    async def tick() -> list[str]:
+        async with database.acquire(migrated_pool) as conn, conn.transaction():
+            taken = await alerts.take_announcements(
+                conn, external_id, types=[alerts.EventType.KEY_LIMIT_REACHED], limit=7
+            )
+        return [a.event_id for a in taken]
+
+    taken: list[str] = []
+    for _ in range(6):
+        for batch in await asyncio.gather(*(tick() for _ in range(8))):
+            taken += batch
+    assert sorted(taken) == sorted(made), "each event taken by exactly one tick"
+
+
+async def test_a_wallet_watched_for_its_mail_can_add_and_remove_a_webhook(
+    migrated_engine: AsyncEngine, migrated_pool
+) -> None:
+    wallet = await new_wallet(migrated_engine)
+    async with database.acquire(migrated_pool) as conn:
+        assert await alerts.enrol(conn, mail=False) == 0, "a signup wallet is watched only while mail is on"
+        assert await alerts.enrol(conn, mail=True) == 1
+        assert await alerts.enrol(conn, mail=True) == 0
+        assert await alerts.endpoint(conn, wallet) is None, "no webhook: the API says not configured"
+        with pytest.raises(alerts.NotConfigured):
+            await alerts.queue_test_event(conn, wallet)
+        assert not await alerts.remove(conn, wallet)
+    await move(migrated_engine, wallet, -USD // 2)  # $0: crosses $0 (the default $1 was not armed)
+    assert await sweep(migrated_engine) == 1
+    [event] = await events_of(migrated_engine, wallet)
+    assert (event.state, event.last_error) == ("gave_up", "no webhook was registered")
+
+    secret = await register(migrated_engine, wallet, None)
+    assert secret is not None and secret.startswith("whsec_"), "the first webhook gets a new secret"
+    assert await register(migrated_engine, wallet, None) is None
+    async with database.acquire(migrated_pool) as conn:
+        assert await alerts.claim_due(conn) == [], "the event made before the webhook is not posted"
+        assert await alerts.remove(conn, wallet)
+        assert await alerts.enrol(conn, mail=True) == 1, "watched again for its mail"
+
+
+async def events_of(engine: AsyncEngine, wallet_id: str) -> list[alerts.EventRecord]:
+    async with engine.connect() as conn:
+        return await alerts.recent_events(conn, wallet_id, limit=100)

@@ -203,6 +203,7 @@ async def test_a_ledger_written_by_the_code_passes_every_check(
         audit.Check.UNREPORTED_HOLDS: 1,  # "expired", released and not yet past the grace
         audit.Check.USAGE: 6 + 3,
         audit.Check.STRIPE: 3 + 2,  # pi_bob, pi_carol, pi_x; dp_won, dp_open
+        audit.Check.RECHARGES: 0,
     }
 
 

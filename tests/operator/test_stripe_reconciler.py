@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import operator_harness as h
-from billing import payments, topups, wallets
+from billing import database, payments, recharges, topups, wallets
 from billing_operator import settings as operator_settings, stripe_reconciler
 from billingproxy.devstack.stripe_double import StripeDouble
 
@@ -121,3 +121,48 @@ async def test_the_operator_reconciles_and_the_wallet_shows_the_top_up(
         await _paid_session_without_webhook(engine, double, wallet_id)
         await kube.wait_for("wallets", "team-a", lambda o: o["status"].get("balance") == "10.500000")
         assert "$10.000000" in (await kube.wait_event("team-a", "TopUp"))["message"]
+
+
+async def test_a_recharge_whose_webhook_never_came_is_credited_once(
+    engine: AsyncEngine, database_url: str, double: StripeDouble
+) -> None:
+    """An auto-recharge's PaymentIntent succeeded, its webhook was lost: the reconciler asks
+    Stripe about recharges still pending and credits it with the webhook's key, once."""
+    async with engine.begin() as conn:
+        wallet = await wallets.create_wallet(conn, source="kubernetes", grant_nano=0, external_id="uid-r")
+    customer = double.create_customer({})["id"]
+    card = double.attach_payment_method("pm_card_visa", customer)["id"]
+    async with engine.begin() as conn:
+        await recharges.put_setting(conn, wallet.id, recharges.Setting(2 * TEN_USD // 10, TEN_USD, None))
+        await recharges.record_customer(conn, wallet.id, customer)
+        await recharges.record_setup_session(
+            conn, session_id="cs_setup_r", wallet_id=wallet.id, customer=customer
+        )
+        assert await recharges.save_card(conn, "cs_setup_r", payment_method=card, brand="visa", last4="4242")
+    async with database.acquire(engine) as conn:
+        (recharge,) = await recharges.start_due(conn)
+    intent, _events = double.create_payment_intent(
+        {
+            "amount": "1000",
+            "currency": "usd",
+            "customer": customer,
+            "payment_method": card,
+            "off_session": "true",
+            "confirm": "true",
+            "metadata": {"wallet_id": wallet.id, "recharge_seq": "1"},
+        }
+    )
+    async with engine.begin() as conn:
+        assert await recharges.record_created(conn, recharge, intent["id"])
+    cfg = operator_settings.OperatorSettings(
+        database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url
+    )
+    async with aiohttp.ClientSession() as session:
+        client = stripe_reconciler.client(cfg, session)
+        assert await stripe_reconciler.reconcile_once(engine, client, limit=10) == {}, "not overdue yet"
+        once = await stripe_reconciler.reconcile_once(engine, client, limit=10, recharge_pending_s=0)
+        assert once == {"credited": 1}
+        again = await stripe_reconciler.reconcile_once(engine, client, limit=10, recharge_pending_s=0)
+        assert sum(again.values()) == 0
+    assert await _balance(engine, wallet.id) == TEN_USD
+    await h.books_balance(engine)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -202,39 +200,6 @@ async def keyed_stack(
             yield stack, live, fake
     finally:
         await fake.stop()
-
-
-# --- headless Chromium ---------------------------------------------------------------------------
-
-CHROMIUM_PACKAGE = "chromium"
-
-
-def _install_chromium() -> str:
-    """Debian's ``chromium``, installed once (idempotent: apt-get does nothing when it is there)."""
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return "chromium is not installed, and this is not a root Debian machine that could install it"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", CHROMIUM_PACKAGE]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            return f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-2000:]}"
-    return ""
-
-
-@pytest.fixture(scope="session")
-def chromium_path() -> str:
-    """The browser for the checkout test. Missing → installed with apt-get; impossible → the test
-    fails (never skips): the journey's phase 4 in a browser is part of `make test`."""
-    path = shutil.which("chromium")
-    if path is None:
-        problem = _install_chromium()
-        path = shutil.which("chromium")
-        if path is None:
-            pytest.fail(
-                f"headless Chromium is required for the checkout test: {problem or 'still not on PATH'}. "
-                f"Install it with: apt-get update && apt-get install -y {CHROMIUM_PACKAGE}"
-            )
-    return path
 
 
 @pytest.fixture

@@ -27,11 +27,13 @@ async def test_empty_wallet_pays_through_the_local_double_and_is_served_again(de
         assert refusal["error"]["code"] == "insufficient_funds"
         assert refusal["error"]["message"] == "Insufficient funds. Please top up."
         top_up_url = refusal["error"]["top_up_url"]
-        assert top_up_url == f"{stack.gateway_url}/billing/topup"
+        assert top_up_url == f"{stack.gateway_url}/account/top-up"
 
-        # The link itself is a page a person can use (a browser cannot send a Bearer key).
+        # The link itself is a page a person can use (a browser cannot send a Bearer key): the
+        # account page's sign-in, which leads on to the top-up form.
         async with http.get(top_up_url) as r:
-            assert r.status == 200 and "Continue to payment" in await r.text()
+            page = await r.text()
+            assert r.status == 200 and 'name="next" value="/account/top-up"' in page
         # A program posts to it.
         topup = await gateway.topup(user["api_key"], "10.00")
         assert topup["checkout_url"].startswith(f"{stack.stripe_double_url}/c/pay/cs_test_")
@@ -180,5 +182,7 @@ async def test_billingproxy_up_says_how_to_pay_and_forward_webhooks(default_stac
         text = local_stack._greeting(stack)
         assert f"stripe listen --forward-to {stack.gateway_url}/stripe/webhook" in text
         assert f"{stack.gateway_url}/billing/topup" in text
+        assert f"open {stack.gateway_url}/account and sign in" in text
+        assert f"{stack.gateway_url}/account/top-up in a browser" in text
     assert "TEST MODE" in local_stack._greeting(default_stack[0])
     assert "TEST MODE" not in local_stack._greeting(keyed_stack[0])

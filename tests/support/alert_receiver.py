@@ -1,5 +1,6 @@
 """A webhook receiver for alert tests: a real aiohttp server on loopback that records every POST
-it gets and answers as told (fail the first N, redirect), as a customer's endpoint would."""
+it gets and answers as told (fail the first N, redirect), as a customer's endpoint would; the
+``receiver`` fixture and ``auth``, the header a key is sent in."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 
@@ -64,3 +66,14 @@ async def running_receiver() -> AsyncIterator[Receiver]:
         yield receiver
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture(name="receiver")
+async def receiver_fixture() -> AsyncIterator[Receiver]:
+    """A running receiver, per test (tests/e2e/conftest.py offers it to the e2e tests)."""
+    async with running_receiver() as running:
+        yield running
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}

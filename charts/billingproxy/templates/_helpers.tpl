@@ -49,6 +49,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "billingproxy.stripeSecret" -}}
 {{- default (printf "%s-stripe" (include "billingproxy.fullname" .)) .Values.stripe.existingSecret }}
 {{- end }}
+{{- define "billingproxy.smtpSecret" -}}
+{{- default (printf "%s-smtp" (include "billingproxy.fullname" .)) .Values.smtp.existingSecret }}
+{{- end }}
+{{- define "billingproxy.smtpEnabled" -}}
+{{- if or .Values.smtp.existingSecret .Values.smtp.url }}true{{ end }}
+{{- end }}
 {{- define "billingproxy.accessLogSecret" -}}
 {{- default (printf "%s-access-log" (include "billingproxy.fullname" .)) .Values.gateway.accessLogSecret.existingSecret }}
 {{- end }}
@@ -111,6 +117,18 @@ is configured from exactly what the sidecar serves (docs/decisions/0021-...).
   value: {{ printf "%s/overrides.yaml" (include "billingproxy.pricesDir" .) | quote }}
 {{- end }}
 {{- include "billingproxy.stripeEnv" . }}
+{{- if include "billingproxy.smtpEnabled" . }}
+{{- if not .Values.smtp.from }}
+{{- fail "smtp.from must be set with smtp.url or smtp.existingSecret: the From of alert mail" }}
+{{- end }}
+- name: BILLINGPROXY_SMTP_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "billingproxy.smtpSecret" . }}
+      key: {{ .Values.smtp.existingSecretKey }}
+- name: BILLINGPROXY_SMTP_FROM
+  value: {{ .Values.smtp.from | quote }}
+{{- end }}
 {{- range $name, $value := .Values.settings }}
 - name: {{ printf "BILLINGPROXY_%s" $name }}
   value: {{ $value | toString | quote }}
@@ -156,8 +174,8 @@ seccompProfile:
 
 {{/* What rolls the pods when it changes: the settings and the chart's own Secrets. */}}
 {{- define "billingproxy.checksums" -}}
-checksum/config: {{ dict "settings" .Values.settings "backend" .Values.backend.url "gateway" .Values.gateway.port "publicUrl" .Values.gateway.publicUrl "pricing" .Values.pricing "stripe" (include "billingproxy.stripeEnabled" .) | toJson | sha256sum }}
-checksum/secret: {{ dict "database" .Values.database "backend" .Values.backend "stripe" .Values.stripe "accessLog" .Values.gateway.accessLogSecret | toJson | sha256sum }}
+checksum/config: {{ dict "settings" .Values.settings "backend" .Values.backend.url "gateway" .Values.gateway.port "publicUrl" .Values.gateway.publicUrl "pricing" .Values.pricing "stripe" (include "billingproxy.stripeEnabled" .) "smtpFrom" .Values.smtp.from | toJson | sha256sum }}
+checksum/secret: {{ dict "database" .Values.database "backend" .Values.backend "stripe" .Values.stripe "smtp" .Values.smtp.url "accessLog" .Values.gateway.accessLogSecret | toJson | sha256sum }}
 {{- end }}
 
 {{/* The volumes the project image's containers in the gateway pod mount. */}}

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from support.alert_receiver import Receiver, running_receiver
+from support.alert_receiver import auth
 
 from authz_sidecar import alert_delivery
 from billing import alerts
@@ -35,16 +35,6 @@ async def stack(launch_stack) -> AsyncIterator[Any]:
         BILLINGPROXY_ALERT_INTERVAL_MS="100", BILLINGPROXY_ALERT_RETRY_BASE_MS="50"
     ) as running:
         yield running
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    async with running_receiver() as receiver:
-        yield receiver
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 async def put(stack, key: str, body: Any) -> tuple[int, dict[str, Any]]:

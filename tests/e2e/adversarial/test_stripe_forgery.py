@@ -132,15 +132,20 @@ async def test_a_paid_session_the_gateway_never_created_credits_nothing(
 
 
 async def test_a_payment_intent_event_credits_nothing(stack, double: StripeDouble) -> None:
-    """The gateway credits Checkout Sessions only; a PaymentIntent naming a wallet is recorded."""
+    """A PaymentIntent is credited on its own only for a recharge the gateway started (for its
+    Customer and amount); one naming a wallet and a recharge number is recorded, not ours."""
     victim = await stack.signup()
     session = foreign_session(double, reference=None, metadata={})
     double.complete(session["id"])
     intent = dict(double.payment_intents[double.sessions[session["id"]]["payment_intent"]])
-    intent["metadata"] = {"wallet_id": victim["wallet_id"], "purpose": "billingproxy_topup"}
+    intent["metadata"] = {
+        "wallet_id": victim["wallet_id"],
+        "recharge_seq": "1",
+        "purpose": "billingproxy_topup",
+    }
     event = double.event("payment_intent.succeeded", intent)
     assert await double.deliver(event) == 200
-    assert (await event_outcome(stack, event["id"]))[0] == "ignored_type"
+    assert (await event_outcome(stack, event["id"]))[0] == "not_ours"
     assert await balance_usd(stack, victim["api_key"]) == GRANT_USD
 
 
