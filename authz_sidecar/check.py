@@ -67,6 +67,8 @@ class Decider:
         # Keys refused for their limit, by (key, window start): the sweep queues one alert each
         # (billing.key_limits.queue_alert, idempotent per window) off the Check's path.
         self.limit_refusals: dict[tuple[str, str], key_limits.KeyLimit] = {}
+        # Those the sweep has queued: a key refused all day is not queued again every round.
+        self.limit_alerted: set[tuple[str, str]] = set()
         # Checks in flight together share one transaction (billing.hold_batches.place_many).
         self._holds: GroupCommit[hold_batches.HoldRequest, holds.Refusal | None] = GroupCommit(
             self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX, abandoned=self._void_abandoned
@@ -244,7 +246,9 @@ class Decider:
 
     def _remember_limit_refusal(self, limit: key_limits.KeyLimit) -> None:
         occurrence = (limit.key_id, key_limits.iso(limit.window_start))
-        if occurrence not in self.limit_refusals and len(self.limit_refusals) < LIMIT_REFUSALS_MAX:
+        if occurrence in self.limit_alerted or occurrence in self.limit_refusals:
+            return
+        if len(self.limit_refusals) < LIMIT_REFUSALS_MAX:
             self.limit_refusals[occurrence] = limit
 
     def _remember_empty(self, wallet_id: str, balance_nano: int, asked_at: float) -> None:

@@ -223,10 +223,13 @@ class Sidecar:
         A refusal stays remembered until its alert is queued (once per window, billing.key_limits)."""
         if self._decider is None:
             return
-        refusals = self._decider.limit_refusals
+        refusals, alerted = self._decider.limit_refusals, self._decider.limit_alerted
         for occurrence, limit in list(refusals.items()):
             await key_limits.queue_alert(conn, limit)
             del refusals[occurrence]
+            if len(alerted) >= check.LIMIT_REFUSALS_MAX:
+                alerted.clear()  # queueing again is harmless (one event per window); memory is not
+            alerted.add(occurrence)
 
     @staticmethod
     async def _last_file_rounds(file_log: access_log_file.Follower) -> None:

@@ -147,8 +147,12 @@ async def test_a_key_limit_refusal_says_which_limit_and_when_it_resets_and_offer
         "This API key's monthly spend limit of $5.00 is reached ($4.9999995 spent, $0.00 held for "
         "requests in flight); it resets at 2027-01-01T00:00:00Z."
     )
-    # Remembered once per window for the sweep's alert, never queued by the Check itself.
+    # Remembered once per window for the sweep's alert, never queued by the Check itself; once the
+    # sweep has queued it, later refusals in the window are not remembered again.
     assert list(decider.limit_refusals) == [("key_x", "2026-12-01T00:00:00Z")]
+    decider.limit_alerted.add(decider.limit_refusals.popitem()[0])
+    await answer(refusal, decider=decider)
+    assert decider.limit_refusals == {}
 
 
 def test_every_refusal_reason_is_covered_above() -> None:
