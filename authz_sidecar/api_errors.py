@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+from billing import key_limits, money
+
 
 # Not frozen: Python and contextlib write an exception's __traceback__ as it leaves an
 # ``async with`` (contextlib.asynccontextmanager's __aexit__ does it in Python code), and a frozen
@@ -107,4 +109,22 @@ def funds_reserved(retry_after_s: int) -> ApiError:
         "All remaining credit is reserved by requests in flight; retry shortly.",
         "rate_limit_error",
         headers={"retry-after": str(retry_after_s)},
+    )
+
+
+def key_limit_reached(limit: key_limits.KeyLimit) -> ApiError:
+    # No top_up_url: paying in does not lift a key's own limit; its window's reset does.
+    reset = limit.resets_at
+    return ApiError(
+        403,
+        "key_limit_reached",
+        limit.describe(),
+        "permission_error",
+        {
+            "limit_usd": money.format_usd(limit.limit_nano),
+            "window": limit.window.value,
+            "resets_at": None if reset is None else key_limits.iso(reset),
+            "spent_usd": money.format_usd(limit.spent_nano),
+            "reserved_usd": money.format_usd(limit.reserved_nano),
+        },
     )

@@ -23,7 +23,7 @@ from typing import Any
 from authz_sidecar import api_errors, contract, metrics
 from authz_sidecar.group_commit import GroupCommit
 from authz_sidecar.key_lookup import KeyLookup
-from billing import database, endpoints, hold_batches, holds, money, pricing
+from billing import database, endpoints, hold_batches, holds, key_limits, money, pricing
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 HOLD_LANES = 2
 HOLD_BATCH_MAX = 64
 EMPTY_WALLETS_MAX = 10_000
+# Keys refused for their limit, waiting for the sweep to queue their alert: at most this many
+# (an alert is a courtesy; the Check never waits for one).
+LIMIT_REFUSALS_MAX = 10_000
 # The most bytes a client adds to its body by sending the suggested output limit
 # (`, "max_completion_tokens": 1234567`).
 OUTPUT_FIELD_BYTES = 40
@@ -61,6 +64,11 @@ class Decider:
         # Wallets refused as empty: wallet id → (refuse unparsed until, balance then).
         self._empty_wallets: dict[str, tuple[float, int]] = {}
         self._top_up_url = f"{settings.public_url}/account/top-up"
+        # Keys refused for their limit, by (key, window start): the sweep queues one alert each
+        # (billing.key_limits.queue_alert, idempotent per window) off the Check's path.
+        self.limit_refusals: dict[tuple[str, str], key_limits.KeyLimit] = {}
+        # Those the sweep has queued: a key refused all day is not queued again every round.
+        self.limit_alerted: set[tuple[str, str]] = set()
         # Checks in flight together share one transaction (billing.hold_batches.place_many).
         self._holds: GroupCommit[hold_batches.HoldRequest, holds.Refusal | None] = GroupCommit(
             self._place_holds, lanes=HOLD_LANES, batch_max=HOLD_BATCH_MAX, abandoned=self._void_abandoned
@@ -208,7 +216,7 @@ class Decider:
         # memo counts from here, so it never outlives a top-up committed meanwhile by a full TTL.
         asked_at = self._clock()
         refusal = await self._holds.submit(
-            hold_batches.HoldRequest(request_id, key.wallet_id, key.id, model, amount)
+            hold_batches.HoldRequest(request_id, key.wallet_id, key.id, model, amount, limited=key.limited)
         )
         if refusal is None:
             facts = {**base, "hold_id": request_id, "model": model, "format": endpoint.usage_format.value}
@@ -224,6 +232,10 @@ class Decider:
             raise api_errors.payment_disputed()
         if refusal.reason is reason.WALLET_NOT_FOUND:
             raise api_errors.wallet_not_found()
+        if refusal.reason is reason.KEY_LIMIT_REACHED:
+            assert refusal.key_limit is not None, refusal
+            self._remember_limit_refusal(refusal.key_limit)
+            raise api_errors.key_limit_reached(refusal.key_limit)
         if refusal.reason is reason.DUPLICATE_REQUEST:
             raise api_errors.ApiError(409, "duplicate_request", "This request id was already used.")
         assert refusal.reason is reason.INSUFFICIENT_FUNDS, refusal
@@ -231,6 +243,13 @@ class Decider:
         if error.extra.get("reason") == "wallet_empty":
             self._remember_empty(key.wallet_id, refusal.balance_nano, asked_at)
         raise error
+
+    def _remember_limit_refusal(self, limit: key_limits.KeyLimit) -> None:
+        occurrence = (limit.key_id, key_limits.iso(limit.window_start))
+        if occurrence in self.limit_alerted or occurrence in self.limit_refusals:
+            return
+        if len(self.limit_refusals) < LIMIT_REFUSALS_MAX:
+            self.limit_refusals[occurrence] = limit
 
     def _remember_empty(self, wallet_id: str, balance_nano: int, asked_at: float) -> None:
         """Refuse this wallet's next requests unparsed for one key-cache period from ``asked_at``,

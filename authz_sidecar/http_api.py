@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from authz_sidecar import alerts_api, api_errors, auto_recharge_api, json_body, metrics, stripe_api
 from authz_sidecar.account import pages
 from authz_sidecar.key_lookup import KeyLookup
-from billing import api_keys, database, key_management, ledger, money, wallets
+from billing import api_keys, database, key_limits, key_management, ledger, money, wallets
 from billing.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 KEYS = web.AppKey("keys", KeyLookup)
 SIGNUP_LIMITER: web.AppKey[SignupLimiter] = web.AppKey("signup_limiter")
 OPENAPI = web.AppKey("openapi", dict)
+LIMIT_EXAMPLE = '{"usd": "5.00", "window": "monthly"}'
 
 signup_refusals = Counter(
     "billingproxy_signup_refusals",
@@ -312,10 +313,24 @@ def _key_json(view: key_management.KeyView, caller: api_keys.KeyRecord) -> dict[
         "created_at": view.created_at.isoformat(),
         "last_used_at": view.last_used_at.isoformat() if view.last_used_at else None,
         "spend_usd": money.format_usd(view.spend_nano),
-        "limit": None if view.limit_nano is None else money.format_usd(view.limit_nano),
+        "limit": None if view.limit is None else _limit_json(view.limit),
         "state": view.state(dt.datetime.now(dt.UTC)),
         "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
         "current": record.id == caller.id,
+    }
+
+
+def _limit_json(limit: key_limits.KeyLimit) -> dict[str, Any]:
+    reset = limit.resets_at
+    return {
+        "usd": money.format_usd(limit.limit_nano),
+        "window": limit.window.value,
+        "spent_usd": money.format_usd(limit.spent_nano),
+        "reserved_usd": money.format_usd(limit.reserved_nano),
+        "window_start": None
+        if limit.window is key_limits.Window.TOTAL
+        else key_limits.iso(limit.window_start),
+        "resets_at": None if reset is None else key_limits.iso(reset),
     }
 
 
@@ -377,8 +392,7 @@ async def create_key(request: web.Request) -> web.Response:
     return _json({**_key_json(view, caller), "api_key": issued.plaintext}, status=201)
 
 
-async def revoke_key(request: web.Request) -> web.Response:
-    caller, wallet = await _key_manager(request)
+def _key_id(request: web.Request) -> str:
     key_id = request.match_info["key_id"]
     if not key_management.is_key_id(key_id):
         raise api_errors.ApiError(
@@ -387,12 +401,51 @@ async def revoke_key(request: web.Request) -> web.Response:
             "A key id is 'key_' followed by letters and digits, as GET /billing/keys lists them.",
             extra={"param": "key_id"},
         )
+    return key_id
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    caller, wallet = await _key_manager(request)
+    key_id = _key_id(request)
     async with _key_change(request) as conn:
         view, revoked = await key_management.revoke_key(
             conn, wallet_id=wallet.id, requester_id=caller.id, key_id=key_id
         )
     if revoked:
         logger.info("key %s of wallet %s revoked by key %s", key_id, wallet.id, caller.id)
+    return _json(_key_json(view, caller))
+
+
+async def set_key_limit(request: web.Request) -> web.Response:
+    """``PUT /billing/keys/{key_id}/limit {"usd": "5.00", "window": "monthly"}``: the whole body
+    is checked before anything is read or written (billing/key_limits.py)."""
+    caller, wallet = await _key_manager(request)
+    key_id = _key_id(request)
+    body = await json_body.read_object(request, example=LIMIT_EXAMPLE)
+    try:
+        limit_nano, window = key_limits.parse(body)
+    except key_limits.InvalidLimit as exc:
+        raise api_errors.ApiError(400, "invalid_limit", str(exc), extra={"param": exc.param}) from None
+    async with _key_change(request) as conn:
+        view = await key_management.set_limit(
+            conn,
+            wallet_id=wallet.id,
+            requester_id=caller.id,
+            key_id=key_id,
+            limit_nano=limit_nano,
+            window=window,
+        )
+    logger.info("key %s of wallet %s limited to %d nano-USD %s", key_id, wallet.id, limit_nano, window.value)
+    return _json(_key_json(view, caller))
+
+
+async def clear_key_limit(request: web.Request) -> web.Response:
+    caller, wallet = await _key_manager(request)
+    key_id = _key_id(request)
+    async with _key_change(request) as conn:
+        view = await key_management.set_limit(
+            conn, wallet_id=wallet.id, requester_id=caller.id, key_id=key_id, limit_nano=None
+        )
     return _json(_key_json(view, caller))
 
 
@@ -420,6 +473,8 @@ def make_app(settings: Settings, engine: AsyncEngine, key_lookup: KeyLookup) -> 
     app.router.add_get("/billing/keys", list_keys)
     app.router.add_post("/billing/keys", create_key)
     app.router.add_delete("/billing/keys/{key_id}", revoke_key)
+    app.router.add_put("/billing/keys/{key_id}/limit", set_key_limit)
+    app.router.add_delete("/billing/keys/{key_id}/limit", clear_key_limit)
     app.router.add_get("/openapi.json", openapi)
     stripe_routes = stripe_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)
     alerts_api.add_routes(app, settings=settings, engine=engine, key_lookup=key_lookup)

@@ -47,7 +47,7 @@ from authz_sidecar import (
 )
 from authz_sidecar.check_http import CheckServer
 from authz_sidecar.key_lookup import KeyLookup
-from billing import account_sessions, database, errors, expiry, holds, pricing
+from billing import account_sessions, database, errors, expiry, holds, key_limits, pricing
 from billing.settings import INTERNAL_HOST, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -212,9 +212,24 @@ class Sidecar:
                     metrics.holds_pending.set(await holds.outstanding(conn))
                     # Ended account-page sessions go on the same beat (an index range, usually empty).
                     await account_sessions.prune(conn)
+                    await self._queue_limit_alerts(conn)
             except Exception as exc:  # noqa: BLE001 (the sweep outlives a failed round; the next retries)
                 logger.warning("hold sweep failed: %s", exc)
             await asyncio.sleep(holds.EXPIRY_SWEEP_S)
+
+    async def _queue_limit_alerts(self, conn: database.Connection) -> None:
+        """Queue the ``key.limit_reached`` alert of each key the Check refused for its limit since
+        the last round: here, not in the Check, so a refusal never waits for (or fails on) it.
+        A refusal stays remembered until its alert is queued (once per window, billing.key_limits)."""
+        if self._decider is None:
+            return
+        refusals, alerted = self._decider.limit_refusals, self._decider.limit_alerted
+        for occurrence, limit in list(refusals.items()):
+            await key_limits.queue_alert(conn, limit)
+            del refusals[occurrence]
+            if len(alerted) >= check.LIMIT_REFUSALS_MAX:
+                alerted.clear()  # queueing again is harmless (one event per window); memory is not
+            alerted.add(occurrence)
 
     @staticmethod
     async def _last_file_rounds(file_log: access_log_file.Follower) -> None:

@@ -47,6 +47,9 @@ class KeyRecord:
     suspended: bool
     # A rotated key's end of grace: from then on it is refused exactly as a revoked one.
     revoke_after: dt.datetime | None = None
+    # The key has a spend limit (billing/key_limits.py): its holds take the statement that tests
+    # it. Only whether, never the limit itself, which the statement reads under the key's lock.
+    limited: bool = False
 
     def refusal(self, now: dt.datetime) -> str | None:
         """Why this key may not be used now, or None when it may."""
@@ -75,6 +78,7 @@ def key_record(row: sa.Row[Any] | asyncpg.Record) -> KeyRecord:
         revoked_at=fields["revoked_at"],
         suspended=fields["suspended"],
         revoke_after=fields["revoke_after"],
+        limited=fields["limit_nano"] is not None,
     )
 
 
@@ -151,7 +155,7 @@ async def issue_key(
 # (authz_sidecar/key_lookup.py) run this statement, on asyncpg, as every other caller does.
 _FIND_KEYS = """
 SELECT id, wallet_id, key_hash, display_prefix, allowed_models, expires_at, revoked_at,
-       suspended, revoke_after
+       suspended, revoke_after, limit_nano
   FROM api_keys
  WHERE key_hash = ANY($1::bytea[])
 """

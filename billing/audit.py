@@ -15,6 +15,11 @@ The checks, one row each in the report (:class:`Check`):
   wallet row locked and inserts the entry under that lock, so a wallet's ids increase in the
   order its balance moved. A missing or altered entry is one finding, at the entry after it.
 - ``reserved``: each wallet's reservations are the sum of its pending holds.
+- ``key_limits``: each key's running sums (billing/key_limits.py) are its holds': its
+  ``reserved_nano`` is the sum of its pending holds that count against a limit, and its
+  ``spent_nano`` the sum its posted holds placed in its current window
+  (``holds.limit_window_start = api_keys.window_start``) charged. Checked for every key that
+  ever had a limit (``window_start`` set) and any other key whose sums are not zero.
 - ``overdue_holds``: no hold is still pending :data:`OVERDUE_ALLOWANCE_S` after its
   ``expires_at``, measured at the snapshot's ``now()``. The rule reads each hold's own
   ``expires_at`` (placement time + the ``hold_ttl_s`` then in force), never the setting: the
@@ -83,6 +88,11 @@ class Check(enum.Enum):
     BALANCE = ("balance", "balance = Σ ledger entries", "wallets")
     BALANCE_AFTER = ("balance_after", "balance_after = previous + amount", "ledger entries")
     RESERVED = ("reserved", "reserved = Σ pending holds", "wallets")
+    KEY_LIMITS = (
+        "key_limits",
+        "key reserved = Σ its counted pending holds, spent = Σ its window's posted holds",
+        "limited keys",
+    )
     OVERDUE_HOLDS = ("overdue_holds", "no pending hold past its expiry", "pending holds")
     UNREPORTED_HOLDS = (
         "unreported_holds",
@@ -179,6 +189,7 @@ async def check(conn: AsyncConnection, *, report_grace_s: int = DEFAULT_REPORT_G
             await _balance(conn),
             await _balance_after(conn),
             await _reserved(conn),
+            await _key_limits(conn),
             await _overdue_holds(conn),
             await _unreported_holds(conn, report_grace_s),
             await _usage(conn),
@@ -222,6 +233,42 @@ async def _reserved(conn: AsyncConnection) -> CheckResult:
     return await _wallet_sum(
         conn, Check.RESERVED, "reserved", "holds WHERE state = 'pending'", "pending holds"
     )
+
+
+async def _key_limits(conn: AsyncConnection) -> CheckResult:
+    """Keys whose limit sums are not what their holds say."""
+    keys = """
+        SELECT k.id, k.wallet_id, k.reserved_nano, k.spent_nano,
+               (SELECT coalesce(sum(h.amount_nano), 0) FROM holds h
+                 WHERE h.key_id = k.id AND h.state = 'pending' AND h.limit_window_start IS NOT NULL)
+                 AS expected_reserved,
+               (SELECT coalesce(sum(h.posted_nano), 0) FROM holds h
+                 WHERE h.key_id = k.id AND h.state = 'posted' AND h.limit_window_start = k.window_start)
+                 AS expected_spent
+          FROM api_keys k
+         WHERE k.window_start IS NOT NULL OR k.reserved_nano <> 0 OR k.spent_nano <> 0
+    """
+    mismatches, rows = await _mismatching(
+        conn,
+        f"""
+        SELECT *, count(*) OVER () AS mismatches FROM ({keys}) AS k
+         WHERE reserved_nano <> expected_reserved OR spent_nano <> expected_spent
+         ORDER BY id
+         LIMIT :listed_max
+        """,
+    )
+    findings = [
+        Finding(
+            Check.KEY_LIMITS,
+            row.wallet_id,
+            f"key {row.id}",
+            f"reserved {_usd(row.expected_reserved)}, spent {_usd(row.expected_spent)} (its holds)",
+            f"reserved {_usd(row.reserved_nano)}, spent {_usd(row.spent_nano)}",
+        )
+        for row in rows
+    ]
+    checked = await _count(conn, f"SELECT count(*) FROM ({keys}) AS k")
+    return _result(Check.KEY_LIMITS, checked, mismatches, findings)
 
 
 async def _wallet_sum(

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import database
+from billing import database, key_limits
 
 # An asyncpg connection, or a SQLAlchemy one whose asyncpg connection (and transaction) is used.
 Conn = AsyncConnection | database.Connection
@@ -62,6 +62,10 @@ class RefusalReason(enum.Enum):
     # The request id already names a hold of another wallet, or one already settled: a replayed
     # or forged id. Envoy mints ids itself, so this is never a legitimate retry.
     DUPLICATE_REQUEST = "duplicate_request"
+    # The key's own spend limit (billing/key_limits.py) does not fit the hold: paying in does not
+    # help, the window's reset (or the owner raising the limit) does. The wallet's other keys
+    # are not concerned.
+    KEY_LIMIT_REACHED = "key_limit_reached"
 
 
 class Shortfall(enum.Enum):
@@ -134,7 +138,8 @@ class Settlement(enum.Enum):
 # row's lock, and each is tested against the reservations of those before it. The rule,
 # ``balance - reserved - hold >= -limit``, is written ``balance - reserved + limit >= hold``
 # (strict mode: limit 0); since every admission keeps it, ``balance - reserved >= -limit`` holds
-# between settlements, and a settlement at most the hold keeps it too.
+# between settlements, and a settlement at most the hold keeps it too. This is the statement of
+# a key without a spend limit: it never reads the key's row (:data:`PLACE_LIMITED_SQL` does).
 # $1 request id, $2 wallet, $3 key, $4 model, $5 amount, $6 TTL in seconds, $7 strict.
 PLACE_SQL = """
 WITH admitted AS (
@@ -154,12 +159,67 @@ SELECT $1::text, id, $3::text, $4::text, $5::bigint, 'pending',
 RETURNING request_id
 """
 
+# :data:`PLACE_SQL` for a key that has a spend limit (billing/key_limits.py), the same rule for
+# the wallet plus the key's: the wallet row is locked only if it admits the request, the key's
+# row after it, and both rows are updated and the hold inserted only if both admit it (so the
+# wallet is locked by a SELECT and then updated: a refusal by the key must leave it unchanged).
+# The key's rule, ``spent + reserved + hold <= limit``, is kept as the wallet's is, with no
+# overdraft in either mode; its window rolls over here (key_limits.ROLLED_START_SQL), and the
+# hold records the window it counts in. A key whose limit was removed meanwhile (the key cache
+# still says it has one) is read but neither locked nor written: the hold then counts nowhere.
+# The parameters are PLACE_SQL's.
+PLACE_LIMITED_SQL = f"""
+WITH wallet AS MATERIALIZED (
+    SELECT id
+      FROM wallets
+     WHERE id = $2::text
+       AND NOT suspended
+       AND NOT disputed
+       AND balance_nano - reserved_nano
+           + CASE WHEN $7::boolean THEN 0 ELSE overdraft_limit_nano END >= $5::bigint
+       FOR NO KEY UPDATE
+), key_limit AS MATERIALIZED (
+    SELECT k.id, k.limit_nano, k.reserved_nano,
+           {key_limits.ROLLED_START_SQL} AS window_start,
+           {key_limits.ROLLED_SPENT_SQL} AS spent_nano
+      FROM api_keys k JOIN wallet ON k.wallet_id = wallet.id
+     WHERE k.id = $3::text AND k.limit_nano IS NOT NULL
+       FOR NO KEY UPDATE OF k
+), admissible AS (
+    SELECT id FROM wallet
+     WHERE NOT EXISTS (SELECT 1 FROM key_limit
+                        WHERE spent_nano + reserved_nano + $5::bigint > limit_nano)
+), key_reserved AS (
+    UPDATE api_keys
+       SET reserved_nano = api_keys.reserved_nano + $5::bigint,
+           window_start = key_limit.window_start,
+           spent_nano = key_limit.spent_nano
+      FROM key_limit CROSS JOIN admissible
+     WHERE api_keys.id = key_limit.id
+), admitted AS (
+    UPDATE wallets
+       SET reserved_nano = wallets.reserved_nano + $5::bigint
+      FROM admissible
+     WHERE wallets.id = admissible.id
+ RETURNING wallets.id
+)
+INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at, limit_window_start)
+SELECT $1::text, id, $3::text, $4::text, $5::bigint, 'pending',
+       now() + make_interval(secs => $6::int), (SELECT window_start FROM key_limit)
+  FROM admitted
+RETURNING request_id
+"""
+
 _HOLDS_PENDING = """
 SELECT 1 FROM holds WHERE request_id = $1::text AND wallet_id = $2::text AND state = 'pending'
 """
 
 _WALLET_STATE = """
-SELECT balance_nano, reserved_nano, overdraft_limit_nano, suspended, disputed FROM wallets WHERE id = $1::text
+SELECT w.balance_nano, w.reserved_nano, w.overdraft_limit_nano, w.suspended, w.disputed, now() AS now,
+       k.id, k.wallet_id, k.limit_nano, k.limit_window, k.window_start, k.spent_nano,
+       k.reserved_nano AS key_reserved_nano
+  FROM wallets w LEFT JOIN api_keys k ON k.id = $2::text AND k.wallet_id = w.id
+ WHERE w.id = $1::text
 """
 
 
@@ -180,6 +240,8 @@ class Refusal:
     amount_nano: int = 0
     # Set exactly when ``reason`` is INSUFFICIENT_FUNDS.
     shortfall: Shortfall | None = None
+    # Set exactly when ``reason`` is KEY_LIMIT_REACHED: the key's limit as read after the refusal.
+    key_limit: key_limits.KeyLimit | None = None
 
     @property
     def headroom_nano(self) -> int:
@@ -197,21 +259,28 @@ async def place(
     amount_nano: int,
     ttl_s: int,
     strict: bool,
+    limited: bool = True,
 ) -> Refusal | None:
     """Reserve ``amount_nano`` for one request in a single statement (:data:`PLACE_SQL`); None
     when the hold is placed (the request is admitted), else why not.
+
+    ``limited``: whether the key has a spend limit, as the caller knows it (the sidecar: its key
+    cache, ``KeyRecord.limited``). False takes the statement that never reads the key's row, so
+    a limit set a moment ago applies from the caller's next look-up of the key; True is exact
+    for every key and is what a caller that does not know should pass.
 
     Use an autocommit connection: one round trip, and the wallet row is locked only for it.
     A Check repeated for the same ``request_id`` (Envoy retrying the Check) is admitted again
     without a second reservation.
     """
     pg = await database.driver_connection(conn)
+    statement = PLACE_LIMITED_SQL if limited else PLACE_SQL
     # Twice at most: a refusal is explained by a second read, and if money came back in between
     # (a hold was settled), refusing would be a false block.
     for _ in range(2):
         try:
             placed = await pg.fetchval(
-                PLACE_SQL, request_id, wallet_id, key_id, model, amount_nano, int(ttl_s), strict
+                statement, request_id, wallet_id, key_id, model, amount_nano, int(ttl_s), strict
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != "holds_pkey":
@@ -227,7 +296,7 @@ async def place(
         # then inserts nothing, so the duplicate key never fires. Refusing it would be a false block.
         if await _holds_pending(pg, request_id, wallet_id):
             return None
-        refusal = await _why_refused(pg, wallet_id, amount_nano, strict)
+        refusal = await _why_refused(pg, wallet_id, key_id, amount_nano, strict)
         if refusal is not None:
             return refusal
     # Refused twice, and twice the wallet read right after would have admitted it: money is
@@ -240,12 +309,15 @@ async def _holds_pending(pg: database.Connection, request_id: str, wallet_id: st
 
 
 async def _why_refused(
-    pg: database.Connection, wallet_id: str, amount_nano: int, strict: bool
+    pg: database.Connection, wallet_id: str, key_id: str, amount_nano: int, strict: bool
 ) -> Refusal | None:
-    """Why the wallet refused a hold, or None if, read again now, it would accept it."""
-    row = await pg.fetchrow(_WALLET_STATE, wallet_id)
+    """Why the wallet or the key refused a hold, or None if, read again now, both would accept it."""
+    row = await pg.fetchrow(_WALLET_STATE, wallet_id, key_id)
     if row is None:
         return Refusal(RefusalReason.WALLET_NOT_FOUND, amount_nano=amount_nano)
+    key_row = (
+        {**dict(row.items()), "reserved_nano": row["key_reserved_nano"]} if row["id"] is not None else None
+    )
     return refusal_of(
         balance_nano=row["balance_nano"],
         reserved_nano=row["reserved_nano"],
@@ -253,6 +325,7 @@ async def _why_refused(
         amount_nano=amount_nano,
         suspended=row["suspended"],
         disputed=row["disputed"],
+        key_limit=None if key_row is None else key_limits.rolled(key_row, row["now"]),
     )
 
 
@@ -264,11 +337,13 @@ def refusal_of(
     amount_nano: int,
     suspended: bool = False,
     disputed: bool = False,
+    key_limit: key_limits.KeyLimit | None = None,
 ) -> Refusal | None:
     """The admission rule of :data:`PLACE_SQL`, in Python, naming the refusal (None: admitted).
 
     A suspended wallet is refused as such before a disputed one, and both before any question of
-    money: the order :class:`billing.wallets.WalletState` names a wallet's state in.
+    money: the order :class:`billing.wallets.WalletState` names a wallet's state in. The key's
+    limit comes next, before the wallet's money: when it does not fit, a top-up would not help.
 
     With ``spendable = balance + limit`` (what the wallet may spend once nothing is reserved):
     the hold fits now when ``spendable - reserved >= hold``; if not, FUNDS_RESERVED when it
@@ -284,6 +359,8 @@ def refusal_of(
         return refused(RefusalReason.WALLET_SUSPENDED)
     if disputed:
         return refused(RefusalReason.PAYMENT_DISPUTED)
+    if key_limit is not None and not key_limit.admits(amount_nano):
+        return dataclasses.replace(refused(RefusalReason.KEY_LIMIT_REACHED), key_limit=key_limit)
     spendable = balance_nano + overdraft_limit_nano
     if spendable - reserved_nano >= amount_nano:
         return None
@@ -303,6 +380,10 @@ def refusal_of(
 # REFUSED_MISMATCH). Only a pending or expired hold is resolved; the wallet's balance moves by
 # the posted cost, its reservation is released only if the hold was still pending (expiry
 # released it already), and the usage entry records the balance the wallet UPDATE returned.
+# A hold that counts against its key's limit moves the key's sums the same way, after the wallet
+# (joined to ``moved``: the key row is locked only under its wallet's): its reservation released
+# if it was pending, its charge added to the key's spend if the key's window is still the one the
+# hold was placed in (a charge after a rollover belongs to the old window).
 # A charge never exceeds its hold (``least``): the hold is the request's worst case, and what
 # admitted the request against the wallet's overdraft limit; a cost above it means the estimate
 # missed something (the caller's details record the priced cost), and the wallet's bound holds
@@ -328,7 +409,7 @@ WITH hold AS (
      WHERE holds.request_id = hold.request_id
        AND hold.state IN ('pending', 'expired')
        AND hold.agrees
- RETURNING holds.wallet_id, holds.key_id, holds.model, holds.posted_nano,
+ RETURNING holds.wallet_id, holds.key_id, holds.model, holds.posted_nano, holds.limit_window_start,
            CASE WHEN hold.state = 'pending' THEN hold.amount_nano ELSE 0 END AS released
 ), moved AS (
     UPDATE wallets
@@ -339,6 +420,15 @@ WITH hold AS (
      WHERE wallets.id = resolved.wallet_id
        AND (resolved.posted_nano IS NOT NULL OR resolved.released > 0)
  RETURNING wallets.balance_nano
+), key_moved AS (
+    UPDATE api_keys
+       SET reserved_nano = api_keys.reserved_nano - resolved.released,
+           spent_nano = api_keys.spent_nano
+                        + CASE WHEN api_keys.window_start = resolved.limit_window_start
+                               THEN coalesce(resolved.posted_nano, 0) ELSE 0 END
+      FROM resolved CROSS JOIN moved
+     WHERE api_keys.id = resolved.key_id
+       AND resolved.limit_window_start IS NOT NULL
 ), charged AS (
     INSERT INTO ledger_entries (wallet_id, idempotency_key, kind, amount_nano, balance_after_nano, details)
     SELECT resolved.wallet_id, 'usage:' || $1::text, 'usage', -resolved.posted_nano, moved.balance_nano,
@@ -436,7 +526,8 @@ def settlement_of(row: asyncpg.Record | None, request_id: str, resolution: Resol
 EXPIRY_SWEEP_S = 5
 
 # Expiry, for the sweep: every pending hold past its time is expired and its reservation released,
-# per wallet, in one statement. Nothing is charged. It takes the batches' lock order — holds by
+# per wallet (and per key, for holds that count against a key's limit), in one statement. Nothing
+# is charged. It takes the batches' lock order — holds by
 # request id, then wallets by id — so it cannot deadlock with a batch; a hold a settlement holds
 # locked right now is skipped (SKIP LOCKED): it is being settled, or the next sweep expires it.
 # The wallets' UPDATE runs whether or not the final SELECT reads it, as every data-modifying
@@ -452,7 +543,7 @@ WITH due AS MATERIALIZED (
     UPDATE holds SET state = 'expired', resolved_at = now()
       FROM due
      WHERE holds.request_id = due.request_id
- RETURNING holds.wallet_id, holds.amount_nano
+ RETURNING holds.wallet_id, holds.key_id, holds.amount_nano, holds.limit_window_start
 ), per_wallet AS (
     SELECT wallet_id, sum(amount_nano) AS amount FROM expired GROUP BY wallet_id
 ), locked AS MATERIALIZED (
@@ -465,6 +556,17 @@ WITH due AS MATERIALIZED (
        SET reserved_nano = w.reserved_nano - per_wallet.amount, updated_at = now()
       FROM per_wallet JOIN locked ON locked.id = per_wallet.wallet_id
      WHERE w.id = per_wallet.wallet_id
+ RETURNING w.id
+), per_key AS (
+    SELECT key_id, wallet_id, sum(amount_nano) AS amount
+      FROM expired
+     WHERE limit_window_start IS NOT NULL
+     GROUP BY key_id, wallet_id
+), keys_released AS (
+    UPDATE api_keys k
+       SET reserved_nano = k.reserved_nano - per_key.amount
+      FROM per_key JOIN released ON released.id = per_key.wallet_id
+     WHERE k.id = per_key.key_id
 )
 SELECT count(*) FROM expired
 """

@@ -19,9 +19,12 @@ module owns the rules a user meets when managing keys through the public API (de
   A hold's posted amount is exactly its usage entry's (the audit checks it), so the spend is the
   ledger's sum of the key's usage entries.
 
-Sharp edge: per-key spend limits are not built yet. :attr:`KeyView.limit_nano` is
-always None and :attr:`KeyView.spend_nano` is the key's spend over its whole life; the limit's
-window will bound the sum by ``holds.created_at``, which the same index serves.
+- A key's spend limit (billing/key_limits.py) is set and cleared here for its owner: the key
+  must be the wallet's, exactly as for revoking. Its window's spend is read from the key's own
+  running sums, not summed from holds.
+
+Sharp edge: :attr:`KeyView.spend_nano` is the key's spend over its whole life; the spend in a
+limit's window is :attr:`KeyView.limit`'s.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, errors, key_format, tables
+from billing import api_keys, errors, key_format, key_limits, tables
 
 # The classid of this module's advisory locks (two-int form: its key space is not the single
 # bigint one the operator's Stripe reconciler uses). "bpKM": BillingProxy Key Management.
@@ -70,8 +73,8 @@ class KeyView:
     created_at: dt.datetime
     last_used_at: dt.datetime | None
     spend_nano: int
-    # Where a per-key spend limit will go: None until limits exist.
-    limit_nano: int | None = None
+    # The key's spend limit, rolled over to the time of the read (None: no limit).
+    limit: key_limits.KeyLimit | None = None
 
     def state(self, now: dt.datetime) -> str:
         """``active``, or why the key is refused: ``revoked``, ``suspended``, ``expired``."""
@@ -88,6 +91,7 @@ def is_key_id(text: str) -> bool:
 VIEWS_SQL = """
 SELECT k.id, k.wallet_id, k.key_hash, k.display_prefix, k.allowed_models, k.expires_at,
        k.revoked_at, k.suspended, k.revoke_after, k.created_at,
+       k.limit_nano, k.limit_window, k.window_start, k.spent_nano, k.reserved_nano, now() AS now,
        used.last_used_at, coalesce(used.spend_nano, 0) AS spend_nano
   FROM api_keys AS k
   LEFT JOIN LATERAL (
@@ -108,6 +112,7 @@ def _view(row: sa.Row[Any]) -> KeyView:
         created_at=row.created_at,
         last_used_at=row.last_used_at,
         spend_nano=int(row.spend_nano),
+        limit=key_limits.rolled(row._mapping, row.now),
     )
 
 
@@ -188,3 +193,30 @@ async def revoke_key(
     revoked = await _view_of(conn, wallet_id, key_id)
     assert revoked is not None
     return revoked, True
+
+
+async def set_limit(
+    conn: AsyncConnection,
+    *,
+    wallet_id: str,
+    requester_id: str,
+    key_id: str,
+    limit_nano: int | None,
+    window: key_limits.Window | None = None,
+) -> KeyView:
+    """Set (``limit_nano``, ``window``) or clear (``limit_nano`` None) a key's spend limit.
+
+    :class:`api_keys.KeyNotFound` for a key of another wallet, exactly as for no key at all.
+    ``conn`` must be in a transaction.
+    """
+    await _check_requester(conn, requester_id)
+    if await _view_of(conn, wallet_id, key_id) is None:
+        raise api_keys.KeyNotFound(key_id)
+    if limit_nano is None:
+        await key_limits.clear_limit(conn, key_id)
+    else:
+        assert window is not None, "a limit has a window"
+        await key_limits.set_limit(conn, key_id, limit_nano, window)
+    view = await _view_of(conn, wallet_id, key_id)
+    assert view is not None
+    return view

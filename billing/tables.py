@@ -66,6 +66,22 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     # A rotated key works until then and is refused as revoked after (migration 0002).
     sa.Column("revoke_after", sa.DateTime(timezone=True), nullable=True),
+    # A per-key spend limit (migration 0009; billing/key_limits.py): NULL for a key without one.
+    sa.Column("limit_nano", sa.BigInteger, nullable=True),
+    sa.Column("limit_window", sa.Text, nullable=True),
+    # When the window's count began: its calendar start, or later if the limit was set since.
+    sa.Column("window_start", sa.DateTime(timezone=True), nullable=True),
+    # Running sums kept by the Check and the settlements, as the wallet's are: posted in the
+    # window, and the pending holds that count against a limit.
+    sa.Column("spent_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reserved_nano", sa.BigInteger, nullable=False, server_default="0"),
+    sa.CheckConstraint("limit_nano >= 0", name="api_keys_limit_not_negative"),
+    sa.CheckConstraint(
+        "limit_window IN ('daily', 'weekly', 'monthly', 'total')", name="api_keys_limit_window_known"
+    ),
+    sa.CheckConstraint("(limit_nano IS NULL) = (limit_window IS NULL)", name="api_keys_limit_has_window"),
+    sa.CheckConstraint("spent_nano >= 0", name="api_keys_spent_not_negative"),
+    sa.CheckConstraint("reserved_nano >= 0", name="api_keys_reserved_not_negative"),
 )
 sa.Index("api_keys_by_owner", api_keys.c.source, api_keys.c.external_id)
 
@@ -98,6 +114,8 @@ holds = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),
+    # The key's window this hold counts in (migration 0009): NULL when its key had no limit.
+    sa.Column("limit_window_start", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("amount_nano >= 0", name="holds_amount_not_negative"),
     sa.CheckConstraint("state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"),
 )

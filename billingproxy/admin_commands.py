@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing import api_keys, audit, errors, key_management, ledger, money, wallets
+from billing import api_keys, audit, errors, key_limits, key_management, ledger, money, tables, wallets
 
 
 class AdminError(errors.UserFacingError):
@@ -63,10 +64,11 @@ async def wallet_show(conn: AsyncConnection, ref: str) -> str:
             ",".join(k.record.allowed_models) if k.record.allowed_models is not None else "*",
             k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
             money.format_usd(k.spend_nano),
+            _limit_text(k.limit),
         ]
         for k in keys
     ]
-    columns = ["KEY", "PREFIX", "STATE", "MODELS", "LAST_USED", "SPEND_USD"]
+    columns = ["KEY", "PREFIX", "STATE", "MODELS", "LAST_USED", "SPEND_USD", "LIMIT"]
     return head + "\n\n" + (table(columns, key_rows) if key_rows else "(no keys)")
 
 
@@ -134,6 +136,38 @@ async def key_revoke(conn: AsyncConnection, key_id: str) -> str:
         ) from None
     assert record.revoked_at is not None, "revoke_key returns the key it stamped"
     return f"{record.id} revoked at {record.revoked_at.isoformat()}"
+
+
+def _limit_text(limit: key_limits.KeyLimit | None) -> str:
+    """``4.20/5.00 monthly, resets 2027-01-01T00:00:00Z`` (spent in the window / limit), or ``-``."""
+    if limit is None:
+        return "-"
+    reset = limit.resets_at
+    resets = "never resets" if reset is None else f"resets {key_limits.iso(reset)}"
+    spent = money.format_usd(limit.spent_nano)
+    return f"{spent}/{money.format_usd(limit.limit_nano)} {limit.window.value}, {resets}"
+
+
+async def key_limit(conn: AsyncConnection, key_id: str, amount_usd: str | None, window: str) -> str:
+    """Set a key's spend limit (``amount_usd`` None: remove it). A key an ApiKey resource owns is
+    refused: its limit is the resource's ``spec.spendLimit``, which the operator would restore."""
+    record = await api_keys.get_key(conn, key_id)
+    if record is None:
+        raise AdminError(f"no key {key_id!r} (key ids look like key_…; see `billingproxy wallet show`)")
+    source = (
+        await conn.execute(sa.select(tables.api_keys.c.source).where(tables.api_keys.c.id == key_id))
+    ).scalar_one()
+    if source == "kubernetes":
+        raise AdminError(f"{key_id} belongs to an ApiKey resource: set its spec.spendLimit instead")
+    if amount_usd is None:
+        await key_limits.clear_limit(conn, key_id)
+        return f"{key_id}: no spend limit"
+    try:
+        limit_nano, parsed = key_limits.parse({"usd": amount_usd, "window": window})
+    except key_limits.InvalidLimit as exc:
+        raise AdminError(str(exc)) from None
+    await key_limits.set_limit(conn, key_id, limit_nano, parsed)
+    return f"{key_id}: {_limit_text(await key_limits.limit_of(conn, key_id))}"
 
 
 async def usage(conn: AsyncConnection, ref: str, limit: int) -> str:

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     overdraft.add_argument("wallet", help="wallet id (wal_…) or owner email")
     overdraft.add_argument("limit_usd", help='limit in USD, e.g. "1.00"; "0" for none')
 
-    key = sub.add_parser("key", help="create or revoke API keys").add_subparsers(
+    key = sub.add_parser("key", help="create, revoke or cap API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
     create = key.add_parser("create", help="issue a new key for a wallet (shown once)")
@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke = key.add_parser("revoke", help="revoke a key; refused by the gateway within a second")
     revoke.add_argument("key_id", help="key id (key_…)")
+    capping = key.add_parser("limit", help="cap what a key may spend per window (docs/architecture.md)")
+    capping.add_argument("key_id", help="key id (key_…)")
+    capping.add_argument("usd", nargs="?", help='limit in USD, e.g. "5.00" (omit with --clear)')
+    capping.add_argument(
+        "--window",
+        default="monthly",
+        help="daily, weekly, monthly (calendar, UTC) or total (default: monthly)",
+    )
+    capping.add_argument("--clear", action="store_true", help="remove the key's limit")
 
     reconcile = sub.add_parser(
         "reconcile",
@@ -202,6 +211,10 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return _admin(admin_commands.key_create, args.wallet, args.models)(settings)
     if args.command == "key" and args.action == "revoke":
         return _admin(admin_commands.key_revoke, args.key_id)(settings)
+    if args.command == "key" and args.action == "limit":
+        if args.clear == (args.usd is not None):
+            raise CommandError("give either a limit in USD or --clear")
+        return _admin(admin_commands.key_limit, args.key_id, args.usd, args.window)(settings)
     if args.command == "reconcile":
         from billingproxy import reconcile  # noqa: PLC0415 (a command imports only what it runs)
 

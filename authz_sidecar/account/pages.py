@@ -532,7 +532,8 @@ class AccountPages:
                     "created_at": v.created_at,
                     "last_used_at": v.last_used_at,
                     "spend_nano": v.spend_nano,
-                    "limit_nano": v.limit_nano,
+                    "limit_nano": v.limit.limit_nano if v.limit is not None else None,
+                    "limit_window": v.limit.window.value if v.limit is not None else None,
                     "state": v.state(now),
                     "current": v.record.id == session.key_id,
                 }

@@ -19,6 +19,9 @@ Sharp edges:
   Wallet suspends its keys, and a restart must not quietly lift that.
 - A Secret of that name that is not ours (no owner reference to this ApiKey) is never touched:
   the ApiKey waits (``SecretConflict``) until the name is free or changed.
+- ``spec.spendLimit`` is applied to each of the ApiKey's working keys when it differs from
+  theirs; each key counts its own spend, so a key in its rotation grace period and its successor
+  may together spend up to twice the limit in that time.
 - If the Wallet behind ``walletRef`` is replaced (deleted and created again: a new UID, a new
   wallet row), the ApiKey gets a new key on the new wallet and the old key is revoked at once.
 """
@@ -34,7 +37,7 @@ from typing import Any
 import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import api_keys, key_format, wallets
+from billing import api_keys, key_format, key_limits, money, wallets
 from billing_operator import (
     db,
     errors,
@@ -65,6 +68,8 @@ class ApiKeySpec:
     suspended: bool
     rotation_generation: int
     grace_s: int
+    # (limit in nano-USD, window), or None: no limit.
+    spend_limit: tuple[int, key_limits.Window] | None = None
 
     @classmethod
     def parse(cls, spec: Mapping[str, Any], *, default_grace_s: int) -> ApiKeySpec:
@@ -105,7 +110,21 @@ class ApiKeySpec:
             raise errors.InvalidSpec(
                 f"spec.rotationGracePeriodSeconds must be 0 to {grace_max}, not {grace!r}"
             )
-        return cls(wallet_name, secret_name, models, expires_at, suspended, generation, grace)
+        return cls(
+            wallet_name, secret_name, models, expires_at, suspended, generation, grace, _spend_limit(spec)
+        )
+
+
+def _spend_limit(spec: Mapping[str, Any]) -> tuple[int, key_limits.Window] | None:
+    raw = spec.get("spendLimit")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise errors.InvalidSpec(f'spec.spendLimit must be {{usd: "5.00", window: monthly}}, not {raw!r}')
+    try:
+        return key_limits.parse(dict(raw))
+    except key_limits.InvalidLimit as exc:
+        raise errors.InvalidSpec(f"spec.spendLimit.{exc.param}: {exc}") from None
 
 
 def _object_name(field: str, value: object) -> str:
@@ -143,6 +162,8 @@ class Outcome:
     first: bool
     # Earlier keys of this ApiKey still inside their grace period.
     superseded: list[api_keys.KeyRecord]
+    # The current key's spend limit as of this run (None: no limit).
+    limit: key_limits.KeyLimit | None = None
 
 
 def wallet_uid(index: wallet_reconciler.WalletUids, namespace: str, name: str) -> str:
@@ -244,6 +265,10 @@ async def ensure(
             conn, source=SOURCE, external_id=uid, keep_key_id=record.id, after=grace
         )
         after = await api_keys.keys_owned_by(conn, source=SOURCE, external_id=uid)
+        for key in after:
+            if key.revoked_at is None:
+                await key_limits.apply(conn, key.id, spec.spend_limit)
+        limit = await key_limits.limit_of(conn, record.id)
     now = dt.datetime.now(dt.UTC)
     current = next(k for k in after if k.id == record.id)
     return Outcome(
@@ -251,6 +276,7 @@ async def ensure(
         recorded_now=recorded_now,
         first=not any(k.id != record.id for k in before),
         superseded=in_grace(after, current.id, now),
+        limit=limit,
     )
 
 
@@ -299,10 +325,14 @@ def write_status(
     current: api_keys.KeyRecord,
     superseded: list[api_keys.KeyRecord],
     now: dt.datetime,
+    limit: key_limits.KeyLimit | None = None,
 ) -> None:
     """Status fields from the rows (also used by the status timer)."""
     previous = max(superseded, key=_revoke_after) if superseded else None
+    reset = limit.resets_at if limit is not None else None
     fields: dict[str, object] = {
+        "spentUsd": money.format_usd(limit.spent_nano) if limit is not None else None,
+        "resetsAt": status.rfc3339(reset) if reset is not None else None,
         "keyId": current.id,
         "keyPrefix": current.display_prefix,
         "walletId": current.wallet_id,
@@ -342,7 +372,7 @@ async def _reconcile(
             apply_switch=apply_switch,
         )
     now = dt.datetime.now(dt.UTC)
-    write_status(patch, body, outcome.current, outcome.superseded, now)
+    write_status(patch, body, outcome.current, outcome.superseded, now, outcome.limit)
     patch.status["rotationGeneration"] = desired.rotation_generation
     if body.metadata.get("generation") is not None:
         patch.status["observedGeneration"] = body.metadata["generation"]

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import kopf
 
-from billing import alerts, api_keys, ledger, money, wallets
+from billing import alerts, api_keys, key_limits, ledger, money, wallets
 
 # Wallet
 WALLET_CREATED = "WalletCreated"
@@ -148,3 +148,16 @@ def key_rotated(
 def key_revoked(body: kopf.Body, records: Iterable[api_keys.KeyRecord]) -> None:
     ids = ", ".join(k.id for k in records) or "none left"
     kopf.info(body, reason=KEY_REVOKED, message=f"revoked: {ids}")
+
+
+def key_limit_reached(body: kopf.Body, record: api_keys.KeyRecord, limit: key_limits.KeyLimit) -> None:
+    reset = limit.resets_at
+    until = "for good (a total limit)" if reset is None else f"until {key_limits.iso(reset)}"
+    kopf.warn(
+        body,
+        reason=KEY_LIMIT_REACHED,
+        message=(
+            f"key {_key(record)} spent {_usd(limit.spent_nano)} of its {limit.window.value} limit of "
+            f"{_usd(limit.limit_nano)}: refused {until}"
+        ),
+    )

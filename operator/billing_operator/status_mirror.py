@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 import kopf
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import alerts, api_keys, ledger, money, wallets
+from billing import alerts, api_keys, key_limits, ledger, money, wallets
 from billing_operator import (
     apikey_reconciler,
     db,
@@ -67,6 +67,8 @@ T = TypeVar("T")
 TOP_UP_KINDS = frozenset({"topup", "credit"})
 # This operator's last reading of a wallet, in its per-object memo (see the module docstring).
 _LAST_READING = "status_mirror.wallet"
+# The key and window whose spend limit this operator last announced as reached.
+_LIMIT_ANNOUNCED = "status_mirror.key_limit"
 
 
 class Stopped(Exception):
@@ -239,9 +241,12 @@ async def mirror_wallet(
     last_read.update(state=state, balance_nano=wallet.balance_nano)
 
 
-async def _read_keys(engine: AsyncEngine, uid: str) -> list[api_keys.KeyRecord]:
+async def _read_keys(
+    engine: AsyncEngine, uid: str, key_id: str
+) -> tuple[list[api_keys.KeyRecord], key_limits.KeyLimit | None]:
     async with db.transaction(engine) as conn:
-        return await api_keys.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
+        owned = await api_keys.keys_owned_by(conn, source=apikey_reconciler.SOURCE, external_id=uid)
+        return owned, await key_limits.limit_of(conn, key_id)
 
 
 @kopf.timer(  # type: ignore[arg-type]  # kopf passes timers `stopped` too; TimerFn lacks it
@@ -270,7 +275,7 @@ async def mirror_apikey(
     if not key_id:
         return  # no key yet: the reconciler's condition says why
     try:
-        owned = await until_stopped(stopped, _read_keys(memo.engine, seen["metadata"]["uid"]))
+        owned, limit = await until_stopped(stopped, _read_keys(memo.engine, seen["metadata"]["uid"], key_id))
     except Stopped:
         return
     except errors.DatabaseUnavailable as exc:
@@ -282,5 +287,11 @@ async def mirror_apikey(
         return
     now = dt.datetime.now(dt.UTC)
     apikey_reconciler.write_status(
-        patch, seen, current, apikey_reconciler.in_grace(owned, current.id, now), now
+        patch, seen, current, apikey_reconciler.in_grace(owned, current.id, now), now, limit
     )
+    if limit is not None and limit.spent_nano >= limit.limit_nano:
+        # Once per window: what this operator announced is remembered (the status cannot say it).
+        window = key_limits.iso(limit.window_start)
+        if memo.get(_LIMIT_ANNOUNCED) != (current.id, window):
+            events.key_limit_reached(body, current, limit)
+            memo[_LIMIT_ANNOUNCED] = (current.id, window)

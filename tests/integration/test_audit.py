@@ -198,6 +198,7 @@ async def test_a_ledger_written_by_the_code_passes_every_check(
         # alice: grant, credit, three charges; bob: top-up, refund, dispute, reversal; carol: top-up, dispute
         audit.Check.BALANCE_AFTER: 11,
         audit.Check.RESERVED: 3,
+        audit.Check.KEY_LIMITS: 0,  # no key has a limit
         audit.Check.OVERDUE_HOLDS: 1,
         audit.Check.UNREPORTED_HOLDS: 1,  # "expired", released and not yet past the grace
         audit.Check.USAGE: 6 + 3,

@@ -66,6 +66,16 @@ def batch_statement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     return request.param
 
 
+@pytest.fixture(autouse=True, params=["keys_unlimited", "keys_unknown"])
+def key_statements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The keys here have no spend limit: the batch's requests say so (as the sidecar's key cache
+    does: the wallet-only statements), or do not know (the statements that read a limited key's
+    row, which must admit an unlimited key's requests exactly the same)."""
+    if request.param == "keys_unlimited":
+        monkeypatch.setattr(hold_batches.HoldRequest.__init__, "__defaults__", (False,))
+    return request.param
+
+
 @pytest.fixture
 async def pool(migrated_url: str):
     pool = await database.create_pool(migrated_url, size=4)

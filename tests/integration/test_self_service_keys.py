@@ -87,7 +87,7 @@ async def test_spend_is_the_sum_of_the_keys_usage_entries(migrated_engine: Async
     assert views[key_id].spend_nano == ledger_sum == 1_239
     assert views[other.key_id].spend_nano == 777
     assert views[key_id].last_used_at == newest  # the voided request was the last use
-    assert views[key_id].limit_nano is None
+    assert views[key_id].limit is None
 
 
 async def test_the_list_can_walk_the_holds_by_key_index(migrated_engine: AsyncEngine) -> None:

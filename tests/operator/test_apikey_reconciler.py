@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from support import crd_schema
 
 import operator_harness as h
-from billing import api_keys, key_format
+from billing import api_keys, holds, key_format, key_limits
 
 APIKEYS = "apikeys"
 NOW = dt.datetime.now(dt.UTC)
@@ -276,3 +276,68 @@ async def test_restart_reissues_nothing_and_replaces_a_lost_secret(
     lost, replacement = await h.key_rows(engine, external_id=uid)
     assert h.secret_value(await _secret(kube, "ci-key"), "key-id") == replacement.id
     assert lost.revoke_after is not None and lost.revoked_at is None  # its users get the grace period
+
+
+async def test_spend_limit_is_applied_mirrored_announced_and_removed(
+    operator, kube, engine: AsyncEngine
+) -> None:
+    """spec.spendLimit reaches the key's row; status shows the window's spend and its reset; the
+    limit reached is announced once as a KeyLimitReached Event; removing it clears the row."""
+    wallet_id = await _wallet(kube)
+    created = await kube.create(
+        "ApiKey",
+        "capped",
+        {
+            "walletRef": {"name": "team-a"},
+            "secretName": "capped-key",
+            "spendLimit": {"usd": "0.000001", "window": "daily"},
+        },
+    )
+    apikey = await kube.wait_for(APIKEYS, "capped", lambda o: h.is_ready(o) and "spentUsd" in o["status"])
+    crd_schema.assert_valid(apikey)
+    (row,) = await h.key_rows(engine, external_id=created["metadata"]["uid"])
+    assert (row.limit_nano, row.limit_window) == (1_000, "daily")
+    tomorrow = key_limits.calendar_start(key_limits.Window.DAILY, dt.datetime.now(dt.UTC)) + dt.timedelta(
+        days=1
+    )
+    assert apikey["status"]["spentUsd"] == "0.000000"
+    assert apikey["status"]["resetsAt"] == tomorrow.isoformat().replace("+00:00", "Z")
+
+    async with engine.begin() as conn:
+        assert (
+            await holds.place(
+                conn,
+                request_id="r1",
+                wallet_id=wallet_id,
+                key_id=row.id,
+                model="m",
+                amount_nano=1_000,
+                ttl_s=60,
+                strict=True,
+            )
+            is None
+        )
+        refused = await holds.place(
+            conn,
+            request_id="r2",
+            wallet_id=wallet_id,
+            key_id=row.id,
+            model="m",
+            amount_nano=1,
+            ttl_s=60,
+            strict=True,
+        )
+        assert refused is not None and refused.reason is holds.RefusalReason.KEY_LIMIT_REACHED
+        assert (
+            await holds.settle(conn, request_id="r1", resolution=holds.Resolution.post(1_000))
+            is holds.Settlement.POSTED
+        )
+    await kube.wait_for(APIKEYS, "capped", lambda o: o["status"].get("spentUsd") == "0.000001")
+    event = await kube.wait_event("capped", "KeyLimitReached")
+    assert row.id in event["message"] and "daily limit of $0.000001" in event["message"]
+
+    await kube.patch_spec(APIKEYS, "capped", {"spendLimit": None})
+    await kube.wait_for(APIKEYS, "capped", lambda o: h.is_ready(o) and "spentUsd" not in o["status"])
+    (row,) = await h.key_rows(engine, external_id=created["metadata"]["uid"])
+    assert (row.limit_nano, row.limit_window) == (None, None)
+    assert len(await kube.events_for("capped", "KeyLimitReached")) == 1

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from support import crd_schema
 
-from billing import money, settings, wallets
+from billing import key_limits, money, settings, wallets
 from billing_operator import apikey_reconciler, errors, settings as operator_settings, wallet_reconciler
 
 EXAMPLES = sorted((crd_schema.ROOT / "crds" / "examples").glob("*.yaml"))
@@ -129,6 +129,13 @@ def test_defaults_and_limits_agree_with_the_operator() -> None:
         overdraft["pattern"], "1" + "0" * 7
     )
     assert money.parse_usd(largest) == settings.OVERDRAFT_LIMIT_NANO_MAX
+    # A spend limit: the same windows, and the CRD's largest amount is one the core refuses as too
+    # large only past its own bound (the operator then names the field).
+    spend_limit = apikey["spendLimit"]["properties"]
+    assert spend_limit["window"]["enum"] == list(key_limits.WINDOWS)
+    assert re.fullmatch(spend_limit["usd"]["pattern"], "9" * 9 + ".99") and not re.fullmatch(
+        spend_limit["usd"]["pattern"], "1" * 11
+    )
 
 
 def test_immutable_and_monotonic_fields_have_cel_rules() -> None:
@@ -177,6 +184,15 @@ def test_operator_names_the_bad_wallet_field(spec: dict, field: str) -> None:
         (
             {"walletRef": {"name": "w"}, "secretName": "k", "rotationGracePeriodSeconds": True},
             "spec.rotationGracePeriodSeconds",
+        ),
+        ({"walletRef": {"name": "w"}, "secretName": "k", "spendLimit": "5.00"}, "spec.spendLimit"),
+        (
+            {"walletRef": {"name": "w"}, "secretName": "k", "spendLimit": {"usd": 5.0, "window": "daily"}},
+            "spec.spendLimit.usd",
+        ),
+        (
+            {"walletRef": {"name": "w"}, "secretName": "k", "spendLimit": {"usd": "5", "window": "hourly"}},
+            "spec.spendLimit.window",
         ),
     ],
 )

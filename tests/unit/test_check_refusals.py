@@ -7,6 +7,7 @@ against PostgreSQL in tests/integration/test_holds.py.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import pytest
 from support.manual_time import ManualTime
 
 from authz_sidecar import api_errors, check, contract
-from billing import api_keys, hold_batches, holds, pricing
+from billing import api_keys, hold_batches, holds, key_limits, pricing
 from billing.settings import Settings
 
 MODEL = "gpt-4o-mini"
@@ -98,6 +99,22 @@ CASES = [
     (refused(holds.RefusalReason.WALLET_NOT_FOUND), 403, "wallet_not_found"),
     (refused(holds.RefusalReason.DUPLICATE_REQUEST), 409, "duplicate_request"),
     (
+        refused(
+            holds.RefusalReason.KEY_LIMIT_REACHED,
+            key_limit=key_limits.KeyLimit(
+                key_id="key_x",
+                wallet_id="wal_x",
+                limit_nano=5_000_000_000,
+                window=key_limits.Window.MONTHLY,
+                window_start=dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+                spent_nano=4_999_999_500,
+                reserved_nano=0,
+            ),
+        ),
+        403,
+        "key_limit_reached",
+    ),
+    (
         refused(holds.RefusalReason.INSUFFICIENT_FUNDS, shortfall=holds.Shortfall.WALLET_EMPTY),
         403,
         "insufficient_funds",
@@ -113,6 +130,29 @@ async def test_each_refusal_reason_is_answered_with_its_own_code(
     assert isinstance(error, api_errors.ApiError)
     assert (error.status, error.code) == (status, code)
     assert refusal.reason.value == code
+
+
+async def test_a_key_limit_refusal_says_which_limit_and_when_it_resets_and_offers_no_top_up() -> None:
+    refusal = next(r for r, _, code in CASES if code == "key_limit_reached")
+    decider = StandInDecider(refusal)
+    error = await answer(refusal, decider=decider)
+    assert isinstance(error, api_errors.ApiError)
+    assert error.type == "permission_error" and "top_up_url" not in error.extra
+    assert {k: error.extra[k] for k in ("limit_usd", "window", "resets_at")} == {
+        "limit_usd": "5.000000",
+        "window": "monthly",
+        "resets_at": "2027-01-01T00:00:00Z",
+    }
+    assert error.message == (
+        "This API key's monthly spend limit of $5.00 is reached ($4.9999995 spent, $0.00 held for "
+        "requests in flight); it resets at 2027-01-01T00:00:00Z."
+    )
+    # Remembered once per window for the sweep's alert, never queued by the Check itself; once the
+    # sweep has queued it, later refusals in the window are not remembered again.
+    assert list(decider.limit_refusals) == [("key_x", "2026-12-01T00:00:00Z")]
+    decider.limit_alerted.add(decider.limit_refusals.popitem()[0])
+    await answer(refusal, decider=decider)
+    assert decider.limit_refusals == {}
 
 
 def test_every_refusal_reason_is_covered_above() -> None:
