@@ -31,6 +31,7 @@ from billing import (
     account_sessions,
     alerts,
     api_keys,
+    key_limits,
     key_management,
     ledger,
     money,
@@ -514,6 +515,7 @@ class AccountPages:
         *,
         created: str | None = None,
         error: str | None = None,
+        notice: str | None = None,
         status: int = 200,
     ) -> web.Response:
         async with self.engine.connect() as conn:
@@ -534,6 +536,8 @@ class AccountPages:
                     "spend_nano": v.spend_nano,
                     "limit_nano": v.limit.limit_nano if v.limit is not None else None,
                     "limit_window": v.limit.window.value if v.limit is not None else None,
+                    "window_spent_nano": v.limit.spent_nano if v.limit is not None else None,
+                    "resets_at": v.limit.resets_at if v.limit is not None else None,
                     "state": v.state(now),
                     "current": v.record.id == session.key_id,
                 }
@@ -542,7 +546,43 @@ class AccountPages:
             self_service=wallet.source == "signup",
             created=created,
             error=error,
+            notice=notice,
+            windows=key_limits.WINDOWS,
         )
+
+    async def set_key_limit(self, request: web.Request) -> web.Response:
+        """One form for every key: ``key_id``, ``usd`` (empty: no limit) and ``window``."""
+        session = await self._signed_in(request)
+        form = await self._form(request, session)
+        error = await self._self_service_refusal(session)
+        if error:
+            return await self._keys(session, error=error, status=403)
+        key_id, usd = form.get("key_id", ""), form.get("usd", "").strip()
+        limit_nano: int | None = None
+        window = None
+        if usd:
+            try:
+                limit_nano, window = key_limits.parse({"usd": usd, "window": form.get("window", "")})
+            except key_limits.InvalidLimit as exc:
+                return await self._keys(session, error=f"Limit: {exc}", status=400)
+        if not key_management.is_key_id(key_id):
+            return await self._keys(session, error="This wallet has no such active key.", status=404)
+        try:
+            async with self.engine.begin() as conn:
+                await key_management.set_limit(
+                    conn,
+                    wallet_id=session.wallet_id,
+                    requester_id=session.key_id,
+                    key_id=key_id,
+                    limit_nano=limit_nano,
+                    window=window,
+                )
+        except (api_keys.KeyNotFound, key_management.RequesterRefused):
+            return await self._keys(session, error="This wallet has no such active key.", status=404)
+        except key_limits.InvalidLimit as exc:
+            return await self._keys(session, error=f"Limit: {exc}", status=400)
+        logger.info("account: key %s of wallet %s limit set", key_id, session.wallet_id)
+        return await self._keys(session, notice="Saved. Limits apply within a second.")
 
     async def create_key(self, request: web.Request) -> web.Response:
         session = await self._signed_in(request)
@@ -677,5 +717,6 @@ def add_routes(
     app.router.add_get("/account/keys", pages.keys_page)
     app.router.add_post("/account/keys", pages.create_key)
     app.router.add_post("/account/keys/{key_id}/revoke", pages.revoke_key)
+    app.router.add_post("/account/keys/limit", pages.set_key_limit)
     app.router.add_get("/account/static/{name}", pages.static)
     return pages

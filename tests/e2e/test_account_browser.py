@@ -117,6 +117,14 @@ async def test_a_person_watches_spends_and_manages_keys_in_the_browser(stack, ch
         new_key_id = await stack.db.scalar(
             "SELECT id FROM api_keys WHERE wallet_id = :w AND id <> :k", w=user["wallet_id"], k=user["key_id"]
         )
+        await page.select_option("#limit-key", new_key_id)
+        await page.fill("#limit-usd", "5.00")
+        await page.select_option("#limit-window", "weekly")
+        await page.click("#set-limit")
+        await expect(page.locator(f"#keys-table tr[data-key-id={new_key_id}] td.limit")).to_contain_text(
+            "5.000000 weekly"
+        )
+        await look(page, "keys-limited", shots)
         await page.locator(f"#keys-table tr[data-key-id={new_key_id}]").get_by_role("button").click()
         await look(page, "key-revoke", shots)
         await page.click("#confirm-revoke")

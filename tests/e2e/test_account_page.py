@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
+from support.waiting import wait_until
 
 from billing import money
 
@@ -390,6 +392,54 @@ async def test_auto_recharge_form_refuses_bad_input_and_leads_to_the_card_setup(
             "SELECT enabled FROM auto_recharges WHERE wallet_id = :w", w=user["wallet_id"]
         )
         assert enabled is False
+
+
+async def test_a_key_is_capped_from_the_page_and_another_wallets_key_cannot_be(stack) -> None:
+    user = await stack.signup()
+    other = await stack.signup()
+    limit = "SELECT limit_nano, limit_window FROM api_keys WHERE id = :k"
+    async with Browser(stack) as browser:
+        await browser.sign_in(user["api_key"])
+        csrf = await browser.csrf("/account/keys")
+        good = {"key_id": user["key_id"], "usd": "0.00001", "window": "daily"}
+        status, _, _ = await browser.post("/account/keys/limit", good)
+        assert status == 403, "no CSRF token"
+        for bad in [
+            {"usd": "-1"},
+            {"usd": "1e3"},
+            {"usd": "ten"},
+            {"window": "hourly"},
+            {"usd": "0.1", "window": ""},
+        ]:
+            status, html, _ = await browser.post("/account/keys/limit", {**good, **bad, "csrf_token": csrf})
+            assert status == 400 and 'id="keys-error"' in html, bad
+        status, _, _ = await browser.post(
+            "/account/keys/limit", {**good, "key_id": other["key_id"], "csrf_token": csrf}
+        )
+        assert status == 404
+        assert tuple(await stack.db.rows(limit, k=other["key_id"]))[0] == (None, None)
+        assert tuple(await stack.db.rows(limit, k=user["key_id"]))[0] == (None, None)
+
+        status, html, _ = await browser.post("/account/keys/limit", {**good, "csrf_token": csrf})
+        assert status == 200 and 'id="keys-notice"' in html
+        assert tuple(await stack.db.rows(limit, k=user["key_id"]))[0] == (10_000, "daily")
+
+        async def refused() -> bool:
+            with stack.openai(user["api_key"]) as client:
+                try:
+                    client.chat.completions.create(**CHAT)
+                except openai.PermissionDeniedError as exc:
+                    return exc.body["code"] == "key_limit_reached"  # type: ignore[index]
+            await stack.db.settled(user["wallet_id"])
+            return False
+
+        await wait_until(refused, 20, "the capped key refused with key_limit_reached")
+        _, html, _ = await browser.get("/account/keys")
+        assert "0.000010 daily:" in html
+
+        status, _, _ = await browser.post("/account/keys/limit", {**good, "usd": "", "csrf_token": csrf})
+        assert status == 200
+        assert tuple(await stack.db.rows(limit, k=user["key_id"]))[0][0] is None
 
 
 # Last in the module: it uses up the client's sign-in allowance.
