@@ -102,6 +102,18 @@ def wallet_not_found() -> ApiError:
     )
 
 
+def payments_unavailable() -> ApiError:
+    """Stripe could not be reached (connection, rate limit): worth retrying."""
+    return ApiError(
+        503, "payments_unavailable", "The payment provider cannot be reached; retry shortly.", "api_error"
+    )
+
+
+def payments_refused(message: str) -> ApiError:
+    """Stripe answered with an error the client cannot fix by retrying now."""
+    return ApiError(502, "payments_error", message, "api_error")
+
+
 def funds_reserved(retry_after_s: int) -> ApiError:
     return ApiError(
         429,

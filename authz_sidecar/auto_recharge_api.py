@@ -146,17 +146,10 @@ class AutoRechargeRoutes:
                 )
             except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
                 logger.warning("Stripe unreachable while setting up auto-recharge: %s", exc)
-                raise api_errors.ApiError(
-                    503,
-                    "payments_unavailable",
-                    "The payment provider cannot be reached; retry shortly.",
-                    "api_error",
-                ) from None
+                raise api_errors.payments_unavailable() from None
             except stripe.StripeError as exc:
                 logger.error("Stripe refused to set up auto-recharge: %s", exc)
-                raise api_errors.ApiError(
-                    502, "payments_error", "The payment provider refused; try again later.", "api_error"
-                ) from None
+                raise api_errors.payments_refused("The payment provider refused; try again later.") from None
         async with self.engine.begin() as conn:
             await recharges.put_setting(conn, wallet_id, setting)
             if session is not None and customer is not None:

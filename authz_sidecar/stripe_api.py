@@ -282,20 +282,12 @@ class StripeRoutes:
         except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
             logger.warning("Stripe unreachable while creating a Checkout Session: %s", exc)
             metrics.stripe_checkout_sessions.labels("payments_unavailable").inc()
-            raise api_errors.ApiError(
-                503,
-                "payments_unavailable",
-                "The payment provider cannot be reached; retry shortly.",
-                "api_error",
-            ) from None
+            raise api_errors.payments_unavailable() from None
         except stripe.StripeError as exc:
             logger.error("Stripe refused to create a Checkout Session: %s", exc)
             metrics.stripe_checkout_sessions.labels("payments_error").inc()
-            raise api_errors.ApiError(
-                502,
-                "payments_error",
-                "The payment provider refused the top-up; try again later.",
-                "api_error",
+            raise api_errors.payments_refused(
+                "The payment provider refused the top-up; try again later."
             ) from None
         expires_at = None
         if isinstance(session.expires_at, int):
@@ -397,12 +389,7 @@ class StripeRoutes:
             session["setup_intent"] = await checkout.expand_setup_intent(session["setup_intent"])
         except stripe.StripeError as exc:
             logger.warning("webhook %s: cannot retrieve setup intent: %s", event.get("id"), exc)
-            raise api_errors.ApiError(
-                503,
-                "payments_unavailable",
-                "The payment provider cannot be reached; retry shortly.",
-                "api_error",
-            ) from None
+            raise api_errors.payments_unavailable() from None
 
     # --- pages for people --------------------------------------------------------------------
 
