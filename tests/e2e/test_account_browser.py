@@ -139,6 +139,10 @@ async def test_a_person_watches_spends_and_manages_keys_in_the_browser(stack, ch
                     break
             assert refused is not None and getattr(refused, "status_code", None) == 401, refused
 
+        await page.click("nav >> text=Top up")
+        await page.wait_for_selector("#amount_usd")
+        await look(page, "top-up", shots)
+
         # Auto-recharge with Stripe's test card: the setup Checkout saves it, back on the page
         # the card shows; the next request takes the balance below the threshold → one recharge.
         await page.click("nav >> text=Auto-recharge")
