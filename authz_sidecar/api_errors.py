@@ -124,13 +124,13 @@ def funds_reserved(retry_after_s: int) -> ApiError:
     )
 
 
-def key_limit_reached(limit: key_limits.KeyLimit) -> ApiError:
+def key_limit_reached(limit: key_limits.KeyLimit, request_nano: int) -> ApiError:
     # No top_up_url: paying in does not lift a key's own limit; its window's reset does.
     reset = limit.resets_at
     return ApiError(
         403,
         "key_limit_reached",
-        limit.describe(),
+        limit.describe(request_nano),
         "permission_error",
         {
             "limit_usd": money.format_usd(limit.limit_nano),
@@ -138,5 +138,6 @@ def key_limit_reached(limit: key_limits.KeyLimit) -> ApiError:
             "resets_at": None if reset is None else key_limits.iso(reset),
             "spent_usd": money.format_usd(limit.spent_nano),
             "reserved_usd": money.format_usd(limit.reserved_nano),
+            "worst_case_usd": money.format_usd(request_nano),
         },
     )

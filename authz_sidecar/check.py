@@ -235,7 +235,7 @@ class Decider:
         if refusal.reason is reason.KEY_LIMIT_REACHED:
             assert refusal.key_limit is not None, refusal
             self._remember_limit_refusal(refusal.key_limit)
-            raise api_errors.key_limit_reached(refusal.key_limit)
+            raise api_errors.key_limit_reached(refusal.key_limit, amount)
         if refusal.reason is reason.DUPLICATE_REQUEST:
             raise api_errors.ApiError(409, "duplicate_request", "This request id was already used.")
         assert refusal.reason is reason.INSUFFICIENT_FUNDS, refusal

@@ -132,20 +132,27 @@ class KeyLimit:
     def admits(self, amount_nano: int) -> bool:
         return self.spent_nano + self.reserved_nano + amount_nano <= self.limit_nano
 
-    def describe(self) -> str:
-        """One sentence for a person: the limit, its window, what counts, and when it resets."""
+    def describe(self, request_nano: int | None = None) -> str:
+        """One sentence for a person: the limit, its window, what counts, and when it resets.
+        ``request_nano``: the refused request's worst case, named when the limit is not used up
+        yet but the request does not fit in what is left."""
         usd = money.format_usd_cents(self.limit_nano)
         counted = (
             f"${money.format_usd_cents(self.spent_nano)} spent, "
             f"${money.format_usd_cents(self.reserved_nano)} held for requests in flight"
         )
+        if request_nano is not None and self.headroom_nano > 0:
+            sentence = (
+                f"This request may cost up to ${money.format_usd_cents(request_nano)}, more than the "
+                f"${money.format_usd_cents(self.headroom_nano)} left of this API key's "
+                f"{self.window.value} spend limit of ${usd} ({counted})"
+            )
+        else:
+            sentence = f"This API key's {self.window.value} spend limit of ${usd} is reached ({counted})"
         reset = self.resets_at
         if reset is None:
-            return f"This API key's total spend limit of ${usd} is reached ({counted}); it does not reset."
-        return (
-            f"This API key's {self.window.value} spend limit of ${usd} is reached ({counted}); "
-            f"it resets at {iso(reset)}."
-        )
+            return f"{sentence}; it does not reset."
+        return f"{sentence}; it resets at {iso(reset)}."
 
 
 def iso(moment: dt.datetime) -> str:

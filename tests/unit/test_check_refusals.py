@@ -7,6 +7,7 @@ against PostgreSQL in tests/integration/test_holds.py.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -144,7 +145,14 @@ async def test_a_key_limit_refusal_says_which_limit_and_when_it_resets_and_offer
         "resets_at": "2027-01-01T00:00:00Z",
     }
     assert error.message == (
-        "This API key's monthly spend limit of $5.00 is reached ($4.9999995 spent, $0.00 held for "
+        "This request may cost up to $0.00007095, more than the $0.0000005 left of this API key's "
+        "monthly spend limit of $5.00 ($4.9999995 spent, $0.00 held for requests in flight); it "
+        "resets at 2027-01-01T00:00:00Z."
+    )
+    assert error.extra["worst_case_usd"] == "0.00007095"
+    used_up = dataclasses.replace(refusal.key_limit, spent_nano=refusal.key_limit.limit_nano)
+    assert used_up.describe(70_950) == (
+        "This API key's monthly spend limit of $5.00 is reached ($5.00 spent, $0.00 held for "
         "requests in flight); it resets at 2027-01-01T00:00:00Z."
     )
     # Remembered once per window for the sweep's alert, never queued by the Check itself; once the

@@ -1,8 +1,10 @@
-"""Auto-recharge (docs/decisions/0034-auto-recharge.md): ``auto_recharges``, one row per wallet
-(the setting, the saved card, the Stripe Customer, the failure count, and the lock the sweep takes
-before it starts a recharge); ``recharges``, one row per off-session charge, keyed ``(wallet_id,
-seq)``, at most one in flight per wallet (a partial unique index); ``recharge_setup_sessions``, the
-Checkout Sessions in setup mode the gateway created (what makes a saved card's event *ours*).
+"""Auto-recharge (docs/decisions/0034-auto-recharge.md).
+
+``auto_recharges``, one row per wallet (the setting, the saved card, the Stripe Customer, the
+failure count, and the lock the sweep takes before it starts a recharge); ``recharges``, one row per
+off-session charge, keyed ``(wallet_id, seq)``, at most one in flight per wallet (a partial unique
+index); ``recharge_setup_sessions``, the Checkout Sessions in setup mode the gateway created (what
+makes a saved card's event *ours*).
 
 Revision ID: 0010
 Revises: 0009
