@@ -340,7 +340,7 @@ _QUEUE_EVENT = f"""
 INSERT INTO alert_events (id, wallet_id, type, balance_nano, data, gave_up_at, last_error)
 SELECT $2::text, w.id, $3::text, w.balance_nano, $4::jsonb,
        CASE WHEN e.url IS NULL THEN now() END, CASE WHEN e.url IS NULL THEN '{_NO_WEBHOOK}' END
-  FROM wallets w JOIN alert_endpoints e ON e.wallet_id = w.id
+  FROM wallets w LEFT JOIN alert_endpoints e ON e.wallet_id = w.id
  WHERE w.id = $1::text
     ON CONFLICT (id) DO NOTHING
 RETURNING id
@@ -357,11 +357,12 @@ def event_id_for(event_type: EventType, occurrence: str) -> str:
 async def queue_event(
     conn: Conn, wallet_id: str, event_type: EventType, *, occurrence: str, data: dict[str, str]
 ) -> str | None:
-    """Queue one event of ``event_type`` about ``occurrence`` for the wallet's alert endpoint, in
-    the caller's transaction (so it exists exactly when the fact it reports does). Its id, or None
-    when the wallet is not watched (no webhook, and not enrolled for mail or Kubernetes Events by
-    :func:`enrol`) or the event was already queued. ``data``'s values are
-    strings (USD amounts as decimal strings, never floats)."""
+    """Queue one event of ``event_type`` about ``occurrence`` for the wallet, in the caller's
+    transaction (so it exists exactly when the fact it reports does). Its id, or None when the
+    event was already queued. Recorded whether or not the wallet is watched yet: a recharge a
+    second after signup is still mailed (the mail and Kubernetes channels take every new event of
+    a wallet with an address or a resource); without a webhook its webhook delivery is recorded
+    as given up. ``data``'s values are strings (USD amounts as decimal strings, never floats)."""
     pg = await database.driver_connection(conn)
     event_id = await pg.fetchval(
         _QUEUE_EVENT, wallet_id, event_id_for(event_type, occurrence), str(event_type), json.dumps(data)

@@ -18,11 +18,15 @@ import dataclasses
 import email
 import email.message
 import email.policy
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+# aiosmtpd logs every SMTP line at INFO on "mail.log"; `up` prints one line per mail instead.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 HOST = "127.0.0.1"
 REFUSAL = "451 4.3.0 Try again later"

@@ -133,6 +133,27 @@ async def test_an_event_queued_by_another_feature_is_mailed_with_its_data(
     assert mail.message["Message-ID"] == f"<{event_id}@billingproxy>"
 
 
+async def test_an_event_of_a_wallet_no_round_has_watched_yet_is_still_mailed(
+    migrated_engine: AsyncEngine, migrated_pool: asyncpg.Pool, sink: MailSink
+) -> None:
+    """A card saved a second after signup recharges before any alert round has enrolled the
+    wallet: its alert must not be lost (found walking the README with `billingproxy up`)."""
+    worker = alert_delivery.AlertWorker(settings_for(sink), migrated_pool)
+    wallet, email = await new_wallet(migrated_engine)
+    async with database.acquire(migrated_pool) as conn:
+        event_id = await alerts.queue_event(
+            conn,
+            wallet,
+            alerts.EventType.RECHARGE_SUCCEEDED,
+            occurrence="recharge:1",
+            data={"amount_usd": "10.000000"},
+        )
+    assert event_id is not None
+    await rounds(worker, 2)
+    [mail] = sink.received
+    assert mail.rcpt_tos == [email] and mail.message["Message-ID"] == f"<{event_id}@billingproxy>"
+
+
 async def test_a_refusing_server_is_retried_until_it_takes_the_mail(
     migrated_engine: AsyncEngine, migrated_pool: asyncpg.Pool, sink: MailSink
 ) -> None:
