@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import sqlalchemy as sa
 
-from billing import money, wallets
+from billing import key_limits, money, wallets
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +133,28 @@ async def test_strict_mode_never_goes_below_zero_under_an_adversarial_storm(stri
     assert balance >= 0, (money.format_usd(balance), answers)
     assert answers[(200, "")] > 0, answers
     assert not [status for status, _ in answers if status >= 500], answers
+
+
+@pytest.mark.parametrize("stack_name", ["overdraft_stack", "strict_stack"])
+async def test_a_key_limit_holds_under_an_adversarial_storm(
+    request: pytest.FixtureRequest, stack_name: str
+) -> None:
+    """One capped key in a rich wallet: the same 200 adversarial requests at once never take the
+    key's charges past its limit, in either admission mode (a key's limit has no overdraft), and
+    the wallet pays exactly what the key was charged."""
+    stack = request.getfixturevalue(stack_name)
+    wallet_id, key = await small_wallet(stack, "50", "0.005")
+    limit_nano = money.parse_usd("0.003")
+    async with stack.db.engine.begin() as conn:
+        key_id = await conn.scalar(sa.text("SELECT id FROM api_keys WHERE wallet_id = :w"), {"w": wallet_id})
+        await key_limits.set_limit(conn, key_id, limit_nano, key_limits.Window.TOTAL)
+    answers = await storm(stack, key)
+    await stack.db.settled(wallet_id)
+    charged = await stack.db.key_spend(key_id)
+    assert 0 < charged <= limit_nano, (money.format_usd(charged), answers)
+    assert money.parse_usd("50") - await stack.db.balance(wallet_id) == charged
+    assert answers[(200, "")] > 0 and answers[(403, "key_limit_reached")] > 0, answers
+    assert answers[(403, "insufficient_funds")] == 0, "the wallet never ran dry: the key's cap refused"
+    assert not [status for status, _ in answers if status >= 500], answers
+    findings = await stack.db.invariants()
+    assert not [f for f in findings if f.check == "key_limits"], findings
