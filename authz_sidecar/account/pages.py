@@ -163,7 +163,6 @@ class AccountPages:
             "reserved_nano": wallet.reserved_nano,
             "available_nano": wallet.available_nano,
             "state": wallet.state_in(strict=strict).value,
-            "self_service": wallet.source == "signup",
         }
 
     # --- sign-in and out ------------------------------------------------------------------------
