@@ -4,8 +4,9 @@ run: money stays right across them.
 What the replicas share is the database alone; each has its own key cache and empty-wallet memo.
 So the storm of tests/e2e/test_concurrency.py, sent through both at once with requests of two
 sizes, must keep the same bounds as through one (−the wallet's limit; 0 in strict mode) and charge
-every served request exactly once; a key revoked in the database is refused by both within the
-key-cache period; and a top-up paid through one gateway's Stripe webhook unblocks the other.
+every served request exactly once; a key revoked through one gateway's API, or in the database, is
+refused by both within the key-cache period; and a top-up paid through one gateway's Stripe webhook
+unblocks the other.
 """
 
 from __future__ import annotations
@@ -199,20 +200,41 @@ async def status_of(stack, method: str, path: str, api_key: str, body: bytes | N
         return r.status
 
 
-async def test_a_revoked_key_is_refused_by_both_gateways_within_a_second(overdraft_pair) -> None:
-    pair = overdraft_pair
-    user = await pair[0].signup()
-    for stack in pair:  # both key caches hold the key, and keep it fresh
-        assert await status_of(stack, "GET", "/v1/models", user["api_key"]) == 200
+async def revoke_through_the_first_gateway(pair, user: dict[str, Any]) -> str:
+    """Revoke a second key of ``user``'s wallet with ``DELETE /billing/keys/{id}`` through the first
+    gateway (a wallet keeps its last key, so the signup key does the revoking); the revoked key."""
+    first = pair[0]
+    async with first.http.post(first.gateway + "/billing/keys", headers=bearer(user["api_key"])) as r:
+        created = await r.json()
+        assert r.status == 201, created
+    for stack in pair:  # both key caches hold the new key
+        assert await status_of(stack, "GET", "/v1/models", created["api_key"]) == 200
+    path = f"/billing/keys/{created['id']}"
+    async with first.http.delete(first.gateway + path, headers=bearer(user["api_key"])) as r:
+        assert r.status == 200, await r.text()
+    return str(created["api_key"])
 
+
+async def revoke_in_the_database(pair, user: dict[str, Any]) -> str:
+    """Revoke ``user``'s signup key with the admin CLI, straight in the shared database."""
+    for stack in pair:  # both key caches hold the key
+        assert await status_of(stack, "GET", "/v1/models", user["api_key"]) == 200
     done = await pair[0].db.acli("key", "revoke", user["key_id"])
     assert done.returncode == 0, done.stderr
+    return str(user["api_key"])
+
+
+@pytest.mark.parametrize("revoke", [revoke_through_the_first_gateway, revoke_in_the_database])
+async def test_a_revoked_key_is_refused_by_both_gateways_within_a_second(overdraft_pair, revoke) -> None:
+    pair = overdraft_pair
+    user = await pair[0].signup()
+    revoked_key = await revoke(pair, user)
     revoked_at = time.monotonic()
 
     for name, stack in zip(("first", "second"), pair, strict=True):
 
         async def refused(stack=stack) -> bool:
-            status = await status_of(stack, "GET", "/v1/models", user["api_key"])
+            status = await status_of(stack, "GET", "/v1/models", revoked_key)
             assert status in (200, 401), status
             return status == 401
 
