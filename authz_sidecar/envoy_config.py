@@ -172,6 +172,7 @@ _LUA_PER_ROUTE = _TYPE + "envoy.extensions.filters.http.lua.v3.LuaPerRoute"
 _ROUTER = _TYPE + "envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_CEL_FILTER = _TYPE + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
 _GRPC_ALS = _TYPE + "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 _FILE_LOG = _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 _DOWNSTREAM_CONNECTIONS = (
@@ -707,6 +708,26 @@ def _local_reply_config() -> dict[str, Any]:
                     api_errors.BILLING_UNAVAILABLE.message,
                     api_errors.BILLING_UNAVAILABLE.type,
                     api_errors.BILLING_UNAVAILABLE.code,
+                ),
+            },
+            {
+                # Envoy refuses an escaped slash or backslash in the path itself, with an empty
+                # body; its response details name the cause.
+                "filter": {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": {
+                            "@type": _CEL_FILTER,
+                            "expression": "response.code_details == 'path_normalization_failed'",
+                        },
+                    }
+                },
+                "body_format_override": json_body(
+                    # No percent sign: the text is an Envoy format string.
+                    "The request path is not valid: it has an encoded slash or backslash."
+                    " Write the path with plain slashes.",
+                    "invalid_request_error",
+                    "invalid_path",
                 ),
             },
             {

@@ -498,6 +498,8 @@ async def test_backend_is_asked_for_identity_encoding(gateway: Gateway) -> None:
         ("//_demo/last_request", 404),
         ("/v2/models", 404),
         ("/v1/..%2f_demo/last_request", 400),
+        ("/v1%2Fchat/completions", 400),
+        ("/v1/chat%5Ccompletions", 400),
     ],
 )
 async def test_paths_outside_v1_never_reach_the_backend(gateway: Gateway, path: str, status: int) -> None:
@@ -505,9 +507,8 @@ async def test_paths_outside_v1_never_reach_the_backend(gateway: Gateway, path: 
     async with gateway.session.get(URL(gateway.url + path, encoded=True), allow_redirects=False) as response:
         body = await response.text()
     assert response.status == status, body
-    if status == 404:
-        assert response.headers["content-type"] == "application/json"
-        assert json.loads(body)["error"]["code"] == "not_found"
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == {404: "not_found", 400: "invalid_path"}[status]
 
 
 async def test_unreachable_backend_answers_openai_error(tmp_path: Path) -> None:
