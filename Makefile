@@ -63,8 +63,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# --durations: the slowest tests, printed at the end, keep the suite's 15-minute budget in view.
 test: lint helm
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The tests that start no process (no PostgreSQL, Envoy, stack, operator or browser).
 test-fast: $(STAMP)
