@@ -82,6 +82,10 @@ class OperatorSettings:
     # -- overdraft limit of a Wallet that sets no overdraftLimitUsd, in nano-USD; from
     #    BILLINGPROXY_OVERDRAFT_LIMIT_USD (the core setting, shared with every non-signup wallet).
     overdraft_limit_nano: int = settings_mod.Settings.overdraft_limit_nano
+    # -- failed auto-recharges in a row that pause a wallet's auto-recharge, from
+    #    BILLINGPROXY_AUTO_RECHARGE_FAILURES_MAX (the core setting the sidecars read: a failure the
+    #    reconciler finds counts as one the webhook brings).
+    auto_recharge_failures_max: int = settings_mod.Settings.auto_recharge_failures_max
 
 
 def from_env(
@@ -117,4 +121,5 @@ def from_env(
         stripe_api_base=settings.stripe_api_base,
         stripe_interval_s=_float(env, "STRIPE_INTERVAL_S", 300.0, 0.1, 86_400),
         overdraft_limit_nano=settings.overdraft_limit_nano,
+        auto_recharge_failures_max=settings.auto_recharge_failures_max,
     )

@@ -53,9 +53,11 @@ async def reconcile_once(
     *,
     limit: int,
     recharge_pending_s: int = RECHARGE_PENDING_S,
+    failures_max: int = payments.DEFAULT_FAILURES_MAX,
 ) -> Counter[str]:
     """One round, under the advisory lock; returns how many sessions and recharges had each
-    outcome (empty when another replica holds the lock)."""
+    outcome (empty when another replica holds the lock). ``failures_max``: the failed recharges in
+    a row that pause a wallet's auto-recharge, as the sidecars count them."""
     outcomes: Counter[str] = Counter()
     async with engine.connect() as lock_conn:
         locked = (await lock_conn.execute(sa.select(sa.func.pg_try_advisory_lock(LOCK_KEY)))).scalar_one()
@@ -76,7 +78,9 @@ async def reconcile_once(
             for payment_intent in pending:
                 intent = await stripe_client.v1.payment_intents.retrieve_async(payment_intent)
                 async with db.transaction(engine) as conn:
-                    result = await payments.apply_payment_intent(conn, intent.to_dict())
+                    result = await payments.apply_payment_intent(
+                        conn, intent.to_dict(), failures_max=failures_max
+                    )
                 outcomes[result.outcome] += 1
         finally:
             await lock_conn.execute(sa.select(sa.func.pg_advisory_unlock(LOCK_KEY)))
@@ -90,7 +94,12 @@ async def run(engine: AsyncEngine, cfg: operator_settings.OperatorSettings) -> N
         stripe_client = client(cfg, session)
         while True:
             try:
-                outcomes = await reconcile_once(engine, stripe_client, limit=cfg.stripe_sessions_max)
+                outcomes = await reconcile_once(
+                    engine,
+                    stripe_client,
+                    limit=cfg.stripe_sessions_max,
+                    failures_max=cfg.auto_recharge_failures_max,
+                )
             except stripe.StripeError as exc:
                 logger.warning(f"Stripe reconciliation: Stripe answered {type(exc).__name__}; retrying later")
             except errors.DatabaseUnavailable as exc:

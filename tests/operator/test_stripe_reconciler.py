@@ -123,15 +123,13 @@ async def test_the_operator_reconciles_and_the_wallet_shows_the_top_up(
         assert "$10.000000" in (await kube.wait_event("team-a", "TopUp"))["message"]
 
 
-async def test_a_recharge_whose_webhook_never_came_is_credited_once(
-    engine: AsyncEngine, database_url: str, double: StripeDouble
-) -> None:
-    """An auto-recharge's PaymentIntent succeeded, its webhook was lost: the reconciler asks
-    Stripe about recharges still pending and credits it with the webhook's key, once."""
+async def _recharge_in_flight(engine: AsyncEngine, double: StripeDouble, test_card: str) -> str:
+    """A wallet whose auto-recharge started a PaymentIntent on ``test_card`` that Stripe decided
+    and whose webhook never came; the wallet's id."""
     async with engine.begin() as conn:
         wallet = await wallets.create_wallet(conn, source="kubernetes", grant_nano=0, external_id="uid-r")
     customer = double.create_customer({})["id"]
-    card = double.attach_payment_method("pm_card_visa", customer)["id"]
+    card = double.attach_payment_method(test_card, customer)["id"]
     async with engine.begin() as conn:
         await recharges.put_setting(conn, wallet.id, recharges.Setting(2 * TEN_USD // 10, TEN_USD, None))
         await recharges.record_customer(conn, wallet.id, customer)
@@ -154,6 +152,15 @@ async def test_a_recharge_whose_webhook_never_came_is_credited_once(
     )
     async with engine.begin() as conn:
         assert await recharges.record_created(conn, recharge, intent["id"])
+    return wallet.id
+
+
+async def test_a_recharge_whose_webhook_never_came_is_credited_once(
+    engine: AsyncEngine, database_url: str, double: StripeDouble
+) -> None:
+    """An auto-recharge's PaymentIntent succeeded, its webhook was lost: the reconciler asks
+    Stripe about recharges still pending and credits it with the webhook's key, once."""
+    wallet_id = await _recharge_in_flight(engine, double, "pm_card_visa")
     cfg = operator_settings.OperatorSettings(
         database_url=database_url, stripe_secret_key=SECRET_KEY, stripe_api_base=double.url
     )
@@ -164,5 +171,35 @@ async def test_a_recharge_whose_webhook_never_came_is_credited_once(
         assert once == {"credited": 1}
         again = await stripe_reconciler.reconcile_once(engine, client, limit=10, recharge_pending_s=0)
         assert sum(again.values()) == 0
-    assert await _balance(engine, wallet.id) == TEN_USD
+    assert await _balance(engine, wallet_id) == TEN_USD
     await h.books_balance(engine)
+
+
+@pytest.mark.parametrize("failures_max", [1, 2])
+async def test_a_declined_recharge_the_reconciler_finds_counts_toward_the_configured_pause(
+    engine: AsyncEngine, database_url: str, double: StripeDouble, failures_max: int
+) -> None:
+    """The reconciler pauses auto-recharge after as many failures in a row as the sidecars do:
+    BILLINGPROXY_AUTO_RECHARGE_FAILURES_MAX, read by both."""
+    cfg = operator_settings.from_env(
+        {
+            "DATABASE_URL": database_url,
+            "STRIPE_SECRET_KEY": SECRET_KEY,
+            "STRIPE_WEBHOOK_SECRET": "whsec_test",
+            "STRIPE_API_BASE": double.url,
+            "BILLINGPROXY_AUTO_RECHARGE_FAILURES_MAX": str(failures_max),
+        }
+    )
+    assert cfg.auto_recharge_failures_max == failures_max
+    wallet_id = await _recharge_in_flight(engine, double, "pm_card_chargeCustomerFail")
+    async with aiohttp.ClientSession() as session:
+        client = stripe_reconciler.client(cfg, session)
+        outcomes = await stripe_reconciler.reconcile_once(
+            engine, client, limit=10, recharge_pending_s=0, failures_max=cfg.auto_recharge_failures_max
+        )
+    assert sum(outcomes.values()) == 1, outcomes
+    async with database.acquire(engine) as conn:
+        status = await recharges.status(conn, wallet_id)
+    assert status is not None
+    assert (status.paused_reason is not None) == (failures_max == 1), status
+    assert await _balance(engine, wallet_id) == 0
