@@ -28,7 +28,8 @@ say, and the ledger audit (``billing.audit``, what ``billingproxy audit`` runs) 
 A charge of a request the backend never saw is a difference too ("charged, not served"), with
 one exception, counted apart: a hold charged its estimate for want of any report
 (billing/expiry.py) whose request was in flight when Envoy was SIGKILLed — Envoy died between
-its Check and the backend, and no log reports a request it dies with (docs/failures.md).
+its Check and the backend, and no log reports a request it dies with (docs/failures.md). Such a
+hold is placed before the kill, or by a Check Envoy sent just before it, a moment after.
 
 Sharp edge: "cut" and "lost" allow two amounts, so the books prove "once, and one of the two
 right amounts", not which of the two; the complete requests carry the exact-price proof.
@@ -61,6 +62,9 @@ UPSTREAM_TIMEOUT_STATUS = 504
 # A SIGKILLed Envoy takes with it the reports it had not written yet: its file log is written
 # every FILE_FLUSH_INTERVAL_MS (its gRPC log every 10 ms). Twice that, as the timer may run late.
 REPORTS_LOST_S = 2 * envoy_config.FILE_FLUSH_INTERVAL_MS / 1000
+# A Check Envoy sent just before it was SIGKILLed may place its hold a moment after (the sidecar
+# does not know Envoy died): this long, generous beside a Check's few milliseconds.
+CHECK_AFTER_KILL_S = 1.0
 # What billing/expiry.py writes in the entry of a hold no log reported, charged its estimate.
 UNREPORTED = expiry.UNREPORTED_DETAILS["unfinished"]
 
@@ -451,6 +455,7 @@ class Verdict:
     served_not_charged: int = 0
     # Charged though the backend never saw the request, other than the exception above.
     charged_not_served: int = 0
+    unserved_charges: list[str] = dataclasses.field(default_factory=list)  # those, in words
     longest_unsettled_s: float = 0.0  # a served request's end (the client's clock) → its hold resolved
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -548,6 +553,11 @@ def compare(
             verdict.unserved_estimated_after_envoy_kill += 1
         else:
             verdict.charged_not_served += 1
+            charge = view.charges[request_id]
+            verdict.unserved_charges.append(
+                f"request {request_id} charged {charge.amount_nano} ({charge.how}) to {charge.wallet_id}, "
+                "never served"
+            )
     verdict.longest_unsettled_s = _longest_unsettled(view, by_id, arrivals)
     return verdict
 
@@ -570,7 +580,8 @@ def _unserved_in_flight_at_envoy_kill(
 ) -> bool:
     """A charge of a request the backend never saw that a SIGKILLed Envoy explains: its hold's
     own amount, charged for want of any report, and the hold was placed during a request on its
-    wallet that was still in flight (no answer, or one cut short) when Envoy was killed."""
+    wallet that was still in flight (no answer, or one cut short) when Envoy was killed — before
+    the kill, or by a Check sent before it within :data:`CHECK_AFTER_KILL_S`."""
     charge = view.charges[request_id]
     hold = view.holds.get(request_id)
     if hold is None or charge.unfinished != UNREPORTED or charge.amount_nano != hold.amount_nano:
@@ -578,7 +589,8 @@ def _unserved_in_flight_at_envoy_kill(
     return any(
         one.wallet_id == hold.wallet_id
         and one.outcome in (Outcome.LOST, Outcome.CUT)
-        and one.started_at <= hold.created_at <= killed <= one.ended_at
+        and one.started_at <= killed <= one.ended_at
+        and one.started_at <= hold.created_at <= killed + CHECK_AFTER_KILL_S
         for killed in envoy_killed_at
         for one in seen
     )
@@ -699,6 +711,7 @@ def render(verdict: Verdict) -> str:
         + ", ".join(f"{name} = {value}" for name, value in verdict.differences.items()),
         f"longest a served request stayed unsettled: {verdict.longest_unsettled_s:.2f} s",
     ]
+    lines += [f"  charged, not served: {line}" for line in verdict.unserved_charges[:50]]
     lines += [f"  problem: {p}" for p in verdict.problems[:50]]
     if len(verdict.problems) > 50:
         lines.append(f"  … and {len(verdict.problems) - 50} more")

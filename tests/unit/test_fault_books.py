@@ -262,7 +262,8 @@ def test_a_request_charged_its_estimate_in_flight_at_an_envoy_kill_is_the_one_ex
     [
         (unreported(300), (), WALLET, 300, 1.5),  # Envoy was never killed
         (charge(300), (KILLED_IN_FLIGHT,), WALLET, 300, 1.5),  # a report said it was served
-        (unreported(300), (1.4,), WALLET, 300, 1.5),  # killed before its Check: never in flight then
+        (unreported(300), (0.8,), WALLET, 300, 1.5),  # killed before the request was sent
+        (unreported(300), (1.4,), WALLET, 300, 2.5),  # held too long after the kill for its Check
         (unreported(300), (2.1,), WALLET, 300, 1.5),  # killed after the only request had ended
         (unreported(300), (KILLED_IN_FLIGHT,), WALLET, 300, 0.5),  # held before that request began
         (
@@ -278,6 +279,7 @@ def test_a_request_charged_its_estimate_in_flight_at_an_envoy_kill_is_the_one_ex
         "no-kill",
         "reported",
         "killed-before",
+        "held-long-after",
         "killed-after",
         "held-before-the-request",
         "no-request-in-flight",
@@ -292,3 +294,12 @@ def test_any_other_charge_of_a_request_never_served_is_a_difference(
     assert verdict.unserved_estimated_after_envoy_kill == 0
     assert verdict.differences["charged, not served"] == 1 and not verdict.exact
     assert "charged, not served = 1" in books.render(verdict)
+    assert "charged, not served: request x1 charged" in books.render(verdict)
+
+
+def test_a_check_sent_before_the_kill_may_place_its_hold_just_after() -> None:
+    """The sidecar does not know Envoy died: a Check it received just before places its hold a
+    moment after the kill, and no log ever reports that request."""
+    verdict = unserved(unreported(300), (1.4,), held_at=1.4 + books.CHECK_AFTER_KILL_S)
+    assert verdict.exact, verdict.problems
+    assert verdict.unserved_estimated_after_envoy_kill == 1
