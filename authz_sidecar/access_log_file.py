@@ -139,7 +139,6 @@ class Follower:
                     logger.info("settling from the access-log file works again")
                 self._failing = False
             except Exception as exc:  # noqa: BLE001 (the next round retries from the same offset)
-                metrics.access_log_file_failures.inc()
                 if not self._failing:
                     logger.warning("settling from the access-log file %s failed: %r", self._path, exc)
                 self._failing = True
@@ -147,7 +146,35 @@ class Follower:
 
     async def follow_once(self) -> int:
         """Settle every complete line written so far (up to :data:`ROUND_BYTES_MAX` a file),
-        follow a rotation, rotate when due. Returns how many requests it settled."""
+        follow a rotation, rotate when due. Returns how many requests it settled.
+
+        A round that raises (the database or the file unreachable) counts in
+        ``billingproxy_access_log_file_failures_total``; the next retries from the same offset.
+        The lag gauge is set before the round touches the database and again when it ends,
+        however it ends: while the database is down it shows the file growing unsettled."""
+        self._measure_lag()
+        try:
+            return await self._follow_once()
+        except Exception:
+            metrics.access_log_file_failures.inc()
+            raise
+        finally:
+            self._measure_lag()
+
+    def _measure_lag(self) -> None:
+        """``billingproxy_access_log_file_lag_bytes`` from what the follower knows without the
+        database: the open file's size (fstat) past its settled offset, or — before a file could
+        be opened and its saved offset read — the whole live file, none of it known settled."""
+        if self._current is not None:
+            lag = self._current.size() - self._current.position
+        else:
+            try:
+                lag = self._path.stat().st_size
+            except FileNotFoundError:
+                lag = 0
+        metrics.access_log_file_lag_bytes.set(max(0, lag))
+
+    async def _follow_once(self) -> int:
         if self._current is None:
             self._current = await self._open_first()
             if self._current is None:
@@ -168,8 +195,6 @@ class Follower:
         elif self._rotation_due(self._current):
             self._rotate(self._current)
             await self._ask_envoy_to_reopen(now=True)
-        if self._current is not None:
-            metrics.access_log_file_lag_bytes.set(max(0, self._current.size() - self._current.position))
         return settled
 
     def close(self) -> None:

@@ -25,6 +25,12 @@ Then every hold of the run's wallets is resolved (posted or voided, none pending
 every request the backend saw is charged once, each wallet moved by exactly what its entries
 say, and the ledger audit (``billing.audit``, what ``billingproxy audit`` runs) finds nothing.
 
+A charge of a request the backend never saw is a difference too ("charged, not served"), with
+one exception, counted apart: a hold charged its estimate for want of any report
+(billing/expiry.py) whose request was in flight when Envoy was SIGKILLed — Envoy died between
+its Check and the backend, and no log reports a request it dies with (docs/failures.md). Such a
+hold is placed before the kill, or by a Check Envoy sent just before it, a moment after.
+
 Sharp edge: "cut" and "lost" allow two amounts, so the books prove "once, and one of the two
 right amounts", not which of the two; the complete requests carry the exact-price proof.
 """
@@ -56,6 +62,9 @@ UPSTREAM_TIMEOUT_STATUS = 504
 # A SIGKILLed Envoy takes with it the reports it had not written yet: its file log is written
 # every FILE_FLUSH_INTERVAL_MS (its gRPC log every 10 ms). Twice that, as the timer may run late.
 REPORTS_LOST_S = 2 * envoy_config.FILE_FLUSH_INTERVAL_MS / 1000
+# A Check Envoy sent just before it was SIGKILLed may place its hold a moment after (the sidecar
+# does not know Envoy died): this long, generous beside a Check's few milliseconds.
+CHECK_AFTER_KILL_S = 1.0
 # What billing/expiry.py writes in the entry of a hold no log reported, charged its estimate.
 UNREPORTED = expiry.UNREPORTED_DETAILS["unfinished"]
 
@@ -439,12 +448,14 @@ class Verdict:
     charged_estimate: int = 0  # of the charges, those of a hold's estimate
     # Complete requests charged their hold because a SIGKILLed Envoy took their reports with it.
     estimated_after_envoy_kill: int = 0
+    # Charged their hold's estimate though they never reached the backend, in flight when Envoy
+    # was SIGKILLed (billing/expiry.py charges an unreported hold: the durable record cannot tell
+    # it from one that was served). The policy, not a difference: counted so a run shows it.
+    unserved_estimated_after_envoy_kill: int = 0
     served_not_charged: int = 0
-    # Charged its hold's estimate though it never reached the backend: a request Envoy died
-    # between its Check and the backend, which no log reports (billing/expiry.py charges such a
-    # hold, since the durable record cannot tell it from one that was served). Not a difference:
-    # the policy, counted so a run shows how often it happened.
+    # Charged though the backend never saw the request, other than the exception above.
     charged_not_served: int = 0
+    unserved_charges: list[str] = dataclasses.field(default_factory=list)  # those, in words
     longest_unsettled_s: float = 0.0  # a served request's end (the client's clock) → its hold resolved
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -455,6 +466,7 @@ class Verdict:
             "admitted - settled": self.admitted - self.settled,
             "settled - (charged + voided)": self.settled - (self.charged + self.voided),
             "served, not charged": self.served_not_charged,
+            "charged, not served": self.charged_not_served,
             "problems": len(self.problems),
         }
 
@@ -478,7 +490,9 @@ def compare(
     ``envoy_killed_at``: when (``time.time()``) the run SIGKILLed Envoy, if it did: a complete
     request that ended within :data:`REPORTS_LOST_S` of one may be charged its hold instead of
     its price (docs/failures.md, "Envoy killed"), and is counted in
-    ``Verdict.estimated_after_envoy_kill``."""
+    ``Verdict.estimated_after_envoy_kill``; a request in flight at one that never reached the
+    backend may be charged its hold's estimate, counted in
+    ``Verdict.unserved_estimated_after_envoy_kill``."""
     verdict = Verdict(outcomes=Counter(s.outcome.value for s in seen))
     problems = verdict.problems
     by_id: dict[str, Seen] = {}
@@ -534,7 +548,16 @@ def compare(
     verdict.charged_estimate = sum(1 for c in view.charges.values() if c.usage_source == "hold_estimate")
     verdict.served = len(set(arrivals))
     verdict.served_not_charged = len(set(arrivals) - set(view.charges))
-    verdict.charged_not_served = len(set(view.charges) - set(arrivals))
+    for request_id in sorted(set(view.charges) - set(arrivals)):
+        if _unserved_in_flight_at_envoy_kill(request_id, view, seen, envoy_killed_at):
+            verdict.unserved_estimated_after_envoy_kill += 1
+        else:
+            verdict.charged_not_served += 1
+            charge = view.charges[request_id]
+            verdict.unserved_charges.append(
+                f"request {request_id} charged {charge.amount_nano} ({charge.how}) to {charge.wallet_id}, "
+                "never served"
+            )
     verdict.longest_unsettled_s = _longest_unsettled(view, by_id, arrivals)
     return verdict
 
@@ -549,6 +572,27 @@ def _report_died_with_envoy(
         and charge.unfinished == UNREPORTED
         and charge.amount_nano == tariff.hold_nano(one.shape)
         and any(abs(one.ended_at - killed) <= REPORTS_LOST_S for killed in envoy_killed_at)
+    )
+
+
+def _unserved_in_flight_at_envoy_kill(
+    request_id: str, view: LedgerView, seen: Sequence[Seen], envoy_killed_at: Sequence[float]
+) -> bool:
+    """A charge of a request the backend never saw that a SIGKILLed Envoy explains: its hold's
+    own amount, charged for want of any report, and the hold was placed during a request on its
+    wallet that was still in flight (no answer, or one cut short) when Envoy was killed — before
+    the kill, or by a Check sent before it within :data:`CHECK_AFTER_KILL_S`."""
+    charge = view.charges[request_id]
+    hold = view.holds.get(request_id)
+    if hold is None or charge.unfinished != UNREPORTED or charge.amount_nano != hold.amount_nano:
+        return False
+    return any(
+        one.wallet_id == hold.wallet_id
+        and one.outcome in (Outcome.LOST, Outcome.CUT)
+        and one.started_at <= killed <= one.ended_at
+        and one.started_at <= hold.created_at <= killed + CHECK_AFTER_KILL_S
+        for killed in envoy_killed_at
+        for one in seen
     )
 
 
@@ -660,13 +704,14 @@ def render(verdict: Verdict) -> str:
         f"admitted {verdict.admitted}, served {verdict.served}, settled {verdict.settled}, "
         f"charged {verdict.charged} (of them the hold's estimate {verdict.charged_estimate}), "
         f"voided {verdict.voided}",
-        f"charged the hold's estimate though never served (no log reported it, billing/expiry.py) "
-        f"{verdict.charged_not_served}; though complete, their reports lost with a SIGKILLed Envoy "
-        f"{verdict.estimated_after_envoy_kill}",
+        "charged the hold's estimate because a SIGKILLed Envoy lost their reports: in flight, never "
+        f"served {verdict.unserved_estimated_after_envoy_kill}; "
+        f"complete {verdict.estimated_after_envoy_kill}",
         "differences (each must be 0): "
         + ", ".join(f"{name} = {value}" for name, value in verdict.differences.items()),
         f"longest a served request stayed unsettled: {verdict.longest_unsettled_s:.2f} s",
     ]
+    lines += [f"  charged, not served: {line}" for line in verdict.unserved_charges[:50]]
     lines += [f"  problem: {p}" for p in verdict.problems[:50]]
     if len(verdict.problems) > 50:
         lines.append(f"  … and {len(verdict.problems) - 50} more")

@@ -160,6 +160,7 @@ class Chaos:
                 "charged": verdict.charged,
                 "charged_estimate": verdict.charged_estimate,
                 "charged_not_served": verdict.charged_not_served,
+                "unserved_estimated_after_envoy_kill": verdict.unserved_estimated_after_envoy_kill,
                 "estimated_after_envoy_kill": verdict.estimated_after_envoy_kill,
                 "voided": verdict.voided,
                 "differences": verdict.differences,

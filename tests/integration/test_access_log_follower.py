@@ -5,7 +5,9 @@ What must hold: every request whose hold is unresolved is settled exactly as the
 have (same prices, same statement); what the gRPC log settled is not touched; the offset saved in
 PostgreSQL only covers lines whose settlement committed, and a new follower resumes there; a
 rotated file is read to its end before the new one; the follower's own rotation keeps at most two
-files. The real Envoy writes and reopens the file in tests/e2e/test_access_log_file.py.
+files; while the database is down, its lag gauge shows the unsettled bytes and its failed rounds
+are counted (what the chart's alerts watch). The real Envoy writes and reopens the file in
+tests/e2e/test_access_log_file.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from support.access_log_lines import envoy_log_line
 
+from authz_sidecar import metrics
 from authz_sidecar.access_log import Settler
 from authz_sidecar.access_log_file import ROTATED_SUFFIX, Follower
 from billing import database, holds, pricing, wallets
@@ -204,6 +207,61 @@ async def test_a_failed_round_keeps_its_offset_and_the_next_settles_it(
     assert await follow.follow_once() == 1
     assert (await wallet.states())["during-outage"] == ("posted", cost())
     follow.close()
+
+
+async def test_while_the_database_is_down_the_lag_shows_the_unsettled_bytes_and_failures_count(
+    wallet: Wallet, tmp_path: Path
+) -> None:
+    """The gauge comes from the file's size and the offset the follower holds, not from a round
+    that succeeded: the alert on it can fire during the outage it is meant for."""
+    path = tmp_path / "access.log"
+    await wallet.place("before-outage", "during-1", "during-2")
+    append(path, wallet.line("before-outage"))
+    database_up = _Switchable(wallet.pool)
+    follow = follower(database_up, path)  # type: ignore[arg-type]
+    assert await follow.follow_once() == 1
+    assert _sample("billingproxy_access_log_file_lag_bytes") == 0
+
+    database_up.down = True
+    settled_to = path.stat().st_size
+    append(path, wallet.line("during-1"), wallet.line("during-2"))
+    unsettled = path.stat().st_size - settled_to
+    failures = _sample("billingproxy_access_log_file_failures_total")
+    for round_ in (1, 2):
+        with pytest.raises(asyncpg.InterfaceError):
+            await follow.follow_once()
+        assert _sample("billingproxy_access_log_file_lag_bytes") == unsettled
+        assert _sample("billingproxy_access_log_file_failures_total") == failures + round_
+    assert (await wallet.states())["during-1"] == ("pending", None)
+
+    # A follower started during the outage cannot read its saved offset: the whole file counts.
+    restarted = follower(database_up, path)  # type: ignore[arg-type]
+    with pytest.raises(asyncpg.InterfaceError):
+        await restarted.follow_once()
+    assert _sample("billingproxy_access_log_file_lag_bytes") == path.stat().st_size
+    restarted.close()
+
+    database_up.down = False
+    assert await follow.follow_once() == 2
+    assert _sample("billingproxy_access_log_file_lag_bytes") == 0
+    assert _sample("billingproxy_access_log_file_failures_total") == failures + 3
+    follow.close()
+
+
+def _sample(name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    assert value is not None, f"no metric {name}"
+    return value
+
+
+class _Switchable:
+    """A real pool whose database can be made to go away (``down``) and come back."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool, self.down = pool, False
+
+    def acquire(self) -> object:
+        return _ClosedPool() if self.down else self.pool.acquire()
 
 
 class _ClosedPool:
