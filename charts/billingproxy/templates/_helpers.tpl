@@ -216,7 +216,7 @@ one of the two shapes).
     - ipBlock:
         cidr: {{ .cidr }}
     {{- else }}
-    - {{- toYaml (pick . "podSelector" "namespaceSelector") | nindent 6 }}
+    - {{ toYaml (pick . "podSelector" "namespaceSelector") | nindent 6 | trim }}
     {{- end }}
   ports:
     - {port: {{ .port }}, protocol: TCP}
