@@ -354,8 +354,9 @@ def _hook(doc: dict[str, Any]) -> set[str]:
 @pytest.mark.parametrize("rendering", chart.RENDERINGS)
 def test_no_object_of_the_release_is_of_a_kind_its_own_crds_define(rendering: str) -> None:
     """Helm maps every object of a release to its API before it creates any, so an object of a
-    kind whose CRD the same release brings fails a fresh install ("no matches for kind", helm
-    issue 9395). Such objects are post-install/post-upgrade hooks: made once the CRDs exist."""
+    kind whose CRD the same release brings fails a fresh install ("no matches for kind … ensure
+    CRDs are installed first"). Such objects are post-install/post-upgrade hooks: made once the
+    CRDs exist."""
     docs = chart.render(rendering)
     defined = {
         (crd["spec"]["group"], crd["spec"]["names"]["kind"])
