@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import threading
 
 import kopf
@@ -41,6 +42,7 @@ async def run(
             namespaces=list(cfg.namespaces),
             standalone=not cfg.peering,
             peering_name=cfg.peering or None,
+            priority=peering_priority() if cfg.peering else None,
             liveness_endpoint=cfg.liveness_url or None,
             memo=kopf.Memo(operator_settings=cfg, lifecycle=lifecycle),
             stop_flag=kopf_stop,
@@ -51,6 +53,19 @@ async def run(
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
+
+
+def peering_priority() -> int:
+    """This process's kopf peering priority: a random one.
+
+    kopf pauses every operator of a peering that sees another live one of the same priority
+    ("Pausing all operators, including self", kopf/_core/engines/peering.py), so replicas of one
+    Deployment at kopf's default priority would all pause for good. With distinct priorities the
+    highest is active and the others wait, and the next one takes over once its keep-alives stop.
+    A tie among 2**31 values (both would wait until one restarts) is negligible; nothing secret
+    rests on it.
+    """
+    return random.randrange(1, 2**31)
 
 
 async def _relay_stop(

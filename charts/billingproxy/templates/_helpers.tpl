@@ -32,7 +32,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "billingproxy.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := required "image.repository is required: where you pushed the project image (make image), e.g. registry.example/billingproxy" .Values.image.repository }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
 {{- define "billingproxy.serviceAccountName" -}}
@@ -129,6 +130,12 @@ is configured from exactly what the sidecar serves (docs/decisions/0021-...).
 - name: BILLINGPROXY_SMTP_FROM
   value: {{ .Values.smtp.from | quote }}
 {{- end }}
+{{- if and (or .Values.ingress.enabled .Values.httpRoute.enabled) (not (hasKey .Values.settings "TRUSTED_PROXY_HOPS")) }}
+# Behind the chart's Ingress or HTTPRoute, the client's address is the one its proxy appends to
+# X-Forwarded-For (the per-address signup limit); settings.TRUSTED_PROXY_HOPS overrides it.
+- name: BILLINGPROXY_TRUSTED_PROXY_HOPS
+  value: "1"
+{{- end }}
 {{- range $name, $value := .Values.settings }}
 - name: {{ printf "BILLINGPROXY_%s" $name }}
   value: {{ $value | toString | quote }}
@@ -193,7 +200,11 @@ checksum/secret: {{ dict "database" .Values.database "backend" .Values.backend "
 {{- end }}
 {{- end }}
 
-{{/* Egress rules: DNS, then each {cidr, port} of each target list. */}}
+{{/*
+Egress rules: DNS, then each target of each target list: a port and either an address block
+({cidr, port}) or pods by label ({podSelector, namespaceSelector, port}; values.schema.json allows
+one of the two shapes).
+*/}}
 {{- define "billingproxy.egressRules" -}}
 - ports:
     - {port: 53, protocol: UDP}
@@ -201,8 +212,12 @@ checksum/secret: {{ dict "database" .Values.database "backend" .Values.backend "
 {{- range $targets := .targets }}
 {{- range $targets }}
 - to:
+    {{- if .cidr }}
     - ipBlock:
         cidr: {{ .cidr }}
+    {{- else }}
+    - {{ toYaml (pick . "podSelector" "namespaceSelector") | nindent 6 | trim }}
+    {{- end }}
   ports:
     - {port: {{ .port }}, protocol: TCP}
 {{- end }}
