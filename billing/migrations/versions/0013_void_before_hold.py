@@ -7,7 +7,8 @@ Check's later insert meets the primary key and places nothing. ``wallet_id``, ``
 (``holds_owned_or_void_before_hold``).
 
 Dropping NOT NULL changes only the catalog. The CHECK is added NOT VALID (instant) and then
-validated, which scans the table under a lock that lets Checks and settlements go on.
+validated outside the migration's transaction: the scan runs under a lock that lets Checks and
+settlements go on, not under the ALTERs' exclusive one.
 
 Revision ID: 0013
 Revises: 0012
@@ -36,7 +37,8 @@ def upgrade() -> None:
         f"ALTER TABLE holds ADD CONSTRAINT holds_owned_or_void_before_hold "
         f"CHECK ({OWNED_OR_VOID_BEFORE_HOLD}) NOT VALID"
     )
-    op.execute("ALTER TABLE holds VALIDATE CONSTRAINT holds_owned_or_void_before_hold")
+    with op.get_context().autocommit_block():
+        op.execute("ALTER TABLE holds VALIDATE CONSTRAINT holds_owned_or_void_before_hold")
 
 
 def downgrade() -> None:
