@@ -28,8 +28,8 @@ import asyncio
 import dataclasses
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -48,6 +48,8 @@ WORKERS = 2
 SETTLE_BATCH_MAX = 64
 RETRIES_MAX = 5
 
+T = TypeVar("T")
+
 
 @dataclasses.dataclass(frozen=True)
 class FinishedRequest:
@@ -62,6 +64,11 @@ class FinishedRequest:
     # (status 0), or Envoy's route or idle timeout ended it (UT, SI). The provider bills the
     # work all the same, so this is an unfinished answer (the hold), not a failure (void).
     cut: bool = False
+    # Envoy answered 503 with no metadata: the Check failed or did not answer in time, and the
+    # backend was never asked. Its hold, if the Check placed one, is voided; if none is there
+    # yet, a void takes its place (holds.void_before_hold), so a Check that commits later places
+    # nothing.
+    check_failed: bool = False
 
 
 def finished_request(entry: accesslog_pb2.HTTPAccessLogEntry) -> FinishedRequest | None:
@@ -115,10 +122,10 @@ def _finished(
 ) -> FinishedRequest | None:
     """``authz`` / ``usage``: a metadata namespace's values by name (None when absent)."""
     if authz is None or authz(contract.HOLD_ID) is None:
-        # A Check that timed out at Envoy may still have placed its hold after Envoy gave up;
-        # no metadata came back, so void by request id rather than reserve money until expiry.
+        # A Check that timed out at Envoy may have placed its hold, or still place it, after
+        # Envoy gave up; no metadata came back, so void by request id, whatever the order.
         if status == contract.CHECK_FAILED_STATUS and request_id:
-            return FinishedRequest(request_id, status, model="", usage=None)
+            return FinishedRequest(request_id, status, model="", usage=None, check_failed=True)
         return None
     counted = _usage(request_id, status, authz(contract.FORMAT), usage)
     model, wallet_id = authz(contract.MODEL), authz(contract.WALLET_ID)
@@ -175,11 +182,20 @@ class Settler:
         self._prices = prices
 
     async def settle(self, batch: list[FinishedRequest]) -> list[holds.Settlement]:
-        """Settle a batch in one transaction (``billing.hold_batches.settle_many``); results in order."""
+        """Settle a batch in one transaction (``billing.hold_batches.settle_many``); results in order.
+
+        The refusals of Checks that failed (``check_failed``) first take their request ids for a
+        void where no hold is there yet (``holds.void_before_hold``, one statement each, before
+        the batch); the others are voided in the batch like any failed request.
+        """
         outcomes: list[holds.Settlement | None] = [None] * len(batch)
+        before_hold = await self._void_before_hold([done.request_id for done in batch if done.check_failed])
         requests: list[hold_batches.SettleRequest] = []
         positions: list[int] = []
         for position, done in enumerate(batch):
+            if done.check_failed and done.request_id in before_hold:
+                outcomes[position] = holds.Settlement.VOIDED_BEFORE_HOLD
+                continue
             resolution, details = self._resolution(done)
             if resolution.posts and not (done.wallet_id and done.model):
                 outcomes[position] = holds.Settlement.REFUSED_MISMATCH  # money, but for whom?
@@ -210,17 +226,38 @@ class Settler:
     async def _settle_many(self, requests: list[hold_batches.SettleRequest]) -> list[holds.Settlement]:
         if not requests:
             return []
+
+        async def settle_many(conn: database.Connection) -> list[holds.Settlement]:
+            return await hold_batches.settle_many(conn, requests)
+
+        # Rolled back whole (one transaction), so the whole batch is simply tried again.
+        return await self._retried(settle_many, f"settling {len(requests)} requests")
+
+    async def _void_before_hold(self, request_ids: list[str]) -> set[str]:
+        """The ids among ``request_ids`` that no hold had, now each taken by a void."""
+        if not request_ids:
+            return set()
+
+        async def void_before_hold(conn: database.Connection) -> set[str]:
+            # Each its own autocommitted statement (holds.void_before_hold says why). After a lost
+            # connection the retry finds the voids already committed taken, and the batch then
+            # finds them already voided: the same end.
+            return {
+                request_id for request_id in request_ids if await holds.void_before_hold(conn, request_id)
+            }
+
+        return await self._retried(void_before_hold, f"voiding {len(request_ids)} refused Checks")
+
+    async def _retried(self, work: Callable[[database.Connection], Awaitable[T]], what: str) -> T:
+        """``work`` on a pooled connection, retried while the database is unreachable."""
         for attempt in range(RETRIES_MAX):
             try:
                 async with database.acquire(self._db) as conn:
-                    return await hold_batches.settle_many(conn, requests)
+                    return await work(conn)
             except Exception as exc:
                 if attempt == RETRIES_MAX - 1 or not database.is_unreachable(exc):
                     raise
-                # Rolled back whole (one transaction), so the whole batch is simply tried again.
-                logger.warning(
-                    "settling %d requests failed (%s); retrying", len(requests), exc.__class__.__name__
-                )
+                logger.warning("%s failed (%s); retrying", what, exc.__class__.__name__)
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable: the loop returns or raises")
 

@@ -14,28 +14,32 @@ The checks, one row each in the report (:class:`Check`):
   wallet; 0 before the first) plus its amount. Every writer moves a wallet's balance with the
   wallet row locked and inserts the entry under that lock, so a wallet's ids increase in the
   order its balance moved. A missing or altered entry is one finding, at the entry after it.
-- ``reserved``: each wallet's reservations are the sum of its pending holds.
+- ``reserved``: each wallet's reservations are the sum of its pending holds. A hold past its
+  ``expires_at`` is still pending, its reservation held, until its report or its estimate's
+  charge resolves it (docs/decisions/0030-unreported-holds.md); ``expired`` holds are those an
+  earlier version released at their TTL, and reserve nothing.
 - ``key_limits``: each key's running sums (billing/key_limits.py) are its holds': its
   ``reserved_nano`` is the sum of its pending holds that count against a limit, and its
   ``spent_nano`` the sum its posted holds placed in its current window
   (``holds.limit_window_start = api_keys.window_start``) charged. Checked for every key that
   ever had a limit (``window_start`` set) and any other key whose sums are not zero.
-- ``overdue_holds``: no hold is still pending :data:`OVERDUE_ALLOWANCE_S` after its
-  ``expires_at``, measured at the snapshot's ``now()``. The rule reads each hold's own
-  ``expires_at`` (placement time + the ``hold_ttl_s`` then in force), never the setting: the
-  audit needs no setting, so a shell with another environment cannot misjudge, and a TTL changed
-  since applies to new holds only, as in the sidecar. The allowance is two sweep periods
-  (``holds.EXPIRY_SWEEP_S``): a hold falling due just after a sweep round waits one period plus
-  the round's own time, and a hold locked by a settlement at that moment is skipped (it is being
-  resolved anyway). A finding means no sweeper ran: the gateway is down, or its sweep fails.
-- ``unreported_holds``: no hold is still ``expired`` (released, never charged) the report grace
-  (``Settings.hold_report_grace_s``, the one setting the audit reads) plus the same allowance
-  after its expiry: by then the sweep has charged it its estimate (billing/expiry.py).
+- ``overdue_holds``: no hold is still pending the report grace
+  (``Settings.hold_report_grace_s``, the one setting the audit reads) plus
+  :data:`OVERDUE_ALLOWANCE_S` after its ``expires_at``, measured at the snapshot's ``now()``: by
+  then the sweep has charged it its estimate (billing/expiry.py). The rule reads each hold's own
+  ``expires_at`` (placement time + the ``hold_ttl_s`` then in force), never the TTL setting, so a
+  TTL changed since applies to new holds only, as in the sidecar. The allowance is two sweep
+  periods (``holds.EXPIRY_SWEEP_S``): a hold falling due just after a sweep round waits one
+  period plus the round's own time. A finding means no sweeper ran: the gateway is down, or its
+  sweep fails.
+- ``unreported_holds``: the same for the ``expired`` holds of an earlier version: none is still
+  ``expired`` (released, never charged) the report grace plus the allowance after its expiry.
 - ``usage``: a request's charge and its hold agree. Every ``usage`` entry is keyed
   ``usage:<request id>``, on its hold's wallet, and its hold is ``posted`` for exactly minus the
   entry's amount; every ``posted`` hold has that entry (the key is unique: at most one). A
-  pending, voided or expired hold has none (an expired hold gets one only when its late
-  access-log entry posts it, and is ``posted`` from then on).
+  pending, voided or expired hold has none (a hold gets one only when its access-log entry or
+  its estimate's charge posts it, and is ``posted`` from then on). A void a refused Check's
+  report left before any hold (``holds.void_before_hold``) names no wallet and has none either.
 - ``stripe``: every payment is credited exactly once (:mod:`billing.payments`): a payment that
   is paid into a wallet has exactly one ``topup`` entry — the key ``stripe:<payment_intent>``,
   its wallet, its amount — and the Checkout Session it came from recorded that wallet and
@@ -93,10 +97,14 @@ class Check(enum.Enum):
         "key reserved = Σ its counted pending holds, spent = Σ its window's posted holds",
         "limited keys",
     )
-    OVERDUE_HOLDS = ("overdue_holds", "no pending hold past its expiry", "pending holds")
+    OVERDUE_HOLDS = (
+        "overdue_holds",
+        "no pending hold unresolved past its expiry and the report grace",
+        "pending holds",
+    )
     UNREPORTED_HOLDS = (
         "unreported_holds",
-        "no expired hold uncharged past the report grace",
+        "no expired hold (released by an earlier version) uncharged past the report grace",
         "expired holds",
     )
     USAGE = ("usage", "usage entry ⇔ posted hold, same amount", "holds + usage entries")
@@ -190,7 +198,7 @@ async def check(conn: AsyncConnection, *, report_grace_s: int = DEFAULT_REPORT_G
             await _balance_after(conn),
             await _reserved(conn),
             await _key_limits(conn),
-            await _overdue_holds(conn),
+            await _overdue_holds(conn, report_grace_s),
             await _unreported_holds(conn, report_grace_s),
             await _usage(conn),
             await _stripe(conn),
@@ -334,14 +342,16 @@ async def _balance_after(conn: AsyncConnection) -> CheckResult:
 # --- holds ---------------------------------------------------------------------------------------
 
 
-async def _overdue_holds(conn: AsyncConnection) -> CheckResult:
+async def _overdue_holds(conn: AsyncConnection, report_grace_s: int) -> CheckResult:
     return await _late_holds(
         conn,
         Check.OVERDUE_HOLDS,
         state="pending",
         since="expires_at",
-        due_s=OVERDUE_ALLOWANCE_S,
-        expected=lambda due_s, since: f"expired within {due_s:g} s of {since}",
+        due_s=report_grace_s + OVERDUE_ALLOWANCE_S,
+        expected=lambda due_s, since: (
+            f"reported or charged its estimate within {due_s:g} s of its expiry at {since}"
+        ),
         found=lambda late_s, amount: f"still pending {late_s} s after it, reserving {amount}",
     )
 

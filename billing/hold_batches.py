@@ -171,13 +171,13 @@ WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::jsonb[], $5::text[], $6::text[])
            AS r(request_id, cost_nano, post_estimate, details, expected_wallet, expected_model)
 ), hold AS MATERIALIZED (
-    SELECT request_id, amount_nano, state, wallet_id, model
+    SELECT request_id, amount_nano, state, wallet_id, model, expires_at
       FROM holds
      WHERE request_id = ANY($1::text[])
      ORDER BY request_id
        FOR NO KEY UPDATE
 ), judged AS (
-    SELECT hold.request_id, hold.amount_nano, hold.state,
+    SELECT hold.request_id, hold.amount_nano, hold.state, hold.expires_at,
            (batch.expected_wallet IS NULL OR hold.wallet_id = batch.expected_wallet)
            AND (batch.expected_model IS NULL OR hold.model = batch.expected_model) AS agrees
       FROM hold JOIN batch USING (request_id)
@@ -242,7 +242,8 @@ WITH batch AS (
  RETURNING idempotency_key
 )
 SELECT judged.request_id,
-       judged.state AS was,
+       CASE WHEN judged.state = 'pending' AND judged.expires_at <= now() THEN 'expired' ELSE judged.state END
+           AS was,
        judged.agrees,
        (judged.request_id IN (SELECT request_id FROM resolved))::int AS resolved,
        ('usage:' || judged.request_id IN (SELECT idempotency_key FROM charged))::int AS charged

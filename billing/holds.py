@@ -2,11 +2,18 @@
 
 ``place`` reserves a request's estimated worst-case cost when Envoy asks to admit it; the access
 log later ``settle``s it: posted for the actual cost (the rest of the reservation returns) or
-voided (the backend failed: nothing is charged). A hold nobody settles within ``hold_ttl_s`` is
-expired by ``expire_due``: its reservation is released and nothing is charged then; should the
-request's access-log entry still arrive later, the actual cost is posted as usual. So every
-admitted request ends in exactly one charge or none, never two. How a settlement resolves its
-hold is a :class:`Resolution`; what became of it, a :class:`Settlement`.
+voided (the backend failed: nothing is charged). A hold nobody settles within ``hold_ttl_s`` (its
+``expires_at``) stays pending and keeps its reservation: should the request's access-log entry
+arrive later, the actual cost is posted as usual (``POSTED_AFTER_EXPIRY``), and if none does,
+billing/expiry.py charges it the estimate after the report grace. The reservation is released
+only by the settlement that charges or voids the hold, so no wallet can spend again money a hold
+may still be charged (docs/decisions/0030-unreported-holds.md). So every admitted request ends
+in exactly one charge or none, never two. How a settlement resolves its hold is a
+:class:`Resolution`; what became of it, a :class:`Settlement`.
+
+A Check Envoy gave up on (503, no metadata: :func:`void_before_hold`) may commit its hold after
+the report of that refusal: the report leaves a void in the request id's place, so the late
+Check's insert meets the primary key and places nothing.
 
 The admission rule: admit only while ``balance - reserved - hold >= -overdraft_limit``, the
 wallet's own limit (``wallets.overdraft_limit_nano``; 0 for every wallet in strict mode), so no
@@ -60,7 +67,9 @@ class RefusalReason(enum.Enum):
     # sidecar's key cache still held its key, gets here).
     WALLET_NOT_FOUND = "wallet_not_found"
     # The request id already names a hold of another wallet, or one already settled: a replayed
-    # or forged id. Envoy mints ids itself, so this is never a legitimate retry.
+    # or forged id, or a Check that answered after Envoy gave up on it, whose refusal was
+    # reported first (:func:`void_before_hold`). Envoy mints ids itself, so this is never a
+    # legitimate retry.
     DUPLICATE_REQUEST = "duplicate_request"
     # The key's own spend limit (billing/key_limits.py) does not fit the hold: paying in does not
     # help, the window's reset (or the owner raising the limit) does. The wallet's other keys
@@ -122,14 +131,19 @@ Resolution.POST_ESTIMATE = Resolution(estimate=True)
 class Settlement(enum.Enum):
     POSTED = "posted"
     VOIDED = "voided"
-    # The access-log entry came after the hold had expired: charged now, reservation long gone.
+    # The access-log entry (or the estimate, billing/expiry.py) came after the hold's
+    # ``expires_at``: charged now, and its reservation, kept until now, released.
     POSTED_AFTER_EXPIRY = "posted_after_expiry"
     ALREADY_POSTED = "already_posted"
     ALREADY_VOIDED = "already_voided"
     VOIDED_AFTER_EXPIRY = "voided_after_expiry"
     UNKNOWN_HOLD = "unknown_hold"
+    # A refused Check's report came before its hold: a void now stands in the request id's place,
+    # and the Check's hold, should it still be inserted, is refused (:func:`void_before_hold`).
+    VOIDED_BEFORE_HOLD = "voided_before_hold"
     # The settlement named another wallet or model than the hold the Check recorded: a forged or
-    # confused report. Nothing changed; the hold stays as it was, for its true report or expiry.
+    # confused report. Nothing changed; the hold stays as it was, for its true report or its
+    # estimate's charge.
     REFUSED_MISMATCH = "refused_mismatch"
 
 
@@ -378,12 +392,15 @@ def refusal_of(
 # claim): wallet, key and model always come from the hold's row, never from the report, and a
 # report that names another wallet or model resolves nothing ("agrees" is false; the outcome is
 # REFUSED_MISMATCH). Only a pending or expired hold is resolved; the wallet's balance moves by
-# the posted cost, its reservation is released only if the hold was still pending (expiry
-# released it already), and the usage entry records the balance the wallet UPDATE returned.
+# the posted cost, its reservation is released if the hold is pending (past its ``expires_at`` or
+# not: it keeps its reservation until now), and the usage entry records the balance the wallet
+# UPDATE returned. State ``expired`` is that of holds an earlier version expired at their TTL,
+# releasing their reservations then; it is resolved without a release.
 # A hold that counts against its key's limit moves the key's sums the same way, after the wallet
 # (joined to ``moved``: the key row is locked only under its wallet's): its reservation released
 # if it was pending, its charge added to the key's spend if the key's window is still the one the
-# hold was placed in (a charge after a rollover belongs to the old window).
+# hold was placed in (a charge after a rollover belongs to the old window). The outcome calls a
+# pending hold past its ``expires_at`` ``expired`` (``was``), as it reports a late settlement.
 # A charge never exceeds its hold (``least``): the hold is the request's worst case, and what
 # admitted the request against the wallet's overdraft limit; a cost above it means the estimate
 # missed something (the caller's details record the priced cost), and the wallet's bound holds
@@ -393,7 +410,7 @@ def refusal_of(
 # $5 the hold's wallet and $6 its model as the caller knows them (NULL: not checked).
 SETTLE_SQL = """
 WITH hold AS (
-    SELECT request_id, amount_nano, state,
+    SELECT request_id, amount_nano, state, expires_at,
            ($5::text IS NULL OR wallet_id = $5::text) AND ($6::text IS NULL OR model = $6::text) AS agrees
       FROM holds
      WHERE request_id = $1::text
@@ -439,7 +456,8 @@ WITH hold AS (
  RETURNING id
 )
 SELECT $1::text AS request_id,
-       hold.state AS was,
+       CASE WHEN hold.state = 'pending' AND hold.expires_at <= now() THEN 'expired' ELSE hold.state END
+           AS was,
        hold.agrees,
        (SELECT count(*) FROM resolved) AS resolved,
        (SELECT count(*) FROM charged) AS charged
@@ -520,66 +538,44 @@ def settlement_of(row: asyncpg.Record | None, request_id: str, resolution: Resol
     return _OUTCOMES[(row["was"], resolution.posts)]
 
 
-# How often the sidecar's sweep runs :func:`expire_due` (authz_sidecar/server.py). A hold is
-# therefore expired within one period (plus the round's own time) after its ``expires_at``;
-# ``billing.audit`` allows for that before it calls a pending hold overdue.
+# How often the sidecar's sweep (billing/expiry.py) runs: a hold unreported at its ``expires_at``
+# plus the report grace is charged within one period (plus the round's own time);
+# ``billing.audit`` allows for that before it calls such a hold overdue.
 EXPIRY_SWEEP_S = 5
-
-# Expiry, for the sweep: every pending hold past its time is expired and its reservation released,
-# per wallet (and per key, for holds that count against a key's limit), in one statement. Nothing
-# is charged. It takes the batches' lock order — holds by
-# request id, then wallets by id — so it cannot deadlock with a batch; a hold a settlement holds
-# locked right now is skipped (SKIP LOCKED): it is being settled, or the next sweep expires it.
-# The wallets' UPDATE runs whether or not the final SELECT reads it, as every data-modifying
-# WITH clause does in PostgreSQL.
-_EXPIRE = """
-WITH due AS MATERIALIZED (
-    SELECT request_id
-      FROM holds
-     WHERE state = 'pending' AND expires_at <= now()
-     ORDER BY request_id
-       FOR NO KEY UPDATE SKIP LOCKED
-), expired AS (
-    UPDATE holds SET state = 'expired', resolved_at = now()
-      FROM due
-     WHERE holds.request_id = due.request_id
- RETURNING holds.wallet_id, holds.key_id, holds.amount_nano, holds.limit_window_start
-), per_wallet AS (
-    SELECT wallet_id, sum(amount_nano) AS amount FROM expired GROUP BY wallet_id
-), locked AS MATERIALIZED (
-    SELECT wallets.id
-      FROM wallets JOIN per_wallet ON per_wallet.wallet_id = wallets.id
-     ORDER BY wallets.id
-       FOR NO KEY UPDATE OF wallets
-), released AS (
-    UPDATE wallets w
-       SET reserved_nano = w.reserved_nano - per_wallet.amount, updated_at = now()
-      FROM per_wallet JOIN locked ON locked.id = per_wallet.wallet_id
-     WHERE w.id = per_wallet.wallet_id
- RETURNING w.id
-), per_key AS (
-    SELECT key_id, wallet_id, sum(amount_nano) AS amount
-      FROM expired
-     WHERE limit_window_start IS NOT NULL
-     GROUP BY key_id, wallet_id
-), keys_released AS (
-    UPDATE api_keys k
-       SET reserved_nano = k.reserved_nano - per_key.amount
-      FROM per_key JOIN released ON released.id = per_key.wallet_id
-     WHERE k.id = per_key.key_id
-)
-SELECT count(*) FROM expired
-"""
-
-
-async def expire_due(conn: Conn) -> int:
-    """Expire every pending hold past its expiry; returns how many holds it expired."""
-    pg = await database.driver_connection(conn)
-    expired: int = await pg.fetchval(_EXPIRE)
-    return expired
 
 
 async def outstanding(conn: Conn) -> int:
     pg = await database.driver_connection(conn)
     count: int = await pg.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
     return count
+
+
+# The void a Check's failure leaves in its request id's place when no hold is there yet: no
+# wallet, key or model (the report of a refused Check knows none), nothing held, nothing charged.
+# ON CONFLICT waits for a hold being inserted by a Check in flight and then inserts nothing; the
+# caller voids that hold instead. One row per statement, autocommitted: a statement that holds
+# one uncommitted void while it waits for a Check's insert could deadlock with that Check's batch.
+_VOID_BEFORE_HOLD = """
+INSERT INTO holds (request_id, wallet_id, key_id, model, amount_nano, state, expires_at, resolved_at)
+VALUES ($1::text, NULL, NULL, NULL, 0, 'voided', now(), now())
+ON CONFLICT (request_id) DO NOTHING
+RETURNING request_id
+"""
+
+
+async def void_before_hold(conn: Conn, request_id: str) -> bool:
+    """Take ``request_id`` for a void if no hold has it yet; whether it did.
+
+    For the report of a Check Envoy gave up on (it answered 503 with no metadata,
+    authz_sidecar/access_log.py): the Check may still be running, and commit its hold after
+    Envoy's refusal — even after that refusal's report. Without this the report's void would find
+    nothing and the hold would stay, to be charged its estimate for a request never served.
+    With it, whichever comes second loses: a Check whose hold is already there is voided by the
+    caller as usual (False here), and a Check that comes later hits the primary key, its whole
+    statement rolls back — reservation included — and it is refused (``DUPLICATE_REQUEST``).
+    The Check's own statement is unchanged: no extra round trip on the hot path.
+
+    Use an autocommit connection, outside any transaction: the row must be committed alone.
+    """
+    pg = await database.driver_connection(conn)
+    return await pg.fetchval(_VOID_BEFORE_HOLD, request_id) is not None

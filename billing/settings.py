@@ -83,7 +83,8 @@ class Settings:
     # -- overdraft limit of every new wallet that is not a self-service signup (a Wallet resource
     #    that sets no overdraftLimitUsd), in nano-USD ($1.00). Self-service wallets always get 0.
     overdraft_limit_nano: int = 1_000_000_000
-    # -- a hold not settled after this long is expired (its reservation released).
+    # -- a hold not settled after this long is expired: unreported, it keeps its reservation until
+    #    its late report or its estimate's charge.
     hold_ttl_s: int = 600
     # -- an expired hold that no access log has reported after this much longer is charged its
     #    estimate, the request's worst case (docs/decisions/0030-unreported-holds.md).

@@ -2,7 +2,8 @@
 
 The money: ``wallets`` (balance and reservations of record), ``api_keys`` (hashes only),
 ``ledger_entries`` (immutable, one per balance change, unique idempotency key) and ``holds``
-(two-phase reservations: pending → posted | voided | expired, exactly once). Stripe's facts, which
+(two-phase reservations: pending → posted | voided, exactly once; ``expired``: released at its
+TTL by an earlier version, and posted or voided from there). Stripe's facts, which
 the ledger's top-ups, refunds and disputes follow (billing/payments.py): ``stripe_events``,
 ``stripe_checkout_sessions``, ``stripe_payments`` and ``stripe_disputes``.
 """
@@ -100,14 +101,24 @@ ledger_entries = sa.Table(
 )
 sa.Index("ledger_entries_wallet_newest", ledger_entries.c.wallet_id, ledger_entries.c.id.desc())
 
+# A hold names its wallet, key and model, except a void that stands in a request id's place
+# before any hold (holds.void_before_hold): it names none, holds nothing and charges nothing.
+HOLDS_OWNED_OR_VOID_BEFORE_HOLD = (
+    "(wallet_id IS NOT NULL AND key_id IS NOT NULL AND model IS NOT NULL)"
+    " OR (wallet_id IS NULL AND key_id IS NULL AND model IS NULL"
+    " AND state = 'voided' AND amount_nano = 0 AND posted_nano IS NULL)"
+)
+
 holds = sa.Table(
     "holds",
     metadata,
     # Envoy's x-request-id: the Check and the access-log entry of one request share it.
     sa.Column("request_id", sa.Text, primary_key=True),
-    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=False),
-    sa.Column("key_id", sa.Text, sa.ForeignKey("api_keys.id"), nullable=False),
-    sa.Column("model", sa.Text, nullable=False),
+    # NULL, all three, only in a void a refused Check's report left before any hold (migration
+    # 0013; holds.void_before_hold): that report names no wallet.
+    sa.Column("wallet_id", sa.Text, sa.ForeignKey("wallets.id"), nullable=True),
+    sa.Column("key_id", sa.Text, sa.ForeignKey("api_keys.id"), nullable=True),
+    sa.Column("model", sa.Text, nullable=True),
     sa.Column("amount_nano", sa.BigInteger, nullable=False),
     sa.Column("state", sa.Text, nullable=False, server_default="pending"),
     sa.Column("posted_nano", sa.BigInteger, nullable=True),
@@ -118,6 +129,7 @@ holds = sa.Table(
     sa.Column("limit_window_start", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("amount_nano >= 0", name="holds_amount_not_negative"),
     sa.CheckConstraint("state IN ('pending', 'posted', 'voided', 'expired')", name="holds_state_known"),
+    sa.CheckConstraint(HOLDS_OWNED_OR_VOID_BEFORE_HOLD, name="holds_owned_or_void_before_hold"),
 )
 sa.Index(
     "holds_pending_by_expiry",

@@ -249,18 +249,20 @@ async def test_a_check_that_failed_at_envoy_voids_its_late_hold(stack, wait_unti
     assert await usage_entries(stack, wallet_id, request_id) == []
 
 
-async def test_a_hold_placed_after_envoy_gave_up_on_its_check_is_voided_at_once(stack, wait_until) -> None:
+async def test_a_check_landing_after_envoy_gave_up_and_after_its_report_places_no_hold(
+    stack, wait_until
+) -> None:
     """The late-hold race, put exactly there: the wallet row is locked, so the Check's hold
-    statement waits; Envoy gives up after its 1 s ext_authz timeout and answers 503 (its access-log
-    entry voids an unknown hold: nothing yet); then the lock goes and the hold lands. The sidecar
-    knows its Check was abandoned and voids that hold itself, instead of reserving the money until
-    the TTL sweep (10 minutes)."""
+    statement waits; Envoy gives up after its 1 s ext_authz timeout and answers 503, and its
+    access-log entry, finding no hold yet, leaves a void in the request id's place; then the lock
+    goes and the Check's insert meets that void: no hold is placed, nothing is reserved, and the
+    request Envoy refused is never charged."""
     user = await stack.signup()
     wallet_id = user["wallet_id"]
     grant = await stack.db.balance(wallet_id)
     headers = {"authorization": f"Bearer {user['api_key']}", "content-type": "application/json"}
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8}
-    unknown_before = await stack.metric("billingproxy_settlements_total", outcome="unknown_hold")
+    before = await stack.metric("billingproxy_settlements_total", outcome="voided_before_hold")
     async with stack.db.engine.connect() as locker:
         transaction = await locker.begin()
         await locker.execute(sa.text("SELECT 1 FROM wallets WHERE id = :id FOR UPDATE"), {"id": wallet_id})
@@ -272,19 +274,23 @@ async def test_a_hold_placed_after_envoy_gave_up_on_its_check_is_voided_at_once(
             request_id = response.headers["x-request-id"]
 
         async def void_came_first() -> bool:  # the 503's log entry found no hold to void
-            return (
-                await stack.metric("billingproxy_settlements_total", outcome="unknown_hold") > unknown_before
-            )
+            return await stack.metric("billingproxy_settlements_total", outcome="voided_before_hold") > before
 
         await wait_until(void_came_first, 10.0, "the 503's access-log entry to be settled")
-        assert await stack.db.hold(request_id) is None
-        await transaction.rollback()  # now the hold lands, after its void
+        void = await stack.db.hold(request_id)
+        assert (void.state, void.wallet_id, void.amount_nano) == ("voided", None, 0)
+        await transaction.rollback()  # now the Check's insert runs, after the void
 
-    async def settled_by_the_sidecar() -> bool:
-        hold = await stack.db.hold(request_id)
-        return hold is not None and hold.state == "voided"
+    async def check_done() -> bool:  # the Check's statement, waiting on the lock until now, ended
+        active = await stack.db.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND state = 'active' AND query ILIKE '%INSERT INTO holds%'"
+        )
+        return active == 0
 
-    await wait_until(settled_by_the_sidecar, 10.0, "the abandoned Check's hold to be voided")
+    await wait_until(check_done, 10.0, "the late Check to meet the void and place nothing")
+    void = await stack.db.hold(request_id)
+    assert (void.state, void.wallet_id, void.amount_nano) == ("voided", None, 0)
     assert (await stack.db.wallet(wallet_id)).reserved_nano == 0
     assert await stack.db.balance(wallet_id) == grant
     assert await usage_entries(stack, wallet_id, request_id) == []

@@ -14,6 +14,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import audit, database, expiry, holds, ledger, payments, topups, wallets
+from legacy_expiry import expire_as_before
 
 pytestmark = pytest.mark.integration
 
@@ -107,8 +108,23 @@ async def populate(engine: AsyncEngine) -> Books:
                 strict=False,
             )
             assert refusal is None
-    async with engine.begin() as conn:
-        assert await holds.expire_due(conn) == 2  # "expired" and "late"
+    # "expired" and "late" were expired by an earlier version, which released their reservations.
+    assert await expire_as_before(engine) == 2
+    async with ac.connect() as conn:
+        # Past its expiry, unreported and within the grace: still pending, still reserved.
+        refusal = await holds.place(
+            conn,
+            request_id="overdue",
+            wallet_id=alice.wallet.id,
+            key_id=alice.key.key_id,
+            model="gpt-4o-mini",
+            amount_nano=1_000_000,
+            ttl_s=0,
+            strict=False,
+        )
+        assert refusal is None
+        # A refused Check's report that came before any hold: a void in its request id's place.
+        assert await holds.void_before_hold(conn, "refused-check")
     assert await _settle(engine, "posted", holds.Resolution.post(123_456)) is holds.Settlement.POSTED
     assert await _settle(engine, "estimate", holds.Resolution.POST_ESTIMATE) is holds.Settlement.POSTED
     assert await _settle(engine, "voided", holds.Resolution.VOID) is holds.Settlement.VOIDED
@@ -199,9 +215,9 @@ async def test_a_ledger_written_by_the_code_passes_every_check(
         audit.Check.BALANCE_AFTER: 11,
         audit.Check.RESERVED: 3,
         audit.Check.KEY_LIMITS: 0,  # no key has a limit
-        audit.Check.OVERDUE_HOLDS: 1,
+        audit.Check.OVERDUE_HOLDS: 2,  # "pending", "overdue"
         audit.Check.UNREPORTED_HOLDS: 1,  # "expired", released and not yet past the grace
-        audit.Check.USAGE: 6 + 3,
+        audit.Check.USAGE: 8 + 3,
         audit.Check.STRIPE: 3 + 2,  # pi_bob, pi_carol, pi_x; dp_won, dp_open
         audit.Check.RECHARGES: 0,
     }
@@ -248,25 +264,27 @@ async def test_a_reservation_that_is_not_the_sum_of_pending_holds(
     assert await findings(migrated_engine) == {("reserved", books.alice, "wallet")}
     [finding] = (await audit.run(migrated_engine)).findings
     assert (finding.expected, finding.found) == (
-        "reserved 0.002000 USD (Σ of its 1 pending holds)",
+        "reserved 0.003000 USD (Σ of its 2 pending holds)",
         "reserved 0.000000 USD",
     )
 
 
-async def test_a_pending_hold_left_past_its_expiry(migrated_engine: AsyncEngine, books: Books) -> None:
-    """Past ``expires_at`` by less than the allowance, the sweep may just not have run yet; by
-    more, no sweep is running."""
-    allowance_s = audit.OVERDUE_ALLOWANCE_S
+async def test_a_pending_hold_left_past_its_expiry_and_the_report_grace(
+    migrated_engine: AsyncEngine, books: Books
+) -> None:
+    """Past ``expires_at`` and the report grace by less than the allowance, the sweep may just
+    not have charged it yet; by more, no sweep is running."""
+    due_s = audit.DEFAULT_REPORT_GRACE_S + audit.OVERDUE_ALLOWANCE_S
     await execute(
         migrated_engine,
         "UPDATE holds SET expires_at = now() - make_interval(secs => :s) WHERE request_id = 'pending'",
-        s=allowance_s / 2,
+        s=due_s - audit.OVERDUE_ALLOWANCE_S / 2,
     )
     assert await findings(migrated_engine) == set()
     await execute(
         migrated_engine,
         "UPDATE holds SET expires_at = now() - make_interval(secs => :s) WHERE request_id = 'pending'",
-        s=allowance_s + 60,
+        s=due_s + 60,
     )
     assert await findings(migrated_engine) == {("overdue_holds", books.alice, "hold pending")}
     [finding] = (await audit.run(migrated_engine)).findings
@@ -276,8 +294,9 @@ async def test_a_pending_hold_left_past_its_expiry(migrated_engine: AsyncEngine,
 async def test_an_expired_hold_left_uncharged_past_the_report_grace(
     migrated_engine: AsyncEngine, books: Books
 ) -> None:
-    """Released at its expiry, then the sweep must charge it its estimate within the grace period
-    (billing/expiry.py); one still uncharged after that means no sweep charged it."""
+    """Released at its expiry by an earlier version, then the sweep must charge it its estimate
+    within the grace period (billing/expiry.py); one still uncharged after that means no sweep
+    charged it."""
     async with migrated_engine.begin() as conn:
         refusal = await holds.place(
             conn,
@@ -296,7 +315,7 @@ async def test_an_expired_hold_left_uncharged_past_the_report_grace(
             strict=False,
         )
         assert refusal is None
-        assert await holds.expire_due(conn) >= 1
+    assert await expire_as_before(migrated_engine) >= 1
     grace_s = 60
     assert ("unreported_holds", books.alice, "hold never-reported") not in await findings(migrated_engine)
     await execute(

@@ -1,6 +1,6 @@
-"""billing.expiry against a real PostgreSQL: a hold no access log reports is released at its
-expiry and, after the grace period, charged its estimate once — never twice, never when a report
-came first, and a report that comes later changes nothing."""
+"""billing.expiry against a real PostgreSQL: a hold no access log reports keeps its reservation
+past its expiry and, after the grace period, is charged its estimate once — never twice, never
+when a report came first, and a report that comes later changes nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import audit, database, expiry, holds, wallets
+from legacy_expiry import expire_as_before
 
 pytestmark = pytest.mark.integration
 
@@ -56,23 +57,23 @@ async def row(pool: asyncpg.Pool, sql: str, *args: object) -> asyncpg.Record:
     return found
 
 
-async def test_an_unreported_hold_is_released_then_charged_its_estimate_once(
+async def test_an_unreported_hold_keeps_its_reservation_then_is_charged_its_estimate_once(
     migrated_engine: AsyncEngine, pool: asyncpg.Pool
 ) -> None:
     wallet = await new_wallet(migrated_engine, "unreported@example.com")
     await place(pool, wallet, "never-reported")
     await place(pool, wallet, "still-running", ttl_s=600)
     async with database.acquire(pool) as conn:
-        # Expired, reservation released, nothing charged yet: a report may still come.
-        assert await expiry.sweep(conn, report_grace_s=HOUR_S) == expiry.Sweep(expired=1, charged=0)
+        # Past its expiry, nothing charged yet (a report may still come), its reservation kept.
+        assert await expiry.sweep(conn, report_grace_s=HOUR_S) == expiry.Sweep(charged=0)
     hold = await row(pool, "SELECT state FROM holds WHERE request_id = 'never-reported'")
-    assert hold["state"] == "expired"
+    assert hold["state"] == "pending"
     wallet_row = await row(pool, "SELECT balance_nano, reserved_nano FROM wallets WHERE id = $1", wallet[0])
-    assert (wallet_row["balance_nano"], wallet_row["reserved_nano"]) == (GRANT_NANO, HOLD_NANO)
+    assert (wallet_row["balance_nano"], wallet_row["reserved_nano"]) == (GRANT_NANO, 2 * HOLD_NANO)
 
     async with database.acquire(pool) as conn:
-        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(expired=0, charged=1)
-        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(expired=0, charged=0)
+        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(charged=1)
+        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(charged=0)
     hold = await row(pool, "SELECT state, posted_nano FROM holds WHERE request_id = 'never-reported'")
     assert (hold["state"], hold["posted_nano"]) == ("posted", HOLD_NANO)
     entry = await row(
@@ -107,7 +108,7 @@ async def test_a_report_inside_the_grace_period_wins(
             await holds.settle(conn, request_id="late-void", resolution=holds.Resolution.VOID)
             is holds.Settlement.VOIDED_AFTER_EXPIRY
         )
-        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(expired=0, charged=0)
+        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(charged=0)
     wallet_row = await row(pool, "SELECT balance_nano, reserved_nano FROM wallets WHERE id = $1", wallet[0])
     assert (wallet_row["balance_nano"], wallet_row["reserved_nano"]) == (GRANT_NANO - 1234, 0)
 
@@ -123,15 +124,31 @@ async def test_sweeps_of_several_sidecars_at_once_charge_each_hold_once(
 
     async def one_sweep() -> expiry.Sweep:
         async with database.acquire(pool) as conn:
-            expired = await holds.expire_due(conn)
-            return expiry.Sweep(expired, await expiry.charge_unreported(conn, report_grace_s=0))
+            return await expiry.sweep(conn, report_grace_s=0)
 
     sweeps = await asyncio.gather(*(one_sweep() for _ in range(6)))
     async with database.acquire(pool) as conn:
         rest = await expiry.sweep(conn, report_grace_s=0)
-    assert sum(s.expired for s in sweeps) + rest.expired == 40
     assert sum(s.charged for s in sweeps) + rest.charged == 40
     for owner in owners:
         balance = await row(pool, "SELECT balance_nano, reserved_nano FROM wallets WHERE id = $1", owner[0])
         assert (balance["balance_nano"], balance["reserved_nano"]) == (GRANT_NANO - 10 * HOLD_NANO, 0)
+    assert (await audit.run(migrated_engine)).findings == []
+
+
+async def test_holds_an_earlier_version_expired_are_charged_once_without_a_second_release(
+    migrated_engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
+    """An earlier version released each hold's reservation at its expiry (state ``expired``):
+    the sweep charges such a hold its estimate the grace after that expiry, and leaves the
+    reservations of the holds still pending alone."""
+    wallet = await new_wallet(migrated_engine, "legacy@example.com")
+    await place(pool, wallet, "expired-before")
+    assert await expire_as_before(migrated_engine) == 1
+    await place(pool, wallet, "pending-now", ttl_s=600)
+    async with database.acquire(pool) as conn:
+        assert await expiry.sweep(conn, report_grace_s=HOUR_S) == expiry.Sweep(charged=0)
+        assert await expiry.sweep(conn, report_grace_s=0) == expiry.Sweep(charged=1)
+    wallet_row = await row(pool, "SELECT balance_nano, reserved_nano FROM wallets WHERE id = $1", wallet[0])
+    assert (wallet_row["balance_nano"], wallet_row["reserved_nano"]) == (GRANT_NANO - HOLD_NANO, HOLD_NANO)
     assert (await audit.run(migrated_engine)).findings == []

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing import api_keys, audit, database, hold_batches, holds, ledger, tables, wallets
+from billing import api_keys, audit, database, expiry, hold_batches, holds, ledger, tables, wallets
 from row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
@@ -442,8 +442,9 @@ async def test_a_batch_locks_its_wallets_in_id_order_whatever_its_own_order(
 async def test_the_expiry_sweep_locks_wallets_in_id_order(
     migrated_engine: AsyncEngine, pool: asyncpg.Pool
 ) -> None:
-    """The sweep takes the same lock order as the batches (wallets by id), so it cannot deadlock
-    with one: blocked on the lowest wallet of those it expires, it holds no lock on a higher one.
+    """The sweep's charge of unreported holds takes the same lock order as the batches (wallets
+    by id), so it cannot deadlock with one: blocked on the lowest wallet of those it charges, it
+    holds no lock on a higher one.
     Ten wallets, so a sweep that locked them in its plan's order (a hash of the ids) would hold
     a higher one here nine times in ten."""
     wallets_ = sorted([await new_wallet(migrated_engine, 1_000_000) for _ in range(10)])
@@ -458,7 +459,7 @@ async def test_the_expiry_sweep_locks_wallets_in_id_order(
 
     async def sweep() -> int:
         async with pool.acquire() as conn:
-            return await holds.expire_due(conn)
+            return (await expiry.sweep(conn, report_grace_s=0)).charged
 
     lowest = wallets_[0][0]
     async with pool.acquire() as blocker, pool.acquire() as probe:
@@ -475,5 +476,6 @@ async def test_the_expiry_sweep_locks_wallets_in_id_order(
             assert not running.done()
         assert await asyncio.wait_for(running, timeout=10) == len(reqs)  # one hold per wallet
     for wallet_id, _ in wallets_:
-        assert (await money(migrated_engine, wallet_id))[1] == 0  # every reservation released
+        # Each charged its estimate and its reservation released.
+        assert await money(migrated_engine, wallet_id) == (1_000_000 - 1_000, 0)
     assert await invariants(migrated_engine) == []

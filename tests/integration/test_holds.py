@@ -1,6 +1,6 @@
 """billing.holds against a real PostgreSQL: each way a hold ends, reservation accounting,
-duplicate Checks, settlements racing each other and the expiry sweep, and admission under 200
-concurrent Checks on one wallet.
+duplicate Checks, settlements racing each other and the estimate's charge, holds past their
+expiry keeping their reservations, and admission under 200 concurrent Checks on one wallet.
 
 The functions take an asyncpg connection, as the sidecar runs them. ``Account`` gets one the way
 the sidecar's key cache does without a pool (an AUTOCOMMIT SQLAlchemy connection's own); the
@@ -18,7 +18,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from billing import api_keys, audit, database, hold_batches, holds, ledger, tables, wallets
+from billing import api_keys, audit, database, expiry, hold_batches, holds, ledger, tables, wallets
+from legacy_expiry import expire_as_before
 from row_locks import blocked_on_a_row_lock
 
 pytestmark = pytest.mark.integration
@@ -106,9 +107,10 @@ async def books_balance(engine: AsyncEngine) -> None:
     assert (await audit.run(engine)).findings == []
 
 
-async def expire(engine: AsyncEngine) -> int:
+async def charge_unreported(engine: AsyncEngine, *, report_grace_s: int = 0) -> int:
+    """The sweep's charge of holds unreported ``report_grace_s`` after their expiry."""
     async with engine.begin() as conn:
-        return await holds.expire_due(conn)
+        return await expiry.charge_unreported(conn, report_grace_s=report_grace_s)
 
 
 # --- how a hold ends ----------------------------------------------------------------------------
@@ -188,7 +190,7 @@ async def test_unknown_hold_and_unknown_wallet(migrated_engine: AsyncEngine) -> 
     assert isinstance(refusal, holds.Refusal) and refusal.reason is holds.RefusalReason.WALLET_NOT_FOUND
 
 
-async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
+async def test_a_hold_past_its_expiry_keeps_its_reservation_and_a_late_log_still_charges(
     migrated_engine: AsyncEngine,
 ) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
@@ -196,14 +198,13 @@ async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
     assert await acct.place("later", 200_000, ttl_s=600) is ADMITTED
     assert await acct.money() == (1_000_000, 500_000)
 
-    assert await expire(migrated_engine) == 1  # one hold expired
-    assert (await acct.hold("due")).state == "expired"
-    assert (await acct.hold("later")).state == "pending"
-    assert await acct.money() == (1_000_000, 200_000)
-    assert await expire(migrated_engine) == 0  # nothing left due
+    # Past its expiry, within the report grace: the sweep charges nothing and releases nothing.
+    assert await charge_unreported(migrated_engine, report_grace_s=3600) == 0
+    assert (await acct.hold("due")).state == "pending"
+    assert await acct.money() == (1_000_000, 500_000)
     await books_balance(migrated_engine)
 
-    # The access log arrives late: the cost is posted, no reservation is released twice.
+    # The access log arrives late: the cost is posted and the reservation released, once.
     assert await acct.settle("due", post(70_000)) is S.POSTED_AFTER_EXPIRY
     assert await acct.money() == (930_000, 200_000)
     hold = await acct.hold("due")
@@ -213,22 +214,25 @@ async def test_expiry_releases_the_reservation_and_a_late_log_still_charges(
     await books_balance(migrated_engine)
 
 
-async def test_expired_hold_voided_late_or_charged_its_amount(migrated_engine: AsyncEngine) -> None:
+async def test_a_hold_past_its_expiry_voided_late_or_charged_its_amount(migrated_engine: AsyncEngine) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
     assert await acct.place("void-me", 100_000, ttl_s=0) is ADMITTED
     assert await acct.place("charge-me", 250_000, ttl_s=0) is ADMITTED
-    assert await expire(migrated_engine) == 2
-    assert await acct.money() == (1_000_000, 0)
+    assert await acct.money() == (1_000_000, 350_000)
     assert await acct.settle("void-me", VOID) is S.VOIDED_AFTER_EXPIRY
+    assert await acct.money() == (1_000_000, 250_000)
     assert await acct.settle("void-me", post(5)) is S.ALREADY_VOIDED
     assert await acct.settle("charge-me", ESTIMATE) is S.POSTED_AFTER_EXPIRY
     assert await acct.money() == (750_000, 0)
     await books_balance(migrated_engine)
 
 
-async def test_expire_due_counts_the_holds_it_expired_and_leaves_other_wallets_alone(
+async def test_holds_an_earlier_version_expired_settle_without_a_second_release(
     migrated_engine: AsyncEngine,
 ) -> None:
+    """An earlier version released a hold's reservation at its expiry (state ``expired``): such a
+    hold, still in the database, is posted, voided or charged its estimate without releasing its
+    amount again, and other wallets are left alone."""
     a = await open_account(migrated_engine, 1_000_000)
     b = await open_account(migrated_engine, 1_000_000)
     c = await open_account(migrated_engine, 1_000_000)
@@ -236,8 +240,14 @@ async def test_expire_due_counts_the_holds_it_expired_and_leaves_other_wallets_a
     assert await a.place("a2", 20, ttl_s=0) is ADMITTED
     assert await b.place("b1", 40, ttl_s=0) is ADMITTED
     assert await c.place("c1", 80, ttl_s=600) is ADMITTED
-    assert await expire(migrated_engine) == 3
+    assert await expire_as_before(migrated_engine) == 3
     assert [await x.money() for x in (a, b, c)] == [(1_000_000, 0), (1_000_000, 0), (1_000_000, 80)]
+    await books_balance(migrated_engine)
+
+    assert await a.settle("a1", post(5)) is S.POSTED_AFTER_EXPIRY
+    assert await a.settle("a2", VOID) is S.VOIDED_AFTER_EXPIRY
+    assert await charge_unreported(migrated_engine) == 1  # b1, expired a grace of 0 ago
+    assert [await x.money() for x in (a, b, c)] == [(999_995, 0), (999_960, 0), (1_000_000, 80)]
     async with migrated_engine.connect() as conn:
         assert await holds.outstanding(conn) == 1
     await books_balance(migrated_engine)
@@ -289,9 +299,8 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
     assert await settle(post(12_345), wallet_id=acct.wallet_id, model="gpt-4o-mini") is S.ALREADY_POSTED
     assert await acct.money() == (1_000_000 - 12_345, 0)
 
-    # An expired hold likewise.
+    # A hold past its expiry likewise.
     assert await acct.place("late", 50_000, ttl_s=0) is ADMITTED
-    assert await expire(migrated_engine) == 1
     async with database.acquire(migrated_engine) as conn:
         assert (
             await holds.settle(
@@ -299,7 +308,7 @@ async def test_a_settlement_that_disagrees_with_its_hold_changes_nothing(
             )
             is S.REFUSED_MISMATCH
         )
-        assert (await acct.hold("late")).state == "expired"
+        assert (await acct.hold("late")).state == "pending"
         assert (
             await holds.settle(
                 conn, request_id="late", resolution=VOID, wallet_id=acct.wallet_id, model="gpt-4o-mini"
@@ -363,10 +372,10 @@ async def test_reserved_is_the_sum_of_pending_holds_at_every_step(migrated_engin
     await expect(9_950_000, 600_000)
     assert await acct.settle("b", VOID) is S.VOIDED
     await expect(9_950_000, 400_000)
-    assert await expire(migrated_engine) == 1
-    await expect(9_950_000, 0)
+    assert await charge_unreported(migrated_engine, report_grace_s=3600) == 0  # c: past its expiry
+    await expect(9_950_000, 400_000)
     assert await acct.place("d", 1_000) is ADMITTED
-    await expect(9_950_000, 1_000)
+    await expect(9_950_000, 401_000)
     assert await acct.settle("c", post(30_000)) is S.POSTED_AFTER_EXPIRY
     await expect(9_920_000, 1_000)
     assert await acct.settle("d", post(1_000)) is S.POSTED
@@ -481,30 +490,34 @@ async def test_a_settlement_racing_another_waits_for_it_and_changes_nothing(
     await books_balance(migrated_engine)
 
 
-async def test_a_settlement_racing_the_expiry_sweep_releases_the_reservation_once(
+async def test_a_late_report_racing_the_estimates_charge_charges_and_releases_once(
     migrated_engine: AsyncEngine,
 ) -> None:
     acct = await open_account(migrated_engine, 1_000_000)
-    # The sweep goes first: the settlement waits, then finds the hold expired and posts after expiry.
-    assert await acct.place("swept-first", 300_000, ttl_s=0) is ADMITTED
+    # The charge goes first: the late report waits for it, then finds the hold already posted.
+    assert await acct.place("charged-first", 300_000, ttl_s=0) is ADMITTED
 
-    async def settle_swept() -> holds.Settlement:
-        return await acct.settle("swept-first", post(70_000))
+    async def charge(conn: AsyncConnection) -> int:
+        return await expiry.charge_unreported(conn, report_grace_s=0)
 
-    assert await in_open_transaction(migrated_engine, holds.expire_due, settle_swept) == (
-        1,
+    async def report_charged() -> holds.Settlement:
+        return await acct.settle("charged-first", post(70_000))
+
+    assert await in_open_transaction(migrated_engine, charge, report_charged) == (1, S.ALREADY_POSTED)
+    assert await acct.money() == (700_000, 0)
+
+    # The report goes first: the charge waits for it, then finds the hold posted and charges nothing.
+    assert await acct.place("reported-first", 200_000, ttl_s=0) is ADMITTED
+
+    async def report(conn: AsyncConnection) -> holds.Settlement:
+        return await holds.settle(conn, request_id="reported-first", resolution=post(50_000))
+
+    assert await in_open_transaction(migrated_engine, report, lambda: charge_unreported(migrated_engine)) == (
         S.POSTED_AFTER_EXPIRY,
+        0,
     )
-    assert await acct.money() == (930_000, 0)
-
-    # The settlement goes first: the sweep skips the hold it holds locked (SKIP LOCKED: it is being
-    # settled) without waiting, and expires nothing; the settlement then commits.
-    assert await acct.place("settled-first", 200_000, ttl_s=0) is ADMITTED
-    async with migrated_engine.connect() as conn, conn.begin():
-        assert await holds.settle(conn, request_id="settled-first", resolution=post(50_000)) is S.POSTED
-        assert await asyncio.wait_for(expire(migrated_engine), timeout=10) == 0
-    assert await acct.money() == (880_000, 0)
-    assert (await acct.hold("settled-first")).state == "posted"
+    assert await acct.money() == (650_000, 0)
+    assert (await acct.hold("reported-first")).posted_nano == 50_000
     await books_balance(migrated_engine)
 
 

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import api_keys, audit, database, expiry, hold_batches, holds, key_limits, wallets
+from legacy_expiry import expire_as_before
 
 pytestmark = pytest.mark.integration
 
@@ -360,7 +361,30 @@ async def test_the_statements_calendar_is_the_pythons(
 # --- expiry ---------------------------------------------------------------------------------------
 
 
-async def test_expiry_releases_the_keys_reservation_and_a_late_charge_counts_in_its_window(
+async def test_a_hold_past_its_expiry_keeps_the_keys_reservation_until_charged_in_its_window(
+    migrated_engine: AsyncEngine,
+) -> None:
+    wallet_id, (key, _) = await new_wallet(migrated_engine, 100_000)
+    await set_limit(migrated_engine, key, 1_000, W.DAILY)
+    for request_id in ("e1", "e2"):
+        assert await place(migrated_engine, wallet_id, key, request_id, 400) is None
+    async with migrated_engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE holds SET expires_at = now() - interval '1 minute'"))
+        # Within the report grace: nothing charged, the key's reservation kept.
+        assert await expiry.charge_unreported(conn, report_grace_s=3600) == 0
+    assert await sums(migrated_engine, key) == (0, 800)
+    refusal = await place(migrated_engine, wallet_id, key, "e3", 201)
+    assert refusal is not None and refusal.reason is R.KEY_LIMIT_REACHED
+    # A late report posts e1; the grace's sweep charges e2 its estimate: both count in the window.
+    assert await settle(migrated_engine, "e1", post(100)) is S.POSTED_AFTER_EXPIRY
+    assert await sums(migrated_engine, key) == (100, 400)
+    async with migrated_engine.begin() as conn:
+        assert await expiry.charge_unreported(conn, report_grace_s=30) == 1
+    assert await sums(migrated_engine, key) == (500, 0)
+    await clean(migrated_engine)
+
+
+async def test_holds_an_earlier_version_expired_count_in_the_keys_window_without_a_second_release(
     migrated_engine: AsyncEngine,
 ) -> None:
     wallet_id, (key, _) = await new_wallet(migrated_engine, 100_000)
@@ -369,10 +393,8 @@ async def test_expiry_releases_the_keys_reservation_and_a_late_charge_counts_in_
         assert await place(migrated_engine, wallet_id, key, request_id, 400) is None
     async with migrated_engine.begin() as conn:
         await conn.execute(sa.text("UPDATE holds SET expires_at = now() - interval '1 hour'"))
-    async with migrated_engine.begin() as conn:
-        assert await holds.expire_due(conn) == 2
+    assert await expire_as_before(migrated_engine) == 2
     assert await sums(migrated_engine, key) == (0, 0)
-    # A late report posts e1; the grace's sweep charges e2 its estimate: both count in the window.
     assert await settle(migrated_engine, "e1", post(100)) is S.POSTED_AFTER_EXPIRY
     async with migrated_engine.begin() as conn:
         await conn.execute(

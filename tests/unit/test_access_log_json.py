@@ -110,7 +110,9 @@ def test_a_finished_answer_with_unreadable_usage_is_logged(caplog: pytest.LogCap
 
 
 def test_a_check_envoy_gave_up_on_is_voided_by_request_id() -> None:
-    assert finished_request_from_json(line(status=503, authz=None)) == FinishedRequest("r1", 503, "", None)
+    assert finished_request_from_json(line(status=503, authz=None)) == FinishedRequest(
+        "r1", 503, "", None, check_failed=True
+    )
 
 
 @pytest.mark.parametrize(

@@ -264,10 +264,17 @@ async def test_reconcile_refuses_a_line_that_disagrees_with_its_hold(launch_data
         assert await db.balance(user["wallet_id"]) == grant
         assert [e.kind for e in await db.ledger(user["wallet_id"])] == ["grant"]
 
-        # The two refused holds are Envoy's to settle; here they simply expire, charging nothing.
+        # The two refused holds are Envoy's to settle: their genuine reports (failures) void them.
         async with db.engine.begin() as conn:
-            await conn.exec_driver_sql("UPDATE holds SET expires_at = now() WHERE state = 'pending'")
-            await holds.expire_due(conn)
+            for request_id in ("rec-other-model", "rec-other-wallet"):
+                voided = await holds.settle(
+                    conn,
+                    request_id=request_id,
+                    resolution=holds.Resolution.VOID,
+                    wallet_id=user["wallet_id"],
+                    model=MODEL,
+                )
+                assert voided is holds.Settlement.VOIDED
         assert (await db.wallet(user["wallet_id"])).reserved_nano == 0
 
 
