@@ -59,9 +59,8 @@ ROTATED_SUFFIX = ".1"
 REOPEN_RETRY_S = 5.0
 ADMIN_TIMEOUT_S = 2.0
 
-_UNRESOLVED = """
-SELECT request_id FROM holds WHERE request_id = ANY($1::text[]) AND state IN ('pending', 'expired')
-"""
+_HOLD_STATES = "SELECT request_id, state FROM holds WHERE request_id = ANY($1::text[])"
+_UNRESOLVED_STATES = ("pending", "expired")
 _LOAD_CURSOR = "SELECT position FROM access_log_cursors WHERE log_id = $1::text"
 _SAVE_CURSOR = """
 INSERT INTO access_log_cursors (log_id, path, position) VALUES ($1::text, $2::text, $3::bigint)
@@ -298,15 +297,23 @@ class Follower:
 
     async def _settle_unresolved(self, requests: list[FinishedRequest]) -> int:
         """Settle those of ``requests`` whose hold is still pending or expired (the gRPC log
-        settled the rest already); one query picks them."""
+        settled the rest already), and the refusals of Checks Envoy gave up on whose request id
+        has no hold yet: their report leaves a void in its place, so a hold committed later is
+        refused (``holds.void_before_hold``), as when the gRPC log delivers it. One query picks
+        them."""
         if not requests:
             return 0
         async with database.acquire(self._db) as conn:
-            unresolved = {
-                row["request_id"]
-                for row in await conn.fetch(_UNRESOLVED, [done.request_id for done in requests])
+            states = {
+                row["request_id"]: row["state"]
+                for row in await conn.fetch(_HOLD_STATES, [done.request_id for done in requests])
             }
-        todo = [done for done in requests if done.request_id in unresolved]
+        todo = [
+            done
+            for done in requests
+            if states.get(done.request_id) in _UNRESOLVED_STATES
+            or (done.check_failed and done.request_id not in states)
+        ]
         if todo:
             await self._settler.settle(todo)
             metrics.access_log_file_recovered.inc(len(todo))

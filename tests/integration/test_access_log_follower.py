@@ -151,6 +151,39 @@ async def test_settles_what_the_grpc_log_did_not_and_leaves_the_rest(wallet: Wal
     follow.close()
 
 
+async def test_a_refused_checks_line_voids_a_hold_placed_after_it(wallet: Wallet, tmp_path: Path) -> None:
+    """Envoy gave up on a slow Check (503, no metadata) and its gRPC report was lost: the file's
+    line leaves a void in the request id's place, so the hold the Check commits later is refused
+    and moves no money. A refusal whose hold is already resolved is left alone."""
+    path = tmp_path / "access.log"
+    await wallet.place("gave-up-after-hold")
+    append(
+        path,
+        envoy_log_line("gave-up-before-hold", 503, hold=None),
+        envoy_log_line("gave-up-after-hold", 503, hold=None),
+    )
+    follow = follower(wallet.pool, path)
+    assert await follow.follow_once() == 2
+    assert await follow.follow_once() == 0  # nothing new, and nothing settled twice
+    follow.close()
+    async with database.acquire(wallet.pool) as conn:
+        refusal = await holds.place(
+            conn,
+            request_id="gave-up-before-hold",
+            wallet_id=wallet.wallet_id,
+            key_id=wallet.key_id,
+            model=MODEL,
+            amount_nano=HOLD_NANO,
+            ttl_s=600,
+            strict=False,
+        )
+    assert refusal is not None and refusal.reason is holds.RefusalReason.DUPLICATE_REQUEST
+    assert await wallet.states() == {"gave-up-after-hold": ("voided", None)}
+    assert await wallet.balance() == GRANT_NANO
+    reserved = await wallet.pool.fetchval("SELECT reserved_nano FROM wallets WHERE id = $1", wallet.wallet_id)
+    assert reserved == 0
+
+
 async def test_a_line_still_being_written_waits_for_its_end(wallet: Wallet, tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     await wallet.place("first", "second")
