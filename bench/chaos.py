@@ -20,10 +20,10 @@ After the load, it waits until every hold of the run is posted or voided, then p
 charged, voided, the differences that must be 0, and the longest time a served request stayed
 unsettled. It exits 1 if any difference is not 0, 2 if the run itself could not start.
 
-Holds expire after 10 s here and a hold no log reports is charged its estimate at once after
-(``BILLINGPROXY_HOLD_TTL_S``, ``BILLINGPROXY_HOLD_REPORT_GRACE_S``; billing/expiry.py): with the
-defaults (600 s, 900 s) a request Envoy died in the middle of would keep the run waiting 25
-minutes for its books.
+A hold no log reports is charged its estimate 10 s after its Check here (its TTL, with no grace
+after it: ``BILLINGPROXY_HOLD_TTL_S``, ``BILLINGPROXY_HOLD_REPORT_GRACE_S``; billing/expiry.py):
+with the defaults (600 s + 900 s) a request Envoy died in the middle of would keep the run waiting
+25 minutes for its books.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ SETTINGS = {
     "BILLINGPROXY_UPSTREAM_TIMEOUT_S": "5",
     "BILLINGPROXY_HOLD_REPORT_GRACE_S": "0",
 }
-# Holds expire 10 s after their Check and the sweep runs every 5 s: every hold is resolved well
-# within this after the load stops, or something is wrong.
+# An unreported hold is charged 10 s after its Check and the sweep runs every 5 s: every hold is
+# resolved well within this after the load stops, or something is wrong.
 RESOLVE_TIMEOUT_S = 60.0
 # Open loop: requests in flight at most (a gateway that stops answering cannot pile up more).
 IN_FLIGHT_MAX = 256
