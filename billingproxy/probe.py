@@ -9,6 +9,8 @@ access-log entry while the sidecar is still there to settle it
 
 Sharp edges:
 - Only the standard library (and the settings): a probe is a process start every few seconds.
+  Hence :func:`admin_socket` here rather than importing ``authz_sidecar.envoy_config``, which
+  brings the sidecar's database layer with it; tests/unit/test_probe.py holds the two equal.
 - Every call has a timeout well below kubelet's probe timeout, so a hung listener is a failed
   probe with a message, not a probe kubelet kills without one.
 - Envoy's access-log counters are its own; the rule that they balance lives here, once, and the
@@ -25,7 +27,6 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from authz_sidecar import envoy_config
 from billing import settings as settings_mod
 
 REQUEST_TIMEOUT_S = 2.0
@@ -76,6 +77,11 @@ def _sidecar(settings: settings_mod.Settings, path: str) -> tuple[int, str]:
     return _request(connection, "GET", path, f"sidecar {path}")
 
 
+def admin_socket(settings: settings_mod.Settings) -> Path:
+    """Where Envoy's admin socket is in the pod: ``envoy_config.default_admin_socket``."""
+    return settings.data_dir.absolute() / "run" / "envoy-admin.sock"
+
+
 def envoy_admin(socket_path: Path, method: str, path: str) -> tuple[int, str]:
     """``method path`` on Envoy's admin, over its Unix socket: the status and the body."""
     return _request(_UnixConnection(socket_path, REQUEST_TIMEOUT_S), method, path, f"envoy admin {path}")
@@ -94,7 +100,7 @@ def readyz(settings: settings_mod.Settings) -> None:
 
 
 def envoy_ready(settings: settings_mod.Settings) -> None:
-    status, body = envoy_admin(envoy_config.default_admin_socket(settings), "GET", "/ready")
+    status, body = envoy_admin(admin_socket(settings), "GET", "/ready")
     if status != 200 or body.strip() != "LIVE":
         raise ProbeFailed(f"envoy /ready answered {status}: {body.strip()[:200]}")
 
@@ -144,7 +150,7 @@ def drain(settings: settings_mod.Settings, within_s: float) -> list[str]:
     """Drain Envoy's listeners, wait (at most ``within_s``) for the requests in flight, then (at
     most :data:`ACCESS_LOG_FLUSH_TIMEOUT_S`) until its access log has sent every entry. Returns
     what did not finish in time (empty when everything did)."""
-    socket_path = envoy_config.default_admin_socket(settings)
+    socket_path = admin_socket(settings)
     status, body = envoy_admin(socket_path, "POST", "/drain_listeners?graceful&inboundonly")
     if status != 200:
         raise ProbeFailed(f"envoy /drain_listeners answered {status}: {body.strip()[:200]}")

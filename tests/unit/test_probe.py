@@ -188,3 +188,8 @@ def test_access_log_flushed_when_every_entry_written_was_sent_failed_or_dropped(
     stats: dict[str, int], flushed: bool
 ) -> None:
     assert probe.access_log_flushed(stats) is flushed
+
+
+def test_the_probe_looks_for_envoy_admin_where_the_rendered_config_puts_it(tmp_path: Path) -> None:
+    settings = settings_mod.Settings(data_dir=tmp_path / "data")
+    assert probe.admin_socket(settings) == envoy_config.default_admin_socket(settings)
