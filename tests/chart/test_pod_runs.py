@@ -170,6 +170,7 @@ async def test_the_rendered_pod_runs_bills_and_drains(
         done = await asyncio.to_thread(migration.run, "migrate")
         assert done.returncode == 0, done.stderr
         assert "database schema is up to date" in done.stdout
+    assert migration.root_writes() == [], "the migration wrote on its read-only root filesystem"
 
     gateway = chart.find(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
     pod = kubelet.Pod(gateway, docs, folder / "gateway", images)
@@ -200,6 +201,8 @@ async def test_the_rendered_pod_runs_bills_and_drains(
     finally:
         for process in pod.processes.values():
             kubelet.stop(process, grace_s)
+    # The chart gives every container a read-only root filesystem: all it wrote is on its volumes.
+    assert pod.root_writes() == []
 
 
 async def _scrape(
