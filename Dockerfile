@@ -22,6 +22,8 @@ RUN /opt/billingproxy/bin/pip install . \
  && /opt/billingproxy/bin/pip install --no-deps "litellm==${LITELLM_VERSION:?pass --build-arg LITELLM_VERSION (make image does)}" \
  && /opt/billingproxy/bin/pip uninstall --yes pip setuptools wheel \
  && find /opt/billingproxy -name '__pycache__' -prune -exec rm -rf {} +
+# pip's bytecode goes: the last stage compiles its own (below), and the dev stage writes it as
+# Tilt syncs the sources.
 
 # --- dev: Tilt's image on kind only (`make image` builds the last stage, never this one) ---------
 # The build stage's environment, runnable like the final image, with the installed packages owned
@@ -42,8 +44,15 @@ ENTRYPOINT ["billingproxy"]
 # --- run: the slim base, the environment, a numeric non-root user -----------------------------
 FROM python:${PYTHON_VERSION}-slim
 COPY --from=build /opt/billingproxy /opt/billingproxy
-# The root filesystem may be read-only: no bytecode written next to the sources, no caches, and
-# the only writable path is the declared volume.
+# Bytecode compiled once, here, for the environment and the standard library (the base image ships
+# none): the root filesystem may be read-only, and every exec probe is a Python start that would
+# otherwise compile each module it imports, every time. Unchecked hashes, because the sources never
+# change in an image and a timestamp check would depend on mtimes a COPY may not keep
+# (docs/decisions/0022-exec-probes.md).
+RUN python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+      /opt/billingproxy/lib "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
+# No bytecode written next to the sources at run time, no caches, and the only writable path is the
+# declared volume.
 ENV PATH=/opt/billingproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

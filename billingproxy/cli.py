@@ -3,22 +3,26 @@
 Every failure a person can cause or fix (bad setting, database down, port taken, unknown wallet)
 ends as one line on stderr and exit status 2, never a traceback. Status 1 is a finding, not a
 failure: a probe that found the pod unhealthy, an audit that found the books broken.
+
+A command imports only what it runs: `probe` is kubelet's exec probe, one process start every few
+seconds per pod, so the database layer (SQLAlchemy, Alembic, asyncpg) and the price map are
+imported by the commands that use them, never at the top (tests/unit/test_cli_imports.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from billing import database, errors, pricing, settings as settings_mod
+from billing import errors, settings as settings_mod
 from billingproxy import probe
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 EXIT_USAGE = 2
 EXIT_PROBE_FAILED = 1
@@ -147,6 +151,10 @@ def _database_url(settings: settings_mod.Settings) -> str:
 
 def _on_database(settings: settings_mod.Settings, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     """Run ``work`` with an engine of one connection over the command's database."""
+    import asyncio  # noqa: PLC0415 (a command imports only what it runs)
+
+    from billing import database  # noqa: PLC0415 (a command imports only what it runs)
+
     url = _database_url(settings)
 
     async def go() -> T:
@@ -172,6 +180,12 @@ def _admin(command: Callable[..., Awaitable[str]], *args: object) -> Callable[[s
 
 
 def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
+    if args.command == "probe":
+        return _probe(args, settings)
+    # Every command below uses the database or the price map.
+    import asyncio  # noqa: PLC0415 (a command imports only what it runs)
+
+    from billing import database, pricing  # noqa: PLC0415 (a command imports only what it runs)
     from billingproxy import admin_commands  # noqa: PLC0415 (a command imports only what it runs)
 
     if args.command == "up":
@@ -199,8 +213,6 @@ def _dispatch(args: argparse.Namespace, settings: settings_mod.Settings) -> int:
         return 0
     if args.command == "operator":
         return run_operator(settings)
-    if args.command == "probe":
-        return _probe(args, settings)
     if args.command == "wallet" and args.action == "show":
         return _admin(admin_commands.wallet_show, args.wallet)(settings)
     if args.command == "wallet" and args.action == "credit":
@@ -242,6 +254,8 @@ def run_operator(settings: settings_mod.Settings) -> int:
     liveness endpoint taken from ``BILLINGPROXY_OPERATOR_*`` (docs/operator.md) instead of kopf's
     flags. Stops on SIGINT/SIGTERM."""
     # Lazy on purpose: kopf reads the status timer's interval when billing_operator is imported.
+    import asyncio  # noqa: PLC0415 (a command imports only what it runs)
+
     from billing_operator import runner, settings as operator_settings  # noqa: PLC0415 (see the line above)
 
     asyncio.run(runner.run(operator_settings.from_env(settings=settings)))
@@ -282,8 +296,6 @@ def _read_lines(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from billingproxy import startup_errors  # noqa: PLC0415 (a command imports only what it runs)
-
     try:
         settings = settings_mod.from_env()
         logging.basicConfig(
@@ -296,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from billingproxy import startup_errors  # noqa: PLC0415 (it imports the database layer)
+
         explained = startup_errors.explain(exc)
         if explained is None:
             raise

@@ -60,3 +60,38 @@ def test_the_build_gets_every_package_pyproject_installs() -> None:
     for folder in _package_folders():
         assert folder in copied, f"the Dockerfile does not copy {folder}/"
         assert f"!{folder}/" in ignore, f".dockerignore leaves {folder}/ out of the build context"
+
+
+def _instructions(stage: str) -> list[tuple[str, str]]:
+    """The stage's instructions as (name, arguments), continuation lines joined, comments dropped."""
+    lines = [line for line in stage.splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    return [
+        (name.upper(), rest.strip())
+        for name, _, rest in (line.strip().partition(" ") for line in joined.splitlines()[1:])
+        if name
+    ]
+
+
+def test_the_last_stage_compiles_its_bytecode_once_with_unchecked_hashes() -> None:
+    """Every exec probe is a Python start on a read-only root: without bytecode in the image each
+    one compiles every module it imports. The last stage compiles the copied environment and the
+    standard library (the base image deletes its own bytecode), with hashes that are never checked
+    against mtimes a COPY may not keep, and nothing after that removes them."""
+    instructions = _instructions(LAST_STAGE)
+    copy = instructions.index(("COPY", "--from=build /opt/billingproxy /opt/billingproxy"))
+    runs = [i for i, (name, args) in enumerate(instructions) if name == "RUN" and "compileall" in args]
+    assert len(runs) == 1, "the last stage compiles no bytecode (or does it twice)"
+    compiling = runs[0]
+    assert compiling > copy, "the bytecode is compiled before the environment is copied"
+    command = instructions[compiling][1]
+    assert re.search(r"\bpython -m compileall\b", command)
+    assert "--invalidation-mode unchecked-hash" in command
+    assert "/opt/billingproxy/lib" in command
+    assert 'sysconfig.get_path("stdlib")' in command
+    users = [i for i, (name, _) in enumerate(instructions) if name == "USER"]
+    assert users and compiling < users[0], "compiled as the pod's user, who cannot write there"
+    for name, args in instructions[compiling + 1 :]:
+        assert not (name == "RUN" and re.search(r"__pycache__|\.pyc\b|rm -", args)), args
+    env = " ".join(args for name, args in instructions if name == "ENV")
+    assert "PYTHONDONTWRITEBYTECODE=1" in env, "nothing is written next to the sources at run time"

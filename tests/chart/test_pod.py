@@ -4,6 +4,7 @@ ports, paths and the probes' commands."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ def test_the_init_container_renders_a_config_envoy_accepts(rendering: str, tmp_p
     local = kubelet.Pod(pod, docs, tmp_path, chart.local_images())
     done = local.run(init["name"])
     assert done.returncode == 0, done.stderr
+    assert local.root_writes() == [], "the init container wrote on its read-only root filesystem"
     config = local.local_path(f"{DATA_DIR}/run/envoy.yaml")
     assert config.stat().st_mode & 0o077 == 0
     envoy_process.validate(config.read_text())
@@ -86,3 +88,29 @@ def test_the_migration_job_is_a_hook_running_migrate() -> None:
     assert container["env"] == [
         {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "pg-app", "key": "uri"}}}
     ]
+
+
+def test_the_stand_in_kubelet_sees_writes_outside_the_volume_mounts(tmp_path: Path) -> None:
+    """The chart's containers have a read-only root filesystem; the local pod sees what a
+    container wrote outside its volumes (in its working directory, its HOME, its TMPDIR), so the
+    rendered pods' runs can assert that nothing was."""
+    spec = {
+        "containers": [
+            {
+                "name": "writer",
+                "image": "example.org/shell:1",
+                "command": ["sh", "-c", 'echo > /data/kept; echo > here; echo > "$HOME/.cache"; mktemp'],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }
+        ],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+    }
+    shell = kubelet.Image(env={"PATH": os.environ["PATH"]})
+    local = kubelet.Pod(spec, [], tmp_path, {"shell": shell})
+    assert local.root_writes() == []
+    done = local.run("writer")
+    assert done.returncode == 0, done.stderr
+    temporary = "/" + str(Path(done.stdout.strip()).relative_to(tmp_path))
+    assert local.root_writes() == sorted(["/here", "/.cache", temporary])
+    assert temporary.startswith("/tmp/")
+    assert local.local_path("/data/kept").is_file()

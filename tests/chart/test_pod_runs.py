@@ -13,18 +13,27 @@ is the image's ENTRYPOINT, read from the Dockerfile), Envoy's as the envoy-serve
 
 Order, as in a cluster: the migration hook, then the init container, then Envoy and the sidecar;
 the startup probes, then the readiness probes (the pod is Ready), one scrape of the metrics port
-(what the chart's ServiceMonitor asks for), then the journey: signup →
+(what the chart's ServiceMonitor asks for), then what the chart's NOTES tell a user to run (its
+curl commands as written, its `kubectl exec` credit in the container), then the journey: signup →
 billed requests → the balance drops by their exact cost → 403 at zero. Then the pod stops as the
-kubelet stops it: both preStop hooks while a request is in flight, then SIGTERM; the drain must
-succeed without leaving anything unsent, and every request must be settled exactly once.
+kubelet stops it: both preStop hooks while a request is in flight, a new request while Envoy
+drains (it still accepts for its drain time), then SIGTERM; the drain must end only once Envoy
+refuses new connections, without leaving anything unsent, and every request must be settled
+exactly once, at its exact price.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shlex
+import subprocess
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -49,7 +58,12 @@ REQUEST_COST = Decimal("0.25")
 FREE_GRANT = Decimal("0.50")
 #: The in-flight request the drain must let finish.
 IN_FLIGHT_DELAY_MS = 1500
-DRAIN_S = 4
+#: Above Envoy's --drain-time-s (5 s in the chart), after which its listeners stop.
+DRAIN_S = 10
+#: The usage the backend reports for the request sent while Envoy drains: 8 completion tokens,
+#: half the estimate its max_tokens makes, so its charge shows it was settled, not estimated.
+LATE_USAGE = {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9}
+LATE_COST = Decimal("0.125")
 SETTLE_TIMEOUT_S = 15.0
 
 
@@ -156,6 +170,7 @@ async def test_the_rendered_pod_runs_bills_and_drains(
         done = await asyncio.to_thread(migration.run, "migrate")
         assert done.returncode == 0, done.stderr
         assert "database schema is up to date" in done.stdout
+    assert migration.root_writes() == [], "the migration wrote on its read-only root filesystem"
 
     gateway = chart.find(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
     pod = kubelet.Pod(gateway, docs, folder / "gateway", images)
@@ -180,11 +195,14 @@ async def test_the_rendered_pod_runs_bills_and_drains(
         async with aiohttp.ClientSession() as session:
             await _scrape(session, docs, gateway)
             client = Client(session, f"http://127.0.0.1:{gateway_port}")
+            await _follow_the_notes(_notes(values_file), client, pod)
             await _journey(client)
             await _stop_while_a_request_is_in_flight(client, pod, fresh_database_url, grace_s)
     finally:
         for process in pod.processes.values():
             kubelet.stop(process, grace_s)
+    # The chart gives every container a read-only root filesystem: all it wrote is on its volumes.
+    assert pod.root_writes() == []
 
 
 async def _scrape(
@@ -210,10 +228,77 @@ async def _scrape(
         assert any(name.startswith(family) for name in names), endpoint
 
 
+def _notes(values_file: Path) -> str:
+    """The NOTES Helm prints after installing with these values (`helm template` prints none)."""
+    done = chart.helm(
+        "install",
+        "--dry-run=client",
+        "--generate-name",
+        str(chart.CHART),
+        "-n",
+        chart.NAMESPACE,
+        *chart.values_args("required"),
+        "-f",
+        str(values_file),
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\nNOTES:\n", 1)[1]
+
+
+async def _shell(command: str, **env: str) -> str:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, f"{command}: {done.stderr}"
+    return done.stdout
+
+
+async def _follow_the_notes(notes: str, client: Client, pod: kubelet.Pod) -> None:
+    """What a user does after `helm install`: the NOTES' curl commands, run as written (with
+    ``KEY`` set as step 1 says), and its ``kubectl exec`` credit, run in the pod's container."""
+    commands = [line.strip() for line in notes.replace("\\\n", " ").splitlines()]
+    curls = [line for line in commands if line.startswith("curl ")]
+    [kubectl] = [line for line in commands if line.startswith("kubectl ")]
+    assert [urlsplit(shlex.split(curl)[2]).path for curl in curls] == [
+        "/user/signup",
+        "/v1/chat/completions",
+        "/billing/balance",
+    ]
+    signup, chat, balance = curls
+
+    account = json.loads(await _shell(signup))
+    key = account["api_key"]
+    answer = json.loads(await _shell(chat, KEY=key))
+    assert answer["usage"]["completion_tokens"] > 0, answer
+    await waiting.wait_until(
+        lambda: _balance_below(balance, key, Decimal(account["balance_usd"])),
+        SETTLE_TIMEOUT_S,
+        "the NOTES' first call charged",
+    )
+
+    # Without Stripe, step 3 credits by hand in the sidecar container.
+    container = shlex.split(kubectl)[shlex.split(kubectl).index("-c") + 1]
+    credit = shlex.split(kubectl.split(" -- ", 1)[1])
+    before = await client.balance(key)
+    done = await asyncio.to_thread(pod.exec, container, credit, 60)
+    assert done.returncode == 0, done.stderr
+    assert await client.balance(key) == before + Decimal(credit[credit.index("--reference") - 1])
+
+
+async def _balance_below(command: str, key: str, limit: Decimal) -> bool:
+    return Decimal(json.loads(await _shell(command, KEY=key))["balance_usd"]) < limit
+
+
 async def _journey(client: Client) -> None:
-    alice = await client.signup("alice@example.com")
-    key = alice["api_key"]
-    assert Decimal(alice["balance_usd"]) == FREE_GRANT
+    carol = await client.signup("carol@example.com")
+    key = carol["api_key"]
+    assert Decimal(carol["balance_usd"]) == FREE_GRANT
     for paid in (1, 2):
         status, body = await client.chat(key)
         assert status == 200, body
@@ -226,12 +311,26 @@ async def _journey(client: Client) -> None:
     assert body["error"]["top_up_url"] == f"{client.url}/account/top-up"
 
 
+async def _accepts_connections(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
 async def _stop_while_a_request_is_in_flight(
     client: Client,
     pod: kubelet.Pod,
     database_url: str,
     grace_s: int,
 ) -> None:
+    """The kubelet runs every container's preStop at once and stops each container after its own.
+    Meanwhile: a request in flight when the stop begins, and one sent once Envoy drains (it still
+    accepts new connections for its drain time) — both are served and charged exactly once, at
+    their exact price; the drain ends only once Envoy refuses new connections."""
     bob = await client.signup("bob@example.com")
     in_flight = asyncio.create_task(
         client.chat(bob["api_key"], **{"x-demo-delay-ms": str(IN_FLIGHT_DELAY_MS)})
@@ -246,17 +345,35 @@ async def _stop_while_a_request_is_in_flight(
 
     await waiting.wait_until(pending_holds, SETTLE_TIMEOUT_S, "the request in flight's hold")
 
-    # The kubelet runs every container's preStop at once and stops each container after its own.
-    async def stop(name: str) -> Any:
-        hook = await asyncio.to_thread(pod.pre_stop, name)
-        exit_code = await asyncio.to_thread(kubelet.stop, pod.processes[name], grace_s)
-        return hook, exit_code
+    sidecar_hook = asyncio.create_task(asyncio.to_thread(pod.pre_stop, "sidecar"))
+    envoy_hook = asyncio.create_task(asyncio.to_thread(pod.pre_stop, "envoy"))
+    # A new connection for each request from here: Envoy keeps none open while it drains.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        late_client = Client(fresh, client.url)
 
-    (sidecar_hook, sidecar_exit), (envoy_hook, _) = await asyncio.gather(stop("sidecar"), stop("envoy"))
-    assert sidecar_hook.returncode == 0, sidecar_hook.stderr
-    assert sidecar_hook.stderr == "", "the drain left something unfinished"
-    assert envoy_hook.returncode == 0, envoy_hook.stderr
+        async def draining() -> bool:
+            """Envoy answers a free request with ``connection: close`` once it drains."""
+            async with fresh.get(
+                f"{client.url}/billing/balance", headers={"authorization": f"Bearer {bob['api_key']}"}
+            ) as response:
+                await response.read()
+                return response.headers.get("connection", "").lower() == "close"
+
+        await waiting.wait_until(draining, SETTLE_TIMEOUT_S, "Envoy draining")
+        assert not sidecar_hook.done(), "the drain ended while Envoy still accepted connections"
+        status, body = await late_client.chat(bob["api_key"], **{"x-demo-usage": json.dumps(LATE_USAGE)})
+        assert status == 200, body
+
+    done = await sidecar_hook
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", "the drain left something unfinished"
+    # The drain has ended, Envoy (in its own preStop) still runs: it refuses new connections.
+    assert pod.processes["envoy"].poll() is None
+    assert not await _accepts_connections(int(client.url.rsplit(":", 1)[1])), "the drain ended too soon"
+    sidecar_exit = await asyncio.to_thread(kubelet.stop, pod.processes["sidecar"], grace_s)
     assert sidecar_exit == 0, pod.log_tail("sidecar")
+    assert (await envoy_hook).returncode == 0
+    await asyncio.to_thread(kubelet.stop, pod.processes["envoy"], grace_s)
     status, body = await in_flight
     assert status == 200, body
 
@@ -265,9 +382,10 @@ async def _stop_while_a_request_is_in_flight(
     try:
         usage = await connection.fetch(
             "SELECT e.amount_nano FROM ledger_entries e JOIN wallets w ON w.id = e.wallet_id "
-            "WHERE e.kind = 'usage' AND w.id = $1",
+            "WHERE e.kind = 'usage' AND w.id = $1 ORDER BY e.amount_nano",
             bob["wallet_id"],
         )
     finally:
         await connection.close()
-    assert [row["amount_nano"] for row in usage] == [-int(REQUEST_COST * 10**9)]
+    # The in-flight request's whole price, and the late one's exact (not estimated) price.
+    assert [row["amount_nano"] for row in usage] == [-int(REQUEST_COST * 10**9), -int(LATE_COST * 10**9)]

