@@ -233,11 +233,6 @@ class Backend:
         return host if self.port == default_port else f"{host}:{self.port}"
 
 
-def default_admin_socket(settings: Settings) -> Path:
-    """Where Envoy's admin socket is unless told otherwise: ``<data_dir>/run/envoy-admin.sock``."""
-    return settings.data_dir.absolute() / "run" / "envoy-admin.sock"
-
-
 def render(
     settings: Settings, *, backend_url: str, ca_bundle: Path | None = None, admin_socket: Path | None = None
 ) -> dict[str, Any]:
@@ -245,7 +240,7 @@ def render(
 
     ``ca_bundle`` verifies an https backend; by default the system's bundle (``SSL_CERT_FILE``,
     then OpenSSL's default file, then certifi's). ``admin_socket``: where Envoy's admin listens
-    (:func:`default_admin_socket` by default); each Envoy on a machine needs its own.
+    (``settings.envoy_admin_socket`` by default); each Envoy on a machine needs its own.
     """
     if not settings.access_log_secret:
         raise EnvoyRenderError(
@@ -254,7 +249,7 @@ def render(
         )
     backend = Backend.from_url(backend_url)
     trusted_ca = _ca_bundle(ca_bundle) if backend.tls else None
-    admin_path = Path(admin_socket) if admin_socket is not None else default_admin_socket(settings)
+    admin_path = Path(admin_socket) if admin_socket is not None else settings.envoy_admin_socket
     if not admin_path.is_absolute() or len(os.fsencode(admin_path)) > UNIX_SOCKET_PATH_MAX:
         raise EnvoyRenderError(
             f"Envoy's admin socket must be an absolute path of at most {UNIX_SOCKET_PATH_MAX} bytes, "

@@ -108,7 +108,7 @@ class Sidecar:
             pool,
             s.access_log_path,
             rotate_bytes=s.access_log_rotate_bytes,
-            admin_socket=envoy_config.default_admin_socket(s),
+            admin_socket=s.envoy_admin_socket,
         )
 
         self._check = CheckServer(decider, body_bytes_max=s.request_body_bytes_max)

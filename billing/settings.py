@@ -233,6 +233,12 @@ class Settings:
         return self.data_dir.absolute() / "access-log" / "access.log"
 
     @property
+    def envoy_admin_socket(self) -> Path:
+        """Envoy's admin interface, a Unix socket (mode 0600): where the rendered config puts it
+        unless told otherwise, and where the sidecar and the pod's probes ask it."""
+        return self.data_dir.absolute() / "run" / "envoy-admin.sock"
+
+    @property
     def strict(self) -> bool:
         return self.admission == "strict"
 

@@ -10,8 +10,8 @@ still there to settle it
 
 Sharp edges:
 - Only the standard library (and the settings): a probe is a process start every few seconds.
-  Hence :func:`admin_socket` here rather than importing ``authz_sidecar.envoy_config``, which
-  brings the sidecar's database layer with it; tests/unit/test_probe.py holds the two equal.
+  Envoy's admin socket is ``settings.envoy_admin_socket``, as for the config that puts it there;
+  ``authz_sidecar.envoy_config`` is not imported, since it brings the database layer with it.
 - Every call has a timeout well below kubelet's probe timeout, so a hung listener is a failed
   probe with a message, not a probe kubelet kills without one.
 - Envoy's access-log counters are its own; the rule that they balance lives here, once, and the
@@ -80,11 +80,6 @@ def _sidecar(settings: settings_mod.Settings, path: str) -> tuple[int, str]:
     return _request(connection, "GET", path, f"sidecar {path}")
 
 
-def admin_socket(settings: settings_mod.Settings) -> Path:
-    """Where Envoy's admin socket is in the pod: ``envoy_config.default_admin_socket``."""
-    return settings.data_dir.absolute() / "run" / "envoy-admin.sock"
-
-
 def envoy_admin(socket_path: Path, method: str, path: str) -> tuple[int, str]:
     """``method path`` on Envoy's admin, over its Unix socket: the status and the body."""
     return _request(_UnixConnection(socket_path, REQUEST_TIMEOUT_S), method, path, f"envoy admin {path}")
@@ -103,7 +98,7 @@ def readyz(settings: settings_mod.Settings) -> None:
 
 
 def envoy_ready(settings: settings_mod.Settings) -> None:
-    status, body = envoy_admin(admin_socket(settings), "GET", "/ready")
+    status, body = envoy_admin(settings.envoy_admin_socket, "GET", "/ready")
     if status != 200 or body.strip() != "LIVE":
         raise ProbeFailed(f"envoy /ready answered {status}: {body.strip()[:200]}")
 
@@ -167,7 +162,7 @@ def drain(settings: settings_mod.Settings, within_s: float) -> list[str]:
     Every listener is drained, not only ``inboundonly`` ones: Envoy counts as inbound only the
     listeners that declare ``traffic_direction: INBOUND``, which the rendered configuration's do
     not, so an ``inboundonly`` drain left the gateway port open until SIGTERM."""
-    socket_path = admin_socket(settings)
+    socket_path = settings.envoy_admin_socket
     status, body = envoy_admin(socket_path, "POST", "/drain_listeners?graceful")
     if status != 200:
         raise ProbeFailed(f"envoy /drain_listeners answered {status}: {body.strip()[:200]}")

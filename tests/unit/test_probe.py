@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from authz_sidecar import envoy_config
 from billing import settings as settings_mod
 from billingproxy import cli, probe
 
@@ -71,7 +70,7 @@ def sidecar_admin(answer: Answer) -> Iterator[settings_mod.Settings]:
 @contextlib.contextmanager
 def envoy_admin(tmp_path: Path, answer: Answer) -> Iterator[tuple[settings_mod.Settings, list[str]]]:
     settings = settings_mod.Settings(data_dir=tmp_path)
-    path = envoy_config.default_admin_socket(settings)
+    path = settings.envoy_admin_socket
     path.parent.mkdir(parents=True)
     seen: list[str] = []
     server = _UnixServer(str(path), _handler(answer, seen))
@@ -227,8 +226,3 @@ def test_access_log_flushed_when_every_entry_written_was_sent_failed_or_dropped(
     stats: dict[str, int], flushed: bool
 ) -> None:
     assert probe.access_log_flushed(stats) is flushed
-
-
-def test_the_probe_looks_for_envoy_admin_where_the_rendered_config_puts_it(tmp_path: Path) -> None:
-    settings = settings_mod.Settings(data_dir=tmp_path / "data")
-    assert probe.admin_socket(settings) == envoy_config.default_admin_socket(settings)
