@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        # Alembic, imported by the commands that use the database (after this), logs each of its
+        # plugins as it loads them: noise on every command's stderr, whose failures are one line.
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
         return _dispatch(args, settings)
     except errors.UserFacingError as exc:
         print(f"billingproxy: {exc}", file=sys.stderr)
