@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from support import browser
 
 from billing import database
@@ -89,6 +90,26 @@ async def migrated_url(new_database: NewDatabase) -> AsyncIterator[str]:
     """A new database brought to the head revision by the real Alembic migrations, dropped after."""
     async with new_database(migrate=True) as url:
         yield url
+
+
+@pytest.fixture
+async def migrated_engine(migrated_url: str) -> AsyncIterator[AsyncEngine]:
+    """The transactional engine the services use, over a migrated database."""
+    engine = database.create_engine(migrated_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def migrated_pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """The hot path's asyncpg pool over a migrated database (enough connections for races)."""
+    pool = await database.create_pool(migrated_url, size=16)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
@@ -41,21 +40,13 @@ LOCK_WAIT_S = 10.0
 
 
 @pytest.fixture
-async def engine(migrated_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = database.create_engine(migrated_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+def engine(migrated_engine: AsyncEngine) -> AsyncEngine:
+    return migrated_engine
 
 
 @pytest.fixture
-async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await database.create_pool(migrated_url, size=16)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+def pool(migrated_pool: asyncpg.Pool) -> asyncpg.Pool:
+    return migrated_pool
 
 
 async def signup(engine: AsyncEngine, email: str, grant_nano: int = GRANT_NANO) -> tuple[str, str]:
