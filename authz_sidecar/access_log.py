@@ -48,6 +48,9 @@ WORKERS = 2
 SETTLE_BATCH_MAX = 64
 RETRIES_MAX = 5
 
+# What the ledger entry of an answer cut before its first byte says (it is charged its hold).
+CLIENT_LEFT_BEFORE_THE_ANSWER = "client_left_before_the_answer"
+
 T = TypeVar("T")
 
 
@@ -275,7 +278,7 @@ class Settler:
                 "usage_source": "hold_estimate",
                 # Status 0: the client left before the answer's first byte; else Envoy's timeout
                 # ended the answer (before its first byte: 504; or mid-stream).
-                "unfinished": "client_left_before_the_answer" if done.status == 0 else "upstream_timeout",
+                "unfinished": CLIENT_LEFT_BEFORE_THE_ANSWER if done.status == 0 else "upstream_timeout",
             }
         if not 200 <= done.status < 300:
             return holds.Resolution.VOID, {"status": done.status}

@@ -50,7 +50,7 @@ import aiohttp
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from authz_sidecar import check, envoy_config
+from authz_sidecar import access_log, check, envoy_config
 from billing import audit, endpoints, expiry, pricing
 from billing.usage import Format, UnreadableUsage, Usage, parse as parse_usage
 from billingproxy.devstack import demo_backend
@@ -62,6 +62,9 @@ UPSTREAM_TIMEOUT_STATUS = 504
 # A SIGKILLed Envoy takes with it the reports it had not written yet: its file log is written
 # every FILE_FLUSH_INTERVAL_MS (its gRPC log every 10 ms). Twice that, as the timer may run late.
 REPORTS_LOST_S = 2 * envoy_config.FILE_FLUSH_INTERVAL_MS / 1000
+# What the entry of a request whose answer was cut before its first byte says: a graceful stop of
+# Envoy cuts the requests in flight, some while Envoy was still connecting to the backend.
+CUT_BEFORE_THE_ANSWER = access_log.CLIENT_LEFT_BEFORE_THE_ANSWER
 # A Check Envoy sent just before it was SIGKILLed may place its hold a moment after (the sidecar
 # does not know Envoy died): this long, generous beside a Check's few milliseconds.
 CHECK_AFTER_KILL_S = 1.0
@@ -482,6 +485,7 @@ def compare(
     initial_balances: Mapping[str, int],
     arrivals: Sequence[str],
     envoy_killed_at: Sequence[float] = (),
+    envoy_stopped_at: Sequence[float] = (),
 ) -> Verdict:
     """The books of a run: ``seen`` (every request the clients sent) against ``view`` (the ledger
     of the run's wallets, whose balances were ``initial_balances`` before it) and ``arrivals``
@@ -492,7 +496,11 @@ def compare(
     its price (docs/failures.md, "Envoy killed"), and is counted in
     ``Verdict.estimated_after_envoy_kill``; a request in flight at one that never reached the
     backend may be charged its hold's estimate, counted in
-    ``Verdict.unserved_estimated_after_envoy_kill``."""
+    ``Verdict.unserved_estimated_after_envoy_kill``. ``envoy_stopped_at``: when the run stopped
+    Envoy gracefully (SIGTERM, no drain): it cuts the requests in flight too, so a request in
+    flight then that never reached the backend may be charged its hold the same way — unreported,
+    or cut before the answer while Envoy was connecting to the backend — and counted there too;
+    every complete request is still charged its exact price."""
     verdict = Verdict(outcomes=Counter(s.outcome.value for s in seen))
     problems = verdict.problems
     by_id: dict[str, Seen] = {}
@@ -549,7 +557,7 @@ def compare(
     verdict.served = len(set(arrivals))
     verdict.served_not_charged = len(set(arrivals) - set(view.charges))
     for request_id in sorted(set(view.charges) - set(arrivals)):
-        if _unserved_in_flight_at_envoy_kill(request_id, view, seen, envoy_killed_at):
+        if _unserved_in_flight_at_envoy_kill(request_id, view, seen, [*envoy_killed_at, *envoy_stopped_at]):
             verdict.unserved_estimated_after_envoy_kill += 1
         else:
             verdict.charged_not_served += 1
@@ -578,13 +586,18 @@ def _report_died_with_envoy(
 def _unserved_in_flight_at_envoy_kill(
     request_id: str, view: LedgerView, seen: Sequence[Seen], envoy_killed_at: Sequence[float]
 ) -> bool:
-    """A charge of a request the backend never saw that a SIGKILLed Envoy explains: its hold's
-    own amount, charged for want of any report, and the hold was placed during a request on its
-    wallet that was still in flight (no answer, or one cut short) when Envoy was killed — before
-    the kill, or by a Check sent before it within :data:`CHECK_AFTER_KILL_S`."""
+    """A charge of a request the backend never saw that a SIGKILLed or stopped Envoy explains: its
+    hold's own amount, charged for want of any report (or as an answer cut before it began), and
+    the hold was placed during a request on its wallet that was still in flight (no answer, or one
+    cut short) when Envoy was killed or stopped — before it, or by a Check sent before it within
+    :data:`CHECK_AFTER_KILL_S`."""
     charge = view.charges[request_id]
     hold = view.holds.get(request_id)
-    if hold is None or charge.unfinished != UNREPORTED or charge.amount_nano != hold.amount_nano:
+    if (
+        hold is None
+        or charge.unfinished not in (UNREPORTED, CUT_BEFORE_THE_ANSWER)
+        or charge.amount_nano != hold.amount_nano
+    ):
         return False
     return any(
         one.wallet_id == hold.wallet_id
@@ -704,7 +717,7 @@ def render(verdict: Verdict) -> str:
         f"admitted {verdict.admitted}, served {verdict.served}, settled {verdict.settled}, "
         f"charged {verdict.charged} (of them the hold's estimate {verdict.charged_estimate}), "
         f"voided {verdict.voided}",
-        "charged the hold's estimate because a SIGKILLed Envoy lost their reports: in flight, never "
+        "charged the hold's estimate because Envoy was killed or stopped with them: in flight, never "
         f"served {verdict.unserved_estimated_after_envoy_kill}; "
         f"complete {verdict.estimated_after_envoy_kill}",
         "differences (each must be 0): "

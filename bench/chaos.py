@@ -99,6 +99,7 @@ class Chaos:
         self.faults: list[Fault] = []
         self.seen: list[books.Seen] = []
         self.envoy_killed_at: list[float] = []  # time.time() of each SIGKILL of Envoy
+        self.envoy_stopped_at: list[float] = []  # time.time() of each graceful stop of Envoy
 
     @property
     def stack(self) -> Stack:
@@ -146,6 +147,7 @@ class Chaos:
             dict.fromkeys(wallet_ids, runner.GRANT_NANO),
             arrivals,
             self.envoy_killed_at,
+            self.envoy_stopped_at,
         )
         return {
             "options": dataclasses.asdict(o),
@@ -224,8 +226,7 @@ class Chaos:
             await stack.start_postgres()
             return f"PostgreSQL stopped for {down_s:.1f} s, started again"
         assert kind == "envoy", kind
-        if self.options.kill_envoy:
-            self.envoy_killed_at.append(time.time())
+        (self.envoy_killed_at if self.options.kill_envoy else self.envoy_stopped_at).append(time.time())
         await stack.restart_envoy(hard=self.options.kill_envoy)
         return (
             "Envoy SIGKILLed and started again" if self.options.kill_envoy else "Envoy restarted gracefully"

@@ -122,6 +122,13 @@ PORTS = (
 DEMO_UPSTREAM_HEADERS = "x-demo-*"
 
 
+def reserve_setting_ports(settings: settings_mod.Settings) -> None:
+    """The ports the settings name are the stack's own, even while still free (a test picks them
+    before the stack binds them): :func:`free_port` never draws them for the helpers (PostgreSQL,
+    the demo backend, the Stripe double), which would take Envoy's port before Envoy could."""
+    _handed_out.update(getattr(settings, field) for _, field in PORTS)
+
+
 def free_ports_env() -> dict[str, str]:
     """Every port setting set to a port free now: a stack that collides with nothing (tests, bench)."""
     return {f"{settings_mod.ENV_PREFIX}{name}": str(free_port()) for name, _ in PORTS}
@@ -250,6 +257,7 @@ class Stack:
     async def _start(self) -> None:
         s = self.settings
         self._check_ports_free()
+        reserve_setting_ports(s)
         logs = _run_dir(s)
         logs.mkdir(parents=True, exist_ok=True)
 

@@ -282,6 +282,10 @@ async def _follow_the_notes(notes: str, client: Client, pod: kubelet.Pod) -> Non
         "the NOTES' first call charged",
     )
 
+    [page] = [line for line in commands if line.startswith("http") and line.endswith("/account")]
+    sign_in = await _shell(f"curl -s {page}")
+    assert 'action="/account/sign-in"' in sign_in and 'name="api_key"' in sign_in, sign_in
+
     # Without Stripe, step 3 credits by hand in the sidecar container.
     container = shlex.split(kubectl)[shlex.split(kubectl).index("-c") + 1]
     credit = shlex.split(kubectl.split(" -- ", 1)[1])

@@ -175,11 +175,13 @@ async def assert_exact_totals(
     *,
     resolve_timeout: float = 20.0,
     envoy_killed_at: Sequence[float] = (),
+    envoy_stopped_at: Sequence[float] = (),
 ) -> books.Verdict:
     """Every hold of the load's wallets resolved, then the books exactly as ``load`` saw them
     (``bench.books.compare``, which runs ``billing.audit`` in the same snapshot), then
     ``billingproxy audit`` as an operator runs it, which must exit 0. Returns the books for a
-    test's own checks. ``envoy_killed_at``: when the test SIGKILLed Envoy (``time.time()``)."""
+    test's own checks. ``envoy_killed_at``: when the test SIGKILLed Envoy (``time.time()``);
+    ``envoy_stopped_at``: when it stopped Envoy gracefully (``bench.books.compare``)."""
     wallet_ids = [w.wallet_id for w in load.wallets]
     engine = database.create_engine(stack.database_url, pool_size=1)
     try:
@@ -202,6 +204,7 @@ async def assert_exact_totals(
         {w.wallet_id: w.balance_before_nano for w in load.wallets},
         arrivals,
         envoy_killed_at,
+        envoy_stopped_at,
     )
     assert verdict.exact, books.render(verdict)
     assert verdict.outcomes["complete"] > 0, books.render(verdict)

@@ -65,6 +65,11 @@ def unreported(amount: int) -> books.Charge:
     return books.Charge(WALLET, amount, "hold_estimate", created_at=20.0, unfinished=books.UNREPORTED)
 
 
+def cut(amount: int, why: str = books.CUT_BEFORE_THE_ANSWER) -> books.Charge:
+    """What the settlement charges an answer cut short (its hold)."""
+    return books.Charge(WALLET, amount, "hold_estimate", created_at=2.5, unfinished=why)
+
+
 def view(
     charges: dict[str, books.Charge], holds: dict[str, books.Hold], wallets: dict[str, int] | None = None
 ) -> books.LedgerView:
@@ -82,8 +87,11 @@ def judge(
     arrivals: list[str],
     wallets: dict[str, int] | None = None,
     envoy_killed_at: tuple[float, ...] = (),
+    envoy_stopped_at: tuple[float, ...] = (),
 ) -> books.Verdict:
-    return books.compare(requests, ledger, TARIFF, wallets or {WALLET: BEFORE}, arrivals, envoy_killed_at)
+    return books.compare(
+        requests, ledger, TARIFF, wallets or {WALLET: BEFORE}, arrivals, envoy_killed_at, envoy_stopped_at
+    )
 
 
 def test_requests_each_charged_once_as_seen_are_exact() -> None:
@@ -240,12 +248,20 @@ def unserved(
     hold_wallet: str = WALLET,
     held: int = 300,
     held_at: float = 1.5,
+    stopped_at: tuple[float, ...] = (),
 ) -> books.Verdict:
     """A lost request on WALLET, and a charge of a request the backend never saw."""
     wallets = {WALLET: BEFORE, OTHER_WALLET: BEFORE}
     placed = books.Hold(hold_wallet, held, "posted", created_at=held_at, resolved_at=20.0)
     ledger = view({"x1": charged}, {"x1": placed}, wallets)
-    return judge([seen(None, None, complete=False)], ledger, [], wallets, envoy_killed_at=killed_at)
+    return judge(
+        [seen(None, None, complete=False)],
+        ledger,
+        [],
+        wallets,
+        envoy_killed_at=killed_at,
+        envoy_stopped_at=stopped_at,
+    )
 
 
 def test_a_request_charged_its_estimate_in_flight_at_an_envoy_kill_is_the_one_exception() -> None:
@@ -303,3 +319,32 @@ def test_a_check_sent_before_the_kill_may_place_its_hold_just_after() -> None:
     verdict = unserved(unreported(300), (1.4,), held_at=1.4 + books.CHECK_AFTER_KILL_S)
     assert verdict.exact, verdict.problems
     assert verdict.unserved_estimated_after_envoy_kill == 1
+
+
+@pytest.mark.parametrize("charged", [unreported(300), cut(300)], ids=["unreported", "cut-before-the-answer"])
+def test_a_graceful_stop_of_envoy_explains_the_holds_of_requests_it_cut_before_the_backend(
+    charged: books.Charge,
+) -> None:
+    """A graceful stop (SIGTERM, no drain) cuts the requests in flight: one still at its Check is
+    never reported, one Envoy was connecting to the backend is reported as cut before its answer.
+    Either is charged its hold though nothing was served; exact, and counted apart."""
+    verdict = unserved(charged, (), stopped_at=(KILLED_IN_FLIGHT,))
+    assert verdict.exact, verdict.problems
+    assert (verdict.charged_not_served, verdict.unserved_estimated_after_envoy_kill) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("charged", "stopped_at"),
+    [
+        (cut(300), ()),  # Envoy was never stopped
+        (cut(300, "upstream_timeout"), (KILLED_IN_FLIGHT,)),  # a timeout: the backend had it
+        (cut(300), (2.1,)),  # stopped after the only request had ended
+        (cut(100), (KILLED_IN_FLIGHT,)),  # not its hold's amount
+    ],
+    ids=["no-stop", "timeout", "stopped-after", "not-the-hold"],
+)
+def test_any_other_cut_charge_of_a_request_never_served_is_a_difference(
+    charged: books.Charge, stopped_at: tuple[float, ...]
+) -> None:
+    verdict = unserved(charged, (), stopped_at=stopped_at)
+    assert verdict.charged_not_served == 1 and not verdict.exact

@@ -12,6 +12,8 @@ that request's reports in its buffers (gRPC: 10 ms; the file: 200 ms). Gracefull
 a client saw complete is charged its exact price. A SIGKILL takes those reports with Envoy: a
 request that ended then is charged its hold instead, as docs/failures.md says ("Envoy killed"),
 and only such a request (``bench.books.REPORTS_LOST_S``); every other is charged its price.
+Either way, a request Envoy cut before it reached the backend may be charged its hold (no report
+of it, or cut while Envoy was connecting): the books count it apart, never as a served request.
 
 The graceful restart runs twice: with both logs, and with the gRPC log off
 (``BILLINGPROXY_ACCESS_LOG_GRPC=false``), where only the file can settle across the restart: the
@@ -55,7 +57,11 @@ async def test_an_envoy_restarted_under_load_leaves_every_request_charged_once(
             await run.until_answered(ANSWERS)
 
         verdict = await load.assert_exact_totals(
-            stack, run, resolve_timeout=RESOLVE_TIMEOUT_S, envoy_killed_at=[restarting_at] if hard else []
+            stack,
+            run,
+            resolve_timeout=RESOLVE_TIMEOUT_S,
+            envoy_killed_at=[restarting_at] if hard else [],
+            envoy_stopped_at=[] if hard else [restarting_at],
         )
 
         # The restart did cut requests in flight, and the gateway served again after it.
