@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from support.waiting import wait_until
 
 
 async def blocked_on_a_row_lock(engine: AsyncEngine, timeout: float = 10.0) -> None:
     """Wait until some session of this database waits for a row lock (no fixed sleep)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+
+    async def a_session_waits_for_a_lock() -> int:
         async with engine.connect() as conn:
-            waiting = (
+            waiting: int = (
                 await conn.execute(
                     sa.text(
                         "SELECT count(*) FROM pg_stat_activity"
@@ -21,7 +20,6 @@ async def blocked_on_a_row_lock(engine: AsyncEngine, timeout: float = 10.0) -> N
                     )
                 )
             ).scalar_one()
-        if waiting:
-            return
-        assert asyncio.get_running_loop().time() < deadline, "no session waited for the lock"
-        await asyncio.sleep(0.005)
+        return waiting
+
+    await wait_until(a_session_waits_for_a_lock, timeout, "a session waiting for the lock", interval=0.005)

@@ -12,7 +12,6 @@ tests/e2e/test_access_log_file.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -52,20 +51,23 @@ class Wallet:
             completion=completion,
         )
 
-    async def place(self, *request_ids: str) -> None:
+    async def try_place(self, request_id: str) -> holds.Refusal | None:
+        """The Check's hold for ``request_id``; its refusal, if any."""
         async with database.acquire(self.pool) as conn:
-            for request_id in request_ids:
-                refusal = await holds.place(
-                    conn,
-                    request_id=request_id,
-                    wallet_id=self.wallet_id,
-                    key_id=self.key_id,
-                    model=MODEL,
-                    amount_nano=HOLD_NANO,
-                    ttl_s=600,
-                    strict=False,
-                )
-                assert refusal is None
+            return await holds.place(
+                conn,
+                request_id=request_id,
+                wallet_id=self.wallet_id,
+                key_id=self.key_id,
+                model=MODEL,
+                amount_nano=HOLD_NANO,
+                ttl_s=600,
+                strict=False,
+            )
+
+    async def place(self, *request_ids: str) -> None:
+        for request_id in request_ids:
+            assert await self.try_place(request_id) is None
 
     async def states(self) -> dict[str, tuple[str, int | None]]:
         rows = await self.pool.fetch(
@@ -81,19 +83,10 @@ class Wallet:
 
 
 @pytest.fixture
-async def pool(migrated_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await database.create_pool(migrated_url, size=4)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@pytest.fixture
-async def wallet(migrated_engine: AsyncEngine, pool: asyncpg.Pool) -> Wallet:
+async def wallet(migrated_engine: AsyncEngine, migrated_pool: asyncpg.Pool) -> Wallet:
     async with migrated_engine.begin() as conn:
         owner = await wallets.signup(conn, email="file-log@example.com", grant_nano=GRANT_NANO)
-    return Wallet(pool, owner.wallet.id, owner.key.key_id)
+    return Wallet(migrated_pool, owner.wallet.id, owner.key.key_id)
 
 
 def follower(pool: asyncpg.Pool, path: Path, *, rotate_bytes: int = 1 << 30) -> Follower:
@@ -166,17 +159,7 @@ async def test_a_refused_checks_line_voids_a_hold_placed_after_it(wallet: Wallet
     assert await follow.follow_once() == 2
     assert await follow.follow_once() == 0  # nothing new, and nothing settled twice
     follow.close()
-    async with database.acquire(wallet.pool) as conn:
-        refusal = await holds.place(
-            conn,
-            request_id="gave-up-before-hold",
-            wallet_id=wallet.wallet_id,
-            key_id=wallet.key_id,
-            model=MODEL,
-            amount_nano=HOLD_NANO,
-            ttl_s=600,
-            strict=False,
-        )
+    refusal = await wallet.try_place("gave-up-before-hold")
     assert refusal is not None and refusal.reason is holds.RefusalReason.DUPLICATE_REQUEST
     assert await wallet.states() == {"gave-up-after-hold": ("voided", None)}
     assert await wallet.balance() == GRANT_NANO

@@ -11,11 +11,9 @@ chat/completions stream), so the filter runs exactly as behind the real sidecar.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+from support.waiting import wait_until
 
 from authz_sidecar import contract, envoy_config
 from billing import usage as usage_mod
@@ -143,12 +142,10 @@ class Gateway:
             return await response.json()
 
     async def log_entry(self, request_id: str) -> dict[str, Any]:
-        """Envoy's access-log entry for this request (polled: file logs flush on a timer)."""
-        deadline = time.monotonic() + ACCESS_LOG_WAIT_S
-        while time.monotonic() < deadline:
-            if request_id in self._seen:
-                return self._seen.pop(request_id)
-            if self.access_log.exists():
+        """Envoy's access-log entry for this request (waited for: file logs flush on a timer)."""
+
+        async def logged() -> dict[str, Any] | None:
+            if request_id not in self._seen and self.access_log.exists():
                 with self.access_log.open("rb") as log:
                     log.seek(self._read_bytes)
                     text = log.read()
@@ -157,10 +154,11 @@ class Gateway:
                 for line in complete.splitlines():
                     entry = json.loads(line)
                     self._seen[entry["request_id"]] = entry
-                if request_id in self._seen:
-                    return self._seen.pop(request_id)
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"no access log entry for {request_id} within {ACCESS_LOG_WAIT_S:.0f} s")
+            return self._seen.pop(request_id, None)
+
+        return await wait_until(
+            logged, ACCESS_LOG_WAIT_S, f"the access-log entry of {request_id}", interval=0.01
+        )
 
     async def usage(self, request_id: str) -> dict[str, Any] | None:
         """The ``billingproxy.usage`` metadata Envoy logged for this request (None: unset)."""

@@ -28,6 +28,15 @@ T = TypeVar("T")
 GROUP_VERSION = "billingproxy.io/v1alpha1"
 POLL_TIMEOUT_S = 30.0  # generous for a loaded CI machine; a healthy run takes well under a second
 POLL_INTERVAL_S = 0.05
+# The RBAC verb of each kind of call kmock records (what a Role must grant for it).
+RBAC_VERBS = {
+    "LIST": "list",
+    "WATCH": "watch",
+    "FETCH": "get",
+    "CREATE": "create",
+    "UPDATE": "patch",
+    "DELETE": "delete",
+}
 
 
 async def eventually(

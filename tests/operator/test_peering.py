@@ -21,15 +21,6 @@ from billing_operator import settings as operator_settings
 # It renders the chart with helm too.
 pytestmark = pytest.mark.chart
 
-VERBS = {
-    "LIST": "list",
-    "WATCH": "watch",
-    "FETCH": "get",
-    "CREATE": "create",
-    "UPDATE": "patch",
-    "DELETE": "delete",
-}
-
 
 @pytest.fixture
 def namespace_listing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,7 +86,7 @@ async def test_a_namespaced_operator_runs_with_the_charts_peering_and_its_role(
         await h.eventually(announced, what="the operator's keep-alive in the KopfPeering")
 
     used = {
-        VERBS[request.action.name]
+        h.RBAC_VERBS[request.action.name]
         for request in emulator
         if request.resource is not None
         and request.resource.plural == names["plural"]

@@ -11,14 +11,6 @@ from support import crd_schema
 import operator_harness as h
 
 RBAC = crd_schema.ROOT / "operator" / "deploy" / "rbac.yaml"
-VERBS = {
-    "LIST": "list",
-    "WATCH": "watch",
-    "FETCH": "get",
-    "CREATE": "create",
-    "UPDATE": "patch",
-    "DELETE": "delete",
-}
 # Allowed but not exercised against kmock, each for a reason written in rbac.yaml.
 NOT_EXERCISED = {
     ("", "namespaces", "list"),
@@ -64,7 +56,7 @@ async def test_rbac_allows_exactly_what_the_operator_does(operator, kube, emulat
         if not _made_by_operator(request) or request.resource is None or not request.resource.plural:
             continue  # discovery (/api, /apis/…) is open to every authenticated client
         resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        used.add((request.resource.group, resource, VERBS[request.action.name]))
+        used.add((request.resource.group, resource, h.RBAC_VERBS[request.action.name]))
     granted = _granted()
     assert used - granted == set(), "the operator needs permissions rbac.yaml does not grant"
     assert granted - used - NOT_EXERCISED == set(), "rbac.yaml grants permissions the operator never uses"

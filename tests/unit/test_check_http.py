@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from support.waiting import wait_until
 
 from authz_sidecar import api_errors, check
 from authz_sidecar.check_http import CheckServer
@@ -202,8 +203,12 @@ async def test_stop_lets_a_check_in_progress_answer_first() -> None:
     await writer.drain()
     await asyncio.wait_for(rule.slow_started.wait(), timeout=5)
     stopping = asyncio.ensure_future(server.stop())
-    await asyncio.sleep(0)
-    assert not stopping.done()  # it waits for the Check in progress
+
+    async def stopped_listening() -> bool:
+        return not server._server.is_serving()
+
+    await wait_until(stopped_listening, 5, "the server closing its listener")
+    assert not stopping.done()  # stopping, and waiting for the Check in progress
     rule.release.set()
     status_line = await asyncio.wait_for(reader.readline(), timeout=5)
     assert status_line.startswith(b"HTTP/1.1 200")
